@@ -1,0 +1,1 @@
+"""The mergekit-ota command line."""

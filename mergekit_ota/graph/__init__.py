@@ -1,0 +1,1 @@
+"""mergekit graph tasks carrying curvature, and the planner patch that builds them."""

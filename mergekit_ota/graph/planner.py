@@ -1,0 +1,253 @@
+"""The one patch to mergekit's planner: attach curvature to every ``ota``/``ffg`` tensor task.
+
+``MergePlanner.plan_tensor`` appends ``(output weight, ExecuteMergeMethodTask)``;
+for our methods the patched version replaces that task by a
+:class:`~mergekit_ota.graph.tasks.CurvatureMergeTask` whose curvature pipeline is
+rebuilt from the weights' pipeline: per expert, its *input* weight (layer offsets,
+aliases and tied names resolved as for the weight, under the name the weight was
+actually found), and the same tokenizer task for vocabulary permutation.
+
+Everything checkable from headers is checked here, for all tensors, and reported
+together (:class:`~mergekit_ota.errors.PreflightError`) before anything is written.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from mergekit.architecture import WeightInfo
+from mergekit.common import ImmutableMap, ModelReference
+from mergekit.io.tasks import LoaderCache
+from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
+from mergekit.tokenizer import PermutedVocabulary
+from mergekit.tokenizer.truncate import TruncatedVocabulary
+
+from mergekit_ota.curvature.locate import locate_store
+from mergekit_ota.curvature.store import CurvatureStore, read_header
+from mergekit_ota.errors import OTAError, PreflightError
+from mergekit_ota.graph.tasks import (
+    CurvatureInput,
+    CurvatureMergeTask,
+    GatherCurvature,
+    LoadCurvature,
+    ModelWideThresholds,
+    PermutedCurvature,
+    SaliencyHistogramTask,
+)
+from mergekit_ota.methods import is_ours
+from mergekit_ota.methods.settings import expert_settings, shared_settings
+
+PATCH_MARK = "_mergekit_ota_patched"
+_TRUE = {"1", "true", "yes"}
+
+
+@lru_cache(maxsize=None)
+def _header_shapes(path: str) -> Dict[str, Tuple[int, ...]]:
+    entries, _ = read_header(path)
+    return {key: entry.shape for key, entry in entries.items()}
+
+
+def _weight_shape(model: ModelReference, name: str) -> Optional[Tuple[int, ...]]:
+    """Shape of weight ``name`` of ``model`` from its safetensors header (None if unknown)."""
+    index = LoaderCache().get(model).index
+    shard = index.tensor_paths.get(name)
+    if shard is None or not shard.endswith(".safetensors"):
+        return None
+    return _header_shapes(os.path.join(index.base_path, shard)).get(name)
+
+
+def _found_name(model: ModelReference, weight: WeightInfo) -> Optional[str]:
+    """The name under which mergekit's ``LoadTensor`` finds ``weight`` in ``model``."""
+    tensor_paths = LoaderCache().get(model).index.tensor_paths
+    for name in [weight.name, *(weight.aliases or ()), *(weight.tied_names or ())]:
+        if name in tensor_paths:
+            return name
+    return None
+
+
+def _curvature_names(weight: WeightInfo, found: str) -> List[str]:
+    """Store keys to try: the found name first; its true aliases only if it is one of them.
+
+    A weight found under a *tied* name (``lm_head`` read from ``embed_tokens``) has its
+    optimizer state under that tied name; an untied weight never falls back to it.
+    """
+    same = [weight.name, *(weight.aliases or ())]
+    if found not in same:
+        return [found]
+    return [found] + [name for name in same if name != found]
+
+
+class CurvaturePlan:
+    """Per-planner state: resolved stores, collected problems, our tasks."""
+
+    def __init__(self, planner: Any):
+        self.planner = planner
+        self.problems: Dict[str, None] = {}
+        self.stores: Dict[Tuple[ModelReference, Optional[str]], Optional[str]] = {}
+
+    @classmethod
+    def of(cls, planner: Any) -> "CurvaturePlan":
+        plan = planner.__dict__.get("_mergekit_ota_plan")
+        if plan is None:
+            plan = cls(planner)
+            planner.__dict__["_mergekit_ota_plan"] = plan
+        return plan
+
+    def problem(self, message: str) -> None:
+        self.problems.setdefault(message, None)
+
+    def store_path(self, model: ModelReference, curvature: Any) -> Optional[str]:
+        key = (model, None if curvature is None else str(curvature))
+        if key not in self.stores:
+            try:
+                path = locate_store(key[1], str(model.model.path), str(model))
+                CurvatureStore.open(path)
+                self.stores[key] = path
+            except OTAError as error:
+                self.problem(str(error))
+                self.stores[key] = None
+        return self.stores[key]
+
+    def curvature_load(self, model: ModelReference, weight: WeightInfo, curvature: Any) -> Optional[LoadCurvature]:
+        found = _found_name(model, weight)
+        if found is None:
+            if not weight.optional:
+                self.problem(f"expert {model}: weight {weight.name} not found, so its curvature cannot be matched")
+            return None
+        path = self.store_path(model, curvature)
+        if path is None:
+            return None
+        store = CurvatureStore.open(path)
+        key = next((name for name in _curvature_names(weight, found) if name in store), None)
+        if key is None:
+            read_as = f" (read as '{found}')" if found != weight.name else ""
+            self.problem(f"{path}: no curvature tensor '{found}' for expert {model}, weight {weight.name}{read_as}")
+            return None
+        expected = _weight_shape(model, found)
+        if expected is not None and tuple(store.shape(key)) != tuple(expected):
+            self.problem(
+                f"{path}: curvature tensor '{key}' has shape {tuple(store.shape(key))}; "
+                f"expert {model}'s weight '{found}' has shape {tuple(expected)}"
+            )
+            return None
+        try:
+            store.check_dtype(key)
+        except OTAError as error:
+            self.problem(str(error))
+            return None
+        return LoadCurvature(store=path, tensor=key, label=found)
+
+    def expert_parameters(self, task: ExecuteMergeMethodTask, model: ModelReference, bias_correction: bool) -> Dict[str, Any]:
+        values = dict(task.input_parameters[model].items())
+        if bias_correction:
+            path = self.store_path(model, values.get("curvature"))
+            metadata = CurvatureStore.open(path).metadata if path else {}
+            if str(metadata.get("bias_corrected", "")).lower() in _TRUE:
+                self.problem(f"{path}: store is already bias-corrected; drop 'bias_correction: true'")
+            for name, key, kind in (("optimizer_step", "step", int), ("beta2", "beta2", float)):
+                if values.get(name) is None and metadata.get(key) not in (None, ""):
+                    values[name] = kind(metadata[key])
+        try:
+            settings = expert_settings(values, expert=model, tensor=task.output_weight.name)
+            if bias_correction:
+                settings.bias_correction_scale()
+        except (OTAError, ValueError) as error:
+            self.problem(str(error) if isinstance(error, OTAError) else f"expert {model}: {error}")
+        else:
+            if task.base_model is None and (settings.density is not None or settings.threshold is not None):
+                self.problem(f"expert {model} sets density/threshold (FFG), which needs a base_model")
+            if task.method_name == "ffg" and settings.density is None and settings.threshold is None:
+                self.problem(f"ffg needs a density or a threshold for every expert; missing for {model}")
+        return values
+
+    def attach(
+        self, task: ExecuteMergeMethodTask, weights_in: Sequence[WeightInfo], models: Sequence[ModelReference]
+    ) -> ExecuteMergeMethodTask:
+        """Return ``task`` as a :class:`CurvatureMergeTask` (or unchanged if planning failed)."""
+        try:
+            shared = shared_settings(dict(task.parameters.items()), method=task.method_name)
+        except OTAError as error:
+            self.problem(str(error))
+            return task
+        inputs = dict(zip(models, weights_in))
+        loads: Dict[ModelReference, LoadCurvature] = {}
+        parameters: Dict[ModelReference, Any] = {}
+        for model in task.model_order:
+            if model == task.base_model:
+                parameters[model] = task.input_parameters[model]
+                continue
+            values = self.expert_parameters(task, model, shared.bias_correction)
+            parameters[model] = ImmutableMap(data=values)
+            load = self.curvature_load(model, inputs[model], values.get("curvature"))
+            if load is not None:
+                loads[model] = load
+        curvature: CurvatureInput = GatherCurvature(loads=ImmutableMap(data=loads))
+        source = task.gather_tensors
+        if isinstance(source, PermutedVocabulary):
+            curvature = PermutedCurvature(
+                curvature=curvature,
+                tokenizer_task=source.tokenizer_task,
+                tokens=source.tokens,
+                pad_to_multiple_of=source.pad_to_multiple_of,
+                vocabulary_axis=source.vocabulary_axis,
+            )
+        fields = {name: getattr(task, name) for name in ExecuteMergeMethodTask.model_fields}
+        fields["input_parameters"] = ImmutableMap(data=parameters)
+        return CurvatureMergeTask(
+            **fields,
+            curvature=curvature,
+            truncate_vocabulary=isinstance(source, TruncatedVocabulary),
+        )
+
+    def finish(self) -> None:
+        """Raise every problem found; then add the model-wide density pass if asked for."""
+        if self.problems:
+            raise PreflightError(list(self.problems))
+        tensors = self.planner._tensors
+        model_wide = [
+            index
+            for index, (_, task) in enumerate(tensors)
+            if isinstance(task, CurvatureMergeTask)
+            and task.parameters["density_scope"] == "model"
+            and any(dict(values.items()).get("density") is not None for values in task.input_parameters.values())
+        ]
+        if not model_wide:
+            return
+        options = self.planner.options
+        thresholds = ModelWideThresholds(
+            parts=tuple(SaliencyHistogramTask(merge_task=tensors[i][1]) for i in model_wide),
+            device=str(options.device) if options.device else None,
+            quiet=bool(options.quiet),
+        )
+        for index in model_wide:
+            weight, task = tensors[index]
+            tensors[index] = (weight, task.model_copy(update={"thresholds": thresholds}))
+
+
+def patch_planner(planner_class: type) -> None:
+    """Wrap ``MergePlanner.plan_tensor`` and ``MergePlanner._plan`` (idempotent)."""
+    if getattr(planner_class.plan_tensor, PATCH_MARK, False):
+        return
+    plan_tensor = planner_class.plan_tensor
+    plan = planner_class._plan
+
+    def patched_plan_tensor(self, weight, weights_in, models, cfg_reader):
+        before = len(self._tensors)
+        plan_tensor(self, weight, weights_in, models, cfg_reader)
+        if is_ours(self._method) and len(self._tensors) > before:
+            out_weight, task = self._tensors[-1]
+            self._tensors[-1] = (out_weight, CurvaturePlan.of(self).attach(task, weights_in, models))
+
+    def patched_plan(self):
+        plan(self)
+        if is_ours(self._method):
+            CurvaturePlan.of(self).finish()
+
+    for wrapper, original in ((patched_plan_tensor, plan_tensor), (patched_plan, plan)):
+        wrapper.__wrapped__ = original
+        wrapper.__doc__ = original.__doc__
+        setattr(wrapper, PATCH_MARK, True)
+    planner_class.plan_tensor = patched_plan_tensor
+    planner_class._plan = patched_plan

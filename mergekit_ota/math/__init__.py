@@ -1,0 +1,31 @@
+"""Pure tensor functions: the math of OTA, FFG and rank-1 curvature.
+
+Nothing in this package knows about mergekit's graph or files; every function takes
+and returns tensors, so each can be unit-tested on its own.
+"""
+
+from mergekit_ota.math.ffg import (
+    KeepRule,
+    density_mask,
+    ffg_merge,
+    kept_count,
+    saliency,
+    threshold_mask,
+)
+from mergekit_ota.math.histogram import SaliencyHistogram
+from mergekit_ota.math.ota import curvature_weights, ota_merge
+from mergekit_ota.math.rank1 import rank1_factors, rank1_reconstruct
+
+__all__ = [
+    "KeepRule",
+    "SaliencyHistogram",
+    "curvature_weights",
+    "density_mask",
+    "ffg_merge",
+    "kept_count",
+    "ota_merge",
+    "rank1_factors",
+    "rank1_reconstruct",
+    "saliency",
+    "threshold_mask",
+]

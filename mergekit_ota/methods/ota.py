@@ -1,0 +1,39 @@
+"""The ``ota`` merge method: curvature-weighted merging of experts (see :mod:`mergekit_ota.math.ota`)."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from mergekit.merge_methods.base import BasePolicy, InputContract, MergeMethodSpec
+
+from mergekit_ota.errors import ConfigError
+from mergekit_ota.math.ota import ota_merge
+from mergekit_ota.methods.base import CurvatureMergeMethod, ExpertInput
+from mergekit_ota.methods.settings import OTA_PARAMETERS, SharedSettings
+
+
+class OTAMerge(CurvatureMergeMethod):
+    """``theta = b + lambda * sum_i w_i m_i tau_i / sum_i w_i m_i``, ``w_i = weight_i v_i**power + eps``."""
+
+    spec = MergeMethodSpec(
+        name="ota",
+        pretty_name="OTA (Optimization Trajectory Aware)",
+        reference_url="https://arxiv.org/abs/2509.11167",
+        parameters=OTA_PARAMETERS,
+        contract=InputContract(base=BasePolicy.OPTIONAL, min_non_base=1),
+    )
+
+    def combine(self, base: Optional[torch.Tensor], experts: Sequence[ExpertInput], shared: SharedSettings) -> torch.Tensor:
+        if base is None and shared.lam != 1.0:
+            raise ConfigError("ota: lambda scales the merged task vector and needs a base_model")
+        return ota_merge(
+            base,
+            [e.tensor for e in experts],
+            [e.curvature for e in experts],
+            [e.settings.weight for e in experts],
+            rules=[e.rule for e in experts] if base is not None else None,
+            power=shared.power,
+            eps=shared.eps,
+            lam=shared.lam,
+        )

@@ -1,0 +1,82 @@
+"""Start-up hook of mergekit-ota, imported by ``mergekit_ota.pth`` in every interpreter.
+
+It only installs a ``sys.meta_path`` finder (standard library only, no torch, no
+mergekit).  When one of the watched mergekit modules is imported, the finder lets
+the normal loader execute it and then calls ``mergekit_ota.integration.on_module``,
+which registers ``ota``/``ffg`` or patches the planner.  So unmodified
+``mergekit-yaml`` and ``mergekit.merge.run_merge`` know the methods.
+
+It never raises (problems become warnings) and is idempotent.  Set
+``MERGEKIT_OTA_DISABLE=1`` to switch it off (``import mergekit_ota`` still registers).
+"""
+
+import os
+import sys
+import warnings
+
+DISABLE_ENV = "MERGEKIT_OTA_DISABLE"
+WATCHED = frozenset(
+    {
+        "mergekit.merge_methods",
+        "mergekit.plan",
+        "mergekit.merge",
+        "mergekit.scripts.merge_raw_pytorch",
+    }
+)
+
+
+def _after_exec(name, module):
+    try:
+        from mergekit_ota.integration import on_module
+
+        on_module(name, module)
+    except Exception as error:  # never break the user's import
+        warnings.warn(f"mergekit-ota: could not hook into {name}: {error!r}", stacklevel=3)
+
+
+class MergekitOTAFinder:
+    """Finds nothing itself; wraps the real loader of the watched mergekit modules."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname not in WATCHED:
+            return None
+        try:
+            spec = None
+            for finder in sys.meta_path:
+                if finder is self or not hasattr(finder, "find_spec"):
+                    continue
+                spec = finder.find_spec(fullname, path, target)
+                if spec is not None:
+                    break
+            loader = getattr(spec, "loader", None)
+            exec_module = getattr(loader, "exec_module", None)
+            if exec_module is None:
+                return spec
+
+            def exec_and_hook(module, _exec=exec_module, _name=fullname):
+                _exec(module)
+                _after_exec(_name, module)
+
+            loader.exec_module = exec_and_hook
+            return spec
+        except Exception as error:
+            warnings.warn(f"mergekit-ota: import hook failed for {fullname}: {error!r}", stacklevel=2)
+            return None
+
+
+def install_finder():
+    """Put the finder first on ``sys.meta_path`` once (idempotent)."""
+    if not any(isinstance(f, MergekitOTAFinder) or type(f).__name__ == "MergekitOTAFinder" for f in sys.meta_path):
+        sys.meta_path.insert(0, MergekitOTAFinder())
+
+
+def _autoload():
+    if os.environ.get(DISABLE_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
+        return
+    try:
+        install_finder()
+    except Exception as error:
+        warnings.warn(f"mergekit-ota: start-up hook not installed: {error!r}", stacklevel=2)
+
+
+_autoload()
