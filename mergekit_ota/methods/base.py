@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from dataclasses import dataclass
-from typing import Any, Dict, Hashable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Hashable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from mergekit.merge_methods.base import (
@@ -50,10 +50,15 @@ class ExpertInput:
 
 def _curvature_tensor(value: Any, expert: Hashable, tensor_name: Optional[str], shape: torch.Size) -> torch.Tensor:
     where = f" for tensor {tensor_name}" if tensor_name else ""
+    if isinstance(value, Mapping):  # a curvature state dict: {tensor name: exp_avg_sq}
+        if tensor_name not in value:
+            raise CurvatureError(f"Curvature state dict of expert {expert} has no tensor {tensor_name!r}")
+        value = value[tensor_name]
     if value is None or isinstance(value, str):
         raise CurvatureError(
             f"No curvature tensor for expert {expert}{where}. In memory "
-            f"(merge_tensors / merge_state_dicts) pass parameters={{'curvature': [tensors]}}; "
+            f"pass parameters={{'curvature': ...}}: per expert a tensor (merge_tensors) or a "
+            f"{{tensor name: tensor}} dict (merge_state_dicts); "
             f"store paths are read only when the merge is planned by mergekit-yaml / run_merge"
         )
     if not isinstance(value, torch.Tensor):

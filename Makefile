@@ -1,0 +1,27 @@
+# The two commands of the README: `make demo` and `make test`.
+# Each creates ./.venv on first use, installs torch 2.13.0 first (the CPU wheel;
+# a bare `torch` requirement would pull the CUDA build), then this project.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.mergekit-ota-installed
+
+.PHONY: install demo test clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/mergekit-ota demo --out demo_out --force
+
+test: $(STAMP)
+	$(PY) -m pytest -q --durations=15
+
+clean:
+	rm -rf demo_out .pytest_cache .hypothesis

@@ -1,0 +1,48 @@
+"""``mergekit-ota``: the plugin's own commands (merging itself runs in ``mergekit-yaml``)."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="mergekit-ota")
+def main() -> None:
+    """Curvature-aware merging (OTA, FFG) for mergekit.
+
+    Merge with the usual `mergekit-yaml config.yml OUT` and `merge_method: ota`
+    or `ffg`; these commands help around it.
+    """
+
+
+@main.command("methods")
+def methods_command() -> None:
+    """List the merge methods this plugin adds, with every parameter and default."""
+    import mergekit_ota  # noqa: F401  (registers and patches)
+    from mergekit_ota.compat import SUPPORTED, incompatibility, mergekit_version
+    from mergekit_ota.methods import METHODS
+
+    problem = incompatibility()
+    click.echo(f"mergekit {mergekit_version()} (supported: {SUPPORTED}.x){': ' + problem if problem else ''}")
+    for method in METHODS:
+        spec = method.spec
+        click.echo(f"\n{spec.name}: {spec.pretty_name}  [{spec.reference_url}]")
+        for parameter in spec.parameters:
+            scope = "per expert" if parameter.scope.value != "shared" else "shared"
+            click.echo(f"  {parameter.name:<16} {scope:<11} default {parameter.default!r:<10} {parameter.description}")
+
+
+@main.command("demo")
+@click.option("--out", "out_dir", default="demo_out", show_default=True, help="Working directory (created).")
+@click.option("--steps", default=150, show_default=True, help="AdamW steps per expert.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Replace OUT if an earlier demo made it.")
+def demo_command(out_dir: str, steps: int, seed: int, force: bool) -> None:
+    """Train a base and 2 experts, merge them with ota, ffg, ties, dare_ties, ... and compare."""
+    from mergekit_ota.demo import run_demo
+
+    run_demo(out_dir, steps=steps, seed=seed, force=force)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""Registration: `ota`/`ffg` reach unmodified mergekit after a regular and an editable install."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+REGISTERED = (
+    "from mergekit.merge_methods import registry;"
+    "print(sorted(m.spec.name for m in registry.registered_methods() if m.spec.name in ('ota','ffg')))"
+)
+
+
+def _python(python: str, code: str, env: dict | None = None, cwd: str | None = None) -> str:
+    result = subprocess.run(
+        [python, "-c", code], capture_output=True, text=True, env=env, cwd=cwd or "/", check=True
+    )
+    return result.stdout.strip()
+
+
+def test_import_registers_idempotently():
+    """`import mergekit_ota` registers both methods; repeating registration changes nothing."""
+    import mergekit_ota  # noqa: F401
+    from mergekit.merge_methods import registry
+
+    from mergekit_ota.methods import register_methods
+
+    before = registry.registered_methods()
+    register_methods()
+    register_methods()
+    assert registry.registered_methods() == before
+    assert {"ota", "ffg"} <= {m.spec.name for m in before}
+
+
+def _throwaway_venv(tmp_path: Path, name: str) -> str:
+    """A fresh venv that sees this environment's dependencies but not its .pth hooks."""
+    venv = tmp_path / name
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    site = _python(python, "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+    # A plain path line: the dependencies become importable, their .pth files are not run.
+    Path(site, "zz_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    return python
+
+
+def _pip_install(python: str, *args: str) -> None:
+    subprocess.run(
+        [python, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index", *args],
+        check=True,
+        cwd=str(ROOT),
+        capture_output=True,
+    )
+
+
+@pytest.mark.parametrize("editable", [False, True], ids=["regular", "editable"])
+def test_fresh_process_after_install_sees_methods(tmp_path, editable):
+    """After `pip install .` / `pip install -e .`, a fresh interpreter's mergekit registry has ota and ffg,
+    its start-up imports neither torch nor mergekit, and MERGEKIT_OTA_DISABLE=1 switches the hook off."""
+    python = _throwaway_venv(tmp_path, "venv")
+    source = tmp_path / "src"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".venv", ".git", "demo_out", "__pycache__", ".*cache*"))
+    subprocess.run(
+        [python, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
+         *(["-e"] if editable else []), str(source)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    assert _python(python, REGISTERED) == "['ffg', 'ota']"
+    assert _python(python, "import sys; print('torch' in sys.modules, 'mergekit' in sys.modules)") == "False False"
+    env = dict(os.environ, MERGEKIT_OTA_DISABLE="1")
+    assert _python(python, REGISTERED, env=env) == "[]"
+    assert _python(python, "import mergekit_ota;" + REGISTERED, env=env) == "['ffg', 'ota']"
+
+
+def test_startup_hook_never_raises(tmp_path):
+    """If mergekit_ota cannot be imported, the hook warns and mergekit still imports."""
+    python = _throwaway_venv(tmp_path, "venv")
+    site = _python(python, "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+    shutil.copy(ROOT / "mergekit_ota_autoload.py", site)
+    shutil.copy(ROOT / "mergekit_ota.pth", site)
+    broken = Path(site, "mergekit_ota")
+    broken.mkdir()
+    (broken / "__init__.py").write_text("raise ImportError('broken on purpose')\n")
+    code = textwrap.dedent(
+        """
+        import warnings
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            from mergekit.merge_methods import registry
+        print(any('mergekit-ota' in str(w.message) for w in caught), len(registry.registered_methods()) > 5)
+        """
+    )
+    assert _python(python, code) == "True True"
+
+
+def test_unmodified_mergekit_yaml_entry_point_merges(tmp_path):
+    """mergekit's own `mergekit-yaml` entry point (not our code) runs an `ota` config."""
+    import yaml
+
+    from mergekit_ota.synthetic import make_family
+
+    family = make_family(str(tmp_path / "models"), n_experts=2)
+    config = tmp_path / "ota.yml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "ota",
+                "base_model": family.base,
+                "models": [{"model": e} for e in family.experts],
+                "dtype": "float32",
+            }
+        )
+    )
+    out = tmp_path / "out"
+    code = "import sys; from mergekit.scripts.run_yaml import main; sys.argv=['mergekit-yaml', *sys.argv[1:]]; main()"
+    subprocess.run(
+        [sys.executable, "-c", code, str(config), str(out), "--no-copy-tokenizer", "--quiet"],
+        check=True, capture_output=True, cwd="/",
+    )  # fmt: skip
+    assert (out / "model.safetensors").is_file()
