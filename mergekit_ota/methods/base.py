@@ -133,16 +133,27 @@ class CurvatureMergeMethod(GroupMergeMethod):
         input_dtypes: Sequence[Optional[torch.dtype]],
         out_dtype: Optional[torch.dtype] = None,
     ) -> Tuple[torch.Tensor, ...]:
-        parameters = self._model_wide_thresholds(groups, parameters)
+        parameters = self._model_wide_thresholds(groups, parameters, input_dtypes)
         return super()._execute(groups, parameters, options, input_dtypes=input_dtypes, out_dtype=out_dtype)
 
-    def _model_wide_thresholds(self, groups: Sequence[TensorGroup], parameters: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-        """Replace per-expert ``density`` by one model-wide saliency ``threshold`` per expert."""
+    def _model_wide_thresholds(
+        self,
+        groups: Sequence[TensorGroup],
+        parameters: List[Dict[str, Any]],
+        input_dtypes: Sequence[Optional[torch.dtype]],
+    ) -> List[Dict[str, Any]]:
+        """Replace per-expert ``density`` by one model-wide saliency ``threshold`` per expert.
+
+        Saliency is computed on each group cast to its execution dtype, as the masks will be.
+        """
+        from mergekit.merge_methods.dtype import align_dtype
+
         if not groups or self.shared(parameters[0]).density_scope != "model":
             return parameters
         totals: Dict[Hashable, Tuple[SaliencyHistogram, float]] = {}
-        for group, params in zip(groups, parameters):
-            merge_histograms(totals, self.saliency_histograms(group, params), group.metadata.name)
+        for group, params, dtype in zip(groups, parameters, input_dtypes):
+            cast = align_dtype(group, dtype)
+            merge_histograms(totals, self.saliency_histograms(cast, params), group.metadata.name)
         thresholds = thresholds_for_density(totals)
         return [with_thresholds(params, thresholds) for params in parameters]
 
