@@ -281,8 +281,9 @@ def test_ota_with_lambda_but_no_base_raises_config_error():
 
 
 def test_ffg_without_base_raises():
+    """ffg without a base says it needs one and why (ConfigError is a ValueError, as mergekit's own is)."""
     _, experts, curvatures = make()
-    with pytest.raises(ValueError, match="requires a base"):
+    with pytest.raises(ConfigError, match="ffg needs a base_model"):
         merge_tensors(experts, "ffg", parameters={"curvature": curvatures, "density": 0.5})
 
 

@@ -13,6 +13,7 @@ from typing import Any, Dict, Hashable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from mergekit.merge_methods.base import (
+    BasePolicy,
     BatchOptions,
     GroupMergeMethod,
     MergeMethodSpec,
@@ -78,6 +79,11 @@ class CurvatureMergeMethod(GroupMergeMethod):
 
     def validate_inputs(self, input_ids, base_id=None, *, group_name=None) -> None:
         require_supported_mergekit()
+        if self.spec.contract.base == BasePolicy.REQUIRED and (base_id is None or base_id not in input_ids):
+            raise ConfigError(
+                f"{self.spec.name} needs a base_model: FFG keeps the most salient entries of each task "
+                f"vector tau = expert - base (set base_model:, or use ota for base-free averaging)"
+            )
         super().validate_inputs(input_ids, base_id, group_name=group_name)
 
     def shared(self, parameters: Dict[str, Any]) -> SharedSettings:
