@@ -131,7 +131,11 @@ def on_module(name: str, module: ModuleType) -> None:
 
 
 def install() -> None:
-    """Register the methods and patch mergekit, now for loaded modules, on import for the rest."""
+    """Register the methods and patch mergekit: now for modules already loaded, on import for the rest.
+
+    mergekit itself is not imported here (it takes seconds): the finder applies each patch the
+    moment its module loads, so ``import mergekit_ota`` stays cheap and the effect is the same.
+    """
     import mergekit_ota_autoload
 
     mergekit_ota_autoload.install_finder()
@@ -140,6 +144,3 @@ def install() -> None:
         spec = getattr(module, "__spec__", None)
         if module is not None and not getattr(spec, "_initializing", False):
             on_module(name, module)
-    for name in ("mergekit.merge_methods", "mergekit.plan", "mergekit.merge"):
-        if name not in sys.modules:
-            __import__(name)

@@ -8,14 +8,19 @@ edits, and curvature stores whose values are large where an expert was edited
 
 from __future__ import annotations
 
+import copy
+import json
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from mergekit_ota.curvature.locate import DEFAULT_STORE_NAME
+from mergekit_ota.curvature.locate import DEFAULT_STORE_NAME, INDEX_SUFFIX
+from mergekit_ota.curvature.store import read_header
 from mergekit_ota.curvature.writer import save_store
+
+RANK1_STORE_NAME = "exp_avg_sq_rank1.safetensors"
 
 
 def tiny_llama_config(
@@ -69,6 +74,7 @@ class Family:
     base: str
     experts: List[str] = field(default_factory=list)
     stores: List[str] = field(default_factory=list)
+    rank1_stores: List[str] = field(default_factory=list)
 
 
 def make_expert(
@@ -85,13 +91,34 @@ def make_expert(
     g = torch.Generator().manual_seed(seed)
     weights, curvature = {}, {}
     for name, value in base.items():
-        edited = torch.rand(value.shape, generator=g) < edit_fraction
-        delta = torch.randn(value.shape, generator=g) * scale * edited
-        weights[name] = value + delta
-        if names is None or name in names:
-            background = torch.rand(value.shape, generator=g) * 1e-10
-            curvature[name] = background + edited * torch.rand(value.shape, generator=g) * 1e-6
+        weight, v = expert_tensor(value, g, edit_fraction, scale, names is None or name in names)
+        weights[name] = weight
+        if v is not None:
+            curvature[name] = v
     return weights, curvature
+
+
+def expert_tensor(
+    value: torch.Tensor,
+    generator: torch.Generator,
+    edit_fraction: float = 0.1,
+    scale: float = 0.05,
+    with_curvature: bool = True,
+) -> "tuple[torch.Tensor, Optional[torch.Tensor]]":
+    """One tensor of an expert: ``value + delta`` and its curvature ``v`` (or ``None``).
+
+    A random ``edit_fraction`` of entries gets ``delta ~ scale * N(0, 1)``; ``v`` is
+    ``U(0, 1e-10)`` background plus ``U(0, 1e-6)`` on edited entries.  Draws from
+    ``generator`` in a fixed order, so experts are reproducible tensor by tensor.
+    """
+    edited = torch.rand(value.shape, generator=generator) < edit_fraction
+    delta = torch.randn(value.shape, generator=generator).mul_(scale).mul_(edited)
+    weight = delta.add_(value)
+    if not with_curvature:
+        return weight, None
+    v = torch.rand(value.shape, generator=generator).mul_(1e-10)
+    v.add_(torch.rand(value.shape, generator=generator).mul_(edited).mul_(1e-6))
+    return weight, v
 
 
 def make_family(
@@ -117,4 +144,117 @@ def make_family(
         save_store(curvature, store, compress=compress, metadata={"source": "synthetic"})
         family.experts.append(path)
         family.stores.append(store)
+    return family
+
+
+def _shapes(config) -> Dict[str, Tuple[int, ...]]:
+    """Names and shapes of a Llama model's saved tensors (no memory allocated)."""
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    shapes = {name: tuple(value.shape) for name, value in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)
+    return shapes
+
+
+def _shards(shapes: Dict[str, Tuple[int, ...]], shard_bytes: int) -> List[List[str]]:
+    """Consecutive names grouped into shards of at most ``shard_bytes`` fp32 bytes (or one tensor)."""
+    shards: List[List[str]] = [[]]
+    size = 0
+    for name, shape in shapes.items():
+        nbytes = 4 * int(torch.Size(shape).numel())
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def _shard_name(stem: str, index: int, count: int) -> str:
+    if count == 1:
+        return f"{stem}.safetensors"
+    return f"{stem}-{index + 1:05d}-of-{count:05d}.safetensors"
+
+
+def _write_index(directory: str, stem: str, weight_map: Dict[str, str]) -> None:
+    """Write ``stem.safetensors.index.json`` when ``weight_map`` spans more than one file."""
+    if len(set(weight_map.values())) < 2:
+        return
+    path = os.path.join(directory, f"{stem}.safetensors{INDEX_SUFFIX}")
+    with open(path, "w", encoding="utf-8") as fp:
+        json.dump({"metadata": {}, "weight_map": weight_map}, fp, indent=1)
+
+
+def _base_tensors(shapes: Dict[str, Tuple[int, ...]], names: List[str], generator: torch.Generator, std: float) -> Iterator[Tuple[str, torch.Tensor]]:
+    for name in names:
+        if name.endswith("norm.weight"):
+            yield name, torch.ones(shapes[name])
+        else:
+            yield name, torch.randn(shapes[name], generator=generator).mul_(std)
+
+
+def stream_family(
+    root: str,
+    n_experts: int = 2,
+    config=None,
+    seed: int = 0,
+    shard_bytes: int = 256 << 20,
+) -> Family:
+    """Write a base and ``n_experts`` experts one shard at a time (for models too big for ``make_family``).
+
+    Weights are fp32, in safetensors shards of at most ``shard_bytes`` (with a
+    ``.index.json`` when there is more than one).  Each expert gets its full
+    curvature store ``exp_avg_sq.safetensors[.index.json]`` and a rank-1 store
+    ``exp_avg_sq_rank1.safetensors[.index.json]``, both sharded like the weights.  Base tensors are
+    ``N(0, initializer_range)`` (norms 1); experts follow :func:`expert_tensor` with
+    the per-expert seeds of :func:`make_family`.  Memory: one shard per model.
+    """
+    from safetensors.torch import save_file
+
+    config = copy.deepcopy(config or tiny_llama_config())
+    config.dtype = torch.float32
+    config.architectures = ["LlamaForCausalLM"]
+    shapes = _shapes(config)
+    shards = _shards(shapes, shard_bytes)
+    family = Family(base=os.path.join(root, "base"))
+    paths = [family.base] + [os.path.join(root, f"expert_{i}") for i in range(n_experts)]
+    for path in paths:
+        os.makedirs(path, exist_ok=True)
+        config.save_pretrained(path)
+    generators = [torch.Generator().manual_seed(seed)] + [
+        torch.Generator().manual_seed(seed * 1000 + i + 1) for i in range(n_experts)
+    ]
+    stems = {"model": "model", "full": DEFAULT_STORE_NAME.removesuffix(".safetensors"),
+             "rank1": RANK1_STORE_NAME.removesuffix(".safetensors")}  # fmt: skip
+    maps: List[Dict[str, Dict[str, str]]] = [{stem: {} for stem in stems.values()} for _ in paths]
+    metadata = {"source": "synthetic"}
+    for index, names in enumerate(shards):
+        files = {kind: _shard_name(stem, index, len(shards)) for kind, stem in stems.items()}
+        base = dict(_base_tensors(shapes, names, generators[0], float(config.initializer_range)))
+        save_file(base, os.path.join(family.base, files["model"]), metadata={"format": "pt"})
+        maps[0]["model"].update({name: files["model"] for name in names})
+        for expert in range(1, len(paths)):
+            weights, curvature = {}, {}
+            for name, value in base.items():
+                weights[name], curvature[name] = expert_tensor(value, generators[expert])
+            save_file(weights, os.path.join(paths[expert], files["model"]), metadata={"format": "pt"})
+            del weights
+            for kind, compress in (("full", False), ("rank1", True)):
+                file = os.path.join(paths[expert], files[kind])
+                save_store(curvature, file, compress=compress, metadata=metadata)
+                maps[expert][stems[kind]].update({key: files[kind] for key in read_header(file)[0]})
+            maps[expert]["model"].update({name: files["model"] for name in names})
+            del curvature
+        del base
+    for path, path_maps in zip(paths, maps):
+        for stem, weight_map in path_maps.items():
+            _write_index(path, stem, weight_map)
+    suffix = INDEX_SUFFIX if len(shards) > 1 else ""
+    for path in paths[1:]:
+        family.experts.append(path)
+        family.stores.append(os.path.join(path, DEFAULT_STORE_NAME + suffix))
+        family.rank1_stores.append(os.path.join(path, RANK1_STORE_NAME + suffix))
     return family

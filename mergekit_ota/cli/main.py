@@ -44,5 +44,17 @@ def demo_command(out_dir: str, steps: int, seed: int, force: bool) -> None:
     run_demo(out_dir, steps=steps, seed=seed, force=force)
 
 
+from mergekit_ota.cli.check import check_command  # noqa: E402
+from mergekit_ota.cli.inspect import inspect_command  # noqa: E402
+
+main.add_command(inspect_command)
+from mergekit_ota.cli.export import export_command  # noqa: E402
+
+main.add_command(export_command)
+main.add_command(check_command)
+
+from mergekit_ota.cli.analyze import analyze_command  # noqa: E402
+main.add_command(analyze_command)
+
 if __name__ == "__main__":
     main()

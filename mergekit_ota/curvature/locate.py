@@ -29,13 +29,14 @@ def _in_directory(directory: str) -> Optional[str]:
     return None
 
 
-def locate_store(curvature: Optional[str], model_path: str, model_label: str) -> str:
+def locate_store(curvature: Optional[str], model_path: str, model_label: Optional[str]) -> str:
     """Return the absolute path of the store file (or index) for one expert.
 
     ``curvature`` is the user's parameter (``None`` for the default location);
     ``model_path`` the expert's model directory; ``model_label`` names the expert
-    in error messages.
+    in error messages (``None`` where a store is named on its own, as by ``inspect``).
     """
+    whose = f" for expert {model_label}" if model_label else ""
     if curvature is None or curvature == "":
         found = _in_directory(model_path) if os.path.isdir(model_path) else None
         if found is None:
@@ -52,17 +53,17 @@ def locate_store(curvature: Optional[str], model_path: str, model_label: str) ->
         found = _in_directory(path)
         if found is None:
             raise CurvatureError(
-                f"Curvature directory {path} (expert {model_label}) holds neither "
+                f"Curvature directory {path}{whose} holds neither "
                 f"{DEFAULT_STORE_NAME} nor {DEFAULT_STORE_NAME}{INDEX_SUFFIX}"
             )
         return found
     if not os.path.isfile(path):
         raise CurvatureError(
-            f"Curvature store {path} for expert {model_label} does not exist"
+            f"Curvature store {path}{whose} does not exist"
         )
     if not (path.endswith(".safetensors") or path.endswith(INDEX_SUFFIX)):
         raise CurvatureError(
-            f"Curvature store {path} for expert {model_label} must be a .safetensors "
+            f"Curvature store {path}{whose} must be a .safetensors "
             f"file, a .safetensors.index.json, or a directory; got another file type"
         )
     return path

@@ -14,11 +14,12 @@ read lazily through ``safetensors.safe_open`` (memory-mapped), one tensor at a t
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import threading
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -44,6 +45,15 @@ class HeaderEntry:
     dtype: str
     shape: Tuple[int, ...]
 
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensor data in the file (0 for a dtype this reader does not size)."""
+        return self.numel * _DTYPE_SIZES.get(self.dtype, 0)
+
 
 @dataclass(frozen=True)
 class CurvatureRecord:
@@ -60,9 +70,14 @@ class CurvatureRecord:
         return self.full is None
 
     @property
-    def files(self) -> Tuple[str, ...]:
+    def entries(self) -> Tuple[HeaderEntry, ...]:
+        """The stored tensors: ``(full,)`` or ``(row, col)``."""
         entries = (self.full,) if self.full else (self.row, self.col)
-        return tuple(sorted({e.file for e in entries if e is not None}))
+        return tuple(e for e in entries if e is not None)
+
+    @property
+    def files(self) -> Tuple[str, ...]:
+        return tuple(sorted({e.file for e in self.entries}))
 
 
 def read_header(path: str) -> Tuple[Dict[str, HeaderEntry], Dict[str, str]]:
@@ -209,23 +224,43 @@ class CurvatureStore:
                     f"curvature must be floating point (F32, BF16, F16 or F64)"
                 )
 
-    def _read(self, entry: HeaderEntry) -> torch.Tensor:
+    def _handle(self, file: str) -> Any:
         from safetensors import safe_open
 
         with self._lock:
-            handle = self._handles.get(entry.file)
+            handle = self._handles.get(file)
             if handle is None:
                 try:
-                    handle = safe_open(entry.file, framework="pt", device="cpu")
+                    handle = safe_open(file, framework="pt", device="cpu")
                 except Exception as error:  # safetensors raises its own error types
-                    raise CurvatureError(f"{entry.file}: cannot open ({error})") from None
-                self._handles[entry.file] = handle
+                    raise CurvatureError(f"{file}: cannot open ({error})") from None
+                self._handles[file] = handle
+        return handle
+
+    def read_entry(self, entry: HeaderEntry, start: Optional[int] = None, stop: Optional[int] = None) -> torch.Tensor:
+        """Return stored tensor ``entry`` as stored (dtype, no checks); rows ``start:stop`` of dim 0 if given.
+
+        Row ranges are read through ``safe_open(...).get_slice``: only those bytes are touched.
+        """
+        handle = self._handle(entry.file)
         try:
-            return handle.get_tensor(entry.key)
+            if (start is None and stop is None) or not entry.shape:
+                return handle.get_tensor(entry.key)
+            return handle.get_slice(entry.key)[start:stop]
         except Exception as error:
             raise CurvatureError(
                 f"{entry.file}: cannot read tensor '{entry.key}' ({error})"
             ) from None
+
+    def iter_rows(self, entry: HeaderEntry, max_elements: int = 1 << 22) -> Iterator[torch.Tensor]:
+        """Yield stored tensor ``entry`` in blocks of whole rows (dim 0) of at most ~``max_elements`` values."""
+        if len(entry.shape) == 0:
+            yield self.read_entry(entry)
+            return
+        row = max(1, math.prod(entry.shape[1:]))
+        step = max(1, max_elements // row)
+        for start in range(0, entry.shape[0], step):
+            yield self.read_entry(entry, start, min(start + step, entry.shape[0]))
 
     def load(self, name: str) -> torch.Tensor:
         """Return curvature ``name`` as float32, reconstructed if rank-1, validated.
@@ -238,12 +273,12 @@ class CurvatureStore:
             raise CurvatureError(f"{self.path}: no curvature tensor '{name}'")
         self.check_dtype(name)
         if record.full is not None:
-            parts = [(record.full, self._read(record.full).to(torch.float32))]
+            parts = [(record.full, self.read_entry(record.full).to(torch.float32))]
             value = parts[0][1]
         else:
             parts = [
-                (record.row, self._read(record.row).to(torch.float32)),
-                (record.col, self._read(record.col).to(torch.float32)),
+                (record.row, self.read_entry(record.row).to(torch.float32)),
+                (record.col, self.read_entry(record.col).to(torch.float32)),
             ]
             value = None
         for entry, tensor in parts:
@@ -253,18 +288,42 @@ class CurvatureStore:
         return value
 
 
-def _check_values(tensor: torch.Tensor, entry: HeaderEntry) -> None:
-    finite = torch.isfinite(tensor)
-    if not bool(finite.all()):
-        nan = int(torch.isnan(tensor).sum())
-        inf = int(tensor.numel() - int(finite.sum()) - nan)
-        raise CurvatureError(
-            f"{entry.file}: tensor '{entry.key}' has {nan} NaN and {inf} Inf values; "
+def value_problems(entry: HeaderEntry, nan: int, inf: int, negative: int, minimum: Optional[float], scope: str = "") -> List[str]:
+    """Messages for stored tensor ``entry`` holding ``nan``/``inf`` non-finite and ``negative`` finite < 0 values.
+
+    ``scope`` (e.g. " (in 65536 sampled of 1048576 values)") says which values were counted.
+    """
+    problems = []
+    if nan or inf:
+        problems.append(
+            f"{entry.file}: tensor '{entry.key}' has {nan} NaN and {inf} Inf values{scope}; "
             f"exp_avg_sq must be finite"
         )
-    if tensor.numel() and float(tensor.min()) < 0:
-        negative = int((tensor < 0).sum())
-        raise CurvatureError(
-            f"{entry.file}: tensor '{entry.key}' has {negative} negative values "
-            f"(min {float(tensor.min()):.3g}); exp_avg_sq must be >= 0"
+    if negative:
+        low = f" (min {minimum:.3g})" if minimum is not None else ""
+        problems.append(
+            f"{entry.file}: tensor '{entry.key}' has {negative} negative values{scope}{low}; "
+            f"exp_avg_sq must be >= 0"
         )
+    return problems
+
+
+def _check_values(tensor: torch.Tensor, entry: HeaderEntry) -> None:
+    if tensor.numel() == 0:
+        return
+    # One fused pass: NaN propagates to both ends, +-Inf shows up as an end.
+    low, high = (float(x) for x in torch.aminmax(tensor))
+    if low >= 0.0 and high < math.inf:
+        return
+    finite = torch.isfinite(tensor)
+    nan = int(torch.isnan(tensor).sum())
+    values = tensor[finite]
+    negative = values < 0
+    problems = value_problems(
+        entry,
+        nan=nan,
+        inf=int(tensor.numel() - values.numel() - nan),
+        negative=int(negative.sum()),
+        minimum=float(values.min()) if values.numel() else None,
+    )
+    raise CurvatureError("; ".join(problems))

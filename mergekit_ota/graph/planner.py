@@ -37,7 +37,7 @@ from mergekit_ota.graph.tasks import (
     SaliencyHistogramTask,
 )
 from mergekit_ota.methods import is_ours
-from mergekit_ota.methods.settings import expert_settings, shared_settings
+from mergekit_ota.methods.settings import SharedSettings, expert_settings, shared_settings
 
 PATCH_MARK = "_mergekit_ota_patched"
 _TRUE = {"1", "true", "yes"}
@@ -86,6 +86,8 @@ class CurvaturePlan:
         self.planner = planner
         self.problems: Dict[str, None] = {}
         self.stores: Dict[Tuple[ModelReference, Optional[str]], Optional[str]] = {}
+        # density_scope: model: per expert, each density seen -> first tensor it was seen on
+        self.model_densities: Dict[ModelReference, Dict[float, str]] = {}
 
     @classmethod
     def of(cls, planner: Any) -> "CurvaturePlan":
@@ -139,8 +141,9 @@ class CurvaturePlan:
             return None
         return LoadCurvature(store=path, tensor=key, label=found)
 
-    def expert_parameters(self, task: ExecuteMergeMethodTask, model: ModelReference, bias_correction: bool) -> Dict[str, Any]:
+    def expert_parameters(self, task: ExecuteMergeMethodTask, model: ModelReference, shared: SharedSettings) -> Dict[str, Any]:
         values = dict(task.input_parameters[model].items())
+        bias_correction = shared.bias_correction
         if bias_correction:
             path = self.store_path(model, values.get("curvature"))
             metadata = CurvatureStore.open(path).metadata if path else {}
@@ -160,6 +163,8 @@ class CurvaturePlan:
                 self.problem(f"expert {model} sets density/threshold (FFG), which needs a base_model")
             if task.method_name == "ffg" and settings.density is None and settings.threshold is None:
                 self.problem(f"ffg needs a density or a threshold for every expert; missing for {model}")
+            if shared.density_scope == "model" and settings.density is not None:
+                self.model_densities.setdefault(model, {}).setdefault(settings.density, task.output_weight.name)
         return values
 
     def attach(
@@ -178,7 +183,7 @@ class CurvaturePlan:
             if model == task.base_model:
                 parameters[model] = task.input_parameters[model]
                 continue
-            values = self.expert_parameters(task, model, shared.bias_correction)
+            values = self.expert_parameters(task, model, shared)
             parameters[model] = ImmutableMap(data=values)
             load = self.curvature_load(model, inputs[model], values.get("curvature"))
             if load is not None:
@@ -201,8 +206,19 @@ class CurvaturePlan:
             truncate_vocabulary=isinstance(source, TruncatedVocabulary),
         )
 
+    def check_model_densities(self) -> None:
+        """``density_scope: model`` keeps one fraction per expert: flag an expert given several."""
+        for model, densities in self.model_densities.items():
+            if len(densities) > 1:
+                (first, where), (other, there) = list(densities.items())[:2]
+                self.problem(
+                    f"density_scope: model needs one density per expert; expert {model} has "
+                    f"{first} (tensor {where}) and {other} (tensor {there})"
+                )
+
     def finish(self) -> None:
         """Raise every problem found; then add the model-wide density pass if asked for."""
+        self.check_model_densities()
         if self.problems:
             raise PreflightError(list(self.problems))
         tensors = self.planner._tensors

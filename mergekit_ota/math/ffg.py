@@ -7,6 +7,7 @@ moment ``v_i`` (>= 0).  Saliency ``s_i = v_i * tau_i**2`` is the diagonal-Fisher
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -26,11 +27,61 @@ def kept_count(numel: int, density: float) -> int:
     return min(numel, max(1, int(density * numel)))
 
 
+SELECTION_SAMPLE = 1 << 16  # sample size for bracketing the k-th largest value
+_SELECTION_MIN = 1 << 20  # below this many entries one kthvalue is as fast
+_TIE_CHUNK = 1 << 20  # entries scanned at a time when breaking ties
+
+
+def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest entry of the 1-D tensor ``values`` (exactly ``kthvalue(values, n - k + 1)``).
+
+    For large tensors a fixed-seed random sample brackets the answer between two
+    sample quantiles ``lo <= hi`` (+-4 standard deviations of the sample rank); a
+    comparison pass counts the entries below ``lo`` and those in ``[lo, hi]``, and
+    ``kthvalue`` runs on that small candidate set only.  If the bracket misses (rare,
+    or NaN present) it falls back to ``kthvalue`` on everything: exact either way.
+    """
+    n = values.numel()
+    rank = n - k + 1  # 1-based rank from the bottom
+    if n < _SELECTION_MIN:
+        return torch.kthvalue(values, rank).values
+    generator = torch.Generator(device=values.device).manual_seed(n)
+    picks = torch.randint(n, (SELECTION_SAMPLE,), generator=generator, device=values.device)
+    sample = values[picks].sort().values
+    center = rank / n * SELECTION_SAMPLE
+    margin = 4.0 * math.sqrt(center * (1.0 - rank / n)) + 8.0
+    low, high = int(center - margin), int(center + margin) + 1
+    lo = sample[low] if low >= 0 else values.new_tensor(-math.inf)
+    hi = sample[high] if high < SELECTION_SAMPLE else values.new_tensor(math.inf)
+    inside = values < lo
+    below = int(torch.count_nonzero(inside))
+    inside = inside.logical_not_().logical_and_(values <= hi)  # lo <= value <= hi (NaN excluded)
+    count = int(torch.count_nonzero(inside))
+    if below < rank <= below + count:
+        if bool(lo == hi):
+            return lo
+        return torch.kthvalue(values[inside], rank - below).values
+    return torch.kthvalue(values, rank).values
+
+
+def _end_of_nth_true(flags: torch.Tensor, n: int) -> int:
+    """Index just past the ``n``-th True of the 1-D bool tensor ``flags`` (which has >= n Trues)."""
+    seen = 0
+    for start in range(0, flags.numel(), _TIE_CHUNK):
+        part = flags[start : start + _TIE_CHUNK]
+        count = int(torch.count_nonzero(part))
+        if seen + count >= n:
+            return start + int(torch.nonzero(part, as_tuple=True)[0][n - seen - 1]) + 1
+        seen += count
+    raise ValueError(f"fewer than {n} True values")
+
+
 def density_mask(scores: torch.Tensor, density: float) -> torch.Tensor:
     """Boolean mask keeping exactly ``k = kept_count(numel, density)`` highest scores.
 
-    Uses one ``kthvalue`` (no sort).  Ties at the k-th value are broken by flat
-    index (lowest first), so the count is exact and deterministic.
+    Finds the k-th largest score with one selection (:func:`kth_largest`, no sort).
+    Ties at the k-th value are broken by flat index (lowest first), so the count is
+    exact and deterministic.
     """
     numel = scores.numel()
     if numel == 0:
@@ -39,12 +90,15 @@ def density_mask(scores: torch.Tensor, density: float) -> torch.Tensor:
     if k == numel:
         return torch.ones_like(scores, dtype=torch.bool)
     flat = scores.reshape(-1)
-    kth = torch.kthvalue(flat, numel - k + 1).values
-    mask = flat > kth
-    missing = k - int(mask.sum())
-    if missing > 0:
-        ties = torch.nonzero(flat == kth, as_tuple=True)[0][:missing]
-        mask[ties] = True
+    kth = kth_largest(flat, k)
+    mask = flat >= kth
+    count = int(torch.count_nonzero(mask))
+    if count > k:  # several entries equal the k-th value: keep only the lowest-index ones
+        ties = flat == kth
+        keep = k - (count - int(torch.count_nonzero(ties)))
+        cut = _end_of_nth_true(ties, keep)
+        del ties
+        torch.gt(flat[cut:], kth, out=mask[cut:])
     return mask.reshape(scores.shape)
 
 
@@ -91,15 +145,22 @@ def ffg_merge(
     if not (len(experts) == len(curvatures) == len(rules) == len(weights)):
         raise ValueError("experts, curvatures, rules and weights must have the same length")
     b = base.to(torch.float32)
-    total = torch.zeros_like(b)
+    total: Optional[torch.Tensor] = None
     for expert, v, rule, weight in zip(experts, curvatures, rules, weights):
-        tau = expert.to(torch.float32) - b
+        tau = torch.sub(expert.to(torch.float32), b)
         if rule is not None:
             tau.mul_(rule.mask(tau, v))
-        total.add_(tau, alpha=float(weight))
+        if total is None:  # the first grafted task vector becomes the running sum
+            total = tau.mul_(float(weight)) if float(weight) != 1.0 else tau
+        else:
+            total.add_(tau, alpha=float(weight))
         del tau
+    if total is None:
+        return base
     if normalize:
         divisor = float(sum(weights))
         if abs(divisor) >= 1e-8:
             total.div_(divisor)
-    return total.mul_(float(lam)).add_(b).to(base.dtype)
+    if lam != 1.0:
+        total.mul_(float(lam))
+    return total.add_(b).to(base.dtype)

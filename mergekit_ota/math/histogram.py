@@ -1,33 +1,41 @@
-"""Streaming log-histogram of FFG saliency, for one density threshold over many tensors.
+"""Streaming histogram of FFG saliency, for one density threshold over many tensors.
 
 Model-wide density (the paper's setting) keeps, for each expert, the
 ``k = max(1, int(density * N))`` most salient of its ``N`` entries across *all* its
-tensors.  Tensors arrive one at a time, so we accumulate a histogram of
-``log2(s)`` with fine bins (width ``(MAX_LOG2 - MIN_LOG2) / BINS`` ~ 0.0043, i.e.
-~0.3 % relative) and read the threshold from it.  The kept fraction then differs
-from the target by at most the mass of one bin.
+tensors.  Tensors arrive one at a time, so we accumulate a histogram of saliency
+``s`` and read the threshold from it.  The bins are the float32 bit patterns of ``s``
+with their lowest ``SHIFT`` bits dropped: the 8 exponent bits plus the top 9 mantissa
+bits, i.e. bins of relative width at most ``2**-9`` (~0.2 %), uniform in ``log2(s)``
+within each octave.  Binning is one integer shift per entry (no logarithm), and
+every bin edge is an exact float32, so ``s >= T`` for an edge ``T`` selects exactly
+the entries counted above it.  The kept fraction then exceeds the target by at most
+the mass of one bin.
 """
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
 
 import torch
 
 from mergekit_ota.math.ffg import kept_count
 
-MIN_LOG2 = -150.0  # below the smallest float32 subnormal (2**-149)
-MAX_LOG2 = 130.0  # above the largest float32 (~2**128)
-BINS = 65536
+SHIFT = 14  # float32 bits dropped: 23 - 14 = 9 mantissa bits kept
+BINS = (0x7F800000 >> SHIFT) + 1  # bit patterns up to +inf; bin 0 is below 2**-135, i.e. zero
+_OVERFLOW = BINS  # NaN lands here and, like negative values, counts as zero (never kept)
+
+
+def bin_edge(index: int) -> float:
+    """Smallest float32 value in bin ``index`` (exactly representable)."""
+    return struct.unpack("<f", struct.pack("<I", index << SHIFT))[0]
 
 
 @dataclass
 class SaliencyHistogram:
-    """Counts of ``log2(s)`` for positive saliencies plus a count of zeros."""
+    """Counts of positive saliencies by bin (``counts[0]`` unused) plus a count of zeros."""
 
-    counts: torch.Tensor = field(
-        default_factory=lambda: torch.zeros(BINS, dtype=torch.float64)
-    )
+    counts: torch.Tensor = field(default_factory=lambda: torch.zeros(BINS, dtype=torch.int64))
     zeros: int = 0
 
     @property
@@ -37,12 +45,13 @@ class SaliencyHistogram:
 
     def add(self, scores: torch.Tensor) -> None:
         """Add the (non-negative) saliencies of one tensor."""
-        s = scores.detach().reshape(-1).to(torch.float32)
-        logs = torch.log2(s)  # 0 -> -inf, ignored by histc below
-        hist = torch.histc(logs, bins=BINS, min=MIN_LOG2, max=MAX_LOG2)
-        added = int(hist.sum().item())
-        self.counts += hist.to(device="cpu", dtype=torch.float64)
-        self.zeros += s.numel() - added
+        s = scores.detach().reshape(-1).to(torch.float32).contiguous()
+        bins = torch.bitwise_right_shift(s.view(torch.int32), SHIFT)
+        bins.clamp_(0, _OVERFLOW)  # sign bit set (-0.0) -> 0; NaN -> overflow
+        hist = torch.bincount(bins, minlength=BINS + 1).to(device="cpu")
+        self.zeros += int(hist[0]) + int(hist[_OVERFLOW])
+        hist[0] = 0
+        self.counts += hist[:BINS]
 
     def merge(self, other: "SaliencyHistogram") -> None:
         """Accumulate another histogram into this one."""
@@ -51,7 +60,6 @@ class SaliencyHistogram:
 
     def threshold_for_density(self, density: float) -> float:
         """Smallest bin edge ``T`` such that ``#(s >= T) >= k``; 0.0 keeps everything."""
-
         total = self.total
         if total == 0:
             return 0.0
@@ -60,6 +68,4 @@ class SaliencyHistogram:
         reached = torch.nonzero(from_top >= k, as_tuple=True)[0]
         if reached.numel() == 0:
             return 0.0  # k exceeds the positive entries: keep everything
-        bin_index = BINS - 1 - int(reached[0])
-        width = (MAX_LOG2 - MIN_LOG2) / BINS
-        return float(2.0 ** (MIN_LOG2 + bin_index * width))
+        return bin_edge(BINS - 1 - int(reached[0]))

@@ -22,13 +22,17 @@ from mergekit_ota.math.ffg import KeepRule
 def curvature_weights(
     v: torch.Tensor, weight: float, power: float = 0.5, eps: float = 1e-12
 ) -> torch.Tensor:
-    """Return ``w = weight * v**power + eps`` as a new float32 tensor."""
-    w = v.to(torch.float32, copy=True)
+    """Return ``w = weight * v**power + eps`` as a new float32 tensor (``v`` untouched)."""
+    v32 = v.to(torch.float32)
     if power == 0.5:
-        w.sqrt_()
-    elif power != 1.0:
-        w.pow_(power)
-    return w.mul_(float(weight)).add_(float(eps))
+        w = torch.sqrt(v32)
+    elif power == 1.0:
+        w = v.to(torch.float32, copy=True)
+    else:
+        w = torch.pow(v32, power)
+    if weight != 1.0:
+        w.mul_(float(weight))
+    return w.add_(float(eps))
 
 
 def ota_merge(
@@ -44,8 +48,10 @@ def ota_merge(
     """Merge experts by their curvature (see the module docstring for the formula).
 
     ``rules`` (with a base only) give each expert's FFG mask ``m_i``; ``None`` keeps all.
-    Accumulates in float32, one expert at a time (two extra buffers, no stacking);
-    the result has the dtype of ``base`` (or of the first expert without a base).
+    Accumulates in float32, one expert at a time: the first expert's ``w_1 tau_1`` and
+    ``w_1`` become the running sums (two buffers in all, no stacking, no zero fill);
+    where ``sum_i w_i m_i <= 0`` (every expert masked) the divisor is 1, so theta = b.
+    The result has the dtype of ``base`` (or of the first expert without a base).
     """
     if not experts:
         if base is None:
@@ -62,21 +68,32 @@ def ota_merge(
 
     out_dtype = (base if base is not None else experts[0]).dtype
     b = base.to(torch.float32) if base is not None else None
-    numerator = torch.zeros(experts[0].shape, dtype=torch.float32, device=experts[0].device)
-    denominator = torch.zeros_like(numerator)
+    numerator: Optional[torch.Tensor] = None
+    denominator: Optional[torch.Tensor] = None
     for expert, v, weight, rule in zip(experts, curvatures, weights, rules):
         w = curvature_weights(v, weight, power, eps)
-        x = expert.to(torch.float32)
         if b is not None:
-            x = x - b
-        if rule is not None:
-            w.mul_(rule.mask(x, v))
-        numerator.addcmul_(w, x)
-        denominator.add_(w)
+            x = torch.sub(expert.to(torch.float32), b)  # tau_i: a new tensor, ours to change
+            if rule is not None:
+                w.mul_(rule.mask(x, v))
+        else:
+            x = expert.to(torch.float32)  # may be the caller's tensor: never written
+        if numerator is None:  # the first expert's terms become the running sums
+            numerator = x.mul_(w) if b is not None else torch.mul(w, x)
+            denominator = w
+        else:
+            numerator.addcmul_(w, x)
+            denominator.add_(w)
         del w, x
+    assert numerator is not None and denominator is not None
 
     if b is None:
         return numerator.div_(denominator).to(out_dtype)
-    covered = denominator > 0
-    delta = numerator.div_(torch.where(covered, denominator, torch.ones_like(denominator)))
-    return delta.mul_(float(lam)).add_(b).to(out_dtype)
+    # With eps > 0 and weights >= 0, sum_i w_i m_i > 0 unless every expert is masked:
+    # only then (or for other weights/eps) does the divisor need guarding.
+    if eps <= 0 or any(r is not None for r in rules) or not all(float(w) >= 0 for w in weights):
+        denominator.masked_fill_(~(denominator > 0), 1.0)
+    delta = numerator.div_(denominator)
+    if lam != 1.0:
+        delta.mul_(float(lam))
+    return delta.add_(b).to(out_dtype)

@@ -1,0 +1,177 @@
+"""The merge methods compared, their tuning grids, and the mergekit configurations they make.
+
+Every setting is a mergekit YAML dictionary (written to ``configs/NAME.yml`` as the file
+a user would pass to ``mergekit-yaml``) and run in-process through
+``mergekit.merge.run_merge`` on ``MergeConfiguration.model_validate`` of that same dict.
+
+Grid rule (at most 4 settings per method, fixed before any result is seen):
+
+* sparsifying methods: ``density`` in {0.1, 0.3} x one scale knob with two values;
+* the scale knob is ``lambda``, centred on the value at which an expert's own edit is
+  reproduced where the others did not move: sum-type methods (``sum_i w_i tau_i``:
+  task_arithmetic, dare_ties, breadcrumbs_ties, ffg) get lambda in {0.5, 1.0}
+  (interference adds up, so shrink), mean-type methods (``sum_i w_i m_i tau_i / sum_i
+  w_i m_i``: ties, ota) get lambda in {1.0, 1.5} (averaging shrinks, so amplify);
+* ``ota`` without FFG has no density: power p in {0.5, 1.0} x lambda in {1.0, 1.5};
+* ``task_arithmetic`` has no density: lambda in {0.25, 0.5, 0.75, 1.0};
+* ``linear`` (the plain average of the experts) has no knob: one setting.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import yaml
+
+DENSITIES = (0.1, 0.3)
+SUM_LAMBDAS = (0.5, 1.0)
+MEAN_LAMBDAS = (1.0, 1.5)
+
+
+@dataclass(frozen=True)
+class Experts:
+    """The models being merged: base, experts (by capability) and their curvature stores."""
+
+    base: str
+    models: Mapping[str, str]
+    full_stores: Mapping[str, str] = field(default_factory=dict)
+    rank1_stores: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One point of one method's grid: ``label`` names the knobs, ``config`` is the mergekit dict."""
+
+    method: str
+    label: str
+    config: Dict[str, Any]
+
+    @property
+    def slug(self) -> str:
+        return slug(f"{self.method} {self.label}")
+
+
+@dataclass(frozen=True)
+class Method:
+    """A compared method: mergekit ``merge_method``, curvature kind, grid of knob dicts."""
+
+    name: str
+    merge_method: str
+    grid: Sequence[Dict[str, Any]]
+    curvature: Optional[str] = None  # "full", "rank1" or None
+    shared: Dict[str, Any] = field(default_factory=dict)
+    note: str = ""
+
+    def grid_text(self) -> str:
+        """The grid as the report prints it, e.g. ``density {0.1, 0.3} x lambda {0.5, 1.0}``."""
+        if len(self.grid) == 1 and not self.grid[0]:
+            return "none (1 setting)"
+        keys = list(self.grid[0])
+        parts = [f"{_knob(k)} {{{', '.join(_fmt(v) for v in dict.fromkeys(g[k] for g in self.grid))}}}" for k in keys]
+        return " x ".join(parts)
+
+
+def slug(text: str) -> str:
+    """A file-name-safe version of ``text``."""
+    text = text.replace("+", "_plus_").replace("λ", "lambda").replace("=", "")
+    return re.sub(r"[^A-Za-z0-9.]+", "_", text).strip("_")
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _knob(key: str) -> str:
+    return {"lambda": "λ", "power": "p", "density": "d"}.get(key, key)
+
+
+def _grid(**axes: Sequence[Any]) -> List[Dict[str, Any]]:
+    keys = list(axes)
+    return [dict(zip(keys, values)) for values in itertools.product(*axes.values())]
+
+
+def methods() -> List[Method]:
+    """The compared methods with their grids (see the module docstring for the rule)."""
+    return [
+        Method("ota", "ota", _grid(power=(0.5, 1.0), **{"lambda": MEAN_LAMBDAS}), curvature="full"),
+        Method("ota (rank-1 curvature)", "ota", _grid(power=(0.5, 1.0), **{"lambda": MEAN_LAMBDAS}), curvature="rank1"),
+        Method("ota+ffg (per tensor)", "ota", _grid(density=DENSITIES, **{"lambda": MEAN_LAMBDAS}), curvature="full"),
+        Method("ota+ffg (model-wide)", "ota", _grid(density=DENSITIES, **{"lambda": MEAN_LAMBDAS}), curvature="full",
+               shared={"density_scope": "model"}),  # fmt: skip
+        Method("ffg", "ffg", _grid(density=DENSITIES, **{"lambda": SUM_LAMBDAS}), curvature="full",
+               note="task arithmetic over FFG-grafted task vectors"),  # fmt: skip
+        Method("ties", "ties", _grid(density=DENSITIES, **{"lambda": MEAN_LAMBDAS})),
+        Method("dare_ties", "dare_ties", _grid(density=DENSITIES, **{"lambda": SUM_LAMBDAS})),
+        Method("breadcrumbs_ties", "breadcrumbs_ties", _grid(density=DENSITIES, **{"lambda": SUM_LAMBDAS}),
+               note="gamma 0.01 (mergekit default)"),  # fmt: skip
+        Method("task_arithmetic", "task_arithmetic", _grid(**{"lambda": (0.25, 0.5, 0.75, 1.0)})),
+        Method("linear", "linear", [{}], note="equal weights, normalised"),
+    ]
+
+
+PER_EXPERT = ("density", "weight")
+
+
+def config_for(method: Method, knobs: Mapping[str, Any], experts: Experts, dtype: str = "float32") -> Dict[str, Any]:
+    """The mergekit YAML dict of ``method`` at ``knobs`` over all of ``experts``."""
+    if method.merge_method == "linear":
+        return {
+            "merge_method": "linear",
+            "models": [{"model": path, "parameters": {"weight": 1.0}} for path in experts.models.values()],
+            "parameters": {"normalize": True},
+            "dtype": dtype,
+        }
+    per_expert = {"weight": 1.0, **{k: v for k, v in knobs.items() if k in PER_EXPERT}}
+    shared = {**method.shared, **{k: v for k, v in knobs.items() if k not in PER_EXPERT}}
+    models = []
+    for cap, path in experts.models.items():
+        parameters = dict(per_expert)
+        if method.curvature:
+            stores = experts.full_stores if method.curvature == "full" else experts.rank1_stores
+            parameters["curvature"] = stores[cap]
+        models.append({"model": path, "parameters": parameters})
+    config: Dict[str, Any] = {"merge_method": method.merge_method, "base_model": experts.base, "models": models}
+    if shared:
+        config["parameters"] = shared
+    config["dtype"] = dtype
+    return config
+
+
+def settings(experts: Experts, dtype: str = "float32", only: Optional[Sequence[str]] = None) -> List[Setting]:
+    """Every grid point of every method (or of the methods named in ``only``)."""
+    out = []
+    for method in methods():
+        if only is not None and method.name not in only:
+            continue
+        for knobs in method.grid:
+            label = ", ".join(f"{_knob(k)}={_fmt(v)}" for k, v in knobs.items()) or "default"
+            out.append(Setting(method.name, label, config_for(method, knobs, experts, dtype)))
+    return out
+
+
+def write_config(config: Mapping[str, Any], path: str) -> None:
+    """Write ``config`` as the YAML file a user would pass to ``mergekit-yaml``."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fp:
+        yaml.safe_dump(dict(config), fp, sort_keys=False)
+
+
+def run_config(config: Mapping[str, Any], out_dir: str, seed: int = 0, device: str = "cpu") -> float:
+    """Merge ``config`` into ``out_dir`` in-process with mergekit; return the wall seconds.
+
+    ``random_seed`` is fixed so ``dare_ties`` and the random grafting masks repeat.
+    """
+    import mergekit_ota  # noqa: F401  (registers ota/ffg, patches the planner)
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    options = MergeOptions(quiet=True, random_seed=seed, device=device, lazy_unpickle=True)
+    started = time.perf_counter()
+    run_merge(MergeConfiguration.model_validate(dict(config)), out_dir, options)
+    return time.perf_counter() - started

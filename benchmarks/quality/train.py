@@ -1,0 +1,170 @@
+"""Trainer runs (base pretraining, expert fine-tuning) and the export of their Adam curvature.
+
+Every run is ``transformers.Trainer`` with its default AdamW, saving one checkpoint at
+the last step (``checkpoint-N`` holds ``model.safetensors``, ``config.json``, the
+tokenizer and ``optimizer.pt``): exactly what a user has after an SFT run.  A run is
+built in ``DIR.tmp`` and renamed to ``DIR`` when it finished, so an interrupted run is
+redone and a finished one is reused.  Curvature is exported with the real
+``mergekit-ota export CHECKPOINT OUT [--compress rank1]`` command.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+Row = Tuple[List[int], List[int]]  # (input ids, labels with -100 where no loss)
+IGNORE = -100
+
+
+class TrainSettings(BaseModel):
+    """Hyper-parameters of one Trainer run (AdamW, betas (0.9, 0.999))."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    steps: int
+    batch_size: int
+    learning_rate: float
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    scheduler: str = "linear"
+    seed: int = 0
+
+
+class RowDataset(torch.utils.data.Dataset):
+    """A list of encoded ``(ids, labels)`` rows as a map-style dataset."""
+
+    def __init__(self, rows: Sequence[Row]):
+        self.rows = list(rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> Row:
+        return self.rows[index]
+
+
+def collate(rows: Sequence[Row], pad_id: int) -> Dict[str, torch.Tensor]:
+    """Right-pad ``(ids, labels)`` rows into ``input_ids``, ``attention_mask`` and ``labels``."""
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, (ids, lab) in enumerate(rows):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(lab)] = torch.tensor(lab)
+        mask[row, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+class _Collator:
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, rows: Sequence[Row]) -> Dict[str, torch.Tensor]:
+        return collate(rows, self.pad_id)
+
+
+def checkpoint_of(run_dir: str, steps: int) -> str:
+    """The checkpoint directory a finished run of ``steps`` steps leaves in ``run_dir``."""
+    return os.path.join(run_dir, f"checkpoint-{steps}")
+
+
+def train(
+    model: Any,
+    rows: Sequence[Row],
+    run_dir: str,
+    settings: TrainSettings,
+    tokenizer: Any,
+    device: str = "cpu",
+) -> Tuple[str, Dict[str, Any]]:
+    """Train ``model`` (a ``PreTrainedModel``) on ``rows``; return (checkpoint dir, run info).
+
+    Reuses a finished run in ``run_dir`` (its ``run.json`` holds the info: seconds,
+    loss at the start and at the end).
+    """
+    info_path = os.path.join(run_dir, "run.json")
+    checkpoint = checkpoint_of(run_dir, settings.steps)
+    if os.path.isfile(info_path) and os.path.isfile(os.path.join(checkpoint, "optimizer.pt")):
+        with open(info_path, encoding="utf-8") as fp:
+            return checkpoint, json.load(fp)
+
+    from transformers import Trainer, TrainingArguments
+
+    tmp = run_dir + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = TrainingArguments(
+        output_dir=tmp,
+        max_steps=settings.steps,
+        per_device_train_batch_size=settings.batch_size,
+        learning_rate=settings.learning_rate,
+        warmup_steps=settings.warmup_steps,
+        weight_decay=settings.weight_decay,
+        lr_scheduler_type=settings.scheduler,
+        optim="adamw_torch",
+        save_strategy="steps",
+        save_steps=settings.steps,
+        logging_steps=max(1, settings.steps // 20),
+        report_to=[],
+        use_cpu=device == "cpu",
+        seed=settings.seed,
+        data_seed=settings.seed,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=False,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=RowDataset(rows),
+        data_collator=_Collator(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+    )
+    started = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - started
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    info = {
+        "seconds": seconds,
+        "steps": settings.steps,
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "settings": settings.model_dump(),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+    with open(os.path.join(tmp, "run.json"), "w", encoding="utf-8") as fp:
+        json.dump(info, fp, indent=1)
+    if not os.path.isfile(os.path.join(checkpoint_of(tmp, settings.steps), "optimizer.pt")):
+        raise RuntimeError(f"Trainer run in {tmp} left no checkpoint-{settings.steps}/optimizer.pt")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    os.replace(tmp, run_dir)
+    return checkpoint, info
+
+
+def export_curvature(checkpoint: str, out: str, compress: Optional[str] = None) -> float:
+    """Run ``mergekit-ota export CHECKPOINT OUT [--compress rank1]`` in-process; return seconds.
+
+    Skips the export when ``out`` exists (it is written under a temporary name and renamed
+    by the command, so an existing ``out`` is complete).
+    """
+    if os.path.exists(out):
+        return 0.0
+    from mergekit_ota.cli.main import main as cli
+
+    if "export" not in cli.commands:
+        raise RuntimeError(
+            "this mergekit-ota has no `export` command (mergekit_ota/cli/export.py); "
+            "the benchmark exports Trainer checkpoints with it"
+        )
+    args = ["export", checkpoint, out] + (["--compress", compress] if compress else [])
+    started = time.perf_counter()
+    cli.main(args=args, prog_name="mergekit-ota", standalone_mode=False)
+    if not os.path.exists(out):
+        raise RuntimeError(f"mergekit-ota {' '.join(args)} wrote nothing at {out}")
+    return time.perf_counter() - started

@@ -1,0 +1,111 @@
+"""``mergekit-ota export SOURCE OUT``: an optimizer checkpoint's second moments -> a curvature store."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional, Tuple
+
+import click
+
+from mergekit_ota.export import SOURCE_KINDS
+
+if TYPE_CHECKING:  # heavy imports stay inside the command
+    from mergekit_ota.export.pipeline import ExportResult
+
+
+def _bytes(value: float) -> str:
+    from mergekit_ota.cli.inspect import human_bytes
+
+    return human_bytes(value)
+
+
+def render_summary(result: "ExportResult") -> str:
+    """What was exported from where, how names were found, sizes, and what has no state."""
+    source, meta = result.source, result.metadata
+    settings = "  ".join(f"{k} {meta[k]}" for k in ("beta2", "step", "bias_corrected", "dtype", "compression") if k in meta)
+    lines = [
+        f"exported {result.tensors} tensors ({result.rank1} rank-1, {result.tensors - result.rank1} full) "
+        f"from {source.kind} {source.path}",
+        f"optimizer {source.optimizer}  {settings}",
+        f"names: {source.mapping}",
+        f"wrote {result.store} ({len(result.files)} file{'s' if len(result.files) > 1 else ''}): "
+        f"{_bytes(result.bytes_on_disk)} ({result.bytes_on_disk:,} bytes); as full float32 "
+        f"{_bytes(result.full_fp32_bytes)} ({result.full_fp32_bytes:,} bytes): ratio {result.ratio:.4f}"
+        + (f", {1 / result.ratio:.1f}x smaller" if result.ratio < 1 else ""),
+    ]
+    if source.without_state:
+        shown = ", ".join(source.without_state[:8]) + (", ..." if len(source.without_state) > 8 else "")
+        lines.append(
+            f"{len(source.without_state)} model parameter(s) have no optimizer state (frozen or never updated; "
+            f"recorded in the store's metadata 'parameters_without_state'): {shown}"
+        )
+    lines += [f"note: {n}" for n in result.notes]
+    return "\n".join(lines)
+
+
+@click.command("export")
+@click.argument("source", type=click.Path(exists=True))
+@click.argument("out", type=click.Path())
+@click.option("--model", "model", type=click.Path(exists=True), default=None,
+              help="Model directory (config.json) the optimizer trained; default: SOURCE if it holds config.json. "
+                   "Needed to name an index-keyed state; otherwise used to verify names and shapes.")
+@click.option("--source-kind", type=click.Choice(SOURCE_KINDS), default=None, help="Force the source kind (default: detect).")
+@click.option("--compress", type=click.Choice(["none", "rank1"]), default="none", show_default=True,
+              help="rank1: store each 2-D tensor as its row and column sums (m+n numbers).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
+              help="Stored dtype (bfloat16 halves the size and rounds each value by up to 0.4%).")
+@click.option("--bias-correct", is_flag=True, help="Divide by 1 - beta2**step (each parameter's step, its group's beta2).")
+@click.option("--shard-size", default=None,
+              help="Largest shard, e.g. 2GB, 500MB, 1.5GiB (default 5GB for a directory OUT; a .safetensors OUT is one file).")
+@click.option("--frozen", multiple=True, metavar="GLOB",
+              help="Parameter(s) frozen during training (glob, repeatable): resolves an index-keyed state that is otherwise ambiguous.")
+@click.option("--beta2", type=float, default=None, help="Adam beta2 where the source records none (for --bias-correct and metadata).")
+@click.option("--step", type=int, default=None, help="Optimizer step where the source records none.")
+@click.option("--force", is_flag=True, help="Replace an existing OUT (a directory OUT only if it holds nothing but a store).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def export_command(
+    source: str,
+    out: str,
+    model: Optional[str],
+    source_kind: Optional[str],
+    compress: str,
+    dtype: str,
+    bias_correct: bool,
+    shard_size: Optional[str],
+    frozen: Tuple[str, ...],
+    beta2: Optional[float],
+    step: Optional[int],
+    force: bool,
+    quiet: bool,
+) -> None:
+    """Export Adam's second moments (exp_avg_sq) from SOURCE into the curvature store OUT.
+
+    SOURCE: a Trainer/accelerate checkpoint directory (optimizer.pt / optimizer.bin), a torch.save
+    of an optimizer state dict, a torch.distributed.checkpoint (FSDP) directory, a DeepSpeed
+    universal checkpoint, or an existing store (to re-shard, convert or compress it).
+    Adafactor's factored states are exported as rank-1 pairs.
+
+    OUT: a .safetensors file, a .safetensors.index.json (shards next to it), or a new
+    directory (exp_avg_sq.safetensors, or shards + exp_avg_sq.safetensors.index.json).
+    Give it to a merge as `curvature: OUT`, or write it as MODEL_DIR/exp_avg_sq.safetensors.
+    """
+    from tqdm import tqdm
+
+    from mergekit_ota.errors import OTAError
+    from mergekit_ota.export.options import ExportOptions
+    from mergekit_ota.export.pipeline import BF16_WARNING, export_curvature
+
+    try:
+        options = ExportOptions.parse(
+            source_kind=source_kind, model=model, compress=compress, dtype=dtype, bias_correct=bias_correct,
+            shard_size=shard_size, frozen=frozen, beta2=beta2, step=step, force=force,
+        )  # fmt: skip
+        if options.dtype == "bfloat16":
+            click.echo(BF16_WARNING, err=True)
+
+        def progress(items, total):  # type: ignore[no-untyped-def]
+            return tqdm(items, total=total, unit="tensor", desc="export", disable=True if quiet else None, leave=False)
+
+        result = export_curvature(source, out, options, progress)
+    except OTAError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(render_summary(result))

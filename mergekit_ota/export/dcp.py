@@ -1,0 +1,250 @@
+"""``torch.distributed.checkpoint`` (FSDP/FSDP2, DCP) directories, read one tensor at a time, no process group.
+
+A DCP directory holds ``.metadata`` (the flattened state dict's keys, shapes and
+file offsets) and ``__<rank>_<n>.distcp`` data files.  Optimizer state keys are
+``<prefix>.state.<fqn>.<state key>``, e.g. ``optimizer.state.model.layers.0.mlp.up_proj.weight.exp_avg_sq``;
+``planner_data`` in the metadata keeps each key's path as a tuple, so names with
+dots are unambiguous.  Param-group values (``betas``) are pickled bytes items.
+
+Nothing is unpickled beyond data: ``.metadata`` is read with an unpickler that
+only builds the checkpoint-metadata classes; bytes items are read with
+``torch.load(weights_only=True)``; tensors with ``dcp.load`` of the one key into a
+preallocated tensor (``no_dist=True``), which torch reads with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import warnings
+from collections import defaultdict
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from mergekit_ota.errors import CurvatureError
+from mergekit_ota.export.model_params import (
+    ModelParameters,
+    clean_name,
+    load_model_parameters,
+    model_order,
+    verify_names,
+)
+from mergekit_ota.export.source import SourceState, StateItem
+from mergekit_ota.export.states import (
+    adafactor_notes,
+    check_second_moments,
+    group_beta2,
+    load_moment,
+    moment_shape,
+    optimizer_name,
+    refuse_adapters,
+    scalar,
+)
+
+METADATA_FILE = ".metadata"
+_SAFE_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Builds only DCP metadata objects, ``torch.Size``, dtypes, layouts, paths and plain containers."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        import torch
+
+        if module in _SAFE_MODULES or (module == "torch" and name == "Size"):
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.memory_format, torch.layout)):
+            return getattr(torch, name)
+        if (module, name) in {("torch.serialization", "_get_layout"), ("collections", "OrderedDict")}:
+            return super().find_class(module, name)
+        if module == "pathlib" and name in ("PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath", "Path"):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"unexpected object {module}.{name}")
+
+
+def _reader(directory: str) -> Any:
+    """A ``FileSystemReader`` whose metadata is read with :class:`_MetadataUnpickler`, once."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        _metadata: Any = None
+
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            if self._metadata is None:
+                path = os.path.join(directory, METADATA_FILE)
+                try:
+                    with open(path, "rb") as fp:
+                        metadata = _MetadataUnpickler(fp).load()
+                except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as error:
+                    raise CurvatureError(f"{path}: not a readable DCP metadata file ({error})") from None
+                if getattr(metadata, "storage_meta", None) is None:
+                    metadata.storage_meta = StorageMeta()
+                metadata.storage_meta.load_id = self.load_id
+                self._metadata = metadata
+            return self._metadata
+
+    return SafeReader(directory)
+
+
+def find_dcp_dir(path: str) -> Optional[str]:
+    """``path`` if it is a DCP directory, else its single ``optimizer*`` DCP subdirectory (accelerate/FSDP1)."""
+    if os.path.isfile(os.path.join(path, METADATA_FILE)):
+        return path
+    if not os.path.isdir(path):
+        return None
+    subdirs = sorted(
+        d for d in os.listdir(path)
+        if d.startswith("optimizer") and os.path.isfile(os.path.join(path, d, METADATA_FILE))
+    )  # fmt: skip
+    if len(subdirs) > 1:
+        raise CurvatureError(f"{path}: several optimizer checkpoints ({subdirs}); pass the one to export as SOURCE")
+    return os.path.join(path, subdirs[0]) if subdirs else None
+
+
+class DcpCheckpoint:
+    """One DCP directory: its flattened keys, and reads of single tensors and bytes items."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self.reader = _reader(directory)
+        self.metadata = self.reader.read_metadata()
+        planner = getattr(self.metadata, "planner_data", None) or {}
+        self.paths: Dict[str, Tuple[Any, ...]] = {
+            key: tuple(planner.get(key, tuple(key.split(".")))) for key in self.metadata.state_dict_metadata
+        }
+
+    def tensor_shape(self, key: str) -> Optional[Tuple[int, ...]]:
+        entry = self.metadata.state_dict_metadata[key]
+        size = getattr(entry, "size", None)
+        return tuple(size) if size is not None else None
+
+    def load_tensors(self, keys: Sequence[str]) -> Dict[str, Any]:
+        """Read tensors ``keys`` (and nothing else) into new CPU tensors."""
+        import torch
+        import torch.distributed.checkpoint as dcp
+
+        state = {}
+        for key in keys:
+            entry = self.metadata.state_dict_metadata[key]
+            state[key] = torch.empty(tuple(entry.size), dtype=entry.properties.dtype)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+            try:
+                dcp.load(state, storage_reader=self.reader, no_dist=True)
+            except Exception as error:
+                raise CurvatureError(f"{self.directory}: cannot read {list(keys)} ({type(error).__name__}: {error})") from None
+        return state
+
+    def load_object(self, key: str) -> Any:
+        """A bytes item (e.g. ``betas``) unpickled with ``weights_only=True``, or ``None`` if unreadable."""
+        import torch
+        from torch.distributed.checkpoint.metadata import MetadataIndex
+
+        info = (self.metadata.storage_data or {}).get(MetadataIndex(key))
+        if info is None or getattr(info, "transform_descriptors", None):
+            return None
+        try:
+            with open(os.path.join(self.directory, info.relative_path), "rb") as fp:
+                fp.seek(info.offset)
+                raw = fp.read(info.length)
+            return torch.load(io.BytesIO(raw), weights_only=True)
+        except Exception:  # noqa: BLE001 - a group setting we cannot read safely is reported as unknown
+            return None
+
+
+def _split(paths: Mapping[str, Tuple[Any, ...]], source: str) -> Tuple[Dict[str, Dict[str, str]], Dict[int, Dict[str, str]]]:
+    """``({fqn: {state key: flat key}}, {group: {field: flat key}})`` of the one optimizer in the checkpoint."""
+    prefixes = defaultdict(int)
+    for path in paths.values():
+        for i in range(len(path) - 2):
+            if path[i] == "state" and len(path) == i + 3:
+                prefixes[path[:i]] += 1
+    if not prefixes:
+        raise CurvatureError(f"{source}: no optimizer state in this checkpoint (no '<...>.state.<name>.<key>' entries)")
+    if len(prefixes) > 1:
+        found = [".".join(map(str, p)) or "(top level)" for p in prefixes]
+        raise CurvatureError(f"{source}: state of several optimizers ({found}); export needs a checkpoint of one")
+    (prefix,) = prefixes
+    states: Dict[str, Dict[str, str]] = defaultdict(dict)
+    groups: Dict[int, Dict[str, str]] = defaultdict(dict)
+    n = len(prefix)
+    for key, path in paths.items():
+        if path[:n] != prefix or len(path) < n + 3:
+            continue
+        if path[n] == "state" and len(path) == n + 3:
+            states[str(path[n + 1])][str(path[n + 2])] = key
+        elif path[n] == "param_groups":
+            groups[int(path[n + 1])][str(path[n + 2])] = key
+    return dict(states), dict(groups)
+
+
+def open_dcp(path: str, model_path: Optional[str], frozen: Sequence[str] = ()) -> SourceState:
+    """Check a DCP optimizer checkpoint; names are the saved FQNs (verified against ``model_path`` if given)."""
+    directory = find_dcp_dir(path)
+    if directory is None:
+        raise CurvatureError(f"{path}: not a torch.distributed.checkpoint directory (no {METADATA_FILE})")
+    checkpoint = DcpCheckpoint(directory)
+    states, group_keys = _split(checkpoint.paths, directory)
+    names = {fqn: clean_name(fqn) for fqn in states}
+    refuse_adapters(list(names.values()), directory)
+    kinds = check_second_moments({names[f]: list(keys) for f, keys in states.items()}, directory)
+    fqn_of = {names[f]: f for f in states}
+    shapes = {}
+    for name in kinds:
+        keys = states[fqn_of[name]]
+        tensor_shapes = {k: checkpoint.tensor_shape(flat) for k, flat in keys.items()}
+        shapes[name] = moment_shape(kinds[name], {k: s for k, s in tensor_shapes.items() if s is not None})
+
+    groups: List[Dict[str, Any]] = []
+    for g in sorted(group_keys):
+        groups.append({field: checkpoint.load_object(flat) for field, flat in group_keys[g].items()})
+    beta2_of: Dict[str, Optional[float]] = {}
+    for group in groups:
+        for fqn in group.get("params") or []:
+            beta2_of[clean_name(str(fqn))] = group_beta2(group)
+    step_keys = {name: states[fqn_of[name]]["step"] for name in kinds if "step" in states[fqn_of[name]]}
+    tensor_steps = [k for k in step_keys.values() if checkpoint.tensor_shape(k) is not None]
+    loaded = checkpoint.load_tensors(tensor_steps) if tensor_steps else {}
+    steps = {name: scalar(loaded[k]) if k in loaded else scalar(checkpoint.load_object(k)) for name, k in step_keys.items()}
+
+    params: Optional[ModelParameters] = None
+    mapping = "FQNs saved in the checkpoint"
+    without: List[str] = []
+    if model_path is not None:
+        params = load_model_parameters(model_path, frozen)
+        without = verify_names(shapes, params, directory)
+        mapping += f"; verified against {params.path}"
+
+    def load(name: str) -> Any:
+        keys = states[fqn_of[name]]
+        wanted = ["exp_avg_sq"] if kinds[name] == "full" else ["exp_avg_sq_row", "exp_avg_sq_col"]
+        tensors = checkpoint.load_tensors([keys[k] for k in wanted])
+        return load_moment(kinds[name], lambda k: tensors[keys[k]])
+
+    items = [
+        StateItem(
+            name=name,
+            shape=shapes[name],
+            load=(lambda n=name: load(n)),
+            origin=f"{directory} '{states[fqn_of[name]].get('exp_avg_sq', states[fqn_of[name]].get('exp_avg_sq_row'))}'",
+            rank1=kinds[name] == "factored" and len(shapes[name]) == 2,
+            step=steps.get(name),
+            beta2=beta2_of.get(name),
+        )
+        for name in model_order(list(kinds), params)
+    ]
+    name_ = optimizer_name(set(kinds.values()), groups)
+    notes = adafactor_notes(kinds) if name_ == "Adafactor" else []
+    if groups and not any(beta2_of.values()) and name_ != "Adafactor":
+        notes.append("the param groups' betas could not be read; beta2 is not recorded")
+    return SourceState(
+        kind="dcp",
+        path=directory,
+        optimizer=name_,
+        items=items,
+        mapping=mapping,
+        without_state=without,
+        bias_corrected=name_ == "Adafactor",
+        notes=notes,
+    )

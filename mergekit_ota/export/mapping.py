@@ -1,0 +1,171 @@
+"""Index -> name mapping of an index-keyed optimizer state (``optimizer.pt``), verified or refused.
+
+A ``torch.optim`` state dict numbers parameters ``0, 1, ...`` over its param groups
+in order; ``state`` is keyed by those numbers.  Which weight each number is depends
+on how the optimizer was built.  A :class:`Candidate` is one way to build it: ordered
+lists of ``(name, shape)``, one per group (e.g. the Trainer's decay / no-decay split
+of ``named_parameters()``).  Parameters frozen during training are absent from the
+optimizer, so a group's numbers match its candidate list as an ordered
+*subsequence*: every state's shape must equal its parameter's shape (numbers without
+state match any shape).  :func:`map_indices` counts those alignments over all
+candidates and accepts the result only if exactly one name assignment exists.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from mergekit_ota.errors import CurvatureError
+
+Shape = Tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way the optimizer may have been built: ``groups[g]`` = ordered ``(name, shape)`` of group ``g``."""
+
+    description: str
+    groups: Tuple[Tuple[Tuple[str, Shape], ...], ...]
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """The accepted mapping: ``names[index]``, the rules that give it, and candidates with no state."""
+
+    names: Dict[int, str]
+    rules: Tuple[str, ...]
+    skipped: Tuple[str, ...]
+
+
+def _count_alignments(indices: Sequence[int], shapes: Dict[int, Optional[Shape]], names: Sequence[Tuple[str, Shape]]) -> List[List[int]]:
+    """``ways[i][j]``: alignments (capped at 2) of ``indices[i:]`` into ``names[j:]`` as a subsequence."""
+    k, n = len(indices), len(names)
+    ways = [[0] * (n + 1) for _ in range(k + 1)]
+    for j in range(n + 1):
+        ways[k][j] = 1
+    for i in range(k - 1, -1, -1):
+        shape = shapes.get(indices[i])
+        for j in range(n - (k - i), -1, -1):
+            match = ways[i + 1][j + 1] if shape is None or tuple(shape) == tuple(names[j][1]) else 0
+            ways[i][j] = min(2, match + ways[i][j + 1])
+    return ways
+
+
+def _alignments(indices: Sequence[int], shapes: Dict[int, Optional[Shape]], names: Sequence[Tuple[str, Shape]]) -> List[Dict[int, str]]:
+    """No, one, or two different alignments of one group, each as ``{index: name}``.
+
+    With two or more alignments, the walk that matches as early as possible and the
+    one that skips as early as possible part at the first branching point, so they
+    assign some index differently.
+    """
+    ways = _count_alignments(indices, shapes, names)
+    if ways[0][0] == 0:
+        return []
+
+    def walk(prefer_match: bool) -> Dict[int, str]:
+        chosen: Dict[int, str] = {}
+        i = j = 0
+        while i < len(indices):
+            shape = shapes.get(indices[i])
+            can_match = ways[i + 1][j + 1] > 0 and (shape is None or tuple(shape) == tuple(names[j][1]))
+            if can_match and (prefer_match or ways[i][j + 1] == 0):
+                chosen[indices[i]] = names[j][0]
+                i += 1
+            j += 1
+        return chosen
+
+    return [walk(True)] if ways[0][0] == 1 else [walk(True), walk(False)]
+
+
+def _first_mismatch(indices: Sequence[int], shapes: Dict[int, Optional[Shape]], names: Sequence[Tuple[str, Shape]]) -> str:
+    """Why a group does not fit a candidate, for the error message."""
+    if len(indices) > len(names):
+        return f"the optimizer has {len(indices)} parameters in it, the model {len(names)}"
+    for position, (index, (name, shape)) in enumerate(zip(indices, names)):
+        state = shapes.get(index)
+        if state is not None and tuple(state) != tuple(shape):
+            return (f"its parameter #{position} (state index {index}) has state of shape {list(state)}, "
+                    f"the model's parameter #{position} '{name}' has shape {list(shape)}")  # fmt: skip
+    return "no subsequence of the model's parameters has the state's shapes"
+
+
+def _numel(shape: Shape) -> int:
+    return math.prod(shape)
+
+
+def map_indices(
+    groups: Sequence[Sequence[int]],
+    shapes: Dict[int, Optional[Shape]],
+    candidates: Sequence[Candidate],
+    source: str,
+) -> Mapping:
+    """Map state indices to weight names, verified by shapes, group sizes and element counts.
+
+    ``groups``: the indices of each param group (``param_groups[g]["params"]``);
+    ``shapes``: ``{index: shape of its second moment}`` (``None``: no state).
+    Raises :class:`CurvatureError` if no candidate fits (naming, per candidate, what
+    mismatched), or if different name assignments fit (naming an index and two names).
+    """
+    fits: Dict[Tuple[Tuple[int, str], ...], List[str]] = {}
+    skipped_of: Dict[Tuple[Tuple[int, str], ...], Tuple[str, ...]] = {}
+    problems: List[str] = []
+    for candidate in candidates:
+        if len(candidate.groups) != len(groups):
+            problems.append(f"{candidate.description}: {len(candidate.groups)} group(s), the optimizer has {len(groups)}")
+            continue
+        assignment: Dict[int, str] = {}
+        reason = None
+        for g, (indices, names) in enumerate(zip(groups, candidate.groups)):
+            found = _alignments(indices, shapes, names)
+            if not found:
+                reason = f"group {g}: {_first_mismatch(indices, shapes, names)}"
+                break
+            if len(found) > 1:
+                a, b = found
+                index = next(i for i in indices if a[i] != b[i])
+                missing = len(names) - len(indices)
+                reason = (
+                    f"group {g} is ambiguous: the optimizer has {len(indices)} of the {len(names)} parameters "
+                    f"this rule puts there, and with {missing} of them frozen state index {index} "
+                    f"(shape {list(shapes.get(index) or [])}) could be '{a[index]}' or '{b[index]}'"
+                )
+                break
+            assignment.update(found[0])
+        if reason is not None:
+            problems.append(f"{candidate.description}: {reason}")
+            continue
+        key = tuple(sorted(assignment.items()))
+        fits.setdefault(key, []).append(candidate.description)
+        placed = set(assignment.values())
+        skipped_of[key] = tuple(n for group in candidate.groups for n, _ in group if n not in placed)
+
+    if not fits:
+        ambiguous = any("ambiguous" in p for p in problems)
+        hint = (
+            "pass --frozen NAME (a glob, repeatable) for the parameters that were frozen in training, "
+            if ambiguous else "check that --model is the model this optimizer trained; "
+        )  # fmt: skip
+        raise CurvatureError(
+            f"{source}: cannot map the optimizer's parameter indices to the model's weight names:\n"
+            + "\n".join(f"  - {p}" for p in problems)
+            + f"\nTo fix: {hint}or save the optimizer with named parameters "
+            f"(torch >= 2.6: torch.optim.AdamW(model.named_parameters()) stores param_names)"
+        )
+    if len(fits) > 1:
+        (first, rules_a), (second, rules_b) = list(fits.items())[:2]
+        a, b = dict(first), dict(second)
+        index = next(i for i in sorted(a) if a[i] != b.get(i))
+        raise CurvatureError(
+            f"{source}: the optimizer's parameter indices fit the model in more than one way: "
+            f"state index {index} is '{a[index]}' under {' / '.join(rules_a)} but '{b.get(index)}' under "
+            f"{' / '.join(rules_b)}. Save the optimizer with named parameters (param_names) to export it"
+        )
+    key, rules = next(iter(fits.items()))
+    names = dict(key)
+    state_numel = sum(_numel(s) for i, s in shapes.items() if s is not None)
+    mapped_numel = sum(_numel(s) for i, s in shapes.items() if s is not None and i in names)
+    if state_numel != mapped_numel:  # a state index outside every group
+        raise CurvatureError(f"{source}: {state_numel - mapped_numel} state elements belong to no param group")
+    return Mapping(names=names, rules=tuple(rules), skipped=skipped_of[key])

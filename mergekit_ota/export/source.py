@@ -1,0 +1,75 @@
+"""What every source reader produces: per parameter, its second moment, loaded lazily.
+
+A reader opens a source (reading headers, metadata and shapes only), checks it,
+and returns a :class:`SourceState`: one :class:`StateItem` per parameter with a
+second moment, in the order they will be written.  ``StateItem.load()`` reads that
+one parameter's data (memory: one tensor) and returns :class:`Full` (``v``, Adam's
+``exp_avg_sq``) or :class:`Rank1` (``r``, ``c``: the row and column sums of ``v``,
+read back as ``v_hat = outer(r, c) / sum(r)``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple, Union
+
+import torch
+
+
+@dataclass(frozen=True)
+class Full:
+    """A whole second-moment tensor ``v``."""
+
+    v: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Rank1:
+    """A 2-D second moment given by its row sums ``r`` (m) and column sums ``c`` (n)."""
+
+    r: torch.Tensor
+    c: torch.Tensor
+
+
+Curvature = Union[Full, Rank1]
+
+
+@dataclass(frozen=True)
+class StateItem:
+    """One parameter's second moment: its weight name, shape, and how to read it.
+
+    ``rank1`` says the source holds it as factors (Adafactor, a compressed store);
+    ``step`` and ``beta2`` are what bias correction ``v / (1 - beta2**step)`` needs
+    (``None`` where the source does not record them); ``origin`` names the data in
+    error messages (file and key).
+    """
+
+    name: str
+    shape: Tuple[int, ...]
+    load: Callable[[], Curvature]
+    origin: str
+    rank1: bool = False
+    step: Optional[float] = None
+    beta2: Optional[float] = None
+
+
+@dataclass
+class SourceState:
+    """A checked source, ready to stream.
+
+    ``kind``: how it was read (``trainer``, ``torch``, ``dcp``, ``deepspeed-universal``,
+    ``store``); ``optimizer``: what kept the state; ``mapping``: how weight names were
+    found; ``without_state``: model parameters with no optimizer state (frozen, or never
+    updated); ``bias_corrected``: the values are already unbiased estimates;
+    ``metadata``: extra header fields carried over; ``notes``: what a user should know.
+    """
+
+    kind: str
+    path: str
+    optimizer: str
+    items: List[StateItem]
+    mapping: str
+    without_state: List[str] = field(default_factory=list)
+    bias_corrected: bool = False
+    metadata: Dict[str, str] = field(default_factory=dict)
+    notes: List[str] = field(default_factory=list)

@@ -1,0 +1,82 @@
+"""An existing curvature store as a source: re-shard it, change its dtype, compress it.
+
+Read through :class:`~mergekit_ota.curvature.store.CurvatureStore` (headers parsed
+and checked first, so a truncated or corrupted file is an error naming it before
+anything is written).  Rank-1 pairs stay pairs (the full tensors cannot be
+recovered); full tensors are copied or compressed.  The store's metadata
+(source kind, optimizer, ``step``, ``beta2``, ``bias_corrected``, parameters
+without state) is carried over.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Optional, Sequence
+
+from mergekit_ota.curvature.locate import locate_store
+from mergekit_ota.curvature.store import CurvatureRecord, CurvatureStore
+from mergekit_ota.errors import CurvatureError
+from mergekit_ota.export.model_params import load_model_parameters, model_order, verify_names
+from mergekit_ota.export.source import Curvature, Full, Rank1, SourceState, StateItem
+
+_TRUE = {"1", "true", "yes"}
+# header fields the new store sets itself
+_OWN_FIELDS = {"format_version", "compression", "dtype", "bias_corrected", "parameters", "mapping", "source_path", "exporter"}
+
+
+def _number(metadata: dict, key: str) -> Optional[float]:
+    try:
+        return float(metadata[key]) if metadata.get(key) not in (None, "") else None
+    except ValueError:
+        return None
+
+
+def open_store(path: str, model_path: Optional[str], frozen: Sequence[str] = ()) -> SourceState:
+    """Open the store at ``path`` (file, index, or directory holding one) as a source."""
+    resolved = locate_store(path, path, None)
+    store = CurvatureStore(resolved)
+    for name in store.records:
+        store.check_dtype(name)
+    metadata = dict(store.metadata)
+    step, beta2 = _number(metadata, "step"), _number(metadata, "beta2")
+    without = []
+    try:
+        without = list(json.loads(metadata.get("parameters_without_state", "[]")))
+    except ValueError:
+        pass
+    params = None
+    mapping = f"names of the store {resolved}"
+    if model_path is not None:
+        params = load_model_parameters(model_path, frozen)
+        without = verify_names({n: r.shape for n, r in store.records.items()}, params, resolved)
+        mapping += f"; verified against {params.path}"
+
+    def load(record: CurvatureRecord) -> Curvature:
+        if record.full is not None:
+            return Full(store.read_entry(record.full))
+        return Rank1(store.read_entry(record.row), store.read_entry(record.col))
+
+    items = [
+        StateItem(
+            name=name,
+            shape=tuple(store.records[name].shape),
+            load=(lambda r=store.records[name]: load(r)),
+            origin=f"{store.records[name].files[0]} '{store.records[name].entries[0].key}'",
+            rank1=store.records[name].compressed,
+            step=step,
+            beta2=beta2,
+        )
+        for name in model_order(list(store.records), params)
+    ]
+    if not items:
+        raise CurvatureError(f"{resolved}: the store holds no tensors")
+    return SourceState(
+        kind="store",
+        path=resolved,
+        optimizer=metadata.get("optimizer", "unknown"),
+        items=items,
+        mapping=mapping,
+        without_state=without,
+        bias_corrected=metadata.get("bias_corrected", "").lower() in _TRUE,
+        metadata={k: v for k, v in metadata.items() if k not in _OWN_FIELDS and k != "parameters_without_state"},
+    )

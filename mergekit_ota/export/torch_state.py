@@ -1,0 +1,210 @@
+"""``torch.optim`` state dicts saved with ``torch.save``: Trainer/accelerate checkpoints and plain files.
+
+Layout: ``{"state": {key: {"step", "exp_avg", "exp_avg_sq", ...}}, "param_groups": [{"params": [key, ...],
+"betas": (beta1, beta2), ...}]}``, possibly nested under ``"optimizer"`` (or
+``"optimizer_state_dict"``, ``"optim"``) of a larger checkpoint dict.  Keys are
+parameter indices (Trainer ``optimizer.pt``, accelerate ``optimizer.bin``, plain
+``optimizer.state_dict()``) or names (FSDP full optimizer state dicts).  Names come,
+in this order of preference, from ``param_names`` in the param groups (torch >= 2.6
+optimizers built from ``named_parameters()``), from name keys, or from the model via
+:func:`~mergekit_ota.export.mapping.map_indices`.
+
+Files are opened with ``torch.load(path, map_location="cpu", mmap=True, weights_only=True)``:
+no code is unpickled and tensor data stays on disk until a tensor is read.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from mergekit_ota.errors import CurvatureError
+from mergekit_ota.export.mapping import Shape, map_indices
+from mergekit_ota.export.model_params import (
+    ModelParameters,
+    clean_name,
+    index_candidates,
+    load_model_parameters,
+    model_order,
+    verify_names,
+)
+from mergekit_ota.export.source import SourceState, StateItem
+from mergekit_ota.export.states import (
+    adafactor_notes,
+    check_second_moments,
+    group_beta2,
+    load_moment,
+    moment_shape,
+    optimizer_name,
+    refuse_adapters,
+    scalar,
+)
+
+OPTIMIZER_FILES = ("optimizer.pt", "optimizer.bin")
+_NESTED_KEYS = ("optimizer", "optimizer_state_dict", "optim", "opt")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+
+
+def load_torch_file(path: str) -> Any:
+    """``torch.load`` with ``mmap=True, weights_only=True`` (no mmap for pre-1.6 non-zip files)."""
+    import torch
+
+    try:
+        try:
+            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError as error:
+            if "mmap" not in str(error) and "zip" not in str(error).lower():
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CurvatureError(
+            f"{path}: holds Python objects other than tensors and plain containers ({first}); "
+            f"refusing to unpickle it (torch.load weights_only=True). Save optimizer.state_dict() on its own"
+        ) from None
+    except Exception as error:  # truncated zip, not a torch file, ...
+        raise CurvatureError(f"{path}: cannot read it as a torch.save file ({type(error).__name__}: {error})") from None
+
+
+def find_optimizer_dict(obj: Any, path: str) -> Mapping[str, Any]:
+    """The ``{"state", "param_groups"}`` dict at the top of ``obj`` or one level down."""
+
+    def is_state_dict(value: Any) -> bool:
+        return isinstance(value, Mapping) and "state" in value and "param_groups" in value
+
+    if is_state_dict(obj):
+        return obj
+    if isinstance(obj, Mapping):
+        nested = [k for k in _NESTED_KEYS if is_state_dict(obj.get(k))]
+        if nested:
+            return obj[nested[0]]
+        found = [k for k, v in obj.items() if is_state_dict(v)]
+        if len(found) == 1:
+            return obj[found[0]]
+        if len(found) > 1:
+            raise CurvatureError(f"{path}: holds several optimizer state dicts ({found}); save the one to export alone")
+        what = f"a dict with keys {sorted(map(str, obj))[:8]}"
+    else:
+        what = type(obj).__name__
+    raise CurvatureError(f"{path}: not an optimizer state dict (expected 'state' and 'param_groups'; found {what})")
+
+
+def _shapes_of(state: Mapping[str, Any]) -> Dict[str, Shape]:
+    return {k: tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")}
+
+
+def _names_from_groups(groups: Sequence[Mapping[str, Any]], path: str) -> Optional[Dict[Any, str]]:
+    """``{key: name}`` from ``param_names`` (all groups must have them), else ``None``."""
+    if not groups or not all("param_names" in g for g in groups):
+        return None
+    names: Dict[Any, str] = {}
+    for g, group in enumerate(groups):
+        if len(group["param_names"]) != len(group["params"]):
+            raise CurvatureError(
+                f"{path}: param_groups[{g}] lists {len(group['params'])} params but {len(group['param_names'])} param_names"
+            )
+        names.update({key: clean_name(str(name)) for key, name in zip(group["params"], group["param_names"])})
+    return names
+
+
+def open_torch_state(
+    path: str,
+    *,
+    kind: str,
+    model_path: Optional[str],
+    frozen: Sequence[str] = (),
+    adapter_reason: Optional[str] = None,
+) -> SourceState:
+    """Check and map the optimizer state in ``path``; ``model_path``: a directory with the model's config.json."""
+    optimizer = find_optimizer_dict(load_torch_file(path), path)
+    groups: List[Mapping[str, Any]] = list(optimizer["param_groups"])
+    state: Mapping[Any, Mapping[str, Any]] = optimizer["state"]
+    group_of = {key: g for g, group in enumerate(groups) for key in group["params"]}
+    stray = [k for k in state if k not in group_of]
+    if stray:
+        raise CurvatureError(f"{path}: state for parameter(s) {stray[:5]} that no param group lists")
+
+    names = _names_from_groups(groups, path)
+    if names is None and state and all(isinstance(k, str) for k in state):
+        names = {key: clean_name(key) for key in group_of}
+    label = (lambda key: names[key]) if names is not None else (lambda key: f"state[{key}]")
+    kinds = check_second_moments({label(k): list(v.keys()) for k, v in state.items()}, path)
+    if names is not None:
+        refuse_adapters(list(names.values()), path, adapter_reason)
+    elif adapter_reason:
+        refuse_adapters([], path, adapter_reason)
+    shapes = {key: moment_shape(kinds[label(key)], _shapes_of(state[key])) for key in state if label(key) in kinds}
+
+    params: Optional[ModelParameters] = None
+    if names is None:
+        if model_path is None:
+            raise CurvatureError(
+                f"{path}: the optimizer state is keyed by parameter index and records no names; "
+                f"give the model it trained with --model DIR (a directory with config.json)"
+            )
+        params = load_model_parameters(model_path, frozen)
+        found = map_indices([list(g["params"]) for g in groups], {k: shapes.get(k) for k in group_of}, index_candidates(params, len(groups)), path)
+        names = found.names
+        mapping = f"{' = '.join(found.rules)}; verified: {len(shapes)} state shapes, group sizes {[len(g['params']) for g in groups]}"
+    else:
+        mapping = "param_names saved in the optimizer" if "param_names" in groups[0] else "parameter names in the state dict"
+        if model_path is not None:
+            params = load_model_parameters(model_path, frozen)
+            verify_names({names[k]: s for k, s in shapes.items()}, params, path)
+            mapping += f"; verified against {params.path}"
+
+    with_state = {names[k] for k in shapes}
+    if params is not None:
+        without = [n for n, _ in params.parameters if n not in with_state]
+    else:
+        without = [names[k] for k in group_of if k not in shapes]
+    key_of = {names[k]: k for k in shapes}
+    items = []
+    for name in model_order(list(key_of), params):
+        key = key_of[name]
+        kind_ = kinds[label(key)]
+        entry = state[key]
+        items.append(
+            StateItem(
+                name=name,
+                shape=shapes[key],
+                load=(lambda k=kind_, e=entry: load_moment(k, e.__getitem__)),
+                origin=f"{path} state[{key!r}]",
+                rank1=kind_ == "factored" and len(shapes[key]) == 2,
+                step=scalar(entry.get("step")),
+                beta2=group_beta2(groups[group_of[key]]),
+            )
+        )
+    name_ = optimizer_name(set(kinds.values()), groups)
+    adafactor = name_ == "Adafactor"
+    return SourceState(
+        kind=kind,
+        path=path,
+        optimizer=name_,
+        items=items,
+        mapping=mapping,
+        without_state=without,
+        bias_corrected=adafactor,
+        notes=adafactor_notes(kinds) if adafactor else [],
+    )
+
+
+def trainer_files(directory: str) -> Tuple[str, Optional[str]]:
+    """The optimizer file of a Trainer/accelerate checkpoint directory, and an adapter reason if it is a LoRA run."""
+    present = [f for f in OPTIMIZER_FILES if os.path.isfile(os.path.join(directory, f))]
+    if not present:
+        raise CurvatureError(f"{directory}: no optimizer.pt or optimizer.bin in this checkpoint directory")
+    if len(present) > 1:
+        raise CurvatureError(f"{directory}: holds both {present}; pass the one to export as SOURCE")
+    adapters = [f for f in ADAPTER_FILES if os.path.isfile(os.path.join(directory, f))]
+    reason = f"{adapters[0]} in {directory}" if adapters else None
+    return os.path.join(directory, present[0]), reason
+
+
+def open_trainer_checkpoint(directory: str, model_path: Optional[str], frozen: Sequence[str] = ()) -> SourceState:
+    """A Trainer ``checkpoint-N`` (or accelerate ``save_state``) directory; the model defaults to it."""
+    optimizer_file, adapter_reason = trainer_files(directory)
+    if model_path is None and os.path.isfile(os.path.join(directory, "config.json")):
+        model_path = directory
+    return open_torch_state(optimizer_file, kind="trainer", model_path=model_path, frozen=frozen, adapter_reason=adapter_reason)

@@ -1,0 +1,272 @@
+"""Preflight of an ``ota``/``ffg`` merge config (``mergekit-ota check``), without executing or writing.
+
+The merge is planned exactly as ``mergekit-yaml`` plans it (the steps of
+``mergekit.merge.run_merge`` up to ``MergePlanner``), so every problem the merge
+would report at planning time comes from the same code
+(:class:`~mergekit_ota.graph.planner.CurvaturePlan`): missing stores and tensors
+(``slices:`` layer offsets, aliases and tied weights resolved as for the weights),
+wrong shapes and dtypes, bad parameters, FFG without a base or a density.
+Then the values of every curvature tensor the plan reads (its
+:class:`~mergekit_ota.graph.tasks.LoadCurvature` tasks) are scanned for NaN, Inf
+and negative numbers: a sample of each tensor by default, every value with
+``full_scan``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from mergekit_ota.curvature.scan import DEFAULT_SAMPLE, scan_entry
+from mergekit_ota.curvature.store import CurvatureStore
+from mergekit_ota.errors import ConfigError, OTAError, PreflightError
+
+
+NEVER_WRITTEN = "<mergekit-ota check: no output>"  # the planned writer's path; no task ever runs
+
+
+class NotACurvatureMerge(ConfigError):
+    """The config's ``merge_method`` is not one of this plugin's (nothing to check)."""
+
+
+@dataclass(frozen=True)
+class StoreUse:
+    """One curvature store as the planned merge uses it."""
+
+    path: str
+    experts: Tuple[str, ...]
+    tensors: int
+    full: int
+    rank1: int
+    values: int
+    scanned: int
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    """Everything ``check`` found; ``ok`` when ``problems`` is empty."""
+
+    config: str
+    method: str
+    problems: Tuple[str, ...]
+    experts: Tuple[str, ...] = ()
+    stores: Tuple[StoreUse, ...] = ()
+    output_tensors: int = 0
+    with_curvature: int = 0
+    full_scan: bool = False
+    sample: int = DEFAULT_SAMPLE
+    seconds: float = 0.0
+    header_problems: Tuple[str, ...] = field(default=(), repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_json(self) -> Dict[str, Any]:
+        data = asdict(self)
+        data.pop("header_problems")
+        data["ok"] = self.ok
+        return data
+
+
+_TENSOR_CONTEXT = re.compile(r" \(tensor ([^()]+)\)")
+
+
+def group_problems(problems: Sequence[str], shown: int = 3) -> List[str]:
+    """Merge messages that differ only in their ``(tensor NAME)`` part into one line naming the tensors.
+
+    A bad per-expert parameter is reported by the planner once per tensor; for reading
+    they become ``... (21 tensors: a, b, c and 18 more) ...``.
+    """
+    groups: Dict[str, List[str]] = {}
+    for problem in problems:
+        match = _TENSOR_CONTEXT.search(problem)
+        key = _TENSOR_CONTEXT.sub(" (tensor {})", problem, count=1) if match else problem
+        groups.setdefault(key, []).append(match.group(1) if match else "")
+    lines = []
+    for key, tensors in groups.items():
+        if len(tensors) == 1:
+            lines.append(key.replace("{}", tensors[0]) if tensors[0] else key)
+            continue
+        listed = ", ".join(tensors[:shown]) + (f" and {len(tensors) - shown} more" if len(tensors) > shown else "")
+        lines.append(key.replace(" (tensor {})", f" ({len(tensors)} tensors: {listed})"))
+    return lines
+
+
+def read_config(path: str) -> Any:
+    """Parse a mergekit YAML config as ``mergekit-yaml`` does; :class:`ConfigError` naming the file."""
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from pydantic import ValidationError
+
+    try:
+        with open(path, "r", encoding="utf-8") as fp:
+            data = yaml.safe_load(fp)
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read ({error})") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({error})") from None
+    try:
+        return MergeConfiguration.model_validate(data)
+    except ValidationError as error:
+        details = "; ".join(
+            f"{'.'.join(str(x) for x in item['loc']) or 'config'}: {item['msg']}" for item in error.errors()
+        )
+        raise ConfigError(f"{path}: not a valid mergekit config ({details})") from None
+
+
+def _looks_local(path: str) -> bool:
+    """False only where ``path`` may be a Hub repo id: ``name``, or ``org/name`` with no local folder ``org``."""
+    if os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1:
+        return True
+    return "/" in path and os.path.isdir(path.split("/", 1)[0])
+
+
+def missing_local_models(config: Any) -> List[str]:
+    """Models named by a local-looking path that does not exist.
+
+    mergekit would send such a path to the Hugging Face Hub as a repo id (retrying
+    for ~20 s before failing); check names it at once instead.
+    """
+    problems = []
+    for reference in config.referenced_models():
+        for kind, part in (("model", reference.model), ("LoRA", reference.lora)):
+            if part is None:
+                continue
+            path = str(part.path)
+            if _looks_local(path) and not os.path.exists(os.path.expanduser(path)):
+                problems.append(f"{kind} {path}: no such directory (relative to {os.getcwd()})")
+    return problems
+
+
+def plan_merge(config: Any, options: Any) -> Tuple[Optional[Any], List[str]]:
+    """Plan ``config`` as ``run_merge`` does, executing and writing nothing.
+
+    Returns the planner (``None`` if planning could not start) and the problems
+    found: those :class:`CurvaturePlan` collected, or mergekit's own error.
+    """
+    import mergekit_ota  # noqa: F401  (registers the methods, patches the planner)
+    from mergekit.architecture import get_architecture_info
+    from mergekit.io.tasks import LoaderCache
+    from mergekit.merge import _model_out_config
+    from mergekit.plan import MergePlanner
+
+    from mergekit_ota.compat import incompatibility
+    from mergekit_ota.graph.planner import CurvaturePlan
+
+    problem = incompatibility()
+    if problem:
+        return None, [problem]
+    planner = None
+    try:
+        arch_info = get_architecture_info(config, options)
+        loader_cache = LoaderCache()
+        loader_cache.setup(options=options)
+        out_config = _model_out_config(config, arch_info, trust_remote_code=options.trust_remote_code)
+        for model in config.referenced_models():
+            loader_cache.get(model)
+        planner = MergePlanner(config, arch_info, options=options, out_model_config=out_config)
+        planner.plan_to_disk(out_path=NEVER_WRITTEN)  # builds tasks only; nothing executes
+    except PreflightError as error:
+        return planner, list(error.problems)
+    except Exception as error:  # a refusal by mergekit (architecture, slices, ...) or by our methods' validation
+        found = list(CurvaturePlan.of(planner).problems) if planner is not None else []
+        if isinstance(error, OTAError):
+            return planner, found + [str(error)]
+        return planner, found + [f"mergekit cannot plan this merge: {type(error).__name__}: {error}"]
+    return planner, []
+
+
+def planned_loads(planner: Any) -> Dict[Tuple[str, str], List[str]]:
+    """``{(store, tensor): [output weights]}`` for every curvature tensor the plan reads."""
+    from mergekit_ota.graph.tasks import CurvatureMergeTask, PermutedCurvature
+
+    loads: Dict[Tuple[str, str], List[str]] = {}
+    for weight, task in planner._tensors:
+        if not isinstance(task, CurvatureMergeTask):
+            continue
+        gather = task.curvature.curvature if isinstance(task.curvature, PermutedCurvature) else task.curvature
+        for load in gather.loads.values():
+            loads.setdefault((load.store, load.tensor), []).append(weight.name)
+    return loads
+
+
+def _store_uses(
+    planner: Any, loads: Dict[Tuple[str, str], List[str]], scanned: Dict[Tuple[str, str], Tuple[int, int]]
+) -> Tuple[StoreUse, ...]:
+    from mergekit_ota.graph.planner import CurvaturePlan
+
+    experts: Dict[str, List[str]] = {}
+    for (model, _), path in CurvaturePlan.of(planner).stores.items():
+        if path is not None:
+            experts.setdefault(path, []).append(str(model))
+    uses = []
+    for path, names in sorted(experts.items()):
+        keys = [key for (store, key) in loads if store == path]
+        records = CurvatureStore.open(path).records
+        rank1 = sum(records[key].compressed for key in keys)
+        uses.append(
+            StoreUse(
+                path=path,
+                experts=tuple(sorted(set(names))),
+                tensors=len(keys),
+                full=len(keys) - rank1,
+                rank1=rank1,
+                values=sum(scanned.get((path, key), (0, 0))[1] for key in keys),
+                scanned=sum(scanned.get((path, key), (0, 0))[0] for key in keys),
+            )
+        )
+    return tuple(uses)
+
+
+def check_config(
+    config: Any, options: Any, *, source: str = "<config>", full_scan: bool = False, sample: int = DEFAULT_SAMPLE
+) -> CheckReport:
+    """Plan ``config`` (a ``MergeConfiguration``) and check the curvature it reads; nothing is written.
+
+    Raises :class:`NotACurvatureMerge` if its method is not ``ota``/``ffg``.
+    """
+    from mergekit_ota.graph.planner import CurvaturePlan
+    from mergekit_ota.methods import METHOD_NAMES
+
+    started = time.perf_counter()
+    method = config.merge_method
+    if method not in METHOD_NAMES:
+        raise NotACurvatureMerge(
+            f"{source}: merge_method {method!r} does not use curvature; check handles {sorted(METHOD_NAMES)}"
+        )
+    base = dict(config=source, method=method, full_scan=full_scan, sample=sample)
+    missing = missing_local_models(config)
+    if missing:
+        return CheckReport(problems=tuple(missing), seconds=time.perf_counter() - started, **base)
+    planner, header_problems = plan_merge(config, options)
+    if planner is None:
+        return CheckReport(problems=tuple(header_problems), seconds=time.perf_counter() - started, **base)
+    loads = planned_loads(planner)
+    value_problems: List[str] = []
+    scanned: Dict[Tuple[str, str], Tuple[int, int]] = {}
+    for path, key in sorted(loads):
+        store = CurvatureStore.open(path)
+        for entry in store.records[key].entries:
+            try:
+                result = scan_entry(store, entry, None if full_scan else sample)
+            except OTAError as error:
+                value_problems.append(str(error))
+                continue
+            value_problems += result.problems
+            done, total = scanned.get((path, key), (0, 0))
+            scanned[(path, key)] = (done + result.scanned, total + result.total)
+    with_curvature = {weight for weights in loads.values() for weight in weights}
+    return CheckReport(
+        problems=tuple(header_problems + value_problems),
+        experts=tuple(sorted({str(model) for model, _ in CurvaturePlan.of(planner).stores})),
+        stores=_store_uses(planner, loads, scanned),
+        output_tensors=len(planner._tensors),
+        with_curvature=sum(weight.name in with_curvature for weight, _ in planner._tensors),
+        seconds=time.perf_counter() - started,
+        header_problems=tuple(header_problems),
+        **base,
+    )

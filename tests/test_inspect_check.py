@@ -1,0 +1,528 @@
+"""`mergekit-ota inspect` (what a curvature store holds) and `mergekit-ota check` (preflight of a merge config).
+
+Expected statistics are computed here independently (a full sort, an explicit outer product);
+check's verdicts are compared with what run_merge itself raises.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from hypothesis import given, settings, strategies as st
+from safetensors.torch import load_file, save_file
+
+from mergekit_ota.cli.main import main
+
+Q_PROJ = "model.layers.{}.self_attn.q_proj.weight"
+K_PROJ = "model.layers.1.self_attn.k_proj.weight"
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _expected_stats(values: torch.Tensor) -> dict:
+    """Statistics written out directly: counts, then min / lower median / max of the sorted finite values."""
+    flat = values.double().reshape(-1)
+    finite = flat[torch.isfinite(flat)]
+    ordered = torch.sort(finite).values
+    return {
+        "numel": flat.numel(),
+        "zeros": int((flat == 0).sum()),
+        "nan": int(torch.isnan(flat).sum()),
+        "inf": int(torch.isinf(flat).sum()),
+        "negative": int((finite < 0).sum()),
+        "min": float(ordered[0]),
+        "median": float(ordered[(ordered.numel() - 1) // 2]),
+        "max": float(ordered[-1]),
+    }
+
+
+def _assert_stats(row: dict, expected: dict, rel: float = 1e-6) -> None:
+    for key in ("numel", "zeros", "nan", "inf", "negative"):
+        assert row[key] == expected[key], (row["name"], key)
+    for key in ("min", "median", "max"):
+        assert row[key] == pytest.approx(expected[key], rel=rel, abs=1e-30), (row["name"], key)
+
+
+def _invoke(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def _inspect_json(path: str, *args: str) -> dict:
+    result = _invoke("inspect", path, "--json", *args)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def _rows(report: dict) -> dict:
+    return {row["name"]: row for row in report["tensors"]}
+
+
+def _write_config(tmp_path, cfg: dict, name: str = "merge.yml") -> str:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def _check(tmp_path, cfg: dict, *args: str):
+    """Run `check --json` on ``cfg``; return (exit code, report dict)."""
+    result = _invoke("check", _write_config(tmp_path, cfg), "--json", *args)
+    assert result.exit_code in (0, 1), result.output
+    return result.exit_code, json.loads(result.stdout)
+
+
+def _ota(family, expert_parameters=(None, None), base=True, **shared) -> dict:
+    cfg = {
+        "merge_method": "ota",
+        "models": [{"model": e, **({"parameters": p} if p else {})} for e, p in zip(family.experts, expert_parameters)],
+        "dtype": "float32",
+    }
+    if base:
+        cfg["base_model"] = family.base
+    if shared:
+        cfg["parameters"] = shared
+    return cfg
+
+
+def _store_with(family, path, change, expert: int = 0) -> str:
+    """A copy of an expert's store with ``change(dict)`` applied, saved at ``path``."""
+    tensors = load_file(family.stores[expert])
+    change(tensors)
+    save_file(tensors, str(path))
+    return str(path)
+
+
+def _set(name, index, value):
+    def change(tensors):
+        tensors[name][index] = value
+
+    return change
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    """Untied 2-layer Llama base + 2 experts with full stores; expert 1 also gets a rank-1 copy of its store."""
+    from mergekit_ota.curvature.writer import save_store
+    from mergekit_ota.synthetic import make_family
+
+    fam = make_family(str(tmp_path_factory.mktemp("fam")), n_experts=2)
+    fam.rank1 = str(tmp_path_factory.mktemp("rank1") / "expert_1_rank1.safetensors")
+    save_store(load_file(fam.stores[1]), fam.rank1, compress=True)
+    return fam
+
+
+@pytest.fixture(scope="module")
+def tied_family(tmp_path_factory):
+    from mergekit_ota.synthetic import make_family, tiny_llama_config
+
+    return make_family(str(tmp_path_factory.mktemp("tied")), n_experts=1, config=tiny_llama_config(tie_word_embeddings=True))
+
+
+# ----------------------------------------------------------------------------- stats (pure)
+
+
+factor = st.lists(st.sampled_from([0.0, 1e-12, 3e-9, 0.5, 1.0, 2.0, 7.0]), min_size=1, max_size=9)
+
+
+@settings(max_examples=60, deadline=None)
+@given(r=factor, c=factor)
+def test_rank1_stats_equal_stats_of_the_explicit_outer_product(r, c):
+    """rank1_stats(r, c) (from the factors only) equals min/median/max/zeros of outer(r, c) / sum(r) built in full."""
+    from mergekit_ota.curvature.stats import rank1_stats
+
+    r64, c64 = torch.tensor(r, dtype=torch.float64), torch.tensor(c, dtype=torch.float64)
+    total = float(r64.sum())
+    full = torch.outer(r64, c64) / total if total > 0 else torch.zeros(len(r), len(c), dtype=torch.float64)
+    stats = rank1_stats(r64, c64)
+    expected = _expected_stats(full)
+    _assert_stats({"name": "x", **vars(stats)}, expected, rel=1e-12)
+    assert stats.median_exact
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), cuts=st.lists(st.integers(0, 60), max_size=5))
+def test_streamed_stats_do_not_depend_on_how_the_tensor_is_cut(seed, cuts):
+    """Feeding a tensor (with zeros, NaN, +-Inf, negatives) to StatsAccumulator in any chunks gives its exact stats."""
+    from mergekit_ota.curvature.stats import StatsAccumulator
+
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randn(60, generator=g)
+    special = torch.randint(0, 60, (6,), generator=g)
+    values[special[:2]] = 0.0
+    values[special[2]] = float("nan")
+    values[special[3]] = float("inf")
+    values[special[4]] = float("-inf")
+    accumulator = StatsAccumulator(60)
+    for start, stop in zip([0, *sorted(cuts)], [*sorted(cuts), 60]):
+        accumulator.add(values[start:stop])
+    stats = accumulator.result()
+    _assert_stats({"name": "x", **vars(stats)}, _expected_stats(values), rel=0)
+    assert stats.median_exact
+
+
+def test_sampled_median_covers_every_column_of_a_wide_tensor():
+    """Above the exact limit the median comes from a strided sample that visits every column (no aliasing)."""
+    from mergekit_ota.curvature.stats import tensor_stats
+
+    columns = torch.arange(56, dtype=torch.float32)  # column j holds the value j in every row
+    tensor = columns.repeat(4096, 1)
+    stats = tensor_stats(tensor, exact_median_limit=1000, sample_size=4096)  # stride ~56: aliasing would pick one column
+    assert not stats.median_exact and stats.median_from < tensor.numel()
+    assert stats.median in (27.0, 28.0)
+
+
+# ----------------------------------------------------------------------------- inspect
+
+
+def test_inspect_full_store_stats_equal_independent_computation(tmp_path):
+    """Per tensor: name, shape, stored dtype, 'full', and min/median/max/zeros/NaN/Inf equal a sort-based computation."""
+    g = torch.Generator().manual_seed(1)
+    tensors = {
+        "w": torch.rand(33, 17, generator=g) * 1e-6,
+        "with_zeros": torch.where(torch.rand(40, generator=g) < 0.3, 0.0, torch.rand(40, generator=g)),
+        "half": (torch.rand(8, 8, generator=g) * 1e-3).to(torch.bfloat16),
+    }
+    path = str(tmp_path / "full.safetensors")
+    save_file(tensors, path)
+    rows = _rows(_inspect_json(path))
+    assert set(rows) == set(tensors)
+    for name, value in tensors.items():
+        assert rows[name]["shape"] == list(value.shape) and rows[name]["compression"] == "full"
+        _assert_stats(rows[name], _expected_stats(value.float()))
+        assert rows[name]["median_exact"]
+    assert rows["half"]["dtype"] == "BF16" and rows["w"]["dtype"] == "F32"
+
+
+def test_inspect_rank1_stats_equal_stats_of_outer_product_over_sum(tmp_path):
+    """A rank-1 record's stats equal those of outer(r, c) / sum(r) computed here from the stored factors."""
+    from mergekit_ota.curvature.writer import save_store
+
+    g = torch.Generator().manual_seed(2)
+    v = torch.rand(24, 10, generator=g) * 1e-5
+    v[3] = 0.0  # a zero row: zeros in the reconstruction
+    path = str(tmp_path / "r1.safetensors")
+    save_store({"m": v, "bias": torch.rand(10, generator=g)}, path, compress=True)
+    stored = load_file(path)
+    r, c = stored["m:rank1_row"].double(), stored["m:rank1_col"].double()
+    rows = _rows(_inspect_json(path))
+    assert rows["m"]["compression"] == "rank1" and rows["m"]["shape"] == [24, 10]
+    assert rows["m"]["keys"] == ["m:rank1_row", "m:rank1_col"]
+    _assert_stats(rows["m"], _expected_stats(torch.outer(r, c) / r.sum()))
+    assert rows["m"]["zeros"] == 10
+    assert rows["bias"]["compression"] == "full"
+
+
+def test_inspect_reports_nan_inf_and_negative_values_instead_of_raising(tmp_path):
+    """Values the merge refuses (CurvatureStore.load raises) are counted and listed with file and tensor; exit 0."""
+    from mergekit_ota.curvature.store import CurvatureStore
+    from mergekit_ota.errors import CurvatureError
+
+    bad = torch.rand(6, 5)
+    bad[0, 0], bad[1, 1], bad[2, 2], bad[3, 3] = float("nan"), float("inf"), -2.0, -1.0
+    path = str(tmp_path / "bad.safetensors")
+    save_file({"bad": bad, "good": torch.rand(4)}, path)
+    with pytest.raises(CurvatureError):
+        CurvatureStore(path).load("bad")
+    report = _inspect_json(path)
+    row = _rows(report)["bad"]
+    assert (row["nan"], row["inf"], row["negative"]) == (1, 1, 2)
+    _assert_stats(row, _expected_stats(bad))
+    assert any("bad.safetensors: tensor 'bad' has 1 NaN and 1 Inf" in p for p in report["problems"])
+    assert any("tensor 'bad' has 2 negative values" in p for p in report["problems"])
+    assert _rows(report)["good"]["problems"] == []
+    text = _invoke("inspect", path)
+    assert text.exit_code == 0 and "1 tensor(s) hold values" in text.output
+
+
+def test_inspect_rank1_with_negative_factor_shows_the_factors(tmp_path):
+    """Invalid rank-1 factors are described as stored (NaN/negative counts of the factors), flagged, not raised."""
+    path = str(tmp_path / "r1bad.safetensors")
+    save_file({"m:rank1_row": torch.tensor([1.0, -1.0, 2.0]), "m:rank1_col": torch.tensor([1.0, float("nan")])}, path)
+    row = _rows(_inspect_json(path))["m"]
+    assert row["stats_of"] == "factors" and row["negative"] == 1 and row["nan"] == 1
+    assert any("m:rank1_row' has 1 negative" in p for p in row["problems"])
+    assert any("m:rank1_col' has 1 NaN" in p for p in row["problems"])
+
+
+def test_inspect_totals_of_a_sharded_mixed_store_given_as_a_directory(tmp_path):
+    """Totals: tensors, full/rank-1 counts, parameters m*n, bytes on disk = shard sizes, full fp32 bytes, ratio."""
+    from mergekit_ota.curvature.writer import save_store
+
+    g = torch.Generator().manual_seed(3)
+    store_dir = tmp_path / "store"
+    save_store({"a": torch.rand(100, 50, generator=g)}, str(store_dir / "part1.safetensors"), compress=True)
+    save_store({"b": torch.rand(7, generator=g), "c": torch.rand(3, 4, generator=g)}, str(store_dir / "part2.safetensors"))
+    index = {"weight_map": {"a:rank1_row": "part1.safetensors", "a:rank1_col": "part1.safetensors", "b": "part2.safetensors", "c": "part2.safetensors"}}
+    (store_dir / "exp_avg_sq.safetensors.index.json").write_text(json.dumps(index))
+    report = _inspect_json(str(store_dir))
+    totals = report["totals"]
+    on_disk = sum(os.path.getsize(store_dir / f) for f in ("part1.safetensors", "part2.safetensors"))
+    assert (totals["tensors"], totals["full"], totals["rank1"]) == (3, 2, 1)
+    assert totals["parameters"] == 100 * 50 + 7 + 12
+    assert totals["bytes_on_disk"] == on_disk
+    assert totals["bytes_full_fp32"] == 4 * (5000 + 7 + 12)
+    assert totals["compression_ratio"] == pytest.approx(4 * 5019 / on_disk)
+    assert report["header"]["compression"] in ("rank1", "none") and report["header"]["format version"] == "1"
+    assert len(report["files"]) == 2
+    text = _invoke("inspect", str(store_dir), "--sort", "size")
+    assert text.exit_code == 0
+    table = text.output.splitlines()
+    assert [line.split()[0] for line in table if line.split() and line.split()[0] in ("a", "b", "c")] == ["a", "c", "b"]
+
+
+def test_inspect_header_metadata_and_sampled_median_are_shown(tmp_path):
+    """Header fields come from the store's metadata; a median from a sample is marked '~' and median_exact false."""
+    from mergekit_ota.curvature.writer import save_store
+
+    path = str(tmp_path / "meta.safetensors")
+    metadata = {"optimizer": "adamw", "beta2": "0.999", "step": "150", "bias_corrected": "false", "source": "trainer"}
+    save_store({"w": torch.rand(64, 64)}, path, metadata=metadata)
+    report = _inspect_json(path, "--exact-median-limit", "100", "--sample-size", "500")
+    header = report["header"]
+    assert (header["optimizer"], header["beta2"], header["step"], header["bias-corrected"], header["source"]) == (
+        "adamw", "0.999", "150", "false", "trainer",
+    )  # fmt: skip
+    row = _rows(report)["w"]
+    assert not row["median_exact"] and 0 < row["median_from"] < 64 * 64
+    assert 0.3 < row["median"] < 0.7  # uniform(0, 1) values
+    text = _invoke("inspect", path, "--exact-median-limit", "100", "--sample-size", "500").output
+    assert "optimizer: adamw" in text and "~" in next(line for line in text.splitlines() if line.startswith("w "))
+
+
+def test_inspect_missing_store_is_a_clear_error(tmp_path):
+    """A directory without a store: exit 1 with the directory and the expected file names in the message."""
+    (tmp_path / "empty").mkdir()
+    result = _invoke("inspect", str(tmp_path / "empty"))
+    assert result.exit_code == 1 and "holds neither exp_avg_sq.safetensors" in result.output
+
+
+# ----------------------------------------------------------------------------- check
+
+
+def test_check_good_config_exits_0_with_summary(family, tmp_path):
+    """A correct config (expert 1 on a rank-1 store): exit 0; experts, stores and full vs rank-1 counts reported."""
+    cfg = _ota(family, expert_parameters=(None, {"curvature": family.rank1}))
+    code, report = _check(tmp_path, cfg)
+    assert code == 0 and report["ok"] and report["problems"] == []
+    assert len(report["experts"]) == 2
+    stores = {s["path"]: s for s in report["stores"]}
+    names = load_file(family.stores[0]).keys()
+    two_d = sum(v.dim() == 2 for v in load_file(family.stores[0]).values())
+    assert stores[family.stores[0]]["tensors"] == len(names) and stores[family.stores[0]]["rank1"] == 0
+    assert stores[family.rank1]["rank1"] == two_d and stores[family.rank1]["full"] == len(names) - two_d
+    assert report["output_tensors"] == report["with_curvature"] == len(names)
+    text = _invoke("check", _write_config(tmp_path, cfg, "text.yml"))
+    assert text.exit_code == 0 and text.stdout.startswith("OK")
+
+
+def test_check_expert_without_store(family, tmp_path):
+    """An expert directory with no exp_avg_sq store and no `curvature:`: exit 1 naming the expert and the default file."""
+    bare = tmp_path / "bare_expert"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(os.path.join(family.experts[0], name), bare / name)
+    cfg = _ota(family)
+    cfg["models"][0]["model"] = str(bare)
+    code, report = _check(tmp_path, cfg)
+    assert code == 1
+    assert any("No curvature for expert" in p and "bare_expert" in p and "exp_avg_sq.safetensors" in p for p in report["problems"])
+
+
+def test_check_store_lacking_a_tensor_names_tensor_and_file(family, tmp_path):
+    path = _store_with(family, tmp_path / "partial.safetensors", lambda t: t.pop(K_PROJ))
+    code, report = _check(tmp_path, _ota(family, expert_parameters=({"curvature": path}, None)))
+    assert code == 1
+    assert report["problems"] == [f"{path}: no curvature tensor '{K_PROJ}' for expert {family.experts[0]}, weight {K_PROJ}"]
+
+
+def test_check_wrong_shape_names_both_shapes(family, tmp_path):
+    path = _store_with(family, tmp_path / "shape.safetensors", lambda t: t.update({K_PROJ: t[K_PROJ][:, :-1].contiguous()}))
+    code, report = _check(tmp_path, _ota(family, expert_parameters=({"curvature": path}, None)))
+    assert code == 1 and len(report["problems"]) == 1
+    assert f"shape.safetensors: curvature tensor '{K_PROJ}' has shape (32, 63)" in report["problems"][0]
+    assert "has shape (32, 64)" in report["problems"][0]
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [(float("nan"), "has 1 NaN and 0 Inf values"), (float("inf"), "has 0 NaN and 1 Inf values"), (-1e-9, "has 1 negative values")],
+    ids=["nan", "inf", "negative"],
+)
+def test_check_scan_finds_bad_values(family, tmp_path, value, message):
+    """NaN, Inf or a negative value in a tensor the merge reads: exit 1, file and tensor named (found by the value scan)."""
+    path = _store_with(family, tmp_path / "values.safetensors", _set(K_PROJ, (0, 5), value), expert=1)
+    code, report = _check(tmp_path, _ota(family, expert_parameters=(None, {"curvature": path})))
+    assert code == 1
+    assert len(report["problems"]) == 1 and report["problems"][0].startswith(f"{path}: tensor '{K_PROJ}' {message}")
+
+
+def test_check_sample_can_miss_what_full_scan_finds(family, tmp_path):
+    """A NaN between the sampled row windows passes a small sample; --full-scan (every value) reports it."""
+    embed = "model.embed_tokens.weight"  # 128 x 64: with --sample 512, 8 windows of one row each (rows 0, 18, 36, ...)
+    path = _store_with(family, tmp_path / "hidden.safetensors", _set(embed, (5, 7), float("nan")))
+    cfg = _ota(family, expert_parameters=({"curvature": path}, None))
+    code, report = _check(tmp_path, cfg, "--sample", "512")
+    assert code == 0
+    store = next(s for s in report["stores"] if s["path"] == path)
+    assert store["scanned"] < store["values"]
+    code, report = _check(tmp_path, cfg, "--full-scan")
+    assert code == 1 and report["problems"] == [f"{path}: tensor '{embed}' has 1 NaN and 0 Inf values; exp_avg_sq must be finite"]
+    assert next(s for s in report["stores"] if s["path"] == path)["scanned"] == store["values"]
+
+
+def test_check_honours_slices_layer_offset(family, tmp_path):
+    """slices: layer_range [1, 2] -> output layer 0 reads INPUT layer 1: a store lacking layer 0's q_proj passes,
+    one lacking layer 1's q_proj fails naming the layer-1 tensor."""
+
+    def sliced(path):
+        sources = [{"model": family.base, "layer_range": [1, 2]}] + [
+            {"model": e, "layer_range": [1, 2], **({"parameters": {"curvature": path}} if i == 0 else {})}
+            for i, e in enumerate(family.experts)
+        ]
+        return {"merge_method": "ota", "base_model": family.base, "slices": [{"sources": sources}], "dtype": "float32"}
+
+    no_layer0 = _store_with(family, tmp_path / "no_layer0.safetensors", lambda t: t.pop(Q_PROJ.format(0)))
+    code, report = _check(tmp_path, sliced(no_layer0))
+    assert code == 0, report["problems"]
+    no_layer1 = _store_with(family, tmp_path / "no_layer1.safetensors", lambda t: t.pop(Q_PROJ.format(1)))
+    code, report = _check(tmp_path, sliced(no_layer1))
+    assert code == 1 and len(report["problems"]) == 1
+    assert f"no_layer1.safetensors: no curvature tensor '{Q_PROJ.format(1)}'" in report["problems"][0]
+    assert f"weight {Q_PROJ.format(1)}" in report["problems"][0]
+
+
+def test_check_tied_embeddings_read_from_embed_tokens_but_untied_lm_head_is_required(family, tied_family, tmp_path):
+    """Tied model, store has model.embed_tokens.weight only: passes. Untied model, store lacks lm_head.weight: fails."""
+    assert "lm_head.weight" not in load_file(tied_family.stores[0])
+    tied = {"merge_method": "ota", "base_model": tied_family.base, "models": [{"model": tied_family.experts[0]}]}
+    code, report = _check(tmp_path, tied)
+    assert code == 0, report["problems"]
+    path = _store_with(family, tmp_path / "no_head.safetensors", lambda t: t.pop("lm_head.weight"))
+    code, report = _check(tmp_path, _ota(family, expert_parameters=({"curvature": path}, None)))
+    assert code == 1 and report["problems"] == [
+        f"{path}: no curvature tensor 'lm_head.weight' for expert {family.experts[0]}, weight lm_head.weight"
+    ]
+
+
+@pytest.mark.parametrize("density", [0.0, 1.5, -0.2])
+def test_check_density_outside_unit_interval(family, tmp_path, density):
+    code, report = _check(tmp_path, _ota(family, expert_parameters=({"density": density}, None)))
+    assert code == 1 and report["problems"]
+    assert all(f"density must be in (0, 1]; got {density}" in p for p in report["problems"])
+    text = _invoke("check", _write_config(tmp_path, _ota(family, expert_parameters=({"density": density}, None)), "t.yml"))
+    assert text.exit_code == 1 and "tensors:" in text.stdout  # one line per expert, listing the tensors
+
+
+@pytest.mark.parametrize(
+    "cfg_change, message",
+    [
+        (lambda c: c["parameters"].update(density_scope="model"), "density_scope: model needs one density per expert"),
+        (lambda c: c.update(merge_method="ffg", parameters={}), "ffg needs a density or a threshold for every expert"),
+        (lambda c: (c.pop("base_model"), c.update(parameters={})), "density/threshold (FFG), which needs a base_model"),
+    ],
+    ids=["model-scope-two-densities", "ffg-without-density", "ffg-mask-without-base"],
+)
+def test_check_reports_what_the_planner_reports(family, tmp_path, cfg_change, message):
+    """Parameter problems the merge's planner finds are check problems too (exit 1, same message)."""
+    from mergekit_ota.errors import PreflightError
+
+    mixed = [{"filter": "mlp", "value": 0.5}, {"value": 0.2}]  # one expert, two densities
+    cfg = _ota(family, expert_parameters=({"density": mixed}, None), density_scope="tensor")
+    cfg_change(cfg)
+    code, report = _check(tmp_path, cfg)
+    assert code == 1 and any(message in p for p in report["problems"])
+    with pytest.raises(PreflightError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        _merge(cfg, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_check_lists_several_problems_in_one_run(family, tmp_path):
+    """A wrong shape (expert 0) and a negative value plus a missing tensor (expert 1): all reported, exit 1."""
+    shape = _store_with(family, tmp_path / "s0.safetensors", lambda t: t.update({K_PROJ: t[K_PROJ][:1].contiguous()}))
+
+    def both(tensors):
+        tensors.pop("model.norm.weight")
+        tensors[Q_PROJ.format(0)][0, 0] = -1.0
+
+    other = _store_with(family, tmp_path / "s1.safetensors", both, expert=1)
+    code, report = _check(tmp_path, _ota(family, expert_parameters=({"curvature": shape}, {"curvature": other})))
+    assert code == 1 and len(report["problems"]) == 3
+    joined = "\n".join(report["problems"])
+    assert "s0.safetensors: curvature tensor" in joined and "has shape (1, 64)" in joined
+    assert "s1.safetensors: no curvature tensor 'model.norm.weight'" in joined
+    assert f"s1.safetensors: tensor '{Q_PROJ.format(0)}' has 1 negative values" in joined
+
+
+def _snapshot(*roots) -> dict:
+    return {
+        os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns
+        for root in roots
+        for d, _, files in os.walk(root)
+        for f in files
+    }
+
+
+def test_check_writes_nothing(family, tmp_path, monkeypatch):
+    """A failing and a passing check create no file or directory anywhere we look, and leave every store untouched."""
+    config_dir = tmp_path / "cfg"
+    config_dir.mkdir()
+    monkeypatch.chdir(config_dir)
+    roots = [str(tmp_path), os.path.dirname(family.base), os.path.dirname(family.rank1)]
+    good = _write_config(config_dir, _ota(family), "good.yml")
+    bad = _write_config(config_dir, _ota(family, expert_parameters=({"curvature": str(tmp_path / "absent.safetensors")}, None)), "bad.yml")
+    before = _snapshot(*roots)
+    assert _invoke("check", good).exit_code == 0
+    assert _invoke("check", bad, "--full-scan").exit_code == 1
+    assert _snapshot(*roots) == before
+
+
+def _merge(cfg, out):
+    import mergekit_ota  # noqa: F401
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    run_merge(MergeConfiguration.model_validate(cfg), str(out), MergeOptions(quiet=True, copy_tokenizer=False))
+
+
+def test_check_and_merge_report_the_same_header_problems(family, tmp_path):
+    """For a config check rejects (wrong shape, missing tensor, missing store), run_merge raises PreflightError
+    listing exactly check's problems, before writing anything."""
+    from mergekit_ota.errors import PreflightError
+
+    def shape_and_gap(tensors):
+        tensors[K_PROJ] = tensors[K_PROJ][:1].contiguous()
+        tensors.pop("model.norm.weight")
+
+    path = _store_with(family, tmp_path / "s0.safetensors", shape_and_gap)
+    cfg = _ota(family, expert_parameters=({"curvature": path}, {"curvature": str(tmp_path / "absent.safetensors")}))
+    code, report = _check(tmp_path, cfg)
+    assert code == 1 and len(report["problems"]) == 3
+    out = tmp_path / "out"
+    with pytest.raises(PreflightError) as caught:
+        _merge(cfg, out)
+    assert caught.value.problems == report["problems"]
+    assert not out.exists()
+
+
+def test_check_usage_and_config_errors(family, tmp_path):
+    """Exit 2 for a missing config file or a method without curvature; exit 1 naming the file for invalid YAML
+    and for a local model directory that does not exist (never sent to the Hub)."""
+    assert _invoke("check", str(tmp_path / "none.yml")).exit_code == 2
+    ties = _write_config(tmp_path, {**_ota(family), "merge_method": "ties"}, "ties.yml")
+    result = _invoke("check", ties)
+    assert result.exit_code == 2 and "does not use curvature" in result.output
+    broken = tmp_path / "broken.yml"
+    broken.write_text("merge_method: ota\nmodels: [\n")
+    result = _invoke("check", str(broken))
+    assert result.exit_code == 1 and "broken.yml: not valid YAML" in result.stdout
+    cfg = _ota(family)
+    cfg["models"][1]["model"] = str(tmp_path / "no" / "such_expert")
+    code, report = _check(tmp_path, cfg)
+    assert code == 1 and report["problems"] == [f"model {tmp_path / 'no' / 'such_expert'}: no such directory (relative to {os.getcwd()})"]
