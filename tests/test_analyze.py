@@ -20,7 +20,14 @@ from safetensors.torch import save_file
 
 from mergekit_ota.analysis import aggregate as agg
 from mergekit_ota.analysis.collect import collect
-from mergekit_ota.analysis.inputs import open_inputs, request_from_arguments, split_expert_argument
+from mergekit_ota.analysis.findings import headline
+from mergekit_ota.analysis.inputs import (
+    AnalysisRequest,
+    ExpertSource,
+    open_inputs,
+    request_from_arguments,
+    split_expert_argument,
+)
 from mergekit_ota.analysis.metrics import (
     average_ranks,
     cosine,
@@ -231,7 +238,8 @@ def test_identical_experts_have_similarity_one_and_full_mask_overlap(tmp_path, b
     top-d curvature Jaccard 1, FFG mask Jaccard 1 and no sign conflicts."""
     a = _expert(tmp_path, base_dir, "a", 1)
     b = _expert(tmp_path, base_dir, "b", 1)
-    analysis = _analyse(base_dir, [a, b], density=0.2)
+    analysis = _analyse(base_dir, [a, b], density=0.2, spearman_sample=100)
+    assert any(r.pairs[0].spearman_entries == 100 < r.numel for r in analysis.records)  # sampled
     for record in analysis.records:
         pair = record.pairs[0]
         assert agg.curvature_cosine(0)([record]) == pytest.approx(1.0, abs=1e-9)
@@ -239,6 +247,8 @@ def test_identical_experts_have_similarity_one_and_full_mask_overlap(tmp_path, b
         assert pair.top_overlap.intersection == pair.top_overlap.union > 0
         assert pair.mask_overlap.intersection == pair.mask_overlap.union > 0
         assert pair.sign_conflicts == 0
+    text = " ".join(headline(analysis))
+    assert "strikingly similar" in text and "= **1.00**" in text
 
 
 def test_scaled_curvature_gives_similarity_one(tmp_path, base_dir):
@@ -310,6 +320,27 @@ def test_per_tensor_density_keeps_exactly_kept_count_in_every_tensor(tmp_path, b
         assert value == pytest.approx(d, abs=1 / 16)
 
 
+def test_absolute_threshold_keeps_salient_entries_and_magnitude_matches_the_count(tmp_path, base_dir):
+    """An expert with an absolute threshold T (as in a config): FFG keeps exactly the entries with
+    v * tau^2 >= T (counted here directly), and the magnitude baseline keeps as many per tensor."""
+    base = _random_tensors(0)
+    tau = _random_tensors(5, scale=0.01)
+    v = _random_tensors(6, scale=1e-6, positive=True)
+    expert = _write_model(tmp_path / "t", {k: base[k] + tau[k] for k in base}, v)
+    threshold = 2e-11
+    request = AnalysisRequest(
+        base=base_dir,
+        experts=[ExpertSource(label="t", model=expert, store=os.path.join(expert, "exp_avg_sq.safetensors"), threshold=threshold)],
+    )
+    analysis = collect(open_inputs(request), quiet=True)
+    for record in analysis.records:
+        t = (base[record.name] + tau[record.name]) - base[record.name]
+        expected = int((v[record.name] * t.square() >= threshold).sum())
+        assert record.experts[0].kept == expected
+        assert record.experts[0].magnitude_kept == expected
+    assert 0 < sum(r.experts[0].kept for r in analysis.records) < sum(r.numel for r in analysis.records)
+
+
 def test_expert_lacking_a_tensor_or_with_a_wrong_shape_is_named_before_any_output(tmp_path, base_dir):
     """An expert without a tensor the base has, or with another shape, fails preflight naming both."""
     weights = _random_tensors(0)
@@ -378,6 +409,11 @@ def test_cli_writes_report_and_figures_and_refuses_existing_out(tmp_path, famili
 
     if len(family.experts) >= 3:
         assert "curvature_similarity_matrix.png" in names
+    cosines = [
+        p["cosine"]["dot"] / math.sqrt(p["cosine"]["xx"] * p["cosine"]["yy"])
+        for t in metrics["tensors"] for p in t["pairs"]
+    ]
+    assert f"expert pairs = **{sum(cosines) / len(cosines):.2f}**" in report  # the headline states the data's number
 
     refused = CliRunner().invoke(main, args)
     assert refused.exit_code != 0 and "--force" in refused.output
@@ -446,5 +482,5 @@ def test_cli_from_merge_config_uses_its_densities_and_model_scope(tmp_path, fami
         assert kept / total == pytest.approx(density, rel=0.01)
         assert magnitude / total == pytest.approx(density, rel=0.01)
     report = (out / "report.md").read_text()
-    assert "d=0.05 (model-wide)" in report and "d=0.02 (model-wide)" in report
-    assert "concentrate in" in report
+    for label, density in zip(("expert_0", "expert_1"), ("0.05", "0.02")):
+        assert f"FFG masks of **{label}** at d={density} (model-wide)" in report

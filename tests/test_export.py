@@ -288,6 +288,22 @@ def test_dcp_checkpoint_equals_live_exp_avg_sq(plain, tmp_path):
     metadata = CurvatureStore(str(out)).metadata
     assert metadata["source_kind"] == "dcp" and float(metadata["beta2"]) == plain.beta2 and int(metadata["step"]) == 2
 
+    # accelerate's FSDP SHARDED_STATE_DICT layout: the DCP directory is checkpoint-N/optimizer_0
+    accelerate = tmp_path / "checkpoint-7"
+    accelerate.mkdir()
+    (tmp_path / "dcp").rename(accelerate / "optimizer_0")
+    _export(accelerate, tmp_path / "again.safetensors")
+    assert _read(str(tmp_path / "again.safetensors")).keys() == stored.keys()
+
+
+def test_dcp_keys_without_planner_data_keep_dotted_names():
+    """Without planner_data, '<prefix>.state.<fqn>.<key>' still splits into the whole dotted FQN and the key."""
+    from mergekit_ota.export.dcp import _path_of
+
+    assert _path_of("optimizer.state.model.layers.0.mlp.up_proj.weight.exp_avg_sq") == (
+        "optimizer", "state", "model.layers.0.mlp.up_proj.weight", "exp_avg_sq")  # fmt: skip
+    assert _path_of("optimizer.param_groups.1.betas") == ("optimizer", "param_groups", 1, "betas")
+
 
 def test_deepspeed_universal_checkpoint_equals_live_exp_avg_sq(plain, tmp_path):
     """A ds_to_universal layout (zero/<name>/exp_avg_sq.pt = {'param': tensor, 'cat_dim': 0}, step.pt,
@@ -358,14 +374,20 @@ def test_store_into_index_path_next_to_a_model(plain, tmp_path):
     assert (model_dir / "config.json").read_text() == "{}"
 
 
-def test_existing_output_needs_force_and_foreign_directories_are_never_replaced(plain, tmp_path):
-    """An existing OUT is refused without --force and replaced with it; a directory holding anything but a
-    store is refused even with --force and left as it was; nothing is left half-written."""
+def test_existing_output_needs_force_and_only_stores_are_ever_replaced(plain, tmp_path):
+    """An existing OUT is refused without --force; with it a store is replaced, but a file that is not a
+    store (model weights) or a directory holding anything but a store is refused and left as it was;
+    nothing is left half-written."""
     args = [plain.checkpoint, "--model", plain.model_dir]
+    weights = os.path.join(plain.model_dir, "model.safetensors")
+    before = open(weights, "rb").read()
+    failed = _export(args[0], weights, *args[1:], "--force", ok=False)
+    assert "not a curvature store" in failed.output and open(weights, "rb").read() == before
+
     out = tmp_path / "store.safetensors"
-    out.write_bytes(b"mine")
+    _export(args[0], out, *args[1:], "--compress", "rank1")
     failed = _export(args[0], out, *args[1:], ok=False)
-    assert "already exists" in failed.output and out.read_bytes() == b"mine"
+    assert "already exists" in failed.output
     _export(args[0], out, *args[1:], "--force")
     assert set(_read(str(out))) == set(plain.live)
 

@@ -159,3 +159,11 @@ def test_merge_with_compressed_stores_equals_merge_with_rank1_estimate(tmp_path)
         torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
     full = merge(family.stores, tmp_path / "c")
     assert any(not torch.allclose(full[n], got[n]) for n in got)  # compression does change the merge
+
+
+def test_single_file_output_refuses_to_exceed_the_shard_size(tmp_path):
+    """A .safetensors OUT is one file: a store larger than --shard-size there is refused before writing."""
+    specs = store_specs([("a", (100,)), ("b", (100,))], torch.float32, compress=False)
+    with pytest.raises(ConfigError, match="sharded store"):
+        StoreWriter(OutputLayout.for_path(str(tmp_path / "one.safetensors")), specs, {}, 500)
+    assert os.listdir(tmp_path) == []

@@ -171,7 +171,7 @@ def run_config(config: Mapping[str, Any], out_dir: str, seed: int = 0, device: s
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
-    options = MergeOptions(quiet=True, random_seed=seed, device=device, lazy_unpickle=True)
+    options = MergeOptions(quiet=True, random_seed=seed, device=device)
     started = time.perf_counter()
     run_merge(MergeConfiguration.model_validate(dict(config)), out_dir, options)
     return time.perf_counter() - started

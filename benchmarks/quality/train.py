@@ -162,7 +162,7 @@ def export_curvature(checkpoint: str, out: str, compress: Optional[str] = None) 
             "this mergekit-ota has no `export` command (mergekit_ota/cli/export.py); "
             "the benchmark exports Trainer checkpoints with it"
         )
-    args = ["export", checkpoint, out] + (["--compress", compress] if compress else [])
+    args = ["export", checkpoint, out, "--quiet"] + (["--compress", compress] if compress else [])
     started = time.perf_counter()
     cli.main(args=args, prog_name="mergekit-ota", standalone_mode=False)
     if not os.path.exists(out):

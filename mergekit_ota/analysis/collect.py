@@ -199,7 +199,7 @@ class _ExpertMasks:
             return threshold_mask(s, self.model_wide[0]), threshold_mask(tau.square(), self.model_wide[1])
         if self.threshold is not None:
             ffg = threshold_mask(s, self.threshold)
-            return ffg, _top_count(tau.abs(), int(ffg.sum()))
+            return ffg, _top_count(tau.abs(), int(torch.count_nonzero(ffg)))
         return density_mask(s, self.density), density_mask(tau.abs(), self.density)
 
 
@@ -247,9 +247,9 @@ def _measure(
         s = saliency(tau, v)
         ffg, magnitude = rule.masks(tau, s)
         stats = ExpertTensorStats(
-            kept=int(ffg.sum()),
-            magnitude_kept=int(magnitude.sum()),
-            kept_zero_saliency=int(torch.logical_and(ffg, s == 0).sum()),
+            kept=int(torch.count_nonzero(ffg)),
+            magnitude_kept=int(torch.count_nonzero(magnitude)),
+            kept_zero_saliency=int(torch.count_nonzero(torch.logical_and(ffg, s == 0))),
             saliency_sum=float(s.sum(dtype=torch.float64)),
             ffg_vs_magnitude=overlap_counts(ffg, magnitude),
         )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from mergekit_ota.analysis import aggregate as agg
 from mergekit_ota.analysis.collect import Analysis, TensorRecord
@@ -12,6 +12,7 @@ from mergekit_ota.analysis.metrics import random_jaccard
 from mergekit_ota.analysis.names import cell_label
 
 TOP_CELLS = 3
+EVEN_SPREAD = 1.5  # below this enrichment in every cell, an expert's edits are "spread evenly"
 
 
 def pct(value: float) -> str:
@@ -117,6 +118,21 @@ def masks_vary(analysis: Analysis, i: int) -> bool:
     return request.experts[i].threshold is not None or request.density_scope == "model"
 
 
+def _extreme_cell(analysis: Analysis, metric: Callable[[int], agg.Metric], lowest: bool) -> str:
+    """``'layer 0 q (0.31, a vs b)'``: the layer x module cell (over all pairs) where
+    ``metric(pair)`` is lowest (or highest); '' when the model has a single cell."""
+    found = [
+        (v, cell_label(layer, module), p)
+        for p in range(len(analysis.pairs))
+        for layer, module, v in agg.grid(analysis.records, metric(p)).cells()
+    ]
+    if len(found) <= len(analysis.pairs):
+        return ""
+    value, cell, p = (min if lowest else max)(found, key=lambda item: item[0])
+    a, b = analysis.pairs[p]
+    return f"{cell} ({num(value)}, {analysis.labels[a]} vs {analysis.labels[b]})"
+
+
 def headline(analysis: Analysis) -> List[str]:
     """The findings, one sentence (or two) each, most important first."""
     records = analysis.records
@@ -130,19 +146,12 @@ def headline(analysis: Analysis) -> List[str]:
         mean_cos = _mean(per_tensor_cos)
         spearman = _mean([agg.curvature_spearman(p)(records) for p in range(len(pairs))])
         top = _mean([agg.top_curvature_jaccard(p)(records) for p in range(len(pairs))])
-        lowest = min(
-            ((v, cell_label(l, m), p) for p in range(len(pairs))
-             for l, m, v in agg.grid(records, agg.curvature_cosine(p)).cells()),
-            default=None,
-        )
         word = (
             "strikingly similar" if mean_cos >= 0.9 else "similar" if mean_cos >= 0.75
             else "only loosely similar" if mean_cos >= 0.5 else "dissimilar"
         )
-        where = ""
-        if lowest is not None and len(records) > 1:
-            a, b = pairs[lowest[2]]
-            where = f" (least similar cell: {lowest[1]}, {num(lowest[0])} for {labels[a]} vs {labels[b]})"
+        where = _extreme_cell(analysis, agg.curvature_cosine, lowest=True)
+        where = f", lowest in {where}" if where else ""
         lines.append(
             f"**Curvature is {word} across experts**: mean cosine similarity of sqrt(v) over tensors and "
             f"expert pairs = **{num(mean_cos)}**{where}; Spearman rank correlation of v = {num(spearman)}; "
@@ -165,15 +174,24 @@ def headline(analysis: Analysis) -> List[str]:
         if not ranked:
             continue
         if masks_vary(analysis, i):
-            listing = ", ".join(f"{name} ({pct(v)} kept, {x:.1f}x average)" for name, v, x in ranked)
-            lines.append(f"FFG masks of **{label}** at {rule_text(analysis, i)} concentrate in: {listing}.")
+            items = [f"{name} ({pct(v)} kept, {x:.1f}x average)" for name, v, x in ranked]
+            subject, plural = f"FFG masks of **{label}** at {rule_text(analysis, i)}", True
         else:
-            listing = ", ".join(f"{name} ({pct(v)} of it, {x:.1f}x its share of entries)" for name, v, x in ranked)
-            lines.append(
-                f"**{label}**'s saliency v*tau^2 concentrates in: {listing}. (Per-tensor density keeps "
-                f"{pct(request.experts[i].density)} of every tensor by construction; "
+            items = [f"{name} ({pct(v)} of it, {x:.1f}x its share of entries)" for name, v, x in ranked]
+            subject, plural = f"**{label}**'s saliency v*tau^2", False
+        if ranked[0][2] >= EVEN_SPREAD:
+            sentence = f"{subject} concentrate{'' if plural else 's'} in: {', '.join(items)}."
+        else:
+            sentence = (
+                f"{subject} {'are' if plural else 'is'} spread evenly: no layer x module cell holds more than "
+                f"{EVEN_SPREAD}x its share of entries (highest: {items[0]})."
+            )
+        if not masks_vary(analysis, i):
+            sentence += (
+                f" (Per-tensor density keeps {pct(request.experts[i].density)} of every tensor by construction; "
                 f"`--density-scope model` lets dense and sparse layers emerge.)"
             )
+        lines.append(sentence)
 
     ranks = rank_summary(records)
     if ranks is not None:
@@ -201,16 +219,9 @@ def headline(analysis: Analysis) -> List[str]:
         kept = [agg.kept_fraction(i)(records) for i in range(len(labels))]
         jac = [agg.mask_jaccard(p)(records) for p in range(len(pairs))]
         baseline = _mean([random_jaccard(kept[a], kept[b]) for a, b in pairs])
-        best = max(
-            ((v, cell_label(l, m), p) for p in range(len(pairs))
-             for l, m, v in agg.grid(records, agg.mask_jaccard(p)).cells()),
-            default=None,
-        )
         conflicts = _mean([agg.sign_conflict_rate(p)(records) for p in range(len(pairs))])
-        where = ""
-        if best is not None and len(records) > 1:
-            a, b = pairs[best[2]]
-            where = f"; they collide most in {best[1]} (Jaccard {num(best[0])}, {labels[a]} vs {labels[b]})"
+        where = _extreme_cell(analysis, agg.mask_jaccard, lowest=False)
+        where = f"; they collide most in {where}" if where else ""
         lines.append(
             f"**FFG masks of different experts overlap with Jaccard {num(_mean(jac), 3)}** (unrelated random "
             f"masks of the same sizes: {num(baseline, 3)}){where}; of the entries both keep, "

@@ -9,14 +9,13 @@ tensors at once, before anything is computed or written.
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mergekit_ota.curvature.locate import locate_store
 from mergekit_ota.curvature.store import CurvatureStore, HeaderEntry, read_header
@@ -30,7 +29,8 @@ _MAX_LISTED_PROBLEMS = 25
 
 
 class ExpertSource(BaseModel):
-    """One expert: its model directory, curvature store and FFG keep rule."""
+    """One expert: its model directory, curvature store and FFG keep rule (exactly one of
+    ``density``, ``threshold``; build it with :func:`expert_source`, which validates them)."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -40,25 +40,23 @@ class ExpertSource(BaseModel):
     density: Optional[float] = None
     threshold: Optional[float] = None
 
-    @field_validator("density")
-    @classmethod
-    def _density_range(cls, value: Optional[float]) -> Optional[float]:
-        if value is not None and not 0.0 < value <= 1.0:
-            raise ValueError(f"density must be in (0, 1]; got {value}")
-        return value
-
-    @field_validator("threshold")
-    @classmethod
-    def _threshold_range(cls, value: Optional[float]) -> Optional[float]:
-        if value is not None and not value >= 0.0:
-            raise ValueError(f"threshold must be >= 0; got {value}")
-        return value
-
     @model_validator(mode="after")
     def _one_rule(self) -> "ExpertSource":
         if (self.density is None) == (self.threshold is None):
             raise ValueError(f"expert {self.label} needs exactly one of density or threshold")
         return self
+
+
+def expert_source(label: str, model: str, store: str, density: Any, threshold: Any, where: str) -> ExpertSource:
+    """An :class:`ExpertSource` whose ``density`` / ``threshold`` passed the merge's own checks
+    (:func:`mergekit_ota.methods.settings.expert_settings`: range, not both)."""
+    # mergekit's method registry first: importing mergekit_ota.methods before it makes the
+    # start-up hook re-enter a half-imported mergekit_ota.methods and leaves ota/ffg unregistered.
+    import mergekit.merge_methods  # noqa: F401
+    from mergekit_ota.methods.settings import expert_settings
+
+    settings = expert_settings({"density": density, "threshold": threshold}, expert=where, tensor=None)
+    return ExpertSource(label=label, model=model, store=store, density=settings.density, threshold=settings.threshold)
 
 
 class AnalysisRequest(BaseModel):
@@ -75,34 +73,19 @@ class AnalysisRequest(BaseModel):
     base: str
     experts: Tuple[ExpertSource, ...] = Field(min_length=1)
     density_scope: Literal["tensor", "model"] = "tensor"
-    top_density: float = DEFAULT_DENSITY
+    top_density: float = Field(default=DEFAULT_DENSITY, gt=0.0, le=1.0)
     rank_top: int = Field(default=6, ge=0)
     spearman_sample: int = Field(default=1_000_000, ge=100)
     source: str = "command line"
     notes: Tuple[str, ...] = ()
 
-    @field_validator("top_density")
-    @classmethod
-    def _top_range(cls, value: float) -> float:
-        if not 0.0 < value <= 1.0:
-            raise ValueError(f"density must be in (0, 1]; got {value}")
-        return value
 
-
-def _describe(error: ValidationError) -> str:
-    parts = []
-    for item in error.errors():
-        where = ".".join(str(x) for x in item.get("loc", ()))
-        message = str(item.get("msg", "")).removeprefix("Value error, ")
-        parts.append(f"{where}: {message}" if where else message)
-    return "; ".join(parts)
-
-
-def _validated(cls: type, data: Dict[str, Any], where: str) -> Any:
+def _request(data: Dict[str, Any], where: str) -> AnalysisRequest:
     try:
-        return cls.model_validate(data)
+        return AnalysisRequest.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(f"{where}: {_describe(error)}") from None
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        raise ConfigError(f"{where}: {problems}") from None
 
 
 def _directory(path: str, role: str) -> str:
@@ -155,17 +138,11 @@ def request_from_arguments(
     sources = []
     for label, (model, store) in zip(labels, split):
         model_dir = _directory(model, f"Expert {label}")
-        sources.append(
-            _validated(
-                ExpertSource,
-                {"label": label, "model": model_dir, "store": locate_store(store, model_dir, label), "density": d},
-                f"Expert {label}",
-            )
-        )
+        sources.append(expert_source(label, model_dir, locate_store(store, model_dir, label), d, None, label))
     data = {"base": _directory(base, "Base model"), "experts": sources, "top_density": d, **options}
     if density_scope is not None:
         data["density_scope"] = density_scope
-    return _validated(AnalysisRequest, data, "analyze options")
+    return _request(data, "analyze options")
 
 
 def _scalar(value: Any, name: str, where: str, notes: List[str]) -> Optional[Any]:
@@ -229,17 +206,8 @@ def request_from_config(
         elif own_density is None and threshold is None:
             own_density = DEFAULT_DENSITY
         model_dir = _directory(ref.model.path, f"Expert {label} ({path})")
-        source = _validated(
-            ExpertSource,
-            {
-                "label": label,
-                "model": model_dir,
-                "store": locate_store(None if curvature is None else str(curvature), model_dir, label),
-                "density": own_density,
-                "threshold": threshold,
-            },
-            where,
-        )
+        store = locate_store(None if curvature is None else str(curvature), model_dir, label)
+        source = expert_source(label, model_dir, store, own_density, threshold, where)
         sources.append(source)
         if source.density is not None:
             config_densities.add(source.density)
@@ -253,7 +221,7 @@ def request_from_config(
         "notes": tuple(notes),
         **options,
     }
-    return _validated(AnalysisRequest, data, path)
+    return _request(data, path)
 
 
 def _reference_key(ref: Any) -> str:
@@ -282,42 +250,33 @@ def _config_experts(config: Any) -> List[Tuple[Any, Dict[str, Any]]]:
 
 
 class ModelFiles:
-    """A model directory's safetensors weights: headers read up front, tensors one at a time."""
+    """A model directory's safetensors weights: headers read up front, tensors one at a time.
+
+    Files are found as mergekit finds them (``ShardedTensorIndex.from_disk``:
+    ``model.safetensors`` or its ``.index.json``); PyTorch ``.bin`` checkpoints are refused,
+    since reading them means unpickling.
+    """
 
     def __init__(self, directory: str, label: str):
+        from mergekit.io import ShardedTensorIndex
+
         self.directory = directory
         self.label = label
-        index = os.path.join(directory, _MODEL_FILE + _INDEX_SUFFIX)
-        single = os.path.join(directory, _MODEL_FILE)
-        if os.path.isfile(index):
-            files = self._shards(index)
-        elif os.path.isfile(single):
-            files = [single]
-        elif any(name.endswith(".bin") for name in os.listdir(directory)):
+        if not any(os.path.isfile(os.path.join(directory, _MODEL_FILE + suffix)) for suffix in ("", _INDEX_SUFFIX)):
+            found = "PyTorch .bin weights" if any(n.endswith(".bin") for n in os.listdir(directory)) else "no weights"
             raise ConfigError(
-                f"{label} ({directory}) has PyTorch .bin weights; analyze reads safetensors only "
-                f"(re-save with save_pretrained(..., safe_serialization=True))"
+                f"{label} ({directory}) has {found}; analyze reads {_MODEL_FILE} or "
+                f"{_MODEL_FILE}{_INDEX_SUFFIX} (re-save with save_pretrained(..., safe_serialization=True))"
             )
-        else:
-            raise ConfigError(f"{label} ({directory}) has no {_MODEL_FILE} or {_MODEL_FILE}{_INDEX_SUFFIX}")
+        try:
+            index = ShardedTensorIndex.from_disk(directory)
+        except (OSError, ValueError, KeyError, RuntimeError) as error:
+            raise ConfigError(f"{label} ({directory}): cannot read the safetensors index ({error})") from None
         self.entries: Dict[str, HeaderEntry] = {}
-        for file in files:
-            self.entries.update(read_header(file)[0])
+        for shard in sorted(set(index.tensor_paths.values())):
+            self.entries.update(read_header(os.path.join(directory, shard))[0])
         self._handles: Dict[str, Any] = {}
         self._lock = threading.Lock()
-
-    @staticmethod
-    def _shards(index: str) -> List[str]:
-        try:
-            with open(index, "r", encoding="utf-8") as fp:
-                weight_map = json.load(fp)["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise ConfigError(f"{index}: not a valid safetensors index ({error})") from None
-        files = sorted({os.path.join(os.path.dirname(index), name) for name in weight_map.values()})
-        missing = [f for f in files if not os.path.isfile(f)]
-        if missing:
-            raise ConfigError(f"{index}: shard(s) listed in the index are missing: {missing}")
-        return files
 
     def load(self, name: str) -> torch.Tensor:
         """Tensor ``name`` as stored (one ``safe_open`` read)."""

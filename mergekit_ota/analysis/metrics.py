@@ -7,8 +7,9 @@ float64 so that per-tensor terms can be added up exactly over many tensors.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import NamedTuple, Optional
+from typing import Iterator, NamedTuple, Optional
 
 import torch
 
@@ -85,6 +86,11 @@ def sample_indices(numel: int, max_samples: int, seed: int) -> Optional[torch.Te
     return torch.randint(0, numel, (max_samples,), generator=generator).sort().values
 
 
+def _count(mask: torch.Tensor) -> int:
+    """Number of ``True`` entries (``count_nonzero``: ~6x faster than ``sum`` on a bool tensor)."""
+    return int(torch.count_nonzero(mask))
+
+
 class OverlapCounts(NamedTuple):
     """``(|A and B|, |A or B|)``: the counts behind a Jaccard index, additive over tensors."""
 
@@ -96,8 +102,8 @@ def overlap_counts(a: torch.Tensor, b: torch.Tensor) -> OverlapCounts:
     """Return ``(|A and B|, |A or B|)`` of two boolean masks of one shape."""
     if a.shape != b.shape:
         raise ValueError(f"masks differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
-    intersection = int(torch.logical_and(a, b).sum())
-    return OverlapCounts(intersection, int(a.sum()) + int(b.sum()) - intersection)
+    intersection = _count(torch.logical_and(a, b))
+    return OverlapCounts(intersection, _count(a) + _count(b) - intersection)
 
 
 def jaccard_from_counts(counts: OverlapCounts) -> float:
@@ -140,7 +146,7 @@ def occupancy(mask: torch.Tensor) -> Occupancy:
     if mask.dim() != 2:
         raise ValueError(f"occupancy needs a 2-D mask; got shape {tuple(mask.shape)}")
     rows, cols = mask.shape
-    return Occupancy(int(mask.any(dim=1).sum()), rows, int(mask.any(dim=0).sum()), cols)
+    return Occupancy(_count(mask.any(dim=1)), rows, _count(mask.any(dim=0)), cols)
 
 
 class MaskRank(NamedTuple):
@@ -174,6 +180,19 @@ def energy_rank(singular_values: torch.Tensor, fraction: float = 0.9) -> int:
     return int(torch.searchsorted(cumulative, fraction * total * (1 - 1e-12)).item()) + 1
 
 
+@contextlib.contextmanager
+def _lapack_threads(size: int) -> Iterator[None]:
+    """One thread for LAPACK on matrices up to 1024 wide: multi-threaded, such small
+    decompositions take ~1 s instead of ~5 ms whenever another process holds a core."""
+    threads = torch.get_num_threads()
+    if size <= 1024 and threads > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def mask_singular_values(mask: torch.Tensor) -> torch.Tensor:
     """Singular values of a 2-D 0/1 mask ``M`` (m x n), descending, float64.
 
@@ -187,13 +206,14 @@ def mask_singular_values(mask: torch.Tensor) -> torch.Tensor:
     """
     m, n = mask.shape
     a = mask.to(torch.float32)
-    if max(m, n) < 2 * min(m, n):
-        sigma = torch.linalg.svdvals(a).to(torch.float64)
-    else:
-        if m < n:
-            a = a.T
-        gram = (a.T @ a).to(torch.float64)
-        sigma = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt().flip(0)
+    with _lapack_threads(min(m, n)):
+        if max(m, n) < 2 * min(m, n):
+            sigma = torch.linalg.svdvals(a).to(torch.float64)
+        else:
+            if m < n:
+                a = a.T
+            gram = (a.T @ a).to(torch.float64)
+            sigma = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt().flip(0)
     if sigma.numel():
         sigma[sigma < float(sigma[0]) * max(m, n) * torch.finfo(torch.float32).eps] = 0.0
     return sigma
@@ -211,5 +231,5 @@ def sign_conflicts(a: torch.Tensor, b: torch.Tensor, sign_a: torch.Tensor, sign_
     """Entries kept by both masks whose task-vector signs are opposite:
     ``#{A and B and sign_a * sign_b < 0}`` (signs as int8 in {-1, 0, 1})."""
     opposite = (sign_a.to(torch.int8) * sign_b.to(torch.int8)) < 0
-    return int(torch.logical_and(torch.logical_and(a, b), opposite).sum())
+    return _count(torch.logical_and(torch.logical_and(a, b), opposite))
 

@@ -35,6 +35,11 @@ class Document:
     def add(self, kind: str, payload: Any) -> None:
         self.blocks.append((kind, payload))
 
+    def images(self, images: Sequence[Tuple[str, str]]) -> None:
+        """Add ``(file name, caption)`` figures."""
+        for image in images:
+            self.add("img", image)
+
     def markdown(self) -> str:
         out: List[str] = []
         for kind, payload in self.blocks:
@@ -291,8 +296,7 @@ def build_document(analysis: Analysis, figures: Dict[str, List[Tuple[str, str]]]
             by_module_rows.append([module] + [num(m[module], 3) for m in metrics])
         doc.add("h3", "Cosine of sqrt(v) by module type")
         doc.add("table", (["module"] + [_pair_name(analysis, p) for p in range(len(analysis.pairs))], by_module_rows))
-        for name, caption in figures["similarity"]:
-            doc.add("img", (name, caption))
+        doc.images(figures["similarity"])
     else:
         doc.add("p", "Only one expert: nothing to compare.")
 
@@ -324,8 +328,7 @@ def build_document(analysis: Analysis, figures: Dict[str, List[Tuple[str, str]]]
         overall += [pct(agg.kept_fraction(i)(records)), pct(agg.kept_fraction(i, magnitude=True)(records)), "100%"]
     rows.append(overall)
     doc.add("table", (header, rows))
-    for name, caption in figures["localisation"]:
-        doc.add("img", (name, caption))
+    doc.images(figures["localisation"])
 
     doc.add("h3", "Rank of the masks")
     doc.add(
@@ -349,8 +352,7 @@ def build_document(analysis: Analysis, figures: Dict[str, List[Tuple[str, str]]]
                     row.append(f"{num(rank.effective_rank / rank.full_rank, 3)} ({num(rank.energy_rank_90 / rank.full_rank, 3)})")
             rows.append(row)
         doc.add("table", (header, rows))
-        for name, caption in figures["rank"]:
-            doc.add("img", (name, caption))
+        doc.images(figures["rank"])
     else:
         doc.add("p", "No matrix analysed (`--rank-top 0` or no 2-D tensors).")
 
@@ -373,8 +375,7 @@ def build_document(analysis: Analysis, figures: Dict[str, List[Tuple[str, str]]]
             "cancels edits).",
         )
         doc.add("table", (["pair", "FFG mask Jaccard", "random baseline", "opposite signs"], rows))
-        for name, caption in figures["overlap"]:
-            doc.add("img", (name, caption))
+        doc.images(figures["overlap"])
     else:
         doc.add("p", "Only one expert: nothing to compare.")
 

@@ -25,7 +25,7 @@ def _plain(text: str) -> str:
 @click.argument("inputs", nargs=-1, metavar="[CONFIG.yml | EXPERT[:STORE] ...]")
 @click.option("--base", default=None, help="Base model directory (with EXPERT[:STORE] arguments).")
 @click.option("--out", "out_dir", required=True, help="Report directory to create (report.md, PNGs, metrics.json).")
-@click.option("--density", type=float, default=None,
+@click.option("--density", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
               help="FFG density d, fraction of entries kept; also the top-d of curvature compared between "
                    "experts. Default 0.05, or each expert's density in CONFIG (given here, it overrides CONFIG).")
 @click.option("--density-scope", type=click.Choice(["tensor", "model"]), default=None,

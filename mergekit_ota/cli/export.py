@@ -60,7 +60,7 @@ def render_summary(result: "ExportResult") -> str:
               help="Parameter(s) frozen during training (glob, repeatable): resolves an index-keyed state that is otherwise ambiguous.")
 @click.option("--beta2", type=float, default=None, help="Adam beta2 where the source records none (for --bias-correct and metadata).")
 @click.option("--step", type=int, default=None, help="Optimizer step where the source records none.")
-@click.option("--force", is_flag=True, help="Replace an existing OUT (a directory OUT only if it holds nothing but a store).")
+@click.option("--force", is_flag=True, help="Replace an existing OUT if it is a curvature store (never model weights or a directory with other files).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def export_command(
     source: str,

@@ -27,7 +27,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from mergekit_ota.curvature.locate import DEFAULT_STORE_NAME, INDEX_SUFFIX
-from mergekit_ota.curvature.store import COL_SUFFIX, ROW_SUFFIX
+from mergekit_ota.curvature.store import COL_SUFFIX, ROW_SUFFIX, read_header
 from mergekit_ota.errors import ConfigError, CurvatureError
 from mergekit_ota.math.rank1 import rank1_factors
 
@@ -70,7 +70,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 def store_specs(shapes: Iterable[Tuple[str, Tuple[int, ...]]], dtype: torch.dtype, compress: bool) -> List[TensorSpec]:
@@ -159,16 +159,16 @@ class OutputLayout:
         return None if self.kind == "file" else DEFAULT_SHARD_BYTES
 
 
-def _store_files_in(directory: str) -> Tuple[List[str], List[str]]:
-    """(store files, other entries) directly inside ``directory``."""
-    ours, other = [], []
+def _foreign_entries(directory: str) -> List[str]:
+    """Entries of ``directory`` that are not ``exp_avg_sq*.safetensors[.index.json]`` files."""
+    foreign = []
     for entry in sorted(os.listdir(directory)):
-        full = os.path.join(directory, entry)
-        is_store = os.path.isfile(full) and entry.startswith(_STORE_STEM) and (
+        is_store = os.path.isfile(os.path.join(directory, entry)) and entry.startswith(_STORE_STEM) and (
             entry.endswith(".safetensors") or entry.endswith(".safetensors" + INDEX_SUFFIX)
         )
-        (ours if is_store else other).append(entry)
-    return ours, other
+        if not is_store:
+            foreign.append(entry)
+    return foreign
 
 
 def _index_shards(index_path: str) -> List[str]:
@@ -180,11 +180,22 @@ def _index_shards(index_path: str) -> List[str]:
         return []
 
 
-def check_output(layout: OutputLayout, force: bool) -> None:
-    """Refuse an existing output unless ``force``; never allow replacing something that is not a store.
+def is_store_file(path: str) -> bool:
+    """Whether ``path`` is a curvature store this writer made (its header records ``format_version``),
+    or an index whose shards all are."""
+    files = _index_shards(path) if path.endswith(INDEX_SUFFIX) else [path]
+    try:
+        return bool(files) and all("format_version" in read_header(f)[1] for f in files)
+    except CurvatureError:
+        return False
 
-    A ``directory`` output with ``force`` is replaced only if it holds nothing but
-    ``exp_avg_sq*.safetensors[.index.json]`` files (what this writer makes).
+
+def check_output(layout: OutputLayout, force: bool, replace_any: bool = False) -> None:
+    """Refuse an existing output unless ``force``; with it, replace only a curvature store.
+
+    A ``directory`` output is replaced only if it holds nothing but
+    ``exp_avg_sq*.safetensors[.index.json]`` files; a file or index only if
+    :func:`is_store_file` (so model weights are never overwritten), unless ``replace_any``.
     """
     path = layout.path
     if not os.path.lexists(path):
@@ -194,7 +205,7 @@ def check_output(layout: OutputLayout, force: bool) -> None:
     if layout.kind == "directory":
         if not os.path.isdir(path):
             raise ConfigError(f"{path} exists and is not a directory; refusing to replace it")
-        _, other = _store_files_in(path)
+        other = _foreign_entries(path)
         if other:
             raise ConfigError(
                 f"{path} holds files that are not a curvature store ({', '.join(other[:5])}"
@@ -203,6 +214,11 @@ def check_output(layout: OutputLayout, force: bool) -> None:
             )
     elif not os.path.isfile(path):
         raise ConfigError(f"{path} exists and is not a file; refusing to replace it")
+    elif not (replace_any or is_store_file(path)):
+        raise ConfigError(
+            f"{path} exists and is not a curvature store written by mergekit-ota (no format_version in its "
+            f"header); refusing to replace it even with --force"
+        )
 
 
 class StoreWriter:
@@ -222,10 +238,11 @@ class StoreWriter:
         shard_bytes: Optional[int] = None,
         *,
         force: bool = False,
+        replace_any: bool = False,
     ):
         if sys.byteorder != "little":
             raise RuntimeError("safetensors files are little-endian; writing them on this machine is not supported")
-        check_output(layout, force)
+        check_output(layout, force, replace_any)
         self.layout = layout
         self.metadata = dict(metadata)
         self.shards = plan_shards(specs, shard_bytes if shard_bytes is not None else layout.default_shard_bytes)
@@ -237,10 +254,9 @@ class StoreWriter:
             )
         self._tmp = f".tmp-{os.getpid()}"
         self._final_files = self._plan_files()
-        if layout.kind == "index" and not force:
-            taken = [f for f in self._final_files if os.path.lexists(f)]
-            if taken:
-                raise ConfigError(f"{taken[0]} already exists; pass --force to replace it")
+        if layout.kind == "index":  # shards of the new index may exist without it
+            for taken in (f for f in self._final_files if os.path.lexists(f)):
+                check_output(OutputLayout("file", taken), force, replace_any)
         self._queue = [(i, spec) for i, shard in enumerate(self.shards) for spec in shard]
         self._position = 0
         self._fp: Optional[Any] = None
@@ -344,7 +360,7 @@ class StoreWriter:
             if index_final is not None:
                 os.replace(index_final + self._tmp, index_final)
             for old in stale:
-                if old not in self._final_files and os.path.isfile(old):
+                if old not in self._final_files and os.path.isfile(old) and is_store_file(old):
                     os.remove(old)
         self._committed = True
         return self.files
@@ -409,7 +425,7 @@ def save_store(
     """
     specs = store_specs(((n, tuple(v.shape)) for n, v in tensors.items()), dtype, compress)
     header = store_metadata("rank1" if compress else "none", dtype, metadata)
-    with StoreWriter(OutputLayout("file", os.path.abspath(path)), specs, header, force=True) as writer:
+    with StoreWriter(OutputLayout("file", os.path.abspath(path)), specs, header, force=True, replace_any=True) as writer:
         for name, value in tensors.items():
             for key, tensor in stored_tensors(name, value, compress):
                 writer.write(key, tensor)

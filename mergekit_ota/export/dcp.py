@@ -102,6 +102,16 @@ def find_dcp_dir(path: str) -> Optional[str]:
     return os.path.join(path, subdirs[0]) if subdirs else None
 
 
+def _path_of(key: str) -> Tuple[Any, ...]:
+    """A flat key's path where the metadata has no ``planner_data``: ``<prefix>.state.<fqn>.<state key>``
+    (state keys have no dots, FQNs may) or dot-separated components."""
+    if ".state." in f".{key}":
+        prefix, rest = f".{key}".split(".state.", 1)
+        fqn, _, state_key = rest.rpartition(".")
+        return (*[p for p in prefix.split(".") if p], "state", fqn, state_key)
+    return tuple(int(p) if p.isdigit() else p for p in key.split("."))
+
+
 class DcpCheckpoint:
     """One DCP directory: its flattened keys, and reads of single tensors and bytes items."""
 
@@ -111,7 +121,7 @@ class DcpCheckpoint:
         self.metadata = self.reader.read_metadata()
         planner = getattr(self.metadata, "planner_data", None) or {}
         self.paths: Dict[str, Tuple[Any, ...]] = {
-            key: tuple(planner.get(key, tuple(key.split(".")))) for key in self.metadata.state_dict_metadata
+            key: tuple(planner[key]) if key in planner else _path_of(key) for key in self.metadata.state_dict_metadata
         }
 
     def tensor_shape(self, key: str) -> Optional[Tuple[int, ...]]:

@@ -70,4 +70,7 @@ def open_source(path: str, options: ExportOptions) -> SourceState:
         return open_trainer_checkpoint(path, model, frozen)
     if os.path.isdir(path):
         raise CurvatureError(f"{path}: --source-kind torch needs a file (a torch.save of an optimizer state dict)")
+    beside = os.path.dirname(path)
+    if kind == "trainer" and model is None and os.path.isfile(os.path.join(beside, "config.json")):
+        model = beside  # checkpoint-N/optimizer.pt given directly
     return open_torch_state(path, kind=kind, model_path=model, frozen=frozen)

@@ -39,18 +39,44 @@ class Mapping:
     skipped: Tuple[str, ...]
 
 
-def _count_alignments(indices: Sequence[int], shapes: Dict[int, Optional[Shape]], names: Sequence[Tuple[str, Shape]]) -> List[List[int]]:
-    """``ways[i][j]``: alignments (capped at 2) of ``indices[i:]`` into ``names[j:]`` as a subsequence."""
-    k, n = len(indices), len(names)
-    ways = [[0] * (n + 1) for _ in range(k + 1)]
-    for j in range(n + 1):
-        ways[k][j] = 1
-    for i in range(k - 1, -1, -1):
-        shape = shapes.get(indices[i])
-        for j in range(n - (k - i), -1, -1):
-            match = ways[i + 1][j + 1] if shape is None or tuple(shape) == tuple(names[j][1]) else 0
-            ways[i][j] = min(2, match + ways[i][j + 1])
-    return ways
+class _Alignments:
+    """Ways (capped at 2) to align ``indices[i:]`` into ``names[i + t:]``, ``t`` = names skipped so far.
+
+    Only ``0 <= t <= d = len(names) - len(indices)`` can succeed, so the table has
+    ``(k + 1) x (d + 1)`` cells: linear in the model's size when few parameters are frozen.
+    """
+
+    def __init__(self, indices: Sequence[int], shapes: Dict[int, Optional[Shape]], names: Sequence[Tuple[str, Shape]]):
+        self.indices, self.shapes, self.names = indices, shapes, names
+        k, d = len(indices), len(names) - len(indices)
+        self.d = d
+        self.ways = [[0] * (d + 2) for _ in range(k + 1)]
+        if d < 0:
+            return
+        self.ways[k] = [1] * (d + 1) + [0]
+        for i in range(k - 1, -1, -1):
+            row, below = self.ways[i], self.ways[i + 1]
+            for t in range(d, -1, -1):
+                row[t] = min(2, (below[t] if self.fits(i, t) else 0) + row[t + 1])
+
+    def fits(self, i: int, t: int) -> bool:
+        """Can ``indices[i]`` be ``names[i + t]`` (same shape, or no state)?"""
+        shape = self.shapes.get(self.indices[i])
+        return shape is None or tuple(shape) == tuple(self.names[i + t][1])
+
+    @property
+    def count(self) -> int:
+        return self.ways[0][0] if self.d >= 0 else 0
+
+    def walk(self, prefer_match: bool) -> Dict[int, str]:
+        """One alignment: matching as early as possible, or skipping as early as possible."""
+        chosen: Dict[int, str] = {}
+        t = 0
+        for i, index in enumerate(self.indices):
+            while not (self.fits(i, t) and self.ways[i + 1][t] and (prefer_match or not self.ways[i][t + 1])):
+                t += 1
+            chosen[index] = self.names[i + t][0]
+        return chosen
 
 
 def _alignments(indices: Sequence[int], shapes: Dict[int, Optional[Shape]], names: Sequence[Tuple[str, Shape]]) -> List[Dict[int, str]]:
@@ -60,23 +86,10 @@ def _alignments(indices: Sequence[int], shapes: Dict[int, Optional[Shape]], name
     one that skips as early as possible part at the first branching point, so they
     assign some index differently.
     """
-    ways = _count_alignments(indices, shapes, names)
-    if ways[0][0] == 0:
+    table = _Alignments(indices, shapes, names)
+    if table.count == 0:
         return []
-
-    def walk(prefer_match: bool) -> Dict[int, str]:
-        chosen: Dict[int, str] = {}
-        i = j = 0
-        while i < len(indices):
-            shape = shapes.get(indices[i])
-            can_match = ways[i + 1][j + 1] > 0 and (shape is None or tuple(shape) == tuple(names[j][1]))
-            if can_match and (prefer_match or ways[i][j + 1] == 0):
-                chosen[indices[i]] = names[j][0]
-                i += 1
-            j += 1
-        return chosen
-
-    return [walk(True)] if ways[0][0] == 1 else [walk(True), walk(False)]
+    return [table.walk(True)] if table.count == 1 else [table.walk(True), table.walk(False)]
 
 
 def _first_mismatch(indices: Sequence[int], shapes: Dict[int, Optional[Shape]], names: Sequence[Tuple[str, Shape]]) -> str:

@@ -168,6 +168,8 @@ def write_store(
     with StoreWriter(layout, specs, metadata, options.shard_size, force=options.force) as writer:
         for item in items:
             _write_item(writer, item, scales.get(item.name), compress)
+            if item.done is not None:
+                item.done()
         files = writer.commit()
     return ExportResult(
         source=source,

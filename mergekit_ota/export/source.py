@@ -51,6 +51,7 @@ class StateItem:
     rank1: bool = False
     step: Optional[float] = None
     beta2: Optional[float] = None
+    done: Optional[Callable[[], None]] = None  # called once the item is written (e.g. to unmap its pages)
 
 
 @dataclass

@@ -30,6 +30,7 @@ from mergekit_ota.export.source import Curvature, Full, Rank1
 
 FULL = "exp_avg_sq"
 ROW, COL = "exp_avg_sq_row", "exp_avg_sq_col"
+MOMENT_KEYS = (FULL, ROW, COL)
 EIGHT_BIT_KEYS = ("state1", "state2", "qmap1", "qmap2", "absmax1", "absmax2", "max1", "max2", "new_max1", "new_max2")
 _WITHOUT_SECOND_MOMENT = {
     "momentum_buffer": "SGD with momentum, or Muon (its matrices keep only a momentum buffer)",

@@ -15,8 +15,10 @@ no code is unpickled and tensor data stays on disk until a tensor is read.
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
+from collections import Counter
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from mergekit_ota.errors import CurvatureError
@@ -29,8 +31,10 @@ from mergekit_ota.export.model_params import (
     model_order,
     verify_names,
 )
+from mergekit_ota.export.pages import release_mapped
 from mergekit_ota.export.source import SourceState, StateItem
 from mergekit_ota.export.states import (
+    MOMENT_KEYS,
     adafactor_notes,
     check_second_moments,
     group_beta2,
@@ -46,17 +50,20 @@ _NESTED_KEYS = ("optimizer", "optimizer_state_dict", "optim", "opt")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 
 
-def load_torch_file(path: str) -> Any:
-    """``torch.load`` with ``mmap=True, weights_only=True`` (no mmap for pre-1.6 non-zip files)."""
+def load_torch_file(path: str) -> Tuple[Any, bool]:
+    """``torch.load`` with ``mmap=True, weights_only=True`` (no mmap for pre-1.6 non-zip files).
+
+    Returns the object and whether its tensors are views of the file mapping.
+    """
     import torch
 
     try:
         try:
-            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            return torch.load(path, map_location="cpu", mmap=True, weights_only=True), True
         except RuntimeError as error:
             if "mmap" not in str(error) and "zip" not in str(error).lower():
                 raise
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True), False
     except pickle.UnpicklingError as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CurvatureError(
@@ -105,6 +112,9 @@ def _names_from_groups(groups: Sequence[Mapping[str, Any]], path: str) -> Option
                 f"{path}: param_groups[{g}] lists {len(group['params'])} params but {len(group['param_names'])} param_names"
             )
         names.update({key: clean_name(str(name)) for key, name in zip(group["params"], group["param_names"])})
+    repeated = sorted(n for n, count in Counter(names.values()).items() if count > 1)
+    if repeated:
+        raise CurvatureError(f"{path}: param_names repeat {repeated[:3]}; each parameter must be named once")
     return names
 
 
@@ -117,7 +127,8 @@ def open_torch_state(
     adapter_reason: Optional[str] = None,
 ) -> SourceState:
     """Check and map the optimizer state in ``path``; ``model_path``: a directory with the model's config.json."""
-    optimizer = find_optimizer_dict(load_torch_file(path), path)
+    loaded, mapped = load_torch_file(path)
+    optimizer = find_optimizer_dict(loaded, path)
     groups: List[Mapping[str, Any]] = list(optimizer["param_groups"])
     state: Mapping[Any, Mapping[str, Any]] = optimizer["state"]
     group_of = {key: g for g, group in enumerate(groups) for key in group["params"]}
@@ -146,7 +157,10 @@ def open_torch_state(
         params = load_model_parameters(model_path, frozen)
         found = map_indices([list(g["params"]) for g in groups], {k: shapes.get(k) for k in group_of}, index_candidates(params, len(groups)), path)
         names = found.names
-        mapping = f"{' = '.join(found.rules)}; verified: {len(shapes)} state shapes, group sizes {[len(g['params']) for g in groups]}"
+        elements = sum(math.prod(s) for s in shapes.values())
+        also = f" (the same under: {'; '.join(found.rules[1:])})" if len(found.rules) > 1 else ""
+        mapping = (f"{found.rules[0]}{also}; verified: {len(shapes)} state shapes ({elements:,} elements), "
+                   f"group sizes {[len(g['params']) for g in groups]}")  # fmt: skip
     else:
         mapping = "param_names saved in the optimizer" if "param_names" in groups[0] else "parameter names in the state dict"
         if model_path is not None:
@@ -174,6 +188,7 @@ def open_torch_state(
                 rank1=kind_ == "factored" and len(shapes[key]) == 2,
                 step=scalar(entry.get("step")),
                 beta2=group_beta2(groups[group_of[key]]),
+                done=(lambda e=entry: release_mapped(v for k, v in e.items() if k in MOMENT_KEYS)) if mapped else None,
             )
         )
     name_ = optimizer_name(set(kinds.values()), groups)

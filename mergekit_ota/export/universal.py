@@ -66,7 +66,7 @@ def _beta2(zero: str, notes: List[str]) -> Optional[float]:
         notes.append(f"no {path}: beta2 is not recorded")
         return None
     try:
-        groups = load_torch_file(path).get("param_groups") or []
+        groups = load_torch_file(path)[0].get("param_groups") or []
     except (CurvatureError, AttributeError) as error:
         notes.append(f"beta2 not recorded: {error}")
         return None
@@ -97,9 +97,9 @@ def open_universal(path: str, model_path: Optional[str], frozen: Sequence[str] =
     shapes, steps = {}, {}
     for name in kinds:
         file = os.path.join(zero, dir_of[name], MOMENT_FILE)
-        shapes[name] = tuple(_tensor(load_torch_file(file), file).shape)
+        shapes[name] = tuple(_tensor(load_torch_file(file)[0], file).shape)
         step_file = os.path.join(zero, dir_of[name], "step.pt")
-        steps[name] = scalar(load_torch_file(step_file)) if os.path.isfile(step_file) else None
+        steps[name] = scalar(load_torch_file(step_file)[0]) if os.path.isfile(step_file) else None
     notes: List[str] = []
     beta2 = _beta2(zero, notes)
 
@@ -113,7 +113,7 @@ def open_universal(path: str, model_path: Optional[str], frozen: Sequence[str] =
 
     def load(name: str) -> Full:
         file = os.path.join(zero, dir_of[name], MOMENT_FILE)
-        return Full(_tensor(load_torch_file(file), file))
+        return Full(_tensor(load_torch_file(file)[0], file))
 
     items = [
         StateItem(

@@ -14,10 +14,19 @@ from typing import Optional, Sequence
 import torch
 
 
-def saliency(tau: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Return ``s = v * tau**2`` in float32 (new tensor, inputs untouched)."""
-    s = tau.to(torch.float32).square()
+def saliency(tau: torch.Tensor, v: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Return ``s = v * tau**2`` in float32 (a new tensor, or written into ``out``; inputs untouched)."""
+    t = tau.to(torch.float32)
+    s = t.square() if out is None else torch.mul(t, t, out=out)
     return s.mul_(v.to(torch.float32))
+
+
+def f32_operand(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when an op with a float32 tensor computes in float32 (bf16/f16/f32), else ``t`` as float32.
+
+    Saves converting a half-precision input to a float32 copy before subtracting it.
+    """
+    return t if torch.promote_types(t.dtype, torch.float32) == torch.float32 else t.to(torch.float32)
 
 
 def kept_count(numel: int, density: float) -> int:
@@ -47,12 +56,12 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
         return torch.kthvalue(values, rank).values
     generator = torch.Generator(device=values.device).manual_seed(n)
     picks = torch.randint(n, (SELECTION_SAMPLE,), generator=generator, device=values.device)
-    sample = values[picks].sort().values
+    sample = values[picks]
     center = rank / n * SELECTION_SAMPLE
     margin = 4.0 * math.sqrt(center * (1.0 - rank / n)) + 8.0
-    low, high = int(center - margin), int(center + margin) + 1
-    lo = sample[low] if low >= 0 else values.new_tensor(-math.inf)
-    hi = sample[high] if high < SELECTION_SAMPLE else values.new_tensor(math.inf)
+    low, high = int(center - margin), int(center + margin) + 1  # 0-based ranks in the sample
+    lo = torch.kthvalue(sample, low + 1).values if low >= 0 else values.new_tensor(-math.inf)
+    hi = torch.kthvalue(sample, high + 1).values if high < SELECTION_SAMPLE else values.new_tensor(math.inf)
     inside = values < lo
     below = int(torch.count_nonzero(inside))
     inside = inside.logical_not_().logical_and_(values <= hi)  # lo <= value <= hi (NaN excluded)
@@ -64,13 +73,19 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     return torch.kthvalue(values, rank).values
 
 
-def _end_of_nth_true(flags: torch.Tensor, n: int) -> int:
-    """Index just past the ``n``-th True of the 1-D bool tensor ``flags`` (which has >= n Trues)."""
+def _end_of_nth_true(flags: torch.Tensor, n: int, chunk: int = _TIE_CHUNK) -> int:
+    """Index just past the ``n``-th True of the 1-D bool tensor ``flags`` (which has >= n Trues).
+
+    Counts chunk by chunk, then searches the chunk that holds it with chunks 64x
+    smaller, so no index tensor larger than ``chunk >> 6`` entries is built.
+    """
     seen = 0
-    for start in range(0, flags.numel(), _TIE_CHUNK):
-        part = flags[start : start + _TIE_CHUNK]
+    for start in range(0, flags.numel(), chunk):
+        part = flags[start : start + chunk]
         count = int(torch.count_nonzero(part))
         if seen + count >= n:
+            if part.numel() > _TIE_CHUNK >> 6:
+                return start + _end_of_nth_true(part, n - seen, max(1, chunk >> 6))
             return start + int(torch.nonzero(part, as_tuple=True)[0][n - seen - 1]) + 1
         seen += count
     raise ValueError(f"fewer than {n} True values")
@@ -118,9 +133,12 @@ class KeepRule:
         if (self.density is None) == (self.threshold is None):
             raise ValueError("KeepRule needs exactly one of density or threshold")
 
-    def mask(self, tau: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Boolean mask of the entries of ``tau`` kept by saliency ``v * tau**2``."""
-        scores = saliency(tau, v)
+    def mask(self, tau: torch.Tensor, v: torch.Tensor, scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Boolean mask of the entries of ``tau`` kept by saliency ``v * tau**2``.
+
+        ``scratch`` (float32, ``tau``'s shape) receives the saliencies instead of a new tensor.
+        """
+        scores = saliency(tau, v, out=scratch)
         if self.threshold is not None:
             return threshold_mask(scores, self.threshold)
         return density_mask(scores, self.density)
@@ -146,14 +164,18 @@ def ffg_merge(
         raise ValueError("experts, curvatures, rules and weights must have the same length")
     b = base.to(torch.float32)
     total: Optional[torch.Tensor] = None
+    spare: Optional[torch.Tensor] = None  # tau of the 2nd expert on, one buffer reused
+    scores: Optional[torch.Tensor] = None  # saliency buffer shared by all masks
     for expert, v, rule, weight in zip(experts, curvatures, rules, weights):
-        tau = torch.sub(expert.to(torch.float32), b)
+        tau = torch.sub(f32_operand(expert), b, out=spare)
         if rule is not None:
-            tau.mul_(rule.mask(tau, v))
+            scores = torch.empty_like(tau) if scores is None else scores
+            tau.mul_(rule.mask(tau, v, scratch=scores))
         if total is None:  # the first grafted task vector becomes the running sum
             total = tau.mul_(float(weight)) if float(weight) != 1.0 else tau
         else:
             total.add_(tau, alpha=float(weight))
+            spare = tau
         del tau
     if total is None:
         return base

@@ -43,10 +43,11 @@ class SaliencyHistogram:
         """Number of entries added so far (``N``)."""
         return int(self.counts.sum().item()) + self.zeros
 
-    def add(self, scores: torch.Tensor) -> None:
-        """Add the (non-negative) saliencies of one tensor."""
+    def add(self, scores: torch.Tensor, overwrite: bool = False) -> None:
+        """Add the (non-negative) saliencies of one tensor (``overwrite``: its float32 buffer may be reused)."""
         s = scores.detach().reshape(-1).to(torch.float32).contiguous()
-        bins = torch.bitwise_right_shift(s.view(torch.int32), SHIFT)
+        bits = s.view(torch.int32)
+        bins = bits.bitwise_right_shift_(SHIFT) if overwrite else torch.bitwise_right_shift(bits, SHIFT)
         bins.clamp_(0, _OVERFLOW)  # sign bit set (-0.0) -> 0; NaN -> overflow
         hist = torch.bincount(bins, minlength=BINS + 1).to(device="cpu")
         self.zeros += int(hist[0]) + int(hist[_OVERFLOW])

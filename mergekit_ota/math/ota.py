@@ -16,20 +16,20 @@ from typing import Optional, Sequence
 
 import torch
 
-from mergekit_ota.math.ffg import KeepRule
+from mergekit_ota.math.ffg import KeepRule, f32_operand
 
 
 def curvature_weights(
-    v: torch.Tensor, weight: float, power: float = 0.5, eps: float = 1e-12
+    v: torch.Tensor, weight: float, power: float = 0.5, eps: float = 1e-12, out: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
-    """Return ``w = weight * v**power + eps`` as a new float32 tensor (``v`` untouched)."""
+    """Return ``w = weight * v**power + eps`` in float32: a new tensor, or ``out`` (``v`` untouched)."""
     v32 = v.to(torch.float32)
     if power == 0.5:
-        w = torch.sqrt(v32)
+        w = torch.sqrt(v32, out=out)
     elif power == 1.0:
-        w = v.to(torch.float32, copy=True)
+        w = v.to(torch.float32, copy=True) if out is None else out.copy_(v32)
     else:
-        w = torch.pow(v32, power)
+        w = torch.pow(v32, power, out=out)
     if weight != 1.0:
         w.mul_(float(weight))
     return w.add_(float(eps))
@@ -70,12 +70,16 @@ def ota_merge(
     b = base.to(torch.float32) if base is not None else None
     numerator: Optional[torch.Tensor] = None
     denominator: Optional[torch.Tensor] = None
+    spare_w: Optional[torch.Tensor] = None  # w_i, tau_i of the 2nd expert on: buffers reused
+    spare_x: Optional[torch.Tensor] = None
+    scores: Optional[torch.Tensor] = None  # saliency buffer shared by all masks
     for expert, v, weight, rule in zip(experts, curvatures, weights, rules):
-        w = curvature_weights(v, weight, power, eps)
+        w = curvature_weights(v, weight, power, eps, out=spare_w)
         if b is not None:
-            x = torch.sub(expert.to(torch.float32), b)  # tau_i: a new tensor, ours to change
+            x = torch.sub(f32_operand(expert), b, out=spare_x)  # tau_i: ours to change
             if rule is not None:
-                w.mul_(rule.mask(x, v))
+                scores = torch.empty_like(x) if scores is None else scores
+                w.mul_(rule.mask(x, v, scratch=scores))
         else:
             x = expert.to(torch.float32)  # may be the caller's tensor: never written
         if numerator is None:  # the first expert's terms become the running sums
@@ -84,6 +88,7 @@ def ota_merge(
         else:
             numerator.addcmul_(w, x)
             denominator.add_(w)
+            spare_w, spare_x = w, (x if b is not None else None)
         del w, x
     assert numerator is not None and denominator is not None
 

@@ -23,7 +23,7 @@ from mergekit.merge_methods.base import (
 
 from mergekit_ota.compat import require_supported_mergekit
 from mergekit_ota.errors import ConfigError, CurvatureError
-from mergekit_ota.math.ffg import KeepRule
+from mergekit_ota.math.ffg import KeepRule, f32_operand
 from mergekit_ota.math.histogram import SaliencyHistogram
 from mergekit_ota.methods.settings import (
     ExpertSettings,
@@ -169,12 +169,13 @@ class CurvatureMergeMethod(GroupMergeMethod):
         if group.base is None or not group.non_base:
             return result
         base = group.base.tensor.to(torch.float32)
+        scores: Optional[torch.Tensor] = None  # one buffer for every expert's tau, then saliency
         for expert in self.experts(group, parameters, self.shared(parameters)):
             if expert.settings.density is None:
                 continue
             histogram = SaliencyHistogram()
-            tau = expert.tensor.to(torch.float32) - base
-            histogram.add(tau.square_().mul_(expert.curvature))
+            scores = torch.sub(f32_operand(expert.tensor), base, out=scores)
+            histogram.add(scores.square_().mul_(expert.curvature), overwrite=True)
             result[expert.id] = (histogram, expert.settings.density)
         return result
 

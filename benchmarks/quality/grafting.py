@@ -1,0 +1,61 @@
+"""Single-expert grafting: keep a fraction ``d`` of one expert's task vector, revert the rest to the base.
+
+``theta = b + m * tau`` with ``tau = t - b`` and a mask ``m`` keeping a fraction ``d``
+of ``tau``'s entries, chosen by
+
+* ``FFG (per tensor)``: saliency ``v * tau**2`` (Adam's ``exp_avg_sq`` ``v``), top
+  ``k = max(1, int(d * numel))`` of every tensor: ``merge_method: ffg``, one expert;
+* ``FFG (model-wide)``: the same saliency, one threshold over all of the expert's
+  tensors (``density_scope: model``);
+* ``magnitude (per tensor)``: ``|tau|``, top ``k`` of every tensor: mergekit's ``ties``
+  with one expert (sign election is a no-op with one expert, and ``normalize`` divides
+  by its weight 1), i.e. exactly magnitude pruning of the task vector;
+* ``random``: each entry kept with probability ``d`` (seeded): mergekit's ``dare_linear``
+  with ``rescale: false`` (no 1/d rescaling: a pure random mask).
+
+All run through mergekit on the configs below.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Tuple
+
+DENSITIES: Tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.2, 0.4)
+SELECTORS: Tuple[str, ...] = ("FFG (per tensor)", "FFG (model-wide)", "magnitude (per tensor)", "random")
+
+
+def graft_config(selector: str, base: str, expert: str, store: str, density: float, dtype: str = "float32") -> Dict[str, Any]:
+    """The mergekit YAML dict grafting ``density`` of ``expert`` onto ``base`` with ``selector``."""
+    parameters: Dict[str, Any] = {"weight": 1.0, "density": density}
+    shared: Dict[str, Any] = {}
+    if selector.startswith("FFG"):
+        method = "ffg"
+        parameters["curvature"] = store
+        if selector == "FFG (model-wide)":
+            shared["density_scope"] = "model"
+    elif selector == "magnitude (per tensor)":
+        method = "ties"
+    elif selector == "random":
+        method = "dare_linear"
+        shared["rescale"] = False
+    else:
+        raise ValueError(f"unknown grafting selector {selector!r}; known: {SELECTORS}")
+    config: Dict[str, Any] = {"merge_method": method, "base_model": base,
+                              "models": [{"model": expert, "parameters": parameters}]}  # fmt: skip
+    if shared:
+        config["parameters"] = shared
+    config["dtype"] = dtype
+    return config
+
+
+def kept(score: float, expert: float, base: float) -> Dict[str, float]:
+    """Fraction of the expert kept: ``score / expert`` and ``(score - base) / (expert - base)``."""
+    return {
+        "ratio": score / expert if expert > 0 else float("nan"),
+        "gain": (score - base) / (expert - base) if expert != base else float("nan"),
+    }
+
+
+def plan(capabilities: List[str], densities: Tuple[float, ...] = DENSITIES) -> List[Tuple[str, str, float]]:
+    """Every (capability, selector, density) graft to run."""
+    return [(cap, selector, d) for cap in capabilities for selector in SELECTORS for d in densities]

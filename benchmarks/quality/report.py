@@ -1,0 +1,317 @@
+"""``quality-<tier>.md`` and its grafting plot, generated from ``results.json`` (no hand-typed numbers).
+
+Normalised score of a model on capability ``c``: ``score_c / expert_c`` (``expert_c`` =
+the score of ``c``'s own expert on ``c``); its average over capabilities is the
+table's main column.  The gain-normalised variant ``(score_c - base_c) / (expert_c -
+base_c)`` (0 = no better than the base, 1 = as good as the expert) is shown beside it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import subprocess
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+from benchmarks.quality import grafting, merges
+from benchmarks.quality.tiers import Suite
+
+
+def _score(record: Dict[str, Any], split: str, cap: str, metric: str) -> float:
+    return float(record[split][cap][metric])
+
+
+def _normalised(suite: Suite, models: Dict[str, Any], record: Dict[str, Any], split: str) -> Tuple[float, float]:
+    """(mean of score/expert, mean of (score-base)/(expert-base)) over capabilities, on ``split``."""
+    ratios, gains = [], []
+    for cap in suite.capabilities:
+        metric = suite.metric[cap]
+        value = grafting.kept(
+            _score(record, split, cap, metric),
+            _score(models[f"expert/{cap}"], split, cap, metric),
+            _score(models["base"], split, cap, metric),
+        )
+        ratios.append(value["ratio"])
+        gains.append(value["gain"])
+    return sum(ratios) / len(ratios), sum(gains) / len(gains)
+
+
+def select(suite: Suite, data: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """Per method, the grid point with the best validation mean normalised score (ties: first in grid order)."""
+    models = data["models"]
+    best: Dict[str, Dict[str, Any]] = {}
+    for setting in data["settings"]:
+        record = models[setting["key"]]
+        val = _normalised(suite, models, record, "val")[0]
+        current = best.get(setting["method"])
+        if current is None or val > current["val"]:
+            best[setting["method"]] = {**setting, "val": val}
+    out = []
+    for method, choice in best.items():
+        record = models[choice["key"]]
+        labels = [s["label"] for s in data["settings"] if s["method"] == method]
+        ratio, gain = _normalised(suite, models, record, "test")
+        out.append({**choice, "test": ratio, "gain": gain, "record": record, "grid_size": len(labels)})
+    return out
+
+
+def graft_curves(suite: Suite, data: Dict[str, Any]) -> Dict[str, Dict[str, List[Dict[str, float]]]]:
+    """``{selector: {capability: [kept(...) per density]}}`` on the test split."""
+    models = data["models"]
+    curves: Dict[str, Dict[str, List[Dict[str, float]]]] = {}
+    for selector in grafting.SELECTORS:
+        for cap in suite.capabilities:
+            metric = suite.metric[cap]
+            expert = _score(models[f"expert/{cap}"], "test", cap, metric)
+            base = _score(models["base"], "test", cap, metric)
+            curves.setdefault(selector, {})[cap] = [
+                grafting.kept(_score(models[f"graft/{cap}/{selector}/{d:g}"], "test", cap, metric), expert, base)
+                for d in data["densities"]
+            ]
+    return curves
+
+
+def plot(suite: Suite, data: Dict[str, Any], path: str) -> None:
+    """Grafting curves: one column per capability plus their mean; rows = the two normalisations."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = graft_curves(suite, data)
+    densities = data["densities"]
+    columns = suite.capabilities + ["mean"]
+    fig, axes = plt.subplots(2, len(columns), figsize=(3.2 * len(columns), 6.4), sharex=True, squeeze=False)
+    styles = {"FFG (per tensor)": ("C0", "o-"), "FFG (model-wide)": ("C2", "s-"),
+              "magnitude (per tensor)": ("C3", "^-"), "random": ("C7", "x--")}  # fmt: skip
+    for row, (key, ylabel) in enumerate((("ratio", "score / expert score"),
+                                         ("gain", "(score - base) / (expert - base)"))):  # fmt: skip
+        for col, cap in enumerate(columns):
+            ax = axes[row][col]
+            for selector, per_cap in curves.items():
+                if cap == "mean":
+                    ys = [sum(per_cap[c][i][key] for c in suite.capabilities) / len(suite.capabilities)
+                          for i in range(len(densities))]  # fmt: skip
+                else:
+                    ys = [point[key] for point in per_cap[cap]]
+                color, style = styles[selector]
+                ax.plot(densities, ys, style, color=color, label=selector, markersize=4)
+            ax.axhline(1.0, color="k", lw=0.6, ls=":")
+            ax.axhline(0.0, color="k", lw=0.6, ls=":")
+            ax.set_xscale("log")
+            ax.set_xlim(min(densities) / 1.3, max(densities) * 1.3)  # explicit: all-NaN curves set no limits
+            ax.set_title(cap if row == 0 else "")
+            if col == 0:
+                ax.set_ylabel(ylabel)
+            if row == 1:
+                ax.set_xlabel("density kept")
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"Grafting one expert onto the base ({suite.tier} tier, test split)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _shown(path: str) -> str:
+    """``path`` relative to the repository root when inside it (reports are read from the repository)."""
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    relative = os.path.relpath(path, repo)
+    return path if relative.startswith("..") else relative
+
+
+def _fmt(value: float, digits: int = 3) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def _versions() -> str:
+    from importlib.metadata import version
+
+    parts = [f"python {platform.python_version()}"]
+    for package in ("torch", "transformers", "mergekit", "mergekit-ota"):
+        try:
+            parts.append(f"{package} {version(package)}")
+        except Exception:  # noqa: BLE001  (a missing distribution is reported, not fatal)
+            parts.append(f"{package} ?")
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(__file__), check=True).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
+                               cwd=os.path.dirname(__file__), check=True).stdout.strip()  # fmt: skip
+        parts.append(f"git {commit}{' (uncommitted changes)' if dirty else ''}")
+    except Exception:  # noqa: BLE001
+        pass
+    return ", ".join(parts)
+
+
+def _machine() -> str:
+    cpu = platform.processor() or "?"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fp:
+            names = [line.split(":", 1)[1].strip() for line in fp if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    return f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} logical CPUs"
+
+
+def _findings(suite: Suite, chosen: List[Dict[str, Any]], curves: Dict[str, Any], densities: List[float]) -> List[str]:
+    """Plain statements derived from the numbers (who wins, ties, loses)."""
+    by_name = {c["method"]: c for c in chosen}
+    ranked = sorted(chosen, key=lambda c: -c["test"])
+    lines = ["Ranking by test mean of score/expert: " + ", ".join(f"{c['method']} {_fmt(c['test'])}" for c in ranked) + "."]
+    ours = [c for c in ranked if c["method"].startswith(("ota", "ffg"))]
+    theirs = [c for c in ranked if not c["method"].startswith(("ota", "ffg"))]
+    if ours and theirs:
+        a, b = ours[0], theirs[0]
+        verdict = "beats" if a["test"] > b["test"] + 0.01 else "loses to" if a["test"] < b["test"] - 0.01 else "ties with"
+        lines.append(f"Best OTA/FFG variant ({a['method']}, {_fmt(a['test'])}) {verdict} the best baseline "
+                     f"({b['method']}, {_fmt(b['test'])}); difference {a['test'] - b['test']:+.3f}.")  # fmt: skip
+    if "ota" in by_name and "ota (rank-1 curvature)" in by_name:
+        full, rank1 = by_name["ota"]["test"], by_name["ota (rank-1 curvature)"]["test"]
+        lines.append(f"Rank-1 curvature: ota {_fmt(full)} with full curvature vs {_fmt(rank1)} with rank-1 "
+                     f"(difference {rank1 - full:+.3f}).")  # fmt: skip
+    mean = {sel: [sum(per[c][i]["ratio"] for c in suite.capabilities) / len(suite.capabilities)
+                  for i in range(len(densities))] for sel, per in curves.items()}  # fmt: skip
+    if "FFG (per tensor)" in mean and "magnitude (per tensor)" in mean:
+        diffs = ", ".join(f"d={d:g}: {f - m:+.3f}" for d, f, m in zip(densities, mean["FFG (per tensor)"], mean["magnitude (per tensor)"]))
+        lines.append(f"Grafting, FFG minus magnitude (per tensor, mean score/expert over capabilities): {diffs}.")
+    return lines
+
+
+def write(suite: Suite, data: Dict[str, Any], directory: str, name: str) -> str:
+    """Write ``quality-<name>.md`` and ``quality-<name>-grafting.png`` into ``directory``; return the md path."""
+    os.makedirs(directory, exist_ok=True)
+    md_path = os.path.join(directory, f"quality-{name}.md")
+    png_name = f"quality-{name}-grafting.png"
+    plot(suite, data, os.path.join(directory, png_name))
+    models = data["models"]
+    caps = suite.capabilities
+    chosen = select(suite, data)
+    curves = graft_curves(suite, data)
+    invocation = data.get("invocation", {})
+    metric_names = sorted(set(suite.metric.values()))
+    test_sizes = {cap: len(suite.eval_rows(cap, "test")) for cap in caps}
+    worst_se = max(0.5 / math.sqrt(n) for n in test_sizes.values())
+
+    out: List[str] = [f"# Merge quality: `{suite.tier}` tier{' (smoke settings)' if 'smoke' in name else ''}", ""]
+    out += [
+        "Claim under test (arXiv 2509.11167): merging capability experts with OTA (+FFG) keeps more of each "
+        "capability than linear, task arithmetic, TIES, DARE and Breadcrumbs; FFG keeps an expert's performance "
+        "at lower density than magnitude pruning; rank-1 compressed curvature keeps OTA's gains.",
+        "",
+        f"Command: `{' '.join(invocation.get('argv', []))}` (from the repository root, with the project's venv python)",
+        "",
+        f"Generated {time.strftime('%Y-%m-%d %H:%M')} on {_machine()}; {_versions()}; torch threads "
+        f"{invocation.get('threads', '?')}.",
+        "",
+        "## Setup",
+        "",
+        suite.description,
+        "",
+    ]
+    out += [f"- `{cap}`: {suite.details.get(cap, '')}" for cap in caps] + [""]
+    training = data.get("training", {})
+    out += ["| run | steps | seconds | train loss first -> last |", "|---|---|---|---|"]
+    for key, info in training.items():
+        out.append(f"| {key} | {info['steps']} | {info['seconds']:.0f} | {_fmt(info['first_loss'])} -> {_fmt(info['last_loss'])} |")
+    out += [
+        "",
+        "Curvature: each expert's Trainer checkpoint exported with `mergekit-ota export CHECKPOINT OUT` (full) and "
+        "`mergekit-ota export CHECKPOINT OUT --compress rank1`.",
+        "",
+    ]
+    sizes = data.get("export", {})
+    if sizes:
+        full = sum(v["bytes"] for k, v in sizes.items() if k.endswith("/full"))
+        rank1 = sum(v["bytes"] for k, v in sizes.items() if k.endswith("/rank1"))
+        if full and rank1:
+            out += [f"Store sizes: full {full / 1e6:.2f} MB, rank-1 {rank1 / 1e6:.3f} MB in total ({rank1 / full:.1%}).", ""]
+
+    out += ["## Results (test split)", ""]
+    out += [
+        f"Score = {', '.join(metric_names)} (per capability: "
+        + ", ".join(f"{c}: {suite.metric[c]}" for c in caps) + "). "
+        "**norm.** = mean over capabilities of score / (that capability's expert score); "
+        "**gain** = mean of (score - base) / (expert - base). Each method's row is its grid point with the best "
+        "validation **norm.** (shown as *val*); the test numbers were not used to choose. "
+        f"Binomial standard error of one test score is at most {worst_se:.3f} "
+        f"({min(test_sizes.values())}-{max(test_sizes.values())} examples per capability); one training seed.",
+        "",
+        "| model | " + " | ".join(caps) + " | norm. | gain | chosen setting | val norm. | merge s |",
+        "|---|" + "---|" * (len(caps) + 5),
+    ]
+    references = [("base", "base")] + [(f"expert {cap}", f"expert/{cap}") for cap in caps]
+    for label, key in references:
+        record = models[key]
+        ratio, gain = _normalised(suite, models, record, "test")
+        cells = " | ".join(_fmt(_score(record, "test", c, suite.metric[c])) for c in caps)
+        out.append(f"| {label} | {cells} | {_fmt(ratio)} | {_fmt(gain)} | (reference) | | |")
+    for choice in sorted(chosen, key=lambda c: -c["test"]):
+        record = choice["record"]
+        cells = " | ".join(_fmt(_score(record, "test", c, suite.metric[c])) for c in caps)
+        out.append(f"| **{choice['method']}** | {cells} | **{_fmt(choice['test'])}** | {_fmt(choice['gain'])} | "
+                   f"{choice['label']} | {_fmt(choice['val'])} | {record['merge_seconds']:.2f} |")  # fmt: skip
+    for extra in suite.also_report:
+        out += ["", f"Held-out {extra} (test) of the same rows:", "",
+                "| model | " + " | ".join(caps) + " |", "|---|" + "---|" * len(caps)]  # fmt: skip
+        for label, record in [(lab, models[key]) for lab, key in references] + [(c["method"], c["record"]) for c in chosen]:
+            out.append(f"| {label} | " + " | ".join(_fmt(_score(record, "test", c, extra)) for c in caps) + " |")
+    out += ["", "### Findings", ""] + [f"- {line}" for line in _findings(suite, chosen, curves, data["densities"])]
+
+    out += ["", "### Tuning grids (same budget: at most 4 settings per method)", "",
+            merges.__doc__.split("Grid rule", 1)[1].split("\n", 1)[1].strip(), "",
+            "| method | grid | note |", "|---|---|---|"]  # fmt: skip
+    notes = {m.name: m.note for m in merges.methods()}
+    for method, grid in data["grids"].items():
+        out.append(f"| {method} | {grid} | {notes.get(method, '')} |")
+    out += ["", "All mergekit runs: `dtype: float32`, `random_seed` 0 (dare is random). The YAML of every grid point "
+            f"is in `{_shown(os.path.join(invocation.get('work', ''), 'configs'))}/` and runs as is with "
+            "`mergekit-yaml CONFIG OUT`.", "",
+            "<details><summary>Every grid point (val / test norm.)</summary>", "",
+            "| method | setting | val norm. | test norm. | test gain |", "|---|---|---|---|---|"]  # fmt: skip
+    for setting in data["settings"]:
+        record = models[setting["key"]]
+        val = _normalised(suite, models, record, "val")[0]
+        ratio, gain = _normalised(suite, models, record, "test")
+        out.append(f"| {setting['method']} | {setting['label']} | {_fmt(val)} | {_fmt(ratio)} | {_fmt(gain)} |")
+    out += ["", "</details>", ""]
+
+    out += ["## Grafting one expert (test split)", "", grafting.__doc__.split("\n\n", 1)[1].strip(), "",
+            f"![grafting curves]({png_name})", "",
+            "Mean over capabilities of score / expert score (gain-normalised in parentheses):", "",
+            "| selector | " + " | ".join(f"d={d:g}" for d in data["densities"]) + " |",
+            "|---|" + "---|" * len(data["densities"])]  # fmt: skip
+    for selector, per_cap in curves.items():
+        cells = []
+        for i in range(len(data["densities"])):
+            ratio = sum(per_cap[c][i]["ratio"] for c in caps) / len(caps)
+            gain = sum(per_cap[c][i]["gain"] for c in caps) / len(caps)
+            cells.append(f"{_fmt(ratio)} ({_fmt(gain, 2)})")
+        out.append(f"| {selector} | " + " | ".join(cells) + " |")
+    out += ["", "<details><summary>Per capability (score / expert score)</summary>", "",
+            "| capability | selector | " + " | ".join(f"d={d:g}" for d in data["densities"]) + " |",
+            "|---|---|" + "---|" * len(data["densities"])]  # fmt: skip
+    for cap in caps:
+        for selector, per_cap in curves.items():
+            out.append(f"| {cap} | {selector} | " + " | ".join(_fmt(p["ratio"]) for p in per_cap[cap]) + " |")
+    out += ["", "</details>", ""]
+
+    out += ["## Run time", "", "| stage | wall s | CPU s (this process) |", "|---|---|---|"]
+    stages = data.get("stages", {})
+    for stage, t in stages.items():
+        out.append(f"| {stage} | {t['wall']:.0f} | {t['cpu']:.0f} |")
+    total_wall = sum(t["wall"] for t in stages.values())
+    total_cpu = sum(t["cpu"] for t in stages.values())
+    out.append(f"| **total** | **{total_wall:.0f}** | **{total_cpu:.0f}** |")
+    load = invocation.get("load_before")
+    out += ["", f"Stage times add up the work of every invocation that computed something (a rerun skips cached "
+            f"steps); this invocation took {invocation.get('wall', 0):.0f} s. Load average when it started: "
+            f"{', '.join(f'{x:.1f}' for x in load) if load else '?'} on {os.cpu_count()} CPUs. "
+            f"With {invocation.get('threads', '?')} torch thread(s) the CPU seconds are what the run costs on an "
+            "otherwise idle machine; wall seconds above them are time spent waiting for a shared CPU.", ""]  # fmt: skip
+    with open(md_path, "w", encoding="utf-8") as fp:
+        fp.write("\n".join(out))
+    return md_path

@@ -1,0 +1,286 @@
+"""The quality benchmark (benchmarks/quality): task generators, scorer, grafting configs, and a smoke run."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections import Counter
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+from benchmarks.quality import grafting, merges, tasks  # noqa: E402
+from benchmarks.quality.evaluate import score_rows  # noqa: E402
+from benchmarks.quality.train import IGNORE  # noqa: E402
+
+PAD_ID = tasks.TOKEN_ID[tasks.PAD]
+CAP_NAMES = [c.name for c in tasks.CAPABILITIES]
+
+
+# --- task generators ------------------------------------------------------------------
+
+
+def _lsb_number(digits: str) -> int:
+    return int(digits[::-1])
+
+
+@settings(max_examples=60, deadline=None)
+@given(name=st.sampled_from(CAP_NAMES), seed=st.integers(0, 10**6), hard=st.booleans())
+def test_every_generated_answer_is_correct_by_an_independent_check(name, seed, hard):
+    """Answers satisfy each capability's definition (checked without the generator's solver)."""
+    import random
+
+    cap = tasks.capability(name)
+    rng = random.Random(seed)
+    size = cap.hard if hard else rng.choice(cap.easy)
+    prompt, answer = cap.sample(rng, size, "train")
+    if name == "reverse":
+        assert len(prompt) == size and answer[::-1] == prompt
+    elif name == "sort":
+        assert Counter(answer) == Counter(prompt) and list(answer) == sorted(answer)
+    elif name == "add":
+        a, b = prompt.split("+")
+        assert len(a) == len(b) == size and len(answer) == size + 1
+        assert _lsb_number(answer) == _lsb_number(a) + _lsb_number(b)
+    else:
+        pairs, key = prompt.split("?")
+        keys = pairs[0::2]
+        assert len(keys) == size == len(set(keys)) and key in keys
+        assert answer == pairs[pairs.index(key) + 1]
+
+
+@pytest.mark.parametrize("name", CAP_NAMES)
+def test_held_out_prompts_never_occur_in_training_data(name):
+    """Validation, test and training prompts (pretraining and fine-tuning) are pairwise disjoint."""
+    cap = tasks.capability(name)
+    val = {p for p, _ in cap.examples(200, cap.hard, "val", 0)}
+    test = {p for p, _ in cap.examples(200, cap.hard, "test", 0)}
+    train = {p for size in (*cap.easy, cap.hard) for p, _ in cap.examples(2000, size, "train", 0)}
+    assert val and test and train
+    assert not (val & test) and not (val & train) and not (test & train)
+    pretrain = tasks.pretraining_examples([cap], 500, seed=3)
+    decoded = {"".join(tasks.VOCAB[i] for i in ids[2 : ids.index(tasks.TOKEN_ID[">"])]) for ids, _ in pretrain}
+    assert not (decoded & (val | test))
+
+
+def test_held_out_sets_are_deterministic_distinct_and_fixed_length():
+    """The same seed gives the same held-out set; examples are distinct and share one answer length."""
+    for cap in tasks.CAPABILITIES:
+        first = cap.examples(64, cap.hard, "test", 0, unique=True)
+        assert first == cap.examples(64, cap.hard, "test", 0, unique=True)
+        assert len({p for p, _ in first}) == 64
+        assert len({len(a) for _, a in first}) == 1
+
+
+def test_encoding_labels_exactly_the_answer_and_matches_the_saved_tokenizer():
+    """Labels are -100 except on the answer tokens; the HF tokenizer saved with the models gives the same ids."""
+    hf = tasks.hf_tokenizer()
+    for cap in tasks.CAPABILITIES:
+        prompt, answer = cap.examples(1, cap.hard, "val", 0)[0]
+        ids, labels = tasks.encode(cap, (prompt, answer))
+        assert labels[: len(ids) - len(answer)] == [IGNORE] * (len(ids) - len(answer))
+        assert labels[-len(answer) :] == ids[-len(answer) :]
+        assert "".join(tasks.VOCAB[i] for i in ids[-len(answer) :]) == answer
+        assert hf(f"{cap.marker}{prompt}>{answer}")["input_ids"] == ids
+
+
+# --- the scorer -----------------------------------------------------------------------
+
+
+class _Shifted(torch.nn.Module):
+    """A 'model' whose argmax at position t is input token t+1 plus ``offset`` (mod vocab)."""
+
+    def __init__(self, offset: int = 0, wrong_last: bool = False):
+        super().__init__()
+        self.offset, self.wrong_last = offset, wrong_last
+
+    def forward(self, input_ids, attention_mask=None):
+        nxt = torch.roll(input_ids, -1, dims=1)
+        lengths = attention_mask.sum(-1) if attention_mask is not None else torch.full((len(input_ids),), input_ids.shape[1])
+        if self.wrong_last:  # wrong exactly at the position that predicts each row's last token
+            nxt[torch.arange(len(nxt)), lengths - 2] += 1
+        logits = torch.nn.functional.one_hot((nxt + self.offset) % len(tasks.VOCAB), len(tasks.VOCAB)).float()
+        return type("Out", (), {"logits": logits})()
+
+
+def _rows(n=24):
+    rows = []
+    for cap in tasks.CAPABILITIES:
+        rows += [tasks.encode(cap, e) for e in cap.examples(n, cap.hard, "test", 0)]
+    return rows
+
+
+def test_oracle_scores_one_and_wrong_model_scores_zero():
+    """A model right at every answer token scores 1.0; one wrong at every token scores 0.0; mixed lengths pad fine."""
+    rows = _rows()
+    right = score_rows(_Shifted(0), rows, PAD_ID, batch_size=7)
+    assert right["exact_match"] == 1.0 and right["token_accuracy"] == 1.0
+    wrong = score_rows(_Shifted(1), rows, PAD_ID, batch_size=7)
+    assert wrong["exact_match"] == 0.0 and wrong["token_accuracy"] == 0.0
+    assert wrong["loss"] > right["loss"]
+
+
+def test_one_wrong_answer_token_fails_exact_match_but_not_the_other_tokens():
+    """Wrong only at the last answer token: exact match 0, token accuracy = (L-1)/L per capability."""
+    for cap in tasks.CAPABILITIES:
+        rows = [tasks.encode(cap, e) for e in cap.examples(16, cap.hard, "test", 0)]
+        answer_length = sum(1 for label in rows[0][1] if label != IGNORE)
+        result = score_rows(_Shifted(0, wrong_last=True), rows, PAD_ID)
+        assert result["exact_match"] == 0.0
+        assert result["token_accuracy"] == pytest.approx((answer_length - 1) / answer_length)
+
+
+class _CausalOracle(torch.nn.Module):
+    """Predicts from the prefix only: the true next answer token, except for some rows/positions
+    (chosen from the prompt and the answer tokens so far), where it predicts a wrong digit/letter."""
+
+    def forward(self, input_ids, attention_mask=None):
+        vocab = len(tasks.VOCAB)
+        logits = torch.zeros(*input_ids.shape, vocab)
+        sep = tasks.TOKEN_ID[">"]
+        for row, ids in enumerate(input_ids.tolist()):
+            if sep not in ids:
+                continue
+            cap = next(c for c in tasks.CAPABILITIES if tasks.TOKEN_ID[c.marker] == ids[1])
+            s = ids.index(sep)
+            prompt = "".join(tasks.VOCAB[i] for i in ids[2:s])
+            answer = cap.solve(prompt)
+            for t in range(s, len(ids)):
+                done = ids[s + 1 : t + 1]
+                if len(done) >= len(answer):
+                    continue
+                token = tasks.TOKEN_ID[answer[len(done)]]
+                if (sum(done) + len(prompt) * len(done)) % 5 == 0 and len(done) > 0:
+                    token = (token + 1) % vocab  # a deterministic, prefix-dependent mistake
+                logits[row, t, token] = 1.0
+        return type("Out", (), {"logits": logits})()
+
+
+def _greedy(model, ids, answer_length):
+    ids = list(ids)
+    for _ in range(answer_length):
+        logits = model(torch.tensor([ids])).logits
+        ids.append(int(logits[0, -1].argmax()))
+    return ids[-answer_length:]
+
+
+def test_teacher_forced_exact_match_equals_greedy_decoding_row_by_row():
+    """For a causal model, 'argmax right at every answer position' holds exactly when greedy decoding gives the answer."""
+    model = _CausalOracle()
+    both = {True: 0, False: 0}
+    for cap in tasks.CAPABILITIES:
+        for example in cap.examples(12, cap.hard, "test", 1):
+            ids, labels = tasks.encode(cap, example)
+            length = len(example[1])
+            greedy = _greedy(model, ids[:-length], length) == ids[-length:]
+            forced = score_rows(model, [(ids, labels)], PAD_ID)["exact_match"] == 1.0
+            assert greedy == forced, example
+            both[greedy] += 1
+    assert both[True] and both[False]  # the oracle is right on some rows and wrong on others
+
+
+# --- merge configs --------------------------------------------------------------------
+
+
+def test_every_method_gets_at_most_four_settings_and_valid_mergekit_configs():
+    """The tuning budget is at most 4 grid points per method and each config validates as a MergeConfiguration."""
+    import mergekit_ota  # noqa: F401
+    from mergekit.config import MergeConfiguration
+
+    experts = merges.Experts("base", {"a": "ea", "b": "eb"}, {"a": "va.safetensors", "b": "vb.safetensors"},
+                             {"a": "ra.safetensors", "b": "rb.safetensors"})  # fmt: skip
+    points = merges.settings(experts)
+    counts = Counter(p.method for p in points)
+    assert set(counts) == {m.name for m in merges.methods()}
+    assert max(counts.values()) <= 4
+    assert len({p.slug for p in points}) == len(points)
+    for point in points:
+        MergeConfiguration.model_validate(point.config)
+        curvature = [m["parameters"].get("curvature") for m in point.config["models"]]
+        if "rank-1" in point.method:
+            assert curvature == ["ra.safetensors", "rb.safetensors"]
+        elif point.method.startswith(("ota", "ffg")):
+            assert curvature == ["va.safetensors", "vb.safetensors"]
+
+
+def test_magnitude_and_random_grafts_are_exactly_masked_task_vectors(tmp_path):
+    """Single-expert `ties` = base + top-k(|tau|) per tensor (k = max(1, int(d*numel))); `dare_linear`
+    without rescale keeps each entry either at the expert's or the base's value (about d of them)."""
+    from safetensors.torch import load_file
+
+    from mergekit_ota.synthetic import make_family, tiny_llama_config
+
+    family = make_family(str(tmp_path / "models"), n_experts=1, config=tiny_llama_config(vocab_size=64, hidden_size=32))
+    base = load_file(os.path.join(family.base, "model.safetensors"))
+    expert = load_file(os.path.join(family.experts[0], "model.safetensors"))
+    density = 0.2
+    for selector in ("magnitude (per tensor)", "random"):
+        config = grafting.graft_config(selector, family.base, family.experts[0], family.stores[0], density)
+        out = tmp_path / selector.split()[0]
+        merges.run_config(config, str(out))
+        merged = load_file(os.path.join(out, "model.safetensors"))
+        kept = total = 0
+        for name, b in base.items():
+            tau = (expert[name] - b).flatten()
+            got = (merged[name] - b).flatten()
+            if selector == "random":
+                assert torch.all((got == 0) | torch.isclose(got, tau, rtol=1e-5, atol=1e-7)), name
+                kept += int((got != 0).sum())
+                total += int((tau != 0).sum())
+            else:
+                k = max(1, int(density * tau.numel()))
+                mask = torch.zeros_like(tau, dtype=torch.bool)
+                mask[torch.topk(tau.abs(), k).indices] = True
+                assert torch.allclose(got, tau * mask, atol=1e-7), name
+        if selector == "random":
+            assert abs(kept / total - density) < 0.03
+
+
+# --- the pipeline end to end ----------------------------------------------------------
+
+
+def test_smoke_run_writes_a_well_formed_report_and_reuses_its_cache(tmp_path):
+    """--smoke: report rows for every method and reference, scores in [0, 1], the plot opens;
+    a rerun trains nothing again and gives the same table."""
+    import matplotlib.image
+
+    from benchmarks.quality import run
+
+    threads = torch.get_num_threads()
+    argv = ["--tier", "quick", "--smoke", "--methods", "ota", "ties", "--cache", str(tmp_path / "cache"),
+            "--results", str(tmp_path / "results")]  # fmt: skip
+    try:
+        data = run.main(argv)
+        report = (tmp_path / "results" / "quality-quick-smoke.md").read_text()
+        png = tmp_path / "results" / "quality-quick-smoke-grafting.png"
+        image = matplotlib.image.imread(str(png))
+        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+
+        table = report.split("## Results (test split)", 1)[1].split("### Findings", 1)[0]
+        rows = {line.split("|")[1].strip().strip("*"): line for line in table.splitlines() if line.startswith("| ")}
+        expected = ["base", "expert reverse", "expert recall", "ota", "ties"]
+        assert all(name in rows for name in expected), rows.keys()
+        for name in expected:
+            cells = [c.strip().strip("*") for c in rows[name].split("|")[2:4]]
+            assert all(0.0 <= float(c) <= 1.0 for c in cells), rows[name]
+        assert "![grafting curves](quality-quick-smoke-grafting.png)" in report
+        assert re.search(r"\| FFG \(per tensor\) \| [0-9n]", report)
+        work = data["invocation"]["work"]
+        assert os.path.isfile(os.path.join(work, "curvature", "recall-rank1.safetensors"))
+        assert os.path.isfile(os.path.join(work, "configs", merges.slug("ota p=0.5, λ=1") + ".yml"))
+
+        stamp = os.path.getmtime(os.path.join(work, "experts", "recall", "run.json"))
+        again = run.main(argv)
+        assert os.path.getmtime(os.path.join(work, "experts", "recall", "run.json")) == stamp
+        assert again["models"] == data["models"]
+        second = (tmp_path / "results" / "quality-quick-smoke.md").read_text()
+        assert table in second
+    finally:
+        torch.set_num_threads(threads)
