@@ -545,3 +545,29 @@ def test_export_is_registered_in_the_cli():
 
     result = CliRunner().invoke(main, ["--help"])
     assert result.exit_code == 0 and "export" in result.output
+
+
+def test_merge_with_store_lacking_a_frozen_parameter_says_it_was_frozen(untied_frozen, tmp_path):
+    """A merge that needs curvature for a parameter the export recorded as stateless (frozen) fails at
+    planning, naming the store, the tensor, and that the optimizer had no state for it."""
+    import mergekit_ota  # noqa: F401
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    from mergekit_ota.errors import PreflightError
+
+    import shutil
+
+    store = tmp_path / "store.safetensors"
+    _export(untied_frozen.checkpoint, store)
+    base = tmp_path / "base"
+    shutil.copytree(untied_frozen.model_dir, base)
+    config = {
+        "merge_method": "ota",
+        "base_model": str(base),
+        "models": [{"model": untied_frozen.model_dir, "parameters": {"curvature": str(store)}}],
+    }
+    with pytest.raises(PreflightError, match=r"store\.safetensors: no curvature tensor 'model\.embed_tokens\.weight'.*frozen in training"):
+        run_merge(MergeConfiguration.model_validate(config), str(tmp_path / "out"), MergeOptions(quiet=True))
+    assert not (tmp_path / "out").exists()

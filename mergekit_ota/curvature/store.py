@@ -282,7 +282,7 @@ class CurvatureStore:
             ]
             value = None
         for entry, tensor in parts:
-            _check_values(tensor, entry)
+            check_values(tensor, entry)
         if value is None:
             value = rank1_reconstruct(parts[0][1], parts[1][1])
         return value
@@ -308,7 +308,8 @@ def value_problems(entry: HeaderEntry, nan: int, inf: int, negative: int, minimu
     return problems
 
 
-def _check_values(tensor: torch.Tensor, entry: HeaderEntry) -> None:
+def check_values(tensor: torch.Tensor, entry: HeaderEntry) -> None:
+    """Raise :class:`CurvatureError` naming ``entry`` if ``tensor`` holds NaN, Inf or negative values."""
     if tensor.numel() == 0:
         return
     # One fused pass: NaN propagates to both ends, +-Inf shows up as an end.

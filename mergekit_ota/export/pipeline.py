@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import torch
 
-from mergekit_ota.curvature.store import COL_SUFFIX, ROW_SUFFIX, HeaderEntry, _check_values
+from mergekit_ota.curvature.store import COL_SUFFIX, ROW_SUFFIX, HeaderEntry, check_values
 from mergekit_ota.curvature.writer import OutputLayout, StoreWriter, TensorSpec, check_output, store_metadata, store_specs, stored_tensors
 from mergekit_ota.errors import ConfigError, CurvatureError
 from mergekit_ota.export.detect import open_source
@@ -124,7 +124,7 @@ def export_metadata(source: SourceState, options: ExportOptions, specs: List[Ten
 
 def _check(tensor: torch.Tensor, item: StateItem, what: str) -> None:
     entry = HeaderEntry(file=item.origin, key=f"{item.name}{what}", dtype=str(tensor.dtype), shape=tuple(tensor.shape))
-    _check_values(tensor, entry)
+    check_values(tensor, entry)
 
 
 def _write_item(writer: StoreWriter, item: StateItem, scale: Optional[float], compress: bool) -> None:

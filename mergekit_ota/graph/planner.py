@@ -13,6 +13,7 @@ together (:class:`~mergekit_ota.errors.PreflightError`) before anything is writt
 
 from __future__ import annotations
 
+import json
 import os
 from functools import lru_cache
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -56,6 +57,15 @@ def _weight_shape(model: ModelReference, name: str) -> Optional[Tuple[int, ...]]
     if shard is None or not shard.endswith(".safetensors"):
         return None
     return _header_shapes(os.path.join(index.base_path, shard)).get(name)
+
+
+def _without_state(store: CurvatureStore) -> List[str]:
+    """Parameters an export recorded as having no optimizer state (``parameters_without_state``)."""
+    try:
+        names = json.loads(store.metadata.get("parameters_without_state", "[]"))
+    except ValueError:
+        return []
+    return [str(n) for n in names] if isinstance(names, list) else []
 
 
 def _found_name(model: ModelReference, weight: WeightInfo) -> Optional[str]:
@@ -125,7 +135,10 @@ class CurvaturePlan:
         key = next((name for name in _curvature_names(weight, found) if name in store), None)
         if key is None:
             read_as = f" (read as '{found}')" if found != weight.name else ""
-            self.problem(f"{path}: no curvature tensor '{found}' for expert {model}, weight {weight.name}{read_as}")
+            frozen = ""
+            if found in _without_state(store):
+                frozen = "; the export found no optimizer state for this parameter (frozen in training?)"
+            self.problem(f"{path}: no curvature tensor '{found}' for expert {model}, weight {weight.name}{read_as}{frozen}")
             return None
         expected = _weight_shape(model, found)
         if expected is not None and tuple(store.shape(key)) != tuple(expected):
