@@ -1,12 +1,16 @@
 """``mergekit-ota demo``: the whole job end to end on a laptop-sized problem, no hub.
 
-1. A tiny Llama base; two experts fine-tuned from it with AdamW, one per skill
-   (A: arithmetic progressions counting up in tokens 0-31; B: counting down in
-   tokens 32-63); each expert's ``exp_avg_sq`` exported to its curvature store.
-2. The same experts merged with ``ota`` (with and without FFG), ``ffg``, and
-   mergekit's ``task_arithmetic``, ``ties``, ``dare_ties`` and ``linear``.
-3. Next-token accuracy of every model on held-out sequences of both skills,
-   normalised by each expert on its own skill, and each merge's wall time.
+1. A tiny Llama base; two experts fine-tuned from it with ``transformers.Trainer`` (AdamW), one
+   per skill (A: arithmetic progressions counting up in tokens 0-31; B: counting down in tokens
+   32-63).
+2. Each expert's curvature exported from its Trainer checkpoint with ``mergekit-ota export``
+   (full, into the expert's directory, and rank-1 compressed), a merge config preflighted with
+   ``mergekit-ota check``.
+3. The experts merged with ``ota`` (full and rank-1 curvature, with and without FFG), ``ffg``, and
+   mergekit's ``task_arithmetic``, ``ties``, ``dare_ties`` and ``linear``; the ``ota`` config also
+   through the unmodified ``mergekit-yaml`` command.
+4. Next-token accuracy of every model on held-out sequences of both skills, normalised by each
+   expert on its own skill, and each merge's wall time.
 """
 
 from __future__ import annotations
@@ -74,50 +78,47 @@ def _tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0")
 
 
-def train_expert(base_dir: str, out_dir: str, skill: Skill, pairs, steps: int, seed: int) -> None:
-    """Fine-tune the base on one skill with AdamW; save weights and ``exp_avg_sq``."""
-    from transformers import LlamaForCausalLM
+def train_expert(base_dir: str, out_dir: str, skill: Skill, pairs, steps: int, seed: int) -> str:
+    """Fine-tune the base on one skill with ``transformers.Trainer`` (AdamW); save the expert to
+    ``out_dir`` and return the Trainer checkpoint directory (``optimizer.pt`` and the model)."""
+    from transformers import LlamaForCausalLM, Trainer, TrainingArguments
 
-    from mergekit_ota.curvature.locate import DEFAULT_STORE_NAME
-    from mergekit_ota.curvature.writer import save_store
-
-    torch.manual_seed(seed)
     model = LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    model.train()
-    beta2 = 0.999
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, beta2), weight_decay=0.0)
-    data = _batch(skill, pairs)
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        rows = torch.randint(0, len(data), (32,), generator=generator)
-        loss = model(input_ids=data[rows], labels=data[rows]).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
-    model.save_pretrained(out_dir, safe_serialization=True)
-    _tokenizer().save_pretrained(out_dir)
-    curvature = {
-        name: optimizer.state[parameter]["exp_avg_sq"]
-        for name, parameter in model.named_parameters()
-        if parameter in optimizer.state
-    }
-    save_store(
-        curvature,
-        os.path.join(out_dir, DEFAULT_STORE_NAME),
-        metadata={"source": "mergekit-ota demo (torch.optim.AdamW)", "optimizer": "adamw",
-                  "beta2": str(beta2), "step": str(steps), "bias_corrected": "false"},
+    data = [{"input_ids": ids, "labels": ids} for ids in _batch(skill, pairs)]
+    run_dir = os.path.join(os.path.dirname(os.path.dirname(out_dir)), "runs", os.path.basename(out_dir))
+    args = TrainingArguments(
+        output_dir=run_dir, max_steps=steps, per_device_train_batch_size=32, learning_rate=3e-3,
+        lr_scheduler_type="constant", weight_decay=0.0, adam_beta2=0.999, save_strategy="steps",
+        save_steps=steps, use_cpu=True, report_to=[], logging_strategy="no", disable_tqdm=True, seed=seed,
     )  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    trainer.save_model(out_dir)
+    _tokenizer().save_pretrained(out_dir)
+    return os.path.join(run_dir, f"checkpoint-{steps}")
 
 
-def merge_configs(base: str, experts: List[str]) -> Dict[str, dict]:
-    """The configurations compared by the demo, as mergekit YAML dictionaries."""
+def _mergekit_ota(*args: str) -> None:
+    """Run a ``mergekit-ota`` subcommand as a user would (same interpreter), echoing it."""
+    print("$ mergekit-ota " + " ".join(args))
+    subprocess.run([sys.executable, "-m", "mergekit_ota.cli.main", *args], check=True)
 
-    def config(method: str, per_expert: dict, shared: dict | None = None) -> dict:
+
+def merge_configs(base: str, experts: List[str], rank1_stores: List[str]) -> Dict[str, dict]:
+    """The configurations compared by the demo, as mergekit YAML dictionaries.
+
+    Each expert's full curvature store sits in its model directory (found without a parameter);
+    ``rank1_stores`` are the same curvature exported with ``--compress rank1``."""
+
+    def config(method: str, per_expert: dict, shared: dict | None = None, stores: List[str] | None = None) -> dict:
+        models = []
+        for i, expert in enumerate(experts):
+            parameters = dict(per_expert, **({"curvature": stores[i]} if stores else {}))
+            models.append({"model": expert, "parameters": parameters})
         cfg = {
             "merge_method": method,
             "base_model": base,
-            "models": [{"model": e, "parameters": dict(per_expert)} for e in experts] + [{"model": base}],
+            "models": models + [{"model": base}],
             "dtype": "float32",
         }
         if shared:
@@ -126,6 +127,7 @@ def merge_configs(base: str, experts: List[str]) -> Dict[str, dict]:
 
     return {
         "ota": config("ota", {"weight": 1.0}),
+        "ota (rank-1 curvature)": config("ota", {"weight": 1.0}, stores=rank1_stores),
         "ota+ffg (tensor, d=0.2)": config("ota", {"density": 0.2}),
         "ota+ffg (model, d=0.2)": config("ota", {"density": 0.2}, {"density_scope": "model"}),
         "ffg (d=0.2)": config("ffg", {"density": 0.2, "weight": 1.0}),
@@ -183,13 +185,18 @@ def run_demo(out_dir: str, steps: int = 150, seed: int = 0, force: bool = False)
     base = os.path.join(out_dir, "models", "base")
     save_model(base, config, random_state_dict(config, seed))
     _tokenizer().save_pretrained(base)
-    experts = []
+    experts, rank1_stores = [], []
     for i, skill in enumerate(SKILLS):
         path = os.path.join(out_dir, "models", f"expert_{'ab'[i]}")
         started = time.perf_counter()
-        train_expert(base, path, skill, train, steps, seed + i + 1)
-        print(f"trained expert {skill.name} in {time.perf_counter() - started:.1f}s")
+        checkpoint = train_expert(base, path, skill, train, steps, seed + i + 1)
+        print(f"trained expert {skill.name} with transformers.Trainer in {time.perf_counter() - started:.1f}s")
+        # The optimizer's second moments, from the Trainer checkpoint, as a user would export them:
+        _mergekit_ota("export", checkpoint, os.path.join(path, "exp_avg_sq.safetensors"), "--quiet")
+        rank1 = os.path.join(out_dir, "stores", f"expert_{'ab'[i]}_rank1")
+        _mergekit_ota("export", checkpoint, rank1, "--compress", "rank1", "--quiet")
         experts.append(path)
+        rank1_stores.append(rank1)
 
     rows = []
 
@@ -201,12 +208,14 @@ def run_demo(out_dir: str, steps: int = 150, seed: int = 0, force: bool = False)
     for i, path in enumerate(experts):
         evaluate(f"expert {'AB'[i]}", path, None)
 
-    configs = merge_configs(base, experts)
+    configs = merge_configs(base, experts, rank1_stores)
     config_dir = os.path.join(out_dir, "configs")
     os.makedirs(config_dir, exist_ok=True)
     for name, cfg in configs.items():
         with open(os.path.join(config_dir, _slug(name) + ".yml"), "w", encoding="utf-8") as fp:
             yaml.safe_dump(cfg, fp, sort_keys=False)
+    _mergekit_ota("check", os.path.join(config_dir, "ota_ffg__model__d_0_2.yml"))
+    for name, cfg in configs.items():
         out = os.path.join(out_dir, "merged", _slug(name))
         options = MergeOptions(quiet=True, random_seed=seed)
         started = time.perf_counter()

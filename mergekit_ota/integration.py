@@ -89,7 +89,15 @@ def _patch_attribute(module: ModuleType, name: str, wrap: Callable[[Callable], C
         setattr(module, name, wrap(current))
 
 
+def _initializing(name: str) -> bool:
+    """True while module ``name`` is being executed (imported but not finished)."""
+    module = sys.modules.get(name)
+    return module is not None and bool(getattr(getattr(module, "__spec__", None), "_initializing", False))
+
+
 def _on_merge_methods(module: ModuleType) -> None:
+    if _initializing("mergekit_ota.methods"):
+        return  # mergekit was imported by our own methods package, which registers when it finishes
     from mergekit_ota.methods import register_methods
 
     register_methods()
@@ -141,6 +149,5 @@ def install() -> None:
     mergekit_ota_autoload.install_finder()
     for name in HANDLERS:
         module = sys.modules.get(name)
-        spec = getattr(module, "__spec__", None)
-        if module is not None and not getattr(spec, "_initializing", False):
+        if module is not None and not _initializing(name):
             on_module(name, module)

@@ -27,14 +27,17 @@ def test_methods_lists_every_parameter():
 
 
 def test_demo_runs_end_to_end_and_refuses_foreign_dirs(tmp_path):
-    """A short demo trains, merges with every method, writes report.md; --force never deletes a foreign dir."""
+    """A short demo trains with the Trainer, exports curvature (full and rank-1) from its checkpoints, checks
+    and merges with every method, writes report.md; --force never deletes a foreign dir."""
     from mergekit_ota.demo import merge_configs
 
     out = tmp_path / "demo"
     result = CliRunner().invoke(main, ["demo", "--out", str(out), "--steps", "5"])
     assert result.exit_code == 0, result.output
     report = (out / "report.md").read_text()
-    for name in merge_configs("b", ["e"]):
+    assert (out / "models" / "expert_a" / "exp_avg_sq.safetensors").is_file()
+    assert (out / "stores" / "expert_b_rank1" / "exp_avg_sq.safetensors").is_file()
+    for name in merge_configs("b", ["e"], ["s"]):
         assert f"| {name} |" in report
     assert "identical to the in-process run: True" in report
 

@@ -40,6 +40,24 @@ def test_import_registers_idempotently():
     assert {"ota", "ffg"} <= {m.spec.name for m in before}
 
 
+@pytest.mark.parametrize(
+    "first",
+    ["mergekit_ota.methods.settings", "mergekit_ota.methods", "mergekit_ota.graph.planner", "mergekit.plan", "mergekit_ota"],
+)
+def test_methods_registered_whatever_is_imported_first(first):
+    """Registration does not depend on import order: importing a submodule of ours that itself imports
+    mergekit (so the hook fires mid-import) still leaves ota and ffg registered, without warnings."""
+    code = (
+        "import warnings\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        f"    import {first}\n"
+        "    import mergekit.merge_methods as m\n"
+        "print(m.get('ota').spec.name, m.get('ffg').spec.name, [str(w.message) for w in caught if 'mergekit-ota' in str(w.message)])"
+    )
+    assert _python(sys.executable, code) == "ota ffg []"
+
+
 def _throwaway_venv(tmp_path: Path, name: str) -> str:
     """A fresh venv that sees this environment's dependencies but not its .pth hooks."""
     venv = tmp_path / name

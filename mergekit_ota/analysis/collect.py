@@ -119,7 +119,8 @@ def pair_indices(n: int) -> List[Tuple[int, int]]:
 
 def rank_targets(inputs: OpenedInputs, count: int) -> Set[str]:
     """Names of the ``count`` largest 2-D tensors (by entries, then name): their masks get an SVD."""
-    matrices = [(e.shape, name) for name, e in inputs.base.entries.items() if name in set(inputs.tensors) and len(e.shape) == 2]
+    analysed = set(inputs.tensors)
+    matrices = [(e.shape, name) for name, e in inputs.base.entries.items() if name in analysed and len(e.shape) == 2]
     matrices.sort(key=lambda item: (-item[0][0] * item[0][1], item[1]))
     return {name for _, name in matrices[:count]}
 

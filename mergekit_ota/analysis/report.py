@@ -10,7 +10,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field, is_dataclass, fields
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 from mergekit_ota.analysis import aggregate as agg
 from mergekit_ota.analysis import figures as fig
@@ -244,7 +244,7 @@ def build_document(analysis: Analysis, figures: Dict[str, List[Tuple[str, str]]]
     doc.add("h1", "Where did the experts learn? (mergekit-ota analyze)")
     doc.add(
         "p",
-        f"Base `{request.base}`, {len(labels)} expert(s), {len(records)} tensors ({total:,} entries each). "
+        f"Base `{request.base}`, {len(labels)} expert(s), {len(records)} tensors ({total:,} entries per model). "
         f"Inputs from {request.source}. Took {sum(analysis.seconds.values()):.1f} s "
         f"({', '.join(f'{k} {v:.1f} s' for k, v in analysis.seconds.items())}).",
     )
@@ -273,7 +273,7 @@ def build_document(analysis: Analysis, figures: Dict[str, List[Tuple[str, str]]]
             "p",
             f"Per tensor and expert pair (a, b): cosine similarity of sqrt(v_a) and sqrt(v_b); Spearman rank "
             f"correlation of v_a and v_b (ties get average ranks; tensors above {request.spearman_sample:,} "
-            f"entries use a fixed pseudo-random sample of that many entries, seeded by the tensor name); "
+            f"entries use a fixed pseudo-random sample of that many entries, drawn with replacement and seeded by the tensor name); "
             f"Jaccard of the top-{d} entries of v_a and v_b (per tensor; unrelated random sets would give "
             f"{num(random_jaccard(request.top_density, request.top_density), 3)}). Whole-model and cell values are "
             f"computed over the concatenated tensors (Spearman: entry-weighted mean). Scaling an expert's "

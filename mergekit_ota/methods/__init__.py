@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 from mergekit_ota.methods.ffg import FFGMerge
@@ -34,5 +35,10 @@ def register_methods() -> None:
                 stacklevel=2,
             )
 
+
+# Importing this package imports mergekit.merge_methods (through methods/base.py); the start-up
+# hook defers registration to here when that happens mid-import (integration._on_merge_methods).
+if "mergekit.merge_methods" in sys.modules:
+    register_methods()
 
 __all__ = ["FFG", "METHODS", "METHOD_NAMES", "OTA", "is_ours", "register_methods"]
