@@ -9,7 +9,6 @@ edits, and curvature stores whose values are large where an expert was edited
 from __future__ import annotations
 
 import copy
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -17,7 +16,6 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 
 from mergekit_ota.curvature.locate import DEFAULT_STORE_NAME, INDEX_SUFFIX
-from mergekit_ota.curvature.store import read_header
 from mergekit_ota.curvature.writer import save_store
 
 RANK1_STORE_NAME = "exp_avg_sq_rank1.safetensors"
@@ -159,41 +157,13 @@ def _shapes(config) -> Dict[str, Tuple[int, ...]]:
     return shapes
 
 
-def _shards(shapes: Dict[str, Tuple[int, ...]], shard_bytes: int) -> List[List[str]]:
-    """Consecutive names grouped into shards of at most ``shard_bytes`` fp32 bytes (or one tensor)."""
-    shards: List[List[str]] = [[]]
-    size = 0
+def _base_tensors(shapes: Dict[str, Tuple[int, ...]], generator: torch.Generator, std: float) -> Iterator[Tuple[str, torch.Tensor]]:
+    """Random base weights one tensor at a time: ``N(0, std)``, norms 1."""
     for name, shape in shapes.items():
-        nbytes = 4 * int(torch.Size(shape).numel())
-        if shards[-1] and size + nbytes > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
-    return shards
-
-
-def _shard_name(stem: str, index: int, count: int) -> str:
-    if count == 1:
-        return f"{stem}.safetensors"
-    return f"{stem}-{index + 1:05d}-of-{count:05d}.safetensors"
-
-
-def _write_index(directory: str, stem: str, weight_map: Dict[str, str]) -> None:
-    """Write ``stem.safetensors.index.json`` when ``weight_map`` spans more than one file."""
-    if len(set(weight_map.values())) < 2:
-        return
-    path = os.path.join(directory, f"{stem}.safetensors{INDEX_SUFFIX}")
-    with open(path, "w", encoding="utf-8") as fp:
-        json.dump({"metadata": {}, "weight_map": weight_map}, fp, indent=1)
-
-
-def _base_tensors(shapes: Dict[str, Tuple[int, ...]], names: List[str], generator: torch.Generator, std: float) -> Iterator[Tuple[str, torch.Tensor]]:
-    for name in names:
         if name.endswith("norm.weight"):
-            yield name, torch.ones(shapes[name])
+            yield name, torch.ones(shape)
         else:
-            yield name, torch.randn(shapes[name], generator=generator).mul_(std)
+            yield name, torch.randn(shape, generator=generator).mul_(std)
 
 
 def stream_family(
@@ -201,24 +171,27 @@ def stream_family(
     n_experts: int = 2,
     config=None,
     seed: int = 0,
-    shard_bytes: int = 256 << 20,
+    shard_bytes: int = 1 << 30,
 ) -> Family:
-    """Write a base and ``n_experts`` experts one shard at a time (for models too big for ``make_family``).
+    """Write a base and ``n_experts`` experts one tensor at a time (for models too big for ``make_family``).
 
-    Weights are fp32, in safetensors shards of at most ``shard_bytes`` (with a
-    ``.index.json`` when there is more than one).  Each expert gets its full
-    curvature store ``exp_avg_sq.safetensors[.index.json]`` and a rank-1 store
-    ``exp_avg_sq_rank1.safetensors[.index.json]``, both sharded like the weights.  Base tensors are
-    ``N(0, initializer_range)`` (norms 1); experts follow :func:`expert_tensor` with
-    the per-expert seeds of :func:`make_family`.  Memory: one shard per model.
+    Weights are fp32 safetensors shards of at most ``shard_bytes`` with a
+    ``model.safetensors.index.json``.  Each expert gets its full curvature store
+    ``exp_avg_sq.safetensors.index.json`` (sharded like the weights) and a rank-1 one,
+    ``exp_avg_sq_rank1.safetensors``.  Base tensors are ``N(0, initializer_range)``
+    (norms 1); experts follow :func:`expert_tensor` with the per-expert seeds of
+    :func:`make_family`.  Files stream through
+    :class:`~mergekit_ota.curvature.writer.StoreWriter`: memory is one tensor per model.
     """
-    from safetensors.torch import save_file
+    from contextlib import ExitStack
+
+    from mergekit_ota.curvature.writer import OutputLayout, StoreWriter, store_metadata, store_specs, stored_tensors
 
     config = copy.deepcopy(config or tiny_llama_config())
     config.dtype = torch.float32
     config.architectures = ["LlamaForCausalLM"]
     shapes = _shapes(config)
-    shards = _shards(shapes, shard_bytes)
+    pairs = list(shapes.items())
     family = Family(base=os.path.join(root, "base"))
     paths = [family.base] + [os.path.join(root, f"expert_{i}") for i in range(n_experts)]
     for path in paths:
@@ -227,34 +200,31 @@ def stream_family(
     generators = [torch.Generator().manual_seed(seed)] + [
         torch.Generator().manual_seed(seed * 1000 + i + 1) for i in range(n_experts)
     ]
-    stems = {"model": "model", "full": DEFAULT_STORE_NAME.removesuffix(".safetensors"),
-             "rank1": RANK1_STORE_NAME.removesuffix(".safetensors")}  # fmt: skip
-    maps: List[Dict[str, Dict[str, str]]] = [{stem: {} for stem in stems.values()} for _ in paths]
     metadata = {"source": "synthetic"}
-    for index, names in enumerate(shards):
-        files = {kind: _shard_name(stem, index, len(shards)) for kind, stem in stems.items()}
-        base = dict(_base_tensors(shapes, names, generators[0], float(config.initializer_range)))
-        save_file(base, os.path.join(family.base, files["model"]), metadata={"format": "pt"})
-        maps[0]["model"].update({name: files["model"] for name in names})
-        for expert in range(1, len(paths)):
-            weights, curvature = {}, {}
-            for name, value in base.items():
-                weights[name], curvature[name] = expert_tensor(value, generators[expert])
-            save_file(weights, os.path.join(paths[expert], files["model"]), metadata={"format": "pt"})
-            del weights
-            for kind, compress in (("full", False), ("rank1", True)):
-                file = os.path.join(paths[expert], files[kind])
-                save_store(curvature, file, compress=compress, metadata=metadata)
-                maps[expert][stems[kind]].update({key: files[kind] for key in read_header(file)[0]})
-            maps[expert]["model"].update({name: files["model"] for name in names})
-            del curvature
-        del base
-    for path, path_maps in zip(paths, maps):
-        for stem, weight_map in path_maps.items():
-            _write_index(path, stem, weight_map)
-    suffix = INDEX_SUFFIX if len(shards) > 1 else ""
+    with ExitStack() as stack:
+
+        def writer(path: str, compress: bool, header: Dict[str, str]) -> StoreWriter:
+            kind = "index" if path.endswith(INDEX_SUFFIX) else "file"
+            specs = store_specs(pairs, torch.float32, compress)
+            return stack.enter_context(StoreWriter(OutputLayout(kind, path), specs, header, shard_bytes))
+
+        models = [writer(os.path.join(p, "model.safetensors" + INDEX_SUFFIX), False, {"format": "pt"}) for p in paths]
+        full = [writer(os.path.join(p, DEFAULT_STORE_NAME + INDEX_SUFFIX), False,
+                       store_metadata("none", torch.float32, metadata)) for p in paths[1:]]  # fmt: skip
+        rank1 = [writer(os.path.join(p, RANK1_STORE_NAME), True,
+                        store_metadata("rank1", torch.float32, metadata)) for p in paths[1:]]  # fmt: skip
+        for name, value in _base_tensors(shapes, generators[0], float(config.initializer_range)):
+            models[0].write(name, value)
+            for expert in range(n_experts):
+                weight, v = expert_tensor(value, generators[expert + 1])
+                models[expert + 1].write(name, weight)
+                full[expert].write(name, v)
+                for key, tensor in stored_tensors(name, v, compress=True):
+                    rank1[expert].write(key, tensor)
+        for each in models + full + rank1:
+            each.commit()
     for path in paths[1:]:
         family.experts.append(path)
-        family.stores.append(os.path.join(path, DEFAULT_STORE_NAME + suffix))
-        family.rank1_stores.append(os.path.join(path, RANK1_STORE_NAME + suffix))
+        family.stores.append(os.path.join(path, DEFAULT_STORE_NAME + INDEX_SUFFIX))
+        family.rank1_stores.append(os.path.join(path, RANK1_STORE_NAME))
     return family

@@ -8,12 +8,16 @@ directory) and ``out_shard_size`` (bytes).  ``RESULT.json`` receives: ``import_s
 wall time), ``peak_rss`` (``VmHWM`` after resetting it once the imports are done,
 when the kernel allows), ``peak_anon`` (highest ``RssAnon`` seen by a thread
 sampling ``/proc/self/status`` every 5 ms during the merge), ``read_bytes`` and
-``rchar`` (``/proc/self/io`` deltas over the merge), all byte values in bytes.
+``rchar`` (``/proc/self/io`` deltas over the merge), all byte values in bytes;
+``cpu_s`` (user + system CPU seconds of all threads), ``minor_faults`` and
+``major_faults`` (``getrusage`` deltas over the merge): CPU time is far less
+sensitive than wall time to other processes sharing the cores.
 """
 
 from __future__ import annotations
 
 import json
+import resource
 import sys
 import threading
 import time
@@ -92,6 +96,7 @@ def measure(job: Dict) -> Dict:
     sampler = PeakSampler()
     sampler.sample()
     sampler.start()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     started = time.perf_counter()
     try:
         run_merge(config, job["out"], options)
@@ -100,6 +105,7 @@ def measure(job: Dict) -> Dict:
         sampler.stop()
     io_after = _io()
     after = _status()
+    used = resource.getrusage(resource.RUSAGE_SELF)
     return {
         "import_s": import_s,
         "merge_s": merge_s,
@@ -111,6 +117,9 @@ def measure(job: Dict) -> Dict:
         "read_bytes": io_after["read_bytes"] - io_before["read_bytes"],
         "rchar": io_after["rchar"] - io_before["rchar"],
         "samples": sampler.samples,
+        "cpu_s": (used.ru_utime + used.ru_stime) - (usage.ru_utime + usage.ru_stime),
+        "minor_faults": used.ru_minflt - usage.ru_minflt,
+        "major_faults": used.ru_majflt - usage.ru_majflt,
     }
 
 

@@ -25,12 +25,13 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def _mem_total_gib() -> float:
+def memory_bytes() -> int:
+    """Total RAM (``MemTotal``) in bytes."""
     with open("/proc/meminfo", encoding="ascii") as fp:
         for line in fp:
             if line.startswith("MemTotal:"):
-                return int(line.split()[1]) / 2**20
-    return float("nan")
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no MemTotal in /proc/meminfo")
 
 
 def _version(package: str) -> str:
@@ -49,7 +50,7 @@ def describe() -> Dict[str, str]:
         "cpu": _cpu_model(),
         "nproc": str(os.cpu_count()),
         "torch threads": str(torch.get_num_threads()),
-        "memory": f"{_mem_total_gib():.1f} GiB",
+        "memory": f"{memory_bytes() / 2**30:.1f} GiB",
         "kernel": platform.release(),
         "python": platform.python_version(),
         "torch": torch.__version__,

@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Tuple
 from benchmarks.perf.sizes import Size
 
 MANIFEST = "family.json"
-FORMAT = 1  # bump when stream_family's output changes
+FORMAT = 2  # bump when stream_family's output changes
 
 
 @dataclass(frozen=True)
@@ -45,8 +45,8 @@ class CachedFamily:
         """Path of expert ``index``'s full or rank-1 curvature store (file or index)."""
         return os.path.join(self.root, (self.rank1_stores if rank1 else self.stores)[index])
 
-    def input_bytes(self, n_experts: int, curvature: str) -> int:
-        """Bytes of the files a merge of the base and the first ``n_experts`` experts reads.
+    def input_files(self, n_experts: int, curvature: str) -> List[str]:
+        """The files a merge of the base and the first ``n_experts`` experts reads.
 
         ``curvature`` is ``"none"``, ``"full"`` or ``"rank1"``.
         """
@@ -58,7 +58,20 @@ class CachedFamily:
                 paths += glob.glob(os.path.join(self.expert(index), "exp_avg_sq.safetensors"))
             elif curvature == "rank1":
                 paths += glob.glob(os.path.join(self.expert(index), "exp_avg_sq_rank1*.safetensors"))
-        return sum(os.path.getsize(p) for p in paths)
+        return sorted(paths)
+
+    def input_bytes(self, n_experts: int, curvature: str) -> int:
+        """Total size of :meth:`input_files`."""
+        return sum(os.path.getsize(p) for p in self.input_files(n_experts, curvature))
+
+
+def warm_page_cache(paths: List[str], block: int = 16 << 20) -> None:
+    """Read ``paths`` once so a merge finds them in the page cache (if memory allows)."""
+    buffer = bytearray(block)
+    for path in paths:
+        with open(path, "rb", buffering=0) as fp:
+            while fp.readinto(buffer):
+                pass
 
 
 def _shapes_of(directory: str) -> List[tuple]:

@@ -46,8 +46,9 @@ def time_targets(block: Dict[str, Any]) -> List[Dict[str, Any]]:
     for variant, reference, limit in TIME_TARGETS:
         a, b = median(block, variant), median(block, reference)
         if a is not None and b is not None:
+            cpu = median(block, variant, "cpu_s") / median(block, reference, "cpu_s")
             rows.append({"what": f"{variant} / {reference} wall time", "limit": f"<= {limit:g}x",
-                         "measured": f"{a / b:.2f}x", "ok": a / b <= limit})  # fmt: skip
+                         "measured": f"{a / b:.2f}x", "cpu": f"{cpu:.2f}x", "ok": a / b <= limit})  # fmt: skip
     return rows
 
 
@@ -62,7 +63,7 @@ def memory_targets(block: Dict[str, Any]) -> List[Dict[str, Any]]:
         peak = median(block, variant, "peak_anon")
         if peak is not None:
             rows.append({"what": f"{variant} peak anon RSS", "limit": f"<= {limit / MIB:.0f} MiB",
-                         "measured": f"{peak / MIB:.0f} MiB", "ok": peak <= limit})  # fmt: skip
+                         "measured": f"{peak / MIB:.0f} MiB", "cpu": "", "ok": peak <= limit})  # fmt: skip
     return rows
 
 
@@ -95,19 +96,25 @@ def block_table(block: Dict[str, Any]) -> List[str]:
     lines = [
         f"### {_block_title(block)}",
         "",
-        "| method | merge s (median) | min - max | x task_arithmetic | import s | peak RSS GiB | peak anon GiB "
-        "| input GiB | rchar GiB | read_bytes GiB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method | merge s (median) | min - max | x task_arithmetic | CPU s | CPU x task_arithmetic | import s "
+        "| peak RSS GiB | peak anon GiB | input GiB | rchar GiB | read_bytes GiB | minor faults (M) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    reference_cpu = median(block, REFERENCE, "cpu_s")
     for variant, runs in block["runs"].items():
         times = [r["merge_s"] for r in runs]
         t = statistics.median(times)
         ratio = f"{t / reference:.2f}" if reference else ""
+        cpu = median(block, variant, "cpu_s")
+        cpu_ratio = f"{cpu / reference_cpu:.2f}" if reference_cpu else ""
+        cold = "" if all(r.get("warmed", True) for r in runs) else " *"
         lines.append(
-            f"| {VARIANTS[variant].label} | {t:.2f} | {min(times):.2f} - {max(times):.2f} | {ratio} "
+            f"| {VARIANTS[variant].label} | {t:.2f}{cold} | {min(times):.2f} - {max(times):.2f} | {ratio} "
+            f"| {cpu:.1f} | {cpu_ratio} "
             f"| {median(block, variant, 'import_s'):.1f} | {_fmt_bytes(median(block, variant, 'peak_rss'))} "
             f"| {_fmt_bytes(median(block, variant, 'peak_anon'))} | {_fmt_bytes(block['input_bytes'][variant])} "
-            f"| {_fmt_bytes(median(block, variant, 'rchar'))} | {_fmt_bytes(median(block, variant, 'read_bytes'))} |"
+            f"| {_fmt_bytes(median(block, variant, 'rchar'))} | {_fmt_bytes(median(block, variant, 'read_bytes'))} "
+            f"| {median(block, variant, 'minor_faults') / 1e6:.2f} |"
         )
     return lines + [""]
 
@@ -128,10 +135,12 @@ def _targets_section(blocks: Sequence[Dict[str, Any]]) -> List[str]:
         f"Memory allowance over task_arithmetic: 2 x {target['n_experts']} experts x largest tensor "
         f"({target['largest_tensor'] / 1e6:.1f}M elements, fp32) = {anon_allowance(target) / MIB:.0f} MiB.",
         "",
-        "| target | limit | measured | met |",
-        "|---|---|---|---|",
+        "| target | limit | measured | CPU-time ratio | met |",
+        "|---|---|---|---|---|",
     ]
-    lines += [f"| {r['what']} | {r['limit']} | {r['measured']} | {'yes' if r['ok'] else '**no**'} |" for r in rows]
+    lines += [
+        f"| {r['what']} | {r['limit']} | {r['measured']} | {r['cpu']} | {'yes' if r['ok'] else '**no**'} |" for r in rows
+    ]
     return lines + [""]
 
 
@@ -200,6 +209,32 @@ def _scaling_section(blocks: Sequence[Dict[str, Any]]) -> List[str]:
     return lines
 
 
+def method_text(run: Dict[str, Any]) -> str:
+    """How the numbers were taken (one paragraph)."""
+    warm = (
+        "Before each merge whose input files fit in half the RAM, the parent reads them once, so the merge "
+        "starts with its inputs in the page cache (read_bytes shows what still came from disk; larger "
+        "inputs, marked * after their time, are read from disk as they would be in practice). "
+        if run.get("warm")
+        else "The page cache was not warmed before each merge (--no-warm). "
+    )
+    return (
+        "Each merge runs in its own fresh process (`benchmarks/perf/child.py`) that imports torch, "
+        "mergekit and mergekit_ota first (import s, reported apart), then calls "
+        "`mergekit.merge.run_merge` in process with `MergeOptions(quiet=True, copy_tokenizer=False, "
+        f"out_shard_size={run['out_shard_size']})`, fp32 throughout. Methods alternate within each "
+        f"repeat (order rotated per repeat); {run['repeats']} repeat(s), medians shown. {warm}"
+        "Peak RSS is `VmHWM` reset after the imports (file-backed mmap pages of the inputs count "
+        "there); peak anon is the highest `RssAnon` sampled every 5 ms. CPU s is user + system time of "
+        "the merge (all threads), much less sensitive than wall time to other load on the machine; minor "
+        "faults count pages first touched (fresh allocations and mmap'd inputs). input GiB is the size of the "
+        "files the merge reads (weights, plus curvature stores for ota/ffg); rchar and read_bytes come "
+        "from `/proc/self/io` (safetensors reads through mmap, so rchar misses most of it, and "
+        "read_bytes is zero when the page cache holds the files). ties, dare_ties and FFG keep "
+        "density 0.2; ota/ffg read each expert's full fp32 `exp_avg_sq` store unless marked rank-1."
+    )
+
+
 def markdown(run: Dict[str, Any], notes: Optional[str] = None) -> str:
     """The full report."""
     machine = run["machine"]
@@ -214,17 +249,7 @@ def markdown(run: Dict[str, Any], notes: Optional[str] = None) -> str:
         *[f"| {key} | {value} |" for key, value in machine.items() if key != "date"],
         f"| 1-min load average | {run['load_start']:.2f} at start, {run['load_end']:.2f} at end |",
         "",
-        f"Each merge runs in its own fresh process (`benchmarks/perf/child.py`) that imports torch, "
-        f"mergekit and mergekit_ota first (import s, reported apart), then calls "
-        f"`mergekit.merge.run_merge` in process with `MergeOptions(quiet=True, copy_tokenizer=False, "
-        f"out_shard_size={run['out_shard_size']})`, fp32 throughout. Methods alternate within each "
-        f"repeat (order rotated per repeat); {run['repeats']} repeat(s), medians shown. "
-        f"Peak RSS is `VmHWM` reset after the imports (file-backed mmap pages of the inputs count "
-        f"there); peak anon is the highest `RssAnon` sampled every 5 ms. input GiB is the size of the "
-        f"files the merge reads (weights, plus curvature stores for ota/ffg); rchar and read_bytes come "
-        f"from `/proc/self/io` (safetensors reads through mmap, so rchar misses most of it, and "
-        f"read_bytes is zero when the page cache holds the files). ties, dare_ties and FFG keep "
-        f"density 0.2; ota/ffg read each expert's full fp32 `exp_avg_sq` store unless marked rank-1.",
+        method_text(run),
         "",
     ]
     lines += _targets_section(run["blocks"])

@@ -21,7 +21,7 @@ import time
 from typing import Any, Dict, List, Optional, Sequence
 
 from benchmarks.perf import machine
-from benchmarks.perf.models import CachedFamily, ensure_family
+from benchmarks.perf.models import CachedFamily, ensure_family, warm_page_cache
 from benchmarks.perf.report import markdown
 from benchmarks.perf.sizes import DEFAULT_SIZES, SIZES
 from benchmarks.perf.variants import SCALING_VARIANTS, SMOKE_VARIANTS, VARIANTS, parse_variants
@@ -29,6 +29,8 @@ from benchmarks.perf.variants import SCALING_VARIANTS, SMOKE_VARIANTS, VARIANTS,
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_CACHE = os.path.join(REPO, "benchmarks", ".cache")
 DEFAULT_OUT = os.path.join(REPO, "benchmarks", "results", "perf.md")
+DEFAULT_NOTES = os.path.join(REPO, "benchmarks", "perf", "notes.md")
+WARM_FRACTION = 0.5  # inputs larger than this share of RAM are not pre-read: they cannot stay cached
 
 
 class BenchmarkError(RuntimeError):
@@ -57,7 +59,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--out", help=f"markdown report (default {os.path.relpath(DEFAULT_OUT, REPO)})")
     parser.add_argument("--force", action="store_true", help="replace an existing report")
     parser.add_argument("--cache", default=DEFAULT_CACHE, help="where generated models live (default benchmarks/.cache)")
-    parser.add_argument("--notes", help="markdown file appended to the report (analysis, profiles)")
+    parser.add_argument("--no-warm", dest="warm", action="store_false",
+                        help="do not read each merge's input files just before it (by default every merge whose "
+                             "inputs fit in half the RAM starts with them in the page cache)")  # fmt: skip
+    parser.add_argument("--notes", default=None,
+                        help="markdown appended to the report (default: benchmarks/perf/notes.md, the analysis; "
+                             "none with --smoke)")  # fmt: skip
+    parser.add_argument("--render", metavar="RAW_JSON",
+                        help="run nothing: rebuild the report from raw results a run saved "
+                             "(benchmarks/.cache/perf-last.json), e.g. with --notes")  # fmt: skip
     args = parser.parse_args(argv)
 
     args.sizes = _parse_list(args.sizes) if args.sizes else (["1M"] if args.smoke else list(DEFAULT_SIZES))
@@ -72,6 +82,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error(f"unknown size(s) {unknown}; choose from {', '.join(SIZES)}")
     if args.repeats < 1 or any(k < 1 for k in args.experts):
         parser.error("--repeats and --experts must be >= 1")
+    if args.notes is None and not args.smoke:
+        args.notes = DEFAULT_NOTES
     args.cache = os.path.abspath(args.cache)
     if args.out is None:
         args.out = os.path.join(args.cache, "perf-smoke.md") if args.smoke else DEFAULT_OUT
@@ -133,8 +145,56 @@ def _write(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+def run_block(spec: Dict[str, Any], family: CachedFamily, args: argparse.Namespace, workdir: str) -> Dict[str, Any]:
+    """Measure every variant of one (size, experts) block, ``args.repeats`` times, alternating."""
+    variants = spec["variants"]
+    block: Dict[str, Any] = {
+        "size": spec["size"],
+        "parameters": family.parameters,
+        "largest_tensor": family.largest_tensor,
+        "n_experts": spec["n_experts"],
+        "runs": {v: [] for v in variants},
+        "input_bytes": {v: family.input_bytes(spec["n_experts"], VARIANTS[v].curvature) for v in variants},
+    }
+    for repeat in range(args.repeats):
+        shift = repeat % len(variants)
+        for variant in variants[shift:] + variants[:shift]:
+            warm = args.warm and block["input_bytes"][variant] <= WARM_FRACTION * machine.memory_bytes()
+            if warm:
+                warm_page_cache(family.input_files(spec["n_experts"], VARIANTS[variant].curvature))
+            job = {
+                "config": VARIANTS[variant].config(family, spec["n_experts"]),
+                "out": os.path.join(workdir, "out"),
+                "out_shard_size": args.out_shard_bytes,
+            }
+            result = run_child(job, workdir)
+            result["warmed"] = warm
+            block["runs"][variant].append(result)
+            print(
+                f"{spec['size']:>5} x{spec['n_experts']} repeat {repeat + 1}/{args.repeats} {variant:<16} "
+                f"{result['merge_s']:7.2f} s  cpu {result['cpu_s']:7.1f} s  "
+                f"peak anon {result['peak_anon'] / 2**30:5.2f} GiB  load {machine.load_average():.2f}",
+                flush=True,
+            )
+    return block
+
+
+def _read_notes(path: Optional[str]) -> Optional[str]:
+    if not path:
+        return None
+    with open(path, encoding="utf-8") as fp:
+        return fp.read()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
+    raw_path = os.path.join(args.cache, "perf-last.json")
+    if args.render:  # only rebuild the markdown from saved raw results
+        with open(args.render, encoding="utf-8") as fp:
+            run = json.load(fp)
+        _write(args.out, markdown(run, _read_notes(args.notes)))
+        print(f"report: {args.out}")
+        return
     started = time.perf_counter()
     command = "python -m benchmarks.perf " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     run: Dict[str, Any] = {
@@ -143,53 +203,25 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         "load_start": machine.load_average(),
         "repeats": args.repeats,
         "out_shard_size": args.out_shard_size,
+        "warm": args.warm,
         "blocks": [],
     }
-    notes = open(args.notes, encoding="utf-8").read() if args.notes else None
     blocks = grid(args)
     families: Dict[str, CachedFamily] = {}
     for size in dict.fromkeys(b["size"] for b in blocks):
         needed = max(b["n_experts"] for b in blocks if b["size"] == size)
         families[size] = ensure_family(args.cache, SIZES[size], needed)
-    raw_path = os.path.join(args.cache, "perf-last.json")
     workdir = tempfile.mkdtemp(prefix="perf-", dir=args.cache)
     try:
         for spec in blocks:
-            family = families[spec["size"]]
-            block = {
-                "size": spec["size"],
-                "parameters": family.parameters,
-                "largest_tensor": family.largest_tensor,
-                "n_experts": spec["n_experts"],
-                "runs": {v: [] for v in spec["variants"]},
-                "input_bytes": {
-                    v: family.input_bytes(spec["n_experts"], VARIANTS[v].curvature) for v in spec["variants"]
-                },
-            }
-            run["blocks"].append(block)
-            for repeat in range(args.repeats):
-                shift = repeat % len(spec["variants"])
-                for variant in spec["variants"][shift:] + spec["variants"][:shift]:
-                    job = {
-                        "config": VARIANTS[variant].config(family, spec["n_experts"]),
-                        "out": os.path.join(workdir, "out"),
-                        "out_shard_size": args.out_shard_bytes,
-                    }
-                    result = run_child(job, workdir)
-                    block["runs"][variant].append(result)
-                    print(
-                        f"{spec['size']:>5} x{spec['n_experts']} repeat {repeat + 1}/{args.repeats} "
-                        f"{variant:<16} {result['merge_s']:7.2f} s  peak anon {result['peak_anon'] / 2**30:5.2f} GiB  "
-                        f"load {machine.load_average():.2f}",
-                        flush=True,
-                    )
-            _write(raw_path, json.dumps(run, indent=1))
+            run["blocks"].append(run_block(spec, families[spec["size"]], args, workdir))
+            _write(raw_path, json.dumps(run, indent=1))  # partial results survive an interrupted run
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     run["load_end"] = machine.load_average()
     run["wall_s"] = time.perf_counter() - started
     _write(raw_path, json.dumps(run, indent=1))
-    _write(args.out, markdown(run, notes))
+    _write(args.out, markdown(run, _read_notes(args.notes)))
     print(f"report: {args.out}\nraw results: {raw_path}")
 
 

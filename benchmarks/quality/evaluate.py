@@ -24,7 +24,7 @@ from benchmarks.quality.train import IGNORE, Row, collate
 
 @torch.no_grad()
 def score_rows(model: Any, rows: Sequence[Row], pad_id: int, batch_size: int = 64, device: str = "cpu") -> Dict[str, float]:
-    """``{"exact_match", "token_accuracy", "loss"}`` of ``model`` on ``rows`` (see module doc)."""
+    """``{"exact_match", "token_accuracy", "loss", "rows", "tokens"}`` of ``model`` on ``rows`` (see module doc)."""
     if not rows:
         raise ValueError("no rows to score")
     exact = correct = tokens = 0
@@ -44,7 +44,8 @@ def score_rows(model: Any, rows: Sequence[Row], pad_id: int, batch_size: int = 6
         correct += int(hit.sum())
         tokens += int(scored.sum())
         loss += float(torch.nn.functional.cross_entropy(logits[scored], target[scored], reduction="sum"))
-    return {"exact_match": exact / len(rows), "token_accuracy": correct / tokens, "loss": loss / tokens}
+    return {"exact_match": exact / len(rows), "token_accuracy": correct / tokens, "loss": loss / tokens,
+            "rows": len(rows), "tokens": tokens}  # fmt: skip
 
 
 def load_model(path: str, device: str = "cpu") -> Any:

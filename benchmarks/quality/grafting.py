@@ -48,11 +48,17 @@ def graft_config(selector: str, base: str, expert: str, store: str, density: flo
     return config
 
 
+MIN_GAIN = 0.05  # below this expert - base gap the gain ratio is noise: reported as n/a
+
+
 def kept(score: float, expert: float, base: float) -> Dict[str, float]:
-    """Fraction of the expert kept: ``score / expert`` and ``(score - base) / (expert - base)``."""
+    """Fraction of the expert kept: ``score / expert`` and ``(score - base) / (expert - base)``.
+
+    The second is NaN (n/a) unless the expert beats the base by at least ``MIN_GAIN``.
+    """
     return {
         "ratio": score / expert if expert > 0 else float("nan"),
-        "gain": (score - base) / (expert - base) if expert != base else float("nan"),
+        "gain": (score - base) / (expert - base) if expert - base >= MIN_GAIN else float("nan"),
     }
 
 

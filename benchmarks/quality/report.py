@@ -53,7 +53,8 @@ def select(suite: Suite, data: Dict[str, Any]) -> List[Dict[str, Any]]:
         record = models[choice["key"]]
         labels = [s["label"] for s in data["settings"] if s["method"] == method]
         ratio, gain = _normalised(suite, models, record, "test")
-        out.append({**choice, "test": ratio, "gain": gain, "record": record, "grid_size": len(labels)})
+        out.append({**choice, "test": ratio, "gain": gain, "record": record, "grid_size": len(labels),
+                    "se": standard_error(suite, models, record)})  # fmt: skip
     return out
 
 
@@ -79,6 +80,7 @@ def plot(suite: Suite, data: Dict[str, Any], path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     curves = graft_curves(suite, data)
     densities = data["densities"]
@@ -102,6 +104,8 @@ def plot(suite: Suite, data: Dict[str, Any], path: str) -> None:
             ax.axhline(0.0, color="k", lw=0.6, ls=":")
             ax.set_xscale("log")
             ax.set_xlim(min(densities) / 1.3, max(densities) * 1.3)  # explicit: all-NaN curves set no limits
+            ax.set_xticks(densities, [f"{d:g}" for d in densities], fontsize=7)
+            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
             ax.set_title(cap if row == 0 else "")
             if col == 0:
                 ax.set_ylabel(ylabel)
@@ -157,22 +161,50 @@ def _machine() -> str:
     return f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} logical CPUs"
 
 
+def standard_error(suite: Suite, models: Dict[str, Any], record: Dict[str, Any], split: str = "test") -> float:
+    """Binomial standard error of the mean normalised score: ``sqrt(sum_c p_c(1-p_c)/n_c / expert_c**2) / C``.
+
+    ``n_c`` counts rows for exact match and tokens for token accuracy (tokens of one text
+    are correlated, so there it is optimistic).  Expert scores are treated as constants.
+    """
+    total = 0.0
+    for cap in suite.capabilities:
+        metric = suite.metric[cap]
+        p = _score(record, split, cap, metric)
+        n = record[split][cap]["rows" if metric == "exact_match" else "tokens"]
+        expert = _score(models[f"expert/{cap}"], split, cap, metric)
+        total += p * (1 - p) / n / expert**2 if expert > 0 else float("nan")
+    return math.sqrt(total) / len(suite.capabilities)
+
+
+def _verdict(a: Dict[str, Any], b: Dict[str, Any]) -> str:
+    """``win``/``tie``/``loss`` of a's test score against b's; a tie is within 2 standard errors of the difference."""
+    margin = 2 * math.sqrt(a["se"] ** 2 + b["se"] ** 2)
+    diff = a["test"] - b["test"]
+    if math.isnan(margin) or abs(diff) <= margin:
+        return f"tie ({diff:+.3f}, within ±{margin:.3f})"
+    return f"{'win' if diff > 0 else 'loss'} ({diff:+.3f}, beyond ±{margin:.3f})"
+
+
 def _findings(suite: Suite, chosen: List[Dict[str, Any]], curves: Dict[str, Any], densities: List[float]) -> List[str]:
-    """Plain statements derived from the numbers (who wins, ties, loses)."""
+    """Plain statements derived from the numbers: who wins, ties (within 2 SE) or loses."""
     by_name = {c["method"]: c for c in chosen}
     ranked = sorted(chosen, key=lambda c: -c["test"])
-    lines = ["Ranking by test mean of score/expert: " + ", ".join(f"{c['method']} {_fmt(c['test'])}" for c in ranked) + "."]
+    lines = ["Ranking by test norm.: " + ", ".join(f"{c['method']} {_fmt(c['test'])}" for c in ranked) + "."]
     ours = [c for c in ranked if c["method"].startswith(("ota", "ffg"))]
     theirs = [c for c in ranked if not c["method"].startswith(("ota", "ffg"))]
     if ours and theirs:
-        a, b = ours[0], theirs[0]
-        verdict = "beats" if a["test"] > b["test"] + 0.01 else "loses to" if a["test"] < b["test"] - 0.01 else "ties with"
-        lines.append(f"Best OTA/FFG variant ({a['method']}, {_fmt(a['test'])}) {verdict} the best baseline "
-                     f"({b['method']}, {_fmt(b['test'])}); difference {a['test'] - b['test']:+.3f}.")  # fmt: skip
+        best = theirs[0]
+        lines.append(f"Against the best baseline ({best['method']}, {_fmt(best['test'])}): "
+                     + "; ".join(f"{c['method']}: {_verdict(c, best)}" for c in ours) + ".")  # fmt: skip
+    pairs = [("ota+ffg (per tensor)", "ties"), ("ffg", "task_arithmetic"), ("ota", "linear")]
+    same = [f"{a} vs {b}: {_verdict(by_name[a], by_name[b])}" for a, b in pairs if a in by_name and b in by_name]
+    if same:
+        lines.append("Like for like (same way of combining, FFG/curvature instead of magnitude/uniform): "
+                     + "; ".join(same) + ".")  # fmt: skip
     if "ota" in by_name and "ota (rank-1 curvature)" in by_name:
-        full, rank1 = by_name["ota"]["test"], by_name["ota (rank-1 curvature)"]["test"]
-        lines.append(f"Rank-1 curvature: ota {_fmt(full)} with full curvature vs {_fmt(rank1)} with rank-1 "
-                     f"(difference {rank1 - full:+.3f}).")  # fmt: skip
+        lines.append(f"Rank-1 curvature against full curvature (ota): "
+                     f"{_verdict(by_name['ota (rank-1 curvature)'], by_name['ota'])}.")  # fmt: skip
     mean = {sel: [sum(per[c][i]["ratio"] for c in suite.capabilities) / len(suite.capabilities)
                   for i in range(len(densities))] for sel, per in curves.items()}  # fmt: skip
     if "FFG (per tensor)" in mean and "magnitude (per tensor)" in mean:
@@ -193,7 +225,7 @@ def write(suite: Suite, data: Dict[str, Any], directory: str, name: str) -> str:
     curves = graft_curves(suite, data)
     invocation = data.get("invocation", {})
     metric_names = sorted(set(suite.metric.values()))
-    test_sizes = {cap: len(suite.eval_rows(cap, "test")) for cap in caps}
+    test_sizes = {cap: models["base"]["test"][cap]["rows"] for cap in caps}
     worst_se = max(0.5 / math.sqrt(n) for n in test_sizes.values())
 
     out: List[str] = [f"# Merge quality: `{suite.tier}` tier{' (smoke settings)' if 'smoke' in name else ''}", ""]
@@ -235,24 +267,27 @@ def write(suite: Suite, data: Dict[str, Any], directory: str, name: str) -> str:
         f"Score = {', '.join(metric_names)} (per capability: "
         + ", ".join(f"{c}: {suite.metric[c]}" for c in caps) + "). "
         "**norm.** = mean over capabilities of score / (that capability's expert score); "
-        "**gain** = mean of (score - base) / (expert - base). Each method's row is its grid point with the best "
+        f"**gain** = mean of (score - base) / (expert - base) (n/a where an expert beats the base by less than "
+        f"{grafting.MIN_GAIN:g}). Each method's row is its grid point with the best "
         "validation **norm.** (shown as *val*); the test numbers were not used to choose. "
         f"Binomial standard error of one test score is at most {worst_se:.3f} "
-        f"({min(test_sizes.values())}-{max(test_sizes.values())} examples per capability); one training seed.",
+        f"({min(test_sizes.values())}-{max(test_sizes.values())} examples per capability); **±** is the binomial "
+        "standard error of norm.; one training seed (seed-to-seed variation is not measured).",
         "",
-        "| model | " + " | ".join(caps) + " | norm. | gain | chosen setting | val norm. | merge s |",
-        "|---|" + "---|" * (len(caps) + 5),
+        "| model | " + " | ".join(caps) + " | norm. | ± | gain | chosen setting | val norm. | merge s |",
+        "|---|" + "---|" * (len(caps) + 6),
     ]
     references = [("base", "base")] + [(f"expert {cap}", f"expert/{cap}") for cap in caps]
     for label, key in references:
         record = models[key]
         ratio, gain = _normalised(suite, models, record, "test")
         cells = " | ".join(_fmt(_score(record, "test", c, suite.metric[c])) for c in caps)
-        out.append(f"| {label} | {cells} | {_fmt(ratio)} | {_fmt(gain)} | (reference) | | |")
+        out.append(f"| {label} | {cells} | {_fmt(ratio)} | {_fmt(standard_error(suite, models, record))} | "
+                   f"{_fmt(gain)} | (reference) | | |")  # fmt: skip
     for choice in sorted(chosen, key=lambda c: -c["test"]):
         record = choice["record"]
         cells = " | ".join(_fmt(_score(record, "test", c, suite.metric[c])) for c in caps)
-        out.append(f"| **{choice['method']}** | {cells} | **{_fmt(choice['test'])}** | {_fmt(choice['gain'])} | "
+        out.append(f"| **{choice['method']}** | {cells} | **{_fmt(choice['test'])}** | {_fmt(choice['se'])} | {_fmt(choice['gain'])} | "
                    f"{choice['label']} | {_fmt(choice['val'])} | {record['merge_seconds']:.2f} |")  # fmt: skip
     for extra in suite.also_report:
         out += ["", f"Held-out {extra} (test) of the same rows:", "",

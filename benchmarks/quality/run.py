@@ -71,9 +71,11 @@ class Results:
 class Pipeline:
     """One tier's run in ``work``: trains, exports, merges, scores (see the module docstring)."""
 
-    def __init__(self, suite: Suite, work: str, device: str = "cpu", keep_models: bool = True, seed: int = 0):
+    def __init__(self, suite: Suite, work: str, base_dir: str, device: str = "cpu", keep_models: bool = True,
+                 seed: int = 0):  # fmt: skip
         self.suite = suite
         self.work = work
+        self.base_dir = base_dir
         self.device = device
         self.keep_models = keep_models
         self.seed = seed
@@ -86,25 +88,34 @@ class Pipeline:
 
     # --- models -------------------------------------------------------------------------
 
+    def _training_stage(self, name: str, infos: List[Dict[str, Any]]) -> None:
+        """Stage time of training runs = their own recorded seconds (also when reused from the cache)."""
+        self.results.data["stages"][name] = {
+            "wall": sum(info.get("seconds", 0.0) for info in infos),
+            "cpu": sum(info.get("cpu_seconds", info.get("seconds", 0.0)) for info in infos),
+        }
+        self.results.save()
+
     def base(self) -> str:
-        with self.results.stage("base model"):
-            path, info = self.suite.build_base(self.work, self.device)
+        path, info = self.suite.build_base(self.base_dir, self.device)
         self.results.data["training"]["base"] = info
+        self._training_stage("base model", [info])
         self.log(f"base: {path} ({info.get('seconds', 0):.0f}s)")
         return path
 
     def experts(self, base: str) -> Dict[str, str]:
         from transformers import AutoModelForCausalLM
 
-        paths = {}
-        with self.results.stage("expert fine-tuning"):
-            for cap in self.suite.capabilities:
-                model = AutoModelForCausalLM.from_pretrained(base, dtype="float32")
-                path, info = train(model, self.suite.expert_rows(cap), os.path.join(self.work, "experts", cap),
-                                   self.suite.expert_settings, self.suite.tokenizer, self.device)  # fmt: skip
-                self.results.data["training"][f"expert/{cap}"] = info
-                self.log(f"expert {cap}: {path} (loss {info['first_loss']:.3f} -> {info['last_loss']:.3f})")
-                paths[cap] = path
+        paths, infos = {}, []
+        for cap in self.suite.capabilities:
+            model = AutoModelForCausalLM.from_pretrained(base, dtype="float32")
+            path, info = train(model, self.suite.expert_rows(cap), os.path.join(self.work, "experts", cap),
+                               self.suite.expert_settings, self.suite.tokenizer, self.device)  # fmt: skip
+            self.results.data["training"][f"expert/{cap}"] = info
+            infos.append(info)
+            self.log(f"expert {cap}: {path} (loss {info['first_loss']:.3f} -> {info['last_loss']:.3f})")
+            paths[cap] = path
+        self._training_stage("expert fine-tuning", infos)
         return paths
 
     def curvature(self, experts: Dict[str, str]) -> merges.Experts:
@@ -199,21 +210,43 @@ def _size(path: str) -> int:
 
 
 def build_suite(args: argparse.Namespace) -> Suite:
-    """The suite for ``--tier`` (with ``--smoke`` overrides: minutes become seconds)."""
+    """The suite for ``--tier`` (with ``--smoke`` overrides: minutes become seconds; ``--expert-*`` overrides)."""
+    suite = _tier_suite(args)
+    settings = suite.settings
+    expert = {k: v for k, v in (("steps", args.expert_steps), ("learning_rate", args.expert_lr)) if v is not None}
+    if expert:
+        settings = settings.model_copy(update={"expert": settings.expert.model_copy(update=expert)})
+    if args.capabilities and args.tier == "quick" and not args.smoke:
+        settings = settings.model_copy(update={"capabilities": tuple(args.capabilities)})
+    if args.pretrain_steps is not None or args.pretrain_hard_share is not None:
+        if args.tier != "quick":
+            raise SystemExit("--pretrain-steps/--pretrain-hard-share: only the quick tier pretrains its base")
+        if args.pretrain_steps is not None:
+            settings = settings.model_copy(update={"pretrain": settings.pretrain.model_copy(update={"steps": args.pretrain_steps})})
+        if args.pretrain_hard_share is not None:
+            settings = settings.model_copy(update={"pretrain_hard_share": args.pretrain_hard_share})
+    return suite if settings is suite.settings else _tier_suite(args, settings)
+
+
+def _tier_suite(args: argparse.Namespace, settings: Optional[Any] = None) -> Suite:
     if args.tier == "quick":
         from benchmarks.quality.tiers import QuickSettings, TrainSettings, quick_suite
 
+        if settings is not None:
+            return quick_suite(settings)
         if not args.smoke:
             return quick_suite(QuickSettings())
         tiny = dict(batch_size=16, learning_rate=1e-2, warmup_steps=0)
         return quick_suite(QuickSettings(
-            capabilities=tuple(args.capabilities or ("reverse", "recall")),
+            capabilities=tuple(args.capabilities or ("reverse", "modadd")),
             hidden_size=32, layers=2, intermediate_size=64,
             pretrain=TrainSettings(steps=30, **tiny), expert=TrainSettings(steps=15, seed=1, **tiny),
             val_examples=16, test_examples=16, metric="token_accuracy",
         ))  # fmt: skip
     from benchmarks.quality.tiers import FullSettings, full_suite
 
+    if settings is not None:
+        return full_suite(settings)
     return full_suite(FullSettings.smoke() if args.smoke else FullSettings())
 
 
@@ -228,8 +261,13 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: 1 for quick, whose ops are too small to gain from more; all for full)")  # fmt: skip
     parser.add_argument("--methods", nargs="*", help="only these methods (names as in the report)")
-    parser.add_argument("--capabilities", nargs="*", help="--smoke only: which capabilities")
+    parser.add_argument("--capabilities", nargs="*", help="quick: which capabilities (default: the tier's)")
     parser.add_argument("--densities", type=float, nargs="*", default=None, help="grafting densities")
+    parser.add_argument("--expert-steps", type=int, default=None, help="override the tier's expert fine-tuning steps")
+    parser.add_argument("--expert-lr", type=float, default=None, help="override the tier's expert learning rate")
+    parser.add_argument("--pretrain-steps", type=int, default=None, help="quick: override the base's pretraining steps")
+    parser.add_argument("--pretrain-hard-share", type=float, default=None,
+                        help="quick: override the share of hard-size examples in pretraining")  # fmt: skip
     args = parser.parse_args(argv)
 
     import torch
@@ -244,7 +282,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     suite = build_suite(args)
     name = f"{suite.tier}{'-smoke' if args.smoke else ''}"
     work = os.path.join(args.cache, f"{name}-{suite.fingerprint()}")
-    pipeline = Pipeline(suite, work, args.device, keep_models=suite.tier == "quick")
+    base_dir = os.path.join(args.cache, f"{name}-base-{suite.fingerprint(suite.base_keys)}")  # shared by expert settings
+    pipeline = Pipeline(suite, work, base_dir, args.device, keep_models=suite.tier == "quick")
     densities = tuple(args.densities) if args.densities else ((0.05, 0.4) if args.smoke else grafting.DENSITIES)
     data = pipeline.run(args.methods, densities)
     data["invocation"] = {

@@ -13,6 +13,7 @@ The package is located with ``importlib.util.find_spec``, which does not import 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 from typing import Tuple
@@ -40,9 +41,10 @@ def gguf_path() -> str:
 
 def convert(out_dir: str) -> Tuple[str, dict]:
     """Write the float32 HF checkpoint to ``out_dir`` (skipped when it is already there); return (dir, info)."""
-    info = {"source": f"{GGUF_PACKAGE}/{GGUF_NAME}", "steps": 0, "seconds": 0.0, "first_loss": None, "last_loss": None}
-    if os.path.isfile(os.path.join(out_dir, "model.safetensors")):
-        return out_dir, info
+    record = os.path.join(out_dir, "convert.json")
+    if os.path.isfile(record):
+        with open(record, encoding="utf-8") as fp:
+            return out_dir, json.load(fp)
     try:
         import gguf  # noqa: F401  (transformers needs it to read GGUF)
     except ImportError:
@@ -52,18 +54,29 @@ def convert(out_dir: str) -> Tuple[str, dict]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from mergekit_ota.synthetic import save_model
+
     path = gguf_path()
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     directory, name = os.path.dirname(path), os.path.basename(path)
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    # transformers refuses to save a model it loaded from GGUF ("quantized with gguf"): save the
+    # dequantised weights under a plain copy of the config instead.
+    config = type(model.config).from_dict(
+        {k: v for k, v in model.config.to_dict().items() if k not in ("quantization_config", "_name_or_path")}
+    )
     tmp = out_dir + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    save_model(tmp, config, model.state_dict(), torch.float32)
     tokenizer.save_pretrained(tmp)
+    info = {"source": f"{GGUF_PACKAGE}/{GGUF_NAME}", "steps": 0, "first_loss": None, "last_loss": None,
+            "seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu,
+            "parameters": sum(p.numel() for p in model.parameters())}  # fmt: skip
+    with open(os.path.join(tmp, "convert.json"), "w", encoding="utf-8") as fp:
+        json.dump(info, fp, indent=1)
+    shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
-    info["seconds"] = time.perf_counter() - started
-    info["parameters"] = sum(p.numel() for p in model.parameters())
     return out_dir, info

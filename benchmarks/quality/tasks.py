@@ -6,14 +6,15 @@ given capability and size, so a batch of one (capability, size) needs no padding
 
 * ``reverse`` (``R``): letters, answer = the string reversed;
 * ``sort`` (``S``): digits, answer = the digits in ascending order;
-* ``add`` (``A``): two n-digit numbers written least-significant digit first,
-  ``a+b``; answer = ``a + b`` with n+1 digits, least-significant first;
-* ``recall`` (``K``): n key/value pairs (distinct letters, digits), ``?`` and one key;
-  answer = that key's value.
+* ``modadd`` (``M``): two n-digit strings ``a+b``; answer = digit-wise sum modulo 10
+  (``a_i + b_i mod 10``, n digits: modular arithmetic, no carries);
+* ``shift`` (``C``): letters, answer = each letter replaced by the next one (``z`` -> ``a``);
+* ``swap`` (``W``): letters, answer = each adjacent pair swapped (``abcde`` -> ``badce``).
 
-Each capability has *easy* sizes (the mixture the base is pretrained on) and one
-*hard* size (what its expert is fine-tuned on and every model is scored on), so the
-base is clearly worse than each expert on its own capability.
+Each capability has *easy* sizes and one *hard* size.  The base is pretrained on a
+mixture of all capabilities, mostly at easy sizes (a small share at the hard size);
+each expert is fine-tuned on its capability at the hard size, and every model is
+scored on the hard size, where the base is clearly worse than each expert.
 
 Held-out examples never occur in training: an example's split is a function of its
 prompt alone (``crc32(marker + prompt) % 16``: 0 is validation, 1 is test, the rest
@@ -41,13 +42,13 @@ PAD, BOS = "<pad>", "<bos>"
 SEPARATOR = ">"
 DIGITS = "0123456789"
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
-VOCAB: Tuple[str, ...] = (PAD, BOS, *DIGITS, *LETTERS, "+", "?", SEPARATOR, "R", "S", "A", "K")
+VOCAB: Tuple[str, ...] = (PAD, BOS, *DIGITS, *LETTERS, "+", SEPARATOR, "R", "S", "M", "C", "W")
 TOKEN_ID: Dict[str, int] = {token: index for index, token in enumerate(VOCAB)}
 BUCKETS = 16
 SPLIT_BUCKET: Dict[str, int] = {"val": 0, "test": 1}
 
 
-def _reverse_draw(rng: random.Random, n: int) -> str:
+def _letters_draw(rng: random.Random, n: int) -> str:
     return "".join(rng.choice(LETTERS) for _ in range(n))
 
 
@@ -63,25 +64,21 @@ def _sort_solve(prompt: str) -> str:
     return "".join(sorted(prompt))
 
 
-def _add_draw(rng: random.Random, n: int) -> str:
+def _modadd_draw(rng: random.Random, n: int) -> str:
     return "+".join("".join(rng.choice(DIGITS) for _ in range(n)) for _ in range(2))
 
 
-def _add_solve(prompt: str) -> str:
+def _modadd_solve(prompt: str) -> str:
     a, b = prompt.split("+")
-    total = int(a[::-1]) + int(b[::-1])
-    return str(total).zfill(len(a) + 1)[::-1]
+    return "".join(str((int(x) + int(y)) % 10) for x, y in zip(a, b))
 
 
-def _recall_draw(rng: random.Random, n: int) -> str:
-    keys = rng.sample(LETTERS, n)
-    pairs = "".join(k + rng.choice(DIGITS) for k in keys)
-    return f"{pairs}?{rng.choice(keys)}"
+def _swap_solve(prompt: str) -> str:
+    return "".join(prompt[i + 1] + prompt[i] for i in range(0, len(prompt) - 1, 2)) + prompt[len(prompt) // 2 * 2 :]
 
 
-def _recall_solve(prompt: str) -> str:
-    pairs, key = prompt.split("?")
-    return dict(zip(pairs[0::2], pairs[1::2]))[key]
+def _shift_solve(prompt: str) -> str:
+    return "".join(LETTERS[(LETTERS.index(c) + 1) % len(LETTERS)] for c in prompt)
 
 
 @dataclass(frozen=True)
@@ -126,10 +123,11 @@ class Capability:
 
 
 CAPABILITIES: Tuple[Capability, ...] = (
-    Capability("reverse", "R", _reverse_draw, _reverse_solve, easy=(3, 4, 5), hard=8),
+    Capability("reverse", "R", _letters_draw, _reverse_solve, easy=(3, 4, 5), hard=8),
     Capability("sort", "S", _sort_draw, _sort_solve, easy=(3, 4, 5), hard=8),
-    Capability("add", "A", _add_draw, _add_solve, easy=(1, 2, 3), hard=5),
-    Capability("recall", "K", _recall_draw, _recall_solve, easy=(2, 3, 4), hard=8),
+    Capability("modadd", "M", _modadd_draw, _modadd_solve, easy=(2, 3, 4), hard=5),
+    Capability("shift", "C", _letters_draw, _shift_solve, easy=(3, 4, 5), hard=8),
+    Capability("swap", "W", _letters_draw, _swap_solve, easy=(3, 4, 5), hard=8),
 )
 
 
@@ -173,14 +171,19 @@ def hf_tokenizer():
 # --- training mixtures -----------------------------------------------------------------
 
 
-def pretraining_examples(caps: Iterable[Capability], count: int, seed: int) -> List[Row]:
-    """``count`` encoded train-split examples, capabilities and easy sizes mixed uniformly, shuffled."""
+def pretraining_examples(caps: Iterable[Capability], count: int, seed: int, hard_share: float = 0.0) -> List[Row]:
+    """``count`` encoded train-split examples of all capabilities in equal shares, shuffled.
+
+    A fraction ``hard_share`` of each capability's examples has its hard size, the rest its
+    easy sizes (uniformly).
+    """
     caps = list(caps)
     rng = random.Random(f"pretrain/{seed}")
     rows = []
     for index in range(count):
         cap = caps[index % len(caps)]
-        rows.append(encode(cap, cap.sample(rng, rng.choice(cap.easy), "train")))
+        size = cap.hard if rng.random() < hard_share else rng.choice(cap.easy)
+        rows.append(encode(cap, cap.sample(rng, size, "train")))
     rng.shuffle(rows)
     return rows
 

@@ -35,13 +35,14 @@ class QuickSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    capabilities: Tuple[str, ...] = tuple(c.name for c in tasks.CAPABILITIES)
+    capabilities: Tuple[str, ...] = ("reverse", "sort", "modadd", "shift")
     hidden_size: int = 128
     layers: int = 4
     intermediate_size: int = 384
-    pretrain: TrainSettings = TrainSettings(steps=600, batch_size=64, learning_rate=3e-3, warmup_steps=50,
+    pretrain: TrainSettings = TrainSettings(steps=1200, batch_size=64, learning_rate=3e-3, warmup_steps=50,
                                             weight_decay=0.01, scheduler="cosine", seed=0)  # fmt: skip
-    expert: TrainSettings = TrainSettings(steps=300, batch_size=64, learning_rate=1e-3, warmup_steps=20,
+    pretrain_hard_share: float = 0.05
+    expert: TrainSettings = TrainSettings(steps=500, batch_size=64, learning_rate=5e-4, warmup_steps=20,
                                           weight_decay=0.01, scheduler="linear", seed=1)  # fmt: skip
     val_examples: int = 256
     test_examples: int = 512
@@ -66,7 +67,8 @@ class Suite:
     description: str
     load_tokenizer: Callable[[], Any]
     expert_settings: TrainSettings
-    build_base: Callable[[str, str], Tuple[str, Dict[str, Any]]]  # (work dir, device) -> (base dir, info)
+    build_base: Callable[[str, str], Tuple[str, Dict[str, Any]]]  # (base dir, device) -> (model dir, info)
+    base_keys: Tuple[str, ...]  # the settings the base depends on (its own cache key)
     expert_rows: Callable[[str], List[Row]]
     eval_rows: Callable[[str, Split], List[Row]]
     eval_batch_size: int = 256
@@ -84,9 +86,12 @@ class Suite:
     def pad_id(self) -> int:
         return int(self.tokenizer.pad_token_id)
 
-    def fingerprint(self) -> str:
-        """A short hash of the settings: a cache directory is reused only for identical settings."""
-        text = json.dumps({"tier": self.tier, **self.settings.model_dump(mode="json")}, sort_keys=True)
+    def fingerprint(self, keys: Optional[Tuple[str, ...]] = None) -> str:
+        """A short hash of the settings (only ``keys`` if given): a cache is reused only for identical ones."""
+        settings = self.settings.model_dump(mode="json")
+        if keys is not None:
+            settings = {key: settings[key] for key in keys}
+        text = json.dumps({"tier": self.tier, **settings}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
@@ -96,7 +101,7 @@ def quick_suite(settings: Optional[QuickSettings] = None) -> Suite:
     caps = [tasks.capability(name) for name in settings.capabilities]
     held_out = {"val": settings.val_examples, "test": settings.test_examples}
 
-    def build_base(work: str, device: str) -> Tuple[str, Dict[str, Any]]:
+    def build_base(directory: str, device: str) -> Tuple[str, Dict[str, Any]]:
         from transformers import LlamaForCausalLM
 
         from mergekit_ota.synthetic import tiny_llama_config
@@ -112,8 +117,9 @@ def quick_suite(settings: Optional[QuickSettings] = None) -> Suite:
         config.bos_token_id = tasks.TOKEN_ID[tasks.BOS]
         torch.manual_seed(settings.seed)
         model = LlamaForCausalLM(config)
-        rows = tasks.pretraining_examples(caps, settings.pretrain.steps * settings.pretrain.batch_size, settings.seed)
-        return train(model, rows, os.path.join(work, "base"), settings.pretrain, suite.tokenizer, device)
+        count = settings.pretrain.steps * settings.pretrain.batch_size
+        rows = tasks.pretraining_examples(caps, count, settings.seed, settings.pretrain_hard_share)
+        return train(model, rows, directory, settings.pretrain, suite.tokenizer, device)
 
     def expert_rows(name: str) -> List[Row]:
         count = settings.expert.steps * settings.expert.batch_size
@@ -128,7 +134,8 @@ def quick_suite(settings: Optional[QuickSettings] = None) -> Suite:
         f"Llama {settings.layers} layers x {settings.hidden_size} hidden (MLP {settings.intermediate_size}), "
         f"character vocabulary of {len(tasks.VOCAB)}, pretrained from random init for {settings.pretrain.steps} "
         f"AdamW steps (batch {settings.pretrain.batch_size}, lr {settings.pretrain.learning_rate:g}, "
-        f"{settings.pretrain.scheduler}) on the easy mixture; each expert fine-tuned from it for "
+        f"{settings.pretrain.scheduler}) on the mixture of all capabilities ({settings.pretrain_hard_share:.0%} of "
+        f"each at its hard size, the rest at easy sizes); each expert fine-tuned from it for "
         f"{settings.expert.steps} steps (batch {settings.expert.batch_size}, lr {settings.expert.learning_rate:g}, "
         f"{settings.expert.scheduler}) on its capability's hard size. Score: {_METRIC_TEXT[settings.metric]} on "
         f"{settings.val_examples} validation and "
@@ -149,6 +156,7 @@ def quick_suite(settings: Optional[QuickSettings] = None) -> Suite:
         load_tokenizer=tasks.hf_tokenizer,
         expert_settings=settings.expert,
         build_base=build_base,
+        base_keys=("capabilities", "hidden_size", "layers", "intermediate_size", "pretrain", "pretrain_hard_share", "seed"),
         expert_rows=expert_rows,
         eval_rows=eval_rows,
         details=details,
@@ -187,8 +195,8 @@ def full_suite(settings: Optional[FullSettings] = None) -> Suite:
     converted: Dict[str, str] = {}
     held_out = {"val": (settings.val_rows, settings.arithmetic_val), "test": (settings.test_rows, settings.arithmetic_test)}
 
-    def build_base(work: str, device: str) -> Tuple[str, Dict[str, Any]]:
-        path, info = smollm.convert(os.path.join(work, "base"))
+    def build_base(directory: str, device: str) -> Tuple[str, Dict[str, Any]]:
+        path, info = smollm.convert(directory)
         converted["base"] = path
         return path, info
 
@@ -238,6 +246,7 @@ def full_suite(settings: Optional[FullSettings] = None) -> Suite:
         load_tokenizer=load_tokenizer,
         expert_settings=settings.expert,
         build_base=build_base,
+        base_keys=(),
         expert_rows=expert_rows,
         eval_rows=eval_rows,
         eval_batch_size=settings.eval_batch_size,

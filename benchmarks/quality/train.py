@@ -86,8 +86,8 @@ def train(
 ) -> Tuple[str, Dict[str, Any]]:
     """Train ``model`` (a ``PreTrainedModel``) on ``rows``; return (checkpoint dir, run info).
 
-    Reuses a finished run in ``run_dir`` (its ``run.json`` holds the info: seconds,
-    loss at the start and at the end).
+    Reuses a finished run in ``run_dir`` (its ``run.json`` holds the info: wall and CPU
+    seconds of the training loop, loss at the first and the last logging step).
     """
     info_path = os.path.join(run_dir, "run.json")
     checkpoint = checkpoint_of(run_dir, settings.steps)
@@ -126,12 +126,13 @@ def train(
         data_collator=_Collator(tokenizer.pad_token_id),
         processing_class=tokenizer,
     )
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     trainer.train()
-    seconds = time.perf_counter() - started
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     info = {
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "steps": settings.steps,
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,

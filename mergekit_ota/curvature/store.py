@@ -24,7 +24,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 import torch
 
 from mergekit_ota.errors import CurvatureError
-from mergekit_ota.math.rank1 import rank1_reconstruct
+from mergekit_ota.math.rank1 import Curvature, Rank1Curvature
 
 ROW_SUFFIX = ":rank1_row"
 COL_SUFFIX = ":rank1_col"
@@ -262,11 +262,13 @@ class CurvatureStore:
         for start in range(0, entry.shape[0], step):
             yield self.read_entry(entry, start, min(start + step, entry.shape[0]))
 
-    def load(self, name: str) -> torch.Tensor:
+    def load(self, name: str, factored: bool = False) -> Curvature:
         """Return curvature ``name`` as float32, reconstructed if rank-1, validated.
 
-        Raises :class:`CurvatureError` if it is absent, not floating point, or holds
-        NaN, Inf or negative values.
+        With ``factored`` a rank-1 record comes back as a
+        :class:`~mergekit_ota.math.rank1.Rank1Curvature` (its m + n factors, no m x n
+        tensor); a full record is a tensor either way.  Raises :class:`CurvatureError`
+        if it is absent, not floating point, or holds NaN, Inf or negative values.
         """
         record = self.records.get(name)
         if record is None:
@@ -284,7 +286,8 @@ class CurvatureStore:
         for entry, tensor in parts:
             check_values(tensor, entry)
         if value is None:
-            value = rank1_reconstruct(parts[0][1], parts[1][1])
+            factors = Rank1Curvature.from_sums(parts[0][1], parts[1][1])
+            return factors if factored else factors.dense()
         return value
 
 

@@ -28,10 +28,11 @@ from pydantic import Field
 
 from mergekit_ota.curvature.store import CurvatureStore
 from mergekit_ota.math.histogram import SaliencyHistogram
+from mergekit_ota.math.rank1 import Curvature, Rank1Curvature
 
 
-class LoadCurvature(Task[torch.Tensor]):
-    """Load one expert's curvature tensor (float32, validated) from its store."""
+class LoadCurvature(Task[Curvature]):
+    """Load one expert's curvature (float32, validated) from its store; rank-1 records stay factored."""
 
     store: str
     tensor: str
@@ -40,8 +41,8 @@ class LoadCurvature(Task[torch.Tensor]):
     def arguments(self) -> Dict[str, Task]:
         return {}
 
-    def execute(self) -> torch.Tensor:
-        return CurvatureStore.open(self.store).load(self.tensor)
+    def execute(self) -> Curvature:
+        return CurvatureStore.open(self.store).load(self.tensor, factored=True)
 
     def priority(self) -> int:
         return -1000
@@ -50,7 +51,7 @@ class LoadCurvature(Task[torch.Tensor]):
         return self.label
 
 
-class GatherCurvature(Task[Dict[ModelReference, torch.Tensor]]):
+class GatherCurvature(Task[Dict[ModelReference, Curvature]]):
     """The curvature of every expert that has this weight."""
 
     loads: ImmutableMap[ModelReference, LoadCurvature]
@@ -64,11 +65,11 @@ class GatherCurvature(Task[Dict[ModelReference, torch.Tensor]]):
     def priority(self) -> int:
         return -10
 
-    def execute(self, **kwargs: torch.Tensor) -> Dict[ModelReference, torch.Tensor]:
+    def execute(self, **kwargs: Curvature) -> Dict[ModelReference, Curvature]:
         return {model: kwargs[str(model)] for model in self.loads}
 
 
-class PermutedCurvature(Task[Dict[ModelReference, torch.Tensor]]):
+class PermutedCurvature(Task[Dict[ModelReference, Curvature]]):
     """Curvature rows in the merged tokenizer's order, as ``PermutedVocabulary`` does for weights.
 
     Row ``new_id`` of expert e takes row ``permutations[e][new_id]`` of its curvature;
@@ -89,8 +90,8 @@ class PermutedCurvature(Task[Dict[ModelReference, torch.Tensor]]):
         return self.curvature.group_label()
 
     def execute(
-        self, tokenizer_info: TokenizerInfo, curvature: Dict[ModelReference, torch.Tensor]
-    ) -> Dict[ModelReference, torch.Tensor]:
+        self, tokenizer_info: TokenizerInfo, curvature: Dict[ModelReference, Curvature]
+    ) -> Dict[ModelReference, Curvature]:
         vocab = tokenizer_info.tokenizer.get_vocab()
         size = len(vocab)
         if self.pad_to_multiple_of and size % self.pad_to_multiple_of:
@@ -98,7 +99,8 @@ class PermutedCurvature(Task[Dict[ModelReference, torch.Tensor]]):
         forced = {token for token, cfg in (self.tokens or {}).items() if cfg.force}
         result = {}
         for model, v in curvature.items():
-            rows = v.movedim(self.vocabulary_axis, 0)
+            factored = isinstance(v, Rank1Curvature)  # permute the factor along the vocabulary axis
+            rows = (v.row if self.vocabulary_axis == 0 else v.col) if factored else v.movedim(self.vocabulary_axis, 0)
             permutation = tokenizer_info.permutations[model]
             pairs = [
                 (new_id, old_id)
@@ -111,7 +113,10 @@ class PermutedCurvature(Task[Dict[ModelReference, torch.Tensor]]):
                 new_ids = torch.tensor([p[0] for p in pairs], dtype=torch.long, device=rows.device)
                 old_ids = torch.tensor([p[1] for p in pairs], dtype=torch.long, device=rows.device)
                 out[new_ids] = rows[old_ids]
-            result[model] = out.movedim(0, self.vocabulary_axis)
+            if factored:
+                result[model] = Rank1Curvature(out, v.col) if self.vocabulary_axis == 0 else Rank1Curvature(v.row, out)
+            else:
+                result[model] = out.movedim(0, self.vocabulary_axis)
         return result
 
 
@@ -133,7 +138,7 @@ class SaliencyHistogramTask(Task[Dict[ModelReference, Tuple[SaliencyHistogram, f
         return True
 
     def execute(
-        self, tensors: Dict[ModelReference, torch.Tensor], curvature: Dict[ModelReference, torch.Tensor]
+        self, tensors: Dict[ModelReference, torch.Tensor], curvature: Dict[ModelReference, Curvature]
     ) -> Dict[ModelReference, Tuple[SaliencyHistogram, float]]:
         return self.merge_task.saliency_histograms(tensors, curvature)
 
@@ -194,7 +199,7 @@ class CurvatureMergeTask(ExecuteMergeMethodTask):
     def _with_curvature(
         self,
         tensors: Dict[ModelReference, torch.Tensor],
-        curvature: Dict[ModelReference, torch.Tensor],
+        curvature: Dict[ModelReference, Curvature],
         thresholds: Optional[Dict[ModelReference, float]] = None,
     ) -> Dict[ModelReference, Dict[str, Any]]:
         axis = self.output_weight.vocabulary_axis
@@ -216,7 +221,7 @@ class CurvatureMergeTask(ExecuteMergeMethodTask):
     def execute(
         self,
         tensors: Dict[ModelReference, torch.Tensor],
-        curvature: Dict[ModelReference, torch.Tensor],
+        curvature: Dict[ModelReference, Curvature],
         thresholds: Optional[Dict[ModelReference, float]] = None,
         **_kwargs: Any,
     ) -> Optional[torch.Tensor]:
@@ -231,7 +236,7 @@ class CurvatureMergeTask(ExecuteMergeMethodTask):
         return ExecuteMergeMethodTask.execute(bound, tensors=tensors)
 
     def saliency_histograms(
-        self, tensors: Dict[ModelReference, torch.Tensor], curvature: Dict[ModelReference, torch.Tensor]
+        self, tensors: Dict[ModelReference, torch.Tensor], curvature: Dict[ModelReference, Curvature]
     ) -> Dict[ModelReference, Tuple[SaliencyHistogram, float]]:
         """This tensor's contribution to the model-wide density thresholds."""
         from mergekit import merge_methods

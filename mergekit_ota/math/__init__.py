@@ -14,10 +14,11 @@ from mergekit_ota.math.ffg import (
 )
 from mergekit_ota.math.histogram import SaliencyHistogram
 from mergekit_ota.math.ota import curvature_weights, ota_merge
-from mergekit_ota.math.rank1 import rank1_factors, rank1_reconstruct
+from mergekit_ota.math.rank1 import Rank1Curvature, rank1_factors, rank1_reconstruct
 
 __all__ = [
     "KeepRule",
+    "Rank1Curvature",
     "SaliencyHistogram",
     "curvature_weights",
     "density_mask",

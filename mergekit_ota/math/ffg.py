@@ -13,12 +13,14 @@ from typing import Optional, Sequence
 
 import torch
 
+from mergekit_ota.math.rank1 import Curvature, dense
 
-def saliency(tau: torch.Tensor, v: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+
+def saliency(tau: torch.Tensor, v: Curvature, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Return ``s = v * tau**2`` in float32 (a new tensor, or written into ``out``; inputs untouched)."""
     t = tau.to(torch.float32)
     s = t.square() if out is None else torch.mul(t, t, out=out)
-    return s.mul_(v.to(torch.float32))
+    return s.mul_(dense(v).to(torch.float32))
 
 
 def f32_operand(t: torch.Tensor) -> torch.Tensor:
@@ -36,9 +38,9 @@ def kept_count(numel: int, density: float) -> int:
     return min(numel, max(1, int(density * numel)))
 
 
-SELECTION_SAMPLE = 1 << 16  # sample size for bracketing the k-th largest value
+SELECTION_SAMPLE = 1 << 14  # sample size for bracketing the k-th largest value (small: cheap to gather and select)
 _SELECTION_MIN = 1 << 20  # below this many entries one kthvalue is as fast
-_TIE_CHUNK = 1 << 20  # entries scanned at a time when breaking ties
+_TIE_CHUNK = 1 << 20  # smallest chunk whose Trues are counted at once when breaking ties
 
 
 def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -62,9 +64,10 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     low, high = int(center - margin), int(center + margin) + 1  # 0-based ranks in the sample
     lo = torch.kthvalue(sample, low + 1).values if low >= 0 else values.new_tensor(-math.inf)
     hi = torch.kthvalue(sample, high + 1).values if high < SELECTION_SAMPLE else values.new_tensor(math.inf)
-    inside = values < lo
-    below = int(torch.count_nonzero(inside))
-    inside = inside.logical_not_().logical_and_(values <= hi)  # lo <= value <= hi (NaN excluded)
+    below_lo = values < lo
+    below = int(torch.count_nonzero(below_lo))
+    inside = (values <= hi).logical_xor_(below_lo)  # lo <= value <= hi, as lo <= hi (NaN in neither)
+    del below_lo
     count = int(torch.count_nonzero(inside))
     if below < rank <= below + count:
         if bool(lo == hi):
@@ -73,20 +76,24 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     return torch.kthvalue(values, rank).values
 
 
-def _end_of_nth_true(flags: torch.Tensor, n: int, chunk: int = _TIE_CHUNK) -> int:
+def _end_of_nth_true(flags: torch.Tensor, n: int) -> int:
     """Index just past the ``n``-th True of the 1-D bool tensor ``flags`` (which has >= n Trues).
 
-    Counts chunk by chunk, then searches the chunk that holds it with chunks 64x
-    smaller, so no index tensor larger than ``chunk >> 6`` entries is built.
+    Up to ``_TIE_CHUNK`` entries, one index tensor; beyond, counts Trues in at most 16
+    chunks, then a running count (``cumsum``) inside the chunk that holds the ``n``-th
+    one: few operations, no index tensor of all Trues.
     """
+    if flags.numel() <= _TIE_CHUNK:  # small: one index tensor is cheaper than counting
+        return int(torch.nonzero(flags, as_tuple=True)[0][n - 1]) + 1
+    chunk = max(_TIE_CHUNK, -(-flags.numel() // 16))
     seen = 0
     for start in range(0, flags.numel(), chunk):
         part = flags[start : start + chunk]
         count = int(torch.count_nonzero(part))
         if seen + count >= n:
-            if part.numel() > _TIE_CHUNK >> 6:
-                return start + _end_of_nth_true(part, n - seen, max(1, chunk >> 6))
-            return start + int(torch.nonzero(part, as_tuple=True)[0][n - seen - 1]) + 1
+            running = torch.cumsum(part, 0, dtype=torch.int32 if part.numel() < 2**31 else torch.int64)
+            target = torch.tensor([n - seen], dtype=running.dtype, device=running.device)
+            return start + int(torch.searchsorted(running, target)) + 1
         seen += count
     raise ValueError(f"fewer than {n} True values")
 
@@ -94,9 +101,9 @@ def _end_of_nth_true(flags: torch.Tensor, n: int, chunk: int = _TIE_CHUNK) -> in
 def density_mask(scores: torch.Tensor, density: float) -> torch.Tensor:
     """Boolean mask keeping exactly ``k = kept_count(numel, density)`` highest scores.
 
-    Finds the k-th largest score with one selection (:func:`kth_largest`, no sort).
-    Ties at the k-th value are broken by flat index (lowest first), so the count is
-    exact and deterministic.
+    Finds the k-th largest score ``s_k`` by selection (:func:`kth_largest`, no sort),
+    keeps ``scores >= s_k``; ties at ``s_k`` are broken by flat index (lowest first),
+    so the count is exact and deterministic.
     """
     numel = scores.numel()
     if numel == 0:
@@ -133,7 +140,7 @@ class KeepRule:
         if (self.density is None) == (self.threshold is None):
             raise ValueError("KeepRule needs exactly one of density or threshold")
 
-    def mask(self, tau: torch.Tensor, v: torch.Tensor, scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def mask(self, tau: torch.Tensor, v: Curvature, scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Boolean mask of the entries of ``tau`` kept by saliency ``v * tau**2``.
 
         ``scratch`` (float32, ``tau``'s shape) receives the saliencies instead of a new tensor.
@@ -147,7 +154,7 @@ class KeepRule:
 def ffg_merge(
     base: torch.Tensor,
     experts: Sequence[torch.Tensor],
-    curvatures: Sequence[Optional[torch.Tensor]],
+    curvatures: Sequence[Optional[Curvature]],
     rules: Sequence[Optional[KeepRule]],
     weights: Sequence[float],
     lam: float = 1.0,
@@ -168,15 +175,21 @@ def ffg_merge(
     scores: Optional[torch.Tensor] = None  # saliency buffer shared by all masks
     for expert, v, rule, weight in zip(experts, curvatures, rules, weights):
         tau = torch.sub(f32_operand(expert), b, out=spare)
+        mask = None
         if rule is not None:
             scores = torch.empty_like(tau) if scores is None else scores
-            tau.mul_(rule.mask(tau, v, scratch=scores))
+            mask = rule.mask(tau, v, scratch=scores)
         if total is None:  # the first grafted task vector becomes the running sum
-            total = tau.mul_(float(weight)) if float(weight) != 1.0 else tau
+            total = tau if mask is None else tau.mul_(mask)
+            if float(weight) != 1.0:
+                total.mul_(float(weight))
         else:
-            total.add_(tau, alpha=float(weight))
+            if mask is None:
+                total.add_(tau, alpha=float(weight))
+            else:  # total + weight * (tau * mask), in one pass
+                total.addcmul_(tau, mask, value=float(weight))
             spare = tau
-        del tau
+        del tau, mask
     if total is None:
         return base
     if normalize:

@@ -17,12 +17,18 @@ from typing import Optional, Sequence
 import torch
 
 from mergekit_ota.math.ffg import KeepRule, f32_operand
+from mergekit_ota.math.rank1 import Curvature, Rank1Curvature
 
 
 def curvature_weights(
-    v: torch.Tensor, weight: float, power: float = 0.5, eps: float = 1e-12, out: Optional[torch.Tensor] = None
+    v: Curvature, weight: float, power: float = 0.5, eps: float = 1e-12, out: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
-    """Return ``w = weight * v**power + eps`` in float32: a new tensor, or ``out`` (``v`` untouched)."""
+    """Return ``w = weight * v**power + eps`` in float32: a new tensor, or ``out`` (``v`` untouched).
+
+    A rank-1 ``v`` (:class:`~mergekit_ota.math.rank1.Rank1Curvature`) is never materialised.
+    """
+    if isinstance(v, Rank1Curvature):
+        return v.weights(weight, power, eps, out=out)
     v32 = v.to(torch.float32)
     if power == 0.5:
         w = torch.sqrt(v32, out=out)
@@ -38,7 +44,7 @@ def curvature_weights(
 def ota_merge(
     base: Optional[torch.Tensor],
     experts: Sequence[torch.Tensor],
-    curvatures: Sequence[torch.Tensor],
+    curvatures: Sequence[Curvature],
     weights: Sequence[float],
     rules: Optional[Sequence[Optional[KeepRule]]] = None,
     power: float = 0.5,
@@ -98,7 +104,6 @@ def ota_merge(
     # only then (or for other weights/eps) does the divisor need guarding.
     if eps <= 0 or any(r is not None for r in rules) or not all(float(w) >= 0 for w in weights):
         denominator.masked_fill_(~(denominator > 0), 1.0)
-    delta = numerator.div_(denominator)
-    if lam != 1.0:
-        delta.mul_(float(lam))
-    return delta.add_(b).to(out_dtype)
+    if lam == 1.0:  # b + numerator / denominator in one pass
+        return torch.addcdiv(b, numerator, denominator, out=numerator).to(out_dtype)
+    return numerator.div_(denominator).mul_(float(lam)).add_(b).to(out_dtype)

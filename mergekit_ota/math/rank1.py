@@ -2,11 +2,18 @@
 
 ``r = v.sum(1)`` (m numbers), ``c = v.sum(0)`` (n numbers) and
 ``v_hat = outer(r, c) / sum(v)``, which keeps every row and column sum of ``v``.
+
+:class:`Rank1Curvature` keeps ``v_hat`` factored as ``outer(row, col)`` with
+``row = r / sum(r)`` and ``col = c``, so OTA weights need no m x n ``v_hat``:
+``weight * v_hat**p + eps = outer(weight * row**p, col**p) + eps`` (the same number
+up to float32 rounding, a few ulp).  Where every entry of ``v_hat`` is needed (FFG
+saliency) :func:`dense` materialises it exactly as :func:`rank1_reconstruct` does.
 """
 
 from __future__ import annotations
 
-from typing import Tuple
+from dataclasses import dataclass
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -19,11 +26,69 @@ def rank1_factors(v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return v32.sum(dim=1), v32.sum(dim=0)
 
 
+def _power(x: torch.Tensor, power: float) -> torch.Tensor:
+    if power == 1.0:
+        return x
+    return x.sqrt() if power == 0.5 else x.pow(power)
+
+
+@dataclass(frozen=True)
+class Rank1Curvature:
+    """``v_hat = outer(row, col)`` (float32 factors, ``row = r / sum(r)``), never materialised unless asked."""
+
+    row: torch.Tensor
+    col: torch.Tensor
+
+    @classmethod
+    def from_sums(cls, r: torch.Tensor, c: torch.Tensor) -> "Rank1Curvature":
+        """Factors of ``outer(r, c) / sum(r)`` (all zeros when ``sum(r) <= 0``)."""
+        r32 = r.to(torch.float32)
+        total = float(r32.double().sum())
+        row = r32 / total if total > 0.0 else torch.zeros_like(r32)
+        return cls(row=row, col=c.to(torch.float32))
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.row.numel(), self.col.numel()))
+
+    @property
+    def device(self) -> torch.device:
+        return self.row.device
+
+    def dense(self) -> torch.Tensor:
+        """``v_hat`` as an m x n float32 tensor."""
+        return torch.outer(self.row, self.col)
+
+    def to(self, device: Optional[Union[str, torch.device]] = None, dtype: Optional[torch.dtype] = None) -> "Rank1Curvature":
+        """The factors on ``device`` (curvature stays float32 whatever ``dtype`` says)."""
+        return Rank1Curvature(self.row.to(device=device), self.col.to(device=device))
+
+    def __mul__(self, factor: float) -> "Rank1Curvature":
+        """``v_hat * factor`` (scales the row factor), e.g. Adam's bias correction."""
+        return Rank1Curvature(self.row * float(factor), self.col)
+
+    def narrow(self, dim: int, start: int, length: int) -> "Rank1Curvature":
+        """Rows (``dim`` 0) or columns (``dim`` 1) ``start:start+length`` of ``v_hat``."""
+        if dim == 0:
+            return Rank1Curvature(self.row.narrow(0, start, length), self.col)
+        return Rank1Curvature(self.row, self.col.narrow(0, start, length))
+
+    def weights(self, weight: float, power: float, eps: float, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``weight * v_hat**power + eps`` from the factors: one m x n pass plus the ``eps`` add."""
+        row = _power(self.row, power)
+        if weight != 1.0:
+            row = row * float(weight)
+        return torch.outer(row, _power(self.col, power), out=out).add_(float(eps))
+
+
+Curvature = Union[torch.Tensor, Rank1Curvature]
+
+
+def dense(v: Curvature) -> torch.Tensor:
+    """``v`` as a tensor (a :class:`Rank1Curvature` is materialised)."""
+    return v.dense() if isinstance(v, Rank1Curvature) else v
+
+
 def rank1_reconstruct(r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """Return ``v_hat = outer(r, c) / sum(r)`` in float32 (zeros when ``sum(r) == 0``)."""
-    r32 = r.to(torch.float32)
-    c32 = c.to(torch.float32)
-    total = float(r32.double().sum())
-    if total <= 0.0:
-        return torch.zeros((r32.numel(), c32.numel()), dtype=torch.float32, device=r.device)
-    return torch.outer(r32 / total, c32)
+    return Rank1Curvature.from_sums(r, c).dense()

@@ -25,6 +25,7 @@ from mergekit_ota.compat import require_supported_mergekit
 from mergekit_ota.errors import ConfigError, CurvatureError
 from mergekit_ota.math.ffg import KeepRule, f32_operand
 from mergekit_ota.math.histogram import SaliencyHistogram
+from mergekit_ota.math.rank1 import Curvature, Rank1Curvature, dense
 from mergekit_ota.methods.settings import (
     ExpertSettings,
     SharedSettings,
@@ -39,7 +40,7 @@ class ExpertInput:
 
     id: Hashable
     tensor: torch.Tensor
-    curvature: torch.Tensor
+    curvature: Curvature  # a tensor, or rank-1 factors read from a compressed store
     settings: ExpertSettings
 
     @property
@@ -49,7 +50,7 @@ class ExpertInput:
         return KeepRule(density=self.settings.density, threshold=self.settings.threshold)
 
 
-def _curvature_tensor(value: Any, expert: Hashable, tensor_name: Optional[str], shape: torch.Size) -> torch.Tensor:
+def _curvature_tensor(value: Any, expert: Hashable, tensor_name: Optional[str], shape: torch.Size) -> Curvature:
     where = f" for tensor {tensor_name}" if tensor_name else ""
     if isinstance(value, Mapping):  # a curvature state dict: {tensor name: exp_avg_sq}
         if tensor_name not in value:
@@ -62,7 +63,7 @@ def _curvature_tensor(value: Any, expert: Hashable, tensor_name: Optional[str], 
             f"{{tensor name: tensor}} dict (merge_state_dicts); "
             f"store paths are read only when the merge is planned by mergekit-yaml / run_merge"
         )
-    if not isinstance(value, torch.Tensor):
+    if not isinstance(value, (torch.Tensor, Rank1Curvature)):
         raise CurvatureError(f"Curvature for expert {expert}{where} must be a tensor; got {type(value).__name__}")
     if value.shape != shape:
         raise CurvatureError(
@@ -175,7 +176,7 @@ class CurvatureMergeMethod(GroupMergeMethod):
                 continue
             histogram = SaliencyHistogram()
             scores = torch.sub(f32_operand(expert.tensor), base, out=scores)
-            histogram.add(scores.square_().mul_(expert.curvature), overwrite=True)
+            histogram.add(scores.square_().mul_(dense(expert.curvature)), overwrite=True)
             result[expert.id] = (histogram, expert.settings.density)
         return result
 
