@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mergekit-ota-installed
 
-.PHONY: install demo test clean
+.PHONY: install demo test bench-quality bench-perf clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=15
+
+bench-quality: $(STAMP)
+	$(PY) -m benchmarks.quality.run --tier quick
+
+bench-perf: $(STAMP)
+	$(PY) -m benchmarks.perf
 
 clean:
 	rm -rf demo_out .pytest_cache .hypothesis

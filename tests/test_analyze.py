@@ -484,3 +484,11 @@ def test_cli_from_merge_config_uses_its_densities_and_model_scope(tmp_path, fami
     report = (out / "report.md").read_text()
     for label, density in zip(("expert_0", "expert_1"), ("0.05", "0.02")):
         assert f"FFG masks of **{label}** at d={density} (model-wide)" in report
+
+
+def test_expert_labels_name_the_run_of_a_trainer_checkpoint_and_stay_unique():
+    """`runs/math/checkpoint-500` is labelled `math`; plain directories keep their names; clashes get #i."""
+    from mergekit_ota.analysis.inputs import unique_labels
+
+    assert unique_labels(["runs/math/checkpoint-500", "runs/code/checkpoint-20/", "models/prose"]) == ["math", "code", "prose"]
+    assert unique_labels(["a/x", "b/x"]) == ["x#0", "x#1"]

@@ -10,6 +10,7 @@ tensors at once, before anything is computed or written.
 from __future__ import annotations
 
 import os
+import re
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple
@@ -50,9 +51,6 @@ class ExpertSource(BaseModel):
 def expert_source(label: str, model: str, store: str, density: Any, threshold: Any, where: str) -> ExpertSource:
     """An :class:`ExpertSource` whose ``density`` / ``threshold`` passed the merge's own checks
     (:func:`mergekit_ota.methods.settings.expert_settings`: range, not both)."""
-    # mergekit's method registry first: importing mergekit_ota.methods before it makes the
-    # start-up hook re-enter a half-imported mergekit_ota.methods and leaves ota/ffg unregistered.
-    import mergekit.merge_methods  # noqa: F401
     from mergekit_ota.methods.settings import expert_settings
 
     settings = expert_settings({"density": density, "threshold": threshold}, expert=where, tensor=None)
@@ -99,8 +97,15 @@ def _directory(path: str, role: str) -> str:
 
 
 def unique_labels(paths: Sequence[str]) -> List[str]:
-    """Short names of the experts: directory names, made unique with ``#i`` where they clash."""
-    names = [os.path.basename(os.path.normpath(p)) or p for p in paths]
+    """Short names of the experts: directory names (the run's for a Trainer ``checkpoint-N``),
+    made unique with ``#i`` where they clash."""
+    names = []
+    for path in paths:
+        path = os.path.normpath(path)
+        name = os.path.basename(path) or path
+        if re.fullmatch(r"checkpoint-\d+", name) and os.path.basename(os.path.dirname(path)):
+            name = os.path.basename(os.path.dirname(path))
+        names.append(name)
     return [name if names.count(name) == 1 else f"{name}#{i}" for i, name in enumerate(names)]
 
 
