@@ -65,8 +65,9 @@ def test_held_out_prompts_never_occur_in_training_data(name):
     train = {p for size in (*cap.easy, cap.hard) for p, _ in cap.examples(2000, size, "train", 0)}
     assert val and test and train
     assert not (val & test) and not (val & train) and not (test & train)
-    pretrain = tasks.pretraining_examples([cap], 500, seed=3)
+    pretrain = tasks.pretraining_examples([cap], 2000, seed=3, hard_share=0.5)
     decoded = {"".join(tasks.VOCAB[i] for i in ids[2 : ids.index(tasks.TOKEN_ID[">"])]) for ids, _ in pretrain}
+    assert sum(len(p) == len(next(iter(val))) for p in decoded) > 500  # many at the held-out (hard) size
     assert not (decoded & (val | test))
 
 
@@ -284,3 +285,65 @@ def test_smoke_run_writes_a_well_formed_report_and_reuses_its_cache(tmp_path):
         assert table in second
     finally:
         torch.set_num_threads(threads)
+
+
+def test_each_method_is_chosen_on_validation_never_on_test():
+    """The reported grid point maximises the validation mean of score/expert, even where another point wins on test."""
+    from benchmarks.quality import report
+    from benchmarks.quality.tiers import QuickSettings, quick_suite
+
+    suite = quick_suite(QuickSettings(capabilities=("reverse", "sort")))
+
+    def record(val, test):
+        return {split: {cap: {"exact_match": value, "rows": 100, "tokens": 800} for cap in ("reverse", "sort")}
+                for split, value in (("val", val), ("test", test))}  # fmt: skip
+
+    models = {"base": record(0.1, 0.1), "expert/reverse": record(0.8, 0.8), "expert/sort": record(0.8, 0.8),
+              "merge/m/a": record(0.4, 0.7), "merge/m/b": record(0.6, 0.2), "merge/n/c": record(0.3, 0.3)}  # fmt: skip
+    settings = [{"method": "m", "label": "a", "key": "merge/m/a"}, {"method": "m", "label": "b", "key": "merge/m/b"},
+                {"method": "n", "label": "c", "key": "merge/n/c"}]  # fmt: skip
+    chosen = {c["method"]: c for c in report.select(suite, {"models": models, "settings": settings})}
+    assert chosen["m"]["label"] == "b" and chosen["n"]["label"] == "c"
+    assert chosen["m"]["test"] == pytest.approx(0.2 / 0.8) and chosen["m"]["val"] == pytest.approx(0.6 / 0.8)
+    assert chosen["m"]["gain"] == pytest.approx((0.2 - 0.1) / (0.8 - 0.1))
+
+
+class _CharTokenizer:
+    """A stand-in for a HF tokenizer: one id per character (what `domains` needs of one)."""
+
+    eos_token_id = 0
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) for c in text]}
+
+
+def test_full_tier_arithmetic_rows_score_exactly_the_true_sum_and_splits_are_disjoint():
+    """`a + b = c` rows label only c (and its leading space), c is the true sum, held-out problems never train."""
+    from benchmarks.quality import domains
+
+    tok = _CharTokenizer()
+    problems = {}
+    for split in ("train", "val", "test"):
+        rows = domains.arithmetic_rows(tok, split, 40, seed=0)
+        texts = ["".join(map(chr, ids)) for ids, _ in rows]
+        for (ids, labels), text in zip(rows, texts):
+            a, rest = text.split(" + ")
+            b, c = rest.split(" =")
+            assert int(c) == int(a) + int(b) and len(a) == len(b) == 3
+            scored = "".join(chr(i) for i, label in zip(ids, labels) if label != IGNORE)
+            assert scored == f" {c.strip()}" and labels[-len(scored):] == ids[-len(scored):]
+        problems[split] = {t.split(" =")[0] for t in texts}
+    assert not (problems["val"] & problems["train"]) and not (problems["test"] & problems["train"])
+    assert not (problems["val"] & problems["test"])
+
+
+def test_full_tier_code_rows_are_full_length_and_every_token_scored():
+    """Code rows (the stdlib's own sources) have exactly seq_len tokens, all labelled; splits give different text."""
+    from benchmarks.quality import domains
+
+    tok = _CharTokenizer()
+    rows = {split: domains.text_rows(tok, "code", split, 64, 3) for split in ("train", "val", "test")}
+    for split, split_rows in rows.items():
+        assert len(split_rows) == 3
+        assert all(len(ids) == 64 and labels == ids for ids, labels in split_rows)
+    assert rows["val"][0][0] != rows["test"][0][0] != rows["train"][0][0]

@@ -13,7 +13,7 @@ of ``tau``'s entries, chosen by
 * ``random``: each entry kept with probability ``d`` (seeded): mergekit's ``dare_linear``
   with ``rescale: false`` (no 1/d rescaling: a pure random mask).
 
-All run through mergekit on the configs below.
+All run through mergekit, on the YAML that :func:`graft_config` builds.
 """
 
 from __future__ import annotations

@@ -112,9 +112,11 @@ def plot(suite: Suite, data: Dict[str, Any], path: str) -> None:
             if row == 1:
                 ax.set_xlabel("density kept")
             ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7, loc="lower right")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=8, bbox_to_anchor=(0.5, 0.955),
+               frameon=False)  # fmt: skip
     fig.suptitle(f"Grafting one expert onto the base ({suite.tier} tier, test split)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -128,6 +130,15 @@ def _shown(path: str) -> str:
 
 def _fmt(value: float, digits: int = 3) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def _cost_note(threads: Optional[int]) -> str:
+    """How to read CPU seconds as the run's cost on an idle machine."""
+    if threads == 1:
+        return ("With 1 torch thread the work is serial: on an otherwise idle machine its wall time is about its CPU "
+                "seconds; wall seconds above them were spent waiting for a shared CPU.")  # fmt: skip
+    return (f"With {threads} torch threads, an otherwise idle machine's wall time lies between CPU seconds / {threads} "
+            "and CPU seconds; wall seconds above that were spent waiting for a shared CPU or the disk.")  # fmt: skip
 
 
 def _versions() -> str:
@@ -186,11 +197,27 @@ def _verdict(a: Dict[str, Any], b: Dict[str, Any]) -> str:
     return f"{'win' if diff > 0 else 'loss'} ({diff:+.3f}, beyond ±{margin:.3f})"
 
 
-def _findings(suite: Suite, chosen: List[Dict[str, Any]], curves: Dict[str, Any], densities: List[float]) -> List[str]:
+def _smallest_lambda(choice: Dict[str, Any], settings: List[Dict[str, Any]]) -> bool:
+    """Whether ``choice`` has the smallest of several ``λ`` values in its method's grid."""
+
+    def lam(label: str) -> Optional[float]:
+        parts = dict(part.split("=", 1) for part in label.split(", ") if "=" in part)
+        return float(parts["λ"]) if "λ" in parts else None
+
+    values = {lam(s["label"]) for s in settings if s["method"] == choice["method"]} - {None}
+    return len(values) > 1 and lam(choice["label"]) == min(values)
+
+
+def _findings(suite: Suite, chosen: List[Dict[str, Any]], curves: Dict[str, Any], densities: List[float],
+              settings: List[Dict[str, Any]]) -> List[str]:  # fmt: skip
     """Plain statements derived from the numbers: who wins, ties (within 2 SE) or loses."""
     by_name = {c["method"]: c for c in chosen}
     ranked = sorted(chosen, key=lambda c: -c["test"])
     lines = ["Ranking by test norm.: " + ", ".join(f"{c['method']} {_fmt(c['test'])}" for c in ranked) + "."]
+    if ranked and not math.isnan(ranked[0]["gain"]):
+        top = max(ranked, key=lambda c: c["gain"])
+        lines.append(f"Best merge by gain: {top['method']} keeps {top['gain']:.0%} of the experts' average gain over "
+                     "the base (0% = no better than the base, 100% = every capability at its expert's level).")  # fmt: skip
     ours = [c for c in ranked if c["method"].startswith(("ota", "ffg"))]
     theirs = [c for c in ranked if not c["method"].startswith(("ota", "ffg"))]
     if ours and theirs:
@@ -205,6 +232,10 @@ def _findings(suite: Suite, chosen: List[Dict[str, Any]], curves: Dict[str, Any]
     if "ota" in by_name and "ota (rank-1 curvature)" in by_name:
         lines.append(f"Rank-1 curvature against full curvature (ota): "
                      f"{_verdict(by_name['ota (rank-1 curvature)'], by_name['ota'])}.")  # fmt: skip
+    smallest = [c["method"] for c in chosen if _smallest_lambda(c, settings)]
+    if smallest:
+        lines.append("Chosen at the smallest λ of its grid (the merge wants a still smaller task vector; λ -> 0 "
+                     "is the base): " + ", ".join(smallest) + ".")  # fmt: skip
     mean = {sel: [sum(per[c][i]["ratio"] for c in suite.capabilities) / len(suite.capabilities)
                   for i in range(len(densities))] for sel, per in curves.items()}  # fmt: skip
     if "FFG (per tensor)" in mean and "magnitude (per tensor)" in mean:
@@ -294,7 +325,7 @@ def write(suite: Suite, data: Dict[str, Any], directory: str, name: str) -> str:
                 "| model | " + " | ".join(caps) + " |", "|---|" + "---|" * len(caps)]  # fmt: skip
         for label, record in [(lab, models[key]) for lab, key in references] + [(c["method"], c["record"]) for c in chosen]:
             out.append(f"| {label} | " + " | ".join(_fmt(_score(record, "test", c, extra)) for c in caps) + " |")
-    out += ["", "### Findings", ""] + [f"- {line}" for line in _findings(suite, chosen, curves, data["densities"])]
+    out += ["", "### Findings", ""] + [f"- {line}" for line in _findings(suite, chosen, curves, data["densities"], data["settings"])]
 
     out += ["", "### Tuning grids (same budget: at most 4 settings per method)", "",
             merges.__doc__.split("Grid rule", 1)[1].split("\n", 1)[1].strip(), "",
@@ -337,7 +368,7 @@ def write(suite: Suite, data: Dict[str, Any], directory: str, name: str) -> str:
     out += ["## Run time", "", "| stage | wall s | CPU s (this process) |", "|---|---|---|"]
     stages = data.get("stages", {})
     for stage, t in stages.items():
-        out.append(f"| {stage} | {t['wall']:.0f} | {t['cpu']:.0f} |")
+        out.append(f"| {stage} | {t['wall']:.1f} | {t['cpu']:.1f} |")
     total_wall = sum(t["wall"] for t in stages.values())
     total_cpu = sum(t["cpu"] for t in stages.values())
     out.append(f"| **total** | **{total_wall:.0f}** | **{total_cpu:.0f}** |")
@@ -345,8 +376,7 @@ def write(suite: Suite, data: Dict[str, Any], directory: str, name: str) -> str:
     out += ["", f"Stage times add up the work of every invocation that computed something (a rerun skips cached "
             f"steps); this invocation took {invocation.get('wall', 0):.0f} s. Load average when it started: "
             f"{', '.join(f'{x:.1f}' for x in load) if load else '?'} on {os.cpu_count()} CPUs. "
-            f"With {invocation.get('threads', '?')} torch thread(s) the CPU seconds are what the run costs on an "
-            "otherwise idle machine; wall seconds above them are time spent waiting for a shared CPU.", ""]  # fmt: skip
+            f"{_cost_note(invocation.get('threads'))}", ""]  # fmt: skip
     with open(md_path, "w", encoding="utf-8") as fp:
         fp.write("\n".join(out))
     return md_path

@@ -1,7 +1,8 @@
 """Side-by-side quality benchmark of OTA/FFG against mergekit's merge methods, from scratch.
 
-    .venv/bin/python -m benchmarks.quality.run --tier quick          # ~15 min on 2 CPU cores
-    .venv/bin/python -m benchmarks.quality.run --tier full --device cuda
+    .venv/bin/python -m benchmarks.quality.run --tier quick          # ~8 min on 2 idle CPU cores
+    .venv/bin/python -m benchmarks.quality.run --tier full --device cuda   # FullSettings.gpu() scale
+    .venv/bin/python -m benchmarks.quality.run --tier full                 # CPU budget (~90 min, estimated)
 
 Stages (each cached under ``--cache``, so a rerun skips what is finished):
 base model -> one expert per capability (``transformers.Trainer``, AdamW, checkpoint with
@@ -118,7 +119,8 @@ class Pipeline:
         self._training_stage("expert fine-tuning", infos)
         return paths
 
-    def curvature(self, experts: Dict[str, str]) -> merges.Experts:
+    def curvature(self, base: str, experts: Dict[str, str]) -> merges.Experts:
+        """Export each expert's checkpoint with ``mergekit-ota export`` (full and rank-1)."""
         full, rank1 = {}, {}
         with self.results.stage("curvature export"):
             for cap, checkpoint in experts.items():
@@ -128,7 +130,7 @@ class Pipeline:
                     if seconds:
                         self.results.data["export"][f"{cap}/{kind}"] = {"seconds": seconds, "bytes": _size(out)}
                     stores[cap] = out
-        return merges.Experts(base="", models=experts, full_stores=full, rank1_stores=rank1)
+        return merges.Experts(base=base, models=experts, full_stores=full, rank1_stores=rank1)
 
     # --- scoring ------------------------------------------------------------------------
 
@@ -156,7 +158,11 @@ class Pipeline:
 
     def merged(self, key: str, config: Dict[str, Any], directory: str, splits: Sequence[str],
                caps: Optional[Sequence[str]] = None) -> None:  # fmt: skip
-        """Merge ``config`` (also written as ``directory/../configs``) and score it, unless already scored."""
+        """Merge ``config`` into ``merged/DIRECTORY`` (its YAML to ``configs/DIRECTORY.yml``) and score it.
+
+        Skipped when ``key`` is already in the results (a rerun); the merged weights are deleted
+        after scoring unless ``keep_models``.
+        """
         if key in self.results.models:
             return
         merges.write_config(config, os.path.join(self.work, "configs", directory + ".yml"))
@@ -174,8 +180,7 @@ class Pipeline:
 
     def run(self, methods: Optional[Sequence[str]] = None, densities: Sequence[float] = grafting.DENSITIES) -> Dict[str, Any]:
         base = self.base()
-        experts = self.curvature(self.experts(base))
-        experts = merges.Experts(base, experts.models, experts.full_stores, experts.rank1_stores)
+        experts = self.curvature(base, self.experts(base))
         with self.results.stage("scoring base and experts"):
             self.reference("base", base)
             for cap, path in experts.models.items():
@@ -247,7 +252,18 @@ def _tier_suite(args: argparse.Namespace, settings: Optional[Any] = None) -> Sui
 
     if settings is not None:
         return full_suite(settings)
-    return full_suite(FullSettings.smoke() if args.smoke else FullSettings())
+    if args.smoke:
+        return full_suite(FullSettings.smoke())
+    return full_suite(FullSettings.gpu() if args.device.startswith("cuda") else FullSettings())
+
+
+def default_densities(args: argparse.Namespace) -> Sequence[float]:
+    """Grafting densities: all six, but two for --smoke and three for the full tier on a CPU (time budget)."""
+    if args.smoke:
+        return (0.05, 0.4)
+    if args.tier == "full" and not args.device.startswith("cuda"):
+        return (0.02, 0.1, 0.4)
+    return grafting.DENSITIES
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
@@ -284,7 +300,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     work = os.path.join(args.cache, f"{name}-{suite.fingerprint()}")
     base_dir = os.path.join(args.cache, f"{name}-base-{suite.fingerprint(suite.base_keys)}")  # shared by expert settings
     pipeline = Pipeline(suite, work, base_dir, args.device, keep_models=suite.tier == "quick")
-    densities = tuple(args.densities) if args.densities else ((0.05, 0.4) if args.smoke else grafting.DENSITIES)
+    densities = tuple(args.densities or default_densities(args))
     data = pipeline.run(args.methods, densities)
     data["invocation"] = {
         "argv": ["python", "-m", "benchmarks.quality.run", *(argv if argv is not None else sys.argv[1:])],
