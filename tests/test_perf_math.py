@@ -113,7 +113,7 @@ def test_histogram_threshold_keeps_exactly_the_counted_entries(seed, n, lo, span
         return
     index = int(torch.tensor([threshold], dtype=torch.float32).view(torch.int32)) >> histogram_module.SHIFT
     assert threshold == histogram_module.bin_edge(index)
-    assert kept == int(histogram.counts[index:].sum())
+    assert kept == int(histogram.counts[index : histogram_module.BINS].sum())
     assert k <= kept < k + int(histogram.counts[index])
 
 
@@ -250,8 +250,9 @@ def rank1_family(tmp_path_factory):
 
 
 @pytest.mark.parametrize("parameters,shared", [({}, {}), ({"density": 0.3}, {}),
-                                               ({"density": 0.3}, {"density_scope": "model"})],
-                         ids=["ota", "ota+ffg", "ota+ffg model-wide"])  # fmt: skip
+                                               ({"density": 0.3}, {"density_scope": "model"}),
+                                               ({"optimizer_step": 10, "beta2": 0.99}, {"bias_correction": True})],
+                         ids=["ota", "ota+ffg", "ota+ffg model-wide", "bias-corrected"])  # fmt: skip
 def test_graph_merge_with_rank1_store_equals_merge_with_its_reconstruction(rank1_family, tmp_path, parameters, shared):
     """Merging with factored rank-1 curvature gives what the same merge gives with v_hat stored in full."""
     import os

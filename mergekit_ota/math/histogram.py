@@ -15,7 +15,8 @@ the mass of one bin.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -33,15 +34,22 @@ def bin_edge(index: int) -> float:
 
 @dataclass
 class SaliencyHistogram:
-    """Counts of positive saliencies by bin (``counts[0]`` unused) plus a count of zeros."""
+    """Counts of saliencies by bin: ``counts[0]`` zeros, ``counts[1:BINS]`` positive bins, ``counts[BINS]`` NaN.
 
-    counts: torch.Tensor = field(default_factory=lambda: torch.zeros(BINS, dtype=torch.int64))
-    zeros: int = 0
+    ``counts`` stays ``None`` until the first :meth:`add` (an empty histogram allocates nothing).
+    """
+
+    counts: Optional[torch.Tensor] = None
+
+    @property
+    def zeros(self) -> int:
+        """Entries that are never kept by ``s >= T`` for ``T > 0``: zeros (also -0.0) and NaN."""
+        return 0 if self.counts is None else int(self.counts[0]) + int(self.counts[_OVERFLOW])
 
     @property
     def total(self) -> int:
         """Number of entries added so far (``N``)."""
-        return int(self.counts.sum().item()) + self.zeros
+        return 0 if self.counts is None else int(self.counts.sum().item())
 
     def add(self, scores: torch.Tensor, overwrite: bool = False) -> None:
         """Add the (non-negative) saliencies of one tensor (``overwrite``: its float32 buffer may be reused)."""
@@ -49,23 +57,26 @@ class SaliencyHistogram:
         bits = s.view(torch.int32)
         bins = bits.bitwise_right_shift_(SHIFT) if overwrite else torch.bitwise_right_shift(bits, SHIFT)
         bins.clamp_(0, _OVERFLOW)  # sign bit set (-0.0) -> 0; NaN -> overflow
-        hist = torch.bincount(bins, minlength=BINS + 1).to(device="cpu")
-        self.zeros += int(hist[0]) + int(hist[_OVERFLOW])
-        hist[0] = 0
-        self.counts += hist[:BINS]
+        self._accumulate(torch.bincount(bins, minlength=BINS + 1).to(device="cpu"), owned=True)
 
     def merge(self, other: "SaliencyHistogram") -> None:
         """Accumulate another histogram into this one."""
-        self.counts += other.counts
-        self.zeros += other.zeros
+        if other.counts is not None:
+            self._accumulate(other.counts, owned=False)
+
+    def _accumulate(self, counts: torch.Tensor, owned: bool) -> None:
+        if self.counts is None:
+            self.counts = counts if owned else counts.clone()
+        else:
+            self.counts += counts
 
     def threshold_for_density(self, density: float) -> float:
         """Smallest bin edge ``T`` such that ``#(s >= T) >= k``; 0.0 keeps everything."""
         total = self.total
-        if total == 0:
+        if self.counts is None or total == 0:
             return 0.0
         k = kept_count(total, density)
-        from_top = torch.flip(self.counts, dims=[0]).cumsum(0)
+        from_top = torch.flip(self.counts[1:BINS], dims=[0]).cumsum(0)  # position p: bin BINS - 1 - p
         reached = torch.nonzero(from_top >= k, as_tuple=True)[0]
         if reached.numel() == 0:
             return 0.0  # k exceeds the positive entries: keep everything
