@@ -167,24 +167,24 @@ def quick_suite(settings: Optional[QuickSettings] = None) -> Suite:
 class FullSettings(BaseModel):
     """The ``full`` tier: sequence length, expert budget, held-out sizes (rows per domain).
 
-    The defaults are sized for the 90-minute budget on 2 CPU cores, extrapolated from costs
-    measured on this machine with SmolLM2-135M (fp32, 2 threads): one AdamW step on 8 x 128
-    tokens 45-55 s, one scoring forward on 8 x 128 tokens 8-11 s, one merge 2-36 s (median
-    ~25 s). Experts 3 x 12 steps of 8 x 128 tokens (~30 min), scoring ~3k tokens per merged model
-    (~27 s x 41), merges 37 + grafts 3 x 4 x 3 densities (~25 min): about 85 min in all, not
-    measured end to end.  That is a very light fine-tune; :meth:`gpu` is the intended scale.
+    The CPU defaults fit the 90-minute budget on 2 idle CPU cores. Costs measured on this
+    machine with SmolLM2-135M (fp32, 2 threads, idle): one AdamW step on 8 x 128 tokens
+    7-8 s, one scoring forward on 8 x 128 tokens 2.3-2.6 s (under heavy load from other
+    jobs: 45-55 s and 8-11 s).  Experts 3 x 48 steps (~20 min), 37 grid merges scored on
+    val + test (~35 s each), 3 x 4 x 4 grafts scored on test (~12 s each): about 55 min.
+    A light fine-tune; :meth:`gpu` is the intended scale.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     domains: Tuple[str, ...] = ("code", "prose", "arithmetic")
     seq_len: int = 128
-    expert: TrainSettings = TrainSettings(steps=12, batch_size=8, learning_rate=2e-4, warmup_steps=2,
+    expert: TrainSettings = TrainSettings(steps=48, batch_size=8, learning_rate=2e-4, warmup_steps=4,
                                           weight_decay=0.01, scheduler="cosine", seed=1)  # fmt: skip
-    val_rows: int = 2
-    test_rows: int = 6
-    arithmetic_val: int = 16
-    arithmetic_test: int = 48
+    val_rows: int = 8
+    test_rows: int = 24
+    arithmetic_val: int = 32
+    arithmetic_test: int = 128
     eval_batch_size: int = 8
     seed: int = 0
 

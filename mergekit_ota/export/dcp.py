@@ -23,11 +23,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from mergekit_ota.errors import CurvatureError
 from mergekit_ota.export.model_params import (
-    ModelParameters,
+    check_against_model,
     clean_name,
-    load_model_parameters,
     model_order,
-    verify_names,
 )
 from mergekit_ota.export.source import SourceState, StateItem
 from mergekit_ota.export.states import (
@@ -218,13 +216,7 @@ def open_dcp(path: str, model_path: Optional[str], frozen: Sequence[str] = ()) -
     loaded = checkpoint.load_tensors(tensor_steps) if tensor_steps else {}
     steps = {name: scalar(loaded[k]) if k in loaded else scalar(checkpoint.load_object(k)) for name, k in step_keys.items()}
 
-    params: Optional[ModelParameters] = None
-    mapping = "FQNs saved in the checkpoint"
-    without: List[str] = []
-    if model_path is not None:
-        params = load_model_parameters(model_path, frozen)
-        without = verify_names(shapes, params, directory)
-        mapping += f"; verified against {params.path}"
+    params, without, mapping = check_against_model(shapes, model_path, frozen, directory, "FQNs saved in the checkpoint")
 
     def load(name: str) -> Any:
         keys = states[fqn_of[name]]

@@ -180,6 +180,22 @@ def verify_names(shapes: Mapping[str, Shape], params: Optional[ModelParameters],
     return [n for n, _ in params.parameters if n not in shapes]
 
 
+def check_against_model(
+    shapes: Mapping[str, Shape], model_path: Optional[str], frozen: Sequence[str], source: str, mapping: str
+) -> Tuple[Optional[ModelParameters], List[str], str]:
+    """``--model`` check of name-keyed states: ``(parameters, parameters without state, mapping text)``.
+
+    Without ``model_path``: ``(None, [], mapping)``.  With it, the model's parameters are
+    loaded, :func:`verify_names` checks every state against them (raising
+    :class:`CurvatureError` on a mismatch) and the mapping text says what it was verified against.
+    """
+    if model_path is None:
+        return None, [], mapping
+    params = load_model_parameters(model_path, frozen)
+    without = verify_names(shapes, params, source)
+    return params, without, f"{mapping}; verified against {params.path}"
+
+
 def model_order(names: Sequence[str], params: Optional[ModelParameters]) -> List[str]:
     """``names`` in the model's ``named_parameters()`` order (unchanged without a model)."""
     if params is None:

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 from mergekit_ota.curvature.locate import locate_store
 from mergekit_ota.curvature.store import CurvatureRecord, CurvatureStore
 from mergekit_ota.errors import CurvatureError
-from mergekit_ota.export.model_params import load_model_parameters, model_order, verify_names
+from mergekit_ota.export.model_params import check_against_model, model_order
 from mergekit_ota.export.source import Curvature, Full, Rank1, SourceState, StateItem
 
 _TRUE = {"1", "true", "yes"}
@@ -44,12 +44,10 @@ def open_store(path: str, model_path: Optional[str], frozen: Sequence[str] = ())
         without = list(json.loads(metadata.get("parameters_without_state", "[]")))
     except ValueError:
         pass
-    params = None
-    mapping = f"names of the store {resolved}"
-    if model_path is not None:
-        params = load_model_parameters(model_path, frozen)
-        without = verify_names({n: r.shape for n, r in store.records.items()}, params, resolved)
-        mapping += f"; verified against {params.path}"
+    shapes = {n: r.shape for n, r in store.records.items()}
+    params, checked, mapping = check_against_model(shapes, model_path, frozen, resolved, f"names of the store {resolved}")
+    if params is not None:
+        without = checked
 
     def load(record: CurvatureRecord) -> Curvature:
         if record.full is not None:

@@ -27,9 +27,9 @@ from mergekit_ota.export.model_params import (
     ModelParameters,
     clean_name,
     index_candidates,
+    check_against_model,
     load_model_parameters,
     model_order,
-    verify_names,
 )
 from mergekit_ota.export.pages import release_mapped
 from mergekit_ota.export.source import SourceState, StateItem
@@ -163,10 +163,8 @@ def open_torch_state(
                    f"group sizes {[len(g['params']) for g in groups]}")  # fmt: skip
     else:
         mapping = "param_names saved in the optimizer" if "param_names" in groups[0] else "parameter names in the state dict"
-        if model_path is not None:
-            params = load_model_parameters(model_path, frozen)
-            verify_names({names[k]: s for k, s in shapes.items()}, params, path)
-            mapping += f"; verified against {params.path}"
+        named = {names[k]: s for k, s in shapes.items()}
+        params, _, mapping = check_against_model(named, model_path, frozen, path, mapping)
 
     with_state = {names[k] for k in shapes}
     if params is not None:

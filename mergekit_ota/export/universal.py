@@ -15,7 +15,7 @@ import os
 from typing import Any, List, Optional, Sequence
 
 from mergekit_ota.errors import CurvatureError
-from mergekit_ota.export.model_params import ModelParameters, clean_name, load_model_parameters, model_order, verify_names
+from mergekit_ota.export.model_params import check_against_model, clean_name, model_order
 from mergekit_ota.export.source import Full, SourceState, StateItem
 from mergekit_ota.export.states import check_second_moments, group_beta2, refuse_adapters, scalar
 from mergekit_ota.export.torch_state import load_torch_file
@@ -103,13 +103,9 @@ def open_universal(path: str, model_path: Optional[str], frozen: Sequence[str] =
     notes: List[str] = []
     beta2 = _beta2(zero, notes)
 
-    params: Optional[ModelParameters] = None
-    mapping = "parameter directories of the universal checkpoint"
-    without: List[str] = []
-    if model_path is not None:
-        params = load_model_parameters(model_path, frozen)
-        without = verify_names(shapes, params, zero)
-        mapping += f"; verified against {params.path}"
+    params, without, mapping = check_against_model(
+        shapes, model_path, frozen, zero, "parameter directories of the universal checkpoint"
+    )
 
     def load(name: str) -> Full:
         file = os.path.join(zero, dir_of[name], MOMENT_FILE)
