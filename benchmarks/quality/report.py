@@ -268,7 +268,7 @@ def write(suite: Suite, data: Dict[str, Any], directory: str, name: str) -> str:
         f"Command: `{' '.join(invocation.get('argv', []))}` (from the repository root, with the project's venv python)",
         "",
         f"Generated {time.strftime('%Y-%m-%d %H:%M')} on {_machine()}; {_versions()}; torch threads "
-        f"{invocation.get('threads', '?')}.",
+        f"{invocation.get('threads', '?')}, training and scoring on {invocation.get('device', 'cpu')}.",
         "",
         "## Setup",
         "",

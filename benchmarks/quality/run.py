@@ -1,8 +1,8 @@
 """Side-by-side quality benchmark of OTA/FFG against mergekit's merge methods, from scratch.
 
     .venv/bin/python -m benchmarks.quality.run --tier quick          # ~8 min on 2 idle CPU cores
-    .venv/bin/python -m benchmarks.quality.run --tier full --device cuda   # FullSettings.gpu() scale
-    .venv/bin/python -m benchmarks.quality.run --tier full                 # CPU budget (~55 min on 2 idle cores)
+    .venv/bin/python -m benchmarks.quality.run --tier full   # FullSettings.gpu() scale on a GPU, else
+                                                             # the CPU budget (~55 min on 2 idle cores)
 
 Stages (each cached under ``--cache``, so a rerun skips what is finished):
 base model -> one expert per capability (``transformers.Trainer``, AdamW, checkpoint with
@@ -273,7 +273,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--cache", default=os.path.join(REPO, "benchmarks", ".cache", "quality"),
                         help="work directory root (models, stores, merges, results.json); reruns reuse it")  # fmt: skip
     parser.add_argument("--results", default=os.path.join(REPO, "benchmarks", "results"), help="where the report goes")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (training and scoring; merges run on CPU)")
+    parser.add_argument("--device", default="auto",
+                        help="auto (cuda when torch sees a GPU, else cpu), cpu or cuda: training and scoring; "
+                             "merges run on CPU")  # fmt: skip
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: 1 for quick, whose ops are too small to gain from more; all for full)")  # fmt: skip
     parser.add_argument("--methods", nargs="*", help="only these methods (names as in the report)")
@@ -287,6 +289,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     args = parser.parse_args(argv)
 
     import torch
+
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     from transformers.utils import logging as hf_logging
 
     from benchmarks.quality import report
@@ -308,6 +313,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         "load_before": load,
         "load_after": os.getloadavg(),
         "threads": torch.get_num_threads(),
+        "device": args.device,
         "work": work,
     }
     pipeline.results.save()
