@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -306,6 +307,28 @@ def test_each_method_is_chosen_on_validation_never_on_test():
     assert chosen["m"]["label"] == "b" and chosen["n"]["label"] == "c"
     assert chosen["m"]["test"] == pytest.approx(0.2 / 0.8) and chosen["m"]["val"] == pytest.approx(0.6 / 0.8)
     assert chosen["m"]["gain"] == pytest.approx((0.2 - 0.1) / (0.8 - 0.1))
+
+
+def test_gain_averages_only_capabilities_whose_expert_beats_the_base():
+    """A capability whose expert gains < MIN_GAIN over the base is left out of the mean gain (dividing by
+    noise), not allowed to make it n/a; norm. still averages over every capability."""
+    from benchmarks.quality import report
+    from benchmarks.quality.tiers import QuickSettings, quick_suite
+
+    suite = quick_suite(QuickSettings(capabilities=("reverse", "sort")))
+
+    def record(reverse, sort):
+        return {"test": {"reverse": {"exact_match": reverse, "rows": 100, "tokens": 800},
+                         "sort": {"exact_match": sort, "rows": 100, "tokens": 800}}}  # fmt: skip
+
+    models = {"base": record(0.2, 0.5), "expert/reverse": record(0.8, 0.5), "expert/sort": record(0.2, 0.52)}
+    assert report.gain_capabilities(suite, models) == ["reverse"]
+    ratio, gain = report._normalised(suite, models, record(0.5, 0.52), "test")
+    assert gain == pytest.approx((0.5 - 0.2) / (0.8 - 0.2))
+    assert ratio == pytest.approx((0.5 / 0.8 + 0.52 / 0.52) / 2)
+    models["expert/reverse"] = record(0.21, 0.5)
+    assert report.gain_capabilities(suite, models) == []
+    assert math.isnan(report._normalised(suite, models, record(0.5, 0.52), "test")[1])
 
 
 class _CharTokenizer:

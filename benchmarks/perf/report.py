@@ -214,9 +214,11 @@ def _scaling_section(blocks: Sequence[Dict[str, Any]]) -> List[str]:
         lines += [
             "## Time against number of experts",
             "",
-            "Fastest runs again. Linear growth in the number of inputs means a time ratio near the ratio of "
-            "models read (base + experts) or below it (fixed costs); the last column is the added time per "
-            "added expert.",
+            "Fastest runs again. Time linear in the number of experts, `t = c_0 + n * c_expert` (`c_0`: fixed "
+            "costs and the base), gives a time ratio between 1 and the experts ratio (2 for 2 -> 4): near the "
+            "inputs ratio (base + experts) when the base costs as much as an expert, nearer 2 when per-expert "
+            "work (masks, curvature) dominates; above 2 would be worse than linear. The last column is the "
+            "added time per added expert.",
             "",
             "| method | size | experts | fastest merge s | time ratio | inputs ratio | s per added expert |",
             "|---|---|---|---|---|---|---|",

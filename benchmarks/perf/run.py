@@ -1,6 +1,6 @@
 """Command line of the benchmark: generate (or reuse) models, run the merge grid, write the report.
 
-Default grid (about 45 minutes on 2 cores): every method at 15M, 150M and 500M
+Default grid (about 30 minutes on 2 idle cores): every method at 15M, 150M and 500M
 parameters with base + 2 experts, and with base + 4 experts at 15M and 150M;
 at 500M with 4 experts only task_arithmetic, ota and ffg (expert-count scaling).
 Within each (size, experts) block the methods alternate inside every repeat, the

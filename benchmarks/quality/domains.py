@@ -7,8 +7,8 @@
 Splits are by document (a source file; a Bible chapter; an ``a + b`` problem):
 ``crc32(key) % 16`` is 0 for validation, 1 for test, else train, so no held-out text
 is ever trained on.  Text is tokenized per split and cut into rows of ``seq_len``
-tokens (every token scored); arithmetic rows score only the answer ``c`` (greedy
-exact match, see ``evaluate.py``).
+tokens (every token scored); arithmetic rows score only the answer ``c`` (its tokens'
+teacher-forced accuracy, and greedy exact match of the whole answer: see ``evaluate.py``).
 """
 
 from __future__ import annotations

@@ -3,7 +3,9 @@
 Normalised score of a model on capability ``c``: ``score_c / expert_c`` (``expert_c`` =
 the score of ``c``'s own expert on ``c``); its average over capabilities is the
 table's main column.  The gain-normalised variant ``(score_c - base_c) / (expert_c -
-base_c)`` (0 = no better than the base, 1 = as good as the expert) is shown beside it.
+base_c)`` (0 = no better than the base, 1 = as good as the expert) is shown beside it,
+averaged over the capabilities whose expert beats the base by at least
+``grafting.MIN_GAIN`` (elsewhere it divides by noise).
 """
 
 from __future__ import annotations
@@ -23,8 +25,25 @@ def _score(record: Dict[str, Any], split: str, cap: str, metric: str) -> float:
     return float(record[split][cap][metric])
 
 
+def mean_defined(values: List[float]) -> float:
+    """Mean of the values that are not NaN (NaN when none is)."""
+    defined = [v for v in values if not math.isnan(v)]
+    return sum(defined) / len(defined) if defined else float("nan")
+
+
+def gain_capabilities(suite: Suite, models: Dict[str, Any], split: str = "test") -> List[str]:
+    """The capabilities whose expert beats the base by at least ``grafting.MIN_GAIN`` on ``split``."""
+    out = []
+    for cap in suite.capabilities:
+        metric = suite.metric[cap]
+        expert, base = _score(models[f"expert/{cap}"], split, cap, metric), _score(models["base"], split, cap, metric)
+        if expert - base >= grafting.MIN_GAIN:
+            out.append(cap)
+    return out
+
+
 def _normalised(suite: Suite, models: Dict[str, Any], record: Dict[str, Any], split: str) -> Tuple[float, float]:
-    """(mean of score/expert, mean of (score-base)/(expert-base)) over capabilities, on ``split``."""
+    """(mean of score/expert over capabilities, mean of (score-base)/(expert-base) where defined), on ``split``."""
     ratios, gains = [], []
     for cap in suite.capabilities:
         metric = suite.metric[cap]
@@ -35,7 +54,7 @@ def _normalised(suite: Suite, models: Dict[str, Any], record: Dict[str, Any], sp
         )
         ratios.append(value["ratio"])
         gains.append(value["gain"])
-    return sum(ratios) / len(ratios), sum(gains) / len(gains)
+    return sum(ratios) / len(ratios), mean_defined(gains)
 
 
 def select(suite: Suite, data: Dict[str, Any]) -> List[Dict[str, Any]]:
@@ -256,8 +275,10 @@ def write(suite: Suite, data: Dict[str, Any], directory: str, name: str) -> str:
     curves = graft_curves(suite, data)
     invocation = data.get("invocation", {})
     metric_names = sorted(set(suite.metric.values()))
-    test_sizes = {cap: models["base"]["test"][cap]["rows"] for cap in caps}
+    test_sizes = {cap: models["base"]["test"][cap]["rows" if suite.metric[cap] == "exact_match" else "tokens"]
+                  for cap in caps}  # fmt: skip
     worst_se = max(0.5 / math.sqrt(n) for n in test_sizes.values())
+    with_gain = gain_capabilities(suite, models)
 
     out: List[str] = [f"# Merge quality: `{suite.tier}` tier{' (smoke settings)' if 'smoke' in name else ''}", ""]
     out += [
@@ -298,12 +319,17 @@ def write(suite: Suite, data: Dict[str, Any], directory: str, name: str) -> str:
         f"Score = {', '.join(metric_names)} (per capability: "
         + ", ".join(f"{c}: {suite.metric[c]}" for c in caps) + "). "
         "**norm.** = mean over capabilities of score / (that capability's expert score); "
-        f"**gain** = mean of (score - base) / (expert - base) (n/a where an expert beats the base by less than "
-        f"{grafting.MIN_GAIN:g}). Each method's row is its grid point with the best "
-        "validation **norm.** (shown as *val*); the test numbers were not used to choose. "
-        f"Binomial standard error of one test score is at most {worst_se:.3f} "
-        f"({min(test_sizes.values())}-{max(test_sizes.values())} examples per capability); **±** is the binomial "
-        "standard error of norm.; one training seed (seed-to-seed variation is not measured).",
+        f"**gain** = mean of (score - base) / (expert - base) over the capabilities whose expert beats the base by "
+        f"at least {grafting.MIN_GAIN:g} ({', '.join(with_gain) if with_gain else 'none: n/a'}). Each method's row "
+        "is its grid point with the best validation **norm.** (shown as *val*); the test numbers were not used to "
+        f"choose. Binomial standard error of one test score is at most {worst_se:.3f} "
+        f"({min(test_sizes.values())}-{max(test_sizes.values())} scored "
+        + ("answers" if all(suite.metric[c] == "exact_match" for c in caps) else "answers or tokens")
+        + " per capability"
+        + ("" if all(suite.metric[c] == "exact_match" for c in caps) else
+           "; the tokens of one text are not independent, so for token accuracy it is optimistic")
+        + "); **±** is the binomial standard error of norm.; one training seed (seed-to-seed variation is not "
+        "measured).",
         "",
         "| model | " + " | ".join(caps) + " | norm. | ± | gain | chosen setting | val norm. | merge s |",
         "|---|" + "---|" * (len(caps) + 6),
@@ -320,11 +346,12 @@ def write(suite: Suite, data: Dict[str, Any], directory: str, name: str) -> str:
         cells = " | ".join(_fmt(_score(record, "test", c, suite.metric[c])) for c in caps)
         out.append(f"| **{choice['method']}** | {cells} | **{_fmt(choice['test'])}** | {_fmt(choice['se'])} | {_fmt(choice['gain'])} | "
                    f"{choice['label']} | {_fmt(choice['val'])} | {record['merge_seconds']:.2f} |")  # fmt: skip
-    for extra in suite.also_report:
+    for extra, shown in suite.also_report:
+        shown = [c for c in caps if c in shown] if shown else caps
         out += ["", f"Held-out {extra} (test) of the same rows:", "",
-                "| model | " + " | ".join(caps) + " |", "|---|" + "---|" * len(caps)]  # fmt: skip
+                "| model | " + " | ".join(shown) + " |", "|---|" + "---|" * len(shown)]  # fmt: skip
         for label, record in [(lab, models[key]) for lab, key in references] + [(c["method"], c["record"]) for c in chosen]:
-            out.append(f"| {label} | " + " | ".join(_fmt(_score(record, "test", c, extra)) for c in caps) + " |")
+            out.append(f"| {label} | " + " | ".join(_fmt(_score(record, "test", c, extra)) for c in shown) + " |")
     out += ["", "### Findings", ""] + [f"- {line}" for line in _findings(suite, chosen, curves, data["densities"], data["settings"])]
 
     out += ["", "### Tuning grids (same budget: at most 4 settings per method)", "",
@@ -354,7 +381,7 @@ def write(suite: Suite, data: Dict[str, Any], directory: str, name: str) -> str:
         cells = []
         for i in range(len(data["densities"])):
             ratio = sum(per_cap[c][i]["ratio"] for c in caps) / len(caps)
-            gain = sum(per_cap[c][i]["gain"] for c in caps) / len(caps)
+            gain = mean_defined([per_cap[c][i]["gain"] for c in caps])
             cells.append(f"{_fmt(ratio)} ({_fmt(gain, 2)})")
         out.append(f"| {selector} | " + " | ".join(cells) + " |")
     out += ["", "<details><summary>Per capability (score / expert score)</summary>", "",
