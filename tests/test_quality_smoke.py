@@ -288,6 +288,37 @@ def test_smoke_run_writes_a_well_formed_report_and_reuses_its_cache(tmp_path):
         torch.set_num_threads(threads)
 
 
+def test_seed_report_lists_every_seed_and_its_mean_and_names_a_missing_run(tmp_path):
+    """Two --smoke seeds: the seeds report has, per method, each seed's chosen test norm. (as its own
+    report chose it), their mean and one rank per seed; a seed never run is an error naming the command."""
+    from benchmarks.quality import report, run, seeds
+
+    threads = torch.get_num_threads()
+    common = ["--tier", "quick", "--smoke", "--methods", "ota", "ties", "--cache", str(tmp_path / "cache"),
+              "--results", str(tmp_path / "results")]  # fmt: skip
+    try:
+        for seed in (0, 1):
+            run.main(common + ["--seed", str(seed)])
+    finally:
+        torch.set_num_threads(threads)
+    assert (tmp_path / "results" / "quality-quick-smoke-seed1.md").is_file()
+    path = seeds.main(["--tier", "quick", "--smoke", "--seeds", "0", "1", "--cache", str(tmp_path / "cache"),
+                       "--results", str(tmp_path / "results")])  # fmt: skip
+    text = open(path).read()
+    for method in ("ota", "ties"):
+        per_seed = [seeds.load_seed("quick", s, str(tmp_path / "cache"), smoke=True)["chosen"][method]["test"]
+                    for s in (0, 1)]  # fmt: skip
+        row = next(line for line in text.splitlines() if line.startswith(f"| {method} |"))
+        cells = [c.strip().strip("*") for c in row.split("|")[2:-1]]
+        assert [float(c) for c in cells[:2]] == pytest.approx(per_seed, abs=5e-4)
+        assert float(cells[2]) == pytest.approx(sum(per_seed) / 2, abs=5e-4)
+        assert len(cells[4].split(",")) == 2
+    assert report.is_ours("ota") and not report.is_ours("ties")
+    with pytest.raises(FileNotFoundError, match="--seed 7"):
+        seeds.main(["--tier", "quick", "--smoke", "--seeds", "0", "7", "--cache", str(tmp_path / "cache"),
+                    "--results", str(tmp_path / "results")])  # fmt: skip
+
+
 def test_each_method_is_chosen_on_validation_never_on_test():
     """The reported grid point maximises the validation mean of score/expert, even where another point wins on test."""
     from benchmarks.quality import report

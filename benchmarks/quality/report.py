@@ -43,7 +43,11 @@ def gain_capabilities(suite: Suite, models: Dict[str, Any], split: str = "test")
 
 
 def _normalised(suite: Suite, models: Dict[str, Any], record: Dict[str, Any], split: str) -> Tuple[float, float]:
-    """(mean of score/expert over capabilities, mean of (score-base)/(expert-base) where defined), on ``split``."""
+    """(mean of score/expert, mean of (score-base)/(expert-base)) over the capabilities where each is defined.
+
+    score/expert is undefined where the expert scores 0 on its own capability (it never learned
+    it); (score-base)/(expert-base) where the expert beats the base by less than ``grafting.MIN_GAIN``.
+    """
     ratios, gains = [], []
     for cap in suite.capabilities:
         metric = suite.metric[cap]
@@ -54,7 +58,7 @@ def _normalised(suite: Suite, models: Dict[str, Any], record: Dict[str, Any], sp
         )
         ratios.append(value["ratio"])
         gains.append(value["gain"])
-    return sum(ratios) / len(ratios), mean_defined(gains)
+    return mean_defined(ratios), mean_defined(gains)
 
 
 def select(suite: Suite, data: Dict[str, Any]) -> List[Dict[str, Any]]:
@@ -194,26 +198,46 @@ def _machine() -> str:
 def standard_error(suite: Suite, models: Dict[str, Any], record: Dict[str, Any], split: str = "test") -> float:
     """Binomial standard error of the mean normalised score: ``sqrt(sum_c p_c(1-p_c)/n_c / expert_c**2) / C``.
 
+    Over the ``C`` capabilities whose expert scores above 0 (those the mean is taken over).
     ``n_c`` counts rows for exact match and tokens for token accuracy (tokens of one text
     are correlated, so there it is optimistic).  Expert scores are treated as constants.
     """
-    total = 0.0
+    total, count = 0.0, 0
     for cap in suite.capabilities:
         metric = suite.metric[cap]
         p = _score(record, split, cap, metric)
         n = record[split][cap]["rows" if metric == "exact_match" else "tokens"]
         expert = _score(models[f"expert/{cap}"], split, cap, metric)
-        total += p * (1 - p) / n / expert**2 if expert > 0 else float("nan")
-    return math.sqrt(total) / len(suite.capabilities)
+        if expert > 0:
+            total += p * (1 - p) / n / expert**2
+            count += 1
+    return math.sqrt(total) / count if count else float("nan")
 
 
-def _verdict(a: Dict[str, Any], b: Dict[str, Any]) -> str:
+def verdict(a: Dict[str, Any], b: Dict[str, Any]) -> str:
     """``win``/``tie``/``loss`` of a's test score against b's; a tie is within 2 standard errors of the difference."""
     margin = 2 * math.sqrt(a["se"] ** 2 + b["se"] ** 2)
     diff = a["test"] - b["test"]
     if math.isnan(margin) or abs(diff) <= margin:
         return f"tie ({diff:+.3f}, within ±{margin:.3f})"
     return f"{'win' if diff > 0 else 'loss'} ({diff:+.3f}, beyond ±{margin:.3f})"
+
+
+# (ours, theirs): the same way of combining, with FFG/curvature instead of magnitude/uniform
+LIKE_FOR_LIKE: Tuple[Tuple[str, str], ...] = (("ota+ffg (per tensor)", "ties"), ("ffg", "task_arithmetic"),
+                                               ("ota", "linear"))  # fmt: skip
+
+
+def is_ours(method: str) -> bool:
+    """Whether a compared method is one of this package's (ota/ffg variants)."""
+    return method.startswith(("ota", "ffg"))
+
+
+def mean_curve(curves: Dict[str, Dict[str, List[Dict[str, float]]]], selector: str, key: str = "ratio") -> List[float]:
+    """Per density, the mean over capabilities of ``key`` of ``selector``'s grafting curve (NaNs left out)."""
+    per_cap = curves[selector]
+    count = len(next(iter(per_cap.values())))
+    return [mean_defined([points[i][key] for points in per_cap.values()]) for i in range(count)]
 
 
 def _smallest_lambda(choice: Dict[str, Any], settings: List[Dict[str, Any]]) -> bool:
@@ -237,26 +261,24 @@ def _findings(suite: Suite, chosen: List[Dict[str, Any]], curves: Dict[str, Any]
         top = max(ranked, key=lambda c: c["gain"])
         lines.append(f"Best merge by gain: {top['method']} keeps {top['gain']:.0%} of the experts' average gain over "
                      "the base (0% = no better than the base, 100% = every capability at its expert's level).")  # fmt: skip
-    ours = [c for c in ranked if c["method"].startswith(("ota", "ffg"))]
-    theirs = [c for c in ranked if not c["method"].startswith(("ota", "ffg"))]
+    ours = [c for c in ranked if is_ours(c["method"])]
+    theirs = [c for c in ranked if not is_ours(c["method"])]
     if ours and theirs:
         best = theirs[0]
         lines.append(f"Against the best baseline ({best['method']}, {_fmt(best['test'])}): "
-                     + "; ".join(f"{c['method']}: {_verdict(c, best)}" for c in ours) + ".")  # fmt: skip
-    pairs = [("ota+ffg (per tensor)", "ties"), ("ffg", "task_arithmetic"), ("ota", "linear")]
-    same = [f"{a} vs {b}: {_verdict(by_name[a], by_name[b])}" for a, b in pairs if a in by_name and b in by_name]
+                     + "; ".join(f"{c['method']}: {verdict(c, best)}" for c in ours) + ".")  # fmt: skip
+    same = [f"{a} vs {b}: {verdict(by_name[a], by_name[b])}" for a, b in LIKE_FOR_LIKE if a in by_name and b in by_name]
     if same:
         lines.append("Like for like (same way of combining, FFG/curvature instead of magnitude/uniform): "
                      + "; ".join(same) + ".")  # fmt: skip
     if "ota" in by_name and "ota (rank-1 curvature)" in by_name:
         lines.append(f"Rank-1 curvature against full curvature (ota): "
-                     f"{_verdict(by_name['ota (rank-1 curvature)'], by_name['ota'])}.")  # fmt: skip
+                     f"{verdict(by_name['ota (rank-1 curvature)'], by_name['ota'])}.")  # fmt: skip
     smallest = [c["method"] for c in chosen if _smallest_lambda(c, settings)]
     if smallest:
         lines.append("Chosen at the smallest λ of its grid (the merge wants a still smaller task vector; λ -> 0 "
                      "is the base): " + ", ".join(smallest) + ".")  # fmt: skip
-    mean = {sel: [sum(per[c][i]["ratio"] for c in suite.capabilities) / len(suite.capabilities)
-                  for i in range(len(densities))] for sel, per in curves.items()}  # fmt: skip
+    mean = {sel: mean_curve(curves, sel) for sel in curves}
     if "FFG (per tensor)" in mean and "magnitude (per tensor)" in mean:
         diffs = ", ".join(f"d={d:g}: {f - m:+.3f}" for d, f, m in zip(densities, mean["FFG (per tensor)"], mean["magnitude (per tensor)"]))
         lines.append(f"Grafting, FFG minus magnitude (per tensor, mean score/expert over capabilities): {diffs}.")
@@ -279,8 +301,11 @@ def write(suite: Suite, data: Dict[str, Any], directory: str, name: str) -> str:
                   for cap in caps}  # fmt: skip
     worst_se = max(0.5 / math.sqrt(n) for n in test_sizes.values())
     with_gain = gain_capabilities(suite, models)
+    unlearned = [c for c in caps if _score(models[f"expert/{c}"], "test", c, suite.metric[c]) <= 0]
 
-    out: List[str] = [f"# Merge quality: `{suite.tier}` tier{' (smoke settings)' if 'smoke' in name else ''}", ""]
+    seed = getattr(suite.settings, "seed", 0)
+    out: List[str] = [f"# Merge quality: `{suite.tier}` tier{' (smoke settings)' if 'smoke' in name else ''}"
+                      f"{f', training seed {seed}' if seed else ''}", ""]  # fmt: skip
     out += [
         "Claim under test (arXiv 2509.11167): merging capability experts with OTA (+FFG) keeps more of each "
         "capability than linear, task arithmetic, TIES, DARE and Breadcrumbs; FFG keeps an expert's performance "
@@ -318,7 +343,9 @@ def write(suite: Suite, data: Dict[str, Any], directory: str, name: str) -> str:
     out += [
         f"Score = {', '.join(metric_names)} (per capability: "
         + ", ".join(f"{c}: {suite.metric[c]}" for c in caps) + "). "
-        "**norm.** = mean over capabilities of score / (that capability's expert score); "
+        "**norm.** = mean over capabilities of score / (that capability's expert score)"
+        + (f" (left out: {', '.join(unlearned)}, whose expert scores 0 on it: it never learned it)" if unlearned else "")
+        + "; "
         f"**gain** = mean of (score - base) / (expert - base) over the capabilities whose expert beats the base by "
         f"at least {grafting.MIN_GAIN:g} ({', '.join(with_gain) if with_gain else 'none: n/a'}). Each method's row "
         "is its grid point with the best validation **norm.** (shown as *val*); the test numbers were not used to "
@@ -328,8 +355,8 @@ def write(suite: Suite, data: Dict[str, Any], directory: str, name: str) -> str:
         + " per capability"
         + ("" if all(suite.metric[c] == "exact_match" for c in caps) else
            "; the tokens of one text are not independent, so for token accuracy it is optimistic")
-        + "); **±** is the binomial standard error of norm.; one training seed (seed-to-seed variation is not "
-        "measured).",
+        + f"); **±** is the binomial standard error of norm. within this one training seed ({seed}); "
+        "seed-to-seed variation is not in it (other seeds: `--seed N`, report `quality-<tier>-seedN.md`).",
         "",
         "| model | " + " | ".join(caps) + " | norm. | ± | gain | chosen setting | val norm. | merge s |",
         "|---|" + "---|" * (len(caps) + 6),

@@ -22,7 +22,7 @@ import shutil
 import sys
 import time
 from contextlib import contextmanager
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if REPO not in sys.path:  # `python benchmarks/quality/run.py` as well as `python -m benchmarks.quality.run`
@@ -221,6 +221,8 @@ def build_suite(args: argparse.Namespace) -> Suite:
     expert = {k: v for k, v in (("steps", args.expert_steps), ("learning_rate", args.expert_lr)) if v is not None}
     if expert:
         settings = settings.model_copy(update={"expert": settings.expert.model_copy(update=expert)})
+    if args.seed:
+        settings = with_seed(settings, args.seed)
     if args.capabilities and args.tier == "quick" and not args.smoke:
         settings = settings.model_copy(update={"capabilities": tuple(args.capabilities)})
     if args.pretrain_steps is not None or args.pretrain_hard_share is not None:
@@ -231,6 +233,18 @@ def build_suite(args: argparse.Namespace) -> Suite:
         if args.pretrain_hard_share is not None:
             settings = settings.model_copy(update={"pretrain_hard_share": args.pretrain_hard_share})
     return suite if settings is suite.settings else _tier_suite(args, settings)
+
+
+def with_seed(settings: Any, seed: int) -> Any:
+    """``settings`` with every seed moved to ``seed``: data, init, Trainer order (``seed + 1`` for experts).
+
+    The quick tier's base is then pretrained again from its own random init; the full tier's
+    base is fixed (SmolLM2), so only the experts' data order and held-out sample change.
+    """
+    update: Dict[str, Any] = {"seed": seed, "expert": settings.expert.model_copy(update={"seed": seed + 1})}
+    if hasattr(settings, "pretrain"):
+        update["pretrain"] = settings.pretrain.model_copy(update={"seed": seed})
+    return settings.model_copy(update=update)
 
 
 def _tier_suite(args: argparse.Namespace, settings: Optional[Any] = None) -> Suite:
@@ -266,7 +280,8 @@ def default_densities(args: argparse.Namespace) -> Sequence[float]:
     return grafting.DENSITIES
 
 
-def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+def make_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m benchmarks.quality.run``."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tier", choices=("quick", "full"), default="quick")
     parser.add_argument("--smoke", action="store_true", help="tiny settings: proves the pipeline end to end in seconds")
@@ -278,6 +293,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                              "merges run on CPU")  # fmt: skip
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: 1 for quick, whose ops are too small to gain from more; all for full)")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0,
+                        help="training seed (data, init, order; also mergekit's random_seed): 0 is the published run; "
+                             "another seed gets its own cache and report quality-<tier>-seed<N>.md")  # fmt: skip
     parser.add_argument("--methods", nargs="*", help="only these methods (names as in the report)")
     parser.add_argument("--capabilities", nargs="*", help="quick: which capabilities (default: the tier's)")
     parser.add_argument("--densities", type=float, nargs="*", default=None, help="grafting densities")
@@ -286,7 +304,24 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--pretrain-steps", type=int, default=None, help="quick: override the base's pretraining steps")
     parser.add_argument("--pretrain-hard-share", type=float, default=None,
                         help="quick: override the share of hard-size examples in pretraining")  # fmt: skip
-    args = parser.parse_args(argv)
+    return parser
+
+
+def locate(args: argparse.Namespace) -> Tuple[Suite, str, str, str]:
+    """``(suite, run name, work directory, base directory)`` of a parsed command line.
+
+    The run name (``quick``, ``full-smoke``, ``quick-seed1``, ...) names the report; the
+    directories carry the settings' fingerprints, so a cache is reused only for identical settings.
+    """
+    suite = build_suite(args)
+    name = f"{suite.tier}{'-smoke' if args.smoke else ''}{f'-seed{args.seed}' if args.seed else ''}"
+    work = os.path.join(args.cache, f"{name}-{suite.fingerprint()}")
+    base_dir = os.path.join(args.cache, f"{name}-base-{suite.fingerprint(suite.base_keys)}")  # shared by expert settings
+    return suite, name, work, base_dir
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    args = make_parser().parse_args(argv)
 
     import torch
 
@@ -300,11 +335,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     hf_logging.disable_progress_bar()
     torch.set_num_threads(args.threads or (1 if args.tier == "quick" else os.cpu_count() or 1))
     started, load = time.perf_counter(), os.getloadavg()
-    suite = build_suite(args)
-    name = f"{suite.tier}{'-smoke' if args.smoke else ''}"
-    work = os.path.join(args.cache, f"{name}-{suite.fingerprint()}")
-    base_dir = os.path.join(args.cache, f"{name}-base-{suite.fingerprint(suite.base_keys)}")  # shared by expert settings
-    pipeline = Pipeline(suite, work, base_dir, args.device, keep_models=suite.tier == "quick")
+    suite, name, work, base_dir = locate(args)
+    pipeline = Pipeline(suite, work, base_dir, args.device, keep_models=suite.tier == "quick", seed=args.seed)
     densities = tuple(args.densities or default_densities(args))
     data = pipeline.run(args.methods, densities)
     data["invocation"] = {

@@ -1,0 +1,121 @@
+"""Seed-to-seed view of finished quality runs: ``quality-<tier>-seeds.md`` from each seed's results.
+
+    python -m benchmarks.quality.seeds --tier quick --seeds 0 1 2
+
+Reads, never computes: each seed's ``results.json`` as ``python -m benchmarks.quality.run
+--tier T --seed N`` left it (run those first).  Per method, the test **norm.** of the grid
+point chosen on validation in every seed (chosen exactly as in the per-seed reports), its mean
+and sample standard deviation over seeds and its rank in each seed; then, per seed, each OTA/FFG
+variant's verdict against that seed's best baseline and its like-for-like partner (win / tie /
+loss at 2 binomial standard errors, as in the per-seed reports); and per seed the grafting gap
+FFG minus magnitude (mean over capabilities of score / expert score).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from typing import Any, Dict, List, Optional, Sequence
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+from benchmarks.quality import report, run  # noqa: E402
+
+
+def load_seed(tier: str, seed: int, cache: str, smoke: bool = False) -> Dict[str, Any]:
+    """``{"suite", "data", "chosen", "work"}`` of one seed's finished run (FileNotFoundError names the command)."""
+    args = run.make_parser().parse_args(["--tier", tier, "--seed", str(seed), "--cache", cache] + ["--smoke"] * smoke)
+    suite, name, work, _ = run.locate(args)
+    path = os.path.join(work, "results.json")
+    if not os.path.isfile(path) or "settings" not in json.load(open(path, encoding="utf-8")):
+        raise FileNotFoundError(f"{path}: no finished run of seed {seed}; run `python -m benchmarks.quality.run "
+                                f"--tier {tier}{' --smoke' if smoke else ''} --seed {seed}` first")  # fmt: skip
+    with open(path, encoding="utf-8") as fp:
+        data = json.load(fp)
+    return {"suite": suite, "data": data, "chosen": {c["method"]: c for c in report.select(suite, data)}, "work": work}
+
+
+def markdown(tier: str, seeds: Sequence[int], runs: List[Dict[str, Any]]) -> str:
+    """The seed-to-seed report (see the module docstring)."""
+    methods = list(runs[0]["chosen"])
+    out = [f"# Merge quality across training seeds: `{tier}` tier", "",
+           f"Command: `python -m benchmarks.quality.seeds --tier {tier} --seeds {' '.join(map(str, seeds))}` after "
+           f"`python -m benchmarks.quality.run --tier {tier} --seed N` for each seed (seed 0 is "
+           f"[quality-{tier}.md](quality-{tier}.md), seed N is `quality-{tier}-seedN.md`). A seed changes the "
+           "training data, initialisation and order, the held-out sample and mergekit's `random_seed`; settings "
+           "and grids are the same.", "",
+           "Test **norm.** (mean over capabilities of score / expert score) of each method's grid point chosen on "
+           "validation, per seed; mean and sample standard deviation over seeds; rank among the merge methods "
+           "in each seed (1 = best).", "",
+           "| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | sd | ranks |",
+           "|---|" + "---|" * (len(seeds) + 3)]  # fmt: skip
+    ranks: Dict[str, List[int]] = {m: [] for m in methods}
+    for r in runs:
+        order = sorted(r["chosen"].values(), key=lambda c: -c["test"])
+        for position, choice in enumerate(order, 1):
+            ranks[choice["method"]].append(position)
+    rows = []
+    for method in methods:
+        values = [r["chosen"][method]["test"] for r in runs]
+        sd = statistics.stdev(values) if len(values) > 1 else float("nan")
+        rows.append((statistics.fmean(values), method, values, sd))
+    for mean, method, values, sd in sorted(rows, key=lambda row: -row[0]):
+        out.append(f"| {method} | " + " | ".join(f"{v:.3f}" for v in values)
+                   + f" | **{mean:.3f}** | {sd:.3f} | {', '.join(map(str, ranks[method]))} |")  # fmt: skip
+
+    for seed, r in zip(seeds, runs):
+        models, suite = r["data"]["models"], r["suite"]
+        unlearned = [c for c in suite.capabilities
+                     if report._score(models[f"expert/{c}"], "test", c, suite.metric[c]) <= 0]  # fmt: skip
+        if unlearned:
+            out += ["", f"Seed {seed}: {', '.join(unlearned)} left out of norm. (its expert scores 0 on it: that "
+                        "fine-tune never learned it), so this seed averages over fewer capabilities."]  # fmt: skip
+    out += ["", "## OTA/FFG against the baselines, seed by seed", "",
+            "Verdicts as in the per-seed reports: a tie is a difference within 2 binomial standard errors.", ""]
+    for seed, r in zip(seeds, runs):
+        chosen = r["chosen"]
+        theirs = max((c for c in chosen.values() if not report.is_ours(c["method"])), key=lambda c: c["test"])
+        lines = [f"{m}: {report.verdict(c, theirs).split(' ')[0]}" for m, c in chosen.items() if report.is_ours(m)]
+        pairs = [f"{a} vs {b}: {report.verdict(chosen[a], chosen[b]).split(' ')[0]}"
+                 for a, b in report.LIKE_FOR_LIKE if a in chosen and b in chosen]  # fmt: skip
+        out.append(f"- seed {seed}, against its best baseline ({theirs['method']}, {theirs['test']:.3f}): "
+                   + "; ".join(lines) + ". Like for like: " + "; ".join(pairs) + ".")  # fmt: skip
+
+    out += ["", "## Grafting: FFG minus magnitude, seed by seed", "",
+            "Mean over capabilities of score / expert score kept by grafting a fraction d of one expert's task "
+            "vector, FFG (per tensor) minus magnitude (per tensor).", ""]
+    densities = runs[0]["data"]["densities"]
+    out += ["| seed | " + " | ".join(f"d={d:g}" for d in densities) + " |", "|---|" + "---|" * len(densities)]
+    for seed, r in zip(seeds, runs):
+        curves = report.graft_curves(r["suite"], r["data"])
+        ffg, magnitude = report.mean_curve(curves, "FFG (per tensor)"), report.mean_curve(curves, "magnitude (per tensor)")
+        out.append(f"| {seed} | " + " | ".join(f"{f - m:+.3f}" for f, m in zip(ffg, magnitude)) + " |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv: Optional[List[str]] = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tier", choices=("quick", "full"), default="quick")
+    parser.add_argument("--seeds", type=int, nargs="+", required=True, help="the seeds to compare (at least 2)")
+    parser.add_argument("--cache", default=os.path.join(REPO, "benchmarks", ".cache", "quality"))
+    parser.add_argument("--results", default=os.path.join(REPO, "benchmarks", "results"))
+    parser.add_argument("--smoke", action="store_true", help="compare --smoke runs")
+    args = parser.parse_args(argv)
+    if len(set(args.seeds)) < 2:
+        parser.error("--seeds: give at least two different seeds")
+    runs = [load_seed(args.tier, seed, args.cache, args.smoke) for seed in args.seeds]
+    path = os.path.join(args.results, f"quality-{args.tier}{'-smoke' if args.smoke else ''}-seeds.md")
+    os.makedirs(args.results, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fp:
+        fp.write(markdown(args.tier, args.seeds, runs))
+    print(f"report: {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()
