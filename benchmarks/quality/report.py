@@ -42,6 +42,11 @@ def gain_capabilities(suite: Suite, models: Dict[str, Any], split: str = "test")
     return out
 
 
+def unlearned_capabilities(suite: Suite, models: Dict[str, Any], split: str = "test") -> List[str]:
+    """The capabilities whose own expert scores 0 on them (it never learned them): left out of norm."""
+    return [c for c in suite.capabilities if _score(models[f"expert/{c}"], split, c, suite.metric[c]) <= 0]
+
+
 def _normalised(suite: Suite, models: Dict[str, Any], record: Dict[str, Any], split: str) -> Tuple[float, float]:
     """(mean of score/expert, mean of (score-base)/(expert-base)) over the capabilities where each is defined.
 
@@ -117,8 +122,7 @@ def plot(suite: Suite, data: Dict[str, Any], path: str) -> None:
             ax = axes[row][col]
             for selector, per_cap in curves.items():
                 if cap == "mean":
-                    ys = [sum(per_cap[c][i][key] for c in suite.capabilities) / len(suite.capabilities)
-                          for i in range(len(densities))]  # fmt: skip
+                    ys = mean_curve(curves, selector, key)
                 else:
                     ys = [point[key] for point in per_cap[cap]]
                 color, style = styles[selector]
@@ -301,7 +305,8 @@ def write(suite: Suite, data: Dict[str, Any], directory: str, name: str) -> str:
                   for cap in caps}  # fmt: skip
     worst_se = max(0.5 / math.sqrt(n) for n in test_sizes.values())
     with_gain = gain_capabilities(suite, models)
-    unlearned = [c for c in caps if _score(models[f"expert/{c}"], "test", c, suite.metric[c]) <= 0]
+    unlearned = unlearned_capabilities(suite, models)
+    rows_only = all(suite.metric[c] == "exact_match" for c in caps)
 
     seed = getattr(suite.settings, "seed", 0)
     out: List[str] = [f"# Merge quality: `{suite.tier}` tier{' (smoke settings)' if 'smoke' in name else ''}"
@@ -351,10 +356,9 @@ def write(suite: Suite, data: Dict[str, Any], directory: str, name: str) -> str:
         "is its grid point with the best validation **norm.** (shown as *val*); the test numbers were not used to "
         f"choose. Binomial standard error of one test score is at most {worst_se:.3f} "
         f"({min(test_sizes.values())}-{max(test_sizes.values())} scored "
-        + ("answers" if all(suite.metric[c] == "exact_match" for c in caps) else "answers or tokens")
-        + " per capability"
-        + ("" if all(suite.metric[c] == "exact_match" for c in caps) else
-           "; the tokens of one text are not independent, so for token accuracy it is optimistic")
+        + ("answers per capability" if rows_only else
+           "answers or tokens per capability; the tokens of one text are not independent, so for token accuracy "
+           "it is optimistic")
         + f"); **±** is the binomial standard error of norm. within this one training seed ({seed}); "
         "seed-to-seed variation is not in it (other seeds: `--seed N`, report `quality-<tier>-seedN.md`).",
         "",
@@ -401,15 +405,13 @@ def write(suite: Suite, data: Dict[str, Any], directory: str, name: str) -> str:
 
     out += ["## Grafting one expert (test split)", "", grafting.__doc__.split("\n\n", 1)[1].strip(), "",
             f"![grafting curves]({png_name})", "",
-            "Mean over capabilities of score / expert score (gain-normalised in parentheses):", "",
+            "Mean over capabilities of score / expert score (gain-normalised in parentheses; each mean over the "
+            "capabilities where it is defined, as for norm. and gain):", "",
             "| selector | " + " | ".join(f"d={d:g}" for d in data["densities"]) + " |",
             "|---|" + "---|" * len(data["densities"])]  # fmt: skip
-    for selector, per_cap in curves.items():
-        cells = []
-        for i in range(len(data["densities"])):
-            ratio = sum(per_cap[c][i]["ratio"] for c in caps) / len(caps)
-            gain = mean_defined([per_cap[c][i]["gain"] for c in caps])
-            cells.append(f"{_fmt(ratio)} ({_fmt(gain, 2)})")
+    for selector in curves:
+        cells = [f"{_fmt(ratio)} ({_fmt(gain, 2)})"
+                 for ratio, gain in zip(mean_curve(curves, selector), mean_curve(curves, selector, "gain"))]  # fmt: skip
         out.append(f"| {selector} | " + " | ".join(cells) + " |")
     out += ["", "<details><summary>Per capability (score / expert score)</summary>", "",
             "| capability | selector | " + " | ".join(f"d={d:g}" for d in data["densities"]) + " |",

@@ -32,11 +32,13 @@ def load_seed(tier: str, seed: int, cache: str, smoke: bool = False) -> Dict[str
     args = run.make_parser().parse_args(["--tier", tier, "--seed", str(seed), "--cache", cache] + ["--smoke"] * smoke)
     suite, name, work, _ = run.locate(args)
     path = os.path.join(work, "results.json")
-    if not os.path.isfile(path) or "settings" not in json.load(open(path, encoding="utf-8")):
+    data: Dict[str, Any] = {}
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as fp:
+            data = json.load(fp)
+    if "settings" not in data:  # written at the end of a run: absent in an unfinished one
         raise FileNotFoundError(f"{path}: no finished run of seed {seed}; run `python -m benchmarks.quality.run "
                                 f"--tier {tier}{' --smoke' if smoke else ''} --seed {seed}` first")  # fmt: skip
-    with open(path, encoding="utf-8") as fp:
-        data = json.load(fp)
     return {"suite": suite, "data": data, "chosen": {c["method"]: c for c in report.select(suite, data)}, "work": work}
 
 
@@ -69,9 +71,7 @@ def markdown(tier: str, seeds: Sequence[int], runs: List[Dict[str, Any]]) -> str
                    + f" | **{mean:.3f}** | {sd:.3f} | {', '.join(map(str, ranks[method]))} |")  # fmt: skip
 
     for seed, r in zip(seeds, runs):
-        models, suite = r["data"]["models"], r["suite"]
-        unlearned = [c for c in suite.capabilities
-                     if report._score(models[f"expert/{c}"], "test", c, suite.metric[c]) <= 0]  # fmt: skip
+        unlearned = report.unlearned_capabilities(r["suite"], r["data"]["models"])
         if unlearned:
             out += ["", f"Seed {seed}: {', '.join(unlearned)} left out of norm. (its expert scores 0 on it: that "
                         "fine-tune never learned it), so this seed averages over fewer capabilities."]  # fmt: skip

@@ -25,9 +25,9 @@ from mergekit_ota.errors import CurvatureError
 from mergekit_ota.export.mapping import Shape, map_indices
 from mergekit_ota.export.model_params import (
     ModelParameters,
+    check_against_model,
     clean_name,
     index_candidates,
-    check_against_model,
     load_model_parameters,
     model_order,
 )
