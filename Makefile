@@ -9,7 +9,7 @@ QUALITY_STAMP := $(VENV)/.mergekit-ota-quality
 
 .PHONY: install demo test bench-quality bench-quality-full bench-perf clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml mergekit_ota_autoload.py mergekit_ota.pth
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0

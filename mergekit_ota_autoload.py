@@ -24,6 +24,15 @@ WATCHED = frozenset(
 )
 
 
+def initializing(name):
+    """True while module ``name`` is being executed: imported, but its code has not finished running.
+
+    The one place that reads the import machinery's ``__spec__._initializing`` flag.
+    """
+    module = sys.modules.get(name)
+    return module is not None and bool(getattr(getattr(module, "__spec__", None), "_initializing", False))
+
+
 def _warn(message):
     import warnings  # imported only when needed: start-up stays ~0.2 ms
 

@@ -14,15 +14,11 @@ __version__ = "0.1.0"
 
 
 def _install() -> None:
-    import sys
+    import mergekit_ota_autoload as hook
 
-    hook = sys.modules.get("mergekit_ota_autoload")
     # Imported from inside the start-up hook (a mergekit module is mid-import):
     # the hook itself applies the patches as each module finishes loading.
-    if hook is not None and any(
-        getattr(getattr(sys.modules.get(name), "__spec__", None), "_initializing", False)
-        for name in hook.WATCHED
-    ):
+    if any(hook.initializing(name) for name in hook.WATCHED):
         return
     from mergekit_ota.integration import install
 

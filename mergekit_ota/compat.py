@@ -1,18 +1,41 @@
-"""The mergekit versions this plugin supports, and a check of the internals it patches."""
+"""The mergekit versions this plugin supports, and the one home of every private mergekit internal it touches.
+
+Everything of mergekit's that is not its documented API, and that the plugin reads,
+calls or patches, is reached through this module and checked by
+:func:`incompatibility` before any patch is applied, so a mergekit release that
+changes one of them fails with one clear message naming it, not an
+``AttributeError`` in the middle of a merge:
+
+================================================  ======================================
+``MergePlanner.plan_tensor(self, weight, ...)``   wrapped: attach curvature (its signature)
+``MergePlanner._plan``                            wrapped: raise every problem at the end
+``MergePlanner.plan_to_disk(self, out_path)``     wrapped: record when the weights are done
+``MergePlanner._tensors`` / ``._method``          read: the planned tasks, the method
+``ExecuteMergeMethodTask`` fields                 copied into :class:`CurvatureMergeTask`
+``mergekit.io.tasks.FinalizeModel`` fields        subclassed (:mod:`.graph.finalize`)
+``mergekit.merge._model_out_config``              called by ``check`` to plan as run_merge
+``mergekit.merge.run_merge(config, out, ...)``    wrapped: the output policy
+``merge_raw_pytorch.plan_flat_merge``             wrapped: refuse ota/ffg
+================================================  ======================================
+"""
 
 from __future__ import annotations
 
 import inspect
-from functools import lru_cache
 from importlib import metadata
-from typing import Optional
+from typing import Any, List, Optional, Tuple
 
 SUPPORTED = "0.1.5"  # the mergekit release line whose internals the graph integration uses
 EXPECTED_PLAN_TENSOR_ARGS = ["self", "weight", "weights_in", "models", "cfg_reader"]
+EXPECTED_PLAN_TO_DISK_ARGS = ["self", "out_path"]
+EXPECTED_RUN_MERGE_ARGS = ["merge_config", "out_path", "options", "config_source"]
+EXPECTED_OUT_CONFIG_ARGS = ["config", "arch_info", "trust_remote_code"]
+EXPECTED_PLANNER_ATTRIBUTES = ("_tensors", "_method")  # set in MergePlanner.__init__
 EXPECTED_TASK_FIELDS = {
     "method_name", "gather_tensors", "model_order", "base_model", "output_weight",
     "parameters", "input_parameters", "dtype", "out_dtype",
 }  # fmt: skip
+EXPECTED_FINALIZE_FIELDS = {"tensor_save_tasks", "writer_task"}
 
 
 def mergekit_version() -> Optional[str]:
@@ -22,24 +45,85 @@ def mergekit_version() -> Optional[str]:
         return None
 
 
-@lru_cache(maxsize=1)
+def _signature(function: Any) -> List[str]:
+    return list(inspect.signature(function).parameters)
+
+
+def _loading(name: str) -> bool:
+    import mergekit_ota_autoload
+
+    return mergekit_ota_autoload.initializing(name)
+
+
+def _internal_problems(version: str) -> Tuple[List[str], bool]:
+    """The internals that differ, and whether every one was checked (a module still loading is checked later)."""
+    import importlib
+
+    from mergekit.io.tasks import FinalizeModel
+    from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
+    from mergekit.plan import MergePlanner
+
+    problems: List[str] = []
+    # Their imports trigger ours (they import mergekit.plan): check a module still loading once it has loaded.
+    loading = [name for name in ("mergekit.merge", "mergekit.scripts.merge_raw_pytorch") if _loading(name)]
+    complete = not loading
+    merge = importlib.import_module("mergekit.merge") if "mergekit.merge" not in loading else None
+    raw = importlib.import_module("mergekit.scripts.merge_raw_pytorch") if not loading else None
+    checks: Tuple[Tuple[str, Any, List[str]], ...] = (
+        ("MergePlanner.plan_tensor", getattr(MergePlanner, "plan_tensor", None), EXPECTED_PLAN_TENSOR_ARGS),
+        ("MergePlanner.plan_to_disk", getattr(MergePlanner, "plan_to_disk", None), EXPECTED_PLAN_TO_DISK_ARGS),
+        ("MergePlanner._plan", getattr(MergePlanner, "_plan", None), ["self"]),
+    )
+    if merge is not None:
+        checks += (
+            ("mergekit.merge.run_merge", getattr(merge, "run_merge", None), EXPECTED_RUN_MERGE_ARGS),
+            ("mergekit.merge._model_out_config", getattr(merge, "_model_out_config", None), EXPECTED_OUT_CONFIG_ARGS),
+        )
+    for name, function, expected in checks:
+        if function is None:
+            problems.append(f"{name} is missing")
+            continue
+        original = inspect.unwrap(function)
+        args = _signature(original)
+        if args != expected:
+            problems.append(f"{name}{tuple(args)} differs from mergekit {SUPPORTED}'s {tuple(expected)}")
+    assigned = set(inspect.unwrap(MergePlanner.__init__).__code__.co_names)
+    for attribute in EXPECTED_PLANNER_ATTRIBUTES:
+        if attribute not in assigned:
+            problems.append(f"MergePlanner no longer sets {attribute}")
+    missing = EXPECTED_TASK_FIELDS - set(ExecuteMergeMethodTask.model_fields)
+    if missing:
+        problems.append(f"ExecuteMergeMethodTask lacks fields {sorted(missing)}")
+    missing = EXPECTED_FINALIZE_FIELDS - set(FinalizeModel.model_fields)
+    if missing:
+        problems.append(f"FinalizeModel lacks fields {sorted(missing)}")
+    return problems, complete
+
+
+_checked: List[Optional[str]] = []  # the verdict, once every internal could be checked
+
+
+def reset_check() -> None:
+    """Forget the verdict of :func:`incompatibility` (tests that fake a mergekit version)."""
+    _checked.clear()
+
+
 def incompatibility() -> Optional[str]:
     """A sentence saying why this mergekit cannot be used, or ``None`` if it can."""
+    if _checked:
+        return _checked[0]
     version = mergekit_version()
     if version is None:
         return "mergekit is not installed"
     if version != SUPPORTED and not version.startswith(SUPPORTED + "."):
-        return f"mergekit-ota supports mergekit {SUPPORTED}; found mergekit {version}"
-    from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
-    from mergekit.plan import MergePlanner
-
-    args = list(inspect.signature(MergePlanner.plan_tensor).parameters)
-    if args != EXPECTED_PLAN_TENSOR_ARGS:
-        return f"mergekit {version}: MergePlanner.plan_tensor{tuple(args)} differs from mergekit {SUPPORTED}'s"
-    missing = EXPECTED_TASK_FIELDS - set(ExecuteMergeMethodTask.model_fields)
-    if missing:
-        return f"mergekit {version}: ExecuteMergeMethodTask lacks fields {sorted(missing)} of mergekit {SUPPORTED}"
-    return None
+        verdict: Optional[str] = f"mergekit-ota supports mergekit {SUPPORTED}; found mergekit {version}"
+        complete = True
+    else:
+        problems, complete = _internal_problems(version)
+        verdict = f"mergekit {version}: internals mergekit-ota relies on changed: " + "; ".join(problems) if problems else None
+    if complete:
+        _checked.append(verdict)
+    return verdict
 
 
 def require_supported_mergekit() -> None:
@@ -47,3 +131,23 @@ def require_supported_mergekit() -> None:
     problem = incompatibility()
     if problem:
         raise RuntimeError(f"{problem}. Install it with: pip install 'mergekit=={SUPPORTED}'")
+
+
+# -- the internals themselves (each checked above) -------------------------------------
+
+
+def planner_tensors(planner: Any) -> List[Tuple[Any, Any]]:
+    """``planner._tensors``: the planned ``(output WeightInfo, task)`` pairs (a list the planner appends to)."""
+    return planner._tensors
+
+
+def planner_method(planner: Any) -> Any:
+    """``planner._method``: the merge method object the planner resolved."""
+    return planner._method
+
+
+def model_out_config(config: Any, arch_info: Any, trust_remote_code: bool) -> Any:
+    """``mergekit.merge._model_out_config``: the output model's config, as ``run_merge`` builds it."""
+    from mergekit.merge import _model_out_config
+
+    return _model_out_config(config, arch_info, trust_remote_code=trust_remote_code)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import subprocess
 import sys
 import time
@@ -149,23 +148,34 @@ def _slug(name: str) -> str:
 MARKER = ".mergekit-ota-demo"
 
 
-def prepare_out_dir(out_dir: str, force: bool) -> None:
-    """Create ``out_dir``; an existing non-empty one is replaced only with ``force`` and only
-    if an earlier demo made it (it holds the marker file), so no user directory is lost."""
-    from mergekit_ota.errors import ConfigError
-    from mergekit_ota.integration import check_output_dir
+def _demo_output():  # type: ignore[no-untyped-def]
+    from mergekit_ota.io.output import ReplacePolicy
 
-    if force and os.path.isfile(os.path.join(out_dir, MARKER)):
-        shutil.rmtree(out_dir)
-    elif force and os.path.exists(out_dir) and os.listdir(out_dir):
-        raise ConfigError(f"{out_dir} was not made by mergekit-ota demo (no {MARKER}); not replacing it")
-    check_output_dir(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    open(os.path.join(out_dir, MARKER), "w").close()
+    return ReplacePolicy(
+        what=f"the output of an earlier mergekit-ota demo (a directory holding {MARKER})",
+        recognises=lambda path: os.path.isfile(os.path.join(path, MARKER)),
+        flag="--force",
+    )
 
 
 def run_demo(out_dir: str, steps: int = 150, seed: int = 0, force: bool = False) -> List[dict]:
-    """Run the demo in ``out_dir``; print and return the table (see :func:`prepare_out_dir`)."""
+    """Run the demo in ``out_dir``; print and return the table.
+
+    ``out_dir`` is claimed through :class:`~mergekit_ota.io.output.OutputDirectory`: an
+    existing non-empty one is replaced only with ``force`` and only if an earlier demo
+    made it (it holds the marker file), so no user directory is lost; the old demo is
+    moved aside while the new one runs and restored if it fails.
+    """
+    from mergekit_ota.io.output import OutputDirectory
+
+    with OutputDirectory(out_dir, _demo_output(), force=force, swap_first=True) as out:
+        open(os.path.join(out_dir, MARKER), "w").close()
+        rows = _run_demo(out_dir, steps, seed)
+        out.commit()
+    return rows
+
+
+def _run_demo(out_dir: str, steps: int, seed: int) -> List[dict]:
     import mergekit_ota  # noqa: F401  (registers and patches mergekit)
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
@@ -179,7 +189,6 @@ def run_demo(out_dir: str, steps: int = 150, seed: int = 0, force: bool = False)
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    prepare_out_dir(out_dir, force)
     train, test = _split(seed)
     config = tiny_llama_config(vocab_size=VOCAB, hidden_size=64, num_layers=2)
     base = os.path.join(out_dir, "models", "base")

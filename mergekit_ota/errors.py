@@ -23,3 +23,7 @@ class PreflightError(OTAError):
             f"mergekit-ota found {len(self.problems)} problem(s) before merging "
             f"(nothing was written):\n{listing}"
         )
+
+
+class OutputError(ConfigError):
+    """An output cannot be written where asked: it exists, another run holds it, or the disk is full."""

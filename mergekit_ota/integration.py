@@ -3,9 +3,10 @@
 =====================================  =============================================
 ``mergekit.merge_methods``             register ``ota`` and ``ffg``
 ``mergekit.plan``                      attach curvature tasks (:mod:`.graph.planner`)
-``mergekit.merge``                     ``run_merge``: refuse to write into a non-empty
-                                       output directory; remove a directory this run
-                                       created if the merge fails
+``mergekit.merge``                     ``run_merge``: claim the output directory and
+                                       apply the overwrite policy
+                                       (:mod:`mergekit_ota.io.output`); keep a merge
+                                       whose weights were all written
 ``mergekit.scripts.merge_raw_pytorch`` refuse ``ota``/``ffg`` (no planner, no curvature)
 =====================================  =============================================
 
@@ -18,13 +19,13 @@ from __future__ import annotations
 
 import functools
 import os
-import shutil
 import sys
 import warnings
 from types import ModuleType
 from typing import Callable, Dict
 
-from mergekit_ota.errors import ConfigError
+from mergekit_ota.errors import ConfigError, OutputError
+from mergekit_ota.io.output import OutputDirectory, ReplacePolicy
 
 OVERWRITE_ENV = "MERGEKIT_OTA_ALLOW_OVERWRITE"
 PATCH_MARK = "_mergekit_ota_patched"
@@ -36,32 +37,54 @@ def _method_names() -> frozenset:
     return METHOD_NAMES
 
 
-def check_output_dir(out_path: str) -> None:
-    """Refuse an existing non-empty ``out_path`` unless ``MERGEKIT_OTA_ALLOW_OVERWRITE=1``."""
-    if os.environ.get(OVERWRITE_ENV, "") in ("1", "true", "yes"):
-        return
-    if os.path.isfile(out_path):
-        raise ConfigError(f"Output path {out_path} is an existing file; choose a new directory")
-    if os.path.isdir(out_path) and os.listdir(out_path):
-        raise ConfigError(
-            f"Output directory {out_path} already exists and is not empty; mergekit-ota will not "
-            f"overwrite it. Choose a new directory, empty it, or set {OVERWRITE_ENV}=1"
-        )
+def _is_earlier_merge(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, MERGE_MARKER))
+
+
+MERGE_MARKER = "mergekit_config.yml"  # what mergekit writes into every merge it makes
+MERGE_OUTPUT = ReplacePolicy(
+    what=f"an earlier mergekit merge (a directory holding {MERGE_MARKER})",
+    recognises=_is_earlier_merge,
+    flag=None,  # re-running into an earlier merge replaces it, as mergekit's own re-run loop does
+    in_place_hint=f"set {OVERWRITE_ENV}=1 to write into it as mergekit does",
+)
+
+
+def _late_step(error: BaseException) -> str:
+    """Which step of ``run_merge`` after the weights raised ``error`` (from its traceback)."""
+    steps = {"card.py": "writing the model card (README.md)", "tokenizer": "saving the tokenizer"}
+    trace = error.__traceback__
+    while trace is not None:
+        filename = trace.tb_frame.f_code.co_filename.replace(os.sep, "/")
+        for key, step in steps.items():
+            if "/mergekit/" in filename and key in filename:
+                return step
+        trace = trace.tb_next
+    return "a step after the weights were written"
 
 
 def _guard_run_merge(run_merge: Callable) -> Callable:
+    """``run_merge`` for ota/ffg: claim the output (:class:`~mergekit_ota.io.output.OutputDirectory`), merge into
+    its build directory, and keep a merge whose every tensor was written even when a later step fails."""
+
     @functools.wraps(run_merge)
     def guarded(merge_config, out_path, *args, **kwargs):
         if merge_config.merge_method not in _method_names():
             return run_merge(merge_config, out_path, *args, **kwargs)
-        check_output_dir(out_path)
-        created = not os.path.exists(out_path)
-        try:
-            return run_merge(merge_config, out_path, *args, **kwargs)
-        except BaseException:
-            if created and os.path.isdir(out_path):
-                shutil.rmtree(out_path, ignore_errors=True)
-            raise
+        in_place = os.environ.get(OVERWRITE_ENV, "").strip().lower() in ("1", "true", "yes")
+        with OutputDirectory(out_path, MERGE_OUTPUT, in_place=in_place) as out:
+            try:
+                result = run_merge(merge_config, out.build, *args, **kwargs)
+            except BaseException as error:
+                if not out.complete:
+                    raise  # the OutputDirectory removes what this run created
+                out.commit()
+                raise OutputError(
+                    f"{out.path}: the merge is complete and kept (every tensor and the weight index were written), "
+                    f"but {_late_step(error)} failed: {type(error).__name__}: {error}"
+                ) from error
+            out.commit()
+            return result
 
     setattr(guarded, PATCH_MARK, True)
     return guarded
@@ -89,14 +112,10 @@ def _patch_attribute(module: ModuleType, name: str, wrap: Callable[[Callable], C
         setattr(module, name, wrap(current))
 
 
-def _initializing(name: str) -> bool:
-    """True while module ``name`` is being executed (imported but not finished)."""
-    module = sys.modules.get(name)
-    return module is not None and bool(getattr(getattr(module, "__spec__", None), "_initializing", False))
-
-
 def _on_merge_methods(module: ModuleType) -> None:
-    if _initializing("mergekit_ota.methods"):
+    from mergekit_ota_autoload import initializing
+
+    if initializing("mergekit_ota.methods"):
         return  # mergekit was imported by our own methods package, which registers when it finishes
     from mergekit_ota.methods import register_methods
 
@@ -149,5 +168,5 @@ def install() -> None:
     mergekit_ota_autoload.install_finder()
     for name in HANDLERS:
         module = sys.modules.get(name)
-        if module is not None and not _initializing(name):
+        if module is not None and not mergekit_ota_autoload.initializing(name):
             on_module(name, module)

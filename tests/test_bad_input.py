@@ -171,13 +171,13 @@ def test_failed_merge_keeps_a_users_existing_empty_directory(family, tmp_path):
 def test_unsupported_mergekit_version_names_the_supported_one(family, tmp_path, monkeypatch):
     from mergekit_ota import compat
 
-    compat.incompatibility.cache_clear()
+    compat.reset_check()
     monkeypatch.setattr(compat, "mergekit_version", lambda: "0.1.4")
     try:
         with pytest.raises(RuntimeError, match=r"supports mergekit 0\.1\.5; found mergekit 0\.1\.4.*pip install 'mergekit==0\.1\.5'"):
             _merge(_config(family), tmp_path / "out")
     finally:
-        compat.incompatibility.cache_clear()
+        compat.reset_check()
     assert not (tmp_path / "out").exists()
 
 

@@ -382,7 +382,12 @@ def test_existing_output_needs_force_and_only_stores_are_ever_replaced(plain, tm
     weights = os.path.join(plain.model_dir, "model.safetensors")
     before = open(weights, "rb").read()
     failed = _export(args[0], weights, *args[1:], "--force", ok=False)
-    assert "not a curvature store" in failed.output and open(weights, "rb").read() == before
+    assert "model loaders read files named model*.safetensors*" in failed.output
+    assert open(weights, "rb").read() == before
+    other = tmp_path / "weights_copy.safetensors"  # safetensors, but not a store: refused even with --force
+    other.write_bytes(before)
+    failed = _export(args[0], other, *args[1:], "--force", ok=False)
+    assert "not a curvature store" in failed.output and other.read_bytes() == before
 
     out = tmp_path / "store.safetensors"
     _export(args[0], out, *args[1:], "--compress", "rank1")
@@ -401,7 +406,7 @@ def test_existing_output_needs_force_and_only_stores_are_ever_replaced(plain, tm
     (foreign / "precious.txt").write_text("keep me")
     failed = _export(args[0], foreign, *args[1:], "--force", ok=False)
     assert "precious.txt" in failed.output and (foreign / "precious.txt").read_text() == "keep me"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign", "store.safetensors", "store_dir"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign", "store.safetensors", "store_dir", "weights_copy.safetensors"]
 
 
 # ----------------------------------------------------------------------------- refusals

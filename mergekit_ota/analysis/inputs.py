@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import threading
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple
 
@@ -19,8 +18,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mergekit_ota.curvature.locate import locate_store
-from mergekit_ota.curvature.store import CurvatureStore, HeaderEntry, read_header
-from mergekit_ota.errors import ConfigError, OTAError, PreflightError
+from mergekit_ota.curvature.store import CurvatureStore
+from mergekit_ota.errors import ConfigError, CurvatureError, OTAError, PreflightError
+from mergekit_ota.io.handles import read_tensor
+from mergekit_ota.io.safetensors import HeaderEntry, read_sharded
 
 DEFAULT_DENSITY = 0.05
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
@@ -257,14 +258,12 @@ def _config_experts(config: Any) -> List[Tuple[Any, Dict[str, Any]]]:
 class ModelFiles:
     """A model directory's safetensors weights: headers read up front, tensors one at a time.
 
-    Files are found as mergekit finds them (``ShardedTensorIndex.from_disk``:
-    ``model.safetensors`` or its ``.index.json``); PyTorch ``.bin`` checkpoints are refused,
-    since reading them means unpickling.
+    Files are found as mergekit finds them (``model.safetensors`` or its ``.index.json``;
+    :func:`~mergekit_ota.io.safetensors.read_sharded` refuses an ambiguous index); PyTorch
+    ``.bin`` checkpoints are refused, since reading them means unpickling.
     """
 
     def __init__(self, directory: str, label: str):
-        from mergekit.io import ShardedTensorIndex
-
         self.directory = directory
         self.label = label
         if not any(os.path.isfile(os.path.join(directory, _MODEL_FILE + suffix)) for suffix in ("", _INDEX_SUFFIX)):
@@ -273,30 +272,15 @@ class ModelFiles:
                 f"{label} ({directory}) has {found}; analyze reads {_MODEL_FILE} or "
                 f"{_MODEL_FILE}{_INDEX_SUFFIX} (re-save with save_pretrained(..., safe_serialization=True))"
             )
+        index = os.path.join(directory, _MODEL_FILE + _INDEX_SUFFIX)
         try:
-            index = ShardedTensorIndex.from_disk(directory)
-        except (OSError, ValueError, KeyError, RuntimeError) as error:
-            raise ConfigError(f"{label} ({directory}): cannot read the safetensors index ({error})") from None
-        self.entries: Dict[str, HeaderEntry] = {}
-        for shard in sorted(set(index.tensor_paths.values())):
-            self.entries.update(read_header(os.path.join(directory, shard))[0])
-        self._handles: Dict[str, Any] = {}
-        self._lock = threading.Lock()
+            _, self.entries, _ = read_sharded(index if os.path.isfile(index) else os.path.join(directory, _MODEL_FILE))
+        except CurvatureError as error:
+            raise ConfigError(f"{label} ({directory}): {error}") from None
 
     def load(self, name: str) -> torch.Tensor:
-        """Tensor ``name`` as stored (one ``safe_open`` read)."""
-        from safetensors import safe_open
-
-        entry = self.entries[name]
-        with self._lock:
-            handle = self._handles.get(entry.file)
-            if handle is None:
-                handle = safe_open(entry.file, framework="pt", device="cpu")
-                self._handles[entry.file] = handle
-        try:
-            return handle.get_tensor(name)
-        except Exception as error:  # safetensors raises its own error types
-            raise ConfigError(f"{entry.file}: cannot read tensor '{name}' ({error})") from None
+        """Tensor ``name`` as stored (one read through the shared open-file cache)."""
+        return read_tensor(self.entries[name])
 
 
 @dataclass

@@ -6,54 +6,35 @@ A store holds one tensor per model weight, named exactly like the weight.  A
 n numbers); :meth:`CurvatureStore.load` reconstructs ``outer(r, c) / sum(r)``.
 Full and compressed tensors may be mixed, within a store and across experts.
 
-Headers are parsed here (not by a library) so that a truncated or corrupted file
-gives an error naming the file, before any tensor data is read.  Tensor data is
-read lazily through ``safetensors.safe_open`` (memory-mapped), one tensor at a time.
+Headers and indexes are parsed by :mod:`mergekit_ota.io.safetensors` (a truncated,
+corrupted or ambiguous file gives an error naming it before any tensor data is
+read); tensor data is read lazily through the shared open-file cache
+(:mod:`mergekit_ota.io.handles`), one tensor at a time.
+
+Values are judged as the merge computes with them: every read returns float32
+(:meth:`CurvatureStore.read_entry`), so an F64 value beyond float32's range is Inf
+for ``check``, ``inspect`` and the merge alike.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import struct
 import threading
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 
 from mergekit_ota.errors import CurvatureError
+from mergekit_ota.io.handles import read_tensor
+from mergekit_ota.io.safetensors import FLOAT_DTYPES, HeaderEntry, read_header, read_sharded
 from mergekit_ota.math.rank1 import Curvature, Rank1Curvature
+
+__all__ = ["COL_SUFFIX", "ROW_SUFFIX", "CurvatureRecord", "CurvatureStore", "HeaderEntry", "check_values", "read_header"]
 
 ROW_SUFFIX = ":rank1_row"
 COL_SUFFIX = ":rank1_col"
-
-_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
-_DTYPE_SIZES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
-    "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
-}  # fmt: skip
-
-
-@dataclass(frozen=True)
-class HeaderEntry:
-    """One tensor as described by a safetensors header."""
-
-    file: str
-    key: str
-    dtype: str
-    shape: Tuple[int, ...]
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of tensor data in the file (0 for a dtype this reader does not size)."""
-        return self.numel * _DTYPE_SIZES.get(self.dtype, 0)
-
 
 @dataclass(frozen=True)
 class CurvatureRecord:
@@ -78,72 +59,6 @@ class CurvatureRecord:
     @property
     def files(self) -> Tuple[str, ...]:
         return tuple(sorted({e.file for e in self.entries}))
-
-
-def read_header(path: str) -> Tuple[Dict[str, HeaderEntry], Dict[str, str]]:
-    """Parse a safetensors header; return its tensor entries and ``__metadata__``.
-
-    Raises :class:`CurvatureError` naming ``path`` if the file is not a complete,
-    well-formed safetensors file.
-    """
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as fp:
-            prefix = fp.read(8)
-            if len(prefix) < 8:
-                raise CurvatureError(f"{path}: not a safetensors file (shorter than 8 bytes)")
-            (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > size - 8 or header_len > 100_000_000:
-                raise CurvatureError(
-                    f"{path}: truncated or not a safetensors file (header of "
-                    f"{header_len} bytes announced, file has {size} bytes)"
-                )
-            raw = fp.read(header_len)
-    except OSError as error:
-        raise CurvatureError(f"{path}: cannot read file ({error})") from None
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CurvatureError(f"{path}: corrupted safetensors header ({error})") from None
-    if not isinstance(header, dict):
-        raise CurvatureError(f"{path}: corrupted safetensors header (not a JSON object)")
-    metadata = header.pop("__metadata__", None) or {}
-    data_size = size - 8 - header_len
-    entries = {}
-    for key, info in header.items():
-        try:
-            dtype = str(info["dtype"])
-            shape = tuple(int(d) for d in info["shape"])
-            start, end = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CurvatureError(f"{path}: corrupted header entry for tensor '{key}'") from None
-        numel = 1
-        for dim in shape:
-            numel *= dim
-        expected = numel * _DTYPE_SIZES.get(dtype, 0)
-        if end > data_size or start > end or (dtype in _DTYPE_SIZES and end - start != expected):
-            raise CurvatureError(
-                f"{path}: tensor '{key}' lies outside the file's data (bytes {start}..{end} "
-                f"of {data_size}): the file is truncated or corrupted"
-            )
-        entries[key] = HeaderEntry(file=path, key=key, dtype=dtype, shape=shape)
-    return entries, {str(k): str(v) for k, v in metadata.items()}
-
-
-def _shard_files(path: str) -> List[str]:
-    if not path.endswith(".index.json"):
-        return [path]
-    try:
-        with open(path, "r", encoding="utf-8") as fp:
-            weight_map = json.load(fp)["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise CurvatureError(f"{path}: not a valid safetensors index ({error})") from None
-    directory = os.path.dirname(path)
-    files = sorted({os.path.join(directory, name) for name in weight_map.values()})
-    missing = [f for f in files if not os.path.isfile(f)]
-    if missing:
-        raise CurvatureError(f"{path}: shard(s) listed in the index are missing: {missing}")
-    return files
 
 
 def _records(entries: Mapping[str, HeaderEntry], source: str) -> Dict[str, CurvatureRecord]:
@@ -181,17 +96,8 @@ class CurvatureStore:
 
     def __init__(self, path: str):
         self.path = path
-        self.files = _shard_files(path)
-        entries: Dict[str, HeaderEntry] = {}
-        self.metadata: Dict[str, str] = {}
-        for file in self.files:
-            file_entries, metadata = read_header(file)
-            if not self.metadata:
-                self.metadata = metadata
-            entries.update(file_entries)
+        self.files, entries, self.metadata = read_sharded(path)
         self.records = _records(entries, path)
-        self._handles: Dict[str, object] = {}
-        self._lock = threading.Lock()
 
     @classmethod
     def open(cls, path: str) -> "CurvatureStore":
@@ -218,39 +124,16 @@ class CurvatureStore:
         """Raise unless the record for ``name`` holds floating-point data."""
         record = self.records[name]
         for entry in (record.full, record.row, record.col):
-            if entry is not None and entry.dtype not in _FLOAT_DTYPES:
+            if entry is not None and entry.dtype not in FLOAT_DTYPES:
                 raise CurvatureError(
                     f"{entry.file}: tensor '{entry.key}' has dtype {entry.dtype}; "
                     f"curvature must be floating point (F32, BF16, F16 or F64)"
                 )
 
-    def _handle(self, file: str) -> Any:
-        from safetensors import safe_open
-
-        with self._lock:
-            handle = self._handles.get(file)
-            if handle is None:
-                try:
-                    handle = safe_open(file, framework="pt", device="cpu")
-                except Exception as error:  # safetensors raises its own error types
-                    raise CurvatureError(f"{file}: cannot open ({error})") from None
-                self._handles[file] = handle
-        return handle
-
     def read_entry(self, entry: HeaderEntry, start: Optional[int] = None, stop: Optional[int] = None) -> torch.Tensor:
-        """Return stored tensor ``entry`` as stored (dtype, no checks); rows ``start:stop`` of dim 0 if given.
-
-        Row ranges are read through ``safe_open(...).get_slice``: only those bytes are touched.
-        """
-        handle = self._handle(entry.file)
-        try:
-            if (start is None and stop is None) or not entry.shape:
-                return handle.get_tensor(entry.key)
-            return handle.get_slice(entry.key)[start:stop]
-        except Exception as error:
-            raise CurvatureError(
-                f"{entry.file}: cannot read tensor '{entry.key}' ({error})"
-            ) from None
+        """Stored tensor ``entry`` as float32 (the dtype every curvature computation uses); rows ``start:stop``
+        of dim 0 if given (only those bytes are read). No value checks: see :func:`check_values`."""
+        return read_tensor(entry, start, stop).to(torch.float32)
 
     def iter_rows(self, entry: HeaderEntry, max_elements: int = 1 << 22) -> Iterator[torch.Tensor]:
         """Yield stored tensor ``entry`` in blocks of whole rows (dim 0) of at most ~``max_elements`` values."""
@@ -275,13 +158,10 @@ class CurvatureStore:
             raise CurvatureError(f"{self.path}: no curvature tensor '{name}'")
         self.check_dtype(name)
         if record.full is not None:
-            parts = [(record.full, self.read_entry(record.full).to(torch.float32))]
+            parts = [(record.full, self.read_entry(record.full))]
             value = parts[0][1]
         else:
-            parts = [
-                (record.row, self.read_entry(record.row).to(torch.float32)),
-                (record.col, self.read_entry(record.col).to(torch.float32)),
-            ]
+            parts = [(record.row, self.read_entry(record.row)), (record.col, self.read_entry(record.col))]
             value = None
         for entry, tensor in parts:
             check_values(tensor, entry)

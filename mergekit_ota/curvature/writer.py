@@ -9,7 +9,10 @@ Every shard carries the same ``__metadata__`` header (``format_version``, ``comp
 The writer streams: every tensor's name, shape and dtype are known before any data
 is read, so each shard's header (with its byte offsets) is written first and each
 tensor's bytes are appended as they come.  Memory is one tensor, never a shard.
-Output is written under temporary names and renamed only when complete.
+Output is written under temporary names and renamed only when complete
+(:mod:`mergekit_ota.io.atomic`, :mod:`mergekit_ota.io.output`); a full disk is
+refused up front where the free space is known to be too small, and otherwise
+reported in one line with nothing left behind.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ import json
 import math
 import os
 import re
-import shutil
 import struct
 import sys
 from dataclasses import dataclass
@@ -27,8 +29,12 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from mergekit_ota.curvature.locate import DEFAULT_STORE_NAME, INDEX_SUFFIX
-from mergekit_ota.curvature.store import COL_SUFFIX, ROW_SUFFIX, read_header
-from mergekit_ota.errors import ConfigError, CurvatureError
+from mergekit_ota.curvature.store import COL_SUFFIX, ROW_SUFFIX
+from mergekit_ota.errors import ConfigError, CurvatureError, OutputError
+from mergekit_ota.io.atomic import StagedFiles, ensure_space
+from mergekit_ota.io.output import CLAIM_FILE, OutputDirectory, ReplacePolicy
+from mergekit_ota.io.paths import loader_reads
+from mergekit_ota.io.safetensors import read_header, read_index, read_sharded
 from mergekit_ota.math.rank1 import rank1_factors
 
 FORMAT_VERSION = "1"
@@ -159,6 +165,24 @@ class OutputLayout:
         return None if self.kind == "file" else DEFAULT_SHARD_BYTES
 
 
+def store_layout(out: str) -> OutputLayout:
+    """The layout of a curvature store at ``out``; refused if a model loader would read it as weights.
+
+    A ``file`` or ``index`` named like model weights (:func:`~mergekit_ota.io.paths.loader_reads`:
+    ``model*.safetensors*``, ``pytorch_model*``, ``adapter_model*``) beside a model's files would be
+    loaded by mergekit *as that model*. Every command that writes a store takes its layout from here.
+    """
+    layout = OutputLayout.for_path(out)
+    pattern = loader_reads(layout.path) if layout.kind != "directory" else None
+    if pattern is not None:
+        raise OutputError(
+            f"{layout.path}: model loaders read files named {pattern} as a model's weights, so mergekit "
+            f"would load this curvature as the model itself; name the store {DEFAULT_STORE_NAME} "
+            f"(the name a merge looks for in a model directory) or give a directory"
+        )
+    return layout
+
+
 def _foreign_entries(directory: str) -> List[str]:
     """Entries of ``directory`` that are not ``exp_avg_sq*.safetensors[.index.json]`` files."""
     foreign = []
@@ -166,56 +190,59 @@ def _foreign_entries(directory: str) -> List[str]:
         is_store = os.path.isfile(os.path.join(directory, entry)) and entry.startswith(_STORE_STEM) and (
             entry.endswith(".safetensors") or entry.endswith(".safetensors" + INDEX_SUFFIX)
         )
-        if not is_store:
+        if not is_store and entry != CLAIM_FILE:
             foreign.append(entry)
     return foreign
 
 
-def _index_shards(index_path: str) -> List[str]:
-    try:
-        with open(index_path, "r", encoding="utf-8") as fp:
-            weight_map = json.load(fp).get("weight_map", {})
-        return sorted({os.path.join(os.path.dirname(index_path), f) for f in weight_map.values()})
-    except (OSError, ValueError, AttributeError):
-        return []
+#: a directory OUT: replaced (with --force) only if it holds nothing but a store's files
+STORE_DIRECTORY = ReplacePolicy(
+    what="a curvature store directory (only exp_avg_sq*.safetensors[.index.json] files)",
+    recognises=lambda path: not _foreign_entries(path),
+    flag="--force",
+)
 
 
 def is_store_file(path: str) -> bool:
-    """Whether ``path`` is a curvature store this writer made (its header records ``format_version``),
-    or an index whose shards all are."""
-    files = _index_shards(path) if path.endswith(INDEX_SUFFIX) else [path]
+    """Whether ``path`` is a curvature store this writer made (every file's header records ``format_version``)."""
     try:
-        return bool(files) and all("format_version" in read_header(f)[1] for f in files)
+        files = read_sharded(path)[0]
+        return all("format_version" in read_header(f)[1] for f in files)
     except CurvatureError:
         return False
+
+
+def _stale_shards(index_path: str, new_files: Sequence[str]) -> List[str]:
+    """Shards of the index at ``index_path`` that a new store there leaves behind (to be removed).
+
+    Read with :func:`~mergekit_ota.io.safetensors.read_index`, so an entry naming a file
+    outside the index's directory is refused before anything is written or removed.
+    """
+    if not os.path.isfile(index_path):
+        return []
+    old = read_index(index_path).shards
+    return [f for f in old if f not in new_files and os.path.isfile(f) and is_store_file(f)]
 
 
 def check_output(layout: OutputLayout, force: bool, replace_any: bool = False) -> None:
     """Refuse an existing output unless ``force``; with it, replace only a curvature store.
 
-    A ``directory`` output is replaced only if it holds nothing but
-    ``exp_avg_sq*.safetensors[.index.json]`` files; a file or index only if
-    :func:`is_store_file` (so model weights are never overwritten), unless ``replace_any``.
+    A ``directory`` output follows :data:`STORE_DIRECTORY` (through
+    :class:`~mergekit_ota.io.output.OutputDirectory`); a file or index is replaced only
+    if :func:`is_store_file` (so model weights are never overwritten), unless ``replace_any``.
     """
     path = layout.path
     if not os.path.lexists(path):
         return
-    if not force:
-        raise ConfigError(f"{path} already exists; pass --force to replace it")
     if layout.kind == "directory":
-        if not os.path.isdir(path):
-            raise ConfigError(f"{path} exists and is not a directory; refusing to replace it")
-        other = _foreign_entries(path)
-        if other:
-            raise ConfigError(
-                f"{path} holds files that are not a curvature store ({', '.join(other[:5])}"
-                f"{', ...' if len(other) > 5 else ''}); refusing to replace it even with --force. "
-                f"Write the store as {os.path.join(path, DEFAULT_STORE_NAME)} or into a new directory"
-            )
-    elif not os.path.isfile(path):
-        raise ConfigError(f"{path} exists and is not a file; refusing to replace it")
-    elif not (replace_any or is_store_file(path)):
-        raise ConfigError(
+        OutputDirectory(path, STORE_DIRECTORY, force=force).check()
+        return
+    if not force:
+        raise OutputError(f"{path} already exists; pass --force to replace it")
+    if not os.path.isfile(path):
+        raise OutputError(f"{path} exists and is not a file; refusing to replace it")
+    if not (replace_any or is_store_file(path)):
+        raise OutputError(
             f"{path} exists and is not a curvature store written by mergekit-ota (no format_version in its "
             f"header); refusing to replace it even with --force"
         )
@@ -226,8 +253,10 @@ class StoreWriter:
 
     ``write(key, tensor)`` must be called once per spec, in order, with a tensor of
     the spec's shape (it is converted to the spec's dtype); ``commit()`` renames the
-    finished files into place.  Leaving the ``with`` block without ``commit()`` (or on
-    an exception) removes everything written.
+    finished files into place. Leaving the ``with`` block without ``commit()`` (or on
+    an exception, including a full disk) removes everything written: files go through
+    :class:`~mergekit_ota.io.atomic.StagedFiles`, a directory through
+    :class:`~mergekit_ota.io.output.OutputDirectory`.
     """
 
     def __init__(
@@ -244,29 +273,33 @@ class StoreWriter:
             raise RuntimeError("safetensors files are little-endian; writing them on this machine is not supported")
         check_output(layout, force, replace_any)
         self.layout = layout
+        self.force = force
         self.metadata = dict(metadata)
         self.shards = plan_shards(specs, shard_bytes if shard_bytes is not None else layout.default_shard_bytes)
+        total = sum(s.nbytes for s in specs)
         if layout.kind == "file" and len(self.shards) > 1:
-            total = sum(s.nbytes for s in specs)
             raise ConfigError(
                 f"{layout.path}: the store takes {total:,} bytes, more than --shard-size allows in one file; "
                 f"give a directory or a .safetensors.index.json as OUT for a sharded store"
             )
-        self._tmp = f".tmp-{os.getpid()}"
-        self._final_files = self._plan_files()
+        self._names = self._plan_names()
         if layout.kind == "index":  # shards of the new index may exist without it
-            for taken in (f for f in self._final_files if os.path.lexists(f)):
+            for taken in (f for f in self._names if os.path.lexists(f)):
                 check_output(OutputLayout("file", taken), force, replace_any)
+        self._stale = _stale_shards(layout.path, self._names) if layout.kind == "index" else []
+        self.needed = total + sum(len(safetensors_header(shard, self.metadata)) for shard in self.shards)
+        ensure_space(layout.path, self.needed)
         self._queue = [(i, spec) for i, shard in enumerate(self.shards) for spec in shard]
         self._position = 0
-        self._fp: Optional[Any] = None
         self._shard = -1
+        self._files = StagedFiles(needed=self.needed)
+        self._directory: Optional[OutputDirectory] = None
         self._committed = False
-        self._started = False
         self.bytes_written = 0
 
     # -- layout --------------------------------------------------------------
-    def _plan_files(self) -> List[str]:
+    def _plan_names(self) -> List[str]:
+        """Final paths of the shards; for a directory, relative to it."""
         count = len(self.shards)
         if self.layout.kind == "file":
             return [self.layout.path]
@@ -275,31 +308,31 @@ class StoreWriter:
             stem = os.path.basename(self.layout.path)[: -len(".safetensors" + INDEX_SUFFIX)]
             return [os.path.join(directory, _shard_name(stem, i, count)) for i in range(count)]
         if count == 1:
-            return [os.path.join(self.layout.path, DEFAULT_STORE_NAME)]
-        return [os.path.join(self.layout.path, _shard_name(_STORE_STEM, i, count)) for i in range(count)]
+            return [DEFAULT_STORE_NAME]
+        return [_shard_name(_STORE_STEM, i, count) for i in range(count)]
+
+    def _root(self) -> str:
+        """Where files are written now: the directory's build for a directory, else their own place."""
+        return self._directory.build if self._directory is not None else ""
+
+    def _shard_path(self, index: int) -> str:
+        return os.path.join(self._root(), self._names[index]) if self.layout.kind == "directory" else self._names[index]
 
     @property
-    def _build_dir(self) -> str:
-        return self.layout.path + self._tmp
-
-    def _temp_file(self, index: int) -> str:
-        final = self._final_files[index]
-        if self.layout.kind == "directory":
-            return os.path.join(self._build_dir, os.path.basename(final))
-        return final + self._tmp
-
-    @property
-    def _index_final(self) -> Optional[str]:
+    def _index_name(self) -> Optional[str]:
         if self.layout.kind == "index":
             return self.layout.path
         if self.layout.kind == "directory" and len(self.shards) > 1:
-            return os.path.join(self.layout.path, DEFAULT_STORE_NAME + INDEX_SUFFIX)
+            return DEFAULT_STORE_NAME + INDEX_SUFFIX
         return None
 
     @property
     def files(self) -> List[str]:
         """The store's files once committed (shards, then the index if any)."""
-        return self._final_files + ([self._index_final] if self._index_final else [])
+        if self.layout.kind == "directory":
+            names = self._names + ([self._index_name] if self._index_name else [])
+            return [os.path.join(self.layout.path, n) for n in names]
+        return self._names + ([self.layout.path] if self._index_name else [])
 
     # -- writing -------------------------------------------------------------
     def __enter__(self) -> "StoreWriter":
@@ -310,15 +343,13 @@ class StoreWriter:
             self.abort()
 
     def _open_shard(self, index: int) -> None:
-        if self._fp is not None:
-            self._fp.close()
-        if not self._started:
-            self._started = True
-            parent = self._build_dir if self.layout.kind == "directory" else os.path.dirname(self._final_files[0])
-            os.makedirs(parent, exist_ok=self.layout.kind != "directory")
+        if self.layout.kind == "directory" and self._directory is None:
+            self._directory = OutputDirectory(self.layout.path, STORE_DIRECTORY, force=self.force).__enter__()
+        elif self._shard < 0:
+            os.makedirs(os.path.dirname(self._names[0]), exist_ok=True)
         self._shard = index
-        self._fp = open(self._temp_file(index), "wb")
-        self._fp.write(safetensors_header(self.shards[index], self.metadata))
+        self._files.open(self._shard_path(index))
+        self._files.write(safetensors_header(self.shards[index], self.metadata))
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
         """Append ``tensor`` (converted to its spec's dtype) as the next planned tensor ``key``."""
@@ -333,7 +364,7 @@ class StoreWriter:
             self._open_shard(shard)
         data = tensor.detach().to(device="cpu", dtype=spec.dtype).contiguous().reshape(-1)
         if data.numel():
-            self._fp.write(memoryview(data.view(torch.uint8).numpy()))
+            self._files.write(memoryview(data.view(torch.uint8).numpy()))
         self.bytes_written += spec.nbytes
         self._position += 1
 
@@ -345,56 +376,29 @@ class StoreWriter:
         for index in range(len(self.shards)):  # empty shards (no tensors) still get their header
             if index > self._shard:
                 self._open_shard(index)
-        self._fp.close()
-        self._fp = None
-        index_final = self._index_final
-        if index_final is not None:
-            self._write_index(index_final + self._tmp if self.layout.kind == "index" else
-                              os.path.join(self._build_dir, os.path.basename(index_final)))  # fmt: skip
-        if self.layout.kind == "directory":
-            self._replace_directory()
-        else:
-            stale = _index_shards(index_final) if index_final and os.path.isfile(index_final) else []
-            for index, final in enumerate(self._final_files):
-                os.replace(self._temp_file(index), final)
-            if index_final is not None:
-                os.replace(index_final + self._tmp, index_final)
-            for old in stale:
-                if old not in self._final_files and os.path.isfile(old) and is_store_file(old):
-                    os.remove(old)
+        if self._index_name is not None:
+            index_path = os.path.join(self._root(), self._index_name) if self.layout.kind == "directory" else self._index_name
+            self._files.open(index_path)
+            self._files.write(self._index_json().encode("utf-8"))
+        self._files.commit()
+        if self._directory is not None:
+            self._directory.commit()
+        for old in self._stale:
+            os.remove(old)
         self._committed = True
         return self.files
 
-    def _write_index(self, path: str) -> None:
-        weight_map = {spec.key: os.path.basename(self._final_files[i]) for i, shard in enumerate(self.shards) for spec in shard}
+    def _index_json(self) -> str:
+        weight_map = {spec.key: os.path.basename(self._names[i]) for i, shard in enumerate(self.shards) for spec in shard}
         total = sum(spec.nbytes for shard in self.shards for spec in shard)
-        with open(path, "w", encoding="utf-8") as fp:
-            json.dump({"metadata": {"total_size": total, **self.metadata}, "weight_map": weight_map}, fp, indent=1)
-
-    def _replace_directory(self) -> None:
-        path = self.layout.path
-        old = None
-        if os.path.lexists(path):
-            old = path + f".old-{os.getpid()}"
-            os.replace(path, old)
-        os.replace(self._build_dir, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        return json.dumps({"metadata": {"total_size": total, **self.metadata}, "weight_map": weight_map}, indent=1)
 
     def abort(self) -> None:
-        """Remove whatever was written (nothing that existed before is touched)."""
-        if self._fp is not None:
-            self._fp.close()
-            self._fp = None
-        if self.layout.kind == "directory":
-            shutil.rmtree(self._build_dir, ignore_errors=True)
-            return
-        for index in range(len(self.shards)):
-            if os.path.exists(self._temp_file(index)):
-                os.remove(self._temp_file(index))
-        index_final = self._index_final
-        if index_final is not None and os.path.exists(index_final + self._tmp):
-            os.remove(index_final + self._tmp)
+        """Remove whatever was written (nothing that existed before is touched); never raises."""
+        self._files.abort()
+        if self._directory is not None:
+            self._directory.__exit__(None, None, None)
+            self._directory = None
 
 
 def store_metadata(compression: str, dtype: torch.dtype, metadata: Optional[Mapping[str, Any]] = None) -> Dict[str, str]:
@@ -425,7 +429,10 @@ def save_store(
     """
     specs = store_specs(((n, tuple(v.shape)) for n, v in tensors.items()), dtype, compress)
     header = store_metadata("rank1" if compress else "none", dtype, metadata)
-    with StoreWriter(OutputLayout("file", os.path.abspath(path)), specs, header, force=True, replace_any=True) as writer:
+    layout = store_layout(path)
+    if layout.kind != "file":
+        raise ConfigError(f"save_store writes one .safetensors file; got {path}")
+    with StoreWriter(layout, specs, header, force=True, replace_any=True) as writer:
         for name, value in tensors.items():
             for key, tensor in stored_tensors(name, value, compress):
                 writer.write(key, tensor)

@@ -256,27 +256,42 @@ class CurvaturePlan:
 
 
 def patch_planner(planner_class: type) -> None:
-    """Wrap ``MergePlanner.plan_tensor`` and ``MergePlanner._plan`` (idempotent)."""
+    """Wrap ``MergePlanner.plan_tensor``, ``._plan`` and ``.plan_to_disk`` (idempotent; ours only).
+
+    ``plan_tensor`` attaches curvature to each task, ``_plan`` raises every problem at
+    the end, ``plan_to_disk`` records when the weights are complete (:mod:`.finalize`).
+    """
+    from mergekit_ota.compat import planner_method, planner_tensors
+    from mergekit_ota.graph.finalize import record_finalize
+
     if getattr(planner_class.plan_tensor, PATCH_MARK, False):
         return
     plan_tensor = planner_class.plan_tensor
     plan = planner_class._plan
+    plan_to_disk = planner_class.plan_to_disk
 
     def patched_plan_tensor(self, weight, weights_in, models, cfg_reader):
-        before = len(self._tensors)
+        tensors = planner_tensors(self)
+        before = len(tensors)
         plan_tensor(self, weight, weights_in, models, cfg_reader)
-        if is_ours(self._method) and len(self._tensors) > before:
-            out_weight, task = self._tensors[-1]
-            self._tensors[-1] = (out_weight, CurvaturePlan.of(self).attach(task, weights_in, models))
+        if is_ours(planner_method(self)) and len(tensors) > before:
+            out_weight, task = tensors[-1]
+            tensors[-1] = (out_weight, CurvaturePlan.of(self).attach(task, weights_in, models))
 
     def patched_plan(self):
         plan(self)
-        if is_ours(self._method):
+        if is_ours(planner_method(self)):
             CurvaturePlan.of(self).finish()
 
-    for wrapper, original in ((patched_plan_tensor, plan_tensor), (patched_plan, plan)):
+    def patched_plan_to_disk(self, out_path):
+        tasks = plan_to_disk(self, out_path)
+        return record_finalize(tasks, out_path) if is_ours(planner_method(self)) else tasks
+
+    wrappers = ((patched_plan_tensor, plan_tensor), (patched_plan, plan), (patched_plan_to_disk, plan_to_disk))
+    for wrapper, original in wrappers:
         wrapper.__wrapped__ = original
         wrapper.__doc__ = original.__doc__
         setattr(wrapper, PATCH_MARK, True)
     planner_class.plan_tensor = patched_plan_tensor
     planner_class._plan = patched_plan
+    planner_class.plan_to_disk = patched_plan_to_disk

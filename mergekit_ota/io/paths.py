@@ -1,0 +1,54 @@
+"""Path rules: a name read from a file never leaves its directory; a store never takes a weight file's name.
+
+* :func:`contained` resolves a file name that an index (or any file) names relative to
+  its own directory, and refuses one that is absolute, contains ``..``, or resolves
+  (through links) outside that directory: such an entry could make a reader open, or
+  a ``--force`` clean-up delete, a file anywhere on the machine.
+* :func:`loader_reads` says whether a file name is one that model loaders (mergekit,
+  transformers, PEFT) read as weights. A curvature store under such a name sitting
+  in a model directory would be loaded *as that model's weights*.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from typing import Optional
+
+from mergekit_ota.errors import CurvatureError
+
+# File names model loaders read as weights (mergekit's ShardedTensorIndex.from_disk, transformers'
+# from_pretrained, PEFT's adapters): a store must never be written under one of them.
+LOADER_PATTERNS = ("model*.safetensors*", "pytorch_model*", "adapter_model*")
+
+
+def loader_reads(name: str) -> Optional[str]:
+    """The pattern of :data:`LOADER_PATTERNS` that file name ``name`` (its basename) matches, or ``None``."""
+    base = os.path.basename(name)
+    return next((pattern for pattern in LOADER_PATTERNS if fnmatch.fnmatchcase(base, pattern)), None)
+
+
+def contained(directory: str, name: object, source: str) -> str:
+    """``directory/name`` as an absolute path, provided ``name`` stays inside ``directory``.
+
+    ``name`` comes from file ``source`` (named in the error). Refused: a non-string,
+    an empty name, an absolute path, any ``..`` component, and a path whose real
+    location (links resolved) is outside ``directory``'s real location.
+    """
+    if not isinstance(name, str) or not name:
+        raise CurvatureError(f"{source}: file name {name!r} is not a non-empty string")
+    parts = name.replace("\\", "/").split("/")
+    if os.path.isabs(name) or name.startswith(("/", "\\")) or ".." in parts or (len(name) > 1 and name[1] == ":"):
+        raise CurvatureError(
+            f"{source}: file name {name!r} leaves the directory {directory}; "
+            f"an index may only name files inside its own directory"
+        )
+    path = os.path.abspath(os.path.join(directory, name))
+    root = os.path.realpath(directory)
+    real = os.path.realpath(path)
+    if real != root and not real.startswith(root.rstrip(os.sep) + os.sep):
+        raise CurvatureError(
+            f"{source}: file name {name!r} resolves to {real}, outside the directory {root} (through a link); "
+            f"an index may only name files inside its own directory"
+        )
+    return path

@@ -1,0 +1,230 @@
+"""Reading safetensors headers and indexes, strictly, with errors that name the file.
+
+This is the one parser of safetensors headers and ``.safetensors.index.json`` files in
+the package (stores, model weights, the writer's clean-up all use it). It reads only
+the header (never tensor data) and refuses, naming file and tensor:
+
+* a file shorter than its announced header, a header that is not a JSON object, a
+  JSON object with a duplicate key;
+* ``__metadata__`` that is not an object of strings (safetensors' own rule);
+* an entry without ``dtype`` / ``shape`` / ``data_offsets``; byte ranges that do not match ``numel * itemsize``, overlap, leave
+  gaps, or run past the end of the file (the layout safetensors itself requires);
+* an index whose ``weight_map`` is not an object of strings, names a shard outside
+  its directory (:func:`mergekit_ota.io.paths.contained`) or a missing shard, maps a
+  tensor to a shard that lacks it, or whose shards hold a tensor twice or hold one
+  the index does not list (which copy would a reader take?).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from typing import Any, Dict, List, Tuple
+
+from mergekit_ota.errors import CurvatureError
+from mergekit_ota.io.paths import contained
+
+INDEX_SUFFIX = ".index.json"
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
+
+#: bytes per element of every safetensors dtype
+DTYPE_SIZES: Dict[str, int] = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+    "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
+    "C64": 8,
+}  # fmt: skip  (sub-byte dtypes such as F4 are accepted without a size check)
+#: the floating-point dtypes curvature may be stored in
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
+
+
+@dataclass(frozen=True)
+class HeaderEntry:
+    """One tensor as described by a safetensors header."""
+
+    file: str
+    key: str
+    dtype: str
+    shape: Tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensor data in the file (0 for a dtype without a whole-byte size)."""
+        return self.numel * DTYPE_SIZES.get(self.dtype, 0)
+
+
+def _no_duplicate_keys(path: str):  # type: ignore[no-untyped-def]
+    def hook(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
+        result: Dict[str, Any] = {}
+        for key, value in pairs:
+            if key in result:
+                raise CurvatureError(f"{path}: the header names '{key}' twice; which one is meant is ambiguous")
+            result[key] = value
+        return result
+
+    return hook
+
+
+def _metadata(raw: Any, path: str) -> Dict[str, str]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in raw.items()):
+        raise CurvatureError(
+            f"{path}: __metadata__ must be a JSON object of strings (safetensors' format); got {type(raw).__name__} "
+            f"{json.dumps(raw)[:120]}"
+        )
+    return dict(raw)
+
+
+def _entry(path: str, key: str, info: Any) -> Tuple[HeaderEntry, int, int]:
+    try:
+        dtype = info["dtype"]
+        shape = tuple(info["shape"])
+        start, end = info["data_offsets"]
+    except (KeyError, TypeError, ValueError):
+        raise CurvatureError(
+            f"{path}: corrupted header entry for tensor '{key}' (needs dtype, shape and two data_offsets)"
+        ) from None
+    if not isinstance(dtype, str) or not dtype:
+        raise CurvatureError(f"{path}: tensor '{key}' has a malformed dtype {dtype!r}")
+    if not all(type(d) is int and d >= 0 for d in shape) or not all(type(x) is int for x in (start, end)):
+        raise CurvatureError(f"{path}: tensor '{key}' has a malformed shape {list(shape)} or data_offsets")
+    entry = HeaderEntry(file=path, key=key, dtype=dtype, shape=shape)
+    if start < 0 or end < start or (dtype in DTYPE_SIZES and end - start != entry.nbytes):
+        raise CurvatureError(
+            f"{path}: tensor '{key}' ({dtype}, shape {list(shape)}) needs {entry.nbytes} bytes but its data_offsets "
+            f"{[start, end]} span {end - start}: the file is corrupted"
+        )
+    return entry, start, end
+
+
+def read_header(path: str) -> Tuple[Dict[str, HeaderEntry], Dict[str, str]]:
+    """Parse the safetensors header of ``path``; return its tensor entries and ``__metadata__``.
+
+    Raises :class:`~mergekit_ota.errors.CurvatureError` naming ``path`` (and the
+    tensor, where one is at fault) unless the file is complete and well formed.
+    """
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as fp:
+            prefix = fp.read(8)
+            if len(prefix) < 8:
+                raise CurvatureError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > size - 8 or header_len > MAX_HEADER_BYTES:
+                raise CurvatureError(
+                    f"{path}: truncated or not a safetensors file (header of "
+                    f"{header_len} bytes announced, file has {size} bytes)"
+                )
+            raw = fp.read(header_len)
+    except OSError as error:
+        raise CurvatureError(f"{path}: cannot read file ({error})") from None
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys(path))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CurvatureError(f"{path}: corrupted safetensors header ({error})") from None
+    if not isinstance(header, dict):
+        raise CurvatureError(f"{path}: corrupted safetensors header (not a JSON object)")
+    metadata = _metadata(header.pop("__metadata__", None), path)
+    entries: Dict[str, HeaderEntry] = {}
+    spans: List[Tuple[int, int, str]] = []
+    for key, info in header.items():
+        entry, start, end = _entry(path, key, info)
+        entries[key] = entry
+        spans.append((start, end, key))
+    data_size = size - 8 - header_len
+    position, previous = 0, None
+    for start, end, key in sorted(spans):
+        if start != position:
+            what = f"overlaps '{previous}'" if start < position else f"leaves a gap after byte {position}"
+            raise CurvatureError(f"{path}: tensor '{key}' (bytes {start}..{end}) {what}: the file is corrupted")
+        position, previous = end, key
+    if position > data_size:
+        raise CurvatureError(
+            f"{path}: tensor '{previous}' lies outside the file's data (ends at byte {position} "
+            f"of {data_size}): the file is truncated or corrupted"
+        )
+    return entries, metadata
+
+
+@dataclass(frozen=True)
+class SafetensorsIndex:
+    """A ``.safetensors.index.json``: its ``weight_map`` (tensor -> absolute shard path) and ``metadata``."""
+
+    path: str
+    weight_map: Dict[str, str]
+    metadata: Dict[str, Any]
+
+    @property
+    def shards(self) -> List[str]:
+        return sorted(set(self.weight_map.values()))
+
+
+def read_index(path: str) -> SafetensorsIndex:
+    """Parse index ``path``; every shard it names must lie in its directory (existence is not checked here)."""
+    try:
+        with open(path, "r", encoding="utf-8") as fp:
+            data = json.load(fp, object_pairs_hook=_no_duplicate_keys(path))
+    except OSError as error:
+        raise CurvatureError(f"{path}: cannot read the index ({error})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CurvatureError(f"{path}: not a valid safetensors index (not JSON: {error})") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) for k in weight_map):
+        raise CurvatureError(
+            f"{path}: not a valid safetensors index (needs an object 'weight_map' of tensor name -> shard file name)"
+        )
+    metadata = data.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise CurvatureError(f"{path}: the index's 'metadata' must be a JSON object; got {type(metadata).__name__}")
+    directory = os.path.dirname(os.path.abspath(path))
+    resolved = {name: contained(directory, shard, path) for name, shard in weight_map.items()}
+    return SafetensorsIndex(path=path, weight_map=resolved, metadata=metadata)
+
+
+def read_sharded(path: str) -> Tuple[List[str], Dict[str, HeaderEntry], Dict[str, str]]:
+    """Files, tensor entries and ``__metadata__`` (the first shard's) of a file or an index.
+
+    For an index every listed shard must exist, hold exactly the tensors the index
+    maps to it, and no tensor may be held by two shards.
+    """
+    if not path.endswith(INDEX_SUFFIX):
+        entries, metadata = read_header(path)
+        return [path], entries, metadata
+    index = read_index(path)
+    missing = [f for f in index.shards if not os.path.isfile(f)]
+    if missing:
+        raise CurvatureError(f"{path}: shard(s) listed in the index are missing: {missing}")
+    entries: Dict[str, HeaderEntry] = {}
+    metadata: Dict[str, str] = {}
+    for number, shard in enumerate(index.shards):
+        shard_entries, shard_metadata = read_header(shard)
+        if number == 0:
+            metadata = shard_metadata
+        for key, entry in shard_entries.items():
+            if key in entries:
+                raise CurvatureError(
+                    f"{path}: tensor '{key}' is held by two shards, {entries[key].file} and {shard}; "
+                    f"which one is meant is ambiguous"
+                )
+            listed = index.weight_map.get(key)
+            if listed is None:
+                raise CurvatureError(f"{path}: shard {shard} holds tensor '{key}', which the index does not list")
+            if listed != shard:
+                raise CurvatureError(
+                    f"{path}: the index maps tensor '{key}' to {listed}, but shard {shard} holds it"
+                )
+            entries[key] = entry
+    absent = sorted(set(index.weight_map) - set(entries))
+    if absent:
+        raise CurvatureError(
+            f"{path}: {len(absent)} tensor(s) the index lists are in no shard, first '{absent[0]}' "
+            f"(expected in {index.weight_map[absent[0]]})"
+        )
+    return index.shards, entries, metadata
