@@ -63,6 +63,19 @@ def _late_step(error: BaseException) -> str:
     return "a step after the weights were written"
 
 
+def _mark_as_merge(build: str, merge_config: object, args: tuple, kwargs: dict) -> None:
+    """Write ``mergekit_config.yml`` where a late failure prevented it, so a re-run recognises the merge."""
+    marker = os.path.join(build, MERGE_MARKER)
+    if os.path.exists(marker):
+        return
+    source = kwargs.get("config_source", args[1] if len(args) > 1 else None)
+    try:
+        with open(marker, "w", encoding="utf-8") as fp:
+            fp.write(source if isinstance(source, str) else merge_config.to_yaml())  # type: ignore[attr-defined]
+    except OSError:
+        pass  # the weights are what matters; the error raised next says what failed
+
+
 def _guard_run_merge(run_merge: Callable) -> Callable:
     """``run_merge`` for ota/ffg: claim the output (:class:`~mergekit_ota.io.output.OutputDirectory`), merge into
     its build directory, and keep a merge whose every tensor was written even when a later step fails."""
@@ -78,6 +91,7 @@ def _guard_run_merge(run_merge: Callable) -> Callable:
             except BaseException as error:
                 if not out.complete:
                     raise  # the OutputDirectory removes what this run created
+                _mark_as_merge(out.build, merge_config, args, kwargs)
                 out.commit()
                 raise OutputError(
                     f"{out.path}: the merge is complete and kept (every tensor and the weight index were written), "

@@ -241,6 +241,8 @@ def check_output(layout: OutputLayout, force: bool, replace_any: bool = False) -
         raise OutputError(f"{path} already exists; pass --force to replace it")
     if not os.path.isfile(path):
         raise OutputError(f"{path} exists and is not a file; refusing to replace it")
+    if layout.kind == "index":
+        read_index(path)  # an index naming files outside its directory is refused here, naming it
     if not (replace_any or is_store_file(path)):
         raise OutputError(
             f"{path} exists and is not a curvature store written by mergekit-ota (no format_version in its "

@@ -201,25 +201,26 @@ def read_sharded(path: str) -> Tuple[List[str], Dict[str, HeaderEntry], Dict[str
     missing = [f for f in index.shards if not os.path.isfile(f)]
     if missing:
         raise CurvatureError(f"{path}: shard(s) listed in the index are missing: {missing}")
+    headers = [(shard, *read_header(shard)) for shard in index.shards]
+    metadata = headers[0][2] if headers else {}
+    holders: Dict[str, List[str]] = {}
+    for shard, shard_entries, _ in headers:
+        for key in shard_entries:
+            holders.setdefault(key, []).append(shard)
+    for key, files in holders.items():
+        if len(files) > 1:
+            raise CurvatureError(
+                f"{path}: tensor '{key}' is held by two shards, {' and '.join(files)} (the index maps it to "
+                f"{index.weight_map.get(key)}); which copy is meant is ambiguous"
+            )
     entries: Dict[str, HeaderEntry] = {}
-    metadata: Dict[str, str] = {}
-    for number, shard in enumerate(index.shards):
-        shard_entries, shard_metadata = read_header(shard)
-        if number == 0:
-            metadata = shard_metadata
+    for shard, shard_entries, _ in headers:
         for key, entry in shard_entries.items():
-            if key in entries:
-                raise CurvatureError(
-                    f"{path}: tensor '{key}' is held by two shards, {entries[key].file} and {shard}; "
-                    f"which one is meant is ambiguous"
-                )
             listed = index.weight_map.get(key)
             if listed is None:
                 raise CurvatureError(f"{path}: shard {shard} holds tensor '{key}', which the index does not list")
             if listed != shard:
-                raise CurvatureError(
-                    f"{path}: the index maps tensor '{key}' to {listed}, but shard {shard} holds it"
-                )
+                raise CurvatureError(f"{path}: the index maps tensor '{key}' to {listed}, but shard {shard} holds it")
             entries[key] = entry
     absent = sorted(set(index.weight_map) - set(entries))
     if absent:
