@@ -47,10 +47,9 @@ class Results:
                 self.data.update(json.load(fp))
 
     def save(self) -> None:
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as fp:
-            json.dump(self.data, fp, indent=1)
-        os.replace(tmp, self.path)
+        from mergekit_ota.io.atomic import write_text
+
+        write_text(self.path, json.dumps(self.data, indent=1))
 
     @property
     def models(self) -> Dict[str, Any]:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional, Tuple
+import json
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
 import click
 
@@ -18,15 +19,51 @@ def _bytes(value: float) -> str:
     return human_bytes(value)
 
 
+_SHAPES_SHOWN = 4
+
+
+def _names_lines(result: "ExportResult") -> List[str]:
+    """How the names were found: exact (saved with each state), or which the shapes verify and which rest on order."""
+    from mergekit_ota.export.mapping import describe_names
+
+    source, meta = result.source, result.metadata
+    evidence, count = source.evidence, len(source.items)
+    if evidence is None:  # a store as the source: its metadata tells how its names were first found
+        line = f"names: {source.mapping}"
+        if meta.get("mapping_basis"):
+            line += f"; first found by {meta['mapping_basis']}"
+        try:
+            by_order = len(json.loads(meta.get("mapping_by_order", "[]")))
+        except ValueError:
+            by_order = 0
+        if by_order:
+            line += f", {by_order} of them by the parameter order alone (metadata 'mapping_by_order')"
+        return [line]
+    if evidence.exact:
+        return [f"names: {source.mapping}; exact for all {count} parameters (each state was saved with its name)"]
+    lines = [f"names: {count} parameters matched by {source.mapping}"]
+    verified, by_order = len(evidence.by_shape), len(evidence.by_order)
+    if not by_order:
+        return lines + [f"names: shapes confirm all {count} uniquely (no two parameters of the model share a shape)"]
+    shown = [f"{len(names)} x {list(shape)}: {describe_names(names)}" for shape, names in evidence.same_shape[:_SHAPES_SHOWN]]
+    more = len(evidence.same_shape) - _SHAPES_SHOWN
+    return lines + [
+        f"names: shapes confirm {verified} of {count} uniquely; {by_order} rely on the parameter order of that rule, "
+        f"since another parameter has the same shape (listed in the store's metadata 'mapping_by_order'); "
+        f"same-shape groups: " + "; ".join(shown) + (f"; ... ({more} more shape{'s' if more > 1 else ''})" if more > 0 else "")
+    ]
+
+
 def render_summary(result: "ExportResult") -> str:
-    """What was exported from where, how names were found, sizes, and what has no state."""
+    """What was exported from where, how names were found (exact, verified by shape, or by order), sizes,
+    and what has no state."""
     source, meta = result.source, result.metadata
     settings = "  ".join(f"{k} {meta[k]}" for k in ("beta2", "step", "bias_corrected", "dtype", "compression") if k in meta)
     lines = [
         f"exported {result.tensors} tensors ({result.rank1} rank-1, {result.tensors - result.rank1} full) "
         f"from {source.kind} {source.path}",
         f"optimizer {source.optimizer}  {settings}",
-        f"names: {source.mapping}",
+        *_names_lines(result),
         f"wrote {result.store} ({len(result.files)} file{'s' if len(result.files) > 1 else ''}): "
         f"{_bytes(result.bytes_on_disk)} ({result.bytes_on_disk:,} bytes); as full float32 "
         f"{_bytes(result.full_fp32_bytes)} ({result.full_fp32_bytes:,} bytes): ratio {result.ratio:.4f}"

@@ -28,13 +28,19 @@ def _number(value: Optional[float], approximate: bool = False) -> str:
     return f"{value:.3e}{'~' if approximate else ''}"
 
 
+def _short(value: object, limit: int = 120) -> str:
+    """A metadata value for the table: long ones (e.g. a JSON list of names) cut, with their length."""
+    text = str(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters; --json shows all)"
+
+
 def render_table(report: "StoreReport") -> str:
     """The report as aligned text: header fields, one row per tensor, totals, problems."""
     lines = [f"store   {report.path}  ({len(report.files)} file{'s' if len(report.files) > 1 else ''})"]
     lines.append("header  " + "  ".join(f"{k}: {v if v is not None else '-'}" for k, v in report.header().items()))
     other = report.other_metadata()
     if other:
-        lines.append("other   " + "  ".join(f"{k}: {v}" for k, v in other.items()))
+        lines.append("other   " + "  ".join(f"{k}: {_short(v)}" for k, v in other.items()))
     columns = ("tensor", "shape", "dtype", "storage", "min", "median", "max", "zeros", "NaN", "Inf", "neg")
     rows = []
     for t in report.tensors:

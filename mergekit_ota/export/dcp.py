@@ -6,8 +6,11 @@ file offsets) and ``__<rank>_<n>.distcp`` data files.  Optimizer state keys are
 ``planner_data`` in the metadata keeps each key's path as a tuple, so names with
 dots are unambiguous.  Param-group values (``betas``) are pickled bytes items.
 
-Nothing is unpickled beyond data: ``.metadata`` is read with an unpickler that
-only builds the checkpoint-metadata classes; bytes items are read with
+Nothing is unpickled beyond data: ``.metadata`` is read by
+:func:`~mergekit_ota.io.unpickle.restricted_load`, which resolves only the exact
+``(module, name)`` pairs of :data:`~mergekit_ota.io.unpickle.DCP_METADATA_GLOBALS` (the
+checkpoint-metadata dataclasses, ``torch.Size``, dtypes, the layout helper, path classes);
+bytes items are read with
 ``torch.load(weights_only=True)``; tensors with ``dcp.load`` of the one key into a
 preallocated tensor (``no_dist=True``), which torch reads with ``weights_only=True``.
 """
@@ -16,12 +19,12 @@ from __future__ import annotations
 
 import io
 import os
-import pickle
 import warnings
 from collections import defaultdict
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from mergekit_ota.errors import CurvatureError
+from mergekit_ota.export.mapping import BASIS_DCP_FQNS, NameEvidence
 from mergekit_ota.export.model_params import (
     check_against_model,
     clean_name,
@@ -38,32 +41,32 @@ from mergekit_ota.export.states import (
     refuse_adapters,
     scalar,
 )
+from mergekit_ota.io.paths import contained
+from mergekit_ota.io.unpickle import DCP_METADATA_GLOBALS, DCP_METADATA_SUBSTITUTES, restricted_load
 
 METADATA_FILE = ".metadata"
-_SAFE_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
 
 
-class _MetadataUnpickler(pickle.Unpickler):
-    """Builds only DCP metadata objects, ``torch.Size``, dtypes, layouts, paths and plain containers."""
+def _check_data_files(metadata: Any, path: str) -> None:
+    """The entry tables must be dicts, and every entry's data file must lie inside the directory.
 
-    def find_class(self, module: str, name: str) -> Any:
-        import torch
-
-        if module in _SAFE_MODULES or (module == "torch" and name == "Size"):
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.memory_format, torch.layout)):
-            return getattr(torch, name)
-        if (module, name) in {("torch.serialization", "_get_layout"), ("collections", "OrderedDict")}:
-            return super().find_class(module, name)
-        if module == "pathlib" and name in ("PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath", "Path"):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"unexpected object {module}.{name}")
+    ``storage_data`` maps each key to ``_StorageInfo(relative_path, offset, length)``; torch's
+    reader joins ``relative_path`` to the directory as given, so ``../x`` or ``/x`` would read a
+    file elsewhere (:func:`~mergekit_ota.io.paths.contained` refuses them; ``dcp.save`` writes
+    bare names such as ``__0_0.distcp``).
+    """
+    storage = getattr(metadata, "storage_data", None) or {}
+    if not isinstance(metadata.state_dict_metadata, dict) or not isinstance(storage, dict):
+        raise CurvatureError(f"{path}: not a DCP metadata file (its state_dict_metadata and storage_data are not dicts)")
+    directory = os.path.dirname(os.path.abspath(path))
+    for info in storage.values():
+        contained(directory, getattr(info, "relative_path", None), path)
 
 
 def _reader(directory: str) -> Any:
-    """A ``FileSystemReader`` whose metadata is read with :class:`_MetadataUnpickler`, once."""
+    """A ``FileSystemReader`` whose metadata is read once, with the DCP allow-list (never torch's own reader)."""
     from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import StorageMeta
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
     class SafeReader(FileSystemReader):
         _metadata: Any = None
@@ -73,9 +76,15 @@ def _reader(directory: str) -> Any:
                 path = os.path.join(directory, METADATA_FILE)
                 try:
                     with open(path, "rb") as fp:
-                        metadata = _MetadataUnpickler(fp).load()
-                except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as error:
-                    raise CurvatureError(f"{path}: not a readable DCP metadata file ({error})") from None
+                        metadata = restricted_load(fp, DCP_METADATA_GLOBALS, path, "DCP metadata", DCP_METADATA_SUBSTITUTES)
+                except OSError as error:
+                    raise CurvatureError(f"{path}: cannot read the DCP metadata file ({error})") from None
+                if not isinstance(metadata, Metadata):
+                    raise CurvatureError(
+                        f"{path}: not a DCP metadata file (it holds a {type(metadata).__name__}, "
+                        f"expected torch.distributed.checkpoint's Metadata)"
+                    )
+                _check_data_files(metadata, path)
                 if getattr(metadata, "storage_meta", None) is None:
                     metadata.storage_meta = StorageMeta()
                 metadata.storage_meta.load_id = self.load_id
@@ -249,4 +258,5 @@ def open_dcp(path: str, model_path: Optional[str], frozen: Sequence[str] = ()) -
         without_state=without,
         bias_corrected=name_ == "Adafactor",
         notes=notes,
+        evidence=NameEvidence(BASIS_DCP_FQNS),
     )

@@ -9,11 +9,25 @@ optimizer, so a group's numbers match its candidate list as an ordered
 *subsequence*: every state's shape must equal its parameter's shape (numbers without
 state match any shape).  :func:`map_indices` counts those alignments over all
 candidates and accepts the result only if exactly one name assignment exists.
+
+What the shapes verify
+----------------------
+The check is of shapes, so it cannot see an order error that only exchanges parameters
+of equal shape.  If the optimizer had been built from a permutation of the candidate's
+order, the alignment would fail exactly when the permutation moves some state onto a
+parameter of another shape; a permutation among equal shapes (``gate_proj``/``up_proj``
+of a layer, ``q_proj``/``o_proj``, ``k_proj``/``v_proj``, one weight in two layers, all
+norm weights) keeps every shape, group size and element count and is accepted, and so
+is a wrong ``--frozen`` choice between two same-shape parameters.  Hence
+:func:`order_evidence`: a name is *verified by shape* when no other parameter of the
+model (any group, frozen ones included) has its shape, since then no other state fits it
+and its state fits no other name; every other name rests on the order rule.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -37,6 +51,76 @@ class Mapping:
     names: Dict[int, str]
     rules: Tuple[str, ...]
     skipped: Tuple[str, ...]
+
+
+# how each source kind establishes names: recorded names (exact) or shapes + an order rule
+BASIS_PARAM_NAMES = "param_names"  # torch >= 2.6 optimizers built from named_parameters() record them
+BASIS_STATE_KEYS = "state_keys"  # a state dict keyed by parameter names (FSDP full optimizer state dicts)
+BASIS_DCP_FQNS = "dcp_fqns"  # torch.distributed.checkpoint keys: optimizer.state.<fqn>.<key>
+BASIS_DIRECTORY_NAMES = "directory_names"  # DeepSpeed universal checkpoints: zero/<name>/
+BASIS_SHAPES_ORDER = "shapes+order"  # index-keyed states mapped by map_indices
+
+
+@dataclass(frozen=True)
+class NameEvidence:
+    """What establishes the exported names, for the store's metadata and the summary.
+
+    ``basis``: one of the ``BASIS_*`` values; every basis but ``shapes+order`` names each
+    state by a name saved with it (exact, no order involved).  For ``shapes+order``
+    (see the module docstring): ``by_shape`` are the names whose shape no other model
+    parameter has, ``by_order`` those that rest on the order rule, and ``same_shape``
+    lists, per shape shared by an exported name, every model parameter of that shape.
+    """
+
+    basis: str
+    by_shape: Tuple[str, ...] = ()
+    by_order: Tuple[str, ...] = ()
+    same_shape: Tuple[Tuple[Shape, Tuple[str, ...]], ...] = ()
+
+    @property
+    def exact(self) -> bool:
+        return self.basis != BASIS_SHAPES_ORDER
+
+
+def order_evidence(names: Sequence[str], parameters: Sequence[Tuple[str, Shape]]) -> NameEvidence:
+    """Split ``names`` (mapped by shapes + order, each a parameter in ``parameters``) into verified by shape
+    and resting on the order rule; ``parameters``: all of the model's ``(name, shape)`` in ``named_parameters()``
+    order, frozen ones included.  Every tuple of the result is in that order."""
+    shape_of = {n: tuple(s) for n, s in parameters}
+    members: Dict[Shape, List[str]] = {}
+    for n, shape in shape_of.items():
+        members.setdefault(shape, []).append(n)
+    counts = {shape: len(group) for shape, group in members.items()}
+    wanted = set(names)
+    names = [n for n, _ in parameters if n in wanted]
+    by_order = tuple(n for n in names if counts[shape_of[n]] > 1)
+    same_shape = tuple((shape, tuple(members[shape])) for shape in dict.fromkeys(shape_of[n] for n in by_order))
+    return NameEvidence(
+        basis=BASIS_SHAPES_ORDER,
+        by_shape=tuple(n for n in names if counts[shape_of[n]] == 1),
+        by_order=by_order,
+        same_shape=same_shape,
+    )
+
+
+def describe_names(names: Sequence[str]) -> str:
+    """Names with layer numbers as ``*`` and siblings braced: ``model.layers.*.mlp.{gate_proj,up_proj}.weight``."""
+    patterns = list(dict.fromkeys(re.sub(r"(?<=\.)\d+(?=\.)", "*", n) for n in names))
+    grouped: Dict[Tuple[bool, str, str], List[str]] = {}
+    for pattern in patterns:
+        parts = pattern.split(".")
+        if len(parts) == 1:
+            grouped[(False, "", pattern)] = []
+            continue
+        grouped.setdefault((True, ".".join(parts[:-2]), parts[-1]), []).append(parts[-2])
+    shown = []
+    for (dotted, parent, leaf), middles in grouped.items():
+        if not dotted:
+            shown.append(leaf)
+            continue
+        middle = middles[0] if len(middles) == 1 else "{" + ",".join(middles) + "}"
+        shown.append(".".join(p for p in (parent, middle, leaf) if p))
+    return ", ".join(shown)
 
 
 class _Alignments:

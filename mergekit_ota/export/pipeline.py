@@ -18,7 +18,15 @@ from typing import Any, Callable, Dict, Iterable, List, Optional
 import torch
 
 from mergekit_ota.curvature.store import COL_SUFFIX, ROW_SUFFIX, HeaderEntry, check_values
-from mergekit_ota.curvature.writer import OutputLayout, StoreWriter, TensorSpec, check_output, store_metadata, store_specs, stored_tensors
+from mergekit_ota.curvature.writer import (
+    StoreWriter,
+    TensorSpec,
+    check_output,
+    store_layout,
+    store_metadata,
+    store_specs,
+    stored_tensors,
+)
 from mergekit_ota.errors import ConfigError, CurvatureError
 from mergekit_ota.export.detect import open_source
 from mergekit_ota.export.options import ExportOptions
@@ -96,7 +104,17 @@ def _specs(source: SourceState, options: ExportOptions) -> List[TensorSpec]:
 
 
 def export_metadata(source: SourceState, options: ExportOptions, specs: List[TensorSpec]) -> Dict[str, str]:
-    """Header fields: format, compression, dtype, source, optimizer, beta2, step, bias correction, coverage."""
+    """Header fields: format, compression, dtype, source, optimizer, beta2, step, bias correction, coverage.
+
+    How names were found: ``mapping`` says it in words; ``mapping_basis`` is ``param_names``,
+    ``state_keys``, ``dcp_fqns`` or ``directory_names`` (each state saved with its name: exact)
+    or ``shapes+order`` (an index-keyed state aligned with the model's parameters in an order
+    rule's order, every shape checked); ``mapping_by_order`` is the JSON list of exported names
+    that rest on that order rule because another model parameter has the same shape (``[]`` for
+    an exact basis), and ``mapping_verified_by_shape`` (``shapes+order`` only) counts the names
+    whose shape no other model parameter has (see :mod:`mergekit_ota.export.mapping`).  A store
+    re-exported as a source keeps its original fields.
+    """
     pairs = {s.key[: -len(ROW_SUFFIX)] for s in specs if s.key.endswith(ROW_SUFFIX)}
     matrices = [i.name for i in source.items if len(i.shape) == 2]
     compression = "none" if not pairs else "rank1" if len(pairs) == len(matrices) else "partial-rank1"
@@ -119,6 +137,12 @@ def export_metadata(source: SourceState, options: ExportOptions, specs: List[Ten
         bias_corrected="true" if (options.bias_correct or source.bias_corrected) else "false",
         exporter=f"mergekit-ota {_version()}",
     )
+    evidence = source.evidence
+    if evidence is not None:
+        fields["mapping_basis"] = evidence.basis
+        fields["mapping_by_order"] = json.dumps(list(evidence.by_order))
+        if not evidence.exact:
+            fields["mapping_verified_by_shape"] = len(evidence.by_shape)
     return store_metadata(compression, options.torch_dtype, fields)
 
 
@@ -159,7 +183,7 @@ def write_store(
     progress: Optional[Progress] = None,
 ) -> ExportResult:
     """Write ``source`` to ``out`` (a ``.safetensors`` file, a ``.safetensors.index.json``, or a new directory)."""
-    layout = OutputLayout.for_path(out)
+    layout = store_layout(out)
     scales = bias_scales(source, options) if options.bias_correct else {}
     specs = _specs(source, options)
     metadata = export_metadata(source, options, specs)
@@ -186,5 +210,5 @@ def write_store(
 
 def export_curvature(source: str, out: str, options: ExportOptions, progress: Optional[Progress] = None) -> ExportResult:
     """Open ``source`` (any supported kind), check it, and write its curvature store to ``out``."""
-    check_output(OutputLayout.for_path(out), options.force)  # refuse an existing OUT before reading anything
+    check_output(store_layout(out), options.force)  # refuse a bad or existing OUT before reading anything
     return write_store(open_source(source, options), out, options, progress)

@@ -15,6 +15,8 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
+from mergekit_ota.export.mapping import NameEvidence
+
 
 @dataclass(frozen=True)
 class Full:
@@ -60,9 +62,12 @@ class SourceState:
 
     ``kind``: how it was read (``trainer``, ``torch``, ``dcp``, ``deepspeed-universal``,
     ``store``); ``optimizer``: what kept the state; ``mapping``: how weight names were
-    found; ``without_state``: model parameters with no optimizer state (frozen, or never
-    updated); ``bias_corrected``: the values are already unbiased estimates;
-    ``metadata``: extra header fields carried over; ``notes``: what a user should know.
+    found, in words; ``without_state``: model parameters with no optimizer state (frozen, or
+    never updated); ``bias_corrected``: the values are already unbiased estimates;
+    ``metadata``: extra header fields carried over; ``notes``: what a user should know;
+    ``evidence``: what establishes each name (names saved with the states, or which names the
+    shapes verify and which rest on an order rule); ``None`` for a store, whose carried-over
+    metadata keeps the original export's ``mapping_*`` fields.
     """
 
     kind: str
@@ -74,3 +79,4 @@ class SourceState:
     bias_corrected: bool = False
     metadata: Dict[str, str] = field(default_factory=dict)
     notes: List[str] = field(default_factory=list)
+    evidence: Optional[NameEvidence] = None

@@ -7,7 +7,9 @@ parameter indices (Trainer ``optimizer.pt``, accelerate ``optimizer.bin``, plain
 ``optimizer.state_dict()``) or names (FSDP full optimizer state dicts).  Names come,
 in this order of preference, from ``param_names`` in the param groups (torch >= 2.6
 optimizers built from ``named_parameters()``), from name keys, or from the model via
-:func:`~mergekit_ota.export.mapping.map_indices`.
+:func:`~mergekit_ota.export.mapping.map_indices`.  Recorded names and name keys are exact; names
+from the model rest on the order rule wherever parameters share a shape, and the source's
+:class:`~mergekit_ota.export.mapping.NameEvidence` says which (:func:`~mergekit_ota.export.mapping.order_evidence`).
 
 Files are opened with ``torch.load(path, map_location="cpu", mmap=True, weights_only=True)``:
 no code is unpickled and tensor data stays on disk until a tensor is read.
@@ -22,7 +24,14 @@ from collections import Counter
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from mergekit_ota.errors import CurvatureError
-from mergekit_ota.export.mapping import Shape, map_indices
+from mergekit_ota.export.mapping import (
+    BASIS_PARAM_NAMES,
+    BASIS_STATE_KEYS,
+    NameEvidence,
+    Shape,
+    map_indices,
+    order_evidence,
+)
 from mergekit_ota.export.model_params import (
     ModelParameters,
     check_against_model,
@@ -159,10 +168,13 @@ def open_torch_state(
         names = found.names
         elements = sum(math.prod(s) for s in shapes.values())
         also = f" (the same under: {'; '.join(found.rules[1:])})" if len(found.rules) > 1 else ""
-        mapping = (f"{found.rules[0]}{also}; verified: {len(shapes)} state shapes ({elements:,} elements), "
-                   f"group sizes {[len(g['params']) for g in groups]}")  # fmt: skip
+        mapping = (f"index order of {found.rules[0]}{also}; its {len(shapes)} state shapes ({elements:,} elements) "
+                   f"and group sizes {[len(g['params']) for g in groups]} fit {params.path}")  # fmt: skip
+        evidence = order_evidence([names[k] for k in shapes], params.parameters)
     else:
-        mapping = "param_names saved in the optimizer" if "param_names" in groups[0] else "parameter names in the state dict"
+        recorded = "param_names" in groups[0]
+        mapping = "param_names saved in the optimizer" if recorded else "parameter names in the state dict"
+        evidence = NameEvidence(BASIS_PARAM_NAMES if recorded else BASIS_STATE_KEYS)
         named = {names[k]: s for k, s in shapes.items()}
         params, _, mapping = check_against_model(named, model_path, frozen, path, mapping)
 
@@ -200,6 +212,7 @@ def open_torch_state(
         without_state=without,
         bias_corrected=adafactor,
         notes=adafactor_notes(kinds) if adafactor else [],
+        evidence=evidence,
     )
 
 

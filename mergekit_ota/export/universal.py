@@ -15,6 +15,7 @@ import os
 from typing import Any, List, Optional, Sequence
 
 from mergekit_ota.errors import CurvatureError
+from mergekit_ota.export.mapping import BASIS_DIRECTORY_NAMES, NameEvidence
 from mergekit_ota.export.model_params import check_against_model, clean_name, model_order
 from mergekit_ota.export.source import Full, SourceState, StateItem
 from mergekit_ota.export.states import check_second_moments, group_beta2, refuse_adapters, scalar
@@ -130,6 +131,7 @@ def open_universal(path: str, model_path: Optional[str], frozen: Sequence[str] =
         mapping=mapping,
         without_state=without,
         notes=notes,
+        evidence=NameEvidence(BASIS_DIRECTORY_NAMES),
     )
 
 

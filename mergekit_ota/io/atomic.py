@@ -162,3 +162,12 @@ class StagedFiles:
             except OSError:
                 pass
         self._temps.clear()
+
+
+def write_text(path: str, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through :class:`StagedFiles`: the old file or the new one, never half."""
+    data = text.encode("utf-8")
+    with StagedFiles(needed=len(data)) as files:
+        files.open(path)
+        files.write(data)
+        files.commit()
