@@ -18,7 +18,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from mergekit_ota.errors import ConfigError, CurvatureError, OutputError
+from mergekit_ota.errors import CurvatureError, OutputError, PreflightError
 
 NAME = "model.layers.1.self_attn.k_proj.weight"
 
@@ -467,3 +467,11 @@ def test_close_raising_still_removes_the_temporary_file(tmp_path, monkeypatch):
             files.write(b"0123456789")
             files.commit()
     assert os.listdir(tmp_path) == []
+
+
+def test_a_failed_run_into_new_nested_directories_removes_the_parents_it_made(family, tmp_path):
+    """`out` given as a/b/out under a missing a/: a run that fails removes a/b/out, then a/b and a."""
+    cfg = _config(family, models=[{"model": family.experts[0], "parameters": {"curvature": str(tmp_path / "none")}}])
+    with pytest.raises(PreflightError, match="does not exist"):
+        _merge(cfg, tmp_path / "a" / "b" / "out")
+    assert sorted(os.listdir(tmp_path)) == []

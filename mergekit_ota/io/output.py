@@ -146,6 +146,7 @@ class OutputDirectory:
         self._stage: Optional[str] = None
         self._claimed = False
         self._done = False
+        self._made_parent: Optional[str] = None
 
     # -- claiming --------------------------------------------------------------
     def _refusal(self) -> OutputError:
@@ -195,6 +196,10 @@ class OutputDirectory:
 
     def __enter__(self) -> "OutputDirectory":
         parent = os.path.dirname(self.path)
+        missing = parent
+        while not os.path.exists(os.path.dirname(missing)) and os.path.dirname(missing) != missing:
+            missing = os.path.dirname(missing)
+        self._made_parent = None if os.path.exists(parent) else missing  # the top parent this run creates
         try:
             os.makedirs(parent, exist_ok=True)
             os.mkdir(self.path)
@@ -285,6 +290,7 @@ class OutputDirectory:
             if self.mode == "new":
                 shutil.rmtree(self.path, ignore_errors=True)
                 self._claimed = False
+                self._remove_made_parents()
                 return
             if self.mode in ("empty", "in_place") and os.path.isdir(self.path):
                 for name in _entries(self.path) - self._before:
@@ -292,6 +298,20 @@ class OutputDirectory:
             self._release()
         except OSError:
             pass
+
+    def _remove_made_parents(self) -> None:
+        """Remove the parent directories this run created for a new output, where they stayed empty."""
+        if self._made_parent is None:
+            return
+        directory = os.path.dirname(self.path)
+        while True:
+            try:
+                os.rmdir(directory)
+            except OSError:
+                return
+            if directory == self._made_parent:
+                return
+            directory = os.path.dirname(directory)
 
     def __exit__(self, kind: object, error: object, trace: object) -> None:
         if not self._done:
