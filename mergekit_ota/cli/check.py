@@ -14,17 +14,25 @@ EXIT_PROBLEMS = 1
 
 
 def render_report(report: "CheckReport") -> str:
-    """Problems (each naming file, tensor and what was expected) or a short OK summary."""
-    from mergekit_ota.graph.preflight import group_problems
+    """Problems (each naming file, tensor and what was expected) or a short OK summary; then warnings."""
+    from mergekit_ota.errors import group_problems
 
     scan = "every value" if report.full_scan else f"a sample of up to {report.sample:,} values per tensor"
     lines = []
+    warnings = [f"  warning: {w}" for w in report.warnings]
+    if report.names_only:
+        lines.append(
+            f"NOT CHECKED  {report.config} (merge_method {report.method} does not use curvature): "
+            f"only parameter names were checked, {len(report.warnings)} warning(s)"
+        )
+        return "\n".join(lines + warnings)
     if report.problems:
         grouped = group_problems(report.problems)
         lines.append(f"FAILED  {report.config} (merge_method {report.method}): {len(grouped)} problem(s)")
         lines += [f"  - {p}" for p in grouped]
     else:
         lines.append(f"OK  {report.config} (merge_method {report.method}): ready to merge")
+    lines += warnings
     if not report.output_tensors:
         lines.append("  the merge could not be planned past this; fix the above and check again")
         return "\n".join(lines)
@@ -98,7 +106,9 @@ def check_command(
         report = check_config(
             read_config(config_file), options, source=config_file, full_scan=full_scan, sample=sample
         )
-    except NotACurvatureMerge as error:
+    except NotACurvatureMerge as error:  # exit 2, after showing what the parameter names gave
+        if as_json or error.report.warnings:
+            click.echo(json.dumps(error.report.to_json(), indent=2) if as_json else render_report(error.report))
         raise click.UsageError(str(error)) from None
     except ConfigError as error:
         report = CheckReport(config=config_file, method="?", problems=(str(error),), full_scan=full_scan, sample=sample)

@@ -38,7 +38,14 @@ from mergekit_ota.graph.tasks import (
     SaliencyHistogramTask,
 )
 from mergekit_ota.methods import is_ours
-from mergekit_ota.methods.settings import SharedSettings, expert_settings, shared_settings
+from mergekit_ota.methods.settings import (
+    ExpertSettings,
+    SharedSettings,
+    expert_check,
+    shared_check,
+    tensor_problems,
+    unknown_parameters,
+)
 
 PATCH_MARK = "_mergekit_ota_patched"
 _TRUE = {"1", "true", "yes"}
@@ -94,7 +101,9 @@ class CurvaturePlan:
 
     def __init__(self, planner: Any):
         self.planner = planner
+        self.config_problems: Dict[str, None] = {}  # not tied to a tensor (parameter names, shared values, base): first
         self.problems: Dict[str, None] = {}
+        self.names_checked = False
         self.stores: Dict[Tuple[ModelReference, Optional[str]], Optional[str]] = {}
         # density_scope: model: per expert, each density seen -> first tensor it was seen on
         self.model_densities: Dict[ModelReference, Dict[float, str]] = {}
@@ -107,8 +116,23 @@ class CurvaturePlan:
             planner.__dict__["_mergekit_ota_plan"] = plan
         return plan
 
-    def problem(self, message: str) -> None:
-        self.problems.setdefault(message, None)
+    def problem(self, message: str, config_level: bool = False) -> None:
+        (self.config_problems if config_level else self.problems).setdefault(message, None)
+
+    def listed(self) -> List[str]:
+        """Every problem found, config-level ones first."""
+        return list(self.config_problems) + [p for p in self.problems if p not in self.config_problems]
+
+    def check_names(self) -> None:
+        """Once per plan: parameter keys the method does not take (:func:`unknown_parameters`)."""
+        if self.names_checked:
+            return
+        self.names_checked = True
+        from mergekit_ota.compat import planner_method
+
+        spec = planner_method(self.planner).spec
+        for unknown in unknown_parameters(self.planner.config, spec):
+            self.problem(unknown.message(spec.name), config_level=True)
 
     def store_path(self, model: ModelReference, curvature: Any) -> Optional[str]:
         key = (model, None if curvature is None else str(curvature))
@@ -154,53 +178,72 @@ class CurvaturePlan:
             return None
         return LoadCurvature(store=path, tensor=key, label=found)
 
-    def expert_parameters(self, task: ExecuteMergeMethodTask, model: ModelReference, shared: SharedSettings) -> Dict[str, Any]:
+    def expert_parameters(
+        self, task: ExecuteMergeMethodTask, model: ModelReference, shared: SharedSettings
+    ) -> Tuple[Dict[str, Any], Optional[ExpertSettings]]:
+        """Expert ``model``'s parameters for ``task`` (bias-correction inputs filled from its store's
+        metadata) and its settings, or ``None`` where a rule (:func:`expert_check`) is broken."""
         values = dict(task.input_parameters[model].items())
         bias_correction = shared.bias_correction
         if bias_correction:
             path = self.store_path(model, values.get("curvature"))
             metadata = CurvatureStore.open(path).metadata if path else {}
             if str(metadata.get("bias_corrected", "")).lower() in _TRUE:
-                self.problem(f"{path}: store is already bias-corrected; drop 'bias_correction: true'")
+                self.problem(f"{path}: store is already bias-corrected; drop 'bias_correction: true'", config_level=True)
             for name, key, kind in (("optimizer_step", "step", int), ("beta2", "beta2", float)):
                 if values.get(name) is None and metadata.get(key) not in (None, ""):
                     values[name] = kind(metadata[key])
-        try:
-            settings = expert_settings(values, expert=model, tensor=task.output_weight.name)
-            if bias_correction:
-                settings.bias_correction_scale()
-        except (OTAError, ValueError) as error:
-            self.problem(str(error) if isinstance(error, OTAError) else f"expert {model}: {error}")
-        else:
-            if task.base_model is None and (settings.density is not None or settings.threshold is not None):
-                self.problem(f"expert {model} sets density/threshold (FFG), which needs a base_model")
-            if task.method_name == "ffg" and settings.density is None and settings.threshold is None:
-                self.problem(f"ffg needs a density or a threshold for every expert; missing for {model}")
-            if shared.density_scope == "model" and settings.density is not None:
-                self.model_densities.setdefault(model, {}).setdefault(settings.density, task.output_weight.name)
-        return values
+        check = expert_check(
+            {k: v for k, v in values.items() if k != "curvature"},
+            expert=model,
+            tensor=task.output_weight.name,
+            method=task.method_name,
+            has_base=task.base_model is not None,
+            bias_correction=bias_correction,
+        )
+        for problem in check.config_problems:
+            self.problem(problem, config_level=True)
+        for problem in check.problems:
+            self.problem(problem)
+        settings = check.settings
+        if settings is not None and shared.density_scope == "model" and settings.density is not None:
+            self.model_densities.setdefault(model, {}).setdefault(settings.density, task.output_weight.name)
+        return values, settings if not (check.problems or check.config_problems) else None
 
     def attach(
         self, task: ExecuteMergeMethodTask, weights_in: Sequence[WeightInfo], models: Sequence[ModelReference]
     ) -> ExecuteMergeMethodTask:
-        """Return ``task`` as a :class:`CurvatureMergeTask` (or unchanged if planning failed)."""
-        try:
-            shared = shared_settings(dict(task.parameters.items()), method=task.method_name)
-        except OTAError as error:
-            self.problem(str(error))
-            return task
+        """Return ``task`` as a :class:`CurvatureMergeTask`, collecting every problem on the way.
+
+        No problem hides another: with a bad shared value the experts are still checked
+        (against the defaults), with a bad expert value its curvature is still looked up;
+        the rules over all experts of the tensor run when every expert passed its own.
+        """
+        self.check_names()
+        shared, problems = shared_check(
+            dict(task.parameters.items()), method=task.method_name, has_base=task.base_model is not None
+        )
+        for problem in problems:
+            self.problem(problem, config_level=True)
+        shared = shared or SharedSettings()
         inputs = dict(zip(models, weights_in))
         loads: Dict[ModelReference, LoadCurvature] = {}
         parameters: Dict[ModelReference, Any] = {}
+        experts: List[Tuple[ModelReference, Optional[ExpertSettings]]] = []
         for model in task.model_order:
             if model == task.base_model:
                 parameters[model] = task.input_parameters[model]
                 continue
-            values = self.expert_parameters(task, model, shared)
+            values, settings = self.expert_parameters(task, model, shared)
+            experts.append((model, settings))
             parameters[model] = ImmutableMap(data=values)
             load = self.curvature_load(model, inputs[model], values.get("curvature"))
             if load is not None:
                 loads[model] = load
+        if all(settings is not None for _, settings in experts):
+            valid = [(model, settings) for model, settings in experts if settings is not None]
+            for problem in tensor_problems(valid, method=task.method_name, shared=shared, tensor=task.output_weight.name):
+                self.problem(problem)
         curvature: CurvatureInput = GatherCurvature(loads=ImmutableMap(data=loads))
         source = task.gather_tensors
         if isinstance(source, PermutedVocabulary):
@@ -217,6 +260,7 @@ class CurvaturePlan:
             **fields,
             curvature=curvature,
             truncate_vocabulary=isinstance(source, TruncatedVocabulary),
+            save_dtype=task.output_weight.force_dtype or self.planner.config.out_dtype,  # as SaveTensor casts
         )
 
     def check_model_densities(self) -> None:
@@ -232,9 +276,11 @@ class CurvaturePlan:
     def finish(self) -> None:
         """Raise every problem found; then add the model-wide density pass if asked for."""
         self.check_model_densities()
-        if self.problems:
-            raise PreflightError(list(self.problems))
-        tensors = self.planner._tensors
+        if self.problems or self.config_problems:
+            raise PreflightError(self.listed())
+        from mergekit_ota.compat import planner_tensors
+
+        tensors = planner_tensors(self.planner)
         model_wide = [
             index
             for index, (_, task) in enumerate(tensors)
@@ -279,9 +325,16 @@ def patch_planner(planner_class: type) -> None:
             tensors[-1] = (out_weight, CurvaturePlan.of(self).attach(task, weights_in, models))
 
     def patched_plan(self):
-        plan(self)
-        if is_ours(planner_method(self)):
-            CurvaturePlan.of(self).finish()
+        if not is_ours(planner_method(self)):
+            return plan(self)
+        curvature_plan = CurvaturePlan.of(self)
+        curvature_plan.check_names()  # unknown keys are reported even when mergekit refuses the config
+        try:
+            plan(self)
+        except OTAError as error:  # a refusal of our methods' own validation while mergekit plans (e.g. no base)
+            curvature_plan.problem(str(error), config_level=True)
+            raise PreflightError(curvature_plan.listed()) from error
+        curvature_plan.finish()
 
     def patched_plan_to_disk(self, out_path):
         tasks = plan_to_disk(self, out_path)

@@ -14,12 +14,13 @@ and negative numbers: a sample of each tensor by default, every value with
 
 from __future__ import annotations
 
+import difflib
 import os
-import re
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
+from mergekit_ota.compat import planner_tensors
 from mergekit_ota.curvature.scan import DEFAULT_SAMPLE, scan_entry
 from mergekit_ota.curvature.store import CurvatureStore
 from mergekit_ota.errors import ConfigError, OTAError, PreflightError
@@ -29,7 +30,14 @@ NEVER_WRITTEN = "<mergekit-ota check: no output>"  # the planned writer's path; 
 
 
 class NotACurvatureMerge(ConfigError):
-    """The config's ``merge_method`` is not one of this plugin's (nothing to check)."""
+    """The config's ``merge_method`` is not one of this plugin's: only its parameter names were checked.
+
+    ``report`` holds those findings (:attr:`CheckReport.warnings`).
+    """
+
+    def __init__(self, message: str, report: "CheckReport"):
+        super().__init__(message)
+        self.report = report
 
 
 @dataclass(frozen=True)
@@ -47,11 +55,18 @@ class StoreUse:
 
 @dataclass(frozen=True)
 class CheckReport:
-    """Everything ``check`` found; ``ok`` when ``problems`` is empty."""
+    """Everything ``check`` found; ``ok`` when ``problems`` is empty.
+
+    ``warnings``: parameter keys a method other than ota/ffg does not take (mergekit
+    ignores them silently); for ota/ffg such keys are ``problems``. ``names_only``: the
+    method does not use curvature, so nothing but parameter names was checked.
+    """
 
     config: str
     method: str
     problems: Tuple[str, ...]
+    warnings: Tuple[str, ...] = ()
+    names_only: bool = False
     experts: Tuple[str, ...] = ()
     stores: Tuple[StoreUse, ...] = ()
     output_tensors: int = 0
@@ -72,28 +87,25 @@ class CheckReport:
         return data
 
 
-_TENSOR_CONTEXT = re.compile(r" \(tensor ([^()]+)\)")
+def parameter_warnings(config: Any) -> List[str]:
+    """Parameter keys the config's (non-ota/ffg) merge method does not take where they are given.
 
-
-def group_problems(problems: Sequence[str], shown: int = 3) -> List[str]:
-    """Merge messages that differ only in their ``(tensor NAME)`` part into one line naming the tensors.
-
-    A bad per-expert parameter is reported by the planner once per tensor; for reading
-    they become ``... (21 tensors: a, b, c and 18 more) ...``.
+    The names come from the registered method's ``spec``; mergekit's config reader asks
+    only for those, so anything else is silently ignored by the merge.
     """
-    groups: Dict[str, List[str]] = {}
-    for problem in problems:
-        match = _TENSOR_CONTEXT.search(problem)
-        key = _TENSOR_CONTEXT.sub(" (tensor {})", problem, count=1) if match else problem
-        groups.setdefault(key, []).append(match.group(1) if match else "")
-    lines = []
-    for key, tensors in groups.items():
-        if len(tensors) == 1:
-            lines.append(key.replace("{}", tensors[0]) if tensors[0] else key)
-            continue
-        listed = ", ".join(tensors[:shown]) + (f" and {len(tensors) - shown} more" if len(tensors) > shown else "")
-        lines.append(key.replace(" (tensor {})", f" ({len(tensors)} tensors: {listed})"))
-    return lines
+    import mergekit_ota  # noqa: F401  (registers ota/ffg, for the did-you-mean below)
+    from mergekit import merge_methods
+
+    from mergekit_ota.methods.settings import unknown_parameters
+
+    try:
+        spec = merge_methods.get(config.merge_method).spec
+    except Exception:  # mergekit raises RuntimeError for a name it does not know
+        names = sorted(m.spec.name for m in merge_methods.registered_methods())
+        close = difflib.get_close_matches(str(config.merge_method), names, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        return [f"merge_method {config.merge_method!r} is not a registered mergekit method{hint}"]
+    return [unknown.message(spec.name) for unknown in unknown_parameters(config, spec)]
 
 
 def read_config(path: str) -> Any:
@@ -151,10 +163,9 @@ def plan_merge(config: Any, options: Any) -> Tuple[Optional[Any], List[str]]:
     import mergekit_ota  # noqa: F401  (registers the methods, patches the planner)
     from mergekit.architecture import get_architecture_info
     from mergekit.io.tasks import LoaderCache
-    from mergekit.merge import _model_out_config
     from mergekit.plan import MergePlanner
 
-    from mergekit_ota.compat import incompatibility
+    from mergekit_ota.compat import incompatibility, model_out_config
     from mergekit_ota.graph.planner import CurvaturePlan
 
     problem = incompatibility()
@@ -165,7 +176,7 @@ def plan_merge(config: Any, options: Any) -> Tuple[Optional[Any], List[str]]:
         arch_info = get_architecture_info(config, options)
         loader_cache = LoaderCache()
         loader_cache.setup(options=options)
-        out_config = _model_out_config(config, arch_info, trust_remote_code=options.trust_remote_code)
+        out_config = model_out_config(config, arch_info, trust_remote_code=options.trust_remote_code)
         for model in config.referenced_models():
             loader_cache.get(model)
         planner = MergePlanner(config, arch_info, options=options, out_model_config=out_config)
@@ -173,7 +184,11 @@ def plan_merge(config: Any, options: Any) -> Tuple[Optional[Any], List[str]]:
     except PreflightError as error:
         return planner, list(error.problems)
     except Exception as error:  # a refusal by mergekit (architecture, slices, ...) or by our methods' validation
-        found = list(CurvaturePlan.of(planner).problems) if planner is not None else []
+        found: List[str] = []
+        if planner is not None:
+            plan = CurvaturePlan.of(planner)
+            plan.check_names()  # a refusal before the first tensor hides no misspelled parameter
+            found = plan.listed()
         if isinstance(error, OTAError):
             return planner, found + [str(error)]
         return planner, found + [f"mergekit cannot plan this merge: {type(error).__name__}: {error}"]
@@ -185,7 +200,7 @@ def planned_loads(planner: Any) -> Dict[Tuple[str, str], List[str]]:
     from mergekit_ota.graph.tasks import CurvatureMergeTask, PermutedCurvature
 
     loads: Dict[Tuple[str, str], List[str]] = {}
-    for weight, task in planner._tensors:
+    for weight, task in planner_tensors(planner):
         if not isinstance(task, CurvatureMergeTask):
             continue
         gather = task.curvature.curvature if isinstance(task.curvature, PermutedCurvature) else task.curvature
@@ -227,7 +242,8 @@ def check_config(
 ) -> CheckReport:
     """Plan ``config`` (a ``MergeConfiguration``) and check the curvature it reads; nothing is written.
 
-    Raises :class:`NotACurvatureMerge` if its method is not ``ota``/``ffg``.
+    Raises :class:`NotACurvatureMerge` if its method is not ``ota``/``ffg``, with a report
+    whose ``warnings`` name the parameter keys that method does not take.
     """
     from mergekit_ota.graph.planner import CurvaturePlan
     from mergekit_ota.methods import METHOD_NAMES
@@ -235,8 +251,17 @@ def check_config(
     started = time.perf_counter()
     method = config.merge_method
     if method not in METHOD_NAMES:
+        report = CheckReport(
+            config=source,
+            method=method,
+            problems=(),
+            warnings=tuple(parameter_warnings(config)),
+            names_only=True,
+            seconds=time.perf_counter() - started,
+        )
         raise NotACurvatureMerge(
-            f"{source}: merge_method {method!r} does not use curvature; check handles {sorted(METHOD_NAMES)}"
+            f"{source}: merge_method {method!r} does not use curvature; check handles {sorted(METHOD_NAMES)}",
+            report,
         )
     base = dict(config=source, method=method, full_scan=full_scan, sample=sample)
     missing = missing_local_models(config)
@@ -264,8 +289,8 @@ def check_config(
         problems=tuple(header_problems + value_problems),
         experts=tuple(sorted({str(model) for model, _ in CurvaturePlan.of(planner).stores})),
         stores=_store_uses(planner, loads, scanned),
-        output_tensors=len(planner._tensors),
-        with_curvature=sum(weight.name in with_curvature for weight, _ in planner._tensors),
+        output_tensors=len(planner_tensors(planner)),
+        with_curvature=sum(weight.name in with_curvature for weight, _ in planner_tensors(planner)),
         seconds=time.perf_counter() - started,
         header_problems=tuple(header_problems),
         **base,

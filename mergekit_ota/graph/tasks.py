@@ -183,11 +183,18 @@ class ModelWideThresholds(Task[Dict[ModelReference, float]]):
 
 
 class CurvatureMergeTask(ExecuteMergeMethodTask):
-    """``ExecuteMergeMethodTask`` whose experts get their curvature from a graph argument."""
+    """``ExecuteMergeMethodTask`` whose experts get their curvature from a graph argument.
+
+    ``save_dtype`` is the dtype mergekit's ``SaveTensor`` will write the result in
+    (``weight.force_dtype or config.out_dtype``; ``None``: as computed): the result is
+    cast to it here and checked finite (:func:`~mergekit_ota.methods.base.require_finite`)
+    before it is handed on, so a float32 result that overflows float16 is never written.
+    """
 
     curvature: CurvatureInput
     thresholds: Optional[ModelWideThresholds] = None
     truncate_vocabulary: bool = False
+    save_dtype: Optional[str] = None
 
     def arguments(self) -> Dict[str, Task]:
         arguments = super().arguments()
@@ -225,6 +232,10 @@ class CurvatureMergeTask(ExecuteMergeMethodTask):
         thresholds: Optional[Dict[ModelReference, float]] = None,
         **_kwargs: Any,
     ) -> Optional[torch.Tensor]:
+        from mergekit.common import dtype_from_name
+
+        from mergekit_ota.methods.base import finite_check_deferred, require_finite
+
         parameters = self._with_curvature(tensors, curvature, thresholds)
         bound = self.model_copy(
             update={
@@ -233,7 +244,15 @@ class CurvatureMergeTask(ExecuteMergeMethodTask):
                 )
             }
         )
-        return ExecuteMergeMethodTask.execute(bound, tensors=tensors)
+        with finite_check_deferred():  # checked once below, in the dtype it is saved in
+            result = ExecuteMergeMethodTask.execute(bound, tensors=tensors)
+        if result is None or not result.is_floating_point():
+            return result
+        uncast = result
+        if self.save_dtype:
+            result = result.to(dtype=dtype_from_name(self.save_dtype))  # SaveTensor's own cast then does nothing
+        require_finite(result, name=self.output_weight.name, method=self.method_name, uncast=uncast)
+        return result
 
     def saliency_histograms(
         self, tensors: Dict[ModelReference, torch.Tensor], curvature: Dict[ModelReference, Curvature]

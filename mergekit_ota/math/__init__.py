@@ -13,13 +13,14 @@ from mergekit_ota.math.ffg import (
     threshold_mask,
 )
 from mergekit_ota.math.histogram import SaliencyHistogram
-from mergekit_ota.math.ota import curvature_weights, ota_merge
+from mergekit_ota.math.ota import WeightScale, curvature_weights, ota_merge, weight_scale
 from mergekit_ota.math.rank1 import Rank1Curvature, rank1_factors, rank1_reconstruct
 
 __all__ = [
     "KeepRule",
     "Rank1Curvature",
     "SaliencyHistogram",
+    "WeightScale",
     "curvature_weights",
     "density_mask",
     "ffg_merge",
@@ -29,4 +30,5 @@ __all__ = [
     "rank1_reconstruct",
     "saliency",
     "threshold_mask",
+    "weight_scale",
 ]

@@ -163,9 +163,10 @@ def ffg_merge(
     """Task arithmetic over grafted task vectors.
 
     ``theta = b + lam * sum_i weight_i * m_i * tau_i``, divided by ``sum_i weight_i``
-    when ``normalize`` (a sum below 1e-8 in magnitude divides by 1), with
+    when ``normalize`` (which must not be 0: the ``ffg`` method refuses it,
+    :func:`mergekit_ota.methods.settings.tensor_problems`), with
     ``m_i = rules[i].mask(tau_i, v_i)`` (all ones where the rule is ``None``).
-    Computed in float32; returned in ``base.dtype``.
+    Weights may be negative (task negation). Computed in float32; returned in ``base.dtype``.
     """
     if not (len(experts) == len(curvatures) == len(rules) == len(weights)):
         raise ValueError("experts, curvatures, rules and weights must have the same length")
@@ -193,9 +194,7 @@ def ffg_merge(
     if total is None:
         return base
     if normalize:
-        divisor = float(sum(weights))
-        if abs(divisor) >= 1e-8:
-            total.div_(divisor)
+        total.div_(float(sum(weights)))
     if lam != 1.0:
         total.mul_(float(lam))
     return total.add_(b).to(base.dtype)

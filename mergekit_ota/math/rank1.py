@@ -12,10 +12,14 @@ saliency) :func:`dense` materialises it exactly as :func:`rank1_reconstruct` doe
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+from typing import TYPE_CHECKING, Optional, Tuple, Union
 
 import torch
+
+if TYPE_CHECKING:
+    from mergekit_ota.math.ota import WeightScale
 
 
 def rank1_factors(v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -73,12 +77,43 @@ class Rank1Curvature:
             return Rank1Curvature(self.row.narrow(0, start, length), self.col)
         return Rank1Curvature(self.row, self.col.narrow(0, start, length))
 
-    def weights(self, weight: float, power: float, eps: float, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``weight * v_hat**power + eps`` from the factors: one m x n pass plus the ``eps`` add."""
+    def weights(
+        self,
+        weight: float,
+        power: float,
+        eps: float,
+        out: Optional[torch.Tensor] = None,
+        scale: Optional["WeightScale"] = None,
+    ) -> torch.Tensor:
+        """``(weight * v_hat**power + eps) / s`` from the factors: one m x n pass plus the ``eps`` add.
+
+        ``s = scale.divisor`` (1 without ``scale``). When ``s != 1``, or a factor's power would
+        leave float32, the factors are normalised first (O(m + n)):
+        ``(row / R)**p * (weight * (R C)**p / s)`` outer ``(col / C)**p`` with ``R = max(row)``,
+        ``C = max(col)``; see :mod:`mergekit_ota.math.ota`.
+        """
+        from mergekit_ota.math.ota import SAFE_LOG2, scaled_scalar
+
+        exponent = scale.exponent if scale is not None else 0
+        if scale is not None and power != 0.0 and scale.log2_c > -math.inf:
+            top_row, top_col = float(self.row.max()), float(self.col.max())
+            log2_rc = power * (math.log2(top_row) + math.log2(top_col))
+            log2_weight = math.log2(abs(weight)) if weight != 0.0 else 0.0
+            safe = all(
+                abs(x) <= SAFE_LOG2
+                for x in (power * math.log2(top_row), power * math.log2(top_col), log2_weight - exponent)
+            )
+            if exponent != 0 or not safe:
+                factor = scaled_scalar(float(weight), log2_rc - exponent)
+                row = _power(self.row / top_row, power) * factor
+                return torch.outer(row, _power(self.col / top_col, power), out=out).add_(
+                    scaled_scalar(float(eps), -exponent)
+                )
         row = _power(self.row, power)
-        if weight != 1.0:
-            row = row * float(weight)
-        return torch.outer(row, _power(self.col, power), out=out).add_(float(eps))
+        factor = scaled_scalar(float(weight), -exponent)
+        if factor != 1.0:
+            row = row * factor
+        return torch.outer(row, _power(self.col, power), out=out).add_(scaled_scalar(float(eps), -exponent))
 
 
 Curvature = Union[torch.Tensor, Rank1Curvature]

@@ -1,15 +1,21 @@
-"""Shared machinery of the ``ota`` and ``ffg`` mergekit methods (parameter binding only).
+"""Shared machinery of the ``ota`` and ``ffg`` mergekit methods (parameter binding and result checks).
 
 The numerical work lives in :mod:`mergekit_ota.math`; this module turns mergekit's
-bound parameters into validated settings, curvature tensors and FFG keep rules,
-and implements model-wide density for in-memory calls (``merge_state_dicts``).
+bound parameters into validated settings (the rules of
+:mod:`mergekit_ota.methods.settings`, the same the planner applies), curvature tensors
+and FFG keep rules, implements model-wide density for in-memory calls
+(``merge_state_dicts``), and holds the one finite check of merged tensors
+(:func:`require_finite`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import math
 from abc import abstractmethod
 from dataclasses import dataclass
-from typing import Any, Dict, Hashable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Hashable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from mergekit.merge_methods.base import (
@@ -22,7 +28,7 @@ from mergekit.merge_methods.base import (
 )
 
 from mergekit_ota.compat import require_supported_mergekit
-from mergekit_ota.errors import ConfigError, CurvatureError
+from mergekit_ota.errors import ConfigError, CurvatureError, MergeError
 from mergekit_ota.math.ffg import KeepRule, f32_operand
 from mergekit_ota.math.histogram import SaliencyHistogram
 from mergekit_ota.math.rank1 import Curvature, Rank1Curvature, dense
@@ -30,8 +36,67 @@ from mergekit_ota.methods.settings import (
     ExpertSettings,
     SharedSettings,
     expert_settings,
+    require_known,
+    require_tensor_rules,
     shared_settings,
 )
+
+# What can make each method's result non-finite (named by require_finite's error).
+NON_FINITE_CAUSES = {
+    "ota": "NaN/Inf in an input weight (or, in memory, where it is not scanned, in the curvature), a large "
+    "lambda, or a result beyond the output dtype's range",
+    "ffg": "b + lambda * sum_i weight_i m_i tau_i overflowing (lambda, weight, normalize with a near-zero "
+    "sum_i weight_i), NaN/Inf in an input weight (or, in memory, in the curvature), or a result beyond the "
+    "output dtype's range",
+}
+_DEFERRED = contextvars.ContextVar("mergekit_ota_finite_check_deferred", default=False)
+
+
+@contextlib.contextmanager
+def finite_check_deferred() -> Iterator[None]:
+    """Within this block :meth:`CurvatureMergeMethod._execute` leaves the finite check to the caller
+    (the graph task checks the result once, cast to the dtype it will be saved in)."""
+    token = _DEFERRED.set(True)
+    try:
+        yield
+    finally:
+        _DEFERRED.reset(token)
+
+
+def require_finite(
+    tensor: Optional[torch.Tensor], *, name: Optional[str], method: str, uncast: Optional[torch.Tensor] = None
+) -> None:
+    """Raise :class:`MergeError` if the floating-point ``tensor`` has a NaN or Inf, naming the tensor.
+
+    One read pass (``aminmax`` propagates NaN and keeps Inf), counting only on failure.
+    ``uncast`` is the value before the cast to ``tensor``'s dtype: when it was finite the
+    error says the cast overflowed. The one finite check of every merged tensor: the
+    in-memory API (``_execute``) and the graph task (before ``SaveTensor`` writes it).
+    """
+    if tensor is None or not tensor.is_floating_point() or tensor.numel() == 0:
+        return
+    if tensor.element_size() > 1:
+        low, high = torch.aminmax(tensor)
+        if math.isfinite(float(low)) and math.isfinite(float(high)):
+            return
+    elif bool(torch.isfinite(tensor).all()):
+        return
+    nan = int(torch.isnan(tensor).sum())
+    inf = int(torch.isinf(tensor).sum())
+    dtype = str(tensor.dtype).removeprefix("torch.")
+    if uncast is not None and uncast.dtype != tensor.dtype and bool(torch.isfinite(uncast).all()):
+        biggest = float(uncast.abs().max())
+        cause = (
+            f"the {str(uncast.dtype).removeprefix('torch.')} result is finite, but its largest magnitude {biggest:.4g} "
+            f"exceeds {dtype}'s range (max {torch.finfo(tensor.dtype).max:.4g}): set dtype/out_dtype to float32 or "
+            f"bfloat16, or lower lambda"
+        )
+    else:
+        cause = f"possible causes: {NON_FINITE_CAUSES.get(method, 'the inputs or parameters')}"
+    raise MergeError(
+        f"{method}: merged tensor {name or '<unnamed>'} has {nan + inf} non-finite value(s) ({nan} NaN, {inf} Inf) "
+        f"in {dtype}; the merge stopped, it is neither written nor returned. {cause[0].upper()}{cause[1:]}"
+    )
 
 
 @dataclass
@@ -87,47 +152,72 @@ class CurvatureMergeMethod(GroupMergeMethod):
             )
         super().validate_inputs(input_ids, base_id, group_name=group_name)
 
-    def shared(self, parameters: Dict[str, Any]) -> SharedSettings:
+    def _bind_parameters(self, groups: Sequence[TensorGroup], parameters: Mapping[str, Any]) -> List[Dict[str, Any]]:
+        """mergekit's binding, after refusing names the method does not take (with a did-you-mean)."""
+        require_known(parameters, self.spec)
+        return super()._bind_parameters(groups, parameters)
+
+    def shared(self, parameters: Dict[str, Any], has_base: Optional[bool] = None) -> SharedSettings:
+        """Validated shared settings (:func:`~mergekit_ota.methods.settings.shared_check`'s rules)."""
         names = {p.name for p in self.spec.shared_parameters}
-        return shared_settings({k: v for k, v in parameters.items() if k in names}, method=self.spec.name)
+        return shared_settings(
+            {k: v for k, v in parameters.items() if k in names}, method=self.spec.name, has_base=has_base
+        )
 
     def experts(self, group: TensorGroup, parameters: Dict[str, Any], shared: SharedSettings) -> List[ExpertInput]:
-        """Validated experts of ``group``, curvature bias-corrected when asked."""
+        """Validated experts of ``group``, curvature bias-corrected when asked.
+
+        Each expert's settings pass :func:`~mergekit_ota.methods.settings.expert_check`, all
+        of them together :func:`~mergekit_ota.methods.settings.tensor_problems` (the rules the
+        planner applies too); a broken rule raises :class:`ConfigError`.
+        """
         names = [p.name for p in self.spec.input_parameters if p.name != "curvature"]
-        result = []
-        for entry in group.non_base:
-            settings = expert_settings(
-                {name: parameters[name][entry.id] for name in names},
-                expert=entry.id,
-                tensor=group.metadata.name,
+        tensor = group.metadata.name
+        settings = [
+            (
+                entry,
+                expert_settings(
+                    {name: parameters[name][entry.id] for name in names},
+                    expert=entry.id,
+                    tensor=tensor,
+                    method=self.spec.name,
+                    has_base=group.base is not None,
+                    bias_correction=shared.bias_correction,
+                ),
             )
-            v = _curvature_tensor(parameters["curvature"][entry.id], entry.id, group.metadata.name, entry.tensor.shape)
+            for entry in group.non_base
+        ]
+        require_tensor_rules(
+            [(entry.id, values) for entry, values in settings], method=self.spec.name, shared=shared, tensor=tensor
+        )
+        result = []
+        for entry, values in settings:
+            v = _curvature_tensor(parameters["curvature"][entry.id], entry.id, tensor, entry.tensor.shape)
             v = v.to(device=entry.tensor.device, dtype=torch.float32)
             if shared.bias_correction:
-                try:
-                    v = v * settings.bias_correction_scale()
-                except ValueError as error:
-                    raise ConfigError(f"Expert {entry.id}: {error}") from None
-            result.append(ExpertInput(entry.id, entry.tensor, v, settings))
-            if group.base is None and result[-1].rule is not None:
-                raise ConfigError(
-                    f"Expert {entry.id} sets density/threshold (FFG), which needs a base_model: "
-                    f"FFG keeps entries of the task vector tau = expert - base"
-                )
+                v = v * values.bias_correction_scale()
+            result.append(ExpertInput(entry.id, entry.tensor, v, values))
         return result
 
     def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
-        shared = self.shared(parameters)
+        shared = self.shared(parameters, has_base=group.base is not None)
         base = group.base.tensor if group.base is not None else None
         if not group.non_base:
             if base is None:
                 raise ConfigError(f"{self.spec.name}: no inputs for {group.metadata.name}")
             return base
-        return self.combine(base, self.experts(group, parameters, shared), shared)
+        return self.combine(base, self.experts(group, parameters, shared), shared, name=group.metadata.name)
 
     @abstractmethod
-    def combine(self, base: Optional[torch.Tensor], experts: Sequence[ExpertInput], shared: SharedSettings) -> torch.Tensor:
-        """Merge validated experts (pure tensor math)."""
+    def combine(
+        self,
+        base: Optional[torch.Tensor],
+        experts: Sequence[ExpertInput],
+        shared: SharedSettings,
+        *,
+        name: Optional[str] = None,
+    ) -> torch.Tensor:
+        """Merge validated experts (pure tensor math); ``name`` is the tensor's, for error messages."""
 
     # -- model-wide density for in-memory calls -------------------------------------
 
@@ -141,7 +231,11 @@ class CurvatureMergeMethod(GroupMergeMethod):
         out_dtype: Optional[torch.dtype] = None,
     ) -> Tuple[torch.Tensor, ...]:
         parameters = self._model_wide_thresholds(groups, parameters, input_dtypes)
-        return super()._execute(groups, parameters, options, input_dtypes=input_dtypes, out_dtype=out_dtype)
+        results = super()._execute(groups, parameters, options, input_dtypes=input_dtypes, out_dtype=out_dtype)
+        if not _DEFERRED.get():  # results are already cast to out_dtype
+            for group, result in zip(groups, results):
+                require_finite(result, name=group.metadata.name, method=self.spec.name)
+        return results
 
     def _model_wide_thresholds(
         self,
@@ -155,7 +249,7 @@ class CurvatureMergeMethod(GroupMergeMethod):
         """
         from mergekit.merge_methods.dtype import align_dtype
 
-        if not groups or self.shared(parameters[0]).density_scope != "model":
+        if not groups or self.shared(parameters[0], has_base=groups[0].base is not None).density_scope != "model":
             return parameters
         totals: Dict[Hashable, Tuple[SaliencyHistogram, float]] = {}
         for group, params, dtype in zip(groups, parameters, input_dtypes):
@@ -171,7 +265,7 @@ class CurvatureMergeMethod(GroupMergeMethod):
             return result
         base = group.base.tensor.to(torch.float32)
         scores: Optional[torch.Tensor] = None  # one buffer for every expert's tau, then saliency
-        for expert in self.experts(group, parameters, self.shared(parameters)):
+        for expert in self.experts(group, parameters, self.shared(parameters, has_base=True)):
             if expert.settings.density is None:
                 continue
             histogram = SaliencyHistogram()

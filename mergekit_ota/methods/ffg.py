@@ -7,7 +7,6 @@ from typing import Optional, Sequence
 import torch
 from mergekit.merge_methods.base import BasePolicy, InputContract, MergeMethodSpec
 
-from mergekit_ota.errors import ConfigError
 from mergekit_ota.math.ffg import ffg_merge
 from mergekit_ota.methods.base import CurvatureMergeMethod, ExpertInput
 from mergekit_ota.methods.settings import FFG_PARAMETERS, SharedSettings
@@ -16,7 +15,8 @@ from mergekit_ota.methods.settings import FFG_PARAMETERS, SharedSettings
 class FFGMerge(CurvatureMergeMethod):
     """``theta = b + lambda * sum_i weight_i m_i tau_i`` (``/ sum_i weight_i`` if ``normalize``).
 
-    With one expert this grafts its most salient edits onto the base.
+    With one expert this grafts its most salient edits onto the base. A negative
+    ``weight_i`` subtracts expert i's grafted edit (task negation).
     """
 
     spec = MergeMethodSpec(
@@ -27,11 +27,18 @@ class FFGMerge(CurvatureMergeMethod):
         contract=InputContract(base=BasePolicy.REQUIRED, min_non_base=1),
     )
 
-    def combine(self, base: Optional[torch.Tensor], experts: Sequence[ExpertInput], shared: SharedSettings) -> torch.Tensor:
+    def combine(
+        self,
+        base: Optional[torch.Tensor],
+        experts: Sequence[ExpertInput],
+        shared: SharedSettings,
+        *,
+        name: Optional[str] = None,
+    ) -> torch.Tensor:
+        """:func:`~mergekit_ota.math.ffg.ffg_merge` of experts whose settings passed every rule
+        (:mod:`mergekit_ota.methods.settings`: a density or threshold each; ``sum_i weight_i != 0``
+        with ``normalize``). Weights may be negative (task negation)."""
         assert base is not None  # the contract requires a base
-        missing = [str(e.id) for e in experts if e.rule is None]
-        if missing:
-            raise ConfigError(f"ffg needs a density or a threshold for every expert; missing for {missing}")
         return ffg_merge(
             base,
             [e.tensor for e in experts],

@@ -7,7 +7,6 @@ from typing import Optional, Sequence
 import torch
 from mergekit.merge_methods.base import BasePolicy, InputContract, MergeMethodSpec
 
-from mergekit_ota.errors import ConfigError
 from mergekit_ota.math.ota import ota_merge
 from mergekit_ota.methods.base import CurvatureMergeMethod, ExpertInput
 from mergekit_ota.methods.settings import OTA_PARAMETERS, SharedSettings
@@ -24,9 +23,16 @@ class OTAMerge(CurvatureMergeMethod):
         contract=InputContract(base=BasePolicy.OPTIONAL, min_non_base=1),
     )
 
-    def combine(self, base: Optional[torch.Tensor], experts: Sequence[ExpertInput], shared: SharedSettings) -> torch.Tensor:
-        if base is None and shared.lam != 1.0:
-            raise ConfigError("ota: lambda scales the merged task vector and needs a base_model")
+    def combine(
+        self,
+        base: Optional[torch.Tensor],
+        experts: Sequence[ExpertInput],
+        shared: SharedSettings,
+        *,
+        name: Optional[str] = None,
+    ) -> torch.Tensor:
+        """:func:`~mergekit_ota.math.ota.ota_merge` of experts whose settings passed every rule
+        (:mod:`mergekit_ota.methods.settings`: ``weight_i >= 0``, some ``> 0``; ``lambda`` needs a base)."""
         return ota_merge(
             base,
             [e.tensor for e in experts],
@@ -36,4 +42,5 @@ class OTAMerge(CurvatureMergeMethod):
             power=shared.power,
             eps=shared.eps,
             lam=shared.lam,
+            name=name,
         )
