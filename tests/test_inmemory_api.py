@@ -306,27 +306,32 @@ def test_unknown_density_scope_raises_config_error():
 # ----------------------------------------------------------------------------- bias correction
 
 
-@pytest.mark.parametrize("method", ["ota", "ffg"])
-def test_bias_correction_divides_curvature_by_one_minus_beta2_to_the_step(method):
-    """bias_correction uses v_i / (1 - beta2**step_i); with different steps per expert it changes the merge."""
+def test_bias_correction_divides_ota_curvature_by_one_minus_beta2_to_the_step():
+    """bias_correction uses v_i / (1 - beta2**step_i) in OTA's weights; with different steps it changes the merge."""
     tensors, curvatures = three()
     steps = [10, 2]
-    extra = {"density": [0.4, 0.6]} if method == "ffg" else {}
-    # ffg's masks are per-expert rankings, invariant to a per-expert scale; a threshold is not.
-    if method == "ffg":
-        extra = {"threshold": [5e-3, 5e-3]}
-    corrected = merge_tensors(
-        tensors, method, base_index=0,
-        parameters={
-            "curvature": curvatures, "bias_correction": True,
-            "optimizer_step": steps, "beta2": 0.9, **extra,
-        },
-    )
+    parameters = {"curvature": curvatures, "optimizer_step": steps, "beta2": 0.9}
+    corrected = merge_tensors(tensors, "ota", base_index=0, parameters={**parameters, "bias_correction": True})
     manual = [v / (1 - 0.9**s) for v, s in zip(curvatures, steps)]
-    expected = merge_tensors(tensors, method, base_index=0, parameters={"curvature": manual, **extra})
+    expected = merge_tensors(tensors, "ota", base_index=0, parameters={"curvature": manual, "bias_correction": False})
     torch.testing.assert_close(corrected, expected, rtol=1e-6, atol=1e-6)
-    uncorrected = merge_tensors(tensors, method, base_index=0, parameters={"curvature": curvatures, **extra})
+    auto = merge_tensors(tensors, "ota", base_index=0, parameters=parameters)  # the default, step and beta2 known
+    torch.testing.assert_close(auto, corrected, rtol=0, atol=0)
+    uncorrected = merge_tensors(tensors, "ota", base_index=0, parameters={**parameters, "bias_correction": False})
     assert not torch.allclose(corrected, uncorrected, atol=1e-5)
+
+
+def test_bias_correction_leaves_ffg_thresholds_on_the_raw_saliency():
+    """An absolute FFG threshold applies to the raw saliency v * tau**2 (as in the authors' configs): bias
+    correction changes OTA's weights only, so ffg gives the same merge with it or without it."""
+    tensors, curvatures = three()
+    parameters = {"curvature": curvatures, "optimizer_step": [10, 2], "beta2": 0.9, "threshold": [5e-3, 5e-3]}
+    corrected = merge_tensors(tensors, "ffg", base_index=0, parameters={**parameters, "bias_correction": True})
+    raw = merge_tensors(tensors, "ffg", base_index=0, parameters={**parameters, "bias_correction": False})
+    torch.testing.assert_close(corrected, raw, rtol=0, atol=0)
+    manual = [v / (1 - 0.9**s) for v, s in zip(curvatures, [10, 2])]
+    on_corrected = merge_tensors(tensors, "ffg", base_index=0, parameters={**parameters, "curvature": manual})
+    assert not torch.allclose(corrected, on_corrected), "the threshold must not see the corrected curvature"
 
 
 def test_bias_correction_without_step_raises_config_error():

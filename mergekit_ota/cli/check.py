@@ -40,6 +40,7 @@ def render_report(report: "CheckReport") -> str:
         f"  experts: {len(report.experts)}   stores: {len(report.stores)}   output tensors planned: "
         f"{report.output_tensors} ({report.with_curvature} with curvature)"
     )
+    lines += [f"  {note}" for note in report.notes]
     for use in report.stores:
         lines.append(
             f"  store {use.path}  [{', '.join(use.experts)}]: {use.tensors} tensors read "

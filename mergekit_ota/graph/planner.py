@@ -14,6 +14,7 @@ together (:class:`~mergekit_ota.errors.PreflightError`) before anything is writt
 from __future__ import annotations
 
 import json
+import logging
 import os
 from functools import lru_cache
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -38,6 +39,7 @@ from mergekit_ota.graph.tasks import (
     SaliencyHistogramTask,
 )
 from mergekit_ota.methods import is_ours
+from mergekit_ota.methods.bias import BiasDecision, mismatch_warning
 from mergekit_ota.methods.settings import (
     ExpertSettings,
     SharedSettings,
@@ -49,6 +51,7 @@ from mergekit_ota.methods.settings import (
 
 PATCH_MARK = "_mergekit_ota_patched"
 _TRUE = {"1", "true", "yes"}
+LOG = logging.getLogger("mergekit_ota")
 
 
 @lru_cache(maxsize=None)
@@ -104,6 +107,9 @@ class CurvaturePlan:
         self.config_problems: Dict[str, None] = {}  # not tied to a tensor (parameter names, shared values, base): first
         self.problems: Dict[str, None] = {}
         self.names_checked = False
+        self.bias: Dict[ModelReference, BiasDecision] = {}  # ota: what bias correction does to each expert
+        self.power = 0.5
+        self.warnings: List[str] = []
         self.stores: Dict[Tuple[ModelReference, Optional[str]], Optional[str]] = {}
         # density_scope: model: per expert, each density seen -> first tensor it was seen on
         self.model_densities: Dict[ModelReference, Dict[float, str]] = {}
@@ -184,22 +190,14 @@ class CurvaturePlan:
         """Expert ``model``'s parameters for ``task`` (bias-correction inputs filled from its store's
         metadata) and its settings, or ``None`` where a rule (:func:`expert_check`) is broken."""
         values = dict(task.input_parameters[model].items())
-        bias_correction = shared.bias_correction
-        if bias_correction:
-            path = self.store_path(model, values.get("curvature"))
-            metadata = CurvatureStore.open(path).metadata if path else {}
-            if str(metadata.get("bias_corrected", "")).lower() in _TRUE:
-                self.problem(f"{path}: store is already bias-corrected; drop 'bias_correction: true'", config_level=True)
-            for name, key, kind in (("optimizer_step", "step", int), ("beta2", "beta2", float)):
-                if values.get(name) is None and metadata.get(key) not in (None, ""):
-                    values[name] = kind(metadata[key])
+        source = self.fill_bias_inputs(model, values) if shared.bias_correction is not False else ""
         check = expert_check(
             {k: v for k, v in values.items() if k != "curvature"},
             expert=model,
             tensor=task.output_weight.name,
             method=task.method_name,
             has_base=task.base_model is not None,
-            bias_correction=bias_correction,
+            bias_correction=shared.bias_correction,
         )
         for problem in check.config_problems:
             self.problem(problem, config_level=True)
@@ -208,7 +206,32 @@ class CurvaturePlan:
         settings = check.settings
         if settings is not None and shared.density_scope == "model" and settings.density is not None:
             self.model_densities.setdefault(model, {}).setdefault(settings.density, task.output_weight.name)
-        return values, settings if not (check.problems or check.config_problems) else None
+        ok = not (check.problems or check.config_problems)
+        if ok and settings is not None and task.method_name == "ota" and model not in self.bias:
+            self.bias[model] = settings.bias(shared.bias_correction, model, source)  # what the merge will do
+            self.power = shared.power
+        return values, settings if ok else None
+
+    def fill_bias_inputs(self, model: ModelReference, values: Dict[str, Any]) -> str:
+        """Fill ``optimizer_step``, ``beta2`` and ``bias_corrected`` the config leaves unset from the expert's
+        store metadata (``step``, ``beta2``, ``bias_corrected``, as ``export`` writes them); say where from."""
+        path = self.store_path(model, values.get("curvature"))
+        metadata = CurvatureStore.open(path).metadata if path else {}
+        given = [name for name in ("optimizer_step", "beta2") if values.get(name) is not None]
+        filled = []
+        for name, key, kind in (("optimizer_step", "step", int), ("beta2", "beta2", float)):
+            if values.get(name) is None and metadata.get(key) not in (None, ""):
+                try:
+                    values[name] = kind(metadata[key])
+                except ValueError:
+                    self.problem(f"{path}: metadata {key}={metadata[key]!r} is not a number", config_level=True)
+                    continue
+                filled.append(name)
+        if values.get("bias_corrected") is None and metadata.get("bias_corrected") not in (None, ""):
+            values["bias_corrected"] = str(metadata["bias_corrected"]).lower() in _TRUE
+        if filled and given:
+            return f"{', '.join(given)} from the config, {', '.join(filled)} from {path}"
+        return f"from the metadata of {path}" if filled else "from the config" if given else ""
 
     def attach(
         self, task: ExecuteMergeMethodTask, weights_in: Sequence[WeightInfo], models: Sequence[ModelReference]
@@ -273,11 +296,22 @@ class CurvaturePlan:
                     f"{first} (tensor {where}) and {other} (tensor {there})"
                 )
 
+    def bias_notes(self) -> List[str]:
+        """One line per expert: whether and why its curvature is bias-corrected (ota)."""
+        return [f"bias correction, expert {d.expert}: {d.reason}" for d in self.bias.values()]
+
     def finish(self) -> None:
-        """Raise every problem found; then add the model-wide density pass if asked for."""
+        """Raise every problem found; log the bias-correction decisions and warn about mismatched scales;
+        then add the model-wide density pass if asked for."""
         self.check_model_densities()
         if self.problems or self.config_problems:
             raise PreflightError(self.listed())
+        for note in self.bias_notes():
+            LOG.info(note)
+        warning = mismatch_warning(list(self.bias.values()), self.power)
+        if warning is not None and warning not in self.warnings:
+            self.warnings.append(warning)
+            LOG.warning("mergekit-ota: %s", warning)
         from mergekit_ota.compat import planner_tensors
 
         tensors = planner_tensors(self.planner)

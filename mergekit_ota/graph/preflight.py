@@ -58,7 +58,9 @@ class CheckReport:
     """Everything ``check`` found; ``ok`` when ``problems`` is empty.
 
     ``warnings``: parameter keys a method other than ota/ffg does not take (mergekit
-    ignores them silently); for ota/ffg such keys are ``problems``. ``names_only``: the
+    ignores them silently; for ota/ffg such keys are ``problems``), and curvature that
+    may be on different scales because some expert cannot be bias-corrected.
+    ``notes``: what bias correction does to each expert, and why. ``names_only``: the
     method does not use curvature, so nothing but parameter names was checked.
     """
 
@@ -66,6 +68,7 @@ class CheckReport:
     method: str
     problems: Tuple[str, ...]
     warnings: Tuple[str, ...] = ()
+    notes: Tuple[str, ...] = ()
     names_only: bool = False
     experts: Tuple[str, ...] = ()
     stores: Tuple[StoreUse, ...] = ()
@@ -285,8 +288,11 @@ def check_config(
             done, total = scanned.get((path, key), (0, 0))
             scanned[(path, key)] = (done + result.scanned, total + result.total)
     with_curvature = {weight for weights in loads.values() for weight in weights}
+    plan = CurvaturePlan.of(planner)
     return CheckReport(
         problems=tuple(header_problems + value_problems),
+        warnings=tuple(plan.warnings),
+        notes=tuple(plan.bias_notes()),
         experts=tuple(sorted({str(model) for model, _ in CurvaturePlan.of(planner).stores})),
         stores=_store_uses(planner, loads, scanned),
         output_tensors=len(planner_tensors(planner)),

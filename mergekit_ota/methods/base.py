@@ -101,12 +101,27 @@ def require_finite(
 
 @dataclass
 class ExpertInput:
-    """One expert's tensor, curvature and settings for one output tensor."""
+    """One expert's tensor, curvature and settings for one output tensor.
+
+    ``bias_scale`` is ``s_i = 1 / (1 - beta2**step)`` where bias correction applies (else 1):
+    OTA uses ``s_i v_i`` through its weight (:meth:`ota_weight`); FFG saliency stays raw.
+    """
 
     id: Hashable
     tensor: torch.Tensor
     curvature: Curvature  # a tensor, or rank-1 factors read from a compressed store
     settings: ExpertSettings
+    bias_scale: float = 1.0
+
+    def ota_weight(self, power: float) -> float:
+        """``weight_i * s_i**p``: ``weight_i (s_i v_i)**p + eps = (weight_i s_i**p) v_i**p + eps``."""
+        weight = self.settings.weight * self.bias_scale**power
+        if not math.isfinite(weight):
+            raise ConfigError(
+                f"expert {self.id}: weight {self.settings.weight} x bias correction {self.bias_scale:.4g}**{power} "
+                f"is not a finite number; lower power or check optimizer_step/beta2"
+            )
+        return weight
 
     @property
     def rule(self) -> Optional[KeepRule]:
@@ -165,7 +180,7 @@ class CurvatureMergeMethod(GroupMergeMethod):
         )
 
     def experts(self, group: TensorGroup, parameters: Dict[str, Any], shared: SharedSettings) -> List[ExpertInput]:
-        """Validated experts of ``group``, curvature bias-corrected when asked.
+        """Validated experts of ``group``, with their bias-correction scale (:mod:`.bias`).
 
         Each expert's settings pass :func:`~mergekit_ota.methods.settings.expert_check`, all
         of them together :func:`~mergekit_ota.methods.settings.tensor_problems` (the rules the
@@ -194,9 +209,8 @@ class CurvatureMergeMethod(GroupMergeMethod):
         for entry, values in settings:
             v = _curvature_tensor(parameters["curvature"][entry.id], entry.id, tensor, entry.tensor.shape)
             v = v.to(device=entry.tensor.device, dtype=torch.float32)
-            if shared.bias_correction:
-                v = v * values.bias_correction_scale()
-            result.append(ExpertInput(entry.id, entry.tensor, v, values))
+            scale = values.bias(shared.bias_correction, entry.id).scale  # expert_settings checked it is decidable
+            result.append(ExpertInput(entry.id, entry.tensor, v, values, bias_scale=scale))
         return result
 
     def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:

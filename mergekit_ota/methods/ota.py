@@ -37,7 +37,7 @@ class OTAMerge(CurvatureMergeMethod):
             base,
             [e.tensor for e in experts],
             [e.curvature for e in experts],
-            [e.settings.weight for e in experts],
+            [e.ota_weight(shared.power) for e in experts],
             rules=[e.rule for e in experts] if base is not None else None,
             power=shared.power,
             eps=shared.eps,

@@ -10,10 +10,12 @@ Per expert (``parameters:`` of a model in the YAML):
                               ``<model dir>/exp_avg_sq.safetensors``. In memory: a tensor
 ``optimizer_step`` from store Adam step count, for ``bias_correction``
 ``beta2``          from store Adam beta2, for ``bias_correction``
+``bias_corrected`` from store the curvature is already bias-corrected (never corrected twice)
 =================  =========  ====================================================
 
 Shared (top-level ``parameters:``): ``lambda`` (1.0), ``density_scope``
-(``tensor`` | ``model``), ``bias_correction`` (false); ``ota`` adds ``power``
+(``tensor`` | ``model``), ``bias_correction`` (``auto`` | true | false, see
+:mod:`mergekit_ota.methods.bias`); ``ota`` adds ``power``
 (0.5) and ``eps`` (1e-12); ``ffg`` adds ``normalize`` (false).
 
 Every rule lives here once and both callers use it: the planner
@@ -44,6 +46,7 @@ from mergekit.merge_methods.base import MergeMethodSpec, ParameterScope, Paramet
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mergekit_ota.errors import ConfigError
+from mergekit_ota.methods.bias import BiasDecision, BiasMode, decide
 
 OTA = "ota"
 FFG = "ffg"
@@ -59,6 +62,7 @@ class ExpertSettings(BaseModel):
     threshold: Optional[float] = None
     optimizer_step: Optional[int] = None
     beta2: Optional[float] = None
+    bias_corrected: Optional[bool] = None
 
     @field_validator("density")
     @classmethod
@@ -99,14 +103,12 @@ class ExpertSettings(BaseModel):
         """True when the expert sets an FFG rule (``density`` or ``threshold``)."""
         return self.density is not None or self.threshold is not None
 
-    def bias_correction_scale(self) -> float:
-        """``1 / (1 - beta2**step)``, Adam's bias correction of ``v``."""
-        if self.optimizer_step is None or self.beta2 is None:
-            raise ValueError(
-                "bias_correction needs optimizer_step and beta2 (set them per expert, "
-                "or use a store whose metadata records them)"
-            )
-        return 1.0 / (1.0 - self.beta2**self.optimizer_step)
+    def bias(self, mode: BiasMode, expert: Any, source: str = "") -> BiasDecision:
+        """What ``bias_correction: mode`` does to this expert (:func:`mergekit_ota.methods.bias.decide`)."""
+        return decide(
+            mode, expert=str(expert), step=self.optimizer_step, beta2=self.beta2,
+            already_corrected=bool(self.bias_corrected), source=source,
+        )  # fmt: skip
 
 
 class SharedSettings(BaseModel):
@@ -116,7 +118,7 @@ class SharedSettings(BaseModel):
 
     lam: float = Field(1.0, alias="lambda")
     density_scope: Literal["tensor", "model"] = "tensor"
-    bias_correction: bool = False
+    bias_correction: BiasMode = "auto"
     power: float = 0.5
     eps: float = 1e-12
     normalize: bool = False
@@ -175,7 +177,7 @@ def expert_check(
     tensor: Optional[str],
     method: Optional[str] = None,
     has_base: Optional[bool] = None,
-    bias_correction: bool = False,
+    bias_correction: BiasMode = False,
 ) -> ExpertCheck:
     """Every per-expert rule for one tensor; ``method``/``has_base`` ``None`` skip the rules needing them.
 
@@ -184,7 +186,8 @@ def expert_check(
       negative ``w_i = weight_i * v_i**p + eps`` extrapolates, and can zero ``sum_i w_i``);
     * an FFG mask (``density``/``threshold``) needs ``tau_i = t_i - b``, so a base;
     * ``ffg`` needs a ``density`` or a ``threshold`` for every expert;
-    * ``bias_correction`` needs ``optimizer_step`` and ``beta2`` (for ``1 - beta2**step``).
+    * ``bias_correction: true`` needs ``optimizer_step`` and ``beta2`` (for ``1 - beta2**step``)
+      unless the expert's curvature is ``bias_corrected`` already.
     """
     where = _at(tensor)
     try:
@@ -206,11 +209,10 @@ def expert_check(
         )
     if method == FFG and not settings.masked:
         problems.append(f"ffg needs a density or a threshold for every expert; missing for expert {expert}{where}")
-    if bias_correction:
-        try:
-            settings.bias_correction_scale()
-        except ValueError as error:
-            problems.append(f"expert {expert}{where}: {error}")
+    try:
+        settings.bias(bias_correction, expert)
+    except ValueError as error:
+        problems.append(f"expert {expert}{where}: {error}")
     return ExpertCheck(settings, problems, config_problems)
 
 
@@ -221,7 +223,7 @@ def expert_settings(
     tensor: Optional[str],
     method: Optional[str] = None,
     has_base: Optional[bool] = None,
-    bias_correction: bool = False,
+    bias_correction: BiasMode = False,
 ) -> ExpertSettings:
     """:func:`expert_check`, raising :class:`ConfigError` with every problem (for in-memory calls)."""
     check = expert_check(
@@ -396,11 +398,14 @@ EXPERT_PARAMETERS: Tuple[ParameterSpec, ...] = (
     _spec("curvature", Any, ParameterScope.NON_BASE, None, "exp_avg_sq store path, or a tensor in memory"),
     _spec("optimizer_step", Optional[int], ParameterScope.NON_BASE, None, "Adam step count, for bias_correction"),
     _spec("beta2", Optional[float], ParameterScope.NON_BASE, None, "Adam beta2, for bias_correction"),
+    _spec("bias_corrected", Optional[bool], ParameterScope.NON_BASE, None,
+          "the curvature is already bias-corrected (default: its store's metadata)"),
 )
 COMMON_SHARED_PARAMETERS: Tuple[ParameterSpec, ...] = (
     _spec("lambda", float, ParameterScope.SHARED, 1.0, "scale of the merged task vector"),
     _spec("density_scope", str, ParameterScope.SHARED, "tensor", "'tensor' or 'model': where density applies"),
-    _spec("bias_correction", bool, ParameterScope.SHARED, False, "divide v by (1 - beta2**step)"),
+    _spec("bias_correction", BiasMode, ParameterScope.SHARED, "auto",
+          "auto | true | false: divide v by (1 - beta2**step) where step and beta2 are known"),
 )
 OTA_PARAMETERS = EXPERT_PARAMETERS + COMMON_SHARED_PARAMETERS + (
     _spec("power", float, ParameterScope.SHARED, 0.5, "exponent p in w = weight * v**p + eps"),
