@@ -84,6 +84,9 @@ def _guard_run_merge(run_merge: Callable) -> Callable:
     def guarded(merge_config, out_path, *args, **kwargs):
         if merge_config.merge_method not in _method_names():
             return run_merge(merge_config, out_path, *args, **kwargs)
+        from mergekit_ota.compat import require_supported_mergekit
+
+        require_supported_mergekit()  # before the output is claimed or mergekit runs any of its steps
         in_place = os.environ.get(OVERWRITE_ENV, "").strip().lower() in ("1", "true", "yes")
         with OutputDirectory(out_path, MERGE_OUTPUT, in_place=in_place) as out:
             try:

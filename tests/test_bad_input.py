@@ -193,3 +193,30 @@ def test_mergekit_pytorch_refuses_ota(family, tmp_path):
     )
     with pytest.raises(ConfigError, match=r"not available in mergekit-pytorch.*mergekit-yaml"):
         raw.plan_flat_merge(config, str(tmp_path / "out"), False, False, MergeOptions())
+
+
+@pytest.mark.parametrize("internal", ["_model_out_config", "run_merge"])
+def test_a_changed_mergekit_internal_is_named_by_the_version_guard(family, tmp_path, monkeypatch, internal):
+    """Every private mergekit internal the plugin uses is checked by compat's guard: one that is missing (as after
+    a mergekit release that renamed it) makes ota refuse with a message naming it, before anything is written."""
+    import mergekit.merge
+
+    from mergekit_ota import compat
+
+    run_merge = mergekit.merge.run_merge
+    compat.reset_check()
+    monkeypatch.delattr(mergekit.merge, internal)
+    try:
+        problem = compat.incompatibility()
+        assert problem is not None and f"mergekit.merge.{internal} is missing" in problem
+        if internal != "run_merge":
+            from mergekit.config import MergeConfiguration
+            from mergekit.options import MergeOptions
+
+            with pytest.raises(RuntimeError, match=rf"{internal} is missing.*pip install 'mergekit==0\.1\.5'"):
+                run_merge(MergeConfiguration.model_validate(_config(family)), str(tmp_path / "out"), MergeOptions(quiet=True))
+            assert not (tmp_path / "out").exists()
+    finally:
+        monkeypatch.undo()
+        compat.reset_check()
+    assert compat.incompatibility() is None
