@@ -22,7 +22,7 @@ import os
 import sys
 import warnings
 from types import ModuleType
-from typing import Callable, Dict
+from typing import Callable, Dict, Tuple
 
 from mergekit_ota.errors import ConfigError, OutputError
 from mergekit_ota.io.output import OutputDirectory, ReplacePolicy
@@ -50,17 +50,22 @@ MERGE_OUTPUT = ReplacePolicy(
 )
 
 
-def _late_step(error: BaseException) -> str:
-    """Which step of ``run_merge`` after the weights raised ``error`` (from its traceback)."""
-    steps = {"card.py": "writing the model card (README.md)", "tokenizer": "saving the tokenizer"}
+def _late_step(error: BaseException, merge_config: object) -> Tuple[str, str]:
+    """Which step of ``run_merge`` after the weights raised ``error`` (from its traceback), with a way out."""
     trace = error.__traceback__
     while trace is not None:
         filename = trace.tb_frame.f_code.co_filename.replace(os.sep, "/")
-        for key, step in steps.items():
-            if "/mergekit/" in filename and key in filename:
-                return step
+        if "/mergekit/card.py" in filename:
+            from mergekit_ota.graph.preflight import HUB_HINT, asked_of_the_hub
+
+            paths = [str(r.model.path) for r in merge_config.referenced_models()]  # type: ignore[attr-defined]
+            asked = [p for p in paths if asked_of_the_hub(p)]
+            hint = f". Model path(s) {', '.join(asked)}: " + HUB_HINT.format(path=asked[0]) if asked else ""
+            return "writing the model card (README.md)", hint
+        if "/mergekit/tokenizer" in filename or "tokenization" in filename:
+            return "saving the tokenizer", ""
         trace = trace.tb_next
-    return "a step after the weights were written"
+    return "a step after the weights were written", ""
 
 
 def _mark_as_merge(build: str, merge_config: object, args: tuple, kwargs: dict) -> None:
@@ -96,9 +101,10 @@ def _guard_run_merge(run_merge: Callable) -> Callable:
                     raise  # the OutputDirectory removes what this run created
                 _mark_as_merge(out.build, merge_config, args, kwargs)
                 out.commit()
+                step, hint = _late_step(error, merge_config)
                 raise OutputError(
                     f"{out.path}: the merge is complete and kept (every tensor and the weight index were written), "
-                    f"but {_late_step(error)} failed: {type(error).__name__}: {error}"
+                    f"but {step} failed: {type(error).__name__}: {error}{hint}"
                 ) from error
             out.commit()
             return result

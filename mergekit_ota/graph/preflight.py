@@ -157,6 +157,32 @@ def missing_local_models(config: Any) -> List[str]:
     return problems
 
 
+def asked_of_the_hub(path: str) -> bool:
+    """Whether mergekit's model-card step asks the Hugging Face Hub about local model path ``path``.
+
+    ``mergekit/card.py``'s ``is_hf`` treats a path not starting with ``/`` or ``~`` and with at most
+    one ``/`` as a possible repo id and calls ``huggingface_hub.repo_exists`` even when it exists
+    locally; offline that raises after the weights are written. ``./org/name`` is never asked.
+    """
+    return bool(path) and path[0] not in "/~" and path.count("/") <= 1 and not path.startswith(".")
+
+
+HUB_HINT = (
+    "mergekit's model card asks the Hugging Face Hub whether a relative model path of at most two parts "
+    "is a repo, even when it exists here (offline that fails after the weights are written); write such paths "
+    "as ./{path} or absolute, or pass --no-write-model-card"
+)
+
+
+def hub_lookup_warnings(config: Any) -> List[str]:
+    """Local model paths that the model-card step would look up on the Hub (see :func:`asked_of_the_hub`)."""
+    paths = sorted({str(r.model.path) for r in config.referenced_models()})
+    asked = [p for p in paths if asked_of_the_hub(p) and os.path.exists(os.path.expanduser(p))]
+    if not asked:
+        return []
+    return [f"model path(s) {', '.join(asked)}: " + HUB_HINT.format(path=asked[0])]
+
+
 def plan_merge(config: Any, options: Any) -> Tuple[Optional[Any], List[str]]:
     """Plan ``config`` as ``run_merge`` does, executing and writing nothing.
 
@@ -291,7 +317,7 @@ def check_config(
     plan = CurvaturePlan.of(planner)
     return CheckReport(
         problems=tuple(header_problems + value_problems),
-        warnings=tuple(plan.warnings),
+        warnings=tuple(plan.warnings + hub_lookup_warnings(config)),
         notes=tuple(plan.bias_notes()),
         experts=tuple(sorted({str(model) for model, _ in CurvaturePlan.of(planner).stores})),
         stores=_store_uses(planner, loads, scanned),
