@@ -475,3 +475,19 @@ def test_a_failed_run_into_new_nested_directories_removes_the_parents_it_made(fa
     with pytest.raises(PreflightError, match="does not exist"):
         _merge(cfg, tmp_path / "a" / "b" / "out")
     assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_check_warns_before_merging_about_paths_the_model_card_asks_the_hub_about(family, tmp_path, monkeypatch):
+    """The failure above can be seen coming: check names the two-part relative paths and the ways around it."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.options import MergeOptions
+
+    from mergekit_ota.graph.preflight import check_config
+
+    shutil.copytree(os.path.dirname(family.base), tmp_path / "ck")
+    monkeypatch.chdir(tmp_path)
+    cfg = _config(family, base_model="ck/base", models=[{"model": "./ck/expert_0"}, {"model": str(tmp_path / "ck" / "expert_1")}])
+    report = check_config(MergeConfiguration.model_validate(cfg), MergeOptions(quiet=True))
+    assert report.ok
+    (warning,) = [w for w in report.warnings if "Hugging Face Hub" in w]
+    assert warning.startswith("model path(s) ck/base:") and "./ck/base" in warning and "--no-write-model-card" in warning
