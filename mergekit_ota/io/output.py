@@ -169,6 +169,10 @@ class OutputDirectory:
             raise OutputError(f"{self.path} exists and is not a directory; choose a new directory")
         if os.path.lexists(os.path.join(self.path, CLAIM_FILE)):
             raise OutputError(_describe_claim(self.path))
+        return self._mode_for_contents()
+
+    def _mode_for_contents(self) -> str:
+        """``empty``, ``in_place`` or ``replace`` for what the directory holds (besides a claim); else refuse."""
         if not _entries(self.path):
             return "empty"
         if self.in_place:
@@ -212,7 +216,7 @@ class OutputDirectory:
             self._claim()
             if self.mode != "new":
                 # another run may have claimed and released it between the look and the claim
-                self.mode = self._recheck()
+                self.mode = self._mode_for_contents()
             self._before = _entries(self.path)
             if self.mode == "replace":
                 self._stage = tempfile.mkdtemp(prefix=f".{os.path.basename(self.path)}.mergekit-ota-", dir=parent)
@@ -225,16 +229,6 @@ class OutputDirectory:
             self._undo()
             raise
         return self
-
-    def _recheck(self) -> str:
-        entries = _entries(self.path)
-        if not entries:
-            return "empty"
-        if self.in_place:
-            return "in_place"
-        if self.policy.recognises(self.path) and (self.policy.flag is None or self.force):
-            return "replace"
-        raise self._refusal()
 
     def _swap_old_out(self) -> None:
         """``swap_first``: move the old output into the stage now and build at its place (for outputs whose
