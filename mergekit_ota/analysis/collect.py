@@ -16,6 +16,10 @@ entries), and the overlap counts of ``C_i, C_j`` and ``F_i, F_j``.  Everything k
 count or a float64 sum, so cells of many tensors aggregate exactly.  Memory: the base, the
 current expert's ``tau``, ``v`` and ``s``, and per expert ``sqrt(v)`` and three byte masks, for
 one tensor.
+
+The same reads give each expert's curvature scale (:class:`~mergekit_ota.curvature.inspect.StoreScale`:
+mean and median of ``v_i`` over all analysed tensors, with the step and bias factor its store's
+metadata records), the table ``inspect`` prints for several stores.
 """
 
 from __future__ import annotations
@@ -44,8 +48,10 @@ from mergekit_ota.analysis.metrics import (
     sign_conflicts,
 )
 from mergekit_ota.analysis.names import parse_name
+from mergekit_ota.curvature.inspect import StoreScale, store_scale
 from mergekit_ota.math.ffg import density_mask, saliency, threshold_mask
 from mergekit_ota.math.histogram import SaliencyHistogram
+from mergekit_ota.math.scale import CurvatureScale
 
 
 @dataclass
@@ -102,6 +108,7 @@ class Analysis:
     records: List[TensorRecord]
     thresholds: Dict[str, Tuple[float, float]] = field(default_factory=dict)
     seconds: Dict[str, float] = field(default_factory=dict)
+    scales: List[StoreScale] = field(default_factory=list)  # per expert, in order
 
     @property
     def labels(self) -> List[str]:
@@ -218,16 +225,23 @@ def collect(inputs: OpenedInputs, quiet: bool = False) -> Analysis:
     pairs = pair_indices(len(request.experts))
     reader = _Reader(inputs)
     records = []
+    totals = [CurvatureScale(median=True) for _ in request.experts]
     started = time.perf_counter()
     desc = "analyze pass 2/2 (metrics)" if thresholds else "analyze (metrics)"
     with _progress(len(inputs.tensors), desc, quiet) as bar:
         for name in inputs.tensors:
-            records.append(_measure(name, reader, rules, pairs, name in svd, request.top_density, request.spearman_sample))
+            records.append(
+                _measure(name, reader, rules, pairs, name in svd, request.top_density, request.spearman_sample, totals)
+            )
             bar.update(1)
     seconds = {"metrics pass": time.perf_counter() - started}
     if thresholds:
         seconds = {"threshold pass": first_pass, **seconds}
-    return Analysis(inputs, records, thresholds, seconds)
+    scales = [
+        store_scale(e.label, store.metadata, total, len(inputs.tensors))
+        for e, store, total in zip(request.experts, inputs.stores, totals)
+    ]
+    return Analysis(inputs, records, thresholds, seconds, scales)
 
 
 def _measure(
@@ -238,6 +252,7 @@ def _measure(
     with_rank: bool,
     top_density: float,
     max_samples: int,
+    scales: List[CurvatureScale],
 ) -> TensorRecord:
     base = reader.base(name)
     parsed = parse_name(name)
@@ -245,6 +260,7 @@ def _measure(
     roots, tops, ffgs, signs, ranks, experts = [], [], [], [], [], []
     for i, rule in enumerate(rules):
         tau, v = reader.expert(i, name, base)
+        scales[i].add(v)
         s = saliency(tau, v)
         ffg, magnitude = rule.masks(tau, s)
         stats = ExpertTensorStats(

@@ -17,6 +17,7 @@ from mergekit_ota.analysis import figures as fig
 from mergekit_ota.analysis.collect import Analysis
 from mergekit_ota.analysis.findings import headline, masks_vary, num, pct, rule_text
 from mergekit_ota.analysis.metrics import random_jaccard
+from mergekit_ota.curvature.inspect import SCALE_NOTE, scale_json, scale_table
 
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
@@ -257,6 +258,10 @@ def build_document(analysis: Analysis, figures: Dict[str, List[Tuple[str, str]]]
             rule += f"; saliency threshold {threshold[0]:.3g}, magnitude threshold on tau^2 {threshold[1]:.3g}"
         rows.append([expert.label, f"`{expert.model}`", f"`{expert.store}`", rule])
     doc.add("table", (["expert", "model", "curvature store", "FFG mask"], rows))
+    if analysis.scales:
+        columns, scale_rows = scale_table(analysis.scales)
+        doc.add("p", f"Curvature scale of each expert (as `mergekit-ota inspect STORE STORE ...` shows): {SCALE_NOTE}")
+        doc.add("table", (["expert", *columns[1:]], scale_rows))
 
     doc.add("h2", "Headline findings")
     doc.add("ul", headline(analysis))
@@ -405,6 +410,7 @@ def metrics_json(analysis: Analysis) -> Dict[str, Any]:
         "request": request.model_dump(),
         "pairs": [[analysis.labels[a], analysis.labels[b]] for a, b in analysis.pairs],
         "model_wide_thresholds": {k: {"saliency": v[0], "tau_squared": v[1]} for k, v in analysis.thresholds.items()},
+        "curvature_scale": scale_json(analysis.scales),
         "seconds": analysis.seconds,
         "skipped": analysis.inputs.skipped,
         "tensors": [_jsonable(r) for r in analysis.records],

@@ -1,9 +1,10 @@
-"""``mergekit-ota inspect STORE``: what a curvature store holds, tensor by tensor."""
+"""``mergekit-ota inspect STORE [STORE ...]``: what curvature stores hold, tensor by tensor, and, for
+several, their curvature scales side by side."""
 
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, List, Optional, Sequence
 
 import click
 
@@ -34,6 +35,26 @@ def _short(value: object, limit: int = 120) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters; --json shows all)"
 
 
+def aligned(columns: Sequence[str], rows: Sequence[Sequence[str]], first_numeric: int) -> List[str]:
+    """A header line and one line per row, columns padded to their widest cell (right-aligned from
+    column ``first_numeric`` on)."""
+    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(columns)]
+
+    def line(cells: Sequence[str]) -> str:
+        padded = (c.rjust(w) if i >= first_numeric else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        return "  ".join(padded).rstrip()
+
+    return [line(columns)] + [line(r) for r in rows]
+
+
+def render_scales(reports: Sequence["StoreReport"]) -> str:
+    """The side-by-side curvature scale of several stores (:func:`~mergekit_ota.curvature.inspect.scale_table`)."""
+    from mergekit_ota.curvature.inspect import SCALE_NOTE, scale_table
+
+    columns, rows = scale_table([r.scale for r in reports if r.scale is not None])
+    return "\n".join(["curvature scale, side by side", "", *aligned(columns, rows, first_numeric=1), "", SCALE_NOTE])
+
+
 def render_table(report: "StoreReport") -> str:
     """The report as aligned text: header fields, one row per tensor, totals, problems."""
     lines = [f"store   {report.path}  ({len(report.files)} file{'s' if len(report.files) > 1 else ''})"]
@@ -50,14 +71,7 @@ def render_table(report: "StoreReport") -> str:
             _number(t.stats.min), _number(t.stats.median, not t.stats.median_exact), _number(t.stats.max),
             str(t.stats.zeros), str(t.stats.nan), str(t.stats.inf), str(t.stats.negative),
         ))  # fmt: skip
-    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(columns)]
-    numeric = set(range(4, len(columns)))
-
-    def line(cells: Sequence[str]) -> str:
-        padded = (c.rjust(w) if i in numeric else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-        return "  ".join(padded).rstrip()
-
-    lines += ["", line(columns)] + [line(r) for r in rows] + [""]
+    lines += ["", *aligned(columns, rows, first_numeric=4), ""]
     ratio = report.compression_ratio
     lines.append(
         f"{len(report.tensors)} tensors ({report.count('full')} full, {report.count('rank1')} rank-1) covering "
@@ -82,8 +96,8 @@ def render_table(report: "StoreReport") -> str:
     return "\n".join(lines)
 
 
-@click.command("inspect", short_help="Per-tensor statistics and totals of a curvature store.")
-@click.argument("store", type=click.Path(exists=True))
+@click.command("inspect", short_help="Per-tensor statistics and totals of curvature stores; scales side by side.")
+@click.argument("stores", nargs=-1, required=True, type=click.Path(exists=True), metavar="STORE [STORE ...]")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--sort", type=click.Choice(SORT_KEYS), default="store", show_default=True, help="Row order.")
 @click.option(
@@ -94,7 +108,7 @@ def render_table(report: "StoreReport") -> str:
     "--sample-size", type=click.IntRange(min=1), default=None, help="Values in a median sample.  [default: 1048576]"
 )
 def inspect_command(
-    store: str, as_json: bool, sort: str, exact_median_limit: Optional[int], sample_size: Optional[int]
+    stores: Sequence[str], as_json: bool, sort: str, exact_median_limit: Optional[int], sample_size: Optional[int]
 ) -> None:
     """Show what a curvature store holds: per tensor its shape, dtype, storage (full / rank-1)
     and min / median / max, zeros, NaN, Inf and negative counts; totals and header metadata.
@@ -103,24 +117,43 @@ def inspect_command(
     exp_avg_sq.safetensors[.index.json]. Tensors are read one at a time (by blocks of
     rows); rank-1 tensors are described exactly from their factors. Values a merge
     would refuse are reported, not raised.
+
+    Given several stores (one per expert), each is shown, then their curvature scales
+    side by side: mean and median of v over all its tensors, step, beta2 and bias factor
+    1 - beta2**step from the metadata, and each mean over the smallest. Each store is
+    still read once.
     """
     from tqdm import tqdm
 
     from mergekit_ota.curvature import stats
-    from mergekit_ota.curvature.inspect import inspect_store
+    from mergekit_ota.curvature.inspect import inspect_store, scale_json
     from mergekit_ota.curvature.locate import locate_store
     from mergekit_ota.curvature.store import CurvatureStore
     from mergekit_ota.errors import CurvatureError
 
+    compare = len(stores) > 1
+    reports = []
     try:
-        opened = CurvatureStore(locate_store(store, "", None))
-        report = inspect_store(
-            opened,
-            exact_median_limit=exact_median_limit or stats.EXACT_MEDIAN_LIMIT,
-            sample_size=sample_size or stats.SAMPLE_SIZE,
-            progress=lambda items, total: tqdm(items, total=total, desc="Inspecting", disable=None, leave=False),
-        )
+        for store in stores:
+            opened = CurvatureStore(locate_store(store, "", None))
+            report = inspect_store(
+                opened,
+                exact_median_limit=exact_median_limit or stats.EXACT_MEDIAN_LIMIT,
+                sample_size=sample_size or stats.SAMPLE_SIZE,
+                progress=lambda items, total: tqdm(items, total=total, desc="Inspecting", disable=None, leave=False),
+                scale=compare,
+                label=store,
+            )
+            reports.append(report.sorted(sort))
     except CurvatureError as error:
         raise click.ClickException(str(error)) from None
-    report = report.sorted(sort)
-    click.echo(json.dumps(report.to_json(), indent=2) if as_json else render_table(report))
+    if not compare:
+        (report,) = reports
+        click.echo(json.dumps(report.to_json(), indent=2) if as_json else render_table(report))
+        return
+    if as_json:
+        scales = [r.scale for r in reports if r.scale is not None]
+        data = {"stores": [r.to_json() for r in reports], "scale_comparison": scale_json(scales)}
+        click.echo(json.dumps(data, indent=2))
+        return
+    click.echo("\n\n".join([render_table(r) for r in reports] + [render_scales(reports)]))

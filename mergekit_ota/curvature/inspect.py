@@ -6,6 +6,14 @@ a rank-1 record ``v_hat = outer(r, c) / sum(r)`` is described exactly from its t
 factors (:func:`~mergekit_ota.curvature.stats.rank1_stats`), never reconstructed.
 Values a merge would refuse (NaN, Inf, negative) are reported, not raised: for a
 rank-1 record with such factors the statistics are those of the stored factors.
+
+Asked for (``inspect_store(..., scale=True)``: ``inspect`` with several stores, and
+``analyze``), the same walk also gives the store's curvature scale (:class:`StoreScale`):
+the mean and the median of every entry of every tensor, exactly the statistics
+``curvature_scale`` divides by (:class:`~mergekit_ota.math.scale.CurvatureScale`; a rank-1
+tensor counts the entries of its reconstruction, binned from the factors), next to the
+step, ``beta2`` and bias factor ``1 - beta2**step`` its metadata records.
+:func:`scale_table` is the one table of them that ``inspect`` and ``analyze`` print.
 """
 
 from __future__ import annotations
@@ -13,14 +21,16 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
 from mergekit_ota.curvature.scan import entry_stats
 from mergekit_ota.curvature.stats import EXACT_MEDIAN_LIMIT, SAMPLE_SIZE, TensorStats, rank1_stats, tensor_stats
-from mergekit_ota.curvature.store import CurvatureRecord, CurvatureStore, value_problems
+from mergekit_ota.curvature.store import CurvatureRecord, CurvatureStore, metadata_inputs, value_problems
 from mergekit_ota.errors import CurvatureError
+from mergekit_ota.math.rank1 import Rank1Curvature
+from mergekit_ota.math.scale import CurvatureScale, bias_factor
 
 FP32_BYTES = 4
 
@@ -59,8 +69,98 @@ class TensorReport:
 
 
 @dataclass(frozen=True)
+class StoreScale:
+    """One store's (one expert's) curvature scale: mean and median of all its entries, and its metadata.
+
+    ``tensors`` counted, ``left_out`` tensors holding values a merge refuses (not counted);
+    ``step``, ``beta2``, ``bias_corrected`` from the metadata (``None``: not recorded).
+    """
+
+    label: str
+    mean: Optional[float]
+    median: Optional[float]
+    entries: int
+    tensors: int
+    left_out: int
+    step: Optional[int]
+    beta2: Optional[float]
+    bias_corrected: bool
+
+    @property
+    def bias_factor(self) -> Optional[float]:
+        """Adam's ``1 - beta2**step`` where both are recorded (``None`` for a store already corrected)."""
+        if self.step is None or self.beta2 is None or self.bias_corrected:
+            return None
+        return bias_factor(self.step, self.beta2)
+
+
+def store_scale(
+    label: str, metadata: Mapping[str, str], scale: CurvatureScale, tensors: int, left_out: int = 0
+) -> StoreScale:
+    """A :class:`StoreScale` from a filled :class:`CurvatureScale` (``median=True``) and the store's metadata."""
+    found, _ = metadata_inputs(metadata)
+    return StoreScale(
+        label=label,
+        mean=scale.mean,
+        median=scale.lower_median(),
+        entries=scale.count,
+        tensors=tensors,
+        left_out=left_out,
+        step=found.get("optimizer_step"),
+        beta2=found.get("beta2"),
+        bias_corrected=bool(found.get("bias_corrected", False)),
+    )
+
+
+def mean_ratios(scales: Sequence[StoreScale]) -> List[Optional[float]]:
+    """Each mean over the smallest positive mean (``None`` where a mean is missing or none is positive)."""
+    positive = [s.mean for s in scales if s.mean is not None and s.mean > 0]
+    smallest = min(positive) if positive else None
+    return [s.mean / smallest if smallest and s.mean is not None else None for s in scales]
+
+
+SCALE_COLUMNS = (
+    "store", "tensors", "mean", "median", "step", "beta2", "1 - beta2**step", "bias-corrected", "mean / smallest",
+)  # fmt: skip
+SCALE_NOTE = (
+    "mean and median of v over every entry of every tensor (a rank-1 tensor: of its reconstruction "
+    "outer(r, c) / sum(r)), the statistics curvature_scale divides by; the median is the lower edge of its "
+    "log-histogram bin (within 0.2%). 1 - beta2**step: Adam's bias factor from the metadata (- where the step or "
+    "beta2 is not recorded, or the store is already corrected). mean / smallest: how much larger each expert's "
+    "curvature is; OTA weighs it (ratio)**power more, unless bias correction or curvature_scale evens it out."
+)
+
+
+def _sci(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.3e}"
+
+
+def scale_table(scales: Sequence[StoreScale]) -> Tuple[Tuple[str, ...], List[List[str]]]:
+    """The side-by-side table of curvature scales (:data:`SCALE_COLUMNS`), one row per store."""
+    rows = []
+    for scale, ratio in zip(scales, mean_ratios(scales)):
+        counted = f"{scale.tensors}" + (f" ({scale.left_out} left out)" if scale.left_out else "")
+        rows.append([
+            scale.label, counted, _sci(scale.mean), _sci(scale.median),
+            "-" if scale.step is None else str(scale.step), "-" if scale.beta2 is None else f"{scale.beta2:g}",
+            "-" if scale.bias_factor is None else f"{scale.bias_factor:.4g}",
+            "yes" if scale.bias_corrected else "no", "-" if ratio is None else f"{ratio:.3g}x",
+        ])  # fmt: skip
+    return SCALE_COLUMNS, rows
+
+
+def scale_json(scales: Sequence[StoreScale]) -> List[Dict[str, Any]]:
+    """:func:`scale_table`'s numbers, unformatted."""
+    return [
+        {**asdict(scale), "bias_factor": scale.bias_factor, "mean_over_smallest": ratio}
+        for scale, ratio in zip(scales, mean_ratios(scales))
+    ]
+
+
+@dataclass(frozen=True)
 class StoreReport:
-    """A whole store: its files, header metadata, every tensor, and how the median was taken."""
+    """A whole store: its files, header metadata, every tensor, and how the median was taken;
+    ``scale`` where asked for (:class:`StoreScale`)."""
 
     path: str
     files: Tuple[str, ...]
@@ -69,6 +169,7 @@ class StoreReport:
     bytes_on_disk: int
     exact_median_limit: int
     sample_size: int
+    scale: Optional[StoreScale] = None
 
     @property
     def parameters(self) -> int:
@@ -119,6 +220,10 @@ class StoreReport:
         return {k: v for k, v in sorted(self.metadata.items()) if k not in shown}
 
     def to_json(self) -> Dict[str, Any]:
+        scale = {"scale": scale_json([self.scale])[0]} if self.scale is not None else {}
+        return {**self._json(), **scale}
+
+    def _json(self) -> Dict[str, Any]:
         return {
             "path": self.path,
             "files": list(self.files),
@@ -151,15 +256,22 @@ def _dtype(record: CurvatureRecord) -> str:
     return "/".join(sorted({e.dtype for e in record.entries}))
 
 
-def tensor_report(store: CurvatureStore, record: CurvatureRecord, **limits: int) -> TensorReport:
-    """Storage and statistics of one logical tensor (reads it, never raises on its values)."""
+def tensor_report(
+    store: CurvatureStore, record: CurvatureRecord, scale: Optional[CurvatureScale] = None, **limits: int
+) -> TensorReport:
+    """Storage and statistics of one logical tensor (reads it, never raises on its values).
+
+    With ``scale``, the tensor's entries are added to it from the same reads, unless the
+    tensor holds values or a dtype a merge refuses.
+    """
     problems: List[str] = []
     try:
         store.check_dtype(record.name)
     except CurvatureError as error:
         problems.append(str(error))
+    mine = CurvatureScale(median=True) if scale is not None else None
     if record.full is not None:
-        stats = entry_stats(store, record.full, **limits)
+        stats = entry_stats(store, record.full, sink=mine.add_values if mine is not None else None, **limits)
         stats_of = "values"
         parts = [(record.full, stats)]
     else:
@@ -168,10 +280,14 @@ def tensor_report(store: CurvatureStore, record: CurvatureRecord, **limits: int)
         exact = rank1_stats(r, c)
         if exact is not None:
             stats, stats_of = exact, "rank1"
+            if mine is not None:
+                mine.add(Rank1Curvature.from_sums(r, c))  # as the merge reads it (float32 factors)
         else:
             stats, stats_of = tensor_stats(torch.cat([r, c]), **limits), "factors"
     for entry, part in parts:
         problems += value_problems(entry, part.nan, part.inf, part.negative, part.min)
+    if scale is not None and mine is not None and not problems:
+        scale.merge(mine)
     return TensorReport(
         name=record.name,
         shape=tuple(record.shape),
@@ -186,10 +302,12 @@ def tensor_report(store: CurvatureStore, record: CurvatureRecord, **limits: int)
     )
 
 
-def iter_tensor_reports(store: CurvatureStore, **limits: int) -> Iterator[TensorReport]:
+def iter_tensor_reports(
+    store: CurvatureStore, scale: Optional[CurvatureScale] = None, **limits: int
+) -> Iterator[TensorReport]:
     """:func:`tensor_report` for each logical tensor, in the store's order, one at a time."""
     for record in store.records.values():
-        yield tensor_report(store, record, **limits)
+        yield tensor_report(store, record, scale, **limits)
 
 
 def inspect_store(
@@ -198,16 +316,28 @@ def inspect_store(
     exact_median_limit: int = EXACT_MEDIAN_LIMIT,
     sample_size: int = SAMPLE_SIZE,
     progress: Optional[Any] = None,
+    scale: bool = False,
+    label: Optional[str] = None,
 ) -> StoreReport:
-    """Walk every tensor of ``store``; ``progress`` wraps the record iterator (e.g. ``tqdm``)."""
+    """Walk every tensor of ``store``; ``progress`` wraps the record iterator (e.g. ``tqdm``).
+
+    ``scale`` also gives the store's :class:`StoreScale` (named ``label``, default its path),
+    from the same reads (a histogram of every value: some arithmetic, no extra I/O).
+    """
     limits = {"exact_median_limit": exact_median_limit, "sample_size": sample_size}
-    reports = iter_tensor_reports(store, **limits)
+    total = CurvatureScale(median=True) if scale else None
+    reports = iter_tensor_reports(store, total, **limits)
     tensors = tuple(progress(reports, total=len(store.records)) if progress else reports)
+    found = None
+    if total is not None:
+        left_out = sum(bool(t.problems) for t in tensors)
+        found = store_scale(label or store.path, store.metadata, total, len(tensors) - left_out, left_out)
     return StoreReport(
         path=store.path,
         files=tuple(store.files),
         metadata=dict(store.metadata),
         tensors=tensors,
         bytes_on_disk=sum(os.path.getsize(f) for f in store.files),
+        scale=found,
         **limits,
     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -26,11 +26,16 @@ def _row_length(entry: HeaderEntry) -> int:
     return max(1, math.prod(entry.shape[1:])) if entry.shape else 1
 
 
-def entry_stats(store: CurvatureStore, entry: HeaderEntry, **limits: int) -> TensorStats:
-    """:class:`TensorStats` of every value of stored tensor ``entry``, streamed by blocks of rows."""
+def entry_stats(
+    store: CurvatureStore, entry: HeaderEntry, sink: Optional[Callable[[torch.Tensor], None]] = None, **limits: int
+) -> TensorStats:
+    """:class:`TensorStats` of every value of stored tensor ``entry``, streamed by blocks of rows;
+    each block is also handed to ``sink`` (e.g. a store-wide scale), so nothing is read twice."""
     accumulator = StatsAccumulator(entry.numel, row=entry.shape[-1] if entry.shape else 1, **limits)
     for block in store.iter_rows(entry):
         accumulator.add(block)
+        if sink is not None:
+            sink(block)
     return accumulator.result()
 
 

@@ -27,16 +27,16 @@ from mergekit.tokenizer import PermutedVocabulary
 from mergekit.tokenizer.truncate import TruncatedVocabulary
 
 from mergekit_ota.curvature.locate import locate_store
-from mergekit_ota.curvature.store import CurvatureStore, read_header
+from mergekit_ota.curvature.store import METADATA_KEYS, CurvatureStore, metadata_inputs, read_header
 from mergekit_ota.errors import OTAError, PreflightError
 from mergekit_ota.graph.tasks import (
     CurvatureInput,
     CurvatureMergeTask,
     GatherCurvature,
     LoadCurvature,
-    ModelWideThresholds,
+    ModelWidePart,
+    ModelWidePass,
     PermutedCurvature,
-    SaliencyHistogramTask,
 )
 from mergekit_ota.methods import is_ours
 from mergekit_ota.methods.bias import BiasDecision, mismatch_warning
@@ -50,7 +50,6 @@ from mergekit_ota.methods.settings import (
 )
 
 PATCH_MARK = "_mergekit_ota_patched"
-_TRUE = {"1", "true", "yes"}
 LOG = logging.getLogger("mergekit_ota")
 
 
@@ -113,6 +112,9 @@ class CurvaturePlan:
         self.stores: Dict[Tuple[ModelReference, Optional[str]], Optional[str]] = {}
         # density_scope: model: per expert, each density seen -> first tensor it was seen on
         self.model_densities: Dict[ModelReference, Dict[float, str]] = {}
+        # ota: each curvature_scale seen -> first tensor it was seen on; where its statistic is computed
+        self.scale_modes: Dict[str, str] = {}
+        self.scale_pass = ""
 
     @classmethod
     def of(cls, planner: Any) -> "CurvaturePlan":
@@ -218,17 +220,17 @@ class CurvaturePlan:
         path = self.store_path(model, values.get("curvature"))
         metadata = CurvatureStore.open(path).metadata if path else {}
         given = [name for name in ("optimizer_step", "beta2") if values.get(name) is not None]
+        found, bad = metadata_inputs(metadata)
+        for key, name, _ in METADATA_KEYS:
+            if key in bad and values.get(name) is None:  # only where the config does not set it
+                self.problem(f"{path}: metadata {key}={metadata[key]!r} is not a number", config_level=True)
         filled = []
-        for name, key, kind in (("optimizer_step", "step", int), ("beta2", "beta2", float)):
-            if values.get(name) is None and metadata.get(key) not in (None, ""):
-                try:
-                    values[name] = kind(metadata[key])
-                except ValueError:
-                    self.problem(f"{path}: metadata {key}={metadata[key]!r} is not a number", config_level=True)
-                    continue
+        for name in ("optimizer_step", "beta2"):
+            if values.get(name) is None and name in found:
+                values[name] = found[name]
                 filled.append(name)
-        if values.get("bias_corrected") is None and metadata.get("bias_corrected") not in (None, ""):
-            values["bias_corrected"] = str(metadata["bias_corrected"]).lower() in _TRUE
+        if values.get("bias_corrected") is None and "bias_corrected" in found:
+            values["bias_corrected"] = found["bias_corrected"]
         if filled and given:
             return f"{', '.join(given)} from the config, {', '.join(filled)} from {path}"
         return f"from the metadata of {path}" if filled else "from the config" if given else ""
@@ -248,6 +250,8 @@ class CurvaturePlan:
         )
         for problem in problems:
             self.problem(problem, config_level=True)
+        if shared is not None and task.method_name == "ota":
+            self.scale_modes.setdefault(shared.curvature_scale, task.output_weight.name)
         shared = shared or SharedSettings()
         inputs = dict(zip(models, weights_in))
         loads: Dict[ModelReference, LoadCurvature] = {}
@@ -296,43 +300,101 @@ class CurvaturePlan:
                     f"{first} (tensor {where}) and {other} (tensor {there})"
                 )
 
+    @property
+    def curvature_scale(self) -> str:
+        """The merge's ``curvature_scale`` (ota; one value for every tensor, see :meth:`check_scale_modes`)."""
+        return next(iter(self.scale_modes), "none") if len(self.scale_modes) == 1 else "none"
+
+    def check_scale_modes(self) -> None:
+        """``curvature_scale`` divides by one model-wide statistic: flag a merge that sets several."""
+        if len(self.scale_modes) > 1:
+            (first, where), (other, there) = list(self.scale_modes.items())[:2]
+            self.problem(
+                f"curvature_scale must be one value for the whole merge; got {first} (tensor {where}) and "
+                f"{other} (tensor {there})"
+            )
+
     def bias_notes(self) -> List[str]:
-        """One line per expert: whether and why its curvature is bias-corrected (ota)."""
-        return [f"bias correction, expert {d.expert}: {d.reason}" for d in self.bias.values()]
+        """One line per expert (ota): whether and why its curvature is bias-corrected; under
+        ``curvature_scale``, that normalising replaces it and where the statistic is computed."""
+        mode = self.curvature_scale
+        if mode == "none":
+            return [f"bias correction, expert {d.expert}: {d.reason}" for d in self.bias.values()]
+        notes = []
+        for d in self.bias.values():
+            if d.corrected:
+                notes.append(
+                    f"bias correction, expert {d.expert}: replaced by curvature_scale: {mode} (v / {mode}(v) keeps no "
+                    f"per-expert factor: its x{d.scale:.4g} from step {d.step}, beta2 {d.beta2} would cancel)"
+                )
+            else:
+                notes.append(
+                    f"bias correction, expert {d.expert}: {d.reason}; curvature_scale: {mode} removes any per-expert "
+                    f"factor anyway"
+                )
+            notes.append(
+                f"curvature scale, expert {d.expert}: OTA uses v / m, m the {mode} of all its curvature entries the "
+                f"merge reads (of v as stored), computed during the merge {self.scale_pass}"
+            )
+        return notes
 
     def finish(self) -> None:
-        """Raise every problem found; log the bias-correction decisions and warn about mismatched scales;
-        then add the model-wide density pass if asked for."""
+        """Raise every problem found; add the model-wide pass if asked for (density_scope: model,
+        curvature_scale); log the bias-correction and scale decisions and warn about mismatched scales."""
         self.check_model_densities()
+        self.check_scale_modes()
         if self.problems or self.config_problems:
             raise PreflightError(self.listed())
+        self.add_model_wide_pass()
         for note in self.bias_notes():
             LOG.info(note)
-        warning = mismatch_warning(list(self.bias.values()), self.power)
+        warning = mismatch_warning(list(self.bias.values()), self.power) if self.curvature_scale == "none" else None
         if warning is not None and warning not in self.warnings:
             self.warnings.append(warning)
             LOG.warning("mergekit-ota: %s", warning)
+
+    def add_model_wide_pass(self) -> None:
+        """One :class:`ModelWidePass` for every tensor that needs it: saliency where ``density_scope: model``
+        meets a ``density``, the curvature alone for the others that ``curvature_scale`` covers."""
         from mergekit_ota.compat import planner_tensors
 
         tensors = planner_tensors(self.planner)
-        model_wide = [
+        ours = [(index, task) for index, (_, task) in enumerate(tensors) if isinstance(task, CurvatureMergeTask)]
+        density = {
             index
-            for index, (_, task) in enumerate(tensors)
-            if isinstance(task, CurvatureMergeTask)
-            and task.parameters["density_scope"] == "model"
+            for index, task in ours
+            if task.parameters["density_scope"] == "model"
             and any(dict(values.items()).get("density") is not None for values in task.input_parameters.values())
-        ]
-        if not model_wide:
+        }
+        mode = self.curvature_scale
+        scaled = {index for index, task in ours if task.method_name == "ota"} if mode != "none" else set()
+        if scaled:
+            extra = len(scaled - density)
+            if not density:
+                self.scale_pass = "in one extra pass over the curvature (no weights read)"
+            elif extra:
+                self.scale_pass = (
+                    f"in the model-wide density pass, which also reads the curvature of the {extra} tensor(s) "
+                    f"it does not cover"
+                )
+            else:
+                self.scale_pass = "in the model-wide density pass (no read beyond it)"
+        if not density and not scaled:
             return
         options = self.planner.options
-        thresholds = ModelWideThresholds(
-            parts=tuple(SaliencyHistogramTask(merge_task=tensors[i][1]) for i in model_wide),
+        model_wide = ModelWidePass(
+            parts=tuple(
+                ModelWidePart(merge_task=task, saliency=index in density, scale=mode if index in scaled else "none")
+                for index, task in ours
+                if index in density or index in scaled
+            ),
+            scale=mode,
             device=str(options.device) if options.device else None,
             quiet=bool(options.quiet),
         )
-        for index in model_wide:
+        for index in sorted(density | scaled):
             weight, task = tensors[index]
-            tensors[index] = (weight, task.model_copy(update={"thresholds": thresholds}))
+            tensors[index] = (weight, task.model_copy(update={"model_wide": model_wide}))
 
 
 def patch_planner(planner_class: type) -> None:

@@ -60,7 +60,9 @@ class CheckReport:
     ``warnings``: parameter keys a method other than ota/ffg does not take (mergekit
     ignores them silently; for ota/ffg such keys are ``problems``), and curvature that
     may be on different scales because some expert cannot be bias-corrected.
-    ``notes``: what bias correction does to each expert, and why. ``names_only``: the
+    ``notes``: what bias correction does to each expert, and why; under ``curvature_scale``, that it
+    replaces bias correction and where each expert's statistic will be computed (during the merge: it
+    needs every curvature value, which check does not read). ``names_only``: the
     method does not use curvature, so nothing but parameter names was checked.
     """
 

@@ -7,14 +7,19 @@ tokenizer task (:class:`PermutedCurvature`), and hands them to
 :class:`CurvatureMergeTask`, an ``ExecuteMergeMethodTask`` with a second argument.
 mergekit's executor loads, moves and frees these like weights.
 
-Model-wide density adds :class:`ModelWideThresholds`: one task, run before the first
-merge, that streams every tensor once through :class:`SaliencyHistogramTask` in a
-sub-executor and returns one absolute saliency threshold per expert.
+What needs every tensor before the first merge (model-wide density's thresholds,
+``curvature_scale``'s statistics) is one task, :class:`ModelWidePass`, that streams every
+tensor once through a :class:`ModelWidePart` in a sub-executor and returns, per expert,
+one absolute saliency threshold and one curvature statistic ``m_i``. A part reads the
+weights only where it needs saliency (or a vocabulary truncation's size); for the
+statistic alone it reads only the curvature.
 """
 
 from __future__ import annotations
 
+import logging
 import uuid
+from dataclasses import dataclass
 from typing import Any, Dict, Hashable, Optional, Tuple, Union
 
 import torch
@@ -29,6 +34,10 @@ from pydantic import Field
 from mergekit_ota.curvature.store import CurvatureStore
 from mergekit_ota.math.histogram import SaliencyHistogram
 from mergekit_ota.math.rank1 import Curvature, Rank1Curvature
+from mergekit_ota.math.scale import CurvatureScale
+from mergekit_ota.methods.scale import STATISTICS_KEY, ScaleMode
+
+LOG = logging.getLogger("mergekit_ota")
 
 
 class LoadCurvature(Task[Curvature]):
@@ -123,35 +132,75 @@ class PermutedCurvature(Task[Dict[ModelReference, Curvature]]):
 CurvatureInput = Union[GatherCurvature, PermutedCurvature]
 
 
-class SaliencyHistogramTask(Task[Dict[ModelReference, Tuple[SaliencyHistogram, float]]]):
-    """Per expert, the histogram of FFG saliency in one output tensor (model-wide density)."""
+Histograms = Dict[ModelReference, Tuple[SaliencyHistogram, float]]
+
+
+@dataclass
+class PartResult:
+    """One tensor's contribution to the model-wide pass: saliency histograms (per expert with a
+    model-wide density) and curvature scales (per expert, under ``curvature_scale``)."""
+
+    histograms: Histograms
+    scales: Dict[ModelReference, CurvatureScale]
+
+
+@dataclass(frozen=True)
+class ModelWideResult:
+    """Per expert: its model-wide saliency threshold, and its ``curvature_scale`` statistic ``m_i``."""
+
+    thresholds: Dict[ModelReference, float]
+    statistics: Optional[Dict[ModelReference, float]] = None
+
+
+class ModelWidePart(Task[PartResult]):
+    """One output tensor in the model-wide pass: FFG saliency histograms (``saliency``) and
+    curvature statistics (``scale``: ``mean``/``median``, ``none`` for none)."""
 
     merge_task: "CurvatureMergeTask"
+    saliency: bool = True
+    scale: ScaleMode = "none"
+
+    def needs_weights(self) -> bool:
+        """Saliency needs ``tau``; a truncated vocabulary needs the weight's size. Otherwise curvature only."""
+        return self.saliency or self.merge_task.truncate_vocabulary
 
     def arguments(self) -> Dict[str, Task]:
-        return {"tensors": self.merge_task.gather_tensors, "curvature": self.merge_task.curvature}
+        arguments: Dict[str, Task] = {"curvature": self.merge_task.curvature}
+        if self.needs_weights():
+            arguments["tensors"] = self.merge_task.gather_tensors
+        return arguments
 
     def group_label(self) -> Optional[str]:
         return self.merge_task.group_label()
 
     def uses_accelerator(self) -> bool:
-        return True
+        return self.saliency
 
     def execute(
-        self, tensors: Dict[ModelReference, torch.Tensor], curvature: Dict[ModelReference, Curvature]
-    ) -> Dict[ModelReference, Tuple[SaliencyHistogram, float]]:
-        return self.merge_task.saliency_histograms(tensors, curvature)
+        self, curvature: Dict[ModelReference, Curvature], tensors: Optional[Dict[ModelReference, torch.Tensor]] = None
+    ) -> PartResult:
+        histograms: Histograms = {}
+        if self.saliency and tensors is not None:
+            histograms = self.merge_task.saliency_histograms(tensors, curvature)
+        scales: Dict[ModelReference, CurvatureScale] = {}
+        if self.scale != "none":
+            from mergekit_ota.methods.scale import add_curvatures
+
+            add_curvatures(scales, self.merge_task.curvatures_used(tensors, curvature), self.scale)
+        return PartResult(histograms, scales)
 
 
-class ModelWideThresholds(Task[Dict[ModelReference, float]]):
-    """One saliency threshold per expert that keeps its ``density`` over all its tensors.
+class ModelWidePass(Task[ModelWideResult]):
+    """Per expert, the saliency threshold that keeps its ``density`` over all its tensors, and its
+    ``curvature_scale`` statistic over every curvature entry the merge reads.
 
-    Runs its own executor over :class:`SaliencyHistogramTask` s (one extra read of
-    the inputs, one tensor at a time), so it has no graph arguments and the main
-    graph never holds more than one tensor's inputs for it.
+    Runs its own executor over :class:`ModelWidePart` s (one extra read of what they need,
+    one tensor at a time), so it has no graph arguments and the main graph never holds more
+    than one tensor's inputs for it. ``scale`` is ``curvature_scale`` (``none``: thresholds only).
     """
 
-    parts: Tuple[SaliencyHistogramTask, ...]
+    parts: Tuple[ModelWidePart, ...]
+    scale: ScaleMode = "none"
     device: Optional[str] = None
     quiet: bool = False
     key: str = Field(default_factory=lambda: uuid.uuid4().hex)
@@ -160,7 +209,7 @@ class ModelWideThresholds(Task[Dict[ModelReference, float]]):
         return hash(self.key)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, ModelWideThresholds) and other.key == self.key
+        return isinstance(other, ModelWidePass) and other.key == self.key
 
     def arguments(self) -> Dict[str, Task]:
         return {}
@@ -168,18 +217,39 @@ class ModelWideThresholds(Task[Dict[ModelReference, float]]):
     def priority(self) -> int:
         return 100
 
-    def execute(self) -> Dict[ModelReference, float]:
+    def description(self) -> str:
+        """The progress bar's title: what this pass computes."""
+        what = []
+        if any(part.saliency for part in self.parts):
+            what.append("FFG density (saliency pass)")
+        if self.scale != "none":
+            what.append(f"curvature_scale: {self.scale}")
+        return "Model-wide " + " and ".join(what)
+
+    def execute(self) -> ModelWideResult:
         from mergekit_ota.methods.base import merge_histograms, thresholds_for_density
+        from mergekit_ota.methods.scale import describe, statistics
 
         totals: Dict[Hashable, Tuple[SaliencyHistogram, float]] = {}
+        scales: Dict[ModelReference, CurvatureScale] = {}
         executor = Executor(
             targets=list(self.parts),
             math_device=torch.device(self.device or "cpu"),
             storage_device=torch.device("cpu"),
         )
-        for task, part in executor.run(quiet=self.quiet, desc="Model-wide FFG density (saliency pass)"):
-            merge_histograms(totals, part, task.merge_task.output_weight.name)
-        return thresholds_for_density(totals)
+        for task, part in executor.run(quiet=self.quiet, desc=self.description()):
+            merge_histograms(totals, part.histograms, task.merge_task.output_weight.name)
+            for model, scale in part.scales.items():
+                if model in scales:
+                    scales[model].merge(scale)
+                else:
+                    scales[model] = scale
+        found = None
+        if self.scale != "none":
+            found = statistics(scales, self.scale)
+            for model, value in found.items():
+                LOG.info(describe(self.scale, model, value, scales[model].count))
+        return ModelWideResult(thresholds_for_density(totals), found)
 
 
 class CurvatureMergeTask(ExecuteMergeMethodTask):
@@ -192,15 +262,15 @@ class CurvatureMergeTask(ExecuteMergeMethodTask):
     """
 
     curvature: CurvatureInput
-    thresholds: Optional[ModelWideThresholds] = None
+    model_wide: Optional[ModelWidePass] = None
     truncate_vocabulary: bool = False
     save_dtype: Optional[str] = None
 
     def arguments(self) -> Dict[str, Task]:
         arguments = super().arguments()
         arguments["curvature"] = self.curvature
-        if self.thresholds is not None:
-            arguments["thresholds"] = self.thresholds
+        if self.model_wide is not None:
+            arguments["model_wide"] = self.model_wide
         return arguments
 
     def _with_curvature(
@@ -229,21 +299,23 @@ class CurvatureMergeTask(ExecuteMergeMethodTask):
         self,
         tensors: Dict[ModelReference, torch.Tensor],
         curvature: Dict[ModelReference, Curvature],
-        thresholds: Optional[Dict[ModelReference, float]] = None,
+        model_wide: Optional[ModelWideResult] = None,
         **_kwargs: Any,
     ) -> Optional[torch.Tensor]:
         from mergekit.common import dtype_from_name
 
         from mergekit_ota.methods.base import finite_check_deferred, require_finite
 
-        parameters = self._with_curvature(tensors, curvature, thresholds)
-        bound = self.model_copy(
-            update={
-                "input_parameters": ImmutableMap(
-                    data={model: ImmutableMap(data=values) for model, values in parameters.items()}
-                )
-            }
-        )
+        parameters = self._with_curvature(tensors, curvature, model_wide.thresholds if model_wide else None)
+        update: Dict[str, Any] = {
+            "input_parameters": ImmutableMap(
+                data={model: ImmutableMap(data=values) for model, values in parameters.items()}
+            )
+        }
+        if model_wide is not None and model_wide.statistics is not None:  # m_i per expert, for merge_group
+            shared = {**dict(self.parameters.items()), STATISTICS_KEY: dict(model_wide.statistics)}
+            update["parameters"] = ImmutableMap(data=shared)
+        bound = self.model_copy(update=update)
         with finite_check_deferred():  # checked once below, in the dtype it is saved in
             result = ExecuteMergeMethodTask.execute(bound, tensors=tensors)
         if result is None or not result.is_floating_point():
@@ -254,9 +326,21 @@ class CurvatureMergeTask(ExecuteMergeMethodTask):
         require_finite(result, name=self.output_weight.name, method=self.method_name, uncast=uncast)
         return result
 
+    def curvatures_used(
+        self, tensors: Optional[Dict[ModelReference, torch.Tensor]], curvature: Dict[ModelReference, Curvature]
+    ) -> Dict[ModelReference, Curvature]:
+        """Each expert's curvature as :meth:`execute` hands it to the method (vocabulary truncated);
+        the experts whose weight was loaded (``tensors``), or all that have curvature without ``tensors``."""
+        parameters = self._with_curvature(tensors or {}, curvature)
+        return {
+            model: parameters[model]["curvature"]
+            for model in self.model_order
+            if model != self.base_model and model in curvature and (tensors is None or tensors.get(model) is not None)
+        }
+
     def saliency_histograms(
         self, tensors: Dict[ModelReference, torch.Tensor], curvature: Dict[ModelReference, Curvature]
-    ) -> Dict[ModelReference, Tuple[SaliencyHistogram, float]]:
+    ) -> Histograms:
         """This tensor's contribution to the model-wide density thresholds."""
         from mergekit import merge_methods
 
@@ -278,4 +362,4 @@ class CurvatureMergeTask(ExecuteMergeMethodTask):
         return method.saliency_histograms(group, bound)
 
 
-SaliencyHistogramTask.model_rebuild()
+ModelWidePart.model_rebuild()

@@ -1,4 +1,4 @@
-"""Pure tensor functions: the math of OTA, FFG and rank-1 curvature.
+"""Pure tensor functions: the math of OTA, FFG, rank-1 curvature and curvature scale.
 
 Nothing in this package knows about mergekit's graph or files; every function takes
 and returns tensors, so each can be unit-tested on its own.
@@ -15,8 +15,10 @@ from mergekit_ota.math.ffg import (
 from mergekit_ota.math.histogram import SaliencyHistogram
 from mergekit_ota.math.ota import WeightScale, curvature_weights, ota_merge, weight_scale
 from mergekit_ota.math.rank1 import Rank1Curvature, rank1_factors, rank1_reconstruct
+from mergekit_ota.math.scale import CurvatureScale
 
 __all__ = [
+    "CurvatureScale",
     "KeepRule",
     "Rank1Curvature",
     "SaliencyHistogram",

@@ -1,4 +1,4 @@
-"""Streaming histogram of FFG saliency, for one density threshold over many tensors.
+"""Streaming histogram of FFG saliency (one density threshold over many tensors) or of curvature (its median).
 
 Model-wide density (the paper's setting) keeps, for each expert, the
 ``k = max(1, int(density * N))`` most salient of its ``N`` entries across *all* its
@@ -9,7 +9,11 @@ bits, i.e. bins of relative width at most ``2**-9`` (~0.2 %), uniform in ``log2(
 within each octave.  Binning is one integer shift per entry (no logarithm), and
 every bin edge is an exact float32, so ``s >= T`` for an edge ``T`` selects exactly
 the entries counted above it.  The kept fraction then exceeds the target by at most
-the mass of one bin.
+the mass of one bin.  The same bins give a streaming median
+(:meth:`SaliencyHistogram.kth_smallest_edge`), as ``curvature_scale: median`` uses
+(:mod:`mergekit_ota.math.scale`): the lower edge of the bin holding the k-th smallest
+entry, within a relative ``2**-9`` below it, and exactly ``2**j`` times it for entries
+scaled by ``2**j`` (the bins are float32 bit patterns: an exponent shift moves whole bins).
 """
 
 from __future__ import annotations
@@ -69,6 +73,25 @@ class SaliencyHistogram:
             self.counts = counts if owned else counts.clone()
         else:
             self.counts += counts
+
+    def kth_smallest_edge(self, k: int) -> float:
+        """Lower edge ``e`` of the bin holding the ``k``-th smallest entry (1-based; NaN never counts).
+
+        With ``x_(k)`` that entry, ``e <= x_(k) < e * (1 + 2**-9)`` for a positive bin, ``e = 0``
+        for bin 0 (zeros, and anything below ``2**-135``). Raises ``ValueError`` unless
+        ``1 <= k <= N`` (``N`` the non-NaN entries).
+        """
+        counted = 0 if self.counts is None else self.total - int(self.counts[_OVERFLOW])
+        if not 1 <= k <= counted:
+            raise ValueError(f"k must be in [1, {counted}]; got {k}")
+        assert self.counts is not None
+        reached = torch.nonzero(self.counts[:BINS].cumsum(0) >= k, as_tuple=True)[0]
+        return bin_edge(int(reached[0]))
+
+    def lower_median(self) -> Optional[float]:
+        """:meth:`kth_smallest_edge` of the lower median (``k = ceil(N / 2)``); ``None`` when empty."""
+        counted = 0 if self.counts is None else self.total - int(self.counts[_OVERFLOW])
+        return self.kth_smallest_edge((counted + 1) // 2) if counted else None
 
     def threshold_for_density(self, density: float) -> float:
         """Smallest bin edge ``T`` such that ``#(s >= T) >= k``; 0.0 keeps everything."""

@@ -3,9 +3,9 @@
 The numerical work lives in :mod:`mergekit_ota.math`; this module turns mergekit's
 bound parameters into validated settings (the rules of
 :mod:`mergekit_ota.methods.settings`, the same the planner applies), curvature tensors
-and FFG keep rules, implements model-wide density for in-memory calls
-(``merge_state_dicts``), and holds the one finite check of merged tensors
-(:func:`require_finite`).
+and FFG keep rules, implements model-wide density and ``curvature_scale``'s model-wide
+statistic for in-memory calls (``merge_state_dicts``; :mod:`mergekit_ota.methods.scale`),
+and holds the one finite check of merged tensors (:func:`require_finite`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,10 @@ from mergekit_ota.compat import require_supported_mergekit
 from mergekit_ota.errors import ConfigError, CurvatureError, MergeError
 from mergekit_ota.math.ffg import KeepRule, f32_operand
 from mergekit_ota.math.histogram import SaliencyHistogram
+from mergekit_ota.math.ota import scaled_scalar
 from mergekit_ota.math.rank1 import Curvature, Rank1Curvature, dense
+from mergekit_ota.math.scale import CurvatureScale
+from mergekit_ota.methods.scale import STATISTICS_KEY, add_curvatures, statistics
 from mergekit_ota.methods.settings import (
     ExpertSettings,
     SharedSettings,
@@ -103,8 +106,10 @@ def require_finite(
 class ExpertInput:
     """One expert's tensor, curvature and settings for one output tensor.
 
-    ``bias_scale`` is ``s_i = 1 / (1 - beta2**step)`` where bias correction applies (else 1):
-    OTA uses ``s_i v_i`` through its weight (:meth:`ota_weight`); FFG saliency stays raw.
+    ``bias_scale`` is ``s_i = 1 / (1 - beta2**step)`` where bias correction applies (else 1);
+    ``statistic`` is ``m_i`` under ``curvature_scale`` (else ``None``), which replaces
+    ``s_i`` (:mod:`mergekit_ota.methods.scale`). OTA uses ``s_i v_i`` or ``v_i / m_i``
+    through its weight (:meth:`ota_weight`); FFG saliency stays raw.
     """
 
     id: Hashable
@@ -112,14 +117,23 @@ class ExpertInput:
     curvature: Curvature  # a tensor, or rank-1 factors read from a compressed store
     settings: ExpertSettings
     bias_scale: float = 1.0
+    statistic: Optional[float] = None
 
     def ota_weight(self, power: float) -> float:
-        """``weight_i * s_i**p``: ``weight_i (s_i v_i)**p + eps = (weight_i s_i**p) v_i**p + eps``."""
-        weight = self.settings.weight * self.bias_scale**power
+        """``weight_i * s_i**p`` (``weight_i (s_i v_i)**p + eps = (weight_i s_i**p) v_i**p + eps``), or
+        ``weight_i / m_i**p`` under ``curvature_scale`` (``weight_i (v_i / m_i)**p + eps``)."""
+        if self.statistic is not None:  # weight * m**-p in float64 log space: inf, not an OverflowError
+            weight = self.settings.weight
+            if power:
+                weight = scaled_scalar(weight, -power * math.log2(self.statistic))
+            what, check = f"curvature_scale's 1 / {self.statistic:.4g}", "the expert's curvature"
+        else:
+            weight = self.settings.weight * self.bias_scale**power
+            what, check = f"bias correction {self.bias_scale:.4g}", "optimizer_step/beta2"
         if not math.isfinite(weight):
             raise ConfigError(
-                f"expert {self.id}: weight {self.settings.weight} x bias correction {self.bias_scale:.4g}**{power} "
-                f"is not a finite number; lower power or check optimizer_step/beta2"
+                f"expert {self.id}: weight {self.settings.weight} x {what}**{power} "
+                f"is not a finite number; lower power or check {check}"
             )
         return weight
 
@@ -205,12 +219,18 @@ class CurvatureMergeMethod(GroupMergeMethod):
         require_tensor_rules(
             [(entry.id, values) for entry, values in settings], method=self.spec.name, shared=shared, tensor=tensor
         )
+        found = parameters.get(STATISTICS_KEY) if shared.curvature_scale != "none" else None
         result = []
         for entry, values in settings:
             v = _curvature_tensor(parameters["curvature"][entry.id], entry.id, tensor, entry.tensor.shape)
             v = v.to(device=entry.tensor.device, dtype=torch.float32)
             scale = values.bias(shared.bias_correction, entry.id).scale  # expert_settings checked it is decidable
-            result.append(ExpertInput(entry.id, entry.tensor, v, values, bias_scale=scale))
+            statistic = None
+            if found is not None:
+                if entry.id not in found:
+                    raise ConfigError(f"curvature_scale: no {shared.curvature_scale} of expert {entry.id}'s curvature")
+                statistic = float(found[entry.id])
+            result.append(ExpertInput(entry.id, entry.tensor, v, values, bias_scale=scale, statistic=statistic))
         return result
 
     def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
@@ -244,12 +264,33 @@ class CurvatureMergeMethod(GroupMergeMethod):
         input_dtypes: Sequence[Optional[torch.dtype]],
         out_dtype: Optional[torch.dtype] = None,
     ) -> Tuple[torch.Tensor, ...]:
-        parameters = self._model_wide_thresholds(groups, parameters, input_dtypes)
+        parameters = self._model_wide(groups, parameters, input_dtypes)
         results = super()._execute(groups, parameters, options, input_dtypes=input_dtypes, out_dtype=out_dtype)
         if not _DEFERRED.get():  # results are already cast to out_dtype
             for group, result in zip(groups, results):
                 require_finite(result, name=group.metadata.name, method=self.spec.name)
         return results
+
+    def _model_wide(
+        self,
+        groups: Sequence[TensorGroup],
+        parameters: List[Dict[str, Any]],
+        input_dtypes: Sequence[Optional[torch.dtype]],
+    ) -> List[Dict[str, Any]]:
+        """What needs every tensor of the call: ``density_scope: model`` thresholds
+        (:meth:`_model_wide_thresholds`) and ``curvature_scale``'s statistics (:meth:`_model_wide_statistics`).
+
+        Shared settings are read once, from the first group (as ``density_scope`` always was);
+        with the defaults nothing else happens.
+        """
+        if not groups:
+            return parameters
+        shared = self.shared(parameters[0], has_base=groups[0].base is not None)
+        if shared.density_scope == "model":
+            parameters = self._model_wide_thresholds(groups, parameters, input_dtypes)
+        if shared.curvature_scale != "none" and STATISTICS_KEY not in parameters[0]:  # the graph gives it
+            parameters = self._model_wide_statistics(groups, parameters, shared)
+        return parameters
 
     def _model_wide_thresholds(
         self,
@@ -263,14 +304,38 @@ class CurvatureMergeMethod(GroupMergeMethod):
         """
         from mergekit.merge_methods.dtype import align_dtype
 
-        if not groups or self.shared(parameters[0], has_base=groups[0].base is not None).density_scope != "model":
-            return parameters
         totals: Dict[Hashable, Tuple[SaliencyHistogram, float]] = {}
         for group, params, dtype in zip(groups, parameters, input_dtypes):
             cast = align_dtype(group, dtype)
             merge_histograms(totals, self.saliency_histograms(cast, params), group.metadata.name)
         thresholds = thresholds_for_density(totals)
         return [with_thresholds(params, thresholds) for params in parameters]
+
+    def _model_wide_statistics(
+        self, groups: Sequence[TensorGroup], parameters: List[Dict[str, Any]], shared: SharedSettings
+    ) -> List[Dict[str, Any]]:
+        """Give every group each expert's ``m_i``: its ``curvature_scale`` statistic over all the groups'
+        curvature (``merge_state_dicts``: the whole model; ``merge_tensors``: that one tensor)."""
+        mode = shared.curvature_scale
+        for params in parameters[1:]:
+            other = self.shared(params).curvature_scale
+            if other != mode:
+                raise ConfigError(f"curvature_scale must be one value for the whole merge; got {mode} and {other}")
+        totals: Dict[Hashable, CurvatureScale] = {}
+        for group, params in zip(groups, parameters):
+            add_curvatures(totals, self.curvatures(group, params), mode)
+        found = statistics(totals, mode)
+        return [{**params, STATISTICS_KEY: found} for params in parameters]
+
+    def curvatures(self, group: TensorGroup, parameters: Mapping[str, Any]) -> Dict[Hashable, Curvature]:
+        """Each expert's curvature for ``group`` as the merge reads it (float32; shapes checked)."""
+        name = group.metadata.name
+        return {
+            entry.id: _curvature_tensor(parameters["curvature"][entry.id], entry.id, name, entry.tensor.shape).to(
+                dtype=torch.float32
+            )
+            for entry in group.non_base
+        }
 
     def saliency_histograms(self, group: TensorGroup, parameters: Dict[str, Any]) -> Dict[Hashable, Tuple[SaliencyHistogram, float]]:
         """Per expert with a ``density``: histogram of its saliencies ``v * tau**2`` in this group, and the density."""

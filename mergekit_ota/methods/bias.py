@@ -20,12 +20,20 @@ applies it as ``w_i = weight_i * (s_i v_i)**p + eps = (weight_i s_i**p) v_i**p +
 it costs no tensor operation. FFG saliency is left raw: a ``density`` mask ranks one
 expert's entries (any per-expert scale leaves it unchanged), and an absolute ``threshold``
 keeps the meaning it has in the authors' configs (raw ``v * tau**2``).
+
+``curvature_scale: mean | median`` (:mod:`mergekit_ota.methods.scale`) divides each ``v_i``
+by its own model-wide statistic, which removes ``s_i`` along with any other per-expert
+factor: where it is set, it replaces bias correction.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal, Optional, Sequence, Union
+
+from mergekit_ota.math.scale import bias_factor
+
+__all__ = ["ASSUMED_BETA2", "BiasDecision", "BiasMode", "bias_factor", "decide", "mismatch_warning"]
 
 BiasMode = Union[Literal["auto"], bool]
 ASSUMED_BETA2 = 0.999  # for the size of a mismatch when an expert's beta2 is unknown (AdamW's default)
@@ -49,9 +57,6 @@ class BiasDecision:
         return not self.corrected and not self.already_corrected and self.reason.startswith("not corrected: no")
 
 
-def bias_factor(step: int, beta2: float) -> float:
-    """Adam's ``1 - beta2**step``."""
-    return 1.0 - beta2**step
 
 
 def decide(

@@ -16,7 +16,9 @@ Per expert (``parameters:`` of a model in the YAML):
 Shared (top-level ``parameters:``): ``lambda`` (1.0), ``density_scope``
 (``tensor`` | ``model``), ``bias_correction`` (``auto`` | true | false, see
 :mod:`mergekit_ota.methods.bias`); ``ota`` adds ``power``
-(0.5) and ``eps`` (1e-12); ``ffg`` adds ``normalize`` (false).
+(0.5), ``eps`` (1e-12) and ``curvature_scale`` (``none`` | ``mean`` | ``median``: ``v_i / m_i``
+with ``m_i`` expert i's model-wide mean or median, see :mod:`mergekit_ota.methods.scale`);
+``ffg`` adds ``normalize`` (false).
 
 Every rule lives here once and both callers use it: the planner
 (:class:`~mergekit_ota.graph.planner.CurvaturePlan`, which collects the problems of
@@ -47,6 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mergekit_ota.errors import ConfigError
 from mergekit_ota.methods.bias import BiasDecision, BiasMode, decide
+from mergekit_ota.methods.scale import ScaleMode
 
 OTA = "ota"
 FFG = "ffg"
@@ -122,6 +125,12 @@ class SharedSettings(BaseModel):
     power: float = 0.5
     eps: float = 1e-12
     normalize: bool = False
+    curvature_scale: ScaleMode = "none"
+
+    @field_validator("curvature_scale", mode="before")
+    @classmethod
+    def _scale_none(cls, value: Any) -> Any:
+        return "none" if value is None else value  # in memory, None reads as the default
 
     @field_validator("power")
     @classmethod
@@ -410,6 +419,8 @@ COMMON_SHARED_PARAMETERS: Tuple[ParameterSpec, ...] = (
 OTA_PARAMETERS = EXPERT_PARAMETERS + COMMON_SHARED_PARAMETERS + (
     _spec("power", float, ParameterScope.SHARED, 0.5, "exponent p in w = weight * v**p + eps"),
     _spec("eps", float, ParameterScope.SHARED, 1e-12, "eps in w = weight * v**p + eps"),
+    _spec("curvature_scale", str, ParameterScope.SHARED, "none",
+          "none | mean | median: divide each expert's v by its model-wide mean or median"),
 )
 FFG_PARAMETERS = EXPERT_PARAMETERS + COMMON_SHARED_PARAMETERS + (
     _spec("normalize", bool, ParameterScope.SHARED, False, "divide the sum by sum_i weight_i (which must not be 0)"),
