@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mergekit-ota-installed
 QUALITY_STAMP := $(VENV)/.mergekit-ota-quality
 
-.PHONY: install demo test bench-quality bench-quality-full bench-perf clean
+.PHONY: install demo test bench-quality bench-quality-full bench-quality-sft bench-perf clean
 
 $(STAMP): pyproject.toml mergekit_ota_autoload.py mergekit_ota.pth
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ $(QUALITY_STAMP): $(STAMP)
 
 bench-quality-full: $(QUALITY_STAMP)
 	$(PY) -m benchmarks.quality.run --tier full
+
+# The sft tier: SmolLM2-135M-Instruct chat experts (same inputs as the full tier), seeds 0 1 2 pooled.
+bench-quality-sft: $(QUALITY_STAMP)
+	$(PY) -m benchmarks.quality.run --tier sft
 
 bench-perf: $(STAMP)
 	$(PY) -m benchmarks.perf

