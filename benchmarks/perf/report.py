@@ -120,7 +120,7 @@ def block_table(block: Dict[str, Any]) -> List[str]:
         cold = "" if all(r.get("warmed", True) for r in runs) else " *"
         lines.append(
             f"| {VARIANTS[variant].label} | {t:.2f}{cold} | {min(times):.2f} - {max(times):.2f} | {ratio} | {fastest} "
-            f"| {cpu:.1f} | {cpu_ratio} "
+            f"| {cpu:.2f} | {cpu_ratio} "
             f"| {median(block, variant, 'import_s'):.1f} | {_fmt_bytes(median(block, variant, 'peak_rss'))} "
             f"| {_fmt_bytes(median(block, variant, 'peak_anon'))} | {_fmt_bytes(block['input_bytes'][variant])} "
             f"| {_fmt_bytes(median(block, variant, 'rchar'))} | {_fmt_bytes(median(block, variant, 'read_bytes'))} "
