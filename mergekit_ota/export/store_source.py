@@ -14,21 +14,13 @@ import json
 from typing import Optional, Sequence
 
 from mergekit_ota.curvature.locate import locate_store
-from mergekit_ota.curvature.store import CurvatureRecord, CurvatureStore
+from mergekit_ota.curvature.store import CurvatureRecord, CurvatureStore, metadata_inputs
 from mergekit_ota.errors import CurvatureError
 from mergekit_ota.export.model_params import check_against_model, model_order
 from mergekit_ota.export.source import Curvature, Full, Rank1, SourceState, StateItem
 
-_TRUE = {"1", "true", "yes"}
 # header fields the new store sets itself
 _OWN_FIELDS = {"format_version", "compression", "dtype", "bias_corrected", "parameters", "mapping", "source_path", "exporter"}
-
-
-def _number(metadata: dict, key: str) -> Optional[float]:
-    try:
-        return float(metadata[key]) if metadata.get(key) not in (None, "") else None
-    except ValueError:
-        return None
 
 
 def open_store(path: str, model_path: Optional[str], frozen: Sequence[str] = ()) -> SourceState:
@@ -38,7 +30,8 @@ def open_store(path: str, model_path: Optional[str], frozen: Sequence[str] = ())
     for name in store.records:
         store.check_dtype(name)
     metadata = dict(store.metadata)
-    step, beta2 = _number(metadata, "step"), _number(metadata, "beta2")
+    found, _ = metadata_inputs(metadata)  # a value that is not a number counts as not recorded
+    step, beta2 = found.get("optimizer_step"), found.get("beta2")
     without = []
     try:
         without = list(json.loads(metadata.get("parameters_without_state", "[]")))
@@ -75,6 +68,6 @@ def open_store(path: str, model_path: Optional[str], frozen: Sequence[str] = ())
         items=items,
         mapping=mapping,
         without_state=without,
-        bias_corrected=metadata.get("bias_corrected", "").lower() in _TRUE,
+        bias_corrected=bool(found.get("bias_corrected", False)),
         metadata={k: v for k, v in metadata.items() if k not in _OWN_FIELDS and k != "parameters_without_state"},
     )
