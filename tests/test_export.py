@@ -452,14 +452,14 @@ def test_refuses_lion(tmp_path):
     assert "exp_avg" in failed.output and "Lion" in failed.output
 
 
-def test_refuses_8bit_states(tmp_path):
-    """bitsandbytes 8-bit Adam states (state1/state2/qmap/absmax) are refused, not misread."""
+def test_refuses_non_blockwise_8bit_states(tmp_path):
+    """Non-blockwise 8-bit states (max1/max2/new_max*, bitsandbytes' block_wise=False) are refused, not misread."""
     codes = torch.randint(0, 255, (4, 4), dtype=torch.uint8)
     state = {0: {"step": 3, "state1": codes, "state2": codes, "qmap1": torch.rand(256), "qmap2": torch.rand(256),
-                 "absmax1": torch.rand(1), "absmax2": torch.rand(1)}}  # fmt: skip
+                 "max1": torch.rand(1), "max2": torch.rand(1), "new_max1": torch.rand(1), "new_max2": torch.rand(1)}}  # fmt: skip
     path = _save_state(tmp_path / "adam8bit.pt", state, [{"params": [0], "lr": 1e-3, "betas": (0.9, 0.999)}])
     failed = _export(path, tmp_path / "x.safetensors", ok=False)
-    assert "8-bit" in failed.output and "state2" in failed.output and "dequantize" in failed.output
+    assert "non-blockwise 8-bit" in failed.output and "max2" in failed.output
 
 
 def test_refuses_lora_states_by_name_and_by_adapter_config(plain, tmp_path):
@@ -480,16 +480,20 @@ def test_refuses_lora_states_by_name_and_by_adapter_config(plain, tmp_path):
     (checkpoint / "adapter_config.json").write_text("{}")
     failed = _export(checkpoint, tmp_path / "y.safetensors", "--model", plain.model_dir, ok=False)
     assert "LoRA" in failed.output and "adapter_config.json" in failed.output
+    # the optimizer.pt file itself, given as SOURCE: the adapter_config.json beside it still decides
+    failed = _export(checkpoint / "optimizer.pt", tmp_path / "z.safetensors", "--model", plain.model_dir, ok=False)
+    assert "LoRA" in failed.output and "adapter_config.json beside optimizer.pt" in failed.output
 
 
-def test_refuses_raw_deepspeed_and_unknown_directories(tmp_path):
-    """A raw ZeRO checkpoint (global_step*/) is refused with the conversion to run; an unrelated directory
-    is refused listing what it holds."""
+def test_refuses_broken_deepspeed_and_unknown_directories(tmp_path):
+    """A ZeRO checkpoint whose rank file is not a torch file is refused naming that file; an unrelated
+    directory is refused listing what it holds.  (Real ZeRO checkpoints: tests/test_export_zero.py.)"""
     raw = tmp_path / "ds"
     (raw / "global_step10").mkdir(parents=True)
     (raw / "global_step10" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
+    (raw / "global_step10" / "mp_rank_00_model_states.pt").write_bytes(b"")
     failed = _export(raw, tmp_path / "x.safetensors", ok=False)
-    assert "ds_to_universal" in failed.output and "global_step10" in failed.output
+    assert "mp_rank_00_model_states.pt" in failed.output and "cannot read it as a torch.save file" in failed.output
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("x")

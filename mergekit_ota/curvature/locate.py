@@ -29,6 +29,17 @@ def _in_directory(directory: str) -> Optional[str]:
     return None
 
 
+def _hint(path: str) -> str:
+    """`` (...: run mergekit-ota export ... first)`` when ``path`` is a checkpoint export reads, else ``""``."""
+    from mergekit_ota.export.detect import export_hint  # lazily: export imports this module
+
+    try:
+        hint = export_hint(path)
+    except Exception:  # noqa: BLE001 - a hint must never hide the error it decorates
+        return ""
+    return f"; {hint}" if hint else ""
+
+
 def locate_store(curvature: Optional[str], model_path: str, model_label: Optional[str]) -> str:
     """Return the absolute path of the store file (or index) for one expert.
 
@@ -44,7 +55,7 @@ def locate_store(curvature: Optional[str], model_path: str, model_label: Optiona
                 f"No curvature for expert {model_label}: set "
                 f"'parameters: {{curvature: PATH}}' for it, or put "
                 f"{DEFAULT_STORE_NAME} (or {DEFAULT_STORE_NAME}{INDEX_SUFFIX}) in "
-                f"its model directory {model_path}"
+                f"its model directory {model_path}" + (_hint(model_path) if os.path.isdir(model_path) else "")
             )
         return os.path.abspath(found)
 
@@ -54,7 +65,7 @@ def locate_store(curvature: Optional[str], model_path: str, model_label: Optiona
         if found is None:
             raise CurvatureError(
                 f"Curvature directory {path}{whose} holds neither "
-                f"{DEFAULT_STORE_NAME} nor {DEFAULT_STORE_NAME}{INDEX_SUFFIX}"
+                f"{DEFAULT_STORE_NAME} nor {DEFAULT_STORE_NAME}{INDEX_SUFFIX}" + _hint(path)
             )
         return found
     if not os.path.isfile(path):
@@ -64,6 +75,6 @@ def locate_store(curvature: Optional[str], model_path: str, model_label: Optiona
     if not (path.endswith(".safetensors") or path.endswith(INDEX_SUFFIX)):
         raise CurvatureError(
             f"Curvature store {path}{whose} must be a .safetensors "
-            f"file, a .safetensors.index.json, or a directory; got another file type"
+            f"file, a .safetensors.index.json, or a directory; got another file type" + _hint(path)
         )
     return path

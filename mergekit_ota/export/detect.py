@@ -13,6 +13,9 @@ Auto-detection, first match wins:
 from __future__ import annotations
 
 import os
+import re
+import shlex
+from typing import Optional
 
 from mergekit_ota.curvature.locate import DEFAULT_STORE_NAME, INDEX_SUFFIX
 from mergekit_ota.errors import CurvatureError
@@ -20,8 +23,11 @@ from mergekit_ota.export.dcp import METADATA_FILE, find_dcp_dir, open_dcp
 from mergekit_ota.export.options import ExportOptions
 from mergekit_ota.export.source import SourceState
 from mergekit_ota.export.store_source import open_store
-from mergekit_ota.export.torch_state import OPTIMIZER_FILES, open_torch_state, open_trainer_checkpoint
-from mergekit_ota.export.universal import find_zero_dir, open_universal, raw_zero_dirs, refuse_raw_zero
+from mergekit_ota.export.torch_state import ADAPTER_FILES, OPTIMIZER_FILES, open_torch_state, open_trainer_checkpoint
+from mergekit_ota.export.universal import find_zero_dir, open_universal
+from mergekit_ota.export.zero import find_step_dir, open_zero
+
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
 def detect_kind(path: str) -> str:
@@ -32,6 +38,11 @@ def detect_kind(path: str) -> str:
         name = os.path.basename(path)
         if name.endswith(".safetensors") or name.endswith(".safetensors" + INDEX_SUFFIX):
             return "store"
+        if name.endswith("_optim_states.pt") or name.endswith("_model_states.pt"):
+            raise CurvatureError(
+                f"{path}: one file of a DeepSpeed ZeRO checkpoint; export reads all ranks together: "
+                f"pass its directory ({os.path.dirname(path)}) or the checkpoint directory above it"
+            )
         return "dcp" if name == METADATA_FILE else "torch"
     if os.path.isfile(os.path.join(path, METADATA_FILE)):
         return "dcp"
@@ -43,16 +54,28 @@ def detect_kind(path: str) -> str:
         return "dcp"
     if any(os.path.isfile(os.path.join(path, f)) for f in (DEFAULT_STORE_NAME, DEFAULT_STORE_NAME + INDEX_SUFFIX)):
         return "store"
-    steps = raw_zero_dirs(path)
-    if steps:
-        refuse_raw_zero(path, steps)
+    if find_step_dir(path):
+        return "deepspeed"
+    newest = newest_checkpoint(path)
+    if newest is not None:
+        raise CurvatureError(
+            f"{path}: no optimizer state here (a training run's output directory: the final save keeps only the "
+            f"model); its newest checkpoint is {newest}: mergekit-ota export {newest} "
+            f"{os.path.join(newest, DEFAULT_STORE_NAME)}"
+        )
     entries = sorted(os.listdir(path))
     listing = ", ".join(entries[:10]) + (", ..." if len(entries) > 10 else "") if entries else "nothing"
     raise CurvatureError(
         f"{path}: no optimizer state found (it holds {listing}). Expected optimizer.pt/optimizer.bin (Trainer, accelerate), "
-        f"a torch.distributed.checkpoint directory (.metadata), a DeepSpeed universal checkpoint (zero/), "
-        f"or a curvature store; --source-kind forces a kind"
+        f"a torch.distributed.checkpoint directory (.metadata), a DeepSpeed ZeRO checkpoint (latest + global_step*/), "
+        f"a DeepSpeed universal checkpoint (zero/), or a curvature store; --source-kind forces a kind"
     )
+
+
+def newest_checkpoint(path: str) -> Optional[str]:
+    """The ``checkpoint-N`` subdirectory of ``path`` with the largest ``N``, if any."""
+    found = [(int(m.group(1)), d) for d in os.listdir(path) if (m := _CHECKPOINT.match(d)) and os.path.isdir(os.path.join(path, d))]
+    return os.path.join(path, max(found)[1]) if found else None
 
 
 def open_source(path: str, options: ExportOptions) -> SourceState:
@@ -66,6 +89,10 @@ def open_source(path: str, options: ExportOptions) -> SourceState:
         return open_dcp(os.path.dirname(path) if os.path.isfile(path) else path, model, frozen)
     if kind == "deepspeed-universal":
         return open_universal(path, model, frozen)
+    if kind == "deepspeed":
+        if model is None and os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
+            model = path  # a Trainer checkpoint-N/ holds the model's config beside global_stepN/
+        return open_zero(path, model, frozen)
     if kind == "trainer" and os.path.isdir(path):
         return open_trainer_checkpoint(path, model, frozen)
     if os.path.isdir(path):
@@ -73,4 +100,40 @@ def open_source(path: str, options: ExportOptions) -> SourceState:
     beside = os.path.dirname(path)
     if kind == "trainer" and model is None and os.path.isfile(os.path.join(beside, "config.json")):
         model = beside  # checkpoint-N/optimizer.pt given directly
-    return open_torch_state(path, kind=kind, model_path=model, frozen=frozen)
+    adapters = [f for f in ADAPTER_FILES if os.path.isfile(os.path.join(beside, f))]
+    reason = f"{adapters[0]} beside {os.path.basename(path)}" if adapters else None
+    return open_torch_state(path, kind=kind, model_path=model, frozen=frozen, adapter_reason=reason)
+
+
+_KIND_NAMES = {
+    "trainer": "Trainer/accelerate",
+    "torch": "a torch.save of optimizer state",
+    "dcp": "torch.distributed.checkpoint",
+    "deepspeed": "DeepSpeed ZeRO",
+    "deepspeed-universal": "DeepSpeed universal",
+}
+
+
+def export_hint(path: str) -> Optional[str]:
+    """What to run when ``path`` was given as a curvature store but is a checkpoint export reads.
+
+    ``None`` when ``path`` is a store or not a checkpoint at all; else a sentence with the command
+    filled in (``mergekit-ota export SOURCE SOURCE/exp_avg_sq.safetensors``), or, for a training run's
+    output directory, the advice naming its newest checkpoint.
+    """
+    if os.path.isfile(path) and not os.path.basename(path).endswith((".pt", ".bin", ".pth", ".metadata")):
+        return None
+    try:
+        kind = detect_kind(path)
+    except CurvatureError as error:
+        return str(error) if "newest checkpoint" in str(error) else None
+    if kind == "store":
+        return None
+    directory = path if os.path.isdir(path) else os.path.dirname(path)
+    if os.path.basename(os.path.normpath(directory)).startswith("global_step"):
+        directory = os.path.dirname(os.path.normpath(directory))  # the store goes beside the model, not in the tag
+    out = os.path.join(directory, DEFAULT_STORE_NAME)
+    return (
+        f"{path} is an optimizer checkpoint ({_KIND_NAMES.get(kind, kind)}), not a curvature store: run "
+        f"`mergekit-ota export {shlex.quote(path)} {shlex.quote(out)}` first"
+    )

@@ -58,6 +58,7 @@ BASIS_PARAM_NAMES = "param_names"  # torch >= 2.6 optimizers built from named_pa
 BASIS_STATE_KEYS = "state_keys"  # a state dict keyed by parameter names (FSDP full optimizer state dicts)
 BASIS_DCP_FQNS = "dcp_fqns"  # torch.distributed.checkpoint keys: optimizer.state.<fqn>.<key>
 BASIS_DIRECTORY_NAMES = "directory_names"  # DeepSpeed universal checkpoints: zero/<name>/
+BASIS_PARAM_SHAPES = "param_shapes"  # native DeepSpeed ZeRO checkpoints: the model states' param_shapes
 BASIS_SHAPES_ORDER = "shapes+order"  # index-keyed states mapped by map_indices
 
 

@@ -11,10 +11,20 @@ Recognised per-parameter states (key names as the optimizers save them):
   matrix, so 2-D states become :class:`~mergekit_ota.export.source.Rank1` exactly;
   tensors with more dims are rebuilt whole.  1-D tensors keep ``exp_avg_sq``.
 
-Refused, with the keys found: 8-bit states (bitsandbytes ``state1``/``state2``/``qmap*``/
-``absmax*``: not dequantized here), and optimizers without a second moment (SGD and
-Muon: ``momentum_buffer``; Lion: ``exp_avg`` only; RMSprop ``square_avg``; Adagrad ``sum``;
-Adamax ``exp_inf``); adapter-only (LoRA) states.
+* bitsandbytes 8-bit Adam/AdamW (``adamw_bnb_8bit``, ``paged_adamw_8bit``; bitsandbytes >= 0.45
+  wraps the quantisation tensors under ``__bnb_optimizer_quant_state__``, older releases keep them
+  at the top): ``state2`` (uint8 codes), ``qmap2`` (the 256-value code book) and ``absmax2`` (one
+  scale per block of ``B`` elements) give ``v[i] = qmap2[state2[i]] * absmax2[i // B]``
+  (:func:`dequantize_blockwise`, equal bit for bit to bitsandbytes' own ``dequantize_blockwise``).
+  ``B`` is the one power of two from 64 to 4096 with ``ceil(n / B) == len(absmax2)`` (256 in
+  bitsandbytes 0.50, 2048 in early releases; with a single block every ``B >= n`` reads the same).
+  Tensors bitsandbytes keeps in 32 bits (fewer than ``min_8bit_size`` elements, embeddings under the
+  Trainer) hold ``state2`` as float32: that is ``exp_avg_sq`` itself.
+
+Refused, with the keys found: non-blockwise 8-bit states (``max1``/``max2``/``new_max*``), and
+optimizers without a second moment (SGD and Muon: ``momentum_buffer``; Lion: ``exp_avg`` only,
+or bitsandbytes' ``state1`` only; RMSprop ``square_avg``; Adagrad ``sum``; Adamax ``exp_inf``);
+adapter-only (LoRA) states.
 """
 
 from __future__ import annotations
@@ -31,41 +41,101 @@ from mergekit_ota.export.source import Curvature, Full, Rank1
 FULL = "exp_avg_sq"
 ROW, COL = "exp_avg_sq_row", "exp_avg_sq_col"
 MOMENT_KEYS = (FULL, ROW, COL)
+BNB_WRAPPER = "__bnb_optimizer_quant_state__"
+BNB_CODES, BNB_CODEBOOK, BNB_SCALES = "state2", "qmap2", "absmax2"
+BNB_MOMENT_KEYS = (BNB_CODES, BNB_SCALES)
 EIGHT_BIT_KEYS = ("state1", "state2", "qmap1", "qmap2", "absmax1", "absmax2", "max1", "max2", "new_max1", "new_max2")
+NON_BLOCKWISE_KEYS = ("max1", "max2", "new_max1", "new_max2")
+BLOCK_SIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 _WITHOUT_SECOND_MOMENT = {
     "momentum_buffer": "SGD with momentum, or Muon (its matrices keep only a momentum buffer)",
     "square_avg": "RMSprop (its square_avg uses another update rule than Adam's exp_avg_sq)",
     "sum": "Adagrad (a sum of squared gradients, not an average)",
     "exp_inf": "Adamax (an infinity norm, not a second moment)",
     "exp_avg": "Lion, or another optimizer with only a first moment",
+    "state1": "a bitsandbytes optimizer with one state (Lion, SGD momentum or RMSprop, 8- or 32-bit)",
 }
 ADAPTER_NAME = re.compile(r"(^|\.)(lora_[AB]|lora_embedding_[AB]|lora_magnitude_vector|ia3_l|vera_lambda_[bd])(\.|$)")
 
 
+def flatten_bnb(entry: Mapping[str, Any]) -> Dict[str, Any]:
+    """One parameter's state with bitsandbytes' ``__bnb_optimizer_quant_state__`` keys moved to the top."""
+    wrapped = entry.get(BNB_WRAPPER)
+    if not isinstance(wrapped, Mapping):
+        return dict(entry)
+    flat = {k: v for k, v in entry.items() if k != BNB_WRAPPER}
+    flat.update(wrapped)
+    return flat
+
+
 def state_kind(keys: Collection[str]) -> str:
-    """``full`` (``exp_avg_sq``), ``factored`` (Adafactor row/col), ``8bit``, ``empty`` or ``none``."""
+    """``full`` (``exp_avg_sq``), ``factored`` (Adafactor row/col), ``blockwise8`` (bitsandbytes 8-bit
+    ``state2``/``qmap2``/``absmax2``), ``bnb32`` (bitsandbytes ``state1``/``state2`` kept in 32 bits),
+    ``8bit`` (non-blockwise 8-bit: refused), ``empty`` or ``none``."""
     if ROW in keys and COL in keys:
         return "factored"
     if FULL in keys:
         return "full"
-    if any(k in keys for k in EIGHT_BIT_KEYS):
+    if any(k in keys for k in NON_BLOCKWISE_KEYS):
         return "8bit"
+    if BNB_CODES in keys and BNB_CODEBOOK in keys and BNB_SCALES in keys:
+        return "blockwise8"
+    if BNB_CODES in keys and "state1" in keys and BNB_CODEBOOK not in keys:
+        return "bnb32"
     if not [k for k in keys if k != "step"]:
         return "empty"
     return "none"
+
+
+def block_size(numel: int, blocks: int, where: str) -> int:
+    """The block size ``B`` of a blockwise-quantised tensor: ``ceil(numel / B) == blocks``."""
+    fits = [b for b in BLOCK_SIZES if -(-numel // b) == blocks]
+    if not fits:
+        raise CurvatureError(
+            f"{where}: {numel} 8-bit values with {blocks} absmax2 scales fit no block size of {list(BLOCK_SIZES)}"
+        )
+    return fits[0]
+
+
+def dequantize_blockwise(codes: torch.Tensor, scales: torch.Tensor, codebook: torch.Tensor, where: str) -> torch.Tensor:
+    """``v[i] = codebook[codes[i]] * scales[i // B]`` as float32, in chunks (memory: the output plus one chunk).
+
+    ``codes``: uint8, any shape; ``codebook``: 256 values; ``scales``: one per block.
+    """
+    if codes.dtype != torch.uint8 or codebook.numel() != 256 or scales.dim() != 1:
+        raise CurvatureError(
+            f"{where}: expected uint8 state2, a 256-value qmap2 and 1-D absmax2; found {codes.dtype} {list(codes.shape)}, "
+            f"qmap2 {list(codebook.shape)}, absmax2 {list(scales.shape)}"
+        )
+    n = codes.numel()
+    block = block_size(n, scales.numel(), where)
+    table, scale = codebook.to(torch.float32).reshape(-1), scales.to(torch.float32)
+    flat, out = codes.reshape(-1), torch.empty(n, dtype=torch.float32)
+    chunk = block * max(1, (1 << 20) // block)
+    for start in range(0, n, chunk):
+        end = min(n, start + chunk)
+        values = table[flat[start:end].long()]
+        out[start:end] = values * scale[start // block : -(-end // block)].repeat_interleave(block)[: end - start]
+    return out.reshape(codes.shape)
 
 
 def moment_shape(kind: str, shapes: Mapping[str, Tuple[int, ...]]) -> Tuple[int, ...]:
     """The parameter's shape from the shapes of its state tensors."""
     if kind == "factored":
         return tuple(shapes[ROW]) + tuple(shapes[COL][-1:])
+    if kind in ("blockwise8", "bnb32"):
+        return tuple(shapes[BNB_CODES])
     return tuple(shapes[FULL])
 
 
-def load_moment(kind: str, get: Callable[[str], torch.Tensor]) -> Curvature:
-    """Read the second moment of a ``full`` or ``factored`` state; ``get(key)`` returns a state tensor."""
+def load_moment(kind: str, get: Callable[[str], torch.Tensor], where: str = "optimizer state") -> Curvature:
+    """Read the second moment of a ``full``, ``factored``, ``blockwise8`` or ``bnb32`` state; ``get(key)`` returns a state tensor."""
     if kind == "full":
         return Full(get(FULL))
+    if kind == "blockwise8":
+        return Full(dequantize_blockwise(get(BNB_CODES), get(BNB_SCALES), get(BNB_CODEBOOK), where))
+    if kind == "bnb32":
+        return Full(get(BNB_CODES).to(torch.float32))
     row, col = get(ROW), get(COL)
     m, n = row.shape[-1], col.shape[-1]
     if row.dim() == 1:
@@ -92,22 +162,22 @@ def check_second_moments(states: Mapping[str, Collection[str]], source: str) -> 
     if eight:
         keys = sorted(set(states[eight[0]]))
         raise CurvatureError(
-            f"{source}: {len(eight)} parameter(s) hold 8-bit optimizer states (bitsandbytes keys {keys}, "
-            f"e.g. {_examples(eight)}); mergekit-ota does not dequantize block-wise 8-bit states. "
-            f"Train (or continue for a few hundred steps) with a 32-bit AdamW to get exp_avg_sq"
+            f"{source}: {len(eight)} parameter(s) hold non-blockwise 8-bit optimizer states (bitsandbytes keys {keys}, "
+            f"e.g. {_examples(eight)}); only blockwise 8-bit states (state2 + qmap2 + absmax2) are dequantised. "
+            f"Train (or continue for a few hundred steps) with blockwise 8-bit or 32-bit AdamW to get exp_avg_sq"
         )
     lacking = [label for label, kind in kinds.items() if kind == "none"]
     if lacking:
         keys = sorted(set(states[lacking[0]]) - {"step"})
         guess = next((why for key, why in _WITHOUT_SECOND_MOMENT.items() if key in keys), "an optimizer without a second moment")
-        have = sum(kind in ("full", "factored") for kind in kinds.values())
+        have = sum(kind in ("full", "factored", "blockwise8", "bnb32") for kind in kinds.values())
         raise CurvatureError(
             f"{source}: no second moment for {len(lacking)} of {len(kinds)} parameter(s) (e.g. {_examples(lacking)}, "
             f"state keys {keys}): this looks like {guess}. OTA and FFG need Adam's exp_avg_sq "
             f"(or Adafactor's exp_avg_sq_row/exp_avg_sq_col) for every merged weight"
             + (f"; {have} other parameter(s) do have one" if have else "")
         )
-    found = {label: kind for label, kind in kinds.items() if kind in ("full", "factored")}
+    found = {label: kind for label, kind in kinds.items() if kind in ("full", "factored", "blockwise8", "bnb32")}
     if not found:
         raise CurvatureError(f"{source}: the optimizer state is empty (did the optimizer ever step?)")
     return found
@@ -149,6 +219,8 @@ def optimizer_name(kinds: Collection[str], groups: Sequence[Mapping[str, Any]]) 
     """A name for the optimizer from its state kinds and param-group settings."""
     if "factored" in kinds or any("decay_rate" in g and "clip_threshold" in g for g in groups):
         return "Adafactor"
+    if "blockwise8" in kinds or "bnb32" in kinds:
+        return "AdamW 8-bit (bitsandbytes)"
     keys = set().union(*(g.keys() for g in groups)) if groups else set()
     if "momentum_decay" in keys:
         return "NAdam"
@@ -167,3 +239,16 @@ def adafactor_notes(kind_of: Mapping[str, str]) -> List[str]:
         f"so outer(r, c)/sum(r) = outer(row, col)/mean(row), Adafactor's own estimate; "
         f"its decay schedule (beta2_t = 1 - t**decay_rate, beta2_1 = 0) needs no bias correction"
     ]
+
+
+def bnb_metadata(kind_of: Mapping[str, str]) -> Tuple[Dict[str, str], List[str]]:
+    """Store fields and notes for a bitsandbytes source: how many tensors were dequantised from 8 bits."""
+    eight = sum(k == "blockwise8" for k in kind_of.values())
+    kept = sum(k == "bnb32" for k in kind_of.values())
+    if not eight and not kept:
+        return {}, []
+    text = (
+        f"bitsandbytes blockwise 8-bit: {eight} tensor(s) dequantised as qmap2[state2] * absmax2[block]; "
+        f"{kept} kept in 32 bits by bitsandbytes (state2 as saved)"
+    )
+    return {"dequantized": text}, [text + "; the 8-bit values carry bitsandbytes' quantisation error"]

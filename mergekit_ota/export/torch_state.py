@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import os
 import pickle
+import re
 from collections import Counter
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -43,8 +44,11 @@ from mergekit_ota.export.model_params import (
 from mergekit_ota.export.pages import release_mapped
 from mergekit_ota.export.source import SourceState, StateItem
 from mergekit_ota.export.states import (
+    BNB_MOMENT_KEYS,
     MOMENT_KEYS,
     adafactor_notes,
+    bnb_metadata,
+    flatten_bnb,
     check_second_moments,
     group_beta2,
     load_moment,
@@ -59,11 +63,22 @@ _NESTED_KEYS = ("optimizer", "optimizer_state_dict", "optim", "opt")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 
 
-def load_torch_file(path: str) -> Tuple[Any, bool]:
+def load_torch_file(path: str, deepspeed: bool = False) -> Tuple[Any, bool]:
     """``torch.load`` with ``mmap=True, weights_only=True`` (no mmap for pre-1.6 non-zip files).
 
-    Returns the object and whether its tensors are views of the file mapping.
+    ``deepspeed``: also accept the stand-ins of DeepSpeed's classes
+    (:func:`mergekit_ota.io.unpickle.deepspeed_globals`).  Returns the object and whether its
+    tensors are views of the file mapping.
     """
+    import contextlib
+
+    from mergekit_ota.io.unpickle import deepspeed_globals
+
+    with deepspeed_globals() if deepspeed else contextlib.nullcontext():
+        return _load(path, deepspeed)
+
+
+def _load(path: str, deepspeed: bool) -> Tuple[Any, bool]:
     import torch
 
     try:
@@ -74,10 +89,13 @@ def load_torch_file(path: str) -> Tuple[Any, bool]:
                 raise
             return torch.load(path, map_location="cpu", weights_only=True), False
     except pickle.UnpicklingError as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        text = str(error).strip()
+        named = re.search(r"GLOBAL ([\w.]+)", text)
+        first = f"it names {named.group(1)}" if named else (text.splitlines()[0] if text else type(error).__name__)
         raise CurvatureError(
             f"{path}: holds Python objects other than tensors and plain containers ({first}); "
-            f"refusing to unpickle it (torch.load weights_only=True). Save optimizer.state_dict() on its own"
+            f"refusing to unpickle it (torch.load weights_only=True{' with the DeepSpeed stand-ins' if deepspeed else ''})"
+            f"{'' if deepspeed else '. Save optimizer.state_dict() on its own'}"
         ) from None
     except Exception as error:  # truncated zip, not a torch file, ...
         raise CurvatureError(f"{path}: cannot read it as a torch.save file ({type(error).__name__}: {error})") from None
@@ -139,7 +157,9 @@ def open_torch_state(
     loaded, mapped = load_torch_file(path)
     optimizer = find_optimizer_dict(loaded, path)
     groups: List[Mapping[str, Any]] = list(optimizer["param_groups"])
-    state: Mapping[Any, Mapping[str, Any]] = optimizer["state"]
+    state: Mapping[Any, Mapping[str, Any]] = {
+        k: flatten_bnb(v) if isinstance(v, Mapping) else v for k, v in optimizer["state"].items()
+    }
     group_of = {key: g for g, group in enumerate(groups) for key in group["params"]}
     stray = [k for k in state if k not in group_of]
     if stray:
@@ -193,16 +213,17 @@ def open_torch_state(
             StateItem(
                 name=name,
                 shape=shapes[key],
-                load=(lambda k=kind_, e=entry: load_moment(k, e.__getitem__)),
+                load=(lambda k=kind_, e=entry, w=f"{path} state[{key!r}]": load_moment(k, e.__getitem__, w)),
                 origin=f"{path} state[{key!r}]",
                 rank1=kind_ == "factored" and len(shapes[key]) == 2,
                 step=scalar(entry.get("step")),
                 beta2=group_beta2(groups[group_of[key]]),
-                done=(lambda e=entry: release_mapped(v for k, v in e.items() if k in MOMENT_KEYS)) if mapped else None,
+                done=(lambda e=entry: release_mapped(v for k, v in e.items() if k in MOMENT_KEYS + BNB_MOMENT_KEYS)) if mapped else None,
             )
         )
     name_ = optimizer_name(set(kinds.values()), groups)
     adafactor = name_ == "Adafactor"
+    metadata, notes = bnb_metadata(kinds)
     return SourceState(
         kind=kind,
         path=path,
@@ -211,7 +232,8 @@ def open_torch_state(
         mapping=mapping,
         without_state=without,
         bias_corrected=adafactor,
-        notes=adafactor_notes(kinds) if adafactor else [],
+        metadata=metadata,
+        notes=adafactor_notes(kinds) if adafactor else notes,
         evidence=evidence,
     )
 

@@ -4,19 +4,21 @@ Layout (DeepSpeed ``checkpoint/ds_to_universal.py``): ``<dir>/zero/<param name>/
 ``fp32.pt``, ``exp_avg.pt``, ``exp_avg_sq.pt`` (each ``torch.save`` of
 ``{"param": tensor, "cat_dim": int, ...}``; a bare tensor is accepted too) and
 ``step.pt``; ``<dir>/zero/optimizer_state.pt`` holds the base optimizer's
-``param_groups`` (``betas``).  Raw ZeRO checkpoints (``global_step*/`` with flat
-partitions) are refused: convert them with ``ds_to_universal`` first
-(``zero_to_fp32`` drops the optimizer moments).
+``param_groups`` (``betas``).  Conversions of ZeRO-3 checkpoints keep each state flat (a bare
+1-D tensor); its shape comes from the ``param_shapes`` of the ``*_model_states.pt`` that
+``ds_to_universal`` writes beside ``zero/``, else from ``--model``.  Native ZeRO checkpoints (``global_step*/`` with flat
+partitions) are read by :mod:`mergekit_ota.export.zero`.
 """
 
 from __future__ import annotations
 
+import math
 import os
-from typing import Any, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from mergekit_ota.errors import CurvatureError
 from mergekit_ota.export.mapping import BASIS_DIRECTORY_NAMES, NameEvidence
-from mergekit_ota.export.model_params import check_against_model, clean_name, model_order
+from mergekit_ota.export.model_params import check_against_model, clean_name, load_model_parameters, model_order
 from mergekit_ota.export.source import Full, SourceState, StateItem
 from mergekit_ota.export.states import check_second_moments, group_beta2, refuse_adapters, scalar
 from mergekit_ota.export.torch_state import load_torch_file
@@ -44,13 +46,6 @@ def find_zero_dir(path: str) -> Optional[str]:
     return None
 
 
-def raw_zero_dirs(path: str) -> List[str]:
-    """``global_step*`` subdirectories of a raw (not universal) DeepSpeed checkpoint."""
-    if not os.path.isdir(path):
-        return []
-    return sorted(d for d in os.listdir(path) if d.startswith("global_step") and os.path.isdir(os.path.join(path, d)))
-
-
 def _tensor(value: Any, path: str) -> Any:
     import torch
 
@@ -61,21 +56,44 @@ def _tensor(value: Any, path: str) -> Any:
     raise CurvatureError(f"{path}: expected a tensor or a dict with a 'param' tensor (ds_to_universal's layout)")
 
 
-def _beta2(zero: str, notes: List[str]) -> Optional[float]:
+def _optimizer_state(zero: str, notes: List[str]) -> Tuple[Optional[float], Optional[float]]:
+    """``(beta2, step)`` from ``zero/optimizer_state.pt``: the param groups' betas, and the one step its
+    embedded optimizer state records (ZeRO-3 conversions write no ``step.pt``); ``None`` where unknown."""
     path = os.path.join(zero, "optimizer_state.pt")
     if not os.path.isfile(path):
         notes.append(f"no {path}: beta2 is not recorded")
-        return None
+        return None, None
     try:
-        groups = load_torch_file(path)[0].get("param_groups") or []
+        saved = load_torch_file(path, deepspeed=True)[0]
+        groups = saved.get("param_groups") or []
     except (CurvatureError, AttributeError) as error:
         notes.append(f"beta2 not recorded: {error}")
-        return None
+        return None, None
+    inner = saved.get("optimizer_state_dict")
+    state = inner.get("state") if isinstance(inner, dict) else None
+    steps = {scalar(s.get("step")) for s in state.values() if isinstance(s, dict)} if isinstance(state, dict) else set()
+    step = steps.pop() if len(steps) == 1 else None
     values = {group_beta2(g) for g in groups} - {None}
     if len(values) != 1:
         notes.append(f"{path}: param groups have betas {sorted(values)}; beta2 is not recorded")
-        return None
-    return values.pop()
+        return None, step
+    return values.pop(), step
+
+
+def _known_shapes(zero: str, model_path: Optional[str], frozen: Sequence[str]) -> Dict[str, Tuple[int, ...]]:
+    """Parameter shapes from the universal checkpoint's own model states (``param_shapes``), else the model."""
+    top = os.path.dirname(zero)
+    for file in sorted(f for f in os.listdir(top) if f.endswith("_model_states.pt")) if os.path.isdir(top) else []:
+        try:
+            value = load_torch_file(os.path.join(top, file), deepspeed=True)[0]
+            groups = value.get("param_shapes") if isinstance(value, dict) else None
+        except CurvatureError:
+            groups = None
+        if isinstance(groups, (list, tuple)):
+            return {clean_name(str(n)): tuple(int(d) for d in s) for g in groups for n, s in g.items()}
+    if model_path is not None:
+        return dict(load_model_parameters(model_path, frozen).parameters)
+    return {}
 
 
 def open_universal(path: str, model_path: Optional[str], frozen: Sequence[str] = ()) -> SourceState:
@@ -96,13 +114,18 @@ def open_universal(path: str, model_path: Optional[str], frozen: Sequence[str] =
         raise CurvatureError(f"{zero}: only exp_avg_sq.pt states are supported in universal checkpoints")
     dir_of = {names[d]: d for d in states}
     shapes, steps = {}, {}
+    known = _known_shapes(zero, model_path, frozen)
     for name in kinds:
         file = os.path.join(zero, dir_of[name], MOMENT_FILE)
-        shapes[name] = tuple(_tensor(load_torch_file(file)[0], file).shape)
+        saved = tuple(_tensor(load_torch_file(file, deepspeed=True)[0], file).shape)
+        shape = known.get(name)
+        # ZeRO-3 conversions keep each state flat; the saved param_shapes (or the model) give its shape
+        shapes[name] = shape if shape is not None and len(saved) == 1 and math.prod(shape) == saved[0] else saved
         step_file = os.path.join(zero, dir_of[name], "step.pt")
-        steps[name] = scalar(load_torch_file(step_file)[0]) if os.path.isfile(step_file) else None
+        steps[name] = scalar(load_torch_file(step_file, deepspeed=True)[0]) if os.path.isfile(step_file) else None
     notes: List[str] = []
-    beta2 = _beta2(zero, notes)
+    beta2, common_step = _optimizer_state(zero, notes)
+    steps = {name: common_step if step is None else step for name, step in steps.items()}
 
     params, without, mapping = check_against_model(
         shapes, model_path, frozen, zero, "parameter directories of the universal checkpoint"
@@ -110,7 +133,7 @@ def open_universal(path: str, model_path: Optional[str], frozen: Sequence[str] =
 
     def load(name: str) -> Full:
         file = os.path.join(zero, dir_of[name], MOMENT_FILE)
-        return Full(_tensor(load_torch_file(file)[0], file))
+        return Full(_tensor(load_torch_file(file, deepspeed=True)[0], file).reshape(shapes[name]))
 
     items = [
         StateItem(
@@ -132,15 +155,5 @@ def open_universal(path: str, model_path: Optional[str], frozen: Sequence[str] =
         without_state=without,
         notes=notes,
         evidence=NameEvidence(BASIS_DIRECTORY_NAMES),
-    )
-
-
-def refuse_raw_zero(path: str, steps: List[str]) -> None:
-    """A raw ZeRO checkpoint: its moments are flat partitions; say how to convert it."""
-    raise CurvatureError(
-        f"{path}: a raw DeepSpeed ZeRO checkpoint ({', '.join(steps[:3])}): its optimizer moments are flat "
-        f"partitions per rank. Convert it with DeepSpeed's ds_to_universal "
-        f"(python -m deepspeed.checkpoint.ds_to_universal --input_folder {os.path.join(path, steps[-1])} "
-        f"--output_folder OUT) and export OUT; zero_to_fp32 drops the moments"
     )
 

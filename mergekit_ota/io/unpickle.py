@@ -37,23 +37,29 @@ Which loaders in this package unpickle, and under which allow-list
 ``export.dcp`` tensors (``dcp.load`` of one key)     torch's ``FileSystemReader.read_data``:
                                                      ``torch.load(weights_only=True)`` of the tensor's bytes
 ``export.torch_state.load_torch_file``               ``torch.load(mmap=True, weights_only=True)``: torch's own
-(``optimizer.pt``/``.bin``, ``torch.save`` files,    allow-list
-DeepSpeed universal ``*.pt`` via ``export.universal``)
+(``optimizer.pt``/``.bin``, ``torch.save`` files)    allow-list
+``export.zero`` (native DeepSpeed ZeRO ``*_optim_     ``torch.load(mmap=True, weights_only=True)`` plus the
+states.pt``/``*_model_states.pt``), ``export.        exact stand-ins of :data:`DEEPSPEED_STAND_INS`
+universal`` (``ds_to_universal``'s ``*.pt``)          (:func:`deepspeed_globals`)
 =================================================  ======================================================
 
-Nothing in the package calls ``torch.load`` without ``weights_only=True``, and nothing
-widens torch's allow-list (no ``torch.serialization.add_safe_globals``/``safe_globals``);
-``tests/test_unpickle.py`` checks both over the package's source.  Curvature stores and
+Nothing in the package calls ``torch.load`` without ``weights_only=True``; torch's allow-list
+is widened only here, only for the duration of one load (:func:`deepspeed_globals`, never
+``add_safe_globals``), and only by inert stand-ins defined in this module under the exact
+names DeepSpeed's pickles use; ``tests/test_unpickle.py`` checks all of it over the package's source.  Curvature stores and
 model weights are read with safetensors, configs as JSON.  (A merge reads model weights
 through mergekit's own loaders, outside this package.)
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import enum
 import importlib
 import inspect
 import pickle
-from typing import IO, Any, Dict, FrozenSet, Mapping, Optional, Tuple
+from typing import IO, Any, Dict, FrozenSet, Iterator, Mapping, Optional, Tuple
 
 from mergekit_ota.errors import CurvatureError
 
@@ -214,3 +220,58 @@ def restricted_load(
     except Exception as error:  # noqa: BLE001 - UnpicklingError, EOFError, errors of allowed constructors
         detail = str(error) if len(str(error)) <= 200 else str(error)[:200] + "..."
         raise CurvatureError(f"{source_path}: not a readable {what} file ({type(error).__name__}: {detail})") from None
+
+
+# ----------------------------------------------------------------------------- DeepSpeed checkpoints
+
+
+class ZeroStageEnum(enum.IntEnum):
+    """Stand-in for ``deepspeed.runtime.zero.config.ZeroStageEnum`` (an ``int`` Enum): the ZeRO stage."""
+
+    disabled = 0
+    optimizer_states = 1
+    gradients = 2
+    weights = 3
+
+
+@dataclasses.dataclass
+class FragmentAddress:
+    """Stand-in for ``deepspeed.utils.tensor_fragment.fragment_address``: where one parameter's
+    fragment lies in a rank's flat partition (``start``) and how long it is (``numel``)."""
+
+    numel: int = 0
+    start: int = 0
+
+
+class LossScalerState:
+    """Stand-in for DeepSpeed's ``LossScaler``/``DynamicLossScaler``: an inert holder of the
+    attributes the pickle sets (``cur_scale``, ``dynamic``, ...); no method of the original exists."""
+
+    def __repr__(self) -> str:
+        return f"LossScalerState({vars(self)})"
+
+
+DEEPSPEED_STAND_INS: Tuple[Tuple[Any, str], ...] = (
+    (ZeroStageEnum, "deepspeed.runtime.zero.config.ZeroStageEnum"),  # optimizer_state_dict['zero_stage']
+    (FragmentAddress, "deepspeed.utils.tensor_fragment.fragment_address"),  # param_slice_mappings (stages 1/2, bf16)
+    (LossScalerState, "deepspeed.runtime.fp16.loss_scaler.LossScaler"),  # optimizer_state_dict['loss_scaler']
+    (LossScalerState, "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler"),  # the same, fp16 dynamic scaling
+)
+"""The globals DeepSpeed 0.19 checkpoints name beyond torch's own allow-list, each as an inert stand-in.
+
+Derived from the real checkpoints in ``tests/fixtures/deepspeed`` (every stage, precision and world
+size ``generate.py`` writes, and ``ds_to_universal``'s ``optimizer_state.pt``): ``tests/test_unpickle.py``
+lists every global those pickles name and checks that each is torch's own or one of these."""
+
+
+@contextlib.contextmanager
+def deepspeed_globals() -> Iterator[None]:
+    """Within the block, ``torch.load(weights_only=True)`` also accepts :data:`DEEPSPEED_STAND_INS`.
+
+    Each entry maps one exact ``"module.qualname"`` string (compared whole, so no attribute
+    chain can be named) to a class of this module; nothing of DeepSpeed is imported.
+    """
+    import torch
+
+    with torch.serialization.safe_globals(list(DEEPSPEED_STAND_INS)):
+        yield
