@@ -59,7 +59,8 @@ def _copy(run: str, tmp_path: Path) -> Path:
 
 
 def test_the_fixtures_cover_every_configuration_the_issue_lists():
-    """Stages 1-3 x fp32/fp16/bf16 x 1-3 ranks, BF16_Optimizer, sub_group_size 0, elastic; the Trainer run."""
+    """Stages 1-3 x fp32/fp16/bf16 x 1-3 ranks, BF16_Optimizer, sub_group_size 0, elastic, parameter
+    alignment; the Trainer run."""
     recorded = [json.loads((FIXTURES / r / "run.json").read_text()) for r in RUNS]
     configs = {json.dumps(r["run"], sort_keys=True) for r in recorded}
     worlds = {(r["run"]["stage"], r["run"]["dtype"], r["world"]) for r in recorded}
@@ -68,6 +69,7 @@ def test_the_fixtures_cover_every_configuration_the_issue_lists():
     assert any('"sub_group_size": 0' in c for c in configs)
     assert any('"elastic": true' in c and '"stage": 1' in c for c in configs)
     assert any('"elastic": true' in c and '"stage": 2' in c for c in configs)
+    assert any(r["run"].get("parameter_alignment") for r in recorded)  # nonzero per-parameter paddings
     assert (TRAINER / "expert-a" / "checkpoint-3" / "latest").is_file()
 
 
@@ -317,3 +319,27 @@ def test_an_expert_without_a_store_whose_directory_is_a_checkpoint_gets_the_expo
     with pytest.raises(CurvatureError, match="run `mergekit-ota export") as raised:
         locate_store(None, str(checkpoint), "expert-a")
     assert "DeepSpeed ZeRO" in str(raised.value)
+
+
+def test_without_param_slice_mappings_the_walk_of_param_shapes_places_the_same_pieces(tmp_path):
+    """Checkpoints of DeepSpeed releases before param_slice_mappings: the pieces come from param_shapes and the
+    paddings alone, and still equal DeepSpeed's values.  (Derived from a real checkpoint by deleting the
+    mappings; its DeepSpeed objects are saved back as plain values, since the stand-ins pickle under their
+    own names, which no allow-list accepts.)"""
+    from mergekit_ota.export.torch_state import load_torch_file
+
+    run = "z2-fp32-w3"
+    checkpoint = _copy(run, tmp_path)
+    for file in sorted(_step_dir(checkpoint).glob("*_optim_states.pt")):
+        value, _ = load_torch_file(str(file), deepspeed=True)
+        osd = value["optimizer_state_dict"]
+        del osd["param_slice_mappings"]
+        osd["zero_stage"], osd["loss_scaler"] = int(osd["zero_stage"]), None
+        torch.save(value, str(file) + ".new")
+        os.replace(str(file) + ".new", file)
+    out = tmp_path / "store.safetensors"
+    source = export_curvature(str(checkpoint), str(out), ExportOptions.parse()).source
+    assert any("no param_slice_mappings" in note for note in source.notes)
+    truth = load_file(str(FIXTURES / run / "truth.safetensors"))
+    stored = _read(out)
+    assert stored.keys() == truth.keys() and all(torch.equal(stored[k], truth[k]) for k in truth)

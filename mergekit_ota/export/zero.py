@@ -405,7 +405,8 @@ def open_zero(path: str, model_path: Optional[str], frozen: Sequence[str] = ()) 
                     )
             else:
                 found = walked
-                notes.append("no param_slice_mappings (an older DeepSpeed): pieces placed from param_shapes and the paddings")
+                if g == 0:
+                    notes.append("no param_slice_mappings (an older DeepSpeed): pieces placed from param_shapes and the paddings")
         for name, parts in found.items():
             if sum(n for _, _, n in parts) < math.prod(group_shapes[name]):
                 raise CurvatureError(f"{optim_files[0]}: '{name}' has {sum(n for _, _, n in parts)} of its {math.prod(group_shapes[name])} elements")
