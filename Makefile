@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mergekit-ota-installed
 QUALITY_STAMP := $(VENV)/.mergekit-ota-quality
 
-.PHONY: install demo test bench-quality bench-quality-full bench-quality-sft bench-perf clean
+.PHONY: install demo test bench-quality bench-quality-full bench-quality-sft bench-perf bench-export-memory fixtures clean
 
 $(STAMP): pyproject.toml mergekit_ota_autoload.py mergekit_ota.pth
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,25 @@ bench-quality-sft: $(QUALITY_STAMP)
 
 bench-perf: $(STAMP)
 	$(PY) -m benchmarks.perf
+
+# Real tools' outputs for the tests (DeepSpeed ZeRO checkpoints, a bitsandbytes 8-bit Trainer checkpoint),
+# made in their own environment: `make test` needs neither DeepSpeed nor bitsandbytes.
+FIXTURES_VENV ?= .venv-fixtures
+FIXTURES_STAMP := $(FIXTURES_VENV)/.installed
+$(FIXTURES_STAMP):
+	$(PYTHON) -m venv $(FIXTURES_VENV)
+	$(FIXTURES_VENV)/bin/python -m pip install -q --upgrade pip
+	$(FIXTURES_VENV)/bin/python -m pip install -q torch==2.13.0
+	DS_BUILD_OPS=0 $(FIXTURES_VENV)/bin/python -m pip install -q deepspeed==0.19.8 transformers bitsandbytes==0.50.2 accelerate safetensors
+	touch $@
+
+fixtures: $(FIXTURES_STAMP)
+	DS_ACCELERATOR=cpu $(FIXTURES_VENV)/bin/python tests/fixtures/deepspeed/generate.py
+	$(FIXTURES_VENV)/bin/python tests/fixtures/bitsandbytes/generate.py
+
+# Peak memory of exporting native ZeRO-2/3 checkpoints (trains a 25M-parameter module under DeepSpeed).
+bench-export-memory: $(STAMP) $(FIXTURES_STAMP)
+	$(PY) -m benchmarks.export_memory --deepspeed-python $(FIXTURES_VENV)/bin/python
 
 clean:
 	rm -rf demo_out .pytest_cache .hypothesis
