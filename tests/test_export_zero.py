@@ -343,3 +343,25 @@ def test_without_param_slice_mappings_the_walk_of_param_shapes_places_the_same_p
     truth = load_file(str(FIXTURES / run / "truth.safetensors"))
     stored = _read(out)
     assert stored.keys() == truth.keys() and all(torch.equal(stored[k], truth[k]) for k in truth)
+
+
+def test_a_trainer_checkpoint_saved_without_its_optimizer_says_so(tmp_path):
+    """save_only_model=True leaves checkpoint-N/ with the model and trainer_state.json only."""
+    checkpoint = tmp_path / "checkpoint-3"
+    shutil.copytree(TRAINER / "expert-a" / "checkpoint-3", checkpoint)
+    shutil.rmtree(checkpoint / "global_step3")
+    os.remove(checkpoint / "latest")
+    _refused(checkpoint, tmp_path, "without optimizer state", "save_only_model=True")
+
+
+def test_malformed_param_shapes_are_refused_naming_the_file(tmp_path):
+    """A model-states file whose param_shapes hold something other than shapes is refused, not traced back."""
+    from mergekit_ota.export.torch_state import load_torch_file
+
+    checkpoint = _copy("z3-fp32-w2", tmp_path)
+    file = _step_dir(checkpoint) / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    value, _ = load_torch_file(str(file), deepspeed=True)
+    value["param_shapes"][0]["fc1.weight"] = "7x6"
+    torch.save(value, str(file) + ".new")
+    os.replace(str(file) + ".new", file)
+    _refused(checkpoint, tmp_path, str(file), "fc1.weight", "non-negative ints")

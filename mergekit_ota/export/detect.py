@@ -63,6 +63,12 @@ def detect_kind(path: str) -> str:
             f"model); its newest checkpoint is {newest}: mergekit-ota export {newest} "
             f"{os.path.join(newest, DEFAULT_STORE_NAME)}"
         )
+    if os.path.isfile(os.path.join(path, "trainer_state.json")):
+        raise CurvatureError(
+            f"{path}: a Trainer checkpoint without optimizer state (no optimizer.pt/.bin, no DeepSpeed global_step*/, "
+            f"no optimizer*/ DCP directory): it was saved with save_only_model=True, or its optimizer files were "
+            f"removed. Export needs a checkpoint saved with its optimizer"
+        )
     entries = sorted(os.listdir(path))
     listing = ", ".join(entries[:10]) + (", ..." if len(entries) > 10 else "") if entries else "nothing"
     raise CurvatureError(

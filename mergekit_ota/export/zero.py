@@ -178,8 +178,17 @@ def _shapes(model: Mapping[str, Any], file: str) -> List[Dict[str, Tuple[int, ..
     if not isinstance(groups, (list, tuple)) or not all(isinstance(g, Mapping) for g in groups):
         raise CurvatureError(f"{file}: no 'param_shapes' list of {{name: shape}} dicts; not DeepSpeed model states")
     out = []
-    for group in groups:
-        out.append({str(name): tuple(int(d) for d in shape) for name, shape in group.items()})
+    for g, group in enumerate(groups):
+        shapes: Dict[str, Tuple[int, ...]] = {}
+        for name, shape in group.items():
+            try:
+                dims = tuple(int(d) for d in shape)
+            except (TypeError, ValueError):
+                dims = (-1,)
+            if any(d < 0 for d in dims):
+                raise CurvatureError(f"{file}: param_shapes[{g}]['{name}'] is {shape!r}; expected a shape of non-negative ints")
+            shapes[str(name)] = dims
+        out.append(shapes)
     return out
 
 
