@@ -17,6 +17,13 @@ Grid rule (at most 4 settings per method, fixed before any result is seen):
 * ``linear`` (the plain average of the experts) has no knob: one setting;
 * ``ota (no base)`` (curvature-weighted averaging of the experts' weights, no task vectors,
   the authors' "OTA w/o FFG" configuration) has neither density nor lambda: p in {0.5, 1.0}.
+
+Curvature-scale variants (the curvature-scale issue's evidence): ``ota`` and ``ota+ffg
+(model-wide)`` run with the defaults (``bias_correction: auto``, which corrects every expert here,
+since every store records its step and beta2; ``curvature_scale: none``) and again with
+``bias_correction: false`` (the raw ``exp_avg_sq``, as before the default changed) and with
+``curvature_scale: mean`` / ``median`` (each expert's v divided by its model-wide mean / median;
+that replaces bias correction).  Each variant keeps its method's grid.
 """
 
 from __future__ import annotations
@@ -69,6 +76,7 @@ class Method:
     shared: Dict[str, Any] = field(default_factory=dict)
     note: str = ""
     base: bool = True  # False: no base_model (ota's curvature-weighted averaging of the weights)
+    varies: str = ""  # a curvature-scale variant: the method it varies
 
     def grid_text(self) -> str:
         """The grid as the report prints it, e.g. ``density {0.1, 0.3} x lambda {0.5, 1.0}``."""
@@ -98,8 +106,36 @@ def _grid(**axes: Sequence[Any]) -> List[Dict[str, Any]]:
     return [dict(zip(keys, values)) for values in itertools.product(*axes.values())]
 
 
+SCALE_VARIANTS = (
+    ("no bias correction", {"bias_correction": False}),
+    ("scale: mean", {"curvature_scale": "mean"}),
+    ("scale: median", {"curvature_scale": "median"}),
+)
+
+
+def scale_variants(method: Method) -> List[Method]:
+    """``method`` under each of :data:`SCALE_VARIANTS`, named ``"<name> (<variant>)"`` (``ota+ffg (model-wide)``
+    becomes ``ota+ffg (model-wide, <variant>)``)."""
+    out = []
+    for label, shared in SCALE_VARIANTS:
+        name = f"{method.name[:-1]}, {label})" if method.name.endswith(")") else f"{method.name} ({label})"
+        out.append(Method(name, method.merge_method, method.grid, curvature=method.curvature,
+                          shared={**method.shared, **shared}, note=", ".join(f"{k}: {v}" for k, v in shared.items()),
+                          base=method.base, varies=method.name))  # fmt: skip
+    return out
+
+
+def variant_of(name: str) -> Optional[str]:
+    """The method a curvature-scale variant varies (``None`` for a method that is not one)."""
+    return next((m.varies for m in methods() if m.name == name and m.varies), None)
+
+
 def methods() -> List[Method]:
     """The compared methods with their grids (see the module docstring for the rule)."""
+    return _core_methods() + [v for m in _core_methods() if m.name in ("ota", "ota+ffg (model-wide)") for v in scale_variants(m)]
+
+
+def _core_methods() -> List[Method]:
     return [
         Method("ota", "ota", _grid(power=(0.5, 1.0), **{"lambda": MEAN_LAMBDAS}), curvature="full"),
         Method("ota (rank-1 curvature)", "ota", _grid(power=(0.5, 1.0), **{"lambda": MEAN_LAMBDAS}), curvature="rank1"),

@@ -160,6 +160,34 @@ def plot(runs: List[Run], means: Dict[str, Dict[str, List[float]]], path: str) -
     plt.close(fig)
 
 
+def _scale_section(methods: Sequence[str], choices: List[Dict[str, Dict[str, Any]]], diff: Any, keys_of: Any,
+                   seeds: Sequence[int]) -> List[str]:  # fmt: skip
+    """Curvature on one scale: each variant against its default (bias-corrected, no normalisation), and the
+    ``curvature_scale`` that validation picks for each of ``ota`` and ``ota+ffg (model-wide)``."""
+    variants = [m for m in methods if merges.variant_of(m) in methods]
+    if not variants:
+        return []
+    out = ["", "## Curvature on one scale", "",
+           "Each variant minus its default (`bias_correction: auto`, which corrects every expert here since every store "
+           "records its step and beta2, and `curvature_scale: none`), test G, pooled over seeds and per seed (each "
+           "method at its own validation-chosen grid point). The experts trained for different lengths on purpose "
+           "(see Setup).", "",
+           "| comparison | pooled diff [95%] | verdict | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+           "|---|---|---|" + "---|" * len(seeds)]  # fmt: skip
+    for variant in variants:
+        d = diff(keys_of(variant), keys_of(merges.variant_of(variant)))
+        out.append(f"| {variant} - {merges.variant_of(variant)} | {_est(d.pooled, True)} | {d.pooled.verdict} | "
+                   + " | ".join(_est(e, True) for e in d.per_seed) + " |")  # fmt: skip
+    for default in dict.fromkeys(merges.variant_of(v) for v in variants):
+        options = {"none": default, **{v.split("scale: ")[1].rstrip(")"): v for v in variants
+                                      if merges.variant_of(v) == default and "scale: " in v}}  # fmt: skip
+        val = {k: float(np.mean([c[m]["val"] for c in choices])) for k, m in options.items()}
+        pick = max(val, key=lambda k: _finite(val[k]))
+        out += ["", f"`curvature_scale` for {default}, by mean validation G over seeds: "
+                + ", ".join(f"{k} {_fmt(v)}" for k, v in val.items()) + f": validation picks **{pick}**."]
+    return out
+
+
 def unit_costs(runs: List[Run]) -> List[str]:
     """Measured unit costs of each seed's run: Trainer step, scored item, merge by method, graft."""
     out = ["## Unit costs (measured in these runs)", "",
@@ -310,6 +338,8 @@ def write(runs: List[Run], directory: str, name: str, partial: bool = False) -> 
             d = diff(keys_of(a), keys_of(b))
             out.append(f"| {a} - {b} | {_est(d.pooled, True)} | {d.pooled.verdict} | "
                        + " | ".join(_est(e, True) for e in d.per_seed) + " |")  # fmt: skip
+
+    out += _scale_section(methods, choices, diff, keys_of, seeds)
 
     # grids
     notes = {m.name: m.note for m in merges.methods()}
