@@ -9,12 +9,16 @@ changes one of them fails with one clear message naming it, not an
 ================================================  ======================================
 ``MergePlanner.plan_tensor(self, weight, ...)``   wrapped: attach curvature (its signature)
 ``MergePlanner._plan``                            wrapped: raise every problem at the end
-``MergePlanner.plan_to_disk(self, out_path)``     wrapped: record when the weights are done
+``MergePlanner.plan_to_disk(self, out_path)``     wrapped: record when the weights are done,
+                                                  and which curvature each expert used
 ``MergePlanner._tensors`` / ``._method``          read: the planned tasks, the method
+``MergePlanner.options.transformers_cache``       read: the hub cache the curvature lookup uses
 ``ExecuteMergeMethodTask`` fields                 copied into :class:`CurvatureMergeTask`
 ``mergekit.io.tasks.FinalizeModel`` fields        subclassed (:mod:`.graph.finalize`)
 ``mergekit.merge._model_out_config``              called by ``check`` to plan as run_merge
-``mergekit.merge.run_merge(config, out, ...)``    wrapped: the output policy
+``mergekit.merge.run_merge(config, out, ...)``    wrapped: the output policy; the card it
+                                                  writes (``out/README.md``) gets the
+                                                  curvature section (:mod:`.graph.provenance`)
 ``merge_raw_pytorch.plan_flat_merge``             wrapped: refuse ota/ffg
 ================================================  ======================================
 """
@@ -30,7 +34,7 @@ EXPECTED_PLAN_TENSOR_ARGS = ["self", "weight", "weights_in", "models", "cfg_read
 EXPECTED_PLAN_TO_DISK_ARGS = ["self", "out_path"]
 EXPECTED_RUN_MERGE_ARGS = ["merge_config", "out_path", "options", "config_source"]
 EXPECTED_OUT_CONFIG_ARGS = ["config", "arch_info", "trust_remote_code"]
-EXPECTED_PLANNER_ATTRIBUTES = ("_tensors", "_method")  # set in MergePlanner.__init__
+EXPECTED_PLANNER_ATTRIBUTES = ("_tensors", "_method", "options")  # set in MergePlanner.__init__
 EXPECTED_TASK_FIELDS = {
     "method_name", "gather_tensors", "model_order", "base_model", "output_weight",
     "parameters", "input_parameters", "dtype", "out_dtype",
@@ -144,6 +148,11 @@ def planner_tensors(planner: Any) -> List[Tuple[Any, Any]]:
 def planner_method(planner: Any) -> Any:
     """``planner._method``: the merge method object the planner resolved."""
     return planner._method
+
+
+def planner_cache_dir(planner: Any) -> Optional[str]:
+    """``planner.options.transformers_cache``: mergekit's ``--transformers-cache`` (``None``: huggingface_hub's default)."""
+    return getattr(planner.options, "transformers_cache", None)
 
 
 def model_out_config(config: Any, arch_info: Any, trust_remote_code: bool) -> Any:

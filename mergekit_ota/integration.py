@@ -6,7 +6,9 @@
 ``mergekit.merge``                     ``run_merge``: claim the output directory and
                                        apply the overwrite policy
                                        (:mod:`mergekit_ota.io.output`); keep a merge
-                                       whose weights were all written
+                                       whose weights were all written; add which
+                                       curvature each expert used
+                                       (:mod:`mergekit_ota.graph.provenance`)
 ``mergekit.scripts.merge_raw_pytorch`` refuse ``ota``/``ffg`` (no planner, no curvature)
 =====================================  =============================================
 
@@ -50,6 +52,9 @@ MERGE_OUTPUT = ReplacePolicy(
 )
 
 
+PROVENANCE_STEP = "writing the curvature provenance (mergekit_ota_curvature.json, the card's Curvature section)"
+
+
 def _late_step(error: BaseException, merge_config: object) -> Tuple[str, str]:
     """Which step of ``run_merge`` after the weights raised ``error`` (from its traceback), with a way out."""
     trace = error.__traceback__
@@ -64,6 +69,8 @@ def _late_step(error: BaseException, merge_config: object) -> Tuple[str, str]:
             return "writing the model card (README.md)", hint
         if "/mergekit/tokenizer" in filename or "tokenization" in filename:
             return "saving the tokenizer", ""
+        if filename.endswith("/mergekit_ota/graph/provenance.py"):
+            return PROVENANCE_STEP, ""
         trace = trace.tb_next
     return "a step after the weights were written", ""
 
@@ -83,7 +90,9 @@ def _mark_as_merge(build: str, merge_config: object, args: tuple, kwargs: dict) 
 
 def _guard_run_merge(run_merge: Callable) -> Callable:
     """``run_merge`` for ota/ffg: claim the output (:class:`~mergekit_ota.io.output.OutputDirectory`), merge into
-    its build directory, and keep a merge whose every tensor was written even when a later step fails."""
+    its build directory, add the curvature provenance (:func:`~mergekit_ota.graph.provenance.write_provenance`:
+    the JSON file and the card's section) before the build is swapped in, and keep a merge whose every tensor
+    was written even when a later step fails."""
 
     @functools.wraps(run_merge)
     def guarded(merge_config, out_path, *args, **kwargs):
@@ -92,16 +101,30 @@ def _guard_run_merge(run_merge: Callable) -> Callable:
         from mergekit_ota.compat import require_supported_mergekit
 
         require_supported_mergekit()  # before the output is claimed or mergekit runs any of its steps
+        from mergekit_ota.graph.provenance import card_state, write_provenance
+        from mergekit_ota.graph.provenance import take as take_provenance
+
         in_place = os.environ.get(OVERWRITE_ENV, "").strip().lower() in ("1", "true", "yes")
         with OutputDirectory(out_path, MERGE_OUTPUT, in_place=in_place) as out:
+            card_before = card_state(out.build)  # a card already there (in place) is not this run's
+            record = None
             try:
-                result = run_merge(merge_config, out.build, *args, **kwargs)
+                try:
+                    result = run_merge(merge_config, out.build, *args, **kwargs)
+                finally:
+                    record = take_provenance(out.build)  # recorded by the planner patch (plan_to_disk)
+                write_provenance(out.build, record, card_before)  # before the output is swapped in
             except BaseException as error:
                 if not out.complete:
                     raise  # the OutputDirectory removes what this run created
                 _mark_as_merge(out.build, merge_config, args, kwargs)
-                out.commit()
                 step, hint = _late_step(error, merge_config)
+                if step != PROVENANCE_STEP:
+                    try:
+                        write_provenance(out.build, record, card_before)
+                    except Exception:  # noqa: BLE001 - the error raised next says which step failed
+                        pass
+                out.commit()
                 raise OutputError(
                     f"{out.path}: the merge is complete and kept (every tensor and the weight index were written), "
                     f"but {step} failed: {type(error).__name__}: {error}{hint}"

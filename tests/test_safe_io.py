@@ -491,3 +491,26 @@ def test_check_warns_before_merging_about_paths_the_model_card_asks_the_hub_abou
     assert report.ok
     (warning,) = [w for w in report.warnings if "Hugging Face Hub" in w]
     assert warning.startswith("model path(s) ck/base:") and "./ck/base" in warning and "--no-write-model-card" in warning
+
+
+def test_an_index_in_a_hub_cache_snapshot_may_name_its_repos_blobs_but_nothing_else(tmp_path):
+    """huggingface_hub's cache keeps snapshot files as links into the repo's blobs/: an index there may name
+    them; a link into another repo's blobs/, or out of the cache, is still refused."""
+    from mergekit_ota.errors import CurvatureError
+    from mergekit_ota.io.paths import contained
+
+    repo = tmp_path / "models--org--name"
+    snapshot = repo / "snapshots" / ("a" * 40)
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    (repo / "blobs" / "0123").write_bytes(b"x")
+    (snapshot / "shard.safetensors").symlink_to(repo / "blobs" / "0123")
+    assert contained(str(snapshot), "shard.safetensors", "index") == str(snapshot / "shard.safetensors")
+    other = tmp_path / "models--org--other" / "blobs"
+    other.mkdir(parents=True)
+    (other / "9999").write_bytes(b"y")
+    (snapshot / "foreign.safetensors").symlink_to(other / "9999")
+    (snapshot / "outside.safetensors").symlink_to(tmp_path / "elsewhere")
+    for name in ("foreign.safetensors", "outside.safetensors"):
+        with pytest.raises(CurvatureError, match="outside the directory"):
+            contained(str(snapshot), name, "index")

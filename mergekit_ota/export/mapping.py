@@ -59,6 +59,7 @@ BASIS_STATE_KEYS = "state_keys"  # a state dict keyed by parameter names (FSDP f
 BASIS_DCP_FQNS = "dcp_fqns"  # torch.distributed.checkpoint keys: optimizer.state.<fqn>.<key>
 BASIS_DIRECTORY_NAMES = "directory_names"  # DeepSpeed universal checkpoints: zero/<name>/
 BASIS_PARAM_SHAPES = "param_shapes"  # native DeepSpeed ZeRO checkpoints: the model states' param_shapes
+BASIS_PARAM_OBJECTS = "param_objects"  # captured in training: optimizer.state[p] for p in model.named_parameters()
 BASIS_SHAPES_ORDER = "shapes+order"  # index-keyed states mapped by map_indices
 
 

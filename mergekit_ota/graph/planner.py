@@ -143,10 +143,18 @@ class CurvaturePlan:
             self.problem(unknown.message(spec.name), config_level=True)
 
     def store_path(self, model: ModelReference, curvature: Any) -> Optional[str]:
+        from mergekit_ota.compat import planner_cache_dir
+
         key = (model, None if curvature is None else str(curvature))
         if key not in self.stores:
             try:
-                path = locate_store(key[1], str(model.model.path), str(model))
+                path = locate_store(
+                    key[1],
+                    str(model.model.path),
+                    str(model),
+                    revision=model.model.revision,
+                    cache_dir=planner_cache_dir(self.planner),
+                )
                 CurvatureStore.open(path)
                 self.stores[key] = path
             except OTAError as error:
@@ -314,24 +322,27 @@ class CurvaturePlan:
                 f"{other} (tensor {there})"
             )
 
+    def bias_reason(self, d: BiasDecision) -> str:
+        """Whether and why expert ``d.expert``'s curvature is bias-corrected in this merge (``curvature_scale`` included)."""
+        mode = self.curvature_scale
+        if mode == "none":
+            return d.reason
+        if d.corrected:
+            return (
+                f"replaced by curvature_scale: {mode} (v / {mode}(v) keeps no per-expert factor: its x{d.scale:.4g} "
+                f"from step {d.step}, beta2 {d.beta2} would cancel)"
+            )
+        return f"{d.reason}; curvature_scale: {mode} removes any per-expert factor anyway"
+
     def bias_notes(self) -> List[str]:
         """One line per expert (ota): whether and why its curvature is bias-corrected; under
         ``curvature_scale``, that normalising replaces it and where the statistic is computed."""
         mode = self.curvature_scale
         if mode == "none":
-            return [f"bias correction, expert {d.expert}: {d.reason}" for d in self.bias.values()]
+            return [f"bias correction, expert {d.expert}: {self.bias_reason(d)}" for d in self.bias.values()]
         notes = []
         for d in self.bias.values():
-            if d.corrected:
-                notes.append(
-                    f"bias correction, expert {d.expert}: replaced by curvature_scale: {mode} (v / {mode}(v) keeps no "
-                    f"per-expert factor: its x{d.scale:.4g} from step {d.step}, beta2 {d.beta2} would cancel)"
-                )
-            else:
-                notes.append(
-                    f"bias correction, expert {d.expert}: {d.reason}; curvature_scale: {mode} removes any per-expert "
-                    f"factor anyway"
-                )
+            notes.append(f"bias correction, expert {d.expert}: {self.bias_reason(d)}")
             notes.append(
                 f"curvature scale, expert {d.expert}: OTA uses v / m, m the {mode} of all its curvature entries the "
                 f"merge reads (of v as stored), computed during the merge {self.scale_pass}"
@@ -401,10 +412,12 @@ def patch_planner(planner_class: type) -> None:
     """Wrap ``MergePlanner.plan_tensor``, ``._plan`` and ``.plan_to_disk`` (idempotent; ours only).
 
     ``plan_tensor`` attaches curvature to each task, ``_plan`` raises every problem at
-    the end, ``plan_to_disk`` records when the weights are complete (:mod:`.finalize`).
+    the end, ``plan_to_disk`` records when the weights are complete (:mod:`.finalize`) and
+    which curvature each expert used (:mod:`.provenance`, for the model card).
     """
     from mergekit_ota.compat import planner_method, planner_tensors
     from mergekit_ota.graph.finalize import record_finalize
+    from mergekit_ota.graph.provenance import remember as remember_provenance
 
     if getattr(planner_class.plan_tensor, PATCH_MARK, False):
         return
@@ -434,7 +447,10 @@ def patch_planner(planner_class: type) -> None:
 
     def patched_plan_to_disk(self, out_path):
         tasks = plan_to_disk(self, out_path)
-        return record_finalize(tasks, out_path) if is_ours(planner_method(self)) else tasks
+        if not is_ours(planner_method(self)):
+            return tasks
+        remember_provenance(out_path, CurvaturePlan.of(self))  # for the model card (:mod:`.provenance`)
+        return record_finalize(tasks, out_path)
 
     wrappers = ((patched_plan_tensor, plan_tensor), (patched_plan, plan), (patched_plan_to_disk, plan_to_disk))
     for wrapper, original in wrappers:

@@ -136,10 +136,11 @@ def read_config(path: str) -> Any:
 
 
 def _looks_local(path: str) -> bool:
-    """False only where ``path`` may be a Hub repo id: ``name``, or ``org/name`` with no local folder ``org``."""
-    if os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1:
-        return True
-    return "/" in path and os.path.isdir(path.split("/", 1)[0])
+    """False only where ``path`` may be a Hub repo id: ``name``, or ``org/name`` with no local folder ``org``
+    (the rule of :func:`mergekit_ota.curvature.hub.looks_like_repo_id`)."""
+    from mergekit_ota.curvature.hub import looks_like_repo_id
+
+    return not looks_like_repo_id(path, bare=True)
 
 
 def missing_local_models(config: Any) -> List[str]:

@@ -28,12 +28,28 @@ def loader_reads(name: str) -> Optional[str]:
     return next((pattern for pattern in LOADER_PATTERNS if fnmatch.fnmatchcase(base, pattern)), None)
 
 
+HUB_REPO_PREFIXES = ("models--", "datasets--", "spaces--")
+
+
+def _hub_blob(root: str, real: str) -> bool:
+    """Whether ``root`` lies in a huggingface_hub cache snapshot (``<cache>/models--ORG--NAME/snapshots/<commit>/...``)
+    and ``real`` in that same repo's ``blobs/``: the cache keeps every snapshot file as a link into ``blobs/``."""
+    parts = root.rstrip(os.sep).split(os.sep)
+    for i in range(1, len(parts) - 1):
+        if parts[i] == "snapshots" and parts[i - 1].startswith(HUB_REPO_PREFIXES):
+            blobs = os.sep.join(parts[:i] + ["blobs"])
+            return real.startswith(blobs + os.sep)
+    return False
+
+
 def contained(directory: str, name: object, source: str) -> str:
     """``directory/name`` as an absolute path, provided ``name`` stays inside ``directory``.
 
     ``name`` comes from file ``source`` (named in the error). Refused: a non-string,
     an empty name, an absolute path, any ``..`` component, and a path whose real
-    location (links resolved) is outside ``directory``'s real location.
+    location (links resolved) is outside ``directory``'s real location, except that in a
+    huggingface_hub cache snapshot a file may resolve into its own repo's ``blobs/`` (how the
+    cache stores every file).
     """
     if not isinstance(name, str) or not name:
         raise CurvatureError(f"{source}: file name {name!r} is not a non-empty string")
@@ -46,7 +62,7 @@ def contained(directory: str, name: object, source: str) -> str:
     path = os.path.abspath(os.path.join(directory, name))
     root = os.path.realpath(directory)
     real = os.path.realpath(path)
-    if real != root and not real.startswith(root.rstrip(os.sep) + os.sep):
+    if real != root and not real.startswith(root.rstrip(os.sep) + os.sep) and not _hub_blob(root, real):
         raise CurvatureError(
             f"{source}: file name {name!r} resolves to {real}, outside the directory {root} (through a link); "
             f"an index may only name files inside its own directory"

@@ -1,0 +1,1 @@
+"""Cost of CurvatureCallback per save and as a share of training time (``python -m benchmarks.capture_overhead``)."""

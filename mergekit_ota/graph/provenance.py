@@ -1,0 +1,225 @@
+"""Which curvature made a merge: a ``## Curvature`` section in its model card and ``mergekit_ota_curvature.json``.
+
+For ``ota``/``ffg`` merges, the planner patch records what it resolved (:func:`remember`, from
+``plan_to_disk``): per expert, the store(s) it read (path as resolved, and the repo, commit and
+file of a store in huggingface_hub's cache; its metadata: ``step``,
+``beta2``, ``compression``, ``dtype``, ``bias_corrected``) and what bias correction did to it in
+this merge (the :class:`~mergekit_ota.methods.bias.BiasDecision`), plus ``curvature_scale``.
+Once mergekit's ``run_merge`` has written the weights, ``config.json``, its model card
+(``README.md``) and ``mergekit_config.yml`` into the build directory, the ``run_merge`` guard
+(:mod:`mergekit_ota.integration`) calls :func:`write_provenance`:
+
+* :data:`PROVENANCE_FILE` holds the facts as JSON (always written: it is the machine-readable record);
+* the card mergekit wrote *in this run* gets a ``## Curvature`` section appended (a card left
+  from an earlier run, or none with ``write_model_card`` off, is not touched).
+  mergekit's YAML front matter (hub metadata) and ``mergekit_config.yml`` stay as mergekit
+  wrote them, so the config still loads as a mergekit config.
+
+Both files are written through :class:`~mergekit_ota.io.atomic.StagedFiles` into the build
+directory (staged, renamed into place together), before the output is swapped in: a failure
+leaves each file whole, old or new, and the merge's weights are kept as after any late step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any, Dict, List, Optional, Tuple
+
+from mergekit_ota.curvature.store import CurvatureStore, metadata_inputs
+from mergekit_ota.io.atomic import StagedFiles
+
+PROVENANCE_FILE = "mergekit_ota_curvature.json"
+CARD_FILE = "README.md"
+SECTION_MARKER = "<!-- mergekit-ota: curvature provenance -->"
+FORMAT_VERSION = 1
+HEADER_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+FFG_BIAS_REASON = "not corrected: ffg uses the curvature as stored (bias correction changes only ota's weights)"
+
+# huggingface_hub's cache layout: HUB_CACHE/models--ORG--NAME/snapshots/COMMIT/FILE
+_HUB_CACHED = re.compile(r"(?:^|/)models--(?P<repo>[^/]+)/snapshots/(?P<commit>[0-9a-f]{40})/(?P<file>.+)$")
+
+_recorded: Dict[str, Dict[str, Any]] = {}  # build directory -> its merge's record, until the guard takes it
+
+
+def _header_compression(store: CurvatureStore) -> str:
+    """``none`` / ``rank1`` / ``partial-rank1`` from the tensors themselves (as ``export`` names it)."""
+    matrices = [r for r in store.records.values() if len(r.shape) == 2]
+    compressed = [r for r in store.records.values() if r.compressed]
+    return "none" if not compressed else "rank1" if len(compressed) == len(matrices) else "partial-rank1"
+
+
+def _header_dtype(store: CurvatureStore) -> str:
+    names = sorted({HEADER_DTYPES.get(e.dtype, e.dtype) for r in store.records.values() for e in r.entries})
+    return ",".join(names)
+
+
+def hub_origin(path: str) -> Optional[Dict[str, str]]:
+    """``{"repo", "commit", "file"}`` where ``path`` is a file in huggingface_hub's cache (a store fetched from a
+    Hub repo), else ``None``."""
+    match = _HUB_CACHED.search(path.replace(os.sep, "/"))
+    if match is None:
+        return None
+    return {"repo": match["repo"].replace("--", "/"), "commit": match["commit"], "file": match["file"]}
+
+
+def store_facts(path: str) -> Dict[str, Any]:
+    """One store as a merge used it: its resolved path, the metadata fields a reader needs (parsed), and the
+    whole ``__metadata__`` as stored. ``compression``/``dtype`` come from the tensors where the metadata lacks them."""
+    store = CurvatureStore.open(path)
+    metadata = {str(k): str(v) for k, v in store.metadata.items()}
+    found, _ = metadata_inputs(metadata)
+    return {
+        "path": path,
+        "hub": hub_origin(path),
+        "step": found.get("optimizer_step"),
+        "beta2": found.get("beta2"),
+        "compression": metadata.get("compression") or _header_compression(store),
+        "dtype": metadata.get("dtype") or _header_dtype(store),
+        "bias_corrected_in_store": found.get("bias_corrected", False),
+        "metadata": metadata,
+    }
+
+
+def plan_record(plan: Any) -> Dict[str, Any]:
+    """The provenance of a finished :class:`~mergekit_ota.graph.planner.CurvaturePlan` (plain data, no planner)."""
+    method = str(plan.planner.config.merge_method)
+    mode = plan.curvature_scale if method == "ota" else None
+    experts: Dict[str, Dict[str, Any]] = {}
+    for (model, _curvature), path in plan.stores.items():
+        if path is None:
+            continue
+        label = str(model)
+        entry = experts.setdefault(label, {"model": label, "stores": [], "bias_correction": None})
+        if all(s["path"] != path for s in entry["stores"]):
+            entry["stores"].append(store_facts(path))
+        decision = plan.bias.get(model)
+        if decision is not None and entry["bias_correction"] is None:
+            applied = decision.corrected and mode == "none"
+            entry["bias_correction"] = {
+                "applied": applied,
+                "factor": decision.scale if applied else 1.0,
+                "step": decision.step,
+                "beta2": decision.beta2,
+                "reason": plan.bias_reason(decision),
+            }
+    for entry in experts.values():
+        if entry["bias_correction"] is None and method == "ffg":
+            entry["bias_correction"] = {"applied": False, "factor": 1.0, "step": None, "beta2": None, "reason": FFG_BIAS_REASON}
+    from mergekit_ota import __version__
+
+    return {
+        "format_version": FORMAT_VERSION,
+        "written_by": f"mergekit-ota {__version__}",
+        "merge_method": method,
+        "curvature_scale": mode,
+        "curvature_scale_computed": plan.scale_pass if mode not in (None, "none") else None,
+        "experts": list(experts.values()),
+    }
+
+
+def remember(out_path: str, plan: Any) -> None:
+    """Record ``plan``'s provenance for the merge being written to ``out_path`` (``plan_to_disk``)."""
+    _recorded[os.path.abspath(out_path)] = plan_record(plan)
+
+
+def take(build: str) -> Optional[Dict[str, Any]]:
+    """The record :func:`remember` made for ``build`` (forgotten here), or ``None``."""
+    return _recorded.pop(os.path.abspath(build), None)
+
+
+def card_state(build: str) -> Optional[Tuple[int, int, int]]:
+    """What identifies the card in ``build`` now (inode, size, mtime), to tell later whether this run wrote it."""
+    try:
+        stat = os.stat(os.path.join(build, CARD_FILE))
+    except OSError:
+        return None
+    return (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+def _cell(text: Any, code: bool = False) -> str:
+    value = "—" if text is None or text == "" else str(text)
+    value = value.replace("|", "\\|").replace("\n", " ")
+    return f"`{value}`" if code and text not in (None, "") else value
+
+
+def _where(store: Dict[str, Any]) -> str:
+    """A store as a reader of the card can find it: ``repo@commit:file`` for a Hub store, else its path."""
+    hub = store.get("hub")
+    return f"{hub['repo']}@{hub['commit'][:12]}:{hub['file']}" if hub else store["path"]
+
+
+def _short_reason(reason: Optional[str], path: str) -> Optional[str]:
+    """The planner's reason with the store's path (in the column beside it) said as "its store"."""
+    return reason.replace(f"the metadata of {path}", "its store's metadata").replace(path, "its store") if reason else reason
+
+
+def card_section(record: Dict[str, Any]) -> str:
+    """The markdown appended to the model card: one table row per expert and store (a Hub store named by repo,
+    commit and file), then ``curvature_scale``."""
+    method = record["merge_method"]
+    lines = [
+        SECTION_MARKER,
+        "## Curvature",
+        "",
+        f"This model was merged with mergekit-ota's `{method}` method, which weights each expert "
+        f"by its Adam second moment (`exp_avg_sq`, the curvature). Each expert used this curvature "
+        f"(the same facts, machine-readable: `{PROVENANCE_FILE}`):",
+        "",
+        "| expert | curvature store | step | beta2 | compression | dtype | bias correction in this merge |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for expert in record["experts"]:
+        bias = expert["bias_correction"] or {}
+        for store in expert["stores"]:
+            cells = [
+                _cell(expert["model"], code=True),
+                _cell(_where(store), code=True),
+                _cell(store["step"]),
+                _cell(store["beta2"]),
+                _cell(store["compression"]),
+                _cell(store["dtype"]),
+                _cell(_short_reason(bias.get("reason"), store["path"])),
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    mode = record["curvature_scale"]
+    if mode is not None:
+        lines.append("")
+        if mode == "none":
+            lines.append("curvature_scale: `none` (each expert's curvature is used on its own scale, bias-corrected as above).")
+        else:
+            lines.append(
+                f"curvature_scale: `{mode}`: each expert's curvature is divided by its own model-wide {mode}, "
+                f"computed {record['curvature_scale_computed']}."
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _with_section(card: str, section: str) -> str:
+    """``card`` with ``section`` at its end (replacing a section appended before)."""
+    at = card.find(SECTION_MARKER)
+    if at >= 0:
+        card = card[:at]
+    return card.rstrip("\n") + "\n\n" + section
+
+
+def write_provenance(build: str, record: Optional[Dict[str, Any]], card_before: Optional[Tuple[int, int, int]]) -> List[str]:
+    """Write :data:`PROVENANCE_FILE` into ``build`` and append :func:`card_section` to the card this run wrote
+    (``card_state`` differs from ``card_before``); staged and renamed together. Returns the files written."""
+    if record is None:
+        return []
+    files: List[Tuple[str, bytes]] = [
+        (os.path.join(build, PROVENANCE_FILE), (json.dumps(record, indent=2) + "\n").encode("utf-8"))
+    ]
+    card = os.path.join(build, CARD_FILE)
+    state = card_state(build)
+    if state is not None and state != card_before:
+        with open(card, "r", encoding="utf-8") as fp:
+            text = fp.read()
+        files.append((card, _with_section(text, card_section(record)).encode("utf-8")))
+    with StagedFiles(needed=sum(len(data) for _, data in files)) as staged:
+        for path, data in files:
+            staged.open(path)
+            staged.write(data)
+        return staged.commit()
