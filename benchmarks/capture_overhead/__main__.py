@@ -23,6 +23,17 @@ RESULT = os.path.join(ROOT, "benchmarks", "results", "capture-overhead.md")
 DEFAULT_SAVE_STEPS = 500
 
 
+def _store_bytes(path: str) -> int:
+    """Bytes of the store at ``path``: the file, or an index and the shards it names."""
+    if not path.endswith(".index.json"):
+        return os.path.getsize(path)
+    import json
+
+    with open(path) as fp:
+        shards = set(json.load(fp)["weight_map"].values())
+    return os.path.getsize(path) + sum(os.path.getsize(os.path.join(os.path.dirname(path), f)) for f in shards)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=12)
@@ -59,7 +70,7 @@ def main() -> None:
     out = os.path.join(ROOT, "benchmarks", ".cache", "capture_overhead")
     targs = TrainingArguments(output_dir=out, max_steps=args.steps, save_steps=args.save_every, per_device_train_batch_size=8,
                               learning_rate=1e-4, report_to=[], use_cpu=True, logging_steps=1000, save_only_model=True,
-                              overwrite_output_dir=True)  # fmt: skip
+                              )  # fmt: skip
     Trainer(model=model, args=targs, train_dataset=[{"input_ids": r, "labels": r.clone()} for r in rows],
             callbacks=[timer, rank1, full]).train()  # fmt: skip
     step = statistics.median(timer.times)
@@ -68,15 +79,14 @@ def main() -> None:
         f"`python -m benchmarks.capture_overhead --steps {args.steps} --save-every {args.save_every} --threads {args.threads}`: "
         f"SmolLM2-135M-Instruct ({sum(p.numel() for p in model.parameters()):,} parameters), Trainer with AdamW, batch 8 x 48 "
         f"tokens, float32 on CPU, {args.threads} torch thread(s); {len(timer.times)} optimizer steps timed between saves "
-        f"(median {step:.2f} s). Load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (a shared machine: "
+        f"(median {step:.2f} s). Load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (a shared machine: "
         f"the step and the save were timed in the same run, so their ratio is what counts).", "",
         "| callback | saves | s per save (median) | store | share of training at save_steps=500 |",
         "|---|---|---|---|---|",
     ]
     for label, callback in (("rank-1 (default)", rank1), ("full", full)):
         per_save = statistics.median(callback.seconds)
-        size = sum(os.path.getsize(os.path.join(os.path.dirname(p), f)) for p in callback.written[-1:]
-                   for f in os.listdir(os.path.dirname(p)) if f.startswith("exp_avg_sq"))  # fmt: skip
+        size = _store_bytes(callback.written[-1])
         share = per_save / (DEFAULT_SAVE_STEPS * step)
         lines.append(f"| {label} | {len(callback.seconds)} | {per_save:.2f} | {size / 2**20:.1f} MiB | {100 * share:.3f}% |")
     with open(RESULT, "w") as fp:

@@ -24,8 +24,10 @@ TIME_TARGETS: Tuple[Tuple[str, str, float], ...] = (
     ("ota_ffg_tensor", "dare_ties", 1.0),
     ("ota_ffg_tensor", "ties", 0.4),
     ("ota_ffg_model", "ota_ffg_tensor", 2.0),
+    ("ota_ffg_model_consensus", "ota_ffg_model", 1.2),  # sign consensus: at most one extra pass over kept entries
+    ("ota_ffg_model_consensus", "ties", 0.5),
 )
-CURVATURE_VARIANTS = ("ota", "ota_rank1", "ota_ffg_tensor", "ota_ffg_model", "ffg")
+CURVATURE_VARIANTS = ("ota", "ota_rank1", "ota_ffg_tensor", "ota_ffg_model", "ota_ffg_model_consensus", "ffg")
 TARGET_SIZE = "500M"
 TARGET_EXPERTS = 2
 

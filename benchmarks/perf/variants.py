@@ -47,6 +47,8 @@ VARIANTS: Dict[str, Variant] = {
         Variant("ota_ffg_tensor", "ota + FFG, per-tensor density", "ota", {"density": DENSITY}, curvature="full"),
         Variant("ota_ffg_model", "ota + FFG, model-wide density", "ota", {"density": DENSITY},
                 {"density_scope": "model"}, curvature="full"),  # fmt: skip
+        Variant("ota_ffg_model_consensus", "ota + FFG, model-wide density, sign consensus", "ota", {"density": DENSITY},
+                {"density_scope": "model", "sign_consensus": "sum"}, curvature="full"),  # fmt: skip
         Variant("ffg", "ffg", "ffg", {"density": DENSITY}, curvature="full"),
         Variant("dare_ties", "dare_ties", "dare_ties", {"weight": 1.0, "density": DENSITY}),
         Variant("ties", "ties", "ties", {"weight": 1.0, "density": DENSITY}),

@@ -18,6 +18,11 @@ Grid rule (at most 4 settings per method, fixed before any result is seen):
 * ``ota (no base)`` (curvature-weighted averaging of the experts' weights, no task vectors,
   the authors' "OTA w/o FFG" configuration) has neither density nor lambda: p in {0.5, 1.0}.
 
+Sign consensus (``sign_consensus: sum``, TIES's sign election after FFG masking):
+``ota+ffg (model-wide, sign consensus)`` keeps ota+ffg (model-wide)'s grid; ``ffg (sign consensus)``
+(normalised ffg with the consensus: TIES with FFG saliency in place of magnitude, per tensor) is a
+mean-type method: density {0.1, 0.3} x lambda {1.0, 1.5}, TIES's grid.
+
 Curvature-scale variants (the curvature-scale issue's evidence): ``ota`` and ``ota+ffg
 (model-wide)`` run with the defaults (``bias_correction: auto``, which corrects every expert here,
 since every store records its step and beta2; ``curvature_scale: none``) and again with
@@ -136,6 +141,17 @@ def methods() -> List[Method]:
 
 
 def _core_methods() -> List[Method]:
+    return _base_methods() + [
+        Method("ota+ffg (model-wide, sign consensus)", "ota", _grid(density=DENSITIES, **{"lambda": MEAN_LAMBDAS}),
+               curvature="full", shared={"density_scope": "model", "sign_consensus": "sum"},
+               note="sign_consensus: sum"),  # fmt: skip
+        Method("ffg (sign consensus)", "ffg", _grid(density=DENSITIES, **{"lambda": MEAN_LAMBDAS}), curvature="full",
+               shared={"normalize": True, "sign_consensus": "sum"},
+               note="TIES with FFG saliency: normalize, sign_consensus: sum (disjoint mean)"),  # fmt: skip
+    ]
+
+
+def _base_methods() -> List[Method]:
     return [
         Method("ota", "ota", _grid(power=(0.5, 1.0), **{"lambda": MEAN_LAMBDAS}), curvature="full"),
         Method("ota (rank-1 curvature)", "ota", _grid(power=(0.5, 1.0), **{"lambda": MEAN_LAMBDAS}), curvature="rank1"),

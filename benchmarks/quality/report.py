@@ -229,7 +229,8 @@ def verdict(a: Dict[str, Any], b: Dict[str, Any]) -> str:
 
 # (ours, theirs): the same way of combining, with FFG/curvature instead of magnitude/uniform
 LIKE_FOR_LIKE: Tuple[Tuple[str, str], ...] = (("ota+ffg (per tensor)", "ties"), ("ffg", "task_arithmetic"),
-                                               ("ota", "linear"))  # fmt: skip
+                                               ("ota", "linear"), ("ffg (sign consensus)", "ties"),
+                                               ("ota+ffg (model-wide, sign consensus)", "ota+ffg (model-wide)"))  # fmt: skip
 
 
 def is_ours(method: str) -> bool:

@@ -159,6 +159,7 @@ def ffg_merge(
     weights: Sequence[float],
     lam: float = 1.0,
     normalize: bool = False,
+    consensus: Optional[str] = None,
 ) -> torch.Tensor:
     """Task arithmetic over grafted task vectors.
 
@@ -167,9 +168,17 @@ def ffg_merge(
     :func:`mergekit_ota.methods.settings.tensor_problems`), with
     ``m_i = rules[i].mask(tau_i, v_i)`` (all ones where the rule is ``None``).
     Weights may be negative (task negation). Computed in float32; returned in ``base.dtype``.
+
+    ``consensus`` (``"sum"`` or ``"count"``): TIES with FFG's selection. Per coordinate a sign is elected
+    from ``c_i = weight_i m_i tau_i`` and only the agreeing ``c_i`` are summed, ``N = sum_i g_i c_i``;
+    ``normalize`` then divides by ``D = sum_i g_i weight_i``, the agreeing experts' weights (TIES's
+    disjoint mean; every weight > 0, :func:`~mergekit_ota.methods.settings.tensor_problems`), and a
+    coordinate no expert agrees at keeps ``b`` (:mod:`mergekit_ota.math.consensus`).
     """
     if not (len(experts) == len(curvatures) == len(rules) == len(weights)):
         raise ValueError("experts, curvatures, rules and weights must have the same length")
+    if consensus is not None:
+        return _ffg_consensus(base, experts, curvatures, rules, weights, lam, normalize, consensus)
     b = base.to(torch.float32)
     total: Optional[torch.Tensor] = None
     spare: Optional[torch.Tensor] = None  # tau of the 2nd expert on, one buffer reused
@@ -198,3 +207,36 @@ def ffg_merge(
     if lam != 1.0:
         total.mul_(float(lam))
     return total.add_(b).to(base.dtype)
+
+
+def _ffg_consensus(
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    curvatures: Sequence[Optional[Curvature]],
+    rules: Sequence[Optional[KeepRule]],
+    weights: Sequence[float],
+    lam: float,
+    normalize: bool,
+    rule: str,
+) -> torch.Tensor:
+    """:func:`ffg_merge` with sign consensus (its docstring): ``b + lam * N`` or ``b + lam * N / D``."""
+    from mergekit_ota.math.consensus import SignConsensus, disjoint_mean
+
+    if not experts:
+        return base
+    b = base.to(torch.float32)
+    votes = SignConsensus(rule)
+    scores: Optional[torch.Tensor] = None
+    for expert, v, keep, weight in zip(experts, curvatures, rules, weights):
+        tau = torch.sub(f32_operand(expert), b)
+        mask = None
+        if keep is not None:
+            scores = torch.empty_like(tau) if scores is None else scores
+            mask = keep.mask(tau, v, scratch=scores)
+        votes.add(tau, float(weight), mask)
+        del tau, mask
+    numerator, denominator = votes.result()
+    merged = disjoint_mean(numerator, denominator) if normalize else numerator
+    if lam != 1.0:
+        merged.mul_(float(lam))
+    return merged.add_(b).to(base.dtype)

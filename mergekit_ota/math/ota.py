@@ -6,6 +6,8 @@ FFG masks ``m_i`` (all ones without FFG), per-expert ``weight_i``, exponent ``p`
 
 * with a base:    ``theta = b + lam * sum_i w_i m_i tau_i / sum_i w_i m_i``
 * without a base: ``theta = sum_i w_i t_i / sum_i w_i``  (curvature-weighted averaging)
+* with sign consensus (a base needed): the sums run only over the experts whose kept
+  ``w_i m_i tau_i`` has the elected sign (:mod:`mergekit_ota.math.consensus`)
 
 where ``w_i = weight_i * v_i**p + eps`` (``weight_i >= 0``, some ``weight_i > 0``).
 Coordinates masked in every expert keep ``b``.
@@ -210,8 +212,12 @@ def ota_merge(
     lam: float = 1.0,
     *,
     name: Optional[str] = None,
+    consensus: Optional[str] = None,
 ) -> torch.Tensor:
     """Merge experts by their curvature (see the module docstring for the formula and the scaling).
+
+    ``consensus`` (``"sum"`` or ``"count"``, a base needed): elect a sign per coordinate and sum
+    only the agreeing experts' ``w_i m_i tau_i`` and ``w_i`` (:func:`_consensus_merge`).
 
     ``rules`` (with a base only) give each expert's FFG mask ``m_i``; ``None`` keeps all.
     Accumulates ``w_i / s`` in float32, one expert at a time: the first expert's
@@ -234,6 +240,10 @@ def ota_merge(
     if base is None and any(r is not None for r in rules):
         raise ValueError("FFG masks need a base model (tau_i = t_i - b)")
 
+    if consensus is not None:
+        if base is None:
+            raise ValueError("sign consensus needs a base model (tau_i = t_i - b)")
+        return _consensus_merge(base, experts, curvatures, weights, rules, power, eps, lam, name, consensus)
     scale = weight_scale(curvatures, weights, power, eps)
     # w_i / s >= eps / s > 0 for every unmasked expert, unless eps / s underflows in float32
     # (or a negative weight cancels): only then can a zero sum hide an unmasked expert.
@@ -297,3 +307,53 @@ def ota_merge(
     if lam == 1.0:  # b + numerator / denominator in one pass
         return torch.addcdiv(b, numerator, denominator, out=numerator).to(out_dtype)
     return numerator.div_(denominator).mul_(float(lam)).add_(b).to(out_dtype)
+
+
+def _consensus_merge(
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    curvatures: Sequence[Curvature],
+    weights: Sequence[float],
+    rules: Sequence[Optional[KeepRule]],
+    power: float,
+    eps: float,
+    lam: float,
+    name: Optional[str],
+    rule: str,
+) -> torch.Tensor:
+    """``theta = b + lam * N / D`` with ``N = sum_i g_i w_i m_i tau_i``, ``D = sum_i g_i w_i``, ``g_i`` whether
+    expert i's kept contribution has the elected sign (:class:`~mergekit_ota.math.consensus.SignConsensus`);
+    ``D = 0`` (no expert agrees: all masked or zero there) keeps ``b``. The weights are scaled as in
+    :func:`ota_merge`; a coordinate where some expert kept a nonzero ``tau_i`` but every weight underflowed
+    raises :class:`~mergekit_ota.errors.MergeError`."""
+    from mergekit_ota.math.consensus import SignConsensus, disjoint_mean
+
+    scale = weight_scale(curvatures, weights, power, eps)
+    b = base.to(torch.float32)
+    votes = SignConsensus(rule)
+    kept: Optional[torch.Tensor] = None  # where some expert kept a nonzero tau_i
+    scores: Optional[torch.Tensor] = None
+    for expert, v, weight, keep in zip(experts, curvatures, weights, rules):
+        w = curvature_weights(v, weight, power, eps, scale=scale)
+        tau = torch.sub(f32_operand(expert), b)
+        mask = None
+        if keep is not None:
+            scores = torch.empty_like(tau) if scores is None else scores
+            mask = keep.mask(tau, v, scratch=scores)
+        live = tau != 0 if mask is None else (tau != 0).logical_and_(mask.bool())
+        kept = live if kept is None else kept.logical_or_(live)
+        votes.add(tau, w, mask)
+        del w, tau, mask, live
+    numerator, denominator = votes.result()
+    assert kept is not None
+    vanished = int(torch.count_nonzero((denominator == 0).logical_and_(kept)))
+    if vanished:
+        where = f"tensor {name}: " if name else ""
+        raise MergeError(
+            f"ota: {where}at {vanished} of {denominator.numel()} coordinates every kept expert's weight "
+            f"w_i = weight_i * v_i**power + eps underflowed to 0 (power {power}, eps {eps}): lower power or raise eps"
+        )
+    merged = disjoint_mean(numerator, denominator)
+    if lam != 1.0:
+        merged.mul_(float(lam))
+    return merged.add_(b).to(base.dtype)

@@ -47,4 +47,5 @@ class FFGMerge(CurvatureMergeMethod):
             [e.settings.weight for e in experts],
             lam=shared.lam,
             normalize=shared.normalize,
+            consensus=shared.consensus,
         )

@@ -43,4 +43,5 @@ class OTAMerge(CurvatureMergeMethod):
             eps=shared.eps,
             lam=shared.lam,
             name=name,
+            consensus=shared.consensus,
         )

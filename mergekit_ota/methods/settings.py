@@ -15,7 +15,8 @@ Per expert (``parameters:`` of a model in the YAML):
 
 Shared (top-level ``parameters:``): ``lambda`` (1.0), ``density_scope``
 (``tensor`` | ``model``), ``bias_correction`` (``auto`` | true | false, see
-:mod:`mergekit_ota.methods.bias`); ``ota`` adds ``power``
+:mod:`mergekit_ota.methods.bias`), ``sign_consensus`` (``none`` | ``sum`` | ``count``: TIES's sign
+election over the FFG-masked task vectors, see :mod:`mergekit_ota.math.consensus`); ``ota`` adds ``power``
 (0.5), ``eps`` (1e-12) and ``curvature_scale`` (``none`` | ``mean`` | ``median``: ``v_i / m_i``
 with ``m_i`` expert i's model-wide mean or median, see :mod:`mergekit_ota.methods.scale`);
 ``ffg`` adds ``normalize`` (false).
@@ -32,8 +33,10 @@ all tensors; ``mergekit-ota check`` runs it) and the methods themselves
   FFG ``density``/``threshold`` needs a base; ``ffg`` needs one of them;
   ``bias_correction`` needs ``optimizer_step`` and ``beta2``;
 * all experts of one tensor (:func:`tensor_problems`): ``ota`` needs some
-  ``weight_i > 0``; ``ffg`` with ``normalize`` needs ``sum_i weight_i != 0``;
-* shared values in context (:func:`shared_check`): ``ota``'s ``lambda`` needs a base;
+  ``weight_i > 0``; ``ffg`` with ``normalize`` needs ``sum_i weight_i != 0``, and with
+  ``sign_consensus`` too every ``weight_i > 0``;
+* shared values in context (:func:`shared_check`): ``ota``'s ``lambda`` and ``sign_consensus``
+  need a base;
 * names (:func:`unknown_parameters`, :func:`unknown_names`): keys a method does not
   take, with a did-you-mean; a shared parameter given per model (mergekit ignores it).
 """
@@ -126,11 +129,17 @@ class SharedSettings(BaseModel):
     eps: float = 1e-12
     normalize: bool = False
     curvature_scale: ScaleMode = "none"
+    sign_consensus: Literal["none", "sum", "count"] = "none"
 
-    @field_validator("curvature_scale", mode="before")
+    @field_validator("curvature_scale", "sign_consensus", mode="before")
     @classmethod
-    def _scale_none(cls, value: Any) -> Any:
+    def _none_default(cls, value: Any) -> Any:
         return "none" if value is None else value  # in memory, None reads as the default
+
+    @property
+    def consensus(self) -> Optional[str]:
+        """The sign-election rule, or ``None`` when ``sign_consensus`` is ``none``."""
+        return None if self.sign_consensus == "none" else self.sign_consensus
 
     @field_validator("power")
     @classmethod
@@ -255,7 +264,9 @@ def tensor_problems(
 
     * ``ota``: some ``weight_i > 0`` (with every ``weight_i = 0``, ``w_i = eps`` and theta
       silently becomes the plain mean);
-    * ``ffg`` with ``normalize``: ``sum_i weight_i != 0`` (theta divides by it).
+    * ``ffg`` with ``normalize``: ``sum_i weight_i != 0`` (theta divides by it); with
+      ``sign_consensus`` too, every ``weight_i > 0`` (each coordinate divides by the summed weights of
+      the experts that agree there, which a negative weight could cancel).
     """
     if not experts:
         return []
@@ -265,6 +276,11 @@ def tensor_problems(
         return [f"ota needs at least one expert with weight > 0{_at(tensor)}; weights {listed}"]
     if method == FFG and shared.normalize and sum(weights) == 0:
         return [f"ffg: normalize: true divides by sum_i weight_i, which is 0{_at(tensor)}; weights {listed}"]
+    if method == FFG and shared.normalize and shared.consensus and not all(weight > 0 for weight in weights):
+        return [
+            f"ffg: normalize: true with sign_consensus divides each coordinate by the summed weights of the experts "
+            f"that agree there, so every weight must be > 0{_at(tensor)}; weights {listed}"
+        ]
     return []
 
 
@@ -291,6 +307,11 @@ def shared_check(
         return None, [f"Invalid parameters for merge method {method}: {_describe(error)}"]
     if method == OTA and has_base is False and shared.lam != 1.0:
         return shared, [f"ota: lambda scales the merged task vector and needs a base_model; got lambda {shared.lam}"]
+    if has_base is False and shared.consensus:
+        return shared, [
+            f"{method}: sign_consensus elects a sign per coordinate of the task vectors tau_i = t_i - b and needs a "
+            f"base_model; got sign_consensus {shared.sign_consensus}"
+        ]
     return shared, []
 
 
@@ -415,6 +436,8 @@ COMMON_SHARED_PARAMETERS: Tuple[ParameterSpec, ...] = (
     _spec("density_scope", str, ParameterScope.SHARED, "tensor", "'tensor' or 'model': where density applies"),
     _spec("bias_correction", BiasMode, ParameterScope.SHARED, "auto",
           "auto | true | false: divide v by (1 - beta2**step) where step and beta2 are known"),
+    _spec("sign_consensus", str, ParameterScope.SHARED, "none",
+          "none | sum | count: elect a sign per coordinate (TIES) and keep only the FFG-kept entries that agree"),
 )
 OTA_PARAMETERS = EXPERT_PARAMETERS + COMMON_SHARED_PARAMETERS + (
     _spec("power", float, ParameterScope.SHARED, 0.5, "exponent p in w = weight * v**p + eps"),
