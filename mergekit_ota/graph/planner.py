@@ -208,6 +208,7 @@ class CurvaturePlan:
             method=task.method_name,
             has_base=task.base_model is not None,
             bias_correction=shared.bias_correction,
+            density_scope=shared.density_scope,
         )
         for problem in check.config_problems:
             self.problem(problem, config_level=True)

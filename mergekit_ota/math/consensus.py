@@ -20,8 +20,8 @@ every expert masked or zero there) ``theta = b``.
 
 Streaming, one expert at a time (:class:`SignConsensus`): ``c_i`` goes to a positive or a negative
 numerator and ``a_i`` to the matching denominator, so after the last expert ``e`` is known and
-``N, D`` are the sums on its side: four running buffers (five with ``count``'s vote tally) and no
-second pass over the experts.
+``N, D`` are the sums on its side: four running buffers (five with ``count``'s vote tally) and three
+scratch buffers, about seven fused element passes per expert, and no second pass over the experts.
 
 Properties (tests/test_math.py): one expert is unchanged by it; when every kept entry is nonzero and
 all experts agree in sign it equals the plain masked merge; ``N / D`` is invariant to scaling every
@@ -40,8 +40,13 @@ RULES = ("sum", "count")
 class SignConsensus:
     """Running sums by sign of ``c_i = a_i m_i tau_i``; :meth:`result` returns ``(N, D)`` on the elected side.
 
-    ``add(tau, a, mask)``: ``tau`` float32 (may be overwritten: it is the caller's scratch), ``a`` a float32
+    ``add(tau, a, mask)``: ``tau`` float32 (overwritten: it is the caller's scratch), ``a`` a float32
     tensor of ``tau``'s shape or a float, ``mask`` a boolean/0-1 tensor or ``None`` (all kept).
+
+    Per expert: ``u = max(sign(c), 0)`` and ``d = min(sign(c), 0)`` (exact 0/1 and -1/0), then
+    ``P += c u``, ``Q -= c d``, ``D+ += a u``, ``D- -= a d``, written as fused multiply-adds into float buffers allocated once:
+    every sum adds only terms of one sign, so no sum cancels (``N`` and ``D`` are as exact as a
+    plain sum of their terms).
     """
 
     def __init__(self, rule: str = "sum"):
@@ -53,26 +58,37 @@ class SignConsensus:
         self.pos_weight: Optional[torch.Tensor] = None  # sum of a_i where c_i > 0
         self.neg_weight: Optional[torch.Tensor] = None  # sum of a_i where c_i < 0
         self.votes: Optional[torch.Tensor] = None  # count: sum_i sign(c_i)
+        self._sign: Optional[torch.Tensor] = None  # scratch: sign(c), then its positive and negative parts
+        self._up: Optional[torch.Tensor] = None
+        self._down: Optional[torch.Tensor] = None
 
     def add(self, tau: torch.Tensor, a: Union[torch.Tensor, float], mask: Optional[torch.Tensor] = None) -> None:
         """Add one expert's kept contribution ``c_i = a_i m_i tau_i``."""
         c = tau.mul_(a) if isinstance(a, torch.Tensor) else tau.mul_(float(a))
         if mask is not None:
             c.mul_(mask)
-        up, down = c > 0, c < 0
-        weight = a if isinstance(a, torch.Tensor) else torch.full_like(c, float(a))
         if self.pos is None:
-            self.pos, self.neg = torch.where(up, c, 0.0), torch.where(down, c, 0.0)
-            self.pos_weight, self.neg_weight = torch.where(up, weight, 0.0), torch.where(down, weight, 0.0)
+            self._sign, self._up, self._down = torch.sign(c), torch.empty_like(c), torch.empty_like(c)
+            self.pos, self.neg = torch.zeros_like(c), torch.zeros_like(c)
+            self.pos_weight, self.neg_weight = torch.zeros_like(c), torch.zeros_like(c)
+            if self.rule == "count":
+                self.votes = torch.zeros_like(c)
         else:
-            assert self.neg is not None and self.pos_weight is not None and self.neg_weight is not None
-            self.pos.add_(torch.where(up, c, 0.0))
-            self.neg.add_(torch.where(down, c, 0.0))
-            self.pos_weight.add_(torch.where(up, weight, 0.0))
-            self.neg_weight.add_(torch.where(down, weight, 0.0))
-        if self.rule == "count":
-            vote = up.to(torch.int32) - down.to(torch.int32)
-            self.votes = vote if self.votes is None else self.votes.add_(vote)
+            torch.sign(c, out=self._sign)
+        assert self._sign is not None and self._up is not None and self._down is not None
+        assert self.neg is not None and self.pos_weight is not None and self.neg_weight is not None
+        up = torch.clamp(self._sign, min=0.0, out=self._up)  # 1 where c > 0, else 0
+        down = torch.clamp(self._sign, max=0.0, out=self._down)  # -1 where c < 0, else 0
+        self.pos.addcmul_(c, up)
+        self.neg.addcmul_(c, down, value=-1.0)
+        if isinstance(a, torch.Tensor):
+            self.pos_weight.addcmul_(a, up)
+            self.neg_weight.addcmul_(a, down, value=-1.0)
+        else:
+            self.pos_weight.add_(up, alpha=float(a))
+            self.neg_weight.add_(down, alpha=-float(a))
+        if self.votes is not None:
+            self.votes.add_(self._sign)
 
     def result(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(N, D)``: the agreeing experts' summed contributions and coefficients (``D = 0`` where none agrees)."""

@@ -14,6 +14,14 @@ the mass of one bin.  The same bins give a streaming median
 (:mod:`mergekit_ota.math.scale`): the lower edge of the bin holding the k-th smallest
 entry, within a relative ``2**-9`` below it, and exactly ``2**j`` times it for entries
 scaled by ``2**j`` (the bins are float32 bit patterns: an exponent shift moves whole bins).
+
+With ``mass`` on, each bin also sums its saliencies (float64), for ``density: auto``
+(:meth:`SaliencyHistogram.threshold_for_mass`): the largest bin edge ``T`` whose entries
+``s >= T`` carry at least a fraction ``q`` of the total saliency ``sum(s)``. The kept mass then
+reaches ``q``, and exceeds it by at most the mass of the one bin at ``T``; since a factor ``c``
+on every ``s`` multiplies each bin's share of the mass by nothing (and moves whole bins for
+``c = 2**j``), the kept fraction of entries is independent of the saliencies' scale within one
+bin's resolution (exactly, for powers of two).
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ class SaliencyHistogram:
     """
 
     counts: Optional[torch.Tensor] = None
+    mass: Optional[torch.Tensor] = None  # float64 sum of s per bin (only when added with_mass)
 
     @property
     def zeros(self) -> int:
@@ -55,18 +64,26 @@ class SaliencyHistogram:
         """Number of entries added so far (``N``)."""
         return 0 if self.counts is None else int(self.counts.sum().item())
 
-    def add(self, scores: torch.Tensor, overwrite: bool = False) -> None:
-        """Add the (non-negative) saliencies of one tensor (``overwrite``: its float32 buffer may be reused)."""
+    def add(self, scores: torch.Tensor, overwrite: bool = False, with_mass: bool = False) -> None:
+        """Add the (non-negative) saliencies of one tensor (``overwrite``: its float32 buffer may be reused;
+        ``with_mass``: also sum them per bin, for :meth:`threshold_for_mass`)."""
         s = scores.detach().reshape(-1).to(torch.float32).contiguous()
         bits = s.view(torch.int32)
-        bins = bits.bitwise_right_shift_(SHIFT) if overwrite else torch.bitwise_right_shift(bits, SHIFT)
+        in_place = overwrite and not with_mass  # the mass needs s itself after binning
+        bins = bits.bitwise_right_shift_(SHIFT) if in_place else torch.bitwise_right_shift(bits, SHIFT)
         bins.clamp_(0, _OVERFLOW)  # sign bit set (-0.0) -> 0; NaN -> overflow
+        if with_mass:
+            mass = torch.bincount(bins, weights=s.to(torch.float64), minlength=BINS + 1).to(device="cpu")
+            mass[_OVERFLOW] = 0.0  # NaN carries no mass (it is never kept)
+            self.mass = mass if self.mass is None else self.mass.add_(mass)
         self._accumulate(torch.bincount(bins, minlength=BINS + 1).to(device="cpu"), owned=True)
 
     def merge(self, other: "SaliencyHistogram") -> None:
-        """Accumulate another histogram into this one."""
+        """Accumulate another histogram into this one (its mass too, when it has one)."""
         if other.counts is not None:
             self._accumulate(other.counts, owned=False)
+        if other.mass is not None:
+            self.mass = other.mass.clone() if self.mass is None else self.mass.add_(other.mass)
 
     def _accumulate(self, counts: torch.Tensor, owned: bool) -> None:
         if self.counts is None:
@@ -104,3 +121,34 @@ class SaliencyHistogram:
         if reached.numel() == 0:
             return 0.0  # k exceeds the positive entries: keep everything
         return bin_edge(BINS - 1 - int(reached[0]))
+
+    def threshold_for_mass(self, fraction: float) -> float:
+        """Largest bin edge ``T`` with ``sum(s >= T) >= fraction * sum(s)``; 0.0 keeps everything.
+
+        Needs the histogram built ``with_mass``. With no saliency at all (every ``s`` zero) every
+        threshold keeps the same (nothing moved), and 0.0 is returned.
+        """
+        if self.mass is None:
+            raise ValueError("threshold_for_mass needs a histogram built with_mass")
+        positive = self.mass[1:BINS]
+        total = float(positive.sum())
+        if not total > 0.0:
+            return 0.0
+        from_top = torch.flip(positive, dims=[0]).cumsum(0)  # position p: bin BINS - 1 - p
+        reached = torch.nonzero(from_top >= fraction * total, as_tuple=True)[0]
+        if reached.numel() == 0:
+            return 0.0
+        return bin_edge(BINS - 1 - int(reached[0]))
+
+    def kept_at(self, threshold: float) -> "tuple[float, float]":
+        """``(fraction of entries, fraction of saliency mass)`` with ``s >= threshold`` (mass: 1.0 without one)."""
+        if self.counts is None or self.total == 0:
+            return 1.0, 1.0
+        if threshold <= 0.0:
+            return 1.0, 1.0
+        index = int(torch.tensor([threshold], dtype=torch.float32).view(torch.int32).item()) >> SHIFT
+        entries = float(self.counts[index:BINS].sum()) / self.total
+        if self.mass is None:
+            return entries, 1.0
+        total = float(self.mass[1:BINS].sum())
+        return entries, (float(self.mass[index:BINS].sum()) / total if total > 0 else 1.0)

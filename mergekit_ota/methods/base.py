@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import logging
 import math
 from abc import abstractmethod
 from dataclasses import dataclass
@@ -43,6 +44,8 @@ from mergekit_ota.methods.settings import (
     require_tensor_rules,
     shared_settings,
 )
+
+LOG = logging.getLogger("mergekit_ota")
 
 # What can make each method's result non-finite (named by require_finite's error).
 NON_FINITE_CAUSES = {
@@ -212,6 +215,7 @@ class CurvatureMergeMethod(GroupMergeMethod):
                     method=self.spec.name,
                     has_base=group.base is not None,
                     bias_correction=shared.bias_correction,
+                    density_scope=shared.density_scope,
                 ),
             )
             for entry in group.non_base
@@ -344,13 +348,15 @@ class CurvatureMergeMethod(GroupMergeMethod):
             return result
         base = group.base.tensor.to(torch.float32)
         scores: Optional[torch.Tensor] = None  # one buffer for every expert's tau, then saliency
-        for expert in self.experts(group, parameters, self.shared(parameters, has_base=True)):
+        shared = self.shared(parameters, has_base=True)
+        for expert in self.experts(group, parameters, shared):
             if expert.settings.density is None:
                 continue
+            auto = expert.settings.auto_density
             histogram = SaliencyHistogram()
             scores = torch.sub(f32_operand(expert.tensor), base, out=scores)
-            histogram.add(scores.square_().mul_(dense(expert.curvature)), overwrite=True)
-            result[expert.id] = (histogram, expert.settings.density)
+            histogram.add(scores.square_().mul_(dense(expert.curvature)), overwrite=True, with_mass=auto)
+            result[expert.id] = (histogram, AutoDensity(shared.saliency_mass) if auto else expert.settings.density)
         return result
 
 
@@ -373,9 +379,33 @@ def merge_histograms(
         total.merge(histogram)
 
 
-def thresholds_for_density(totals: Dict[Hashable, Tuple[SaliencyHistogram, float]]) -> Dict[Hashable, float]:
-    """One absolute saliency threshold per expert that keeps its density over all its tensors."""
-    return {key: hist.threshold_for_density(density) for key, (hist, density) in totals.items()}
+@dataclass(frozen=True)
+class AutoDensity:
+    """``density: auto``: keep the fewest entries whose saliency sums to ``mass`` of the expert's total."""
+
+    mass: float
+
+    def __str__(self) -> str:
+        return f"auto (saliency_mass {self.mass:g})"
+
+
+def thresholds_for_density(totals: Dict[Hashable, Tuple[SaliencyHistogram, Any]]) -> Dict[Hashable, float]:
+    """One absolute saliency threshold per expert that keeps its density over all its tensors; for
+    ``density: auto``, the one keeping its ``saliency_mass`` (:meth:`SaliencyHistogram.threshold_for_mass`),
+    logged with the fraction of entries it keeps."""
+    thresholds = {}
+    for key, (hist, density) in totals.items():
+        if isinstance(density, AutoDensity):
+            threshold = hist.threshold_for_mass(density.mass)
+            entries, mass = hist.kept_at(threshold)
+            LOG.info(
+                "density: auto, expert %s: keeps %.2f%% of its %d entries, %.2f%% of its saliency mass "
+                "(target %g; saliency threshold %.4g)", key, 100 * entries, hist.total, 100 * mass, density.mass, threshold,
+            )  # fmt: skip
+            thresholds[key] = threshold
+        else:
+            thresholds[key] = hist.threshold_for_density(density)
+    return thresholds
 
 
 def with_thresholds(parameters: Dict[str, Any], thresholds: Dict[Hashable, float]) -> Dict[str, Any]:

@@ -4,7 +4,8 @@ Per expert (``parameters:`` of a model in the YAML):
 
 =================  =========  ====================================================
 ``weight``         1.0        ``weight_i``: scales expert i's curvature (ota, >= 0) or task vector (ffg, any sign)
-``density``        none       FFG: fraction of expert i's entries kept, in (0, 1]
+``density``        none       FFG: fraction of expert i's entries kept, in (0, 1], or ``auto``
+                              (model-wide: the fewest entries holding ``saliency_mass`` of its saliency)
 ``threshold``      none       FFG: keep entries with saliency ``v*tau**2 >= threshold``
 ``curvature``      default    store path (file, index or directory); default:
                               ``<model dir>/exp_avg_sq.safetensors``. In memory: a tensor
@@ -45,7 +46,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
-from typing import Any, Hashable, Iterable, List, Literal, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Hashable, Iterable, List, Literal, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 from mergekit.merge_methods.base import MergeMethodSpec, ParameterScope, ParameterSpec
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -56,6 +57,9 @@ from mergekit_ota.methods.scale import ScaleMode
 
 OTA = "ota"
 FFG = "ffg"
+DEFAULT_SALIENCY_MASS = 0.9
+"""``density: auto``'s target: keep the fewest entries whose saliency ``v * tau**2`` sums to this share of the
+expert's total. Provisional: the value the grafting evidence (issue: FFG without tuning) is to confirm or replace."""
 
 
 class ExpertSettings(BaseModel):
@@ -64,18 +68,27 @@ class ExpertSettings(BaseModel):
     model_config = ConfigDict(extra="ignore", arbitrary_types_allowed=True, allow_inf_nan=False)
 
     weight: float = 1.0
-    density: Optional[float] = None
+    density: Union[Literal["auto"], float, None] = None
     threshold: Optional[float] = None
     optimizer_step: Optional[int] = None
     beta2: Optional[float] = None
     bias_corrected: Optional[bool] = None
 
-    @field_validator("density")
+    @field_validator("density", mode="before")
     @classmethod
-    def _density_range(cls, value: Optional[float]) -> Optional[float]:
-        if value is not None and not 0.0 < value <= 1.0:
-            raise ValueError(f"density must be in (0, 1]; got {value}")
+    def _density_range(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            if value.strip().lower() != "auto":
+                raise ValueError(f"density must be a number in (0, 1] or 'auto'; got {value!r}")
+            return "auto"
+        if value is not None and not isinstance(value, bool) and isinstance(value, (int, float)) and not 0.0 < value <= 1.0:
+            raise ValueError(f"density must be in (0, 1] or 'auto'; got {value}")
         return value
+
+    @property
+    def auto_density(self) -> bool:
+        """``density: auto``: chosen model-wide from this expert's saliency mass."""
+        return self.density == "auto"
 
     @field_validator("threshold")
     @classmethod
@@ -130,6 +143,14 @@ class SharedSettings(BaseModel):
     normalize: bool = False
     curvature_scale: ScaleMode = "none"
     sign_consensus: Literal["none", "sum", "count"] = "none"
+    saliency_mass: float = DEFAULT_SALIENCY_MASS
+
+    @field_validator("saliency_mass")
+    @classmethod
+    def _mass_range(cls, value: float) -> float:
+        if not 0.0 < value <= 1.0:
+            raise ValueError(f"saliency_mass must be in (0, 1]; got {value}")
+        return value
 
     @field_validator("curvature_scale", "sign_consensus", mode="before")
     @classmethod
@@ -196,6 +217,7 @@ def expert_check(
     method: Optional[str] = None,
     has_base: Optional[bool] = None,
     bias_correction: BiasMode = False,
+    density_scope: Optional[str] = "model",
 ) -> ExpertCheck:
     """Every per-expert rule for one tensor; ``method``/``has_base`` ``None`` skip the rules needing them.
 
@@ -227,6 +249,11 @@ def expert_check(
         )
     if method == FFG and not settings.masked:
         problems.append(f"ffg needs a density or a threshold for every expert; missing for expert {expert}{where}")
+    if settings.auto_density and density_scope != "model":
+        config_problems.append(
+            f"expert {expert}: density: auto picks one keep fraction over the expert's whole model (the fewest entries "
+            f"holding saliency_mass of its saliency), so it needs density_scope: model; got density_scope: {density_scope}"
+        )
     try:
         settings.bias(bias_correction, expert)
     except ValueError as error:
@@ -242,11 +269,13 @@ def expert_settings(
     method: Optional[str] = None,
     has_base: Optional[bool] = None,
     bias_correction: BiasMode = False,
+    density_scope: Optional[str] = "model",
 ) -> ExpertSettings:
     """:func:`expert_check`, raising :class:`ConfigError` with every problem (for in-memory calls)."""
     check = expert_check(
-        values, expert=expert, tensor=tensor, method=method, has_base=has_base, bias_correction=bias_correction
-    )
+        values, expert=expert, tensor=tensor, method=method, has_base=has_base, bias_correction=bias_correction,
+        density_scope=density_scope,
+    )  # fmt: skip
     problems = check.config_problems + check.problems
     if problems:
         raise ConfigError("; ".join(problems))
@@ -423,7 +452,8 @@ def _spec(name: str, value_type: Any, scope: ParameterScope, default: Any, descr
 
 EXPERT_PARAMETERS: Tuple[ParameterSpec, ...] = (
     _spec("weight", float, ParameterScope.NON_BASE, 1.0, "relative weight of the expert (ota: >= 0; ffg: any sign)"),
-    _spec("density", Optional[float], ParameterScope.NON_BASE, None, "FFG: fraction of entries kept"),
+    _spec("density", Any, ParameterScope.NON_BASE, None,
+          "FFG: fraction of entries kept, or 'auto' (model-wide, from the expert's saliency mass)"),
     _spec("threshold", Optional[float], ParameterScope.NON_BASE, None, "FFG: absolute saliency threshold"),
     _spec("curvature", Any, ParameterScope.NON_BASE, None, "exp_avg_sq store path, or a tensor in memory"),
     _spec("optimizer_step", Optional[int], ParameterScope.NON_BASE, None, "Adam step count, for bias_correction"),
@@ -436,6 +466,8 @@ COMMON_SHARED_PARAMETERS: Tuple[ParameterSpec, ...] = (
     _spec("density_scope", str, ParameterScope.SHARED, "tensor", "'tensor' or 'model': where density applies"),
     _spec("bias_correction", BiasMode, ParameterScope.SHARED, "auto",
           "auto | true | false: divide v by (1 - beta2**step) where step and beta2 are known"),
+    _spec("saliency_mass", float, ParameterScope.SHARED, DEFAULT_SALIENCY_MASS,
+          "density: auto keeps the fewest entries holding this share of each expert's saliency"),
     _spec("sign_consensus", str, ParameterScope.SHARED, "none",
           "none | sum | count: elect a sign per coordinate (TIES) and keep only the FFG-kept entries that agree"),
 )
