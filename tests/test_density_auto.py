@@ -151,3 +151,23 @@ def test_auto_density_from_yaml_merges_and_check_passes(tmp_path):
     run_merge(MergeConfiguration.model_validate(config), str(tmp_path / "out"), MergeOptions(quiet=True, copy_tokenizer=False))
     merged = load_file(str(next((tmp_path / "out").glob("*.safetensors"))))
     assert all(torch.isfinite(t).all() for t in merged.values())
+
+
+def test_check_reports_what_auto_keeps_and_the_mass_curve(tmp_path):
+    """check on a density: auto config runs the model-wide pass and prints, per expert, the fraction auto keeps and
+    the density at 50/80/90/95/99% of its saliency mass, equal to what the merge then logs."""
+    import mergekit_ota  # noqa: F401
+    from mergekit.config import MergeConfiguration
+    from mergekit.options import MergeOptions
+
+    from mergekit_ota.graph.preflight import check_config
+    from mergekit_ota.synthetic import make_family
+
+    family = make_family(str(tmp_path / "fam"), n_experts=2)
+    config = {"merge_method": "ffg", "base_model": family.base, "dtype": "float32",
+              "parameters": {"density_scope": "model", "saliency_mass": 0.8},
+              "models": [{"model": e, "parameters": {"density": "auto"}} for e in family.experts]}  # fmt: skip
+    report = check_config(MergeConfiguration.model_validate(config), MergeOptions(quiet=True))
+    lines = [n for n in report.notes if n.startswith("density: auto, expert")]
+    assert len(lines) == 2 and all("(target 0.8;" in n and "density kept at saliency mass 50% ->" in n for n in lines), report.notes
+    assert any("check ran the model-wide saliency pass" in n for n in report.notes)

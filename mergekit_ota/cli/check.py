@@ -50,7 +50,8 @@ def render_report(report: "CheckReport") -> str:
         f"  values scanned for NaN/Inf/negative: {scan}"
         + ("" if report.full_scan else " (--full-scan reads all; the merge itself checks every value it reads)")
     )
-    lines.append("  nothing was executed or written")
+    ran_pass = any(n.startswith("density: auto: check ran") for n in report.notes)
+    lines.append("  nothing was merged or written" + (" (density: auto: only the saliency pass ran)" if ran_pass else ""))
     return "\n".join(lines)
 
 

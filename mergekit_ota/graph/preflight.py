@@ -269,6 +269,31 @@ def _store_uses(
     return tuple(uses)
 
 
+def auto_density_notes(planner: Any) -> List[str]:
+    """For ``density: auto``: run the model-wide saliency pass the merge will make (every weight and curvature
+    read once) and say, per expert, what auto keeps and the density at 50/80/90/95/99% of its saliency mass."""
+    from mergekit_ota.graph.tasks import CurvatureMergeTask
+
+    passes = {}
+    for _, task in planner_tensors(planner):
+        if not isinstance(task, CurvatureMergeTask) or task.model_wide is None:
+            continue
+        if any(dict(values.items()).get("density") == "auto" for values in task.input_parameters.values()):
+            passes[task.model_wide.key] = task.model_wide
+    notes = []
+    for model_wide in passes.values():
+        started = time.perf_counter()
+        result = model_wide.execute()
+        seconds = time.perf_counter() - started
+        for model, choice in sorted((result.auto or {}).items(), key=lambda item: str(item[0])):
+            notes.append(choice.describe(model))
+        notes.append(
+            f"density: auto: check ran the model-wide saliency pass the merge makes (every weight and curvature "
+            f"of those tensors read once) in {seconds:.1f} s"
+        )
+    return notes
+
+
 def check_config(
     config: Any, options: Any, *, source: str = "<config>", full_scan: bool = False, sample: int = DEFAULT_SAMPLE
 ) -> CheckReport:
@@ -318,10 +343,11 @@ def check_config(
             scanned[(path, key)] = (done + result.scanned, total + result.total)
     with_curvature = {weight for weights in loads.values() for weight in weights}
     plan = CurvaturePlan.of(planner)
+    auto_notes = auto_density_notes(planner) if not (header_problems or value_problems) else []
     return CheckReport(
         problems=tuple(header_problems + value_problems),
         warnings=tuple(plan.warnings + hub_lookup_warnings(config)),
-        notes=tuple(plan.bias_notes()),
+        notes=tuple(plan.bias_notes() + auto_notes),
         experts=tuple(sorted({str(model) for model, _ in CurvaturePlan.of(planner).stores})),
         stores=_store_uses(planner, loads, scanned),
         output_tensors=len(planner_tensors(planner)),

@@ -150,6 +150,7 @@ class ModelWideResult:
 
     thresholds: Dict[ModelReference, float]
     statistics: Optional[Dict[ModelReference, float]] = None
+    auto: Optional[Dict[ModelReference, Any]] = None  # density: auto: each expert's AutoChoice (methods.base)
 
 
 class ModelWidePart(Task[PartResult]):
@@ -249,7 +250,9 @@ class ModelWidePass(Task[ModelWideResult]):
             found = statistics(scales, self.scale)
             for model, value in found.items():
                 LOG.info(describe(self.scale, model, value, scales[model].count))
-        return ModelWideResult(thresholds_for_density(totals), found)
+        from mergekit_ota.methods.base import auto_choices
+
+        return ModelWideResult(thresholds_for_density(totals), found, auto_choices(totals) or None)
 
 
 class CurvatureMergeTask(ExecuteMergeMethodTask):

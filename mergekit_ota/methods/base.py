@@ -389,20 +389,53 @@ class AutoDensity:
         return f"auto (saliency_mass {self.mass:g})"
 
 
+MASS_CURVE = (0.5, 0.8, 0.9, 0.95, 0.99)  # the saliency masses check reports the density of
+
+
+@dataclass(frozen=True)
+class AutoChoice:
+    """What ``density: auto`` chose for one expert: the fraction of entries and of saliency mass kept at the
+    saliency ``threshold``, and the mass-vs-density curve (``curve[q]``: the fraction kept at mass ``q``)."""
+
+    threshold: float
+    entries: int
+    kept: float
+    mass: float
+    target: float
+    curve: Tuple[Tuple[float, float], ...]
+
+    def describe(self, expert: Hashable) -> str:
+        """One line, as check and the merge log print it."""
+        points = ", ".join(f"{100 * q:g}% -> {100 * d:.2f}%" for q, d in self.curve)
+        return (
+            f"density: auto, expert {expert}: keeps {100 * self.kept:.2f}% of its {self.entries:,} entries, "
+            f"{100 * self.mass:.2f}% of its saliency mass (target {self.target:g}; saliency threshold "
+            f"{self.threshold:.4g}); density kept at saliency mass {points}"
+        )
+
+
+def auto_choices(totals: Dict[Hashable, Tuple[SaliencyHistogram, Any]]) -> Dict[Hashable, AutoChoice]:
+    """Per ``density: auto`` expert of ``totals``: its :class:`AutoChoice` (from the mass histogram)."""
+    found = {}
+    for key, (hist, density) in totals.items():
+        if isinstance(density, AutoDensity):
+            threshold = hist.threshold_for_mass(density.mass)
+            kept, mass = hist.kept_at(threshold)
+            curve = tuple((q, hist.kept_at(hist.threshold_for_mass(q))[0]) for q in MASS_CURVE)
+            found[key] = AutoChoice(threshold, hist.total, kept, mass, density.mass, curve)
+    return found
+
+
 def thresholds_for_density(totals: Dict[Hashable, Tuple[SaliencyHistogram, Any]]) -> Dict[Hashable, float]:
     """One absolute saliency threshold per expert that keeps its density over all its tensors; for
     ``density: auto``, the one keeping its ``saliency_mass`` (:meth:`SaliencyHistogram.threshold_for_mass`),
     logged with the fraction of entries it keeps."""
     thresholds = {}
+    auto = auto_choices(totals)
     for key, (hist, density) in totals.items():
-        if isinstance(density, AutoDensity):
-            threshold = hist.threshold_for_mass(density.mass)
-            entries, mass = hist.kept_at(threshold)
-            LOG.info(
-                "density: auto, expert %s: keeps %.2f%% of its %d entries, %.2f%% of its saliency mass "
-                "(target %g; saliency threshold %.4g)", key, 100 * entries, hist.total, 100 * mass, density.mass, threshold,
-            )  # fmt: skip
-            thresholds[key] = threshold
+        if key in auto:
+            LOG.info(auto[key].describe(key))
+            thresholds[key] = auto[key].threshold
         else:
             thresholds[key] = hist.threshold_for_density(density)
     return thresholds
