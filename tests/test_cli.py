@@ -47,3 +47,7 @@ def test_demo_runs_end_to_end_and_refuses_foreign_dirs(tmp_path):
     result = CliRunner().invoke(main, ["demo", "--out", str(foreign), "--force"])
     assert result.exit_code != 0
     assert (foreign / "precious.txt").read_text() == "keep me"
+    # an earlier demo's directory without --force: one line that names --force, no traceback
+    result = CliRunner().invoke(main, ["demo", "--out", str(out), "--steps", "5"])
+    assert result.exit_code == 1 and "--force" in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output

@@ -121,6 +121,14 @@ def test_parse_size_refuses_ambiguous_or_bad_sizes(text):
         parse_size(text)
 
 
+def test_a_bare_b_suffix_is_refused_saying_why():
+    """'5B' names the ambiguity (bytes or billions, as mergekit's --out-shard-size counts parameters) and the fix."""
+    with pytest.raises(ConfigError) as raised:
+        parse_size("5B")
+    assert "ambiguous: 5 bytes or 5 billion" in str(raised.value) and "--out-shard-size" in str(raised.value)
+    assert "e.g. 5GB" in str(raised.value)
+
+
 def test_merge_with_compressed_stores_equals_merge_with_rank1_estimate(tmp_path):
     """run_merge (ota) with stores compressed by `export --compress rank1` equals run_merge with full stores of
     v_hat = outer(v.sum(1), v.sum(0)) / v.sum() computed here in float64 (1-D tensors whole)."""

@@ -365,3 +365,14 @@ def test_malformed_param_shapes_are_refused_naming_the_file(tmp_path):
     torch.save(value, str(file) + ".new")
     os.replace(str(file) + ".new", file)
     _refused(checkpoint, tmp_path, str(file), "fc1.weight", "non-negative ints")
+
+
+def test_beta2_or_step_contradicting_the_source_is_refused_even_without_bias_correct(tmp_path):
+    """--beta2/--step only fill in what a source does not record: a value contradicting it is an error whether or
+    not --bias-correct is given (the merge bias-corrects from the store's metadata by default)."""
+    checkpoint = FIXTURES / "z1-fp32-w1" / "checkpoint"
+    out = tmp_path / "store.safetensors"
+    for extra in (["--beta2", "0.999"], ["--step", "7"], ["--beta2", "0.999", "--bias-correct"]):
+        failed = _export(checkpoint, out, *extra, ok=False)
+        assert "contradicts the source's" in failed.output and not out.exists(), extra
+    _export(checkpoint, out, "--beta2", "0.95", "--step", "3")  # agreeing values are fine

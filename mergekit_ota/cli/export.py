@@ -92,7 +92,8 @@ def render_summary(result: "ExportResult") -> str:
               help="Stored dtype (bfloat16 halves the size and rounds each value by up to 0.4%).")
 @click.option("--bias-correct", is_flag=True, help="Divide by 1 - beta2**step (each parameter's step, its group's beta2).")
 @click.option("--shard-size", default=None,
-              help="Largest shard, e.g. 2GB, 500MB, 1.5GiB (default 5GB for a directory OUT; a .safetensors OUT is one file).")
+              help="Largest shard in bytes (unlike mergekit's --out-shard-size, which counts parameters), e.g. 2GB, 500MB, "
+                   "1.5GiB (default 5GB for a directory OUT; a .safetensors OUT is one file).")
 @click.option("--frozen", multiple=True, metavar="GLOB",
               help="Parameter(s) frozen during training (glob, repeatable): resolves an index-keyed state that is otherwise ambiguous.")
 @click.option("--beta2", type=float, default=None, help="Adam beta2 where the source records none (for --bias-correct and metadata).")

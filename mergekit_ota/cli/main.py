@@ -40,8 +40,12 @@ def methods_command() -> None:
 def demo_command(out_dir: str, steps: int, seed: int, force: bool) -> None:
     """Train a base and 2 experts, merge them with ota, ffg, ties, dare_ties, ... and compare."""
     from mergekit_ota.demo import run_demo
+    from mergekit_ota.errors import OTAError
 
-    run_demo(out_dir, steps=steps, seed=seed, force=force)
+    try:
+        run_demo(out_dir, steps=steps, seed=seed, force=force)
+    except OTAError as error:  # e.g. OUT exists: one line that says what to do, not a traceback
+        raise click.ClickException(str(error)) from error
 
 
 from mergekit_ota.cli.check import check_command  # noqa: E402

@@ -55,6 +55,13 @@ def parse_size(value: str) -> int:
     """Bytes in ``"2GB"``, ``"500MB"``, ``"1.5GiB"``, ``"4096"`` (K/M/G/T decimal, KiB/MiB/GiB/TiB binary)."""
     match = _SIZE.match(str(value))
     if not match:
+        bare = re.match(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)\s*$", str(value).lower().removesuffix("b").strip(), re.IGNORECASE)
+        if bare and str(value).strip()[-1:] in "bB" and not bare.group(2):
+            raise ConfigError(
+                f"size {value!r} is ambiguous: {bare.group(1)} bytes or {bare.group(1)} billion (as mergekit's "
+                f"--out-shard-size counts parameters)? A store's shards are files: write bytes with a unit, "
+                f"e.g. {bare.group(1)}GB"
+            )
         raise ConfigError(
             f"cannot read size {value!r}: write a number of bytes with a unit, e.g. 2GB, 500MB, 1.5GiB"
         )

@@ -70,6 +70,17 @@ def _version() -> str:
         return "unknown"
 
 
+def check_given_values(source: SourceState, options: ExportOptions) -> None:
+    """``--step``/``--beta2`` only fill in what the source does not record: contradicting it is an error, with or
+    without ``--bias-correct`` (the store's metadata feeds the merge's bias correction, so a silently wrong
+    value would corrupt it later)."""
+    for item in source.items:
+        if item.step is not None and options.step is not None and int(item.step) != options.step:
+            raise ConfigError(f"--step {options.step} contradicts the source's step {int(item.step)} for '{item.name}'")
+        if item.beta2 is not None and options.beta2 is not None and abs(item.beta2 - options.beta2) > 1e-12:
+            raise ConfigError(f"--beta2 {options.beta2} contradicts the source's beta2 {item.beta2} for '{item.name}'")
+
+
 def bias_scales(source: SourceState, options: ExportOptions) -> Dict[str, float]:
     """``{name: 1 / (1 - beta2**step)}`` per parameter; raises before writing if any value is unknown."""
     if source.bias_corrected:
@@ -80,10 +91,6 @@ def bias_scales(source: SourceState, options: ExportOptions) -> Dict[str, float]
     for item in source.items:
         step = item.step if item.step is not None else options.step
         beta2 = item.beta2 if item.beta2 is not None else options.beta2
-        if item.step is not None and options.step is not None and int(item.step) != options.step:
-            raise ConfigError(f"--step {options.step} contradicts the source's step {int(item.step)} for '{item.name}'")
-        if item.beta2 is not None and options.beta2 is not None and abs(item.beta2 - options.beta2) > 1e-12:
-            raise ConfigError(f"--beta2 {options.beta2} contradicts the source's beta2 {item.beta2} for '{item.name}'")
         if step is None or beta2 is None:
             what = " and ".join(w for w, v in (("step", step), ("beta2", beta2)) if v is None)
             raise ConfigError(
@@ -184,6 +191,7 @@ def write_store(
 ) -> ExportResult:
     """Write ``source`` to ``out`` (a ``.safetensors`` file, a ``.safetensors.index.json``, or a new directory)."""
     layout = store_layout(out)
+    check_given_values(source, options)
     scales = bias_scales(source, options) if options.bias_correct else {}
     specs = _specs(source, options)
     metadata = export_metadata(source, options, specs)
