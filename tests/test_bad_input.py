@@ -128,7 +128,7 @@ def test_truncated_store_is_reported_before_merging(family, tmp_path):
 @pytest.mark.parametrize("density", [0.0, 1.5, -0.2])
 def test_density_outside_unit_interval_from_yaml(family, tmp_path, density):
     cfg = _config(family, expert_parameters=({"density": density}, {"density": 0.5}))
-    _fails_before_writing(family, tmp_path, cfg, PreflightError, rf"density must be in \(0, 1\]; got {density}")
+    _fails_before_writing(family, tmp_path, cfg, PreflightError, rf"density must be in \(0, 1\] or 'auto'; got {density}")
 
 
 def test_ffg_without_base_model_is_refused(family, tmp_path):
