@@ -122,7 +122,7 @@ def test_two_processes_gather_and_rank_0_writes_the_optimizers_own_states(strate
     parameter identity (FSDP2: its DTensor gathered whole), and only rank 0 wrote."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MERGEKIT_OTA_DISABLE": "1"}
     script = Path(__file__).parent / "distributed_capture.py"
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), strategy,
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), strategy,
                            str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     truth = load_file(str(tmp_path / "truth.safetensors"))
@@ -141,7 +141,7 @@ def test_a_value_rank_0_refuses_mid_write_is_raised_on_every_rank_and_nothing_is
     neither hangs, and no store or temporary file is left."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MERGEKIT_OTA_DISABLE": "1"}
     script = Path(__file__).parent / "distributed_capture.py"
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), "fsdp2-nan",
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), "fsdp2-nan",
                            str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     name, first = (tmp_path / "error-rank0.txt").read_text().split("\n", 1)
