@@ -40,7 +40,7 @@ from mergekit_ota.export.options import ExportOptions
 from mergekit_ota.export.pipeline import write_store
 from mergekit_ota.export.zero import find_step_dir, open_zero
 from mergekit_ota.training.gather import rank, unwrap_model
-from mergekit_ota.training.save import save_curvature
+from mergekit_ota.training.save import _agree, save_curvature
 
 LOG = logging.getLogger("mergekit_ota")
 
@@ -93,14 +93,19 @@ class CurvatureCallback(TrainerCallback):
 
     def on_save(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None, **kwargs: Any) -> None:
         checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        if not os.path.isdir(checkpoint):
-            return  # a save that wrote no checkpoint directory (e.g. another run dir under hyperparameter search)
         deepspeed = _is_deepspeed(model)
-        source = find_step_dir(checkpoint) if deepspeed else None
-        if deepspeed and source is None:
-            if rank() == 0:
+        # Only rank 0 writes the checkpoint (other ranks may look before it exists): rank 0 decides, every rank follows,
+        # or a rank skipping the gathers would leave the others waiting in them.
+        if not _agree(os.path.isdir(checkpoint) if rank() == 0 else True):
+            return  # a save that wrote no checkpoint directory (e.g. another run dir under hyperparameter search)
+        source = None
+        if deepspeed:  # rank 0 alone reads the saved checkpoint: no collective, so the others are done
+            if rank() != 0:
+                return
+            source = find_step_dir(checkpoint)
+            if source is None:
                 LOG.warning("mergekit-ota: %s has no DeepSpeed optimizer files (save_only_model?); no store", checkpoint)
-            return
+                return
         self._write(model, optimizer, checkpoint, checkpoint, source)
 
     def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None, **kwargs: Any) -> None:
@@ -110,6 +115,10 @@ class CurvatureCallback(TrainerCallback):
             self._write(model, optimizer, args.output_dir, f"{args.output_dir} (end of training)", None)
             return
         final = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        source = find_step_dir(final) if os.path.isdir(final) else None
-        # from the final checkpoint when one holds the last step, else live (which ZeRO-1/2 may refuse: logged)
-        self._write(model, optimizer, args.output_dir, f"{args.output_dir} (end of training)", source)
+        source = find_step_dir(final) if rank() == 0 and os.path.isdir(final) else None
+        # from the final checkpoint when one holds the last step (rank 0 decides for all: the live path gathers),
+        # else live (which ZeRO-1/2 may refuse: logged)
+        if _agree(source is None if rank() == 0 else True):
+            self._write(model, optimizer, args.output_dir, f"{args.output_dir} (end of training)", None)
+        elif rank() == 0:
+            self._write(model, optimizer, args.output_dir, f"{args.output_dir} (end of training)", source)
