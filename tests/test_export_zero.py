@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict
 
 import pytest
 import torch

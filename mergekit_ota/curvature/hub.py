@@ -22,9 +22,10 @@ import os
 import posixpath
 import re
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
-INDEX_SUFFIX = ".index.json"
+from mergekit_ota.curvature.locate import INDEX_SUFFIX
+
 OFFLINE = "offline (HF_HUB_OFFLINE=1)"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -69,6 +70,19 @@ def looks_like_repo_id(path: str, bare: bool = False) -> bool:
     except HFValidationError:
         return False
     return True
+
+
+# huggingface_hub's cache layout: HUB_CACHE/models--ORG--NAME/snapshots/COMMIT/FILE
+_HUB_CACHED = re.compile(r"(?:^|/)models--(?P<repo>[^/]+)/snapshots/(?P<commit>[0-9a-f]{40})/(?P<file>.+)$")
+
+
+def hub_origin(path: str) -> Optional[Dict[str, str]]:
+    """``{"repo", "commit", "file"}`` where ``path`` is a file in huggingface_hub's cache (a store fetched from a
+    Hub repo), else ``None``."""
+    match = _HUB_CACHED.search(path.replace(os.sep, "/"))
+    if match is None:
+        return None
+    return {"repo": match["repo"].replace("--", "/"), "commit": match["commit"], "file": match["file"]}
 
 
 def cache_root(cache_dir: Optional[str]) -> str:

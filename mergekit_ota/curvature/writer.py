@@ -410,6 +410,12 @@ class StoreWriter:
             self._directory = None
 
 
+def compression_label(pairs: int, matrices: int) -> str:
+    """A store's ``compression`` field: ``none`` (no rank-1 pair), ``rank1`` (every 2-D tensor a pair), else
+    ``partial-rank1``, from the number of rank-1 pairs and of 2-D tensors."""
+    return "none" if not pairs else "rank1" if pairs == matrices else "partial-rank1"
+
+
 def store_metadata(compression: str, dtype: torch.dtype, metadata: Optional[Mapping[str, Any]] = None) -> Dict[str, str]:
     """The header every shard carries: ``format_version``, ``compression``, ``dtype``, then ``metadata``."""
     return {

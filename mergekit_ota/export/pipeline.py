@@ -22,6 +22,7 @@ from mergekit_ota.curvature.writer import (
     StoreWriter,
     TensorSpec,
     check_output,
+    compression_label,
     store_layout,
     store_metadata,
     store_specs,
@@ -124,7 +125,7 @@ def export_metadata(source: SourceState, options: ExportOptions, specs: List[Ten
     """
     pairs = {s.key[: -len(ROW_SUFFIX)] for s in specs if s.key.endswith(ROW_SUFFIX)}
     matrices = [i.name for i in source.items if len(i.shape) == 2]
-    compression = "none" if not pairs else "rank1" if len(pairs) == len(matrices) else "partial-rank1"
+    compression = compression_label(len(pairs), len(matrices))
     fields: Dict[str, Any] = {"source_kind": source.kind, "optimizer": source.optimizer}
     steps = [i.step if i.step is not None else options.step for i in source.items]
     steps = [s for s in steps if s is not None]

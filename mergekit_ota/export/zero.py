@@ -45,7 +45,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -122,7 +122,6 @@ class _Rank:
     moments: List[torch.Tensor]
     steps: List[Optional[float]]
     mappings: Optional[List[Mapping[str, Any]]] = None
-    all_tensors: List[torch.Tensor] = field(default_factory=list)
 
 
 def _refuse_parallelism(directory: str, files: Sequence[str]) -> None:

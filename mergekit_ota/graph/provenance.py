@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from typing import Any, Dict, List, Optional, Tuple
 
+from mergekit_ota.curvature.hub import hub_origin
 from mergekit_ota.curvature.store import CurvatureStore, metadata_inputs
+from mergekit_ota.curvature.writer import compression_label
 from mergekit_ota.io.atomic import StagedFiles
 
 PROVENANCE_FILE = "mergekit_ota_curvature.json"
@@ -37,9 +38,6 @@ FORMAT_VERSION = 1
 HEADER_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 FFG_BIAS_REASON = "not corrected: ffg uses the curvature as stored (bias correction changes only ota's weights)"
 
-# huggingface_hub's cache layout: HUB_CACHE/models--ORG--NAME/snapshots/COMMIT/FILE
-_HUB_CACHED = re.compile(r"(?:^|/)models--(?P<repo>[^/]+)/snapshots/(?P<commit>[0-9a-f]{40})/(?P<file>.+)$")
-
 _recorded: Dict[str, Dict[str, Any]] = {}  # build directory -> its merge's record, until the guard takes it
 
 
@@ -47,21 +45,12 @@ def _header_compression(store: CurvatureStore) -> str:
     """``none`` / ``rank1`` / ``partial-rank1`` from the tensors themselves (as ``export`` names it)."""
     matrices = [r for r in store.records.values() if len(r.shape) == 2]
     compressed = [r for r in store.records.values() if r.compressed]
-    return "none" if not compressed else "rank1" if len(compressed) == len(matrices) else "partial-rank1"
+    return compression_label(len(compressed), len(matrices))
 
 
 def _header_dtype(store: CurvatureStore) -> str:
     names = sorted({HEADER_DTYPES.get(e.dtype, e.dtype) for r in store.records.values() for e in r.entries})
     return ",".join(names)
-
-
-def hub_origin(path: str) -> Optional[Dict[str, str]]:
-    """``{"repo", "commit", "file"}`` where ``path`` is a file in huggingface_hub's cache (a store fetched from a
-    Hub repo), else ``None``."""
-    match = _HUB_CACHED.search(path.replace(os.sep, "/"))
-    if match is None:
-        return None
-    return {"repo": match["repo"].replace("--", "/"), "commit": match["commit"], "file": match["file"]}
 
 
 def store_facts(path: str) -> Dict[str, Any]:

@@ -252,7 +252,8 @@ class ModelWidePass(Task[ModelWideResult]):
                 LOG.info(describe(self.scale, model, value, scales[model].count))
         from mergekit_ota.methods.base import auto_choices
 
-        return ModelWideResult(thresholds_for_density(totals), found, auto_choices(totals) or None)
+        auto = auto_choices(totals)  # once: thresholds_for_density reads the auto thresholds from it
+        return ModelWideResult(thresholds_for_density(totals, auto), found, auto or None)
 
 
 class CurvatureMergeTask(ExecuteMergeMethodTask):

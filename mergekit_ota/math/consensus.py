@@ -23,7 +23,7 @@ numerator and ``a_i`` to the matching denominator, so after the last expert ``e`
 ``N, D`` are the sums on its side: four running buffers (five with ``count``'s vote tally) and three
 scratch buffers, about seven fused element passes per expert, and no second pass over the experts.
 
-Properties (tests/test_math.py): one expert is unchanged by it; when every kept entry is nonzero and
+Properties (tests/test_consensus.py): one expert is unchanged by it; when every kept entry is nonzero and
 all experts agree in sign it equals the plain masked merge; ``N / D`` is invariant to scaling every
 ``a_i`` by one ``c > 0``.
 """

@@ -426,12 +426,15 @@ def auto_choices(totals: Dict[Hashable, Tuple[SaliencyHistogram, Any]]) -> Dict[
     return found
 
 
-def thresholds_for_density(totals: Dict[Hashable, Tuple[SaliencyHistogram, Any]]) -> Dict[Hashable, float]:
+def thresholds_for_density(
+    totals: Dict[Hashable, Tuple[SaliencyHistogram, Any]], auto: Optional[Dict[Hashable, AutoChoice]] = None
+) -> Dict[Hashable, float]:
     """One absolute saliency threshold per expert that keeps its density over all its tensors; for
     ``density: auto``, the one keeping its ``saliency_mass`` (:meth:`SaliencyHistogram.threshold_for_mass`),
-    logged with the fraction of entries it keeps."""
+    logged with the fraction of entries it keeps (``auto``: :func:`auto_choices` of ``totals``, when the caller
+    has it already)."""
     thresholds = {}
-    auto = auto_choices(totals)
+    auto = auto_choices(totals) if auto is None else auto
     for key, (hist, density) in totals.items():
         if key in auto:
             LOG.info(auto[key].describe(key))

@@ -39,14 +39,10 @@ from mergekit_ota.errors import OTAError
 from mergekit_ota.export.options import ExportOptions
 from mergekit_ota.export.pipeline import write_store
 from mergekit_ota.export.zero import find_step_dir, open_zero
-from mergekit_ota.training.gather import rank, unwrap_model
+from mergekit_ota.training.gather import is_deepspeed, rank
 from mergekit_ota.training.save import _agree, save_curvature
 
 LOG = logging.getLogger("mergekit_ota")
-
-
-def _is_deepspeed(model: Any) -> bool:
-    return any(hasattr(p, "ds_id") or hasattr(p, "_hp_mapping") for p in unwrap_model(model).parameters())
 
 
 class CurvatureCallback(TrainerCallback):
@@ -93,7 +89,7 @@ class CurvatureCallback(TrainerCallback):
 
     def on_save(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None, **kwargs: Any) -> None:
         checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        deepspeed = _is_deepspeed(model)
+        deepspeed = is_deepspeed(model)
         # Only rank 0 writes the checkpoint (other ranks may look before it exists): rank 0 decides, every rank follows,
         # or a rank skipping the gathers would leave the others waiting in them.
         if not _agree(os.path.isdir(checkpoint) if rank() == 0 else True):
@@ -111,7 +107,7 @@ class CurvatureCallback(TrainerCallback):
     def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None, **kwargs: Any) -> None:
         if not self.at_end or model is None or optimizer is None:
             return
-        if not _is_deepspeed(model):
+        if not is_deepspeed(model):
             self._write(model, optimizer, args.output_dir, f"{args.output_dir} (end of training)", None)
             return
         final = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")

@@ -40,9 +40,6 @@ from mergekit_ota.export.states import (
     scalar,
 )
 
-STRATEGIES = ("single", "ddp", "fsdp2", "deepspeed")
-
-
 class LiveGatherError(CurvatureError):
     """A parameter's state cannot be gathered from the live optimizer (raised on every rank alike)."""
 
@@ -84,7 +81,12 @@ def unwrap_optimizer(optimizer: Any) -> Any:
     return optimizer
 
 
-def _is_deepspeed(parameters: Sequence[torch.nn.Parameter]) -> bool:
+def is_deepspeed(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s parameters are managed by DeepSpeed ZeRO (ZeRO-3 ``ds_id``, ZeRO-1/2/bf16 ``_hp_mapping``)."""
+    return _deepspeed_parameters(list(unwrap_model(model).parameters()))
+
+
+def _deepspeed_parameters(parameters: Sequence[torch.nn.Parameter]) -> bool:
     return any(hasattr(p, "ds_id") or hasattr(p, "_hp_mapping") for p in parameters)
 
 
@@ -172,7 +174,7 @@ def live_state(model: torch.nn.Module, optimizer: Any) -> LiveState:
     named = [(clean_name(n), p) for n, p in module.named_parameters()]
     trainable = [(n, p) for n, p in named if p.requires_grad]
     frozen = [n for n, p in named if not p.requires_grad]
-    if _is_deepspeed([p for _, p in trainable]):
+    if _deepspeed_parameters([p for _, p in trainable]):
         step, beta2 = _deepspeed_step_beta2(optimizer)
         params = [_deepspeed_parameter(n, p, step, beta2) for n, p in trainable]
         label = optimizer_name({"full"}, getattr(unwrap_optimizer(optimizer), "param_groups", []))
