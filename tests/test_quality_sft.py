@@ -116,7 +116,8 @@ def test_chat_rows_label_exactly_the_answer_and_the_end_of_turn(tokenizer):
 
 def test_fast_scorer_matches_the_plain_scorer_item_by_item(tokenizer):
     """score_items (shared-prefix KV cache, head on answer positions only) gives score_rows' numbers and, per
-    item, the exact match of scoring that row alone; with and without the prefix cache alike."""
+    item, the exact match, token count, correct tokens and nats of scoring that row alone; with and without the
+    prefix cache alike."""
     model = _tiny_model(tokenizer)
     rows = []
     for name in ("snake", "iso_date", "initials"):
@@ -138,8 +139,13 @@ def test_fast_scorer_matches_the_plain_scorer_item_by_item(tokenizer):
         assert fast[key] == plain[key] == fast_no_prefix[key]
     assert fast["loss"] == pytest.approx(plain["loss"], rel=1e-4)
     assert fast["items"] == fast_no_prefix["items"]
-    singles = "".join(str(int(evaluate.score_rows(model, [row], pad)["exact_match"])) for row in rows)
+    alone = [evaluate.score_rows(model, [row], pad) for row in rows]
+    singles = "".join(str(int(one["exact_match"])) for one in alone)
     assert fast["items"] == singles and "1" in singles and "0" in singles
+    assert fast["row_tokens"] == [one["tokens"] for one in alone]
+    assert fast["row_correct"] == [round(one["token_accuracy"] * one["tokens"]) for one in alone]
+    assert fast["row_nats"] == pytest.approx([one["loss"] * one["tokens"] for one in alone], rel=1e-4)
+    assert sum(fast["row_nats"]) / sum(fast["row_tokens"]) == pytest.approx(fast["loss"], rel=1e-5)
 
 
 def test_greedy_decoding_agrees_with_teacher_forced_exact_match(tokenizer):
@@ -289,7 +295,7 @@ def test_per_item_strings_round_trip_and_bad_ones_are_refused():
 def test_grid_point_and_best_baseline_are_chosen_on_validation_never_on_test():
     """choose() takes each method's point with the best validation G even where another wins on test, and
     best_baseline() the baseline with the best mean validation G."""
-    from benchmarks.quality import report_sft
+    from benchmarks.quality import paired
     from benchmarks.quality.tiers import SftSettings, sft_suite
 
     suite = sft_suite(SftSettings(skills=("snake", "camel")))
@@ -304,9 +310,9 @@ def test_grid_point_and_best_baseline_are_chosen_on_validation_never_on_test():
     data = {"models": models, "settings": [
         {"method": "ties", "label": "a", "key": "merge/ties/a"}, {"method": "ties", "label": "b", "key": "merge/ties/b"},
         {"method": "linear", "label": "c", "key": "merge/linear/c"}]}  # fmt: skip
-    chosen = report_sft.choose(suite, data)
+    chosen = paired.choose(suite, data)
     assert chosen["ties"]["label"] == "b" and chosen["ties"]["val"] == pytest.approx(0.6)
-    assert report_sft.best_baseline([chosen]) == "ties"
+    assert paired.best_baseline([chosen]) == "ties"
 
 
 # --- the tier end to end ------------------------------------------------------------------
@@ -378,7 +384,7 @@ def test_report_computes_interference_multitask_and_verdicts_from_per_item_resul
     """On synthetic per-item results of two seeds: the interference figure is the test G of task arithmetic /
     linear at their validation-chosen point and the tier 'counts' below 0.85; a method right on a superset of
     the best baseline's items (with a wide margin) is a pooled 'win'; the multi-task row is present."""
-    from benchmarks.quality import report_sft
+    from benchmarks.quality import paired, report_sft
     from benchmarks.quality.tiers import SftSettings, sft_suite
 
     suite = sft_suite(SftSettings(skills=("snake", "camel")))
@@ -405,7 +411,7 @@ def test_report_computes_interference_multitask_and_verdicts_from_per_item_resul
         runs.append((seed, suite, data))
     path = report_sft.write(runs, str(tmp_path), "sft-test")
     text = open(path).read()
-    ta = np.mean([stats.gain(report_sft.seed_items(suite, d, "test"), "merge/task_arithmetic/λ=0.5", ["snake", "camel"])
+    ta = np.mean([stats.gain(paired.seed_items(suite, d, "test"), "merge/task_arithmetic/λ=0.5", ["snake", "camel"])
                   for _, _, d in runs])  # fmt: skip
     row = next(line for line in text.splitlines() if line.startswith("| task_arithmetic |"))
     assert row.split("|")[2].strip().startswith(f"{ta:.3f}")

@@ -289,9 +289,10 @@ def test_smoke_run_writes_a_well_formed_report_and_reuses_its_cache(tmp_path):
 
 
 def test_seed_report_lists_every_seed_and_its_mean_and_names_a_missing_run(tmp_path):
-    """Two --smoke seeds: the seeds report has, per method, each seed's chosen test norm. (as its own
-    report chose it), their mean and one rank per seed; a seed never run is an error naming the command."""
-    from benchmarks.quality import report, run, seeds
+    """Two --smoke seeds: the seeds report has, per method, each seed's test G at its validation-chosen point
+    (over the skills that are gain skills in both seeds), their mean, one rank per seed, and pooled paired
+    intervals; a seed never run is an error naming the command."""
+    from benchmarks.quality import compare, paired, run, seeds, stats
 
     threads = torch.get_num_threads()
     common = ["--tier", "quick", "--smoke", "--methods", "ota", "ties", "--cache", str(tmp_path / "cache"),
@@ -305,61 +306,97 @@ def test_seed_report_lists_every_seed_and_its_mean_and_names_a_missing_run(tmp_p
     path = seeds.main(["--tier", "quick", "--smoke", "--seeds", "0", "1", "--cache", str(tmp_path / "cache"),
                        "--results", str(tmp_path / "results")])  # fmt: skip
     text = open(path).read()
+    loaded = [seeds.load_seed("quick", s, str(tmp_path / "cache"), smoke=True) for s in (0, 1)]
+    skills = paired.common_skills([(r["suite"], r["data"]) for r in loaded])
+    assert skills, "the smoke experts must lower their own held-out loss (else G is undefined and this checks nothing)"
     for method in ("ota", "ties"):
-        per_seed = [seeds.load_seed("quick", s, str(tmp_path / "cache"), smoke=True)["chosen"][method]["test"]
-                    for s in (0, 1)]  # fmt: skip
+        per_seed = []
+        for r in loaded:
+            key = paired.choose(r["suite"], r["data"], skills)[method]["key"]
+            per_seed.append(stats.gain(paired.seed_items(r["suite"], r["data"], "test"), key, skills))
         row = next(line for line in text.splitlines() if line.startswith(f"| {method} |"))
         cells = [c.strip().strip("*") for c in row.split("|")[2:-1]]
         assert [float(c) for c in cells[:2]] == pytest.approx(per_seed, abs=5e-4)
         assert float(cells[2]) == pytest.approx(sum(per_seed) / 2, abs=5e-4)
         assert len(cells[4].split(",")) == 2
-    assert report.is_ours("ota") and not report.is_ours("ties")
+    assert "## Paired differences" in text and "two-level bootstrap" in text
+    assert compare.is_ours("ota") and not compare.is_ours("ties")
     with pytest.raises(FileNotFoundError, match="--seed 7"):
         seeds.main(["--tier", "quick", "--smoke", "--seeds", "0", "7", "--cache", str(tmp_path / "cache"),
                     "--results", str(tmp_path / "results")])  # fmt: skip
 
 
+def _scored(val: float, test: float, caps=("reverse", "sort"), rows: int = 100) -> dict:
+    """A results.json record: exact match ``val``/``test`` on every capability, as per-item strings."""
+    def part(value: float) -> dict:
+        hits = round(value * rows)
+        return {"exact_match": hits / rows, "rows": rows, "tokens": 8 * rows, "items": "1" * hits + "0" * (rows - hits)}
+    return {split: {cap: part(value) for cap in caps} for split, value in (("val", val), ("test", test))}
+
+
 def test_each_method_is_chosen_on_validation_never_on_test():
-    """The reported grid point maximises the validation mean of score/expert, even where another point wins on test."""
+    """The reported grid point maximises validation G, even where another point wins on test; its test G and
+    norm. are those of that point."""
     from benchmarks.quality import report
     from benchmarks.quality.tiers import QuickSettings, quick_suite
 
     suite = quick_suite(QuickSettings(capabilities=("reverse", "sort")))
-
-    def record(val, test):
-        return {split: {cap: {"exact_match": value, "rows": 100, "tokens": 800} for cap in ("reverse", "sort")}
-                for split, value in (("val", val), ("test", test))}  # fmt: skip
-
-    models = {"base": record(0.1, 0.1), "expert/reverse": record(0.8, 0.8), "expert/sort": record(0.8, 0.8),
-              "merge/m/a": record(0.4, 0.7), "merge/m/b": record(0.6, 0.2), "merge/n/c": record(0.3, 0.3)}  # fmt: skip
+    models = {"base": _scored(0.1, 0.1), "expert/reverse": _scored(0.8, 0.8), "expert/sort": _scored(0.8, 0.8),
+              "merge/m/a": _scored(0.4, 0.7), "merge/m/b": _scored(0.6, 0.2), "merge/n/c": _scored(0.3, 0.3)}  # fmt: skip
     settings = [{"method": "m", "label": "a", "key": "merge/m/a"}, {"method": "m", "label": "b", "key": "merge/m/b"},
                 {"method": "n", "label": "c", "key": "merge/n/c"}]  # fmt: skip
     chosen = {c["method"]: c for c in report.select(suite, {"models": models, "settings": settings})}
     assert chosen["m"]["label"] == "b" and chosen["n"]["label"] == "c"
-    assert chosen["m"]["test"] == pytest.approx(0.2 / 0.8) and chosen["m"]["val"] == pytest.approx(0.6 / 0.8)
+    assert chosen["m"]["val"] == pytest.approx((0.6 - 0.1) / (0.8 - 0.1))
     assert chosen["m"]["gain"] == pytest.approx((0.2 - 0.1) / (0.8 - 0.1))
+    assert chosen["m"]["test"] == pytest.approx(0.2 / 0.8)
 
 
 def test_gain_averages_only_capabilities_whose_expert_beats_the_base():
-    """A capability whose expert gains < MIN_GAIN over the base is left out of the mean gain (dividing by
+    """A capability whose expert gains < MIN_GAIN over the base on validation is left out of G (dividing by
     noise), not allowed to make it n/a; norm. still averages over every capability."""
-    from benchmarks.quality import report
+    from benchmarks.quality import paired, report
     from benchmarks.quality.tiers import QuickSettings, quick_suite
 
     suite = quick_suite(QuickSettings(capabilities=("reverse", "sort")))
 
-    def record(reverse, sort):
-        return {"test": {"reverse": {"exact_match": reverse, "rows": 100, "tokens": 800},
-                         "sort": {"exact_match": sort, "rows": 100, "tokens": 800}}}  # fmt: skip
+    def record(reverse: float, sort: float) -> dict:
+        a, b = _scored(reverse, reverse, ("reverse",)), _scored(sort, sort, ("sort",))
+        return {split: {**a[split], **b[split]} for split in ("val", "test")}
 
     models = {"base": record(0.2, 0.5), "expert/reverse": record(0.8, 0.5), "expert/sort": record(0.2, 0.52)}
-    assert report.gain_capabilities(suite, models) == ["reverse"]
-    ratio, gain = report._normalised(suite, models, record(0.5, 0.52), "test")
-    assert gain == pytest.approx((0.5 - 0.2) / (0.8 - 0.2))
-    assert ratio == pytest.approx((0.5 / 0.8 + 0.52 / 0.52) / 2)
+    assert paired.gain_skills(suite, {"models": models}) == ["reverse"]
+    assert report.norm(suite, models, record(0.5, 0.52), "test") == pytest.approx((0.5 / 0.8 + 0.52 / 0.52) / 2)
     models["expert/reverse"] = record(0.21, 0.5)
-    assert report.gain_capabilities(suite, models) == []
-    assert math.isnan(report._normalised(suite, models, record(0.5, 0.52), "test")[1])
+    assert paired.gain_skills(suite, {"models": models}) == []
+
+
+def test_loss_gain_is_the_share_of_the_experts_loss_drop_and_resamples_rows_as_ratios():
+    """For a loss headline, G = (loss_base - loss) / (loss_base - loss_expert), each capability's loss the
+    ratio nats / tokens summed over its rows (a row of 10 tokens weighs 10x a row of 1), and a skill counts as a
+    gain skill when its expert's loss is lower by MIN_GAIN."""
+    from benchmarks.quality import paired, stats
+    from benchmarks.quality.tiers import FullSettings, full_suite
+
+    suite = full_suite(FullSettings(domains=("code", "prose")))
+
+    def record(code: tuple, prose: tuple) -> dict:
+        def part(nats: list) -> dict:
+            tokens = [10, 1]
+            return {"loss": sum(nats) / sum(tokens), "token_accuracy": 0.5, "rows": 2, "tokens": 11, "items": "00",
+                    "row_tokens": tokens, "row_correct": [5, 0], "row_nats": list(nats)}  # fmt: skip
+        return {split: {"code": part(code), "prose": part(prose)} for split in ("val", "test")}
+
+    models = {"base": record((30.0, 3.0), (30.0, 3.0)), "expert/code": record((20.0, 2.0), (30.0, 3.0)),
+              "expert/prose": record((30.0, 3.0), (29.9, 3.0)), "merged": record((25.0, 2.5), (30.0, 3.0))}  # fmt: skip
+    assert paired.gain_skills(suite, {"models": models}) == ["code"]  # prose's expert lowers loss by 0.009 only
+    items = paired.seed_items(suite, {"models": models}, "test")
+    assert stats.accuracy(items, "base", "code") == pytest.approx(33 / 11)
+    assert stats.gain(items, "merged", ["code"]) == pytest.approx((33 / 11 - 27.5 / 11) / (33 / 11 - 22 / 11))
+    with pytest.raises(KeyError, match="row_nats"):
+        bare = {k: {s: {c: {x: y for x, y in v.items() if x != "row_nats"} for c, v in r[s].items()} for s in r}
+                for k, r in models.items()}  # fmt: skip
+        paired.seed_items(suite, {"models": bare}, "test")
 
 
 class _CharTokenizer:

@@ -98,8 +98,10 @@ def _cache_of(output: Any) -> Any:
 @torch.no_grad()
 def score_items(model: Any, rows: Sequence[Row], pad_id: int, batch_size: int = 64, device: str = "cpu",
                 bf16: bool = False, share_prefix: bool = True) -> Dict[str, Any]:  # fmt: skip
-    """:func:`score_rows`'s numbers plus ``items``: per row (in the order given), ``"1"`` when it is an exact
-    match, else ``"0"`` (a string of ``len(rows)`` characters).
+    """:func:`score_rows`'s numbers plus per-row results, each in the order the rows were given: ``items``,
+    ``"1"`` where the row is an exact match, else ``"0"`` (a string of ``len(rows)`` characters);
+    ``row_tokens``, ``row_correct`` (scored tokens that are the argmax) and ``row_nats`` (summed cross-entropy,
+    rounded to 6 significant digits), from which a paired bootstrap recomputes token accuracy and loss.
 
     Faster on chat rows, with the same predictions: the prompt prefix every row of a batch shares (the
     chat template's system turn) is run once and its key/value cache repeated over the batch
@@ -110,6 +112,7 @@ def score_items(model: Any, rows: Sequence[Row], pad_id: int, batch_size: int = 
         raise ValueError("no rows to score")
     parts = _parts(model)
     items = ["0"] * len(rows)
+    row_tokens, row_correct, row_nats = [0] * len(rows), [0] * len(rows), [0.0] * len(rows)
     exact = correct = tokens = 0
     loss = 0.0
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
@@ -143,14 +146,21 @@ def score_items(model: Any, rows: Sequence[Row], pad_id: int, batch_size: int = 
         hit = torch.zeros_like(scored)
         hit[scored] = hits_flat
         row_exact = (hit | ~scored).all(dim=-1)
-        for index, ok in zip(chosen, row_exact.tolist()):
+        nats = torch.nn.functional.cross_entropy(logits, target[scored], reduction="none")
+        owner = scored.nonzero()[:, 0]  # the batch row of every scored position, in the order of logits
+        per_row_nats = torch.zeros(len(chosen), dtype=torch.float64, device=nats.device).index_add_(0, owner, nats.double())
+        for position, (index, ok) in enumerate(zip(chosen, row_exact.tolist())):
             items[index] = "1" if ok else "0"
+            row_tokens[index] = int(scored[position].sum())
+            row_correct[index] = int(hit[position].sum())
+            row_nats[index] = float(f"{float(per_row_nats[position]):.6g}")
         exact += int(row_exact.sum())
         correct += int(hits_flat.sum())
         tokens += int(scored.sum())
-        loss += float(torch.nn.functional.cross_entropy(logits, target[scored], reduction="sum"))
+        loss += float(nats.sum())
     return {"exact_match": exact / len(rows), "token_accuracy": correct / tokens, "loss": loss / tokens,
-            "rows": len(rows), "tokens": tokens, "items": "".join(items)}  # fmt: skip
+            "rows": len(rows), "tokens": tokens, "items": "".join(items),
+            "row_tokens": row_tokens, "row_correct": row_correct, "row_nats": row_nats}  # fmt: skip
 
 
 @torch.no_grad()

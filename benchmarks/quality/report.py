@@ -1,11 +1,10 @@
-"""``quality-<tier>.md`` and its grafting plot, generated from ``results.json`` (no hand-typed numbers).
+"""``quality-<tier>.md`` (one seed of quick/full) and its grafting plot, from ``results.json`` (no hand-typed numbers).
 
-Normalised score of a model on capability ``c``: ``score_c / expert_c`` (``expert_c`` =
-the score of ``c``'s own expert on ``c``); its average over capabilities is the
-table's main column.  The gain-normalised variant ``(score_c - base_c) / (expert_c -
-base_c)`` (0 = no better than the base, 1 = as good as the expert) is shown beside it,
-averaged over the capabilities whose expert beats the base by at least
-``grafting.MIN_GAIN`` (elsewhere it divides by noise).
+The headline is **G** (gain kept, ``paired.py``): mean over capabilities of ``(score_c - base_c) /
+(expert_c - base_c)`` (0 = no better than the base, 1 = as good as the expert), on the tier's
+headline score (the full tier's held-out loss, the quick tier's exact match), with each method at
+its grid point chosen on validation G and item-bootstrap intervals (``compare.py``). Beside it,
+**norm.** = mean of ``score_c / expert_c`` on the tier's accuracy score.
 """
 
 from __future__ import annotations
@@ -15,9 +14,10 @@ import os
 import platform
 import subprocess
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
-from benchmarks.quality import grafting, merges
+from benchmarks.quality import grafting, merges, paired, stats
+from benchmarks.quality.compare import Comparisons, est
 from benchmarks.quality.tiers import Suite
 
 
@@ -31,58 +31,36 @@ def mean_defined(values: List[float]) -> float:
     return sum(defined) / len(defined) if defined else float("nan")
 
 
-def gain_capabilities(suite: Suite, models: Dict[str, Any], split: str = "test") -> List[str]:
-    """The capabilities whose expert beats the base by at least ``grafting.MIN_GAIN`` on ``split``."""
-    out = []
-    for cap in suite.capabilities:
-        metric = suite.metric[cap]
-        expert, base = _score(models[f"expert/{cap}"], split, cap, metric), _score(models["base"], split, cap, metric)
-        if expert - base >= grafting.MIN_GAIN:
-            out.append(cap)
-    return out
-
-
 def unlearned_capabilities(suite: Suite, models: Dict[str, Any], split: str = "test") -> List[str]:
     """The capabilities whose own expert scores 0 on them (it never learned them): left out of norm."""
     return [c for c in suite.capabilities if _score(models[f"expert/{c}"], split, c, suite.metric[c]) <= 0]
 
 
-def _normalised(suite: Suite, models: Dict[str, Any], record: Dict[str, Any], split: str) -> Tuple[float, float]:
-    """(mean of score/expert, mean of (score-base)/(expert-base)) over the capabilities where each is defined.
-
-    score/expert is undefined where the expert scores 0 on its own capability (it never learned
-    it); (score-base)/(expert-base) where the expert beats the base by less than ``grafting.MIN_GAIN``.
-    """
-    ratios, gains = [], []
+def norm(suite: Suite, models: Dict[str, Any], record: Dict[str, Any], split: str) -> float:
+    """Mean over capabilities of score / (that capability's expert score), where the expert scores above 0
+    (elsewhere it never learned the capability and the ratio is undefined)."""
+    ratios = []
     for cap in suite.capabilities:
         metric = suite.metric[cap]
-        value = grafting.kept(
-            _score(record, split, cap, metric),
-            _score(models[f"expert/{cap}"], split, cap, metric),
-            _score(models["base"], split, cap, metric),
-        )
+        value = grafting.kept(_score(record, split, cap, metric), _score(models[f"expert/{cap}"], split, cap, metric),
+                              _score(models["base"], split, cap, metric))  # fmt: skip
         ratios.append(value["ratio"])
-        gains.append(value["gain"])
-    return mean_defined(ratios), mean_defined(gains)
+    return mean_defined(ratios)
 
 
 def select(suite: Suite, data: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """Per method, the grid point with the best validation mean normalised score (ties: first in grid order)."""
+    """Per method, its grid point chosen on validation ``G`` (``paired.choose``), with ``val`` (that G), ``gain``
+    (test G over the same skills), ``test`` (test norm.: mean of score / expert score) and its ``record``."""
     models = data["models"]
-    best: Dict[str, Dict[str, Any]] = {}
-    for setting in data["settings"]:
-        record = models[setting["key"]]
-        val = _normalised(suite, models, record, "val")[0]
-        current = best.get(setting["method"])
-        if current is None or val > current["val"]:
-            best[setting["method"]] = {**setting, "val": val}
+    skills = paired.gain_skills(suite, data)
+    tests = paired.seed_items(suite, data, "test")
     out = []
-    for method, choice in best.items():
+    for method, choice in paired.choose(suite, data, skills).items():
         record = models[choice["key"]]
         labels = [s["label"] for s in data["settings"] if s["method"] == method]
-        ratio, gain = _normalised(suite, models, record, "test")
-        out.append({**choice, "test": ratio, "gain": gain, "record": record, "grid_size": len(labels),
-                    "se": standard_error(suite, models, record)})  # fmt: skip
+        gain = stats.gain(tests, choice["key"], skills) if skills else float("nan")
+        out.append({**choice, "test": norm(suite, models, record, "test"), "gain": gain, "record": record,
+                    "grid_size": len(labels)})  # fmt: skip
     return out
 
 
@@ -199,45 +177,6 @@ def _machine() -> str:
     return f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} logical CPUs"
 
 
-def standard_error(suite: Suite, models: Dict[str, Any], record: Dict[str, Any], split: str = "test") -> float:
-    """Binomial standard error of the mean normalised score: ``sqrt(sum_c p_c(1-p_c)/n_c / expert_c**2) / C``.
-
-    Over the ``C`` capabilities whose expert scores above 0 (those the mean is taken over).
-    ``n_c`` counts rows for exact match and tokens for token accuracy (tokens of one text
-    are correlated, so there it is optimistic).  Expert scores are treated as constants.
-    """
-    total, count = 0.0, 0
-    for cap in suite.capabilities:
-        metric = suite.metric[cap]
-        p = _score(record, split, cap, metric)
-        n = record[split][cap]["rows" if metric == "exact_match" else "tokens"]
-        expert = _score(models[f"expert/{cap}"], split, cap, metric)
-        if expert > 0:
-            total += p * (1 - p) / n / expert**2
-            count += 1
-    return math.sqrt(total) / count if count else float("nan")
-
-
-def verdict(a: Dict[str, Any], b: Dict[str, Any]) -> str:
-    """``win``/``tie``/``loss`` of a's test score against b's; a tie is within 2 standard errors of the difference."""
-    margin = 2 * math.sqrt(a["se"] ** 2 + b["se"] ** 2)
-    diff = a["test"] - b["test"]
-    if math.isnan(margin) or abs(diff) <= margin:
-        return f"tie ({diff:+.3f}, within ±{margin:.3f})"
-    return f"{'win' if diff > 0 else 'loss'} ({diff:+.3f}, beyond ±{margin:.3f})"
-
-
-# (ours, theirs): the same way of combining, with FFG/curvature instead of magnitude/uniform
-LIKE_FOR_LIKE: Tuple[Tuple[str, str], ...] = (("ota+ffg (per tensor)", "ties"), ("ffg", "task_arithmetic"),
-                                               ("ota", "linear"), ("ffg (sign consensus)", "ties"),
-                                               ("ota+ffg (model-wide, sign consensus)", "ota+ffg (model-wide)"))  # fmt: skip
-
-
-def is_ours(method: str) -> bool:
-    """Whether a compared method is one of this package's (ota/ffg variants)."""
-    return method.startswith(("ota", "ffg"))
-
-
 def mean_curve(curves: Dict[str, Dict[str, List[Dict[str, float]]]], selector: str, key: str = "ratio") -> List[float]:
     """Per density, the mean over capabilities of ``key`` of ``selector``'s grafting curve (NaNs left out)."""
     per_cap = curves[selector]
@@ -256,29 +195,11 @@ def _smallest_lambda(choice: Dict[str, Any], settings: List[Dict[str, Any]]) -> 
     return len(values) > 1 and lam(choice["label"]) == min(values)
 
 
-def _findings(suite: Suite, chosen: List[Dict[str, Any]], curves: Dict[str, Any], densities: List[float],
+def _findings(chosen: List[Dict[str, Any]], curves: Dict[str, Any], densities: List[float],
               settings: List[Dict[str, Any]]) -> List[str]:  # fmt: skip
-    """Plain statements derived from the numbers: who wins, ties (within 2 SE) or loses."""
-    by_name = {c["method"]: c for c in chosen}
-    ranked = sorted(chosen, key=lambda c: -c["test"])
-    lines = ["Ranking by test norm.: " + ", ".join(f"{c['method']} {_fmt(c['test'])}" for c in ranked) + "."]
-    if ranked and not math.isnan(ranked[0]["gain"]):
-        top = max(ranked, key=lambda c: c["gain"])
-        lines.append(f"Best merge by gain: {top['method']} keeps {top['gain']:.0%} of the experts' average gain over "
-                     "the base (0% = no better than the base, 100% = every capability at its expert's level).")  # fmt: skip
-    ours = [c for c in ranked if is_ours(c["method"])]
-    theirs = [c for c in ranked if not is_ours(c["method"])]
-    if ours and theirs:
-        best = theirs[0]
-        lines.append(f"Against the best baseline ({best['method']}, {_fmt(best['test'])}): "
-                     + "; ".join(f"{c['method']}: {verdict(c, best)}" for c in ours) + ".")  # fmt: skip
-    same = [f"{a} vs {b}: {verdict(by_name[a], by_name[b])}" for a, b in LIKE_FOR_LIKE if a in by_name and b in by_name]
-    if same:
-        lines.append("Like for like (same way of combining, FFG/curvature instead of magnitude/uniform): "
-                     + "; ".join(same) + ".")  # fmt: skip
-    if "ota" in by_name and "ota (rank-1 curvature)" in by_name:
-        lines.append(f"Rank-1 curvature against full curvature (ota): "
-                     f"{verdict(by_name['ota (rank-1 curvature)'], by_name['ota'])}.")  # fmt: skip
+    """Plain statements derived from the numbers (the verdicts are in the paired differences above)."""
+    ranked = sorted(chosen, key=lambda c: -paired.finite(c["gain"]))
+    lines = ["Ranking by test G: " + ", ".join(f"{c['method']} {_fmt(c['gain'])}" for c in ranked) + "."]
     smallest = [c["method"] for c in chosen if _smallest_lambda(c, settings)]
     if smallest:
         lines.append("Chosen at the smallest λ of its grid (the merge wants a still smaller task vector; λ -> 0 "
@@ -288,6 +209,16 @@ def _findings(suite: Suite, chosen: List[Dict[str, Any]], curves: Dict[str, Any]
         diffs = ", ".join(f"d={d:g}: {f - m:+.3f}" for d, f, m in zip(densities, mean["FFG (per tensor)"], mean["magnitude (per tensor)"]))
         lines.append(f"Grafting, FFG minus magnitude (per tensor, mean score/expert over capabilities): {diffs}.")
     return lines
+
+
+def headline_text(suite: Suite, skills: List[str]) -> str:
+    """What G is computed from in this tier, in words."""
+    names = sorted({paired.headline(suite, c) for c in suite.capabilities})
+    what = " and ".join("held-out loss" if n == "loss" else n.replace("_", " ") for n in names)
+    return (f"**G** (gain kept) = mean over {', '.join(skills) if skills else 'no capability'} of (score - base) / "
+            f"(expert - base), score = {what}"
+            + (" (for a loss: (loss_base - loss) / (loss_base - loss_expert))" if "loss" in names else "")
+            + f"; over the capabilities whose expert beats the base by at least {grafting.MIN_GAIN:g} on validation")
 
 
 def write(suite: Suite, data: Dict[str, Any], directory: str, name: str) -> str:
@@ -302,14 +233,12 @@ def write(suite: Suite, data: Dict[str, Any], directory: str, name: str) -> str:
     curves = graft_curves(suite, data)
     invocation = data.get("invocation", {})
     metric_names = sorted(set(suite.metric.values()))
-    test_sizes = {cap: models["base"]["test"][cap]["rows" if suite.metric[cap] == "exact_match" else "tokens"]
-                  for cap in caps}  # fmt: skip
-    worst_se = max(0.5 / math.sqrt(n) for n in test_sizes.values())
-    with_gain = gain_capabilities(suite, models)
+    test_rows = [models["base"]["test"][cap]["rows"] for cap in caps]
+    skills = paired.gain_skills(suite, data)
     unlearned = unlearned_capabilities(suite, models)
-    rows_only = all(suite.metric[c] == "exact_match" for c in caps)
-
     seed = getattr(suite.settings, "seed", 0)
+    tests = paired.seed_items(suite, data, "test")
+    table = Comparisons([tests], [{c["method"]: c for c in chosen}], [seed], skills)
     out: List[str] = [f"# Merge quality: `{suite.tier}` tier{' (smoke settings)' if 'smoke' in name else ''}"
                       f"{f', training seed {seed}' if seed else ''}", ""]  # fmt: skip
     out += [
@@ -345,38 +274,29 @@ def write(suite: Suite, data: Dict[str, Any], directory: str, name: str) -> str:
         if full and rank1:
             out += [f"Store sizes: full {full / 1e6:.2f} MB, rank-1 {rank1 / 1e6:.3f} MB in total ({rank1 / full:.1%}).", ""]
 
-    out += ["## Results (test split)", ""]
-    out += [
-        f"Score = {', '.join(metric_names)} (per capability: "
-        + ", ".join(f"{c}: {suite.metric[c]}" for c in caps) + "). "
-        "**norm.** = mean over capabilities of score / (that capability's expert score)"
-        + (f" (left out: {', '.join(unlearned)}, whose expert scores 0 on it: it never learned it)" if unlearned else "")
-        + "; "
-        f"**gain** = mean of (score - base) / (expert - base) over the capabilities whose expert beats the base by "
-        f"at least {grafting.MIN_GAIN:g} ({', '.join(with_gain) if with_gain else 'none: n/a'}). Each method's row "
-        "is its grid point with the best validation **norm.** (shown as *val*); the test numbers were not used to "
-        f"choose. Binomial standard error of one test score is at most {worst_se:.3f} "
-        f"({min(test_sizes.values())}-{max(test_sizes.values())} scored "
-        + ("answers per capability" if rows_only else
-           "answers or tokens per capability; the tokens of one text are not independent, so for token accuracy "
-           "it is optimistic")
-        + f"); **±** is the binomial standard error of norm. within this one training seed ({seed}); "
-        "seed-to-seed variation is not in it (other seeds: `--seed N`, report `quality-<tier>-seedN.md`).",
-        "",
-        "| model | " + " | ".join(caps) + " | norm. | ± | gain | chosen setting | val norm. | merge s |",
-        "|---|" + "---|" * (len(caps) + 6),
-    ]
+    out += ["## Results (test split)", "",
+            headline_text(suite, skills) + ". Each method's row is its grid point with the best validation G "
+            "(shown as *val G*); the test numbers were not used to choose. **G [95%]**: item bootstrap over this "
+            f"seed's ({seed}) {min(test_rows)}-{max(test_rows)} test items (rows) per capability; seed-to-seed "
+            "variation is not in it (other seeds: `--seed N`, pooled: `python -m benchmarks.quality.seeds`). "
+            f"Per capability: {', '.join(metric_names)}; **norm.** = mean over capabilities of score / (that "
+            "capability's expert score)"
+            + (f" (left out: {', '.join(unlearned)}, whose expert scores 0 on it: it never learned it)" if unlearned else "")
+            + ".", "",
+            "| model | " + " | ".join(caps) + " | G [95%] | norm. | chosen setting | val G | merge s |",
+            "|---|" + "---|" * (len(caps) + 5)]  # fmt: skip
     references = [("base", "base")] + [(f"expert {cap}", f"expert/{cap}") for cap in caps]
     for label, key in references:
         record = models[key]
-        ratio, gain = _normalised(suite, models, record, "test")
         cells = " | ".join(_fmt(_score(record, "test", c, suite.metric[c])) for c in caps)
-        out.append(f"| {label} | {cells} | {_fmt(ratio)} | {_fmt(standard_error(suite, models, record))} | "
-                   f"{_fmt(gain)} | (reference) | | |")  # fmt: skip
-    for choice in sorted(chosen, key=lambda c: -c["test"]):
+        g = table.gain([key]).pooled if skills else None
+        out.append(f"| {label} | {cells} | {est(g) if g else 'n/a'} | {_fmt(norm(suite, models, record, 'test'))} | "
+                   "(reference) | | |")  # fmt: skip
+    for choice in sorted(chosen, key=lambda c: -paired.finite(c["gain"])):
         record = choice["record"]
         cells = " | ".join(_fmt(_score(record, "test", c, suite.metric[c])) for c in caps)
-        out.append(f"| **{choice['method']}** | {cells} | **{_fmt(choice['test'])}** | {_fmt(choice['se'])} | {_fmt(choice['gain'])} | "
+        g = table.gain([choice["key"]]).pooled if skills else None
+        out.append(f"| **{choice['method']}** | {cells} | **{est(g) if g else 'n/a'}** | {_fmt(choice['test'])} | "
                    f"{choice['label']} | {_fmt(choice['val'])} | {record['merge_seconds']:.2f} |")  # fmt: skip
     for extra, shown in suite.also_report:
         shown = [c for c in caps if c in shown] if shown else caps
@@ -384,7 +304,8 @@ def write(suite: Suite, data: Dict[str, Any], directory: str, name: str) -> str:
                 "| model | " + " | ".join(shown) + " |", "|---|" + "---|" * len(shown)]  # fmt: skip
         for label, record in [(lab, models[key]) for lab, key in references] + [(c["method"], c["record"]) for c in chosen]:
             out.append(f"| {label} | " + " | ".join(_fmt(_score(record, "test", c, extra)) for c in shown) + " |")
-    out += ["", "### Findings", ""] + [f"- {line}" for line in _findings(suite, chosen, curves, data["densities"], data["settings"])]
+    out += ["", "### Findings", ""] + [f"- {line}" for line in _findings(chosen, curves, data["densities"], data["settings"])]
+    out += [""] + [line.replace("## ", "### ", 1) if line.startswith("## ") else line for line in table.sections()]
 
     out += ["", "### Tuning grids (same budget: at most 4 settings per method)", "",
             merges.__doc__.split("Grid rule", 1)[1].split("\n", 1)[1].strip(), "",
@@ -395,13 +316,14 @@ def write(suite: Suite, data: Dict[str, Any], directory: str, name: str) -> str:
     out += ["", "All mergekit runs: `dtype: float32`, `random_seed` 0 (dare is random). The YAML of every grid point "
             f"is in `{_shown(os.path.join(invocation.get('work', ''), 'configs'))}/` and runs as is with "
             "`mergekit-yaml CONFIG OUT`.", "",
-            "<details><summary>Every grid point (val / test norm.)</summary>", "",
-            "| method | setting | val norm. | test norm. | test gain |", "|---|---|---|---|---|"]  # fmt: skip
+            "<details><summary>Every grid point (val / test G, test norm.)</summary>", "",
+            "| method | setting | val G | test G | test norm. |", "|---|---|---|---|---|"]  # fmt: skip
+    vals = paired.seed_items(suite, data, "val")
     for setting in data["settings"]:
-        record = models[setting["key"]]
-        val = _normalised(suite, models, record, "val")[0]
-        ratio, gain = _normalised(suite, models, record, "test")
-        out.append(f"| {setting['method']} | {setting['label']} | {_fmt(val)} | {_fmt(ratio)} | {_fmt(gain)} |")
+        key = setting["key"]
+        val, test = (stats.gain(v, key, skills) if skills and key in v else float("nan") for v in (vals, tests))
+        ratio = norm(suite, models, models[key], "test") if "test" in models[key] else float("nan")
+        out.append(f"| {setting['method']} | {setting['label']} | {_fmt(val)} | {_fmt(test)} | {_fmt(ratio)} |")
     out += ["", "</details>", ""]
 
     out += ["## Grafting one expert (test split)", "", grafting.__doc__.split("\n\n", 1)[1].strip(), "",

@@ -18,63 +18,21 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 
-from benchmarks.quality import grafting, merges, report, stats
+from benchmarks.quality import compare, grafting, merges, report, stats
+from benchmarks.quality.compare import est as _est
+from benchmarks.quality.compare import fmt as _fmt
+from benchmarks.quality.paired import choose, seed_items
+from benchmarks.quality.paired import finite as _finite
 from benchmarks.quality.tiers import Suite
 
-BASELINES: Tuple[str, ...] = ("ties", "dare_ties", "task_arithmetic", "linear", "breadcrumbs_ties")
 INTERFERENCE_LIMIT = 0.85
 BASE_MAX, EXPERT_MIN = 0.2, 0.7  # the tier's criteria on held-out test items
-LIKE_FOR_LIKE = report.LIKE_FOR_LIKE + (("ota (no base)", "linear"),)
-REPLICATES = 4000
 
 Run = Tuple[int, Suite, Dict[str, Any]]  # (seed, suite, results.json data)
-
-
-def seed_items(suite: Suite, data: Dict[str, Any], split: str) -> stats.Seed:
-    """``{model key: {skill: 0/1 array}}`` of every model scored on ``split`` for all skills."""
-    out: Dict[str, Dict[str, np.ndarray]] = {}
-    for key, record in data["models"].items():
-        if split in record and all(cap in record[split] for cap in suite.capabilities):
-            out[key] = {cap: stats.as_items(record[split][cap]["items"]) for cap in suite.capabilities}
-    return out
-
-
-def _finite(value: float) -> float:
-    return -math.inf if value is None or math.isnan(value) else value
-
-
-def choose(suite: Suite, data: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
-    """Per method, its grid point with the best validation ``G`` (first in grid order on ties)."""
-    val = seed_items(suite, data, "val")
-    best: Dict[str, Dict[str, Any]] = {}
-    for setting in data.get("settings", []):
-        g = stats.gain(val, setting["key"], suite.capabilities)
-        current = best.get(setting["method"])
-        if current is None or _finite(g) > _finite(current["val"]):
-            best[setting["method"]] = {**setting, "val": g}
-    return best
-
-
-def best_baseline(choices: List[Dict[str, Dict[str, Any]]]) -> Optional[str]:
-    """The baseline method with the highest mean validation ``G`` over seeds (its chosen points)."""
-    present = [m for m in BASELINES if all(m in c for c in choices)]
-    if not present:
-        return None
-    return max(present, key=lambda m: _finite(float(np.mean([c[m]["val"] for c in choices]))))
-
-
-def _fmt(value: Optional[float], digits: int = 3) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
-
-
-def _est(estimate: stats.Estimate, signed: bool = False) -> str:
-    if any(math.isnan(v) for v in (estimate.value, estimate.low, estimate.high)):
-        return "n/a"
-    return estimate.text(signed=signed)
 
 
 def _criteria(runs: List[Run]) -> List[str]:
@@ -160,34 +118,6 @@ def plot(runs: List[Run], means: Dict[str, Dict[str, List[float]]], path: str) -
     plt.close(fig)
 
 
-def _scale_section(methods: Sequence[str], choices: List[Dict[str, Dict[str, Any]]], diff: Any, keys_of: Any,
-                   seeds: Sequence[int]) -> List[str]:  # fmt: skip
-    """Curvature on one scale: each variant against its default (bias-corrected, no normalisation), and the
-    ``curvature_scale`` that validation picks for each of ``ota`` and ``ota+ffg (model-wide)``."""
-    variants = [m for m in methods if merges.variant_of(m) in methods]
-    if not variants:
-        return []
-    out = ["", "## Curvature on one scale", "",
-           "Each variant minus its default (`bias_correction: auto`, which corrects every expert here since every store "
-           "records its step and beta2, and `curvature_scale: none`), test G, pooled over seeds and per seed (each "
-           "method at its own validation-chosen grid point). The experts trained for different lengths on purpose "
-           "(see Setup).", "",
-           "| comparison | pooled diff [95%] | verdict | " + " | ".join(f"seed {s}" for s in seeds) + " |",
-           "|---|---|---|" + "---|" * len(seeds)]  # fmt: skip
-    for variant in variants:
-        d = diff(keys_of(variant), keys_of(merges.variant_of(variant)))
-        out.append(f"| {variant} - {merges.variant_of(variant)} | {_est(d.pooled, True)} | {d.pooled.verdict} | "
-                   + " | ".join(_est(e, True) for e in d.per_seed) + " |")  # fmt: skip
-    for default in dict.fromkeys(merges.variant_of(v) for v in variants):
-        options = {"none": default, **{v.split("scale: ")[1].rstrip(")"): v for v in variants
-                                      if merges.variant_of(v) == default and "scale: " in v}}  # fmt: skip
-        val = {k: float(np.mean([c[m]["val"] for c in choices])) for k, m in options.items()}
-        pick = max(val, key=lambda k: _finite(val[k]))
-        out += ["", f"`curvature_scale` for {default}, by mean validation G over seeds: "
-                + ", ".join(f"{k} {_fmt(v)}" for k, v in val.items()) + f": validation picks **{pick}**."]
-    return out
-
-
 def unit_costs(runs: List[Run]) -> List[str]:
     """Measured unit costs of each seed's run: Trainer step, scored item, merge by method, graft."""
     out = ["## Unit costs (measured in these runs)", "",
@@ -250,17 +180,8 @@ def write(runs: List[Run], directory: str, name: str, partial: bool = False) -> 
         return md_path
 
     choices = [choose(s, d) for _, s, d in runs]
-    methods = [m for m in choices[0] if all(m in c for c in choices)]
-    reference = best_baseline(choices)
-
-    def keys_of(method: str) -> List[str]:
-        return [c[method]["key"] for c in choices]
-
-    def gain_of(keys: Sequence[str]) -> stats.Comparison:
-        return stats.gain_estimate(tests, keys, caps, REPLICATES, random_seed=len(out))
-
-    def diff(a: Sequence[str], b: Sequence[str]) -> stats.Comparison:
-        return stats.compare(tests, "", "", caps, REPLICATES, random_seed=len(out), keys=list(zip(a, b)))
+    table = compare.Comparisons(tests, choices, seeds, caps)
+    methods, keys_of, gain_of = table.methods, table.keys_of, table.gain
 
     # interference
     out += ["## Interference", "",
@@ -295,51 +216,15 @@ def write(runs: List[Run], directory: str, name: str, partial: bool = False) -> 
     rows += [(f"expert {cap}", [stats.expert_key(cap)] * len(runs), "(reference)") for cap in caps]
     if all("multitask" in t for t in tests):
         rows.append(("**multitask** (union, same total steps)", ["multitask"] * len(runs), "(reference)"))
-    ranked = sorted(methods, key=lambda m: -_finite(float(np.mean([stats.gain(t, k, caps) for t, k in zip(tests, keys_of(m))]))))
+    ranked = table.ranked()
     rows += [(m, keys_of(m), "; ".join(c[m]["label"] for c in choices)) for m in ranked]
     for label, keys, setting in rows:
         g = gain_of(keys)
         out.append(f"| {label} | {acc_cells(keys)} | {_est(g.pooled)} | " + " | ".join(_fmt(e.value) for e in g.per_seed)
                    + f" | {setting} |")  # fmt: skip
 
-    # paired intervals against the best baseline
-    if reference:
-        out += ["", "## Paired differences", "",
-                f"Best baseline on validation: **{reference}** (mean validation G "
-                f"{_fmt(float(np.mean([c[reference]['val'] for c in choices])))}). Difference in test G of each method "
-                "minus it: pooled over seeds (two-level bootstrap: seeds, then items within seed) and per seed "
-                "(items only); **win**/**loss** only where the pooled interval excludes 0, else tie.", "",
-                "| method | pooled diff [95%] | verdict | " + " | ".join(f"seed {s} [95%]" for s in seeds) + " |",
-                "|---|---|---|" + "---|" * len(seeds)]  # fmt: skip
-        verdicts: Dict[str, List[str]] = {"win": [], "tie": [], "loss": []}
-        for method in ranked:
-            if method == reference:
-                continue
-            d = diff(keys_of(method), keys_of(reference))
-            if report.is_ours(method):
-                verdicts[d.pooled.verdict].append(method)
-            out.append(f"| {method} | {_est(d.pooled, True)} | {d.pooled.verdict} | "
-                       + " | ".join(f"{_est(e, True)} ({e.verdict})" for e in d.per_seed) + " |")  # fmt: skip
-        if "multitask" in tests[0]:
-            d = diff(["multitask"] * len(runs), keys_of(reference))
-            out.append(f"| multitask (reference) | {_est(d.pooled, True)} | {d.pooled.verdict} | "
-                       + " | ".join(f"{_est(e, True)} ({e.verdict})" for e in d.per_seed) + " |")  # fmt: skip
-    if reference:
-        out += ["", f"OTA/FFG against {reference}, pooled over seeds " + "; ".join(
-            f"{v}: {', '.join(ms) if ms else 'none'}" for v, ms in verdicts.items()) + "."]  # fmt: skip
-    pairs = [(a, b) for a, b in LIKE_FOR_LIKE if a in methods and b in methods]
-    if "ota" in methods and "ota (rank-1 curvature)" in methods:
-        pairs.append(("ota (rank-1 curvature)", "ota"))
-    if pairs:
-        out += ["", "Like for like (FFG/curvature instead of magnitude/uniform) and rank-1 against full curvature:", "",
-                "| comparison | pooled diff [95%] | verdict | " + " | ".join(f"seed {s}" for s in seeds) + " |",
-                "|---|---|---|" + "---|" * len(seeds)]  # fmt: skip
-        for a, b in pairs:
-            d = diff(keys_of(a), keys_of(b))
-            out.append(f"| {a} - {b} | {_est(d.pooled, True)} | {d.pooled.verdict} | "
-                       + " | ".join(_est(e, True) for e in d.per_seed) + " |")  # fmt: skip
-
-    out += _scale_section(methods, choices, diff, keys_of, seeds)
+    out.append("")
+    out += table.sections([("multitask (reference)", "multitask")] if all("multitask" in t for t in tests) else [])
 
     # grids
     notes = {m.name: m.note for m in merges.methods()}

@@ -244,10 +244,10 @@ class Pipeline:
         """One method's grid, test scored only at its point chosen on validation (``suite.test_chosen_only``).
 
         Every point is merged and scored on validation (its weights kept until the grid is done); the
-        point :func:`report_sft.choose` picks (best validation gain kept) is then scored on test. A
+        point :func:`paired.choose` picks (best validation gain kept) is then scored on test. A
         rerun skips what is recorded and merges a chosen point again only if its test score is missing.
         """
-        from benchmarks.quality import report_sft
+        from benchmarks.quality import paired
 
         for setting in settings:
             key = f"merge/{setting.method}/{setting.label}"
@@ -263,7 +263,7 @@ class Pipeline:
             self.results.save()
         partial = {"models": self.results.models,
                    "settings": [{"method": s.method, "label": s.label, "key": f"merge/{s.method}/{s.label}"} for s in settings]}  # fmt: skip
-        best = report_sft.choose(self.suite, partial)[settings[0].method]
+        best = paired.choose(self.suite, partial)[settings[0].method]
         record = self.results.models[best["key"]]
         if "test" not in record:
             chosen = next(s for s in settings if f"merge/{s.method}/{s.label}" == best["key"])
@@ -407,7 +407,9 @@ def _tier_suite(args: argparse.Namespace, settings: Optional[Any] = None) -> Sui
         return quick_suite(QuickSettings(
             capabilities=tuple(args.capabilities or ("reverse", "modadd")),
             hidden_size=32, layers=2, intermediate_size=64,
-            pretrain=TrainSettings(steps=30, **tiny), expert=TrainSettings(steps=15, seed=1, **tiny),
+            # experts: enough steps for each to lower its own held-out loss by > MIN_GAIN (G is defined)
+            pretrain=TrainSettings(steps=30, **tiny),
+            expert=TrainSettings(steps=60, seed=1, **{**tiny, "learning_rate": 3e-3}),
             val_examples=16, test_examples=16, metric="token_accuracy",
         ))  # fmt: skip
     from benchmarks.quality.tiers import FullSettings, full_suite

@@ -3,12 +3,12 @@
     python -m benchmarks.quality.seeds --tier quick --seeds 0 1 2
 
 Reads, never computes: each seed's ``results.json`` as ``python -m benchmarks.quality.run
---tier T --seed N`` left it (run those first).  Per method, the test **norm.** of the grid
-point chosen on validation in every seed (chosen exactly as in the per-seed reports), its mean
-and sample standard deviation over seeds and its rank in each seed; then, per seed, each OTA/FFG
-variant's verdict against that seed's best baseline and its like-for-like partner (win / tie /
-loss at 2 binomial standard errors, as in the per-seed reports); and per seed the grafting gap
-FFG minus magnitude (mean over capabilities of score / expert score).
+--tier T --seed N`` left it (run those first).  Per method, the test **G** of the grid point
+chosen on validation in every seed (``paired.choose`` over the capabilities that are gain skills
+in every seed), its mean and sample standard deviation over seeds and its rank in each seed;
+then the paired differences from the best baseline, like for like and the curvature-scale
+variants, pooled over seeds with the two-level bootstrap (``compare.Comparisons``); and per seed
+the grafting gap FFG minus magnitude (mean over capabilities of score / expert score).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from benchmarks.quality import report, run  # noqa: E402
+from benchmarks.quality import compare, paired, report, run, stats  # noqa: E402
 
 
 def load_seed(tier: str, seed: int, cache: str, smoke: bool = False) -> Dict[str, Any]:
@@ -39,53 +39,37 @@ def load_seed(tier: str, seed: int, cache: str, smoke: bool = False) -> Dict[str
     if "settings" not in data:  # written at the end of a run: absent in an unfinished one
         raise FileNotFoundError(f"{path}: no finished run of seed {seed}; run `python -m benchmarks.quality.run "
                                 f"--tier {tier}{' --smoke' if smoke else ''} --seed {seed}` first")  # fmt: skip
-    return {"suite": suite, "data": data, "chosen": {c["method"]: c for c in report.select(suite, data)}, "work": work}
+    return {"suite": suite, "data": data, "work": work}
 
 
 def markdown(tier: str, seeds: Sequence[int], runs: List[Dict[str, Any]]) -> str:
     """The seed-to-seed report (see the module docstring)."""
-    methods = list(runs[0]["chosen"])
+    skills = paired.common_skills([(r["suite"], r["data"]) for r in runs])
+    choices = [paired.choose(r["suite"], r["data"], skills) for r in runs]
+    tests = [paired.seed_items(r["suite"], r["data"], "test") for r in runs]
+    table = compare.Comparisons(tests, choices, seeds, skills)
     out = [f"# Merge quality across training seeds: `{tier}` tier", "",
            f"Command: `python -m benchmarks.quality.seeds --tier {tier} --seeds {' '.join(map(str, seeds))}` after "
            f"`python -m benchmarks.quality.run --tier {tier} --seed N` for each seed (seed 0 is "
            f"[quality-{tier}.md](quality-{tier}.md), seed N is `quality-{tier}-seedN.md`). A seed changes the "
            "training data, initialisation and order, the held-out sample and mergekit's `random_seed`; settings "
            "and grids are the same.", "",
-           "Test **norm.** (mean over capabilities of score / expert score) of each method's grid point chosen on "
-           "validation, per seed; mean and sample standard deviation over seeds; rank among the merge methods "
-           "in each seed (1 = best).", "",
+           report.headline_text(runs[0]["suite"], skills) + " in every seed. Test G of each method's grid point "
+           "chosen on validation, per seed; mean and sample standard deviation over seeds; rank among the merge "
+           "methods in each seed (1 = best).", "",
            "| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | sd | ranks |",
            "|---|" + "---|" * (len(seeds) + 3)]  # fmt: skip
-    ranks: Dict[str, List[int]] = {m: [] for m in methods}
-    for r in runs:
-        order = sorted(r["chosen"].values(), key=lambda c: -c["test"])
-        for position, choice in enumerate(order, 1):
-            ranks[choice["method"]].append(position)
-    rows = []
-    for method in methods:
-        values = [r["chosen"][method]["test"] for r in runs]
-        sd = statistics.stdev(values) if len(values) > 1 else float("nan")
-        rows.append((statistics.fmean(values), method, values, sd))
-    for mean, method, values, sd in sorted(rows, key=lambda row: -row[0]):
-        out.append(f"| {method} | " + " | ".join(f"{v:.3f}" for v in values)
-                   + f" | **{mean:.3f}** | {sd:.3f} | {', '.join(map(str, ranks[method]))} |")  # fmt: skip
-
-    for seed, r in zip(seeds, runs):
-        unlearned = report.unlearned_capabilities(r["suite"], r["data"]["models"])
-        if unlearned:
-            out += ["", f"Seed {seed}: {', '.join(unlearned)} left out of norm. (its expert scores 0 on it: that "
-                        "fine-tune never learned it), so this seed averages over fewer capabilities."]  # fmt: skip
-    out += ["", "## OTA/FFG against the baselines, seed by seed", "",
-            "Verdicts as in the per-seed reports: a tie is a difference within 2 binomial standard errors.", ""]
-    for seed, r in zip(seeds, runs):
-        chosen = r["chosen"]
-        theirs = max((c for c in chosen.values() if not report.is_ours(c["method"])), key=lambda c: c["test"])
-        lines = [f"{m}: {report.verdict(c, theirs).split(' ')[0]}" for m, c in chosen.items() if report.is_ours(m)]
-        pairs = [f"{a} vs {b}: {report.verdict(chosen[a], chosen[b]).split(' ')[0]}"
-                 for a, b in report.LIKE_FOR_LIKE if a in chosen and b in chosen]  # fmt: skip
-        out.append(f"- seed {seed}, against its best baseline ({theirs['method']}, {theirs['test']:.3f}): "
-                   + "; ".join(lines) + ". Like for like: " + "; ".join(pairs) + ".")  # fmt: skip
-
+    values = {m: [stats.gain(t, k, skills) for t, k in zip(tests, table.keys_of(m))] for m in table.methods}
+    ranks: Dict[str, List[int]] = {m: [] for m in table.methods}
+    for index in range(len(runs)):
+        for position, method in enumerate(sorted(table.methods, key=lambda m: -paired.finite(values[m][index])), 1):
+            ranks[method].append(position)
+    for method in table.ranked():
+        sd = statistics.stdev(values[method]) if len(runs) > 1 else float("nan")
+        out.append(f"| {method} | " + " | ".join(compare.fmt(v) for v in values[method])
+                   + f" | **{compare.fmt(statistics.fmean(values[method]))}** | {compare.fmt(sd)} | "
+                   f"{', '.join(map(str, ranks[method]))} |")  # fmt: skip
+    out += [""] + table.sections()
     out += ["", "## Grafting: FFG minus magnitude, seed by seed", "",
             "Mean over capabilities of score / expert score kept by grafting a fraction d of one expert's task "
             "vector, FFG (per tensor) minus magnitude (per tensor).", ""]

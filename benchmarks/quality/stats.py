@@ -1,11 +1,15 @@
 """Paired statistics of merge quality from per-item correctness (pure functions, numpy only).
 
-A *seed* is one training seed's per-item results: ``{model key: {skill: 0/1 array}}``, with the
+A *seed* is one training seed's per-item results: ``{model key: {skill: items}}``, with the
 base under ``"base"`` and each skill's own expert under ``"expert/<skill>"``; every model of a
-seed was scored on the same items, in the same order, so differences are paired.
+seed was scored on the same items, in the same order, so differences are paired. ``items`` is
+either a 0/1 array (the score is its mean: exact match) or a ``(2, n)`` array of per-item
+numerators and denominators (the score is ``sum(num) / sum(den)`` over the items: token
+accuracy = correct / tokens, loss = nats / tokens, each row of text one item).
 
 * **gain kept** of a model: ``G = mean_c (acc_c - base_c) / (expert_c - base_c)`` over the
-  skills ``c`` (0 = no better than the base, 1 = every skill at its own expert's level);
+  skills ``c`` (0 = no better than the base, 1 = every skill at its own expert's level). For a
+  loss it is the same ratio, ``(loss_base - loss_c) / (loss_base - loss_expert)``;
 * **item bootstrap** (one seed): resample the items of every skill with replacement, the same
   indices for every model, and recompute; ``B`` replicates;
 * **two-level bootstrap** (several seeds): resample the seeds with replacement, then the items
@@ -24,7 +28,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-Seed = Mapping[str, Mapping[str, np.ndarray]]  # model key -> skill -> per-item correctness (0/1)
+Seed = Mapping[str, Mapping[str, np.ndarray]]  # model key -> skill -> per-item 0/1, or (2, n) numerators, denominators
 LEVEL = 0.95
 
 
@@ -35,6 +39,32 @@ def as_items(bits: str) -> np.ndarray:
     return np.frombuffer(bits.encode(), dtype=np.uint8).astype(np.float64) - ord("0")
 
 
+def ratio_items(numerators: Sequence[float], denominators: Sequence[float]) -> np.ndarray:
+    """Per-item numerators and denominators (e.g. a row's nats and tokens) as the ``(2, n)`` array a seed holds."""
+    num, den = np.asarray(numerators, dtype=np.float64), np.asarray(denominators, dtype=np.float64)
+    if num.shape != den.shape or num.ndim != 1 or not len(num) or (den <= 0).any():
+        raise ValueError(f"per-item ratios need equally long, non-empty lists with positive denominators, got "
+                         f"{num.shape} and {den.shape}")  # fmt: skip
+    return np.stack([num, den])
+
+
+def size(items: np.ndarray) -> int:
+    """How many items (rows) a seed's entry holds."""
+    return int(np.shape(items)[-1])
+
+
+def score(items: np.ndarray, index: Optional[np.ndarray] = None) -> np.ndarray:
+    """The score of ``items`` (mean, or ratio of sums for a ``(2, n)`` array), over ``index`` rows when given
+    (``index`` of shape ``(replicates, n)`` gives one score per replicate)."""
+    values = np.asarray(items, dtype=np.float64)
+    if values.ndim == 1:
+        return values.mean() if index is None else values[index].mean(axis=-1)
+    num, den = values
+    if index is None:
+        return num.sum() / den.sum()
+    return num[index].sum(axis=-1) / den[index].sum(axis=-1)
+
+
 def expert_key(skill: str) -> str:
     """The key of ``skill``'s own expert in a seed."""
     return f"expert/{skill}"
@@ -42,7 +72,7 @@ def expert_key(skill: str) -> str:
 
 def _check(seed: Seed, keys: Sequence[str], skills: Sequence[str]) -> None:
     for skill in skills:
-        sizes = {key: len(seed[key][skill]) for key in [*keys, "base", expert_key(skill)]}
+        sizes = {key: size(seed[key][skill]) for key in [*keys, "base", expert_key(skill)]}
         if len(set(sizes.values())) != 1 or not next(iter(sizes.values())):
             raise ValueError(f"{skill}: models were scored on different (or no) items: {sizes}")
 
@@ -55,8 +85,7 @@ def gain(seed: Seed, key: str, skills: Sequence[str]) -> float:
 
 def _gain_of(seed: Seed, key: str, skill: str, index: Optional[np.ndarray]) -> np.ndarray:
     def acc(model: str) -> np.ndarray:
-        values = np.asarray(seed[model][skill], dtype=np.float64)
-        return values.mean() if index is None else values[index].mean(axis=-1)
+        return score(seed[model][skill], index)
 
     base, expert = acc("base"), acc(expert_key(skill))
     span = expert - base
@@ -73,8 +102,8 @@ def item_replicates(seed: Seed, keys: Sequence[str], skills: Sequence[str], repl
     _check(seed, keys, skills)
     out = {key: np.zeros(replicates) for key in keys}
     for skill in skills:
-        size = len(seed["base"][skill])
-        index = rng.integers(0, size, size=(replicates, size))
+        count = size(seed["base"][skill])
+        index = rng.integers(0, count, size=(replicates, count))
         for key in keys:
             out[key] += _gain_of(seed, key, skill, index)
     return {key: value / len(skills) for key, value in out.items()}
@@ -171,5 +200,5 @@ def gain_estimate(seeds: Sequence[Seed], keys: Sequence[str], skills: Sequence[s
 
 
 def accuracy(seed: Seed, key: str, skill: str) -> float:
-    """Exact-match accuracy of model ``key`` on ``skill``."""
-    return float(np.mean(seed[key][skill]))
+    """The score of model ``key`` on ``skill`` (exact match, token accuracy or loss: what the seed holds)."""
+    return float(score(seed[key][skill]))

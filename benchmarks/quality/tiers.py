@@ -88,6 +88,8 @@ class Suite:
     greedy_check: int = 0
     run_key: Optional[Callable[[str], str]] = None  # training run (capability / "multitask") -> key of its settings
     test_chosen_only: bool = False  # merges: test scored only at each method's point chosen on validation
+    # capability -> the score G (gain kept) is computed from, where it is not ``metric`` (paired.headline)
+    headline: Dict[str, str] = field(default_factory=dict)
     _tokenizer: Any = None
 
     def settings_of(self, capability: str) -> TrainSettings:
@@ -178,6 +180,9 @@ def quick_suite(settings: Optional[QuickSettings] = None) -> Suite:
         expert_rows=expert_rows,
         eval_rows=eval_rows,
         details=details,
+        # token accuracy is the smoke settings' score (exact match is 0 after a few steps); their experts move
+        # it by less than MIN_GAIN, so their G is loss-based, as the full tier's
+        headline={cap.name: "loss" for cap in caps} if settings.metric == "token_accuracy" else {},
     )
     return suite
 
@@ -190,6 +195,8 @@ class FullSettings(BaseModel):
     7-8 s, one scoring forward on 8 x 128 tokens 2.3-2.6 s (under heavy load from other
     jobs: 45-55 s and 8-11 s).  Experts 3 x 48 steps (~20 min), 37 grid merges scored on
     val + test (~35 s each), 3 x 4 x 4 grafts scored on test (~12 s each): about 55 min.
+    With the curvature-scale and sign-consensus methods (71 grid points) every point is scored
+    on validation and only each method's chosen point on test (``test_every_point`` for all).
     A light fine-tune; :meth:`gpu` is the intended scale.
     """
 
@@ -205,13 +212,14 @@ class FullSettings(BaseModel):
     arithmetic_test: int = 128
     eval_batch_size: int = 8
     seed: int = 0
+    test_every_point: bool = False  # True: every grid point scored on test too (the GPU scale)
 
     @classmethod
     def gpu(cls) -> "FullSettings":
         """The scale to run with ``--device cuda``: a real fine-tune and larger held-out sets."""
         return cls(expert=TrainSettings(steps=300, batch_size=8, learning_rate=1e-4, warmup_steps=20,
                                         weight_decay=0.01, scheduler="cosine", seed=1),
-                   val_rows=16, test_rows=64, arithmetic_val=128, arithmetic_test=512)  # fmt: skip
+                   val_rows=16, test_rows=64, arithmetic_val=128, arithmetic_test=512, test_every_point=True)  # fmt: skip
 
     @classmethod
     def smoke(cls) -> "FullSettings":
@@ -291,6 +299,9 @@ def full_suite(settings: Optional[FullSettings] = None) -> Suite:
         eval_batch_size=settings.eval_batch_size,
         details={d: details[d] for d in settings.domains},
         also_report=(("loss", ()), ("exact_match", ("arithmetic",))),
+        # token accuracy saturates here (merges score above the experts): G is loss-based
+        headline={d: "loss" for d in settings.domains},
+        test_chosen_only=not settings.test_every_point,
     )
     return suite
 
