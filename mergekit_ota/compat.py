@@ -112,15 +112,26 @@ def reset_check() -> None:
     _checked.clear()
 
 
+def version_problem() -> Optional[str]:
+    """The installed mergekit's version problem (not installed, or not :data:`SUPPORTED`), or ``None``.
+
+    Reads package metadata only (no import of mergekit); :func:`incompatibility` also checks the internals.
+    """
+    version = mergekit_version()
+    if version is None:
+        return "mergekit is not installed"
+    if version != SUPPORTED and not version.startswith(SUPPORTED + "."):
+        return f"mergekit-ota supports mergekit {SUPPORTED}; found mergekit {version}"
+    return None
+
+
 def incompatibility() -> Optional[str]:
     """A sentence saying why this mergekit cannot be used, or ``None`` if it can."""
     if _checked:
         return _checked[0]
     version = mergekit_version()
-    if version is None:
-        return "mergekit is not installed"
-    if version != SUPPORTED and not version.startswith(SUPPORTED + "."):
-        verdict: Optional[str] = f"mergekit-ota supports mergekit {SUPPORTED}; found mergekit {version}"
+    verdict: Optional[str] = version_problem()
+    if verdict is not None:
         complete = True
     else:
         problems, complete = _internal_problems(version)

@@ -97,9 +97,10 @@ def train_expert(base_dir: str, out_dir: str, skill: Skill, pairs, steps: int, s
     return os.path.join(run_dir, f"checkpoint-{steps}")
 
 
-def _mergekit_ota(*args: str) -> None:
-    """Run a ``mergekit-ota`` subcommand as a user would (same interpreter), echoing it."""
-    print("$ mergekit-ota " + " ".join(args))
+def _mergekit_ota(*args: str, quiet: bool = False) -> None:
+    """Run a ``mergekit-ota`` subcommand as a user would (same interpreter), echoing it unless ``quiet``."""
+    if not quiet:
+        print("$ mergekit-ota " + " ".join(args))
     subprocess.run([sys.executable, "-m", "mergekit_ota.cli.main", *args], check=True)
 
 
@@ -158,8 +159,8 @@ def _demo_output():  # type: ignore[no-untyped-def]
     )
 
 
-def run_demo(out_dir: str, steps: int = 150, seed: int = 0, force: bool = False) -> List[dict]:
-    """Run the demo in ``out_dir``; print and return the table.
+def run_demo(out_dir: str, steps: int = 150, seed: int = 0, force: bool = False, quiet: bool = False) -> List[dict]:
+    """Run the demo in ``out_dir``; print (after its progress lines, unless ``quiet``) and return the table.
 
     ``out_dir`` is claimed through :class:`~mergekit_ota.io.output.OutputDirectory`: an
     existing non-empty one is replaced only with ``force`` and only if an earlier demo
@@ -170,12 +171,12 @@ def run_demo(out_dir: str, steps: int = 150, seed: int = 0, force: bool = False)
 
     with OutputDirectory(out_dir, _demo_output(), force=force, swap_first=True) as out:
         open(os.path.join(out_dir, MARKER), "w").close()
-        rows = _run_demo(out_dir, steps, seed)
+        rows = _run_demo(out_dir, steps, seed, quiet)
         out.commit()
     return rows
 
 
-def _run_demo(out_dir: str, steps: int, seed: int) -> List[dict]:
+def _run_demo(out_dir: str, steps: int, seed: int, quiet: bool = False) -> List[dict]:
     import mergekit_ota  # noqa: F401  (registers and patches mergekit)
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
@@ -199,11 +200,12 @@ def _run_demo(out_dir: str, steps: int, seed: int) -> List[dict]:
         path = os.path.join(out_dir, "models", f"expert_{'ab'[i]}")
         started = time.perf_counter()
         checkpoint = train_expert(base, path, skill, train, steps, seed + i + 1)
-        print(f"trained expert {skill.name} with transformers.Trainer in {time.perf_counter() - started:.1f}s")
+        if not quiet:
+            print(f"trained expert {skill.name} with transformers.Trainer in {time.perf_counter() - started:.1f}s")
         # The optimizer's second moments, from the Trainer checkpoint, as a user would export them:
-        _mergekit_ota("export", checkpoint, os.path.join(path, "exp_avg_sq.safetensors"), "--quiet")
+        _mergekit_ota("export", checkpoint, os.path.join(path, "exp_avg_sq.safetensors"), "--quiet", quiet=quiet)
         rank1 = os.path.join(out_dir, "stores", f"expert_{'ab'[i]}_rank1")
-        _mergekit_ota("export", checkpoint, rank1, "--compress", "rank1", "--quiet")
+        _mergekit_ota("export", checkpoint, rank1, "--compress", "rank1", "--quiet", quiet=quiet)
         experts.append(path)
         rank1_stores.append(rank1)
 

@@ -52,6 +52,13 @@ MERGE_OUTPUT = ReplacePolicy(
 )
 
 
+def merge_output(out_path: str) -> OutputDirectory:
+    """The output directory of an ota/ffg merge into ``out_path``: :data:`MERGE_OUTPUT`'s policy, written in
+    place when ``MERGEKIT_OTA_ALLOW_OVERWRITE=1`` (``check OUT`` asks the same object, without claiming it)."""
+    in_place = os.environ.get(OVERWRITE_ENV, "").strip().lower() in ("1", "true", "yes")
+    return OutputDirectory(out_path, MERGE_OUTPUT, in_place=in_place)
+
+
 PROVENANCE_STEP = "writing the curvature provenance (mergekit_ota_curvature.json, the card's Curvature section)"
 
 
@@ -104,8 +111,7 @@ def _guard_run_merge(run_merge: Callable) -> Callable:
         from mergekit_ota.graph.provenance import card_state, write_provenance
         from mergekit_ota.graph.provenance import take as take_provenance
 
-        in_place = os.environ.get(OVERWRITE_ENV, "").strip().lower() in ("1", "true", "yes")
-        with OutputDirectory(out_path, MERGE_OUTPUT, in_place=in_place) as out:
+        with merge_output(out_path) as out:
             card_before = card_state(out.build)  # a card already there (in place) is not this run's
             record = None
             try:

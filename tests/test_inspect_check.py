@@ -526,3 +526,30 @@ def test_check_usage_and_config_errors(family, tmp_path):
     cfg["models"][1]["model"] = str(tmp_path / "no" / "such_expert")
     code, report = _check(tmp_path, cfg)
     assert code == 1 and report["problems"] == [f"model {tmp_path / 'no' / 'such_expert'}: no such directory (relative to {os.getcwd()})"]
+
+
+def test_check_takes_a_mergekit_yaml_command_line(family, tmp_path):
+    """`check` in front of a mergekit-yaml line: OUT_PATH and every mergekit-yaml option are accepted; the
+    runtime options are named as ignored, the planning ones used; OUT_PATH is refused exactly where the merge
+    would refuse it (a foreign non-empty directory), with nothing written there; an option mergekit-yaml does
+    not know is a usage error, as mergekit-yaml's own."""
+    config = _write_config(tmp_path, _ota(family), "line.yml")
+    out = tmp_path / "merged"
+    result = _invoke("check", config, str(out), "--cuda", "--out-shard-size", "1B", "-j", "2", "--allow-crimes")
+    assert result.exit_code == 0, result.output
+    note = next(line for line in result.stdout.splitlines() if "ignored" in line)
+    assert "--cuda" in note and "--out-shard-size" in note and "--num-threads" in note
+    assert "--allow-crimes" not in note and not out.exists()
+    assert "ignored" not in _invoke("check", config).stdout  # mergekit-yaml's own defaults are not "given"
+    options_first = _invoke("check", config, "--out-shard-size", "1B", str(out))
+    assert options_first.exit_code == 0, options_first.output
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "holiday.jpg").write_bytes(b"\xff\xd8")
+    refused = _invoke("check", config, str(foreign), "--json")
+    report = json.loads(refused.stdout)
+    assert refused.exit_code == 1 and any(p.startswith(f"output {foreign}:") and "holiday.jpg" in p
+                                          for p in report["problems"])  # fmt: skip
+    assert sorted(os.listdir(foreign)) == ["holiday.jpg"]
+    unknown = _invoke("check", config, str(out), "--no-such-flag")
+    assert unknown.exit_code == 2 and "as mergekit-yaml would" in unknown.output and "--no-such-flag" in unknown.output

@@ -326,3 +326,31 @@ def test_a_store_from_the_hub_cache_is_named_by_repo_commit_and_file(family, tmp
     (row,) = _rows(card_section(record)).values()
     assert row[1] == f"`some-org/expert.v2@{commit[:12]}:exp_avg_sq.safetensors`"
     assert row[6] == "corrected: step 20 (from its store's metadata)"
+
+
+def test_density_auto_choice_and_scale_statistics_are_recorded_per_expert(family, tmp_path):
+    """Under density: auto (and curvature_scale: median), the JSON records per expert the density auto chose,
+    which is the fraction of the expert's entries whose saliency v * tau**2 reaches the recorded threshold
+    (computed here from the weights and store), the mass kept (at least the target, within the histogram's
+    resolution), a mass-vs-density curve that rises with the mass, and the expert's scale statistic; the card
+    says what auto kept. A later merge without auto records none (nothing leaks between merges)."""
+    import torch
+
+    cfg = _config(family, [None, None], expert_parameters=({"density": "auto"}, {"density": "auto"}),
+                  density_scope="model", saliency_mass=0.8, curvature_scale="median")  # fmt: skip
+    _merge(cfg, tmp_path / "out")
+    record = _provenance(tmp_path / "out")
+    base = load_file(os.path.join(family.base, "model.safetensors"))
+    for expert, store in zip(record["experts"], family.stores):
+        auto = expert["density_auto"]
+        assert auto["saliency_mass"] == 0.8 and auto["mass_kept"] >= 0.8 - 0.01
+        weights, v = load_file(os.path.join(expert["model"], "model.safetensors")), load_file(store)
+        saliency = torch.cat([(v[n].double() * (weights[n].double() - base[n].double()) ** 2).flatten() for n in v])
+        assert auto["entries"] == saliency.numel()
+        assert auto["density"] == pytest.approx(float((saliency >= auto["threshold"]).double().mean()), abs=2e-3)
+        curve = [auto["density_at_mass"][q] for q in ("0.5", "0.8", "0.9", "0.95", "0.99")]
+        assert curve == sorted(curve) and curve[1] == pytest.approx(auto["density"])
+        assert expert["curvature_scale_statistic"] > 0
+    assert _section(tmp_path / "out").count("`density: auto` chose") == 1
+    _merge(_config(family, [None, None]), tmp_path / "plain")
+    assert all("density_auto" not in e for e in _provenance(tmp_path / "plain")["experts"])

@@ -133,9 +133,9 @@ def rank_targets(inputs: OpenedInputs, count: int) -> Set[str]:
 
 
 def _progress(total: int, desc: str, quiet: bool):
-    from tqdm import tqdm
+    from mergekit_ota.progress import bar
 
-    return tqdm(total=total, desc=desc, unit="tensor", disable=quiet, leave=False)
+    return bar(total=total, desc=desc, quiet=quiet)
 
 
 class _Reader:

@@ -37,7 +37,7 @@ def _plain(text: str) -> str:
               help="Most entries per tensor for Spearman's correlation (a fixed sample above that).")
 @click.option("--html", "with_html", is_flag=True, help="Also write report.html with the figures embedded.")
 @click.option("--force", is_flag=True, help="Replace OUT if an earlier analyze made it.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars (they show only on a terminal anyway).")
 def analyze_command(
     inputs: Tuple[str, ...],
     base: Optional[str],

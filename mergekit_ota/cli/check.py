@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Tuple
 
 import click
 
@@ -11,15 +12,59 @@ if TYPE_CHECKING:  # heavy imports stay inside the command
     from mergekit_ota.graph.preflight import CheckReport
 
 EXIT_PROBLEMS = 1
+# mergekit-yaml options that change what the merge reads or how it is planned: check uses them; the others
+# (device, threads, shard size, card, tokenizer copy, ...) change only how the merge runs and are ignored
+PLANNING_OPTIONS = ("trust_remote_code", "allow_crimes", "unsafe_truncate_embeddings", "transformers_cache",
+                    "lora_merge_cache", "lora_merge_dtype")  # fmt: skip
+_NO_OUT = "\x00no-output-path"  # stands in for a missing OUT_PATH while mergekit-yaml's parser runs
 
 
-def render_report(report: "CheckReport") -> str:
-    """Problems (each naming file, tensor and what was expected) or a short OK summary; then warnings."""
+def mergekit_yaml_arguments(config_file: str, rest: Sequence[str]) -> Tuple[Any, Optional[str], List[str]]:
+    """``(MergeOptions, OUT_PATH or None, ignored options)`` of ``mergekit-yaml CONFIG_FILE [OUT_PATH] REST...``,
+    parsed by mergekit-yaml's own command line (so check accepts exactly what it accepts).
+
+    The MergeOptions keep the :data:`PLANNING_OPTIONS` given (``quiet`` set); every other option given is
+    named in the ignored list (as ``--flag``). Raises :class:`click.UsageError` where mergekit-yaml would.
+    """
+    from mergekit.options import MergeOptions
+    from mergekit.scripts.run_yaml import main as mergekit_yaml
+
+    def parse(argv: List[str]) -> dict:
+        with mergekit_yaml.make_context("mergekit-yaml", argv) as ctx:
+            return dict(ctx.params)
+
+    try:
+        try:
+            params = parse([config_file, *rest])
+        except click.MissingParameter as error:
+            if error.param is None or error.param.name != "out_path":
+                raise
+            params = parse([config_file, *rest, _NO_OUT])
+    except click.UsageError as error:
+        raise click.UsageError(f"as mergekit-yaml would: {error.format_message()}") from None
+    out_path = None if params.get("out_path") == _NO_OUT else params.get("out_path")
+    defaults = parse([config_file, _NO_OUT])  # what mergekit-yaml sets when no option is given
+    given = {k: v for k, v in params.items() if k in MergeOptions.model_fields and v != defaults.get(k)}
+    ignored = [f"--{k.replace('_', '-')}" for k in given if k not in PLANNING_OPTIONS and k != "quiet"]
+    options = MergeOptions(**{k: v for k, v in given.items() if k in PLANNING_OPTIONS}, quiet=True)
+    return options, out_path, ignored
+
+
+def render_report(report: "CheckReport", quiet: bool = False) -> str:
+    """Problems (each naming file, tensor and what was expected) or a short OK summary; then warnings.
+
+    ``quiet``: only the FAILED line with its problems, and the warnings (nothing at all when OK without any)."""
     from mergekit_ota.errors import group_problems
 
     scan = "every value" if report.full_scan else f"a sample of up to {report.sample:,} values per tensor"
     lines = []
     warnings = [f"  warning: {w}" for w in report.warnings]
+    if quiet:
+        if not report.problems:
+            return "\n".join(warnings)
+        grouped = group_problems(report.problems)
+        return "\n".join([f"FAILED  {report.config} (merge_method {report.method}): {len(grouped)} problem(s)"]
+                         + [f"  - {p}" for p in grouped] + warnings)  # fmt: skip
     if report.names_only:
         lines.append(
             f"NOT CHECKED  {report.config} (merge_method {report.method} does not use curvature): "
@@ -55,54 +100,43 @@ def render_report(report: "CheckReport") -> str:
     return "\n".join(lines)
 
 
-@click.command("check", short_help="Preflight an ota/ffg merge config: stores, tensors, shapes, values.")
+@click.command("check", short_help="Preflight an ota/ffg merge config: stores, tensors, shapes, values.",
+               context_settings={"ignore_unknown_options": True})  # fmt: skip
 @click.argument("config_file", type=click.Path(exists=True, dir_okay=False))
+@click.argument("mergekit_yaml_args", nargs=-1, type=click.UNPROCESSED, metavar="[OUT_PATH] [MERGEKIT-YAML OPTIONS]")
 @click.option("--full-scan", is_flag=True, help="Scan every curvature value (reads every byte of every store).")
 @click.option(
     "--sample", type=click.IntRange(min=1), default=None,
     help="Values scanned per curvature tensor without --full-scan.  [default: 65536]",
 )  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@click.option("--trust-remote-code", is_flag=True, help="As for mergekit-yaml.")
-@click.option("--allow-crimes", is_flag=True, help="As for mergekit-yaml.")
-@click.option("--unsafe-truncate-embeddings", is_flag=True, help="As for mergekit-yaml.")
-@click.option("--transformers-cache", default=None, help="As for mergekit-yaml.")
-@click.option("--lora-merge-cache", default=None, help="As for mergekit-yaml.")
-def check_command(
-    config_file: str,
-    full_scan: bool,
-    sample: Optional[int],
-    as_json: bool,
-    trust_remote_code: bool,
-    allow_crimes: bool,
-    unsafe_truncate_embeddings: bool,
-    transformers_cache: Optional[str],
-    lora_merge_cache: Optional[str],
-) -> None:
+@click.option("--quiet", "-q", is_flag=True, help="Print only problems and warnings (nothing when all is well).")
+def check_command(config_file: str, mergekit_yaml_args: Tuple[str, ...], full_scan: bool, sample: Optional[int],
+                  as_json: bool, quiet: bool) -> None:  # fmt: skip
     """Check an ota/ffg merge config before merging: plan it exactly as
-    `mergekit-yaml CONFIG_FILE OUT` would (nothing executed or written), then
+    `mergekit-yaml CONFIG_FILE OUT_PATH` would (nothing executed or written), then
     check that every expert's curvature store covers every tensor the merge reads
     (slices, aliases and tied weights resolved as for the weights) with the right
     shape and dtype, and that its values are finite and non-negative.
 
+    Put `check` in front of a mergekit-yaml line: it takes the same OUT_PATH and
+    options. OUT_PATH, when given, is checked as the merge would check it (it must
+    be new, empty, or an earlier merge); --trust-remote-code, --allow-crimes,
+    --unsafe-truncate-embeddings, --transformers-cache, --lora-merge-cache and
+    --lora-merge-dtype change planning and are used; the other options (device,
+    threads, shard size, ...) change only how the merge runs and are ignored, with
+    a note.
+
     Prints every problem at once and exits 1, or prints a short summary and exits 0
     (2: usage error). Relative paths in the config are resolved from the current
-    directory, as by mergekit-yaml. Pass the mergekit-yaml options that change planning.
+    directory, as by mergekit-yaml.
     """
-    from mergekit.options import MergeOptions
-
     from mergekit_ota.curvature.scan import DEFAULT_SAMPLE
-    from mergekit_ota.errors import ConfigError
+    from mergekit_ota.errors import ConfigError, OutputError
     from mergekit_ota.graph.preflight import CheckReport, NotACurvatureMerge, check_config, read_config
+    from mergekit_ota.integration import merge_output
 
-    options = MergeOptions(
-        quiet=True,
-        trust_remote_code=trust_remote_code,
-        allow_crimes=allow_crimes,
-        unsafe_truncate_embeddings=unsafe_truncate_embeddings,
-        transformers_cache=transformers_cache,
-        lora_merge_cache=lora_merge_cache,
-    )
+    options, out_path, ignored = mergekit_yaml_arguments(config_file, mergekit_yaml_args)
     sample = sample or DEFAULT_SAMPLE
     try:
         report = check_config(
@@ -114,6 +148,19 @@ def check_command(
         raise click.UsageError(str(error)) from None
     except ConfigError as error:
         report = CheckReport(config=config_file, method="?", problems=(str(error),), full_scan=full_scan, sample=sample)
-    click.echo(json.dumps(report.to_json(), indent=2) if as_json else render_report(report))
+    extra_problems, extra_notes = [], []
+    if out_path is not None:
+        try:
+            merge_output(out_path).check()
+        except OutputError as error:
+            extra_problems.append(f"output {out_path}: {error}")
+    if ignored:
+        extra_notes.append(f"ignored (they change how the merge runs, not what it reads): {', '.join(ignored)}")
+    if extra_problems or extra_notes:
+        report = dataclasses.replace(report, problems=report.problems + tuple(extra_problems),
+                                     notes=report.notes + tuple(extra_notes))  # fmt: skip
+    text = json.dumps(report.to_json(), indent=2) if as_json else render_report(report, quiet)
+    if text:
+        click.echo(text)
     if not report.ok:
         click.get_current_context().exit(EXIT_PROBLEMS)

@@ -99,7 +99,7 @@ def render_summary(result: "ExportResult") -> str:
 @click.option("--beta2", type=float, default=None, help="Adam beta2 where the source records none (for --bias-correct and metadata).")
 @click.option("--step", type=int, default=None, help="Optimizer step where the source records none.")
 @click.option("--force", is_flag=True, help="Replace an existing OUT if it is a curvature store (never model weights or a directory with other files).")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar (it shows only on a terminal anyway).")
 def export_command(
     source: str,
     out: str,
@@ -126,11 +126,10 @@ def export_command(
     directory (exp_avg_sq.safetensors, or shards + exp_avg_sq.safetensors.index.json).
     Give it to a merge as `curvature: OUT`, or write it as MODEL_DIR/exp_avg_sq.safetensors.
     """
-    from tqdm import tqdm
-
     from mergekit_ota.errors import OTAError
     from mergekit_ota.export.options import ExportOptions
     from mergekit_ota.export.pipeline import BF16_WARNING, export_curvature
+    from mergekit_ota.progress import bar
 
     try:
         options = ExportOptions.parse(
@@ -141,7 +140,7 @@ def export_command(
             click.echo(BF16_WARNING, err=True)
 
         def progress(items, total):  # type: ignore[no-untyped-def]
-            return tqdm(items, total=total, unit="tensor", desc="export", disable=True if quiet else None, leave=False)
+            return bar(items, total=total, desc="export", quiet=quiet)
 
         result = export_curvature(source, out, options, progress)
     except OTAError as error:

@@ -107,8 +107,10 @@ def render_table(report: "StoreReport") -> str:
 @click.option(
     "--sample-size", type=click.IntRange(min=1), default=None, help="Values in a median sample.  [default: 1048576]"
 )
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar (it shows only on a terminal anyway).")
 def inspect_command(
-    stores: Sequence[str], as_json: bool, sort: str, exact_median_limit: Optional[int], sample_size: Optional[int]
+    stores: Sequence[str], as_json: bool, sort: str, exact_median_limit: Optional[int], sample_size: Optional[int],
+    quiet: bool,
 ) -> None:
     """Show what a curvature store holds: per tensor its shape, dtype, storage (full / rank-1)
     and min / median / max, zeros, NaN, Inf and negative counts; totals and header metadata.
@@ -123,13 +125,12 @@ def inspect_command(
     1 - beta2**step from the metadata, and each mean over the smallest. Each store is
     still read once.
     """
-    from tqdm import tqdm
-
     from mergekit_ota.curvature import stats
     from mergekit_ota.curvature.inspect import inspect_store, scale_json
     from mergekit_ota.curvature.locate import locate_store
     from mergekit_ota.curvature.store import CurvatureStore
     from mergekit_ota.errors import CurvatureError
+    from mergekit_ota.progress import bar
 
     compare = len(stores) > 1
     reports = []
@@ -140,7 +141,7 @@ def inspect_command(
                 opened,
                 exact_median_limit=exact_median_limit or stats.EXACT_MEDIAN_LIMIT,
                 sample_size=sample_size or stats.SAMPLE_SIZE,
-                progress=lambda items, total: tqdm(items, total=total, desc="Inspecting", disable=None, leave=False),
+                progress=lambda items, total: bar(items, total=total, desc="Inspecting", quiet=quiet),
                 scale=compare,
                 label=store,
             )

@@ -17,18 +17,20 @@ def main() -> None:
 
 @main.command("methods")
 def methods_command() -> None:
-    """List the merge methods this plugin adds, with every parameter and default."""
-    import mergekit_ota  # noqa: F401  (registers and patches)
-    from mergekit_ota.compat import SUPPORTED, incompatibility, mergekit_version
-    from mergekit_ota.methods import METHODS
+    """List the merge methods this plugin adds, with every parameter and default.
 
-    problem = incompatibility()
+    Reads the parameter table (mergekit_ota.catalog) and mergekit's version, without importing
+    mergekit or torch; `mergekit-ota check` also verifies the mergekit internals the merge uses.
+    """
+    from mergekit_ota.catalog import CARDS
+    from mergekit_ota.compat import SUPPORTED, mergekit_version, version_problem
+
+    problem = version_problem()
     click.echo(f"mergekit {mergekit_version()} (supported: {SUPPORTED}.x){': ' + problem if problem else ''}")
-    for method in METHODS:
-        spec = method.spec
-        click.echo(f"\n{spec.name}: {spec.pretty_name}  [{spec.reference_url}]")
-        for parameter in spec.parameters:
-            scope = "per expert" if parameter.scope.value != "shared" else "shared"
+    for card in CARDS:
+        click.echo(f"\n{card.name}: {card.pretty_name}  [{card.reference_url}]")
+        for parameter in card.parameters:
+            scope = "per expert" if parameter.per_expert else "shared"
             click.echo(f"  {parameter.name:<16} {scope:<11} default {parameter.default!r:<10} {parameter.description}")
 
 
@@ -37,13 +39,14 @@ def methods_command() -> None:
 @click.option("--steps", default=150, show_default=True, help="AdamW steps per expert.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Replace OUT if an earlier demo made it.")
-def demo_command(out_dir: str, steps: int, seed: int, force: bool) -> None:
+@click.option("--quiet", "-q", is_flag=True, help="Print only the final table (no progress lines).")
+def demo_command(out_dir: str, steps: int, seed: int, force: bool, quiet: bool) -> None:
     """Train a base and 2 experts, merge them with ota, ffg, ties, dare_ties, ... and compare."""
     from mergekit_ota.demo import run_demo
     from mergekit_ota.errors import OTAError
 
     try:
-        run_demo(out_dir, steps=steps, seed=seed, force=force)
+        run_demo(out_dir, steps=steps, seed=seed, force=force, quiet=quiet)
     except OTAError as error:  # e.g. OUT exists: one line that says what to do, not a traceback
         raise click.ClickException(str(error)) from error
 

@@ -5,6 +5,9 @@ For ``ota``/``ffg`` merges, the planner patch records what it resolved (:func:`r
 file of a store in huggingface_hub's cache; its metadata: ``step``,
 ``beta2``, ``compression``, ``dtype``, ``bias_corrected``) and what bias correction did to it in
 this merge (the :class:`~mergekit_ota.methods.bias.BiasDecision`), plus ``curvature_scale``.
+The model-wide pass, when the merge makes one, adds what it decided (:func:`note_model_wide`): per
+``density: auto`` expert the density it chose (fraction of entries, saliency mass kept, threshold,
+the mass-vs-density curve), and per expert its ``curvature_scale`` statistic ``m_i``.
 Once mergekit's ``run_merge`` has written the weights, ``config.json``, its model card
 (``README.md``) and ``mergekit_config.yml`` into the build directory, the ``run_merge`` guard
 (:mod:`mergekit_ota.integration`) calls :func:`write_provenance`:
@@ -110,12 +113,43 @@ def plan_record(plan: Any) -> Dict[str, Any]:
 
 def remember(out_path: str, plan: Any) -> None:
     """Record ``plan``'s provenance for the merge being written to ``out_path`` (``plan_to_disk``)."""
+    _model_wide.clear()  # a pass noted before this plan (check's) is not this merge's
     _recorded[os.path.abspath(out_path)] = plan_record(plan)
 
 
+# what this process's model-wide passes decided since the last plan: (density: auto choices, scale statistics)
+_model_wide: List[Tuple[Dict[Any, Any], Dict[Any, float]]] = []
+
+
+def note_model_wide(auto: Optional[Dict[Any, Any]], statistics: Optional[Dict[Any, float]]) -> None:
+    """Called by the model-wide pass: each ``density: auto`` expert's :class:`~mergekit_ota.methods.base.AutoChoice`
+    and each expert's ``curvature_scale`` statistic, keyed by expert (added to the record by :func:`take`)."""
+    _model_wide.append((dict(auto or {}), dict(statistics or {})))
+
+
+def _add_model_wide(record: Dict[str, Any]) -> None:
+    by_model = {entry["model"]: entry for entry in record["experts"]}
+    for auto, statistics in _model_wide:
+        for model, choice in auto.items():
+            if str(model) in by_model:
+                by_model[str(model)]["density_auto"] = {
+                    "saliency_mass": choice.target, "density": choice.kept, "mass_kept": choice.mass,
+                    "threshold": choice.threshold, "entries": choice.entries,
+                    "density_at_mass": {f"{q:g}": d for q, d in choice.curve},
+                }  # fmt: skip
+        for model, value in statistics.items():
+            if str(model) in by_model:
+                by_model[str(model)]["curvature_scale_statistic"] = value
+    _model_wide.clear()
+
+
 def take(build: str) -> Optional[Dict[str, Any]]:
-    """The record :func:`remember` made for ``build`` (forgotten here), or ``None``."""
-    return _recorded.pop(os.path.abspath(build), None)
+    """The record :func:`remember` made for ``build``, with what the model-wide pass decided (both forgotten
+    here), or ``None``."""
+    record = _recorded.pop(os.path.abspath(build), None)
+    if record is not None:
+        _add_model_wide(record)
+    return record
 
 
 def card_state(build: str) -> Optional[Tuple[int, int, int]]:
@@ -172,6 +206,11 @@ def card_section(record: Dict[str, Any]) -> str:
                 _cell(_short_reason(bias.get("reason"), store["path"])),
             ]
             lines.append("| " + " | ".join(cells) + " |")
+    autos = [(e["model"], e["density_auto"]) for e in record["experts"] if e.get("density_auto")]
+    if autos:
+        lines += ["", "`density: auto` chose, per expert, from its own saliency `v * tau**2`:", ""]
+        lines += [f"- `{model}`: keeps {100 * a['density']:.2f}% of its {a['entries']:,} entries, holding "
+                  f"{100 * a['mass_kept']:.2f}% of its saliency mass (target {a['saliency_mass']:g})" for model, a in autos]  # fmt: skip
     mode = record["curvature_scale"]
     if mode is not None:
         lines.append("")

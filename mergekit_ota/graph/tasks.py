@@ -253,6 +253,9 @@ class ModelWidePass(Task[ModelWideResult]):
         from mergekit_ota.methods.base import auto_choices
 
         auto = auto_choices(totals)  # once: thresholds_for_density reads the auto thresholds from it
+        from mergekit_ota.graph.provenance import note_model_wide
+
+        note_model_wide(auto, found)  # the merge's provenance records what was chosen
         return ModelWideResult(thresholds_for_density(totals, auto), found, auto or None)
 
 

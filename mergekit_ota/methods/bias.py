@@ -29,13 +29,13 @@ factor: where it is set, it replaces bias correction.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional, Sequence, Union
+from typing import Optional, Sequence
 
 from mergekit_ota.math.scale import bias_factor
+from mergekit_ota.catalog import BiasMode
 
 __all__ = ["ASSUMED_BETA2", "BiasDecision", "BiasMode", "bias_factor", "decide", "mismatch_warning"]
 
-BiasMode = Union[Literal["auto"], bool]
 ASSUMED_BETA2 = 0.999  # for the size of a mismatch when an expert's beta2 is unknown (AdamW's default)
 
 

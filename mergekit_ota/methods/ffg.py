@@ -8,6 +8,7 @@ import torch
 from mergekit.merge_methods.base import BasePolicy, InputContract, MergeMethodSpec
 
 from mergekit_ota.math.ffg import ffg_merge
+from mergekit_ota import catalog
 from mergekit_ota.methods.base import CurvatureMergeMethod, ExpertInput
 from mergekit_ota.methods.settings import FFG_PARAMETERS, SharedSettings
 
@@ -20,9 +21,9 @@ class FFGMerge(CurvatureMergeMethod):
     """
 
     spec = MergeMethodSpec(
-        name="ffg",
-        pretty_name="FFG (Fast Fisher Grafting)",
-        reference_url="https://arxiv.org/abs/2509.11167",
+        name=catalog.FFG.name,
+        pretty_name=catalog.FFG.pretty_name,
+        reference_url=catalog.FFG.reference_url,
         parameters=FFG_PARAMETERS,
         contract=InputContract(base=BasePolicy.REQUIRED, min_non_base=1),
     )

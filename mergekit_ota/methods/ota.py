@@ -8,6 +8,7 @@ import torch
 from mergekit.merge_methods.base import BasePolicy, InputContract, MergeMethodSpec
 
 from mergekit_ota.math.ota import ota_merge
+from mergekit_ota import catalog
 from mergekit_ota.methods.base import CurvatureMergeMethod, ExpertInput
 from mergekit_ota.methods.settings import OTA_PARAMETERS, SharedSettings
 
@@ -16,9 +17,9 @@ class OTAMerge(CurvatureMergeMethod):
     """``theta = b + lambda * sum_i w_i m_i tau_i / sum_i w_i m_i``, ``w_i = weight_i v_i**power + eps``."""
 
     spec = MergeMethodSpec(
-        name="ota",
-        pretty_name="OTA (Optimization Trajectory Aware)",
-        reference_url="https://arxiv.org/abs/2509.11167",
+        name=catalog.OTA.name,
+        pretty_name=catalog.OTA.pretty_name,
+        reference_url=catalog.OTA.reference_url,
         parameters=OTA_PARAMETERS,
         contract=InputContract(base=BasePolicy.OPTIONAL, min_non_base=1),
     )

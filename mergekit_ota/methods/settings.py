@@ -52,14 +52,13 @@ from mergekit.merge_methods.base import MergeMethodSpec, ParameterScope, Paramet
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mergekit_ota.errors import ConfigError
+from mergekit_ota import catalog
 from mergekit_ota.methods.bias import BiasDecision, BiasMode, decide
+from mergekit_ota.catalog import DEFAULT_SALIENCY_MASS
 from mergekit_ota.methods.scale import ScaleMode
 
 OTA = "ota"
 FFG = "ffg"
-DEFAULT_SALIENCY_MASS = 0.9
-"""``density: auto``'s target: keep the fewest entries whose saliency ``v * tau**2`` sums to this share of the
-expert's total. Provisional: the value the grafting evidence (issue: FFG without tuning) is to confirm or replace."""
 
 
 class ExpertSettings(BaseModel):
@@ -446,37 +445,11 @@ def require_known(keys: Iterable[str], spec: MergeMethodSpec) -> None:
 # ----------------------------------------------------------------------------- mergekit specs
 
 
-def _spec(name: str, value_type: Any, scope: ParameterScope, default: Any, description: str) -> ParameterSpec:
-    return ParameterSpec(name, value_type, scope, default=default, description=description)
+def _specs(parameters: Tuple[catalog.Parameter, ...]) -> Tuple[ParameterSpec, ...]:
+    """mergekit's ``ParameterSpec`` of each :mod:`~mergekit_ota.catalog` entry."""
+    return tuple(ParameterSpec(p.name, p.value_type, ParameterScope.NON_BASE if p.per_expert else ParameterScope.SHARED,
+                               default=p.default, description=p.description) for p in parameters)  # fmt: skip
 
 
-EXPERT_PARAMETERS: Tuple[ParameterSpec, ...] = (
-    _spec("weight", float, ParameterScope.NON_BASE, 1.0, "relative weight of the expert (ota: >= 0; ffg: any sign)"),
-    _spec("density", Any, ParameterScope.NON_BASE, None,
-          "FFG: fraction of entries kept, or 'auto' (model-wide, from the expert's saliency mass)"),
-    _spec("threshold", Optional[float], ParameterScope.NON_BASE, None, "FFG: absolute saliency threshold"),
-    _spec("curvature", Any, ParameterScope.NON_BASE, None, "exp_avg_sq store path, or a tensor in memory"),
-    _spec("optimizer_step", Optional[int], ParameterScope.NON_BASE, None, "Adam step count, for bias_correction"),
-    _spec("beta2", Optional[float], ParameterScope.NON_BASE, None, "Adam beta2, for bias_correction"),
-    _spec("bias_corrected", Optional[bool], ParameterScope.NON_BASE, None,
-          "the curvature is already bias-corrected (default: its store's metadata)"),
-)
-COMMON_SHARED_PARAMETERS: Tuple[ParameterSpec, ...] = (
-    _spec("lambda", float, ParameterScope.SHARED, 1.0, "scale of the merged task vector"),
-    _spec("density_scope", str, ParameterScope.SHARED, "tensor", "'tensor' or 'model': where density applies"),
-    _spec("bias_correction", BiasMode, ParameterScope.SHARED, "auto",
-          "auto | true | false: divide v by (1 - beta2**step) where step and beta2 are known"),
-    _spec("saliency_mass", float, ParameterScope.SHARED, DEFAULT_SALIENCY_MASS,
-          "density: auto keeps the fewest entries holding this share of each expert's saliency"),
-    _spec("sign_consensus", str, ParameterScope.SHARED, "none",
-          "none | sum | count: elect a sign per coordinate (TIES) and keep only the FFG-kept entries that agree"),
-)
-OTA_PARAMETERS = EXPERT_PARAMETERS + COMMON_SHARED_PARAMETERS + (
-    _spec("power", float, ParameterScope.SHARED, 0.5, "exponent p in w = weight * v**p + eps"),
-    _spec("eps", float, ParameterScope.SHARED, 1e-12, "eps in w = weight * v**p + eps"),
-    _spec("curvature_scale", str, ParameterScope.SHARED, "none",
-          "none | mean | median: divide each expert's v by its model-wide mean or median"),
-)
-FFG_PARAMETERS = EXPERT_PARAMETERS + COMMON_SHARED_PARAMETERS + (
-    _spec("normalize", bool, ParameterScope.SHARED, False, "divide the sum by sum_i weight_i (which must not be 0)"),
-)
+OTA_PARAMETERS = _specs(catalog.OTA.parameters)
+FFG_PARAMETERS = _specs(catalog.FFG.parameters)

@@ -1,0 +1,70 @@
+"""What each merge method is called and takes: names, scopes, defaults and descriptions, as plain data.
+
+The one table behind mergekit's ``ParameterSpec`` lists (:mod:`mergekit_ota.methods.settings`) and
+``mergekit-ota methods``, which prints it without importing mergekit or torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, NamedTuple, Optional, Tuple, Union
+
+DEFAULT_SALIENCY_MASS = 0.9
+"""``density: auto``'s target: keep the fewest entries whose saliency ``v * tau**2`` sums to this share of the
+expert's total. Provisional: the value the grafting evidence (issue: FFG without tuning) is to confirm or replace."""
+
+BiasMode = Union[Literal["auto"], bool]
+
+
+class Parameter(NamedTuple):
+    """One method parameter: ``per_expert`` ones go under each model's ``parameters``, the others at the top."""
+
+    name: str
+    value_type: Any
+    per_expert: bool
+    default: Any
+    description: str
+
+
+class MethodCard(NamedTuple):
+    """A merge method as ``mergekit-ota methods`` lists it."""
+
+    name: str
+    pretty_name: str
+    reference_url: str
+    parameters: Tuple[Parameter, ...]
+
+
+EXPERT: Tuple[Parameter, ...] = (
+    Parameter("weight", float, True, 1.0, "relative weight of the expert (ota: >= 0; ffg: any sign)"),
+    Parameter("density", Any, True, None,
+              "FFG: fraction of entries kept, or 'auto' (model-wide, from the expert's saliency mass)"),  # fmt: skip
+    Parameter("threshold", Optional[float], True, None, "FFG: absolute saliency threshold"),
+    Parameter("curvature", Any, True, None, "exp_avg_sq store path, or a tensor in memory"),
+    Parameter("optimizer_step", Optional[int], True, None, "Adam step count, for bias_correction"),
+    Parameter("beta2", Optional[float], True, None, "Adam beta2, for bias_correction"),
+    Parameter("bias_corrected", Optional[bool], True, None,
+              "the curvature is already bias-corrected (default: its store's metadata)"),  # fmt: skip
+)
+COMMON_SHARED: Tuple[Parameter, ...] = (
+    Parameter("lambda", float, False, 1.0, "scale of the merged task vector"),
+    Parameter("density_scope", str, False, "tensor", "'tensor' or 'model': where density applies"),
+    Parameter("bias_correction", BiasMode, False, "auto",
+              "auto | true | false: divide v by (1 - beta2**step) where step and beta2 are known"),  # fmt: skip
+    Parameter("saliency_mass", float, False, DEFAULT_SALIENCY_MASS,
+              "density: auto keeps the fewest entries holding this share of each expert's saliency"),  # fmt: skip
+    Parameter("sign_consensus", str, False, "none",
+              "none | sum | count: elect a sign per coordinate (TIES) and keep only the FFG-kept entries that agree"),  # fmt: skip
+)
+OTA_ONLY: Tuple[Parameter, ...] = (
+    Parameter("power", float, False, 0.5, "exponent p in w = weight * v**p + eps"),
+    Parameter("eps", float, False, 1e-12, "eps in w = weight * v**p + eps"),
+    Parameter("curvature_scale", str, False, "none", "none | mean | median: divide each expert's v by its model-wide mean or median"),
+)
+FFG_ONLY: Tuple[Parameter, ...] = (
+    Parameter("normalize", bool, False, False, "divide the sum by sum_i weight_i (which must not be 0)"),
+)
+
+PAPER = "https://arxiv.org/abs/2509.11167"
+OTA = MethodCard("ota", "OTA (Optimization Trajectory Aware)", PAPER, EXPERT + COMMON_SHARED + OTA_ONLY)
+FFG = MethodCard("ffg", "FFG (Fast Fisher Grafting)", PAPER, EXPERT + COMMON_SHARED + FFG_ONLY)
+CARDS: Tuple[MethodCard, ...] = (OTA, FFG)
