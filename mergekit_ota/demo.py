@@ -77,7 +77,7 @@ def _tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0")
 
 
-def train_expert(base_dir: str, out_dir: str, skill: Skill, pairs, steps: int, seed: int) -> str:
+def train_expert(base_dir: str, out_dir: str, skill: Skill, pairs, steps: int, seed: int, quiet: bool = False) -> str:
     """Fine-tune the base on one skill with ``transformers.Trainer`` (AdamW); save the expert to
     ``out_dir`` and return the Trainer checkpoint directory (``optimizer.pt`` and the model)."""
     from transformers import LlamaForCausalLM, Trainer, TrainingArguments
@@ -91,6 +91,10 @@ def train_expert(base_dir: str, out_dir: str, skill: Skill, pairs, steps: int, s
         save_steps=steps, use_cpu=True, report_to=[], logging_strategy="no", disable_tqdm=True, seed=seed,
     )  # fmt: skip
     trainer = Trainer(model=model, args=args, train_dataset=data)
+    if quiet:  # its end-of-training metrics line
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
     trainer.train()
     trainer.save_model(out_dir)
     _tokenizer().save_pretrained(out_dir)
@@ -101,7 +105,8 @@ def _mergekit_ota(*args: str, quiet: bool = False) -> None:
     """Run a ``mergekit-ota`` subcommand as a user would (same interpreter), echoing it unless ``quiet``."""
     if not quiet:
         print("$ mergekit-ota " + " ".join(args))
-    subprocess.run([sys.executable, "-m", "mergekit_ota.cli.main", *args], check=True)
+    subprocess.run([sys.executable, "-m", "mergekit_ota.cli.main", *args], check=True,
+                   stdout=subprocess.DEVNULL if quiet else None)  # fmt: skip
 
 
 def merge_configs(base: str, experts: List[str], rank1_stores: List[str]) -> Dict[str, dict]:
@@ -159,6 +164,9 @@ def _demo_output():  # type: ignore[no-untyped-def]
     )
 
 
+DEMO_THREADS = 2  # the thread count README's demo table was made with
+
+
 def run_demo(out_dir: str, steps: int = 150, seed: int = 0, force: bool = False, quiet: bool = False) -> List[dict]:
     """Run the demo in ``out_dir``; print (after its progress lines, unless ``quiet``) and return the table.
 
@@ -169,10 +177,15 @@ def run_demo(out_dir: str, steps: int = 150, seed: int = 0, force: bool = False,
     """
     from mergekit_ota.io.output import OutputDirectory
 
-    with OutputDirectory(out_dir, _demo_output(), force=force, swap_first=True) as out:
-        open(os.path.join(out_dir, MARKER), "w").close()
-        rows = _run_demo(out_dir, steps, seed, quiet)
-        out.commit()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(DEMO_THREADS)  # float sums depend on the thread count: pinned, the table repeats exactly
+    try:
+        with OutputDirectory(out_dir, _demo_output(), force=force, swap_first=True) as out:
+            open(os.path.join(out_dir, MARKER), "w").close()
+            rows = _run_demo(out_dir, steps, seed, quiet)
+            out.commit()
+    finally:
+        torch.set_num_threads(threads)
     return rows
 
 
@@ -199,7 +212,7 @@ def _run_demo(out_dir: str, steps: int, seed: int, quiet: bool = False) -> List[
     for i, skill in enumerate(SKILLS):
         path = os.path.join(out_dir, "models", f"expert_{'ab'[i]}")
         started = time.perf_counter()
-        checkpoint = train_expert(base, path, skill, train, steps, seed + i + 1)
+        checkpoint = train_expert(base, path, skill, train, steps, seed + i + 1, quiet)
         if not quiet:
             print(f"trained expert {skill.name} with transformers.Trainer in {time.perf_counter() - started:.1f}s")
         # The optimizer's second moments, from the Trainer checkpoint, as a user would export them:
@@ -225,7 +238,7 @@ def _run_demo(out_dir: str, steps: int, seed: int, quiet: bool = False) -> List[
     for name, cfg in configs.items():
         with open(os.path.join(config_dir, _slug(name) + ".yml"), "w", encoding="utf-8") as fp:
             yaml.safe_dump(cfg, fp, sort_keys=False)
-    _mergekit_ota("check", os.path.join(config_dir, "ota_ffg__model__d_0_2.yml"))
+    _mergekit_ota("check", os.path.join(config_dir, "ota_ffg__model__d_0_2.yml"), quiet=quiet)
     for name, cfg in configs.items():
         out = os.path.join(out_dir, "merged", _slug(name))
         options = MergeOptions(quiet=True, random_seed=seed)

@@ -519,6 +519,36 @@ def test_histogram_merge_equals_single_histogram(seed, sizes, density):
     assert merged.threshold_for_density(density) == whole.threshold_for_density(density)
 
 
+@FEW
+@given(seed=seeds, sizes=st.lists(st.integers(min_value=1, max_value=4000), min_size=1, max_size=4),
+       specials=st.lists(st.sampled_from([0.0, -0.0, float("nan"), -1.0, float("inf")]), max_size=6))
+def test_histogram_of_small_tensors_updates_only_their_bins_with_the_same_counts_and_mass(seed, sizes, specials):
+    """The sparse update used for tensors far smaller than the bin count gives exactly the counts, and the same
+    per-bin saliency sums (float64, to rounding), as the full-size bincount, zeros, -0.0, NaN and negatives
+    included; the thresholds read from the two are equal."""
+    import mergekit_ota.math.histogram as histogram
+
+    g = gen(seed)
+    tensors = [log_uniform((n,), g, -30, 30) for n in sizes]
+    tensors[0] = torch.cat([tensors[0], torch.tensor(specials, dtype=torch.float32)])
+    built, default = {}, histogram.SPARSE_BELOW
+    try:
+        for name, below in (("sparse", histogram.BINS), ("dense", 0)):
+            histogram.SPARSE_BELOW = below
+            h = SaliencyHistogram()
+            for s in tensors:
+                h.add(s, with_mass=True)
+            built[name] = h
+    finally:
+        histogram.SPARSE_BELOW = default
+    sparse, dense = built["sparse"], built["dense"]
+    assert torch.equal(sparse.counts, dense.counts) and sparse.zeros == dense.zeros
+    assert torch.allclose(sparse.mass, dense.mass, rtol=1e-12, atol=0.0)
+    for q in (0.5, 0.9, 0.99):
+        assert sparse.threshold_for_mass(q) == dense.threshold_for_mass(q)
+    assert sparse.threshold_for_density(0.3) == dense.threshold_for_density(0.3)
+
+
 def test_histogram_edge_cases():
     """Empty histogram -> threshold 0; all-zero saliency -> threshold 0 (keep everything)."""
     assert SaliencyHistogram().threshold_for_density(0.5) == 0.0

@@ -37,6 +37,7 @@ from mergekit_ota.math.ffg import kept_count
 SHIFT = 14  # float32 bits dropped: 23 - 14 = 9 mantissa bits kept
 BINS = (0x7F800000 >> SHIFT) + 1  # bit patterns up to +inf; bin 0 is below 2**-135, i.e. zero
 _OVERFLOW = BINS  # NaN lands here and, like negative values, counts as zero (never kept)
+SPARSE_BELOW = BINS // 8  # a tensor with fewer entries updates only the bins it touches (SaliencyHistogram._add_sparse)
 
 
 def bin_edge(index: int) -> float:
@@ -72,11 +73,28 @@ class SaliencyHistogram:
         in_place = overwrite and not with_mass  # the mass needs s itself after binning
         bins = bits.bitwise_right_shift_(SHIFT) if in_place else torch.bitwise_right_shift(bits, SHIFT)
         bins.clamp_(0, _OVERFLOW)  # sign bit set (-0.0) -> 0; NaN -> overflow
+        if bins.numel() < SPARSE_BELOW:
+            self._add_sparse(bins, s if with_mass else None)
+            return
         if with_mass:
             mass = torch.bincount(bins, weights=s.to(torch.float64), minlength=BINS + 1).to(device="cpu")
             mass[_OVERFLOW] = 0.0  # NaN carries no mass (it is never kept)
             self.mass = mass if self.mass is None else self.mass.add_(mass)
         self._accumulate(torch.bincount(bins, minlength=BINS + 1).to(device="cpu"), owned=True)
+
+    def _add_sparse(self, bins: torch.Tensor, s: Optional[torch.Tensor]) -> None:
+        """:meth:`add` for a tensor with far fewer entries than bins: only the bins it touches are updated
+        (the same counts and sums; a full-size ``bincount`` would cost ``O(BINS)`` per tensor)."""
+        used, inverse, counts = torch.unique(bins.to("cpu"), return_inverse=True, return_counts=True)
+        if self.counts is None:
+            self.counts = torch.zeros(BINS + 1, dtype=torch.int64)
+        self.counts.index_add_(0, used, counts)
+        if s is not None:
+            sums = torch.zeros(used.numel(), dtype=torch.float64).index_add_(0, inverse, s.to("cpu", torch.float64))
+            sums[used == _OVERFLOW] = 0.0  # NaN carries no mass (it is never kept)
+            if self.mass is None:
+                self.mass = torch.zeros(BINS + 1, dtype=torch.float64)
+            self.mass.index_add_(0, used, sums)
 
     def merge(self, other: "SaliencyHistogram") -> None:
         """Accumulate another histogram into this one (its mass too, when it has one)."""
