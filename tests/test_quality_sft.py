@@ -367,8 +367,13 @@ def test_sft_smoke_run_stores_per_item_results_and_reuses_every_cached_stage(tmp
         for section in ("## Base and experts on held-out test items", "## Interference", "## Results (test split)",
                         "## Paired differences", "Like for like", "## Tuning grids", "## Grafting one expert",
                         "## Unit costs", "## Run time", "**multitask**", "| ota (no base) | p {0.5, 1} |",
-                        "## Curvature on one scale", "| ota (scale: median) - ota |", "`curvature_scale` for ota"):  # fmt: skip
+                        "## Curvature on one scale", "| ota (scale: median) - ota |", "`curvature_scale` for ota",
+                        "## density: auto", "| ota+ffg (model-wide, density: auto) - ota+ffg (model-wide) |"):  # fmt: skip
             assert section in text, section
+        for cap in ("snake", "camel"):  # each auto graft records the density auto chose (from the provenance)
+            for mass in (0.5, 0.9):
+                density = data["models"][f"graft/{cap}/FFG (auto)/{mass:g}"]["density_auto"]
+                assert len(density) == 1 and 0 < next(iter(density.values())) < 1
         stamp = {p: os.path.getmtime(p) for p in stores}
         results = os.path.join(data["invocation"]["work"], "results.json")
         before = json.load(open(results))["models"]

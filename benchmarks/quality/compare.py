@@ -24,7 +24,8 @@ REPLICATES = 4000
 LIKE_FOR_LIKE: Tuple[Tuple[str, str], ...] = (("ota+ffg (per tensor)", "ties"), ("ffg", "task_arithmetic"),
                                                ("ota", "linear"), ("ffg (sign consensus)", "ties"),
                                                ("ota+ffg (model-wide, sign consensus)", "ota+ffg (model-wide)"),
-                                               ("ota (no base)", "linear"))  # fmt: skip
+                                               ("ota (no base)", "linear"),
+                                               (merges.AUTO_METHOD, "ota+ffg (model-wide)"))  # fmt: skip
 
 
 def is_ours(method: str) -> bool:
@@ -78,13 +79,13 @@ class Comparisons:
     def mean_val(self, method: str) -> float:
         return float(np.mean([c[method]["val"] for c in self.choices]))
 
-    def _columns(self, what: str) -> List[str]:
+    def columns(self, what: str) -> List[str]:
         if len(self.seeds) == 1:
             return [f"| {what} | diff [95%] | verdict |", "|---|---|---|"]
         return [f"| {what} | pooled diff [95%] | verdict | " + " | ".join(f"seed {s} [95%]" for s in self.seeds) + " |",
                 "|---|---|---|" + "---|" * len(self.seeds)]  # fmt: skip
 
-    def _row(self, label: str, d: stats.Comparison) -> str:
+    def row(self, label: str, d: stats.Comparison) -> str:
         per_seed = "" if len(self.seeds) == 1 else " " + " | ".join(f"{est(e, True)} ({e.verdict})" for e in d.per_seed) + " |"
         return f"| {label} | {est(d.pooled, True)} | {d.pooled.verdict} |{per_seed}"
 
@@ -104,16 +105,16 @@ class Comparisons:
                     f"Best baseline on validation: **{self.reference}** (mean validation G {fmt(self.mean_val(self.reference))}). "
                     f"Difference in test G of each method minus it, {scope}; **win**/**loss** only where the "
                     f"{'pooled ' if len(self.seeds) > 1 else ''}interval excludes 0, else tie.", ""]  # fmt: skip
-            out += self._columns("method")
+            out += self.columns("method")
             for method in ranked:
                 if method == self.reference:
                     continue
                 d = self.diff(self.keys_of(method), self.keys_of(self.reference))
                 if is_ours(method):
                     verdicts[d.pooled.verdict].append(method)
-                out.append(self._row(method, d))
+                out.append(self.row(method, d))
             for label, key in extra:
-                out.append(self._row(label, self.diff([key] * len(self.seeds), self.keys_of(self.reference))))
+                out.append(self.row(label, self.diff([key] * len(self.seeds), self.keys_of(self.reference))))
             out += ["", f"OTA/FFG against {self.reference}" + (", pooled over seeds" if len(self.seeds) > 1 else "")
                     + ": " + "; ".join(f"{v}: {', '.join(ms) if ms else 'none'}" for v, ms in verdicts.items()) + "."]  # fmt: skip
         pairs = [(a, b) for a, b in LIKE_FOR_LIKE if a in self.methods and b in self.methods]
@@ -121,8 +122,8 @@ class Comparisons:
             pairs.append(("ota (rank-1 curvature)", "ota"))
         if pairs:
             out += ["", "Like for like (FFG/curvature instead of magnitude/uniform) and rank-1 against full curvature:", ""]
-            out += self._columns("comparison")
-            out += [self._row(f"{a} - {b}", self.diff(self.keys_of(a), self.keys_of(b))) for a, b in pairs]
+            out += self.columns("comparison")
+            out += [self.row(f"{a} - {b}", self.diff(self.keys_of(a), self.keys_of(b))) for a, b in pairs]
         return out + self.scale_section()
 
     def scale_section(self) -> List[str]:
@@ -135,10 +136,10 @@ class Comparisons:
                "Each variant minus its default (`bias_correction: auto`, which corrects every expert here since every "
                "store records its step and beta2, and `curvature_scale: none`), test G, each method at its own "
                "validation-chosen grid point.", ""]  # fmt: skip
-        out += self._columns("comparison")
+        out += self.columns("comparison")
         for variant in variants:
             d = self.diff(self.keys_of(variant), self.keys_of(merges.variant_of(variant)))
-            out.append(self._row(f"{variant} - {merges.variant_of(variant)}", d))
+            out.append(self.row(f"{variant} - {merges.variant_of(variant)}", d))
         for default in dict.fromkeys(merges.variant_of(v) for v in variants):
             options = {"none": default, **{v.split("scale: ")[1].rstrip(")"): v for v in variants
                                           if merges.variant_of(v) == default and "scale: " in v}}  # fmt: skip

@@ -14,6 +14,10 @@ of ``tau``'s entries, chosen by
   with ``rescale: false`` (no 1/d rescaling: a pure random mask).
 
 All run through mergekit, on the YAML that :func:`graft_config` builds.
+
+``FFG (auto)`` (:func:`auto_graft_config`) grafts with ``density: auto`` at a target saliency
+mass ``q`` instead of a density: it keeps the fewest entries whose saliency ``v * tau**2`` sums to
+``q`` of the expert's total, model-wide, and the merge's provenance records the density it chose.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from __future__ import annotations
 from typing import Any, Dict, List, Tuple
 
 DENSITIES: Tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.2, 0.4)
+AUTO_MASSES: Tuple[float, ...] = (0.5, 0.8, 0.9, 0.95, 0.99)  # density: auto's saliency masses grafted (sft tier)
+AUTO = "FFG (auto)"
 SELECTORS: Tuple[str, ...] = ("FFG (per tensor)", "FFG (model-wide)", "magnitude (per tensor)", "random")
 
 
@@ -60,6 +66,13 @@ def kept(score: float, expert: float, base: float) -> Dict[str, float]:
         "ratio": score / expert if expert > 0 else float("nan"),
         "gain": (score - base) / (expert - base) if expert - base >= MIN_GAIN else float("nan"),
     }
+
+
+def auto_graft_config(base: str, expert: str, store: str, mass: float, dtype: str = "float32") -> Dict[str, Any]:
+    """The mergekit YAML dict grafting ``expert`` onto ``base`` with ``density: auto`` at saliency mass ``mass``."""
+    return {"merge_method": "ffg", "base_model": base,
+            "models": [{"model": expert, "parameters": {"weight": 1.0, "density": "auto", "curvature": store}}],
+            "parameters": {"density_scope": "model", "saliency_mass": mass}, "dtype": dtype}  # fmt: skip
 
 
 def plan(capabilities: List[str], densities: Tuple[float, ...] = DENSITIES) -> List[Tuple[str, str, float]]:

@@ -23,6 +23,10 @@ Sign consensus (``sign_consensus: sum``, TIES's sign election after FFG masking)
 (normalised ffg with the consensus: TIES with FFG saliency in place of magnitude, per tensor) is a
 mean-type method: density {0.1, 0.3} x lambda {1.0, 1.5}, TIES's grid.
 
+``density: auto`` (the FFG-without-tuning issue's evidence): ``ota+ffg (model-wide, density: auto)``
+takes each expert's density from its own saliency mass (``density: auto``, model-wide): no density
+is tuned; ``saliency_mass`` {0.9, 0.99} x lambda {1.0, 1.5}, so validation also says which mass.
+
 Curvature-scale variants (the curvature-scale issue's evidence): ``ota`` and ``ota+ffg
 (model-wide)`` run with the defaults (``bias_correction: auto``, which corrects every expert here,
 since every store records its step and beta2; ``curvature_scale: none``) and again with
@@ -43,6 +47,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import yaml
 
 DENSITIES = (0.1, 0.3)
+AUTO_METHOD = "ota+ffg (model-wide, density: auto)"
 SUM_LAMBDAS = (0.5, 1.0)
 MEAN_LAMBDAS = (1.0, 1.5)
 
@@ -81,6 +86,7 @@ class Method:
     shared: Dict[str, Any] = field(default_factory=dict)
     note: str = ""
     base: bool = True  # False: no base_model (ota's curvature-weighted averaging of the weights)
+    per_expert: Dict[str, Any] = field(default_factory=dict)  # fixed per-expert parameters (density: auto)
     varies: str = ""  # a curvature-scale variant: the method it varies
 
     def grid_text(self) -> str:
@@ -103,7 +109,7 @@ def _fmt(value: Any) -> str:
 
 
 def _knob(key: str) -> str:
-    return {"lambda": "λ", "power": "p", "density": "d"}.get(key, key)
+    return {"lambda": "λ", "power": "p", "density": "d", "saliency_mass": "q"}.get(key, key)
 
 
 def _grid(**axes: Sequence[Any]) -> List[Dict[str, Any]]:
@@ -148,6 +154,9 @@ def _core_methods() -> List[Method]:
         Method("ffg (sign consensus)", "ffg", _grid(density=DENSITIES, **{"lambda": MEAN_LAMBDAS}), curvature="full",
                shared={"normalize": True, "sign_consensus": "sum"},
                note="TIES with FFG saliency: normalize, sign_consensus: sum (disjoint mean)"),  # fmt: skip
+        Method(AUTO_METHOD, "ota", _grid(saliency_mass=(0.9, 0.99), **{"lambda": MEAN_LAMBDAS}), curvature="full",
+               shared={"density_scope": "model"}, per_expert={"density": "auto"},
+               note="density: auto per expert (its own saliency mass), no density tuned"),  # fmt: skip
     ]
 
 
@@ -183,7 +192,7 @@ def config_for(method: Method, knobs: Mapping[str, Any], experts: Experts, dtype
             "parameters": {"normalize": True},
             "dtype": dtype,
         }
-    per_expert = {"weight": 1.0, **{k: v for k, v in knobs.items() if k in PER_EXPERT}}
+    per_expert = {"weight": 1.0, **method.per_expert, **{k: v for k, v in knobs.items() if k in PER_EXPERT}}
     shared = {**method.shared, **{k: v for k, v in knobs.items() if k not in PER_EXPERT}}
     models = []
     for cap, path in experts.models.items():

@@ -118,6 +118,61 @@ def plot(runs: List[Run], means: Dict[str, Dict[str, List[float]]], path: str) -
     plt.close(fig)
 
 
+def auto_section(runs: List[Run], table: compare.Comparisons) -> List[str]:
+    """``density: auto``: grafting one expert at each saliency mass (the density auto chose, the score kept on
+    validation and test), and in merges auto against the density tuned on validation, with paired intervals."""
+    masses = runs[0][2].get("auto_masses") or []
+    out: List[str] = []
+    if masses:
+        out += ["## density: auto", "",
+                "Grafting one expert with `density: auto` at saliency mass q (`ffg`, model-wide: the fewest entries "
+                "holding q of the expert's saliency `v * tau**2`): the density auto chose (from the merge's "
+                "provenance) and score / expert score kept on its own skill, validation / test, mean over seeds.", "",
+                "| expert | " + " | ".join(f"q={q:g}: density, val / test kept" for q in masses) + " |",
+                "|---|" + "---|" * len(masses)]  # fmt: skip
+        per_mass: Dict[float, List[Tuple[float, float, float]]] = {q: [] for q in masses}
+        for cap in runs[0][1].capabilities:
+            cells = []
+            for q in masses:
+                rows = []
+                for _, suite, data in runs:
+                    models = data["models"]
+                    record = models.get(f"graft/{cap}/{grafting.AUTO}/{q:g}")
+                    if record is None:
+                        continue
+                    ratio = {split: grafting.kept(record[split][cap]["exact_match"],
+                                                  models[stats.expert_key(cap)][split][cap]["exact_match"],
+                                                  models["base"][split][cap]["exact_match"])["ratio"]
+                             for split in ("val", "test")}  # fmt: skip
+                    density = next(iter(record.get("density_auto", {}).values()), float("nan"))
+                    rows.append((density, ratio["val"], ratio["test"]))
+                mean = tuple(float(np.mean([r[i] for r in rows])) if rows else float("nan") for i in range(3))
+                per_mass[q].append(mean)  # type: ignore[arg-type]
+                cells.append(f"{_fmt(100 * mean[0], 2)}%, {_fmt(mean[1])} / {_fmt(mean[2])}")
+            out.append(f"| {cap} | " + " | ".join(cells) + " |")
+        out += ["", "| q | density (mean over experts) | val kept: mean [min, max] over experts | test kept: mean [min, max] |",
+                "|---|---|---|---|"]  # fmt: skip
+        for q in masses:
+            values = np.array(per_mass[q])
+            out.append(f"| {q:g} | {_fmt(100 * float(np.mean(values[:, 0])), 2)}% | {_fmt(float(np.mean(values[:, 1])))} "
+                       f"[{_fmt(float(values[:, 1].min()))}, {_fmt(float(values[:, 1].max()))}] | "
+                       f"{_fmt(float(np.mean(values[:, 2])))} [{_fmt(float(values[:, 2].min()))}, {_fmt(float(values[:, 2].max()))}] |")  # fmt: skip
+    auto, tuned = merges.AUTO_METHOD, "ota+ffg (model-wide)"
+    if auto in table.methods and tuned in table.methods:
+        out += ["", f"In merges: **{auto}** (no density tuned; saliency_mass and λ chosen on validation) against "
+                f"**{tuned}** (density and λ chosen on validation) and the best baseline, test G:", "",
+                "| seed | auto: chosen point | density auto chose per expert | tuned: chosen point |", "|---|---|---|---|"]  # fmt: skip
+        for (seed, _, data), choice in zip(runs, table.choices):
+            record = data["models"][choice[auto]["key"]]
+            densities = ", ".join(f"{_fmt(100 * d, 2)}%" for d in record.get("density_auto", {}).values())
+            out.append(f"| {seed} | {choice[auto]['label']} | {densities or 'n/a'} | {choice[tuned]['label']} |")
+        rows = [(f"{auto} - {tuned}", table.diff(table.keys_of(auto), table.keys_of(tuned)))]
+        if table.reference:
+            rows.append((f"{auto} - {table.reference}", table.diff(table.keys_of(auto), table.keys_of(table.reference))))
+        out += [""] + table.columns("comparison") + [table.row(label, d) for label, d in rows]
+    return out + ([""] if out else [])
+
+
 def unit_costs(runs: List[Run]) -> List[str]:
     """Measured unit costs of each seed's run: Trainer step, scored item, merge by method, graft."""
     out = ["## Unit costs (measured in these runs)", "",
@@ -260,6 +315,7 @@ def write(runs: List[Run], directory: str, name: str, partial: bool = False) -> 
                 out.append(f"| {cap} | {selector} | " + " | ".join(_fmt(v) for v in per_cap[cap]) + " |")
         out.append("")
 
+    out += auto_section(runs, table)
     out += unit_costs(runs)
 
     # run time

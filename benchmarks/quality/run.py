@@ -235,6 +235,7 @@ class Pipeline:
         seconds = merges.run_config(config, out, seed=self.seed)
         record = self.score(out, splits, caps)
         record["merge_seconds"] = seconds
+        _record_auto(record, out)
         self.results.models[key] = record
         self.results.save()
         if not self.keep_models:
@@ -259,6 +260,7 @@ class Pipeline:
             seconds = merges.run_config(setting.config, out, seed=self.seed)
             record = self.score(out, ("val",))
             record["merge_seconds"] = seconds
+            _record_auto(record, out)
             self.results.models[key] = record
             self.results.save()
         partial = {"models": self.results.models,
@@ -323,6 +325,13 @@ class Pipeline:
                             merges.slug(f"graft {cap} {selector} {density:g}"), ("test",), (cap,))  # fmt: skip
                 if (index + 1) % len(densities) == 0:
                     self.log(f"grafts {index + 1}/{len(planned)}: {cap} {selector}")
+            masses = self.suite.auto_grafts if densities else ()
+            for cap in self.suite.capabilities if masses else ():
+                for mass in masses:
+                    config = grafting.auto_graft_config(base, experts.models[cap], experts.full_stores[cap], mass)
+                    self.merged(f"graft/{cap}/{grafting.AUTO}/{mass:g}", config,
+                                merges.slug(f"graft {cap} auto {mass:g}"), SPLITS, (cap,))  # fmt: skip
+                self.log(f"grafts {grafting.AUTO}: {cap} at saliency mass {', '.join(f'{m:g}' for m in masses)}")
         self.results.data["settings"] = [
             {"method": s.method, "label": s.label, "key": f"merge/{s.method}/{s.label}", "config": s.slug}
             for s in settings
@@ -330,8 +339,23 @@ class Pipeline:
         self.results.data["grids"] = {m.name: m.grid_text() for m in merges.methods()
                                       if not methods or m.name in methods}  # fmt: skip
         self.results.data["densities"] = list(densities)
+        self.results.data["auto_masses"] = list(self.suite.auto_grafts if densities else ())
         self.results.save()
         return self.results.data
+
+
+def _record_auto(record: Dict[str, Any], out: str) -> None:
+    """Add ``density_auto``, ``{expert: density auto chose}``, from the merge's provenance (when it used auto)."""
+    from mergekit_ota.graph.provenance import PROVENANCE_FILE
+
+    path = os.path.join(out, PROVENANCE_FILE)
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as fp:
+        experts = json.load(fp).get("experts", [])
+    chosen = {e["model"]: e["density_auto"]["density"] for e in experts if e.get("density_auto")}
+    if chosen:
+        record["density_auto"] = chosen
 
 
 def _loss(value: Optional[float]) -> str:

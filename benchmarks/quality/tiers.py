@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, List, Literal, Optional, Tuple
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from benchmarks.quality import tasks
+from benchmarks.quality import grafting, tasks
 from benchmarks.quality.train import Row, TrainSettings, train
 
 Split = tasks.Split
@@ -90,6 +90,7 @@ class Suite:
     test_chosen_only: bool = False  # merges: test scored only at each method's point chosen on validation
     # capability -> the score G (gain kept) is computed from, where it is not ``metric`` (paired.headline)
     headline: Dict[str, str] = field(default_factory=dict)
+    auto_grafts: Tuple[float, ...] = ()  # saliency masses of density: auto grafts (grafting.AUTO_MASSES), scored val + test
     _tokenizer: Any = None
 
     def settings_of(self, capability: str) -> TrainSettings:
@@ -460,6 +461,7 @@ def sft_suite(settings: Optional[SftSettings] = None) -> Suite:
         greedy_check=settings.greedy_check,
         run_key=run_key,
         test_chosen_only=not settings.test_every_point,
+        auto_grafts=grafting.AUTO_MASSES if settings.model != "tiny" else (0.5, 0.9),  # smoke: two
     )
     return suite
 
