@@ -328,7 +328,8 @@ def test_sft_smoke_run_stores_per_item_results_and_reuses_every_cached_stage(tmp
     from benchmarks.quality import run
 
     threads = torch.get_num_threads()
-    argv = ["--tier", "sft", "--smoke", "--seeds", "0", "--methods", "ota", "ota (no base)", "ota (scale: median)", "ties",
+    argv = ["--tier", "sft", "--smoke", "--seeds", "0", "--methods", "ota", "ota (no base)", "ota (scale: median)", "ties", "ota+ffg (model-wide)",
+            "ota+ffg (model-wide, density: auto)",
             "task_arithmetic", "linear", "--cache", str(tmp_path / "cache"), "--results", str(tmp_path / "results"),
             "--threads", "1"]  # fmt: skip
     started = time.perf_counter()
@@ -343,7 +344,8 @@ def test_sft_smoke_run_stores_per_item_results_and_reuses_every_cached_stage(tmp
         scored = [k for k in data["models"] if not k.startswith("graft/")]
         assert {"base", "expert/snake", "expert/camel", "multitask", "merge/ota (no base)/p=0.5"} <= set(scored)
         tested = Counter(k.split("/")[1] for k in scored if k.startswith("merge/") and "test" in data["models"][k])
-        assert tested == {m: 1 for m in ("ota", "ota (no base)", "ota (scale: median)", "ties", "task_arithmetic", "linear")}
+        assert tested == {m: 1 for m in ("ota", "ota (no base)", "ota (scale: median)", "ties", "task_arithmetic", "linear",
+                                         "ota+ffg (model-wide)", "ota+ffg (model-wide, density: auto)")}
         for key in scored:
             for split, size in suite_sizes.items():
                 if split not in data["models"][key] and key.startswith("merge/"):
