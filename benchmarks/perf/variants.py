@@ -44,6 +44,8 @@ VARIANTS: Dict[str, Variant] = {
         Variant("task_arithmetic", "task_arithmetic", "task_arithmetic", {"weight": 1.0}),
         Variant("ota", "ota (full curvature)", "ota", curvature="full"),
         Variant("ota_rank1", "ota (rank-1 curvature)", "ota", curvature="rank1"),
+        Variant("ota_scale_median", "ota, curvature_scale: median", "ota", shared={"curvature_scale": "median"},
+                curvature="full"),  # fmt: skip
         Variant("ota_ffg_tensor", "ota + FFG, per-tensor density", "ota", {"density": DENSITY}, curvature="full"),
         Variant("ota_ffg_model", "ota + FFG, model-wide density", "ota", {"density": DENSITY},
                 {"density_scope": "model"}, curvature="full"),  # fmt: skip
