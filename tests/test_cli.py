@@ -35,7 +35,7 @@ def test_methods_lists_every_parameter():
             assert f" {scope} " in lines[parameter.name] and f"default {parameter.default!r}" in lines[parameter.name]
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["methods"], *([c, "--help"] for c in ("check", "export", "inspect",
+@pytest.mark.parametrize("argv", [["--help"], ["methods"], *([c, "--help"] for c in ("check", "export", "inspect", "fisher",
                                                                                    "analyze", "demo", "methods"))])
 def test_help_and_methods_start_without_torch_or_mergekit(argv):
     """Help texts and `methods` import neither torch nor mergekit (each costs seconds at start-up)."""
@@ -73,8 +73,8 @@ def test_demo_runs_end_to_end_and_refuses_foreign_dirs(tmp_path):
 
 
 def test_every_long_running_command_takes_q_and_quiet():
-    """check, export, inspect, analyze and demo all take `-q` and `--quiet` (the same spelling everywhere)."""
-    for name in ("check", "export", "inspect", "analyze", "demo"):
+    """check, export, inspect, analyze, demo and fisher all take `-q` and `--quiet` (the same spelling everywhere)."""
+    for name in ("check", "export", "inspect", "analyze", "demo", "fisher"):
         options = {opt for param in main.commands[name].params for opt in getattr(param, "opts", [])}
         assert {"-q", "--quiet"} <= options, name
 

@@ -61,7 +61,10 @@ main.add_command(export_command)
 main.add_command(check_command)
 
 from mergekit_ota.cli.analyze import analyze_command  # noqa: E402
+from mergekit_ota.cli.fisher import fisher_command  # noqa: E402
+
 main.add_command(analyze_command)
+main.add_command(fisher_command)
 
 if __name__ == "__main__":
     main()
