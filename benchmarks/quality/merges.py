@@ -24,8 +24,9 @@ Sign consensus (``sign_consensus: sum``, TIES's sign election after FFG masking)
 mean-type method: density {0.1, 0.3} x lambda {1.0, 1.5}, TIES's grid.
 
 ``density: auto`` (the FFG-without-tuning issue's evidence): ``ota+ffg (model-wide, density: auto)``
-takes each expert's density from its own saliency mass (``density: auto``, model-wide): no density
-is tuned; ``saliency_mass`` {0.9, 0.99} x lambda {1.0, 1.5}, so validation also says which mass.
+takes each expert's density from its own saliency mass (``density: auto``, model-wide) at the default
+``saliency_mass`` (chosen on the grafting curves' validation scores): no density is tuned, only
+lambda {1.0, 1.5}.
 
 Curvature-scale variants (the curvature-scale issue's evidence): ``ota`` and ``ota+ffg
 (model-wide)`` run with the defaults (``bias_correction: auto``, which corrects every expert here,
@@ -45,6 +46,8 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import yaml
+
+from mergekit_ota.catalog import DEFAULT_SALIENCY_MASS
 
 DENSITIES = (0.1, 0.3)
 AUTO_METHOD = "ota+ffg (model-wide, density: auto)"
@@ -154,7 +157,7 @@ def _core_methods() -> List[Method]:
         Method("ffg (sign consensus)", "ffg", _grid(density=DENSITIES, **{"lambda": MEAN_LAMBDAS}), curvature="full",
                shared={"normalize": True, "sign_consensus": "sum"},
                note="TIES with FFG saliency: normalize, sign_consensus: sum (disjoint mean)"),  # fmt: skip
-        Method(AUTO_METHOD, "ota", _grid(saliency_mass=(0.9, 0.99), **{"lambda": MEAN_LAMBDAS}), curvature="full",
+        Method(AUTO_METHOD, "ota", _grid(saliency_mass=(DEFAULT_SALIENCY_MASS,), **{"lambda": MEAN_LAMBDAS}), curvature="full",
                shared={"density_scope": "model"}, per_expert={"density": "auto"},
                note="density: auto per expert (its own saliency mass), no density tuned"),  # fmt: skip
     ]

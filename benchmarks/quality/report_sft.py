@@ -27,6 +27,7 @@ from benchmarks.quality.compare import est as _est
 from benchmarks.quality.compare import fmt as _fmt
 from benchmarks.quality.paired import choose, seed_items
 from benchmarks.quality.paired import finite as _finite
+from mergekit_ota.catalog import DEFAULT_SALIENCY_MASS
 from benchmarks.quality.tiers import Suite
 
 INTERFERENCE_LIMIT = 0.85
@@ -118,6 +119,24 @@ def plot(runs: List[Run], means: Dict[str, Dict[str, List[float]]], path: str) -
     plt.close(fig)
 
 
+HOLD = 0.95  # a graft "holds" an expert when it keeps this share of the expert's validation score
+
+
+def _held(runs: List[Run], cap: str, q: float) -> bool:
+    """Whether grafting ``cap``'s expert with density: auto at mass ``q`` keeps >= HOLD of its validation score in
+    every seed (False where a seed lacks that graft)."""
+    for _, _, data in runs:
+        models = data["models"]
+        record = models.get(f"graft/{cap}/{grafting.AUTO}/{q:g}")
+        if record is None:
+            return False
+        kept = grafting.kept(record["val"][cap]["exact_match"], models[stats.expert_key(cap)]["val"][cap]["exact_match"],
+                             models["base"]["val"][cap]["exact_match"])["ratio"]  # fmt: skip
+        if not kept >= HOLD:
+            return False
+    return True
+
+
 def auto_section(runs: List[Run], table: compare.Comparisons) -> List[str]:
     """``density: auto``: grafting one expert at each saliency mass (the density auto chose, the score kept on
     validation and test), and in merges auto against the density tuned on validation, with paired intervals."""
@@ -152,14 +171,20 @@ def auto_section(runs: List[Run], table: compare.Comparisons) -> List[str]:
             out.append(f"| {cap} | " + " | ".join(cells) + " |")
         out += ["", "| q | density (mean over experts) | val kept: mean [min, max] over experts | test kept: mean [min, max] |",
                 "|---|---|---|---|"]  # fmt: skip
+        held = [q for q in masses if all(_held(runs, cap, q) for cap in runs[0][1].capabilities)]
         for q in masses:
             values = np.array(per_mass[q])
             out.append(f"| {q:g} | {_fmt(100 * float(np.mean(values[:, 0])), 2)}% | {_fmt(float(np.mean(values[:, 1])))} "
                        f"[{_fmt(float(values[:, 1].min()))}, {_fmt(float(values[:, 1].max()))}] | "
                        f"{_fmt(float(np.mean(values[:, 2])))} [{_fmt(float(values[:, 2].min()))}, {_fmt(float(values[:, 2].max()))}] |")  # fmt: skip
+        out += ["", f"Validation's pick (the paper's rule for a density, applied to the mass): the smallest q at which "
+                f"every expert keeps at least {HOLD:g} of its validation score in every seed: "
+                + (f"**q = {held[0]:g}**" if held else "none of these") + f" (the default `saliency_mass` is "
+                f"{DEFAULT_SALIENCY_MASS:g})."]  # fmt: skip
     auto, tuned = merges.AUTO_METHOD, "ota+ffg (model-wide)"
     if auto in table.methods and tuned in table.methods:
-        out += ["", f"In merges: **{auto}** (no density tuned; saliency_mass and λ chosen on validation) against "
+        out += ["", f"In merges: **{auto}** (no density tuned: each expert's from its saliency at the default saliency_mass; λ chosen on "
+                "validation) against "
                 f"**{tuned}** (density and λ chosen on validation) and the best baseline, test G:", "",
                 "| seed | auto: chosen point | density auto chose per expert | tuned: chosen point |", "|---|---|---|---|"]  # fmt: skip
         for (seed, _, data), choice in zip(runs, table.choices):
