@@ -113,6 +113,9 @@ def test_micro_batches_and_the_per_example_estimator(model_dir, tmp_path):
     per_example, batch1 = load_file(tmp_path / "per-example.safetensors"), load_file(tmp_path / "batch1.safetensors")
     assert all(torch.equal(per_example[n], batch1[n]) for n in whole)
     assert any(not torch.allclose(per_example[n], whole[n]) for n in whole)  # a different estimator
+    clash = _fisher(model_dir, data, tmp_path / "clash.safetensors", "--per-example", "--batch-size", 8)
+    assert clash.exit_code == 2 and "contradicts --batch-size 8" in clash.output
+    assert not (tmp_path / "clash.safetensors").exists()
 
 
 def test_rank1_store_equals_the_compressed_full_store(model_dir, tmp_path):

@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional
 
 from benchmarks.quality import grafting, merges, paired, stats
 from benchmarks.quality.compare import Comparisons, est
+from benchmarks.quality.compare import fmt as _fmt
 from benchmarks.quality.tiers import Suite
 
 
@@ -48,19 +49,20 @@ def norm(suite: Suite, models: Dict[str, Any], record: Dict[str, Any], split: st
     return mean_defined(ratios)
 
 
-def select(suite: Suite, data: Dict[str, Any]) -> List[Dict[str, Any]]:
+def select(suite: Suite, data: Dict[str, Any], skills: Optional[List[str]] = None,
+           tests: Optional[stats.Seed] = None) -> List[Dict[str, Any]]:  # fmt: skip
     """Per method, its grid point chosen on validation ``G`` (``paired.choose``), with ``val`` (that G), ``gain``
-    (test G over the same skills), ``test`` (test norm.: mean of score / expert score) and its ``record``."""
+    (test G over the same skills), ``test`` (test norm.: mean of score / expert score) and its ``record``.
+
+    ``skills`` (default: ``paired.gain_skills``) and ``tests`` (default: the test items) when the caller has them."""
     models = data["models"]
-    skills = paired.gain_skills(suite, data)
-    tests = paired.seed_items(suite, data, "test")
+    skills = paired.gain_skills(suite, data) if skills is None else skills
+    tests = paired.seed_items(suite, data, "test") if tests is None else tests
     out = []
-    for method, choice in paired.choose(suite, data, skills).items():
+    for choice in paired.choose(suite, data, skills).values():
         record = models[choice["key"]]
-        labels = [s["label"] for s in data["settings"] if s["method"] == method]
         gain = stats.gain(tests, choice["key"], skills) if skills else float("nan")
-        out.append({**choice, "test": norm(suite, models, record, "test"), "gain": gain, "record": record,
-                    "grid_size": len(labels)})  # fmt: skip
+        out.append({**choice, "test": norm(suite, models, record, "test"), "gain": gain, "record": record})
     return out
 
 
@@ -131,10 +133,6 @@ def _shown(path: str) -> str:
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     relative = os.path.relpath(path, repo)
     return path if relative.startswith("..") else relative
-
-
-def _fmt(value: float, digits: int = 3) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
 def _cost_note(threads: Optional[int]) -> str:
@@ -229,15 +227,15 @@ def write(suite: Suite, data: Dict[str, Any], directory: str, name: str) -> str:
     plot(suite, data, os.path.join(directory, png_name))
     models = data["models"]
     caps = suite.capabilities
-    chosen = select(suite, data)
+    skills = paired.gain_skills(suite, data)
+    tests = paired.seed_items(suite, data, "test")
+    chosen = select(suite, data, skills, tests)
     curves = graft_curves(suite, data)
     invocation = data.get("invocation", {})
     metric_names = sorted(set(suite.metric.values()))
     test_rows = [models["base"]["test"][cap]["rows"] for cap in caps]
-    skills = paired.gain_skills(suite, data)
     unlearned = unlearned_capabilities(suite, models)
     seed = getattr(suite.settings, "seed", 0)
-    tests = paired.seed_items(suite, data, "test")
     table = Comparisons([tests], [{c["method"]: c for c in chosen}], [seed], skills)
     out: List[str] = [f"# Merge quality: `{suite.tier}` tier{' (smoke settings)' if 'smoke' in name else ''}"
                       f"{f', training seed {seed}' if seed else ''}", ""]  # fmt: skip

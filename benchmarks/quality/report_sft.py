@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -122,19 +122,23 @@ def plot(runs: List[Run], means: Dict[str, Dict[str, List[float]]], path: str) -
 HOLD = 0.95  # a graft "holds" an expert when it keeps this share of the expert's validation score
 
 
+def _auto_graft(data: Dict[str, Any], cap: str, q: float) -> Optional[Tuple[float, float, float]]:
+    """``(density auto chose, val kept, test kept)`` of grafting ``cap``'s expert with density: auto at mass ``q`` in
+    one seed (kept: score / expert score on its own skill), or ``None`` where that seed has no such graft."""
+    models = data["models"]
+    record = models.get(f"graft/{cap}/{grafting.AUTO}/{q:g}")
+    if record is None:
+        return None
+    kept = [grafting.kept(record[split][cap]["exact_match"], models[stats.expert_key(cap)][split][cap]["exact_match"],
+                          models["base"][split][cap]["exact_match"])["ratio"] for split in ("val", "test")]  # fmt: skip
+    return next(iter(record.get("density_auto", {}).values()), float("nan")), kept[0], kept[1]
+
+
 def _held(runs: List[Run], cap: str, q: float) -> bool:
     """Whether grafting ``cap``'s expert with density: auto at mass ``q`` keeps >= HOLD of its validation score in
     every seed (False where a seed lacks that graft)."""
-    for _, _, data in runs:
-        models = data["models"]
-        record = models.get(f"graft/{cap}/{grafting.AUTO}/{q:g}")
-        if record is None:
-            return False
-        kept = grafting.kept(record["val"][cap]["exact_match"], models[stats.expert_key(cap)]["val"][cap]["exact_match"],
-                             models["base"]["val"][cap]["exact_match"])["ratio"]  # fmt: skip
-        if not kept >= HOLD:
-            return False
-    return True
+    grafts = [_auto_graft(data, cap, q) for _, _, data in runs]
+    return all(g is not None and g[1] >= HOLD for g in grafts)
 
 
 def auto_section(runs: List[Run], table: compare.Comparisons) -> List[str]:
@@ -153,18 +157,7 @@ def auto_section(runs: List[Run], table: compare.Comparisons) -> List[str]:
         for cap in runs[0][1].capabilities:
             cells = []
             for q in masses:
-                rows = []
-                for _, suite, data in runs:
-                    models = data["models"]
-                    record = models.get(f"graft/{cap}/{grafting.AUTO}/{q:g}")
-                    if record is None:
-                        continue
-                    ratio = {split: grafting.kept(record[split][cap]["exact_match"],
-                                                  models[stats.expert_key(cap)][split][cap]["exact_match"],
-                                                  models["base"][split][cap]["exact_match"])["ratio"]
-                             for split in ("val", "test")}  # fmt: skip
-                    density = next(iter(record.get("density_auto", {}).values()), float("nan"))
-                    rows.append((density, ratio["val"], ratio["test"]))
+                rows = [g for g in (_auto_graft(data, cap, q) for _, _, data in runs) if g is not None]
                 mean = tuple(float(np.mean([r[i] for r in rows])) if rows else float("nan") for i in range(3))
                 per_mass[q].append(mean)  # type: ignore[arg-type]
                 cells.append(f"{_fmt(100 * mean[0], 2)}%, {_fmt(mean[1])} / {_fmt(mean[2])}")

@@ -19,8 +19,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from pydantic import BaseModel, ConfigDict
 
-Row = Tuple[List[int], List[int]]  # (input ids, labels with -100 where no loss)
-IGNORE = -100
+# the (input ids, labels with -100 where no loss) rows and their padding are mergekit-ota's own (fisher's data)
+from mergekit_ota.fisher.data import IGNORE, Row
+from mergekit_ota.fisher.estimator import collate
 
 
 class TrainSettings(BaseModel):
@@ -48,19 +49,6 @@ class RowDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> Row:
         return self.rows[index]
-
-
-def collate(rows: Sequence[Row], pad_id: int) -> Dict[str, torch.Tensor]:
-    """Right-pad ``(ids, labels)`` rows into ``input_ids``, ``attention_mask`` and ``labels``."""
-    width = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for row, (ids, lab) in enumerate(rows):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        labels[row, : len(lab)] = torch.tensor(lab)
-        mask[row, : len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
 class _Collator:

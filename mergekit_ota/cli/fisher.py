@@ -46,6 +46,9 @@ def fisher_command(model: str, data: str, out: str, samples: int, batch_size: in
     from mergekit_ota.fisher import FisherOptions, fisher_store
     from mergekit_ota.progress import bar
 
+    given = click.get_current_context().get_parameter_source("batch_size") == click.core.ParameterSource.COMMANDLINE
+    if per_example and given and batch_size != 1:
+        raise click.UsageError(f"--per-example is --batch-size 1; it contradicts --batch-size {batch_size}")
     options = FisherOptions(samples=samples, batch_size=1 if per_example else batch_size, micro_batch_size=micro_batch_size,
                             max_length=max_length, device=device, dtype=dtype, compress=compress, shard_size=shard_size,
                             force=force)  # fmt: skip
