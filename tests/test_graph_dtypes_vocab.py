@@ -79,7 +79,7 @@ def test_union_tokenizer_permutes_curvature_rows_like_weight_rows(union_family, 
     out = tmp_path / "o"
     merged = _run(
         {"merge_method": "ota", "base_model": family.base, "models": [{"model": e} for e in family.experts],
-         "dtype": "float32", "tokenizer_source": "union"},
+         "dtype": "float32", "tokenizer_source": "union", "parameters": {"curvature_scale": "none"}},
         out,
     )  # fmt: skip
     assert "lm_head.weight" not in merged  # tied: one tensor, its state under model.embed_tokens.weight

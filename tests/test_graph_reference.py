@@ -64,7 +64,8 @@ def test_models_config_matches_reference(family, tmp_path, densities):
         if densities:
             params["density"] = densities[i]
         models.append({"model": e, "parameters": params})
-    out = _merge({"merge_method": "ota", "base_model": family.base, "models": models, "dtype": "float32"}, tmp_path / "o")
+    raw = {"curvature_scale": "none"}  # the reference is the formula on v as stored
+    out = _merge({"merge_method": "ota", "base_model": family.base, "models": models, "dtype": "float32", "parameters": raw}, tmp_path / "o")
     base, experts, stores = _load(family)
     for name, b in base.items():
         expected = _reference(b, [e[name] for e in experts], [s[name] for s in stores], weights, densities)
@@ -82,7 +83,9 @@ def test_slice_with_layer_offset_reads_input_layer_curvature(family, tmp_path):
         {"model": e, "layer_range": [2, 4], "parameters": ({"curvature": str(skewed_path)} if i == 0 else {})}
         for i, e in enumerate(family.experts)
     ]
-    out = _merge({"merge_method": "ota", "base_model": family.base, "slices": [{"sources": sources}], "dtype": "float32"}, tmp_path / "o")
+    cfg = {"merge_method": "ota", "base_model": family.base, "slices": [{"sources": sources}], "dtype": "float32",
+           "parameters": {"curvature_scale": "none"}}  # fmt: skip
+    out = _merge(cfg, tmp_path / "o")
     base, experts, stores = _load(family)
     stores[0] = skewed
     name_out = "model.layers.0.self_attn.q_proj.weight"

@@ -47,7 +47,7 @@ def test_merge_tensors_ota_with_base_matches_math(power):
         [base, *experts],
         "ota",
         base_index=0,
-        parameters={"curvature": curvatures, "weight": weights, "power": power, "lambda": 0.8},
+        parameters={"curvature": curvatures, "weight": weights, "power": power, "lambda": 0.8, "curvature_scale": "none"},
     )
     expected = ota_merge(base, experts, curvatures, weights, power=power, lam=0.8)
     close(out, expected)
@@ -60,7 +60,7 @@ def test_merge_tensors_ota_without_base_matches_math():
     """merge_tensors(..., 'ota') with no base equals curvature-weighted averaging of the experts."""
     _, experts, curvatures = make(n_experts=3)
     weights = [1.0, 2.0, 0.5]
-    out = merge_tensors(experts, "ota", parameters={"curvature": curvatures, "weight": weights})
+    out = merge_tensors(experts, "ota", parameters={"curvature": curvatures, "weight": weights, "curvature_scale": "none"})
     close(out, ota_merge(None, experts, curvatures, weights))
 
 
@@ -72,7 +72,7 @@ def test_merge_tensors_ota_with_density_matches_math():
         [base, *experts],
         "ota",
         base_index=0,
-        parameters={"curvature": curvatures, "density": densities, "weight": [1.0, 3.0]},
+        parameters={"curvature": curvatures, "density": densities, "weight": [1.0, 3.0], "curvature_scale": "none"},
     )
     rules = [KeepRule(density=d) for d in densities]
     close(out, ota_merge(base, experts, curvatures, [1.0, 3.0], rules=rules))
@@ -310,10 +310,10 @@ def test_bias_correction_divides_ota_curvature_by_one_minus_beta2_to_the_step():
     """bias_correction uses v_i / (1 - beta2**step_i) in OTA's weights; with different steps it changes the merge."""
     tensors, curvatures = three()
     steps = [10, 2]
-    parameters = {"curvature": curvatures, "optimizer_step": steps, "beta2": 0.9}
+    parameters = {"curvature": curvatures, "optimizer_step": steps, "beta2": 0.9, "curvature_scale": "none"}
     corrected = merge_tensors(tensors, "ota", base_index=0, parameters={**parameters, "bias_correction": True})
     manual = [v / (1 - 0.9**s) for v, s in zip(curvatures, steps)]
-    expected = merge_tensors(tensors, "ota", base_index=0, parameters={"curvature": manual, "bias_correction": False})
+    expected = merge_tensors(tensors, "ota", base_index=0, parameters={"curvature": manual, "bias_correction": False, "curvature_scale": "none"})
     torch.testing.assert_close(corrected, expected, rtol=1e-6, atol=1e-6)
     auto = merge_tensors(tensors, "ota", base_index=0, parameters=parameters)  # the default, step and beta2 known
     torch.testing.assert_close(auto, corrected, rtol=0, atol=0)

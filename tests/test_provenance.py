@@ -43,6 +43,8 @@ def _config(family, stores, method="ota", expert_parameters=(None, None), **shar
         parameters = {"curvature": store} if store else {}
         models.append({"model": expert, "parameters": {**parameters, **(extra or {})}})
     cfg = {"merge_method": method, "base_model": family.base, "models": models, "dtype": "float32"}
+    if method == "ota":
+        shared = {"curvature_scale": "none", **shared}  # the bias decisions recorded (mean would replace them)
     if shared:
         cfg["parameters"] = shared
     return cfg

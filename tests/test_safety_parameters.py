@@ -158,19 +158,34 @@ def test_in_memory_non_finite_parameter_is_refused():
 
 
 def test_huge_finite_curvature_with_power_2_merges_to_the_same_finite_model(family, tmp_path):
-    """Curvature scaled up to ~1e38 with power 2 (v**2 overflows float32): the merge is finite and equals the
-    merge of the unscaled stores with eps scaled by c**2 (OTA depends on v only through ratios)."""
+    """Curvature scaled up to ~1e38 with power 2 (v**2 overflows float32), raw scale: the merge is finite and equals
+    the merge of the unscaled stores with eps scaled by c**2 (OTA depends on v only through ratios)."""
     peak = max(float(v.max()) for s in family.stores for v in load_file(s).values())
     c = 3e38 / peak
     scaled = [_scaled_store(family, tmp_path, c, expert=i) for i in range(2)]
-    cfg = _config(family, expert_parameters=tuple({"curvature": s} for s in scaled), power=2.0)
-    _merge(cfg, tmp_path / "big")
+    raw = {"power": 2.0, "curvature_scale": "none"}
+    _merge(_config(family, expert_parameters=tuple({"curvature": s} for s in scaled), **raw), tmp_path / "big")
     big = _merged(tmp_path / "big")
     assert big and all(torch.isfinite(t).all() for t in big.values())
-    _merge(_config(family, power=2.0, eps=1e-12 / c**2), tmp_path / "small")
+    _merge(_config(family, eps=1e-12 / c**2, **raw), tmp_path / "small")
     small = _merged(tmp_path / "small")
     for key, value in small.items():
         torch.testing.assert_close(big[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_huge_finite_curvature_under_the_default_mean_scale_merges_like_the_unscaled_stores(family, tmp_path):
+    """Under ``curvature_scale: mean`` (the default) scaling every store by c ~ 3e38 / max cancels: the mean of
+    entries near float32's max is finite (its sum is not taken in float32), and the model equals the unscaled one."""
+    peak = max(float(v.max()) for s in family.stores for v in load_file(s).values())
+    c = 3e38 / peak
+    scaled = [_scaled_store(family, tmp_path, c, expert=i) for i in range(2)]
+    _merge(_config(family, expert_parameters=tuple({"curvature": s} for s in scaled), power=2.0), tmp_path / "big")
+    big = _merged(tmp_path / "big")
+    _merge(_config(family, power=2.0), tmp_path / "small")
+    small = _merged(tmp_path / "small")
+    assert big.keys() == small.keys() and big
+    for key, value in small.items():
+        torch.testing.assert_close(big[key], value, rtol=1e-4, atol=1e-5)
 
 
 def test_weights_that_underflow_raise_naming_the_tensor():
@@ -186,7 +201,8 @@ def test_weights_that_underflow_raise_naming_the_tensor():
     curvature = {"a": {"w": big}, "b": {"w": torch.full(shape, 1e-10)}}
     with pytest.raises(MergeError, match=r"tensor w: .*15 of 16 coordinates.*underflow"):
         merge_state_dicts(
-            {"base": base, **experts}, "ota", base="base", parameters={"curvature": curvature, "power": 4.0}
+            {"base": base, **experts}, "ota", base="base",
+            parameters={"curvature": curvature, "power": 4.0, "curvature_scale": "none"},
         )
 
 

@@ -26,10 +26,10 @@ TIME_TARGETS: Tuple[Tuple[str, str, float], ...] = (
     ("ota_ffg_model", "ota_ffg_tensor", 2.0),
     ("ota_ffg_model_consensus", "ota_ffg_model", 1.2),  # sign consensus: at most one extra pass over kept entries
     ("ota_ffg_model_consensus", "ties", 0.5),
-    ("ota_scale_median", "ota", 1.5),  # curvature_scale: one more read of the curvature (not of the weights)
-    ("ota_scale_median", "task_arithmetic", 1.5),  # as ota's own target: what a median default would cost
+    ("ota", "ota_scale_none", 1.5),  # the default curvature_scale (mean): one more read of the curvature, no weights
+    ("ota_scale_median", "task_arithmetic", 1.5),  # as ota's own target
 )
-CURVATURE_VARIANTS = ("ota", "ota_scale_median", "ota_rank1", "ota_ffg_tensor", "ota_ffg_model", "ota_ffg_model_consensus", "ffg")
+CURVATURE_VARIANTS = ("ota", "ota_scale_none", "ota_scale_median", "ota_rank1", "ota_ffg_tensor", "ota_ffg_model", "ota_ffg_model_consensus", "ffg")
 TARGET_SIZE = "500M"
 TARGET_EXPERTS = 2
 

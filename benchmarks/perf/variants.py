@@ -42,7 +42,9 @@ VARIANTS: Dict[str, Variant] = {
     v.id: v
     for v in (
         Variant("task_arithmetic", "task_arithmetic", "task_arithmetic", {"weight": 1.0}),
-        Variant("ota", "ota (full curvature)", "ota", curvature="full"),
+        Variant("ota", "ota (full curvature; default curvature_scale: mean)", "ota", curvature="full"),
+        Variant("ota_scale_none", "ota, curvature_scale: none", "ota", shared={"curvature_scale": "none"},
+                curvature="full"),  # fmt: skip
         Variant("ota_rank1", "ota (rank-1 curvature)", "ota", curvature="rank1"),
         Variant("ota_scale_median", "ota, curvature_scale: median", "ota", shared={"curvature_scale": "median"},
                 curvature="full"),  # fmt: skip

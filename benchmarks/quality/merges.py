@@ -30,7 +30,8 @@ lambda {1.0, 1.5}.
 
 Curvature-scale variants (the curvature-scale issue's evidence): ``ota`` and ``ota+ffg
 (model-wide)`` run with the defaults (``bias_correction: auto``, which corrects every expert here,
-since every store records its step and beta2; ``curvature_scale: none``) and again with
+since every store records its step and beta2) with ``curvature_scale: none`` (:data:`BENCHMARK_SCALE`, written into
+every ``ota`` config: the package's default is ``mean`` since this comparison) and again with
 ``bias_correction: false`` (the raw ``exp_avg_sq``, as before the default changed) and with
 ``curvature_scale: mean`` / ``median`` (each expert's v divided by its model-wide mean / median;
 that replaces bias correction).  Each variant keeps its method's grid.
@@ -184,6 +185,11 @@ def _base_methods() -> List[Method]:
 
 
 PER_EXPERT = ("density", "weight")
+BENCHMARK_SCALE = "none"
+"""``curvature_scale`` of every ``ota`` method that does not set its own: ``none``, what the comparison that chose
+the default (``mean``, :data:`mergekit_ota.catalog.DEFAULT_CURVATURE_SCALE`) ran with. Written into each config, so
+``ota`` rows stay the rows the cached results and the reports hold whatever the package's default is, and the
+``(scale: mean)`` rows are the default's."""
 
 
 def config_for(method: Method, knobs: Mapping[str, Any], experts: Experts, dtype: str = "float32") -> Dict[str, Any]:
@@ -197,6 +203,8 @@ def config_for(method: Method, knobs: Mapping[str, Any], experts: Experts, dtype
         }
     per_expert = {"weight": 1.0, **method.per_expert, **{k: v for k, v in knobs.items() if k in PER_EXPERT}}
     shared = {**method.shared, **{k: v for k, v in knobs.items() if k not in PER_EXPERT}}
+    if method.merge_method == "ota":
+        shared = {"curvature_scale": BENCHMARK_SCALE, **shared}
     models = []
     for cap, path in experts.models.items():
         parameters = dict(per_expert)

@@ -4,7 +4,7 @@ Symbols: expert ``i``'s curvature entries ``v_i[j]``, ``j = 1..N_i``, over every
 that is added (for a merge: every tensor it reads for that expert).
 
 * ``mean``:   ``m_i = (1 / N_i) * sum_j v_i[j]`` (each block's float32 sum, about 1e-7 relative,
-  accumulated in float64);
+  accumulated in float64; a block whose float32 sum overflows is summed in float64);
 * ``median``: ``m_i`` = the lower edge of the :class:`~mergekit_ota.math.histogram.SaliencyHistogram`
   bin that holds the lower median ``x = v_i(ceil(N_i / 2))`` (the ``ceil(N_i/2)``-th smallest
   entry): ``m_i <= x < m_i * (1 + 2**-9)``, the same log-bins model-wide density uses.
@@ -34,6 +34,7 @@ Nothing here checks values: callers pass validated curvature (finite, ``>= 0``).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -82,7 +83,10 @@ class CurvatureScale:
         if not values.numel():
             return
         self.count += values.numel()
-        self.total += float(values.sum(dtype=torch.float32))  # float32 cascade sum: 3x faster than float64
+        total = float(values.sum(dtype=torch.float32))  # float32 cascade sum: 3x faster than float64
+        if not math.isfinite(total):  # finite entries near float32's max overflow a float32 sum
+            total = float(values.sum(dtype=torch.float64))
+        self.total += total
         if self.median:
             self.histogram.add(values)
 

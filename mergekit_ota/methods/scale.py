@@ -4,11 +4,12 @@ Bias correction (:mod:`mergekit_ota.methods.bias`) removes the scale difference 
 training length makes; learning rate, batch size, loss scale and gradient clipping
 change ``v``'s scale too. ``curvature_scale`` (shared ``ota`` parameter) is one of
 
-* ``none`` (default): ``v_i`` as it is (bias-corrected or not, see ``bias_correction``);
-* ``mean`` / ``median``: ``v_i / m_i``, with ``m_i`` the mean or the median of *all* of
+* ``mean`` (default, :data:`~mergekit_ota.catalog.DEFAULT_CURVATURE_SCALE`) / ``median``:
+  ``v_i / m_i``, with ``m_i`` the mean or the median of *all* of
   expert i's curvature entries over every tensor the merge reads
   (:class:`~mergekit_ota.math.scale.CurvatureScale`: the median is the lower edge of its
-  log-histogram bin, within ``2**-9``; rank-1 tensors count their reconstruction ``v_hat``).
+  log-histogram bin, within ``2**-9``; rank-1 tensors count their reconstruction ``v_hat``);
+* ``none``: ``v_i`` as it is (bias-corrected or not, see ``bias_correction``).
 
 OTA applies it through the weight, like bias correction, with no tensor operation:
 ``w_i = weight_i (v_i / m_i)**p + eps = (weight_i / m_i**p) v_i**p + eps``.

@@ -18,7 +18,7 @@ Shared (top-level ``parameters:``): ``lambda`` (1.0), ``density_scope``
 (``tensor`` | ``model``), ``bias_correction`` (``auto`` | true | false, see
 :mod:`mergekit_ota.methods.bias`), ``sign_consensus`` (``none`` | ``sum`` | ``count``: TIES's sign
 election over the FFG-masked task vectors, see :mod:`mergekit_ota.math.consensus`); ``ota`` adds ``power``
-(0.5), ``eps`` (1e-12) and ``curvature_scale`` (``none`` | ``mean`` | ``median``: ``v_i / m_i``
+(0.5), ``eps`` (1e-12) and ``curvature_scale`` (``mean``, default | ``median`` | ``none``: ``v_i / m_i``
 with ``m_i`` expert i's model-wide mean or median, see :mod:`mergekit_ota.methods.scale`);
 ``ffg`` adds ``normalize`` (false).
 
@@ -49,12 +49,12 @@ from dataclasses import dataclass
 from typing import Any, Hashable, Iterable, List, Literal, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 from mergekit.merge_methods.base import MergeMethodSpec, ParameterScope, ParameterSpec
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from mergekit_ota.errors import ConfigError
 from mergekit_ota import catalog
 from mergekit_ota.methods.bias import BiasDecision, BiasMode, decide
-from mergekit_ota.catalog import DEFAULT_SALIENCY_MASS
+from mergekit_ota.catalog import DEFAULT_CURVATURE_SCALE, DEFAULT_SALIENCY_MASS
 from mergekit_ota.methods.scale import ScaleMode
 
 OTA = "ota"
@@ -140,7 +140,7 @@ class SharedSettings(BaseModel):
     power: float = 0.5
     eps: float = 1e-12
     normalize: bool = False
-    curvature_scale: ScaleMode = "none"
+    curvature_scale: ScaleMode = DEFAULT_CURVATURE_SCALE
     sign_consensus: Literal["none", "sum", "count"] = "none"
     saliency_mass: float = DEFAULT_SALIENCY_MASS
 
@@ -153,8 +153,10 @@ class SharedSettings(BaseModel):
 
     @field_validator("curvature_scale", "sign_consensus", mode="before")
     @classmethod
-    def _none_default(cls, value: Any) -> Any:
-        return "none" if value is None else value  # in memory, None reads as the default
+    def _none_default(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None:  # in memory, None reads as the default
+            return cls.model_fields[info.field_name].default
+        return value
 
     @property
     def consensus(self) -> Optional[str]:
