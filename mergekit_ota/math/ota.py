@@ -54,7 +54,7 @@ from typing import Optional, Sequence
 import torch
 
 from mergekit_ota.errors import MergeError
-from mergekit_ota.math.ffg import KeepRule, f32_operand
+from mergekit_ota.math.ffg import KeepRule, f32_operand, lift_zeros
 from mergekit_ota.math.rank1 import Curvature, Rank1Curvature
 
 HEADROOM_LOG2 = 64  # H: every w_i / s <= 2**H
@@ -259,13 +259,15 @@ def ota_merge(
     spare_w: Optional[torch.Tensor] = None  # w_i, tau_i of the 2nd expert on: buffers reused
     spare_x: Optional[torch.Tensor] = None
     scores: Optional[torch.Tensor] = None  # saliency buffer shared by all masks
+    ones: Optional[torch.Tensor] = None  # the mask as 1.0/0.0 (fast to multiply by), one buffer for all
     for expert, v, weight, rule in zip(experts, curvatures, weights, rules):
         w = curvature_weights(v, weight, power, eps, out=spare_w, scale=scale)
         if b is not None:
             x = torch.sub(f32_operand(expert), b, out=spare_x)  # tau_i: ours to change
             if rule is not None:
                 scores = torch.empty_like(x) if scores is None else scores
-                mask = rule.mask(x, v, scratch=scores)
+                ones = torch.empty_like(x) if ones is None else ones
+                mask = rule.mask(x, v, scratch=scores, out=ones)
                 w.mul_(mask)
                 if may_vanish and not all_kept:
                     kept = mask.clone() if kept is None else kept.logical_or_(mask)
@@ -303,7 +305,7 @@ def ota_merge(
     if b is None:
         return numerator.div_(denominator).to(out_dtype)
     if masked or may_vanish:  # coordinates masked in every expert: divisor 1, so theta = b
-        denominator.masked_fill_(denominator == 0, 1.0)
+        lift_zeros(denominator, scratch=scores)
     if lam == 1.0:  # b + numerator / denominator in one pass
         return torch.addcdiv(b, numerator, denominator, out=numerator).to(out_dtype)
     return numerator.div_(denominator).mul_(float(lam)).add_(b).to(out_dtype)
@@ -326,34 +328,38 @@ def _consensus_merge(
     ``D = 0`` (no expert agrees: all masked or zero there) keeps ``b``. The weights are scaled as in
     :func:`ota_merge`; a coordinate where some expert kept a nonzero ``tau_i`` but every weight underflowed
     raises :class:`~mergekit_ota.errors.MergeError`."""
-    from mergekit_ota.math.consensus import SignConsensus, disjoint_mean
+    from mergekit_ota.math.consensus import SignConsensus
 
     scale = weight_scale(curvatures, weights, power, eps)
+    shift = float(torch.tensor(scaled_scalar(float(eps), -scale.exponent), dtype=torch.float32))
+    may_vanish = not shift > 0.0  # else every kept w_i >= eps / s > 0 (ota's weights are >= 0)
     b = base.to(torch.float32)
     votes = SignConsensus(rule)
-    kept: Optional[torch.Tensor] = None  # where some expert kept a nonzero tau_i
-    scores: Optional[torch.Tensor] = None
+    kept: Optional[torch.Tensor] = None  # where some expert kept a nonzero tau_i (tracked only if may_vanish)
+    scores: Optional[torch.Tensor] = None  # saliency buffer shared by all masks
+    spare_w: Optional[torch.Tensor] = None  # w_i and tau_i: two buffers reused for every expert
+    spare_x: Optional[torch.Tensor] = None
     for expert, v, weight, keep in zip(experts, curvatures, weights, rules):
-        w = curvature_weights(v, weight, power, eps, scale=scale)
-        tau = torch.sub(f32_operand(expert), b)
-        mask = None
+        w = curvature_weights(v, weight, power, eps, out=spare_w, scale=scale)
+        tau = torch.sub(f32_operand(expert), b, out=spare_x)
         if keep is not None:
             scores = torch.empty_like(tau) if scores is None else scores
-            mask = keep.mask(tau, v, scratch=scores)
-        live = tau != 0 if mask is None else (tau != 0).logical_and_(mask.bool())
-        kept = live if kept is None else kept.logical_or_(live)
-        votes.add(tau, w, mask)
-        del w, tau, mask, live
+            w.mul_(keep.mask(tau, v, scratch=scores, out=votes.scratch(tau)))  # w_i m_i
+        if may_vanish:
+            live = tau != 0 if keep is None else (tau != 0).logical_and_(votes.scratch(tau) != 0)
+            kept = live if kept is None else kept.logical_or_(live)
+        votes.add(tau.mul_(w), w)  # c_i = w_i m_i tau_i
+        spare_w, spare_x = w, tau
     numerator, denominator = votes.result()
-    assert kept is not None
-    vanished = int(torch.count_nonzero((denominator == 0).logical_and_(kept)))
-    if vanished:
-        where = f"tensor {name}: " if name else ""
-        raise MergeError(
-            f"ota: {where}at {vanished} of {denominator.numel()} coordinates every kept expert's weight "
-            f"w_i = weight_i * v_i**power + eps underflowed to 0 (power {power}, eps {eps}): lower power or raise eps"
-        )
-    merged = disjoint_mean(numerator, denominator)
-    if lam != 1.0:
-        merged.mul_(float(lam))
-    return merged.add_(b).to(base.dtype)
+    if kept is not None:
+        vanished = int(torch.count_nonzero((denominator == 0).logical_and_(kept)))
+        if vanished:
+            where = f"tensor {name}: " if name else ""
+            raise MergeError(
+                f"ota: {where}at {vanished} of {denominator.numel()} coordinates every kept expert's weight "
+                f"w_i = weight_i * v_i**power + eps underflowed to 0 (power {power}, eps {eps}): lower power or raise eps"
+            )
+    lift_zeros(denominator, scratch=votes.scratch(denominator))  # D = 0: no expert agrees, N = 0 there: theta = b
+    if lam == 1.0:  # b + N / D in one pass
+        return torch.addcdiv(b, numerator, denominator, out=numerator).to(base.dtype)
+    return numerator.div_(denominator).mul_(float(lam)).add_(b).to(base.dtype)
