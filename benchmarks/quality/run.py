@@ -332,6 +332,18 @@ class Pipeline:
                     self.merged(f"graft/{cap}/{grafting.AUTO}/{mass:g}", config,
                                 merges.slug(f"graft {cap} auto {mass:g}"), SPLITS, (cap,))  # fmt: skip
                 self.log(f"grafts {grafting.AUTO}: {cap} at saliency mass {', '.join(f'{m:g}' for m in masses)}")
+            from benchmarks.quality import knee
+
+            for cap in self.suite.capabilities if masses else ():  # the knee rule, density: auto's other candidate
+                key = f"graft/{cap}/{knee.KNEE}/mean"
+                if key not in self.results.models:
+                    found = knee.knee(base, experts.models[cap], experts.full_stores[cap])
+                    config = knee.knee_graft_config(base, experts.models[cap], experts.full_stores[cap], found["threshold"])
+                    self.merged(key, config, merges.slug(f"graft {cap} knee"), SPLITS, (cap,))
+                    self.results.models[key]["knee"] = found
+                    self.results.save()
+                    self.log(f"graft {knee.KNEE}: {cap} keeps {100 * found['density']:.2f}% of entries, "
+                             f"{found['mass']:.3f} of its saliency")  # fmt: skip
         self.results.data["settings"] = [
             {"method": s.method, "label": s.label, "key": f"merge/{s.method}/{s.label}", "config": s.slug}
             for s in settings

@@ -1,0 +1,68 @@
+"""``density: auto``'s second candidate rule, the knee: keep an expert's entries whose saliency reaches its mean.
+
+Sort one expert's ``N`` saliencies ``s = v * tau**2`` (model-wide: every tensor the merge reads) in decreasing
+order and let ``M(d)`` be the share of ``sum(s)`` carried by the first ``d N`` of them. ``M`` is concave, from
+``M(0) = 0`` to ``M(1) = 1``; its knee (the point farthest above the diagonal, ``max_d M(d) - d``, Kneedle's rule on
+the unit square) is where the slope ``dM/dd = s N / sum(s)`` falls to 1, i.e. where the next entry's saliency
+equals the mean ``s_bar = sum(s) / N``. So the knee keeps ``s >= s_bar``: one absolute threshold per expert, scale
+free like the mass rule (a factor on every ``v`` moves ``s_bar`` with it), and no constant to choose.
+
+:func:`knee` computes it from the same histogram (``mergekit_ota.math.histogram``, with mass) that ``density:
+auto`` builds in the merge's model-wide pass; the threshold is the lower edge of the bin holding ``s_bar``, so the
+histogram's counts give exactly the entries ``s >= threshold`` keeps. The benchmark grafts with that
+threshold (``ffg``'s absolute ``threshold``, which applies to the raw saliency, as the histogram here does).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict
+
+import torch
+from safetensors import safe_open
+
+from mergekit_ota.curvature.store import CurvatureStore
+from mergekit_ota.math.ffg import saliency
+from mergekit_ota.math.histogram import BINS, SHIFT, SaliencyHistogram, bin_edge
+
+KNEE = "FFG (knee: s >= mean s)"
+
+
+def _weights(model_dir: str) -> Dict[str, str]:
+    """``{tensor name: safetensors file}`` of a model directory (one file or an index)."""
+    import json
+
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as fp:
+            return {name: os.path.join(model_dir, f) for name, f in json.load(fp)["weight_map"].items()}
+    path = os.path.join(model_dir, "model.safetensors")
+    with safe_open(path, "pt") as fp:
+        return {name: path for name in fp.keys()}
+
+
+def knee(base: str, expert: str, store: str) -> Dict[str, Any]:
+    """The knee of ``expert``'s saliency: ``threshold`` (the bin edge at ``s_bar``), ``mean`` (``s_bar``), and the
+    ``density`` and saliency ``mass`` that ``s >= threshold`` keeps, over every tensor ``store`` and both models hold."""
+    opened = CurvatureStore.open(store)
+    base_files, expert_files = _weights(base), _weights(expert)
+    histogram = SaliencyHistogram()
+    for name in opened.names():
+        if name not in base_files or name not in expert_files:
+            continue
+        with safe_open(base_files[name], "pt") as fb, safe_open(expert_files[name], "pt") as fe:
+            tau = fe.get_tensor(name).to(torch.float32) - fb.get_tensor(name).to(torch.float32)
+        histogram.add(saliency(tau, opened.load(name, factored=True)), with_mass=True)
+    assert histogram.mass is not None
+    mean = float(histogram.mass[1:BINS].sum()) / histogram.total
+    index = int(torch.tensor([mean], dtype=torch.float32).view(torch.int32).item()) >> SHIFT
+    threshold = bin_edge(index)
+    density, mass = histogram.kept_at(threshold)
+    return {"threshold": threshold, "mean": mean, "density": density, "mass": mass}
+
+
+def knee_graft_config(base: str, expert: str, store: str, threshold: float, dtype: str = "float32") -> Dict[str, Any]:
+    """The mergekit YAML dict grafting ``expert`` onto ``base`` keeping the entries with saliency ``>= threshold``."""
+    return {"merge_method": "ffg", "base_model": base,
+            "models": [{"model": expert, "parameters": {"weight": 1.0, "threshold": threshold, "curvature": store}}],
+            "dtype": dtype}  # fmt: skip
