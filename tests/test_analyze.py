@@ -492,3 +492,52 @@ def test_expert_labels_name_the_run_of_a_trainer_checkpoint_and_stay_unique():
 
     assert unique_labels(["runs/math/checkpoint-500", "runs/code/checkpoint-20/", "models/prose"]) == ["math", "code", "prose"]
     assert unique_labels(["a/x", "b/x"]) == ["x#0", "x#1"]
+
+
+def test_cli_from_a_density_auto_config_keeps_what_the_merge_keeps_and_draws_the_mass_curve(tmp_path, families):
+    """`analyze config.yml` with `density: auto` (model-wide, saliency_mass 0.9): each expert's FFG mask keeps the
+    density the merge records in its provenance for the same config, at least 0.9 of its saliency mass (to one
+    histogram bin), and the report's mass-vs-density table shows that density at 90% mass; the figure is drawn.
+    With density_scope tensor the config is refused with the merge's message, and nothing is written."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    from mergekit_ota.graph.provenance import PROVENANCE_FILE
+
+    family = families["full"]
+    config = {
+        "merge_method": "ota",
+        "base_model": family.base,
+        "models": [{"model": e, "parameters": {"density": "auto"}} for e in family.experts],
+        "parameters": {"density_scope": "model", "saliency_mass": 0.9},
+        "dtype": "float32",
+    }
+    path = tmp_path / "merge.yml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "report"
+    result = CliRunner().invoke(main, ["analyze", str(path), "--out", str(out), "--quiet", "--rank-top", "0"])
+    assert result.exit_code == 0, result.output
+    run_merge(MergeConfiguration.model_validate(config), str(tmp_path / "merged"), MergeOptions(quiet=True))
+    with open(tmp_path / "merged" / PROVENANCE_FILE, encoding="utf-8") as fp:
+        chosen = {e["model"]: e["density_auto"] for e in json.load(fp)["experts"]}
+    metrics = json.loads((out / "metrics.json").read_text())
+    total = sum(math.prod(t["shape"]) for t in metrics["tensors"])
+    report = (out / "report.md").read_text()
+    for i, expert in enumerate(family.experts):
+        kept = sum(t["experts"][i]["kept"] for t in metrics["tensors"])
+        mass = sum(t["experts"][i]["kept_saliency"] for t in metrics["tensors"]) / sum(
+            t["experts"][i]["saliency_sum"] for t in metrics["tensors"]
+        )
+        assert kept / total == pytest.approx(chosen[expert]["density"], abs=1e-9)
+        assert mass >= 0.9 - 0.01
+        curve = metrics["saliency_mass_curve"][f"expert_{i}"]
+        assert dict(map(tuple, curve["at_mass"]))[0.9] == pytest.approx(kept / total, abs=1e-9)
+        assert f"density: auto (saliency_mass 0.9, model-wide)" in report
+    assert "saliency_mass_curve.png" in _pngs_open(out)
+
+    config["parameters"]["density_scope"] = "tensor"
+    path.write_text(yaml.safe_dump(config))
+    refused = CliRunner().invoke(main, ["analyze", str(path), "--out", str(tmp_path / "never")])
+    assert refused.exit_code != 0 and "needs density_scope: model" in refused.output, refused.output
+    assert "Traceback" not in refused.output and not (tmp_path / "never").exists()

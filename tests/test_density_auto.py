@@ -45,6 +45,27 @@ def test_the_threshold_reaches_the_target_mass_and_is_the_largest_bin_edge_that_
     assert _kept_mass(parts, above) < mass + 1e-9
 
 
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), spread=st.sampled_from([1.0, 8.0, 20.0]), zeros=st.integers(0, 50))
+def test_the_mass_curve_is_kept_at_each_bin_edge_rises_and_ends_at_every_positive_entry_and_all_mass(seed, spread, zeros):
+    """mass_curve (what analyze draws): each point is the (entries, mass) fraction that s >= T keeps, counted here
+    from the saliencies for T a point's threshold; both coordinates rise; the last point keeps every positive
+    entry and all of the mass (zeros are never kept)."""
+    parts = _saliencies(seed, spread)
+    parts[1][:zeros] = 0.0
+    h = _hist(parts)
+    entries, masses = h.mass_curve()
+    assert entries == sorted(entries) and masses == sorted(masses) and len(entries) == len(masses) > 0
+    s = torch.cat([p.reshape(-1).double() for p in parts])
+    assert entries[-1] == pytest.approx(float((s > 0).double().mean())) and masses[-1] == pytest.approx(1.0)
+    for q in (0.3, 0.7, 0.95):
+        threshold = h.threshold_for_mass(q)
+        point = h.kept_at(threshold)
+        assert point[0] in entries and masses[entries.index(point[0])] == pytest.approx(point[1])
+        assert point[0] == pytest.approx(float((s >= threshold).double().mean()))
+        assert point[1] == pytest.approx(_kept_mass(parts, threshold))
+
+
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 10_000), low=st.floats(0.1, 0.6), high=st.floats(0.61, 0.99))
 def test_more_mass_never_keeps_fewer_entries(seed, low, high):

@@ -18,6 +18,8 @@ All run through mergekit, on the YAML that :func:`graft_config` builds.
 ``FFG (auto)`` (:func:`auto_graft_config`) grafts with ``density: auto`` at a target saliency
 mass ``q`` instead of a density: it keeps the fewest entries whose saliency ``v * tau**2`` sums to
 ``q`` of the expert's total, model-wide, and the merge's provenance records the density it chose.
+``FFG (knee: s >= mean s)`` (:func:`knee_graft_config`) keeps the entries whose saliency reaches the expert's
+mean saliency, the knee of its mass-vs-density curve (:mod:`benchmarks.quality.knee`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any, Dict, List, Tuple
 DENSITIES: Tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.2, 0.4)
 AUTO_MASSES: Tuple[float, ...] = (0.5, 0.8, 0.9, 0.95, 0.99)  # density: auto's saliency masses grafted (sft tier)
 AUTO = "FFG (auto)"
+KNEE = "FFG (knee: s >= mean s)"  # density: auto's other candidate rule (benchmarks/quality/knee.py), sft tier
 SELECTORS: Tuple[str, ...] = ("FFG (per tensor)", "FFG (model-wide)", "magnitude (per tensor)", "random")
 
 
@@ -73,6 +76,13 @@ def auto_graft_config(base: str, expert: str, store: str, mass: float, dtype: st
     return {"merge_method": "ffg", "base_model": base,
             "models": [{"model": expert, "parameters": {"weight": 1.0, "density": "auto", "curvature": store}}],
             "parameters": {"density_scope": "model", "saliency_mass": mass}, "dtype": dtype}  # fmt: skip
+
+
+def knee_graft_config(base: str, expert: str, store: str, threshold: float, dtype: str = "float32") -> Dict[str, Any]:
+    """The mergekit YAML dict grafting ``expert`` onto ``base`` keeping the entries with saliency ``>= threshold``."""
+    return {"merge_method": "ffg", "base_model": base,
+            "models": [{"model": expert, "parameters": {"weight": 1.0, "threshold": threshold, "curvature": store}}],
+            "dtype": dtype}  # fmt: skip
 
 
 def plan(capabilities: List[str], densities: Tuple[float, ...] = DENSITIES) -> List[Tuple[str, str, float]]:

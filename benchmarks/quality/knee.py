@@ -10,7 +10,8 @@ free like the mass rule (a factor on every ``v`` moves ``s_bar`` with it), and n
 :func:`knee` computes it from the same histogram (``mergekit_ota.math.histogram``, with mass) that ``density:
 auto`` builds in the merge's model-wide pass; the threshold is the lower edge of the bin holding ``s_bar``, so the
 histogram's counts give exactly the entries ``s >= threshold`` keeps. The benchmark grafts with that
-threshold (``ffg``'s absolute ``threshold``, which applies to the raw saliency, as the histogram here does).
+threshold (:func:`benchmarks.quality.grafting.knee_graft_config`: ``ffg``'s absolute ``threshold``, which applies to
+the raw saliency, as the histogram here does).
 """
 
 from __future__ import annotations
@@ -24,9 +25,6 @@ from safetensors import safe_open
 from mergekit_ota.curvature.store import CurvatureStore
 from mergekit_ota.math.ffg import saliency
 from mergekit_ota.math.histogram import BINS, SHIFT, SaliencyHistogram, bin_edge
-
-KNEE = "FFG (knee: s >= mean s)"
-
 
 def _weights(model_dir: str) -> Dict[str, str]:
     """``{tensor name: safetensors file}`` of a model directory (one file or an index)."""
@@ -59,10 +57,3 @@ def knee(base: str, expert: str, store: str) -> Dict[str, Any]:
     threshold = bin_edge(index)
     density, mass = histogram.kept_at(threshold)
     return {"threshold": threshold, "mean": mean, "density": density, "mass": mass}
-
-
-def knee_graft_config(base: str, expert: str, store: str, threshold: float, dtype: str = "float32") -> Dict[str, Any]:
-    """The mergekit YAML dict grafting ``expert`` onto ``base`` keeping the entries with saliency ``>= threshold``."""
-    return {"merge_method": "ffg", "base_model": base,
-            "models": [{"model": expert, "parameters": {"weight": 1.0, "threshold": threshold, "curvature": store}}],
-            "dtype": dtype}  # fmt: skip

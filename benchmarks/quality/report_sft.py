@@ -122,36 +122,52 @@ def plot(runs: List[Run], means: Dict[str, Dict[str, List[float]]], path: str) -
 HOLD = 0.95  # a graft "holds" an expert when it keeps this share of the expert's validation score
 
 
-def _auto_graft(data: Dict[str, Any], cap: str, q: float) -> Optional[Tuple[float, float, float]]:
-    """``(density auto chose, val kept, test kept)`` of grafting ``cap``'s expert with density: auto at mass ``q`` in
-    one seed (kept: score / expert score on its own skill), or ``None`` where that seed has no such graft."""
+def _auto_graft(data: Dict[str, Any], cap: str, q: Any) -> Optional[Tuple[float, float, float]]:
+    """``(density kept, val kept, test kept)`` of grafting ``cap``'s expert with density: auto at mass ``q`` in one
+    seed (kept: score / expert score on its own skill), or ``None`` where that seed has no such graft. ``q`` =
+    :data:`KNEE` reads the knee rule's graft instead (the density its threshold kept)."""
     models = data["models"]
-    record = models.get(f"graft/{cap}/{grafting.AUTO}/{q:g}")
+    key = f"graft/{cap}/{grafting.KNEE}/mean" if q == KNEE else f"graft/{cap}/{grafting.AUTO}/{q:g}"
+    record = models.get(key)
     if record is None:
         return None
     kept = [grafting.kept(record[split][cap]["exact_match"], models[stats.expert_key(cap)][split][cap]["exact_match"],
                           models["base"][split][cap]["exact_match"])["ratio"] for split in ("val", "test")]  # fmt: skip
+    if q == KNEE:
+        return record["knee"]["density"], kept[0], kept[1]
     return next(iter(record.get("density_auto", {}).values()), float("nan")), kept[0], kept[1]
 
 
-def _held(runs: List[Run], cap: str, q: float) -> bool:
-    """Whether grafting ``cap``'s expert with density: auto at mass ``q`` keeps >= HOLD of its validation score in
-    every seed (False where a seed lacks that graft)."""
+KNEE = "knee"  # the knee rule (benchmarks/quality/knee.py) as a column of the density: auto tables
+
+
+def _held(runs: List[Run], cap: str, q: Any) -> bool:
+    """Whether grafting ``cap``'s expert with density: auto at mass ``q`` (or the knee rule) keeps >= HOLD of its
+    validation score in every seed (False where a seed lacks that graft)."""
     grafts = [_auto_graft(data, cap, q) for _, _, data in runs]
     return all(g is not None and g[1] >= HOLD for g in grafts)
+
+
+def _rule(q: Any) -> str:
+    return KNEE if q == KNEE else f"q={q:g}"
 
 
 def auto_section(runs: List[Run], table: compare.Comparisons) -> List[str]:
     """``density: auto``: grafting one expert at each saliency mass (the density auto chose, the score kept on
     validation and test), and in merges auto against the density tuned on validation, with paired intervals."""
-    masses = runs[0][2].get("auto_masses") or []
+    masses: List[Any] = list(runs[0][2].get("auto_masses") or [])
+    caps = runs[0][1].capabilities
+    if masses and all(_auto_graft(data, cap, KNEE) is not None for _, _, data in runs for cap in caps):
+        masses.append(KNEE)
     out: List[str] = []
     if masses:
         out += ["## density: auto", "",
                 "Grafting one expert with `density: auto` at saliency mass q (`ffg`, model-wide: the fewest entries "
                 "holding q of the expert's saliency `v * tau**2`): the density auto chose (from the merge's "
-                "provenance) and score / expert score kept on its own skill, validation / test, mean over seeds.", "",
-                "| expert | " + " | ".join(f"q={q:g}: density, val / test kept" for q in masses) + " |",
+                "provenance) and score / expert score kept on its own skill, validation / test, mean over seeds. "
+                f"Column `{KNEE}`: the other candidate rule, {grafting.KNEE} (the knee of the mass-vs-density curve, "
+                "`benchmarks/quality/knee.py`), grafted with that absolute threshold.", "",
+                "| expert | " + " | ".join(_rule(q) + ": density, val / test kept" for q in masses) + " |",
                 "|---|" + "---|" * len(masses)]  # fmt: skip
         per_mass: Dict[float, List[Tuple[float, float, float]]] = {q: [] for q in masses}
         for cap in runs[0][1].capabilities:
@@ -167,13 +183,24 @@ def auto_section(runs: List[Run], table: compare.Comparisons) -> List[str]:
         held = [q for q in masses if all(_held(runs, cap, q) for cap in runs[0][1].capabilities)]
         for q in masses:
             values = np.array(per_mass[q])
-            out.append(f"| {q:g} | {_fmt(100 * float(np.mean(values[:, 0])), 2)}% | {_fmt(float(np.mean(values[:, 1])))} "
+            out.append(f"| {_rule(q)} | {_fmt(100 * float(np.mean(values[:, 0])), 2)}% | {_fmt(float(np.mean(values[:, 1])))} "
                        f"[{_fmt(float(values[:, 1].min()))}, {_fmt(float(values[:, 1].max()))}] | "
                        f"{_fmt(float(np.mean(values[:, 2])))} [{_fmt(float(values[:, 2].min()))}, {_fmt(float(values[:, 2].max()))}] |")  # fmt: skip
+        holding_masses = [q for q in held if q != KNEE]
         out += ["", f"Validation's pick (the paper's rule for a density, applied to the mass): the smallest q at which "
                 f"every expert keeps at least {HOLD:g} of its validation score in every seed: "
-                + (f"**q = {held[0]:g}**" if held else "none of these") + f" (the default `saliency_mass` is "
-                f"{DEFAULT_SALIENCY_MASS:g})."]  # fmt: skip
+                + (f"**q = {holding_masses[0]:g}**" if holding_masses else "none of these") + f" (the default "
+                f"`saliency_mass` is {DEFAULT_SALIENCY_MASS:g})."]  # fmt: skip
+        if KNEE in masses:
+            density = {q: float(np.mean(np.array(per_mass[q])[:, 0])) for q in masses}
+            verdict = ("holds every expert in every seed" if KNEE in held else
+                       "does not hold every expert in every seed (validation kept min "
+                       f"{_fmt(float(np.array(per_mass[KNEE])[:, 1].min()))})")  # fmt: skip
+            if holding_masses and KNEE in held:
+                better = "the knee" if density[KNEE] < density[holding_masses[0]] else f"q = {holding_masses[0]:g}"
+                verdict += f"; of the two rules that hold, the sparser is {better}"
+            out.append(f"The knee rule {verdict}: it keeps {_fmt(100 * density[KNEE], 2)}% of the entries on average"
+                       + (f", against {_fmt(100 * density[holding_masses[0]], 2)}% at q = {holding_masses[0]:g}." if holding_masses else "."))
     auto, tuned = merges.AUTO_METHOD, "ota+ffg (model-wide)"
     if auto in table.methods and tuned in table.methods:
         out += ["", f"In merges: **{auto}** (no density tuned: each expert's from its saliency at the default saliency_mass; λ chosen on "

@@ -335,14 +335,14 @@ class Pipeline:
             from benchmarks.quality import knee
 
             for cap in self.suite.capabilities if masses else ():  # the knee rule, density: auto's other candidate
-                key = f"graft/{cap}/{knee.KNEE}/mean"
+                key = f"graft/{cap}/{grafting.KNEE}/mean"
                 if key not in self.results.models:
                     found = knee.knee(base, experts.models[cap], experts.full_stores[cap])
-                    config = knee.knee_graft_config(base, experts.models[cap], experts.full_stores[cap], found["threshold"])
+                    config = grafting.knee_graft_config(base, experts.models[cap], experts.full_stores[cap], found["threshold"])
                     self.merged(key, config, merges.slug(f"graft {cap} knee"), SPLITS, (cap,))
                     self.results.models[key]["knee"] = found
                     self.results.save()
-                    self.log(f"graft {knee.KNEE}: {cap} keeps {100 * found['density']:.2f}% of entries, "
+                    self.log(f"graft {grafting.KNEE}: {cap} keeps {100 * found['density']:.2f}% of entries, "
                              f"{found['mass']:.3f} of its saliency")  # fmt: skip
         self.results.data["settings"] = [
             {"method": s.method, "label": s.label, "key": f"merge/{s.method}/{s.label}", "config": s.slug}

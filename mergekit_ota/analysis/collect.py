@@ -62,6 +62,7 @@ class ExpertTensorStats:
     magnitude_kept: int
     kept_zero_saliency: int
     saliency_sum: float
+    kept_saliency: float  # sum of s over the FFG-kept entries
     ffg_vs_magnitude: OverlapCounts
     occupancy: Optional[Occupancy] = None
     magnitude_occupancy: Optional[Occupancy] = None
@@ -109,6 +110,7 @@ class Analysis:
     thresholds: Dict[str, Tuple[float, float]] = field(default_factory=dict)
     seconds: Dict[str, float] = field(default_factory=dict)
     scales: List[StoreScale] = field(default_factory=list)  # per expert, in order
+    saliency: List[SaliencyHistogram] = field(default_factory=list)  # per expert: all its s, with mass (its curve)
 
     @property
     def labels(self) -> List[str]:
@@ -158,13 +160,19 @@ class _Reader:
         return tau, self.inputs.stores[i].load(name)
 
 
-def model_thresholds(inputs: OpenedInputs, quiet: bool = False) -> Dict[str, Tuple[float, float]]:
+def model_thresholds(
+    inputs: OpenedInputs, quiet: bool = False
+) -> Tuple[Dict[str, Tuple[float, float]], Dict[int, SaliencyHistogram]]:
     """Per expert with a density under ``density_scope: model``: the saliency threshold ``T_s``
-    and the ``tau**2`` threshold ``T_m`` keeping its density over all its tensors (first pass)."""
+    and the ``tau**2`` threshold ``T_m`` keeping its density over all its tensors (first pass), by label;
+    and, by expert index, the histogram of its saliencies (with mass) that gave ``T_s``.
+
+    ``density: auto`` takes ``T_s = threshold_for_mass(saliency_mass)``, as the merge does, and ``T_m``
+    keeps the same fraction of entries by magnitude."""
     request = inputs.request
     model_wide = [i for i, e in enumerate(request.experts) if e.density is not None]
     if request.density_scope != "model" or not model_wide:
-        return {}
+        return {}, {}
     reader = _Reader(inputs)
     histograms = {i: (SaliencyHistogram(), SaliencyHistogram()) for i in model_wide}
     with _progress(len(inputs.tensors), "analyze pass 1/2 (model-wide thresholds)", quiet) as bar:
@@ -172,18 +180,20 @@ def model_thresholds(inputs: OpenedInputs, quiet: bool = False) -> Dict[str, Tup
             base = reader.base(name)
             for i in model_wide:
                 tau, v = reader.expert(i, name, base)
-                histograms[i][0].add(saliency(tau, v))
-                histograms[i][1].add(tau.square_())
+                histograms[i][0].add(saliency(tau, v), overwrite=True, with_mass=True)
+                histograms[i][1].add(tau.square_(), overwrite=True)
                 del tau, v
             bar.update(1)
     result = {}
     for i, (by_saliency, by_magnitude) in histograms.items():
         density = request.experts[i].density
-        result[request.experts[i].label] = (
-            by_saliency.threshold_for_density(density),
-            by_magnitude.threshold_for_density(density),
-        )
-    return result
+        if density == "auto":
+            threshold = by_saliency.threshold_for_mass(request.saliency_mass)
+            density = by_saliency.kept_at(threshold)[0]
+        else:
+            threshold = by_saliency.threshold_for_density(density)
+        result[request.experts[i].label] = (threshold, by_magnitude.threshold_for_density(density))
+    return result, {i: by_saliency for i, (by_saliency, _) in histograms.items()}
 
 
 def _top_count(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -215,7 +225,7 @@ def collect(inputs: OpenedInputs, quiet: bool = False) -> Analysis:
     """Measure every tensor of ``inputs`` (see the module docstring); one or two passes."""
     request = inputs.request
     started = time.perf_counter()
-    thresholds = model_thresholds(inputs, quiet)
+    thresholds, curves = model_thresholds(inputs, quiet)
     first_pass = time.perf_counter() - started
     rules = [
         _ExpertMasks(e.density, e.threshold, thresholds.get(e.label))
@@ -226,12 +236,16 @@ def collect(inputs: OpenedInputs, quiet: bool = False) -> Analysis:
     reader = _Reader(inputs)
     records = []
     totals = [CurvatureScale(median=True) for _ in request.experts]
+    # each expert's saliency histogram: from pass 1, or filled here (arithmetic only, no extra read)
+    saliencies = [curves.get(i) or SaliencyHistogram() for i in range(len(request.experts))]
+    fill = [i not in curves for i in range(len(request.experts))]
     started = time.perf_counter()
     desc = "analyze pass 2/2 (metrics)" if thresholds else "analyze (metrics)"
     with _progress(len(inputs.tensors), desc, quiet) as bar:
         for name in inputs.tensors:
             records.append(
-                _measure(name, reader, rules, pairs, name in svd, request.top_density, request.spearman_sample, totals)
+                _measure(name, reader, rules, pairs, name in svd, request.top_density, request.spearman_sample, totals,
+                         [h if f else None for h, f in zip(saliencies, fill)])
             )
             bar.update(1)
     seconds = {"metrics pass": time.perf_counter() - started}
@@ -241,7 +255,7 @@ def collect(inputs: OpenedInputs, quiet: bool = False) -> Analysis:
         store_scale(e.label, store.metadata, total, len(inputs.tensors))
         for e, store, total in zip(request.experts, inputs.stores, totals)
     ]
-    return Analysis(inputs, records, thresholds, seconds, scales)
+    return Analysis(inputs, records, thresholds, seconds, scales, saliencies)
 
 
 def _measure(
@@ -253,6 +267,7 @@ def _measure(
     top_density: float,
     max_samples: int,
     scales: List[CurvatureScale],
+    saliencies: List[Optional[SaliencyHistogram]],
 ) -> TensorRecord:
     base = reader.base(name)
     parsed = parse_name(name)
@@ -262,12 +277,15 @@ def _measure(
         tau, v = reader.expert(i, name, base)
         scales[i].add(v)
         s = saliency(tau, v)
+        if saliencies[i] is not None:
+            saliencies[i].add(s, with_mass=True)
         ffg, magnitude = rule.masks(tau, s)
         stats = ExpertTensorStats(
             kept=int(torch.count_nonzero(ffg)),
             magnitude_kept=int(torch.count_nonzero(magnitude)),
             kept_zero_saliency=int(torch.count_nonzero(torch.logical_and(ffg, s == 0))),
             saliency_sum=float(s.sum(dtype=torch.float64)),
+            kept_saliency=float(torch.sum(s * ffg, dtype=torch.float64)),
             ffg_vs_magnitude=overlap_counts(ffg, magnitude),
         )
         if base.dim() == 2:

@@ -167,6 +167,37 @@ def pair_matrices(path: str, labels: Sequence[str], matrices: List[Tuple[str, Li
     return _save(figure, path)
 
 
+@dataclass
+class Curve:
+    """One expert's mass-vs-density curve and its marked points ``(label, density, mass)``."""
+
+    label: str
+    entries: Sequence[float]
+    masses: Sequence[float]
+    points: Sequence[Tuple[str, float, float]]
+
+
+def mass_curves(path: str, curves: Sequence[Curve], title: str) -> str:
+    """Saliency mass kept against the fraction of entries kept (log x), one line per expert, its points marked."""
+    figure, (ax,) = _figure(1, 1, (5.2, 3.3), _Margins(left=0.8, bottom=0.7, top=0.45, right=2.3))
+    markers = "osD^v"
+    for k, curve in enumerate(curves):
+        (line,) = ax.plot(curve.entries, curve.masses, lw=1.3, label=curve.label)
+        for j, (name, x, y) in enumerate(curve.points):
+            ax.plot([x], [y], markers[j % len(markers)], color=line.get_color(), ms=5,
+                    label=f"{curve.label}: {name}")  # fmt: skip
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(_percent)
+    ax.set_ylim(0.0, 1.02)
+    ax.set_xlabel("entries kept (largest saliency v*tau^2 first)", fontsize=8)
+    ax.set_ylabel("share of saliency mass kept", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=6.5, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
+    ax.set_title(title, fontsize=10)
+    return _save(figure, path)
+
+
 def slug(label: str) -> str:
     """A file-name-safe version of an expert label."""
     cleaned = "".join(c if c.isalnum() or c in "-_" else "_" for c in label).strip("_")

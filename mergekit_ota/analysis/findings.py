@@ -42,6 +42,8 @@ def rule_text(analysis: Analysis, i: int) -> str:
     if expert.threshold is not None:
         return f"saliency >= {expert.threshold:g} (absolute threshold)"
     scope = "model-wide" if analysis.inputs.request.density_scope == "model" else "per tensor"
+    if expert.density == "auto":
+        return f"density: auto (saliency_mass {analysis.inputs.request.saliency_mass:g}, {scope})"
     return f"d={expert.density:g} ({scope})"
 
 

@@ -2,7 +2,8 @@
 
 Inputs come from the command line (``--base BASE EXPERT[:STORE] ...``) or from a
 mergekit YAML merge config (``base_model``, the experts, and their ``curvature`` /
-``density`` / ``threshold`` parameters, read as ``mergekit-yaml`` reads them).
+``density`` / ``threshold`` parameters, ``density: auto`` with its ``saliency_mass`` included, read as
+``mergekit-yaml`` reads them).
 :func:`open_inputs` then checks every header (missing tensors, shapes, dtypes) for all
 tensors at once, before anything is computed or written.
 """
@@ -12,11 +13,12 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from mergekit_ota.catalog import DEFAULT_SALIENCY_MASS
 from mergekit_ota.curvature.locate import locate_store
 from mergekit_ota.curvature.store import CurvatureStore
 from mergekit_ota.errors import ConfigError, CurvatureError, OTAError, PreflightError
@@ -39,7 +41,7 @@ class ExpertSource(BaseModel):
     label: str
     model: str
     store: str
-    density: Optional[float] = None
+    density: Union[float, Literal["auto"], None] = None  # auto: from the saliency mass (model-wide)
     threshold: Optional[float] = None
 
     @model_validator(mode="after")
@@ -49,12 +51,15 @@ class ExpertSource(BaseModel):
         return self
 
 
-def expert_source(label: str, model: str, store: str, density: Any, threshold: Any, where: str) -> ExpertSource:
+def expert_source(
+    label: str, model: str, store: str, density: Any, threshold: Any, where: str, density_scope: str = "model"
+) -> ExpertSource:
     """An :class:`ExpertSource` whose ``density`` / ``threshold`` passed the merge's own checks
-    (:func:`mergekit_ota.methods.settings.expert_settings`: range, not both)."""
+    (:func:`mergekit_ota.methods.settings.expert_settings`: range, not both, ``auto`` only model-wide)."""
     from mergekit_ota.methods.settings import expert_settings
 
-    settings = expert_settings({"density": density, "threshold": threshold}, expert=where, tensor=None)
+    settings = expert_settings({"density": density, "threshold": threshold}, expert=where, tensor=None,
+                               density_scope=density_scope)  # fmt: skip
     return ExpertSource(label=label, model=model, store=store, density=settings.density, threshold=settings.threshold)
 
 
@@ -72,6 +77,7 @@ class AnalysisRequest(BaseModel):
     base: str
     experts: Tuple[ExpertSource, ...] = Field(min_length=1)
     density_scope: Literal["tensor", "model"] = "tensor"
+    saliency_mass: float = Field(default=DEFAULT_SALIENCY_MASS, gt=0.0, le=1.0)  # density: auto's target
     top_density: float = Field(default=DEFAULT_DENSITY, gt=0.0, le=1.0)
     rank_top: int = Field(default=6, ge=0)
     spearman_sample: int = Field(default=1_000_000, ge=100)
@@ -200,6 +206,7 @@ def request_from_config(
             raise ConfigError(f"{path}: model {ref} has a LoRA; analyze reads full checkpoints only")
     labels = unique_labels([ref.model.path for ref, _ in entries])
     scope = density_scope or _scalar(shared.get("density_scope"), "density_scope", path, notes) or "tensor"
+    mass = _scalar(shared.get("saliency_mass"), "saliency_mass", path, notes)
     sources, config_densities = [], set()
     for label, (ref, params) in zip(labels, entries):
         merged = {**shared, **params}
@@ -213,9 +220,9 @@ def request_from_config(
             own_density = DEFAULT_DENSITY
         model_dir = _directory(ref.model.path, f"Expert {label} ({path})")
         store = locate_store(None if curvature is None else str(curvature), model_dir, label)
-        source = expert_source(label, model_dir, store, own_density, threshold, where)
+        source = expert_source(label, model_dir, store, own_density, threshold, where, scope)
         sources.append(source)
-        if source.density is not None:
+        if isinstance(source.density, float):
             config_densities.add(source.density)
     top = density if density is not None else (config_densities.pop() if len(config_densities) == 1 else DEFAULT_DENSITY)
     data = {
@@ -224,6 +231,7 @@ def request_from_config(
         "density_scope": scope,
         "top_density": top,
         "source": os.path.abspath(path),
+        **({"saliency_mass": mass} if mass is not None else {}),
         "notes": tuple(notes),
         **options,
     }

@@ -123,7 +123,7 @@ def _figures(analysis: Analysis, directory: str) -> Dict[str, List[Tuple[str, st
     records = analysis.records
     labels = analysis.labels
     request = analysis.inputs.request
-    out: Dict[str, List[Tuple[str, str]]] = {"similarity": [], "localisation": [], "rank": [], "overlap": []}
+    out: Dict[str, List[Tuple[str, str]]] = {"similarity": [], "localisation": [], "mass": [], "rank": [], "overlap": []}
 
     def save(section: str, name: str, caption: str) -> str:
         out[section].append((name, caption))
@@ -202,6 +202,21 @@ def _figures(analysis: Analysis, directory: str) -> Dict[str, List[Tuple[str, st
             f"Mask occupancy: {label}", columns=2,
         )
 
+    curves = []
+    for i, label in enumerate(labels):
+        entries, masses = analysis.saliency[i].mass_curve()
+        points = mass_points(analysis, i)
+        marks = [("its FFG mask", *points["own"])]
+        if request.experts[i].density != "auto":
+            marks.append((f"auto, mass {request.saliency_mass:g}", *points["auto"]))
+        curves.append(fig.Curve(label, entries, masses, marks))
+    if any(c.entries for c in curves):
+        fig.mass_curves(
+            save("mass", "saliency_mass_curve.png", "Share of saliency mass kept against the share of entries kept, "
+                 "per expert (model-wide, most salient first), with each expert's FFG mask and density: auto marked"),
+            [c for c in curves if c.entries], "Saliency mass vs density",
+        )
+
     ranked = [r for r in records if r.experts[0].rank is not None]
     if ranked:
         series = {}
@@ -223,6 +238,28 @@ def _figures(analysis: Analysis, directory: str) -> Dict[str, List[Tuple[str, st
             "Overlap of FFG masks between experts (Jaccard)",
         )
     return out
+
+
+def mass_points(analysis: Analysis, i: int) -> Dict[str, Any]:
+    """Expert ``i`` on its mass-vs-density curve (model-wide, from :attr:`Analysis.saliency`): ``at_mass``, the
+    fraction of entries that keeps each saliency mass of ``MASS_CURVE`` (as check prints it); ``own``, the
+    ``(density, mass)`` its FFG mask keeps (summed over the tensors); ``auto``, what ``density: auto`` at the
+    request's ``saliency_mass`` keeps."""
+    from mergekit_ota.methods.base import MASS_CURVE
+
+    hist = analysis.saliency[i]
+    records = analysis.records
+    numel = sum(r.numel for r in records)
+    total = sum(r.experts[i].saliency_sum for r in records)
+    own = (
+        sum(r.experts[i].kept for r in records) / numel if numel else float("nan"),
+        sum(r.experts[i].kept_saliency for r in records) / total if total > 0 else float("nan"),
+    )
+    return {
+        "at_mass": [(q, hist.kept_at(hist.threshold_for_mass(q))[0]) for q in MASS_CURVE],
+        "own": own,
+        "auto": hist.kept_at(hist.threshold_for_mass(analysis.inputs.request.saliency_mass)),
+    }
 
 
 def _masks_vary(analysis: Analysis) -> bool:
@@ -335,6 +372,25 @@ def build_document(analysis: Analysis, figures: Dict[str, List[Tuple[str, str]]]
     doc.add("table", (header, rows))
     doc.images(figures["localisation"])
 
+    doc.add("h3", "Saliency mass against density")
+    doc.add(
+        "p",
+        "Each expert's entries ranked by saliency s = v * tau^2 over its whole model: the share of the total "
+        "saliency carried by the most salient fraction of entries (the curve `density: auto` reads, from the "
+        "same log-histogram: the fewest entries holding `saliency_mass` of the total). Reverting an entry "
+        "costs about s/2 of loss, so the mass kept is the share of the expert's edit FFG keeps, to first order. "
+        "The curve is the most mass any mask of that size keeps: a per-tensor mask lies on or below it.",
+    )
+    header = ["expert"] + [f"density at {pct(q)} mass" for q, _ in mass_points(analysis, 0)["at_mass"]]
+    header += ["its FFG mask: density, mass kept", f"auto (saliency_mass {request.saliency_mass:g}): density"]
+    rows = []
+    for i, label in enumerate(labels):
+        points = mass_points(analysis, i)
+        rows.append([label] + [pct(d) for _, d in points["at_mass"]]
+                    + [f"{pct(points['own'][0])}, {pct(points['own'][1])}", pct(points["auto"][0])])  # fmt: skip
+    doc.add("table", (header, rows))
+    doc.images(figures["mass"])
+
     doc.add("h3", "Rank of the masks")
     doc.add(
         "p",
@@ -411,6 +467,7 @@ def metrics_json(analysis: Analysis) -> Dict[str, Any]:
         "pairs": [[analysis.labels[a], analysis.labels[b]] for a, b in analysis.pairs],
         "model_wide_thresholds": {k: {"saliency": v[0], "tau_squared": v[1]} for k, v in analysis.thresholds.items()},
         "curvature_scale": scale_json(analysis.scales),
+        "saliency_mass_curve": {label: mass_points(analysis, i) for i, label in enumerate(analysis.labels)},
         "seconds": analysis.seconds,
         "skipped": analysis.inputs.skipped,
         "tensors": [_jsonable(r) for r in analysis.records],

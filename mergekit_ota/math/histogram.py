@@ -158,6 +158,23 @@ class SaliencyHistogram:
             return 0.0
         return bin_edge(BINS - 1 - int(reached[0]))
 
+    def mass_curve(self) -> "tuple[list[float], list[float]]":
+        """The mass-vs-density curve: ``(entries, masses)``, one point per non-empty positive bin from the top, where
+        ``entries[j]`` and ``masses[j]`` are the fractions of all entries and of the saliency mass that ``s >= T_j``
+        keeps (``T_j`` that bin's lower edge, so each point is :meth:`kept_at` of ``T_j``). Both rise to the
+        fractions of positive entries and 1.0; empty lists without mass or without positive saliency."""
+        if self.mass is None or self.counts is None or self.total == 0:
+            return [], []
+        counts = torch.flip(self.counts[1:BINS], dims=[0])
+        mass = torch.flip(self.mass[1:BINS], dims=[0])
+        total_mass = float(mass.sum())
+        if not total_mass > 0.0:
+            return [], []
+        present = counts > 0
+        entries = (counts.cumsum(0).double() / self.total)[present]
+        masses = (mass.cumsum(0) / total_mass)[present]
+        return entries.tolist(), masses.tolist()
+
     def kept_at(self, threshold: float) -> "tuple[float, float]":
         """``(fraction of entries, fraction of saliency mass)`` with ``s >= threshold`` (mass: 1.0 without one)."""
         if self.counts is None or self.total == 0:
