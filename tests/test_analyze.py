@@ -533,7 +533,7 @@ def test_cli_from_a_density_auto_config_keeps_what_the_merge_keeps_and_draws_the
         assert mass >= 0.9 - 0.01
         curve = metrics["saliency_mass_curve"][f"expert_{i}"]
         assert dict(map(tuple, curve["at_mass"]))[0.9] == pytest.approx(kept / total, abs=1e-9)
-        assert f"density: auto (saliency_mass 0.9, model-wide)" in report
+        assert "density: auto (saliency_mass 0.9, model-wide)" in report
     assert "saliency_mass_curve.png" in _pngs_open(out)
 
     config["parameters"]["density_scope"] = "tensor"

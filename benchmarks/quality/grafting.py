@@ -19,7 +19,7 @@ All run through mergekit, on the YAML that :func:`graft_config` builds.
 mass ``q`` instead of a density: it keeps the fewest entries whose saliency ``v * tau**2`` sums to
 ``q`` of the expert's total, model-wide, and the merge's provenance records the density it chose.
 ``FFG (knee: s >= mean s)`` (:func:`knee_graft_config`) keeps the entries whose saliency reaches the expert's
-mean saliency, the knee of its mass-vs-density curve (:mod:`benchmarks.quality.knee`).
+mean saliency, the knee of its mass-vs-density curve (:mod:`benchmarks.quality.saliency`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Tuple
 DENSITIES: Tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.2, 0.4)
 AUTO_MASSES: Tuple[float, ...] = (0.5, 0.8, 0.9, 0.95, 0.99)  # density: auto's saliency masses grafted (sft tier)
 AUTO = "FFG (auto)"
-KNEE = "FFG (knee: s >= mean s)"  # density: auto's other candidate rule (benchmarks/quality/knee.py), sft tier
+KNEE = "FFG (knee: s >= mean s)"  # density: auto's other candidate rule (benchmarks/quality/saliency.py), sft tier
 SELECTORS: Tuple[str, ...] = ("FFG (per tensor)", "FFG (model-wide)", "magnitude (per tensor)", "random")
 
 

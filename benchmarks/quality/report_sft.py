@@ -138,7 +138,7 @@ def _auto_graft(data: Dict[str, Any], cap: str, q: Any) -> Optional[Tuple[float,
     return next(iter(record.get("density_auto", {}).values()), float("nan")), kept[0], kept[1]
 
 
-KNEE = "knee"  # the knee rule (benchmarks/quality/knee.py) as a column of the density: auto tables
+KNEE = "knee"  # the knee rule (benchmarks/quality/saliency.py) as a column of the density: auto tables
 
 
 def _held(runs: List[Run], cap: str, q: Any) -> bool:
@@ -166,7 +166,7 @@ def auto_section(runs: List[Run], table: compare.Comparisons) -> List[str]:
                 "holding q of the expert's saliency `v * tau**2`): the density auto chose (from the merge's "
                 "provenance) and score / expert score kept on its own skill, validation / test, mean over seeds. "
                 f"Column `{KNEE}`: the other candidate rule, {grafting.KNEE} (the knee of the mass-vs-density curve, "
-                "`benchmarks/quality/knee.py`), grafted with that absolute threshold.", "",
+                "`benchmarks/quality/saliency.py`), grafted with that absolute threshold.", "",
                 "| expert | " + " | ".join(_rule(q) + ": density, val / test kept" for q in masses) + " |",
                 "|---|" + "---|" * len(masses)]  # fmt: skip
         per_mass: Dict[float, List[Tuple[float, float, float]]] = {q: [] for q in masses}

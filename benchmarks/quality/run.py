@@ -332,12 +332,12 @@ class Pipeline:
                     self.merged(f"graft/{cap}/{grafting.AUTO}/{mass:g}", config,
                                 merges.slug(f"graft {cap} auto {mass:g}"), SPLITS, (cap,))  # fmt: skip
                 self.log(f"grafts {grafting.AUTO}: {cap} at saliency mass {', '.join(f'{m:g}' for m in masses)}")
-            from benchmarks.quality import knee
+            from benchmarks.quality import saliency
 
             for cap in self.suite.capabilities if masses else ():  # the knee rule, density: auto's other candidate
                 key = f"graft/{cap}/{grafting.KNEE}/mean"
                 if key not in self.results.models:
-                    found = knee.knee(base, experts.models[cap], experts.full_stores[cap])
+                    found = saliency.knee(base, experts.models[cap], experts.full_stores[cap])
                     config = grafting.knee_graft_config(base, experts.models[cap], experts.full_stores[cap], found["threshold"])
                     self.merged(key, config, merges.slug(f"graft {cap} knee"), SPLITS, (cap,))
                     self.results.models[key]["knee"] = found
