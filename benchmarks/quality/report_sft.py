@@ -25,7 +25,7 @@ import numpy as np
 from benchmarks.quality import compare, grafting, merges, report, stats
 from benchmarks.quality.compare import est as _est
 from benchmarks.quality.compare import fmt as _fmt
-from benchmarks.quality.paired import choose, seed_items
+from benchmarks.quality.paired import choose, gain_skills, seed_items
 from benchmarks.quality.paired import finite as _finite
 from mergekit_ota.catalog import DEFAULT_SALIENCY_MASS
 from benchmarks.quality.tiers import Suite
@@ -148,6 +148,36 @@ def _held(runs: List[Run], cap: str, q: Any) -> bool:
     return all(g is not None and g[1] >= HOLD for g in grafts)
 
 
+def merge_masses(runs: List[Run]) -> List[str]:
+    """Validation G of the auto merge at every saliency mass the results hold (best lambda per mass), per seed and
+    on average, and the mass validation picks: how a merge-specific default would be chosen."""
+    auto = merges.AUTO_METHOD
+    by_seed: Dict[float, List[float]] = {}
+    for _, suite, data in runs:
+        val, skills = seed_items(suite, data, "val"), gain_skills(suite, data)
+        best: Dict[float, float] = {}
+        for key in data["models"]:
+            if key.startswith(f"merge/{auto}/q=") and key in val:
+                q = float(key.split("/")[-1].split(",")[0][2:])
+                best[q] = max(best.get(q, -math.inf), _finite(stats.gain(val, key, skills)))
+        for q, g in best.items():
+            by_seed.setdefault(q, []).append(g)
+    masses = sorted(q for q, gs in by_seed.items() if len(gs) == len(runs))
+    if len(masses) < 2:
+        return []
+    means = {q: float(np.mean(by_seed[q])) for q in masses}
+    pick = max(masses, key=lambda q: means[q])
+    out = ["", f"Saliency mass in merges: validation G of **{auto}** at each mass its results hold (best λ per mass; "
+           "the masses outside the default were an earlier grid of this method):", "",
+           "| q | " + " | ".join(f"seed {seed}" for seed, _, _ in runs) + " | mean |", "|---|" + "---|" * (len(runs) + 1)]  # fmt: skip
+    for q in masses:
+        out.append(f"| {q:g} | " + " | ".join(_fmt(g) for g in by_seed[q]) + f" | {_fmt(means[q])} |")
+    runner_up = max((q for q in masses if q != pick), key=lambda q: means[q])
+    out += ["", f"Validation's pick for merges: q = {pick:g} (mean G {_fmt(means[pick])}; next q = {runner_up:g}, "
+            f"{_fmt(means[runner_up])})."]  # fmt: skip
+    return out
+
+
 def _rule(q: Any) -> str:
     return KNEE if q == KNEE else f"q={q:g}"
 
@@ -215,6 +245,7 @@ def auto_section(runs: List[Run], table: compare.Comparisons) -> List[str]:
         if table.reference:
             rows.append((f"{auto} - {table.reference}", table.diff(table.keys_of(auto), table.keys_of(table.reference))))
         out += [""] + table.columns("comparison") + [table.row(label, d) for label, d in rows]
+        out += merge_masses(runs)
     return out + ([""] if out else [])
 
 
