@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mergekit-ota-installed
 QUALITY_STAMP := $(VENV)/.mergekit-ota-quality
 
-.PHONY: install demo test bench-quality bench-quality-full bench-quality-sft bench-perf bench-export-memory fixtures clean
+.PHONY: install demo test lint bench-quality bench-quality-full bench-quality-sft bench-perf bench-export-memory fixtures clean
 
 $(STAMP): pyproject.toml mergekit_ota_autoload.py mergekit_ota.pth
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=15
+
+# ruff (pyproject's [tool.ruff]): the formatter's layout and the linter's rules, checked, never rewritten
+lint: $(STAMP)
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
 
 bench-quality: $(STAMP)
 	$(PY) -m benchmarks.quality.run --tier quick

@@ -44,30 +44,60 @@ class MethodCard(NamedTuple):
 
 EXPERT: Tuple[Parameter, ...] = (
     Parameter("weight", float, True, 1.0, "relative weight of the expert (ota: >= 0; ffg: any sign)"),
-    Parameter("density", Any, True, None,
-              "FFG: fraction of entries kept, or 'auto' (model-wide, from the expert's saliency mass)"),  # fmt: skip
+    Parameter(
+        "density",
+        Any,
+        True,
+        None,
+        "FFG: fraction of entries kept, or 'auto' (model-wide, from the expert's saliency mass)",
+    ),
     Parameter("threshold", Optional[float], True, None, "FFG: absolute saliency threshold"),
     Parameter("curvature", Any, True, None, "exp_avg_sq store path, or a tensor in memory"),
     Parameter("optimizer_step", Optional[int], True, None, "Adam step count, for bias_correction"),
     Parameter("beta2", Optional[float], True, None, "Adam beta2, for bias_correction"),
-    Parameter("bias_corrected", Optional[bool], True, None,
-              "the curvature is already bias-corrected (default: its store's metadata)"),  # fmt: skip
+    Parameter(
+        "bias_corrected",
+        Optional[bool],
+        True,
+        None,
+        "the curvature is already bias-corrected (default: its store's metadata)",
+    ),
 )
 COMMON_SHARED: Tuple[Parameter, ...] = (
     Parameter("lambda", float, False, 1.0, "scale of the merged task vector"),
     Parameter("density_scope", str, False, "tensor", "'tensor' or 'model': where density applies"),
-    Parameter("bias_correction", BiasMode, False, "auto",
-              "auto | true | false: divide v by (1 - beta2**step) where step and beta2 are known"),  # fmt: skip
-    Parameter("saliency_mass", float, False, DEFAULT_SALIENCY_MASS,
-              "density: auto keeps the fewest entries holding this share of each expert's saliency"),  # fmt: skip
-    Parameter("sign_consensus", str, False, "none",
-              "none | sum | count: elect a sign per coordinate (TIES) and keep only the FFG-kept entries that agree"),  # fmt: skip
+    Parameter(
+        "bias_correction",
+        BiasMode,
+        False,
+        "auto",
+        "auto | true | false: divide v by (1 - beta2**step) where step and beta2 are known",
+    ),
+    Parameter(
+        "saliency_mass",
+        float,
+        False,
+        DEFAULT_SALIENCY_MASS,
+        "density: auto keeps the fewest entries holding this share of each expert's saliency",
+    ),
+    Parameter(
+        "sign_consensus",
+        str,
+        False,
+        "none",
+        "none | sum | count: elect a sign per coordinate (TIES) and keep only the FFG-kept entries that agree",
+    ),
 )
 OTA_ONLY: Tuple[Parameter, ...] = (
     Parameter("power", float, False, 0.5, "exponent p in w = weight * v**p + eps"),
     Parameter("eps", float, False, 1e-12, "eps in w = weight * v**p + eps"),
-    Parameter("curvature_scale", str, False, DEFAULT_CURVATURE_SCALE,
-              "none | mean | median: divide each expert's v by its model-wide mean or median"),  # fmt: skip
+    Parameter(
+        "curvature_scale",
+        str,
+        False,
+        DEFAULT_CURVATURE_SCALE,
+        "none | mean | median: divide each expert's v by its model-wide mean or median",
+    ),
 )
 FFG_ONLY: Tuple[Parameter, ...] = (
     Parameter("normalize", bool, False, False, "divide the sum by sum_i weight_i (which must not be 0)"),

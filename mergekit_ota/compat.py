@@ -36,9 +36,16 @@ EXPECTED_RUN_MERGE_ARGS = ["merge_config", "out_path", "options", "config_source
 EXPECTED_OUT_CONFIG_ARGS = ["config", "arch_info", "trust_remote_code"]
 EXPECTED_PLANNER_ATTRIBUTES = ("_tensors", "_method", "options")  # set in MergePlanner.__init__
 EXPECTED_TASK_FIELDS = {
-    "method_name", "gather_tensors", "model_order", "base_model", "output_weight",
-    "parameters", "input_parameters", "dtype", "out_dtype",
-}  # fmt: skip
+    "method_name",
+    "gather_tensors",
+    "model_order",
+    "base_model",
+    "output_weight",
+    "parameters",
+    "input_parameters",
+    "dtype",
+    "out_dtype",
+}
 EXPECTED_FINALIZE_FIELDS = {"tensor_save_tasks", "writer_task"}
 
 
@@ -72,7 +79,8 @@ def _internal_problems(version: str) -> Tuple[List[str], bool]:
     loading = [name for name in ("mergekit.merge", "mergekit.scripts.merge_raw_pytorch") if _loading(name)]
     complete = not loading
     merge = importlib.import_module("mergekit.merge") if "mergekit.merge" not in loading else None
-    raw = importlib.import_module("mergekit.scripts.merge_raw_pytorch") if not loading else None
+    if not loading:  # it must still import (mergekit-pytorch runs through it)
+        importlib.import_module("mergekit.scripts.merge_raw_pytorch")
     checks: Tuple[Tuple[str, Any, List[str]], ...] = (
         ("MergePlanner.plan_tensor", getattr(MergePlanner, "plan_tensor", None), EXPECTED_PLAN_TENSOR_ARGS),
         ("MergePlanner.plan_to_disk", getattr(MergePlanner, "plan_to_disk", None), EXPECTED_PLAN_TO_DISK_ARGS),
@@ -135,7 +143,11 @@ def incompatibility() -> Optional[str]:
         complete = True
     else:
         problems, complete = _internal_problems(version)
-        verdict = f"mergekit {version}: internals mergekit-ota relies on changed: " + "; ".join(problems) if problems else None
+        verdict = (
+            f"mergekit {version}: internals mergekit-ota relies on changed: " + "; ".join(problems)
+            if problems
+            else None
+        )
     if complete:
         _checked.append(verdict)
     return verdict
@@ -162,7 +174,8 @@ def planner_method(planner: Any) -> Any:
 
 
 def planner_cache_dir(planner: Any) -> Optional[str]:
-    """``planner.options.transformers_cache``: mergekit's ``--transformers-cache`` (``None``: huggingface_hub's default)."""
+    """``planner.options.transformers_cache``: mergekit's ``--transformers-cache`` (``None``: huggingface_hub's
+    default)."""
     return getattr(planner.options, "transformers_cache", None)
 
 

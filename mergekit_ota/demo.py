@@ -86,10 +86,21 @@ def train_expert(base_dir: str, out_dir: str, skill: Skill, pairs, steps: int, s
     data = [{"input_ids": ids, "labels": ids} for ids in _batch(skill, pairs)]
     run_dir = os.path.join(os.path.dirname(os.path.dirname(out_dir)), "runs", os.path.basename(out_dir))
     args = TrainingArguments(
-        output_dir=run_dir, max_steps=steps, per_device_train_batch_size=32, learning_rate=3e-3,
-        lr_scheduler_type="constant", weight_decay=0.0, adam_beta2=0.999, save_strategy="steps",
-        save_steps=steps, use_cpu=True, report_to=[], logging_strategy="no", disable_tqdm=True, seed=seed,
-    )  # fmt: skip
+        output_dir=run_dir,
+        max_steps=steps,
+        per_device_train_batch_size=32,
+        learning_rate=3e-3,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        adam_beta2=0.999,
+        save_strategy="steps",
+        save_steps=steps,
+        use_cpu=True,
+        report_to=[],
+        logging_strategy="no",
+        disable_tqdm=True,
+        seed=seed,
+    )
     trainer = Trainer(model=model, args=args, train_dataset=data)
     if quiet:  # its end-of-training metrics line
         from transformers.trainer_callback import PrinterCallback
@@ -105,8 +116,9 @@ def _mergekit_ota(*args: str, quiet: bool = False) -> None:
     """Run a ``mergekit-ota`` subcommand as a user would (same interpreter), echoing it unless ``quiet``."""
     if not quiet:
         print("$ mergekit-ota " + " ".join(args))
-    subprocess.run([sys.executable, "-m", "mergekit_ota.cli.main", *args], check=True,
-                   stdout=subprocess.DEVNULL if quiet else None)  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "mergekit_ota.cli.main", *args], check=True, stdout=subprocess.DEVNULL if quiet else None
+    )
 
 
 def merge_configs(base: str, experts: List[str], rank1_stores: List[str]) -> Dict[str, dict]:
@@ -190,16 +202,15 @@ def run_demo(out_dir: str, steps: int = 150, seed: int = 0, force: bool = False,
 
 
 def _run_demo(out_dir: str, steps: int, seed: int, quiet: bool = False) -> List[dict]:
-    import mergekit_ota  # noqa: F401  (registers and patches mergekit)
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
     from safetensors.torch import load_file
     from transformers import LlamaForCausalLM
-
-    from mergekit_ota.synthetic import random_state_dict, save_model, tiny_llama_config
-
     from transformers.utils import logging as hf_logging
+
+    import mergekit_ota  # noqa: F401  (registers and patches mergekit)
+    from mergekit_ota.synthetic import random_state_dict, save_model, tiny_llama_config
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
@@ -248,8 +259,12 @@ def _run_demo(out_dir: str, steps: int, seed: int, quiet: bool = False) -> List[
 
     # The same ota config through the unmodified mergekit-yaml command (the .pth hook registers ota).
     cli_out = os.path.join(out_dir, "merged", "ota_via_mergekit_yaml")
-    command = [os.path.join(os.path.dirname(sys.executable), "mergekit-yaml"),
-               os.path.join(config_dir, "ota.yml"), cli_out, "--quiet"]  # fmt: skip
+    command = [
+        os.path.join(os.path.dirname(sys.executable), "mergekit-yaml"),
+        os.path.join(config_dir, "ota.yml"),
+        cli_out,
+        "--quiet",
+    ]
     started = time.perf_counter()
     subprocess.run(command, check=True)
     cli_seconds = time.perf_counter() - started

@@ -54,8 +54,7 @@ class PreflightError(OTAError):
         listing = "\n".join(f"  - {p}" for p in grouped)
         counted = f"; {len(self.problems)} counting each tensor" if len(self.problems) > len(grouped) else ""
         super().__init__(
-            f"mergekit-ota found {len(grouped)} problem(s) before merging "
-            f"(nothing was written{counted}):\n{listing}"
+            f"mergekit-ota found {len(grouped)} problem(s) before merging (nothing was written{counted}):\n{listing}"
         )
 
 

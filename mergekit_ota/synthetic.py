@@ -157,7 +157,9 @@ def _shapes(config) -> Dict[str, Tuple[int, ...]]:
     return shapes
 
 
-def _base_tensors(shapes: Dict[str, Tuple[int, ...]], generator: torch.Generator, std: float) -> Iterator[Tuple[str, torch.Tensor]]:
+def _base_tensors(
+    shapes: Dict[str, Tuple[int, ...]], generator: torch.Generator, std: float
+) -> Iterator[Tuple[str, torch.Tensor]]:
     """Random base weights one tensor at a time: ``N(0, std)``, norms 1."""
     for name, shape in shapes.items():
         if name.endswith("norm.weight"):
@@ -209,10 +211,18 @@ def stream_family(
             return stack.enter_context(StoreWriter(OutputLayout(kind, path), specs, header, shard_bytes))
 
         models = [writer(os.path.join(p, "model.safetensors" + INDEX_SUFFIX), False, {"format": "pt"}) for p in paths]
-        full = [writer(os.path.join(p, DEFAULT_STORE_NAME + INDEX_SUFFIX), False,
-                       store_metadata("none", torch.float32, metadata)) for p in paths[1:]]  # fmt: skip
-        rank1 = [writer(os.path.join(p, RANK1_STORE_NAME), True,
-                        store_metadata("rank1", torch.float32, metadata)) for p in paths[1:]]  # fmt: skip
+        full = [
+            writer(
+                os.path.join(p, DEFAULT_STORE_NAME + INDEX_SUFFIX),
+                False,
+                store_metadata("none", torch.float32, metadata),
+            )
+            for p in paths[1:]
+        ]
+        rank1 = [
+            writer(os.path.join(p, RANK1_STORE_NAME), True, store_metadata("rank1", torch.float32, metadata))
+            for p in paths[1:]
+        ]
         for name, value in _base_tensors(shapes, generators[0], float(config.initializer_range)):
             models[0].write(name, value)
             for expert in range(n_experts):

@@ -49,11 +49,22 @@ def main() -> None:
 
         model, batches = model_and_data()
         data = [{"input_ids": r, "labels": r.clone()} for b in batches for r in b] * 2
-        args = TrainingArguments(output_dir=out, max_steps=2, save_steps=2, per_device_train_batch_size=2, report_to=[],
-                                 use_cpu=True, ddp_backend="gloo", logging_steps=1, save_only_model=True)  # fmt: skip
+        args = TrainingArguments(
+            output_dir=out,
+            max_steps=2,
+            save_steps=2,
+            per_device_train_batch_size=2,
+            report_to=[],
+            use_cpu=True,
+            ddp_backend="gloo",
+            logging_steps=1,
+            save_only_model=True,
+        )
         trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[CurvatureCallback(compress="none")])
         trainer.train()
-        truth = truth_of(trainer.model, trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer)
+        truth = truth_of(
+            trainer.model, trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
+        )
         if dist.get_rank() == 0:
             save_file({k: v.contiguous() for k, v in truth.items()}, os.path.join(out, "truth.safetensors"))
         return

@@ -15,7 +15,8 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from mergekit_ota.analysis import aggregate as agg
@@ -41,9 +42,9 @@ from mergekit_ota.analysis.metrics import (
     spearman,
 )
 from mergekit_ota.analysis.names import parse_name
+from mergekit_ota.analysis.output import StagedDirectory
 from mergekit_ota.cli.main import main
 from mergekit_ota.curvature.writer import save_store
-from mergekit_ota.analysis.output import StagedDirectory
 from mergekit_ota.errors import ConfigError, PreflightError
 from mergekit_ota.math.ffg import kept_count
 
@@ -330,7 +331,11 @@ def test_absolute_threshold_keeps_salient_entries_and_magnitude_matches_the_coun
     threshold = 2e-11
     request = AnalysisRequest(
         base=base_dir,
-        experts=[ExpertSource(label="t", model=expert, store=os.path.join(expert, "exp_avg_sq.safetensors"), threshold=threshold)],
+        experts=[
+            ExpertSource(
+                label="t", model=expert, store=os.path.join(expert, "exp_avg_sq.safetensors"), threshold=threshold
+            )
+        ],
     )
     analysis = collect(open_inputs(request), quiet=True)
     for record in analysis.records:
@@ -394,7 +399,18 @@ def test_cli_writes_report_and_figures_and_refuses_existing_out(tmp_path, famili
     metrics.json and PNGs that open; a second run into DIR is refused without --force."""
     family = families[kind]
     out = tmp_path / "report"
-    args = ["analyze", "--base", family.base, *family.experts, "--out", str(out), "--quiet", "--html", "--rank-top", "3"]
+    args = [
+        "analyze",
+        "--base",
+        family.base,
+        *family.experts,
+        "--out",
+        str(out),
+        "--quiet",
+        "--html",
+        "--rank-top",
+        "3",
+    ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     report = (out / "report.md").read_text()
@@ -405,13 +421,16 @@ def test_cli_writes_report_and_figures_and_refuses_existing_out(tmp_path, famili
         assert f"]({name})" in report
     assert (out / "report.html").read_text().count("data:image/png;base64,") == len(names)
     metrics = json.loads((out / "metrics.json").read_text())
-    assert len(metrics["tensors"]) == 21 and len(metrics["pairs"]) == len(family.experts) * (len(family.experts) - 1) // 2
+    assert (
+        len(metrics["tensors"]) == 21 and len(metrics["pairs"]) == len(family.experts) * (len(family.experts) - 1) // 2
+    )
 
     if len(family.experts) >= 3:
         assert "curvature_similarity_matrix.png" in names
     cosines = [
         p["cosine"]["dot"] / math.sqrt(p["cosine"]["xx"] * p["cosine"]["yy"])
-        for t in metrics["tensors"] for p in t["pairs"]
+        for t in metrics["tensors"]
+        for p in t["pairs"]
     ]
     assert f"expert pairs = **{sum(cosines) / len(cosines):.2f}**" in report  # the headline states the data's number
 
@@ -445,11 +464,15 @@ def test_cli_never_replaces_a_foreign_directory_and_leaves_nothing_on_error(tmp_
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "precious.txt").write_text("keep me")
-    result = CliRunner().invoke(main, ["analyze", "--base", family.base, *family.experts, "--out", str(foreign), "--force"])
+    result = CliRunner().invoke(
+        main, ["analyze", "--base", family.base, *family.experts, "--out", str(foreign), "--force"]
+    )
     assert result.exit_code != 0 and (foreign / "precious.txt").read_text() == "keep me"
 
     out = tmp_path / "never"
-    result = CliRunner().invoke(main, ["analyze", "--base", family.base, family.experts[0] + ":/no/such/store.safetensors", "--out", str(out)])
+    result = CliRunner().invoke(
+        main, ["analyze", "--base", family.base, family.experts[0] + ":/no/such/store.safetensors", "--out", str(out)]
+    )
     assert result.exit_code != 0 and "does not exist" in result.output
     assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".never")]
 
@@ -490,7 +513,11 @@ def test_expert_labels_name_the_run_of_a_trainer_checkpoint_and_stay_unique():
     """`runs/math/checkpoint-500` is labelled `math`; plain directories keep their names; clashes get #i."""
     from mergekit_ota.analysis.inputs import unique_labels
 
-    assert unique_labels(["runs/math/checkpoint-500", "runs/code/checkpoint-20/", "models/prose"]) == ["math", "code", "prose"]
+    assert unique_labels(["runs/math/checkpoint-500", "runs/code/checkpoint-20/", "models/prose"]) == [
+        "math",
+        "code",
+        "prose",
+    ]
     assert unique_labels(["a/x", "b/x"]) == ["x#0", "x#1"]
 
 

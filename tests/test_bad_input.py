@@ -22,10 +22,11 @@ def family(tmp_path_factory):
 
 
 def _merge(cfg, out):
-    import mergekit_ota  # noqa: F401
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
+
+    import mergekit_ota  # noqa: F401
 
     run_merge(MergeConfiguration.model_validate(cfg), str(out), MergeOptions(quiet=True, copy_tokenizer=False))
 
@@ -33,9 +34,7 @@ def _merge(cfg, out):
 def _config(family, method="ota", expert_parameters=(None, None), base=True, **shared):
     cfg = {
         "merge_method": method,
-        "models": [
-            {"model": e, **({"parameters": p} if p else {})} for e, p in zip(family.experts, expert_parameters)
-        ],
+        "models": [{"model": e, **({"parameters": p} if p else {})} for e, p in zip(family.experts, expert_parameters)],
         "dtype": "float32",
     }
     if base:
@@ -69,7 +68,9 @@ def test_expert_without_any_curvature_is_named(family, tmp_path):
     save_model(str(bare), tiny_llama_config(), load_file(os.path.join(family.experts[0], "model.safetensors")))
     cfg = _config(family)
     cfg["models"][0]["model"] = str(bare)
-    _fails_before_writing(family, tmp_path, cfg, PreflightError, r"No curvature for expert .*bare_expert.*exp_avg_sq\.safetensors")
+    _fails_before_writing(
+        family, tmp_path, cfg, PreflightError, r"No curvature for expert .*bare_expert.*exp_avg_sq\.safetensors"
+    )
 
 
 def test_curvature_path_that_does_not_exist_is_named(family, tmp_path):
@@ -81,14 +82,20 @@ def test_curvature_of_wrong_shape_names_file_tensor_and_both_shapes(family, tmp_
     path = _store_with(family, tmp_path, lambda t: t.update({NAME: t[NAME][:, :-1].contiguous()}))
     cfg = _config(family, expert_parameters=({"curvature": path}, None))
     _fails_before_writing(
-        family, tmp_path, cfg, PreflightError, rf"bad\.safetensors: curvature tensor '{NAME}' has shape \(32, 63\).*\(32, 64\)"
+        family,
+        tmp_path,
+        cfg,
+        PreflightError,
+        rf"bad\.safetensors: curvature tensor '{NAME}' has shape \(32, 63\).*\(32, 64\)",
     )
 
 
 def test_integer_curvature_is_refused(family, tmp_path):
     path = _store_with(family, tmp_path, lambda t: t.update({NAME: t[NAME].to(torch.int32)}))
     cfg = _config(family, expert_parameters=({"curvature": path}, None))
-    _fails_before_writing(family, tmp_path, cfg, PreflightError, rf"'{NAME}' has dtype I32; curvature must be floating point")
+    _fails_before_writing(
+        family, tmp_path, cfg, PreflightError, rf"'{NAME}' has dtype I32; curvature must be floating point"
+    )
 
 
 def test_several_problems_are_reported_together(family, tmp_path):
@@ -128,13 +135,18 @@ def test_truncated_store_is_reported_before_merging(family, tmp_path):
 @pytest.mark.parametrize("density", [0.0, 1.5, -0.2])
 def test_density_outside_unit_interval_from_yaml(family, tmp_path, density):
     cfg = _config(family, expert_parameters=({"density": density}, {"density": 0.5}))
-    _fails_before_writing(family, tmp_path, cfg, PreflightError, rf"density must be in \(0, 1\] or 'auto'; got {density}")
+    _fails_before_writing(
+        family, tmp_path, cfg, PreflightError, rf"density must be in \(0, 1\] or 'auto'; got {density}"
+    )
 
 
 def test_ffg_without_base_model_is_refused(family, tmp_path):
     """mergekit's own planning refuses it (our validate_inputs); reported with every other problem found."""
     cfg = _config(family, method="ffg", expert_parameters=({"density": 0.5}, {"densty": 0.5}), base=False)
-    with pytest.raises(PreflightError, match=r"(?s)unknown parameter 'densty'.*ffg needs a base_model: FFG keeps the most salient entries"):
+    with pytest.raises(
+        PreflightError,
+        match=r"(?s)unknown parameter 'densty'.*ffg needs a base_model: FFG keeps the most salient entries",
+    ):
         _merge(cfg, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -175,7 +187,9 @@ def test_unsupported_mergekit_version_names_the_supported_one(family, tmp_path, 
     compat.reset_check()
     monkeypatch.setattr(compat, "mergekit_version", lambda: "0.1.4")
     try:
-        with pytest.raises(RuntimeError, match=r"supports mergekit 0\.1\.5; found mergekit 0\.1\.4.*pip install 'mergekit==0\.1\.5'"):
+        with pytest.raises(
+            RuntimeError, match=r"supports mergekit 0\.1\.5; found mergekit 0\.1\.4.*pip install 'mergekit==0\.1\.5'"
+        ):
             _merge(_config(family), tmp_path / "out")
     finally:
         compat.reset_check()
@@ -184,9 +198,10 @@ def test_unsupported_mergekit_version_names_the_supported_one(family, tmp_path, 
 
 def test_mergekit_pytorch_refuses_ota(family, tmp_path):
     """mergekit-pytorch bypasses the planner (no curvature tasks): it refuses ota with a message saying so."""
-    import mergekit_ota  # noqa: F401
     from mergekit.options import MergeOptions
     from mergekit.scripts import merge_raw_pytorch as raw
+
+    import mergekit_ota  # noqa: F401
 
     config = raw.RawPyTorchMergeConfig.model_validate(
         {"merge_method": "ota", "base_model": family.base, "models": [{"model": e} for e in family.experts]}
@@ -214,7 +229,9 @@ def test_a_changed_mergekit_internal_is_named_by_the_version_guard(family, tmp_p
             from mergekit.options import MergeOptions
 
             with pytest.raises(RuntimeError, match=rf"{internal} is missing.*pip install 'mergekit==0\.1\.5'"):
-                run_merge(MergeConfiguration.model_validate(_config(family)), str(tmp_path / "out"), MergeOptions(quiet=True))
+                run_merge(
+                    MergeConfiguration.model_validate(_config(family)), str(tmp_path / "out"), MergeOptions(quiet=True)
+                )
             assert not (tmp_path / "out").exists()
     finally:
         monkeypatch.undo()

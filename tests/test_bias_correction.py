@@ -41,10 +41,11 @@ def _config(family, stores, expert_parameters=(None, None), **shared):
 
 
 def _merge(cfg, out):
-    import mergekit_ota  # noqa: F401
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
+
+    import mergekit_ota  # noqa: F401
 
     run_merge(MergeConfiguration.model_validate(cfg), str(out), MergeOptions(quiet=True, copy_tokenizer=False))
     return load_file(os.path.join(str(out), "model.safetensors"))
@@ -76,8 +77,12 @@ def test_auto_from_store_metadata_equals_the_manual_optimizer_step_beta2_path(fa
     bare = [_store(family, 0, tmp_path), _store(family, 1, tmp_path)]
     auto = _merge(_config(family, with_metadata), tmp_path / "auto")
     manual = _merge(
-        _config(family, bare, ({"optimizer_step": 20, "beta2": 0.999}, {"optimizer_step": 200, "beta2": 0.999}),
-                bias_correction=True),  # fmt: skip
+        _config(
+            family,
+            bare,
+            ({"optimizer_step": 20, "beta2": 0.999}, {"optimizer_step": 200, "beta2": 0.999}),
+            bias_correction=True,
+        ),
         tmp_path / "manual",
     )
     _same(auto, manual)
@@ -88,9 +93,14 @@ def test_auto_from_store_metadata_equals_the_manual_optimizer_step_beta2_path(fa
 def test_corrected_curvature_is_v_over_one_minus_beta2_to_the_step(family, tmp_path):
     """The correction is v_i / (1 - beta2**step_i): the same merge as stores divided by hand, uncorrected."""
     with_metadata = [_store(family, 0, tmp_path, META_20), _store(family, 1, tmp_path, META_200)]
-    divided = [_store(family, 0, tmp_path, scale=1 / (1 - 0.999**20)), _store(family, 1, tmp_path, scale=1 / (1 - 0.999**200))]
-    _same(_merge(_config(family, with_metadata), tmp_path / "auto"),
-          _merge(_config(family, divided, bias_correction=False), tmp_path / "divided"))  # fmt: skip
+    divided = [
+        _store(family, 0, tmp_path, scale=1 / (1 - 0.999**20)),
+        _store(family, 1, tmp_path, scale=1 / (1 - 0.999**200)),
+    ]
+    _same(
+        _merge(_config(family, with_metadata), tmp_path / "auto"),
+        _merge(_config(family, divided, bias_correction=False), tmp_path / "divided"),
+    )
 
 
 @pytest.mark.parametrize("mode", ["auto", True])
@@ -149,6 +159,8 @@ def test_check_says_which_experts_were_corrected_and_why(family, tmp_path):
 
 def test_true_with_an_unknown_step_is_refused_naming_the_expert(family, tmp_path):
     stores = [_store(family, 0, tmp_path, META_20), _store(family, 1, tmp_path)]
-    with pytest.raises(PreflightError, match=r"expert .*expert_1.*bias_correction: true needs optimizer_step and beta2"):
+    with pytest.raises(
+        PreflightError, match=r"expert .*expert_1.*bias_correction: true needs optimizer_step and beta2"
+    ):
         _merge(_config(family, stores, bias_correction=True), tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -35,12 +35,20 @@ def test_methods_lists_every_parameter():
             assert f" {scope} " in lines[parameter.name] and f"default {parameter.default!r}" in lines[parameter.name]
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["methods"], *([c, "--help"] for c in ("check", "export", "inspect", "fisher",
-                                                                                   "analyze", "demo", "methods"))])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["methods"],
+        *([c, "--help"] for c in ("check", "export", "inspect", "fisher", "analyze", "demo", "methods")),
+    ],
+)
 def test_help_and_methods_start_without_torch_or_mergekit(argv):
     """Help texts and `methods` import neither torch nor mergekit (each costs seconds at start-up)."""
-    code = ("import sys\nfrom mergekit_ota.cli.main import main\ntry:\n    main(%r)\nexcept SystemExit:\n    pass\n"
-            "print('IMPORTED', 'torch' in sys.modules, 'mergekit' in sys.modules)" % (argv,))
+    code = (
+        "import sys\nfrom mergekit_ota.cli.main import main\ntry:\n    main(%r)\nexcept SystemExit:\n    pass\n"
+        "print('IMPORTED', 'torch' in sys.modules, 'mergekit' in sys.modules)" % (argv,)
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "IMPORTED False False", out
 

@@ -10,7 +10,8 @@ from typing import List, Optional
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mergekit_ota.math.ffg import KeepRule, ffg_merge
 from mergekit_ota.math.ota import ota_merge
@@ -28,10 +29,14 @@ def _family(seed: int, shape, n: int):
     return base, experts, curvatures
 
 
-def _reference(base, experts, curvatures, weights, rules, rule, *, ota: bool, power=0.5, eps=1e-12, normalize=True, lam=1.0):
+def _reference(
+    base, experts, curvatures, weights, rules, rule, *, ota: bool, power=0.5, eps=1e-12, normalize=True, lam=1.0
+):
     """theta = b + lam * N / D (ota; ffg normalised) or b + lam * N (ffg), computed directly over stacked c_i."""
     taus = torch.stack([e - base for e in experts])
-    masks = torch.stack([r.mask(t, v).float() if r is not None else torch.ones_like(t) for r, t, v in zip(rules, taus, curvatures)])
+    masks = torch.stack(
+        [r.mask(t, v).float() if r is not None else torch.ones_like(t) for r, t, v in zip(rules, taus, curvatures)]
+    )
     if ota:
         a = torch.stack([weight * v**power + eps for weight, v in zip(weights, curvatures)])
     else:
@@ -51,8 +56,14 @@ def _reference(base, experts, curvatures, weights, rules, rule, *, ota: bool, po
 
 
 @settings(max_examples=60, deadline=None)
-@given(seed=st.integers(0, 10_000), shape=SHAPES, n=st.integers(1, 4), rule=st.sampled_from(["sum", "count"]),
-       density=st.sampled_from([None, 0.3, 0.7, 1.0]), lam=st.sampled_from([1.0, 0.5, 1.5]))  # fmt: skip
+@given(
+    seed=st.integers(0, 10_000),
+    shape=SHAPES,
+    n=st.integers(1, 4),
+    rule=st.sampled_from(["sum", "count"]),
+    density=st.sampled_from([None, 0.3, 0.7, 1.0]),
+    lam=st.sampled_from([1.0, 0.5, 1.5]),
+)
 def test_ota_and_ffg_consensus_equal_the_formula(seed, shape, n, rule, density, lam):
     """For any experts, masks, rule and lambda: ota and ffg (normalised or not) with sign consensus equal the direct
     computation of b + lam * N / D (resp. b + lam * N) over stacked contributions."""
@@ -70,8 +81,12 @@ def test_ota_and_ffg_consensus_equal_the_formula(seed, shape, n, rule, density, 
 
 
 @settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 10_000), shape=SHAPES, rule=st.sampled_from(["sum", "count"]),
-       density=st.sampled_from([None, 0.5]))  # fmt: skip
+@given(
+    seed=st.integers(0, 10_000),
+    shape=SHAPES,
+    rule=st.sampled_from(["sum", "count"]),
+    density=st.sampled_from([None, 0.5]),
+)
 def test_one_expert_is_unchanged_by_consensus(seed, shape, rule, density):
     """With one expert nothing can disagree: the merge equals the one without consensus."""
     base, experts, curvatures = _family(seed, shape, 1)
@@ -108,8 +123,13 @@ def test_when_every_expert_agrees_consensus_changes_nothing(seed, shape, n, rule
 
 
 @settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 10_000), shape=SHAPES, n=st.integers(2, 4), c=st.sampled_from([1e-3, 0.5, 7.0, 1e3]),
-       rule=st.sampled_from(["sum", "count"]))  # fmt: skip
+@given(
+    seed=st.integers(0, 10_000),
+    shape=SHAPES,
+    n=st.integers(2, 4),
+    c=st.sampled_from([1e-3, 0.5, 7.0, 1e3]),
+    rule=st.sampled_from(["sum", "count"]),
+)
 def test_scaling_every_weight_changes_nothing(seed, shape, n, c, rule):
     """ota (eps negligible) and normalised ffg are invariant to multiplying every weight_i by one c > 0."""
     base, experts, curvatures = _family(seed, shape, n)
@@ -167,12 +187,21 @@ def test_sign_consensus_rules_through_the_methods():
     with pytest.raises(ConfigError, match="needs a base_model"):
         merge_tensors(experts, "ota", parameters={"curvature": curvatures, "sign_consensus": "sum"})
     with pytest.raises(ConfigError, match="every weight must be > 0"):
-        merge_tensors([base, *experts], "ffg", base_index=0,
-                      parameters={**masked, "weight": [2.0, -1.0], "normalize": True, "sign_consensus": "sum"})  # fmt: skip
-    got = merge_tensors([base, *experts], "ffg", base_index=0, parameters={**masked, "normalize": True, "sign_consensus": "count"})
-    want = ffg_merge(base, experts, curvatures, [KeepRule(density=0.5)] * 2, [1.0, 1.0], normalize=True, consensus="count")
+        merge_tensors(
+            [base, *experts],
+            "ffg",
+            base_index=0,
+            parameters={**masked, "weight": [2.0, -1.0], "normalize": True, "sign_consensus": "sum"},
+        )
+    got = merge_tensors(
+        [base, *experts], "ffg", base_index=0, parameters={**masked, "normalize": True, "sign_consensus": "count"}
+    )
+    want = ffg_merge(
+        base, experts, curvatures, [KeepRule(density=0.5)] * 2, [1.0, 1.0], normalize=True, consensus="count"
+    )
     assert torch.allclose(got, want)
-    got = merge_tensors([base, *experts], "ota", base_index=0,
-                        parameters={**masked, "sign_consensus": "sum", "curvature_scale": "none"})  # fmt: skip
+    got = merge_tensors(
+        [base, *experts], "ota", base_index=0, parameters={**masked, "sign_consensus": "sum", "curvature_scale": "none"}
+    )
     want = ota_merge(base, experts, curvatures, [1.0, 1.0], rules=[KeepRule(density=0.5)] * 2, consensus="sum")
     assert torch.allclose(got, want)

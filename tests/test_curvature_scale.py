@@ -18,7 +18,8 @@ import os
 import pytest
 import torch
 from click.testing import CliRunner
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from mergekit.merge_methods import merge_state_dicts, merge_tensors
 from safetensors.torch import load_file
 
@@ -205,11 +206,19 @@ def test_merge_state_dicts_divides_by_the_statistic_over_every_tensor_given(mode
     for name in base:
         torch.testing.assert_close(out[name], by_hand[name], rtol=1e-5, atol=1e-6)
     name = "a.weight"
-    one = merge_tensors([base[name], *(e[name] for e in experts)], "ota", base_index=0,
-                        parameters={"curvature": [c[name] for c in curvatures], "curvature_scale": mode})  # fmt: skip
+    one = merge_tensors(
+        [base[name], *(e[name] for e in experts)],
+        "ota",
+        base_index=0,
+        parameters={"curvature": [c[name] for c in curvatures], "curvature_scale": mode},
+    )
     own = [c[name] / statistic([c[name]], mode) for c in curvatures]
-    expected = merge_tensors([base[name], *(e[name] for e in experts)], "ota", base_index=0,
-                             parameters={"curvature": own, "curvature_scale": "none"})  # fmt: skip
+    expected = merge_tensors(
+        [base[name], *(e[name] for e in experts)],
+        "ota",
+        base_index=0,
+        parameters={"curvature": own, "curvature_scale": "none"},
+    )
     torch.testing.assert_close(one, expected, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(out[name], one, atol=1e-4), "the model-wide statistic is not the tensor's"
 
@@ -232,10 +241,16 @@ def test_an_absolute_threshold_applies_to_the_raw_saliency_under_curvature_scale
     v_i, the weights weight_i / m_i**p: exactly ota_merge with those rules and weights."""
     base, experts, curvatures = problem(3, (9, 7), 2)
     threshold = [float(torch.quantile((c * (t - base) ** 2).reshape(-1), 0.6)) for c, t in zip(curvatures, experts)]
-    out = merge_tensors([base, *experts], "ota", base_index=0,
-                        parameters={"curvature": curvatures, "curvature_scale": "mean", "threshold": threshold})  # fmt: skip
+    out = merge_tensors(
+        [base, *experts],
+        "ota",
+        base_index=0,
+        parameters={"curvature": curvatures, "curvature_scale": "mean", "threshold": threshold},
+    )
     m = [statistic([c], "mean") for c in curvatures]
-    expected = ota_merge(base, experts, curvatures, [mi**-0.5 for mi in m], rules=[KeepRule(threshold=t) for t in threshold])
+    expected = ota_merge(
+        base, experts, curvatures, [mi**-0.5 for mi in m], rules=[KeepRule(threshold=t) for t in threshold]
+    )
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
 
 
@@ -244,12 +259,18 @@ def test_a_zero_median_is_refused_and_all_zero_curvature_keeps_scale_one():
     pointing to mean. An all-zero curvature gives w_i = eps whatever m_i is: accepted (m_i = 1)."""
     base, experts, curvatures = problem(4, (6, 6), 2)
     sparse = curvatures[0].clone()
-    sparse.reshape(-1)[: 20] = 0.0
+    sparse.reshape(-1)[:20] = 0.0
     with pytest.raises(ConfigError, match=r"median of expert 1's curvature is 0 .*use curvature_scale: mean"):
-        merge_tensors([base, *experts], "ota", base_index=0,
-                      parameters={"curvature": [sparse, curvatures[1]], "curvature_scale": "median"})  # fmt: skip
+        merge_tensors(
+            [base, *experts],
+            "ota",
+            base_index=0,
+            parameters={"curvature": [sparse, curvatures[1]], "curvature_scale": "median"},
+        )
     zero = [torch.zeros_like(curvatures[0]), curvatures[1]]
-    out = merge_tensors([base, *experts], "ota", base_index=0, parameters={"curvature": zero, "curvature_scale": "mean"})
+    out = merge_tensors(
+        [base, *experts], "ota", base_index=0, parameters={"curvature": zero, "curvature_scale": "mean"}
+    )
     m = statistic([curvatures[1]], "mean")
     expected = ota_merge(base, experts, zero, [1.0, m**-0.5])
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
@@ -258,15 +279,23 @@ def test_a_zero_median_is_refused_and_all_zero_curvature_keeps_scale_one():
 def test_curvature_scale_takes_none_mean_or_median_defaults_to_mean_and_only_ota_takes_it():
     base, experts, curvatures = problem(5, (4, 4), 2)
     with pytest.raises(ConfigError, match=r"curvature_scale.*'none', 'mean' or 'median'"):
-        merge_tensors([base, *experts], "ota", base_index=0,
-                      parameters={"curvature": curvatures, "curvature_scale": "average"})  # fmt: skip
+        merge_tensors(
+            [base, *experts], "ota", base_index=0, parameters={"curvature": curvatures, "curvature_scale": "average"}
+        )
     with pytest.raises(ConfigError, match="unknown parameter 'curvature_scale' for ffg"):
-        merge_tensors([base, *experts], "ffg", base_index=0,
-                      parameters={"curvature": curvatures, "density": 0.5, "curvature_scale": "mean"})  # fmt: skip
+        merge_tensors(
+            [base, *experts],
+            "ffg",
+            base_index=0,
+            parameters={"curvature": curvatures, "density": 0.5, "curvature_scale": "mean"},
+        )
     default = merge_tensors([base, *experts], "ota", base_index=0, parameters={"curvature": curvatures})
-    given = {mode: merge_tensors([base, *experts], "ota", base_index=0,
-                                 parameters={"curvature": curvatures, "curvature_scale": mode})
-             for mode in ("none", "mean")}  # fmt: skip
+    given = {
+        mode: merge_tensors(
+            [base, *experts], "ota", base_index=0, parameters={"curvature": curvatures, "curvature_scale": mode}
+        )
+        for mode in ("none", "mean")
+    }
     assert torch.equal(default, given["mean"])
     assert not torch.allclose(default, given["none"], atol=1e-6)
 
@@ -285,16 +314,18 @@ def family(tmp_path_factory):
     stores = {}
     for kind, fam in (("full", full), ("rank1", rank1)):
         scaled = os.path.join(str(root), f"{kind}_expert_1.safetensors")
-        save_store({k: v * 1000.0 for k, v in load_file(fam.stores[1]).items()}, scaled,
-                   metadata={"step": "200", "beta2": "0.999"})  # fmt: skip
+        save_store(
+            {k: v * 1000.0 for k, v in load_file(fam.stores[1]).items()},
+            scaled,
+            metadata={"step": "200", "beta2": "0.999"},
+        )
         stores[kind] = [fam.stores[0], scaled]
     return {"full": full, "rank1": rank1, "stores": stores}
 
 
 def _config(fam, stores, expert=None, **shared):
     models = [{"model": e, "parameters": {"curvature": s, **(expert or {})}} for e, s in zip(fam.experts, stores)]
-    return {"merge_method": "ota", "base_model": fam.base, "models": models, "dtype": "float32",
-            "parameters": shared}  # fmt: skip
+    return {"merge_method": "ota", "base_model": fam.base, "models": models, "dtype": "float32", "parameters": shared}
 
 
 def _merge(cfg, out):
@@ -326,9 +357,14 @@ def _curvature(store):
 
 @pytest.mark.parametrize(
     "mode,kind,density",
-    [("mean", "full", None), ("median", "full", None), ("mean", "rank1", None), ("median", "rank1", None),
-     ("median", "full", "model")],
-)  # fmt: skip
+    [
+        ("mean", "full", None),
+        ("median", "full", None),
+        ("mean", "rank1", None),
+        ("median", "rank1", None),
+        ("median", "full", "model"),
+    ],
+)
 def test_planned_merge_equals_the_in_memory_merge_of_the_same_tensors(family, tmp_path, mode, kind, density):
     """run_merge with curvature_scale (full or rank-1 stores, with or without model-wide density) equals
     merge_state_dicts on the same weights and curvature: the graph's statistic is over every tensor it reads."""
@@ -338,8 +374,9 @@ def test_planned_merge_equals_the_in_memory_merge_of_the_same_tensors(family, tm
     graph = _merge(_config(fam, stores, extra, **shared), tmp_path / "out")
     models = {"base": _state(fam.base), "e0": _state(fam.experts[0]), "e1": _state(fam.experts[1])}
     curvature = {"e0": _curvature(stores[0]), "e1": _curvature(stores[1])}
-    memory = merge_state_dicts(models, "ota", base="base",
-                               parameters={"curvature": curvature, **shared, **(extra or {})})  # fmt: skip
+    memory = merge_state_dicts(
+        models, "ota", base="base", parameters={"curvature": curvature, **shared, **(extra or {})}
+    )
     assert graph.keys() == memory.keys()
     for name in graph:
         torch.testing.assert_close(graph[name], memory[name], rtol=1e-5, atol=1e-7)
@@ -378,8 +415,10 @@ def test_the_statistic_costs_no_read_with_model_wide_density_and_one_curvature_p
     for scope in ("tensor", "model"):
         for mode in ("none", "mean"):
             before = dict(reads)
-            _merge(_config(fam, stores, {"density": 0.3}, density_scope=scope, curvature_scale=mode),
-                   tmp_path / f"{scope}-{mode}")  # fmt: skip
+            _merge(
+                _config(fam, stores, {"density": 0.3}, density_scope=scope, curvature_scale=mode),
+                tmp_path / f"{scope}-{mode}",
+            )
             counted[scope, mode] = {k: reads[k] - before[k] for k in reads}
     tensors = 21 * 2  # every tensor of both experts
     assert counted["tensor", "none"]["curvature"] == tensors
@@ -411,8 +450,10 @@ def test_check_and_the_merge_log_say_what_scale_each_expert_gets(family, tmp_pat
     logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("curvature scale, expert")]
     for expert, store in zip(fam.experts, stores):
         m = statistic(list(_curvature(store).values()), "mean")
-        assert any(line.startswith(f"curvature scale, expert {expert}: mean of v = {m:.4g} over 90,432 entries")
-                   for line in logged), logged  # fmt: skip
+        assert any(
+            line.startswith(f"curvature scale, expert {expert}: mean of v = {m:.4g} over 90,432 entries")
+            for line in logged
+        ), logged
 
 
 def test_one_curvature_scale_for_the_whole_merge(family, tmp_path):
@@ -459,8 +500,12 @@ def test_inspect_several_stores_shows_their_scales_side_by_side_from_one_read_ea
     data = json.loads(result.stdout)
     assert [s["path"] for s in data["stores"]] == [CurvatureStore.open(s).path for s in stores]
     rows = data["scale_comparison"]
-    values = [torch.cat([v.dense().reshape(-1) if isinstance(v, Rank1Curvature) else v.reshape(-1)
-                         for v in _curvature(s).values()]) for s in stores]  # fmt: skip
+    values = [
+        torch.cat(
+            [v.dense().reshape(-1) if isinstance(v, Rank1Curvature) else v.reshape(-1) for v in _curvature(s).values()]
+        )
+        for s in stores
+    ]
     for row, store, v in zip(rows, stores, values):
         assert row["label"] == store and row["tensors"] == 21 and row["entries"] == v.numel()
         assert row["mean"] == pytest.approx(float(v.double().mean()), rel=1e-6)
@@ -483,8 +528,17 @@ def test_analyze_report_shows_the_same_scale_table_as_inspect(family, tmp_path):
 
     fam = family["full"]
     out = tmp_path / "report"
-    result = _invoke("analyze", "--base", fam.base, *(f"{e}:{s}" for e, s in zip(fam.experts, family["stores"]["full"])),
-                     "--out", str(out), "--quiet", "--rank-top", "0")  # fmt: skip
+    result = _invoke(
+        "analyze",
+        "--base",
+        fam.base,
+        *(f"{e}:{s}" for e, s in zip(fam.experts, family["stores"]["full"])),
+        "--out",
+        str(out),
+        "--quiet",
+        "--rank-top",
+        "0",
+    )
     assert result.exit_code == 0, result.output
     report = (out / "report.md").read_text()
     reports = [inspect_store(CurvatureStore.open(s), scale=True) for s in family["stores"]["full"]]
@@ -492,5 +546,7 @@ def test_analyze_report_shows_the_same_scale_table_as_inspect(family, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())["curvature_scale"]
     for row, numbers in zip(rows, metrics):
         assert " | ".join(row[1:]) in report, (row, report)
-        assert numbers["mean"] == pytest.approx(float(row[2]), rel=1e-3) and numbers["step"] == (None if row[4] == "-" else int(row[4]))
+        assert numbers["mean"] == pytest.approx(float(row[2]), rel=1e-3) and numbers["step"] == (
+            None if row[4] == "-" else int(row[4])
+        )
     assert math.isclose(metrics[1]["mean_over_smallest"], metrics[1]["mean"] / metrics[0]["mean"])

@@ -9,7 +9,8 @@ import logging
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mergekit_ota.math.histogram import SaliencyHistogram
 
@@ -18,7 +19,9 @@ SHAPES = {"a": (40, 30), "b": (300,), "c": (25, 25)}
 
 def _saliencies(seed: int, spread: float):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.rand(shape, generator=g, dtype=torch.float64) * spread).exp().float() * 1e-6 for shape in SHAPES.values()]
+    return [
+        (torch.rand(shape, generator=g, dtype=torch.float64) * spread).exp().float() * 1e-6 for shape in SHAPES.values()
+    ]
 
 
 def _hist(parts, factor: float = 1.0) -> SaliencyHistogram:
@@ -47,7 +50,9 @@ def test_the_threshold_reaches_the_target_mass_and_is_the_largest_bin_edge_that_
 
 @settings(max_examples=30, deadline=None)
 @given(seed=st.integers(0, 10_000), spread=st.sampled_from([1.0, 8.0, 20.0]), zeros=st.integers(0, 50))
-def test_the_mass_curve_is_kept_at_each_bin_edge_rises_and_ends_at_every_positive_entry_and_all_mass(seed, spread, zeros):
+def test_the_mass_curve_is_kept_at_each_bin_edge_rises_and_ends_at_every_positive_entry_and_all_mass(
+    seed, spread, zeros
+):
     """mass_curve (what analyze draws): each point is the (entries, mass) fraction that s >= T keeps, counted here
     from the saliencies for T a point's threshold; both coordinates rise; the last point keeps every positive
     entry and all of the mass (zeros are never kept)."""
@@ -75,7 +80,9 @@ def test_more_mass_never_keeps_fewer_entries(seed, low, high):
 
 
 @settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 10_000), exponent=st.integers(-20, 20), factor=st.floats(1e-3, 1e3), mass=st.floats(0.1, 0.99))
+@given(
+    seed=st.integers(0, 10_000), exponent=st.integers(-20, 20), factor=st.floats(1e-3, 1e3), mass=st.floats(0.1, 0.99)
+)
 def test_scaling_every_saliency_changes_nothing(seed, exponent, factor, mass):
     """Scale invariance: s * 2**j keeps exactly the same fraction of entries; s * c (any c > 0) the same to within
     the entries of one histogram bin (relative width 2**-9)."""
@@ -113,8 +120,12 @@ def test_auto_density_equals_the_explicit_threshold_it_chose_and_logs_it(method,
     models = {"base": base, "e0": experts[0], "e1": experts[1]}
     curvature = PerGroupValues([{"e0": curvatures[0][n], "e1": curvatures[1][n]} for n in SHAPES])
     with caplog.at_level(logging.INFO, logger="mergekit_ota"):
-        auto = merge_state_dicts(models, method, base="base", parameters={
-            "curvature": curvature, "density": "auto", "density_scope": "model", "saliency_mass": 0.8})  # fmt: skip
+        auto = merge_state_dicts(
+            models,
+            method,
+            base="base",
+            parameters={"curvature": curvature, "density": "auto", "density_scope": "model", "saliency_mass": 0.8},
+        )
     logged = [r.getMessage() for r in caplog.records if "density: auto, expert" in r.getMessage()]
     assert len(logged) == 2 and all("of its saliency mass (target 0.8" in m for m in logged), logged
     thresholds = []
@@ -123,8 +134,15 @@ def test_auto_density_equals_the_explicit_threshold_it_chose_and_logs_it(method,
         for n in SHAPES:
             h.add((experts[i][n] - base[n]).square() * curvatures[i][n], with_mass=True)
         thresholds.append(h.threshold_for_mass(0.8))
-    explicit = merge_state_dicts(models, method, base="base", parameters={
-        "curvature": curvature, "threshold": PerGroupValues([{"e0": thresholds[0], "e1": thresholds[1]}] * len(SHAPES))})  # fmt: skip
+    explicit = merge_state_dicts(
+        models,
+        method,
+        base="base",
+        parameters={
+            "curvature": curvature,
+            "threshold": PerGroupValues([{"e0": thresholds[0], "e1": thresholds[1]}] * len(SHAPES)),
+        },
+    )
     for n in SHAPES:
         assert torch.equal(auto[n], explicit[n]), n
 
@@ -139,37 +157,62 @@ def test_auto_density_per_tensor_is_refused_with_the_reason():
     register_methods()
     base, experts, curvatures = _problem()
     with pytest.raises(ConfigError, match="needs density_scope: model"):
-        merge_state_dicts({"base": base, "e0": experts[0]}, "ffg", base="base", parameters={
-            "curvature": PerGroupValues([[curvatures[0][n]] for n in SHAPES]), "density": "auto"})  # fmt: skip
+        merge_state_dicts(
+            {"base": base, "e0": experts[0]},
+            "ffg",
+            base="base",
+            parameters={"curvature": PerGroupValues([[curvatures[0][n]] for n in SHAPES]), "density": "auto"},
+        )
     with pytest.raises(ConfigError, match="'auto'"):
-        merge_state_dicts({"base": base, "e0": experts[0]}, "ffg", base="base", parameters={
-            "curvature": PerGroupValues([[curvatures[0][n]] for n in SHAPES]), "density": "automatic",
-            "density_scope": "model"})  # fmt: skip
+        merge_state_dicts(
+            {"base": base, "e0": experts[0]},
+            "ffg",
+            base="base",
+            parameters={
+                "curvature": PerGroupValues([[curvatures[0][n]] for n in SHAPES]),
+                "density": "automatic",
+                "density_scope": "model",
+            },
+        )
     with pytest.raises(ConfigError, match="saliency_mass"):
-        merge_state_dicts({"base": base, "e0": experts[0]}, "ffg", base="base", parameters={
-            "curvature": PerGroupValues([[curvatures[0][n]] for n in SHAPES]), "density": "auto",
-            "density_scope": "model", "saliency_mass": 1.5})  # fmt: skip
+        merge_state_dicts(
+            {"base": base, "e0": experts[0]},
+            "ffg",
+            base="base",
+            parameters={
+                "curvature": PerGroupValues([[curvatures[0][n]] for n in SHAPES]),
+                "density": "auto",
+                "density_scope": "model",
+                "saliency_mass": 1.5,
+            },
+        )
 
 
 def test_auto_density_from_yaml_merges_and_check_passes(tmp_path):
     """A YAML ota merge with density: auto (model-wide) over a tiny Llama family: check has no problem, the merge
     writes finite weights that differ from the base."""
-    import mergekit_ota  # noqa: F401
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
     from safetensors.torch import load_file
 
+    import mergekit_ota  # noqa: F401
     from mergekit_ota.graph.preflight import check_config
     from mergekit_ota.synthetic import make_family
 
     family = make_family(str(tmp_path / "fam"), n_experts=2)
-    config = {"merge_method": "ota", "base_model": family.base, "dtype": "float32",
-              "parameters": {"density_scope": "model", "saliency_mass": 0.9},
-              "models": [{"model": e, "parameters": {"density": "auto"}} for e in family.experts]}  # fmt: skip
+    config = {
+        "merge_method": "ota",
+        "base_model": family.base,
+        "dtype": "float32",
+        "parameters": {"density_scope": "model", "saliency_mass": 0.9},
+        "models": [{"model": e, "parameters": {"density": "auto"}} for e in family.experts],
+    }
     report = check_config(MergeConfiguration.model_validate(config), MergeOptions())
     assert report.problems == (), report.problems
-    run_merge(MergeConfiguration.model_validate(config), str(tmp_path / "out"), MergeOptions(quiet=True, copy_tokenizer=False))
+    run_merge(
+        MergeConfiguration.model_validate(config), str(tmp_path / "out"), MergeOptions(quiet=True, copy_tokenizer=False)
+    )
     merged = load_file(str(next((tmp_path / "out").glob("*.safetensors"))))
     assert all(torch.isfinite(t).all() for t in merged.values())
 
@@ -177,18 +220,24 @@ def test_auto_density_from_yaml_merges_and_check_passes(tmp_path):
 def test_check_reports_what_auto_keeps_and_the_mass_curve(tmp_path):
     """check on a density: auto config runs the model-wide pass and prints, per expert, the fraction auto keeps and
     the density at 50/80/90/95/99% of its saliency mass, equal to what the merge then logs."""
-    import mergekit_ota  # noqa: F401
     from mergekit.config import MergeConfiguration
     from mergekit.options import MergeOptions
 
+    import mergekit_ota  # noqa: F401
     from mergekit_ota.graph.preflight import check_config
     from mergekit_ota.synthetic import make_family
 
     family = make_family(str(tmp_path / "fam"), n_experts=2)
-    config = {"merge_method": "ffg", "base_model": family.base, "dtype": "float32",
-              "parameters": {"density_scope": "model", "saliency_mass": 0.8},
-              "models": [{"model": e, "parameters": {"density": "auto"}} for e in family.experts]}  # fmt: skip
+    config = {
+        "merge_method": "ffg",
+        "base_model": family.base,
+        "dtype": "float32",
+        "parameters": {"density_scope": "model", "saliency_mass": 0.8},
+        "models": [{"model": e, "parameters": {"density": "auto"}} for e in family.experts],
+    }
     report = check_config(MergeConfiguration.model_validate(config), MergeOptions(quiet=True))
     lines = [n for n in report.notes if n.startswith("density: auto, expert")]
-    assert len(lines) == 2 and all("(target 0.8;" in n and "density kept at saliency mass 50% ->" in n for n in lines), report.notes
+    assert len(lines) == 2 and all(
+        "(target 0.8;" in n and "density kept at saliency mass 50% ->" in n for n in lines
+    ), report.notes
     assert any("check ran the model-wide saliency pass" in n for n in report.notes)

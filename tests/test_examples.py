@@ -34,10 +34,11 @@ def test_examples_exist():
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
 def test_example_config_merges(path, demo_like_models, tmp_path):
     """The example parses as a mergekit config and merges without error."""
-    import mergekit_ota  # noqa: F401
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
+
+    import mergekit_ota  # noqa: F401
 
     text = path.read_text().replace("demo_out", str(demo_like_models))
     config = MergeConfiguration.model_validate(yaml.safe_load(text))

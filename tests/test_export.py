@@ -56,7 +56,9 @@ def _batches(n: int = 2):
     return [torch.randint(0, VOCAB, (4, 8), generator=g) for _ in range(n)]
 
 
-def _train_with_trainer(root: str, *, tied: bool, dtype=torch.float32, freeze: Sequence[str] = (), optim="adamw_torch") -> Run:
+def _train_with_trainer(
+    root: str, *, tied: bool, dtype=torch.float32, freeze: Sequence[str] = (), optim="adamw_torch"
+) -> Run:
     from transformers import Trainer, TrainingArguments
 
     model = _model(tied, dtype=dtype)
@@ -65,19 +67,36 @@ def _train_with_trainer(root: str, *, tied: bool, dtype=torch.float32, freeze: S
             p.requires_grad_(False)
     data = [{"input_ids": ids, "labels": ids} for batch in _batches(2) for ids in batch]
     args = TrainingArguments(
-        output_dir=root, max_steps=2, save_strategy="steps", save_steps=2, per_device_train_batch_size=4,
-        use_cpu=True, report_to=[], logging_strategy="no", weight_decay=0.1, optim=optim, disable_tqdm=True, seed=0,
-    )  # fmt: skip
+        output_dir=root,
+        max_steps=2,
+        save_strategy="steps",
+        save_steps=2,
+        per_device_train_batch_size=4,
+        use_cpu=True,
+        report_to=[],
+        logging_strategy="no",
+        weight_decay=0.1,
+        optim=optim,
+        disable_tqdm=True,
+        seed=0,
+    )
     trainer = Trainer(model=model, args=args, train_dataset=data)
     trainer.train()
     optimizer = trainer.optimizer.optimizer  # the torch optimizer inside accelerate's wrapper
     betas = optimizer.param_groups[0].get("betas")
     checkpoint = os.path.join(root, "checkpoint-2")
-    return Run(checkpoint, checkpoint, _live_states(model, optimizer), betas[1] if betas else None,
-               [n for n, _ in model.named_parameters()])  # fmt: skip
+    return Run(
+        checkpoint,
+        checkpoint,
+        _live_states(model, optimizer),
+        betas[1] if betas else None,
+        [n for n, _ in model.named_parameters()],
+    )
 
 
-def _train_plain(root: str, optimizer_factory, *, skip: Sequence[str] = (), named: bool = False, hidden: int = HIDDEN) -> Run:
+def _train_plain(
+    root: str, optimizer_factory, *, skip: Sequence[str] = (), named: bool = False, hidden: int = HIDDEN
+) -> Run:
     """A few manual steps of ``optimizer_factory(params)``; saves the model and ``optimizer.state_dict()``."""
     model = _model(hidden=hidden)
     chosen = [(n, p) for n, p in model.named_parameters() if n not in skip]
@@ -91,7 +110,13 @@ def _train_plain(root: str, optimizer_factory, *, skip: Sequence[str] = (), name
     path = os.path.join(root, "optimizer.pt")
     torch.save(optimizer.state_dict(), path)
     betas = optimizer.param_groups[0].get("betas")
-    return Run(path, model_dir, _live_states(model, optimizer), betas[1] if betas else None, [n for n, _ in model.named_parameters()])
+    return Run(
+        path,
+        model_dir,
+        _live_states(model, optimizer),
+        betas[1] if betas else None,
+        [n for n, _ in model.named_parameters()],
+    )
 
 
 def _export(*args: str, ok: bool = True):
@@ -120,7 +145,9 @@ def _read(path: str) -> Dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def untied_frozen(tmp_path_factory) -> Run:
     """Trainer, untied Llama, embeddings frozen, weight decay split."""
-    return _train_with_trainer(str(tmp_path_factory.mktemp("untied")), tied=False, freeze=("model.embed_tokens.weight",))
+    return _train_with_trainer(
+        str(tmp_path_factory.mktemp("untied")), tied=False, freeze=("model.embed_tokens.weight",)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -301,7 +328,11 @@ def test_dcp_keys_without_planner_data_keep_dotted_names():
     from mergekit_ota.export.dcp import _path_of
 
     assert _path_of("optimizer.state.model.layers.0.mlp.up_proj.weight.exp_avg_sq") == (
-        "optimizer", "state", "model.layers.0.mlp.up_proj.weight", "exp_avg_sq")  # fmt: skip
+        "optimizer",
+        "state",
+        "model.layers.0.mlp.up_proj.weight",
+        "exp_avg_sq",
+    )
     assert _path_of("optimizer.param_groups.1.betas") == ("optimizer", "param_groups", 1, "betas")
 
 
@@ -315,7 +346,9 @@ def test_deepspeed_universal_checkpoint_equals_live_exp_avg_sq(plain, tmp_path):
             torch.save({"param": s[key], "cat_dim": 0}, zero / name / f"{key}.pt")
         torch.save({"param": torch.zeros_like(s["exp_avg"]), "cat_dim": 0}, zero / name / "fp32.pt")
         torch.save(int(s["step"]), zero / name / "step.pt")
-    torch.save({"param_groups": [{"lr": 0.01, "betas": (0.9, plain.beta2), "params": [0]}]}, zero / "optimizer_state.pt")
+    torch.save(
+        {"param_groups": [{"lr": 0.01, "betas": (0.9, plain.beta2), "params": [0]}]}, zero / "optimizer_state.pt"
+    )
     out = tmp_path / "store.safetensors"
     _export(tmp_path / "universal", out, "--model", plain.model_dir)
     stored = _read(str(out))
@@ -367,7 +400,14 @@ def test_store_into_index_path_next_to_a_model(plain, tmp_path):
     model_dir = tmp_path / "expert"
     model_dir.mkdir()
     (model_dir / "config.json").write_text("{}")
-    _export(plain.checkpoint, model_dir / "exp_avg_sq.safetensors.index.json", "--model", plain.model_dir, "--shard-size", "30KB")
+    _export(
+        plain.checkpoint,
+        model_dir / "exp_avg_sq.safetensors.index.json",
+        "--model",
+        plain.model_dir,
+        "--shard-size",
+        "30KB",
+    )
     found = locate_store(None, str(model_dir), "expert")
     assert found.endswith("exp_avg_sq.safetensors.index.json")
     assert set(CurvatureStore(found).names()) == set(plain.live)
@@ -406,7 +446,12 @@ def test_existing_output_needs_force_and_only_stores_are_ever_replaced(plain, tm
     (foreign / "precious.txt").write_text("keep me")
     failed = _export(args[0], foreign, *args[1:], "--force", ok=False)
     assert "precious.txt" in failed.output and (foreign / "precious.txt").read_text() == "keep me"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign", "store.safetensors", "store_dir", "weights_copy.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "foreign",
+        "store.safetensors",
+        "store_dir",
+        "weights_copy.safetensors",
+    ]
 
 
 # ----------------------------------------------------------------------------- refusals
@@ -446,8 +491,11 @@ def test_refuses_muon(tmp_path):
 
 def test_refuses_lion(tmp_path):
     """A Lion state (exp_avg only, as lion-pytorch saves it) is refused, naming exp_avg and Lion."""
-    path = _save_state(tmp_path / "lion.pt", {0: {"exp_avg": torch.rand(4, 4)}},
-                       [{"params": [0], "lr": 1e-4, "betas": (0.9, 0.99), "weight_decay": 0.0}])  # fmt: skip
+    path = _save_state(
+        tmp_path / "lion.pt",
+        {0: {"exp_avg": torch.rand(4, 4)}},
+        [{"params": [0], "lr": 1e-4, "betas": (0.9, 0.99), "weight_decay": 0.0}],
+    )
     failed = _export(path, tmp_path / "x.safetensors", ok=False)
     assert "exp_avg" in failed.output and "Lion" in failed.output
 
@@ -455,8 +503,19 @@ def test_refuses_lion(tmp_path):
 def test_refuses_non_blockwise_8bit_states(tmp_path):
     """Non-blockwise 8-bit states (max1/max2/new_max*, bitsandbytes' block_wise=False) are refused, not misread."""
     codes = torch.randint(0, 255, (4, 4), dtype=torch.uint8)
-    state = {0: {"step": 3, "state1": codes, "state2": codes, "qmap1": torch.rand(256), "qmap2": torch.rand(256),
-                 "max1": torch.rand(1), "max2": torch.rand(1), "new_max1": torch.rand(1), "new_max2": torch.rand(1)}}  # fmt: skip
+    state = {
+        0: {
+            "step": 3,
+            "state1": codes,
+            "state2": codes,
+            "qmap1": torch.rand(256),
+            "qmap2": torch.rand(256),
+            "max1": torch.rand(1),
+            "max2": torch.rand(1),
+            "new_max1": torch.rand(1),
+            "new_max2": torch.rand(1),
+        }
+    }
     path = _save_state(tmp_path / "adam8bit.pt", state, [{"params": [0], "lr": 1e-3, "betas": (0.9, 0.999)}])
     failed = _export(path, tmp_path / "x.safetensors", ok=False)
     assert "non-blockwise 8-bit" in failed.output and "max2" in failed.output
@@ -465,8 +524,10 @@ def test_refuses_non_blockwise_8bit_states(tmp_path):
 def test_refuses_lora_states_by_name_and_by_adapter_config(plain, tmp_path):
     """A LoRA run is refused: by its lora_A/lora_B parameter names, and in a Trainer checkpoint holding
     adapter_config.json even when the state is index-keyed."""
-    named = [("base_model.model.layers.0.q_proj.lora_A.default.weight", torch.nn.Parameter(torch.randn(4, 32))),
-             ("base_model.model.layers.0.q_proj.lora_B.default.weight", torch.nn.Parameter(torch.zeros(32, 4)))]  # fmt: skip
+    named = [
+        ("base_model.model.layers.0.q_proj.lora_A.default.weight", torch.nn.Parameter(torch.randn(4, 32))),
+        ("base_model.model.layers.0.q_proj.lora_B.default.weight", torch.nn.Parameter(torch.zeros(32, 4))),
+    ]
     optimizer = torch.optim.AdamW(named, lr=1e-3)
     sum((p**2).sum() for _, p in named).backward()
     optimizer.step()
@@ -559,14 +620,14 @@ def test_export_is_registered_in_the_cli():
 def test_merge_with_store_lacking_a_frozen_parameter_says_it_was_frozen(untied_frozen, tmp_path):
     """A merge that needs curvature for a parameter the export recorded as stateless (frozen) fails at
     planning, naming the store, the tensor, and that the optimizer had no state for it."""
-    import mergekit_ota  # noqa: F401
+    import shutil
+
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
+    import mergekit_ota  # noqa: F401
     from mergekit_ota.errors import PreflightError
-
-    import shutil
 
     store = tmp_path / "store.safetensors"
     _export(untied_frozen.checkpoint, store)
@@ -577,6 +638,9 @@ def test_merge_with_store_lacking_a_frozen_parameter_says_it_was_frozen(untied_f
         "base_model": str(base),
         "models": [{"model": untied_frozen.model_dir, "parameters": {"curvature": str(store)}}],
     }
-    with pytest.raises(PreflightError, match=r"store\.safetensors: no curvature tensor 'model\.embed_tokens\.weight'.*frozen in training"):
+    with pytest.raises(
+        PreflightError,
+        match=r"store\.safetensors: no curvature tensor 'model\.embed_tokens\.weight'.*frozen in training",
+    ):
         run_merge(MergeConfiguration.model_validate(config), str(tmp_path / "out"), MergeOptions(quiet=True))
     assert not (tmp_path / "out").exists()

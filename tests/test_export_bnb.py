@@ -55,8 +55,10 @@ def test_the_older_unwrapped_layout_reads_the_same(tmp_path):
     shutil.copytree(FIXTURE / "checkpoint-3", checkpoint)
     saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
     assert any(BNB_WRAPPER in entry for entry in saved["state"].values())
-    saved["state"] = {k: {**{kk: vv for kk, vv in v.items() if kk != BNB_WRAPPER}, **v.get(BNB_WRAPPER, {})}
-                      for k, v in saved["state"].items()}  # fmt: skip
+    saved["state"] = {
+        k: {**{kk: vv for kk, vv in v.items() if kk != BNB_WRAPPER}, **v.get(BNB_WRAPPER, {})}
+        for k, v in saved["state"].items()
+    }
     torch.save(saved, checkpoint / "optimizer.pt")
     a = _export(FIXTURE / "checkpoint-3", tmp_path / "a.safetensors")
     b = _export(checkpoint, tmp_path / "b.safetensors")
@@ -82,5 +84,7 @@ def test_dequantisation_is_codebook_times_block_scale(numel, block, seed):
 
 def test_absmax_that_fits_no_block_size_is_refused_naming_the_state():
     with pytest.raises(CurvatureError, match="fit no block size") as raised:
-        dequantize_blockwise(torch.zeros(10000, dtype=torch.uint8), torch.ones(7), torch.rand(256), "optimizer.pt state[3]")
+        dequantize_blockwise(
+            torch.zeros(10000, dtype=torch.uint8), torch.ones(7), torch.rand(256), "optimizer.pt state[3]"
+        )
     assert "optimizer.pt state[3]" in str(raised.value)

@@ -15,9 +15,10 @@ from mergekit_ota.export.mapping import Candidate, map_indices
 def _brute_force(shapes, names):
     """Every way to place the state shapes (in order) onto a subsequence of ``names``, by enumeration."""
     return [
-        chosen for chosen in itertools.combinations(range(len(names)), len(shapes))
+        chosen
+        for chosen in itertools.combinations(range(len(names)), len(shapes))
         if all(s is None or s == names[j][1] for s, j in zip(shapes, chosen))
-    ]  # fmt: skip
+    ]
 
 
 @settings(max_examples=200, deadline=None)
@@ -61,7 +62,12 @@ def test_group_count_and_shape_mismatches_name_the_problem():
     """A candidate with another number of groups, or a shape that cannot fit, is named in the error."""
     names = (("x", (4,)), ("y", (3, 3)))
     with pytest.raises(CurvatureError) as error:
-        map_indices([[0], [1]], {0: (4,), 1: (5, 5)}, [Candidate("single", (names,)), Candidate("split", (names[:1], names[1:]))], "opt")
+        map_indices(
+            [[0], [1]],
+            {0: (4,), 1: (5, 5)},
+            [Candidate("single", (names,)), Candidate("split", (names[:1], names[1:]))],
+            "opt",
+        )
     assert "single: 1 group(s), the optimizer has 2" in str(error.value)
     assert "[5, 5]" in str(error.value) and "'y' has shape [3, 3]" in str(error.value)
 

@@ -48,7 +48,8 @@ for compress in ("none", "rank1"):
     done.set()
     thread.join()
     hwm = status("VmHWM") - rss if rss is not None else None
-    report[compress] = {"base": base, "peak": peak[0], "hwm_growth": hwm, "seconds": seconds, "bytes": result.bytes_on_disk}
+    report[compress] = {"base": base, "peak": peak[0], "hwm_growth": hwm, "seconds": seconds, "bytes":
+    result.bytes_on_disk}
 print(json.dumps(report))
 """
 
@@ -57,7 +58,10 @@ def _optimizer_file(path: str, tensors: int, numel: int) -> None:
     """A named (param_names) Adam state dict of ``tensors`` 1-D exp_avg_sq tensors of ``numel`` floats."""
     g = torch.Generator().manual_seed(0)
     names = [f"model.layers.{i}.weight" for i in range(tensors)]
-    state = {i: {"step": torch.tensor(5.0), "exp_avg_sq": torch.rand((numel // 1024, 1024), generator=g)} for i in range(tensors)}
+    state = {
+        i: {"step": torch.tensor(5.0), "exp_avg_sq": torch.rand((numel // 1024, 1024), generator=g)}
+        for i in range(tensors)
+    }
     groups = [{"params": list(range(tensors)), "param_names": names, "betas": (0.9, 0.999), "lr": 1e-3}]
     torch.save({"state": state, "param_groups": groups}, path)
 
@@ -71,7 +75,9 @@ def _measure(tmp_path) -> dict:
     # glibc keeps freed 4 MiB blocks in its heap after raising its mmap threshold; a fixed threshold makes
     # RssAnon show what export holds rather than what the allocator keeps for reuse
     env = {**os.environ, "MERGEKIT_OTA_DISABLE": "1", "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
-    done = subprocess.run([sys.executable, "-c", MEASURE, small, big, str(out)], capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", MEASURE, small, big, str(out)], capture_output=True, text=True, env=env, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -84,8 +90,10 @@ def test_export_peak_memory_stays_near_the_largest_tensor(tmp_path):
     largest = NUMEL * 4
     for kind, measured in _measure(tmp_path).items():
         grown, hwm = measured["peak"] - measured["base"], measured["hwm_growth"]
-        print(f"{kind}: exporting {checkpoint / 2**20:.0f} MiB in {measured['seconds']:.2f} s: RssAnon grew "
-              f"{grown / 2**20:.1f} MiB, peak RSS (VmHWM) {hwm / 2**20 if hwm is not None else float('nan'):.1f} MiB")
+        print(
+            f"{kind}: exporting {checkpoint / 2**20:.0f} MiB in {measured['seconds']:.2f} s: RssAnon grew "
+            f"{grown / 2**20:.1f} MiB, peak RSS (VmHWM) {hwm / 2**20 if hwm is not None else float('nan'):.1f} MiB"
+        )
         assert grown < 4 * largest, (kind, measured)
         if hwm is not None:  # mapped pages are given back tensor by tensor
             assert hwm < 6 * largest, (kind, measured)

@@ -64,9 +64,18 @@ def trainer_run(tmp_path_factory) -> Tuple[str, List[str], List[str]]:
     model = _model()
     data = [{"input_ids": ids, "labels": ids} for batch in _batches() for ids in batch]
     args = TrainingArguments(
-        output_dir=root, max_steps=2, save_strategy="steps", save_steps=2, per_device_train_batch_size=4,
-        use_cpu=True, report_to=[], logging_strategy="no", weight_decay=0.1, disable_tqdm=True, seed=0,
-    )  # fmt: skip
+        output_dir=root,
+        max_steps=2,
+        save_strategy="steps",
+        save_steps=2,
+        per_device_train_batch_size=4,
+        use_cpu=True,
+        report_to=[],
+        logging_strategy="no",
+        weight_decay=0.1,
+        disable_tqdm=True,
+        seed=0,
+    )
     Trainer(model=model, args=args, train_dataset=data).train()
     return os.path.join(root, "checkpoint-2"), [n for n, _ in model.named_parameters()], _shared_shapes(model)
 

@@ -34,7 +34,9 @@ _shapes = st.lists(st.integers(0, 5), min_size=0, max_size=3).map(tuple)
     shard_bytes=st.one_of(st.none(), st.integers(1, 200)),
     seed=st.integers(0, 1000),
 )
-def test_streamed_shards_read_back_exactly_and_respect_the_shard_size(tmp_path_factory, shapes, dtype, shard_bytes, seed):
+def test_streamed_shards_read_back_exactly_and_respect_the_shard_size(
+    tmp_path_factory, shapes, dtype, shard_bytes, seed
+):
     """Tensors of any shape (scalars and empty ones too) streamed into shards read back bit-exactly through
     safetensors and CurvatureStore; each shard holds at most shard_bytes of data or a single tensor; the index
     lists every tensor and every shard carries the metadata."""
@@ -87,7 +89,9 @@ def test_save_store_keeps_its_signature_and_replaces_the_file(tmp_path):
     format_version, compression, dtype and the caller's metadata in its header."""
     path = str(tmp_path / "s.safetensors")
     save_store({"a": torch.ones(2, 3)}, path)
-    save_store({"b": torch.rand(4, 5), "c": torch.rand(3)}, path, compress=True, dtype=torch.bfloat16, metadata={"step": "7"})
+    save_store(
+        {"b": torch.rand(4, 5), "c": torch.rand(3)}, path, compress=True, dtype=torch.bfloat16, metadata={"step": "7"}
+    )
     with safe_open(path, framework="pt") as handle:
         assert sorted(handle.keys()) == ["b" + COL_SUFFIX, "b" + ROW_SUFFIX, "c"]
         assert handle.metadata() == {"format_version": "1", "compression": "rank1", "dtype": "bfloat16", "step": "7"}
@@ -107,7 +111,14 @@ def test_failed_write_leaves_nothing_behind(tmp_path):
 
 @pytest.mark.parametrize(
     "text, expected",
-    [("2GB", 2 * 10**9), ("500MB", 5 * 10**8), ("1.5GiB", int(1.5 * 2**30)), ("4096", 4096), ("64kib", 65536), ("3M", 3 * 10**6)],
+    [
+        ("2GB", 2 * 10**9),
+        ("500MB", 5 * 10**8),
+        ("1.5GiB", int(1.5 * 2**30)),
+        ("4096", 4096),
+        ("64kib", 65536),
+        ("3M", 3 * 10**6),
+    ],
 )
 def test_parse_size_reads_decimal_and_binary_units(text, expected):
     """Sizes: K/M/G/T(B) are powers of 1000, KiB/MiB/GiB/TiB powers of 1024, a bare number is bytes."""
@@ -132,12 +143,12 @@ def test_a_bare_b_suffix_is_refused_saying_why():
 def test_merge_with_compressed_stores_equals_merge_with_rank1_estimate(tmp_path):
     """run_merge (ota) with stores compressed by `export --compress rank1` equals run_merge with full stores of
     v_hat = outer(v.sum(1), v.sum(0)) / v.sum() computed here in float64 (1-D tensors whole)."""
-    import mergekit_ota  # noqa: F401
     from click.testing import CliRunner
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
+    import mergekit_ota  # noqa: F401
     from mergekit_ota.cli.export import export_command
     from mergekit_ota.synthetic import make_family, tiny_llama_config
 

@@ -167,10 +167,11 @@ def test_zero3_export_equals_ds_to_universal_export_and_merges_the_same(tmp_path
 
 
 def _merge(config: dict, out: Path) -> Dict[str, torch.Tensor]:
-    import mergekit_ota  # noqa: F401 - registers the methods and patches run_merge
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
+
+    import mergekit_ota  # noqa: F401 - registers the methods and patches run_merge
 
     run_merge(MergeConfiguration.model_validate(config), str(out), MergeOptions(quiet=True, copy_tokenizer=False))
     tensors: Dict[str, torch.Tensor] = {}
@@ -283,7 +284,9 @@ def test_the_stand_ins_import_nothing_of_deepspeed(tmp_path):
     import sys
 
     for run in ("z1-fp16-w2", "z2-bf16-w3", "z3-bf16-w2", "z1-bf16-w2-bf16optimizer"):
-        export_curvature(str(FIXTURES / run / "checkpoint"), str(tmp_path / f"{run}.safetensors"), ExportOptions.parse())
+        export_curvature(
+            str(FIXTURES / run / "checkpoint"), str(tmp_path / f"{run}.safetensors"), ExportOptions.parse()
+        )
     assert "deepspeed" not in sys.modules
 
 

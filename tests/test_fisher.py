@@ -14,8 +14,10 @@ from safetensors.torch import load_file
 from mergekit_ota.cli.main import main
 from mergekit_ota.fisher import data as calibration
 
-CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} ; {% endfor %}"
-                 "{% if add_generation_prompt %}assistant : {% endif %}")  # fmt: skip
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} ; {% endfor %}"
+    "{% if add_generation_prompt %}assistant : {% endif %}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +34,16 @@ def model_dir(tmp_path_factory):
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>")
     tokenizer.chat_template = CHAT_TEMPLATE
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(words), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=False)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=len(words),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     path = tmp_path_factory.mktemp("fisher") / "model"
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -46,7 +55,9 @@ def _texts(path, count, length=(4, 12)):
     with open(path, "w", encoding="utf-8") as fp:
         for _ in range(count):
             n = int(torch.randint(length[0], length[1], (1,), generator=g))
-            fp.write(json.dumps({"text": " ".join(f"t{int(i)}" for i in torch.randint(0, 56, (n,), generator=g))}) + "\n")
+            fp.write(
+                json.dumps({"text": " ".join(f"t{int(i)}" for i in torch.randint(0, 56, (n,), generator=g))}) + "\n"
+            )
     return str(path)
 
 
@@ -103,8 +114,12 @@ def test_store_equals_an_independent_loop_and_records_how_it_was_made(model_dir,
 def test_micro_batches_and_the_per_example_estimator(model_dir, tmp_path):
     """Micro-batching only saves memory: the same store as whole mini-batches; --per-example is --batch-size 1."""
     data = _texts(tmp_path / "cal.jsonl", 16)
-    for name, extra in (("whole", ()), ("micro", ("--micro-batch-size", 3)), ("per-example", ("--per-example",)),
-                        ("batch1", ("--batch-size", 1))):  # fmt: skip
+    for name, extra in (
+        ("whole", ()),
+        ("micro", ("--micro-batch-size", 3)),
+        ("per-example", ("--per-example",)),
+        ("batch1", ("--batch-size", 1)),
+    ):
         args = ("--batch-size", 8) if name in ("whole", "micro") else ()
         assert _fisher(model_dir, data, tmp_path / f"{name}.safetensors", *args, *extra).exit_code == 0
     whole, micro = load_file(tmp_path / "whole.safetensors"), load_file(tmp_path / "micro.safetensors")
@@ -139,8 +154,9 @@ def test_chat_samples_take_the_loss_on_assistant_tokens_only(model_dir):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    sample = calibration.Sample("x:1", messages=(("user", "t1 t2"), ("assistant", "t3 t4"), ("user", "t5"),
-                                                 ("assistant", "t6")))  # fmt: skip
+    sample = calibration.Sample(
+        "x:1", messages=(("user", "t1 t2"), ("assistant", "t3 t4"), ("user", "t5"), ("assistant", "t6"))
+    )
     ids, labels = calibration.to_row(tokenizer, sample, 512)
     words = tokenizer.convert_ids_to_tokens(ids)
     labelled = [w for w, label in zip(words, labels) if label != calibration.IGNORE]
@@ -158,8 +174,10 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(model_dir, tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"text": "t1 t2"}\nnot json\n')
     (tmp_path / "noassistant.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "t1"}]}) + "\n")
     long_prompt = " ".join(["t1"] * 40)
-    (tmp_path / "late.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": long_prompt},
-                                                                  {"role": "assistant", "content": "t2"}]}) + "\n")  # fmt: skip
+    (tmp_path / "late.jsonl").write_text(
+        json.dumps({"messages": [{"role": "user", "content": long_prompt}, {"role": "assistant", "content": "t2"}]})
+        + "\n"
+    )
     broken = tmp_path / "nan_model"
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     with torch.no_grad():

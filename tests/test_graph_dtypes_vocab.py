@@ -33,10 +33,11 @@ def _tokenizer(tokens):
 
 
 def _run(cfg, out, **options):
-    import mergekit_ota  # noqa: F401
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
+
+    import mergekit_ota  # noqa: F401
 
     run_merge(MergeConfiguration.model_validate(cfg), str(out), MergeOptions(quiet=True, **options))
     return load_file(os.path.join(out, "model.safetensors"))
@@ -63,7 +64,9 @@ def union_family(tmp_path_factory):
     weights = load_file(os.path.join(family.experts[1], "model.safetensors"))
     curvature = load_file(family.stores[1])
     weights[EMBED] = torch.cat([weights[EMBED][order], torch.randn(4, weights[EMBED].shape[1], generator=g) * 0.02])
-    curvature[EMBED] = torch.cat([curvature[EMBED][order], 1e-6 * (1 + torch.rand(4, curvature[EMBED].shape[1], generator=g))])
+    curvature[EMBED] = torch.cat(
+        [curvature[EMBED][order], 1e-6 * (1 + torch.rand(4, curvature[EMBED].shape[1], generator=g))]
+    )
     save_model(family.experts[1], tiny_llama_config(tie_word_embeddings=True, vocab_size=132), weights)
     save_store(curvature, family.stores[1])
     return family
@@ -78,10 +81,16 @@ def test_union_tokenizer_permutes_curvature_rows_like_weight_rows(union_family, 
     family = union_family
     out = tmp_path / "o"
     merged = _run(
-        {"merge_method": "ota", "base_model": family.base, "models": [{"model": e} for e in family.experts],
-         "dtype": "float32", "tokenizer_source": "union", "parameters": {"curvature_scale": "none"}},
+        {
+            "merge_method": "ota",
+            "base_model": family.base,
+            "models": [{"model": e} for e in family.experts],
+            "dtype": "float32",
+            "tokenizer_source": "union",
+            "parameters": {"curvature_scale": "none"},
+        },
         out,
-    )  # fmt: skip
+    )
     assert "lm_head.weight" not in merged  # tied: one tensor, its state under model.embed_tokens.weight
     vocab = AutoTokenizer.from_pretrained(out).get_vocab()
     assert merged[EMBED].shape[0] == len(vocab) == 132
@@ -118,7 +127,12 @@ def test_half_precision_experts_merge_with_float32_curvature(tmp_path, dtype):
         tiny = {k: 10 ** (-12 + 3 * torch.rand(v.shape, generator=g)) for k, v in load_file(store).items()}
         save_store(tiny, store)
     merged = _run(
-        {"merge_method": "ota", "base_model": family.base, "models": [{"model": e} for e in family.experts], "dtype": dtype},
+        {
+            "merge_method": "ota",
+            "base_model": family.base,
+            "models": [{"model": e} for e in family.experts],
+            "dtype": dtype,
+        },
         tmp_path / "o",
     )
     base = load_file(os.path.join(family.base, "model.safetensors"))
@@ -128,7 +142,9 @@ def test_half_precision_experts_merge_with_float32_curvature(tmp_path, dtype):
     for name, b in base.items():
         assert merged[name].dtype == torch_dtype
         expected = _ota_rows([b, experts[0][name], experts[1][name]], [s[name] for s in stores])
-        torch.testing.assert_close(merged[name].float(), expected.to(torch_dtype).float(), atol=2e-3, rtol=1e-2, msg=name)
+        torch.testing.assert_close(
+            merged[name].float(), expected.to(torch_dtype).float(), atol=2e-3, rtol=1e-2, msg=name
+        )
         mean = (experts[0][name].float() + experts[1][name].float()) / 2
         far_from_mean += int((merged[name].float() - mean).abs().max() > 1e-2)
     assert far_from_mean > len(base) // 2

@@ -38,10 +38,11 @@ def family(tmp_path_factory):
 
 
 def _merge(cfg, out):
-    import mergekit_ota  # noqa: F401
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
+
+    import mergekit_ota  # noqa: F401
 
     run_merge(MergeConfiguration.model_validate(cfg), str(out), MergeOptions(quiet=True, copy_tokenizer=False))
     return load_file(os.path.join(out, "model.safetensors"))
@@ -65,7 +66,10 @@ def test_models_config_matches_reference(family, tmp_path, densities):
             params["density"] = densities[i]
         models.append({"model": e, "parameters": params})
     raw = {"curvature_scale": "none"}  # the reference is the formula on v as stored
-    out = _merge({"merge_method": "ota", "base_model": family.base, "models": models, "dtype": "float32", "parameters": raw}, tmp_path / "o")
+    out = _merge(
+        {"merge_method": "ota", "base_model": family.base, "models": models, "dtype": "float32", "parameters": raw},
+        tmp_path / "o",
+    )
     base, experts, stores = _load(family)
     for name, b in base.items():
         expected = _reference(b, [e[name] for e in experts], [s[name] for s in stores], weights, densities)
@@ -83,8 +87,13 @@ def test_slice_with_layer_offset_reads_input_layer_curvature(family, tmp_path):
         {"model": e, "layer_range": [2, 4], "parameters": ({"curvature": str(skewed_path)} if i == 0 else {})}
         for i, e in enumerate(family.experts)
     ]
-    cfg = {"merge_method": "ota", "base_model": family.base, "slices": [{"sources": sources}], "dtype": "float32",
-           "parameters": {"curvature_scale": "none"}}  # fmt: skip
+    cfg = {
+        "merge_method": "ota",
+        "base_model": family.base,
+        "slices": [{"sources": sources}],
+        "dtype": "float32",
+        "parameters": {"curvature_scale": "none"},
+    }
     out = _merge(cfg, tmp_path / "o")
     base, experts, stores = _load(family)
     stores[0] = skewed

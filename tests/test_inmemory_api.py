@@ -47,7 +47,13 @@ def test_merge_tensors_ota_with_base_matches_math(power):
         [base, *experts],
         "ota",
         base_index=0,
-        parameters={"curvature": curvatures, "weight": weights, "power": power, "lambda": 0.8, "curvature_scale": "none"},
+        parameters={
+            "curvature": curvatures,
+            "weight": weights,
+            "power": power,
+            "lambda": 0.8,
+            "curvature_scale": "none",
+        },
     )
     expected = ota_merge(base, experts, curvatures, weights, power=power, lam=0.8)
     close(out, expected)
@@ -60,7 +66,9 @@ def test_merge_tensors_ota_without_base_matches_math():
     """merge_tensors(..., 'ota') with no base equals curvature-weighted averaging of the experts."""
     _, experts, curvatures = make(n_experts=3)
     weights = [1.0, 2.0, 0.5]
-    out = merge_tensors(experts, "ota", parameters={"curvature": curvatures, "weight": weights, "curvature_scale": "none"})
+    out = merge_tensors(
+        experts, "ota", parameters={"curvature": curvatures, "weight": weights, "curvature_scale": "none"}
+    )
     close(out, ota_merge(None, experts, curvatures, weights))
 
 
@@ -103,7 +111,9 @@ def test_merge_tensors_ffg_threshold_matches_math():
     """ffg with a per-expert absolute threshold equals ffg_merge with KeepRule(threshold)."""
     base, experts, curvatures = make()
     out = merge_tensors(
-        [base, *experts], "ffg", base_index=0,
+        [base, *experts],
+        "ffg",
+        base_index=0,
         parameters={"curvature": curvatures, "threshold": [1e-3, 1e-2]},
     )
     rules = [KeepRule(threshold=1e-3), KeepRule(threshold=1e-2)]
@@ -114,7 +124,9 @@ def test_merge_tensors_keeps_bf16_dtype():
     """bf16 inputs give a bf16 merge (curvature in fp32)."""
     base, experts, curvatures = make()
     out = merge_tensors(
-        [base.bfloat16(), *(t.bfloat16() for t in experts)], "ota", base_index=0,
+        [base.bfloat16(), *(t.bfloat16() for t in experts)],
+        "ota",
+        base_index=0,
         parameters={"curvature": curvatures},
     )
     assert out.dtype == torch.bfloat16
@@ -257,7 +269,9 @@ def test_density_and_threshold_together_raise_config_error():
     tensors, curvatures = three()
     with pytest.raises(ConfigError, match="density or threshold"):
         merge_tensors(
-            tensors, "ffg", base_index=0,
+            tensors,
+            "ffg",
+            base_index=0,
             parameters={"curvature": curvatures, "density": 0.5, "threshold": 1e-3},
         )
 
@@ -298,7 +312,9 @@ def test_unknown_density_scope_raises_config_error():
     tensors, curvatures = three()
     with pytest.raises(ConfigError, match="density_scope"):
         merge_tensors(
-            tensors, "ffg", base_index=0,
+            tensors,
+            "ffg",
+            base_index=0,
             parameters={"curvature": curvatures, "density": 0.5, "density_scope": "layer"},
         )
 
@@ -313,7 +329,12 @@ def test_bias_correction_divides_ota_curvature_by_one_minus_beta2_to_the_step():
     parameters = {"curvature": curvatures, "optimizer_step": steps, "beta2": 0.9, "curvature_scale": "none"}
     corrected = merge_tensors(tensors, "ota", base_index=0, parameters={**parameters, "bias_correction": True})
     manual = [v / (1 - 0.9**s) for v, s in zip(curvatures, steps)]
-    expected = merge_tensors(tensors, "ota", base_index=0, parameters={"curvature": manual, "bias_correction": False, "curvature_scale": "none"})
+    expected = merge_tensors(
+        tensors,
+        "ota",
+        base_index=0,
+        parameters={"curvature": manual, "bias_correction": False, "curvature_scale": "none"},
+    )
     torch.testing.assert_close(corrected, expected, rtol=1e-6, atol=1e-6)
     auto = merge_tensors(tensors, "ota", base_index=0, parameters=parameters)  # the default, step and beta2 known
     torch.testing.assert_close(auto, corrected, rtol=0, atol=0)
@@ -338,6 +359,8 @@ def test_bias_correction_without_step_raises_config_error():
     tensors, curvatures = three()
     with pytest.raises(ConfigError, match="optimizer_step"):
         merge_tensors(
-            tensors, "ota", base_index=0,
+            tensors,
+            "ota",
+            base_index=0,
             parameters={"curvature": curvatures, "bias_correction": True, "beta2": 0.999},
         )

@@ -14,7 +14,8 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from mergekit_ota.cli.main import main
@@ -121,7 +122,9 @@ def family(tmp_path_factory):
 def tied_family(tmp_path_factory):
     from mergekit_ota.synthetic import make_family, tiny_llama_config
 
-    return make_family(str(tmp_path_factory.mktemp("tied")), n_experts=1, config=tiny_llama_config(tie_word_embeddings=True))
+    return make_family(
+        str(tmp_path_factory.mktemp("tied")), n_experts=1, config=tiny_llama_config(tie_word_embeddings=True)
+    )
 
 
 # ----------------------------------------------------------------------------- stats (pure)
@@ -172,7 +175,9 @@ def test_sampled_median_covers_every_column_of_a_wide_tensor():
 
     columns = torch.arange(56, dtype=torch.float32)  # column j holds the value j in every row
     tensor = columns.repeat(4096, 1)
-    stats = tensor_stats(tensor, exact_median_limit=1000, sample_size=4096)  # stride ~56: aliasing would pick one column
+    stats = tensor_stats(
+        tensor, exact_median_limit=1000, sample_size=4096
+    )  # stride ~56: aliasing would pick one column
     assert not stats.median_exact and stats.median_from < tensor.numel()
     assert stats.median in (27.0, 28.0)
 
@@ -181,7 +186,8 @@ def test_sampled_median_covers_every_column_of_a_wide_tensor():
 
 
 def test_inspect_full_store_stats_equal_independent_computation(tmp_path):
-    """Per tensor: name, shape, stored dtype, 'full', and min/median/max/zeros/NaN/Inf equal a sort-based computation."""
+    """Per tensor: name, shape, stored dtype, 'full', and min/median/max/zeros/NaN/Inf equal a sort-based
+    computation."""
     g = torch.Generator().manual_seed(1)
     tensors = {
         "w": torch.rand(33, 17, generator=g) * 1e-6,
@@ -257,8 +263,17 @@ def test_inspect_totals_of_a_sharded_mixed_store_given_as_a_directory(tmp_path):
     g = torch.Generator().manual_seed(3)
     store_dir = tmp_path / "store"
     save_store({"a": torch.rand(100, 50, generator=g)}, str(store_dir / "part1.safetensors"), compress=True)
-    save_store({"b": torch.rand(7, generator=g), "c": torch.rand(3, 4, generator=g)}, str(store_dir / "part2.safetensors"))
-    index = {"weight_map": {"a:rank1_row": "part1.safetensors", "a:rank1_col": "part1.safetensors", "b": "part2.safetensors", "c": "part2.safetensors"}}
+    save_store(
+        {"b": torch.rand(7, generator=g), "c": torch.rand(3, 4, generator=g)}, str(store_dir / "part2.safetensors")
+    )
+    index = {
+        "weight_map": {
+            "a:rank1_row": "part1.safetensors",
+            "a:rank1_col": "part1.safetensors",
+            "b": "part2.safetensors",
+            "c": "part2.safetensors",
+        }
+    }
     (store_dir / "exp_avg_sq.safetensors.index.json").write_text(json.dumps(index))
     report = _inspect_json(str(store_dir))
     totals = report["totals"]
@@ -286,8 +301,12 @@ def test_inspect_header_metadata_and_sampled_median_are_shown(tmp_path):
     report = _inspect_json(path, "--exact-median-limit", "100", "--sample-size", "500")
     header = report["header"]
     assert (header["optimizer"], header["beta2"], header["step"], header["bias-corrected"], header["source"]) == (
-        "adamw", "0.999", "150", "false", "trainer",
-    )  # fmt: skip
+        "adamw",
+        "0.999",
+        "150",
+        "false",
+        "trainer",
+    )
     row = _rows(report)["w"]
     assert not row["median_exact"] and 0 < row["median_from"] < 64 * 64
     assert 0.3 < row["median"] < 0.7  # uniform(0, 1) values
@@ -322,7 +341,8 @@ def test_check_good_config_exits_0_with_summary(family, tmp_path):
 
 
 def test_check_expert_without_store(family, tmp_path):
-    """An expert directory with no exp_avg_sq store and no `curvature:`: exit 1 naming the expert and the default file."""
+    """An expert directory with no exp_avg_sq store and no `curvature:`: exit 1 naming the expert and the default
+    file."""
     bare = tmp_path / "bare_expert"
     bare.mkdir()
     for name in ("config.json", "model.safetensors"):
@@ -331,18 +351,25 @@ def test_check_expert_without_store(family, tmp_path):
     cfg["models"][0]["model"] = str(bare)
     code, report = _check(tmp_path, cfg)
     assert code == 1
-    assert any("No curvature for expert" in p and "bare_expert" in p and "exp_avg_sq.safetensors" in p for p in report["problems"])
+    assert any(
+        "No curvature for expert" in p and "bare_expert" in p and "exp_avg_sq.safetensors" in p
+        for p in report["problems"]
+    )
 
 
 def test_check_store_lacking_a_tensor_names_tensor_and_file(family, tmp_path):
     path = _store_with(family, tmp_path / "partial.safetensors", lambda t: t.pop(K_PROJ))
     code, report = _check(tmp_path, _ota(family, expert_parameters=({"curvature": path}, None)))
     assert code == 1
-    assert report["problems"] == [f"{path}: no curvature tensor '{K_PROJ}' for expert {family.experts[0]}, weight {K_PROJ}"]
+    assert report["problems"] == [
+        f"{path}: no curvature tensor '{K_PROJ}' for expert {family.experts[0]}, weight {K_PROJ}"
+    ]
 
 
 def test_check_wrong_shape_names_both_shapes(family, tmp_path):
-    path = _store_with(family, tmp_path / "shape.safetensors", lambda t: t.update({K_PROJ: t[K_PROJ][:, :-1].contiguous()}))
+    path = _store_with(
+        family, tmp_path / "shape.safetensors", lambda t: t.update({K_PROJ: t[K_PROJ][:, :-1].contiguous()})
+    )
     code, report = _check(tmp_path, _ota(family, expert_parameters=({"curvature": path}, None)))
     assert code == 1 and len(report["problems"]) == 1
     assert f"shape.safetensors: curvature tensor '{K_PROJ}' has shape (32, 63)" in report["problems"][0]
@@ -351,11 +378,16 @@ def test_check_wrong_shape_names_both_shapes(family, tmp_path):
 
 @pytest.mark.parametrize(
     "value, message",
-    [(float("nan"), "has 1 NaN and 0 Inf values"), (float("inf"), "has 0 NaN and 1 Inf values"), (-1e-9, "has 1 negative values")],
+    [
+        (float("nan"), "has 1 NaN and 0 Inf values"),
+        (float("inf"), "has 0 NaN and 1 Inf values"),
+        (-1e-9, "has 1 negative values"),
+    ],
     ids=["nan", "inf", "negative"],
 )
 def test_check_scan_finds_bad_values(family, tmp_path, value, message):
-    """NaN, Inf or a negative value in a tensor the merge reads: exit 1, file and tensor named (found by the value scan)."""
+    """NaN, Inf or a negative value in a tensor the merge reads: exit 1, file and tensor named (found by the value
+    scan)."""
     path = _store_with(family, tmp_path / "values.safetensors", _set(K_PROJ, (0, 5), value), expert=1)
     code, report = _check(tmp_path, _ota(family, expert_parameters=(None, {"curvature": path})))
     assert code == 1
@@ -372,7 +404,9 @@ def test_check_sample_can_miss_what_full_scan_finds(family, tmp_path):
     store = next(s for s in report["stores"] if s["path"] == path)
     assert store["scanned"] < store["values"]
     code, report = _check(tmp_path, cfg, "--full-scan")
-    assert code == 1 and report["problems"] == [f"{path}: tensor '{embed}' has 1 NaN and 0 Inf values; exp_avg_sq must be finite"]
+    assert code == 1 and report["problems"] == [
+        f"{path}: tensor '{embed}' has 1 NaN and 0 Inf values; exp_avg_sq must be finite"
+    ]
     assert next(s for s in report["stores"] if s["path"] == path)["scanned"] == store["values"]
 
 
@@ -415,7 +449,9 @@ def test_check_density_outside_unit_interval(family, tmp_path, density):
     code, report = _check(tmp_path, _ota(family, expert_parameters=({"density": density}, None)))
     assert code == 1 and report["problems"]
     assert all(f"density must be in (0, 1] or 'auto'; got {density}" in p for p in report["problems"])
-    text = _invoke("check", _write_config(tmp_path, _ota(family, expert_parameters=({"density": density}, None)), "t.yml"))
+    text = _invoke(
+        "check", _write_config(tmp_path, _ota(family, expert_parameters=({"density": density}, None)), "t.yml")
+    )
     assert text.exit_code == 1 and "tensors:" in text.stdout  # one line per expert, listing the tensors
 
 
@@ -475,7 +511,11 @@ def test_check_writes_nothing(family, tmp_path, monkeypatch):
     monkeypatch.chdir(config_dir)
     roots = [str(tmp_path), os.path.dirname(family.base), os.path.dirname(family.rank1)]
     good = _write_config(config_dir, _ota(family), "good.yml")
-    bad = _write_config(config_dir, _ota(family, expert_parameters=({"curvature": str(tmp_path / "absent.safetensors")}, None)), "bad.yml")
+    bad = _write_config(
+        config_dir,
+        _ota(family, expert_parameters=({"curvature": str(tmp_path / "absent.safetensors")}, None)),
+        "bad.yml",
+    )
     before = _snapshot(*roots)
     assert _invoke("check", good).exit_code == 0
     assert _invoke("check", bad, "--full-scan").exit_code == 1
@@ -483,10 +523,11 @@ def test_check_writes_nothing(family, tmp_path, monkeypatch):
 
 
 def _merge(cfg, out):
-    import mergekit_ota  # noqa: F401
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
+
+    import mergekit_ota  # noqa: F401
 
     run_merge(MergeConfiguration.model_validate(cfg), str(out), MergeOptions(quiet=True, copy_tokenizer=False))
 
@@ -525,7 +566,9 @@ def test_check_usage_and_config_errors(family, tmp_path):
     cfg = _ota(family)
     cfg["models"][1]["model"] = str(tmp_path / "no" / "such_expert")
     code, report = _check(tmp_path, cfg)
-    assert code == 1 and report["problems"] == [f"model {tmp_path / 'no' / 'such_expert'}: no such directory (relative to {os.getcwd()})"]
+    assert code == 1 and report["problems"] == [
+        f"model {tmp_path / 'no' / 'such_expert'}: no such directory (relative to {os.getcwd()})"
+    ]
 
 
 def test_check_takes_a_mergekit_yaml_command_line(family, tmp_path):
@@ -548,8 +591,9 @@ def test_check_takes_a_mergekit_yaml_command_line(family, tmp_path):
     (foreign / "holiday.jpg").write_bytes(b"\xff\xd8")
     refused = _invoke("check", config, str(foreign), "--json")
     report = json.loads(refused.stdout)
-    assert refused.exit_code == 1 and any(p.startswith(f"output {foreign}:") and "holiday.jpg" in p
-                                          for p in report["problems"])  # fmt: skip
+    assert refused.exit_code == 1 and any(
+        p.startswith(f"output {foreign}:") and "holiday.jpg" in p for p in report["problems"]
+    )
     assert sorted(os.listdir(foreign)) == ["holiday.jpg"]
     unknown = _invoke("check", config, str(out), "--no-such-flag")
     assert unknown.exit_code == 2 and "as mergekit-yaml would" in unknown.output and "--no-such-flag" in unknown.output

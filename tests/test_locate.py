@@ -66,7 +66,9 @@ def _write_local(directory: Path, files: Dict[str, bytes]) -> None:
         target.write_bytes(data)
 
 
-def _cache_repo(cache: Path, repo_id: str, files: Dict[str, bytes], branch: str = "main", sha: Optional[str] = None) -> Path:
+def _cache_repo(
+    cache: Path, repo_id: str, files: Dict[str, bytes], branch: str = "main", sha: Optional[str] = None
+) -> Path:
     """Lay ``files`` out as huggingface_hub caches revision ``branch`` of ``repo_id``; the snapshot directory.
 
     ``models--ORG--NAME/blobs/HASH`` holds each file's content, ``snapshots/SHA/NAME`` links to it
@@ -193,7 +195,9 @@ def test_a_local_model_without_any_store_lists_all_four_paths(tmp_path, offline)
     model = tmp_path / "bare"
     model.mkdir()
     message = _error(None, str(model))
-    assert message.startswith("No curvature for expert the-expert: set 'parameters: {curvature: PATH}' for it, or put exp_avg_sq.safetensors")
+    assert message.startswith(
+        "No curvature for expert the-expert: set 'parameters: {curvature: PATH}' for it, or put exp_avg_sq.safetensors"
+    )
     assert f"looked in {model}, in this order:" in message
     assert _tried(message) == [f"{name}: no such file" for name in SEARCHED]
 
@@ -230,7 +234,9 @@ def test_hub_index_with_all_shards_cached_is_found(tmp_path, offline):
     snapshot = _cache_repo(offline, REPO, {**_sharded(tmp_path), SINGLE: _single(tmp_path)})
     found = locate_store(None, REPO, REPO, cache_dir=str(offline))
     assert found == str(snapshot / INDEX)
-    assert all((snapshot / name).is_file() for name in json.loads((snapshot / INDEX).read_text())["weight_map"].values())
+    assert all(
+        (snapshot / name).is_file() for name in json.loads((snapshot / INDEX).read_text())["weight_map"].values()
+    )
 
 
 def test_hub_index_found_in_the_cache_opens_as_a_store(tmp_path, offline):
@@ -284,7 +290,8 @@ def test_nothing_found_on_the_hub_lists_every_place_and_the_offline_limitation(t
     message = _error(None, REPO, cache_dir=str(offline))
     assert "set 'parameters: {curvature: PATH}' for it, or put exp_avg_sq.safetensors" in message
     assert _tried(message) == [f"{REPO}: not a local directory"] + [
-        f"{REPO}@main:{name}: not in the local cache ({offline}); not downloaded: offline (HF_HUB_OFFLINE=1)" for name in SEARCHED
+        f"{REPO}@main:{name}: not in the local cache ({offline}); not downloaded: offline (HF_HUB_OFFLINE=1)"
+        for name in SEARCHED
     ]
     assert "list_repo_files" in message and "HF_HUB_OFFLINE" in message and str(snapshot) in message
 
@@ -306,7 +313,12 @@ def test_online_downloads_follow_the_search_order_after_the_cache(tmp_path, onli
     """Nothing cached, online: hf_hub_download is asked for the four names in order, a file not in the repo
     moves on, and the first downloaded one (export/ here) is returned; the cache given is the one used."""
     not_there = errors.EntryNotFoundError("404")
-    online.answers = {INDEX: not_there, SINGLE: not_there, f"export/{INDEX}": not_there, f"export/{SINGLE}": _single(tmp_path)}
+    online.answers = {
+        INDEX: not_there,
+        SINGLE: not_there,
+        f"export/{INDEX}": not_there,
+        f"export/{SINGLE}": _single(tmp_path),
+    }
     found = locate_store(None, REPO, REPO, cache_dir=str(online.cache))
     assert online.calls == list(SEARCHED)
     assert found.startswith(str(online.cache)) and found.endswith(f"export/{SINGLE}")
@@ -342,6 +354,10 @@ def test_a_network_error_is_reported_in_a_few_words_and_stops_the_downloads(tmp_
     message = _error(None, REPO, cache_dir=str(online.cache))
     assert online.calls == [INDEX, SINGLE]
     tried = _tried(message)
-    assert tried[1].endswith("not in the repo") and tried[2].endswith("download: could not reach the Hub (ConnectError)")
-    assert all(line.endswith("download not tried (stopped by the error above)") for line in tried[3:]) and len(tried) == 5
+    assert tried[1].endswith("not in the repo") and tried[2].endswith(
+        "download: could not reach the Hub (ConnectError)"
+    )
+    assert (
+        all(line.endswith("download not tried (stopped by the error above)") for line in tried[3:]) and len(tried) == 5
+    )
     assert "list_repo_files" not in message

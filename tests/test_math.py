@@ -10,7 +10,8 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mergekit_ota.math import (
     KeepRule,
@@ -500,8 +501,11 @@ def test_histogram_model_wide_threshold_keeps_requested_density(seed, sizes, den
 
 
 @FEW
-@given(seed=seeds, sizes=st.lists(st.integers(min_value=1, max_value=500), min_size=1, max_size=4),
-       density=st.floats(min_value=0.01, max_value=1.0))
+@given(
+    seed=seeds,
+    sizes=st.lists(st.integers(min_value=1, max_value=500), min_size=1, max_size=4),
+    density=st.floats(min_value=0.01, max_value=1.0),
+)
 def test_histogram_merge_equals_single_histogram(seed, sizes, density):
     """Merging per-tensor histograms gives the same counts and threshold as one histogram of all entries."""
     g = gen(seed)
@@ -520,8 +524,11 @@ def test_histogram_merge_equals_single_histogram(seed, sizes, density):
 
 
 @FEW
-@given(seed=seeds, sizes=st.lists(st.integers(min_value=1, max_value=4000), min_size=1, max_size=4),
-       specials=st.lists(st.sampled_from([0.0, -0.0, float("nan"), -1.0, float("inf")]), max_size=6))
+@given(
+    seed=seeds,
+    sizes=st.lists(st.integers(min_value=1, max_value=4000), min_size=1, max_size=4),
+    specials=st.lists(st.sampled_from([0.0, -0.0, float("nan"), -1.0, float("inf")]), max_size=6),
+)
 def test_histogram_of_small_tensors_updates_only_their_bins_with_the_same_counts_and_mass(seed, sizes, specials):
     """The sparse update used for tensors far smaller than the bin count gives exactly the counts, and the same
     per-bin saliency sums (float64, to rounding), as the full-size bincount, zeros, -0.0, NaN and negatives

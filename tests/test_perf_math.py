@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from mergekit_ota.math import KeepRule, SaliencyHistogram, density_mask, ffg_merge, kept_count, ota_merge
 from mergekit_ota.math import ffg as ffg_module
 from mergekit_ota.math import histogram as histogram_module
-from mergekit_ota.math import KeepRule, SaliencyHistogram, density_mask, ffg_merge, kept_count, ota_merge
 from mergekit_ota.math.ffg import f32_operand, kth_largest
 
 FEW = settings(max_examples=30, deadline=None)
@@ -25,7 +26,8 @@ seeds = st.integers(min_value=0, max_value=2**31 - 1)
 
 @pytest.fixture
 def small_fast_paths(monkeypatch):
-    """Make the sampled selection (256-entry sample) and chunked tie search apply to tensors of a few hundred entries."""
+    """Make the sampled selection (256-entry sample) and chunked tie search apply to tensors of a few hundred
+    entries."""
     monkeypatch.setattr(ffg_module, "_SELECTION_MIN", 32)
     monkeypatch.setattr(ffg_module, "SELECTION_SAMPLE", 256)
     monkeypatch.setattr(ffg_module, "_TIE_CHUNK", 64)
@@ -51,8 +53,13 @@ def reference_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 @PATCHED
-@given(seed=seeds, n=st.integers(min_value=33, max_value=4000), zero_fraction=st.sampled_from([0.0, 0.3, 0.95]),
-       distinct=st.sampled_from([0, 1, 3, 50]), density=st.floats(min_value=1e-4, max_value=1.0))  # fmt: skip
+@given(
+    seed=seeds,
+    n=st.integers(min_value=33, max_value=4000),
+    zero_fraction=st.sampled_from([0.0, 0.3, 0.95]),
+    distinct=st.sampled_from([0, 1, 3, 50]),
+    density=st.floats(min_value=1e-4, max_value=1.0),
+)
 def test_sampled_selection_equals_kthvalue(small_fast_paths, seed, n, zero_fraction, distinct, density):
     """kth_largest(values, k) is exactly torch.kthvalue(values, n - k + 1), whatever the bracket did."""
     values = scores_with_ties(seed, n, zero_fraction, distinct)
@@ -71,10 +78,17 @@ def test_sampled_selection_with_nan_falls_back_to_kthvalue(small_fast_paths):
 
 
 @PATCHED
-@given(seed=seeds, rows=st.integers(min_value=1, max_value=40), cols=st.integers(min_value=1, max_value=30),
-       zero_fraction=st.sampled_from([0.0, 0.5, 0.97]), distinct=st.sampled_from([0, 1, 4]),
-       density=st.floats(min_value=1e-3, max_value=1.0))  # fmt: skip
-def test_density_mask_keeps_k_largest_ties_lowest_index_first(small_fast_paths, seed, rows, cols, zero_fraction, distinct, density):
+@given(
+    seed=seeds,
+    rows=st.integers(min_value=1, max_value=40),
+    cols=st.integers(min_value=1, max_value=30),
+    zero_fraction=st.sampled_from([0.0, 0.5, 0.97]),
+    distinct=st.sampled_from([0, 1, 4]),
+    density=st.floats(min_value=1e-3, max_value=1.0),
+)
+def test_density_mask_keeps_k_largest_ties_lowest_index_first(
+    small_fast_paths, seed, rows, cols, zero_fraction, distinct, density
+):
     """density_mask keeps exactly k entries: the k largest, ties at the k-th value by lowest flat index."""
     scores = scores_with_ties(seed, rows * cols, zero_fraction, distinct).reshape(rows, cols)
     k = kept_count(rows * cols, density)
@@ -96,8 +110,13 @@ def test_end_of_nth_true_matches_nonzero(small_fast_paths, seed, n, fraction):
 
 
 @FEW
-@given(seed=seeds, n=st.integers(min_value=1, max_value=3000), lo=st.integers(min_value=-40, max_value=0),
-       span=st.integers(min_value=0, max_value=40), density=st.floats(min_value=1e-4, max_value=1.0))  # fmt: skip
+@given(
+    seed=seeds,
+    n=st.integers(min_value=1, max_value=3000),
+    lo=st.integers(min_value=-40, max_value=0),
+    span=st.integers(min_value=0, max_value=40),
+    density=st.floats(min_value=1e-4, max_value=1.0),
+)
 def test_histogram_threshold_keeps_exactly_the_counted_entries(seed, n, lo, span, density):
     """#(s >= T) equals the count the histogram holds at and above T's bin, and overshoots k by less than one bin."""
     g = torch.Generator().manual_seed(seed)
@@ -120,7 +139,9 @@ def test_histogram_threshold_keeps_exactly_the_counted_entries(seed, n, lo, span
 def test_histogram_bins_are_relative_width_at_most_2_pow_minus_9():
     """Consecutive bin edges differ by at most 2**-9 relative: the threshold resolution the docs promise."""
     edges = torch.tensor([histogram_module.bin_edge(i) for i in range(1 << 12, 1 << 16, 97)], dtype=torch.float64)
-    following = torch.tensor([histogram_module.bin_edge(i + 1) for i in range(1 << 12, 1 << 16, 97)], dtype=torch.float64)
+    following = torch.tensor(
+        [histogram_module.bin_edge(i + 1) for i in range(1 << 12, 1 << 16, 97)], dtype=torch.float64
+    )
     assert float(((following - edges) / edges).max()) <= 2.0**-9
 
 
@@ -145,8 +166,13 @@ def test_histogram_overwrite_gives_the_same_counts():
 
 
 @FEW
-@given(seed=seeds, n_experts=st.integers(min_value=1, max_value=4), with_base=st.booleans(),
-       rule=st.sampled_from([None, "density", "threshold"]), dtype=st.sampled_from([torch.float32, torch.bfloat16]))  # fmt: skip
+@given(
+    seed=seeds,
+    n_experts=st.integers(min_value=1, max_value=4),
+    with_base=st.booleans(),
+    rule=st.sampled_from([None, "density", "threshold"]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+)
 def test_merges_never_write_their_inputs(seed, n_experts, with_base, rule, dtype):
     """ota_merge and ffg_merge reuse their own buffers only: base, experts and curvature are unchanged."""
     g = torch.Generator().manual_seed(seed)
@@ -179,8 +205,13 @@ def test_f32_operand_subtracts_exactly_like_converting_first(seed, dtype):
 
 
 @FEW
-@given(seed=seeds, m=st.integers(min_value=1, max_value=30), n=st.integers(min_value=1, max_value=30),
-       power=st.sampled_from([0.5, 1.0, 0.3, 0.0]), weight=st.floats(min_value=0.0, max_value=3.0))  # fmt: skip
+@given(
+    seed=seeds,
+    m=st.integers(min_value=1, max_value=30),
+    n=st.integers(min_value=1, max_value=30),
+    power=st.sampled_from([0.5, 1.0, 0.3, 0.0]),
+    weight=st.floats(min_value=0.0, max_value=3.0),
+)
 def test_rank1_weights_from_factors_equal_weights_of_the_reconstruction(seed, m, n, power, weight):
     """outer(weight * row**p, col**p) + eps equals weight * v_hat**p + eps (v_hat materialised) to float32 rounding."""
     from mergekit_ota.math import curvature_weights, rank1_reconstruct
@@ -220,8 +251,10 @@ def test_permuted_rank1_curvature_equals_permuted_matrix(axis):
     g = torch.Generator().manual_seed(1)
     v = Rank1Curvature.from_sums(torch.rand(6, generator=g), torch.rand(4, generator=g))
     vocab = {f"t{i}": i for i in range(8)}  # 8 merged tokens; the expert had 6 (one id missing, one added)
-    info = SimpleNamespace(tokenizer=SimpleNamespace(get_vocab=lambda: vocab),
-                           permutations={"e": {0: 5, 1: 0, 2: 3, 3: -1, 4: 1, 5: 2, 6: 4}})  # fmt: skip
+    info = SimpleNamespace(
+        tokenizer=SimpleNamespace(get_vocab=lambda: vocab),
+        permutations={"e": {0: 5, 1: 0, 2: 3, 3: -1, 4: 1, 5: 2, 6: 4}},
+    )
     task = PermutedCurvature.model_construct(vocabulary_axis=axis, tokens=None, pad_to_multiple_of=None)
     matrix = dense(v) if axis == 0 else dense(v).T.contiguous()
     factors = v if axis == 0 else Rank1Curvature(v.col, v.row)
@@ -249,10 +282,16 @@ def rank1_family(tmp_path_factory):
     return family, dense_stores
 
 
-@pytest.mark.parametrize("parameters,shared", [({}, {}), ({"density": 0.3}, {}),
-                                               ({"density": 0.3}, {"density_scope": "model"}),
-                                               ({"optimizer_step": 10, "beta2": 0.99}, {"bias_correction": True})],
-                         ids=["ota", "ota+ffg", "ota+ffg model-wide", "bias-corrected"])  # fmt: skip
+@pytest.mark.parametrize(
+    "parameters,shared",
+    [
+        ({}, {}),
+        ({"density": 0.3}, {}),
+        ({"density": 0.3}, {"density_scope": "model"}),
+        ({"optimizer_step": 10, "beta2": 0.99}, {"bias_correction": True}),
+    ],
+    ids=["ota", "ota+ffg", "ota+ffg model-wide", "bias-corrected"],
+)
 def test_graph_merge_with_rank1_store_equals_merge_with_its_reconstruction(rank1_family, tmp_path, parameters, shared):
     """Merging with factored rank-1 curvature gives what the same merge gives with v_hat stored in full."""
     import os
@@ -267,8 +306,15 @@ def test_graph_merge_with_rank1_store_equals_merge_with_its_reconstruction(rank1
     family, dense_stores = rank1_family
     outputs = []
     for label, stores in (("factored", family.stores), ("dense", dense_stores)):
-        cfg = {"merge_method": "ota", "base_model": family.base, "dtype": "float32", "parameters": shared,
-               "models": [{"model": e, "parameters": {**parameters, "curvature": s}} for e, s in zip(family.experts, stores)]}  # fmt: skip
+        cfg = {
+            "merge_method": "ota",
+            "base_model": family.base,
+            "dtype": "float32",
+            "parameters": shared,
+            "models": [
+                {"model": e, "parameters": {**parameters, "curvature": s}} for e, s in zip(family.experts, stores)
+            ],
+        }
         out = tmp_path / label
         run_merge(MergeConfiguration.model_validate(cfg), str(out), MergeOptions(quiet=True, copy_tokenizer=False))
         outputs.append(load_file(os.path.join(out, "model.safetensors")))

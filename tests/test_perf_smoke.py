@@ -40,10 +40,23 @@ def smoke_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("perf")
     out = root / "perf.md"
     process = subprocess.run(
-        [sys.executable, "-m", "benchmarks.perf", "--smoke", "--methods", ",".join(METHODS),
-         "--cache", str(root / "cache"), "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.perf",
+            "--smoke",
+            "--methods",
+            ",".join(METHODS),
+            "--cache",
+            str(root / "cache"),
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert process.returncode == 0, process.stdout + process.stderr
     with open(root / "cache" / "perf-last.json", encoding="utf-8") as fp:
         raw = json.load(fp)
@@ -51,7 +64,8 @@ def smoke_run(tmp_path_factory):
 
 
 def test_smoke_report_has_a_row_with_positive_time_and_memory_for_every_method(smoke_run):
-    """Every requested method has a row in the results table with positive merge time, CPU time, peak RSS and anon RSS."""
+    """Every requested method has a row in the results table with positive merge time, CPU time, peak RSS and anon
+    RSS."""
     from benchmarks.perf.variants import VARIANTS
 
     markdown, _ = smoke_run

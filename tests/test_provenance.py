@@ -32,7 +32,9 @@ def family(tmp_path_factory):
 
 def _store(family, i, directory, metadata=None, compress=False):
     """Expert i's curvature saved (full or rank-1) with ``metadata``."""
-    path = os.path.join(str(directory), f"store{i}-{'rank1' if compress else 'full'}-{abs(hash(str(metadata)))}.safetensors")
+    path = os.path.join(
+        str(directory), f"store{i}-{'rank1' if compress else 'full'}-{abs(hash(str(metadata)))}.safetensors"
+    )
     save_store(load_file(family.stores[i]), path, compress=compress, metadata=metadata or {})
     return path
 
@@ -51,10 +53,11 @@ def _config(family, stores, method="ota", expert_parameters=(None, None), **shar
 
 
 def _merge(cfg, out, **options):
-    import mergekit_ota  # noqa: F401
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
+
+    import mergekit_ota  # noqa: F401
 
     config = MergeConfiguration.model_validate(cfg)
     run_merge(config, str(out), MergeOptions(quiet=True, copy_tokenizer=False, **options))
@@ -64,7 +67,7 @@ def _merge(cfg, out, **options):
 def _section(out):
     card = (out / "README.md").read_text(encoding="utf-8")
     assert card.count("## Curvature") == 1 and card.count(SECTION_MARKER) == 1, card
-    return card[card.index(SECTION_MARKER):]
+    return card[card.index(SECTION_MARKER) :]
 
 
 def _rows(section):
@@ -161,7 +164,13 @@ def test_the_output_is_still_a_complete_mergekit_merge(merged):
     assert text == config.to_yaml()
     assert MergeConfiguration.model_validate(yaml.safe_load(text)) == config
     assert load_file(str(out / "model.safetensors"))
-    assert sorted(os.listdir(out)) == ["README.md", "config.json", "mergekit_config.yml", PROVENANCE_FILE, "model.safetensors"]
+    assert sorted(os.listdir(out)) == [
+        "README.md",
+        "config.json",
+        "mergekit_config.yml",
+        PROVENANCE_FILE,
+        "model.safetensors",
+    ]
     assert _leftovers(out.parent) == []
 
 
@@ -233,8 +242,12 @@ def test_an_ffg_merge_records_its_stores_and_that_ffg_uses_them_as_stored(family
 
 def test_a_task_arithmetic_merge_gets_no_curvature_section_or_file(family, tmp_path):
     """Other methods' outputs are exactly mergekit's: no ## Curvature in the card, no JSON file."""
-    cfg = {"merge_method": "task_arithmetic", "base_model": family.base,
-           "models": [{"model": e, "parameters": {"weight": 1.0}} for e in family.experts], "dtype": "float32"}  # fmt: skip
+    cfg = {
+        "merge_method": "task_arithmetic",
+        "base_model": family.base,
+        "models": [{"model": e, "parameters": {"weight": 1.0}} for e in family.experts],
+        "dtype": "float32",
+    }
     _merge(cfg, tmp_path / "out")
     assert "## Curvature" not in (tmp_path / "out" / "README.md").read_text(encoding="utf-8")
     assert not (tmp_path / "out" / PROVENANCE_FILE).exists()
@@ -295,8 +308,12 @@ def test_a_merge_kept_after_a_late_failure_still_records_its_curvature(family, t
     root = tmp_path / "work"
     shutil.copytree(os.path.dirname(family.base), root / "ck")
     monkeypatch.chdir(root)
-    cfg = {"merge_method": "ota", "base_model": "ck/base", "dtype": "float32",
-           "models": [{"model": "ck/expert_0"}, {"model": "ck/expert_1"}]}  # fmt: skip
+    cfg = {
+        "merge_method": "ota",
+        "base_model": "ck/base",
+        "dtype": "float32",
+        "models": [{"model": "ck/expert_0"}, {"model": "ck/expert_1"}],
+    }
     with pytest.raises(OutputError, match=r"merge is complete and kept .*model card"):
         _merge(cfg, "out")
     record = _provenance(root / "out")
@@ -322,9 +339,18 @@ def test_a_store_from_the_hub_cache_is_named_by_repo_commit_and_file(family, tmp
     assert facts["hub"] == {"repo": "some-org/expert.v2", "commit": commit, "file": "exp_avg_sq.safetensors"}
     assert (facts["step"], facts["compression"]) == (20, "rank1")
     assert store_facts(family.stores[1])["hub"] is None
-    record = {"merge_method": "ota", "curvature_scale": "none", "curvature_scale_computed": None,
-              "experts": [{"model": "some-org/expert.v2", "stores": [facts],
-                           "bias_correction": {"reason": f"corrected: step 20 (from the metadata of {path})"}}]}  # fmt: skip
+    record = {
+        "merge_method": "ota",
+        "curvature_scale": "none",
+        "curvature_scale_computed": None,
+        "experts": [
+            {
+                "model": "some-org/expert.v2",
+                "stores": [facts],
+                "bias_correction": {"reason": f"corrected: step 20 (from the metadata of {path})"},
+            }
+        ],
+    }
     (row,) = _rows(card_section(record)).values()
     assert row[1] == f"`some-org/expert.v2@{commit[:12]}:exp_avg_sq.safetensors`"
     assert row[6] == "corrected: step 20 (from its store's metadata)"
@@ -338,8 +364,14 @@ def test_density_auto_choice_and_scale_statistics_are_recorded_per_expert(family
     says what auto kept. A later merge without auto records none (nothing leaks between merges)."""
     import torch
 
-    cfg = _config(family, [None, None], expert_parameters=({"density": "auto"}, {"density": "auto"}),
-                  density_scope="model", saliency_mass=0.8, curvature_scale="median")  # fmt: skip
+    cfg = _config(
+        family,
+        [None, None],
+        expert_parameters=({"density": "auto"}, {"density": "auto"}),
+        density_scope="model",
+        saliency_mass=0.8,
+        curvature_scale="median",
+    )
     _merge(cfg, tmp_path / "out")
     record = _provenance(tmp_path / "out")
     base = load_file(os.path.join(family.base, "model.safetensors"))

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import datetime
 import json
-from collections import Counter
 import os
 import sys
 import time
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -56,8 +56,11 @@ def test_every_answer_follows_its_convention_by_an_independent_check(name, seed,
     words = source.split()
     if cue.family == "phrase":
         assert 2 <= len(words) <= 4
-        expected = {"snake": "_".join(words), "kebab": "-".join(words),
-                    "camel": words[0] + "".join(w[:1].upper() + w[1:] for w in words[1:])}[name]  # fmt: skip
+        expected = {
+            "snake": "_".join(words),
+            "kebab": "-".join(words),
+            "camel": words[0] + "".join(w[:1].upper() + w[1:] for w in words[1:]),
+        }[name]
         assert answer == expected
     elif cue.family == "date":
         date = datetime.datetime.strptime(source, "%d %B %Y").date()
@@ -178,7 +181,9 @@ def test_answer_only_loss_equals_the_models_own_loss_and_gradients(tokenizer):
     """The Trainer's answer-only loss equals model(**inputs).loss, with and without num_items_in_batch, and
     gives the same gradients."""
     model = _tiny_model(tokenizer).train()
-    rows = skills.rows(tokenizer, skills.skill("us_date").items(3, "train", 0) + skills.skill("snake").items(3, "train", 0))
+    rows = skills.rows(
+        tokenizer, skills.skill("us_date").items(3, "train", 0) + skills.skill("snake").items(3, "train", 0)
+    )
     batch = collate(rows, tokenizer.pad_token_id)
     reference = model(**batch).loss
     ours = answer_only_loss(model, batch)
@@ -265,8 +270,11 @@ def test_two_level_interval_spans_disagreeing_seeds_where_each_seed_alone_is_dec
         data = _with_refs(_seed(rng, n, {}), rng, n)
         good = (rng.random(n) < 0.8).astype(float)
         bad = (rng.random(n) < 0.5).astype(float)
-        data["a"], data["b"] = ({s: good for s in "ab"}, {s: bad for s in "ab"}) if sign > 0 else \
-            ({s: bad for s in "ab"}, {s: good for s in "ab"})  # fmt: skip
+        data["a"], data["b"] = (
+            ({s: good for s in "ab"}, {s: bad for s in "ab"})
+            if sign > 0
+            else ({s: bad for s in "ab"}, {s: good for s in "ab"})
+        )
         seeds.append(data)
     result = stats.compare(seeds, "a", "b", ["a", "b"], replicates=2000)
     assert [e.verdict for e in result.per_seed] == ["win", "loss"]
@@ -301,15 +309,27 @@ def test_grid_point_and_best_baseline_are_chosen_on_validation_never_on_test():
     suite = sft_suite(SftSettings(skills=("snake", "camel")))
 
     def record(val, test, n=10):
-        return {split: {c: {"items": "1" * int(v * n) + "0" * (n - int(v * n))} for c in ("snake", "camel")}
-                for split, v in (("val", val), ("test", test))}  # fmt: skip
+        return {
+            split: {c: {"items": "1" * int(v * n) + "0" * (n - int(v * n))} for c in ("snake", "camel")}
+            for split, v in (("val", val), ("test", test))
+        }
 
-    models = {"base": record(0.0, 0.0), "expert/snake": record(1.0, 1.0), "expert/camel": record(1.0, 1.0),
-              "merge/ties/a": record(0.4, 0.9), "merge/ties/b": record(0.6, 0.2),
-              "merge/linear/c": record(0.5, 0.8)}  # fmt: skip
-    data = {"models": models, "settings": [
-        {"method": "ties", "label": "a", "key": "merge/ties/a"}, {"method": "ties", "label": "b", "key": "merge/ties/b"},
-        {"method": "linear", "label": "c", "key": "merge/linear/c"}]}  # fmt: skip
+    models = {
+        "base": record(0.0, 0.0),
+        "expert/snake": record(1.0, 1.0),
+        "expert/camel": record(1.0, 1.0),
+        "merge/ties/a": record(0.4, 0.9),
+        "merge/ties/b": record(0.6, 0.2),
+        "merge/linear/c": record(0.5, 0.8),
+    }
+    data = {
+        "models": models,
+        "settings": [
+            {"method": "ties", "label": "a", "key": "merge/ties/a"},
+            {"method": "ties", "label": "b", "key": "merge/ties/b"},
+            {"method": "linear", "label": "c", "key": "merge/linear/c"},
+        ],
+    }
     chosen = paired.choose(suite, data)
     assert chosen["ties"]["label"] == "b" and chosen["ties"]["val"] == pytest.approx(0.6)
     assert paired.best_baseline([chosen]) == "ties"
@@ -328,10 +348,28 @@ def test_sft_smoke_run_stores_per_item_results_and_reuses_every_cached_stage(tmp
     from benchmarks.quality import run
 
     threads = torch.get_num_threads()
-    argv = ["--tier", "sft", "--smoke", "--seeds", "0", "--methods", "ota", "ota (no base)", "ota (scale: median)", "ties", "ota+ffg (model-wide)",
-            "ota+ffg (model-wide, density: auto)",
-            "task_arithmetic", "linear", "--cache", str(tmp_path / "cache"), "--results", str(tmp_path / "results"),
-            "--threads", "1"]  # fmt: skip
+    argv = [
+        "--tier",
+        "sft",
+        "--smoke",
+        "--seeds",
+        "0",
+        "--methods",
+        "ota",
+        "ota (no base)",
+        "ota (scale: median)",
+        "ties",
+        "ota+ffg (model-wide)",
+        "ota+ffg (model-wide, density: auto)",
+        "task_arithmetic",
+        "linear",
+        "--cache",
+        str(tmp_path / "cache"),
+        "--results",
+        str(tmp_path / "results"),
+        "--threads",
+        "1",
+    ]
     started = time.perf_counter()
     try:
         out = run.main(argv)
@@ -344,8 +382,19 @@ def test_sft_smoke_run_stores_per_item_results_and_reuses_every_cached_stage(tmp
         scored = [k for k in data["models"] if not k.startswith("graft/")]
         assert {"base", "expert/snake", "expert/camel", "multitask", "merge/ota (no base)/p=0.5"} <= set(scored)
         tested = Counter(k.split("/")[1] for k in scored if k.startswith("merge/") and "test" in data["models"][k])
-        assert tested == {m: 1 for m in ("ota", "ota (no base)", "ota (scale: median)", "ties", "task_arithmetic", "linear",
-                                         "ota+ffg (model-wide)", "ota+ffg (model-wide, density: auto)")}
+        assert tested == {
+            m: 1
+            for m in (
+                "ota",
+                "ota (no base)",
+                "ota (scale: median)",
+                "ties",
+                "task_arithmetic",
+                "linear",
+                "ota+ffg (model-wide)",
+                "ota+ffg (model-wide, density: auto)",
+            )
+        }
         for key in scored:
             for split, size in suite_sizes.items():
                 if split not in data["models"][key] and key.startswith("merge/"):
@@ -356,8 +405,12 @@ def test_sft_smoke_run_stores_per_item_results_and_reuses_every_cached_stage(tmp
                     assert data["models"][key][split][cap]["exact_match"] == pytest.approx(items.count("1") / size)
         check = data["models"]["expert/camel"]["greedy_check"]
         assert all(c["agree"] == c["items"] == 4 for c in check.values())
-        stores = [os.path.join(dirpath, f) for dirpath, _, files in os.walk(tmp_path / "cache") for f in files
-                  if f.startswith("curvature-") and f.endswith(".safetensors")]  # fmt: skip
+        stores = [
+            os.path.join(dirpath, f)
+            for dirpath, _, files in os.walk(tmp_path / "cache")
+            for f in files
+            if f.startswith("curvature-") and f.endswith(".safetensors")
+        ]
         steps = set()
         for store in stores:
             with safe_open(store, "pt") as fp:
@@ -366,11 +419,24 @@ def test_sft_smoke_run_stores_per_item_results_and_reuses_every_cached_stage(tmp
             steps.add(meta["step"])
         assert len(stores) == 4 and steps == {"2", "4"}
         text = open(out["report"]).read()
-        for section in ("## Base and experts on held-out test items", "## Interference", "## Results (test split)",
-                        "## Paired differences", "Like for like", "## Tuning grids", "## Grafting one expert",
-                        "## Unit costs", "## Run time", "**multitask**", "| ota (no base) | p {0.5, 1} |",
-                        "## Curvature on one scale", "| ota (scale: median) - ota |", "`curvature_scale` for ota",
-                        "## density: auto", "| ota+ffg (model-wide, density: auto) - ota+ffg (model-wide) |"):  # fmt: skip
+        for section in (
+            "## Base and experts on held-out test items",
+            "## Interference",
+            "## Results (test split)",
+            "## Paired differences",
+            "Like for like",
+            "## Tuning grids",
+            "## Grafting one expert",
+            "## Unit costs",
+            "## Run time",
+            "**multitask**",
+            "| ota (no base) | p {0.5, 1} |",
+            "## Curvature on one scale",
+            "| ota (scale: median) - ota |",
+            "`curvature_scale` for ota",
+            "## density: auto",
+            "| ota+ffg (model-wide, density: auto) - ota+ffg (model-wide) |",
+        ):
             assert section in text, section
         for cap in ("snake", "camel"):  # each auto graft records the density auto chose (from the provenance)
             for mass in (0.5, 0.9):
@@ -399,6 +465,7 @@ def test_report_computes_interference_multitask_and_verdicts_from_per_item_resul
     rng = np.random.default_rng(0)
     runs = []
     for seed in (0, 1):
+
         def bits(p, split):
             return "".join("1" if x else "0" for x in rng.random(n[split]) < p)
 
@@ -406,20 +473,41 @@ def test_report_computes_interference_multitask_and_verdicts_from_per_item_resul
             return {split: {c: {"items": bits(p, split)} for c in ("snake", "camel")} for split in splits}
 
         base = record(0.0)
-        models = {"base": base, "expert/snake": record(1.0), "expert/camel": record(1.0), "multitask": record(0.95),
-                  "merge/task_arithmetic/λ=0.5": record(0.5), "merge/task_arithmetic/λ=1": record(0.3, ("val",)),
-                  "merge/linear/default": record(0.4), "merge/ties/d=0.1": record(0.55)}  # fmt: skip
+        models = {
+            "base": base,
+            "expert/snake": record(1.0),
+            "expert/camel": record(1.0),
+            "multitask": record(0.95),
+            "merge/task_arithmetic/λ=0.5": record(0.5),
+            "merge/task_arithmetic/λ=1": record(0.3, ("val",)),
+            "merge/linear/default": record(0.4),
+            "merge/ties/d=0.1": record(0.55),
+        }
         ties = models["merge/ties/d=0.1"]
-        models["merge/ota/p=0.5"] = {split: {c: {"items": "".join("1" if a == "1" or i % 2 == 0 else "0"
-                                                           for i, a in enumerate(ties[split][c]["items"]))}
-                                             for c in ("snake", "camel")} for split in ("val", "test")}  # fmt: skip
-        settings_ = [{"method": k.split("/")[1], "label": k.split("/")[2], "key": k} for k in models if k.startswith("merge/")]
+        models["merge/ota/p=0.5"] = {
+            split: {
+                c: {
+                    "items": "".join(
+                        "1" if a == "1" or i % 2 == 0 else "0" for i, a in enumerate(ties[split][c]["items"])
+                    )
+                }
+                for c in ("snake", "camel")
+            }
+            for split in ("val", "test")
+        }
+        settings_ = [
+            {"method": k.split("/")[1], "label": k.split("/")[2], "key": k} for k in models if k.startswith("merge/")
+        ]
         data = {"models": models, "settings": settings_, "grids": {}, "densities": [], "training": {}, "stages": {}}
         runs.append((seed, suite, data))
     path = report_sft.write(runs, str(tmp_path), "sft-test")
     text = open(path).read()
-    ta = np.mean([stats.gain(paired.seed_items(suite, d, "test"), "merge/task_arithmetic/λ=0.5", ["snake", "camel"])
-                  for _, _, d in runs])  # fmt: skip
+    ta = np.mean(
+        [
+            stats.gain(paired.seed_items(suite, d, "test"), "merge/task_arithmetic/λ=0.5", ["snake", "camel"])
+            for _, _, d in runs
+        ]
+    )
     row = next(line for line in text.splitlines() if line.startswith("| task_arithmetic |"))
     assert row.split("|")[2].strip().startswith(f"{ta:.3f}")
     assert "the tier **counts**" in text
@@ -446,6 +534,8 @@ def test_default_sft_settings_meet_the_tiers_design_rules():
     assert suite.multitask_settings.steps == sum(steps)
     per_expert = {s: suite.settings_of(s) for s in settings_.skills}
     assert len({(t.learning_rate, t.batch_size, t.scheduler, t.weight_decay) for t in per_expert.values()}) == 1
-    other = sft_suite(settings_.model_copy(update={"expert_steps": {**settings_.expert_steps, "snake": 33}, "val_items": 7}))
+    other = sft_suite(
+        settings_.model_copy(update={"expert_steps": {**settings_.expert_steps, "snake": 33}, "val_items": 7})
+    )
     assert other.run_key("camel") == suite.run_key("camel")
     assert other.run_key("snake") != suite.run_key("snake") and other.run_key("multitask") != suite.run_key("multitask")

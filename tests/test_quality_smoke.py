@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import sys
@@ -105,7 +104,9 @@ class _Shifted(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask=None):
         nxt = torch.roll(input_ids, -1, dims=1)
-        lengths = attention_mask.sum(-1) if attention_mask is not None else torch.full((len(input_ids),), input_ids.shape[1])
+        lengths = (
+            attention_mask.sum(-1) if attention_mask is not None else torch.full((len(input_ids),), input_ids.shape[1])
+        )
         if self.wrong_last:  # wrong exactly at the position that predicts each row's last token
             nxt[torch.arange(len(nxt)), lengths - 2] += 1
         logits = torch.nn.functional.one_hot((nxt + self.offset) % len(tasks.VOCAB), len(tasks.VOCAB)).float()
@@ -174,7 +175,8 @@ def _greedy(model, ids, answer_length):
 
 
 def test_teacher_forced_exact_match_equals_greedy_decoding_row_by_row():
-    """For a causal model, 'argmax right at every answer position' holds exactly when greedy decoding gives the answer."""
+    """For a causal model, 'argmax right at every answer position' holds exactly when greedy decoding gives the
+    answer."""
     model = _CausalOracle()
     both = {True: 0, False: 0}
     for cap in tasks.CAPABILITIES:
@@ -193,11 +195,16 @@ def test_teacher_forced_exact_match_equals_greedy_decoding_row_by_row():
 
 def test_every_method_gets_at_most_four_settings_and_valid_mergekit_configs():
     """The tuning budget is at most 4 grid points per method and each config validates as a MergeConfiguration."""
-    import mergekit_ota  # noqa: F401
     from mergekit.config import MergeConfiguration
 
-    experts = merges.Experts("base", {"a": "ea", "b": "eb"}, {"a": "va.safetensors", "b": "vb.safetensors"},
-                             {"a": "ra.safetensors", "b": "rb.safetensors"})  # fmt: skip
+    import mergekit_ota  # noqa: F401
+
+    experts = merges.Experts(
+        "base",
+        {"a": "ea", "b": "eb"},
+        {"a": "va.safetensors", "b": "vb.safetensors"},
+        {"a": "ra.safetensors", "b": "rb.safetensors"},
+    )
     points = merges.settings(experts)
     counts = Counter(p.method for p in points)
     assert set(counts) == {m.name for m in merges.methods()}
@@ -256,8 +263,18 @@ def test_smoke_run_writes_a_well_formed_report_and_reuses_its_cache(tmp_path):
     from benchmarks.quality import run
 
     threads = torch.get_num_threads()
-    argv = ["--tier", "quick", "--smoke", "--methods", "ota", "ties", "--cache", str(tmp_path / "cache"),
-            "--results", str(tmp_path / "results")]  # fmt: skip
+    argv = [
+        "--tier",
+        "quick",
+        "--smoke",
+        "--methods",
+        "ota",
+        "ties",
+        "--cache",
+        str(tmp_path / "cache"),
+        "--results",
+        str(tmp_path / "results"),
+    ]
     try:
         data = run.main(argv)
         report = (tmp_path / "results" / "quality-quick-smoke.md").read_text()
@@ -295,16 +312,38 @@ def test_seed_report_lists_every_seed_and_its_mean_and_names_a_missing_run(tmp_p
     from benchmarks.quality import compare, paired, run, seeds, stats
 
     threads = torch.get_num_threads()
-    common = ["--tier", "quick", "--smoke", "--methods", "ota", "ties", "--cache", str(tmp_path / "cache"),
-              "--results", str(tmp_path / "results")]  # fmt: skip
+    common = [
+        "--tier",
+        "quick",
+        "--smoke",
+        "--methods",
+        "ota",
+        "ties",
+        "--cache",
+        str(tmp_path / "cache"),
+        "--results",
+        str(tmp_path / "results"),
+    ]
     try:
         for seed in (0, 1):
             run.main(common + ["--seed", str(seed)])
     finally:
         torch.set_num_threads(threads)
     assert (tmp_path / "results" / "quality-quick-smoke-seed1.md").is_file()
-    path = seeds.main(["--tier", "quick", "--smoke", "--seeds", "0", "1", "--cache", str(tmp_path / "cache"),
-                       "--results", str(tmp_path / "results")])  # fmt: skip
+    path = seeds.main(
+        [
+            "--tier",
+            "quick",
+            "--smoke",
+            "--seeds",
+            "0",
+            "1",
+            "--cache",
+            str(tmp_path / "cache"),
+            "--results",
+            str(tmp_path / "results"),
+        ]
+    )
     text = open(path).read()
     loaded = [seeds.load_seed("quick", s, str(tmp_path / "cache"), smoke=True) for s in (0, 1)]
     skills = paired.common_skills([(r["suite"], r["data"]) for r in loaded])
@@ -322,15 +361,29 @@ def test_seed_report_lists_every_seed_and_its_mean_and_names_a_missing_run(tmp_p
     assert "## Paired differences" in text and "two-level bootstrap" in text
     assert compare.is_ours("ota") and not compare.is_ours("ties")
     with pytest.raises(FileNotFoundError, match="--seed 7"):
-        seeds.main(["--tier", "quick", "--smoke", "--seeds", "0", "7", "--cache", str(tmp_path / "cache"),
-                    "--results", str(tmp_path / "results")])  # fmt: skip
+        seeds.main(
+            [
+                "--tier",
+                "quick",
+                "--smoke",
+                "--seeds",
+                "0",
+                "7",
+                "--cache",
+                str(tmp_path / "cache"),
+                "--results",
+                str(tmp_path / "results"),
+            ]
+        )
 
 
 def _scored(val: float, test: float, caps=("reverse", "sort"), rows: int = 100) -> dict:
     """A results.json record: exact match ``val``/``test`` on every capability, as per-item strings."""
+
     def part(value: float) -> dict:
         hits = round(value * rows)
         return {"exact_match": hits / rows, "rows": rows, "tokens": 8 * rows, "items": "1" * hits + "0" * (rows - hits)}
+
     return {split: {cap: part(value) for cap in caps} for split, value in (("val", val), ("test", test))}
 
 
@@ -341,10 +394,19 @@ def test_each_method_is_chosen_on_validation_never_on_test():
     from benchmarks.quality.tiers import QuickSettings, quick_suite
 
     suite = quick_suite(QuickSettings(capabilities=("reverse", "sort")))
-    models = {"base": _scored(0.1, 0.1), "expert/reverse": _scored(0.8, 0.8), "expert/sort": _scored(0.8, 0.8),
-              "merge/m/a": _scored(0.4, 0.7), "merge/m/b": _scored(0.6, 0.2), "merge/n/c": _scored(0.3, 0.3)}  # fmt: skip
-    settings = [{"method": "m", "label": "a", "key": "merge/m/a"}, {"method": "m", "label": "b", "key": "merge/m/b"},
-                {"method": "n", "label": "c", "key": "merge/n/c"}]  # fmt: skip
+    models = {
+        "base": _scored(0.1, 0.1),
+        "expert/reverse": _scored(0.8, 0.8),
+        "expert/sort": _scored(0.8, 0.8),
+        "merge/m/a": _scored(0.4, 0.7),
+        "merge/m/b": _scored(0.6, 0.2),
+        "merge/n/c": _scored(0.3, 0.3),
+    }
+    settings = [
+        {"method": "m", "label": "a", "key": "merge/m/a"},
+        {"method": "m", "label": "b", "key": "merge/m/b"},
+        {"method": "n", "label": "c", "key": "merge/n/c"},
+    ]
     chosen = {c["method"]: c for c in report.select(suite, {"models": models, "settings": settings})}
     assert chosen["m"]["label"] == "b" and chosen["n"]["label"] == "c"
     assert chosen["m"]["val"] == pytest.approx((0.6 - 0.1) / (0.8 - 0.1))
@@ -383,19 +445,34 @@ def test_loss_gain_is_the_share_of_the_experts_loss_drop_and_resamples_rows_as_r
     def record(code: tuple, prose: tuple) -> dict:
         def part(nats: list) -> dict:
             tokens = [10, 1]
-            return {"loss": sum(nats) / sum(tokens), "token_accuracy": 0.5, "rows": 2, "tokens": 11, "items": "00",
-                    "row_tokens": tokens, "row_correct": [5, 0], "row_nats": list(nats)}  # fmt: skip
+            return {
+                "loss": sum(nats) / sum(tokens),
+                "token_accuracy": 0.5,
+                "rows": 2,
+                "tokens": 11,
+                "items": "00",
+                "row_tokens": tokens,
+                "row_correct": [5, 0],
+                "row_nats": list(nats),
+            }
+
         return {split: {"code": part(code), "prose": part(prose)} for split in ("val", "test")}
 
-    models = {"base": record((30.0, 3.0), (30.0, 3.0)), "expert/code": record((20.0, 2.0), (30.0, 3.0)),
-              "expert/prose": record((30.0, 3.0), (29.9, 3.0)), "merged": record((25.0, 2.5), (30.0, 3.0))}  # fmt: skip
+    models = {
+        "base": record((30.0, 3.0), (30.0, 3.0)),
+        "expert/code": record((20.0, 2.0), (30.0, 3.0)),
+        "expert/prose": record((30.0, 3.0), (29.9, 3.0)),
+        "merged": record((25.0, 2.5), (30.0, 3.0)),
+    }
     assert paired.gain_skills(suite, {"models": models}) == ["code"]  # prose's expert lowers loss by 0.009 only
     items = paired.seed_items(suite, {"models": models}, "test")
     assert stats.accuracy(items, "base", "code") == pytest.approx(33 / 11)
     assert stats.gain(items, "merged", ["code"]) == pytest.approx((33 / 11 - 27.5 / 11) / (33 / 11 - 22 / 11))
     with pytest.raises(KeyError, match="row_nats"):
-        bare = {k: {s: {c: {x: y for x, y in v.items() if x != "row_nats"} for c, v in r[s].items()} for s in r}
-                for k, r in models.items()}  # fmt: skip
+        bare = {
+            k: {s: {c: {x: y for x, y in v.items() if x != "row_nats"} for c, v in r[s].items()} for s in r}
+            for k, r in models.items()
+        }
         paired.seed_items(suite, {"models": bare}, "test")
 
 
@@ -422,7 +499,7 @@ def test_full_tier_arithmetic_rows_score_exactly_the_true_sum_and_splits_are_dis
             b, c = rest.split(" =")
             assert int(c) == int(a) + int(b) and len(a) == len(b) == 3
             scored = "".join(chr(i) for i, label in zip(ids, labels) if label != IGNORE)
-            assert scored == f" {c.strip()}" and labels[-len(scored):] == ids[-len(scored):]
+            assert scored == f" {c.strip()}" and labels[-len(scored) :] == ids[-len(scored) :]
         problems[split] = {t.split(" =")[0] for t in texts}
     assert not (problems["val"] & problems["train"]) and not (problems["test"] & problems["train"])
     assert not (problems["val"] & problems["test"])
@@ -434,7 +511,7 @@ def test_full_tier_code_rows_are_full_length_and_every_token_scored():
 
     tok = _CharTokenizer()
     rows = {split: domains.text_rows(tok, "code", split, 64, 3) for split in ("train", "val", "test")}
-    for split, split_rows in rows.items():
+    for split_rows in rows.values():
         assert len(split_rows) == 3
         assert all(len(ids) == 64 and labels == ids for ids, labels in split_rows)
     assert rows["val"][0][0] != rows["test"][0][0] != rows["train"][0][0]

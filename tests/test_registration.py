@@ -20,17 +20,15 @@ REGISTERED = (
 
 
 def _python(python: str, code: str, env: dict | None = None, cwd: str | None = None) -> str:
-    result = subprocess.run(
-        [python, "-c", code], capture_output=True, text=True, env=env, cwd=cwd or "/", check=True
-    )
+    result = subprocess.run([python, "-c", code], capture_output=True, text=True, env=env, cwd=cwd or "/", check=True)
     return result.stdout.strip()
 
 
 def test_import_registers_idempotently():
     """`import mergekit_ota` registers both methods; repeating registration changes nothing."""
-    import mergekit_ota  # noqa: F401
     from mergekit.merge_methods import registry
 
+    import mergekit_ota  # noqa: F401
     from mergekit_ota.methods import register_methods
 
     before = registry.registered_methods()
@@ -42,7 +40,13 @@ def test_import_registers_idempotently():
 
 @pytest.mark.parametrize(
     "first",
-    ["mergekit_ota.methods.settings", "mergekit_ota.methods", "mergekit_ota.graph.planner", "mergekit.plan", "mergekit_ota"],
+    [
+        "mergekit_ota.methods.settings",
+        "mergekit_ota.methods",
+        "mergekit_ota.graph.planner",
+        "mergekit.plan",
+        "mergekit_ota",
+    ],
 )
 def test_methods_registered_whatever_is_imported_first(first):
     """Registration does not depend on import order: importing a submodule of ours that itself imports
@@ -53,7 +57,8 @@ def test_methods_registered_whatever_is_imported_first(first):
         "    warnings.simplefilter('always')\n"
         f"    import {first}\n"
         "    import mergekit.merge_methods as m\n"
-        "print(m.get('ota').spec.name, m.get('ffg').spec.name, [str(w.message) for w in caught if 'mergekit-ota' in str(w.message)])"
+        "print(m.get('ota').spec.name, m.get('ffg').spec.name, [str(w.message) for w in caught if 'mergekit-ota' in "
+        "str(w.message)])"
     )
     assert _python(sys.executable, code) == "ota ffg []"
 
@@ -86,10 +91,21 @@ def test_fresh_process_after_install_sees_methods(tmp_path, editable):
     source = tmp_path / "src"
     shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".venv", ".git", "demo_out", "__pycache__", ".*cache*"))
     subprocess.run(
-        [python, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
-         *(["-e"] if editable else []), str(source)],
-        check=True, capture_output=True,
-    )  # fmt: skip
+        [
+            python,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            *(["-e"] if editable else []),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+    )
     assert _python(python, REGISTERED) == "['ffg', 'ota']"
     assert _python(python, "import sys; print('torch' in sys.modules, 'mergekit' in sys.modules)") == "False False"
     env = dict(os.environ, MERGEKIT_OTA_DISABLE="1")
@@ -140,6 +156,8 @@ def test_unmodified_mergekit_yaml_entry_point_merges(tmp_path):
     code = "import sys; from mergekit.scripts.run_yaml import main; sys.argv=['mergekit-yaml', *sys.argv[1:]]; main()"
     subprocess.run(
         [sys.executable, "-c", code, str(config), str(out), "--no-copy-tokenizer", "--quiet"],
-        check=True, capture_output=True, cwd="/",
-    )  # fmt: skip
+        check=True,
+        capture_output=True,
+        cwd="/",
+    )
     assert (out / "model.safetensors").is_file()

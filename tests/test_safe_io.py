@@ -42,12 +42,15 @@ def _config(family, **overrides):
 
 
 def _merge(cfg, out, **options):
-    import mergekit_ota  # noqa: F401
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
-    run_merge(MergeConfiguration.model_validate(cfg), str(out), MergeOptions(quiet=True, copy_tokenizer=False, **options))
+    import mergekit_ota  # noqa: F401
+
+    run_merge(
+        MergeConfiguration.model_validate(cfg), str(out), MergeOptions(quiet=True, copy_tokenizer=False, **options)
+    )
 
 
 def _export(*args, ok=True):
@@ -157,7 +160,10 @@ def test_rerunning_into_an_earlier_merge_replaces_it_and_a_failed_rerun_keeps_it
     tensors = load_file(family.stores[0])
     tensors[NAME][0, 0] = float("nan")  # found only when the tensor is read, mid-merge
     save_file(tensors, str(bad))
-    cfg = _config(family, models=[{"model": family.experts[0], "parameters": {"curvature": str(bad)}}, {"model": family.experts[1]}])
+    cfg = _config(
+        family,
+        models=[{"model": family.experts[0], "parameters": {"curvature": str(bad)}}, {"model": family.experts[1]}],
+    )
     with pytest.raises(CurvatureError, match="NaN"):
         _merge(cfg, out)
     assert _snapshot(out) == second
@@ -179,7 +185,10 @@ def test_a_directory_that_is_not_a_merge_is_refused_and_in_place_writing_removes
     tensors = load_file(family.stores[0])
     tensors[NAME][0, 0] = float("inf")
     save_file(tensors, str(bad))
-    cfg = _config(family, models=[{"model": family.experts[0], "parameters": {"curvature": str(bad)}}, {"model": family.experts[1]}])
+    cfg = _config(
+        family,
+        models=[{"model": family.experts[0], "parameters": {"curvature": str(bad)}}, {"model": family.experts[1]}],
+    )
     with pytest.raises(CurvatureError):
         _merge(cfg, out)
     assert sorted(os.listdir(out)) == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
@@ -233,7 +242,8 @@ def test_an_index_entry_that_escapes_through_a_link_is_refused(family, tmp_path)
 
 
 @pytest.mark.parametrize(
-    "name", ["model.safetensors.index.json", "model.safetensors", "pytorch_model.safetensors", "adapter_model.safetensors"]
+    "name",
+    ["model.safetensors.index.json", "model.safetensors", "pytorch_model.safetensors", "adapter_model.safetensors"],
 )
 def test_export_refuses_an_out_that_a_model_loader_would_read_as_weights(family, tmp_path, name):
     """`export SRC MODEL_DIR/model.safetensors.index.json` wrote curvature shards and an index beside the weights,
@@ -271,10 +281,11 @@ def _sharded_store(family, tmp_path):
 def test_a_tensor_held_by_two_shards_is_refused_naming_both(family, tmp_path):
     """The index maps X to shard a while shard b also holds X. Before: check said OK and the merge silently read
     one copy. Now opening the store refuses, naming both files; check reports it."""
-    from mergekit_ota.curvature.store import CurvatureStore
-    from mergekit_ota.graph.preflight import check_config
     from mergekit.config import MergeConfiguration
     from mergekit.options import MergeOptions
+
+    from mergekit_ota.curvature.store import CurvatureStore
+    from mergekit_ota.graph.preflight import check_config
 
     out, index, weight_map = _sharded_store(family, tmp_path)
     shard_a = weight_map[NAME]
@@ -282,9 +293,14 @@ def test_a_tensor_held_by_two_shards_is_refused_naming_both(family, tmp_path):
     tensors = load_file(str(out / shard_b))
     tensors[NAME] = load_file(str(out / shard_a))[NAME] * 1000
     save_file(tensors, str(out / shard_b), metadata={"format_version": "1"})
-    with pytest.raises(CurvatureError, match=rf"'{NAME}' is held by two shards, .*({shard_a}|{shard_b}) and .*({shard_a}|{shard_b})"):
+    with pytest.raises(
+        CurvatureError, match=rf"'{NAME}' is held by two shards, .*({shard_a}|{shard_b}) and .*({shard_a}|{shard_b})"
+    ):
         CurvatureStore(str(index))
-    cfg = _config(family, models=[{"model": family.experts[0], "parameters": {"curvature": str(index)}}, {"model": family.experts[1]}])
+    cfg = _config(
+        family,
+        models=[{"model": family.experts[0], "parameters": {"curvature": str(index)}}, {"model": family.experts[1]}],
+    )
     report = check_config(MergeConfiguration.model_validate(cfg), MergeOptions(quiet=True))
     assert not report.ok and any("held by two shards" in p for p in report.problems)
 
@@ -341,8 +357,13 @@ def test_overlapping_or_duplicate_header_entries_are_refused(tmp_path):
     from mergekit_ota.io.safetensors import read_header
 
     overlap = tmp_path / "overlap.safetensors"
-    _raw_safetensors(overlap, {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-                               "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}})  # fmt: skip
+    _raw_safetensors(
+        overlap,
+        {
+            "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+            "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+        },
+    )
     with pytest.raises(CurvatureError, match="overlaps 'a'"):
         read_header(str(overlap))
     twice = tmp_path / "twice.safetensors"
@@ -369,7 +390,10 @@ def test_f64_curvature_beyond_float32_range_is_refused_by_check_inspect_and_merg
     tensors[NAME][0, 0] = 1e300
     path = tmp_path / "f64.safetensors"
     save_file(tensors, str(path))
-    cfg = _config(family, models=[{"model": family.experts[0], "parameters": {"curvature": str(path)}}, {"model": family.experts[1]}])
+    cfg = _config(
+        family,
+        models=[{"model": family.experts[0], "parameters": {"curvature": str(path)}}, {"model": family.experts[1]}],
+    )
     report = check_config(MergeConfiguration.model_validate(cfg), MergeOptions(quiet=True), full_scan=True)
     expected = rf"{path}: tensor '{NAME}' has 0 NaN and 1 Inf values"
     assert any(re.search(expected, p) for p in report.problems), report.problems
@@ -408,7 +432,9 @@ def test_export_to_a_full_disk_says_so_in_one_line_and_leaves_nothing(family, tm
     result = _export(source, out, ok=False)
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and str(out) in lines[0], result.output
-    assert re.search(r"needs 1,04\d,\d{3} bytes \(1\.0 MiB\), 2\d\d,\d{3} bytes \(\d+\.\d KiB\) are free", lines[0]), lines[0]
+    assert re.search(r"needs 1,04\d,\d{3} bytes \(1\.0 MiB\), 2\d\d,\d{3} bytes \(\d+\.\d KiB\) are free", lines[0]), (
+        lines[0]
+    )
     assert os.listdir(small_disk) == []
 
 
@@ -435,8 +461,18 @@ def test_a_disk_that_fills_up_while_exporting_is_cleaned_up(family, tmp_path, sm
                 os.close(fd)
             yield item
 
-    options = ExportOptions.parse(source_kind=None, model=None, compress="none", dtype="float32", bias_correct=False,
-                                  shard_size=None, frozen=(), beta2=None, step=None, force=False)  # fmt: skip
+    options = ExportOptions.parse(
+        source_kind=None,
+        model=None,
+        compress="none",
+        dtype="float32",
+        bias_correct=False,
+        shard_size=None,
+        frozen=(),
+        beta2=None,
+        step=None,
+        force=False,
+    )
     with pytest.raises(OutputError, match=r"no space left on device while writing: the output needs [\d,]+ bytes"):
         export_curvature(str(source), str(out), options, filling)
     assert sorted(os.listdir(small_disk)) == ["filler"]
@@ -486,11 +522,15 @@ def test_check_warns_before_merging_about_paths_the_model_card_asks_the_hub_abou
 
     shutil.copytree(os.path.dirname(family.base), tmp_path / "ck")
     monkeypatch.chdir(tmp_path)
-    cfg = _config(family, base_model="ck/base", models=[{"model": "./ck/expert_0"}, {"model": str(tmp_path / "ck" / "expert_1")}])
+    cfg = _config(
+        family, base_model="ck/base", models=[{"model": "./ck/expert_0"}, {"model": str(tmp_path / "ck" / "expert_1")}]
+    )
     report = check_config(MergeConfiguration.model_validate(cfg), MergeOptions(quiet=True))
     assert report.ok
     (warning,) = [w for w in report.warnings if "Hugging Face Hub" in w]
-    assert warning.startswith("model path(s) ck/base:") and "./ck/base" in warning and "--no-write-model-card" in warning
+    assert (
+        warning.startswith("model path(s) ck/base:") and "./ck/base" in warning and "--no-write-model-card" in warning
+    )
 
 
 def test_an_index_in_a_hub_cache_snapshot_may_name_its_repos_blobs_but_nothing_else(tmp_path):

@@ -22,7 +22,8 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from mergekit_ota.errors import ConfigError, MergeError, OTAError, PreflightError
@@ -62,10 +63,11 @@ def _config(family, method="ota", expert_parameters=(None, None), base=True, **s
 
 
 def _merge(cfg: dict, out) -> None:
-    import mergekit_ota  # noqa: F401
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
+
+    import mergekit_ota  # noqa: F401
 
     run_merge(MergeConfiguration.model_validate(cfg), str(out), MergeOptions(quiet=True, copy_tokenizer=False))
 
@@ -152,9 +154,16 @@ def test_in_memory_non_finite_parameter_is_refused():
 
     base, experts, curvatures = _tensors()
     with pytest.raises(ConfigError, match=r"weight must be a finite number; got nan"):
-        merge_tensors([base, *experts], "ota", base_index=0, parameters={"curvature": curvatures, "weight": [float("nan"), 1.0]})
+        merge_tensors(
+            [base, *experts], "ota", base_index=0, parameters={"curvature": curvatures, "weight": [float("nan"), 1.0]}
+        )
     with pytest.raises(ConfigError, match=r"lambda must be a finite number; got inf"):
-        merge_tensors([base, *experts], "ffg", base_index=0, parameters={"curvature": curvatures, "density": 0.5, "lambda": float("inf")})
+        merge_tensors(
+            [base, *experts],
+            "ffg",
+            base_index=0,
+            parameters={"curvature": curvatures, "density": 0.5, "lambda": float("inf")},
+        )
 
 
 def test_huge_finite_curvature_with_power_2_merges_to_the_same_finite_model(family, tmp_path):
@@ -201,7 +210,9 @@ def test_weights_that_underflow_raise_naming_the_tensor():
     curvature = {"a": {"w": big}, "b": {"w": torch.full(shape, 1e-10)}}
     with pytest.raises(MergeError, match=r"tensor w: .*15 of 16 coordinates.*underflow"):
         merge_state_dicts(
-            {"base": base, **experts}, "ota", base="base",
+            {"base": base, **experts},
+            "ota",
+            base="base",
             parameters={"curvature": curvature, "power": 4.0, "curvature_scale": "none"},
         )
 
@@ -217,7 +228,10 @@ def test_float16_overflow_of_the_saved_tensor_fails_naming_the_tensor(family, tm
 def test_ffg_overflow_fails_naming_the_tensor(family, tmp_path):
     """ffg's b + lambda * sum_i weight_i m_i tau_i overflowing float32 fails naming the tensor (no inf written)."""
     cfg = _config(
-        family, "ffg", expert_parameters=({"density": 0.5, "weight": 100.0}, {"density": 0.5, "weight": 100.0}), **{"lambda": 3e38}
+        family,
+        "ffg",
+        expert_parameters=({"density": 0.5, "weight": 100.0}, {"density": 0.5, "weight": 100.0}),
+        **{"lambda": 3e38},
     )
     _refused(cfg, tmp_path, r"ffg: merged tensor [\w.]+ has \d+ non-finite value", error=MergeError)
 
@@ -229,7 +243,11 @@ def test_in_memory_non_finite_result_is_refused():
     base, experts, curvatures = _tensors()
     with pytest.raises(MergeError, match=r"tensor up\.weight .*non-finite.*float16"):
         merge_tensors(
-            [base, *experts], "ota", base_index=0, name="up.weight", out_dtype=torch.float16,
+            [base, *experts],
+            "ota",
+            base_index=0,
+            name="up.weight",
+            out_dtype=torch.float16,
             parameters={"curvature": curvatures, "lambda": 1e6},
         )
 
@@ -361,7 +379,9 @@ def test_misspelled_expert_parameter_is_refused_with_a_suggestion(family, tmp_pa
     """`densty: 0.2` under a model: the merge fails (it used to run without FFG) naming the model, the key and
     'did you mean density'; check reports the same problem."""
     cfg = _config(family, expert_parameters=({"densty": 0.2}, None))
-    error = _refused(cfg, tmp_path, rf"model {family.experts[0]}: unknown parameter 'densty' for ota; did you mean 'density'\?")
+    error = _refused(
+        cfg, tmp_path, rf"model {family.experts[0]}: unknown parameter 'densty' for ota; did you mean 'density'\?"
+    )
     code, report, _ = _check(tmp_path, cfg)
     assert code == 1 and report["problems"] == error.problems
 
@@ -396,7 +416,11 @@ def test_unknown_parameters_are_found_at_every_level_of_a_config(family):
                 {
                     "sources": [
                         {"model": family.base, "layer_range": [0, 2]},
-                        {"model": family.experts[0], "layer_range": [0, 2], "parameters": {"wieght": 1.0, "weight": 1.0}},
+                        {
+                            "model": family.experts[0],
+                            "layer_range": [0, 2],
+                            "parameters": {"wieght": 1.0, "weight": 1.0},
+                        },
                     ],
                     "parameters": {"eps": 1e-12, "xyz": 1},
                 }
@@ -417,7 +441,9 @@ def test_check_warns_about_unknown_keys_for_mergekit_methods(family, tmp_path):
     cfg = _config(family, "ties", expert_parameters=({"densty": 0.2, "weight": 1.0}, None))
     code, report, output = _check(tmp_path, cfg)
     assert code == 2 and "does not use curvature" in output
-    assert report["warnings"] == [f"model {family.experts[0]}: unknown parameter 'densty' for ties; did you mean 'density'?"]
+    assert report["warnings"] == [
+        f"model {family.experts[0]}: unknown parameter 'densty' for ties; did you mean 'density'?"
+    ]
     from mergekit_ota.cli.main import main
 
     text = CliRunner().invoke(main, ["check", str(tmp_path / "merge.yml")])
@@ -458,9 +484,7 @@ def test_ota_needs_a_positive_weight(family, tmp_path):
 def test_ffg_normalize_with_zero_weight_sum_is_refused(family, tmp_path):
     """ffg, normalize: true, weights 1 and -1: sum_i weight_i = 0 would divide by zero: refused (it used to skip
     the division silently)."""
-    cfg = _config(
-        family, "ffg", expert_parameters=({"density": 0.5}, {"density": 0.5, "weight": -1.0}), normalize=True
-    )
+    cfg = _config(family, "ffg", expert_parameters=({"density": 0.5}, {"density": 0.5, "weight": -1.0}), normalize=True)
     _refused(cfg, tmp_path, r"normalize: true divides by sum_i weight_i, which is 0")
 
 
@@ -522,8 +546,13 @@ def test_planner_and_in_memory_report_one_rule_with_one_message(family, tmp_path
     cases = [
         (
             _config(family, "ffg", expert_parameters=({"density": 0.5}, None)),
-            lambda: merge_tensors([base, *experts], "ffg", base_index=0, ids=["b", "x", "y"],
-                                  parameters={"curvature": curvatures, "density": [0.5, None]}),
+            lambda: merge_tensors(
+                [base, *experts],
+                "ffg",
+                base_index=0,
+                ids=["b", "x", "y"],
+                parameters={"curvature": curvatures, "density": [0.5, None]},
+            ),
             "ffg needs a density or a threshold for every expert",
         ),
         (

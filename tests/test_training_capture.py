@@ -42,15 +42,33 @@ def _train(out: Path, seed: int = 0, compress: str = "rank1", save_only_model: b
     from mergekit_ota.training import CurvatureCallback
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM.from_pretrained(str(base)) if base else LlamaForCausalLM(tiny_llama_config(vocab_size=VOCAB, hidden_size=HIDDEN))
+    model = (
+        LlamaForCausalLM.from_pretrained(str(base))
+        if base
+        else LlamaForCausalLM(tiny_llama_config(vocab_size=VOCAB, hidden_size=HIDDEN))
+    )
     g = torch.Generator().manual_seed(10 + seed)
     rows = [torch.randint(0, VOCAB, (8,), generator=g) for _ in range(16)]
     callback = CurvatureCallback(compress=compress)
-    args = TrainingArguments(output_dir=str(out), max_steps=4, save_steps=2, per_device_train_batch_size=2, report_to=[],
-                             use_cpu=True, logging_steps=1, seed=seed, save_only_model=save_only_model,
-                             adam_beta2=0.98, learning_rate=1e-3)  # fmt: skip
-    trainer = Trainer(model=model, args=args, train_dataset=[{"input_ids": r, "labels": r.clone()} for r in rows],
-                      callbacks=[callback])  # fmt: skip
+    args = TrainingArguments(
+        output_dir=str(out),
+        max_steps=4,
+        save_steps=2,
+        per_device_train_batch_size=2,
+        report_to=[],
+        use_cpu=True,
+        logging_steps=1,
+        seed=seed,
+        save_only_model=save_only_model,
+        adam_beta2=0.98,
+        learning_rate=1e-3,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=[{"input_ids": r, "labels": r.clone()} for r in rows],
+        callbacks=[callback],
+    )
     trainer.train()
     trainer.save_model(str(out))
     return callback
@@ -64,7 +82,10 @@ def test_trainer_callback_writes_at_every_save_and_at_the_end_what_export_writes
     callback = _train(tmp_path / "run", compress=compress)
     name = "exp_avg_sq.safetensors" + ("" if compress == "rank1" else ".index.json")
     assert [Path(p).relative_to(tmp_path / "run").as_posix() for p in callback.written] == [
-        f"checkpoint-2/{name}", f"checkpoint-4/{name}", name]
+        f"checkpoint-2/{name}",
+        f"checkpoint-4/{name}",
+        name,
+    ]
     for step in (2, 4):
         checkpoint = tmp_path / "run" / f"checkpoint-{step}"
         exported = tmp_path / f"export-{step}.safetensors"
@@ -97,20 +118,30 @@ def test_a_merge_finds_the_stores_with_no_curvature_line(tmp_path):
     LlamaForCausalLM(tiny_llama_config(vocab_size=VOCAB, hidden_size=HIDDEN)).save_pretrained(str(base))
     for seed in (1, 2):
         _train(tmp_path / f"expert{seed}", seed=seed, base=base)
-    import mergekit_ota  # noqa: F401 - registers the methods
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
-    config = {"merge_method": "ota", "base_model": str(base), "dtype": "float32",
-              "models": [{"model": str(tmp_path / f"expert{s}")} for s in (1, 2)]}  # fmt: skip
+    import mergekit_ota  # noqa: F401 - registers the methods
+
+    config = {
+        "merge_method": "ota",
+        "base_model": str(base),
+        "dtype": "float32",
+        "models": [{"model": str(tmp_path / f"expert{s}")} for s in (1, 2)],
+    }
     from mergekit_ota.graph.preflight import check_config
 
     report = check_config(MergeConfiguration.model_validate(config), MergeOptions())
     assert report.problems == ()
     assert {os.path.realpath(u.path) for u in report.stores} == {
-        os.path.realpath(tmp_path / f"expert{s}" / "exp_avg_sq.safetensors") for s in (1, 2)}
-    run_merge(MergeConfiguration.model_validate(config), str(tmp_path / "merged"), MergeOptions(quiet=True, copy_tokenizer=False))
+        os.path.realpath(tmp_path / f"expert{s}" / "exp_avg_sq.safetensors") for s in (1, 2)
+    }
+    run_merge(
+        MergeConfiguration.model_validate(config),
+        str(tmp_path / "merged"),
+        MergeOptions(quiet=True, copy_tokenizer=False),
+    )
     merged = load_file(str(next((tmp_path / "merged").glob("*.safetensors"))))
     assert torch.isfinite(torch.cat([t.flatten() for t in merged.values()])).all()
 
@@ -122,12 +153,33 @@ def test_two_processes_gather_and_rank_0_writes_the_optimizers_own_states(strate
     parameter identity (FSDP2: its DTensor gathered whole), and only rank 0 wrote."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MERGEKIT_OTA_DISABLE": "1"}
     script = Path(__file__).parent / "distributed_capture.py"
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), strategy,
-                           str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(script),
+            strategy,
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     truth = load_file(str(tmp_path / "truth.safetensors"))
-    stores = [tmp_path / "store.safetensors"] if strategy != "trainer" else [
-        tmp_path / "exp_avg_sq.safetensors.index.json", tmp_path / "checkpoint-2" / "exp_avg_sq.safetensors.index.json"]
+    stores = (
+        [tmp_path / "store.safetensors"]
+        if strategy != "trainer"
+        else [
+            tmp_path / "exp_avg_sq.safetensors.index.json",
+            tmp_path / "checkpoint-2" / "exp_avg_sq.safetensors.index.json",
+        ]
+    )
     for store in stores:
         ours = _store(store)
         assert ours.keys() == truth.keys() and all(torch.equal(ours[k], truth[k]) for k in truth), store
@@ -141,8 +193,23 @@ def test_a_value_rank_0_refuses_mid_write_is_raised_on_every_rank_and_nothing_is
     neither hangs, and no store or temporary file is left."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MERGEKIT_OTA_DISABLE": "1"}
     script = Path(__file__).parent / "distributed_capture.py"
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), "fsdp2-nan",
-                           str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(script),
+            "fsdp2-nan",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     name, first = (tmp_path / "error-rank0.txt").read_text().split("\n", 1)
     assert name in first and "NaN" in first
@@ -161,10 +228,13 @@ def _export_of(checkpoint: Path, tmp_path: Path, compress: str) -> Dict[str, tor
     return load_file(str(out))
 
 
-@pytest.mark.parametrize("compress, name", [("rank1", "exp_avg_sq.safetensors"), ("none", "exp_avg_sq.safetensors.index.json")])
+@pytest.mark.parametrize(
+    "compress, name", [("rank1", "exp_avg_sq.safetensors"), ("none", "exp_avg_sq.safetensors.index.json")]
+)
 def test_trainer_under_deepspeed_zero3_left_the_stores_export_gives(compress, name, tmp_path):
     """transformers.Trainer(deepspeed=ZeRO-3) with CurvatureCallback (tests/fixtures/deepspeed/capture.py, real
-    DeepSpeed 0.19.8 on CPU): checkpoint-2/ and output_dir hold stores equal to `mergekit-ota export` of checkpoint-2."""
+    DeepSpeed 0.19.8 on CPU): checkpoint-2/ and output_dir hold stores equal to `mergekit-ota export` of
+    checkpoint-2."""
     run = CAPTURE / "trainer-z3"
     expected = _export_of(run / "checkpoint-2", tmp_path, compress)
     for store in (run / "checkpoint-2" / name, run / name):

@@ -158,7 +158,9 @@ def _dotted_cases(marker: Path) -> List[Tuple[str, str, bytes]]:
     ]
 
 
-@pytest.mark.parametrize("case", range(5), ids=["io.open", "builtins.eval", "_load_from_bytes", "Path.touch", "torch.load"])
+@pytest.mark.parametrize(
+    "case", range(5), ids=["io.open", "builtins.eval", "_load_from_bytes", "Path.touch", "torch.load"]
+)
 def test_dotted_qualnames_are_refused_whatever_they_reach(real_dcp, tmp_path, case):
     """Any qualname with a dot is refused, even under an allow-listed module or class: ``io.open``,
     ``torch.builtins.eval``, ``torch.storage._load_from_bytes`` (a full ``torch.load(weights_only=False)``),
@@ -237,15 +239,30 @@ def _real_checkpoints(root: Path) -> List[Path]:
     named = torch.optim.AdamW(model.named_parameters(), lr=1e-2)
     model(torch.randn(5, 4)).sum().backward()
     named.step()
-    dtypes = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
-              torch.int8, torch.uint8, torch.bool, torch.complex64]  # fmt: skip
+    dtypes = [
+        torch.float32,
+        torch.float64,
+        torch.float16,
+        torch.bfloat16,
+        torch.int64,
+        torch.int32,
+        torch.int16,
+        torch.int8,
+        torch.uint8,
+        torch.bool,
+        torch.complex64,
+    ]
     states = {
         "fsdp": dict(zip(("model", "optimizer"), get_state_dict(model, optimizer))),
         "fsdp_named": dict(zip(("model", "optimizer"), get_state_dict(model, named))),
         "plain": {"model": model.state_dict(), "optimizer": named.state_dict()},
         "bytes": {"f": 1.5, "t": (0.9, 0.99), "s": "x", "l": [1, 2], "n": None, "d": {"k": 1}, "i": 7, "b": b"\x00"},
         "dtypes": {f"t{i}": torch.ones(3, 2, dtype=dtype) for i, dtype in enumerate(dtypes)},
-        "odd": {"cl": torch.ones(1, 2, 3, 3).to(memory_format=torch.channels_last), "s": torch.tensor(2.0), "e": torch.empty(0)},
+        "odd": {
+            "cl": torch.ones(1, 2, 3, 3).to(memory_format=torch.channels_last),
+            "s": torch.tensor(2.0),
+            "e": torch.empty(0),
+        },
     }
     directories = []
     for name, state in states.items():
@@ -269,7 +286,10 @@ def test_real_dcp_metadata_is_rebuilt_exactly_under_the_allow_list(tmp_path):
             expected = recorder.load()
         seen.update(recorder.names)
         with open(path, "rb") as fp:
-            assert restricted_load(fp, DCP_METADATA_GLOBALS, str(path), "DCP metadata", DCP_METADATA_SUBSTITUTES) == expected, directory
+            assert (
+                restricted_load(fp, DCP_METADATA_GLOBALS, str(path), "DCP metadata", DCP_METADATA_SUBSTITUTES)
+                == expected
+            ), directory
     assert seen <= set(DCP_METADATA_GLOBALS), sorted(seen - set(DCP_METADATA_GLOBALS))
 
 
@@ -307,9 +327,15 @@ def test_the_package_unpickles_only_through_allow_lists():
         own = path.parts[-2:] == ("io", "unpickle.py")
         for node in ast.walk(tree):
             where = f"{path}:{getattr(node, 'lineno', '?')}"
-            if isinstance(node, ast.Attribute) and (node.attr == "add_safe_globals" or (node.attr == "safe_globals" and not own)):
+            if isinstance(node, ast.Attribute) and (
+                node.attr == "add_safe_globals" or (node.attr == "safe_globals" and not own)
+            ):
                 problems.append(f"{where}: {node.attr}")
-            if isinstance(node, ast.Attribute) and node.attr in ("load", "loads", "Unpickler", "_Unpickler") and not own:
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr in ("load", "loads", "Unpickler", "_Unpickler")
+                and not own
+            ):
                 base = node.value
                 if isinstance(base, ast.Name) and base.id in _PICKLERS:
                     problems.append(f"{where}: {base.id}.{node.attr}")
@@ -378,7 +404,9 @@ def test_deepspeed_checkpoints_name_only_torchs_globals_and_the_stand_ins():
     from mergekit_ota.io.unpickle import DEEPSPEED_STAND_INS
 
     fixtures = Path(__file__).parent / "fixtures" / "deepspeed"
-    files = sorted(fixtures.glob("*/checkpoint/global_step*/*.pt")) + sorted(fixtures.glob("trainer/*/checkpoint-*/global_step*/*.pt"))
+    files = sorted(fixtures.glob("*/checkpoint/global_step*/*.pt")) + sorted(
+        fixtures.glob("trainer/*/checkpoint-*/global_step*/*.pt")
+    )
     files += sorted(fixtures.glob("trainer/*/universal/zero/optimizer_state.pt"))
     assert len(files) > 50
     torch_own = set(_get_allowed_globals())

@@ -68,19 +68,37 @@ def main() -> None:
 
     timer, rank1, full = StepTimer(), CurvatureCallback(), CurvatureCallback(compress="none")
     out = os.path.join(ROOT, "benchmarks", ".cache", "capture_overhead")
-    targs = TrainingArguments(output_dir=out, max_steps=args.steps, save_steps=args.save_every, per_device_train_batch_size=8,
-                              learning_rate=1e-4, report_to=[], use_cpu=True, logging_steps=1000, save_only_model=True,
-                              )  # fmt: skip
-    Trainer(model=model, args=targs, train_dataset=[{"input_ids": r, "labels": r.clone()} for r in rows],
-            callbacks=[timer, rank1, full]).train()  # fmt: skip
+    targs = TrainingArguments(
+        output_dir=out,
+        max_steps=args.steps,
+        save_steps=args.save_every,
+        per_device_train_batch_size=8,
+        learning_rate=1e-4,
+        report_to=[],
+        use_cpu=True,
+        logging_steps=1000,
+        save_only_model=True,
+    )
+    Trainer(
+        model=model,
+        args=targs,
+        train_dataset=[{"input_ids": r, "labels": r.clone()} for r in rows],
+        callbacks=[timer, rank1, full],
+    ).train()
     step = statistics.median(timer.times)
     lines = [
-        "# Curvature capture overhead (CurvatureCallback)", "",
-        f"`python -m benchmarks.capture_overhead --steps {args.steps} --save-every {args.save_every} --threads {args.threads}`: "
-        f"SmolLM2-135M-Instruct ({sum(p.numel() for p in model.parameters()):,} parameters), Trainer with AdamW, batch 8 x 48 "
-        f"tokens, float32 on CPU, {args.threads} torch thread(s); {len(timer.times)} optimizer steps timed between saves "
-        f"(median {step:.2f} s). Load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (a shared machine: "
-        f"the step and the save were timed in the same run, so their ratio is what counts).", "",
+        "# Curvature capture overhead (CurvatureCallback)",
+        "",
+        f"`python -m benchmarks.capture_overhead --steps {args.steps} --save-every {args.save_every} --threads "
+        f"{args.threads}`: "
+        f"SmolLM2-135M-Instruct ({sum(p.numel() for p in model.parameters()):,} parameters), Trainer with AdamW, batch "
+        "8 x 48 "
+        f"tokens, float32 on CPU, {args.threads} torch thread(s); {len(timer.times)} optimizer steps timed between "
+        "saves "
+        f"(median {step:.2f} s). Load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (a shared "
+        "machine: "
+        f"the step and the save were timed in the same run, so their ratio is what counts).",
+        "",
         "| callback | saves | s per save (median) | store | share of training at save_steps=500 |",
         "|---|---|---|---|---|",
     ]
@@ -88,7 +106,9 @@ def main() -> None:
         per_save = statistics.median(callback.seconds)
         size = _store_bytes(callback.written[-1])
         share = per_save / (DEFAULT_SAVE_STEPS * step)
-        lines.append(f"| {label} | {len(callback.seconds)} | {per_save:.2f} | {size / 2**20:.1f} MiB | {100 * share:.3f}% |")
+        lines.append(
+            f"| {label} | {len(callback.seconds)} | {per_save:.2f} | {size / 2**20:.1f} MiB | {100 * share:.3f}% |"
+        )
     with open(RESULT, "w") as fp:
         fp.write("\n".join(lines) + "\n")
     print("\n".join(lines))

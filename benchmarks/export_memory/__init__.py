@@ -1,1 +1,2 @@
-"""Peak memory of ``mergekit-ota export`` on native DeepSpeed ZeRO checkpoints (``python -m benchmarks.export_memory``)."""
+"""Peak memory of ``mergekit-ota export`` on native DeepSpeed ZeRO checkpoints (``python -m
+benchmarks.export_memory``)."""

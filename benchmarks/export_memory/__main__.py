@@ -61,7 +61,16 @@ def _train(python: str, stage: int, ranks: int) -> str:
         return out
     deepspeed = os.path.join(os.path.dirname(python), "deepspeed")
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    command = [deepspeed, "--num_gpus", str(ranks), os.path.join(HERE, "train_zero.py"), "--out", out, "--stage", str(stage)]
+    command = [
+        deepspeed,
+        "--num_gpus",
+        str(ranks),
+        os.path.join(HERE, "train_zero.py"),
+        "--out",
+        out,
+        "--stage",
+        str(stage),
+    ]
     subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=1800)
     return out
 
@@ -83,8 +92,13 @@ def main() -> None:
         for compress in ("none", "rank1"):
             out = os.path.join(CACHE, f"store-{stage}-{compress}-{time.time_ns()}.safetensors")
             env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
-            done = subprocess.run([sys.executable, "-c", MEASURE, checkpoint, out, compress],
-                                  capture_output=True, text=True, env=env, check=True)  # fmt: skip
+            done = subprocess.run(
+                [sys.executable, "-c", MEASURE, checkpoint, out, compress],
+                capture_output=True,
+                text=True,
+                env=env,
+                check=True,
+            )
             measured = json.loads(done.stdout.strip().splitlines()[-1])
             os.remove(out)
             rows.append((stage, compress, measured, _rank_bytes(checkpoint)))
@@ -94,17 +108,20 @@ def main() -> None:
         "",
         f"`python -m benchmarks.export_memory --deepspeed-python .venv-fixtures/bin/python --ranks {args.ranks}`: "
         f"a 25M-parameter module (16 x Linear(1024, 1024) and an 8192 x 1024 embedding, the largest parameter: "
-        f"{LARGEST / 2**20:.0f} MiB as float32) trained one step under DeepSpeed on {args.ranks} CPU ranks; export in a "
+        f"{LARGEST / 2**20:.0f} MiB as float32) trained one step under DeepSpeed on {args.ranks} CPU ranks; export in "
+        "a "
         f"fresh interpreter. `RssAnon` growth is what export allocates; `VmHWM` growth also counts the pages of the "
         f"memory-mapped rank files it reads (given back after each parameter).",
         "",
-        "| stage | compress | tensors | elements | largest rank file | RssAnon growth | x largest param | VmHWM growth | x largest param | seconds |",
+        "| stage | compress | tensors | elements | largest rank file | RssAnon growth | x largest param | VmHWM growth "
+        "| x largest param | seconds |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for stage, compress, m, rank_bytes in rows:
         lines.append(
             f"| ZeRO-{stage} | {compress} | {m['tensors']} | {m['elements']:,} | {rank_bytes / 2**20:.0f} MiB | "
-            f"{m['anon_growth'] / 2**20:.1f} MiB | {m['anon_growth'] / LARGEST:.2f} | {m['hwm_growth'] / 2**20:.1f} MiB | "
+            f"{m['anon_growth'] / 2**20:.1f} MiB | {m['anon_growth'] / LARGEST:.2f} | {m['hwm_growth'] / 2**20:.1f} "
+            "MiB | "
             f"{m['hwm_growth'] / LARGEST:.2f} | {m['seconds']:.2f} |"
         )
     with open(RESULT, "w") as fp:

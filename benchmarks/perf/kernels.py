@@ -39,13 +39,18 @@ def main() -> None:
     base = torch.randn(n, generator=g)
     experts = [base + 0.01 * torch.randn(n, generator=g) for _ in range(2)]
     curvatures = [torch.rand(n, generator=g) ** 4 * 1e-6 for _ in range(2)]
-    rules = [KeepRule(threshold=float((v * (e - base) ** 2).kthvalue(int(0.8 * n)).values))
-             for v, e in zip(curvatures, experts)]  # fmt: skip
+    rules = [
+        KeepRule(threshold=float((v * (e - base) ** 2).kthvalue(int(0.8 * n)).values))
+        for v, e in zip(curvatures, experts)
+    ]
     plain = fastest(lambda: ota_merge(base, experts, curvatures, [1.0, 1.0], rules=rules), args.repeats)
-    consensus = fastest(lambda: ota_merge(base, experts, curvatures, [1.0, 1.0], rules=rules, consensus="sum"),
-                        args.repeats)  # fmt: skip
-    print(f"{n:,} entries, 2 experts, torch threads {torch.get_num_threads()}: ota+FFG {plain:.3f} s, "
-          f"with sign consensus {consensus:.3f} s ({consensus / plain:.2f}x)")
+    consensus = fastest(
+        lambda: ota_merge(base, experts, curvatures, [1.0, 1.0], rules=rules, consensus="sum"), args.repeats
+    )
+    print(
+        f"{n:,} entries, 2 experts, torch threads {torch.get_num_threads()}: ota+FFG {plain:.3f} s, "
+        f"with sign consensus {consensus:.3f} s ({consensus / plain:.2f}x)"
+    )
 
 
 if __name__ == "__main__":

@@ -29,7 +29,16 @@ TIME_TARGETS: Tuple[Tuple[str, str, float], ...] = (
     ("ota", "ota_scale_none", 1.5),  # the default curvature_scale (mean): one more read of the curvature, no weights
     ("ota_scale_median", "task_arithmetic", 1.5),  # as ota's own target
 )
-CURVATURE_VARIANTS = ("ota", "ota_scale_none", "ota_scale_median", "ota_rank1", "ota_ffg_tensor", "ota_ffg_model", "ota_ffg_model_consensus", "ffg")
+CURVATURE_VARIANTS = (
+    "ota",
+    "ota_scale_none",
+    "ota_scale_median",
+    "ota_rank1",
+    "ota_ffg_tensor",
+    "ota_ffg_model",
+    "ota_ffg_model_consensus",
+    "ffg",
+)
 TARGET_SIZE = "500M"
 TARGET_EXPERTS = 2
 
@@ -58,9 +67,16 @@ def time_targets(block: Dict[str, Any]) -> List[Dict[str, Any]]:
         if a is not None and b is not None:
             cpu = median(block, variant, "cpu_s") / median(block, reference, "cpu_s")
             fastest = best(block, variant) / best(block, reference)
-            rows.append({"what": f"{variant} / {reference} wall time", "limit": f"<= {limit:g}x",
-                         "measured": f"{a / b:.2f}x", "cpu": f"{cpu:.2f}x", "best": f"{fastest:.2f}x",
-                         "ok": a / b <= limit})  # fmt: skip
+            rows.append(
+                {
+                    "what": f"{variant} / {reference} wall time",
+                    "limit": f"<= {limit:g}x",
+                    "measured": f"{a / b:.2f}x",
+                    "cpu": f"{cpu:.2f}x",
+                    "best": f"{fastest:.2f}x",
+                    "ok": a / b <= limit,
+                }
+            )
     return rows
 
 
@@ -74,8 +90,16 @@ def memory_targets(block: Dict[str, Any]) -> List[Dict[str, Any]]:
     for variant in CURVATURE_VARIANTS:
         peak = median(block, variant, "peak_anon")
         if peak is not None:
-            rows.append({"what": f"{variant} peak anon RSS", "limit": f"<= {limit / MIB:.0f} MiB",
-                         "measured": f"{peak / MIB:.0f} MiB", "cpu": "", "best": "", "ok": peak <= limit})  # fmt: skip
+            rows.append(
+                {
+                    "what": f"{variant} peak anon RSS",
+                    "limit": f"<= {limit / MIB:.0f} MiB",
+                    "measured": f"{peak / MIB:.0f} MiB",
+                    "cpu": "",
+                    "best": "",
+                    "ok": peak <= limit,
+                }
+            )
     return rows
 
 
@@ -156,7 +180,8 @@ def _targets_section(blocks: Sequence[Dict[str, Any]]) -> List[str]:
         "|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {r['what']} | {r['limit']} | {r['measured']} | {r['cpu']} | {r['best']} | {'yes' if r['ok'] else '**no**'} |"
+        f"| {r['what']} | {r['limit']} | {r['measured']} | {r['cpu']} | {r['best']} | {'yes' if r['ok'] else '**no**'} "
+        "|"
         for r in rows
     ]
     return lines + [""]
@@ -192,7 +217,8 @@ def _scaling_section(blocks: Sequence[Dict[str, Any]]) -> List[str]:
             "per model; `a` is the fixed cost: planning, opening files, writing the config), the log-log slope "
             "(1 = linear) and the largest relative residual of the linear fit.",
             "",
-            f"| method | experts | fastest run, ns per parameter ({sizes}) | a (s) | b (ns/param) | log-log slope | max residual |",
+            f"| method | experts | fastest run, ns per parameter ({sizes}) | a (s) | b (ns/param) | log-log slope | "
+            "max residual |",
             "|---|---|---|---|---|---|---|",
             *size_rows,
             "",

@@ -45,29 +45,49 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.perf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--sizes", help=f"comma-separated tiers from {', '.join(SIZES)} (default {','.join(DEFAULT_SIZES)})")
+    parser.add_argument(
+        "--sizes", help=f"comma-separated tiers from {', '.join(SIZES)} (default {','.join(DEFAULT_SIZES)})"
+    )
     parser.add_argument("--experts", help="comma-separated expert counts (default 2,4)")
     parser.add_argument("--methods", help=f"comma-separated variants from {', '.join(VARIANTS)} (default all)")
     parser.add_argument("--repeats", type=int, help="repeats per method (default 3; median reported)")
-    parser.add_argument("--full-grid", action="store_true",
-                        help="run every method at every size and expert count (by default the largest size "
-                             "with more than 2 experts runs only " + ", ".join(SCALING_VARIANTS) + ")")  # fmt: skip
-    parser.add_argument("--smoke", action="store_true",
-                        help="seconds-long check: 1M-parameter model, 2 experts, 1 repeat, "
-                             + ", ".join(SMOKE_VARIANTS) + "; report under the cache unless --out")  # fmt: skip
+    parser.add_argument(
+        "--full-grid",
+        action="store_true",
+        help="run every method at every size and expert count (by default the largest size "
+        "with more than 2 experts runs only " + ", ".join(SCALING_VARIANTS) + ")",
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="seconds-long check: 1M-parameter model, 2 experts, 1 repeat, "
+        + ", ".join(SMOKE_VARIANTS)
+        + "; report under the cache unless --out",
+    )
     parser.add_argument("--out-shard-size", default="1B", help="mergekit --out-shard-size for every merge (default 1B)")
     parser.add_argument("--out", help=f"markdown report (default {os.path.relpath(DEFAULT_OUT, REPO)})")
     parser.add_argument("--force", action="store_true", help="replace an existing report")
-    parser.add_argument("--cache", default=DEFAULT_CACHE, help="where generated models live (default benchmarks/.cache)")
-    parser.add_argument("--no-warm", dest="warm", action="store_false",
-                        help="do not read each merge's input files just before it (by default every merge whose "
-                             "inputs fit in half the RAM starts with them in the page cache)")  # fmt: skip
-    parser.add_argument("--notes", default=None,
-                        help="markdown appended to the report (default: benchmarks/perf/notes.md, the analysis; "
-                             "none with --smoke)")  # fmt: skip
-    parser.add_argument("--render", metavar="RAW_JSON",
-                        help="run nothing: rebuild the report from raw results a run saved "
-                             "(benchmarks/.cache/perf-last.json), e.g. with --notes")  # fmt: skip
+    parser.add_argument(
+        "--cache", default=DEFAULT_CACHE, help="where generated models live (default benchmarks/.cache)"
+    )
+    parser.add_argument(
+        "--no-warm",
+        dest="warm",
+        action="store_false",
+        help="do not read each merge's input files just before it (by default every merge whose "
+        "inputs fit in half the RAM starts with them in the page cache)",
+    )
+    parser.add_argument(
+        "--notes",
+        default=None,
+        help="markdown appended to the report (default: benchmarks/perf/notes.md, the analysis; none with --smoke)",
+    )
+    parser.add_argument(
+        "--render",
+        metavar="RAW_JSON",
+        help="run nothing: rebuild the report from raw results a run saved "
+        "(benchmarks/.cache/perf-last.json), e.g. with --notes",
+    )
     args = parser.parse_args(argv)
 
     args.sizes = _parse_list(args.sizes) if args.sizes else (["1M"] if args.smoke else list(DEFAULT_SIZES))
@@ -121,8 +141,10 @@ def run_child(job: Dict[str, Any], workdir: str) -> Dict[str, Any]:
     try:
         process = subprocess.run(
             [sys.executable, "-m", "benchmarks.perf.child", job_path, result_path],
-            cwd=REPO, capture_output=True, text=True,
-        )  # fmt: skip
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        )
         result = {}
         if os.path.exists(result_path):
             with open(result_path, encoding="utf-8") as fp:

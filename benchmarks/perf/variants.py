@@ -43,16 +43,34 @@ VARIANTS: Dict[str, Variant] = {
     for v in (
         Variant("task_arithmetic", "task_arithmetic", "task_arithmetic", {"weight": 1.0}),
         Variant("ota", "ota (full curvature; default curvature_scale: mean)", "ota", curvature="full"),
-        Variant("ota_scale_none", "ota, curvature_scale: none", "ota", shared={"curvature_scale": "none"},
-                curvature="full"),  # fmt: skip
+        Variant(
+            "ota_scale_none", "ota, curvature_scale: none", "ota", shared={"curvature_scale": "none"}, curvature="full"
+        ),
         Variant("ota_rank1", "ota (rank-1 curvature)", "ota", curvature="rank1"),
-        Variant("ota_scale_median", "ota, curvature_scale: median", "ota", shared={"curvature_scale": "median"},
-                curvature="full"),  # fmt: skip
+        Variant(
+            "ota_scale_median",
+            "ota, curvature_scale: median",
+            "ota",
+            shared={"curvature_scale": "median"},
+            curvature="full",
+        ),
         Variant("ota_ffg_tensor", "ota + FFG, per-tensor density", "ota", {"density": DENSITY}, curvature="full"),
-        Variant("ota_ffg_model", "ota + FFG, model-wide density", "ota", {"density": DENSITY},
-                {"density_scope": "model"}, curvature="full"),  # fmt: skip
-        Variant("ota_ffg_model_consensus", "ota + FFG, model-wide density, sign consensus", "ota", {"density": DENSITY},
-                {"density_scope": "model", "sign_consensus": "sum"}, curvature="full"),  # fmt: skip
+        Variant(
+            "ota_ffg_model",
+            "ota + FFG, model-wide density",
+            "ota",
+            {"density": DENSITY},
+            {"density_scope": "model"},
+            curvature="full",
+        ),
+        Variant(
+            "ota_ffg_model_consensus",
+            "ota + FFG, model-wide density, sign consensus",
+            "ota",
+            {"density": DENSITY},
+            {"density_scope": "model", "sign_consensus": "sum"},
+            curvature="full",
+        ),
         Variant("ffg", "ffg", "ffg", {"density": DENSITY}, curvature="full"),
         Variant("dare_ties", "dare_ties", "dare_ties", {"weight": 1.0, "density": DENSITY}),
         Variant("ties", "ties", "ties", {"weight": 1.0, "density": DENSITY}),

@@ -21,11 +21,15 @@ from benchmarks.quality.paired import best_baseline, finite
 
 REPLICATES = 4000
 # (ours, theirs): the same way of combining, with FFG/curvature instead of magnitude/uniform
-LIKE_FOR_LIKE: Tuple[Tuple[str, str], ...] = (("ota+ffg (per tensor)", "ties"), ("ffg", "task_arithmetic"),
-                                               ("ota", "linear"), ("ffg (sign consensus)", "ties"),
-                                               ("ota+ffg (model-wide, sign consensus)", "ota+ffg (model-wide)"),
-                                               ("ota (no base)", "linear"),
-                                               (merges.AUTO_METHOD, "ota+ffg (model-wide)"))  # fmt: skip
+LIKE_FOR_LIKE: Tuple[Tuple[str, str], ...] = (
+    ("ota+ffg (per tensor)", "ties"),
+    ("ffg", "task_arithmetic"),
+    ("ota", "linear"),
+    ("ffg (sign consensus)", "ties"),
+    ("ota+ffg (model-wide, sign consensus)", "ota+ffg (model-wide)"),
+    ("ota (no base)", "linear"),
+    (merges.AUTO_METHOD, "ota+ffg (model-wide)"),
+)
 
 
 def is_ours(method: str) -> bool:
@@ -52,8 +56,13 @@ class Comparisons:
     report is reproducible.
     """
 
-    def __init__(self, tests: Sequence[stats.Seed], choices: Sequence[Dict[str, Dict]], seeds: Sequence[int],
-                 skills: Sequence[str]):  # fmt: skip
+    def __init__(
+        self,
+        tests: Sequence[stats.Seed],
+        choices: Sequence[Dict[str, Dict]],
+        seeds: Sequence[int],
+        skills: Sequence[str],
+    ):
         self.tests, self.choices, self.seeds, self.skills = list(tests), list(choices), list(seeds), list(skills)
         self.methods = [m for m in self.choices[0] if all(m in c for c in self.choices)]
         self.reference = best_baseline(self.choices)
@@ -72,8 +81,10 @@ class Comparisons:
 
     def ranked(self) -> List[str]:
         """The methods by mean test G over seeds, best first."""
+
         def mean(m: str) -> float:
             return finite(float(np.mean([stats.gain(t, k, self.skills) for t, k in zip(self.tests, self.keys_of(m))])))
+
         return sorted(self.methods, key=lambda m: -mean(m))
 
     def mean_val(self, method: str) -> float:
@@ -82,11 +93,15 @@ class Comparisons:
     def columns(self, what: str) -> List[str]:
         if len(self.seeds) == 1:
             return [f"| {what} | diff [95%] | verdict |", "|---|---|---|"]
-        return [f"| {what} | pooled diff [95%] | verdict | " + " | ".join(f"seed {s} [95%]" for s in self.seeds) + " |",
-                "|---|---|---|" + "---|" * len(self.seeds)]  # fmt: skip
+        return [
+            f"| {what} | pooled diff [95%] | verdict | " + " | ".join(f"seed {s} [95%]" for s in self.seeds) + " |",
+            "|---|---|---|" + "---|" * len(self.seeds),
+        ]
 
     def row(self, label: str, d: stats.Comparison) -> str:
-        per_seed = "" if len(self.seeds) == 1 else " " + " | ".join(f"{est(e, True)} ({e.verdict})" for e in d.per_seed) + " |"
+        per_seed = (
+            "" if len(self.seeds) == 1 else " " + " | ".join(f"{est(e, True)} ({e.verdict})" for e in d.per_seed) + " |"
+        )
         return f"| {label} | {est(d.pooled, True)} | {d.pooled.verdict} |{per_seed}"
 
     def sections(self, extra: Sequence[Tuple[str, str]] = ()) -> List[str]:
@@ -101,10 +116,15 @@ class Comparisons:
         verdicts: Dict[str, List[str]] = {"win": [], "tie": [], "loss": []}
         ranked = self.ranked()
         if self.reference:
-            out += ["## Paired differences", "",
-                    f"Best baseline on validation: **{self.reference}** (mean validation G {fmt(self.mean_val(self.reference))}). "
-                    f"Difference in test G of each method minus it, {scope}; **win**/**loss** only where the "
-                    f"{'pooled ' if len(self.seeds) > 1 else ''}interval excludes 0, else tie.", ""]  # fmt: skip
+            out += [
+                "## Paired differences",
+                "",
+                f"Best baseline on validation: **{self.reference}** (mean validation G "
+                f"{fmt(self.mean_val(self.reference))}). "
+                f"Difference in test G of each method minus it, {scope}; **win**/**loss** only where the "
+                f"{'pooled ' if len(self.seeds) > 1 else ''}interval excludes 0, else tie.",
+                "",
+            ]
             out += self.columns("method")
             for method in ranked:
                 if method == self.reference:
@@ -115,13 +135,23 @@ class Comparisons:
                 out.append(self.row(method, d))
             for label, key in extra:
                 out.append(self.row(label, self.diff([key] * len(self.seeds), self.keys_of(self.reference))))
-            out += ["", f"OTA/FFG against {self.reference}" + (", pooled over seeds" if len(self.seeds) > 1 else "")
-                    + ": " + "; ".join(f"{v}: {', '.join(ms) if ms else 'none'}" for v, ms in verdicts.items()) + "."]  # fmt: skip
+            out += [
+                "",
+                f"OTA/FFG against {self.reference}"
+                + (", pooled over seeds" if len(self.seeds) > 1 else "")
+                + ": "
+                + "; ".join(f"{v}: {', '.join(ms) if ms else 'none'}" for v, ms in verdicts.items())
+                + ".",
+            ]
         pairs = [(a, b) for a, b in LIKE_FOR_LIKE if a in self.methods and b in self.methods]
         if "ota" in self.methods and "ota (rank-1 curvature)" in self.methods:
             pairs.append(("ota (rank-1 curvature)", "ota"))
         if pairs:
-            out += ["", "Like for like (FFG/curvature instead of magnitude/uniform) and rank-1 against full curvature:", ""]
+            out += [
+                "",
+                "Like for like (FFG/curvature instead of magnitude/uniform) and rank-1 against full curvature:",
+                "",
+            ]
             out += self.columns("comparison")
             out += [self.row(f"{a} - {b}", self.diff(self.keys_of(a), self.keys_of(b))) for a, b in pairs]
         return out + self.scale_section()
@@ -132,20 +162,35 @@ class Comparisons:
         variants = [m for m in self.methods if merges.variant_of(m) in self.methods]
         if not variants:
             return []
-        out = ["", "## Curvature on one scale", "",
-               "Each variant minus its default (`bias_correction: auto`, which corrects every expert here since every "
-               "store records its step and beta2, and `curvature_scale: none`), test G, each method at its own "
-               "validation-chosen grid point.", ""]  # fmt: skip
+        out = [
+            "",
+            "## Curvature on one scale",
+            "",
+            "Each variant minus its default (`bias_correction: auto`, which corrects every expert here since every "
+            "store records its step and beta2, and `curvature_scale: none`), test G, each method at its own "
+            "validation-chosen grid point.",
+            "",
+        ]
         out += self.columns("comparison")
         for variant in variants:
             d = self.diff(self.keys_of(variant), self.keys_of(merges.variant_of(variant)))
             out.append(self.row(f"{variant} - {merges.variant_of(variant)}", d))
         for default in dict.fromkeys(merges.variant_of(v) for v in variants):
-            options = {"none": default, **{v.split("scale: ")[1].rstrip(")"): v for v in variants
-                                          if merges.variant_of(v) == default and "scale: " in v}}  # fmt: skip
+            options = {
+                "none": default,
+                **{
+                    v.split("scale: ")[1].rstrip(")"): v
+                    for v in variants
+                    if merges.variant_of(v) == default and "scale: " in v
+                },
+            }
             val = {k: self.mean_val(m) for k, m in options.items()}
             pick = max(val, key=lambda k: finite(val[k]))
-            out += ["", f"`curvature_scale` for {default}, by {'mean ' if len(self.seeds) > 1 else ''}validation G"
-                    f"{' over seeds' if len(self.seeds) > 1 else ''}: " + ", ".join(f"{k} {fmt(v)}" for k, v in val.items())
-                    + f": validation picks **{pick}**."]  # fmt: skip
+            out += [
+                "",
+                f"`curvature_scale` for {default}, by {'mean ' if len(self.seeds) > 1 else ''}validation G"
+                f"{' over seeds' if len(self.seeds) > 1 else ''}: "
+                + ", ".join(f"{k} {fmt(v)}" for k, v in val.items())
+                + f": validation picks **{pick}**.",
+            ]
         return out

@@ -46,8 +46,9 @@ def _timed(fn, repeats: int) -> List[float]:
     return out
 
 
-def measure(work: str, skill_names: List[str], steps: int, batch: int, items: int, experts: int,
-            device: str = "cpu") -> Dict[str, Any]:  # fmt: skip
+def measure(
+    work: str, skill_names: List[str], steps: int, batch: int, items: int, experts: int, device: str = "cpu"
+) -> Dict[str, Any]:
     """Every cost listed in the module docstring, as ``{name: {...}}``."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -55,7 +56,9 @@ def measure(work: str, skill_names: List[str], steps: int, batch: int, items: in
     base, _ = smollm.convert(os.path.join(os.path.dirname(work), smollm.SFT_BASE_DIR))
     tokenizer = AutoTokenizer.from_pretrained(base)
     out: Dict[str, Any] = {"load_before": os.getloadavg(), "threads": torch.get_num_threads()}
-    train_rows = [r for name in skill_names for r in skills.rows(tokenizer, skills.skill(name).items(steps * batch, "train", 0))]
+    train_rows = [
+        r for name in skill_names for r in skills.rows(tokenizer, skills.skill(name).items(steps * batch, "train", 0))
+    ]
     eval_rows = [r for name in skill_names for r in skills.rows(tokenizer, skills.skill(name).items(items, "test", 0))]
     out["tokens_per_row"] = statistics.fmean(len(ids) for ids, _ in train_rows)
     out["labelled_per_row"] = statistics.fmean(len(skills.answer_of(r)) for r in train_rows)
@@ -65,21 +68,29 @@ def measure(work: str, skill_names: List[str], steps: int, batch: int, items: in
         run_dir = os.path.join(work, label.replace(" ", "_"))
         shutil.rmtree(run_dir, ignore_errors=True)
         _, info = train(model, train_rows, run_dir, settings, tokenizer, device, bf16=bf16, answer_only=answer_only)
-        out[label] = {"seconds_per_step": info["step_seconds"], "steps_per_second": 1 / info["step_seconds"],
-                      "batch": batch, "run_seconds": info["seconds"]}  # fmt: skip
+        out[label] = {
+            "seconds_per_step": info["step_seconds"],
+            "steps_per_second": 1 / info["step_seconds"],
+            "batch": batch,
+            "run_seconds": info["seconds"],
+        }
         shutil.rmtree(run_dir, ignore_errors=True)
         del model
-    model = evaluate.load_model(base, device)
+    scorer = evaluate.load_model(base, device)
     pad = tokenizer.pad_token_id
-    for label, kwargs in (("score fp32", {}), ("score bf16", {"bf16": True}), ("score bf16, no prefix cache", {"bf16": True, "share_prefix": False})):
-        evaluate.score_items(model, eval_rows[:8], pad, 8, device, **kwargs)  # warm-up
-        times = _timed(lambda: evaluate.score_items(model, eval_rows, pad, 64, device, **kwargs), 2)
+    for label, kwargs in (
+        ("score fp32", {}),
+        ("score bf16", {"bf16": True}),
+        ("score bf16, no prefix cache", {"bf16": True, "share_prefix": False}),
+    ):
+        evaluate.score_items(scorer, eval_rows[:8], pad, 8, device, **kwargs)  # warm-up
+        times = _timed(lambda kwargs=kwargs: evaluate.score_items(scorer, eval_rows, pad, 64, device, **kwargs), 2)
         out[label] = {"seconds_per_item": min(times) / len(eval_rows), "items": len(eval_rows)}
     end = skills.end_of_turn_id(tokenizer)
     sample = eval_rows[:: max(1, len(eval_rows) // 64)][:64]
-    times = _timed(lambda: evaluate.greedy_answers(model, tokenizer, sample, end, 32, device, bf16=True), 2)
+    times = _timed(lambda: evaluate.greedy_answers(scorer, tokenizer, sample, end, 32, device, bf16=True), 2)
     out["greedy decoding bf16"] = {"seconds_per_item": min(times) / len(sample), "items": len(sample)}
-    del model
+    scorer = None  # free the model before the merges (a del would leave the lambdas above unbound, to linters)
     copies = []
     for index in range(experts):  # stand-in experts: the base with a little noise, and a curvature store each
         directory = os.path.join(work, f"expert{index}")
@@ -93,8 +104,10 @@ def measure(work: str, skill_names: List[str], steps: int, batch: int, items: in
             state.save_pretrained(directory)
             from mergekit_ota.curvature.writer import save_store
 
-            save_store({n: torch.rand(p.shape, generator=generator) * 1e-8 for n, p in state.named_parameters()},
-                       os.path.join(directory, "exp_avg_sq.safetensors"))  # fmt: skip
+            save_store(
+                {n: torch.rand(p.shape, generator=generator) * 1e-8 for n, p in state.named_parameters()},
+                os.path.join(directory, "exp_avg_sq.safetensors"),
+            )
         copies.append(directory)
     stores = {str(i): os.path.join(d, "exp_avg_sq.safetensors") for i, d in enumerate(copies)}
     experts_ = merges.Experts(base, {str(i): d for i, d in enumerate(copies)}, stores, stores)

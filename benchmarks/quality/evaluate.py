@@ -23,7 +23,9 @@ from benchmarks.quality.train import IGNORE, Row, collate
 
 
 @torch.no_grad()
-def score_rows(model: Any, rows: Sequence[Row], pad_id: int, batch_size: int = 64, device: str = "cpu") -> Dict[str, float]:
+def score_rows(
+    model: Any, rows: Sequence[Row], pad_id: int, batch_size: int = 64, device: str = "cpu"
+) -> Dict[str, float]:
     """``{"exact_match", "token_accuracy", "loss", "rows", "tokens"}`` of ``model`` on ``rows`` (see module doc)."""
     if not rows:
         raise ValueError("no rows to score")
@@ -32,9 +34,11 @@ def score_rows(model: Any, rows: Sequence[Row], pad_id: int, batch_size: int = 6
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))  # similar lengths share a batch
     for start in range(0, len(rows), batch_size):
         batch = collate([rows[i] for i in order[start : start + batch_size]], pad_id)
-        logits = model(
-            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
-        ).logits[:, :-1].float()
+        logits = (
+            model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+            .logits[:, :-1]
+            .float()
+        )
         target = batch["labels"][:, 1:].to(device)
         scored = target != IGNORE
         if not bool(scored.any(dim=-1).all()):
@@ -44,8 +48,13 @@ def score_rows(model: Any, rows: Sequence[Row], pad_id: int, batch_size: int = 6
         correct += int(hit.sum())
         tokens += int(scored.sum())
         loss += float(torch.nn.functional.cross_entropy(logits[scored], target[scored], reduction="sum"))
-    return {"exact_match": exact / len(rows), "token_accuracy": correct / tokens, "loss": loss / tokens,
-            "rows": len(rows), "tokens": tokens}  # fmt: skip
+    return {
+        "exact_match": exact / len(rows),
+        "token_accuracy": correct / tokens,
+        "loss": loss / tokens,
+        "rows": len(rows),
+        "tokens": tokens,
+    }
 
 
 def load_model(path: str, device: str = "cpu") -> Any:
@@ -96,8 +105,15 @@ def _cache_of(output: Any) -> Any:
 
 
 @torch.no_grad()
-def score_items(model: Any, rows: Sequence[Row], pad_id: int, batch_size: int = 64, device: str = "cpu",
-                bf16: bool = False, share_prefix: bool = True) -> Dict[str, Any]:  # fmt: skip
+def score_items(
+    model: Any,
+    rows: Sequence[Row],
+    pad_id: int,
+    batch_size: int = 64,
+    device: str = "cpu",
+    bf16: bool = False,
+    share_prefix: bool = True,
+) -> Dict[str, Any]:
     """:func:`score_rows`'s numbers plus per-row results, each in the order the rows were given: ``items``,
     ``"1"`` where the row is an exact match, else ``"0"`` (a string of ``len(rows)`` characters);
     ``row_tokens``, ``row_correct`` (scored tokens that are the argmax) and ``row_nats`` (summed cross-entropy,
@@ -139,8 +155,12 @@ def score_items(model: Any, rows: Sequence[Row], pad_id: int, batch_size: int = 
                     cache = _cache_of(decoder(input_ids=head_ids, use_cache=True))
                     cache.batch_repeat_interleave(len(batch_rows))
                     mask = torch.cat([torch.ones(len(batch_rows), prefix, dtype=mask.dtype, device=device), mask], 1)
-                hidden = decoder(input_ids=input_ids, attention_mask=mask, use_cache=cache is not None,
-                                 **{_CACHE_ARG: cache} if cache is not None else {}).last_hidden_state  # fmt: skip
+                hidden = decoder(
+                    input_ids=input_ids,
+                    attention_mask=mask,
+                    use_cache=cache is not None,
+                    **{_CACHE_ARG: cache} if cache is not None else {},
+                ).last_hidden_state
                 logits = head(hidden[:, :-1][scored]).float()
         hits_flat = logits.argmax(-1) == target[scored]
         hit = torch.zeros_like(scored)
@@ -148,7 +168,9 @@ def score_items(model: Any, rows: Sequence[Row], pad_id: int, batch_size: int = 
         row_exact = (hit | ~scored).all(dim=-1)
         nats = torch.nn.functional.cross_entropy(logits, target[scored], reduction="none")
         owner = scored.nonzero()[:, 0]  # the batch row of every scored position, in the order of logits
-        per_row_nats = torch.zeros(len(chosen), dtype=torch.float64, device=nats.device).index_add_(0, owner, nats.double())
+        per_row_nats = torch.zeros(len(chosen), dtype=torch.float64, device=nats.device).index_add_(
+            0, owner, nats.double()
+        )
         for position, (index, ok) in enumerate(zip(chosen, row_exact.tolist())):
             items[index] = "1" if ok else "0"
             row_tokens[index] = int(scored[position].sum())
@@ -158,14 +180,29 @@ def score_items(model: Any, rows: Sequence[Row], pad_id: int, batch_size: int = 
         correct += int(hits_flat.sum())
         tokens += int(scored.sum())
         loss += float(nats.sum())
-    return {"exact_match": exact / len(rows), "token_accuracy": correct / tokens, "loss": loss / tokens,
-            "rows": len(rows), "tokens": tokens, "items": "".join(items),
-            "row_tokens": row_tokens, "row_correct": row_correct, "row_nats": row_nats}  # fmt: skip
+    return {
+        "exact_match": exact / len(rows),
+        "token_accuracy": correct / tokens,
+        "loss": loss / tokens,
+        "rows": len(rows),
+        "tokens": tokens,
+        "items": "".join(items),
+        "row_tokens": row_tokens,
+        "row_correct": row_correct,
+        "row_nats": row_nats,
+    }
 
 
 @torch.no_grad()
-def greedy_answers(model: Any, tokenizer: Any, rows: Sequence[Row], end_id: int, batch_size: int = 32,
-                   device: str = "cpu", bf16: bool = False) -> List[List[int]]:  # fmt: skip
+def greedy_answers(
+    model: Any,
+    tokenizer: Any,
+    rows: Sequence[Row],
+    end_id: int,
+    batch_size: int = 32,
+    device: str = "cpu",
+    bf16: bool = False,
+) -> List[List[int]]:
     """Real greedy decoding (``model.generate``, left-padded prompts, KV cache) of every row's answer.
 
     The prompt is each row's unlabelled prefix; decoding stops at ``end_id`` (included) or after
@@ -183,8 +220,14 @@ def greedy_answers(model: Any, tokenizer: Any, rows: Sequence[Row], end_id: int,
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
         longest = max(sum(1 for label in labels if label != IGNORE) for _, labels in chunk)
         with torch.autocast(kind, dtype=torch.bfloat16, enabled=bf16):
-            generated = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=longest + 4,
-                                       do_sample=False, eos_token_id=end_id, pad_token_id=pad)  # fmt: skip
+            generated = model.generate(
+                input_ids=input_ids,
+                attention_mask=mask,
+                max_new_tokens=longest + 4,
+                do_sample=False,
+                eos_token_id=end_id,
+                pad_token_id=pad,
+            )
         for row in generated[:, width:].tolist():
             answer = []
             for token in row:

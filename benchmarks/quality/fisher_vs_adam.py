@@ -82,37 +82,68 @@ def main(argv: Optional[List[str]] = None) -> str:
         data = os.path.join(out_dir, f"{cap}.jsonl")
         with open(data, "w", encoding="utf-8") as fp:
             for message, answer in skills.skill(cap).items(args.samples, "train", suite.settings.seed):
-                fp.write(json.dumps({"messages": [{"role": "user", "content": message},
-                                                  {"role": "assistant", "content": answer}]}) + "\n")  # fmt: skip
+                fp.write(
+                    json.dumps(
+                        {"messages": [{"role": "user", "content": message}, {"role": "assistant", "content": answer}]}
+                    )
+                    + "\n"
+                )
         out = os.path.join(out_dir, f"{cap}.safetensors")
         started = time.perf_counter()
-        fisher_store(checkpoint, data, out, FisherOptions(samples=args.samples, batch_size=suite.settings_of(cap).batch_size,
-                                                          max_length=256, force=True))  # fmt: skip
+        fisher_store(
+            checkpoint,
+            data,
+            out,
+            FisherOptions(
+                samples=args.samples, batch_size=suite.settings_of(cap).batch_size, max_length=256, force=True
+            ),
+        )
         seconds = time.perf_counter() - started
         fisher, adam = load_file(out), load_file(adam_path)
         per_tensor = {n: spearman(fisher[n], adam[n], n) for n in fisher if fisher[n].numel() > 1}
         scale = float(sum(float(f.double().sum()) for f in fisher.values())) / (
-            sum(float(v.double().sum()) for v in adam.values()) / factor)
-        rows.append({"skill": cap, "steps": info.get("steps"), "seconds": seconds,
-                     "export_seconds": pipeline.results.data.get("export", {}).get(f"{cap}/full", {}).get("seconds"),
-                     "median": statistics.median(per_tensor.values()), "min": min(per_tensor.values()),
-                     "max": max(per_tensor.values()), "scale": scale, "tensors": len(per_tensor)})  # fmt: skip
-        print(f"{cap}: Spearman median {rows[-1]['median']:.3f} over {len(per_tensor)} tensors, {seconds:.0f} s", flush=True)
-    lines = ["# Data Fisher against Adam's exp_avg_sq: sft tier experts", "",
-             f"Command: `python -m benchmarks.quality.fisher_vs_adam --samples {args.samples} --seed {args.seed}` "
-             "(after the sft tier's run; reads its experts and exported stores).", "",
-             f"Fisher: `mergekit-ota fisher` on the first {args.samples} items of each expert's own training data "
-             "(its chat rows, loss on the answer, batch size as in training, mean over mini-batches). Adam: the "
-             "expert's exported `exp_avg_sq`, bias-corrected (`/ (1 - beta2**step)`). Spearman: per tensor, over "
-             f"all entries (a seeded sample of {SAMPLE:,} for larger tensors). Scale: sum of Fisher / sum of "
-             "bias-corrected v over the model. Seconds: the Fisher measurement (model load included) on "
-             f"{torch.get_num_threads()} CPU thread(s), beside the export of the same expert's store.", "",
-             "| expert | steps trained | Spearman per tensor: median [min, max] | scale (Fisher / v) | fisher s | export s |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+            sum(float(v.double().sum()) for v in adam.values()) / factor
+        )
+        rows.append(
+            {
+                "skill": cap,
+                "steps": info.get("steps"),
+                "seconds": seconds,
+                "export_seconds": pipeline.results.data.get("export", {}).get(f"{cap}/full", {}).get("seconds"),
+                "median": statistics.median(per_tensor.values()),
+                "min": min(per_tensor.values()),
+                "max": max(per_tensor.values()),
+                "scale": scale,
+                "tensors": len(per_tensor),
+            }
+        )
+        print(
+            f"{cap}: Spearman median {rows[-1]['median']:.3f} over {len(per_tensor)} tensors, {seconds:.0f} s",
+            flush=True,
+        )
+    lines = [
+        "# Data Fisher against Adam's exp_avg_sq: sft tier experts",
+        "",
+        f"Command: `python -m benchmarks.quality.fisher_vs_adam --samples {args.samples} --seed {args.seed}` "
+        "(after the sft tier's run; reads its experts and exported stores).",
+        "",
+        f"Fisher: `mergekit-ota fisher` on the first {args.samples} items of each expert's own training data "
+        "(its chat rows, loss on the answer, batch size as in training, mean over mini-batches). Adam: the "
+        "expert's exported `exp_avg_sq`, bias-corrected (`/ (1 - beta2**step)`). Spearman: per tensor, over "
+        f"all entries (a seeded sample of {SAMPLE:,} for larger tensors). Scale: sum of Fisher / sum of "
+        "bias-corrected v over the model. Seconds: the Fisher measurement (model load included) on "
+        f"{torch.get_num_threads()} CPU thread(s), beside the export of the same expert's store.",
+        "",
+        "| expert | steps trained | Spearman per tensor: median [min, max] | scale (Fisher / v) | fisher s | export s "
+        "|",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         export = f"{r['export_seconds']:.1f}" if r["export_seconds"] else "n/a"
-        lines.append(f"| {r['skill']} | {r['steps']} | {r['median']:.3f} [{r['min']:.3f}, {r['max']:.3f}] | "
-                     f"{r['scale']:.3g} | {r['seconds']:.0f} | {export} |")  # fmt: skip
+        lines.append(
+            f"| {r['skill']} | {r['steps']} | {r['median']:.3f} [{r['min']:.3f}, {r['max']:.3f}] | "
+            f"{r['scale']:.3g} | {r['seconds']:.0f} | {export} |"
+        )
     path = os.path.join(args.results, "fisher-vs-adam-sft.md")
     with open(path, "w", encoding="utf-8") as fp:
         fp.write("\n".join(lines) + "\n")

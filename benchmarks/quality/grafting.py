@@ -33,7 +33,9 @@ KNEE = "FFG (knee: s >= mean s)"  # density: auto's other candidate rule (benchm
 SELECTORS: Tuple[str, ...] = ("FFG (per tensor)", "FFG (model-wide)", "magnitude (per tensor)", "random")
 
 
-def graft_config(selector: str, base: str, expert: str, store: str, density: float, dtype: str = "float32") -> Dict[str, Any]:
+def graft_config(
+    selector: str, base: str, expert: str, store: str, density: float, dtype: str = "float32"
+) -> Dict[str, Any]:
     """The mergekit YAML dict grafting ``density`` of ``expert`` onto ``base`` with ``selector``."""
     parameters: Dict[str, Any] = {"weight": 1.0, "density": density}
     shared: Dict[str, Any] = {}
@@ -49,8 +51,11 @@ def graft_config(selector: str, base: str, expert: str, store: str, density: flo
         shared["rescale"] = False
     else:
         raise ValueError(f"unknown grafting selector {selector!r}; known: {SELECTORS}")
-    config: Dict[str, Any] = {"merge_method": method, "base_model": base,
-                              "models": [{"model": expert, "parameters": parameters}]}  # fmt: skip
+    config: Dict[str, Any] = {
+        "merge_method": method,
+        "base_model": base,
+        "models": [{"model": expert, "parameters": parameters}],
+    }
     if shared:
         config["parameters"] = shared
     config["dtype"] = dtype
@@ -73,16 +78,23 @@ def kept(score: float, expert: float, base: float) -> Dict[str, float]:
 
 def auto_graft_config(base: str, expert: str, store: str, mass: float, dtype: str = "float32") -> Dict[str, Any]:
     """The mergekit YAML dict grafting ``expert`` onto ``base`` with ``density: auto`` at saliency mass ``mass``."""
-    return {"merge_method": "ffg", "base_model": base,
-            "models": [{"model": expert, "parameters": {"weight": 1.0, "density": "auto", "curvature": store}}],
-            "parameters": {"density_scope": "model", "saliency_mass": mass}, "dtype": dtype}  # fmt: skip
+    return {
+        "merge_method": "ffg",
+        "base_model": base,
+        "models": [{"model": expert, "parameters": {"weight": 1.0, "density": "auto", "curvature": store}}],
+        "parameters": {"density_scope": "model", "saliency_mass": mass},
+        "dtype": dtype,
+    }
 
 
 def knee_graft_config(base: str, expert: str, store: str, threshold: float, dtype: str = "float32") -> Dict[str, Any]:
     """The mergekit YAML dict grafting ``expert`` onto ``base`` keeping the entries with saliency ``>= threshold``."""
-    return {"merge_method": "ffg", "base_model": base,
-            "models": [{"model": expert, "parameters": {"weight": 1.0, "threshold": threshold, "curvature": store}}],
-            "dtype": dtype}  # fmt: skip
+    return {
+        "merge_method": "ffg",
+        "base_model": base,
+        "models": [{"model": expert, "parameters": {"weight": 1.0, "threshold": threshold, "curvature": store}}],
+        "dtype": dtype,
+    }
 
 
 def plan(capabilities: List[str], densities: Tuple[float, ...] = DENSITIES) -> List[Tuple[str, str, float]]:

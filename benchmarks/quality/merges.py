@@ -134,9 +134,18 @@ def scale_variants(method: Method) -> List[Method]:
     out = []
     for label, shared in SCALE_VARIANTS:
         name = f"{method.name[:-1]}, {label})" if method.name.endswith(")") else f"{method.name} ({label})"
-        out.append(Method(name, method.merge_method, method.grid, curvature=method.curvature,
-                          shared={**method.shared, **shared}, note=", ".join(f"{k}: {v}" for k, v in shared.items()),
-                          base=method.base, varies=method.name))  # fmt: skip
+        out.append(
+            Method(
+                name,
+                method.merge_method,
+                method.grid,
+                curvature=method.curvature,
+                shared={**method.shared, **shared},
+                note=", ".join(f"{k}: {v}" for k, v in shared.items()),
+                base=method.base,
+                varies=method.name,
+            )
+        )
     return out
 
 
@@ -147,20 +156,38 @@ def variant_of(name: str) -> Optional[str]:
 
 def methods() -> List[Method]:
     """The compared methods with their grids (see the module docstring for the rule)."""
-    return _core_methods() + [v for m in _core_methods() if m.name in ("ota", "ota+ffg (model-wide)") for v in scale_variants(m)]
+    return _core_methods() + [
+        v for m in _core_methods() if m.name in ("ota", "ota+ffg (model-wide)") for v in scale_variants(m)
+    ]
 
 
 def _core_methods() -> List[Method]:
     return _base_methods() + [
-        Method("ota+ffg (model-wide, sign consensus)", "ota", _grid(density=DENSITIES, **{"lambda": MEAN_LAMBDAS}),
-               curvature="full", shared={"density_scope": "model", "sign_consensus": "sum"},
-               note="sign_consensus: sum"),  # fmt: skip
-        Method("ffg (sign consensus)", "ffg", _grid(density=DENSITIES, **{"lambda": MEAN_LAMBDAS}), curvature="full",
-               shared={"normalize": True, "sign_consensus": "sum"},
-               note="TIES with FFG saliency: normalize, sign_consensus: sum (disjoint mean)"),  # fmt: skip
-        Method(AUTO_METHOD, "ota", _grid(saliency_mass=(DEFAULT_SALIENCY_MASS,), **{"lambda": MEAN_LAMBDAS}), curvature="full",
-               shared={"density_scope": "model"}, per_expert={"density": "auto"},
-               note="density: auto per expert (its own saliency mass), no density tuned"),  # fmt: skip
+        Method(
+            "ota+ffg (model-wide, sign consensus)",
+            "ota",
+            _grid(density=DENSITIES, **{"lambda": MEAN_LAMBDAS}),
+            curvature="full",
+            shared={"density_scope": "model", "sign_consensus": "sum"},
+            note="sign_consensus: sum",
+        ),
+        Method(
+            "ffg (sign consensus)",
+            "ffg",
+            _grid(density=DENSITIES, **{"lambda": MEAN_LAMBDAS}),
+            curvature="full",
+            shared={"normalize": True, "sign_consensus": "sum"},
+            note="TIES with FFG saliency: normalize, sign_consensus: sum (disjoint mean)",
+        ),
+        Method(
+            AUTO_METHOD,
+            "ota",
+            _grid(saliency_mass=(DEFAULT_SALIENCY_MASS,), **{"lambda": MEAN_LAMBDAS}),
+            curvature="full",
+            shared={"density_scope": "model"},
+            per_expert={"density": "auto"},
+            note="density: auto per expert (its own saliency mass), no density tuned",
+        ),
     ]
 
 
@@ -169,16 +196,36 @@ def _base_methods() -> List[Method]:
         Method("ota", "ota", _grid(power=(0.5, 1.0), **{"lambda": MEAN_LAMBDAS}), curvature="full"),
         Method("ota (rank-1 curvature)", "ota", _grid(power=(0.5, 1.0), **{"lambda": MEAN_LAMBDAS}), curvature="rank1"),
         Method("ota+ffg (per tensor)", "ota", _grid(density=DENSITIES, **{"lambda": MEAN_LAMBDAS}), curvature="full"),
-        Method("ota+ffg (model-wide)", "ota", _grid(density=DENSITIES, **{"lambda": MEAN_LAMBDAS}), curvature="full",
-               shared={"density_scope": "model"}),  # fmt: skip
-        Method("ota (no base)", "ota", _grid(power=(0.5, 1.0)), curvature="full", base=False,
-               note="theta = sum_i w_i t_i / sum_i w_i: curvature-weighted averaging, no base"),  # fmt: skip
-        Method("ffg", "ffg", _grid(density=DENSITIES, **{"lambda": SUM_LAMBDAS}), curvature="full",
-               note="task arithmetic over FFG-grafted task vectors"),  # fmt: skip
+        Method(
+            "ota+ffg (model-wide)",
+            "ota",
+            _grid(density=DENSITIES, **{"lambda": MEAN_LAMBDAS}),
+            curvature="full",
+            shared={"density_scope": "model"},
+        ),
+        Method(
+            "ota (no base)",
+            "ota",
+            _grid(power=(0.5, 1.0)),
+            curvature="full",
+            base=False,
+            note="theta = sum_i w_i t_i / sum_i w_i: curvature-weighted averaging, no base",
+        ),
+        Method(
+            "ffg",
+            "ffg",
+            _grid(density=DENSITIES, **{"lambda": SUM_LAMBDAS}),
+            curvature="full",
+            note="task arithmetic over FFG-grafted task vectors",
+        ),
         Method("ties", "ties", _grid(density=DENSITIES, **{"lambda": MEAN_LAMBDAS})),
         Method("dare_ties", "dare_ties", _grid(density=DENSITIES, **{"lambda": SUM_LAMBDAS})),
-        Method("breadcrumbs_ties", "breadcrumbs_ties", _grid(density=DENSITIES, **{"lambda": SUM_LAMBDAS}),
-               note="gamma 0.01 (mergekit default)"),  # fmt: skip
+        Method(
+            "breadcrumbs_ties",
+            "breadcrumbs_ties",
+            _grid(density=DENSITIES, **{"lambda": SUM_LAMBDAS}),
+            note="gamma 0.01 (mergekit default)",
+        ),
         Method("task_arithmetic", "task_arithmetic", _grid(**{"lambda": (0.25, 0.5, 0.75, 1.0)})),
         Method("linear", "linear", [{}], note="equal weights, normalised"),
     ]
@@ -245,10 +292,11 @@ def run_config(config: Mapping[str, Any], out_dir: str, seed: int = 0, device: s
 
     ``random_seed`` is fixed so ``dare_ties`` and the random grafting masks repeat.
     """
-    import mergekit_ota  # noqa: F401  (registers ota/ffg, patches the planner)
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
+
+    import mergekit_ota  # noqa: F401  (registers ota/ffg, patches the planner)
 
     options = MergeOptions(quiet=True, random_seed=seed, device=device)
     started = time.perf_counter()

@@ -43,8 +43,10 @@ def item_values(scores: Mapping[str, Any], metric: str, where: str = "") -> np.n
         if metric == "loss":
             return stats.ratio_items(scores["row_nats"], scores["row_tokens"])
     except KeyError as err:
-        raise KeyError(f"{where}: no per-item {err.args[0]!r} in results.json (scored before per-row results were "
-                       "stored): delete that run's results.json entry or its work directory and rerun") from err  # fmt: skip
+        raise KeyError(
+            f"{where}: no per-item {err.args[0]!r} in results.json (scored before per-row results were "
+            "stored): delete that run's results.json entry or its work directory and rerun"
+        ) from err
     raise ValueError(f"{where}: no per-item form of metric {metric!r}")
 
 
@@ -53,14 +55,18 @@ def seed_items(suite: Suite, data: Dict[str, Any], split: str) -> stats.Seed:
     out: Dict[str, Dict[str, np.ndarray]] = {}
     for key, record in data["models"].items():
         if split in record and all(cap in record[split] for cap in suite.capabilities):
-            out[key] = {cap: item_values(record[split][cap], headline(suite, cap), f"{key} {split} {cap}")
-                        for cap in suite.capabilities}  # fmt: skip
+            out[key] = {
+                cap: item_values(record[split][cap], headline(suite, cap), f"{key} {split} {cap}")
+                for cap in suite.capabilities
+            }
     return out
 
 
 def gain_skills(suite: Suite, data: Dict[str, Any], split: str = "val") -> List[str]:
     """The capabilities whose own expert beats the base by at least ``grafting.MIN_GAIN`` on ``split``."""
-    items = seed_items(suite, {"models": {k: data["models"][k] for k in ("base", *map(stats.expert_key, suite.capabilities))}}, split)
+    items = seed_items(
+        suite, {"models": {k: data["models"][k] for k in ("base", *map(stats.expert_key, suite.capabilities))}}, split
+    )
     out = []
     for cap in suite.capabilities:
         better = stats.accuracy(items, stats.expert_key(cap), cap) - stats.accuracy(items, "base", cap)

@@ -43,14 +43,18 @@ def norm(suite: Suite, models: Dict[str, Any], record: Dict[str, Any], split: st
     ratios = []
     for cap in suite.capabilities:
         metric = suite.metric[cap]
-        value = grafting.kept(_score(record, split, cap, metric), _score(models[f"expert/{cap}"], split, cap, metric),
-                              _score(models["base"], split, cap, metric))  # fmt: skip
+        value = grafting.kept(
+            _score(record, split, cap, metric),
+            _score(models[f"expert/{cap}"], split, cap, metric),
+            _score(models["base"], split, cap, metric),
+        )
         ratios.append(value["ratio"])
     return mean_defined(ratios)
 
 
-def select(suite: Suite, data: Dict[str, Any], skills: Optional[List[str]] = None,
-           tests: Optional[stats.Seed] = None) -> List[Dict[str, Any]]:  # fmt: skip
+def select(
+    suite: Suite, data: Dict[str, Any], skills: Optional[List[str]] = None, tests: Optional[stats.Seed] = None
+) -> List[Dict[str, Any]]:
     """Per method, its grid point chosen on validation ``G`` (``paired.choose``), with ``val`` (that G), ``gain``
     (test G over the same skills), ``test`` (test norm.: mean of score / expert score) and its ``record``.
 
@@ -94,10 +98,15 @@ def plot(suite: Suite, data: Dict[str, Any], path: str) -> None:
     densities = data["densities"]
     columns = suite.capabilities + ["mean"]
     fig, axes = plt.subplots(2, len(columns), figsize=(3.2 * len(columns), 6.4), sharex=True, squeeze=False)
-    styles = {"FFG (per tensor)": ("C0", "o-"), "FFG (model-wide)": ("C2", "s-"),
-              "magnitude (per tensor)": ("C3", "^-"), "random": ("C7", "x--")}  # fmt: skip
-    for row, (key, ylabel) in enumerate((("ratio", "score / expert score"),
-                                         ("gain", "(score - base) / (expert - base)"))):  # fmt: skip
+    styles = {
+        "FFG (per tensor)": ("C0", "o-"),
+        "FFG (model-wide)": ("C2", "s-"),
+        "magnitude (per tensor)": ("C3", "^-"),
+        "random": ("C7", "x--"),
+    }
+    for row, (key, ylabel) in enumerate(
+        (("ratio", "score / expert score"), ("gain", "(score - base) / (expert - base)"))
+    ):
         for col, cap in enumerate(columns):
             ax = axes[row][col]
             for selector, per_cap in curves.items():
@@ -120,8 +129,9 @@ def plot(suite: Suite, data: Dict[str, Any], path: str) -> None:
                 ax.set_xlabel("density kept")
             ax.grid(alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=8, bbox_to_anchor=(0.5, 0.955),
-               frameon=False)  # fmt: skip
+    fig.legend(
+        handles, labels, loc="upper center", ncol=len(labels), fontsize=8, bbox_to_anchor=(0.5, 0.955), frameon=False
+    )
     fig.suptitle(f"Grafting one expert onto the base ({suite.tier} tier, test split)")
     fig.tight_layout(rect=(0, 0, 1, 0.93))
     fig.savefig(path, dpi=110)
@@ -138,10 +148,14 @@ def _shown(path: str) -> str:
 def _cost_note(threads: Optional[int]) -> str:
     """How to read CPU seconds as the run's cost on an idle machine."""
     if threads == 1:
-        return ("With 1 torch thread the work is serial: on an otherwise idle machine its wall time is about its CPU "
-                "seconds; wall seconds above them were spent waiting for a shared CPU.")  # fmt: skip
-    return (f"With {threads} torch threads, an otherwise idle machine's wall time lies between CPU seconds / {threads} "
-            "and CPU seconds; wall seconds above that were spent waiting for a shared CPU or the disk.")  # fmt: skip
+        return (
+            "With 1 torch thread the work is serial: on an otherwise idle machine its wall time is about its CPU "
+            "seconds; wall seconds above them were spent waiting for a shared CPU."
+        )
+    return (
+        f"With {threads} torch threads, an otherwise idle machine's wall time lies between CPU seconds / {threads} "
+        "and CPU seconds; wall seconds above that were spent waiting for a shared CPU or the disk."
+    )
 
 
 def _versions() -> str:
@@ -154,10 +168,16 @@ def _versions() -> str:
         except Exception:  # noqa: BLE001  (a missing distribution is reported, not fatal)
             parts.append(f"{package} ?")
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(__file__), check=True).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
-                               cwd=os.path.dirname(__file__), check=True).stdout.strip()  # fmt: skip
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=os.path.dirname(__file__),
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], capture_output=True, text=True, cwd=os.path.dirname(__file__), check=True
+        ).stdout.strip()
         parts.append(f"git {commit}{' (uncommitted changes)' if dirty else ''}")
     except Exception:  # noqa: BLE001
         pass
@@ -193,18 +213,24 @@ def _smallest_lambda(choice: Dict[str, Any], settings: List[Dict[str, Any]]) -> 
     return len(values) > 1 and lam(choice["label"]) == min(values)
 
 
-def _findings(chosen: List[Dict[str, Any]], curves: Dict[str, Any], densities: List[float],
-              settings: List[Dict[str, Any]]) -> List[str]:  # fmt: skip
+def _findings(
+    chosen: List[Dict[str, Any]], curves: Dict[str, Any], densities: List[float], settings: List[Dict[str, Any]]
+) -> List[str]:
     """Plain statements derived from the numbers (the verdicts are in the paired differences above)."""
     ranked = sorted(chosen, key=lambda c: -paired.finite(c["gain"]))
     lines = ["Ranking by test G: " + ", ".join(f"{c['method']} {_fmt(c['gain'])}" for c in ranked) + "."]
     smallest = [c["method"] for c in chosen if _smallest_lambda(c, settings)]
     if smallest:
-        lines.append("Chosen at the smallest λ of its grid (the merge wants a still smaller task vector; λ -> 0 "
-                     "is the base): " + ", ".join(smallest) + ".")  # fmt: skip
+        lines.append(
+            "Chosen at the smallest λ of its grid (the merge wants a still smaller task vector; λ -> 0 "
+            "is the base): " + ", ".join(smallest) + "."
+        )
     mean = {sel: mean_curve(curves, sel) for sel in curves}
     if "FFG (per tensor)" in mean and "magnitude (per tensor)" in mean:
-        diffs = ", ".join(f"d={d:g}: {f - m:+.3f}" for d, f, m in zip(densities, mean["FFG (per tensor)"], mean["magnitude (per tensor)"]))
+        diffs = ", ".join(
+            f"d={d:g}: {f - m:+.3f}"
+            for d, f, m in zip(densities, mean["FFG (per tensor)"], mean["magnitude (per tensor)"])
+        )
         lines.append(f"Grafting, FFG minus magnitude (per tensor, mean score/expert over capabilities): {diffs}.")
     return lines
 
@@ -213,10 +239,12 @@ def headline_text(suite: Suite, skills: List[str]) -> str:
     """What G is computed from in this tier, in words."""
     names = sorted({paired.headline(suite, c) for c in suite.capabilities})
     what = " and ".join("held-out loss" if n == "loss" else n.replace("_", " ") for n in names)
-    return (f"**G** (gain kept) = mean over {', '.join(skills) if skills else 'no capability'} of (score - base) / "
-            f"(expert - base), score = {what}"
-            + (" (for a loss: (loss_base - loss) / (loss_base - loss_expert))" if "loss" in names else "")
-            + f"; over the capabilities whose expert beats the base by at least {grafting.MIN_GAIN:g} on validation")
+    return (
+        f"**G** (gain kept) = mean over {', '.join(skills) if skills else 'no capability'} of (score - base) / "
+        f"(expert - base), score = {what}"
+        + (" (for a loss: (loss_base - loss) / (loss_base - loss_expert))" if "loss" in names else "")
+        + f"; over the capabilities whose expert beats the base by at least {grafting.MIN_GAIN:g} on validation"
+    )
 
 
 def write(suite: Suite, data: Dict[str, Any], directory: str, name: str) -> str:
@@ -237,8 +265,11 @@ def write(suite: Suite, data: Dict[str, Any], directory: str, name: str) -> str:
     unlearned = unlearned_capabilities(suite, models)
     seed = getattr(suite.settings, "seed", 0)
     table = Comparisons([tests], [{c["method"]: c for c in chosen}], [seed], skills)
-    out: List[str] = [f"# Merge quality: `{suite.tier}` tier{' (smoke settings)' if 'smoke' in name else ''}"
-                      f"{f', training seed {seed}' if seed else ''}", ""]  # fmt: skip
+    out: List[str] = [
+        f"# Merge quality: `{suite.tier}` tier{' (smoke settings)' if 'smoke' in name else ''}"
+        f"{f', training seed {seed}' if seed else ''}",
+        "",
+    ]
     out += [
         "Claim under test (arXiv 2509.11167): merging capability experts with OTA (+FFG) keeps more of each "
         "capability than linear, task arithmetic, TIES, DARE and Breadcrumbs; FFG keeps an expert's performance "
@@ -258,7 +289,10 @@ def write(suite: Suite, data: Dict[str, Any], directory: str, name: str) -> str:
     training = data.get("training", {})
     out += ["| run | steps | seconds | train loss first -> last |", "|---|---|---|---|"]
     for key, info in training.items():
-        out.append(f"| {key} | {info['steps']} | {info['seconds']:.0f} | {_fmt(info['first_loss'])} -> {_fmt(info['last_loss'])} |")
+        out.append(
+            f"| {key} | {info['steps']} | {info['seconds']:.0f} | {_fmt(info['first_loss'])} -> "
+            f"{_fmt(info['last_loss'])} |"
+        )
     out += [
         "",
         "Curvature: each expert's Trainer checkpoint exported with `mergekit-ota export CHECKPOINT OUT` (full) and "
@@ -270,52 +304,88 @@ def write(suite: Suite, data: Dict[str, Any], directory: str, name: str) -> str:
         full = sum(v["bytes"] for k, v in sizes.items() if k.endswith("/full"))
         rank1 = sum(v["bytes"] for k, v in sizes.items() if k.endswith("/rank1"))
         if full and rank1:
-            out += [f"Store sizes: full {full / 1e6:.2f} MB, rank-1 {rank1 / 1e6:.3f} MB in total ({rank1 / full:.1%}).", ""]
+            out += [
+                f"Store sizes: full {full / 1e6:.2f} MB, rank-1 {rank1 / 1e6:.3f} MB in total ({rank1 / full:.1%}).",
+                "",
+            ]
 
-    out += ["## Results (test split)", "",
-            headline_text(suite, skills) + ". Each method's row is its grid point with the best validation G "
-            "(shown as *val G*); the test numbers were not used to choose. **G [95%]**: item bootstrap over this "
-            f"seed's ({seed}) {min(test_rows)}-{max(test_rows)} test items (rows) per capability; seed-to-seed "
-            "variation is not in it (other seeds: `--seed N`, pooled: `python -m benchmarks.quality.seeds`). "
-            f"Per capability: {', '.join(metric_names)}; **norm.** = mean over capabilities of score / (that "
-            "capability's expert score)"
-            + (f" (left out: {', '.join(unlearned)}, whose expert scores 0 on it: it never learned it)" if unlearned else "")
-            + ".", "",
-            "| model | " + " | ".join(caps) + " | G [95%] | norm. | chosen setting | val G | merge s |",
-            "|---|" + "---|" * (len(caps) + 5)]  # fmt: skip
+    out += [
+        "## Results (test split)",
+        "",
+        headline_text(suite, skills) + ". Each method's row is its grid point with the best validation G "
+        "(shown as *val G*); the test numbers were not used to choose. **G [95%]**: item bootstrap over this "
+        f"seed's ({seed}) {min(test_rows)}-{max(test_rows)} test items (rows) per capability; seed-to-seed "
+        "variation is not in it (other seeds: `--seed N`, pooled: `python -m benchmarks.quality.seeds`). "
+        f"Per capability: {', '.join(metric_names)}; **norm.** = mean over capabilities of score / (that "
+        "capability's expert score)"
+        + (
+            f" (left out: {', '.join(unlearned)}, whose expert scores 0 on it: it never learned it)"
+            if unlearned
+            else ""
+        )
+        + ".",
+        "",
+        "| model | " + " | ".join(caps) + " | G [95%] | norm. | chosen setting | val G | merge s |",
+        "|---|" + "---|" * (len(caps) + 5),
+    ]
     references = [("base", "base")] + [(f"expert {cap}", f"expert/{cap}") for cap in caps]
     for label, key in references:
         record = models[key]
         cells = " | ".join(_fmt(_score(record, "test", c, suite.metric[c])) for c in caps)
         g = table.gain([key]).pooled if skills else None
-        out.append(f"| {label} | {cells} | {est(g) if g else 'n/a'} | {_fmt(norm(suite, models, record, 'test'))} | "
-                   "(reference) | | |")  # fmt: skip
+        out.append(
+            f"| {label} | {cells} | {est(g) if g else 'n/a'} | {_fmt(norm(suite, models, record, 'test'))} | "
+            "(reference) | | |"
+        )
     for choice in sorted(chosen, key=lambda c: -paired.finite(c["gain"])):
         record = choice["record"]
         cells = " | ".join(_fmt(_score(record, "test", c, suite.metric[c])) for c in caps)
         g = table.gain([choice["key"]]).pooled if skills else None
-        out.append(f"| **{choice['method']}** | {cells} | **{est(g) if g else 'n/a'}** | {_fmt(choice['test'])} | "
-                   f"{choice['label']} | {_fmt(choice['val'])} | {record['merge_seconds']:.2f} |")  # fmt: skip
+        out.append(
+            f"| **{choice['method']}** | {cells} | **{est(g) if g else 'n/a'}** | {_fmt(choice['test'])} | "
+            f"{choice['label']} | {_fmt(choice['val'])} | {record['merge_seconds']:.2f} |"
+        )
     for extra, shown in suite.also_report:
         shown = [c for c in caps if c in shown] if shown else caps
-        out += ["", f"Held-out {extra} (test) of the same rows:", "",
-                "| model | " + " | ".join(shown) + " |", "|---|" + "---|" * len(shown)]  # fmt: skip
-        for label, record in [(lab, models[key]) for lab, key in references] + [(c["method"], c["record"]) for c in chosen]:
+        out += [
+            "",
+            f"Held-out {extra} (test) of the same rows:",
+            "",
+            "| model | " + " | ".join(shown) + " |",
+            "|---|" + "---|" * len(shown),
+        ]
+        for label, record in [(lab, models[key]) for lab, key in references] + [
+            (c["method"], c["record"]) for c in chosen
+        ]:
             out.append(f"| {label} | " + " | ".join(_fmt(_score(record, "test", c, extra)) for c in shown) + " |")
-    out += ["", "### Findings", ""] + [f"- {line}" for line in _findings(chosen, curves, data["densities"], data["settings"])]
+    out += ["", "### Findings", ""] + [
+        f"- {line}" for line in _findings(chosen, curves, data["densities"], data["settings"])
+    ]
     out += [""] + [line.replace("## ", "### ", 1) if line.startswith("## ") else line for line in table.sections()]
 
-    out += ["", "### Tuning grids (same budget: at most 4 settings per method)", "",
-            merges.__doc__.split("Grid rule", 1)[1].split("\n", 1)[1].strip(), "",
-            "| method | grid | note |", "|---|---|---|"]  # fmt: skip
+    out += [
+        "",
+        "### Tuning grids (same budget: at most 4 settings per method)",
+        "",
+        merges.__doc__.split("Grid rule", 1)[1].split("\n", 1)[1].strip(),
+        "",
+        "| method | grid | note |",
+        "|---|---|---|",
+    ]
     notes = {m.name: m.note for m in merges.methods()}
     for method, grid in data["grids"].items():
         out.append(f"| {method} | {grid} | {notes.get(method, '')} |")
-    out += ["", "All mergekit runs: `dtype: float32`, `random_seed` 0 (dare is random). The YAML of every grid point "
-            f"is in `{_shown(os.path.join(invocation.get('work', ''), 'configs'))}/` and runs as is with "
-            "`mergekit-yaml CONFIG OUT`.", "",
-            "<details><summary>Every grid point (val / test G, test norm.)</summary>", "",
-            "| method | setting | val G | test G | test norm. |", "|---|---|---|---|---|"]  # fmt: skip
+    out += [
+        "",
+        "All mergekit runs: `dtype: float32`, `random_seed` 0 (dare is random). The YAML of every grid point "
+        f"is in `{_shown(os.path.join(invocation.get('work', ''), 'configs'))}/` and runs as is with "
+        "`mergekit-yaml CONFIG OUT`.",
+        "",
+        "<details><summary>Every grid point (val / test G, test norm.)</summary>",
+        "",
+        "| method | setting | val G | test G | test norm. |",
+        "|---|---|---|---|---|",
+    ]
     vals = paired.seed_items(suite, data, "val")
     for setting in data["settings"]:
         key = setting["key"]
@@ -324,19 +394,32 @@ def write(suite: Suite, data: Dict[str, Any], directory: str, name: str) -> str:
         out.append(f"| {setting['method']} | {setting['label']} | {_fmt(val)} | {_fmt(test)} | {_fmt(ratio)} |")
     out += ["", "</details>", ""]
 
-    out += ["## Grafting one expert (test split)", "", grafting.__doc__.split("\n\n", 1)[1].strip(), "",
-            f"![grafting curves]({png_name})", "",
-            "Mean over capabilities of score / expert score (gain-normalised in parentheses; each mean over the "
-            "capabilities where it is defined, as for norm. and gain):", "",
-            "| selector | " + " | ".join(f"d={d:g}" for d in data["densities"]) + " |",
-            "|---|" + "---|" * len(data["densities"])]  # fmt: skip
+    out += [
+        "## Grafting one expert (test split)",
+        "",
+        grafting.__doc__.split("\n\n", 1)[1].strip(),
+        "",
+        f"![grafting curves]({png_name})",
+        "",
+        "Mean over capabilities of score / expert score (gain-normalised in parentheses; each mean over the "
+        "capabilities where it is defined, as for norm. and gain):",
+        "",
+        "| selector | " + " | ".join(f"d={d:g}" for d in data["densities"]) + " |",
+        "|---|" + "---|" * len(data["densities"]),
+    ]
     for selector in curves:
-        cells = [f"{_fmt(ratio)} ({_fmt(gain, 2)})"
-                 for ratio, gain in zip(mean_curve(curves, selector), mean_curve(curves, selector, "gain"))]  # fmt: skip
+        cells = [
+            f"{_fmt(ratio)} ({_fmt(gain, 2)})"
+            for ratio, gain in zip(mean_curve(curves, selector), mean_curve(curves, selector, "gain"))
+        ]
         out.append(f"| {selector} | " + " | ".join(cells) + " |")
-    out += ["", "<details><summary>Per capability (score / expert score)</summary>", "",
-            "| capability | selector | " + " | ".join(f"d={d:g}" for d in data["densities"]) + " |",
-            "|---|---|" + "---|" * len(data["densities"])]  # fmt: skip
+    out += [
+        "",
+        "<details><summary>Per capability (score / expert score)</summary>",
+        "",
+        "| capability | selector | " + " | ".join(f"d={d:g}" for d in data["densities"]) + " |",
+        "|---|---|" + "---|" * len(data["densities"]),
+    ]
     for cap in caps:
         for selector, per_cap in curves.items():
             out.append(f"| {cap} | {selector} | " + " | ".join(_fmt(p["ratio"]) for p in per_cap[cap]) + " |")
@@ -350,10 +433,14 @@ def write(suite: Suite, data: Dict[str, Any], directory: str, name: str) -> str:
     total_cpu = sum(t["cpu"] for t in stages.values())
     out.append(f"| **total** | **{total_wall:.0f}** | **{total_cpu:.0f}** |")
     load = invocation.get("load_before")
-    out += ["", f"Stage times add up the work of every invocation that computed something (a rerun skips cached "
-            f"steps); this invocation took {invocation.get('wall', 0):.0f} s. Load average when it started: "
-            f"{', '.join(f'{x:.1f}' for x in load) if load else '?'} on {os.cpu_count()} CPUs. "
-            f"{_cost_note(invocation.get('threads'))}", ""]  # fmt: skip
+    out += [
+        "",
+        f"Stage times add up the work of every invocation that computed something (a rerun skips cached "
+        f"steps); this invocation took {invocation.get('wall', 0):.0f} s. Load average when it started: "
+        f"{', '.join(f'{x:.1f}' for x in load) if load else '?'} on {os.cpu_count()} CPUs. "
+        f"{_cost_note(invocation.get('threads'))}",
+        "",
+    ]
     with open(md_path, "w", encoding="utf-8") as fp:
         fp.write("\n".join(out))
     return md_path

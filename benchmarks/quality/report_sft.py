@@ -27,8 +27,8 @@ from benchmarks.quality.compare import est as _est
 from benchmarks.quality.compare import fmt as _fmt
 from benchmarks.quality.paired import choose, gain_skills, seed_items
 from benchmarks.quality.paired import finite as _finite
-from mergekit_ota.catalog import DEFAULT_SALIENCY_MASS
 from benchmarks.quality.tiers import Suite
+from mergekit_ota.catalog import DEFAULT_SALIENCY_MASS
 
 INTERFERENCE_LIMIT = 0.85
 BASE_MAX, EXPERT_MIN = 0.2, 0.7  # the tier's criteria on held-out test items
@@ -37,16 +37,20 @@ Run = Tuple[int, Suite, Dict[str, Any]]  # (seed, suite, results.json data)
 
 
 def _criteria(runs: List[Run]) -> List[str]:
-    out = ["| seed | skill | base | expert | multitask | base < %g | expert >= %g |" % (BASE_MAX, EXPERT_MIN),
-           "|---|---|---|---|---|---|---|"]  # fmt: skip
+    out = [
+        "| seed | skill | base | expert | multitask | base < %g | expert >= %g |" % (BASE_MAX, EXPERT_MIN),
+        "|---|---|---|---|---|---|---|",
+    ]
     for seed, suite, data in runs:
         test = seed_items(suite, data, "test")
         for cap in suite.capabilities:
             base = stats.accuracy(test, "base", cap)
             expert = stats.accuracy(test, stats.expert_key(cap), cap)
             multi = _fmt(stats.accuracy(test, "multitask", cap)) if "multitask" in test else ""
-            out.append(f"| {seed} | {cap} | {base:.3f} | {expert:.3f} | {multi} | {'yes' if base < BASE_MAX else '**no**'} | "
-                       f"{'yes' if expert >= EXPERT_MIN else '**no**'} |")  # fmt: skip
+            out.append(
+                f"| {seed} | {cap} | {base:.3f} | {expert:.3f} | {multi} | {'yes' if base < BASE_MAX else '**no**'} | "
+                f"{'yes' if expert >= EXPERT_MIN else '**no**'} |"
+            )
     return out
 
 
@@ -56,15 +60,17 @@ def _training(runs: List[Run]) -> List[str]:
         for key, info in data.get("training", {}).items():
             if key == "base":
                 continue
-            out.append(f"| {seed} | {key} | {info['steps']} | {_fmt(info.get('step_seconds'), 2)} | {info['seconds']:.0f} | "
-                       f"{_fmt(info.get('first_loss'))} -> {_fmt(info.get('last_loss'))} |")  # fmt: skip
+            out.append(
+                f"| {seed} | {key} | {info['steps']} | {_fmt(info.get('step_seconds'), 2)} | {info['seconds']:.0f} | "
+                f"{_fmt(info.get('first_loss'))} -> {_fmt(info.get('last_loss'))} |"
+            )
     return out
 
 
 def _greedy(runs: List[Run]) -> List[str]:
     out = ["| seed | model | items decoded | greedy exact | agree with teacher-forced |", "|---|---|---|---|---|"]
     any_check = False
-    for seed, suite, data in runs:
+    for seed, _, data in runs:
         for key, record in data["models"].items():
             check = record.get("greedy_check")
             if not check:
@@ -131,8 +137,14 @@ def _auto_graft(data: Dict[str, Any], cap: str, q: Any) -> Optional[Tuple[float,
     record = models.get(key)
     if record is None:
         return None
-    kept = [grafting.kept(record[split][cap]["exact_match"], models[stats.expert_key(cap)][split][cap]["exact_match"],
-                          models["base"][split][cap]["exact_match"])["ratio"] for split in ("val", "test")]  # fmt: skip
+    kept = [
+        grafting.kept(
+            record[split][cap]["exact_match"],
+            models[stats.expert_key(cap)][split][cap]["exact_match"],
+            models["base"][split][cap]["exact_match"],
+        )["ratio"]
+        for split in ("val", "test")
+    ]
     if q == KNEE:
         return record["knee"]["density"], kept[0], kept[1]
     return next(iter(record.get("density_auto", {}).values()), float("nan")), kept[0], kept[1]
@@ -167,14 +179,22 @@ def merge_masses(runs: List[Run]) -> List[str]:
         return []
     means = {q: float(np.mean(by_seed[q])) for q in masses}
     pick = max(masses, key=lambda q: means[q])
-    out = ["", f"Saliency mass in merges: validation G of **{auto}** at each mass its results hold (best λ per mass; "
-           "the masses outside the default were an earlier grid of this method):", "",
-           "| q | " + " | ".join(f"seed {seed}" for seed, _, _ in runs) + " | mean |", "|---|" + "---|" * (len(runs) + 1)]  # fmt: skip
+    out = [
+        "",
+        f"Saliency mass in merges: validation G of **{auto}** at each mass its results hold (best λ per mass; "
+        "the masses outside the default were an earlier grid of this method):",
+        "",
+        "| q | " + " | ".join(f"seed {seed}" for seed, _, _ in runs) + " | mean |",
+        "|---|" + "---|" * (len(runs) + 1),
+    ]
     for q in masses:
         out.append(f"| {q:g} | " + " | ".join(_fmt(g) for g in by_seed[q]) + f" | {_fmt(means[q])} |")
     runner_up = max((q for q in masses if q != pick), key=lambda q: means[q])
-    out += ["", f"Validation's pick for merges: q = {pick:g} (mean G {_fmt(means[pick])}; next q = {runner_up:g}, "
-            f"{_fmt(means[runner_up])})."]  # fmt: skip
+    out += [
+        "",
+        f"Validation's pick for merges: q = {pick:g} (mean G {_fmt(means[pick])}; next q = {runner_up:g}, "
+        f"{_fmt(means[runner_up])}).",
+    ]
     return out
 
 
@@ -191,14 +211,18 @@ def auto_section(runs: List[Run], table: compare.Comparisons) -> List[str]:
         masses.append(KNEE)
     out: List[str] = []
     if masses:
-        out += ["## density: auto", "",
-                "Grafting one expert with `density: auto` at saliency mass q (`ffg`, model-wide: the fewest entries "
-                "holding q of the expert's saliency `v * tau**2`): the density auto chose (from the merge's "
-                "provenance) and score / expert score kept on its own skill, validation / test, mean over seeds. "
-                f"Column `{KNEE}`: the other candidate rule, {grafting.KNEE} (the knee of the mass-vs-density curve, "
-                "`benchmarks/quality/saliency.py`), grafted with that absolute threshold.", "",
-                "| expert | " + " | ".join(_rule(q) + ": density, val / test kept" for q in masses) + " |",
-                "|---|" + "---|" * len(masses)]  # fmt: skip
+        out += [
+            "## density: auto",
+            "",
+            "Grafting one expert with `density: auto` at saliency mass q (`ffg`, model-wide: the fewest entries "
+            "holding q of the expert's saliency `v * tau**2`): the density auto chose (from the merge's "
+            "provenance) and score / expert score kept on its own skill, validation / test, mean over seeds. "
+            f"Column `{KNEE}`: the other candidate rule, {grafting.KNEE} (the knee of the mass-vs-density curve, "
+            "`benchmarks/quality/saliency.py`), grafted with that absolute threshold.",
+            "",
+            "| expert | " + " | ".join(_rule(q) + ": density, val / test kept" for q in masses) + " |",
+            "|---|" + "---|" * len(masses),
+        ]
         per_mass: Dict[float, List[Tuple[float, float, float]]] = {q: [] for q in masses}
         for cap in runs[0][1].capabilities:
             cells = []
@@ -208,42 +232,69 @@ def auto_section(runs: List[Run], table: compare.Comparisons) -> List[str]:
                 per_mass[q].append(mean)  # type: ignore[arg-type]
                 cells.append(f"{_fmt(100 * mean[0], 2)}%, {_fmt(mean[1])} / {_fmt(mean[2])}")
             out.append(f"| {cap} | " + " | ".join(cells) + " |")
-        out += ["", "| q | density (mean over experts) | val kept: mean [min, max] over experts | test kept: mean [min, max] |",
-                "|---|---|---|---|"]  # fmt: skip
+        out += [
+            "",
+            "| q | density (mean over experts) | val kept: mean [min, max] over experts | test kept: mean [min, max] |",
+            "|---|---|---|---|",
+        ]
         held = [q for q in masses if all(_held(runs, cap, q) for cap in runs[0][1].capabilities)]
         for q in masses:
             values = np.array(per_mass[q])
-            out.append(f"| {_rule(q)} | {_fmt(100 * float(np.mean(values[:, 0])), 2)}% | {_fmt(float(np.mean(values[:, 1])))} "
-                       f"[{_fmt(float(values[:, 1].min()))}, {_fmt(float(values[:, 1].max()))}] | "
-                       f"{_fmt(float(np.mean(values[:, 2])))} [{_fmt(float(values[:, 2].min()))}, {_fmt(float(values[:, 2].max()))}] |")  # fmt: skip
+            out.append(
+                f"| {_rule(q)} | {_fmt(100 * float(np.mean(values[:, 0])), 2)}% | {_fmt(float(np.mean(values[:, 1])))} "
+                f"[{_fmt(float(values[:, 1].min()))}, {_fmt(float(values[:, 1].max()))}] | "
+                f"{_fmt(float(np.mean(values[:, 2])))} [{_fmt(float(values[:, 2].min()))}, "
+                f"{_fmt(float(values[:, 2].max()))}] |"
+            )
         holding_masses = [q for q in held if q != KNEE]
-        out += ["", f"Validation's pick (the paper's rule for a density, applied to the mass): the smallest q at which "
-                f"every expert keeps at least {HOLD:g} of its validation score in every seed: "
-                + (f"**q = {holding_masses[0]:g}**" if holding_masses else "none of these") + f" (the default "
-                f"`saliency_mass` is {DEFAULT_SALIENCY_MASS:g})."]  # fmt: skip
+        out += [
+            "",
+            f"Validation's pick (the paper's rule for a density, applied to the mass): the smallest q at which "
+            f"every expert keeps at least {HOLD:g} of its validation score in every seed: "
+            + (f"**q = {holding_masses[0]:g}**" if holding_masses else "none of these")
+            + f" (the default "
+            f"`saliency_mass` is {DEFAULT_SALIENCY_MASS:g}).",
+        ]
         if KNEE in masses:
             density = {q: float(np.mean(np.array(per_mass[q])[:, 0])) for q in masses}
-            verdict = ("holds every expert in every seed" if KNEE in held else
-                       "does not hold every expert in every seed (validation kept min "
-                       f"{_fmt(float(np.array(per_mass[KNEE])[:, 1].min()))})")  # fmt: skip
+            verdict = (
+                "holds every expert in every seed"
+                if KNEE in held
+                else "does not hold every expert in every seed (validation kept min "
+                f"{_fmt(float(np.array(per_mass[KNEE])[:, 1].min()))})"
+            )
             if holding_masses and KNEE in held:
                 better = "the knee" if density[KNEE] < density[holding_masses[0]] else f"q = {holding_masses[0]:g}"
                 verdict += f"; of the two rules that hold, the sparser is {better}"
-            out.append(f"The knee rule {verdict}: it keeps {_fmt(100 * density[KNEE], 2)}% of the entries on average"
-                       + (f", against {_fmt(100 * density[holding_masses[0]], 2)}% at q = {holding_masses[0]:g}." if holding_masses else "."))
+            out.append(
+                f"The knee rule {verdict}: it keeps {_fmt(100 * density[KNEE], 2)}% of the entries on average"
+                + (
+                    f", against {_fmt(100 * density[holding_masses[0]], 2)}% at q = {holding_masses[0]:g}."
+                    if holding_masses
+                    else "."
+                )
+            )
     auto, tuned = merges.AUTO_METHOD, "ota+ffg (model-wide)"
     if auto in table.methods and tuned in table.methods:
-        out += ["", f"In merges: **{auto}** (no density tuned: each expert's from its saliency at the default saliency_mass; λ chosen on "
-                "validation) against "
-                f"**{tuned}** (density and λ chosen on validation) and the best baseline, test G:", "",
-                "| seed | auto: chosen point | density auto chose per expert | tuned: chosen point |", "|---|---|---|---|"]  # fmt: skip
+        out += [
+            "",
+            f"In merges: **{auto}** (no density tuned: each expert's from its saliency at the default saliency_mass; λ "
+            "chosen on "
+            "validation) against "
+            f"**{tuned}** (density and λ chosen on validation) and the best baseline, test G:",
+            "",
+            "| seed | auto: chosen point | density auto chose per expert | tuned: chosen point |",
+            "|---|---|---|---|",
+        ]
         for (seed, _, data), choice in zip(runs, table.choices):
             record = data["models"][choice[auto]["key"]]
             densities = ", ".join(f"{_fmt(100 * d, 2)}%" for d in record.get("density_auto", {}).values())
             out.append(f"| {seed} | {choice[auto]['label']} | {densities or 'n/a'} | {choice[tuned]['label']} |")
         rows = [(f"{auto} - {tuned}", table.diff(table.keys_of(auto), table.keys_of(tuned)))]
         if table.reference:
-            rows.append((f"{auto} - {table.reference}", table.diff(table.keys_of(auto), table.keys_of(table.reference))))
+            rows.append(
+                (f"{auto} - {table.reference}", table.diff(table.keys_of(auto), table.keys_of(table.reference)))
+            )
         out += [""] + table.columns("comparison") + [table.row(label, d) for label, d in rows]
         out += merge_masses(runs)
     return out + ([""] if out else [])
@@ -251,9 +302,13 @@ def auto_section(runs: List[Run], table: compare.Comparisons) -> List[str]:
 
 def unit_costs(runs: List[Run]) -> List[str]:
     """Measured unit costs of each seed's run: Trainer step, scored item, merge by method, graft."""
-    out = ["## Unit costs (measured in these runs)", "",
-           "| seed | s / Trainer step (median of runs) | training steps | s / scored item | merges: median s (method) | grafts: median s |",
-           "|---|---|---|---|---|---|"]  # fmt: skip
+    out = [
+        "## Unit costs (measured in these runs)",
+        "",
+        "| seed | s / Trainer step (median of runs) | training steps | s / scored item | merges: median s (method) | "
+        "grafts: median s |",
+        "|---|---|---|---|---|---|",
+    ]
     for seed, _, data in runs:
         infos = [i for k, i in data.get("training", {}).items() if k != "base" and i.get("step_seconds")]
         step = float(np.median([i["step_seconds"] for i in infos])) if infos else float("nan")
@@ -268,10 +323,14 @@ def unit_costs(runs: List[Run]) -> List[str]:
             record = data["models"].get(setting["key"], {})
             if "merge_seconds" in record:
                 by_method.setdefault(setting["method"], []).append(record["merge_seconds"])
-        grafts = [r["merge_seconds"] for k, r in data["models"].items() if k.startswith("graft/") and "merge_seconds" in r]
+        grafts = [
+            r["merge_seconds"] for k, r in data["models"].items() if k.startswith("graft/") and "merge_seconds" in r
+        ]
         merges_text = ", ".join(f"{m} {np.median(v):.0f}" for m, v in by_method.items()) or "-"
-        out.append(f"| {seed} | {_fmt(step, 2)} | {steps} | {_fmt(seconds / items if items else float('nan'), 4)} | "
-                   f"{merges_text} | {_fmt(float(np.median(grafts)) if grafts else float('nan'), 1)} |")  # fmt: skip
+        out.append(
+            f"| {seed} | {_fmt(step, 2)} | {steps} | {_fmt(seconds / items if items else float('nan'), 4)} | "
+            f"{merges_text} | {_fmt(float(np.median(grafts)) if grafts else float('nan'), 1)} |"
+        )
     return out + [""]
 
 
@@ -284,28 +343,62 @@ def write(runs: List[Run], directory: str, name: str, partial: bool = False) -> 
     caps = suite.capabilities
     invocation = runs[-1][2].get("invocation", {})
     tests = [seed_items(s, d, "test") for _, s, d in runs]
-    out = [f"# Merge quality: `sft` tier{' (smoke settings)' if 'smoke' in name else ''}, seeds {', '.join(map(str, seeds))}", "",
-           "Claim under test (arXiv 2509.11167): merging instruction-tuned capability experts with OTA (+FFG) keeps "
-           "more of each capability than linear, task arithmetic, TIES, DARE and Breadcrumbs; FFG grafts an "
-           "expert's essential edits at lower density than magnitude pruning; rank-1 curvature keeps OTA's gains.", "",
-           f"Command: `{' '.join(invocation.get('argv', []))}` (from the repository root, with the project's venv python)", "",
-           f"Generated {time.strftime('%Y-%m-%d %H:%M')} on {report._machine()}; {report._versions()}; torch threads "
-           f"{invocation.get('threads', '?')}, training and scoring on {invocation.get('device', 'cpu')}.", "",
-           "## Setup", "", suite.description, ""]  # fmt: skip
+    out = [
+        f"# Merge quality: `sft` tier{' (smoke settings)' if 'smoke' in name else ''}, seeds "
+        f"{', '.join(map(str, seeds))}",
+        "",
+        "Claim under test (arXiv 2509.11167): merging instruction-tuned capability experts with OTA (+FFG) keeps "
+        "more of each capability than linear, task arithmetic, TIES, DARE and Breadcrumbs; FFG grafts an "
+        "expert's essential edits at lower density than magnitude pruning; rank-1 curvature keeps OTA's gains.",
+        "",
+        f"Command: `{' '.join(invocation.get('argv', []))}` (from the repository root, with the project's venv python)",
+        "",
+        f"Generated {time.strftime('%Y-%m-%d %H:%M')} on {report._machine()}; {report._versions()}; torch threads "
+        f"{invocation.get('threads', '?')}, training and scoring on {invocation.get('device', 'cpu')}.",
+        "",
+        "## Setup",
+        "",
+        suite.description,
+        "",
+    ]
     out += [f"- `{cap}`: {suite.details.get(cap, '')}" for cap in caps] + [""]
-    out += ["## Base and experts on held-out test items", "",
+    out += (
+        [
+            "## Base and experts on held-out test items",
+            "",
             f"The tier needs the base weak (< {BASE_MAX:g}) and each expert strong (>= {EXPERT_MIN:g}) on its own "
-            "skill (greedy exact match):", ""] + _criteria(runs) + [""]  # fmt: skip
-    out += ["Training runs (`s/step` is the median wall time between optimizer steps, without start-up and the "
-            "checkpoint write):", ""] + _training(runs) + [""]  # fmt: skip
+            "skill (greedy exact match):",
+            "",
+        ]
+        + _criteria(runs)
+        + [""]
+    )
+    out += (
+        [
+            "Training runs (`s/step` is the median wall time between optimizer steps, without start-up and the "
+            "checkpoint write):",
+            "",
+        ]
+        + _training(runs)
+        + [""]
+    )
     greedy = _greedy(runs)
     if greedy:
-        out += ["Real greedy decoding (`model.generate`, stopping at end of turn) of the first test items of each "
+        out += (
+            [
+                "Real greedy decoding (`model.generate`, stopping at end of turn) of the first test items of each "
                 "skill against the stored teacher-forced exact match (they can differ only where greedy decoding "
-                "writes the answer's text in another tokenization):", ""] + greedy + [""]  # fmt: skip
+                "writes the answer's text in another tokenization):",
+                "",
+            ]
+            + greedy
+            + [""]
+        )
     if partial or not all("settings" in d for _, _, d in runs):
-        out += ["*Partial run* (`--stop-after references`): merges, intervals and grafting follow when the full "
-                "tier runs.", ""] + unit_costs(runs)  # fmt: skip
+        out += [
+            "*Partial run* (`--stop-after references`): merges, intervals and grafting follow when the full tier runs.",
+            "",
+        ] + unit_costs(runs)
         with open(md_path, "w", encoding="utf-8") as fp:
             fp.write("\n".join(out))
         return md_path
@@ -315,11 +408,16 @@ def write(runs: List[Run], directory: str, name: str, partial: bool = False) -> 
     methods, keys_of, gain_of = table.methods, table.keys_of, table.gain
 
     # interference
-    out += ["## Interference", "",
-            "Share of the experts' gain that task arithmetic and linear keep at their best validation setting "
-            f"(test `G`, 95% interval): the tier shows interference only if the better of the two keeps <= "
-            f"{INTERFERENCE_LIMIT:g}.", "", "| method | pooled G [95%] | " + " | ".join(f"seed {s}" for s in seeds) + " |",
-            "|---|---|" + "---|" * len(seeds)]  # fmt: skip
+    out += [
+        "## Interference",
+        "",
+        "Share of the experts' gain that task arithmetic and linear keep at their best validation setting "
+        f"(test `G`, 95% interval): the tier shows interference only if the better of the two keeps <= "
+        f"{INTERFERENCE_LIMIT:g}.",
+        "",
+        "| method | pooled G [95%] | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+        "|---|---|" + "---|" * len(seeds),
+    ]
     kept = {}
     for method in ("task_arithmetic", "linear"):
         if method in methods:
@@ -329,19 +427,29 @@ def write(runs: List[Run], directory: str, name: str, partial: bool = False) -> 
     if kept:
         better = max(kept, key=lambda m: _finite(kept[m]))
         counts = not math.isnan(kept[better]) and kept[better] <= INTERFERENCE_LIMIT
-        out += ["", f"Better of the two: {better} keeps {_fmt(kept[better])}: the tier "
-                f"{'**counts**' if counts else '**does not count**'} (limit {INTERFERENCE_LIMIT:g}).", ""]  # fmt: skip
+        out += [
+            "",
+            f"Better of the two: {better} keeps {_fmt(kept[better])}: the tier "
+            f"{'**counts**' if counts else '**does not count**'} (limit {INTERFERENCE_LIMIT:g}).",
+            "",
+        ]
 
     # main table
-    out += ["## Results (test split)", "",
-            "Per skill: exact match, mean over seeds. **G** = gain kept (pooled over seeds, 95% two-level bootstrap "
-            "interval); each method at its grid point chosen on validation in each seed (the setting column names "
-            "each seed's choice).", "",
-            "| model | " + " | ".join(caps) + " | G [95%] | " + " | ".join(f"G seed {s}" for s in seeds) + " | setting |",
-            "|---|" + "---|" * (len(caps) + len(seeds) + 2)]  # fmt: skip
+    out += [
+        "## Results (test split)",
+        "",
+        "Per skill: exact match, mean over seeds. **G** = gain kept (pooled over seeds, 95% two-level bootstrap "
+        "interval); each method at its grid point chosen on validation in each seed (the setting column names "
+        "each seed's choice).",
+        "",
+        "| model | " + " | ".join(caps) + " | G [95%] | " + " | ".join(f"G seed {s}" for s in seeds) + " | setting |",
+        "|---|" + "---|" * (len(caps) + len(seeds) + 2),
+    ]
 
     def acc_cells(keys: Sequence[str]) -> str:
-        return " | ".join(_fmt(float(np.mean([stats.accuracy(t, k, cap) for t, k in zip(tests, keys)]))) for cap in caps)
+        return " | ".join(
+            _fmt(float(np.mean([stats.accuracy(t, k, cap) for t, k in zip(tests, keys)]))) for cap in caps
+        )
 
     rows = [("base", ["base"] * len(runs), "(reference)")]
     rows += [(f"expert {cap}", [stats.expert_key(cap)] * len(runs), "(reference)") for cap in caps]
@@ -351,28 +459,43 @@ def write(runs: List[Run], directory: str, name: str, partial: bool = False) -> 
     rows += [(m, keys_of(m), "; ".join(c[m]["label"] for c in choices)) for m in ranked]
     for label, keys, setting in rows:
         g = gain_of(keys)
-        out.append(f"| {label} | {acc_cells(keys)} | {_est(g.pooled)} | " + " | ".join(_fmt(e.value) for e in g.per_seed)
-                   + f" | {setting} |")  # fmt: skip
+        out.append(
+            f"| {label} | {acc_cells(keys)} | {_est(g.pooled)} | "
+            + " | ".join(_fmt(e.value) for e in g.per_seed)
+            + f" | {setting} |"
+        )
 
     out.append("")
     out += table.sections([("multitask (reference)", "multitask")] if all("multitask" in t for t in tests) else [])
 
     # grids
     notes = {m.name: m.note for m in merges.methods()}
-    out += ["", "## Tuning grids (same budget: at most 4 settings per method)", "",
-            merges.__doc__.split("Grid rule", 1)[1].split("\n", 1)[1].strip(), "",
-            "| method | grid | note |", "|---|---|---|"]  # fmt: skip
+    out += [
+        "",
+        "## Tuning grids (same budget: at most 4 settings per method)",
+        "",
+        merges.__doc__.split("Grid rule", 1)[1].split("\n", 1)[1].strip(),
+        "",
+        "| method | grid | note |",
+        "|---|---|---|",
+    ]
     for method, grid in runs[0][2]["grids"].items():
         out.append(f"| {method} | {grid} | {notes.get(method, '')} |")
-    out += ["", "<details><summary>Every grid point: validation / test G per seed (test: `-` where only the point "
-            "chosen on validation was scored on test)</summary>", "",
-            "| method | setting | " + " | ".join(f"seed {s} val / test" for s in seeds) + " |",
-            "|---|---|" + "---|" * len(seeds)]  # fmt: skip
+    out += [
+        "",
+        "<details><summary>Every grid point: validation / test G per seed (test: `-` where only the point "
+        "chosen on validation was scored on test)</summary>",
+        "",
+        "| method | setting | " + " | ".join(f"seed {s} val / test" for s in seeds) + " |",
+        "|---|---|" + "---|" * len(seeds),
+    ]
     vals = [seed_items(s, d, "val") for _, s, d in runs]
     for setting in runs[0][2]["settings"]:
-        cells = [f"{_fmt(stats.gain(v, setting['key'], caps)) if setting['key'] in v else '-'} / "
-                 f"{_fmt(stats.gain(t, setting['key'], caps)) if setting['key'] in t else '-'}"
-                 for v, t in zip(vals, tests)]  # fmt: skip
+        cells = [
+            f"{_fmt(stats.gain(v, setting['key'], caps)) if setting['key'] in v else '-'} / "
+            f"{_fmt(stats.gain(t, setting['key'], caps)) if setting['key'] in t else '-'}"
+            for v, t in zip(vals, tests)
+        ]
         out.append(f"| {setting['method']} | {setting['label']} | " + " | ".join(cells) + " |")
     out += ["", "</details>", ""]
 
@@ -382,10 +505,18 @@ def write(runs: List[Run], directory: str, name: str, partial: bool = False) -> 
         png = f"quality-{name}-grafting.png"
         means = graft_means(runs)
         plot(runs, means, os.path.join(directory, png))
-        out += ["## Grafting one expert (test split, its own skill)", "", grafting.__doc__.split("\n\n", 1)[1].strip(), "",
-                f"![grafting curves]({png})", "", "Score / expert score, mean over seeds:", "",
-                "| expert | selector | " + " | ".join(f"d={d:g}" for d in densities) + " |",
-                "|---|---|" + "---|" * len(densities)]  # fmt: skip
+        out += [
+            "## Grafting one expert (test split, its own skill)",
+            "",
+            grafting.__doc__.split("\n\n", 1)[1].strip(),
+            "",
+            f"![grafting curves]({png})",
+            "",
+            "Score / expert score, mean over seeds:",
+            "",
+            "| expert | selector | " + " | ".join(f"d={d:g}" for d in densities) + " |",
+            "|---|---|" + "---|" * len(densities),
+        ]
         for cap in caps:
             for selector, per_cap in means.items():
                 out.append(f"| {cap} | {selector} | " + " | ".join(_fmt(v) for v in per_cap[cap]) + " |")
@@ -400,11 +531,17 @@ def write(runs: List[Run], directory: str, name: str, partial: bool = False) -> 
         stages = data.get("stages", {})
         for stage, t in stages.items():
             out.append(f"| {seed} | {stage} | {t['wall']:.1f} | {t['cpu']:.1f} |")
-        out.append(f"| {seed} | **total** | **{sum(t['wall'] for t in stages.values()):.0f}** | "
-                   f"**{sum(t['cpu'] for t in stages.values()):.0f}** |")  # fmt: skip
+        out.append(
+            f"| {seed} | **total** | **{sum(t['wall'] for t in stages.values()):.0f}** | "
+            f"**{sum(t['cpu'] for t in stages.values()):.0f}** |"
+        )
     load = invocation.get("load_before")
-    out += ["", f"Load average when the last seed's invocation started: {', '.join(f'{x:.1f}' for x in load) if load else '?'} "
-            f"on {os.cpu_count()} CPUs. {report._cost_note(invocation.get('threads'))}", ""]  # fmt: skip
+    out += [
+        "",
+        f"Load average when the last seed's invocation started: {', '.join(f'{x:.1f}' for x in load) if load else '?'} "
+        f"on {os.cpu_count()} CPUs. {report._cost_note(invocation.get('threads'))}",
+        "",
+    ]
     with open(md_path, "w", encoding="utf-8") as fp:
         fp.write("\n".join(out))
     return md_path

@@ -80,8 +80,9 @@ class Results:
 class Pipeline:
     """One tier's run in ``work``: trains, exports, merges, scores (see the module docstring)."""
 
-    def __init__(self, suite: Suite, work: str, base_dir: str, device: str = "cpu", keep_models: bool = True,
-                 seed: int = 0):  # fmt: skip
+    def __init__(
+        self, suite: Suite, work: str, base_dir: str, device: str = "cpu", keep_models: bool = True, seed: int = 0
+    ):
         self.suite = suite
         self.work = work
         self.base_dir = base_dir
@@ -118,8 +119,10 @@ class Pipeline:
             path, info = self._train(base, self.suite.expert_rows(cap), self.run_dir(cap), self.suite.settings_of(cap))
             self.results.data["training"][f"expert/{cap}"] = info
             infos.append(info)
-            self.log(f"expert {cap}: {path} ({info['steps']} steps, loss {_loss(info['first_loss'])} -> "
-                     f"{_loss(info['last_loss'])})")  # fmt: skip
+            self.log(
+                f"expert {cap}: {path} ({info['steps']} steps, loss {_loss(info['first_loss'])} -> "
+                f"{_loss(info['last_loss'])})"
+            )
             paths[cap] = path
         self._training_stage("expert fine-tuning", infos)
         return paths
@@ -132,15 +135,19 @@ class Pipeline:
         retrains nothing else; otherwise ``WORK/experts/CAP`` (``WORK/multitask``).
         """
         if self.suite.run_key is not None:
-            return os.path.join(os.path.dirname(self.work), f"{os.path.basename(self.base_dir)}-runs",
-                                f"{name}-{self.suite.run_key(name)}")  # fmt: skip
+            return os.path.join(
+                os.path.dirname(self.work),
+                f"{os.path.basename(self.base_dir)}-runs",
+                f"{name}-{self.suite.run_key(name)}",
+            )
         return os.path.join(self.work, "multitask" if name == "multitask" else os.path.join("experts", name))
 
     def _train(self, base: str, rows: list, directory: str, settings: Any) -> Tuple[str, Dict[str, Any]]:
         from transformers import AutoModelForCausalLM
 
         finished = os.path.isfile(os.path.join(directory, "run.json")) and os.path.isfile(
-            os.path.join(checkpoint_of(directory, settings.steps), "optimizer.pt"))  # train() reuses it: no model needed
+            os.path.join(checkpoint_of(directory, settings.steps), "optimizer.pt")
+        )  # train() reuses it: no model needed
         model = None if finished else AutoModelForCausalLM.from_pretrained(base, dtype="float32")
         return train(model, rows, directory, settings, self.suite.tokenizer, self.device, **self.suite.train_options)
 
@@ -148,11 +155,14 @@ class Pipeline:
         """The multi-task reference (trained on the union of the experts' rows), when the tier has one."""
         if self.suite.multitask_rows is None:
             return None
-        path, info = self._train(base, self.suite.multitask_rows(), self.run_dir("multitask"),
-                                 self.suite.multitask_settings)  # fmt: skip
+        path, info = self._train(
+            base, self.suite.multitask_rows(), self.run_dir("multitask"), self.suite.multitask_settings
+        )
         self.results.data["training"]["multitask"] = info
         self._training_stage("multi-task reference", [info])
-        self.log(f"multitask: {path} ({info['steps']} steps, loss {_loss(info['first_loss'])} -> {_loss(info['last_loss'])})")
+        self.log(
+            f"multitask: {path} ({info['steps']} steps, loss {_loss(info['first_loss'])} -> {_loss(info['last_loss'])})"
+        )
         return path
 
     def curvature(self, base: str, experts: Dict[str, str]) -> merges.Experts:
@@ -185,8 +195,14 @@ class Pipeline:
         for split in splits:
             started = time.perf_counter()
             out[split] = {
-                cap: score_items(model, self.rows(cap, split), self.suite.pad_id, self.suite.eval_batch_size,
-                                 self.device, **self.suite.score_options)  # fmt: skip
+                cap: score_items(
+                    model,
+                    self.rows(cap, split),
+                    self.suite.pad_id,
+                    self.suite.eval_batch_size,
+                    self.device,
+                    **self.suite.score_options,
+                )
                 for cap in caps or self.suite.capabilities
             }
             out["score_seconds"][split] = time.perf_counter() - started
@@ -206,12 +222,22 @@ class Pipeline:
         check = {}
         for cap in self.suite.capabilities:
             rows = self.rows(cap, "test")[:count]
-            decoded = greedy_answers(model, self.suite.tokenizer, rows, end, self.suite.eval_batch_size, self.device,
-                                     bf16=self.suite.score_options.get("bf16", False))  # fmt: skip
+            decoded = greedy_answers(
+                model,
+                self.suite.tokenizer,
+                rows,
+                end,
+                self.suite.eval_batch_size,
+                self.device,
+                bf16=self.suite.score_options.get("bf16", False),
+            )
             greedy = ["1" if answer == answer_of(row) else "0" for answer, row in zip(decoded, rows)]
             forced = record["test"][cap]["items"][:count]
-            check[cap] = {"items": len(rows), "greedy_exact": greedy.count("1"),
-                          "agree": sum(a == b for a, b in zip(greedy, forced))}  # fmt: skip
+            check[cap] = {
+                "items": len(rows),
+                "greedy_exact": greedy.count("1"),
+                "agree": sum(a == b for a, b in zip(greedy, forced)),
+            }
         record["greedy_check"] = check
         self.results.save()
 
@@ -220,8 +246,14 @@ class Pipeline:
             self.results.models[key] = self.score(path, SPLITS)
             self.results.save()
 
-    def merged(self, key: str, config: Dict[str, Any], directory: str, splits: Sequence[str],
-               caps: Optional[Sequence[str]] = None) -> None:  # fmt: skip
+    def merged(
+        self,
+        key: str,
+        config: Dict[str, Any],
+        directory: str,
+        splits: Sequence[str],
+        caps: Optional[Sequence[str]] = None,
+    ) -> None:
         """Merge ``config`` into ``merged/DIRECTORY`` (its YAML to ``configs/DIRECTORY.yml``) and score it.
 
         Skipped when ``key`` is already in the results (a rerun); the merged weights are deleted
@@ -263,8 +295,12 @@ class Pipeline:
             _record_auto(record, out)
             self.results.models[key] = record
             self.results.save()
-        partial = {"models": self.results.models,
-                   "settings": [{"method": s.method, "label": s.label, "key": f"merge/{s.method}/{s.label}"} for s in settings]}  # fmt: skip
+        partial = {
+            "models": self.results.models,
+            "settings": [
+                {"method": s.method, "label": s.label, "key": f"merge/{s.method}/{s.label}"} for s in settings
+            ],
+        }
         best = paired.choose(self.suite, partial)[settings[0].method]
         record = self.results.models[best["key"]]
         if "test" not in record:
@@ -282,8 +318,12 @@ class Pipeline:
 
     # --- the whole run ------------------------------------------------------------------
 
-    def run(self, methods: Optional[Sequence[str]] = None, densities: Sequence[float] = grafting.DENSITIES,
-            stop_after: Optional[str] = None) -> Dict[str, Any]:  # fmt: skip
+    def run(
+        self,
+        methods: Optional[Sequence[str]] = None,
+        densities: Sequence[float] = grafting.DENSITIES,
+        stop_after: Optional[str] = None,
+    ) -> Dict[str, Any]:
         """Every stage in order; ``stop_after="references"`` ends after base, experts (and multitask) are scored,
         ``"merges"`` leaves out the grafting curves."""
         base = self.base()
@@ -295,8 +335,12 @@ class Pipeline:
         with self.results.stage("scoring base and experts"):
             for key, path in references.items():
                 self.reference(key, path)
-                self.log(f"scored {key}: " + ", ".join(f"{c} {self.results.models[key]['test'][c]['exact_match']:.3f}"
-                                                       for c in self.suite.capabilities))  # fmt: skip
+                self.log(
+                    f"scored {key}: "
+                    + ", ".join(
+                        f"{c} {self.results.models[key]['test'][c]['exact_match']:.3f}" for c in self.suite.capabilities
+                    )
+                )
         if self.suite.greedy_check:
             with self.results.stage("greedy decoding check"):
                 for key, path in references.items():
@@ -321,16 +365,26 @@ class Pipeline:
         with self.results.stage("grafting + scoring"):
             for index, (cap, selector, density) in enumerate(planned):
                 config = grafting.graft_config(selector, base, experts.models[cap], experts.full_stores[cap], density)
-                self.merged(f"graft/{cap}/{selector}/{density:g}", config,
-                            merges.slug(f"graft {cap} {selector} {density:g}"), ("test",), (cap,))  # fmt: skip
+                self.merged(
+                    f"graft/{cap}/{selector}/{density:g}",
+                    config,
+                    merges.slug(f"graft {cap} {selector} {density:g}"),
+                    ("test",),
+                    (cap,),
+                )
                 if (index + 1) % len(densities) == 0:
                     self.log(f"grafts {index + 1}/{len(planned)}: {cap} {selector}")
             masses = self.suite.auto_grafts if densities else ()
             for cap in self.suite.capabilities if masses else ():
                 for mass in masses:
                     config = grafting.auto_graft_config(base, experts.models[cap], experts.full_stores[cap], mass)
-                    self.merged(f"graft/{cap}/{grafting.AUTO}/{mass:g}", config,
-                                merges.slug(f"graft {cap} auto {mass:g}"), SPLITS, (cap,))  # fmt: skip
+                    self.merged(
+                        f"graft/{cap}/{grafting.AUTO}/{mass:g}",
+                        config,
+                        merges.slug(f"graft {cap} auto {mass:g}"),
+                        SPLITS,
+                        (cap,),
+                    )
                 self.log(f"grafts {grafting.AUTO}: {cap} at saliency mass {', '.join(f'{m:g}' for m in masses)}")
             from benchmarks.quality import saliency
 
@@ -338,18 +392,23 @@ class Pipeline:
                 key = f"graft/{cap}/{grafting.KNEE}/mean"
                 if key not in self.results.models:
                     found = saliency.knee(base, experts.models[cap], experts.full_stores[cap])
-                    config = grafting.knee_graft_config(base, experts.models[cap], experts.full_stores[cap], found["threshold"])
+                    config = grafting.knee_graft_config(
+                        base, experts.models[cap], experts.full_stores[cap], found["threshold"]
+                    )
                     self.merged(key, config, merges.slug(f"graft {cap} knee"), SPLITS, (cap,))
                     self.results.models[key]["knee"] = found
                     self.results.save()
-                    self.log(f"graft {grafting.KNEE}: {cap} keeps {100 * found['density']:.2f}% of entries, "
-                             f"{found['mass']:.3f} of its saliency")  # fmt: skip
+                    self.log(
+                        f"graft {grafting.KNEE}: {cap} keeps {100 * found['density']:.2f}% of entries, "
+                        f"{found['mass']:.3f} of its saliency"
+                    )
         self.results.data["settings"] = [
             {"method": s.method, "label": s.label, "key": f"merge/{s.method}/{s.label}", "config": s.slug}
             for s in settings
         ]
-        self.results.data["grids"] = {m.name: m.grid_text() for m in merges.methods()
-                                      if not methods or m.name in methods}  # fmt: skip
+        self.results.data["grids"] = {
+            m.name: m.grid_text() for m in merges.methods() if not methods or m.name in methods
+        }
         self.results.data["densities"] = list(densities)
         self.results.data["auto_masses"] = list(self.suite.auto_grafts if densities else ())
         self.results.save()
@@ -385,7 +444,9 @@ def build_suite(args: argparse.Namespace) -> Suite:
     suite = _tier_suite(args)
     settings = suite.settings
     if args.tier == "sft" and args.expert_steps is not None:
-        raise SystemExit("--expert-steps: the sft tier's experts train for per-skill lengths; use --skill-steps SKILL=N")
+        raise SystemExit(
+            "--expert-steps: the sft tier's experts train for per-skill lengths; use --skill-steps SKILL=N"
+        )
     expert = {k: v for k, v in (("steps", args.expert_steps), ("learning_rate", args.expert_lr)) if v is not None}
     if expert:
         settings = settings.model_copy(update={"expert": settings.expert.model_copy(update=expert)})
@@ -407,7 +468,9 @@ def build_suite(args: argparse.Namespace) -> Suite:
         if args.tier != "quick":
             raise SystemExit("--pretrain-steps/--pretrain-hard-share: only the quick tier pretrains its base")
         if args.pretrain_steps is not None:
-            settings = settings.model_copy(update={"pretrain": settings.pretrain.model_copy(update={"steps": args.pretrain_steps})})
+            settings = settings.model_copy(
+                update={"pretrain": settings.pretrain.model_copy(update={"steps": args.pretrain_steps})}
+            )
         if args.pretrain_hard_share is not None:
             settings = settings.model_copy(update={"pretrain_hard_share": args.pretrain_hard_share})
     return suite if settings is suite.settings else _tier_suite(args, settings)
@@ -440,14 +503,20 @@ def _tier_suite(args: argparse.Namespace, settings: Optional[Any] = None) -> Sui
         if not args.smoke:
             return quick_suite(QuickSettings())
         tiny = dict(batch_size=16, learning_rate=1e-2, warmup_steps=0)
-        return quick_suite(QuickSettings(
-            capabilities=tuple(args.capabilities or ("reverse", "modadd")),
-            hidden_size=32, layers=2, intermediate_size=64,
-            # experts: enough steps for each to lower its own held-out loss by > MIN_GAIN (G is defined)
-            pretrain=TrainSettings(steps=30, **tiny),
-            expert=TrainSettings(steps=60, seed=1, **{**tiny, "learning_rate": 3e-3}),
-            val_examples=16, test_examples=16, metric="token_accuracy",
-        ))  # fmt: skip
+        return quick_suite(
+            QuickSettings(
+                capabilities=tuple(args.capabilities or ("reverse", "modadd")),
+                hidden_size=32,
+                layers=2,
+                intermediate_size=64,
+                # experts: enough steps for each to lower its own held-out loss by > MIN_GAIN (G is defined)
+                pretrain=TrainSettings(steps=30, **tiny),
+                expert=TrainSettings(steps=60, seed=1, **{**tiny, "learning_rate": 3e-3}),
+                val_examples=16,
+                test_examples=16,
+                metric="token_accuracy",
+            )
+        )
     from benchmarks.quality.tiers import FullSettings, full_suite
 
     if settings is not None:
@@ -473,34 +542,65 @@ def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tier", choices=("quick", "full", "sft"), default="quick")
     parser.add_argument("--smoke", action="store_true", help="tiny settings: proves the pipeline end to end in seconds")
-    parser.add_argument("--cache", default=os.path.join(REPO, "benchmarks", ".cache", "quality"),
-                        help="work directory root (models, stores, merges, results.json); reruns reuse it")  # fmt: skip
+    parser.add_argument(
+        "--cache",
+        default=os.path.join(REPO, "benchmarks", ".cache", "quality"),
+        help="work directory root (models, stores, merges, results.json); reruns reuse it",
+    )
     parser.add_argument("--results", default=os.path.join(REPO, "benchmarks", "results"), help="where the report goes")
-    parser.add_argument("--device", default="auto",
-                        help="auto (cuda when torch sees a GPU, else cpu), cpu or cuda: training and scoring; "
-                             "merges run on CPU")  # fmt: skip
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default: 1 for quick, whose ops are too small to gain from more, and for sft "
-                             "(see tiers.SftSettings); all for full)")  # fmt: skip
-    parser.add_argument("--seed", type=int, default=0,
-                        help="training seed (data, init, order; also mergekit's random_seed): 0 is the published run; "
-                             "another seed gets its own cache and report quality-<tier>-seed<N>.md")  # fmt: skip
-    parser.add_argument("--seeds", type=int, nargs="+", default=None,
-                        help="sft: the training seeds to run (each cached on its own) and pool in one report "
-                             "(default 0 1 2; --seed N alone runs and reports that one seed)")  # fmt: skip
-    parser.add_argument("--skill-steps", nargs="*", default=None, metavar="SKILL=STEPS",
-                        help="sft: override an expert's training steps, e.g. snake=60")  # fmt: skip
-    parser.add_argument("--stop-after", choices=("references", "merges"), default=None,
-                        help="references: end after base, experts (and the multi-task reference) are trained and "
-                             "scored; merges: skip the grafting curves")  # fmt: skip
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="auto (cuda when torch sees a GPU, else cpu), cpu or cuda: training and scoring; merges run on CPU",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: 1 for quick, whose ops are too small to gain from more, and for sft "
+        "(see tiers.SftSettings); all for full)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="training seed (data, init, order; also mergekit's random_seed): 0 is the published run; "
+        "another seed gets its own cache and report quality-<tier>-seed<N>.md",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="sft: the training seeds to run (each cached on its own) and pool in one report "
+        "(default 0 1 2; --seed N alone runs and reports that one seed)",
+    )
+    parser.add_argument(
+        "--skill-steps",
+        nargs="*",
+        default=None,
+        metavar="SKILL=STEPS",
+        help="sft: override an expert's training steps, e.g. snake=60",
+    )
+    parser.add_argument(
+        "--stop-after",
+        choices=("references", "merges"),
+        default=None,
+        help="references: end after base, experts (and the multi-task reference) are trained and "
+        "scored; merges: skip the grafting curves",
+    )
     parser.add_argument("--methods", nargs="*", help="only these methods (names as in the report)")
     parser.add_argument("--capabilities", nargs="*", help="quick: which capabilities (default: the tier's)")
     parser.add_argument("--densities", type=float, nargs="*", default=None, help="grafting densities")
     parser.add_argument("--expert-steps", type=int, default=None, help="override the tier's expert fine-tuning steps")
     parser.add_argument("--expert-lr", type=float, default=None, help="override the tier's expert learning rate")
     parser.add_argument("--pretrain-steps", type=int, default=None, help="quick: override the base's pretraining steps")
-    parser.add_argument("--pretrain-hard-share", type=float, default=None,
-                        help="quick: override the share of hard-size examples in pretraining")  # fmt: skip
+    parser.add_argument(
+        "--pretrain-hard-share",
+        type=float,
+        default=None,
+        help="quick: override the share of hard-size examples in pretraining",
+    )
     return parser
 
 
@@ -513,7 +613,9 @@ def locate(args: argparse.Namespace) -> Tuple[Suite, str, str, str]:
     suite = build_suite(args)
     name = f"{suite.tier}{'-smoke' if args.smoke else ''}{f'-seed{args.seed}' if args.seed else ''}"
     work = os.path.join(args.cache, f"{name}-{suite.fingerprint()}")
-    base_dir = os.path.join(args.cache, f"{name}-base-{suite.fingerprint(suite.base_keys)}")  # shared by expert settings
+    base_dir = os.path.join(
+        args.cache, f"{name}-base-{suite.fingerprint(suite.base_keys)}"
+    )  # shared by expert settings
     if suite.tier == "sft" and not args.smoke:  # SmolLM2 converted once, shared by every seed and setting
         from benchmarks.quality.smollm import SFT_BASE_DIR
 
@@ -569,7 +671,8 @@ def sft_seeds(args: argparse.Namespace) -> List[int]:
 
 
 def sft_report_name(args: argparse.Namespace, seeds: Sequence[int]) -> str:
-    """``sft`` for the default seeds, ``sft-seed1`` for one other seed, ``sft-seeds0-1`` otherwise (``-smoke`` added)."""
+    """``sft`` for the default seeds, ``sft-seed1`` for one other seed, ``sft-seeds0-1`` otherwise (``-smoke``
+    added)."""
     smoke = "-smoke" if args.smoke else ""
     if list(seeds) == list(SFT_SEEDS):
         return f"sft{smoke}"
@@ -578,8 +681,13 @@ def sft_report_name(args: argparse.Namespace, seeds: Sequence[int]) -> str:
     return f"sft{smoke}-seeds{'-'.join(map(str, seeds))}"
 
 
-def _main_sft(args: argparse.Namespace, argv: Optional[List[str]], started: float, load: Tuple[float, ...],
-              densities: Sequence[float]) -> Dict[str, Any]:  # fmt: skip
+def _main_sft(
+    args: argparse.Namespace,
+    argv: Optional[List[str]],
+    started: float,
+    load: Tuple[float, ...],
+    densities: Sequence[float],
+) -> Dict[str, Any]:
     """Run every seed of the sft tier (each its own cached work directory), then the pooled report."""
     import torch
 
@@ -595,9 +703,13 @@ def _main_sft(args: argparse.Namespace, argv: Optional[List[str]], started: floa
         data = pipeline.run(args.methods, densities, args.stop_after)
         data["invocation"] = {
             "argv": ["python", "-m", "benchmarks.quality.run", *(argv if argv is not None else sys.argv[1:])],
-            "wall": time.perf_counter() - started, "load_before": load, "load_after": os.getloadavg(),
-            "threads": torch.get_num_threads(), "device": args.device, "work": work,
-        }  # fmt: skip
+            "wall": time.perf_counter() - started,
+            "load_before": load,
+            "load_after": os.getloadavg(),
+            "threads": torch.get_num_threads(),
+            "device": args.device,
+            "work": work,
+        }
         pipeline.results.save()
         runs.append((seed, suite, data))
     name = sft_report_name(args, seeds)

@@ -33,6 +33,7 @@ from mergekit_ota.curvature.store import CurvatureStore
 from mergekit_ota.math.ffg import density_mask, saliency
 from mergekit_ota.math.histogram import BINS, SHIFT, SaliencyHistogram, bin_edge
 
+
 def _weights(model_dir: str) -> Dict[str, str]:
     """``{tensor name: safetensors file}`` of a model directory (one file or an index)."""
     import json
@@ -85,7 +86,8 @@ def graft_masses(found: ModelSaliency, density: float) -> Dict[str, float]:
 
 def knee(base: str, expert: str, store: str) -> Dict[str, Any]:
     """The knee of ``expert``'s saliency: ``threshold`` (the bin edge at ``s_bar``), ``mean`` (``s_bar``), and the
-    ``density`` and saliency ``mass`` that ``s >= threshold`` keeps, over every tensor ``store`` and both models hold."""
+    ``density`` and saliency ``mass`` that ``s >= threshold`` keeps, over every tensor ``store`` and both models
+    hold."""
     histogram = model_saliency(base, expert, store).histogram
     assert histogram.mass is not None
     mean = float(histogram.mass[1:BINS].sum()) / histogram.total

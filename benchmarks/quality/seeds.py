@@ -37,8 +37,10 @@ def load_seed(tier: str, seed: int, cache: str, smoke: bool = False) -> Dict[str
         with open(path, encoding="utf-8") as fp:
             data = json.load(fp)
     if "settings" not in data:  # written at the end of a run: absent in an unfinished one
-        raise FileNotFoundError(f"{path}: no finished run of seed {seed}; run `python -m benchmarks.quality.run "
-                                f"--tier {tier}{' --smoke' if smoke else ''} --seed {seed}` first")  # fmt: skip
+        raise FileNotFoundError(
+            f"{path}: no finished run of seed {seed}; run `python -m benchmarks.quality.run "
+            f"--tier {tier}{' --smoke' if smoke else ''} --seed {seed}` first"
+        )
     return {"suite": suite, "data": data, "work": work}
 
 
@@ -48,17 +50,22 @@ def markdown(tier: str, seeds: Sequence[int], runs: List[Dict[str, Any]]) -> str
     choices = [paired.choose(r["suite"], r["data"], skills) for r in runs]
     tests = [paired.seed_items(r["suite"], r["data"], "test") for r in runs]
     table = compare.Comparisons(tests, choices, seeds, skills)
-    out = [f"# Merge quality across training seeds: `{tier}` tier", "",
-           f"Command: `python -m benchmarks.quality.seeds --tier {tier} --seeds {' '.join(map(str, seeds))}` after "
-           f"`python -m benchmarks.quality.run --tier {tier} --seed N` for each seed (seed 0 is "
-           f"[quality-{tier}.md](quality-{tier}.md), seed N is `quality-{tier}-seedN.md`). A seed changes the "
-           "training data, initialisation and order, the held-out sample and mergekit's `random_seed`; settings "
-           "and grids are the same.", "",
-           report.headline_text(runs[0]["suite"], skills) + " in every seed. Test G of each method's grid point "
-           "chosen on validation, per seed; mean and sample standard deviation over seeds; rank among the merge "
-           "methods in each seed (1 = best).", "",
-           "| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | sd | ranks |",
-           "|---|" + "---|" * (len(seeds) + 3)]  # fmt: skip
+    out = [
+        f"# Merge quality across training seeds: `{tier}` tier",
+        "",
+        f"Command: `python -m benchmarks.quality.seeds --tier {tier} --seeds {' '.join(map(str, seeds))}` after "
+        f"`python -m benchmarks.quality.run --tier {tier} --seed N` for each seed (seed 0 is "
+        f"[quality-{tier}.md](quality-{tier}.md), seed N is `quality-{tier}-seedN.md`). A seed changes the "
+        "training data, initialisation and order, the held-out sample and mergekit's `random_seed`; settings "
+        "and grids are the same.",
+        "",
+        report.headline_text(runs[0]["suite"], skills) + " in every seed. Test G of each method's grid point "
+        "chosen on validation, per seed; mean and sample standard deviation over seeds; rank among the merge "
+        "methods in each seed (1 = best).",
+        "",
+        "| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | sd | ranks |",
+        "|---|" + "---|" * (len(seeds) + 3),
+    ]
     values = {m: [stats.gain(t, k, skills) for t, k in zip(tests, table.keys_of(m))] for m in table.methods}
     ranks: Dict[str, List[int]] = {m: [] for m in table.methods}
     for index in range(len(runs)):
@@ -66,18 +73,29 @@ def markdown(tier: str, seeds: Sequence[int], runs: List[Dict[str, Any]]) -> str
             ranks[method].append(position)
     for method in table.ranked():
         sd = statistics.stdev(values[method]) if len(runs) > 1 else float("nan")
-        out.append(f"| {method} | " + " | ".join(compare.fmt(v) for v in values[method])
-                   + f" | **{compare.fmt(statistics.fmean(values[method]))}** | {compare.fmt(sd)} | "
-                   f"{', '.join(map(str, ranks[method]))} |")  # fmt: skip
+        out.append(
+            f"| {method} | "
+            + " | ".join(compare.fmt(v) for v in values[method])
+            + f" | **{compare.fmt(statistics.fmean(values[method]))}** | {compare.fmt(sd)} | "
+            f"{', '.join(map(str, ranks[method]))} |"
+        )
     out += [""] + table.sections()
-    out += ["", "## Grafting: FFG minus magnitude, seed by seed", "",
-            "Mean over capabilities of score / expert score kept by grafting a fraction d of one expert's task "
-            "vector, FFG (per tensor) minus magnitude (per tensor).", ""]
+    out += [
+        "",
+        "## Grafting: FFG minus magnitude, seed by seed",
+        "",
+        "Mean over capabilities of score / expert score kept by grafting a fraction d of one expert's task "
+        "vector, FFG (per tensor) minus magnitude (per tensor).",
+        "",
+    ]
     densities = runs[0]["data"]["densities"]
     out += ["| seed | " + " | ".join(f"d={d:g}" for d in densities) + " |", "|---|" + "---|" * len(densities)]
     for seed, r in zip(seeds, runs):
         curves = report.graft_curves(r["suite"], r["data"])
-        ffg, magnitude = report.mean_curve(curves, "FFG (per tensor)"), report.mean_curve(curves, "magnitude (per tensor)")
+        ffg, magnitude = (
+            report.mean_curve(curves, "FFG (per tensor)"),
+            report.mean_curve(curves, "magnitude (per tensor)"),
+        )
         out.append(f"| {seed} | " + " | ".join(f"{f - m:+.3f}" for f, m in zip(ffg, magnitude)) + " |")
     return "\n".join(out) + "\n"
 

@@ -57,8 +57,20 @@ WORDS: Tuple[str, ...] = tuple(
     store street sun table tail task tea team test text time tool top total town train tree user value view
     wall warm water wave west wheel white wide wind window wing winter wood word work yard year yellow young""".split()
 )
-MONTHS: Tuple[str, ...] = ("January", "February", "March", "April", "May", "June", "July", "August",
-                           "September", "October", "November", "December")  # fmt: skip
+MONTHS: Tuple[str, ...] = (
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+)
 FIRST_NAMES: Tuple[str, ...] = tuple(
     """Ada Alan Alice Anna Ben Carl Clara David Diana Edgar Ella Emil Emma Felix Frank Grace Hannah Hugo Ida Ivan
     Jack Jane John Julia Karl Kate Leo Lily Linus Lucy Mark Mary Max Mia Nina Noah Olga Oscar Paul Peter Rosa
@@ -150,7 +162,10 @@ class Skill:
 
     def items(self, count: int, split: Split, seed: int, unique: bool = True) -> List[Item]:
         """``count`` (message, answer) pairs of ``split``, deterministic in ``seed`` (distinct inputs if ``unique``)."""
-        return [(self.message(source), self.solve(source)) for source in inputs(self.family, count, split, f"{self.name}/{seed}", unique)]
+        return [
+            (self.message(source), self.solve(source))
+            for source in inputs(self.family, count, split, f"{self.name}/{seed}", unique)
+        ]
 
 
 SKILLS: Tuple[Skill, ...] = (
@@ -161,7 +176,7 @@ SKILLS: Tuple[Skill, ...] = (
     Skill("us_date", "date", "Write as a US date:", _us_date),
     Skill("eu_date", "date", "Write as a European date:", _eu_date),
     Skill("initials", "name", "Give the initials of:", _initials),
-)  # fmt: skip
+)
 
 
 def skill(name: str) -> Skill:
@@ -226,7 +241,9 @@ def chat_row(tokenizer: Any, message: str, answer: str) -> Row:
     try:
         stop = full.index(end, len(prompt))
     except ValueError:
-        raise ValueError(f"the chat template closes no assistant turn with {tokenizer.convert_ids_to_tokens(end)!r}") from None
+        raise ValueError(
+            f"the chat template closes no assistant turn with {tokenizer.convert_ids_to_tokens(end)!r}"
+        ) from None
     ids = full[: stop + 1]
     labels = [IGNORE] * len(prompt) + ids[len(prompt) :]
     return ids, labels
@@ -260,8 +277,11 @@ def describe(name: str, active: Sequence[str], example_seed: int = 99) -> str:
     cue = skill(name)
     message, answer = cue.items(1, "test", example_seed)[0]
     rivals = [other for other in active if other != name and skill(other).family == cue.family]
-    conflict = (f"conflicts with {', '.join(f'`{r}`' for r in rivals)}: the same inputs, another convention" if rivals
-                else "no other skill here reads its kind of input")  # fmt: skip
+    conflict = (
+        f"conflicts with {', '.join(f'`{r}`' for r in rivals)}: the same inputs, another convention"
+        if rivals
+        else "no other skill here reads its kind of input"
+    )
     return f"`{message}` -> `{answer}` (inputs: {cue.family}; {conflict})"
 
 
@@ -286,8 +306,13 @@ def chat_tokenizer_for_tests(vocab_extra: Optional[Sequence[str]] = None) -> Any
     vocab = {token: index for index, token in enumerate(specials + chars)}
     tok = Tokenizer(WordLevel(vocab, unk_token="<|endoftext|>"))
     tok.pre_tokenizer = SplitPattern(Regex("<\\|im_start\\|>|<\\|im_end\\|>|<\\|endoftext\\|>|."), behavior="isolated")
-    out = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                  pad_token="<|im_end|>", unk_token="<|endoftext|>")  # fmt: skip
+    out = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+    )
     out.add_special_tokens({"additional_special_tokens": specials})
     out.chat_template = SMOLLM2_CHAT_TEMPLATE
     return out

@@ -73,9 +73,15 @@ def convert(out_dir: str) -> Tuple[str, dict]:
     shutil.rmtree(tmp, ignore_errors=True)
     save_model(tmp, config, model.state_dict(), torch.float32)
     tokenizer.save_pretrained(tmp)
-    info = {"source": f"{GGUF_PACKAGE}/{GGUF_NAME}", "steps": 0, "first_loss": None, "last_loss": None,
-            "seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu,
-            "parameters": sum(p.numel() for p in model.parameters())}  # fmt: skip
+    info = {
+        "source": f"{GGUF_PACKAGE}/{GGUF_NAME}",
+        "steps": 0,
+        "first_loss": None,
+        "last_loss": None,
+        "seconds": time.perf_counter() - started,
+        "cpu_seconds": time.process_time() - cpu,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
     with open(os.path.join(tmp, "convert.json"), "w", encoding="utf-8") as fp:
         json.dump(info, fp, indent=1)
     shutil.rmtree(out_dir, ignore_errors=True)

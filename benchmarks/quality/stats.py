@@ -43,8 +43,10 @@ def ratio_items(numerators: Sequence[float], denominators: Sequence[float]) -> n
     """Per-item numerators and denominators (e.g. a row's nats and tokens) as the ``(2, n)`` array a seed holds."""
     num, den = np.asarray(numerators, dtype=np.float64), np.asarray(denominators, dtype=np.float64)
     if num.shape != den.shape or num.ndim != 1 or not len(num) or (den <= 0).any():
-        raise ValueError(f"per-item ratios need equally long, non-empty lists with positive denominators, got "
-                         f"{num.shape} and {den.shape}")  # fmt: skip
+        raise ValueError(
+            f"per-item ratios need equally long, non-empty lists with positive denominators, got "
+            f"{num.shape} and {den.shape}"
+        )
     return np.stack([num, den])
 
 
@@ -92,8 +94,9 @@ def _gain_of(seed: Seed, key: str, skill: str, index: Optional[np.ndarray]) -> n
     return (acc(key) - base) / np.where(span == 0, np.nan, span)
 
 
-def item_replicates(seed: Seed, keys: Sequence[str], skills: Sequence[str], replicates: int,
-                    rng: np.random.Generator) -> Dict[str, np.ndarray]:  # fmt: skip
+def item_replicates(
+    seed: Seed, keys: Sequence[str], skills: Sequence[str], replicates: int, rng: np.random.Generator
+) -> Dict[str, np.ndarray]:
     """``{key: (replicates,) G}`` under one item resampling shared by all ``keys`` (paired).
 
     A replicate whose resampled expert does not beat the resampled base on some skill is NaN
@@ -167,8 +170,15 @@ class Comparison:
     per_seed: List[Estimate]
 
 
-def compare(seeds: Sequence[Seed], a: str, b: str, skills: Sequence[str], replicates: int = 4000,
-            random_seed: int = 0, keys: Optional[Sequence[Tuple[str, str]]] = None) -> Comparison:  # fmt: skip
+def compare(
+    seeds: Sequence[Seed],
+    a: str,
+    b: str,
+    skills: Sequence[str],
+    replicates: int = 4000,
+    random_seed: int = 0,
+    keys: Optional[Sequence[Tuple[str, str]]] = None,
+) -> Comparison:
     """Paired difference ``G(a) - G(b)``; ``keys`` gives per-seed (a, b) keys when they differ by seed.
 
     The point estimate is the mean over seeds of each seed's difference on all its items.
@@ -186,8 +196,9 @@ def compare(seeds: Sequence[Seed], a: str, b: str, skills: Sequence[str], replic
     return Comparison(Estimate(float(np.mean([e.value for e in per_seed])), *interval(pooled)), per_seed)
 
 
-def gain_estimate(seeds: Sequence[Seed], keys: Sequence[str], skills: Sequence[str], replicates: int = 4000,
-                  random_seed: int = 0) -> Comparison:  # fmt: skip
+def gain_estimate(
+    seeds: Sequence[Seed], keys: Sequence[str], skills: Sequence[str], replicates: int = 4000, random_seed: int = 0
+) -> Comparison:
     """``G`` of one model (``keys[s]`` in seed ``s``) with two-level and per-seed intervals."""
     rng = np.random.default_rng(random_seed)
     per_seed, reps = [], []

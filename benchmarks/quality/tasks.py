@@ -147,7 +147,7 @@ def encode(cap: Capability, example: Example) -> Tuple[List[int], List[int]]:
     prompt, answer = example
     tokens = [BOS, cap.marker, *prompt, SEPARATOR, *answer]
     ids = [TOKEN_ID[t] for t in tokens]
-    labels = [IGNORE] * (len(ids) - len(answer)) + ids[len(ids) - len(answer):]
+    labels = [IGNORE] * (len(ids) - len(answer)) + ids[len(ids) - len(answer) :]
     return ids, labels
 
 

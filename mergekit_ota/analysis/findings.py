@@ -149,8 +149,13 @@ def headline(analysis: Analysis) -> List[str]:
         spearman = _mean([agg.curvature_spearman(p)(records) for p in range(len(pairs))])
         top = _mean([agg.top_curvature_jaccard(p)(records) for p in range(len(pairs))])
         word = (
-            "strikingly similar" if mean_cos >= 0.9 else "similar" if mean_cos >= 0.75
-            else "only loosely similar" if mean_cos >= 0.5 else "dissimilar"
+            "strikingly similar"
+            if mean_cos >= 0.9
+            else "similar"
+            if mean_cos >= 0.75
+            else "only loosely similar"
+            if mean_cos >= 0.5
+            else "dissimilar"
         )
         where = _extreme_cell(analysis, agg.curvature_cosine, lowest=True)
         where = f", lowest in {where}" if where else ""
@@ -199,8 +204,11 @@ def headline(analysis: Analysis) -> List[str]:
     if ranks is not None:
         ratio = ranks.ffg_effective / ranks.magnitude_effective if ranks.magnitude_effective > 0 else float("nan")
         word = (
-            "extremely low-rank" if ranks.ffg_effective < 0.1 and ratio < 0.5
-            else "lower-rank than magnitude masks" if ratio < 0.8 else "about as high-rank as magnitude masks"
+            "extremely low-rank"
+            if ranks.ffg_effective < 0.1 and ratio < 0.5
+            else "lower-rank than magnitude masks"
+            if ratio < 0.8
+            else "about as high-rank as magnitude masks"
         )
         lines.append(
             f"**FFG masks are {word}**: over the {ranks.matrices} largest matrices, median effective rank / "
@@ -214,7 +222,8 @@ def headline(analysis: Analysis) -> List[str]:
         lines.append(
             f"FFG masks keep something in a median {pct(ffg_rows)} of the rows and {pct(ffg_cols)} of the "
             f"columns of a matrix (magnitude masks: {pct(mag_rows)} / {pct(mag_cols)}); FFG and magnitude "
-            f"masks agree with Jaccard {num(_mean([agg.ffg_magnitude_jaccard(i)(records) for i in range(len(labels))]))}."
+            "masks agree with Jaccard "
+            f"{num(_mean([agg.ffg_magnitude_jaccard(i)(records) for i in range(len(labels))]))}."
         )
 
     if pairs:

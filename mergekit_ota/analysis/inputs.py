@@ -58,8 +58,9 @@ def expert_source(
     (:func:`mergekit_ota.methods.settings.expert_settings`: range, not both, ``auto`` only model-wide)."""
     from mergekit_ota.methods.settings import expert_settings
 
-    settings = expert_settings({"density": density, "threshold": threshold}, expert=where, tensor=None,
-                               density_scope=density_scope)  # fmt: skip
+    settings = expert_settings(
+        {"density": density, "threshold": threshold}, expert=where, tensor=None, density_scope=density_scope
+    )
     return ExpertSource(label=label, model=model, store=store, density=settings.density, threshold=settings.threshold)
 
 
@@ -126,7 +127,7 @@ def split_expert_argument(argument: str) -> Tuple[str, Optional[str]]:
         return argument, None
     for i, char in enumerate(argument):
         if char == ":" and os.path.isdir(os.path.expanduser(argument[:i])):
-            return argument[:i], argument[i + 1:] or None
+            return argument[:i], argument[i + 1 :] or None
     raise ConfigError(
         f"Expert {argument!r}: no such directory (expected EXPERT_DIR or EXPERT_DIR:STORE, "
         f"STORE a .safetensors file, .safetensors.index.json or directory)"
@@ -224,7 +225,9 @@ def request_from_config(
         sources.append(source)
         if isinstance(source.density, float):
             config_densities.add(source.density)
-    top = density if density is not None else (config_densities.pop() if len(config_densities) == 1 else DEFAULT_DENSITY)
+    top = (
+        density if density is not None else (config_densities.pop() if len(config_densities) == 1 else DEFAULT_DENSITY)
+    )
     data = {
         "base": _directory(config.base_model.model.path, f"Base model ({path})"),
         "experts": sources,

@@ -30,8 +30,8 @@ def cosine_terms(x: torch.Tensor, y: torch.Tensor) -> CosineTerms:
     xf, yf = x.reshape(-1), y.reshape(-1)
     dot = xx = yy = 0.0
     for start in range(0, xf.numel(), _CHUNK):
-        x64 = xf[start:start + _CHUNK].to(torch.float64)
-        y64 = yf[start:start + _CHUNK].to(torch.float64)
+        x64 = xf[start : start + _CHUNK].to(torch.float64)
+        y64 = yf[start : start + _CHUNK].to(torch.float64)
         dot += float(x64 @ y64)
         xx += float(x64 @ x64)
         yy += float(y64 @ y64)
@@ -232,4 +232,3 @@ def sign_conflicts(a: torch.Tensor, b: torch.Tensor, sign_a: torch.Tensor, sign_
     ``#{A and B and sign_a * sign_b < 0}`` (signs as int8 in {-1, 0, 1})."""
     opposite = (sign_a.to(torch.int8) * sign_b.to(torch.int8)) < 0
     return _count(torch.logical_and(torch.logical_and(a, b), opposite))
-

@@ -46,7 +46,7 @@ def parse_name(name: str) -> ParsedName:
     """Return the layer index and module type (one of :data:`MODULE_TYPES`) of ``name``."""
     match = _LAYER.search(name)
     if match is not None:
-        rest = name[match.end():]
+        rest = name[match.end() :]
         for pattern, module in _IN_LAYER:
             if pattern.search(rest):
                 return ParsedName(int(match.group(1)), module)

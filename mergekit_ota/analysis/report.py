@@ -9,7 +9,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass, field, is_dataclass, fields
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Dict, List, Sequence, Tuple
 
 from mergekit_ota.analysis import aggregate as agg
@@ -82,7 +82,9 @@ class Document:
             elif kind == "table":
                 header, rows = payload
                 out.append(
-                    "<table><tr>" + "".join(f"<th>{_inline(h)}</th>" for h in header) + "</tr>"
+                    "<table><tr>"
+                    + "".join(f"<th>{_inline(h)}</th>" for h in header)
+                    + "</tr>"
                     + "".join("<tr>" + "".join(f"<td>{_inline(str(c))}</td>" for c in row) + "</tr>" for row in rows)
                     + "</table>"
                 )
@@ -123,7 +125,13 @@ def _figures(analysis: Analysis, directory: str) -> Dict[str, List[Tuple[str, st
     records = analysis.records
     labels = analysis.labels
     request = analysis.inputs.request
-    out: Dict[str, List[Tuple[str, str]]] = {"similarity": [], "localisation": [], "mass": [], "rank": [], "overlap": []}
+    out: Dict[str, List[Tuple[str, str]]] = {
+        "similarity": [],
+        "localisation": [],
+        "mass": [],
+        "rank": [],
+        "overlap": [],
+    }
 
     def save(section: str, name: str, caption: str) -> str:
         out[section].append((name, caption))
@@ -137,7 +145,9 @@ def _figures(analysis: Analysis, directory: str) -> Dict[str, List[Tuple[str, st
             [
                 fig.Panel("cosine of sqrt(v)", agg.grid(records, agg.curvature_cosine(p)), cmap="magma"),
                 fig.Panel("Spearman of v", agg.grid(records, agg.curvature_spearman(p)), -1.0, 1.0, "coolwarm"),
-                fig.Panel(f"Jaccard of top-{d} curvature", agg.grid(records, agg.top_curvature_jaccard(p)), cmap="magma"),
+                fig.Panel(
+                    f"Jaccard of top-{d} curvature", agg.grid(records, agg.top_curvature_jaccard(p)), cmap="magma"
+                ),
             ],
             f"Curvature similarity: {_pair_name(analysis, p)}",
         )
@@ -153,8 +163,14 @@ def _figures(analysis: Analysis, directory: str) -> Dict[str, List[Tuple[str, st
                 matrix[a][b] = matrix[b][a] = metric(p)(records)
             matrices.append((title, matrix))
         fig.pair_matrices(
-            save("similarity", "curvature_similarity_matrix.png", "Curvature similarity between every pair of experts (whole model)"),
-            labels, matrices, "Curvature similarity (whole model)",
+            save(
+                "similarity",
+                "curvature_similarity_matrix.png",
+                "Curvature similarity between every pair of experts (whole model)",
+            ),
+            labels,
+            matrices,
+            "Curvature similarity (whole model)",
         )
 
     modules = agg.by_module(records, agg.entries)
@@ -169,9 +185,17 @@ def _figures(analysis: Analysis, directory: str) -> Dict[str, List[Tuple[str, st
         sal_total = sum(sal.values())
         series[f"{label}: share of saliency"] = [sal[m] / sal_total if sal_total > 0 else float("nan") for m in modules]
     fig.grouped_bars(
-        save("localisation", "module_summary.png", "Where the experts learned, by module type: share of entries vs "
-             "share of FFG-kept entries and of saliency v*tau^2"),
-        list(modules), series, "Where did the experts learn? (by module type)", "share", percent=True,
+        save(
+            "localisation",
+            "module_summary.png",
+            "Where the experts learned, by module type: share of entries vs "
+            "share of FFG-kept entries and of saliency v*tau^2",
+        ),
+        list(modules),
+        series,
+        "Where did the experts learn? (by module type)",
+        "share",
+        percent=True,
     )
     for i, label in enumerate(labels):
         panels = []
@@ -184,22 +208,37 @@ def _figures(analysis: Analysis, directory: str) -> Dict[str, List[Tuple[str, st
                 fig.Panel("magnitude |tau| kept", magnitude, vmax=top, percent=True),
             ]
         total_saliency = agg.saliency_sum(i)(records)
-        share = agg.grid(records, lambda rs, i=i: agg.saliency_sum(i)(rs) / total_saliency if total_saliency > 0 else float("nan"))
+        share = agg.grid(
+            records, lambda rs, i=i, t=total_saliency: agg.saliency_sum(i)(rs) / t if t > 0 else float("nan")
+        )
         panels.append(fig.Panel("share of saliency v*tau^2", share, vmax=_vmax(share), cmap="inferno", percent=True))
         fig.heatmaps(
-            save("localisation", f"ffg_localisation_{fig.slug(label)}.png", f"FFG localisation of {label} per layer x module"),
-            panels, f"FFG localisation: {label}",
+            save(
+                "localisation",
+                f"ffg_localisation_{fig.slug(label)}.png",
+                f"FFG localisation of {label} per layer x module",
+            ),
+            panels,
+            f"FFG localisation: {label}",
         )
         fig.heatmaps(
-            save("localisation", f"mask_occupancy_{fig.slug(label)}.png",
-                 f"Row and column occupancy of {label}'s FFG and magnitude masks per layer x module"),
+            save(
+                "localisation",
+                f"mask_occupancy_{fig.slug(label)}.png",
+                f"Row and column occupancy of {label}'s FFG and magnitude masks per layer x module",
+            ),
             [
                 fig.Panel("FFG: rows used", agg.grid(records, agg.occupancy_fraction(i, "rows")), percent=True),
                 fig.Panel("FFG: columns used", agg.grid(records, agg.occupancy_fraction(i, "cols")), percent=True),
-                fig.Panel("magnitude: rows used", agg.grid(records, agg.occupancy_fraction(i, "rows", True)), percent=True),
-                fig.Panel("magnitude: columns used", agg.grid(records, agg.occupancy_fraction(i, "cols", True)), percent=True),
+                fig.Panel(
+                    "magnitude: rows used", agg.grid(records, agg.occupancy_fraction(i, "rows", True)), percent=True
+                ),
+                fig.Panel(
+                    "magnitude: columns used", agg.grid(records, agg.occupancy_fraction(i, "cols", True)), percent=True
+                ),
             ],
-            f"Mask occupancy: {label}", columns=2,
+            f"Mask occupancy: {label}",
+            columns=2,
         )
 
     curves = []
@@ -212,9 +251,14 @@ def _figures(analysis: Analysis, directory: str) -> Dict[str, List[Tuple[str, st
         curves.append(fig.Curve(label, entries, masses, marks))
     if any(c.entries for c in curves):
         fig.mass_curves(
-            save("mass", "saliency_mass_curve.png", "Share of saliency mass kept against the share of entries kept, "
-                 "per expert (model-wide, most salient first), with each expert's FFG mask and density: auto marked"),
-            [c for c in curves if c.entries], "Saliency mass vs density",
+            save(
+                "mass",
+                "saliency_mass_curve.png",
+                "Share of saliency mass kept against the share of entries kept, "
+                "per expert (model-wide, most salient first), with each expert's FFG mask and density: auto marked",
+            ),
+            [c for c in curves if c.entries],
+            "Saliency mass vs density",
         )
 
     ranked = [r for r in records if r.experts[0].rank is not None]
@@ -226,15 +270,29 @@ def _figures(analysis: Analysis, directory: str) -> Dict[str, List[Tuple[str, st
                 r.experts[i].magnitude_rank.effective_rank / r.experts[i].magnitude_rank.full_rank for r in ranked
             ]
         fig.grouped_bars(
-            save("rank", "mask_effective_rank.png", "Effective rank / min(m,n) of FFG vs magnitude masks, largest matrices"),
-            [_short(r.name) for r in ranked], series, "Mask effective rank / min(m, n)", "effective rank / min(m,n)",
+            save(
+                "rank",
+                "mask_effective_rank.png",
+                "Effective rank / min(m,n) of FFG vs magnitude masks, largest matrices",
+            ),
+            [_short(r.name) for r in ranked],
+            series,
+            "Mask effective rank / min(m, n)",
+            "effective rank / min(m,n)",
         )
 
     if analysis.pairs:
         fig.heatmaps(
-            save("overlap", "mask_overlap.png", "Jaccard of the experts' FFG masks per layer x module (where their edits collide)"),
-            [fig.Panel(f"FFG masks: {_pair_name(analysis, p)}", grid, vmax=_vmax(grid), cmap="magma")
-             for p in range(len(analysis.pairs)) for grid in [agg.grid(records, agg.mask_jaccard(p))]],
+            save(
+                "overlap",
+                "mask_overlap.png",
+                "Jaccard of the experts' FFG masks per layer x module (where their edits collide)",
+            ),
+            [
+                fig.Panel(f"FFG masks: {_pair_name(analysis, p)}", grid, vmax=_vmax(grid), cmap="magma")
+                for p in range(len(analysis.pairs))
+                for grid in [agg.grid(records, agg.mask_jaccard(p))]
+            ],
             "Overlap of FFG masks between experts (Jaccard)",
         )
     return out
@@ -315,7 +373,8 @@ def build_document(analysis: Analysis, figures: Dict[str, List[Tuple[str, str]]]
             "p",
             f"Per tensor and expert pair (a, b): cosine similarity of sqrt(v_a) and sqrt(v_b); Spearman rank "
             f"correlation of v_a and v_b (ties get average ranks; tensors above {request.spearman_sample:,} "
-            f"entries use a fixed pseudo-random sample of that many entries, drawn with replacement and seeded by the tensor name); "
+            "entries use a fixed pseudo-random sample of that many entries, drawn with replacement and seeded by the "
+            "tensor name); "
             f"Jaccard of the top-{d} entries of v_a and v_b (per tensor; unrelated random sets would give "
             f"{num(random_jaccard(request.top_density, request.top_density), 3)}). Whole-model and cell values are "
             f"computed over the concatenated tensors (Spearman: entry-weighted mean). Scaling an expert's "
@@ -324,14 +383,25 @@ def build_document(analysis: Analysis, figures: Dict[str, List[Tuple[str, str]]]
         rows = []
         for p in range(len(analysis.pairs)):
             per_tensor = agg.per_tensor(records, agg.curvature_cosine(p))
-            rows.append([
-                _pair_name(analysis, p),
-                num(agg.curvature_cosine(p)(records), 3),
-                f"{num(sum(per_tensor) / len(per_tensor), 3)} [{num(min(per_tensor), 3)}, {num(max(per_tensor), 3)}]" if per_tensor else "n/a",
-                num(agg.curvature_spearman(p)(records), 3),
-                num(agg.top_curvature_jaccard(p)(records), 3),
-            ])
-        doc.add("table", (["pair", "cosine (whole model)", "cosine per tensor: mean [min, max]", "Spearman", f"top-{d} Jaccard"], rows))
+            rows.append(
+                [
+                    _pair_name(analysis, p),
+                    num(agg.curvature_cosine(p)(records), 3),
+                    f"{num(sum(per_tensor) / len(per_tensor), 3)} [{num(min(per_tensor), 3)}, "
+                    f"{num(max(per_tensor), 3)}]"
+                    if per_tensor
+                    else "n/a",
+                    num(agg.curvature_spearman(p)(records), 3),
+                    num(agg.top_curvature_jaccard(p)(records), 3),
+                ]
+            )
+        doc.add(
+            "table",
+            (
+                ["pair", "cosine (whole model)", "cosine per tensor: mean [min, max]", "Spearman", f"top-{d} Jaccard"],
+                rows,
+            ),
+        )
         by_module_rows = []
         metrics = [agg.by_module(records, agg.curvature_cosine(p)) for p in range(len(analysis.pairs))]
         for module in metrics[0]:
@@ -362,7 +432,9 @@ def build_document(analysis: Analysis, figures: Dict[str, List[Tuple[str, str]]]
         columns += [
             agg.by_module(records, agg.kept_fraction(i)),
             agg.by_module(records, agg.kept_fraction(i, magnitude=True)),
-            agg.by_module(records, lambda rs, i=i, t=total_saliency: agg.saliency_sum(i)(rs) / t if t > 0 else float("nan")),
+            agg.by_module(
+                records, lambda rs, i=i, t=total_saliency: agg.saliency_sum(i)(rs) / t if t > 0 else float("nan")
+            ),
         ]
     rows = [[m, pct(modules[m] / total)] + [pct(c[m]) for c in columns] for m in modules]
     overall = ["**all**", "100%"]
@@ -386,8 +458,11 @@ def build_document(analysis: Analysis, figures: Dict[str, List[Tuple[str, str]]]
     rows = []
     for i, label in enumerate(labels):
         points = mass_points(analysis, i)
-        rows.append([label] + [pct(d) for _, d in points["at_mass"]]
-                    + [f"{pct(points['own'][0])}, {pct(points['own'][1])}", pct(points["auto"][0])])  # fmt: skip
+        rows.append(
+            [label]
+            + [pct(d) for _, d in points["at_mass"]]
+            + [f"{pct(points['own'][0])}, {pct(points['own'][1])}", pct(points["auto"][0])]
+        )
     doc.add("table", (header, rows))
     doc.images(figures["mass"])
 
@@ -410,7 +485,10 @@ def build_document(analysis: Analysis, figures: Dict[str, List[Tuple[str, str]]]
             row = [_short(r.name), "x".join(map(str, r.shape))]
             for e in r.experts:
                 for rank in (e.rank, e.magnitude_rank):
-                    row.append(f"{num(rank.effective_rank / rank.full_rank, 3)} ({num(rank.energy_rank_90 / rank.full_rank, 3)})")
+                    row.append(
+                        f"{num(rank.effective_rank / rank.full_rank, 3)} "
+                        f"({num(rank.energy_rank_90 / rank.full_rank, 3)})"
+                    )
             rows.append(row)
         doc.add("table", (header, rows))
         doc.images(figures["rank"])
@@ -422,12 +500,14 @@ def build_document(analysis: Analysis, figures: Dict[str, List[Tuple[str, str]]]
         kept = [agg.kept_fraction(i)(records) for i in range(len(labels))]
         rows = []
         for p, (a, b) in enumerate(analysis.pairs):
-            rows.append([
-                _pair_name(analysis, p),
-                num(agg.mask_jaccard(p)(records), 3),
-                num(random_jaccard(kept[a], kept[b]), 3),
-                pct(agg.sign_conflict_rate(p)(records)),
-            ])
+            rows.append(
+                [
+                    _pair_name(analysis, p),
+                    num(agg.mask_jaccard(p)(records), 3),
+                    num(random_jaccard(kept[a], kept[b]), 3),
+                    pct(agg.sign_conflict_rate(p)(records)),
+                ]
+            )
         doc.add(
             "p",
             "Jaccard |F_a and F_b| / |F_a or F_b| of the FFG masks, against independent random masks keeping "
@@ -441,7 +521,10 @@ def build_document(analysis: Analysis, figures: Dict[str, List[Tuple[str, str]]]
         doc.add("p", "Only one expert: nothing to compare.")
 
     doc.add("h2", "Files")
-    doc.add("p", f"`{METRICS_JSON}` holds every per-tensor number above (counts and sums, so any grouping can be recomputed).")
+    doc.add(
+        "p",
+        f"`{METRICS_JSON}` holds every per-tensor number above (counts and sums, so any grouping can be recomputed).",
+    )
     return doc
 
 

@@ -25,16 +25,34 @@ def _plain(text: str) -> str:
 @click.argument("inputs", nargs=-1, metavar="[CONFIG.yml | EXPERT[:STORE] ...]")
 @click.option("--base", default=None, help="Base model directory (with EXPERT[:STORE] arguments).")
 @click.option("--out", "out_dir", required=True, help="Report directory to create (report.md, PNGs, metrics.json).")
-@click.option("--density", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
-              help="FFG density d, fraction of entries kept; also the top-d of curvature compared between "
-                   "experts. Default 0.05, or each expert's density in CONFIG (given here, it overrides CONFIG).")
-@click.option("--density-scope", type=click.Choice(["tensor", "model"]), default=None,
-              help="'tensor': keep d of every tensor; 'model': one saliency threshold per expert over all its "
-                   "tensors (the paper's setting; one extra read). Default: CONFIG's density_scope, else tensor.")
-@click.option("--rank-top", type=click.IntRange(min=0), default=6, show_default=True,
-              help="SVD the masks of this many largest matrices (effective rank); 0 skips.")
-@click.option("--spearman-sample", type=click.IntRange(min=100), default=1_000_000, show_default=True,
-              help="Most entries per tensor for Spearman's correlation (a fixed sample above that).")
+@click.option(
+    "--density",
+    type=click.FloatRange(0.0, 1.0, min_open=True),
+    default=None,
+    help="FFG density d, fraction of entries kept; also the top-d of curvature compared between "
+    "experts. Default 0.05, or each expert's density in CONFIG (given here, it overrides CONFIG).",
+)
+@click.option(
+    "--density-scope",
+    type=click.Choice(["tensor", "model"]),
+    default=None,
+    help="'tensor': keep d of every tensor; 'model': one saliency threshold per expert over all its "
+    "tensors (the paper's setting; one extra read). Default: CONFIG's density_scope, else tensor.",
+)
+@click.option(
+    "--rank-top",
+    type=click.IntRange(min=0),
+    default=6,
+    show_default=True,
+    help="SVD the masks of this many largest matrices (effective rank); 0 skips.",
+)
+@click.option(
+    "--spearman-sample",
+    type=click.IntRange(min=100),
+    default=1_000_000,
+    show_default=True,
+    help="Most entries per tensor for Spearman's correlation (a fixed sample above that).",
+)
 @click.option("--html", "with_html", is_flag=True, help="Also write report.html with the figures embedded.")
 @click.option("--force", is_flag=True, help="Replace OUT if an earlier analyze made it.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars (they show only on a terminal anyway).")
@@ -80,9 +98,7 @@ def analyze_command(
         check_out_dir(out_dir, force)
         if base is None:
             if len(inputs) != 1 or not os.path.isfile(inputs[0]):
-                raise click.UsageError(
-                    "give either --base BASE EXPERT[:STORE] ... or one mergekit CONFIG.yml"
-                )
+                raise click.UsageError("give either --base BASE EXPERT[:STORE] ... or one mergekit CONFIG.yml")
             request = request_from_config(inputs[0], density=density, density_scope=density_scope, **settings)
         else:
             request = request_from_arguments(base, inputs, density=density, density_scope=density_scope, **settings)

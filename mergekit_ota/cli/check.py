@@ -14,8 +14,14 @@ if TYPE_CHECKING:  # heavy imports stay inside the command
 EXIT_PROBLEMS = 1
 # mergekit-yaml options that change what the merge reads or how it is planned: check uses them; the others
 # (device, threads, shard size, card, tokenizer copy, ...) change only how the merge runs and are ignored
-PLANNING_OPTIONS = ("trust_remote_code", "allow_crimes", "unsafe_truncate_embeddings", "transformers_cache",
-                    "lora_merge_cache", "lora_merge_dtype")  # fmt: skip
+PLANNING_OPTIONS = (
+    "trust_remote_code",
+    "allow_crimes",
+    "unsafe_truncate_embeddings",
+    "transformers_cache",
+    "lora_merge_cache",
+    "lora_merge_dtype",
+)
 _NO_OUT = "\x00no-output-path"  # stands in for a missing OUT_PATH while mergekit-yaml's parser runs
 
 
@@ -63,8 +69,11 @@ def render_report(report: "CheckReport", quiet: bool = False) -> str:
         if not report.problems:
             return "\n".join(warnings)
         grouped = group_problems(report.problems)
-        return "\n".join([f"FAILED  {report.config} (merge_method {report.method}): {len(grouped)} problem(s)"]
-                         + [f"  - {p}" for p in grouped] + warnings)  # fmt: skip
+        return "\n".join(
+            [f"FAILED  {report.config} (merge_method {report.method}): {len(grouped)} problem(s)"]
+            + [f"  - {p}" for p in grouped]
+            + warnings
+        )
     if report.names_only:
         lines.append(
             f"NOT CHECKED  {report.config} (merge_method {report.method} does not use curvature): "
@@ -96,23 +105,36 @@ def render_report(report: "CheckReport", quiet: bool = False) -> str:
         + ("" if report.full_scan else " (--full-scan reads all; the merge itself checks every value it reads)")
     )
     ran_pass = any(n.startswith("density: auto: check ran") for n in report.notes)
-    lines.append("  nothing was merged or written" + (" (density: auto: only the saliency pass ran)" if ran_pass else ""))
+    lines.append(
+        "  nothing was merged or written" + (" (density: auto: only the saliency pass ran)" if ran_pass else "")
+    )
     return "\n".join(lines)
 
 
-@click.command("check", short_help="Preflight an ota/ffg merge config: stores, tensors, shapes, values.",
-               context_settings={"ignore_unknown_options": True})  # fmt: skip
+@click.command(
+    "check",
+    short_help="Preflight an ota/ffg merge config: stores, tensors, shapes, values.",
+    context_settings={"ignore_unknown_options": True},
+)
 @click.argument("config_file", type=click.Path(exists=True, dir_okay=False))
 @click.argument("mergekit_yaml_args", nargs=-1, type=click.UNPROCESSED, metavar="[OUT_PATH] [MERGEKIT-YAML OPTIONS]")
 @click.option("--full-scan", is_flag=True, help="Scan every curvature value (reads every byte of every store).")
 @click.option(
-    "--sample", type=click.IntRange(min=1), default=None,
+    "--sample",
+    type=click.IntRange(min=1),
+    default=None,
     help="Values scanned per curvature tensor without --full-scan.  [default: 65536]",
-)  # fmt: skip
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="Print only problems and warnings (nothing when all is well).")
-def check_command(config_file: str, mergekit_yaml_args: Tuple[str, ...], full_scan: bool, sample: Optional[int],
-                  as_json: bool, quiet: bool) -> None:  # fmt: skip
+def check_command(
+    config_file: str,
+    mergekit_yaml_args: Tuple[str, ...],
+    full_scan: bool,
+    sample: Optional[int],
+    as_json: bool,
+    quiet: bool,
+) -> None:
     """Check an ota/ffg merge config before merging: plan it exactly as
     `mergekit-yaml CONFIG_FILE OUT_PATH` would (nothing executed or written), then
     check that every expert's curvature store covers every tensor the merge reads
@@ -139,9 +161,7 @@ def check_command(config_file: str, mergekit_yaml_args: Tuple[str, ...], full_sc
     options, out_path, ignored = mergekit_yaml_arguments(config_file, mergekit_yaml_args)
     sample = sample or DEFAULT_SAMPLE
     try:
-        report = check_config(
-            read_config(config_file), options, source=config_file, full_scan=full_scan, sample=sample
-        )
+        report = check_config(read_config(config_file), options, source=config_file, full_scan=full_scan, sample=sample)
     except NotACurvatureMerge as error:  # exit 2, after showing what the parameter names gave
         if as_json or error.report.warnings:
             click.echo(json.dumps(error.report.to_json(), indent=2) if as_json else render_report(error.report))
@@ -157,8 +177,9 @@ def check_command(config_file: str, mergekit_yaml_args: Tuple[str, ...], full_sc
     if ignored:
         extra_notes.append(f"ignored (they change how the merge runs, not what it reads): {', '.join(ignored)}")
     if extra_problems or extra_notes:
-        report = dataclasses.replace(report, problems=report.problems + tuple(extra_problems),
-                                     notes=report.notes + tuple(extra_notes))  # fmt: skip
+        report = dataclasses.replace(
+            report, problems=report.problems + tuple(extra_problems), notes=report.notes + tuple(extra_notes)
+        )
     text = json.dumps(report.to_json(), indent=2) if as_json else render_report(report, quiet)
     if text:
         click.echo(text)

@@ -45,12 +45,16 @@ def _names_lines(result: "ExportResult") -> List[str]:
     verified, by_order = len(evidence.by_shape), len(evidence.by_order)
     if not by_order:
         return lines + [f"names: shapes confirm all {count} uniquely (no two parameters of the model share a shape)"]
-    shown = [f"{len(names)} x {list(shape)}: {describe_names(names)}" for shape, names in evidence.same_shape[:_SHAPES_SHOWN]]
+    shown = [
+        f"{len(names)} x {list(shape)}: {describe_names(names)}" for shape, names in evidence.same_shape[:_SHAPES_SHOWN]
+    ]
     more = len(evidence.same_shape) - _SHAPES_SHOWN
     return lines + [
         f"names: shapes confirm {verified} of {count} uniquely; {by_order} rely on the parameter order of that rule, "
         f"since another parameter has the same shape (listed in the store's metadata 'mapping_by_order'); "
-        f"same-shape groups: " + "; ".join(shown) + (f"; ... ({more} more shape{'s' if more > 1 else ''})" if more > 0 else "")
+        f"same-shape groups: "
+        + "; ".join(shown)
+        + (f"; ... ({more} more shape{'s' if more > 1 else ''})" if more > 0 else "")
     ]
 
 
@@ -58,7 +62,9 @@ def render_summary(result: "ExportResult") -> str:
     """What was exported from where, how names were found (exact, verified by shape, or by order), sizes,
     and what has no state."""
     source, meta = result.source, result.metadata
-    settings = "  ".join(f"{k} {meta[k]}" for k in ("beta2", "step", "bias_corrected", "dtype", "compression") if k in meta)
+    settings = "  ".join(
+        f"{k} {meta[k]}" for k in ("beta2", "step", "bias_corrected", "dtype", "compression") if k in meta
+    )
     lines = [
         f"exported {result.tensors} tensors ({result.rank1} rank-1, {result.tensors - result.rank1} full) "
         f"from {source.kind} {source.path}",
@@ -82,23 +88,59 @@ def render_summary(result: "ExportResult") -> str:
 @click.command("export")
 @click.argument("source", type=click.Path(exists=True))
 @click.argument("out", type=click.Path())
-@click.option("--model", "model", type=click.Path(exists=True), default=None,
-              help="Model directory (config.json) the optimizer trained; default: SOURCE if it holds config.json. "
-                   "Needed to name an index-keyed state; otherwise used to verify names and shapes.")
-@click.option("--source-kind", type=click.Choice(SOURCE_KINDS), default=None, help="Force the source kind (default: detect).")
-@click.option("--compress", type=click.Choice(["none", "rank1"]), default="none", show_default=True,
-              help="rank1: store each 2-D tensor as its row and column sums (m+n numbers).")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
-              help="Stored dtype (bfloat16 halves the size and rounds each value by up to 0.4%).")
-@click.option("--bias-correct", is_flag=True, help="Divide by 1 - beta2**step (each parameter's step, its group's beta2).")
-@click.option("--shard-size", default=None,
-              help="Largest shard in bytes (unlike mergekit's --out-shard-size, which counts parameters), e.g. 2GB, 500MB, "
-                   "1.5GiB (default 5GB for a directory OUT; a .safetensors OUT is one file).")
-@click.option("--frozen", multiple=True, metavar="GLOB",
-              help="Parameter(s) frozen during training (glob, repeatable): resolves an index-keyed state that is otherwise ambiguous.")
-@click.option("--beta2", type=float, default=None, help="Adam beta2 where the source records none (for --bias-correct and metadata).")
+@click.option(
+    "--model",
+    "model",
+    type=click.Path(exists=True),
+    default=None,
+    help="Model directory (config.json) the optimizer trained; default: SOURCE if it holds config.json. "
+    "Needed to name an index-keyed state; otherwise used to verify names and shapes.",
+)
+@click.option(
+    "--source-kind", type=click.Choice(SOURCE_KINDS), default=None, help="Force the source kind (default: detect)."
+)
+@click.option(
+    "--compress",
+    type=click.Choice(["none", "rank1"]),
+    default="none",
+    show_default=True,
+    help="rank1: store each 2-D tensor as its row and column sums (m+n numbers).",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16"]),
+    default="float32",
+    show_default=True,
+    help="Stored dtype (bfloat16 halves the size and rounds each value by up to 0.4%).",
+)
+@click.option(
+    "--bias-correct", is_flag=True, help="Divide by 1 - beta2**step (each parameter's step, its group's beta2)."
+)
+@click.option(
+    "--shard-size",
+    default=None,
+    help="Largest shard in bytes (unlike mergekit's --out-shard-size, which counts parameters), e.g. 2GB, 500MB, "
+    "1.5GiB (default 5GB for a directory OUT; a .safetensors OUT is one file).",
+)
+@click.option(
+    "--frozen",
+    multiple=True,
+    metavar="GLOB",
+    help="Parameter(s) frozen during training (glob, repeatable): resolves an index-keyed state that is otherwise "
+    "ambiguous.",
+)
+@click.option(
+    "--beta2",
+    type=float,
+    default=None,
+    help="Adam beta2 where the source records none (for --bias-correct and metadata).",
+)
 @click.option("--step", type=int, default=None, help="Optimizer step where the source records none.")
-@click.option("--force", is_flag=True, help="Replace an existing OUT if it is a curvature store (never model weights or a directory with other files).")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace an existing OUT if it is a curvature store (never model weights or a directory with other files).",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar (it shows only on a terminal anyway).")
 def export_command(
     source: str,
@@ -133,9 +175,17 @@ def export_command(
 
     try:
         options = ExportOptions.parse(
-            source_kind=source_kind, model=model, compress=compress, dtype=dtype, bias_correct=bias_correct,
-            shard_size=shard_size, frozen=frozen, beta2=beta2, step=step, force=force,
-        )  # fmt: skip
+            source_kind=source_kind,
+            model=model,
+            compress=compress,
+            dtype=dtype,
+            bias_correct=bias_correct,
+            shard_size=shard_size,
+            frozen=frozen,
+            beta2=beta2,
+            step=step,
+            force=force,
+        )
         if options.dtype == "bfloat16":
             click.echo(BF16_WARNING, err=True)
 

@@ -11,27 +11,65 @@ import click
 @click.argument("model", type=click.Path(exists=True, file_okay=False))
 @click.argument("data", type=click.Path(exists=True))
 @click.argument("out", type=click.Path())
-@click.option("--samples", type=click.IntRange(min=1), default=1024, show_default=True,
-              help="Calibration samples used (the first ones, in file order).")  # fmt: skip
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Rows per mini-batch whose mean-loss gradient is squared (match the training's effective batch "
-                   "to be on Adam's scale; 1 = the per-example estimator).")  # fmt: skip
+@click.option(
+    "--samples",
+    type=click.IntRange(min=1),
+    default=1024,
+    show_default=True,
+    help="Calibration samples used (the first ones, in file order).",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Rows per mini-batch whose mean-loss gradient is squared (match the training's effective batch "
+    "to be on Adam's scale; 1 = the per-example estimator).",
+)
 @click.option("--per-example", is_flag=True, help="The per-example estimator (the same as --batch-size 1).")
-@click.option("--micro-batch-size", type=click.IntRange(min=1), default=None,
-              help="Rows per forward/backward (gradients accumulate over a mini-batch before squaring).  "
-                   "[default: --batch-size]")  # fmt: skip
-@click.option("--max-length", type=click.IntRange(min=2), default=512, show_default=True, help="Tokens kept per sample.")
+@click.option(
+    "--micro-batch-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Rows per forward/backward (gradients accumulate over a mini-batch before squaring).  [default: --batch-size]",
+)
+@click.option(
+    "--max-length", type=click.IntRange(min=2), default=512, show_default=True, help="Tokens kept per sample."
+)
 @click.option("--device", default="cpu", show_default=True, help="torch device (cpu, cuda, cuda:1, ...).")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
-              help="The model's dtype while computing (the accumulators are float32).")  # fmt: skip
-@click.option("--compress", type=click.Choice(["none", "rank1"]), default="none", show_default=True,
-              help="rank1: row and column sums of every matrix (m + n numbers), as export writes them.")  # fmt: skip
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16"]),
+    default="float32",
+    show_default=True,
+    help="The model's dtype while computing (the accumulators are float32).",
+)
+@click.option(
+    "--compress",
+    type=click.Choice(["none", "rank1"]),
+    default="none",
+    show_default=True,
+    help="rank1: row and column sums of every matrix (m + n numbers), as export writes them.",
+)
 @click.option("--shard-size", default=None, help="Largest store shard in bytes (e.g. 5GB); default one file.")
 @click.option("--force", is_flag=True, help="Replace an existing OUT if it is a curvature store.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar (it shows only on a terminal anyway).")
-def fisher_command(model: str, data: str, out: str, samples: int, batch_size: int, per_example: bool,
-                   micro_batch_size: Optional[int], max_length: int, device: str, dtype: str, compress: str,
-                   shard_size: Optional[str], force: bool, quiet: bool) -> None:  # fmt: skip
+def fisher_command(
+    model: str,
+    data: str,
+    out: str,
+    samples: int,
+    batch_size: int,
+    per_example: bool,
+    micro_batch_size: Optional[int],
+    max_length: int,
+    device: str,
+    dtype: str,
+    compress: str,
+    shard_size: Optional[str],
+    force: bool,
+    quiet: bool,
+) -> None:
     """Compute MODEL's empirical diagonal Fisher on DATA and write it to OUT as a curvature store, for an
     expert whose optimizer state is gone (or to check the Adam proxy).
 
@@ -49,9 +87,17 @@ def fisher_command(model: str, data: str, out: str, samples: int, batch_size: in
     given = click.get_current_context().get_parameter_source("batch_size") == click.core.ParameterSource.COMMANDLINE
     if per_example and given and batch_size != 1:
         raise click.UsageError(f"--per-example is --batch-size 1; it contradicts --batch-size {batch_size}")
-    options = FisherOptions(samples=samples, batch_size=1 if per_example else batch_size, micro_batch_size=micro_batch_size,
-                            max_length=max_length, device=device, dtype=dtype, compress=compress, shard_size=shard_size,
-                            force=force)  # fmt: skip
+    options = FisherOptions(
+        samples=samples,
+        batch_size=1 if per_example else batch_size,
+        micro_batch_size=micro_batch_size,
+        max_length=max_length,
+        device=device,
+        dtype=dtype,
+        compress=compress,
+        shard_size=shard_size,
+        force=force,
+    )
     progress_bar = None
 
     def progress(total: int):  # type: ignore[no-untyped-def]

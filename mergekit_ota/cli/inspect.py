@@ -66,11 +66,21 @@ def render_table(report: "StoreReport") -> str:
     rows = []
     for t in report.tensors:
         storage = t.compression if t.stats_of != "factors" else "rank1*"
-        rows.append((
-            t.name, "x".join(map(str, t.shape)) or "()", t.dtype, storage,
-            _number(t.stats.min), _number(t.stats.median, not t.stats.median_exact), _number(t.stats.max),
-            str(t.stats.zeros), str(t.stats.nan), str(t.stats.inf), str(t.stats.negative),
-        ))  # fmt: skip
+        rows.append(
+            (
+                t.name,
+                "x".join(map(str, t.shape)) or "()",
+                t.dtype,
+                storage,
+                _number(t.stats.min),
+                _number(t.stats.median, not t.stats.median_exact),
+                _number(t.stats.max),
+                str(t.stats.zeros),
+                str(t.stats.nan),
+                str(t.stats.inf),
+                str(t.stats.negative),
+            )
+        )
     lines += ["", *aligned(columns, rows, first_numeric=4), ""]
     ratio = report.compression_ratio
     lines.append(
@@ -101,15 +111,21 @@ def render_table(report: "StoreReport") -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--sort", type=click.Choice(SORT_KEYS), default="store", show_default=True, help="Row order.")
 @click.option(
-    "--exact-median-limit", type=click.IntRange(min=1), default=None,
+    "--exact-median-limit",
+    type=click.IntRange(min=1),
+    default=None,
     help="Largest tensor (values) whose median is exact; larger ones use a strided sample.  [default: 16777216]",
-)  # fmt: skip
+)
 @click.option(
     "--sample-size", type=click.IntRange(min=1), default=None, help="Values in a median sample.  [default: 1048576]"
 )
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar (it shows only on a terminal anyway).")
 def inspect_command(
-    stores: Sequence[str], as_json: bool, sort: str, exact_median_limit: Optional[int], sample_size: Optional[int],
+    stores: Sequence[str],
+    as_json: bool,
+    sort: str,
+    exact_median_limit: Optional[int],
+    sample_size: Optional[int],
     quiet: bool,
 ) -> None:
     """Show what a curvature store holds: per tensor its shape, dtype, storage (full / rank-1)

@@ -185,7 +185,9 @@ def _download_errors() -> Tuple[type, ...]:
     """The exceptions a download may raise that mean "not found here" or "no network", never a bug."""
     from huggingface_hub import errors
 
-    http_error = getattr(errors, "HTTPError", None)  # the HTTP client's base error (httpx), as huggingface_hub re-exports it
+    http_error = getattr(
+        errors, "HTTPError", None
+    )  # the HTTP client's base error (httpx), as huggingface_hub re-exports it
     extra = (http_error,) if isinstance(http_error, type) else ()
     return (
         errors.EntryNotFoundError,

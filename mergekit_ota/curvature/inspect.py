@@ -120,8 +120,16 @@ def mean_ratios(scales: Sequence[StoreScale]) -> List[Optional[float]]:
 
 
 SCALE_COLUMNS = (
-    "store", "tensors", "mean", "median", "step", "beta2", "1 - beta2**step", "bias-corrected", "mean / smallest",
-)  # fmt: skip
+    "store",
+    "tensors",
+    "mean",
+    "median",
+    "step",
+    "beta2",
+    "1 - beta2**step",
+    "bias-corrected",
+    "mean / smallest",
+)
 SCALE_NOTE = (
     "mean and median of v over every entry of every tensor (a rank-1 tensor: of its reconstruction "
     "outer(r, c) / sum(r)), the statistics curvature_scale divides by; the median is the lower edge of its "
@@ -140,12 +148,19 @@ def scale_table(scales: Sequence[StoreScale]) -> Tuple[Tuple[str, ...], List[Lis
     rows = []
     for scale, ratio in zip(scales, mean_ratios(scales)):
         counted = f"{scale.tensors}" + (f" ({scale.left_out} left out)" if scale.left_out else "")
-        rows.append([
-            scale.label, counted, _sci(scale.mean), _sci(scale.median),
-            "-" if scale.step is None else str(scale.step), "-" if scale.beta2 is None else f"{scale.beta2:g}",
-            "-" if scale.bias_factor is None else f"{scale.bias_factor:.4g}",
-            "yes" if scale.bias_corrected else "no", "-" if ratio is None else f"{ratio:.3g}x",
-        ])  # fmt: skip
+        rows.append(
+            [
+                scale.label,
+                counted,
+                _sci(scale.mean),
+                _sci(scale.median),
+                "-" if scale.step is None else str(scale.step),
+                "-" if scale.beta2 is None else f"{scale.beta2:g}",
+                "-" if scale.bias_factor is None else f"{scale.bias_factor:.4g}",
+                "yes" if scale.bias_corrected else "no",
+                "-" if ratio is None else f"{ratio:.3g}x",
+            ]
+        )
     return SCALE_COLUMNS, rows
 
 

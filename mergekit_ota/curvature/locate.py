@@ -76,7 +76,8 @@ def _local_tried(directory: str) -> str:
 
 
 def _split_revision(model_path: str, revision: Optional[str]) -> Tuple[str, Optional[str]]:
-    """``org/name@rev`` -> ``("org/name", "rev")`` (as mergekit's ``ModelPath`` parses it) unless ``revision`` is given."""
+    """``org/name@rev`` -> ``("org/name", "rev")`` (as mergekit's ``ModelPath`` parses it) unless ``revision`` is
+    given."""
     if revision is None and model_path.count("@") == 1:
         path, rev = model_path.split("@")
         return path, rev or None
@@ -94,8 +95,7 @@ def _default_store(model_path: str, label: str, revision: Optional[str], cache_d
         if found is not None:
             return os.path.abspath(found)
         raise CurvatureError(
-            f"{advice} {model_path} or its {EXPORT_SUBDIR}/ subdirectory{_hint(model_path)}"
-            + _local_tried(model_path)
+            f"{advice} {model_path} or its {EXPORT_SUBDIR}/ subdirectory{_hint(model_path)}" + _local_tried(model_path)
         )
     from mergekit_ota.curvature import hub
 
@@ -149,13 +149,12 @@ def locate_store(
             raise CurvatureError(
                 f"Curvature directory {path}{whose} holds neither {DEFAULT_STORE_NAME} nor "
                 f"{DEFAULT_STORE_NAME}{INDEX_SUFFIX}, and nor does its {EXPORT_SUBDIR}/ subdirectory"
-                + _hint(path) + _local_tried(path)
+                + _hint(path)
+                + _local_tried(path)
             )
         return found
     if not os.path.isfile(path):
-        raise CurvatureError(
-            f"Curvature store {path}{whose} does not exist"
-        )
+        raise CurvatureError(f"Curvature store {path}{whose} does not exist")
     if not (path.endswith(".safetensors") or path.endswith(INDEX_SUFFIX)):
         raise CurvatureError(
             f"Curvature store {path}{whose} must be a .safetensors "

@@ -111,7 +111,9 @@ class StatsAccumulator:
         if self.stride:
             picked = values[(-self.seen) % self.stride :: self.stride]
             # keep a copy of a strided pick (a view would pin the whole chunk); a stride-1 pick is all of it anyway
-            picked = picked[torch.isfinite(picked)] if not all_finite else picked if self.stride == 1 else picked.clone()
+            picked = (
+                picked[torch.isfinite(picked)] if not all_finite else picked if self.stride == 1 else picked.clone()
+            )
             if picked.numel():
                 self._sample.append(picked)
         self.seen += values.numel()

@@ -32,12 +32,20 @@ from mergekit_ota.io.safetensors import FLOAT_DTYPES, HeaderEntry, read_header, 
 from mergekit_ota.math.rank1 import Curvature, Rank1Curvature
 
 __all__ = [
-    "COL_SUFFIX", "METADATA_KEYS", "ROW_SUFFIX", "CurvatureRecord", "CurvatureStore", "HeaderEntry", "check_values",
-    "metadata_inputs", "read_header",
-]  # fmt: skip
+    "COL_SUFFIX",
+    "METADATA_KEYS",
+    "ROW_SUFFIX",
+    "CurvatureRecord",
+    "CurvatureStore",
+    "HeaderEntry",
+    "check_values",
+    "metadata_inputs",
+    "read_header",
+]
 
 ROW_SUFFIX = ":rank1_row"
 COL_SUFFIX = ":rank1_col"
+
 
 @dataclass(frozen=True)
 class CurvatureRecord:
@@ -74,18 +82,12 @@ def _records(entries: Mapping[str, HeaderEntry], source: str) -> Dict[str, Curva
             col = entries.get(name + COL_SUFFIX)
             if col is None or len(entry.shape) != 1 or len(col.shape) != 1:
                 raise CurvatureError(
-                    f"{source}: rank-1 tensor '{name}' needs 1-D '{name}{ROW_SUFFIX}' and "
-                    f"'{name}{COL_SUFFIX}' entries"
+                    f"{source}: rank-1 tensor '{name}' needs 1-D '{name}{ROW_SUFFIX}' and '{name}{COL_SUFFIX}' entries"
                 )
-            records[name] = CurvatureRecord(
-                name=name, shape=(entry.shape[0], col.shape[0]), row=entry, col=col
-            )
+            records[name] = CurvatureRecord(name=name, shape=(entry.shape[0], col.shape[0]), row=entry, col=col)
         else:
             records[key] = CurvatureRecord(name=key, shape=entry.shape, full=entry)
-    orphans = [
-        k for k in entries
-        if k.endswith(COL_SUFFIX) and k[: -len(COL_SUFFIX)] not in records
-    ]  # fmt: skip
+    orphans = [k for k in entries if k.endswith(COL_SUFFIX) and k[: -len(COL_SUFFIX)] not in records]
     if orphans:
         raise CurvatureError(f"{source}: column factors without row factors: {orphans}")
     return records
@@ -195,7 +197,9 @@ def metadata_inputs(metadata: Mapping[str, str]) -> Tuple[Dict[str, Any], List[s
     return found, bad
 
 
-def value_problems(entry: HeaderEntry, nan: int, inf: int, negative: int, minimum: Optional[float], scope: str = "") -> List[str]:
+def value_problems(
+    entry: HeaderEntry, nan: int, inf: int, negative: int, minimum: Optional[float], scope: str = ""
+) -> List[str]:
     """Messages for stored tensor ``entry`` holding ``nan``/``inf`` non-finite and ``negative`` finite < 0 values.
 
     ``scope`` (e.g. " (in 65536 sampled of 1048576 values)") says which values were counted.
@@ -203,14 +207,12 @@ def value_problems(entry: HeaderEntry, nan: int, inf: int, negative: int, minimu
     problems = []
     if nan or inf:
         problems.append(
-            f"{entry.file}: tensor '{entry.key}' has {nan} NaN and {inf} Inf values{scope}; "
-            f"exp_avg_sq must be finite"
+            f"{entry.file}: tensor '{entry.key}' has {nan} NaN and {inf} Inf values{scope}; exp_avg_sq must be finite"
         )
     if negative:
         low = f" (min {minimum:.3g})" if minimum is not None else ""
         problems.append(
-            f"{entry.file}: tensor '{entry.key}' has {negative} negative values{scope}{low}; "
-            f"exp_avg_sq must be >= 0"
+            f"{entry.file}: tensor '{entry.key}' has {negative} negative values{scope}{low}; exp_avg_sq must be >= 0"
         )
     return problems
 

@@ -55,16 +55,16 @@ def parse_size(value: str) -> int:
     """Bytes in ``"2GB"``, ``"500MB"``, ``"1.5GiB"``, ``"4096"`` (K/M/G/T decimal, KiB/MiB/GiB/TiB binary)."""
     match = _SIZE.match(str(value))
     if not match:
-        bare = re.match(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)\s*$", str(value).lower().removesuffix("b").strip(), re.IGNORECASE)
+        bare = re.match(
+            r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)\s*$", str(value).lower().removesuffix("b").strip(), re.IGNORECASE
+        )
         if bare and str(value).strip()[-1:] in "bB" and not bare.group(2):
             raise ConfigError(
                 f"size {value!r} is ambiguous: {bare.group(1)} bytes or {bare.group(1)} billion (as mergekit's "
                 f"--out-shard-size counts parameters)? A store's shards are files: write bytes with a unit, "
                 f"e.g. {bare.group(1)}GB"
             )
-        raise ConfigError(
-            f"cannot read size {value!r}: write a number of bytes with a unit, e.g. 2GB, 500MB, 1.5GiB"
-        )
+        raise ConfigError(f"cannot read size {value!r}: write a number of bytes with a unit, e.g. 2GB, 500MB, 1.5GiB")
     number, unit = float(match.group(1)), (match.group(2) or "").lower()
     scale = _UNITS[unit[:1]] if "i" not in unit else 1024 ** " kmgt".index(unit[0])
     size = int(number * scale)
@@ -92,7 +92,10 @@ def store_specs(shapes: Iterable[Tuple[str, Tuple[int, ...]]], dtype: torch.dtyp
     specs: List[TensorSpec] = []
     for name, shape in shapes:
         if compress and len(shape) == 2:
-            specs += [TensorSpec(name + ROW_SUFFIX, (shape[0],), dtype), TensorSpec(name + COL_SUFFIX, (shape[1],), dtype)]
+            specs += [
+                TensorSpec(name + ROW_SUFFIX, (shape[0],), dtype),
+                TensorSpec(name + COL_SUFFIX, (shape[1],), dtype),
+            ]
         else:
             specs.append(TensorSpec(name, tuple(shape), dtype))
     return specs
@@ -194,8 +197,10 @@ def _foreign_entries(directory: str) -> List[str]:
     """Entries of ``directory`` that are not ``exp_avg_sq*.safetensors[.index.json]`` files."""
     foreign = []
     for entry in sorted(os.listdir(directory)):
-        is_store = os.path.isfile(os.path.join(directory, entry)) and entry.startswith(_STORE_STEM) and (
-            entry.endswith(".safetensors") or entry.endswith(".safetensors" + INDEX_SUFFIX)
+        is_store = (
+            os.path.isfile(os.path.join(directory, entry))
+            and entry.startswith(_STORE_STEM)
+            and (entry.endswith(".safetensors") or entry.endswith(".safetensors" + INDEX_SUFFIX))
         )
         if not is_store and entry != CLAIM_FILE:
             foreign.append(entry)
@@ -367,7 +372,8 @@ class StoreWriter:
         shard, spec = self._queue[self._position]
         if key != spec.key or tuple(tensor.shape) != spec.shape:
             raise ValueError(
-                f"expected tensor '{spec.key}' of shape {list(spec.shape)} next; got '{key}' of shape {list(tensor.shape)}"
+                f"expected tensor '{spec.key}' of shape {list(spec.shape)} next; got '{key}' of shape "
+                f"{list(tensor.shape)}"
             )
         if shard != self._shard:
             self._open_shard(shard)
@@ -380,13 +386,15 @@ class StoreWriter:
     def commit(self) -> List[str]:
         """Finish: check every planned tensor was written, rename into place; return :attr:`files`."""
         if self._position != len(self._queue):
-            missing = [spec.key for _, spec in self._queue[self._position:]]
+            missing = [spec.key for _, spec in self._queue[self._position :]]
             raise ValueError(f"store incomplete: {len(missing)} planned tensor(s) not written, first {missing[0]!r}")
         for index in range(len(self.shards)):  # empty shards (no tensors) still get their header
             if index > self._shard:
                 self._open_shard(index)
         if self._index_name is not None:
-            index_path = os.path.join(self._root(), self._index_name) if self.layout.kind == "directory" else self._index_name
+            index_path = (
+                os.path.join(self._root(), self._index_name) if self.layout.kind == "directory" else self._index_name
+            )
             self._files.open(index_path)
             self._files.write(self._index_json().encode("utf-8"))
         self._files.commit()
@@ -398,7 +406,9 @@ class StoreWriter:
         return self.files
 
     def _index_json(self) -> str:
-        weight_map = {spec.key: os.path.basename(self._names[i]) for i, shard in enumerate(self.shards) for spec in shard}
+        weight_map = {
+            spec.key: os.path.basename(self._names[i]) for i, shard in enumerate(self.shards) for spec in shard
+        }
         total = sum(spec.nbytes for shard in self.shards for spec in shard)
         return json.dumps({"metadata": {"total_size": total, **self.metadata}, "weight_map": weight_map}, indent=1)
 
@@ -416,7 +426,9 @@ def compression_label(pairs: int, matrices: int) -> str:
     return "none" if not pairs else "rank1" if pairs == matrices else "partial-rank1"
 
 
-def store_metadata(compression: str, dtype: torch.dtype, metadata: Optional[Mapping[str, Any]] = None) -> Dict[str, str]:
+def store_metadata(
+    compression: str, dtype: torch.dtype, metadata: Optional[Mapping[str, Any]] = None
+) -> Dict[str, str]:
     """The header every shard carries: ``format_version``, ``compression``, ``dtype``, then ``metadata``."""
     return {
         "format_version": FORMAT_VERSION,

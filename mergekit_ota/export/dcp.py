@@ -57,7 +57,9 @@ def _check_data_files(metadata: Any, path: str) -> None:
     """
     storage = getattr(metadata, "storage_data", None) or {}
     if not isinstance(metadata.state_dict_metadata, dict) or not isinstance(storage, dict):
-        raise CurvatureError(f"{path}: not a DCP metadata file (its state_dict_metadata and storage_data are not dicts)")
+        raise CurvatureError(
+            f"{path}: not a DCP metadata file (its state_dict_metadata and storage_data are not dicts)"
+        )
     directory = os.path.dirname(os.path.abspath(path))
     for info in storage.values():
         contained(directory, getattr(info, "relative_path", None), path)
@@ -76,7 +78,9 @@ def _reader(directory: str) -> Any:
                 path = os.path.join(directory, METADATA_FILE)
                 try:
                     with open(path, "rb") as fp:
-                        metadata = restricted_load(fp, DCP_METADATA_GLOBALS, path, "DCP metadata", DCP_METADATA_SUBSTITUTES)
+                        metadata = restricted_load(
+                            fp, DCP_METADATA_GLOBALS, path, "DCP metadata", DCP_METADATA_SUBSTITUTES
+                        )
                 except OSError as error:
                     raise CurvatureError(f"{path}: cannot read the DCP metadata file ({error})") from None
                 if not isinstance(metadata, Metadata):
@@ -101,9 +105,10 @@ def find_dcp_dir(path: str) -> Optional[str]:
     if not os.path.isdir(path):
         return None
     subdirs = sorted(
-        d for d in os.listdir(path)
+        d
+        for d in os.listdir(path)
         if d.startswith("optimizer") and os.path.isfile(os.path.join(path, d, METADATA_FILE))
-    )  # fmt: skip
+    )
     if len(subdirs) > 1:
         raise CurvatureError(f"{path}: several optimizer checkpoints ({subdirs}); pass the one to export as SOURCE")
     return os.path.join(path, subdirs[0]) if subdirs else None
@@ -150,7 +155,9 @@ class DcpCheckpoint:
             try:
                 dcp.load(state, storage_reader=self.reader, no_dist=True)
             except Exception as error:
-                raise CurvatureError(f"{self.directory}: cannot read {list(keys)} ({type(error).__name__}: {error})") from None
+                raise CurvatureError(
+                    f"{self.directory}: cannot read {list(keys)} ({type(error).__name__}: {error})"
+                ) from None
         return state
 
     def load_object(self, key: str) -> Any:
@@ -170,7 +177,9 @@ class DcpCheckpoint:
             return None
 
 
-def _split(paths: Mapping[str, Tuple[Any, ...]], source: str) -> Tuple[Dict[str, Dict[str, str]], Dict[int, Dict[str, str]]]:
+def _split(
+    paths: Mapping[str, Tuple[Any, ...]], source: str
+) -> Tuple[Dict[str, Dict[str, str]], Dict[int, Dict[str, str]]]:
     """``({fqn: {state key: flat key}}, {group: {field: flat key}})`` of the one optimizer in the checkpoint."""
     prefixes = defaultdict(int)
     for path in paths.values():
@@ -223,9 +232,13 @@ def open_dcp(path: str, model_path: Optional[str], frozen: Sequence[str] = ()) -
     step_keys = {name: states[fqn_of[name]]["step"] for name in kinds if "step" in states[fqn_of[name]]}
     tensor_steps = [k for k in step_keys.values() if checkpoint.tensor_shape(k) is not None]
     loaded = checkpoint.load_tensors(tensor_steps) if tensor_steps else {}
-    steps = {name: scalar(loaded[k]) if k in loaded else scalar(checkpoint.load_object(k)) for name, k in step_keys.items()}
+    steps = {
+        name: scalar(loaded[k]) if k in loaded else scalar(checkpoint.load_object(k)) for name, k in step_keys.items()
+    }
 
-    params, without, mapping = check_against_model(shapes, model_path, frozen, directory, "FQNs saved in the checkpoint")
+    params, without, mapping = check_against_model(
+        shapes, model_path, frozen, directory, "FQNs saved in the checkpoint"
+    )
 
     def load(name: str) -> Any:
         keys = states[fqn_of[name]]
@@ -238,7 +251,7 @@ def open_dcp(path: str, model_path: Optional[str], frozen: Sequence[str] = ()) -
             name=name,
             shape=shapes[name],
             load=(lambda n=name: load(n)),
-            origin=f"{directory} '{states[fqn_of[name]].get('exp_avg_sq', states[fqn_of[name]].get('exp_avg_sq_row'))}'",
+            origin=f"{directory} '{_state_key(states[fqn_of[name]])}'",
             rank1=kinds[name] == "factored" and len(shapes[name]) == 2,
             step=steps.get(name),
             beta2=beta2_of.get(name),
@@ -260,3 +273,8 @@ def open_dcp(path: str, model_path: Optional[str], frozen: Sequence[str] = ()) -
         notes=notes,
         evidence=NameEvidence(BASIS_DCP_FQNS),
     )
+
+
+def _state_key(state: Dict[str, Any]) -> Any:
+    """The DCP key of a parameter's second moment: ``exp_avg_sq``, or Adafactor's row factor."""
+    return state.get("exp_avg_sq", state.get("exp_avg_sq_row"))

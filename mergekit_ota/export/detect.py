@@ -72,7 +72,8 @@ def detect_kind(path: str) -> str:
     entries = sorted(os.listdir(path))
     listing = ", ".join(entries[:10]) + (", ..." if len(entries) > 10 else "") if entries else "nothing"
     raise CurvatureError(
-        f"{path}: no optimizer state found (it holds {listing}). Expected optimizer.pt/optimizer.bin (Trainer, accelerate), "
+        f"{path}: no optimizer state found (it holds {listing}). Expected optimizer.pt/optimizer.bin (Trainer, "
+        "accelerate), "
         f"a torch.distributed.checkpoint directory (.metadata), a DeepSpeed ZeRO checkpoint (latest + global_step*/), "
         f"a DeepSpeed universal checkpoint (zero/), or a curvature store; --source-kind forces a kind"
     )
@@ -80,7 +81,11 @@ def detect_kind(path: str) -> str:
 
 def newest_checkpoint(path: str) -> Optional[str]:
     """The ``checkpoint-N`` subdirectory of ``path`` with the largest ``N``, if any."""
-    found = [(int(m.group(1)), d) for d in os.listdir(path) if (m := _CHECKPOINT.match(d)) and os.path.isdir(os.path.join(path, d))]
+    found = [
+        (int(m.group(1)), d)
+        for d in os.listdir(path)
+        if (m := _CHECKPOINT.match(d)) and os.path.isdir(os.path.join(path, d))
+    ]
     return os.path.join(path, max(found)[1]) if found else None
 
 

@@ -165,7 +165,9 @@ class _Alignments:
         return chosen
 
 
-def _alignments(indices: Sequence[int], shapes: Dict[int, Optional[Shape]], names: Sequence[Tuple[str, Shape]]) -> List[Dict[int, str]]:
+def _alignments(
+    indices: Sequence[int], shapes: Dict[int, Optional[Shape]], names: Sequence[Tuple[str, Shape]]
+) -> List[Dict[int, str]]:
     """No, one, or two different alignments of one group, each as ``{index: name}``.
 
     With two or more alignments, the walk that matches as early as possible and the
@@ -178,15 +180,19 @@ def _alignments(indices: Sequence[int], shapes: Dict[int, Optional[Shape]], name
     return [table.walk(True)] if table.count == 1 else [table.walk(True), table.walk(False)]
 
 
-def _first_mismatch(indices: Sequence[int], shapes: Dict[int, Optional[Shape]], names: Sequence[Tuple[str, Shape]]) -> str:
+def _first_mismatch(
+    indices: Sequence[int], shapes: Dict[int, Optional[Shape]], names: Sequence[Tuple[str, Shape]]
+) -> str:
     """Why a group does not fit a candidate, for the error message."""
     if len(indices) > len(names):
         return f"the optimizer has {len(indices)} parameters in it, the model {len(names)}"
     for position, (index, (name, shape)) in enumerate(zip(indices, names)):
         state = shapes.get(index)
         if state is not None and tuple(state) != tuple(shape):
-            return (f"its parameter #{position} (state index {index}) has state of shape {list(state)}, "
-                    f"the model's parameter #{position} '{name}' has shape {list(shape)}")  # fmt: skip
+            return (
+                f"its parameter #{position} (state index {index}) has state of shape {list(state)}, "
+                f"the model's parameter #{position} '{name}' has shape {list(shape)}"
+            )
     return "no subsequence of the model's parameters has the state's shapes"
 
 
@@ -212,7 +218,9 @@ def map_indices(
     problems: List[str] = []
     for candidate in candidates:
         if len(candidate.groups) != len(groups):
-            problems.append(f"{candidate.description}: {len(candidate.groups)} group(s), the optimizer has {len(groups)}")
+            problems.append(
+                f"{candidate.description}: {len(candidate.groups)} group(s), the optimizer has {len(groups)}"
+            )
             continue
         assignment: Dict[int, str] = {}
         reason = None
@@ -244,8 +252,9 @@ def map_indices(
         ambiguous = any("ambiguous" in p for p in problems)
         hint = (
             "pass --frozen NAME (a glob, repeatable) for the parameters that were frozen in training, "
-            if ambiguous else "check that --model is the model this optimizer trained; "
-        )  # fmt: skip
+            if ambiguous
+            else "check that --model is the model this optimizer trained; "
+        )
         raise CurvatureError(
             f"{source}: cannot map the optimizer's parameter indices to the model's weight names:\n"
             + "\n".join(f"  - {p}" for p in problems)

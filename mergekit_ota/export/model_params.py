@@ -82,7 +82,8 @@ def load_model_parameters(path: str, frozen: Sequence[str] = ()) -> ModelParamet
                 model = transformers.AutoModelForCausalLM.from_config(config)
     except Exception as error:
         raise CurvatureError(
-            f"{directory}/config.json: cannot build the model {architectures or config.model_type!r} with the installed "
+            f"{directory}/config.json: cannot build the model {architectures or config.model_type!r} with the "
+            "installed "
             f"transformers {transformers.__version__} ({error}); remote code is never run"
         ) from None
     parameters = [(name, tuple(p.shape)) for name, p in model.named_parameters()]
@@ -127,15 +128,22 @@ def decay_rules(model: object) -> Dict[str, Set[str]]:
     try:
         from transformers import Trainer
 
-        rules[f"Trainer decay split (installed transformers {transformers.__version__}: Trainer.get_decay_parameter_names)"] = set(
+        rules[
+            f"Trainer decay split (installed transformers {transformers.__version__}: "
+            "Trainer.get_decay_parameter_names)"
+        ] = set(
             Trainer.get_decay_parameter_names(None, model)  # type: ignore[arg-type]
         )
     except Exception:  # noqa: BLE001 - an installed Trainer that cannot be used is just one rule fewer
         pass
     patterns = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
-    rules["Trainer decay split (transformers >= 4.50 name rule)"] = set(get_parameter_names(model, [torch.nn.LayerNorm], patterns))
+    rules["Trainer decay split (transformers >= 4.50 name rule)"] = set(
+        get_parameter_names(model, [torch.nn.LayerNorm], patterns)
+    )
     norms = _norm_module_params(model)
-    rules["Trainer decay split (transformers < 4.50: norm modules, 'bias')"] = {n for n in names if n not in norms and "bias" not in n}
+    rules["Trainer decay split (transformers < 4.50: norm modules, 'bias')"] = {
+        n for n in names if n not in norms and "bias" not in n
+    }
     rules["Trainer decay split (early transformers: 'bias', 'LayerNorm.weight')"] = {
         n for n in names if "bias" not in n and "LayerNorm.weight" not in n
     }
@@ -175,7 +183,8 @@ def verify_names(shapes: Mapping[str, Shape], params: Optional[ModelParameters],
         name, shape = wrong[0]
         raise CurvatureError(
             f"{source}: {len(wrong)} state shape(s) differ from the model in {params.path}: '{name}' has state of "
-            f"shape {list(shape)}, the parameter has shape {list(model[name])}; is --model the model this optimizer trained?"
+            f"shape {list(shape)}, the parameter has shape {list(model[name])}; is --model the model this optimizer "
+            "trained?"
         )
     return [n for n, _ in params.parameters if n not in shapes]
 

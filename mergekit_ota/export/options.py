@@ -47,7 +47,9 @@ class ExportOptions(BaseModel):
         try:
             return cls(**values)
         except ValidationError as error:
-            problems = "; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in error.errors())
+            problems = "; ".join(
+                f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in error.errors()
+            )
             raise ConfigError(f"invalid export options: {problems}") from None
 
     @property

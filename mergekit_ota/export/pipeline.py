@@ -217,7 +217,9 @@ def write_store(
     )
 
 
-def export_curvature(source: str, out: str, options: ExportOptions, progress: Optional[Progress] = None) -> ExportResult:
+def export_curvature(
+    source: str, out: str, options: ExportOptions, progress: Optional[Progress] = None
+) -> ExportResult:
     """Open ``source`` (any supported kind), check it, and write its curvature store to ``out``."""
     check_output(store_layout(out), options.force)  # refuse a bad or existing OUT before reading anything
     return write_store(open_source(source, options), out, options, progress)

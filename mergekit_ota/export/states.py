@@ -104,7 +104,8 @@ def dequantize_blockwise(codes: torch.Tensor, scales: torch.Tensor, codebook: to
     """
     if codes.dtype != torch.uint8 or codebook.numel() != 256 or scales.dim() != 1:
         raise CurvatureError(
-            f"{where}: expected uint8 state2, a 256-value qmap2 and 1-D absmax2; found {codes.dtype} {list(codes.shape)}, "
+            f"{where}: expected uint8 state2, a 256-value qmap2 and 1-D absmax2; found {codes.dtype} "
+            f"{list(codes.shape)}, "
             f"qmap2 {list(codebook.shape)}, absmax2 {list(scales.shape)}"
         )
     n = codes.numel()
@@ -129,7 +130,8 @@ def moment_shape(kind: str, shapes: Mapping[str, Tuple[int, ...]]) -> Tuple[int,
 
 
 def load_moment(kind: str, get: Callable[[str], torch.Tensor], where: str = "optimizer state") -> Curvature:
-    """Read the second moment of a ``full``, ``factored``, ``blockwise8`` or ``bnb32`` state; ``get(key)`` returns a state tensor."""
+    """Read the second moment of a ``full``, ``factored``, ``blockwise8`` or ``bnb32`` state; ``get(key)`` returns a
+    state tensor."""
     if kind == "full":
         return Full(get(FULL))
     if kind == "blockwise8":
@@ -169,7 +171,9 @@ def check_second_moments(states: Mapping[str, Collection[str]], source: str) -> 
     lacking = [label for label, kind in kinds.items() if kind == "none"]
     if lacking:
         keys = sorted(set(states[lacking[0]]) - {"step"})
-        guess = next((why for key, why in _WITHOUT_SECOND_MOMENT.items() if key in keys), "an optimizer without a second moment")
+        guess = next(
+            (why for key, why in _WITHOUT_SECOND_MOMENT.items() if key in keys), "an optimizer without a second moment"
+        )
         have = sum(kind in ("full", "factored", "blockwise8", "bnb32") for kind in kinds.values())
         raise CurvatureError(
             f"{source}: no second moment for {len(lacking)} of {len(kinds)} parameter(s) (e.g. {_examples(lacking)}, "

@@ -20,7 +20,16 @@ from mergekit_ota.export.model_params import check_against_model, model_order
 from mergekit_ota.export.source import Curvature, Full, Rank1, SourceState, StateItem
 
 # header fields the new store sets itself
-_OWN_FIELDS = {"format_version", "compression", "dtype", "bias_corrected", "parameters", "mapping", "source_path", "exporter"}
+_OWN_FIELDS = {
+    "format_version",
+    "compression",
+    "dtype",
+    "bias_corrected",
+    "parameters",
+    "mapping",
+    "source_path",
+    "exporter",
+}
 
 
 def open_store(path: str, model_path: Optional[str], frozen: Sequence[str] = ()) -> SourceState:
@@ -38,7 +47,9 @@ def open_store(path: str, model_path: Optional[str], frozen: Sequence[str] = ())
     except ValueError:
         pass
     shapes = {n: r.shape for n, r in store.records.items()}
-    params, checked, mapping = check_against_model(shapes, model_path, frozen, resolved, f"names of the store {resolved}")
+    params, checked, mapping = check_against_model(
+        shapes, model_path, frozen, resolved, f"names of the store {resolved}"
+    )
     if params is not None:
         without = checked
 

@@ -48,8 +48,8 @@ from mergekit_ota.export.states import (
     MOMENT_KEYS,
     adafactor_notes,
     bnb_metadata,
-    flatten_bnb,
     check_second_moments,
+    flatten_bnb,
     group_beta2,
     load_moment,
     moment_shape,
@@ -94,7 +94,8 @@ def _load(path: str, deepspeed: bool) -> Tuple[Any, bool]:
         first = f"it names {named.group(1)}" if named else (text.splitlines()[0] if text else type(error).__name__)
         raise CurvatureError(
             f"{path}: holds Python objects other than tensors and plain containers ({first}); "
-            f"refusing to unpickle it (torch.load weights_only=True{' with the DeepSpeed stand-ins' if deepspeed else ''})"
+            "refusing to unpickle it (torch.load "
+            f"weights_only=True{' with the DeepSpeed stand-ins' if deepspeed else ''})"
             f"{'' if deepspeed else '. Save optimizer.state_dict() on its own'}"
         ) from None
     except Exception as error:  # truncated zip, not a torch file, ...
@@ -136,7 +137,8 @@ def _names_from_groups(groups: Sequence[Mapping[str, Any]], path: str) -> Option
     for g, group in enumerate(groups):
         if len(group["param_names"]) != len(group["params"]):
             raise CurvatureError(
-                f"{path}: param_groups[{g}] lists {len(group['params'])} params but {len(group['param_names'])} param_names"
+                f"{path}: param_groups[{g}] lists {len(group['params'])} params but {len(group['param_names'])} "
+                "param_names"
             )
         names.update({key: clean_name(str(name)) for key, name in zip(group["params"], group["param_names"])})
     repeated = sorted(n for n, count in Counter(names.values()).items() if count > 1)
@@ -184,12 +186,19 @@ def open_torch_state(
                 f"give the model it trained with --model DIR (a directory with config.json)"
             )
         params = load_model_parameters(model_path, frozen)
-        found = map_indices([list(g["params"]) for g in groups], {k: shapes.get(k) for k in group_of}, index_candidates(params, len(groups)), path)
+        found = map_indices(
+            [list(g["params"]) for g in groups],
+            {k: shapes.get(k) for k in group_of},
+            index_candidates(params, len(groups)),
+            path,
+        )
         names = found.names
         elements = sum(math.prod(s) for s in shapes.values())
         also = f" (the same under: {'; '.join(found.rules[1:])})" if len(found.rules) > 1 else ""
-        mapping = (f"index order of {found.rules[0]}{also}; its {len(shapes)} state shapes ({elements:,} elements) "
-                   f"and group sizes {[len(g['params']) for g in groups]} fit {params.path}")  # fmt: skip
+        mapping = (
+            f"index order of {found.rules[0]}{also}; its {len(shapes)} state shapes ({elements:,} elements) "
+            f"and group sizes {[len(g['params']) for g in groups]} fit {params.path}"
+        )
         evidence = order_evidence([names[k] for k in shapes], params.parameters)
     else:
         recorded = "param_names" in groups[0]
@@ -218,7 +227,9 @@ def open_torch_state(
                 rank1=kind_ == "factored" and len(shapes[key]) == 2,
                 step=scalar(entry.get("step")),
                 beta2=group_beta2(groups[group_of[key]]),
-                done=(lambda e=entry: release_mapped(v for k, v in e.items() if k in MOMENT_KEYS + BNB_MOMENT_KEYS)) if mapped else None,
+                done=(lambda e=entry: release_mapped(v for k, v in e.items() if k in MOMENT_KEYS + BNB_MOMENT_KEYS))
+                if mapped
+                else None,
             )
         )
     name_ = optimizer_name(set(kinds.values()), groups)
@@ -255,4 +266,6 @@ def open_trainer_checkpoint(directory: str, model_path: Optional[str], frozen: S
     optimizer_file, adapter_reason = trainer_files(directory)
     if model_path is None and os.path.isfile(os.path.join(directory, "config.json")):
         model_path = directory
-    return open_torch_state(optimizer_file, kind="trainer", model_path=model_path, frozen=frozen, adapter_reason=adapter_reason)
+    return open_torch_state(
+        optimizer_file, kind="trainer", model_path=model_path, frozen=frozen, adapter_reason=adapter_reason
+    )

@@ -6,7 +6,8 @@ Layout (DeepSpeed ``checkpoint/ds_to_universal.py``): ``<dir>/zero/<param name>/
 ``step.pt``; ``<dir>/zero/optimizer_state.pt`` holds the base optimizer's
 ``param_groups`` (``betas``).  Conversions of ZeRO-3 checkpoints keep each state flat (a bare
 1-D tensor); its shape comes from the ``param_shapes`` of the ``*_model_states.pt`` that
-``ds_to_universal`` writes beside ``zero/``, else from ``--model``.  Native ZeRO checkpoints (``global_step*/`` with flat
+``ds_to_universal`` writes beside ``zero/``, else from ``--model``.  Native ZeRO checkpoints (``global_step*/`` with
+flat
 partitions) are read by :mod:`mergekit_ota.export.zero`.
 """
 
@@ -29,9 +30,7 @@ _STATE_FILES = ("exp_avg_sq.pt", "exp_avg.pt", "fp32.pt", "step.pt")
 
 
 def _has_param_dirs(directory: str) -> bool:
-    return any(
-        os.path.isfile(os.path.join(directory, d, f)) for d in os.listdir(directory) for f in _STATE_FILES
-    )  # fmt: skip
+    return any(os.path.isfile(os.path.join(directory, d, f)) for d in os.listdir(directory) for f in _STATE_FILES)
 
 
 def find_zero_dir(path: str) -> Optional[str]:
@@ -105,7 +104,7 @@ def open_universal(path: str, model_path: Optional[str], frozen: Sequence[str] =
     states = {
         d: [f[: -len(".pt")] for f in os.listdir(os.path.join(zero, d)) if f.endswith(".pt") and f != "fp32.pt"]
         for d in dirs
-    }  # fmt: skip
+    }
     states = {d: keys for d, keys in states.items() if keys or os.path.isfile(os.path.join(zero, d, "fp32.pt"))}
     names = {d: clean_name(d) for d in states}
     refuse_adapters(list(names.values()), zero)
@@ -156,4 +155,3 @@ def open_universal(path: str, model_path: Optional[str], frozen: Sequence[str] =
         notes=notes,
         evidence=NameEvidence(BASIS_DIRECTORY_NAMES),
     )
-

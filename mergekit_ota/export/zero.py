@@ -102,7 +102,9 @@ def find_step_dir(path: str) -> Optional[str]:
         chosen = contained(path, tag, latest)
         if not is_zero_step_dir(chosen):
             found = f"; it holds {', '.join(tags)}" if tags else ""
-            raise CurvatureError(f"{latest}: names '{tag}', which is not a directory of ZeRO optimizer files here{found}")
+            raise CurvatureError(
+                f"{latest}: names '{tag}', which is not a directory of ZeRO optimizer files here{found}"
+            )
         return chosen
     if len(tags) == 1:
         return os.path.join(path, tags[0])
@@ -137,7 +139,9 @@ def _refuse_parallelism(directory: str, files: Sequence[str]) -> None:
             f"{directory}: MoE expert files ({', '.join(moe[:3])}): expert-parallel checkpoints are not supported; "
             f"convert it with DeepSpeed's ds_to_universal and export that"
         )
-    mp = sorted({m.group(3) for m in map(_OPTIM.match, files) if m} | {m.group(2) for m in map(_MODEL.match, files) if m})
+    mp = sorted(
+        {m.group(3) for m in map(_OPTIM.match, files) if m} | {m.group(2) for m in map(_MODEL.match, files) if m}
+    )
     if mp != ["00"]:
         raise CurvatureError(
             f"{directory}: model-parallel ranks {', '.join('mp_rank_' + r for r in mp)}: tensor-parallel checkpoints "
@@ -152,7 +156,9 @@ def _optim_files(directory: str, files: Sequence[str]) -> List[str]:
         raise CurvatureError(f"{directory}: holds both bf16_zero_pp_rank_* and zero_pp_rank_* files; two saves mixed")
     ranks = sorted(found)
     if ranks != list(range(len(ranks))):
-        raise CurvatureError(f"{directory}: optimizer files of ranks {ranks}: expected ranks 0..{len(ranks) - 1}, none missing")
+        raise CurvatureError(
+            f"{directory}: optimizer files of ranks {ranks}: expected ranks 0..{len(ranks) - 1}, none missing"
+        )
     return [os.path.join(directory, found[r][1]) for r in ranks]
 
 
@@ -185,7 +191,9 @@ def _shapes(model: Mapping[str, Any], file: str) -> List[Dict[str, Tuple[int, ..
             except (TypeError, ValueError):
                 dims = (-1,)
             if any(d < 0 for d in dims):
-                raise CurvatureError(f"{file}: param_shapes[{g}]['{name}'] is {shape!r}; expected a shape of non-negative ints")
+                raise CurvatureError(
+                    f"{file}: param_shapes[{g}]['{name}'] is {shape!r}; expected a shape of non-negative ints"
+                )
             shapes[str(name)] = dims
         out.append(shapes)
     return out
@@ -200,7 +208,9 @@ def _stage(osd: Mapping[str, Any], file: str) -> Tuple[int, bool]:
         return stage, False
     if "base_optimizer_state" in osd and "single_partition_of_fp32_groups" in osd:
         return 1, True  # DeepSpeed's BF16_Optimizer: ZeRO-1 partitioning, no zero_stage key
-    raise CurvatureError(f"{file}: not a DeepSpeed ZeRO optimizer file (optimizer_state_dict keys {sorted(map(str, osd))[:8]})")
+    raise CurvatureError(
+        f"{file}: not a DeepSpeed ZeRO optimizer file (optimizer_state_dict keys {sorted(map(str, osd))[:8]})"
+    )
 
 
 def _world(osd: Mapping[str, Any], file: str) -> int:
@@ -230,7 +240,9 @@ def _flat_groups(osd: Mapping[str, Any], file: str) -> Tuple[List[Mapping[str, A
         for g, group in enumerate(groups):
             keys = list(group.get("params", []))
             if len(keys) != 1 or keys[0] not in base["state"]:
-                raise CurvatureError(f"{file}: param group {g} lists {keys}; a ZeRO group has one flat tensor with state")
+                raise CurvatureError(
+                    f"{file}: param group {g} lists {keys}; a ZeRO group has one flat tensor with state"
+                )
             states.append(_dict(base["state"][keys[0]], file, f"the state of group {g}"))
         return states, groups
     if isinstance(base, (list, tuple)):  # elastic_checkpoint: one dict per group, tail padding removed
@@ -242,7 +254,9 @@ def _flat_groups(osd: Mapping[str, Any], file: str) -> Tuple[List[Mapping[str, A
     raise CurvatureError(f"{file}: no base_optimizer_state (a torch optimizer state dict, or a list per group)")
 
 
-def _stage3_groups(osd: Mapping[str, Any], file: str) -> Tuple[List[Mapping[str, Any]], List[Mapping[str, Any]], List[int]]:
+def _stage3_groups(
+    osd: Mapping[str, Any], file: str
+) -> Tuple[List[Mapping[str, Any]], List[Mapping[str, Any]], List[int]]:
     """Stage 3: ``(per-sub-group Adam states, param groups, param group of each sub-group)``."""
     inner = _dict(osd.get("optimizer_state_dict"), file, "optimizer_state_dict['optimizer_state_dict']")
     state, groups = inner.get("state"), list(inner.get("param_groups") or [])
@@ -255,7 +269,9 @@ def _stage3_groups(osd: Mapping[str, Any], file: str) -> Tuple[List[Mapping[str,
     return [_dict(state[k], file, f"sub-group {k}") for k in keys], groups, [group_of[k] for k in keys]
 
 
-def _walk_flat(shapes: Mapping[str, Tuple[int, ...]], paddings: Optional[Sequence[int]], sizes: Sequence[int], file: str, g: int) -> Dict[str, List[Piece]]:
+def _walk_flat(
+    shapes: Mapping[str, Tuple[int, ...]], paddings: Optional[Sequence[int]], sizes: Sequence[int], file: str, g: int
+) -> Dict[str, List[Piece]]:
     """Stages 1/2: each parameter's pieces from ``param_shapes`` and the per-parameter paddings.
 
     ``sizes[r]``: the length of rank ``r``'s flat tensor; all but an elastic last rank hold
@@ -272,7 +288,9 @@ def _walk_flat(shapes: Mapping[str, Tuple[int, ...]], paddings: Optional[Sequenc
         while at < end:
             rank = at // width
             if rank >= len(sizes) or at - rank * width >= sizes[rank]:
-                raise CurvatureError(f"{file}: group {g}: '{name}' runs past the ranks' partitions ({sum(sizes)} elements)")
+                raise CurvatureError(
+                    f"{file}: group {g}: '{name}' runs past the ranks' partitions ({sum(sizes)} elements)"
+                )
             take = min(end, (rank + 1) * width) - at
             parts.append((rank, at - rank * width, take))
             at += take
@@ -280,7 +298,9 @@ def _walk_flat(shapes: Mapping[str, Tuple[int, ...]], paddings: Optional[Sequenc
         offset = end + (int(paddings[k]) if paddings is not None else 0)
     # what is left is the group's tail padding: under 2 * w, plus up to 16 bytes of parameter alignment
     if not 0 <= sum(sizes) - offset < 2 * len(sizes) + 16:
-        raise CurvatureError(f"{file}: group {g}: param_shapes cover {offset} elements of the {sum(sizes)} the ranks hold")
+        raise CurvatureError(
+            f"{file}: group {g}: param_shapes cover {offset} elements of the {sum(sizes)} the ranks hold"
+        )
     return pieces
 
 
@@ -291,16 +311,23 @@ def _mapped_flat(ranks: Sequence[_Rank], g: int, shapes: Mapping[str, Tuple[int,
         assert rank.mappings is not None
         for name, address in rank.mappings[g].items():
             if str(name) not in pieces:
-                raise CurvatureError(f"{rank.file}: param_slice_mappings[{g}] names '{name}', which param_shapes[{g}] does not list")
-            start, numel = int(getattr(address, "start")), int(getattr(address, "numel"))
+                raise CurvatureError(
+                    f"{rank.file}: param_slice_mappings[{g}] names '{name}', which param_shapes[{g}] does not list"
+                )
+            start, numel = int(address.start), int(address.numel)
             if start < 0 or numel < 0 or start + numel > rank.moments[g].numel():
-                raise CurvatureError(f"{rank.file}: '{name}' at [{start}, {start + numel}) lies outside the rank's {rank.moments[g].numel()} elements")
+                raise CurvatureError(
+                    f"{rank.file}: '{name}' at [{start}, {start + numel}) lies outside the rank's "
+                    f"{rank.moments[g].numel()} elements"
+                )
             if numel:
                 pieces[str(name)].append((r, start, numel))
     return pieces
 
 
-def _walk_stage3(shapes: Mapping[str, Tuple[int, ...]], world: int, sizes: Sequence[int], file: str, i: int) -> Dict[str, List[Piece]]:
+def _walk_stage3(
+    shapes: Mapping[str, Tuple[int, ...]], world: int, sizes: Sequence[int], file: str, i: int
+) -> Dict[str, List[Piece]]:
     """Stage 3: each parameter of sub-group ``i`` as ``ceil(n / w)`` elements at one offset on every rank."""
     pieces: Dict[str, List[Piece]] = {}
     offset = 0
@@ -310,7 +337,8 @@ def _walk_stage3(shapes: Mapping[str, Tuple[int, ...]], world: int, sizes: Seque
         offset += part
     if any(size != offset for size in sizes):
         raise CurvatureError(
-            f"{file}: sub-group {i}: its parameters' partitions need {offset} elements per rank, the ranks hold {list(sizes)}"
+            f"{file}: sub-group {i}: its parameters' partitions need {offset} elements per rank, the ranks hold "
+            f"{list(sizes)}"
         )
     return pieces
 
@@ -331,7 +359,8 @@ def _same_across_ranks(ranks: Sequence[_Rank], what: str, get: Callable[[_Rank],
     for rank in ranks[1:]:
         if get(rank) != first:
             raise CurvatureError(
-                f"{rank.file}: {what} differs from {ranks[0].file} ({get(rank)} vs {first}): the files come from different saves"
+                f"{rank.file}: {what} differs from {ranks[0].file} ({get(rank)} vs {first}): the files come from "
+                "different saves"
             )
 
 
@@ -358,7 +387,9 @@ def open_zero(path: str, model_path: Optional[str], frozen: Sequence[str] = ()) 
     """Check a native ZeRO checkpoint (see the module docstring) and return its parameters' second moments."""
     directory = find_step_dir(path)
     if directory is None:
-        raise CurvatureError(f"{path}: not a DeepSpeed ZeRO checkpoint (no *_optim_states.pt here, nor a 'latest' naming them)")
+        raise CurvatureError(
+            f"{path}: not a DeepSpeed ZeRO checkpoint (no *_optim_states.pt here, nor a 'latest' naming them)"
+        )
     files = _tensor_files(directory)
     _refuse_parallelism(directory, files)
     optim_files = _optim_files(directory, files)
@@ -367,7 +398,10 @@ def open_zero(path: str, model_path: Optional[str], frozen: Sequence[str] = ()) 
     shapes = _shapes(model, model_file)
     notes: List[str] = []
 
-    loaded = [_dict(_load(f, "DeepSpeed optimizer states").get("optimizer_state_dict"), f, "'optimizer_state_dict'") for f in optim_files]
+    loaded = [
+        _dict(_load(f, "DeepSpeed optimizer states").get("optimizer_state_dict"), f, "'optimizer_state_dict'")
+        for f in optim_files
+    ]
     stage, bf16_optimizer = _stage(loaded[0], optim_files[0])
     world = _world(loaded[0], optim_files[0])
     if world != len(optim_files):
@@ -386,9 +420,18 @@ def open_zero(path: str, model_path: Optional[str], frozen: Sequence[str] = ()) 
         else:
             states, groups = _flat_groups(osd, file)
             group_of_flat = list(range(len(states)))
-        moments, steps = zip(*(_moment(s, file, f"flat group {i}") for i, s in enumerate(states))) if states else ((), ())
+        moments, steps = (
+            zip(*(_moment(s, file, f"flat group {i}") for i, s in enumerate(states))) if states else ((), ())
+        )
         mappings = osd.get("param_slice_mappings") if stage != 3 else None
-        ranks.append(_Rank(file=file, moments=list(moments), steps=list(steps), mappings=list(mappings) if mappings is not None else None))
+        ranks.append(
+            _Rank(
+                file=file,
+                moments=list(moments),
+                steps=list(steps),
+                mappings=list(mappings) if mappings is not None else None,
+            )
+        )
     flats = len(ranks[0].moments)
     _same_across_ranks(ranks, "the number of flat groups", lambda r: len(r.moments))
     _same_across_ranks(ranks, "the steps", lambda r: r.steps)
@@ -408,23 +451,31 @@ def open_zero(path: str, model_path: Optional[str], frozen: Sequence[str] = ()) 
                 if found != walked:
                     bad = next(n for n in found if found[n] != walked[n])
                     raise CurvatureError(
-                        f"{optim_files[0]}: group {g}: param_slice_mappings place '{bad}' at {found[bad]}, param_shapes and "
+                        f"{optim_files[0]}: group {g}: param_slice_mappings place '{bad}' at {found[bad]}, "
+                        "param_shapes and "
                         f"the paddings at {walked[bad]}: the checkpoint contradicts itself"
                     )
             else:
                 found = walked
                 if g == 0:
-                    notes.append("no param_slice_mappings (an older DeepSpeed): pieces placed from param_shapes and the paddings")
+                    notes.append(
+                        "no param_slice_mappings (an older DeepSpeed): pieces placed from param_shapes and the paddings"
+                    )
         for name, parts in found.items():
             if sum(n for _, _, n in parts) < math.prod(group_shapes[name]):
-                raise CurvatureError(f"{optim_files[0]}: '{name}' has {sum(n for _, _, n in parts)} of its {math.prod(group_shapes[name])} elements")
+                raise CurvatureError(
+                    f"{optim_files[0]}: '{name}' has {sum(n for _, _, n in parts)} of its "
+                    f"{math.prod(group_shapes[name])} elements"
+                )
             if clean_name(name) in pieces:
                 raise CurvatureError(f"{model_file}: param_shapes lists '{name}' twice")
             pieces[clean_name(name)] = (g, parts)
 
     raw = {clean_name(n): s for group_shapes in shapes for n, s in group_shapes.items()}
     refuse_adapters(list(raw), directory)
-    params, without, mapping = check_against_model(raw, model_path, frozen, directory, "param_shapes saved in the model states")
+    params, without, mapping = check_against_model(
+        raw, model_path, frozen, directory, "param_shapes saved in the model states"
+    )
     if params is None:
         without = _frozen(model, raw)
 
@@ -433,7 +484,8 @@ def open_zero(path: str, model_path: Optional[str], frozen: Sequence[str] = ()) 
     if not beta_of_group:
         beta_of_group = [config_beta2] * (max(group_of_flat) + 1 if group_of_flat else 0)
         notes.append(
-            "elastic checkpoint: no param groups saved; beta2 from ds_config" if config_beta2 is not None
+            "elastic checkpoint: no param groups saved; beta2 from ds_config"
+            if config_beta2 is not None
             else "elastic checkpoint: no param groups saved and ds_config has no betas; beta2 is not recorded"
         )
 

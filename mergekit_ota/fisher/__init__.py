@@ -46,10 +46,16 @@ def _load(model_dir: str, dtype: str, device: str) -> Any:
     return model.to(device), tokenizer
 
 
-def fisher_store(model_dir: str, data: str, out: str, options: FisherOptions,
-                 progress: Optional[Callable[[int, int], Callable[[int], None]]] = None) -> Any:  # fmt: skip
+def fisher_store(
+    model_dir: str,
+    data: str,
+    out: str,
+    options: FisherOptions,
+    progress: Optional[Callable[[int, int], Callable[[int], None]]] = None,
+) -> Any:
     """Compute the Fisher of ``model_dir`` on the first ``options.samples`` samples of ``data`` and write the
-    store ``out`` (as ``mergekit-ota export`` writes one); return the :class:`~mergekit_ota.export.pipeline.ExportResult`.
+    store ``out`` (as ``mergekit-ota export`` writes one); return the
+    :class:`~mergekit_ota.export.pipeline.ExportResult`.
 
     ``progress(total)`` returns the callback the estimator calls with each mini-batch's rows. The output
     is checked before the model loads; on any error nothing is written.
@@ -66,32 +72,52 @@ def fisher_store(model_dir: str, data: str, out: str, options: FisherOptions,
         if getattr(options, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(options, name)}")
     if options.micro_batch_size is not None and not 1 <= options.micro_batch_size <= options.batch_size:
-        raise ConfigError(f"--micro-batch-size must be in [1, --batch-size {options.batch_size}]; got {options.micro_batch_size}")
+        raise ConfigError(
+            f"--micro-batch-size must be in [1, --batch-size {options.batch_size}]; got {options.micro_batch_size}"
+        )
     export = ExportOptions.parse(compress=options.compress, shard_size=options.shard_size, force=options.force)
     check_output(store_layout(out), export.force)  # before anything is computed
     samples = calibration.read_samples(data, options.samples)
     model, tokenizer = _load(model_dir, options.dtype, options.device)
     rows = calibration.rows(tokenizer, samples, options.max_length)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    result = diagonal_fisher(model, rows, options.batch_size, options.micro_batch_size, pad, options.device,
-                             progress(len(rows)) if progress else None)  # fmt: skip
+    result = diagonal_fisher(
+        model,
+        rows,
+        options.batch_size,
+        options.micro_batch_size,
+        pad,
+        options.device,
+        progress(len(rows)) if progress else None,
+    )
     del model
     estimator = "per-example" if options.batch_size == 1 else "mini-batch"
-    items = [StateItem(name, tuple(v.shape), (lambda v=v: Full(v)), f"fisher of {model_dir}")
-             for name, v in result.fisher.items()]  # fmt: skip
+    items = [
+        StateItem(name, tuple(v.shape), (lambda v=v: Full(v)), f"fisher of {model_dir}")
+        for name, v in result.fisher.items()
+    ]
     if not items:
         raise CurvatureError(f"{model_dir}: the model has no trainable parameter")
     source = SourceState(
-        kind="fisher", path=os.path.abspath(model_dir), optimizer="none (empirical diagonal Fisher)", items=items,
-        mapping="parameter names of the model (named_parameters)", bias_corrected=True,
+        kind="fisher",
+        path=os.path.abspath(model_dir),
+        optimizer="none (empirical diagonal Fisher)",
+        items=items,
+        mapping="parameter names of the model (named_parameters)",
+        bias_corrected=True,
         metadata={
-            "fisher_estimator": f"{estimator}: mean over mini-batches of the squared gradient of the mini-batch mean token loss",
+            "fisher_estimator": f"{estimator}: mean over mini-batches of the squared gradient of the mini-batch "
+            "mean token loss",
             "fisher_reduction": "mean",  # the authors' baseline sums: multiply by fisher_batches for theirs
-            "fisher_samples": str(result.rows), "fisher_batches": str(result.batches),
-            "fisher_batch_size": str(options.batch_size), "fisher_tokens": str(result.tokens),
-            "fisher_max_length": str(options.max_length), "fisher_data": os.path.abspath(data),
-            "fisher_data_sha256": calibration.data_hash(samples), "fisher_model_dtype": options.dtype,
+            "fisher_samples": str(result.rows),
+            "fisher_batches": str(result.batches),
+            "fisher_batch_size": str(options.batch_size),
+            "fisher_tokens": str(result.tokens),
+            "fisher_max_length": str(options.max_length),
+            "fisher_data": os.path.abspath(data),
+            "fisher_data_sha256": calibration.data_hash(samples),
+            "fisher_model_dtype": options.dtype,
         },
         evidence=NameEvidence(BASIS_PARAM_NAMES),
-    )  # fmt: skip
+    )
     return write_store(source, out, export)

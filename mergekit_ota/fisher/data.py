@@ -53,7 +53,9 @@ def _jsonl(path: str) -> Iterator[Sample]:
             try:
                 item = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ConfigError(f"{where}: not valid JSON ({err.msg}); expected {{\"text\": ...}} or {{\"messages\": [...]}}") from err
+                raise ConfigError(
+                    f'{where}: not valid JSON ({err.msg}); expected {{"text": ...}} or {{"messages": [...]}}'
+                ) from err
             yield _sample(item, where)
 
 
@@ -63,14 +65,19 @@ def _sample(item: Any, where: str) -> Sample:
     if isinstance(item, dict) and isinstance(item.get("messages"), list):
         messages = []
         for message in item["messages"]:
-            if not (isinstance(message, dict) and isinstance(message.get("role"), str)
-                    and isinstance(message.get("content"), str)):  # fmt: skip
+            if not (
+                isinstance(message, dict)
+                and isinstance(message.get("role"), str)
+                and isinstance(message.get("content"), str)
+            ):
                 raise ConfigError(f"{where}: every message needs a string 'role' and 'content'; got {message!r}")
             messages.append((message["role"], message["content"]))
         if not any(role == "assistant" for role, _ in messages):
-            raise ConfigError(f"{where}: a chat sample needs an assistant turn (the loss is taken on assistant tokens only)")
+            raise ConfigError(
+                f"{where}: a chat sample needs an assistant turn (the loss is taken on assistant tokens only)"
+            )
         return Sample(where, messages=tuple(messages))
-    raise ConfigError(f"{where}: expected {{\"text\": \"...\"}} or {{\"messages\": [...]}}; got {str(item)[:80]!r}")
+    raise ConfigError(f'{where}: expected {{"text": "..."}} or {{"messages": [...]}}; got {str(item)[:80]!r}')
 
 
 def read_samples(path: str, samples: int) -> List[Sample]:
@@ -130,8 +137,10 @@ def to_row(tokenizer: Any, sample: Sample, max_length: int) -> Row:
         start = _chat_ids(tokenizer, messages[:index], add_generation_prompt=True)
         end = _chat_ids(tokenizer, messages[: index + 1])
         if ids[: len(start)] != start or ids[: len(end)] != end:
-            raise ConfigError(f"{sample.origin}: the chat template does not render turn {index} as a prefix of the "
-                              "conversation, so its assistant tokens cannot be found")  # fmt: skip
+            raise ConfigError(
+                f"{sample.origin}: the chat template does not render turn {index} as a prefix of the "
+                "conversation, so its assistant tokens cannot be found"
+            )
         labels[len(start) : len(end)] = ids[len(start) : len(end)]
     return ids[:max_length], labels[:max_length]
 
@@ -142,7 +151,9 @@ def rows(tokenizer: Any, samples: Sequence[Sample], max_length: int) -> List[Row
     for sample in samples:
         ids, labels = to_row(tokenizer, sample, max_length)
         if all(label == IGNORE for label in labels[1:]):
-            raise ConfigError(f"{sample.origin}: no token to take the loss on within --max-length {max_length} "
-                              "(empty, or its assistant turn starts after the cut)")  # fmt: skip
+            raise ConfigError(
+                f"{sample.origin}: no token to take the loss on within --max-length {max_length} "
+                "(empty, or its assistant turn starts after the cut)"
+            )
         out.append((ids, labels))
     return out

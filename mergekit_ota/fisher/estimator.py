@@ -72,7 +72,9 @@ def diagonal_fisher(
     :class:`CurvatureError` naming the parameter and the rows.
     """
     if batch_size < 1 or (micro_batch_size is not None and micro_batch_size < 1):
-        raise CurvatureError(f"batch sizes must be >= 1; got batch_size {batch_size}, micro_batch_size {micro_batch_size}")
+        raise CurvatureError(
+            f"batch sizes must be >= 1; got batch_size {batch_size}, micro_batch_size {micro_batch_size}"
+        )
     micro = micro_batch_size or batch_size
     parameters = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     sums = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in parameters}
@@ -104,10 +106,16 @@ def _accumulate(model: Any, batch: List[Row], micro: int, count: int, pad_id: in
     model.zero_grad(set_to_none=True)
     for start in range(0, len(batch), micro):
         inputs = collate(batch[start : start + micro], pad_id)
-        logits = model(input_ids=inputs["input_ids"].to(device), attention_mask=inputs["attention_mask"].to(device)).logits
+        logits = model(
+            input_ids=inputs["input_ids"].to(device), attention_mask=inputs["attention_mask"].to(device)
+        ).logits
         targets = inputs["labels"][:, 1:].to(device)
-        summed = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                                   targets.reshape(-1), ignore_index=IGNORE, reduction="sum")  # fmt: skip
+        summed = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+            targets.reshape(-1),
+            ignore_index=IGNORE,
+            reduction="sum",
+        )
         (summed / count).backward()
 
 
@@ -118,6 +126,8 @@ def _add_squares(parameters: Iterable[Any], sums: Dict[str, torch.Tensor], where
             continue
         grad = grad.float()
         if not bool(torch.isfinite(grad).all()):
-            raise CurvatureError(f"the gradient of {name} is not finite on {where} (NaN or Inf): nothing was written; "
-                                 "check those samples, or load the model in float32 (--dtype float32)")  # fmt: skip
+            raise CurvatureError(
+                f"the gradient of {name} is not finite on {where} (NaN or Inf): nothing was written; "
+                "check those samples, or load the model in float32 (--dtype float32)"
+            )
         sums[name].addcmul_(grad, grad)

@@ -178,7 +178,9 @@ class CurvaturePlan:
             frozen = ""
             if found in _without_state(store):
                 frozen = "; the export found no optimizer state for this parameter (frozen in training?)"
-            self.problem(f"{path}: no curvature tensor '{found}' for expert {model}, weight {weight.name}{read_as}{frozen}")
+            self.problem(
+                f"{path}: no curvature tensor '{found}' for expert {model}, weight {weight.name}{read_as}{frozen}"
+            )
             return None
         expected = _weight_shape(model, found)
         if expected is not None and tuple(store.shape(key)) != tuple(expected):
@@ -278,7 +280,9 @@ class CurvaturePlan:
                 loads[model] = load
         if all(settings is not None for _, settings in experts):
             valid = [(model, settings) for model, settings in experts if settings is not None]
-            for problem in tensor_problems(valid, method=task.method_name, shared=shared, tensor=task.output_weight.name):
+            for problem in tensor_problems(
+                valid, method=task.method_name, shared=shared, tensor=task.output_weight.name
+            ):
                 self.problem(problem)
         curvature: CurvatureInput = GatherCurvature(loads=ImmutableMap(data=loads))
         source = task.gather_tensors
@@ -324,7 +328,8 @@ class CurvaturePlan:
             )
 
     def bias_reason(self, d: BiasDecision) -> str:
-        """Whether and why expert ``d.expert``'s curvature is bias-corrected in this merge (``curvature_scale`` included)."""
+        """Whether and why expert ``d.expert``'s curvature is bias-corrected in this merge (``curvature_scale``
+        included)."""
         mode = self.curvature_scale
         if mode == "none":
             return d.reason

@@ -25,7 +25,6 @@ from mergekit_ota.curvature.scan import DEFAULT_SAMPLE, scan_entry
 from mergekit_ota.curvature.store import CurvatureStore
 from mergekit_ota.errors import ConfigError, OTAError, PreflightError
 
-
 NEVER_WRITTEN = "<mergekit-ota check: no output>"  # the planned writer's path; no task ever runs
 
 
@@ -98,9 +97,9 @@ def parameter_warnings(config: Any) -> List[str]:
     The names come from the registered method's ``spec``; mergekit's config reader asks
     only for those, so anything else is silently ignored by the merge.
     """
-    import mergekit_ota  # noqa: F401  (registers ota/ffg, for the did-you-mean below)
     from mergekit import merge_methods
 
+    import mergekit_ota  # noqa: F401  (registers ota/ffg, for the did-you-mean below)
     from mergekit_ota.methods.settings import unknown_parameters
 
     try:
@@ -192,11 +191,11 @@ def plan_merge(config: Any, options: Any) -> Tuple[Optional[Any], List[str]]:
     Returns the planner (``None`` if planning could not start) and the problems
     found: those :class:`CurvaturePlan` collected, or mergekit's own error.
     """
-    import mergekit_ota  # noqa: F401  (registers the methods, patches the planner)
     from mergekit.architecture import get_architecture_info
     from mergekit.io.tasks import LoaderCache
     from mergekit.plan import MergePlanner
 
+    import mergekit_ota  # noqa: F401  (registers the methods, patches the planner)
     from mergekit_ota.compat import incompatibility, model_out_config
     from mergekit_ota.graph.planner import CurvaturePlan
 

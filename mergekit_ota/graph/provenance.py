@@ -98,7 +98,13 @@ def plan_record(plan: Any) -> Dict[str, Any]:
             }
     for entry in experts.values():
         if entry["bias_correction"] is None and method == "ffg":
-            entry["bias_correction"] = {"applied": False, "factor": 1.0, "step": None, "beta2": None, "reason": FFG_BIAS_REASON}
+            entry["bias_correction"] = {
+                "applied": False,
+                "factor": 1.0,
+                "step": None,
+                "beta2": None,
+                "reason": FFG_BIAS_REASON,
+            }
     from mergekit_ota import __version__
 
     return {
@@ -133,10 +139,13 @@ def _add_model_wide(record: Dict[str, Any]) -> None:
         for model, choice in auto.items():
             if str(model) in by_model:
                 by_model[str(model)]["density_auto"] = {
-                    "saliency_mass": choice.target, "density": choice.kept, "mass_kept": choice.mass,
-                    "threshold": choice.threshold, "entries": choice.entries,
+                    "saliency_mass": choice.target,
+                    "density": choice.kept,
+                    "mass_kept": choice.mass,
+                    "threshold": choice.threshold,
+                    "entries": choice.entries,
                     "density_at_mass": {f"{q:g}": d for q, d in choice.curve},
-                }  # fmt: skip
+                }
         for model, value in statistics.items():
             if str(model) in by_model:
                 by_model[str(model)]["curvature_scale_statistic"] = value
@@ -175,7 +184,11 @@ def _where(store: Dict[str, Any]) -> str:
 
 def _short_reason(reason: Optional[str], path: str) -> Optional[str]:
     """The planner's reason with the store's path (in the column beside it) said as "its store"."""
-    return reason.replace(f"the metadata of {path}", "its store's metadata").replace(path, "its store") if reason else reason
+    return (
+        reason.replace(f"the metadata of {path}", "its store's metadata").replace(path, "its store")
+        if reason
+        else reason
+    )
 
 
 def card_section(record: Dict[str, Any]) -> str:
@@ -209,13 +222,18 @@ def card_section(record: Dict[str, Any]) -> str:
     autos = [(e["model"], e["density_auto"]) for e in record["experts"] if e.get("density_auto")]
     if autos:
         lines += ["", "`density: auto` chose, per expert, from its own saliency `v * tau**2`:", ""]
-        lines += [f"- `{model}`: keeps {100 * a['density']:.2f}% of its {a['entries']:,} entries, holding "
-                  f"{100 * a['mass_kept']:.2f}% of its saliency mass (target {a['saliency_mass']:g})" for model, a in autos]  # fmt: skip
+        lines += [
+            f"- `{model}`: keeps {100 * a['density']:.2f}% of its {a['entries']:,} entries, holding "
+            f"{100 * a['mass_kept']:.2f}% of its saliency mass (target {a['saliency_mass']:g})"
+            for model, a in autos
+        ]
     mode = record["curvature_scale"]
     if mode is not None:
         lines.append("")
         if mode == "none":
-            lines.append("curvature_scale: `none` (each expert's curvature is used on its own scale, bias-corrected as above).")
+            lines.append(
+                "curvature_scale: `none` (each expert's curvature is used on its own scale, bias-corrected as above)."
+            )
         else:
             lines.append(
                 f"curvature_scale: `{mode}`: each expert's curvature is divided by its own model-wide {mode}, "
@@ -232,7 +250,9 @@ def _with_section(card: str, section: str) -> str:
     return card.rstrip("\n") + "\n\n" + section
 
 
-def write_provenance(build: str, record: Optional[Dict[str, Any]], card_before: Optional[Tuple[int, int, int]]) -> List[str]:
+def write_provenance(
+    build: str, record: Optional[Dict[str, Any]], card_before: Optional[Tuple[int, int, int]]
+) -> List[str]:
     """Write :data:`PROVENANCE_FILE` into ``build`` and append :func:`card_section` to the card this run wrote
     (``card_state`` differs from ``card_before``); staged and renamed together. Returns the files written."""
     if record is None:

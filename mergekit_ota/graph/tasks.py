@@ -114,8 +114,7 @@ class PermutedCurvature(Task[Dict[ModelReference, Curvature]]):
             pairs = [
                 (new_id, old_id)
                 for token, new_id in vocab.items()
-                if token not in forced
-                and 0 <= (old_id := permutation.get(new_id, -1)) < rows.shape[0]
+                if token not in forced and 0 <= (old_id := permutation.get(new_id, -1)) < rows.shape[0]
             ]
             out = rows.new_zeros((size, *rows.shape[1:]))
             if pairs:
@@ -363,9 +362,7 @@ class CurvatureMergeTask(ExecuteMergeMethodTask):
             return {}
         bound: Dict[str, Any] = dict(self.parameters.items())
         for spec in method.spec.input_parameters:
-            bound[spec.name] = PerInputValues(
-                [(entry.id, parameters[entry.id][spec.name]) for entry in group.non_base]
-            )
+            bound[spec.name] = PerInputValues([(entry.id, parameters[entry.id][spec.name]) for entry in group.non_base])
         return method.saliency_histograms(group, bound)
 
 

@@ -47,7 +47,9 @@ def free_bytes(path: str) -> Optional[int]:
 def disk_full_error(path: str, needed: Optional[int], error: OSError) -> OutputError:
     """One line for a full disk while writing ``path``: bytes needed and free."""
     free = free_bytes(path)
-    need = f"the output needs {needed:,} bytes ({human_bytes(needed)})" if needed is not None else "more space is needed"
+    need = (
+        f"the output needs {needed:,} bytes ({human_bytes(needed)})" if needed is not None else "more space is needed"
+    )
     have = f", {free:,} bytes ({human_bytes(free)}) are free there" if free is not None else ""
     what = "disk quota exceeded" if error.errno == errno.EDQUOT else "no space left on device"
     return OutputError(f"{path}: {what} while writing: {need}{have}; nothing was left behind")

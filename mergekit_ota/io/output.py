@@ -86,7 +86,10 @@ def _describe_claim(path: str) -> str:
             f"{path} holds the claim of a mergekit-ota run that is no longer running (pid {pid}, started {started}); "
             f"its output may be incomplete: delete {claim} (or the directory) to write there"
         )
-    return f"another mergekit-ota run (pid {pid} on {host}, started {started}) is writing {path}; wait for it or choose another directory"
+    return (
+        f"another mergekit-ota run (pid {pid} on {host}, started {started}) is writing {path}; "
+        "wait for it or choose another directory"
+    )
 
 
 def _exchange(a: str, b: str) -> bool:

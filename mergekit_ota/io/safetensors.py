@@ -7,7 +7,8 @@ the header (never tensor data) and refuses, naming file and tensor:
 * a file shorter than its announced header, a header that is not a JSON object, a
   JSON object with a duplicate key;
 * ``__metadata__`` that is not an object of strings (safetensors' own rule);
-* an entry without ``dtype`` / ``shape`` / ``data_offsets``; byte ranges that do not match ``numel * itemsize``, overlap, leave
+* an entry without ``dtype`` / ``shape`` / ``data_offsets``; byte ranges that do not match ``numel * itemsize``,
+overlap, leave
   gaps, or run past the end of the file (the layout safetensors itself requires);
 * an index whose ``weight_map`` is not an object of strings, names a shard outside
   its directory (:func:`mergekit_ota.io.paths.contained`) or a missing shard, maps a
@@ -32,10 +33,24 @@ MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
 
 #: bytes per element of every safetensors dtype
 DTYPE_SIZES: Dict[str, int] = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-    "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U64": 8,
+    "U32": 4,
+    "U16": 2,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "F8_E8M0": 1,
     "C64": 8,
-}  # fmt: skip  (sub-byte dtypes such as F4 are accepted without a size check)
+}  # sub-byte dtypes such as F4 are accepted without a size check
 #: the floating-point dtypes curvature may be stored in
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
 

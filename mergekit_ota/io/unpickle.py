@@ -46,7 +46,8 @@ universal`` (``ds_to_universal``'s ``*.pt``)          (:func:`deepspeed_globals`
 Nothing in the package calls ``torch.load`` without ``weights_only=True``; torch's allow-list
 is widened only here, only for the duration of one load (:func:`deepspeed_globals`, never
 ``add_safe_globals``), and only by inert stand-ins defined in this module under the exact
-names DeepSpeed's pickles use; ``tests/test_unpickle.py`` checks all of it over the package's source.  Curvature stores and
+names DeepSpeed's pickles use; ``tests/test_unpickle.py`` checks all of it over the package's source.  Curvature stores
+and
 model weights are read with safetensors, configs as JSON.  (A merge reads model weights
 through mergekit's own loaders, outside this package.)
 """
@@ -71,12 +72,34 @@ _DCP_FILESYSTEM = "torch.distributed.checkpoint.filesystem"
 # Canonical names of torch dtypes (``str(dtype)`` without ``torch.``): a dtype pickles as the
 # global ``("torch", name)``.  A fixed list, so that no other attribute of ``torch`` can be named.
 TORCH_DTYPE_NAMES: Tuple[str, ...] = (
-    "float32", "float64", "float16", "bfloat16",
-    "complex32", "complex64", "complex128",
-    "uint8", "uint16", "uint32", "uint64", "int8", "int16", "int32", "int64", "bool",
-    "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu", "float4_e2m1fn_x2",
-    "qint8", "quint8", "qint32", "quint4x2", "quint2x4",
-)  # fmt: skip
+    "float32",
+    "float64",
+    "float16",
+    "bfloat16",
+    "complex32",
+    "complex64",
+    "complex128",
+    "uint8",
+    "uint16",
+    "uint32",
+    "uint64",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "bool",
+    "float8_e4m3fn",
+    "float8_e4m3fnuz",
+    "float8_e5m2",
+    "float8_e5m2fnuz",
+    "float8_e8m0fnu",
+    "float4_e2m1fn_x2",
+    "qint8",
+    "quint8",
+    "qint32",
+    "quint4x2",
+    "quint2x4",
+)
 
 DCP_METADATA_GLOBALS: FrozenSet[Pair] = frozenset(
     {
@@ -169,7 +192,9 @@ class RestrictedUnpickler(pickle._Unpickler):  # the pure-Python one: its BUILD 
             raise self._refuse(module, name, f"{module} has no {name}")
         value = namespace[name]
         if not _expected_kind(value, module, name):
-            raise self._refuse(module, name, f"it is a {type(value).__name__}, not a class, dtype or function of that name")
+            raise self._refuse(
+                module, name, f"it is a {type(value).__name__}, not a class, dtype or function of that name"
+            )
         return value
 
     def persistent_load(self, pid: Any) -> Any:

@@ -116,7 +116,9 @@ class SignConsensus:
         return numerator, denominator
 
 
-def disjoint_mean(numerator: torch.Tensor, denominator: torch.Tensor, scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
+def disjoint_mean(
+    numerator: torch.Tensor, denominator: torch.Tensor, scratch: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """``N / D`` where ``D != 0``, else 0 (so ``b + lam * result`` keeps the base there), written over ``N``.
 
     ``N`` is 0 wherever ``D`` is (no expert agrees there), so this is ``N / D`` with every zero ``D`` lifted

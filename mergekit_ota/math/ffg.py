@@ -156,7 +156,11 @@ class KeepRule:
             raise ValueError("KeepRule needs exactly one of density or threshold")
 
     def mask(
-        self, tau: torch.Tensor, v: Curvature, scratch: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None
+        self,
+        tau: torch.Tensor,
+        v: Curvature,
+        scratch: Optional[torch.Tensor] = None,
+        out: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Mask of the entries of ``tau`` kept by saliency ``v * tau**2``: boolean, or 1.0/0.0 in ``out``.
 

@@ -300,7 +300,11 @@ def ota_merge(
                 f"w_i = weight_i * v_i**power + eps underflowed to 0 (power {power}, eps {eps}, largest curvature "
                 f"{_exp2(scale.log2_c):.3g}): the weights span more than float32's range; lower power, raise eps, "
                 f"or leave out the expert with extreme curvature"
-                + ("; negative weights can also cancel (ota needs weight >= 0)" if any(float(x) < 0 for x in weights) else "")
+                + (
+                    "; negative weights can also cancel (ota needs weight >= 0)"
+                    if any(float(x) < 0 for x in weights)
+                    else ""
+                )
             )
     if b is None:
         return numerator.div_(denominator).to(out_dtype)
@@ -357,7 +361,8 @@ def _consensus_merge(
             where = f"tensor {name}: " if name else ""
             raise MergeError(
                 f"ota: {where}at {vanished} of {denominator.numel()} coordinates every kept expert's weight "
-                f"w_i = weight_i * v_i**power + eps underflowed to 0 (power {power}, eps {eps}): lower power or raise eps"
+                f"w_i = weight_i * v_i**power + eps underflowed to 0 (power {power}, eps {eps}): lower power or raise "
+                "eps"
             )
     lift_zeros(denominator, scratch=votes.scratch(denominator))  # D = 0: no expert agrees, N = 0 there: theta = b
     if lam == 1.0:  # b + N / D in one pass

@@ -63,7 +63,9 @@ class Rank1Curvature:
         """``v_hat`` as an m x n float32 tensor."""
         return torch.outer(self.row, self.col)
 
-    def to(self, device: Optional[Union[str, torch.device]] = None, dtype: Optional[torch.dtype] = None) -> "Rank1Curvature":
+    def to(
+        self, device: Optional[Union[str, torch.device]] = None, dtype: Optional[torch.dtype] = None
+    ) -> "Rank1Curvature":
         """The factors on ``device`` (curvature stays float32 whatever ``dtype`` says)."""
         return Rank1Curvature(self.row.to(device=device), self.col.to(device=device))
 

@@ -164,8 +164,7 @@ def _curvature_tensor(value: Any, expert: Hashable, tensor_name: Optional[str], 
         raise CurvatureError(f"Curvature for expert {expert}{where} must be a tensor; got {type(value).__name__}")
     if value.shape != shape:
         raise CurvatureError(
-            f"Curvature for expert {expert}{where} has shape {tuple(value.shape)}; "
-            f"the weight has shape {tuple(shape)}"
+            f"Curvature for expert {expert}{where} has shape {tuple(value.shape)}; the weight has shape {tuple(shape)}"
         )
     return value
 
@@ -341,7 +340,9 @@ class CurvatureMergeMethod(GroupMergeMethod):
             for entry in group.non_base
         }
 
-    def saliency_histograms(self, group: TensorGroup, parameters: Dict[str, Any]) -> Dict[Hashable, Tuple[SaliencyHistogram, float]]:
+    def saliency_histograms(
+        self, group: TensorGroup, parameters: Dict[str, Any]
+    ) -> Dict[Hashable, Tuple[SaliencyHistogram, float]]:
         """Per expert with a ``density``: histogram of its saliencies ``v * tau**2`` in this group, and the density."""
         result: Dict[Hashable, Tuple[SaliencyHistogram, float]] = {}
         if group.base is None or not group.non_base:

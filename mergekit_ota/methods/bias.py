@@ -31,8 +31,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from mergekit_ota.math.scale import bias_factor
 from mergekit_ota.catalog import BiasMode
+from mergekit_ota.math.scale import bias_factor
 
 __all__ = ["ASSUMED_BETA2", "BiasDecision", "BiasMode", "bias_factor", "decide", "mismatch_warning"]
 
@@ -57,8 +57,6 @@ class BiasDecision:
         return not self.corrected and not self.already_corrected and self.reason.startswith("not corrected: no")
 
 
-
-
 def decide(
     mode: BiasMode,
     *,
@@ -76,7 +74,9 @@ def decide(
     if mode is False:
         return BiasDecision(expert, 1.0, False, step, beta2, already_corrected, "not corrected: bias_correction: false")
     if already_corrected:
-        return BiasDecision(expert, 1.0, False, step, beta2, True, "used as stored: its store is already bias-corrected")
+        return BiasDecision(
+            expert, 1.0, False, step, beta2, True, "used as stored: its store is already bias-corrected"
+        )
     if step is None or beta2 is None:
         missing = " and ".join(n for n, v in (("optimizer_step", step), ("beta2", beta2)) if v is None)
         if mode is True:
@@ -87,9 +87,14 @@ def decide(
         return BiasDecision(expert, 1.0, False, step, beta2, False, f"not corrected: no {missing} known")
     factor = bias_factor(step, beta2)
     return BiasDecision(
-        expert, 1.0 / factor, True, step, beta2, False,
+        expert,
+        1.0 / factor,
+        True,
+        step,
+        beta2,
+        False,
         f"corrected: step {step}, beta2 {beta2}{where}: v / {factor:.4g} (x{1.0 / factor:.4g})",
-    )  # fmt: skip
+    )
 
 
 def mismatch_warning(decisions: Sequence[BiasDecision], power: float) -> Optional[str]:

@@ -7,8 +7,8 @@ from typing import Optional, Sequence
 import torch
 from mergekit.merge_methods.base import BasePolicy, InputContract, MergeMethodSpec
 
-from mergekit_ota.math.ffg import ffg_merge
 from mergekit_ota import catalog
+from mergekit_ota.math.ffg import ffg_merge
 from mergekit_ota.methods.base import CurvatureMergeMethod, ExpertInput
 from mergekit_ota.methods.settings import FFG_PARAMETERS, SharedSettings
 

@@ -51,10 +51,10 @@ from typing import Any, Hashable, Iterable, List, Literal, Mapping, NamedTuple, 
 from mergekit.merge_methods.base import MergeMethodSpec, ParameterScope, ParameterSpec
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from mergekit_ota.errors import ConfigError
 from mergekit_ota import catalog
-from mergekit_ota.methods.bias import BiasDecision, BiasMode, decide
 from mergekit_ota.catalog import DEFAULT_CURVATURE_SCALE, DEFAULT_SALIENCY_MASS
+from mergekit_ota.errors import ConfigError
+from mergekit_ota.methods.bias import BiasDecision, BiasMode, decide
 from mergekit_ota.methods.scale import ScaleMode
 
 OTA = "ota"
@@ -80,7 +80,12 @@ class ExpertSettings(BaseModel):
             if value.strip().lower() != "auto":
                 raise ValueError(f"density must be a number in (0, 1] or 'auto'; got {value!r}")
             return "auto"
-        if value is not None and not isinstance(value, bool) and isinstance(value, (int, float)) and not 0.0 < value <= 1.0:
+        if (
+            value is not None
+            and not isinstance(value, bool)
+            and isinstance(value, (int, float))
+            and not 0.0 < value <= 1.0
+        ):
             raise ValueError(f"density must be in (0, 1] or 'auto'; got {value}")
         return value
 
@@ -124,9 +129,13 @@ class ExpertSettings(BaseModel):
     def bias(self, mode: BiasMode, expert: Any, source: str = "") -> BiasDecision:
         """What ``bias_correction: mode`` does to this expert (:func:`mergekit_ota.methods.bias.decide`)."""
         return decide(
-            mode, expert=str(expert), step=self.optimizer_step, beta2=self.beta2,
-            already_corrected=bool(self.bias_corrected), source=source,
-        )  # fmt: skip
+            mode,
+            expert=str(expert),
+            step=self.optimizer_step,
+            beta2=self.beta2,
+            already_corrected=bool(self.bias_corrected),
+            source=source,
+        )
 
 
 class SharedSettings(BaseModel):
@@ -253,7 +262,8 @@ def expert_check(
     if settings.auto_density and density_scope != "model":
         config_problems.append(
             f"expert {expert}: density: auto picks one keep fraction over the expert's whole model (the fewest entries "
-            f"holding saliency_mass of its saliency), so it needs density_scope: model; got density_scope: {density_scope}"
+            "holding saliency_mass of its saliency), so it needs density_scope: model; got density_scope: "
+            f"{density_scope}"
         )
     try:
         settings.bias(bias_correction, expert)
@@ -274,9 +284,14 @@ def expert_settings(
 ) -> ExpertSettings:
     """:func:`expert_check`, raising :class:`ConfigError` with every problem (for in-memory calls)."""
     check = expert_check(
-        values, expert=expert, tensor=tensor, method=method, has_base=has_base, bias_correction=bias_correction,
+        values,
+        expert=expert,
+        tensor=tensor,
+        method=method,
+        has_base=has_base,
+        bias_correction=bias_correction,
         density_scope=density_scope,
-    )  # fmt: skip
+    )
     problems = check.config_problems + check.problems
     if problems:
         raise ConfigError("; ".join(problems))
@@ -385,7 +400,9 @@ def _suggest(key: str, names: Iterable[str]) -> Optional[str]:
     return close[0] if close else None
 
 
-def unknown_names(keys: Iterable[str], spec: MergeMethodSpec, where: str, *, per_input: bool = False) -> List[UnknownParameter]:
+def unknown_names(
+    keys: Iterable[str], spec: MergeMethodSpec, where: str, *, per_input: bool = False
+) -> List[UnknownParameter]:
     """The keys of one parameter mapping that ``spec`` does not take there.
 
     Shared levels (top-level, module, slice ``parameters:``) take every parameter: mergekit
@@ -449,8 +466,16 @@ def require_known(keys: Iterable[str], spec: MergeMethodSpec) -> None:
 
 def _specs(parameters: Tuple[catalog.Parameter, ...]) -> Tuple[ParameterSpec, ...]:
     """mergekit's ``ParameterSpec`` of each :mod:`~mergekit_ota.catalog` entry."""
-    return tuple(ParameterSpec(p.name, p.value_type, ParameterScope.NON_BASE if p.per_expert else ParameterScope.SHARED,
-                               default=p.default, description=p.description) for p in parameters)  # fmt: skip
+    return tuple(
+        ParameterSpec(
+            p.name,
+            p.value_type,
+            ParameterScope.NON_BASE if p.per_expert else ParameterScope.SHARED,
+            default=p.default,
+            description=p.description,
+        )
+        for p in parameters
+    )
 
 
 OTA_PARAMETERS = _specs(catalog.OTA.parameters)

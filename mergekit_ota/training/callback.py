@@ -87,7 +87,9 @@ class CurvatureCallback(TrainerCallback):
             self.written.append(out)
             LOG.info("mergekit-ota: wrote %s (%s) in %.2f s", out, self.compress, self.seconds[-1])
 
-    def on_save(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None, **kwargs: Any) -> None:
+    def on_save(
+        self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None, **kwargs: Any
+    ) -> None:
         checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         deepspeed = is_deepspeed(model)
         # Only rank 0 writes the checkpoint (other ranks may look before it exists): rank 0 decides, every rank follows,
@@ -100,11 +102,15 @@ class CurvatureCallback(TrainerCallback):
                 return
             source = find_step_dir(checkpoint)
             if source is None:
-                LOG.warning("mergekit-ota: %s has no DeepSpeed optimizer files (save_only_model?); no store", checkpoint)
+                LOG.warning(
+                    "mergekit-ota: %s has no DeepSpeed optimizer files (save_only_model?); no store", checkpoint
+                )
                 return
         self._write(model, optimizer, checkpoint, checkpoint, source)
 
-    def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None, **kwargs: Any) -> None:
+    def on_train_end(
+        self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None, **kwargs: Any
+    ) -> None:
         if not self.at_end or model is None or optimizer is None:
             return
         if not is_deepspeed(model):

@@ -40,6 +40,7 @@ from mergekit_ota.export.states import (
     scalar,
 )
 
+
 class LiveGatherError(CurvatureError):
     """A parameter's state cannot be gathered from the live optimizer (raised on every rank alike)."""
 
@@ -82,7 +83,8 @@ def unwrap_optimizer(optimizer: Any) -> Any:
 
 
 def is_deepspeed(model: torch.nn.Module) -> bool:
-    """Whether ``model``'s parameters are managed by DeepSpeed ZeRO (ZeRO-3 ``ds_id``, ZeRO-1/2/bf16 ``_hp_mapping``)."""
+    """Whether ``model``'s parameters are managed by DeepSpeed ZeRO (ZeRO-3 ``ds_id``, ZeRO-1/2/bf16
+    ``_hp_mapping``)."""
     return _deepspeed_parameters(list(unwrap_model(model).parameters()))
 
 
@@ -123,7 +125,9 @@ def _group_of(optimizer: Any) -> Dict[int, Mapping[str, Any]]:
     return {id(p): group for group in getattr(optimizer, "param_groups", []) for p in group["params"]}
 
 
-def _deepspeed_parameter(name: str, p: torch.nn.Parameter, step: Optional[float], beta2: Optional[float]) -> LiveParameter:
+def _deepspeed_parameter(
+    name: str, p: torch.nn.Parameter, step: Optional[float], beta2: Optional[float]
+) -> LiveParameter:
     shape = tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
 
     def load() -> Curvature:

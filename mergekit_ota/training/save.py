@@ -27,7 +27,15 @@ from mergekit_ota.export.mapping import BASIS_PARAM_OBJECTS, NameEvidence
 from mergekit_ota.export.options import ExportOptions
 from mergekit_ota.export.pipeline import ExportResult, write_store
 from mergekit_ota.export.source import SourceState, StateItem
-from mergekit_ota.training.gather import LiveGatherError, LiveParameter, LiveState, _distributed, drain, live_state, rank
+from mergekit_ota.training.gather import (
+    LiveGatherError,
+    LiveParameter,
+    LiveState,
+    _distributed,
+    drain,
+    live_state,
+    rank,
+)
 
 
 def _agree(ok: bool) -> bool:
@@ -43,7 +51,15 @@ def source_of(state: LiveState, origin: str, parameters: Optional[List[LiveParam
     """The live state as an export source (its items' ``load`` may be collectives); ``parameters`` replaces
     ``state.parameters`` (the same, with wrapped loads)."""
     items = [
-        StateItem(name=p.name, shape=p.shape, load=p.load, origin=f"{origin} '{p.name}'", rank1=p.rank1, step=p.step, beta2=p.beta2)
+        StateItem(
+            name=p.name,
+            shape=p.shape,
+            load=p.load,
+            origin=f"{origin} '{p.name}'",
+            rank1=p.rank1,
+            step=p.step,
+            beta2=p.beta2,
+        )
         for p in (state.parameters if parameters is None else parameters)
     ]
     return SourceState(
@@ -123,6 +139,7 @@ class _Tracked:
 
     def wrapped(self) -> Iterator[LiveParameter]:
         for index, parameter in enumerate(self.parameters):
+
             def load(p: LiveParameter = parameter, i: int = index) -> Any:
                 value = p.load()
                 self.done = i + 1
