@@ -167,6 +167,8 @@ def merge_masses(runs: List[Run]) -> List[str]:
     by_seed: Dict[float, List[float]] = {}
     for _, suite, data in runs:
         val, skills = seed_items(suite, data, "val"), gain_skills(suite, data)
+        if not skills:  # no expert beats the base on validation: G is undefined
+            continue
         best: Dict[float, float] = {}
         for key in data["models"]:
             if key.startswith(f"merge/{auto}/q=") and key in val:
