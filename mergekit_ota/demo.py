@@ -26,6 +26,8 @@ from typing import Dict, List, Tuple
 import torch
 import yaml
 
+from mergekit_ota.errors import MergeError
+
 VOCAB = 64
 HALF = 32
 SEQ = 10
@@ -210,7 +212,7 @@ def _run_demo(out_dir: str, steps: int, seed: int, quiet: bool = False) -> List[
     from transformers.utils import logging as hf_logging
 
     import mergekit_ota  # noqa: F401  (registers and patches mergekit)
-    from mergekit_ota.synthetic import random_state_dict, save_model, tiny_llama_config
+    from mergekit_ota.testing import random_state_dict, save_model, tiny_llama_config
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
@@ -294,8 +296,8 @@ def _run_demo(out_dir: str, steps: int, seed: int, quiet: bool = False) -> List[
     print("\n" + table + footer)
     with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as fp:
         fp.write("# mergekit-ota demo\n\n" + table + "\n" + footer)
-    if not same:
-        raise SystemExit("mergekit-yaml output differs from the in-process merge")
+    if not same:  # the CLI turns it into one line and exit status 1
+        raise MergeError(f"mergekit-yaml's output in {out_dir} differs from the in-process merge of the same config")
     return rows
 
 

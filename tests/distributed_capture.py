@@ -18,7 +18,7 @@ import torch.distributed as dist
 def model_and_data():
     from transformers import LlamaForCausalLM
 
-    from mergekit_ota.synthetic import tiny_llama_config
+    from mergekit_ota.testing import tiny_llama_config
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_llama_config(vocab_size=64, hidden_size=32))

@@ -374,7 +374,7 @@ def test_expert_argument_with_explicit_store(tmp_path, base_dir):
 
 @pytest.fixture(scope="module")
 def families(tmp_path_factory):
-    from mergekit_ota.synthetic import make_family
+    from mergekit_ota.testing import make_family
 
     root = tmp_path_factory.mktemp("families")
     return {

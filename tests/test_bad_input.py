@@ -7,28 +7,12 @@ import os
 
 import pytest
 import torch
+from merging import merge as _merge
 from safetensors.torch import load_file, save_file
 
 from mergekit_ota.errors import ConfigError, CurvatureError, PreflightError
 
 NAME = "model.layers.1.self_attn.k_proj.weight"
-
-
-@pytest.fixture(scope="module")
-def family(tmp_path_factory):
-    from mergekit_ota.synthetic import make_family
-
-    return make_family(str(tmp_path_factory.mktemp("bad")), n_experts=2)
-
-
-def _merge(cfg, out):
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import run_merge
-    from mergekit.options import MergeOptions
-
-    import mergekit_ota  # noqa: F401
-
-    run_merge(MergeConfiguration.model_validate(cfg), str(out), MergeOptions(quiet=True, copy_tokenizer=False))
 
 
 def _config(family, method="ota", expert_parameters=(None, None), base=True, **shared):
@@ -62,7 +46,7 @@ def _fails_before_writing(family, tmp_path, cfg, error, pattern):
 
 def test_expert_without_any_curvature_is_named(family, tmp_path):
     """An expert whose model directory has no store and no `curvature:` parameter: expert and default location named."""
-    from mergekit_ota.synthetic import save_model, tiny_llama_config
+    from mergekit_ota.testing import save_model, tiny_llama_config
 
     bare = tmp_path / "bare_expert"
     save_model(str(bare), tiny_llama_config(), load_file(os.path.join(family.experts[0], "model.safetensors")))

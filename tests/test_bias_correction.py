@@ -9,17 +9,11 @@ import os
 
 import pytest
 import torch
+from merging import merge as _merge
 from safetensors.torch import load_file
 
 from mergekit_ota.curvature.writer import save_store
 from mergekit_ota.errors import PreflightError
-
-
-@pytest.fixture(scope="module")
-def family(tmp_path_factory):
-    from mergekit_ota.synthetic import make_family
-
-    return make_family(str(tmp_path_factory.mktemp("bias")), n_experts=2)
 
 
 def _store(family, i, directory, metadata=None, scale=1.0):
@@ -38,17 +32,6 @@ def _config(family, stores, expert_parameters=(None, None), **shared):
     if shared:
         cfg["parameters"] = shared
     return cfg
-
-
-def _merge(cfg, out):
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import run_merge
-    from mergekit.options import MergeOptions
-
-    import mergekit_ota  # noqa: F401
-
-    run_merge(MergeConfiguration.model_validate(cfg), str(out), MergeOptions(quiet=True, copy_tokenizer=False))
-    return load_file(os.path.join(str(out), "model.safetensors"))
 
 
 def _check(cfg):

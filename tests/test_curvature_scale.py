@@ -21,6 +21,7 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from mergekit.merge_methods import merge_state_dicts, merge_tensors
+from merging import merge as _merge
 from safetensors.torch import load_file
 
 from mergekit_ota.curvature.store import CurvatureStore
@@ -305,7 +306,7 @@ def test_curvature_scale_takes_none_mean_or_median_defaults_to_mean_and_only_ota
 
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
-    from mergekit_ota.synthetic import make_family
+    from mergekit_ota.testing import make_family
 
     root = tmp_path_factory.mktemp("scale")
     full = make_family(str(root / "full"), n_experts=2)
@@ -326,15 +327,6 @@ def family(tmp_path_factory):
 def _config(fam, stores, expert=None, **shared):
     models = [{"model": e, "parameters": {"curvature": s, **(expert or {})}} for e, s in zip(fam.experts, stores)]
     return {"merge_method": "ota", "base_model": fam.base, "models": models, "dtype": "float32", "parameters": shared}
-
-
-def _merge(cfg, out):
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import run_merge
-    from mergekit.options import MergeOptions
-
-    run_merge(MergeConfiguration.model_validate(cfg), str(out), MergeOptions(quiet=True, copy_tokenizer=False))
-    return load_file(os.path.join(str(out), "model.safetensors"))
 
 
 def _check(cfg):

@@ -198,7 +198,7 @@ def test_auto_density_from_yaml_merges_and_check_passes(tmp_path):
 
     import mergekit_ota  # noqa: F401
     from mergekit_ota.graph.preflight import check_config
-    from mergekit_ota.synthetic import make_family
+    from mergekit_ota.testing import make_family
 
     family = make_family(str(tmp_path / "fam"), n_experts=2)
     config = {
@@ -225,7 +225,7 @@ def test_check_reports_what_auto_keeps_and_the_mass_curve(tmp_path):
 
     import mergekit_ota  # noqa: F401
     from mergekit_ota.graph.preflight import check_config
-    from mergekit_ota.synthetic import make_family
+    from mergekit_ota.testing import make_family
 
     family = make_family(str(tmp_path / "fam"), n_experts=2)
     config = {

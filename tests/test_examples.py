@@ -16,7 +16,7 @@ def demo_like_models(tmp_path_factory):
     """base, expert_a, expert_b laid out as `make demo` lays them out (curvature inside each expert)."""
     import os
 
-    from mergekit_ota.synthetic import make_family
+    from mergekit_ota.testing import make_family
 
     root = tmp_path_factory.mktemp("demo_out")
     family = make_family(str(root / "models"), n_experts=2)

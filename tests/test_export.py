@@ -19,7 +19,7 @@ from safetensors import safe_open
 
 from mergekit_ota.cli.export import export_command
 from mergekit_ota.curvature.store import COL_SUFFIX, ROW_SUFFIX, CurvatureStore
-from mergekit_ota.synthetic import tiny_llama_config
+from mergekit_ota.testing import tiny_llama_config
 
 VOCAB, HIDDEN = 64, 32
 

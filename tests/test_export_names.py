@@ -21,7 +21,7 @@ from safetensors import safe_open
 
 from mergekit_ota.cli.export import export_command
 from mergekit_ota.curvature.store import CurvatureStore
-from mergekit_ota.synthetic import tiny_llama_config
+from mergekit_ota.testing import tiny_llama_config
 
 # vocab 48 differs from every other dimension (hidden 32, intermediate 64, kv 16), so with tied embeddings
 # model.embed_tokens.weight [48, 32] is the one parameter whose shape no other parameter has

@@ -150,7 +150,7 @@ def test_merge_with_compressed_stores_equals_merge_with_rank1_estimate(tmp_path)
 
     import mergekit_ota  # noqa: F401
     from mergekit_ota.cli.export import export_command
-    from mergekit_ota.synthetic import make_family, tiny_llama_config
+    from mergekit_ota.testing import make_family, tiny_llama_config
 
     family = make_family(str(tmp_path / "fam"), n_experts=2, config=tiny_llama_config(hidden_size=32))
     compressed, reference = [], []

@@ -48,7 +48,7 @@ def union_family(tmp_path_factory):
     """Tied-embedding Llamas: base and expert 0 share a 128-token vocabulary; expert 1 has the same
     tokens in a shuffled order plus 4 added tokens (132 rows), its embedding and curvature rows shuffled alike."""
     from mergekit_ota.curvature.writer import save_store
-    from mergekit_ota.synthetic import make_family, save_model, tiny_llama_config
+    from mergekit_ota.testing import make_family, save_model, tiny_llama_config
 
     root = tmp_path_factory.mktemp("union")
     family = make_family(str(root), n_experts=2, config=tiny_llama_config(tie_word_embeddings=True))
@@ -118,7 +118,7 @@ def test_half_precision_experts_merge_with_float32_curvature(tmp_path, dtype):
     from the same half-precision weights with float32 curvature. The curvature spans 1e-12..1e-9
     (it would flush to zero in fp16), so a half-precision curvature path would give the plain mean."""
     from mergekit_ota.curvature.writer import save_store
-    from mergekit_ota.synthetic import make_family
+    from mergekit_ota.testing import make_family
 
     torch_dtype = getattr(torch, dtype)
     family = make_family(str(tmp_path / "m"), n_experts=2, dtype=torch_dtype)

@@ -6,46 +6,29 @@ import os
 
 import pytest
 import torch
+from merging import merge as _merge
 from safetensors.torch import load_file, save_file
+
+from mergekit_ota.math.reference import reference_mask, reference_ota
 
 
 def _reference(base, experts, curvatures, weights, densities=None, power=0.5, eps=1e-12):
-    """OTA written out directly: theta = b + sum w m tau / sum w m, w = weight * v**p + eps."""
-    num = torch.zeros_like(base, dtype=torch.float64)
-    den = torch.zeros_like(num)
-    for i, (t, v) in enumerate(zip(experts, curvatures)):
-        tau = t.double() - base.double()
-        w = weights[i] * v.double() ** power + eps
-        if densities is not None:
-            s = (v.double() * tau**2).reshape(-1)
-            k = max(1, int(densities[i] * s.numel()))
-            mask = torch.zeros_like(s)
-            # documented tie rule: among equal saliencies the lowest flat index is kept first
-            mask[torch.sort(-s, stable=True).indices[:k]] = 1
-            w = w * mask.reshape(tau.shape)
-        num += w * tau
-        den += w
-    delta = torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(den))
-    return (base.double() + delta).float()
+    """OTA by its formula (mergekit_ota.math.reference, float64), FFG masks from float64 saliencies."""
+    masks = None
+    if densities is not None:
+        masks = [
+            reference_mask(v.double() * (t.double() - base.double()) ** 2, d)
+            for t, v, d in zip(experts, curvatures, densities)
+        ]
+    return reference_ota(base, experts, curvatures, weights, masks=masks, power=power, eps=eps).float()
 
 
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
-    from mergekit_ota.synthetic import make_family, tiny_llama_config
+    from mergekit_ota.testing import make_family, tiny_llama_config
 
     root = tmp_path_factory.mktemp("ref")
     return make_family(str(root), n_experts=2, config=tiny_llama_config(num_layers=4))
-
-
-def _merge(cfg, out):
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import run_merge
-    from mergekit.options import MergeOptions
-
-    import mergekit_ota  # noqa: F401
-
-    run_merge(MergeConfiguration.model_validate(cfg), str(out), MergeOptions(quiet=True, copy_tokenizer=False))
-    return load_file(os.path.join(out, "model.safetensors"))
 
 
 def _load(family):

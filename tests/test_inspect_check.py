@@ -110,7 +110,7 @@ def _set(name, index, value):
 def family(tmp_path_factory):
     """Untied 2-layer Llama base + 2 experts with full stores; expert 1 also gets a rank-1 copy of its store."""
     from mergekit_ota.curvature.writer import save_store
-    from mergekit_ota.synthetic import make_family
+    from mergekit_ota.testing import make_family
 
     fam = make_family(str(tmp_path_factory.mktemp("fam")), n_experts=2)
     fam.rank1 = str(tmp_path_factory.mktemp("rank1") / "expert_1_rank1.safetensors")
@@ -120,7 +120,7 @@ def family(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tied_family(tmp_path_factory):
-    from mergekit_ota.synthetic import make_family, tiny_llama_config
+    from mergekit_ota.testing import make_family, tiny_llama_config
 
     return make_family(
         str(tmp_path_factory.mktemp("tied")), n_experts=1, config=tiny_llama_config(tie_word_embeddings=True)

@@ -26,6 +26,7 @@ from mergekit_ota.math import (
     saliency,
     threshold_mask,
 )
+from mergekit_ota.math.reference import reference_mask, reference_ota
 
 FAST = settings(max_examples=40, deadline=None)
 FEW = settings(max_examples=25, deadline=None)
@@ -51,12 +52,6 @@ def log_uniform(shape, g, lo: float, hi: float) -> torch.Tensor:
     """Positive float32 values with log10 uniform in [lo, hi]."""
     u = torch.rand(shape, generator=g, dtype=torch.float64)
     return torch.pow(10.0, lo + (hi - lo) * u).to(torch.float32)
-
-
-def nonzero_randn(shape, g) -> torch.Tensor:
-    """Standard normal values pushed away from zero (|x| >= 0.1)."""
-    x = torch.randn(shape, generator=g, dtype=torch.float32)
-    return x + torch.where(x >= 0, 0.1, -0.1)
 
 
 def scale_of(*tensors) -> float:
@@ -423,6 +418,67 @@ def test_density_mask_keeps_exactly_k_highest_even_with_ties(seed, shape, densit
         assert float(scores[mask].min()) >= float(scores[~mask].max())
     # Deterministic: the same input gives the same mask.
     assert torch.equal(mask, density_mask(scores.clone(), density))
+
+
+@FAST
+@given(
+    seed=seeds,
+    shape=st.lists(st.integers(1, 12), min_size=1, max_size=3).map(tuple),
+    density=st.floats(min_value=1e-4, max_value=1.0),
+    kind=st.sampled_from(["continuous", "integers", "zeros", "constant"]),
+    out=st.booleans(),
+)
+def test_density_mask_equals_the_plain_definition(seed, shape, density, kind, out):
+    """The fast density_mask (sampled selection, chunked tie search; into a float buffer or not) keeps exactly the
+    entries reference_mask keeps: the k largest, ties by the lowest flat index."""
+    scores = scores_for(kind, shape, gen(seed))
+    expected = reference_mask(scores, density)
+    got = density_mask(scores, density, out=torch.empty_like(scores) if out else None)
+    assert torch.equal(got.bool(), expected)
+
+
+@FAST
+@given(
+    seed=seeds,
+    shape=shapes,
+    n_experts=st.integers(1, 4),
+    weights=st.lists(weight_values, min_size=4, max_size=4),
+    power=st.sampled_from([0.5, 1.0, 2.0]),
+    lam=lams,
+    densities=st.one_of(st.none(), st.lists(st.floats(0.05, 1.0), min_size=4, max_size=4)),
+    with_base=st.booleans(),
+)
+def test_ota_merge_equals_the_plain_formula(seed, shape, n_experts, weights, power, lam, densities, with_base):
+    """ota_merge (buffers reused, weights pre-scaled, masks as numbers) equals reference_ota, the formula evaluated
+    in float64 on stacked experts, with or without a base and FFG density masks."""
+    g, base, experts = problem(seed, shape, n_experts)
+    weights = weights[:n_experts]
+    curvatures = [log_uniform(shape, g, -8, -2) for _ in experts]
+    if not with_base:
+        densities = None
+    rules = masks = None
+    if densities is not None:
+        rules = [KeepRule(density=d) for d in densities[:n_experts]]
+        masks = [reference_mask(saliency(t - base, v), r.density) for t, v, r in zip(experts, curvatures, rules)]
+    out = ota_merge(
+        base if with_base else None,
+        experts,
+        curvatures,
+        weights,
+        rules=rules,
+        power=power,
+        lam=lam if with_base else 1.0,
+    )
+    expected = reference_ota(
+        base if with_base else None,
+        experts,
+        curvatures,
+        weights,
+        masks=masks,
+        power=power,
+        lam=lam if with_base else 1.0,
+    )
+    assert_close(out, expected, scale_of(base, *experts), rtol=1e-5)
 
 
 @pytest.mark.parametrize("density", [0.0, -0.1, 1.5, float("nan")])

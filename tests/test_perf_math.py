@@ -17,6 +17,7 @@ from mergekit_ota.math import KeepRule, SaliencyHistogram, density_mask, ffg_mer
 from mergekit_ota.math import ffg as ffg_module
 from mergekit_ota.math import histogram as histogram_module
 from mergekit_ota.math.ffg import f32_operand, kth_largest
+from mergekit_ota.math.reference import reference_mask
 
 FEW = settings(max_examples=30, deadline=None)
 # The fixture below only sets constants, identical for every example: sharing it is safe.
@@ -41,15 +42,6 @@ def scores_with_ties(seed: int, n: int, zero_fraction: float, distinct: int) -> 
     else:
         s = torch.rand(n, generator=g) ** 3
     return torch.where(torch.rand(n, generator=g) < zero_fraction, 0.0, s)
-
-
-def reference_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the k largest, ties by lowest flat index: a stable sort on (-score, index)."""
-    flat = scores.reshape(-1)
-    order = torch.sort(-flat.double(), stable=True).indices[:k]
-    mask = torch.zeros(flat.numel(), dtype=torch.bool)
-    mask[order] = True
-    return mask.reshape(scores.shape)
 
 
 @PATCHED
@@ -91,8 +83,7 @@ def test_density_mask_keeps_k_largest_ties_lowest_index_first(
 ):
     """density_mask keeps exactly k entries: the k largest, ties at the k-th value by lowest flat index."""
     scores = scores_with_ties(seed, rows * cols, zero_fraction, distinct).reshape(rows, cols)
-    k = kept_count(rows * cols, density)
-    assert torch.equal(density_mask(scores, density), reference_mask(scores, k))
+    assert torch.equal(density_mask(scores, density), reference_mask(scores, density))
 
 
 @PATCHED
@@ -269,7 +260,7 @@ def rank1_family(tmp_path_factory):
     """A family whose stores are rank-1, plus per expert a full store holding exactly the reconstructed v_hat."""
     from mergekit_ota.curvature.store import CurvatureStore
     from mergekit_ota.curvature.writer import save_store
-    from mergekit_ota.synthetic import make_family, tiny_llama_config
+    from mergekit_ota.testing import make_family, tiny_llama_config
 
     root = tmp_path_factory.mktemp("rank1")
     family = make_family(str(root), n_experts=2, config=tiny_llama_config(num_layers=2), compress=True)

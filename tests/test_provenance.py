@@ -12,6 +12,8 @@ import shutil
 
 import pytest
 import yaml
+from mergekit.config import MergeConfiguration
+from merging import merge as _merge
 from safetensors.torch import load_file
 
 from mergekit_ota.curvature.store import CurvatureStore
@@ -21,13 +23,6 @@ from mergekit_ota.graph.provenance import PROVENANCE_FILE, SECTION_MARKER
 
 META_20 = {"step": "20", "beta2": "0.999"}
 META_200 = {"step": "200", "beta2": "0.999"}
-
-
-@pytest.fixture(scope="module")
-def family(tmp_path_factory):
-    from mergekit_ota.synthetic import make_family
-
-    return make_family(str(tmp_path_factory.mktemp("provenance")), n_experts=2)
 
 
 def _store(family, i, directory, metadata=None, compress=False):
@@ -50,18 +45,6 @@ def _config(family, stores, method="ota", expert_parameters=(None, None), **shar
     if shared:
         cfg["parameters"] = shared
     return cfg
-
-
-def _merge(cfg, out, **options):
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import run_merge
-    from mergekit.options import MergeOptions
-
-    import mergekit_ota  # noqa: F401
-
-    config = MergeConfiguration.model_validate(cfg)
-    run_merge(config, str(out), MergeOptions(quiet=True, copy_tokenizer=False, **options))
-    return config
 
 
 def _section(out):
@@ -96,8 +79,9 @@ def merged(family, tmp_path_factory):
     root = tmp_path_factory.mktemp("merged")
     stores = [_store(family, 0, root, META_20), _store(family, 1, root, META_200, compress=True)]
     out = root / "out"
-    config = _merge(_config(family, stores), out)
-    return out, stores, config
+    cfg = _config(family, stores)
+    _merge(cfg, out)
+    return out, stores, MergeConfiguration.model_validate(cfg)
 
 
 def test_the_card_ends_with_a_curvature_section_naming_each_experts_store_step_compression_and_bias_decision(

@@ -34,7 +34,7 @@ def tokenizer():
 def _tiny_model(tok, seed=0):
     from transformers import LlamaForCausalLM
 
-    from mergekit_ota.synthetic import tiny_llama_config
+    from mergekit_ota.testing import tiny_llama_config
 
     config = tiny_llama_config(vocab_size=len(tok), hidden_size=32, tie_word_embeddings=True)
     config.max_position_embeddings = 256

@@ -224,7 +224,7 @@ def test_magnitude_and_random_grafts_are_exactly_masked_task_vectors(tmp_path):
     without rescale keeps each entry either at the expert's or the base's value (about d of them)."""
     from safetensors.torch import load_file
 
-    from mergekit_ota.synthetic import make_family, tiny_llama_config
+    from mergekit_ota.testing import make_family, tiny_llama_config
 
     family = make_family(str(tmp_path / "models"), n_experts=1, config=tiny_llama_config(vocab_size=64, hidden_size=32))
     base = load_file(os.path.join(family.base, "model.safetensors"))

@@ -74,15 +74,6 @@ def _throwaway_venv(tmp_path: Path, name: str) -> str:
     return python
 
 
-def _pip_install(python: str, *args: str) -> None:
-    subprocess.run(
-        [python, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index", *args],
-        check=True,
-        cwd=str(ROOT),
-        capture_output=True,
-    )
-
-
 @pytest.mark.parametrize("editable", [False, True], ids=["regular", "editable"])
 def test_fresh_process_after_install_sees_methods(tmp_path, editable):
     """After `pip install .` / `pip install -e .`, a fresh interpreter's mergekit registry has ota and ffg,
@@ -138,7 +129,7 @@ def test_unmodified_mergekit_yaml_entry_point_merges(tmp_path):
     """mergekit's own `mergekit-yaml` entry point (not our code) runs an `ota` config."""
     import yaml
 
-    from mergekit_ota.synthetic import make_family
+    from mergekit_ota.testing import make_family
 
     family = make_family(str(tmp_path / "models"), n_experts=2)
     config = tmp_path / "ota.yml"

@@ -16,18 +16,12 @@ import uuid
 import pytest
 import torch
 from click.testing import CliRunner
+from merging import merge as _merge
 from safetensors.torch import load_file, save_file
 
 from mergekit_ota.errors import CurvatureError, OutputError, PreflightError
 
 NAME = "model.layers.1.self_attn.k_proj.weight"
-
-
-@pytest.fixture(scope="module")
-def family(tmp_path_factory):
-    from mergekit_ota.synthetic import make_family
-
-    return make_family(str(tmp_path_factory.mktemp("safe_io")), n_experts=2)
 
 
 def _config(family, **overrides):
@@ -39,18 +33,6 @@ def _config(family, **overrides):
     }
     cfg.update(overrides)
     return cfg
-
-
-def _merge(cfg, out, **options):
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import run_merge
-    from mergekit.options import MergeOptions
-
-    import mergekit_ota  # noqa: F401
-
-    run_merge(
-        MergeConfiguration.model_validate(cfg), str(out), MergeOptions(quiet=True, copy_tokenizer=False, **options)
-    )
 
 
 def _export(*args, ok=True):

@@ -14,7 +14,6 @@ End-to-end cases run a YAML config through ``mergekit.merge.run_merge`` (what ``
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 
@@ -24,6 +23,8 @@ import yaml
 from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from merging import merge as _merge
+from merging import merged_tensors as _merged
 from safetensors.torch import load_file, save_file
 
 from mergekit_ota.errors import ConfigError, MergeError, OTAError, PreflightError
@@ -33,13 +34,6 @@ FEW = settings(max_examples=30, deadline=None)
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-@pytest.fixture(scope="module")
-def family(tmp_path_factory):
-    from mergekit_ota.synthetic import make_family
-
-    return make_family(str(tmp_path_factory.mktemp("safety")), n_experts=2)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -60,23 +54,6 @@ def _config(family, method="ota", expert_parameters=(None, None), base=True, **s
     if shared:
         cfg["parameters"] = shared
     return cfg
-
-
-def _merge(cfg: dict, out) -> None:
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import run_merge
-    from mergekit.options import MergeOptions
-
-    import mergekit_ota  # noqa: F401
-
-    run_merge(MergeConfiguration.model_validate(cfg), str(out), MergeOptions(quiet=True, copy_tokenizer=False))
-
-
-def _merged(out) -> dict:
-    tensors = {}
-    for path in glob.glob(os.path.join(str(out), "*.safetensors")):
-        tensors.update(load_file(path))
-    return tensors
 
 
 def _refused(cfg: dict, tmp_path, pattern: str, error=PreflightError) -> OTAError:

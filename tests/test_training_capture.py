@@ -38,7 +38,7 @@ def _store(path: Path) -> Dict[str, torch.Tensor]:
 def _train(out: Path, seed: int = 0, compress: str = "rank1", save_only_model: bool = False, base: Path = None):
     from transformers import LlamaForCausalLM, Trainer, TrainingArguments
 
-    from mergekit_ota.synthetic import tiny_llama_config
+    from mergekit_ota.testing import tiny_llama_config
     from mergekit_ota.training import CurvatureCallback
 
     torch.manual_seed(0)
@@ -111,7 +111,7 @@ def test_a_merge_finds_the_stores_with_no_curvature_line(tmp_path):
     merges (each expert's output_dir holds its store), and check reports the stores it found."""
     from transformers import LlamaForCausalLM
 
-    from mergekit_ota.synthetic import tiny_llama_config
+    from mergekit_ota.testing import tiny_llama_config
 
     torch.manual_seed(0)
     base = tmp_path / "base"

@@ -1,7 +1,7 @@
 """Generated model families for the benchmark, cached under ``benchmarks/.cache/``.
 
 One family per size tier: a base and ``n`` experts, each expert with a full fp32
-curvature store and a rank-1 one (:func:`mergekit_ota.synthetic.stream_family`).
+curvature store and a rank-1 one (:func:`mergekit_ota.testing.stream_family`).
 A family is written under a temporary name and renamed when complete, so an
 interrupted generation is never reused; reruns skip generation.
 """
@@ -101,7 +101,7 @@ def ensure_family(cache: str, size: Size, n_experts: int, log=print) -> CachedFa
             return _cached(root, info)
     shutil.rmtree(root, ignore_errors=True)  # outdated, too few experts, or incomplete
 
-    from mergekit_ota.synthetic import stream_family
+    from mergekit_ota.testing import stream_family
 
     tmp = f"{root}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

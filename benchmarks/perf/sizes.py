@@ -18,7 +18,7 @@ class Size:
 
     def config(self):
         """The transformers ``LlamaConfig`` of this tier."""
-        from mergekit_ota.synthetic import tiny_llama_config
+        from mergekit_ota.testing import tiny_llama_config
 
         return tiny_llama_config(
             vocab_size=self.vocab_size,

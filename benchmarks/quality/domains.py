@@ -23,7 +23,6 @@ from typing import Any, Dict, Iterator, List
 from benchmarks.quality.smollm import packaged_file
 from benchmarks.quality.train import IGNORE, Row
 
-DOMAINS = ("code", "prose", "arithmetic")
 BUCKETS = 16
 
 

@@ -55,7 +55,7 @@ def convert(out_dir: str) -> Tuple[str, dict]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mergekit_ota.synthetic import save_model
+    from mergekit_ota.testing import save_model
 
     path = gguf_path()
     started, cpu = time.perf_counter(), time.process_time()

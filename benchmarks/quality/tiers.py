@@ -131,7 +131,7 @@ def quick_suite(settings: Optional[QuickSettings] = None) -> Suite:
     def build_base(directory: str, device: str) -> Tuple[str, Dict[str, Any]]:
         from transformers import LlamaForCausalLM
 
-        from mergekit_ota.synthetic import tiny_llama_config
+        from mergekit_ota.testing import tiny_llama_config
 
         config = tiny_llama_config(
             vocab_size=len(tasks.VOCAB),
@@ -531,7 +531,7 @@ def _tiny_chat_base(directory: str, seed: int) -> Tuple[str, Dict[str, Any]]:
     from transformers import LlamaForCausalLM
 
     from benchmarks.quality import skills as chat
-    from mergekit_ota.synthetic import tiny_llama_config
+    from mergekit_ota.testing import tiny_llama_config
 
     record = os.path.join(directory, "base.json")
     if os.path.isfile(record):

@@ -91,7 +91,7 @@ def _request(data: Dict[str, Any], where: str) -> AnalysisRequest:
         return AnalysisRequest.model_validate(data)
     except ValidationError as error:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
-        raise ConfigError(f"{where}: {problems}") from None
+        raise ConfigError(f"{where}: {problems}") from error
 
 
 def _directory(path: str, role: str) -> str:
@@ -190,9 +190,9 @@ def request_from_config(
             raw = yaml.safe_load(fp)
         config = MergeConfiguration.model_validate(raw)
     except OSError as error:
-        raise ConfigError(f"{path}: cannot read ({error})") from None
+        raise ConfigError(f"{path}: cannot read ({error})") from error
     except (yaml.YAMLError, ValidationError, RuntimeError, TypeError) as error:
-        raise ConfigError(f"{path}: not a valid mergekit merge config ({error})") from None
+        raise ConfigError(f"{path}: not a valid mergekit merge config ({error})") from error
     if config.base_model is None:
         raise ConfigError(f"{path}: analyze needs a base_model (FFG masks are taken of tau = expert - base)")
     shared = dict(config.parameters or {})
@@ -287,7 +287,7 @@ class ModelFiles:
         try:
             _, self.entries, _ = read_sharded(index if os.path.isfile(index) else os.path.join(directory, _MODEL_FILE))
         except CurvatureError as error:
-            raise ConfigError(f"{label} ({directory}): {error}") from None
+            raise ConfigError(f"{label} ({directory}): {error}") from error
 
     def load(self, name: str) -> torch.Tensor:
         """Tensor ``name`` as stored (one read through the shared open-file cache)."""

@@ -309,7 +309,6 @@ class StoreWriter:
         self._files = StagedFiles(needed=self.needed)
         self._directory: Optional[OutputDirectory] = None
         self._committed = False
-        self.bytes_written = 0
 
     # -- layout --------------------------------------------------------------
     def _plan_names(self) -> List[str]:
@@ -380,7 +379,6 @@ class StoreWriter:
         data = tensor.detach().to(device="cpu", dtype=spec.dtype).contiguous().reshape(-1)
         if data.numel():
             self._files.write(memoryview(data.view(torch.uint8).numpy()))
-        self.bytes_written += spec.nbytes
         self._position += 1
 
     def commit(self) -> List[str]:

@@ -82,7 +82,7 @@ def _reader(directory: str) -> Any:
                             fp, DCP_METADATA_GLOBALS, path, "DCP metadata", DCP_METADATA_SUBSTITUTES
                         )
                 except OSError as error:
-                    raise CurvatureError(f"{path}: cannot read the DCP metadata file ({error})") from None
+                    raise CurvatureError(f"{path}: cannot read the DCP metadata file ({error})") from error
                 if not isinstance(metadata, Metadata):
                     raise CurvatureError(
                         f"{path}: not a DCP metadata file (it holds a {type(metadata).__name__}, "
@@ -157,7 +157,7 @@ class DcpCheckpoint:
             except Exception as error:
                 raise CurvatureError(
                     f"{self.directory}: cannot read {list(keys)} ({type(error).__name__}: {error})"
-                ) from None
+                ) from error
         return state
 
     def load_object(self, key: str) -> Any:

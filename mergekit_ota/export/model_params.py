@@ -71,7 +71,7 @@ def load_model_parameters(path: str, frozen: Sequence[str] = ()) -> ModelParamet
     try:
         config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
     except Exception as error:  # transformers raises ValueError/OSError/KeyError for bad configs
-        raise CurvatureError(f"{directory}/config.json: cannot load the model config ({error})") from None
+        raise CurvatureError(f"{directory}/config.json: cannot load the model config ({error})") from error
     architectures = getattr(config, "architectures", None) or []
     cls = getattr(transformers, architectures[0], None) if architectures else None
     try:
@@ -85,7 +85,7 @@ def load_model_parameters(path: str, frozen: Sequence[str] = ()) -> ModelParamet
             f"{directory}/config.json: cannot build the model {architectures or config.model_type!r} with the "
             "installed "
             f"transformers {transformers.__version__} ({error}); remote code is never run"
-        ) from None
+        ) from error
     parameters = [(name, tuple(p.shape)) for name, p in model.named_parameters()]
     names = [n for n, _ in parameters]
     chosen: List[str] = []

@@ -50,7 +50,7 @@ class ExportOptions(BaseModel):
             problems = "; ".join(
                 f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in error.errors()
             )
-            raise ConfigError(f"invalid export options: {problems}") from None
+            raise ConfigError(f"invalid export options: {problems}") from error
 
     @property
     def torch_dtype(self):  # -> torch.dtype (torch imported lazily)

@@ -44,7 +44,6 @@ MOMENT_KEYS = (FULL, ROW, COL)
 BNB_WRAPPER = "__bnb_optimizer_quant_state__"
 BNB_CODES, BNB_CODEBOOK, BNB_SCALES = "state2", "qmap2", "absmax2"
 BNB_MOMENT_KEYS = (BNB_CODES, BNB_SCALES)
-EIGHT_BIT_KEYS = ("state1", "state2", "qmap1", "qmap2", "absmax1", "absmax2", "max1", "max2", "new_max1", "new_max2")
 NON_BLOCKWISE_KEYS = ("max1", "max2", "new_max1", "new_max2")
 BLOCK_SIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 _WITHOUT_SECOND_MOMENT = {

@@ -97,9 +97,11 @@ def _load(path: str, deepspeed: bool) -> Tuple[Any, bool]:
             "refusing to unpickle it (torch.load "
             f"weights_only=True{' with the DeepSpeed stand-ins' if deepspeed else ''})"
             f"{'' if deepspeed else '. Save optimizer.state_dict() on its own'}"
-        ) from None
+        ) from error
     except Exception as error:  # truncated zip, not a torch file, ...
-        raise CurvatureError(f"{path}: cannot read it as a torch.save file ({type(error).__name__}: {error})") from None
+        raise CurvatureError(
+            f"{path}: cannot read it as a torch.save file ({type(error).__name__}: {error})"
+        ) from error
 
 
 def find_optimizer_dict(obj: Any, path: str) -> Mapping[str, Any]:

@@ -122,16 +122,16 @@ def read_config(path: str) -> Any:
         with open(path, "r", encoding="utf-8") as fp:
             data = yaml.safe_load(fp)
     except OSError as error:
-        raise ConfigError(f"{path}: cannot read ({error})") from None
+        raise ConfigError(f"{path}: cannot read ({error})") from error
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML ({error})") from None
+        raise ConfigError(f"{path}: not valid YAML ({error})") from error
     try:
         return MergeConfiguration.model_validate(data)
     except ValidationError as error:
         details = "; ".join(
             f"{'.'.join(str(x) for x in item['loc']) or 'config'}: {item['msg']}" for item in error.errors()
         )
-        raise ConfigError(f"{path}: not a valid mergekit config ({details})") from None
+        raise ConfigError(f"{path}: not a valid mergekit config ({details})") from error
 
 
 def _looks_local(path: str) -> bool:

@@ -28,7 +28,7 @@ def _key(file: str) -> Tuple[str, int, int]:
     try:
         stat = os.stat(file)
     except OSError as error:
-        raise CurvatureError(f"{file}: cannot open ({error})") from None
+        raise CurvatureError(f"{file}: cannot open ({error})") from error
     return (os.path.abspath(file), stat.st_mtime_ns, stat.st_size)
 
 
@@ -45,7 +45,7 @@ def handle(file: str) -> Any:
     try:
         opened = safe_open(file, framework="pt", device="cpu")
     except Exception as error:  # safetensors raises its own error types
-        raise CurvatureError(f"{file}: cannot open as safetensors ({error})") from None
+        raise CurvatureError(f"{file}: cannot open as safetensors ({error})") from error
     with _lock:
         _handles[key] = opened
         while len(_handles) > MAX_OPEN:
@@ -61,4 +61,4 @@ def read_tensor(entry: HeaderEntry, start: Optional[int] = None, stop: Optional[
             return opened.get_tensor(entry.key)
         return opened.get_slice(entry.key)[start:stop]
     except Exception as error:  # safetensors raises its own error types
-        raise CurvatureError(f"{entry.file}: cannot read tensor '{entry.key}' ({error})") from None
+        raise CurvatureError(f"{entry.file}: cannot read tensor '{entry.key}' ({error})") from error

@@ -102,10 +102,10 @@ def _entry(path: str, key: str, info: Any) -> Tuple[HeaderEntry, int, int]:
         dtype = info["dtype"]
         shape = tuple(info["shape"])
         start, end = info["data_offsets"]
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError) as error:
         raise CurvatureError(
             f"{path}: corrupted header entry for tensor '{key}' (needs dtype, shape and two data_offsets)"
-        ) from None
+        ) from error
     if not isinstance(dtype, str) or not dtype:
         raise CurvatureError(f"{path}: tensor '{key}' has a malformed dtype {dtype!r}")
     if not all(type(d) is int and d >= 0 for d in shape) or not all(type(x) is int for x in (start, end)):
@@ -139,11 +139,11 @@ def read_header(path: str) -> Tuple[Dict[str, HeaderEntry], Dict[str, str]]:
                 )
             raw = fp.read(header_len)
     except OSError as error:
-        raise CurvatureError(f"{path}: cannot read file ({error})") from None
+        raise CurvatureError(f"{path}: cannot read file ({error})") from error
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys(path))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CurvatureError(f"{path}: corrupted safetensors header ({error})") from None
+        raise CurvatureError(f"{path}: corrupted safetensors header ({error})") from error
     if not isinstance(header, dict):
         raise CurvatureError(f"{path}: corrupted safetensors header (not a JSON object)")
     metadata = _metadata(header.pop("__metadata__", None), path)
@@ -187,9 +187,9 @@ def read_index(path: str) -> SafetensorsIndex:
         with open(path, "r", encoding="utf-8") as fp:
             data = json.load(fp, object_pairs_hook=_no_duplicate_keys(path))
     except OSError as error:
-        raise CurvatureError(f"{path}: cannot read the index ({error})") from None
+        raise CurvatureError(f"{path}: cannot read the index ({error})") from error
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CurvatureError(f"{path}: not a valid safetensors index (not JSON: {error})") from None
+        raise CurvatureError(f"{path}: not a valid safetensors index (not JSON: {error})") from error
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(k, str) for k in weight_map):
         raise CurvatureError(

@@ -187,7 +187,7 @@ class RestrictedUnpickler(pickle._Unpickler):  # the pure-Python one: its BUILD 
         try:
             namespace = vars(importlib.import_module(module))
         except ImportError as error:
-            raise self._refuse(module, name, f"cannot import {module}: {error}") from None
+            raise self._refuse(module, name, f"cannot import {module}: {error}") from error
         if name not in namespace:
             raise self._refuse(module, name, f"{module} has no {name}")
         value = namespace[name]
@@ -244,7 +244,7 @@ def restricted_load(
         raise
     except Exception as error:  # noqa: BLE001 - UnpicklingError, EOFError, errors of allowed constructors
         detail = str(error) if len(str(error)) <= 200 else str(error)[:200] + "..."
-        raise CurvatureError(f"{source_path}: not a readable {what} file ({type(error).__name__}: {detail})") from None
+        raise CurvatureError(f"{source_path}: not a readable {what} file ({type(error).__name__}: {detail})") from error
 
 
 # ----------------------------------------------------------------------------- DeepSpeed checkpoints

@@ -1,6 +1,7 @@
-"""Small synthetic model families (base + experts + curvature) made without any hub.
+"""Test fixtures, not product: small synthetic model families (base + experts + curvature) made without any hub.
 
-Used by the tests, ``mergekit-ota demo`` and the benchmarks: random tiny Llama
+``mergekit_ota.testing`` (as ``numpy.testing`` and ``transformers.testing_utils`` are) is for the tests,
+``mergekit-ota demo`` and the benchmarks, and for users who want a family to try a config on: random tiny Llama
 models saved with ``save_pretrained``, experts that differ from the base by sparse
 edits, and curvature stores whose values are large where an expert was edited
 (as Adam's second moments are where gradients were large).

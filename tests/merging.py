@@ -1,0 +1,32 @@
+"""Running a merge config as ``mergekit-yaml`` does, for the tests (``from merging import merge``)."""
+
+from __future__ import annotations
+
+import glob
+import os
+from typing import Any, Dict
+
+import torch
+from safetensors.torch import load_file
+
+
+def merge(cfg: Dict[str, Any], out: Any, **options: Any) -> Dict[str, torch.Tensor]:
+    """``run_merge`` of the config dict ``cfg`` into ``out`` (quiet, no tokenizer copy, plus ``options`` for
+    ``MergeOptions``); returns every tensor the merge wrote."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    import mergekit_ota  # noqa: F401  (registers ota/ffg, patches the planner)
+
+    options = {"quiet": True, "copy_tokenizer": False, **options}
+    run_merge(MergeConfiguration.model_validate(cfg), str(out), MergeOptions(**options))
+    return merged_tensors(out)
+
+
+def merged_tensors(out: Any) -> Dict[str, torch.Tensor]:
+    """Every tensor of the ``*.safetensors`` files in ``out`` (empty if there are none)."""
+    tensors: Dict[str, torch.Tensor] = {}
+    for path in sorted(glob.glob(os.path.join(str(out), "*.safetensors"))):
+        tensors.update(load_file(path))
+    return tensors
