@@ -30,9 +30,9 @@ def _family(seed: int, shape, n: int):
 
 
 def _reference(
-    base, experts, curvatures, weights, rules, rule, *, ota: bool, power=0.5, eps=1e-12, normalize=True, lam=1.0
+    base, experts, curvatures, weights, rules, rule, *, ota: bool, power=0.5, eps=1e-12, normalize=True, lambda_=1.0
 ):
-    """theta = b + lam * N / D (ota; ffg normalised) or b + lam * N (ffg), computed directly over stacked c_i."""
+    """theta = b + lambda * N / D (ota; ffg normalised) or b + lambda * N (ffg), computed directly over stacked c_i."""
     taus = torch.stack([e - base for e in experts])
     masks = torch.stack(
         [r.mask(t, v).float() if r is not None else torch.ones_like(t) for r, t, v in zip(rules, taus, curvatures)]
@@ -52,7 +52,7 @@ def _reference(
         merged = torch.where(d == 0, torch.zeros_like(n), n / torch.where(d == 0, torch.ones_like(d), d))
     else:
         merged = n
-    return base + lam * merged
+    return base + lambda_ * merged
 
 
 @settings(max_examples=60, deadline=None)
@@ -62,21 +62,25 @@ def _reference(
     n=st.integers(1, 4),
     rule=st.sampled_from(["sum", "count"]),
     density=st.sampled_from([None, 0.3, 0.7, 1.0]),
-    lam=st.sampled_from([1.0, 0.5, 1.5]),
+    lambda_=st.sampled_from([1.0, 0.5, 1.5]),
 )
-def test_ota_and_ffg_consensus_equal_the_formula(seed, shape, n, rule, density, lam):
+def test_ota_and_ffg_consensus_equal_the_formula(seed, shape, n, rule, density, lambda_):
     """For any experts, masks, rule and lambda: ota and ffg (normalised or not) with sign consensus equal the direct
-    computation of b + lam * N / D (resp. b + lam * N) over stacked contributions."""
+    computation of b + lambda * N / D (resp. b + lambda * N) over stacked contributions."""
     base, experts, curvatures = _family(seed, shape, n)
     weights = [1.0 + 0.5 * i for i in range(n)]
     rules: List[Optional[KeepRule]] = [KeepRule(density=density) if density else None for _ in experts]
-    got = ota_merge(base, experts, curvatures, weights, rules=rules, lam=lam, consensus=rule)
-    want = _reference(base, experts, curvatures, weights, rules, rule, ota=True, lam=lam)
+    got = ota_merge(base, experts, curvatures, weights, rules=rules, lambda_=lambda_, consensus=rule)
+    want = _reference(base, experts, curvatures, weights, rules, rule, ota=True, lambda_=lambda_)
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
     ffg_rules = [r or KeepRule(density=1.0) for r in rules]
     for normalize in (True, False):
-        got = ffg_merge(base, experts, curvatures, ffg_rules, weights, lam=lam, normalize=normalize, consensus=rule)
-        want = _reference(base, experts, curvatures, weights, ffg_rules, rule, ota=False, normalize=normalize, lam=lam)
+        got = ffg_merge(
+            base, experts, curvatures, ffg_rules, weights, lambda_=lambda_, normalize=normalize, consensus=rule
+        )
+        want = _reference(
+            base, experts, curvatures, weights, ffg_rules, rule, ota=False, normalize=normalize, lambda_=lambda_
+        )
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
 
 

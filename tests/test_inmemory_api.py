@@ -55,7 +55,7 @@ def test_merge_tensors_ota_with_base_matches_math(power):
             "curvature_scale": "none",
         },
     )
-    expected = ota_merge(base, experts, curvatures, weights, power=power, lam=0.8)
+    expected = ota_merge(base, experts, curvatures, weights, power=power, lambda_=0.8)
     close(out, expected)
     # and curvature matters: differs from plain weight-normalised task arithmetic
     ta = base + 0.8 * sum(w * (t - base) for w, t in zip(weights, experts)) / sum(weights)
@@ -104,7 +104,7 @@ def test_merge_tensors_ffg_matches_math(normalize):
         },
     )
     rules = [KeepRule(density=0.2), KeepRule(density=0.5)]
-    close(out, ffg_merge(base, experts, curvatures, rules, weights, lam=1.3, normalize=normalize))
+    close(out, ffg_merge(base, experts, curvatures, rules, weights, lambda_=1.3, normalize=normalize))
 
 
 def test_merge_tensors_ffg_threshold_matches_math():

@@ -82,13 +82,13 @@ def problem(seed, shape, n_experts):
     n_experts=st.integers(1, 4),
     weights=st.lists(weight_values, min_size=4, max_size=4),
     power=st.sampled_from([0.0, 0.5, 1.0, 2.0]),
-    lam=lams,
+    lambda_=lams,
     with_base=st.booleans(),
 )
 def test_ota_with_equal_curvature_equals_weight_normalised_task_arithmetic(
-    seed, shape, n_experts, weights, power, lam, with_base
+    seed, shape, n_experts, weights, power, lambda_, with_base
 ):
-    """Equal curvature in every expert: OTA = b + lam * sum w_i tau_i / sum w_i (or the weighted mean of experts)."""
+    """Equal curvature in every expert: OTA = b + lambda * sum w_i tau_i / sum w_i (or the weighted mean of experts)."""
     g, base, experts = problem(seed, shape, n_experts)
     weights = weights[:n_experts]
     v = log_uniform(shape, g, -2, 2)
@@ -96,8 +96,8 @@ def test_ota_with_equal_curvature_equals_weight_normalised_task_arithmetic(
     total = sum(weights)
     if with_base:
         b = base.double()
-        expected = b + lam * sum(w * (t.double() - b) for w, t in zip(weights, experts)) / total
-        out = ota_merge(base, experts, curvatures, weights, power=power, lam=lam)
+        expected = b + lambda_ * sum(w * (t.double() - b) for w, t in zip(weights, experts)) / total
+        out = ota_merge(base, experts, curvatures, weights, power=power, lambda_=lambda_)
     else:
         expected = sum(w * t.double() for w, t in zip(weights, experts)) / total
         out = ota_merge(None, experts, curvatures, weights, power=power)
@@ -154,19 +154,19 @@ def test_ota_single_unmasked_expert_returns_that_expert(seed, shape, weight, pow
     n_experts=st.integers(1, 4),
     weights=st.lists(weight_values, min_size=4, max_size=4),
     power=st.sampled_from([0.5, 1.0]),
-    lam=lams,
+    lambda_=lams,
     with_base=st.booleans(),
 )
-def test_ota_zero_curvature_everywhere_is_plain_mean(seed, shape, n_experts, weights, power, lam, with_base):
-    """All curvature zero: every w_i = eps, so OTA is the unweighted mean (b + lam * mean tau with a base)."""
+def test_ota_zero_curvature_everywhere_is_plain_mean(seed, shape, n_experts, weights, power, lambda_, with_base):
+    """All curvature zero: every w_i = eps, so OTA is the unweighted mean (b + lambda * mean tau with a base)."""
     g, base, experts = problem(seed, shape, n_experts)
     weights = weights[:n_experts]
     zeros = [torch.zeros(shape) for _ in experts]
     mean_t = sum(t.double() for t in experts) / n_experts
     if with_base:
         b = base.double()
-        expected = b + lam * (mean_t - b)
-        out = ota_merge(base, experts, zeros, weights, power=power, lam=lam)
+        expected = b + lambda_ * (mean_t - b)
+        out = ota_merge(base, experts, zeros, weights, power=power, lambda_=lambda_)
     else:
         expected = mean_t
         out = ota_merge(None, experts, zeros, weights, power=power)
@@ -179,10 +179,10 @@ def test_ota_zero_curvature_everywhere_is_plain_mean(seed, shape, n_experts, wei
     shape=shapes,
     n_experts=st.integers(1, 4),
     weights=st.lists(weight_values, min_size=4, max_size=4),
-    lam=lams,
+    lambda_=lams,
     use_density=st.booleans(),
 )
-def test_ota_coordinates_masked_in_every_expert_keep_base(seed, shape, n_experts, weights, lam, use_density):
+def test_ota_coordinates_masked_in_every_expert_keep_base(seed, shape, n_experts, weights, lambda_, use_density):
     """Where every expert's FFG mask drops a coordinate, OTA (and FFG) return b there exactly."""
     g, base, experts = problem(seed, shape, n_experts)
     weights = weights[:n_experts]
@@ -205,9 +205,9 @@ def test_ota_coordinates_masked_in_every_expert_keep_base(seed, shape, n_experts
         rules = [KeepRule(threshold=2.0 * biggest + 1.0) for _ in experts]
         dropped = torch.ones(shape, dtype=torch.bool)
 
-    out = ota_merge(base, experts, curvatures, weights, rules=rules, lam=lam)
+    out = ota_merge(base, experts, curvatures, weights, rules=rules, lambda_=lambda_)
     assert torch.equal(out[dropped], base[dropped])
-    out_ffg = ffg_merge(base, experts, curvatures, rules, weights, lam=lam)
+    out_ffg = ffg_merge(base, experts, curvatures, rules, weights, lambda_=lambda_)
     assert torch.equal(out_ffg[dropped], base[dropped])
 
 
@@ -329,11 +329,11 @@ def test_curvature_weights_formula(v, weight, power):
     normalize=st.booleans(),
 )
 def test_ffg_single_expert_density_one_lam_one_returns_expert(seed, shape, weight, normalize):
-    """FFG of one expert at density 1 and lam 1 (normalised, or with weight 1) returns the expert."""
+    """FFG of one expert at density 1 and lambda 1 (normalised, or with weight 1) returns the expert."""
     g, base, (expert,) = problem(seed, shape, 1)
     v = log_uniform(shape, g, -30, 3)
     w = weight if normalize else 1.0
-    out = ffg_merge(base, [expert], [v], [KeepRule(density=1.0)], [w], lam=1.0, normalize=normalize)
+    out = ffg_merge(base, [expert], [v], [KeepRule(density=1.0)], [w], lambda_=1.0, normalize=normalize)
     assert_close(out, expert, scale_of(base, expert), rtol=1e-6)
 
 
@@ -343,11 +343,11 @@ def test_ffg_single_expert_density_one_lam_one_returns_expert(seed, shape, weigh
     shape=shapes,
     n_experts=st.integers(1, 4),
     weights=st.lists(weight_values, min_size=4, max_size=4),
-    lam=lams,
+    lambda_=lams,
     normalize=st.booleans(),
 )
-def test_ffg_density_one_equals_task_arithmetic(seed, shape, n_experts, weights, lam, normalize):
-    """Density 1: FFG = b + lam * sum weight_i tau_i (divided by sum weight_i when normalize)."""
+def test_ffg_density_one_equals_task_arithmetic(seed, shape, n_experts, weights, lambda_, normalize):
+    """Density 1: FFG = b + lambda * sum weight_i tau_i (divided by sum weight_i when normalize)."""
     g, base, experts = problem(seed, shape, n_experts)
     weights = weights[:n_experts]
     curvatures = [log_uniform(shape, g, -6, 3) for _ in experts]
@@ -356,22 +356,22 @@ def test_ffg_density_one_equals_task_arithmetic(seed, shape, n_experts, weights,
     delta = sum(w * (t.double() - b) for w, t in zip(weights, experts))
     if normalize:
         delta = delta / sum(weights)
-    expected = b + lam * delta
-    out = ffg_merge(base, experts, curvatures, rules, weights, lam=lam, normalize=normalize)
+    expected = b + lambda_ * delta
+    out = ffg_merge(base, experts, curvatures, rules, weights, lambda_=lambda_, normalize=normalize)
     assert_close(out, expected, scale_of(base, *experts) * (1 + sum(weights)))
 
 
 @FAST
-@given(seed=seeds, shape=shapes, density=st.floats(min_value=0.05, max_value=1.0), lam=lams)
-def test_ffg_single_expert_grafts_exactly_the_density_mask(seed, shape, density, lam):
-    """FFG of one expert = b + lam * tau on the density mask of v * tau**2, and b elsewhere."""
+@given(seed=seeds, shape=shapes, density=st.floats(min_value=0.05, max_value=1.0), lambda_=lams)
+def test_ffg_single_expert_grafts_exactly_the_density_mask(seed, shape, density, lambda_):
+    """FFG of one expert = b + lambda * tau on the density mask of v * tau**2, and b elsewhere."""
     g, base, (expert,) = problem(seed, shape, 1)
     v = log_uniform(shape, g, -6, 3)
     tau = expert - base
     mask = density_mask(v * tau.square(), density)
-    out = ffg_merge(base, [expert], [v], [KeepRule(density=density)], [1.0], lam=lam)
+    out = ffg_merge(base, [expert], [v], [KeepRule(density=density)], [1.0], lambda_=lambda_)
     assert torch.equal(out[~mask], base[~mask])
-    expected = base.double() + lam * tau.double()
+    expected = base.double() + lambda_ * tau.double()
     assert_close(out[mask], expected[mask], scale_of(base, expert))
 
 
@@ -444,11 +444,11 @@ def test_density_mask_equals_the_plain_definition(seed, shape, density, kind, ou
     n_experts=st.integers(1, 4),
     weights=st.lists(weight_values, min_size=4, max_size=4),
     power=st.sampled_from([0.5, 1.0, 2.0]),
-    lam=lams,
+    lambda_=lams,
     densities=st.one_of(st.none(), st.lists(st.floats(0.05, 1.0), min_size=4, max_size=4)),
     with_base=st.booleans(),
 )
-def test_ota_merge_equals_the_plain_formula(seed, shape, n_experts, weights, power, lam, densities, with_base):
+def test_ota_merge_equals_the_plain_formula(seed, shape, n_experts, weights, power, lambda_, densities, with_base):
     """ota_merge (buffers reused, weights pre-scaled, masks as numbers) equals reference_ota, the formula evaluated
     in float64 on stacked experts, with or without a base and FFG density masks."""
     g, base, experts = problem(seed, shape, n_experts)
@@ -467,7 +467,7 @@ def test_ota_merge_equals_the_plain_formula(seed, shape, n_experts, weights, pow
         weights,
         rules=rules,
         power=power,
-        lam=lam if with_base else 1.0,
+        lambda_=lambda_ if with_base else 1.0,
     )
     expected = reference_ota(
         base if with_base else None,
@@ -476,7 +476,7 @@ def test_ota_merge_equals_the_plain_formula(seed, shape, n_experts, weights, pow
         weights,
         masks=masks,
         power=power,
-        lam=lam if with_base else 1.0,
+        lambda_=lambda_ if with_base else 1.0,
     )
     assert_close(out, expected, scale_of(base, *experts), rtol=1e-5)
 

@@ -205,12 +205,12 @@ def mean_curve(curves: Dict[str, Dict[str, List[Dict[str, float]]]], selector: s
 def _smallest_lambda(choice: Dict[str, Any], settings: List[Dict[str, Any]]) -> bool:
     """Whether ``choice`` has the smallest of several ``λ`` values in its method's grid."""
 
-    def lam(label: str) -> Optional[float]:
+    def lambda_(label: str) -> Optional[float]:
         parts = dict(part.split("=", 1) for part in label.split(", ") if "=" in part)
         return float(parts["λ"]) if "λ" in parts else None
 
-    values = {lam(s["label"]) for s in settings if s["method"] == choice["method"]} - {None}
-    return len(values) > 1 and lam(choice["label"]) == min(values)
+    values = {lambda_(s["label"]) for s in settings if s["method"] == choice["method"]} - {None}
+    return len(values) > 1 and lambda_(choice["label"]) == min(values)
 
 
 def _findings(

@@ -316,6 +316,50 @@ class Pipeline:
         for setting in settings:
             shutil.rmtree(os.path.join(self.work, "merged", setting.slug), ignore_errors=True)
 
+    def grafts(self, base: str, experts: merges.Experts, densities: Sequence[float]) -> None:
+        """Single-expert grafts: every (expert, selector, density) of the curves, scored on test; with
+        ``suite.auto_grafts`` (sft), ``density: auto`` at each saliency mass and the knee rule, scored on val + test."""
+        planned = grafting.plan(self.suite.capabilities, tuple(densities))
+        for index, (cap, selector, density) in enumerate(planned):
+            config = grafting.graft_config(selector, base, experts.models[cap], experts.full_stores[cap], density)
+            self.merged(
+                f"graft/{cap}/{selector}/{density:g}",
+                config,
+                merges.slug(f"graft {cap} {selector} {density:g}"),
+                ("test",),
+                (cap,),
+            )
+            if (index + 1) % len(densities) == 0:
+                self.log(f"grafts {index + 1}/{len(planned)}: {cap} {selector}")
+        masses = self.suite.auto_grafts if densities else ()
+        for cap in self.suite.capabilities if masses else ():
+            for mass in masses:
+                config = grafting.auto_graft_config(base, experts.models[cap], experts.full_stores[cap], mass)
+                self.merged(
+                    f"graft/{cap}/{grafting.AUTO}/{mass:g}",
+                    config,
+                    merges.slug(f"graft {cap} auto {mass:g}"),
+                    SPLITS,
+                    (cap,),
+                )
+            self.log(f"grafts {grafting.AUTO}: {cap} at saliency mass {', '.join(f'{m:g}' for m in masses)}")
+        from benchmarks.quality import saliency
+
+        for cap in self.suite.capabilities if masses else ():  # the knee rule, density: auto's other candidate
+            key = f"graft/{cap}/{grafting.KNEE}/mean"
+            if key not in self.results.models:
+                found = saliency.knee(base, experts.models[cap], experts.full_stores[cap])
+                config = grafting.knee_graft_config(
+                    base, experts.models[cap], experts.full_stores[cap], found["threshold"]
+                )
+                self.merged(key, config, merges.slug(f"graft {cap} knee"), SPLITS, (cap,))
+                self.results.models[key]["knee"] = found
+                self.results.save()
+                self.log(
+                    f"graft {grafting.KNEE}: {cap} keeps {100 * found['density']:.2f}% of entries, "
+                    f"{found['mass']:.3f} of its saliency"
+                )
+
     # --- the whole run ------------------------------------------------------------------
 
     def run(
@@ -361,47 +405,8 @@ class Pipeline:
                     self.log(f"merge {index + 1}/{len(settings)}: {setting.method} {setting.label}")
         if stop_after == "merges":
             densities = ()
-        planned = grafting.plan(self.suite.capabilities, tuple(densities))
         with self.results.stage("grafting + scoring"):
-            for index, (cap, selector, density) in enumerate(planned):
-                config = grafting.graft_config(selector, base, experts.models[cap], experts.full_stores[cap], density)
-                self.merged(
-                    f"graft/{cap}/{selector}/{density:g}",
-                    config,
-                    merges.slug(f"graft {cap} {selector} {density:g}"),
-                    ("test",),
-                    (cap,),
-                )
-                if (index + 1) % len(densities) == 0:
-                    self.log(f"grafts {index + 1}/{len(planned)}: {cap} {selector}")
-            masses = self.suite.auto_grafts if densities else ()
-            for cap in self.suite.capabilities if masses else ():
-                for mass in masses:
-                    config = grafting.auto_graft_config(base, experts.models[cap], experts.full_stores[cap], mass)
-                    self.merged(
-                        f"graft/{cap}/{grafting.AUTO}/{mass:g}",
-                        config,
-                        merges.slug(f"graft {cap} auto {mass:g}"),
-                        SPLITS,
-                        (cap,),
-                    )
-                self.log(f"grafts {grafting.AUTO}: {cap} at saliency mass {', '.join(f'{m:g}' for m in masses)}")
-            from benchmarks.quality import saliency
-
-            for cap in self.suite.capabilities if masses else ():  # the knee rule, density: auto's other candidate
-                key = f"graft/{cap}/{grafting.KNEE}/mean"
-                if key not in self.results.models:
-                    found = saliency.knee(base, experts.models[cap], experts.full_stores[cap])
-                    config = grafting.knee_graft_config(
-                        base, experts.models[cap], experts.full_stores[cap], found["threshold"]
-                    )
-                    self.merged(key, config, merges.slug(f"graft {cap} knee"), SPLITS, (cap,))
-                    self.results.models[key]["knee"] = found
-                    self.results.save()
-                    self.log(
-                        f"graft {grafting.KNEE}: {cap} keeps {100 * found['density']:.2f}% of entries, "
-                        f"{found['mass']:.3f} of its saliency"
-                    )
+            self.grafts(base, experts, densities)
         self.results.data["settings"] = [
             {"method": s.method, "label": s.label, "key": f"merge/{s.method}/{s.label}", "config": s.slug}
             for s in settings

@@ -32,14 +32,14 @@ def entries(records: Sequence[TensorRecord]) -> float:
     return float(sum(r.numel for r in records))
 
 
-def kept_count(i: int, magnitude: bool = False) -> Metric:
+def kept_entries(i: int, magnitude: bool = False) -> Metric:
     """Entries expert ``i``'s FFG (or magnitude) mask keeps: ``sum |F|``."""
     return lambda records: float(sum(r.experts[i].magnitude_kept if magnitude else r.experts[i].kept for r in records))
 
 
 def kept_fraction(i: int, magnitude: bool = False) -> Metric:
     """Fraction of expert ``i``'s entries its FFG (or magnitude) mask keeps: ``sum |F| / sum numel``."""
-    count = kept_count(i, magnitude)
+    count = kept_entries(i, magnitude)
     return lambda records: _ratio(count(records), entries(records))
 
 

@@ -100,7 +100,7 @@ def concentration(analysis: Analysis, i: int) -> List[Tuple[str, float, float]]:
     records = analysis.records
     total_entries = agg.entries(records)
     by_kept = masks_vary(analysis, i)
-    mass = agg.kept_count(i) if by_kept else agg.saliency_sum(i)
+    mass = agg.kept_entries(i) if by_kept else agg.saliency_sum(i)
     total = mass(records)
     if not total > 0:
         return []

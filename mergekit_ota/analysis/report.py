@@ -10,7 +10,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 from mergekit_ota.analysis import aggregate as agg
 from mergekit_ota.analysis import figures as fig
@@ -178,7 +178,7 @@ def _figures(analysis: Analysis, directory: str) -> Dict[str, List[Tuple[str, st
     series: Dict[str, List[float]] = {"share of entries": [v / total for v in modules.values()]}
     for i, label in enumerate(labels):
         if _masks_vary(analysis):
-            kept = agg.by_module(records, agg.kept_count(i))
+            kept = agg.by_module(records, agg.kept_entries(i))
             kept_total = sum(kept.values())
             series[f"{label}: share of FFG-kept entries"] = [kept[m] / kept_total for m in modules]
         sal = agg.by_module(records, agg.saliency_sum(i))
@@ -241,25 +241,7 @@ def _figures(analysis: Analysis, directory: str) -> Dict[str, List[Tuple[str, st
             columns=2,
         )
 
-    curves = []
-    for i, label in enumerate(labels):
-        entries, masses = analysis.saliency[i].mass_curve()
-        points = mass_points(analysis, i)
-        marks = [("its FFG mask", *points["own"])]
-        if request.experts[i].density != "auto":
-            marks.append((f"auto, mass {request.saliency_mass:g}", *points["auto"]))
-        curves.append(fig.Curve(label, entries, masses, marks))
-    if any(c.entries for c in curves):
-        fig.mass_curves(
-            save(
-                "mass",
-                "saliency_mass_curve.png",
-                "Share of saliency mass kept against the share of entries kept, "
-                "per expert (model-wide, most salient first), with each expert's FFG mask and density: auto marked",
-            ),
-            [c for c in curves if c.entries],
-            "Saliency mass vs density",
-        )
+    _mass_figure(analysis, save)
 
     ranked = [r for r in records if r.experts[0].rank is not None]
     if ranked:
@@ -320,6 +302,32 @@ def mass_points(analysis: Analysis, i: int) -> Dict[str, Any]:
     }
 
 
+def _mass_figure(analysis: Analysis, save: Callable[[str, str, str], str]) -> None:
+    """Each expert's mass-vs-density curve with its FFG mask's point and ``density: auto``'s (``save(section, name,
+    caption)`` records the figure and gives its path)."""
+    labels = analysis.labels
+    request = analysis.inputs.request
+    curves = []
+    for i, label in enumerate(labels):
+        entries, masses = analysis.saliency[i].mass_curve()
+        points = mass_points(analysis, i)
+        marks = [("its FFG mask", *points["own"])]
+        if request.experts[i].density != "auto":
+            marks.append((f"auto, mass {request.saliency_mass:g}", *points["auto"]))
+        curves.append(fig.Curve(label, entries, masses, marks))
+    if any(c.entries for c in curves):
+        fig.mass_curves(
+            save(
+                "mass",
+                "saliency_mass_curve.png",
+                "Share of saliency mass kept against the share of entries kept, "
+                "per expert (model-wide, most salient first), with each expert's FFG mask and density: auto marked",
+            ),
+            [c for c in curves if c.entries],
+            "Saliency mass vs density",
+        )
+
+
 def _masks_vary(analysis: Analysis) -> bool:
     return any(masks_vary(analysis, i) for i in range(len(analysis.labels)))
 
@@ -331,11 +339,11 @@ def _short(name: str) -> str:
 # ----------------------------------------------------------------------------- the document
 
 
-def build_document(analysis: Analysis, figures: Dict[str, List[Tuple[str, str]]], command: str) -> Document:
+def _overview(doc: Document, analysis: Analysis, figures: Dict[str, List[Tuple[str, str]]], command: str) -> None:
+    """The title, the inputs (experts, stores, masks) and the curvature scale table."""
     records = analysis.records
     labels = analysis.labels
     request = analysis.inputs.request
-    doc = Document()
     total = int(agg.entries(records))
     doc.add("h1", "Where did the experts learn? (mergekit-ota analyze)")
     doc.add(
@@ -358,6 +366,10 @@ def build_document(analysis: Analysis, figures: Dict[str, List[Tuple[str, str]]]
         doc.add("p", f"Curvature scale of each expert (as `mergekit-ota inspect STORE STORE ...` shows): {SCALE_NOTE}")
         doc.add("table", (["expert", *columns[1:]], scale_rows))
 
+
+def _headline(doc: Document, analysis: Analysis, figures: Dict[str, List[Tuple[str, str]]], command: str) -> None:
+    """The headline findings and the notes on the inputs."""
+    request = analysis.inputs.request
     doc.add("h2", "Headline findings")
     doc.add("ul", headline(analysis))
     if request.notes or analysis.inputs.skipped:
@@ -366,6 +378,11 @@ def build_document(analysis: Analysis, figures: Dict[str, List[Tuple[str, str]]]
             notes.append(f"Not analysed (not floating point): {', '.join(analysis.inputs.skipped)}")
         doc.add("ul", notes)
 
+
+def _similarity(doc: Document, analysis: Analysis, figures: Dict[str, List[Tuple[str, str]]], command: str) -> None:
+    """1. Curvature similarity between experts."""
+    records = analysis.records
+    request = analysis.inputs.request
     doc.add("h2", "1. Curvature similarity between experts")
     if analysis.pairs:
         d = pct(request.top_density)
@@ -412,6 +429,12 @@ def build_document(analysis: Analysis, figures: Dict[str, List[Tuple[str, str]]]
     else:
         doc.add("p", "Only one expert: nothing to compare.")
 
+
+def _localisation(doc: Document, analysis: Analysis, figures: Dict[str, List[Tuple[str, str]]], command: str) -> None:
+    """2. Where FFG's masks fall, by module type."""
+    records = analysis.records
+    labels = analysis.labels
+    total = int(agg.entries(records))
     doc.add("h2", "2. FFG localisation")
     doc.add(
         "p",
@@ -444,6 +467,11 @@ def build_document(analysis: Analysis, figures: Dict[str, List[Tuple[str, str]]]
     doc.add("table", (header, rows))
     doc.images(figures["localisation"])
 
+
+def _mass_curve(doc: Document, analysis: Analysis, figures: Dict[str, List[Tuple[str, str]]], command: str) -> None:
+    """2. Saliency mass against density, per expert."""
+    labels = analysis.labels
+    request = analysis.inputs.request
     doc.add("h3", "Saliency mass against density")
     doc.add(
         "p",
@@ -466,6 +494,11 @@ def build_document(analysis: Analysis, figures: Dict[str, List[Tuple[str, str]]]
     doc.add("table", (header, rows))
     doc.images(figures["mass"])
 
+
+def _rank(doc: Document, analysis: Analysis, figures: Dict[str, List[Tuple[str, str]]], command: str) -> None:
+    """2. The rank of the masks."""
+    records = analysis.records
+    labels = analysis.labels
     doc.add("h3", "Rank of the masks")
     doc.add(
         "p",
@@ -495,6 +528,11 @@ def build_document(analysis: Analysis, figures: Dict[str, List[Tuple[str, str]]]
     else:
         doc.add("p", "No matrix analysed (`--rank-top 0` or no 2-D tensors).")
 
+
+def _overlap(doc: Document, analysis: Analysis, figures: Dict[str, List[Tuple[str, str]]], command: str) -> None:
+    """3. Mask overlap between experts."""
+    records = analysis.records
+    labels = analysis.labels
     doc.add("h2", "3. Mask overlap between experts")
     if analysis.pairs:
         kept = [agg.kept_fraction(i)(records) for i in range(len(labels))]
@@ -520,11 +558,24 @@ def build_document(analysis: Analysis, figures: Dict[str, List[Tuple[str, str]]]
     else:
         doc.add("p", "Only one expert: nothing to compare.")
 
+
+def _files(doc: Document, analysis: Analysis, figures: Dict[str, List[Tuple[str, str]]], command: str) -> None:
+    """The files section."""
     doc.add("h2", "Files")
     doc.add(
         "p",
         f"`{METRICS_JSON}` holds every per-tensor number above (counts and sums, so any grouping can be recomputed).",
     )
+
+
+SECTIONS = (_overview, _headline, _similarity, _localisation, _mass_curve, _rank, _overlap, _files)
+
+
+def build_document(analysis: Analysis, figures: Dict[str, List[Tuple[str, str]]], command: str) -> Document:
+    """The report, section by section (:data:`SECTIONS`), each a function that adds its blocks to the document."""
+    doc = Document()
+    for section in SECTIONS:
+        section(doc, analysis, figures, command)
     return doc
 
 

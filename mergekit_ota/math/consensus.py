@@ -14,8 +14,8 @@ entries, and kept entries with ``tau_i == 0``, never agree, as in TIES). The sum
 
 * ``N = sum_i g_i c_i`` and ``D = sum_i g_i a_i``,
 
-give the merges: OTA ``theta = b + lam * N / D`` (TIES's disjoint mean under curvature weights),
-``ffg`` ``theta = b + lam * N`` or, normalised, ``b + lam * N / D``. Where no expert agrees (``D = 0``:
+give the merges: OTA ``theta = b + lambda * N / D`` (TIES's disjoint mean under curvature weights),
+``ffg`` ``theta = b + lambda * N`` or, normalised, ``b + lambda * N / D``. Where no expert agrees (``D = 0``:
 every expert masked or zero there) ``theta = b``.
 
 Streaming, one expert at a time (:class:`SignConsensus`): ``c_i`` goes to a positive or a negative
@@ -119,7 +119,7 @@ class SignConsensus:
 def disjoint_mean(
     numerator: torch.Tensor, denominator: torch.Tensor, scratch: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
-    """``N / D`` where ``D != 0``, else 0 (so ``b + lam * result`` keeps the base there), written over ``N``.
+    """``N / D`` where ``D != 0``, else 0 (so ``b + lambda * result`` keeps the base there), written over ``N``.
 
     ``N`` is 0 wherever ``D`` is (no expert agrees there), so this is ``N / D`` with every zero ``D`` lifted
     to 1 (:func:`~mergekit_ota.math.ffg.lift_zeros`, through ``scratch``); ``D`` is changed too.

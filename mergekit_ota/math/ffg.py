@@ -179,13 +179,13 @@ def ffg_merge(
     curvatures: Sequence[Optional[Curvature]],
     rules: Sequence[Optional[KeepRule]],
     weights: Sequence[float],
-    lam: float = 1.0,
+    lambda_: float = 1.0,
     normalize: bool = False,
     consensus: Optional[str] = None,
 ) -> torch.Tensor:
     """Task arithmetic over grafted task vectors.
 
-    ``theta = b + lam * sum_i weight_i * m_i * tau_i``, divided by ``sum_i weight_i``
+    ``theta = b + lambda * sum_i weight_i * m_i * tau_i``, divided by ``sum_i weight_i``
     when ``normalize`` (which must not be 0: the ``ffg`` method refuses it,
     :func:`mergekit_ota.methods.settings.tensor_problems`), with
     ``m_i = rules[i].mask(tau_i, v_i)`` (all ones where the rule is ``None``).
@@ -200,7 +200,7 @@ def ffg_merge(
     if not (len(experts) == len(curvatures) == len(rules) == len(weights)):
         raise ValueError("experts, curvatures, rules and weights must have the same length")
     if consensus is not None:
-        return _ffg_consensus(base, experts, curvatures, rules, weights, lam, normalize, consensus)
+        return _ffg_consensus(base, experts, curvatures, rules, weights, lambda_, normalize, consensus)
     b = base.to(torch.float32)
     total: Optional[torch.Tensor] = None
     spare: Optional[torch.Tensor] = None  # tau of the 2nd expert on, one buffer reused
@@ -228,8 +228,8 @@ def ffg_merge(
         return base
     if normalize:
         total.div_(float(sum(weights)))
-    if lam != 1.0:
-        total.mul_(float(lam))
+    if lambda_ != 1.0:
+        total.mul_(float(lambda_))
     return total.add_(b).to(base.dtype)
 
 
@@ -239,11 +239,11 @@ def _ffg_consensus(
     curvatures: Sequence[Optional[Curvature]],
     rules: Sequence[Optional[KeepRule]],
     weights: Sequence[float],
-    lam: float,
+    lambda_: float,
     normalize: bool,
     rule: str,
 ) -> torch.Tensor:
-    """:func:`ffg_merge` with sign consensus (its docstring): ``b + lam * N`` or ``b + lam * N / D``."""
+    """:func:`ffg_merge` with sign consensus (its docstring): ``b + lambda * N`` or ``b + lambda * N / D``."""
     from mergekit_ota.math.consensus import SignConsensus, disjoint_mean
 
     if not experts:
@@ -261,6 +261,6 @@ def _ffg_consensus(
         spare = tau
     numerator, denominator = votes.result()
     merged = disjoint_mean(numerator, denominator, scratch=votes.scratch(numerator)) if normalize else numerator
-    if lam != 1.0:
-        merged.mul_(float(lam))
+    if lambda_ != 1.0:
+        merged.mul_(float(lambda_))
     return merged.add_(b).to(base.dtype)

@@ -2,9 +2,9 @@
 
 Symbols: base ``b``, experts ``t_i``, ``tau_i = t_i - b``, second moments ``v_i``,
 FFG masks ``m_i`` (all ones without FFG), per-expert ``weight_i``, exponent ``p``
-(``power``), ``eps`` > 0 and scale ``lam``.
+(``power``), ``eps`` > 0 and scale ``lambda``.
 
-* with a base:    ``theta = b + lam * sum_i w_i m_i tau_i / sum_i w_i m_i``
+* with a base:    ``theta = b + lambda * sum_i w_i m_i tau_i / sum_i w_i m_i``
 * without a base: ``theta = sum_i w_i t_i / sum_i w_i``  (curvature-weighted averaging)
 * with sign consensus (a base needed): the sums run only over the experts whose kept
   ``w_i m_i tau_i`` has the elected sign (:mod:`mergekit_ota.math.consensus`)
@@ -209,7 +209,7 @@ def ota_merge(
     rules: Optional[Sequence[Optional[KeepRule]]] = None,
     power: float = 0.5,
     eps: float = 1e-12,
-    lam: float = 1.0,
+    lambda_: float = 1.0,
     *,
     name: Optional[str] = None,
     consensus: Optional[str] = None,
@@ -243,7 +243,7 @@ def ota_merge(
     if consensus is not None:
         if base is None:
             raise ValueError("sign consensus needs a base model (tau_i = t_i - b)")
-        return _consensus_merge(base, experts, curvatures, weights, rules, power, eps, lam, name, consensus)
+        return _consensus_merge(base, experts, curvatures, weights, rules, power, eps, lambda_, name, consensus)
     scale = weight_scale(curvatures, weights, power, eps)
     # w_i / s >= eps / s > 0 for every unmasked expert, unless eps / s underflows in float32
     # (or a negative weight cancels): only then can a zero sum hide an unmasked expert.
@@ -310,9 +310,9 @@ def ota_merge(
         return numerator.div_(denominator).to(out_dtype)
     if masked or may_vanish:  # coordinates masked in every expert: divisor 1, so theta = b
         lift_zeros(denominator, scratch=scores)
-    if lam == 1.0:  # b + numerator / denominator in one pass
+    if lambda_ == 1.0:  # b + numerator / denominator in one pass
         return torch.addcdiv(b, numerator, denominator, out=numerator).to(out_dtype)
-    return numerator.div_(denominator).mul_(float(lam)).add_(b).to(out_dtype)
+    return numerator.div_(denominator).mul_(float(lambda_)).add_(b).to(out_dtype)
 
 
 def _consensus_merge(
@@ -323,11 +323,11 @@ def _consensus_merge(
     rules: Sequence[Optional[KeepRule]],
     power: float,
     eps: float,
-    lam: float,
+    lambda_: float,
     name: Optional[str],
     rule: str,
 ) -> torch.Tensor:
-    """``theta = b + lam * N / D`` with ``N = sum_i g_i w_i m_i tau_i``, ``D = sum_i g_i w_i``, ``g_i`` whether
+    """``theta = b + lambda * N / D`` with ``N = sum_i g_i w_i m_i tau_i``, ``D = sum_i g_i w_i``, ``g_i`` whether
     expert i's kept contribution has the elected sign (:class:`~mergekit_ota.math.consensus.SignConsensus`);
     ``D = 0`` (no expert agrees: all masked or zero there) keeps ``b``. The weights are scaled as in
     :func:`ota_merge`; a coordinate where some expert kept a nonzero ``tau_i`` but every weight underflowed
@@ -365,6 +365,6 @@ def _consensus_merge(
                 "eps"
             )
     lift_zeros(denominator, scratch=votes.scratch(denominator))  # D = 0: no expert agrees, N = 0 there: theta = b
-    if lam == 1.0:  # b + N / D in one pass
+    if lambda_ == 1.0:  # b + N / D in one pass
         return torch.addcdiv(b, numerator, denominator, out=numerator).to(base.dtype)
-    return numerator.div_(denominator).mul_(float(lam)).add_(b).to(base.dtype)
+    return numerator.div_(denominator).mul_(float(lambda_)).add_(b).to(base.dtype)

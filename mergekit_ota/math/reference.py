@@ -5,7 +5,7 @@ pre-scale weights that would leave float32's range and select the k-th saliency 
 functions do none of that. They stack the experts and evaluate the formula directly, so a reader can check the
 math in a few lines, and the property tests (``tests/test_math.py``) compare the kernels against them.
 
-* OTA: ``theta = b + lam * sum_i w_i m_i tau_i / sum_i w_i m_i`` with ``w_i = weight_i * v_i**p + eps`` and
+* OTA: ``theta = b + lambda * sum_i w_i m_i tau_i / sum_i w_i m_i`` with ``w_i = weight_i * v_i**p + eps`` and
   ``tau_i = t_i - b``; a coordinate where every ``w_i m_i`` is 0 keeps ``b``. Without a base:
   ``theta = sum_i w_i t_i / sum_i w_i``.
 * FFG mask at density ``d``: the ``k = max(1, int(d * numel))`` largest saliencies ``s = v * tau**2``, ties
@@ -29,7 +29,7 @@ def reference_ota(
     masks: Optional[Sequence[torch.Tensor]] = None,
     power: float = 0.5,
     eps: float = 1e-12,
-    lam: float = 1.0,
+    lambda_: float = 1.0,
 ) -> torch.Tensor:
     """OTA by its formula (module docstring), in float64; ``masks`` are 0/1 (or boolean) tensors ``m_i``."""
     shape = (-1,) + (1,) * experts[0].dim()
@@ -41,7 +41,7 @@ def reference_ota(
         return (w * t).sum(0) / w.sum(0)
     b = base.double()
     den = w.sum(0)
-    return b + lam * (w * (t - b)).sum(0) / torch.where(den == 0, 1.0, den)
+    return b + lambda_ * (w * (t - b)).sum(0) / torch.where(den == 0, 1.0, den)
 
 
 def reference_mask(scores: torch.Tensor, density: float) -> torch.Tensor:

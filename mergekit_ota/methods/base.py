@@ -30,10 +30,10 @@ from mergekit.merge_methods.base import (
 
 from mergekit_ota.compat import require_supported_mergekit
 from mergekit_ota.errors import ConfigError, CurvatureError, MergeError
-from mergekit_ota.math.ffg import KeepRule, f32_operand
+from mergekit_ota.math.ffg import KeepRule, f32_operand, saliency
 from mergekit_ota.math.histogram import SaliencyHistogram
 from mergekit_ota.math.ota import scaled_scalar
-from mergekit_ota.math.rank1 import Curvature, Rank1Curvature, dense
+from mergekit_ota.math.rank1 import Curvature, Rank1Curvature
 from mergekit_ota.math.scale import CurvatureScale
 from mergekit_ota.methods.scale import STATISTICS_KEY, add_curvatures, statistics
 from mergekit_ota.methods.settings import (
@@ -356,7 +356,7 @@ class CurvatureMergeMethod(GroupMergeMethod):
             auto = expert.settings.auto_density
             histogram = SaliencyHistogram()
             scores = torch.sub(f32_operand(expert.tensor), base, out=scores)
-            histogram.add(scores.square_().mul_(dense(expert.curvature)), overwrite=True, with_mass=auto)
+            histogram.add(saliency(scores, expert.curvature, out=scores), overwrite=True, with_mass=auto)
             result[expert.id] = (histogram, AutoDensity(shared.saliency_mass) if auto else expert.settings.density)
         return result
 

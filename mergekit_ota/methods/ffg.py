@@ -46,7 +46,7 @@ class FFGMerge(CurvatureMergeMethod):
             [e.curvature for e in experts],
             [e.rule for e in experts],
             [e.settings.weight for e in experts],
-            lam=shared.lam,
+            lambda_=shared.lambda_,
             normalize=shared.normalize,
             consensus=shared.consensus,
         )

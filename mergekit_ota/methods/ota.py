@@ -42,7 +42,7 @@ class OTAMerge(CurvatureMergeMethod):
             rules=[e.rule for e in experts] if base is not None else None,
             power=shared.power,
             eps=shared.eps,
-            lam=shared.lam,
+            lambda_=shared.lambda_,
             name=name,
             consensus=shared.consensus,
         )

@@ -139,11 +139,11 @@ class ExpertSettings(BaseModel):
 
 
 class SharedSettings(BaseModel):
-    """Validated shared parameters (every float finite; ``lambda`` is read as ``lam``)."""
+    """Validated shared parameters (every float finite; ``lambda`` is read as ``lambda_``)."""
 
     model_config = ConfigDict(extra="ignore", populate_by_name=True, allow_inf_nan=False)
 
-    lam: float = Field(1.0, alias="lambda")
+    lambda_: float = Field(1.0, alias="lambda")
     density_scope: Literal["tensor", "model"] = "tensor"
     bias_correction: BiasMode = "auto"
     power: float = 0.5
@@ -350,8 +350,10 @@ def shared_check(
         shared = SharedSettings.model_validate(dict(values))
     except ValidationError as error:
         return None, [f"Invalid parameters for merge method {method}: {_describe(error)}"]
-    if method == OTA and has_base is False and shared.lam != 1.0:
-        return shared, [f"ota: lambda scales the merged task vector and needs a base_model; got lambda {shared.lam}"]
+    if method == OTA and has_base is False and shared.lambda_ != 1.0:
+        return shared, [
+            f"ota: lambda scales the merged task vector and needs a base_model; got lambda {shared.lambda_}"
+        ]
     if has_base is False and shared.consensus:
         return shared, [
             f"{method}: sign_consensus elects a sign per coordinate of the task vectors tau_i = t_i - b and needs a "
