@@ -137,7 +137,7 @@ factor = st.lists(st.sampled_from([0.0, 1e-12, 3e-9, 0.5, 1.0, 2.0, 7.0]), min_s
 @given(r=factor, c=factor)
 def test_rank1_stats_equal_stats_of_the_explicit_outer_product(r, c):
     """rank1_stats(r, c) (from the factors only) equals min/median/max/zeros of outer(r, c) / sum(r) built in full."""
-    from mergekit_ota.curvature.stats import rank1_stats
+    from mergekit_ota.math.stats import rank1_stats
 
     r64, c64 = torch.tensor(r, dtype=torch.float64), torch.tensor(c, dtype=torch.float64)
     total = float(r64.sum())
@@ -152,7 +152,7 @@ def test_rank1_stats_equal_stats_of_the_explicit_outer_product(r, c):
 @given(seed=st.integers(0, 2**31 - 1), cuts=st.lists(st.integers(0, 60), max_size=5))
 def test_streamed_stats_do_not_depend_on_how_the_tensor_is_cut(seed, cuts):
     """Feeding a tensor (with zeros, NaN, +-Inf, negatives) to StatsAccumulator in any chunks gives its exact stats."""
-    from mergekit_ota.curvature.stats import StatsAccumulator
+    from mergekit_ota.math.stats import StatsAccumulator
 
     g = torch.Generator().manual_seed(seed)
     values = torch.randn(60, generator=g)
@@ -171,7 +171,7 @@ def test_streamed_stats_do_not_depend_on_how_the_tensor_is_cut(seed, cuts):
 
 def test_sampled_median_covers_every_column_of_a_wide_tensor():
     """Above the exact limit the median comes from a strided sample that visits every column (no aliasing)."""
-    from mergekit_ota.curvature.stats import tensor_stats
+    from mergekit_ota.math.stats import tensor_stats
 
     columns = torch.arange(56, dtype=torch.float32)  # column j holds the value j in every row
     tensor = columns.repeat(4096, 1)

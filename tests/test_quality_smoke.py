@@ -199,11 +199,13 @@ def test_every_method_gets_at_most_four_settings_and_valid_mergekit_configs():
 
     import mergekit_ota  # noqa: F401
 
+    fisher = {n: {"a": f"fa{n}.safetensors", "b": f"fb{n}.safetensors"} for n in merges.FISHER_NS}
     experts = merges.Experts(
         "base",
         {"a": "ea", "b": "eb"},
         {"a": "va.safetensors", "b": "vb.safetensors"},
         {"a": "ra.safetensors", "b": "rb.safetensors"},
+        fisher,
     )
     points = merges.settings(experts)
     counts = Counter(p.method for p in points)
@@ -215,6 +217,9 @@ def test_every_method_gets_at_most_four_settings_and_valid_mergekit_configs():
         curvature = [m["parameters"].get("curvature") for m in point.config["models"]]
         if "rank-1" in point.method:
             assert curvature == ["ra.safetensors", "rb.safetensors"]
+        elif "data Fisher" in point.method:
+            n = int(point.method.split("N=")[1].rstrip(")"))
+            assert curvature == [fisher[n]["a"], fisher[n]["b"]]
         elif point.method.startswith(("ota", "ffg")):
             assert curvature == ["va.safetensors", "vb.safetensors"]
 
@@ -270,6 +275,7 @@ def test_smoke_run_writes_a_well_formed_report_and_reuses_its_cache(tmp_path):
         "--methods",
         "ota",
         "ties",
+        merges.fisher_method(16),
         "--cache",
         str(tmp_path / "cache"),
         "--results",
@@ -293,6 +299,12 @@ def test_smoke_run_writes_a_well_formed_report_and_reuses_its_cache(tmp_path):
         assert re.search(r"\| FFG \(per tensor\) \| [0-9n]", report)
         work = data["invocation"]["work"]
         assert os.path.isfile(os.path.join(work, "curvature", "modadd-rank1.safetensors"))
+        # data Fisher: the store, the ota row against ota, the measurement table, FFG's curve with it
+        assert os.path.isfile(os.path.join(work, "curvature", "modadd-fisher16.safetensors"))
+        section = report.split("### Data Fisher instead of Adam's exp_avg_sq", 1)[1]
+        assert re.search(r"\| ota \(data Fisher, N=16\) - ota \| [-+0-9n]", section), section[:600]
+        assert re.search(r"\| modadd/16 \| [-0-9.]+ \[", section)
+        assert any(key.startswith(f"graft/modadd/{grafting.FISHER}/") for key in data["models"])
         assert os.path.isfile(os.path.join(work, "configs", merges.slug("ota p=0.5, λ=1") + ".yml"))
 
         stamp = os.path.getmtime(os.path.join(work, "experts", "modadd", "run.json"))

@@ -104,11 +104,12 @@ class Comparisons:
         )
         return f"| {label} | {est(d.pooled, True)} | {d.pooled.verdict} |{per_seed}"
 
-    def sections(self, extra: Sequence[Tuple[str, str]] = ()) -> List[str]:
-        """Markdown: differences from the best baseline, like-for-like pairs, rank-1 vs full, curvature scale.
+    def sections(self, extra: Sequence[Tuple[str, str]] = (), datas: Sequence[Dict] = ()) -> List[str]:
+        """Markdown: differences from the best baseline, like-for-like pairs, rank-1 vs full, curvature scale,
+        data Fisher.
 
         ``extra``: (label, model key present in every seed) rows compared with the best baseline too
-        (the multi-task reference).
+        (the multi-task reference). ``datas``: each seed's results, for the data Fisher measurements.
         """
         out: List[str] = []
         pooled = "pooled over seeds (two-level bootstrap: seeds, then items within seed) and per seed (items only)"
@@ -154,7 +155,55 @@ class Comparisons:
             ]
             out += self.columns("comparison")
             out += [self.row(f"{a} - {b}", self.diff(self.keys_of(a), self.keys_of(b))) for a, b in pairs]
-        return out + self.scale_section()
+        return out + self.scale_section() + self.fisher_section(datas)
+
+    def fisher_section(self, datas: Sequence[Dict]) -> List[str]:
+        """Data Fisher: ``ota (data Fisher, N=n)`` against ``ota`` (Adam's v), and what the measurement found
+        (Spearman with Adam's v per tensor, scale, seconds per expert against the export's)."""
+        methods = [m for m in self.methods if m.startswith("ota (data Fisher") and "ota" in self.methods]
+        if not methods:
+            return []
+        out = [
+            "",
+            "## Data Fisher instead of Adam's exp_avg_sq",
+            "",
+            "`ota (data Fisher, N=n)`: ota (same grid) on each expert's diagonal Fisher, the mean over mini-batches "
+            "of the squared gradient of the mean answer loss, measured on the first n of the expert's own "
+            "training rows (batch 8; `benchmarks/quality/fisher.py`, the estimator of `mergekit-ota fisher`), "
+            "instead of the `exp_avg_sq` its optimizer left. Test G minus ota's, each at its own "
+            "validation-chosen grid point:",
+            "",
+        ]
+        out += self.columns("comparison")
+        out += [self.row(f"{m} - ota", self.diff(self.keys_of(m), self.keys_of("ota"))) for m in methods]
+        measured = [d.get("fisher", {}) for d in datas]
+        keys = list(dict.fromkeys(k for m in measured for k in m))
+        if keys:
+            out += [
+                "",
+                "The measurement, per expert (mean over seeds): Spearman's rank correlation of the Fisher with the "
+                "expert's bias-corrected Adam `v`, per tensor (median [min, max]); scale, sum(F) / sum(v "
+                "corrected); seconds for the Fisher (model load included) against the export of the Adam store.",
+                "",
+                "| expert / n | Spearman per tensor: median [min, max] | scale | Fisher s | export s |",
+                "|---|---|---|---|---|",
+            ]
+            for key in keys:
+                rows = [m[key] for m in measured if key in m]
+                cap = key.split("/")[0]
+                export = [d.get("export", {}).get(f"{cap}/full", {}).get("seconds") for d in datas]
+                export = [e for e in export if e]
+
+                def mean(field: str, rows: List[Dict] = rows) -> float:
+                    values = [r[field] for r in rows if r.get(field) is not None]
+                    return float(np.mean(values)) if values else math.nan
+
+                out.append(
+                    f"| {key} | {fmt(mean('median'))} [{fmt(mean('min'))}, {fmt(mean('max'))}] | "
+                    f"{mean('scale'):.3g} | {fmt(mean('seconds'), 1)} | "
+                    f"{fmt(float(np.mean(export)) if export else math.nan, 2)} |"
+                )
+        return out
 
     def scale_section(self) -> List[str]:
         """Curvature on one scale: each variant against its default (bias-corrected, no normalisation), and the

@@ -27,26 +27,7 @@ if REPO not in sys.path:
 
 import torch  # noqa: E402
 
-SAMPLE = 1_000_000
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor, name: str) -> float:
-    """Spearman rank correlation of two same-shape tensors (a seeded sample of SAMPLE entries when larger)."""
-    x, y = a.reshape(-1).double(), b.reshape(-1).double()
-    if x.numel() > SAMPLE:
-        g = torch.Generator().manual_seed(abs(hash(name)) % 2**31)
-        index = torch.randint(0, x.numel(), (SAMPLE,), generator=g)
-        x, y = x[index], y[index]
-
-    def ranks(t: torch.Tensor) -> torch.Tensor:
-        out = torch.empty_like(t)
-        out[t.argsort()] = torch.arange(t.numel(), dtype=t.dtype)
-        return out
-
-    rx, ry = ranks(x), ranks(y)
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    denominator = float(rx.norm() * ry.norm())
-    return float((rx * ry).sum()) / denominator if denominator else float("nan")
+from benchmarks.quality.fisher import SAMPLE, spearman  # noqa: E402
 
 
 def main(argv: Optional[List[str]] = None) -> str:

@@ -20,6 +20,8 @@ mass ``q`` instead of a density: it keeps the fewest entries whose saliency ``v 
 ``q`` of the expert's total, model-wide, and the merge's provenance records the density it chose.
 ``FFG (knee: s >= mean s)`` (:func:`knee_graft_config`) keeps the entries whose saliency reaches the expert's
 mean saliency, the knee of its mass-vs-density curve (:mod:`benchmarks.quality.saliency`).
+``FFG (data Fisher, per tensor)`` (tiers that measure a data Fisher) is ``FFG (per tensor)`` with the saliency
+``F * tau**2`` of the expert's data Fisher ``F`` (the largest N measured) in place of Adam's ``v``.
 """
 
 from __future__ import annotations
@@ -31,6 +33,13 @@ AUTO_MASSES: Tuple[float, ...] = (0.5, 0.8, 0.9, 0.95, 0.99)  # density: auto's 
 AUTO = "FFG (auto)"
 KNEE = "FFG (knee: s >= mean s)"  # density: auto's other candidate rule (benchmarks/quality/saliency.py), sft tier
 SELECTORS: Tuple[str, ...] = ("FFG (per tensor)", "FFG (model-wide)", "magnitude (per tensor)", "random")
+FISHER = "FFG (data Fisher, per tensor)"  # FFG's saliency from the expert's data Fisher (tiers that measure one)
+
+
+def selectors_in(data: Dict[str, Any]) -> Tuple[str, ...]:
+    """:data:`SELECTORS`, and :data:`FISHER` where the run grafted with it."""
+    grafted = any(key.startswith("graft/") and f"/{FISHER}/" in key for key in data.get("models", {}))
+    return SELECTORS + ((FISHER,) if grafted else ())
 
 
 def graft_config(
@@ -50,7 +59,7 @@ def graft_config(
         method = "dare_linear"
         shared["rescale"] = False
     else:
-        raise ValueError(f"unknown grafting selector {selector!r}; known: {SELECTORS}")
+        raise ValueError(f"unknown grafting selector {selector!r}; known: {SELECTORS + (FISHER,)}")
     config: Dict[str, Any] = {
         "merge_method": method,
         "base_model": base,

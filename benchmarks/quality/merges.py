@@ -28,6 +28,10 @@ takes each expert's density from its own saliency mass (``density: auto``, model
 ``saliency_mass`` (chosen on the grafting curves' validation scores): no density is tuned, only
 lambda {1.0, 1.5}.
 
+Data Fisher (experts without optimizer state): ``ota (data Fisher, N=n)`` is ``ota`` with its grid on each expert's
+diagonal Fisher measured on n of its own training rows (:mod:`benchmarks.quality.fisher`) instead of Adam's
+``exp_avg_sq``; a tier runs the n its suite measures (``Suite.fisher_samples``).
+
 Curvature-scale variants (the curvature-scale issue's evidence): ``ota`` and ``ota+ffg
 (model-wide)`` run with the defaults (``bias_correction: auto``, which corrects every expert here,
 since every store records its step and beta2) with ``curvature_scale: none`` (:data:`BENCHMARK_SCALE`, written into
@@ -64,6 +68,13 @@ class Experts:
     models: Mapping[str, str]
     full_stores: Mapping[str, str] = field(default_factory=dict)
     rank1_stores: Mapping[str, str] = field(default_factory=dict)
+    fisher_stores: Mapping[int, Mapping[str, str]] = field(default_factory=dict)  # N -> capability -> data Fisher
+
+    def stores(self, kind: str) -> Mapping[str, str]:
+        """The stores ``kind`` names: ``full``, ``rank1`` or ``fisherN`` (data Fisher on N rows; empty if not run)."""
+        if kind.startswith("fisher"):
+            return self.fisher_stores.get(int(kind[len("fisher") :]), {})
+        return self.full_stores if kind == "full" else self.rank1_stores
 
 
 @dataclass(frozen=True)
@@ -86,7 +97,7 @@ class Method:
     name: str
     merge_method: str
     grid: Sequence[Dict[str, Any]]
-    curvature: Optional[str] = None  # "full", "rank1" or None
+    curvature: Optional[str] = None  # "full", "rank1", "fisherN" (data Fisher on N rows) or None
     shared: Dict[str, Any] = field(default_factory=dict)
     note: str = ""
     base: bool = True  # False: no base_model (ota's curvature-weighted averaging of the weights)
@@ -161,34 +172,56 @@ def methods() -> List[Method]:
     ]
 
 
+FISHER_NS = (16, 128, 1024)  # data Fisher rows: a tier runs the Ns its suite measures (smoke 16; quick 128, 1024)
+
+
+def fisher_method(n: int) -> str:
+    """The name of ota on the data Fisher of N rows."""
+    return f"ota (data Fisher, N={n})"
+
+
 def _core_methods() -> List[Method]:
-    return _base_methods() + [
+    fisher = [
         Method(
-            "ota+ffg (model-wide, sign consensus)",
+            fisher_method(n),
             "ota",
-            _grid(density=DENSITIES, **{"lambda": MEAN_LAMBDAS}),
-            curvature="full",
-            shared={"density_scope": "model", "sign_consensus": "sum"},
-            note="sign_consensus: sum",
-        ),
-        Method(
-            "ffg (sign consensus)",
-            "ffg",
-            _grid(density=DENSITIES, **{"lambda": MEAN_LAMBDAS}),
-            curvature="full",
-            shared={"normalize": True, "sign_consensus": "sum"},
-            note="TIES with FFG saliency: normalize, sign_consensus: sum (disjoint mean)",
-        ),
-        Method(
-            AUTO_METHOD,
-            "ota",
-            _grid(saliency_mass=(DEFAULT_SALIENCY_MASS,), **{"lambda": MEAN_LAMBDAS}),
-            curvature="full",
-            shared={"density_scope": "model"},
-            per_expert={"density": "auto"},
-            note="density: auto per expert (its own saliency mass), no density tuned",
-        ),
+            _grid(power=(0.5, 1.0), **{"lambda": MEAN_LAMBDAS}),
+            curvature=f"fisher{n}",
+            note=f"curvature: each expert's diagonal Fisher on {n} of its own training rows",
+        )
+        for n in FISHER_NS
     ]
+    return (
+        _base_methods()
+        + fisher
+        + [
+            Method(
+                "ota+ffg (model-wide, sign consensus)",
+                "ota",
+                _grid(density=DENSITIES, **{"lambda": MEAN_LAMBDAS}),
+                curvature="full",
+                shared={"density_scope": "model", "sign_consensus": "sum"},
+                note="sign_consensus: sum",
+            ),
+            Method(
+                "ffg (sign consensus)",
+                "ffg",
+                _grid(density=DENSITIES, **{"lambda": MEAN_LAMBDAS}),
+                curvature="full",
+                shared={"normalize": True, "sign_consensus": "sum"},
+                note="TIES with FFG saliency: normalize, sign_consensus: sum (disjoint mean)",
+            ),
+            Method(
+                AUTO_METHOD,
+                "ota",
+                _grid(saliency_mass=(DEFAULT_SALIENCY_MASS,), **{"lambda": MEAN_LAMBDAS}),
+                curvature="full",
+                shared={"density_scope": "model"},
+                per_expert={"density": "auto"},
+                note="density: auto per expert (its own saliency mass), no density tuned",
+            ),
+        ]
+    )
 
 
 def _base_methods() -> List[Method]:
@@ -256,8 +289,7 @@ def config_for(method: Method, knobs: Mapping[str, Any], experts: Experts, dtype
     for cap, path in experts.models.items():
         parameters = dict(per_expert)
         if method.curvature:
-            stores = experts.full_stores if method.curvature == "full" else experts.rank1_stores
-            parameters["curvature"] = stores[cap]
+            parameters["curvature"] = experts.stores(method.curvature)[cap]
         models.append({"model": path, "parameters": parameters})
     config: Dict[str, Any] = {"merge_method": method.merge_method, "models": models}
     if method.base:
@@ -274,6 +306,8 @@ def settings(experts: Experts, dtype: str = "float32", only: Optional[Sequence[s
     for method in methods():
         if only is not None and method.name not in only:
             continue
+        if method.curvature and not experts.stores(method.curvature):
+            continue  # a data Fisher this tier did not measure
         for knobs in method.grid:
             label = ", ".join(f"{_knob(k)}={_fmt(v)}" for k, v in knobs.items()) or "default"
             out.append(Setting(method.name, label, config_for(method, knobs, experts, dtype)))

@@ -74,7 +74,7 @@ def graft_curves(suite: Suite, data: Dict[str, Any]) -> Dict[str, Dict[str, List
     """``{selector: {capability: [kept(...) per density]}}`` on the test split."""
     models = data["models"]
     curves: Dict[str, Dict[str, List[Dict[str, float]]]] = {}
-    for selector in grafting.SELECTORS:
+    for selector in grafting.selectors_in(data):
         for cap in suite.capabilities:
             metric = suite.metric[cap]
             expert = _score(models[f"expert/{cap}"], "test", cap, metric)
@@ -103,6 +103,7 @@ def plot(suite: Suite, data: Dict[str, Any], path: str) -> None:
         "FFG (model-wide)": ("C2", "s-"),
         "magnitude (per tensor)": ("C3", "^-"),
         "random": ("C7", "x--"),
+        grafting.FISHER: ("C1", "d-."),
     }
     for row, (key, ylabel) in enumerate(
         (("ratio", "score / expert score"), ("gain", "(score - base) / (expert - base)"))
@@ -361,7 +362,9 @@ def write(suite: Suite, data: Dict[str, Any], directory: str, name: str) -> str:
     out += ["", "### Findings", ""] + [
         f"- {line}" for line in _findings(chosen, curves, data["densities"], data["settings"])
     ]
-    out += [""] + [line.replace("## ", "### ", 1) if line.startswith("## ") else line for line in table.sections()]
+    out += [""] + [
+        line.replace("## ", "### ", 1) if line.startswith("## ") else line for line in table.sections(datas=[data])
+    ]
 
     out += [
         "",

@@ -23,6 +23,7 @@ settings that train the same), scores test only at each method's point chosen on
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -180,6 +181,31 @@ class Pipeline:
                     stores[cap] = out
         return merges.Experts(base=base, models=experts, full_stores=full, rank1_stores=rank1)
 
+    def data_fisher(self, experts: merges.Experts) -> merges.Experts:
+        """Each expert's data Fisher on the first N of its own training rows, for each N of
+        ``suite.fisher_samples`` (:mod:`benchmarks.quality.fisher`; cached as the exports are), with its Spearman
+        correlation to the expert's Adam store; ``experts`` with those stores added."""
+        if not self.suite.fisher_samples:
+            return experts
+        from benchmarks.quality import fisher
+
+        stores: Dict[int, Dict[str, str]] = {}
+        with self.results.stage("data Fisher"):
+            for n in self.suite.fisher_samples:
+                for cap, checkpoint in experts.models.items():
+                    out = os.path.join(self.work, "curvature", f"{cap}-fisher{n}.safetensors")
+                    rows = self.suite.expert_rows(cap)[:n]
+                    seconds = fisher.fisher_store(checkpoint, rows, out, self.suite.pad_id, self.device)
+                    record = self.results.data.setdefault("fisher", {}).setdefault(f"{cap}/{n}", {})
+                    if seconds:
+                        record["seconds"] = seconds
+                    if "median" not in record:
+                        record.update(fisher.compare_with_adam(out, experts.full_stores[cap]))
+                        self.log(f"data Fisher {cap}, N={n}: Spearman with Adam v, median {record['median']:.3f}")
+                    stores.setdefault(n, {})[cap] = out
+            self.results.save()
+        return dataclasses.replace(experts, fisher_stores=stores)
+
     # --- scoring ------------------------------------------------------------------------
 
     def rows(self, cap: str, split: str) -> list:
@@ -320,8 +346,12 @@ class Pipeline:
         """Single-expert grafts: every (expert, selector, density) of the curves, scored on test; with
         ``suite.auto_grafts`` (sft), ``density: auto`` at each saliency mass and the knee rule, scored on val + test."""
         planned = grafting.plan(self.suite.capabilities, tuple(densities))
+        if experts.fisher_stores:  # FFG with the data Fisher of the largest N in place of Adam's v
+            fisher_stores = experts.fisher_stores[max(experts.fisher_stores)]
+            planned += [(cap, grafting.FISHER, d) for cap in self.suite.capabilities for d in densities]
         for index, (cap, selector, density) in enumerate(planned):
-            config = grafting.graft_config(selector, base, experts.models[cap], experts.full_stores[cap], density)
+            store = fisher_stores[cap] if selector == grafting.FISHER else experts.full_stores[cap]
+            config = grafting.graft_config(selector, base, experts.models[cap], store, density)
             self.merged(
                 f"graft/{cap}/{selector}/{density:g}",
                 config,
@@ -371,7 +401,7 @@ class Pipeline:
         """Every stage in order; ``stop_after="references"`` ends after base, experts (and multitask) are scored,
         ``"merges"`` leaves out the grafting curves."""
         base = self.base()
-        experts = self.curvature(base, self.experts(base))
+        experts = self.data_fisher(self.curvature(base, self.experts(base)))
         multitask = self.multitask(base)
         references = {"base": base, **{f"expert/{cap}": path for cap, path in experts.models.items()}}
         if multitask:
@@ -411,9 +441,8 @@ class Pipeline:
             {"method": s.method, "label": s.label, "key": f"merge/{s.method}/{s.label}", "config": s.slug}
             for s in settings
         ]
-        self.results.data["grids"] = {
-            m.name: m.grid_text() for m in merges.methods() if not methods or m.name in methods
-        }
+        ran = {s.method for s in settings}
+        self.results.data["grids"] = {m.name: m.grid_text() for m in merges.methods() if m.name in ran}
         self.results.data["densities"] = list(densities)
         self.results.data["auto_masses"] = list(self.suite.auto_grafts if densities else ())
         self.results.save()

@@ -79,7 +79,7 @@ def markdown(tier: str, seeds: Sequence[int], runs: List[Dict[str, Any]]) -> str
             + f" | **{compare.fmt(statistics.fmean(values[method]))}** | {compare.fmt(sd)} | "
             f"{', '.join(map(str, ranks[method]))} |"
         )
-    out += [""] + table.sections()
+    out += [""] + table.sections(datas=[r["data"] for r in runs])
     out += [
         "",
         "## Grafting: FFG minus magnitude, seed by seed",

@@ -94,9 +94,10 @@ class Suite:
     test_chosen_only: bool = False  # merges: test scored only at each method's point chosen on validation
     # capability -> the score G (gain kept) is computed from, where it is not ``metric`` (paired.headline)
     headline: Dict[str, str] = field(default_factory=dict)
-    auto_grafts: Tuple[
-        float, ...
-    ] = ()  # saliency masses of density: auto grafts (grafting.AUTO_MASSES), scored val + test
+    # saliency masses of density: auto grafts (grafting.AUTO_MASSES), scored val + test
+    auto_grafts: Tuple[float, ...] = ()
+    # data Fisher (benchmarks/quality/fisher.py): the N of each expert's training rows it is measured on
+    fisher_samples: Tuple[int, ...] = ()
     _tokenizer: Any = None
 
     def settings_of(self, capability: str) -> TrainSettings:
@@ -198,6 +199,7 @@ def quick_suite(settings: Optional[QuickSettings] = None) -> Suite:
         # token accuracy is the smoke settings' score (exact match is 0 after a few steps); their experts move
         # it by less than MIN_GAIN, so their G is loss-based, as the full tier's
         headline={cap.name: "loss" for cap in caps} if settings.metric == "token_accuracy" else {},
+        fisher_samples=(128, 1024) if settings.hidden_size >= 64 else (16,),  # smoke: one small N
     )
     return suite
 

@@ -63,48 +63,23 @@ class Document:
         return "\n\n".join(out) + "\n"
 
     def html(self, directory: str, title: str) -> str:
-        out = [
-            "<!DOCTYPE html><html><head><meta charset='utf-8'>",
+        """The Markdown rendered by the ``markdown`` library (tables, code blocks), each figure embedded as a
+        base64 PNG so the page stands alone."""
+        import markdown
+
+        def embed(match: "re.Match[str]") -> str:
+            with open(os.path.join(directory, match.group(1)), "rb") as fp:
+                return 'src="data:image/png;base64,' + base64.b64encode(fp.read()).decode("ascii") + '"'
+
+        body = markdown.markdown(self.markdown(), extensions=["tables", "fenced_code"])
+        body = re.sub(r'src="([^"/]+\.png)"', embed, body)
+        return (
+            "<!DOCTYPE html><html><head><meta charset='utf-8'>"
             f"<title>{html.escape(title)}</title><style>"
             "body{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.45}"
             "table{border-collapse:collapse;font-size:90%}td,th{border:1px solid #ccc;padding:3px 7px}"
-            "img{max-width:100%}code{background:#f3f3f3}figcaption{font-style:italic}</style></head><body>",
-        ]
-        for kind, payload in self.blocks:
-            if kind in ("h1", "h2", "h3"):
-                out.append(f"<{kind}>{_inline(payload)}</{kind}>")
-            elif kind == "p":
-                out.append(f"<p>{_inline(payload)}</p>")
-            elif kind == "ul":
-                out.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in payload) + "</ul>")
-            elif kind == "code":
-                out.append(f"<pre><code>{html.escape(payload)}</code></pre>")
-            elif kind == "table":
-                header, rows = payload
-                out.append(
-                    "<table><tr>"
-                    + "".join(f"<th>{_inline(h)}</th>" for h in header)
-                    + "</tr>"
-                    + "".join("<tr>" + "".join(f"<td>{_inline(str(c))}</td>" for c in row) + "</tr>" for row in rows)
-                    + "</table>"
-                )
-            elif kind == "img":
-                name, caption = payload
-                with open(os.path.join(directory, name), "rb") as fp:
-                    data = base64.b64encode(fp.read()).decode("ascii")
-                out.append(
-                    f"<figure><img src='data:image/png;base64,{data}' alt='{html.escape(caption)}'>"
-                    f"<figcaption>{_inline(caption)}</figcaption></figure>"
-                )
-        out.append("</body></html>")
-        return "\n".join(out)
-
-
-def _inline(text: str) -> str:
-    """Markdown's ``code`` and **bold** as HTML, everything else escaped."""
-    escaped = html.escape(text)
-    escaped = re.sub(r"`([^`]+)`", r"<code>\1</code>", escaped)
-    return re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", escaped)
+            f"img{{max-width:100%}}code{{background:#f3f3f3}}</style></head><body>\n{body}\n</body></html>"
+        )
 
 
 # ----------------------------------------------------------------------------- figures

@@ -141,11 +141,11 @@ def inspect_command(
     1 - beta2**step from the metadata, and each mean over the smallest. Each store is
     still read once.
     """
-    from mergekit_ota.curvature import stats
     from mergekit_ota.curvature.inspect import inspect_store, scale_json
     from mergekit_ota.curvature.locate import locate_store
     from mergekit_ota.curvature.store import CurvatureStore
     from mergekit_ota.errors import CurvatureError
+    from mergekit_ota.math import stats
     from mergekit_ota.progress import bar
 
     compare = len(stores) > 1

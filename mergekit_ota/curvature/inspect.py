@@ -3,7 +3,7 @@
 The store is walked one logical tensor at a time (:func:`iter_tensor_reports`):
 a full tensor is streamed by blocks of rows (:func:`~mergekit_ota.curvature.scan.entry_stats`);
 a rank-1 record ``v_hat = outer(r, c) / sum(r)`` is described exactly from its two
-factors (:func:`~mergekit_ota.curvature.stats.rank1_stats`), never reconstructed.
+factors (:func:`~mergekit_ota.math.stats.rank1_stats`), never reconstructed.
 Values a merge would refuse (NaN, Inf, negative) are reported, not raised: for a
 rank-1 record with such factors the statistics are those of the stored factors.
 
@@ -26,11 +26,11 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 import torch
 
 from mergekit_ota.curvature.scan import entry_stats
-from mergekit_ota.curvature.stats import EXACT_MEDIAN_LIMIT, SAMPLE_SIZE, TensorStats, rank1_stats, tensor_stats
 from mergekit_ota.curvature.store import CurvatureRecord, CurvatureStore, metadata_inputs, value_problems
 from mergekit_ota.errors import CurvatureError
 from mergekit_ota.math.rank1 import Rank1Curvature
 from mergekit_ota.math.scale import CurvatureScale, bias_factor
+from mergekit_ota.math.stats import EXACT_MEDIAN_LIMIT, SAMPLE_SIZE, TensorStats, rank1_stats, tensor_stats
 
 FP32_BYTES = 4
 
@@ -133,9 +133,9 @@ SCALE_COLUMNS = (
 SCALE_NOTE = (
     "mean and median of v over every entry of every tensor (a rank-1 tensor: of its reconstruction "
     "outer(r, c) / sum(r)), the statistics curvature_scale divides by; the median is the lower edge of its "
-    "log-histogram bin (within 0.2%). 1 - beta2**step: Adam's bias factor from the metadata (- where the step or "
+    "log-histogram bin (within 0.2%). `1 - beta2**step`: Adam's bias factor from the metadata (- where the step or "
     "beta2 is not recorded, or the store is already corrected). mean / smallest: how much larger each expert's "
-    "curvature is; OTA weighs it (ratio)**power more, unless bias correction or curvature_scale evens it out."
+    "curvature is; OTA weighs it `(ratio)**power` more, unless bias correction or curvature_scale evens it out."
 )
 
 

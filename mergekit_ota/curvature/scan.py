@@ -1,7 +1,7 @@
 """Reading a stored tensor's values for statistics or validation, one block of rows at a time.
 
 Memory stays at one block (about 4M values) plus, for an exact median, the values
-themselves (at most :data:`~mergekit_ota.curvature.stats.EXACT_MEDIAN_LIMIT`).
+themselves (at most :data:`~mergekit_ota.math.stats.EXACT_MEDIAN_LIMIT`).
 A sampled scan reads only :data:`WINDOWS` evenly spaced windows of whole rows
 (``safe_open(...).get_slice``), about ``sample`` values in all, so checking a
 store costs kilobytes per tensor instead of the whole file.
@@ -15,8 +15,8 @@ from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch
 
-from mergekit_ota.curvature.stats import StatsAccumulator, TensorStats
 from mergekit_ota.curvature.store import CurvatureStore, HeaderEntry, value_problems
+from mergekit_ota.math.stats import StatsAccumulator, TensorStats
 
 WINDOWS = 8
 DEFAULT_SAMPLE = 1 << 16
