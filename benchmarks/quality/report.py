@@ -14,6 +14,7 @@ import os
 import platform
 import subprocess
 import time
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 from benchmarks.quality import grafting, merges, paired, stats
@@ -248,24 +249,37 @@ def headline_text(suite: Suite, skills: List[str]) -> str:
     )
 
 
-def write(suite: Suite, data: Dict[str, Any], directory: str, name: str) -> str:
-    """Write ``quality-<name>.md`` and ``quality-<name>-grafting.png`` into ``directory``; return the md path."""
-    os.makedirs(directory, exist_ok=True)
-    md_path = os.path.join(directory, f"quality-{name}.md")
-    png_name = f"quality-{name}-grafting.png"
-    plot(suite, data, os.path.join(directory, png_name))
-    models = data["models"]
-    caps = suite.capabilities
-    skills = paired.gain_skills(suite, data)
-    tests = paired.seed_items(suite, data, "test")
-    chosen = select(suite, data, skills, tests)
-    curves = graft_curves(suite, data)
-    invocation = data.get("invocation", {})
-    metric_names = sorted(set(suite.metric.values()))
-    test_rows = [models["base"]["test"][cap]["rows"] for cap in caps]
-    unlearned = unlearned_capabilities(suite, models)
-    seed = getattr(suite.settings, "seed", 0)
-    table = Comparisons([tests], [{c["method"]: c for c in chosen}], [seed], skills)
+@dataclass
+class _Context:
+    """What every section of one quick/full report reads, computed once by :func:`write`."""
+
+    suite: Any
+    data: Any
+    name: Any
+    md_path: Any
+    png_name: Any
+    models: Any
+    caps: Any
+    skills: Any
+    tests: Any
+    chosen: Any
+    curves: Any
+    invocation: Any
+    metric_names: Any
+    test_rows: Any
+    unlearned: Any
+    seed: Any
+    table: Any
+
+
+def _header(c: _Context) -> List[str]:
+    """Title, claim, command, setup, training runs and store sizes."""
+    caps = c.caps
+    invocation = c.invocation
+    seed = c.seed
+    suite = c.suite
+    data = c.data
+    name = c.name
     out: List[str] = [
         f"# Merge quality: `{suite.tier}` tier{' (smoke settings)' if 'smoke' in name else ''}"
         f"{f', training seed {seed}' if seed else ''}",
@@ -310,6 +324,24 @@ def write(suite: Suite, data: Dict[str, Any], directory: str, name: str) -> str:
                 "",
             ]
 
+    return out
+
+
+def _results(c: _Context) -> List[str]:
+    """The results table (each method at its validation-chosen point), findings and comparisons."""
+    models = c.models
+    caps = c.caps
+    skills = c.skills
+    chosen = c.chosen
+    curves = c.curves
+    metric_names = c.metric_names
+    test_rows = c.test_rows
+    unlearned = c.unlearned
+    seed = c.seed
+    table = c.table
+    suite = c.suite
+    data = c.data
+    out: List[str] = []
     out += [
         "## Results (test split)",
         "",
@@ -366,6 +398,18 @@ def write(suite: Suite, data: Dict[str, Any], directory: str, name: str) -> str:
         line.replace("## ", "### ", 1) if line.startswith("## ") else line for line in table.sections(datas=[data])
     ]
 
+    return out
+
+
+def _grids(c: _Context) -> List[str]:
+    """The tuning grids and every grid point's scores."""
+    models = c.models
+    skills = c.skills
+    tests = c.tests
+    invocation = c.invocation
+    suite = c.suite
+    data = c.data
+    out: List[str] = []
     out += [
         "",
         "### Tuning grids (same budget: at most 4 settings per method)",
@@ -397,6 +441,16 @@ def write(suite: Suite, data: Dict[str, Any], directory: str, name: str) -> str:
         out.append(f"| {setting['method']} | {setting['label']} | {_fmt(val)} | {_fmt(test)} | {_fmt(ratio)} |")
     out += ["", "</details>", ""]
 
+    return out
+
+
+def _grafting(c: _Context) -> List[str]:
+    """The grafting curves, mean over capabilities and per capability."""
+    png_name = c.png_name
+    caps = c.caps
+    curves = c.curves
+    data = c.data
+    out: List[str] = []
     out += [
         "## Grafting one expert (test split)",
         "",
@@ -428,6 +482,14 @@ def write(suite: Suite, data: Dict[str, Any], directory: str, name: str) -> str:
             out.append(f"| {cap} | {selector} | " + " | ".join(_fmt(p["ratio"]) for p in per_cap[cap]) + " |")
     out += ["", "</details>", ""]
 
+    return out
+
+
+def _run_time(c: _Context) -> List[str]:
+    """Stage times and the load the run saw."""
+    invocation = c.invocation
+    data = c.data
+    out: List[str] = []
     out += ["## Run time", "", "| stage | wall s | CPU s (this process) |", "|---|---|---|"]
     stages = data.get("stages", {})
     for stage, t in stages.items():
@@ -444,6 +506,49 @@ def write(suite: Suite, data: Dict[str, Any], directory: str, name: str) -> str:
         f"{_cost_note(invocation.get('threads'))}",
         "",
     ]
+    return out
+
+
+def write(suite: Suite, data: Dict[str, Any], directory: str, name: str) -> str:
+    """Write ``quality-<name>.md`` and ``quality-<name>-grafting.png`` into ``directory``; return the md path."""
+    os.makedirs(directory, exist_ok=True)
+    md_path = os.path.join(directory, f"quality-{name}.md")
+    png_name = f"quality-{name}-grafting.png"
+    plot(suite, data, os.path.join(directory, png_name))
+    models = data["models"]
+    caps = suite.capabilities
+    skills = paired.gain_skills(suite, data)
+    tests = paired.seed_items(suite, data, "test")
+    chosen = select(suite, data, skills, tests)
+    curves = graft_curves(suite, data)
+    invocation = data.get("invocation", {})
+    metric_names = sorted(set(suite.metric.values()))
+    test_rows = [models["base"]["test"][cap]["rows"] for cap in caps]
+    unlearned = unlearned_capabilities(suite, models)
+    seed = getattr(suite.settings, "seed", 0)
+    table = Comparisons([tests], [{c["method"]: c for c in chosen}], [seed], skills)
+    c = _Context(
+        suite=suite,
+        data=data,
+        name=name,
+        md_path=md_path,
+        png_name=png_name,
+        models=models,
+        caps=caps,
+        skills=skills,
+        tests=tests,
+        chosen=chosen,
+        curves=curves,
+        invocation=invocation,
+        metric_names=metric_names,
+        test_rows=test_rows,
+        unlearned=unlearned,
+        seed=seed,
+        table=table,
+    )
+    out: List[str] = []
+    for section in (_header, _results, _grids, _grafting, _run_time):
+        out += section(c)
     with open(md_path, "w", encoding="utf-8") as fp:
         fp.write("\n".join(out))
     return md_path

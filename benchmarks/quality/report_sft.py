@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -336,16 +337,36 @@ def unit_costs(runs: List[Run]) -> List[str]:
     return out + [""]
 
 
-def write(runs: List[Run], directory: str, name: str, partial: bool = False) -> str:
-    """Write ``quality-<name>.md`` (and the grafting plot when grafts ran); return the md path."""
-    os.makedirs(directory, exist_ok=True)
-    md_path = os.path.join(directory, f"quality-{name}.md")
-    seeds = [seed for seed, _, _ in runs]
-    suite = runs[0][1]
-    caps = suite.capabilities
-    invocation = runs[-1][2].get("invocation", {})
-    tests = [seed_items(s, d, "test") for _, s, d in runs]
-    out = [
+@dataclass
+class _Context:
+    """What every section of the sft report reads, computed once by :func:`write` (``table`` and what follows it
+    are ``None`` in a partial run)."""
+
+    runs: Any = None
+    name: Any = None
+    directory: Any = None
+    md_path: Any = None
+    seeds: Any = None
+    suite: Any = None
+    caps: Any = None
+    invocation: Any = None
+    tests: Any = None
+    choices: Any = None
+    table: Any = None
+    methods: Any = None
+    keys_of: Any = None
+    gain_of: Any = None
+
+
+def _header(c: _Context) -> List[str]:
+    """Title, claim, command, setup, the tier's criteria, training runs and the greedy check."""
+    runs = c.runs
+    name = c.name
+    seeds = c.seeds
+    suite = c.suite
+    caps = c.caps
+    invocation = c.invocation
+    out: List[str] = [
         f"# Merge quality: `sft` tier{' (smoke settings)' if 'smoke' in name else ''}, seeds "
         f"{', '.join(map(str, seeds))}",
         "",
@@ -396,20 +417,16 @@ def write(runs: List[Run], directory: str, name: str, partial: bool = False) -> 
             + greedy
             + [""]
         )
-    if partial or not all("settings" in d for _, _, d in runs):
-        out += [
-            "*Partial run* (`--stop-after references`): merges, intervals and grafting follow when the full tier runs.",
-            "",
-        ] + unit_costs(runs)
-        with open(md_path, "w", encoding="utf-8") as fp:
-            fp.write("\n".join(out))
-        return md_path
+    return out
 
-    choices = [choose(s, d) for _, s, d in runs]
-    table = compare.Comparisons(tests, choices, seeds, caps)
-    methods, keys_of, gain_of = table.methods, table.keys_of, table.gain
 
-    # interference
+def _interference(c: _Context) -> List[str]:
+    """Whether the tier shows interference: what task arithmetic and linear keep."""
+    seeds = c.seeds
+    methods = c.methods
+    keys_of = c.keys_of
+    gain_of = c.gain_of
+    out: List[str] = []
     out += [
         "## Interference",
         "",
@@ -436,7 +453,20 @@ def write(runs: List[Run], directory: str, name: str, partial: bool = False) -> 
             "",
         ]
 
-    # main table
+    return out
+
+
+def _main_table(c: _Context) -> List[str]:
+    """The results table (each method at its validation-chosen point per seed) and the comparisons."""
+    runs = c.runs
+    seeds = c.seeds
+    caps = c.caps
+    tests = c.tests
+    choices = c.choices
+    table = c.table
+    keys_of = c.keys_of
+    gain_of = c.gain_of
+    out: List[str] = []
     out += [
         "## Results (test split)",
         "",
@@ -470,7 +500,16 @@ def write(runs: List[Run], directory: str, name: str, partial: bool = False) -> 
     out.append("")
     out += table.sections([("multitask (reference)", "multitask")] if all("multitask" in t for t in tests) else [])
 
-    # grids
+    return out
+
+
+def _grids(c: _Context) -> List[str]:
+    """The tuning grids and every grid point's scores."""
+    runs = c.runs
+    seeds = c.seeds
+    caps = c.caps
+    tests = c.tests
+    out: List[str] = []
     notes = {m.name: m.note for m in merges.methods()}
     out += [
         "",
@@ -501,7 +540,16 @@ def write(runs: List[Run], directory: str, name: str, partial: bool = False) -> 
         out.append(f"| {setting['method']} | {setting['label']} | " + " | ".join(cells) + " |")
     out += ["", "</details>", ""]
 
-    # grafting
+    return out
+
+
+def _grafting(c: _Context) -> List[str]:
+    """The grafting curves (mean over seeds)."""
+    runs = c.runs
+    name = c.name
+    caps = c.caps
+    directory = c.directory
+    out: List[str] = []
     densities = runs[0][2].get("densities", [])
     if densities:
         png = f"quality-{name}-grafting.png"
@@ -524,10 +572,14 @@ def write(runs: List[Run], directory: str, name: str, partial: bool = False) -> 
                 out.append(f"| {cap} | {selector} | " + " | ".join(_fmt(v) for v in per_cap[cap]) + " |")
         out.append("")
 
-    out += auto_section(runs, table)
-    out += unit_costs(runs)
+    return out
 
-    # run time
+
+def _run_time(c: _Context) -> List[str]:
+    """Stage times per seed and the load the run saw."""
+    runs = c.runs
+    invocation = c.invocation
+    out: List[str] = []
     out += ["## Run time", "", "| seed | stage | wall s | CPU s (this process) |", "|---|---|---|---|"]
     for seed, _, data in runs:
         stages = data.get("stages", {})
@@ -544,6 +596,47 @@ def write(runs: List[Run], directory: str, name: str, partial: bool = False) -> 
         f"on {os.cpu_count()} CPUs. {report._cost_note(invocation.get('threads'))}",
         "",
     ]
+    return out
+
+
+def write(runs: List[Run], directory: str, name: str, partial: bool = False) -> str:
+    """Write ``quality-<name>.md`` (and the grafting plot when grafts ran); return the md path."""
+    os.makedirs(directory, exist_ok=True)
+    md_path = os.path.join(directory, f"quality-{name}.md")
+    seeds = [seed for seed, _, _ in runs]
+    suite = runs[0][1]
+    caps = suite.capabilities
+    invocation = runs[-1][2].get("invocation", {})
+    tests = [seed_items(s, d, "test") for _, s, d in runs]
+    c = _Context(
+        runs=runs,
+        name=name,
+        directory=directory,
+        md_path=md_path,
+        seeds=seeds,
+        suite=suite,
+        caps=caps,
+        invocation=invocation,
+        tests=tests,
+    )
+    out = _header(c)
+    if partial or not all("settings" in d for _, _, d in runs):
+        out += [
+            "*Partial run* (`--stop-after references`): merges, intervals and grafting follow when the full tier runs.",
+            "",
+        ] + unit_costs(runs)
+        with open(md_path, "w", encoding="utf-8") as fp:
+            fp.write("\n".join(out))
+        return md_path
+
+    c.choices = [choose(s, d) for _, s, d in runs]
+    c.table = compare.Comparisons(tests, c.choices, seeds, caps)
+    c.methods, c.keys_of, c.gain_of = c.table.methods, c.table.keys_of, c.table.gain
+    for section in (_interference, _main_table, _grids, _grafting):
+        out += section(c)
+    out += auto_section(runs, c.table)
+    out += unit_costs(runs)
+    out += _run_time(c)
     with open(md_path, "w", encoding="utf-8") as fp:
         fp.write("\n".join(out))
     return md_path
