@@ -156,12 +156,17 @@ def verdict(rows: List[Dict[str, Any]], mass: float) -> str:
 
 def expert_table(rows: List[Dict[str, Any]], mass: float) -> List[str]:
     """Per tier and expert: the lowest gain kept by its grafts keeping at least ``mass`` of the saliency mass."""
-    lines = [f"| tier | expert | grafts keeping >= {mass:g} of the mass | lowest gain kept | mean gain kept |",
-             "|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"| tier | expert | grafts keeping >= {mass:g} of the mass | lowest gain kept | mean gain kept |",
+        "|---|---|---|---|---|",
+    ]
     for tier in dict.fromkeys(r["tier"] for r in rows):
         for expert in dict.fromkeys(r["expert"] for r in rows if r["tier"] == tier):
-            gains = [r["gain"] for r in rows if r["tier"] == tier and r["expert"] == expert and r["mass"] >= mass
-                     and not math.isnan(r["gain"])]  # fmt: skip
+            gains = [
+                r["gain"]
+                for r in rows
+                if r["tier"] == tier and r["expert"] == expert and r["mass"] >= mass and not math.isnan(r["gain"])
+            ]
             if gains:
                 lines.append(f"| {tier} | {expert} | {len(gains)} | {min(gains):.3f} | {np.mean(gains):.3f} |")
     return lines
