@@ -14,6 +14,7 @@ import pytest
 import yaml
 from mergekit.config import MergeConfiguration
 from merging import merge as _merge
+from merging import run_config
 from safetensors.torch import load_file
 
 from mergekit_ota.curvature.store import CurvatureStore
@@ -79,9 +80,7 @@ def merged(family, tmp_path_factory):
     root = tmp_path_factory.mktemp("merged")
     stores = [_store(family, 0, root, META_20), _store(family, 1, root, META_200, compress=True)]
     out = root / "out"
-    cfg = _config(family, stores)
-    _merge(cfg, out)
-    return out, stores, MergeConfiguration.model_validate(cfg)
+    return out, stores, run_config(_config(family, stores), out)
 
 
 def test_the_card_ends_with_a_curvature_section_naming_each_experts_store_step_compression_and_bias_decision(
@@ -138,7 +137,6 @@ def test_the_output_is_still_a_complete_mergekit_merge(merged):
     """The provenance changes nothing else: the build was marked weights-complete, mergekit_config.yml is the
     config mergekit wrote and loads as a mergekit config (no added keys), the weights load, and no temporary or
     claim file is left."""
-    from mergekit.config import MergeConfiguration
 
     from mergekit_ota.io.output import _complete
 
@@ -162,7 +160,6 @@ def test_a_store_already_corrected_and_one_without_metadata_are_reported_with_th
     """Under bias_correction auto, a store marked bias_corrected is used as stored and a store with no step/beta2
     is left uncorrected; the card and the JSON give exactly the reasons `check` reports, and unknown step/beta2
     as null (— in the card); compression and dtype of a store without that metadata come from its tensors."""
-    from mergekit.config import MergeConfiguration
     from mergekit.options import MergeOptions
 
     from mergekit_ota.graph.preflight import check_config
