@@ -218,7 +218,7 @@ def test_every_method_gets_at_most_four_settings_and_valid_mergekit_configs():
         if "rank-1" in point.method:
             assert curvature == ["ra.safetensors", "rb.safetensors"]
         elif "data Fisher" in point.method:
-            n = int(point.method.split("N=")[1].rstrip(")"))
+            n = int(point.method.split("N=")[1].split(",")[0].rstrip(")"))
             assert curvature == [fisher[n]["a"], fisher[n]["b"]]
         elif point.method.startswith(("ota", "ffg")):
             assert curvature == ["va.safetensors", "vb.safetensors"]

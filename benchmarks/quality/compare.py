@@ -170,12 +170,15 @@ class Comparisons:
             "`ota (data Fisher, N=n)`: ota (same grid) on each expert's diagonal Fisher, the mean over mini-batches "
             "of the squared gradient of the mean answer loss, measured on the first n of the expert's own "
             "training rows (batch 8; `benchmarks/quality/fisher.py`, the estimator of `mergekit-ota fisher`), "
-            "instead of the `exp_avg_sq` its optimizer left. Test G minus ota's, each at its own "
-            "validation-chosen grid point:",
+            "instead of the `exp_avg_sq` its optimizer left. Test G minus ota's on Adam's `v` with the same "
+            "`curvature_scale` (`none`, or the default `mean`), each at its own validation-chosen grid point:",
             "",
         ]
         out += self.columns("comparison")
-        out += [self.row(f"{m} - ota", self.diff(self.keys_of(m), self.keys_of("ota"))) for m in methods]
+        for m in methods:
+            adam = "ota (scale: mean)" if m.endswith("scale: mean)") else "ota"
+            if adam in self.methods:
+                out.append(self.row(f"{m} - {adam}", self.diff(self.keys_of(m), self.keys_of(adam))))
         measured = [d.get("fisher", {}) for d in datas]
         keys = list(dict.fromkeys(k for m in measured for k in m))
         if keys:

@@ -30,7 +30,9 @@ lambda {1.0, 1.5}.
 
 Data Fisher (experts without optimizer state): ``ota (data Fisher, N=n)`` is ``ota`` with its grid on each expert's
 diagonal Fisher measured on n of its own training rows (:mod:`benchmarks.quality.fisher`) instead of Adam's
-``exp_avg_sq``; a tier runs the n its suite measures (``Suite.fisher_samples``).
+``exp_avg_sq``, with ``curvature_scale: none`` like ``ota``; ``ota (data Fisher, N=n, scale: mean)`` the same under
+the package's default ``mean``, against ``ota (scale: mean)``. A tier runs the n its suite measures
+(``Suite.fisher_samples``).
 
 Curvature-scale variants (the curvature-scale issue's evidence): ``ota`` and ``ota+ffg
 (model-wide)`` run with the defaults (``bias_correction: auto``, which corrects every expert here,
@@ -175,21 +177,23 @@ def methods() -> List[Method]:
 FISHER_NS = (16, 128, 1024)  # data Fisher rows: a tier runs the Ns its suite measures (smoke 16; quick 128, 1024)
 
 
-def fisher_method(n: int) -> str:
-    """The name of ota on the data Fisher of N rows."""
-    return f"ota (data Fisher, N={n})"
+def fisher_method(n: int, scale: str = "none") -> str:
+    """The name of ota on the data Fisher of N rows (``scale``: its ``curvature_scale``)."""
+    return f"ota (data Fisher, N={n})" if scale == "none" else f"ota (data Fisher, N={n}, scale: {scale})"
 
 
 def _core_methods() -> List[Method]:
     fisher = [
         Method(
-            fisher_method(n),
+            fisher_method(n, scale),
             "ota",
             _grid(power=(0.5, 1.0), **{"lambda": MEAN_LAMBDAS}),
             curvature=f"fisher{n}",
-            note=f"curvature: each expert's diagonal Fisher on {n} of its own training rows",
+            shared={"curvature_scale": scale},
+            note=f"curvature: each expert's diagonal Fisher on {n} of its own training rows; curvature_scale: {scale}",
         )
         for n in FISHER_NS
+        for scale in ("none", "mean")
     ]
     return (
         _base_methods()
