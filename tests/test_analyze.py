@@ -568,3 +568,24 @@ def test_cli_from_a_density_auto_config_keeps_what_the_merge_keeps_and_draws_the
     refused = CliRunner().invoke(main, ["analyze", str(path), "--out", str(tmp_path / "never")])
     assert refused.exit_code != 0 and "needs density_scope: model" in refused.output, refused.output
     assert "Traceback" not in refused.output and not (tmp_path / "never").exists()
+
+
+def test_the_html_report_shows_labels_and_captions_as_text():
+    """report.html: an HTML tag in a label or a paragraph is shown, not interpreted (code spans keep their text); a
+    figure caption's v*tau^2 is not emphasis; metrics.json never holds a bare NaN (a dict's NaN becomes null)."""
+    from mergekit_ota.analysis.report import Document, _jsonable
+
+    doc = Document()
+    doc.add("p", "expert <b>bold</b> and `x < y`")
+    doc.add("table", (["expert"], [["<i>label</i>"]]))
+    rendered = doc.html("/nonexistent", "t")
+    body = rendered.split("<body>", 1)[1]
+    assert "<b>" not in body and "&lt;b&gt;bold" in body.replace("&lt;b>", "&lt;b&gt;")
+    assert "<i>" not in body and "<code>x &lt; y</code>" in body
+    figure = Document()
+    figure.add("img", ("missing.png", "share of saliency v*tau^2"))
+    assert "*share of saliency v\\*tau^2*" in figure.markdown()
+    assert _jsonable({"own": (float("nan"), 0.5), "nested": {"x": float("inf")}}) == {
+        "own": [None, 0.5],
+        "nested": {"x": None},
+    }

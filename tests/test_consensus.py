@@ -209,3 +209,63 @@ def test_sign_consensus_rules_through_the_methods():
     )
     want = ota_merge(base, experts, curvatures, [1.0, 1.0], rules=[KeepRule(density=0.5)] * 2, consensus="sum")
     assert torch.allclose(got, want)
+
+
+# ----------------------------------------------------------------------------- edge cases the fast path must keep
+
+
+def test_sides_near_float32s_limit_are_selected_exactly_not_through_their_difference():
+    """The elected side is chosen without forming P - Q: with P = 2e38 and Q = -2e38 (finite; P - Q overflows
+    float32) the elected sum is P itself, and with one vote each way the count rule elects P too."""
+    from mergekit_ota.math.consensus import SignConsensus
+
+    for rule in ("sum", "count"):
+        votes = SignConsensus(rule)
+        votes.add(torch.tensor([2e38, 1.0]), 1.0)
+        votes.add(torch.tensor([-2e38, 2.0]), 1.0)
+        numerator, denominator = votes.result()
+        assert numerator.tolist() == pytest.approx([2e38, 3.0], rel=1e-6), rule
+        assert denominator.tolist() == [1.0, 2.0]
+
+
+def test_negative_weights_in_memory_are_refused_or_keep_the_base_never_a_lifted_divisor():
+    """The in-memory math takes negative weights: ota's consensus raises where they cancel the agreeing weights to
+    0 (as plain ota does), and normalised ffg keeps the base where the agreeing weights sum to 0."""
+    from mergekit_ota.errors import MergeError
+
+    base, ones = torch.zeros(3), torch.ones(3)
+    with pytest.raises(MergeError, match="underflowed|cancel"):
+        ota_merge(base, [ones, -ones], [ones, ones], [1.0, -1.0], power=0.0, eps=1e-12, consensus="sum")
+    out = ffg_merge(base, [ones, -ones], [ones, ones], [None, None], [1.0, -1.0], normalize=True, consensus="count")
+    assert torch.equal(out, base)
+
+
+@pytest.mark.parametrize("method", ["ota", "ffg"])
+@pytest.mark.parametrize("consensus", ["none", "sum"])
+def test_transposed_inputs_merge_like_contiguous_ones(method, consensus):
+    """Non-contiguous tensors (a transposed view, as a state dict can hold) give the merge of their contiguous
+    copies: the masks' float buffers follow the inputs' strides, and FFG's selection writes into them."""
+    from mergekit.merge_methods import merge_tensors
+
+    from mergekit_ota.methods import register_methods
+
+    register_methods()
+    base, experts, curvatures = _family(3, (7, 5), 2)
+    parameters = {
+        "density": [0.3, 0.5],
+        "sign_consensus": consensus,
+        **({"normalize": True} if method == "ffg" else {}),
+    }
+    transposed = merge_tensors(
+        [base.t(), *(e.t() for e in experts)],
+        method,
+        base_index=0,
+        parameters={**parameters, "curvature": [v.t() for v in curvatures]},
+    )
+    contiguous = merge_tensors(
+        [base.t().contiguous(), *(e.t().contiguous() for e in experts)],
+        method,
+        base_index=0,
+        parameters={**parameters, "curvature": [v.t().contiguous() for v in curvatures]},
+    )
+    torch.testing.assert_close(transposed, contiguous, rtol=0, atol=0)

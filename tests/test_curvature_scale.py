@@ -542,3 +542,23 @@ def test_analyze_report_shows_the_same_scale_table_as_inspect(family, tmp_path):
             None if row[4] == "-" else int(row[4])
         )
     assert math.isclose(metrics[1]["mean_over_smallest"], metrics[1]["mean"] / metrics[0]["mean"])
+
+
+def test_ffg_takes_no_curvature_statistics_whatever_otas_default(monkeypatch):
+    """curvature_scale is ota's: an in-memory ffg merge makes no pass over the curvature for a statistic
+    (ota's default mean would), and its result does not depend on the curvature's scale."""
+    from mergekit_ota.methods import base as method_base
+    from mergekit_ota.methods.scale import add_curvatures
+
+    calls = []
+    monkeypatch.setattr(method_base, "add_curvatures", lambda *a: calls.append(a) or add_curvatures(*a))
+    base, experts, curvatures = problem(5, (6, 4), 2)
+    parameters = {"density": 0.5, "normalize": True}
+    out = merge_tensors([base, *experts], "ffg", base_index=0, parameters={**parameters, "curvature": curvatures})
+    assert calls == []
+    scaled = merge_tensors(
+        [base, *experts], "ffg", base_index=0, parameters={**parameters, "curvature": [v * 1e3 for v in curvatures]}
+    )
+    assert torch.equal(out, scaled)
+    merge_tensors([base, *experts], "ota", base_index=0, parameters={"curvature": curvatures})
+    assert calls, "ota under the default curvature_scale: mean computes its statistic"

@@ -59,7 +59,8 @@ class Document:
                 out.append("\n".join(lines))
             elif kind == "img":
                 name, caption = payload
-                out.append(f"![{caption}]({name})\n\n*{caption}*")
+                text = caption.replace("*", "\\*").replace("_", "\\_")  # v*tau^2 is not emphasis
+                out.append(f"![{text}]({name})\n\n*{text}*")
         return "\n\n".join(out) + "\n"
 
     def html(self, directory: str, title: str) -> str:
@@ -71,7 +72,7 @@ class Document:
             with open(os.path.join(directory, match.group(1)), "rb") as fp:
                 return 'src="data:image/png;base64,' + base64.b64encode(fp.read()).decode("ascii") + '"'
 
-        body = markdown.markdown(self.markdown(), extensions=["tables", "fenced_code"])
+        body = markdown.markdown(_text_only(self.markdown()), extensions=["tables", "fenced_code"])
         body = re.sub(r'src="([^"/]+\.png)"', embed, body)
         return (
             "<!DOCTYPE html><html><head><meta charset='utf-8'>"
@@ -80,6 +81,20 @@ class Document:
             "table{border-collapse:collapse;font-size:90%}td,th{border:1px solid #ccc;padding:3px 7px}"
             f"img{{max-width:100%}}code{{background:#f3f3f3}}</style></head><body>\n{body}\n</body></html>"
         )
+
+
+def _text_only(source: str) -> str:
+    """``source`` with every ``<`` that could open an HTML tag outside code escaped: an expert's label or a
+    tensor's name is text (markdown passes raw HTML through; inside code spans and fences it escapes by itself)."""
+    out, fenced = [], False
+    for line in source.split("\n"):
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced:
+            parts = re.split(r"(`+[^`]*`+)", line)  # code spans stay as they are
+            line = "".join(p if p.startswith("`") else re.sub(r"<(?=[A-Za-z/!?])", "&lt;", p) for p in parts)
+        out.append(line)
+    return "\n".join(out)
 
 
 # ----------------------------------------------------------------------------- figures
@@ -558,6 +573,8 @@ def build_document(analysis: Analysis, figures: Dict[str, List[Tuple[str, str]]]
 
 
 def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
     if is_dataclass(value):
         return {f.name: _jsonable(getattr(value, f.name)) for f in fields(value)}
     if hasattr(value, "_asdict"):

@@ -65,7 +65,7 @@ class SignConsensus:
     def scratch(self, like: torch.Tensor) -> torch.Tensor:
         """The float32 buffer :meth:`add` uses as scratch (allocated once); a caller may use it until it calls add."""
         if self.side is None:
-            self.side = torch.empty_like(like, dtype=torch.float32)
+            self.side = torch.empty_like(like, dtype=torch.float32, memory_format=torch.contiguous_format)
         return self.side
 
     def add(self, c: torch.Tensor, a: Union[torch.Tensor, float]) -> None:
@@ -98,9 +98,9 @@ class SignConsensus:
     def result(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(N, D)``: the agreeing experts' summed contributions and coefficients (``D = 0`` where none agrees).
 
-        The elected side as 1.0/0.0, ``u = [P + Q >= 0]`` (``count``: ``[V >= 0]``), selects with
-        ``lerp(Q, P, u)``, exact at ``u`` = 0 and 1. ``N`` and ``D`` are written over ``Q`` and ``D-``:
-        call once.
+        The elected side as 1.0/0.0, ``u = [P + Q >= 0]`` (``count``: ``[V >= 0]``), selects as
+        ``Q - Q u + P u``: exact at ``u`` = 0 and 1, and no term exceeds ``max(|P|, |Q|)`` (``lerp``'s
+        ``P - Q`` can overflow for finite sides). ``N`` and ``D`` are written over ``Q`` and ``D-``: call once.
         """
         if self.pos is None:
             raise ValueError("no expert was added")
@@ -111,8 +111,8 @@ class SignConsensus:
         else:
             assert self.votes is not None
             torch.ge(self.votes, 0.0, out=up)
-        numerator = torch.lerp(self.neg, self.pos, up, out=self.neg)
-        denominator = torch.lerp(self.neg_weight, self.pos_weight, up, out=self.neg_weight)
+        numerator = self.neg.addcmul_(self.neg, up, value=-1.0).addcmul_(self.pos, up)
+        denominator = self.neg_weight.addcmul_(self.neg_weight, up, value=-1.0).addcmul_(self.pos_weight, up)
         return numerator, denominator
 
 
@@ -121,9 +121,12 @@ def disjoint_mean(
 ) -> torch.Tensor:
     """``N / D`` where ``D != 0``, else 0 (so ``b + lambda * result`` keeps the base there), written over ``N``.
 
-    ``N`` is 0 wherever ``D`` is (no expert agrees there), so this is ``N / D`` with every zero ``D`` lifted
-    to 1 (:func:`~mergekit_ota.math.ffg.lift_zeros`, through ``scratch``); ``D`` is changed too.
+    ``N`` is set to 0 where ``D`` is (with weights of one sign it already is: no expert agrees there), then
+    divided by ``D`` with every zero lifted to 1 (:func:`~mergekit_ota.math.ffg.lift_zeros`); both through
+    ``scratch`` (float32, ``N``'s shape), and ``D`` is changed too.
     """
     from mergekit_ota.math.ffg import lift_zeros
 
+    scratch = torch.empty_like(denominator) if scratch is None else scratch
+    numerator.mul_(torch.ne(denominator, 0.0, out=scratch))
     return numerator.div_(lift_zeros(denominator, scratch=scratch))

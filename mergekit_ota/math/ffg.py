@@ -116,6 +116,8 @@ def density_mask(scores: torch.Tensor, density: float, out: Optional[torch.Tenso
     so the count is exact and deterministic. ``out`` (a contiguous float tensor of ``scores``'
     shape, not ``scores`` itself) receives the mask as numbers, see :func:`threshold_mask`.
     """
+    if out is not None and not out.is_contiguous():  # e.g. a buffer shaped like a transposed input
+        return out.copy_(density_mask(scores, density))
     numel = scores.numel()
     if numel == 0:
         return torch.zeros_like(scores, dtype=torch.bool) if out is None else out

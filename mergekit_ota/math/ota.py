@@ -336,7 +336,8 @@ def _consensus_merge(
 
     scale = weight_scale(curvatures, weights, power, eps)
     shift = float(torch.tensor(scaled_scalar(float(eps), -scale.exponent), dtype=torch.float32))
-    may_vanish = not shift > 0.0  # else every kept w_i >= eps / s > 0 (ota's weights are >= 0)
+    # else every kept w_i >= eps / s > 0; a negative weight (the in-memory API allows one) can cancel D to 0
+    may_vanish = not shift > 0.0 or any(float(w) < 0.0 for w in weights)
     b = base.to(torch.float32)
     votes = SignConsensus(rule)
     kept: Optional[torch.Tensor] = None  # where some expert kept a nonzero tau_i (tracked only if may_vanish)

@@ -283,8 +283,9 @@ class CurvatureMergeMethod(GroupMergeMethod):
         """What needs every tensor of the call: ``density_scope: model`` thresholds
         (:meth:`_model_wide_thresholds`) and ``curvature_scale``'s statistics (:meth:`_model_wide_statistics`).
 
-        Shared settings are read once, from the first group (as ``density_scope`` always was);
-        with the defaults nothing else happens.
+        Shared settings are read once, from the first group (as ``density_scope`` always was). With
+        ``density_scope: tensor`` and ``curvature_scale: none`` (``ffg`` always has ``none``) nothing else happens;
+        under ota's default ``mean`` the statistics take one pass over the curvature.
         """
         if not groups:
             return parameters

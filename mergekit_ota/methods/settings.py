@@ -346,8 +346,11 @@ def shared_check(
 ) -> Tuple[Optional[SharedSettings], List[str]]:
     """Shared parameters and the rules they break: values (:class:`SharedSettings`), and for ``ota``
     without a base ``lambda == 1`` (``lambda`` scales the task vector ``theta - b``, which needs ``b``)."""
+    values = dict(values)
+    if method != OTA:  # curvature_scale is ota's (ffg has no such parameter): none, whatever ota's default is
+        values["curvature_scale"] = "none"
     try:
-        shared = SharedSettings.model_validate(dict(values))
+        shared = SharedSettings.model_validate(values)
     except ValidationError as error:
         return None, [f"Invalid parameters for merge method {method}: {_describe(error)}"]
     if method == OTA and has_base is False and shared.lambda_ != 1.0:
