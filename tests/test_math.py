@@ -35,6 +35,9 @@ seeds = st.integers(min_value=0, max_value=2**31 - 1)
 shapes = st.lists(st.integers(min_value=1, max_value=7), min_size=1, max_size=3).map(tuple)
 weight_values = st.floats(min_value=0.1, max_value=3.0, allow_nan=False)
 lams = st.floats(min_value=0.1, max_value=2.0, allow_nan=False)
+mask_shapes = st.lists(st.integers(1, 12), min_size=1, max_size=3).map(tuple)
+mask_densities = st.floats(min_value=1e-4, max_value=1.0)
+score_kinds = st.sampled_from(["continuous", "integers", "zeros", "constant"])  # see scores_for
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -401,9 +404,9 @@ def scores_for(kind: str, shape, g) -> torch.Tensor:
 @FAST
 @given(
     seed=seeds,
-    shape=st.lists(st.integers(1, 12), min_size=1, max_size=3).map(tuple),
-    density=st.floats(min_value=1e-4, max_value=1.0),
-    kind=st.sampled_from(["continuous", "integers", "zeros", "constant"]),
+    shape=mask_shapes,
+    density=mask_densities,
+    kind=score_kinds,
 )
 def test_density_mask_keeps_exactly_k_highest_even_with_ties(seed, shape, density, kind):
     """density_mask keeps exactly k = max(1, int(d * numel)) entries, each >= every dropped one."""
@@ -423,9 +426,9 @@ def test_density_mask_keeps_exactly_k_highest_even_with_ties(seed, shape, densit
 @FAST
 @given(
     seed=seeds,
-    shape=st.lists(st.integers(1, 12), min_size=1, max_size=3).map(tuple),
-    density=st.floats(min_value=1e-4, max_value=1.0),
-    kind=st.sampled_from(["continuous", "integers", "zeros", "constant"]),
+    shape=mask_shapes,
+    density=mask_densities,
+    kind=score_kinds,
     out=st.booleans(),
 )
 def test_density_mask_equals_the_plain_definition(seed, shape, density, kind, out):

@@ -256,7 +256,6 @@ class _Context:
     suite: Any
     data: Any
     name: Any
-    md_path: Any
     png_name: Any
     models: Any
     caps: Any
@@ -272,9 +271,25 @@ class _Context:
     table: Any
 
 
+def setup_lines(suite: Suite, invocation: Dict[str, Any]) -> List[str]:
+    """The lines every quality report opens its body with: the command that made it, the machine and versions,
+    and the tier's setup (its description and one line per capability)."""
+    out = [
+        f"Command: `{' '.join(invocation.get('argv', []))}` (from the repository root, with the project's venv python)",
+        "",
+        f"Generated {time.strftime('%Y-%m-%d %H:%M')} on {_machine()}; {_versions()}; torch threads "
+        f"{invocation.get('threads', '?')}, training and scoring on {invocation.get('device', 'cpu')}.",
+        "",
+        "## Setup",
+        "",
+        suite.description,
+        "",
+    ]
+    return out + [f"- `{cap}`: {suite.details.get(cap, '')}" for cap in suite.capabilities] + [""]
+
+
 def _header(c: _Context) -> List[str]:
     """Title, claim, command, setup, training runs and store sizes."""
-    caps = c.caps
     invocation = c.invocation
     seed = c.seed
     suite = c.suite
@@ -290,17 +305,8 @@ def _header(c: _Context) -> List[str]:
         "capability than linear, task arithmetic, TIES, DARE and Breadcrumbs; FFG keeps an expert's performance "
         "at lower density than magnitude pruning; rank-1 compressed curvature keeps OTA's gains.",
         "",
-        f"Command: `{' '.join(invocation.get('argv', []))}` (from the repository root, with the project's venv python)",
-        "",
-        f"Generated {time.strftime('%Y-%m-%d %H:%M')} on {_machine()}; {_versions()}; torch threads "
-        f"{invocation.get('threads', '?')}, training and scoring on {invocation.get('device', 'cpu')}.",
-        "",
-        "## Setup",
-        "",
-        suite.description,
-        "",
     ]
-    out += [f"- `{cap}`: {suite.details.get(cap, '')}" for cap in caps] + [""]
+    out += setup_lines(suite, invocation)
     training = data.get("training", {})
     out += ["| run | steps | seconds | train loss first -> last |", "|---|---|---|---|"]
     for key, info in training.items():
@@ -531,7 +537,6 @@ def write(suite: Suite, data: Dict[str, Any], directory: str, name: str) -> str:
         suite=suite,
         data=data,
         name=name,
-        md_path=md_path,
         png_name=png_name,
         models=models,
         caps=caps,

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -345,7 +344,6 @@ class _Context:
     runs: Any = None
     name: Any = None
     directory: Any = None
-    md_path: Any = None
     seeds: Any = None
     suite: Any = None
     caps: Any = None
@@ -353,9 +351,6 @@ class _Context:
     tests: Any = None
     choices: Any = None
     table: Any = None
-    methods: Any = None
-    keys_of: Any = None
-    gain_of: Any = None
 
 
 def _header(c: _Context) -> List[str]:
@@ -364,7 +359,6 @@ def _header(c: _Context) -> List[str]:
     name = c.name
     seeds = c.seeds
     suite = c.suite
-    caps = c.caps
     invocation = c.invocation
     out: List[str] = [
         f"# Merge quality: `sft` tier{' (smoke settings)' if 'smoke' in name else ''}, seeds "
@@ -374,17 +368,8 @@ def _header(c: _Context) -> List[str]:
         "more of each capability than linear, task arithmetic, TIES, DARE and Breadcrumbs; FFG grafts an "
         "expert's essential edits at lower density than magnitude pruning; rank-1 curvature keeps OTA's gains.",
         "",
-        f"Command: `{' '.join(invocation.get('argv', []))}` (from the repository root, with the project's venv python)",
-        "",
-        f"Generated {time.strftime('%Y-%m-%d %H:%M')} on {report._machine()}; {report._versions()}; torch threads "
-        f"{invocation.get('threads', '?')}, training and scoring on {invocation.get('device', 'cpu')}.",
-        "",
-        "## Setup",
-        "",
-        suite.description,
-        "",
     ]
-    out += [f"- `{cap}`: {suite.details.get(cap, '')}" for cap in caps] + [""]
+    out += report.setup_lines(suite, invocation)
     out += (
         [
             "## Base and experts on held-out test items",
@@ -423,9 +408,7 @@ def _header(c: _Context) -> List[str]:
 def _interference(c: _Context) -> List[str]:
     """Whether the tier shows interference: what task arithmetic and linear keep."""
     seeds = c.seeds
-    methods = c.methods
-    keys_of = c.keys_of
-    gain_of = c.gain_of
+    methods, keys_of, gain_of = c.table.methods, c.table.keys_of, c.table.gain
     out: List[str] = []
     out += [
         "## Interference",
@@ -464,8 +447,7 @@ def _main_table(c: _Context) -> List[str]:
     tests = c.tests
     choices = c.choices
     table = c.table
-    keys_of = c.keys_of
-    gain_of = c.gain_of
+    keys_of, gain_of = c.table.keys_of, c.table.gain
     out: List[str] = []
     out += [
         "## Results (test split)",
@@ -612,7 +594,6 @@ def write(runs: List[Run], directory: str, name: str, partial: bool = False) -> 
         runs=runs,
         name=name,
         directory=directory,
-        md_path=md_path,
         seeds=seeds,
         suite=suite,
         caps=caps,
@@ -631,7 +612,6 @@ def write(runs: List[Run], directory: str, name: str, partial: bool = False) -> 
 
     c.choices = [choose(s, d) for _, s, d in runs]
     c.table = compare.Comparisons(tests, c.choices, seeds, caps)
-    c.methods, c.keys_of, c.gain_of = c.table.methods, c.table.keys_of, c.table.gain
     for section in (_interference, _main_table, _grids, _grafting):
         out += section(c)
     out += auto_section(runs, c.table)

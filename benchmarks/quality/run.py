@@ -682,19 +682,28 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     data = pipeline.run(args.methods, densities, args.stop_after)
     if args.stop_after:
         return data
-    data["invocation"] = {
+    data["invocation"] = invocation(argv, started, load, args.device, work)
+    pipeline.results.save()
+    path = report.write(suite, data, args.results, name)
+    pipeline.log(f"report: {path}")
+    return data
+
+
+def invocation(
+    argv: Optional[List[str]], started: float, load: Tuple[float, ...], device: str, work: str
+) -> Dict[str, Any]:
+    """What a report says about the run that made it: its command line, wall time, load, threads and device."""
+    import torch
+
+    return {
         "argv": ["python", "-m", "benchmarks.quality.run", *(argv if argv is not None else sys.argv[1:])],
         "wall": time.perf_counter() - started,
         "load_before": load,
         "load_after": os.getloadavg(),
         "threads": torch.get_num_threads(),
-        "device": args.device,
+        "device": device,
         "work": work,
     }
-    pipeline.results.save()
-    path = report.write(suite, data, args.results, name)
-    pipeline.log(f"report: {path}")
-    return data
 
 
 def sft_seeds(args: argparse.Namespace) -> List[int]:
@@ -723,7 +732,6 @@ def _main_sft(
     densities: Sequence[float],
 ) -> Dict[str, Any]:
     """Run every seed of the sft tier (each its own cached work directory), then the pooled report."""
-    import torch
 
     from benchmarks.quality import report_sft
 
@@ -735,15 +743,7 @@ def _main_sft(
         pipeline = Pipeline(suite, work, base_dir, args.device, keep_models=False, seed=seed)
         pipeline.log(f"sft seed {seed}: {work}")
         data = pipeline.run(args.methods, densities, args.stop_after)
-        data["invocation"] = {
-            "argv": ["python", "-m", "benchmarks.quality.run", *(argv if argv is not None else sys.argv[1:])],
-            "wall": time.perf_counter() - started,
-            "load_before": load,
-            "load_after": os.getloadavg(),
-            "threads": torch.get_num_threads(),
-            "device": args.device,
-            "work": work,
-        }
+        data["invocation"] = invocation(argv, started, load, args.device, work)
         pipeline.results.save()
         runs.append((seed, suite, data))
     name = sft_report_name(args, seeds)

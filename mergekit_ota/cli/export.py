@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, List, Optional, Tuple
 
 import click
 
+from mergekit_ota.cli.store_options import compress_option, force_option, shard_size_option
 from mergekit_ota.export import SOURCE_KINDS
 
 if TYPE_CHECKING:  # heavy imports stay inside the command
@@ -99,13 +100,7 @@ def render_summary(result: "ExportResult") -> str:
 @click.option(
     "--source-kind", type=click.Choice(SOURCE_KINDS), default=None, help="Force the source kind (default: detect)."
 )
-@click.option(
-    "--compress",
-    type=click.Choice(["none", "rank1"]),
-    default="none",
-    show_default=True,
-    help="rank1: store each 2-D tensor as its row and column sums (m+n numbers).",
-)
+@compress_option
 @click.option(
     "--dtype",
     type=click.Choice(["float32", "bfloat16"]),
@@ -116,12 +111,7 @@ def render_summary(result: "ExportResult") -> str:
 @click.option(
     "--bias-correct", is_flag=True, help="Divide by 1 - beta2**step (each parameter's step, its group's beta2)."
 )
-@click.option(
-    "--shard-size",
-    default=None,
-    help="Largest shard in bytes (unlike mergekit's --out-shard-size, which counts parameters), e.g. 2GB, 500MB, "
-    "1.5GiB (default 5GB for a directory OUT; a .safetensors OUT is one file).",
-)
+@shard_size_option
 @click.option(
     "--frozen",
     multiple=True,
@@ -136,11 +126,7 @@ def render_summary(result: "ExportResult") -> str:
     help="Adam beta2 where the source records none (for --bias-correct and metadata).",
 )
 @click.option("--step", type=int, default=None, help="Optimizer step where the source records none.")
-@click.option(
-    "--force",
-    is_flag=True,
-    help="Replace an existing OUT if it is a curvature store (never model weights or a directory with other files).",
-)
+@force_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar (it shows only on a terminal anyway).")
 def export_command(
     source: str,

@@ -6,6 +6,8 @@ from typing import Optional
 
 import click
 
+from mergekit_ota.cli.store_options import compress_option, force_option, shard_size_option
+
 
 @click.command("fisher", short_help="Diagonal Fisher of a model on calibration data, as a curvature store.")
 @click.argument("model", type=click.Path(exists=True, file_okay=False))
@@ -44,15 +46,9 @@ import click
     show_default=True,
     help="The model's dtype while computing (the accumulators are float32).",
 )
-@click.option(
-    "--compress",
-    type=click.Choice(["none", "rank1"]),
-    default="none",
-    show_default=True,
-    help="rank1: row and column sums of every matrix (m + n numbers), as export writes them.",
-)
-@click.option("--shard-size", default=None, help="Largest store shard in bytes (e.g. 5GB); default one file.")
-@click.option("--force", is_flag=True, help="Replace an existing OUT if it is a curvature store.")
+@compress_option
+@shard_size_option
+@force_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar (it shows only on a terminal anyway).")
 def fisher_command(
     model: str,
