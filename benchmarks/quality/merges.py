@@ -50,7 +50,7 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
@@ -146,10 +146,9 @@ def scale_variants(method: Method) -> List[Method]:
     becomes ``ota+ffg (model-wide, <variant>)``)."""
     out = []
     for label, shared in SCALE_VARIANTS:
-        name = f"{method.name[:-1]}, {label})" if method.name.endswith(")") else f"{method.name} ({label})"
         out.append(
             Method(
-                name,
+                _variant_name(method.name, label),
                 method.merge_method,
                 method.grid,
                 curvature=method.curvature,
@@ -162,6 +161,10 @@ def scale_variants(method: Method) -> List[Method]:
     return out
 
 
+def _variant_name(name: str, label: str) -> str:
+    return f"{name[:-1]}, {label})" if name.endswith(")") else f"{name} ({label})"
+
+
 def variant_of(name: str) -> Optional[str]:
     """The method a curvature-scale variant varies (``None`` for a method that is not one)."""
     return next((m.varies for m in methods() if m.name == name and m.varies), None)
@@ -169,9 +172,30 @@ def variant_of(name: str) -> Optional[str]:
 
 def methods() -> List[Method]:
     """The compared methods with their grids (see the module docstring for the rule)."""
-    return _core_methods() + [
-        v for m in _core_methods() if m.name in ("ota", "ota+ffg (model-wide)") for v in scale_variants(m)
-    ]
+    core = _core_methods() + [AUTO_MASS_METHOD]
+    return core + [v for m in core if m.name in SCALED for v in scale_variants(m)]
+
+
+AUTO_MASSES = (0.9, DEFAULT_SALIENCY_MASS, 0.99)
+AUTO_MASS_METHOD = Method(
+    "ota+ffg (model-wide, density: auto, q grid)",
+    "ota",
+    _grid(saliency_mass=AUTO_MASSES, **{"lambda": MEAN_LAMBDAS}),
+    curvature="full",
+    shared={"density_scope": "model"},
+    per_expert={"density": "auto"},
+    note="density: auto per expert at each saliency mass q (the defaults study: which q to default to in merges)",
+)
+SCALED = ("ota", "ota+ffg (model-wide)", AUTO_MASS_METHOD.name)  # the methods run under every SCALE_VARIANTS entry
+
+DEFAULTS_STUDY: Tuple[str, ...] = (
+    "ties",
+    *(name for base in SCALED for name in (base, *(_variant_name(base, label) for label, _ in SCALE_VARIANTS))),
+)
+"""The methods ``run.py --study defaults`` merges: what ``regret.py`` chooses the defaults of ``curvature_scale``,
+``saliency_mass`` (in merges) and ``lambda`` from, and TIES as the reference."""
+STUDY_ONLY = frozenset(n for n in DEFAULTS_STUDY if n.startswith(AUTO_MASS_METHOD.name[:-1]))
+"""Methods merged only when named (``--study defaults``), not in a tier's default run."""
 
 
 FISHER_NS = (16, 128, 1024)  # data Fisher rows: a tier runs the Ns its suite measures (smoke 16; quick 128, 1024)
@@ -305,10 +329,10 @@ def config_for(method: Method, knobs: Mapping[str, Any], experts: Experts, dtype
 
 
 def settings(experts: Experts, dtype: str = "float32", only: Optional[Sequence[str]] = None) -> List[Setting]:
-    """Every grid point of every method (or of the methods named in ``only``)."""
+    """Every grid point of every method but :data:`STUDY_ONLY` (or of the methods named in ``only``)."""
     out = []
     for method in methods():
-        if only is not None and method.name not in only:
+        if (method.name not in only) if only is not None else (method.name in STUDY_ONLY):
             continue
         if method.curvature and not experts.stores(method.curvature):
             continue  # a data Fisher this tier did not measure

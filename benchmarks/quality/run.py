@@ -38,7 +38,7 @@ if REPO not in sys.path:  # `python benchmarks/quality/run.py` as well as `pytho
 
 from benchmarks.quality import grafting, merges  # noqa: E402
 from benchmarks.quality.evaluate import greedy_answers, load_model, score_items  # noqa: E402
-from benchmarks.quality.tiers import Suite  # noqa: E402
+from benchmarks.quality.tiers import QUICK_VARIANTS, Suite  # noqa: E402
 from benchmarks.quality.train import checkpoint_of, export_curvature, train  # noqa: E402
 
 SPLITS = ("val", "test")
@@ -477,6 +477,12 @@ def build_suite(args: argparse.Namespace) -> Suite:
     """The suite for ``--tier`` (with ``--smoke`` overrides: minutes become seconds; ``--expert-*`` overrides)."""
     suite = _tier_suite(args)
     settings = suite.settings
+    if args.variant:
+        if args.tier != "quick" or args.smoke:
+            raise SystemExit("--variant: only the quick tier (not --smoke) has variants")
+        from benchmarks.quality.tiers import quick_variant
+
+        settings = quick_variant(settings, args.variant)
     if args.tier == "sft" and args.expert_steps is not None:
         raise SystemExit(
             "--expert-steps: the sft tier's experts train for per-skill lengths; use --skill-steps SKILL=N"
@@ -623,7 +629,20 @@ def make_parser() -> argparse.ArgumentParser:
         help="references: end after base, experts (and the multi-task reference) are trained and "
         "scored; merges: skip the grafting curves",
     )
+    parser.add_argument(
+        "--variant",
+        choices=tuple(QUICK_VARIANTS),
+        default=None,
+        help="quick: experts trained otherwise (tiers.QUICK_VARIANTS: constant = constant learning rate, lengths "
+        "10x apart; lr = learning rates 10x apart), for choosing defaults by their worst case (regret.py)",
+    )
     parser.add_argument("--methods", nargs="*", help="only these methods (names as in the report)")
+    parser.add_argument(
+        "--study",
+        choices=("defaults",),
+        default=None,
+        help="defaults: only the methods regret.py chooses the defaults from (merges.DEFAULTS_STUDY)",
+    )
     parser.add_argument("--capabilities", nargs="*", help="quick: which capabilities (default: the tier's)")
     parser.add_argument("--densities", type=float, nargs="*", default=None, help="grafting densities")
     parser.add_argument("--expert-steps", type=int, default=None, help="override the tier's expert fine-tuning steps")
@@ -641,15 +660,17 @@ def make_parser() -> argparse.ArgumentParser:
 def locate(args: argparse.Namespace) -> Tuple[Suite, str, str, str]:
     """``(suite, run name, work directory, base directory)`` of a parsed command line.
 
-    The run name (``quick``, ``full-smoke``, ``quick-seed1``, ...) names the report; the
+    The run name (``quick``, ``full-smoke``, ``quick-seed1``, ``quick-constant-seed1``, ...) names the report; the
     directories carry the settings' fingerprints, so a cache is reused only for identical settings.
     """
     suite = build_suite(args)
-    name = f"{suite.tier}{'-smoke' if args.smoke else ''}{f'-seed{args.seed}' if args.seed else ''}"
+    base_name = f"{suite.tier}{'-smoke' if args.smoke else ''}{f'-seed{args.seed}' if args.seed else ''}"
+    variant = f"-{args.variant}" if getattr(args, "variant", None) else ""
+    name = base_name.replace(suite.tier, suite.tier + variant, 1)
     work = os.path.join(args.cache, f"{name}-{suite.fingerprint()}")
     base_dir = os.path.join(
-        args.cache, f"{name}-base-{suite.fingerprint(suite.base_keys)}"
-    )  # shared by expert settings
+        args.cache, f"{base_name}-base-{suite.fingerprint(suite.base_keys)}"
+    )  # shared by expert settings and variants
     if suite.tier == "sft" and not args.smoke:  # SmolLM2 converted once, shared by every seed and setting
         from benchmarks.quality.smollm import SFT_BASE_DIR
 
@@ -675,6 +696,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     torch.set_num_threads(args.threads or (1 if args.tier in ("quick", "sft") else os.cpu_count() or 1))
     started, load = time.perf_counter(), os.getloadavg()
     densities = tuple(args.densities or default_densities(args))
+    if args.study == "defaults":
+        args.methods = list(merges.DEFAULTS_STUDY)
     if args.tier == "sft":
         return _main_sft(args, argv, started, load, densities)
     suite, name, work, base_dir = locate(args)

@@ -49,12 +49,48 @@ class QuickSettings(BaseModel):
     expert: TrainSettings = TrainSettings(
         steps=500, batch_size=64, learning_rate=5e-4, warmup_steps=20, weight_decay=0.01, scheduler="linear", seed=1
     )
+    # per-capability overrides of ``expert`` (the variants' unequal lengths and learning rates, QUICK_VARIANTS)
+    expert_overrides: Dict[str, Dict[str, Any]] = {}
     val_examples: int = 256
     test_examples: int = 512
     metric: Literal["exact_match", "token_accuracy"] = (
         "exact_match"  # token_accuracy: smoke runs (exact match is 0 after 3 steps)
     )
     seed: int = 0
+
+    def expert_of(self, capability: str) -> TrainSettings:
+        """The training settings of ``capability``'s expert: ``expert`` with its overrides."""
+        return self.expert.model_copy(update=self.expert_overrides.get(capability, {}))
+
+
+QUICK_VARIANTS: Dict[str, Dict[str, Any]] = {
+    # Experts at a constant learning rate, no warm-up, for lengths 10x apart (as community SFT runs of 20 to 200
+    # steps are): the bias-corrected v of a short run and of a long one sit on different scales for reasons bias
+    # correction does not see (how far each run got from the base's gradients).
+    "constant": {
+        "expert": {"scheduler": "constant", "warmup_steps": 0},
+        "expert_overrides": {"reverse": {"steps": 50}, "sort": {"steps": 120}, "modadd": {"steps": 250}},
+    },
+    # Experts of equal length at learning rates 10x apart (community checkpoints merged together): v scales with
+    # the squared gradients, which the learning rate moves by where it leaves each expert.
+    "lr": {
+        "expert_overrides": {
+            "reverse": {"learning_rate": 2e-4},
+            "sort": {"learning_rate": 5e-4},
+            "modadd": {"learning_rate": 1e-3},
+            "shift": {"learning_rate": 2e-3},
+        },
+    },
+}
+"""The quick tier's variants (``run.py --variant NAME``) for choosing defaults by their worst case
+(``benchmarks/quality/regret.py``): the same base, capabilities and held-out sets, experts trained otherwise."""
+
+
+def quick_variant(settings: "QuickSettings", name: str) -> "QuickSettings":
+    """``settings`` with the variant ``name`` of :data:`QUICK_VARIANTS` applied (keeps its seeds)."""
+    variant = QUICK_VARIANTS[name]
+    expert = settings.expert.model_copy(update=variant.get("expert", {}))
+    return settings.model_copy(update={"expert": expert, "expert_overrides": variant.get("expert_overrides", {})})
 
 
 _METRIC_TEXT = {
@@ -117,6 +153,8 @@ class Suite:
     def fingerprint(self, keys: Optional[Tuple[str, ...]] = None) -> str:
         """A short hash of the settings (only ``keys`` if given): a cache is reused only for identical ones."""
         settings = self.settings.model_dump(mode="json")
+        if not settings.get("expert_overrides", True):  # the quick tier without a variant: its pre-variant hash
+            del settings["expert_overrides"]
         if keys is not None:
             settings = {key: settings[key] for key in keys}
         text = json.dumps({"tier": self.tier, **settings}, sort_keys=True)
@@ -150,7 +188,7 @@ def quick_suite(settings: Optional[QuickSettings] = None) -> Suite:
         return train(model, rows, directory, settings.pretrain, suite.tokenizer, device)
 
     def expert_rows(name: str) -> List[Row]:
-        count = settings.expert.steps * settings.expert.batch_size
+        count = settings.expert_of(name).steps * settings.expert.batch_size
         return tasks.finetuning_examples(tasks.capability(name), count, settings.seed + 1)
 
     def eval_rows(name: str, split: Split) -> List[Row]:
@@ -165,7 +203,12 @@ def quick_suite(settings: Optional[QuickSettings] = None) -> Suite:
         f"{settings.pretrain.scheduler}) on the mixture of all capabilities ({settings.pretrain_hard_share:.0%} of "
         f"each at its hard size, the rest at easy sizes); each expert fine-tuned from it for "
         f"{settings.expert.steps} steps (batch {settings.expert.batch_size}, lr {settings.expert.learning_rate:g}, "
-        f"{settings.expert.scheduler}) on its capability's hard size. Score: {_METRIC_TEXT[settings.metric]} on "
+        f"{settings.expert.scheduler}) on its capability's hard size"
+        + "".join(
+            f"; {cap}: " + ", ".join(f"{k.replace('_', ' ')} {v:g}" for k, v in over.items())
+            for cap, over in settings.expert_overrides.items()
+        )
+        + f". Score: {_METRIC_TEXT[settings.metric]} on "
         f"{settings.val_examples} validation and "
         f"{settings.test_examples} test examples per capability."
     )
@@ -183,6 +226,7 @@ def quick_suite(settings: Optional[QuickSettings] = None) -> Suite:
         description=description,
         load_tokenizer=tasks.hf_tokenizer,
         expert_settings=settings.expert,
+        expert_settings_of=settings.expert_of,
         build_base=build_base,
         base_keys=(
             "capabilities",
