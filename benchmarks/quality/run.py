@@ -38,7 +38,7 @@ if REPO not in sys.path:  # `python benchmarks/quality/run.py` as well as `pytho
 
 from benchmarks.quality import grafting, merges  # noqa: E402
 from benchmarks.quality.evaluate import greedy_answers, load_model, score_items  # noqa: E402
-from benchmarks.quality.tiers import QUICK_VARIANTS, Suite  # noqa: E402
+from benchmarks.quality.tiers import QUICK_VARIANTS, SFT_VARIANTS, Suite  # noqa: E402
 from benchmarks.quality.train import checkpoint_of, export_curvature, train  # noqa: E402
 
 SPLITS = ("val", "test")
@@ -172,14 +172,18 @@ class Pipeline:
         with self.results.stage("curvature export"):
             for cap, checkpoint in experts.items():
                 for kind, stores, compress in (("full", full, None), ("rank1", rank1, "rank1")):
-                    out = os.path.join(self.work, "curvature", f"{cap}-{kind}.safetensors")
-                    if self.suite.run_key is not None:  # next to its run: exported once per run
-                        out = os.path.join(self.run_dir(cap), f"curvature-{kind}.safetensors")
+                    out = self.store_path(cap, kind)
                     seconds = export_curvature(checkpoint, out, compress)
                     if seconds:
                         self.results.data["export"][f"{cap}/{kind}"] = {"seconds": seconds, "bytes": _size(out)}
                     stores[cap] = out
         return merges.Experts(base=base, models=experts, full_stores=full, rank1_stores=rank1)
+
+    def store_path(self, cap: str, kind: str) -> str:
+        """Where the export of ``cap``'s expert's curvature (``full`` or ``rank1``) is cached."""
+        if self.suite.run_key is not None:  # next to its run: exported once per run
+            return os.path.join(self.run_dir(cap), f"curvature-{kind}.safetensors")
+        return os.path.join(self.work, "curvature", f"{cap}-{kind}.safetensors")
 
     def data_fisher(self, experts: merges.Experts) -> merges.Experts:
         """Each expert's data Fisher on the first N of its own training rows, for each N of
@@ -478,11 +482,12 @@ def build_suite(args: argparse.Namespace) -> Suite:
     suite = _tier_suite(args)
     settings = suite.settings
     if args.variant:
-        if args.tier != "quick" or args.smoke:
-            raise SystemExit("--variant: only the quick tier (not --smoke) has variants")
-        from benchmarks.quality.tiers import quick_variant
+        variants = {"quick": QUICK_VARIANTS, "sft": SFT_VARIANTS}.get(args.tier, {})
+        if args.smoke or args.variant not in variants:
+            raise SystemExit(f"--variant {args.variant}: the {args.tier} tier has {sorted(variants) or 'none'}")
+        from benchmarks.quality.tiers import tier_variant
 
-        settings = quick_variant(settings, args.variant)
+        settings = tier_variant(settings, args.variant)
     if args.tier == "sft" and args.expert_steps is not None:
         raise SystemExit(
             "--expert-steps: the sft tier's experts train for per-skill lengths; use --skill-steps SKILL=N"
@@ -631,10 +636,11 @@ def make_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--variant",
-        choices=tuple(QUICK_VARIANTS),
+        choices=tuple(dict.fromkeys([*QUICK_VARIANTS, *SFT_VARIANTS])),
         default=None,
-        help="quick: experts trained otherwise (tiers.QUICK_VARIANTS: constant = constant learning rate, lengths "
-        "10x apart; lr = learning rates 10x apart), for choosing defaults by their worst case (regret.py)",
+        help="quick and sft: experts trained otherwise (tiers.QUICK_VARIANTS, SFT_VARIANTS: constant = constant "
+        "learning rate, lengths 10x apart; lr (quick) = learning rates 10x apart), for choosing defaults by their "
+        "worst case (regret.py)",
     )
     parser.add_argument("--methods", nargs="*", help="only these methods (names as in the report)")
     parser.add_argument(
@@ -769,6 +775,8 @@ def _main_sft(
         data["invocation"] = invocation(argv, started, load, args.device, work)
         pipeline.results.save()
         runs.append((seed, suite, data))
+    if args.stop_after == "merges":  # the defaults study reads results.json (regret.py); no report
+        return {"seeds": {seed: data for seed, _, data in runs}}
     name = sft_report_name(args, seeds)
     path = report_sft.write(runs, args.results, name, partial=args.stop_after == "references")
     print(f"report: {path}", flush=True)

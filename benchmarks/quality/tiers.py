@@ -86,11 +86,24 @@ QUICK_VARIANTS: Dict[str, Dict[str, Any]] = {
 (``benchmarks/quality/regret.py``): the same base, capabilities and held-out sets, experts trained otherwise."""
 
 
-def quick_variant(settings: "QuickSettings", name: str) -> "QuickSettings":
-    """``settings`` with the variant ``name`` of :data:`QUICK_VARIANTS` applied (keeps its seeds)."""
-    variant = QUICK_VARIANTS[name]
-    expert = settings.expert.model_copy(update=variant.get("expert", {}))
-    return settings.model_copy(update={"expert": expert, "expert_overrides": variant.get("expert_overrides", {})})
+SFT_VARIANTS: Dict[str, Dict[str, Any]] = {
+    # The sft tier's chat experts at a constant learning rate, no warm-up, lengths 20 to 200 steps (10x), as the
+    # independent evaluation of issue 32 trained its own: no multi-task reference (the study compares merges only).
+    "constant": {
+        "expert": {"scheduler": "constant", "warmup_steps": 0},
+        "expert_steps": {"snake": 20, "iso_date": 40, "camel": 80, "us_date": 200},
+        "multitask": False,
+    },
+}
+"""The sft tier's variants (``run.py --tier sft --variant NAME``)."""
+
+
+def tier_variant(settings: BaseModel, name: str) -> BaseModel:
+    """``settings`` (quick or sft) with the variant ``name`` of :data:`QUICK_VARIANTS` / :data:`SFT_VARIANTS`
+    applied (keeps its seeds)."""
+    variant = dict((QUICK_VARIANTS if isinstance(settings, QuickSettings) else SFT_VARIANTS)[name])
+    expert = settings.expert.model_copy(update=variant.pop("expert", {}))
+    return settings.model_copy(update={"expert": expert, **variant})
 
 
 _METRIC_TEXT = {
@@ -424,6 +437,7 @@ class SftSettings(BaseModel):
         steps=40, batch_size=16, learning_rate=3e-4, warmup_steps=4, weight_decay=0.0, scheduler="cosine", seed=1
     )
     multitask_steps: Optional[int] = None  # None: the experts' steps added up (one pass over their union)
+    multitask: bool = True  # False: no multi-task reference (the variants of the defaults study do not need one)
     val_items: int = 100
     test_items: int = 200
     bf16: bool = True  # Trainer bf16 mixed precision (weights, grads, AdamW moments float32) and bf16 scoring
@@ -560,7 +574,7 @@ def sft_suite(settings: Optional[SftSettings] = None) -> Suite:
         expert_settings_of=expert_settings_of,
         train_options={"bf16": settings.bf16, "answer_only": settings.answer_only_loss},
         score_options={"bf16": settings.bf16},
-        multitask_rows=multitask_rows,
+        multitask_rows=multitask_rows if settings.multitask else None,
         multitask_settings=settings.expert.model_copy(update={"steps": settings.total_steps()}),
         greedy_check=settings.greedy_check,
         run_key=run_key,
