@@ -155,6 +155,7 @@ def scale_variants(method: Method) -> List[Method]:
                 shared={**method.shared, **shared},
                 note=", ".join(f"{k}: {v}" for k, v in shared.items()),
                 base=method.base,
+                per_expert=method.per_expert,
                 varies=method.name,
             )
         )

@@ -276,6 +276,12 @@ class Pipeline:
             self.results.models[key] = self.score(path, SPLITS)
             self.results.save()
 
+    def recorded(self, key: str, config: Dict[str, Any]) -> bool:
+        """Whether the merge ``key`` is in the results for this same ``config`` (a rerun skips it; a record made
+        before configs were recorded is trusted)."""
+        record = self.results.models.get(key)
+        return record is not None and record.get("config", config) == config
+
     def merged(
         self,
         key: str,
@@ -286,10 +292,9 @@ class Pipeline:
     ) -> None:
         """Merge ``config`` into ``merged/DIRECTORY`` (its YAML to ``configs/DIRECTORY.yml``) and score it.
 
-        Skipped when ``key`` is already in the results (a rerun); the merged weights are deleted
-        after scoring unless ``keep_models``.
+        Skipped when :meth:`recorded`; the merged weights are deleted after scoring unless ``keep_models``.
         """
-        if key in self.results.models:
+        if self.recorded(key, config):
             return
         merges.write_config(config, os.path.join(self.work, "configs", directory + ".yml"))
         out = os.path.join(self.work, "merged", directory)
@@ -297,6 +302,7 @@ class Pipeline:
         seconds = merges.run_config(config, out, seed=self.seed)
         record = self.score(out, splits, caps)
         record["merge_seconds"] = seconds
+        record["config"] = config
         _record_auto(record, out)
         self.results.models[key] = record
         self.results.save()
@@ -314,7 +320,7 @@ class Pipeline:
 
         for setting in settings:
             key = f"merge/{setting.method}/{setting.label}"
-            if key in self.results.models:
+            if self.recorded(key, setting.config):
                 continue
             out = os.path.join(self.work, "merged", setting.slug)
             merges.write_config(setting.config, os.path.join(self.work, "configs", setting.slug + ".yml"))
@@ -322,6 +328,7 @@ class Pipeline:
             seconds = merges.run_config(setting.config, out, seed=self.seed)
             record = self.score(out, ("val",))
             record["merge_seconds"] = seconds
+            record["config"] = setting.config
             _record_auto(record, out)
             self.results.models[key] = record
             self.results.save()
