@@ -102,6 +102,17 @@ def _mark_as_merge(build: str, merge_config: object, args: tuple, kwargs: dict) 
         pass  # the weights are what matters; the error raised next says what failed
 
 
+def _require_devices(options: object) -> None:
+    """Refuse, before anything is claimed or loaded, options naming a device that is not here (``--cuda``
+    without CUDA: :func:`~mergekit_ota.devices.merge_option_problems`, which ``check`` reports too)."""
+    from mergekit_ota.devices import merge_option_problems
+    from mergekit_ota.errors import PreflightError
+
+    problems = merge_option_problems(options) if options is not None else []
+    if problems:
+        raise PreflightError(problems)
+
+
 def _guard_run_merge(run_merge: Callable) -> Callable:
     """``run_merge`` for ota/ffg: claim the output (:class:`~mergekit_ota.io.output.OutputDirectory`), merge into
     its build directory, add the curvature provenance (:func:`~mergekit_ota.graph.provenance.write_provenance`:
@@ -115,6 +126,7 @@ def _guard_run_merge(run_merge: Callable) -> Callable:
         from mergekit_ota.compat import require_supported_mergekit
 
         require_supported_mergekit()  # before the output is claimed or mergekit runs any of its steps
+        _require_devices(kwargs.get("options", args[0] if args else None))
         from mergekit_ota.graph.provenance import card_state, write_provenance
         from mergekit_ota.graph.provenance import take as take_provenance
 

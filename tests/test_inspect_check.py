@@ -571,6 +571,62 @@ def test_check_usage_and_config_errors(family, tmp_path):
     ]
 
 
+@pytest.fixture
+def one_cuda_device_at_most(monkeypatch, request):
+    """torch as built without CUDA (``"none"``) or with one CUDA device (``"one"``), whatever the machine has."""
+    built = request.param == "one"
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: built)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: built)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: int(built))
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: built)
+    return request.param
+
+
+@pytest.mark.parametrize(
+    "one_cuda_device_at_most, option, expected",
+    [
+        ("none", ("--cuda",), "--cuda: this torch (.*) is built without CUDA"),
+        ("none", ("--gpu-rich",), "--gpu-rich: this torch (.*) is built without CUDA"),
+        ("none", ("--multi-gpu",), "--multi-gpu: torch sees no accelerator"),
+        (
+            "one",
+            ("--device", "cuda:1"),
+            r"--device cuda:1: there is no cuda device 1: torch sees 1 \(cuda:0 to cuda:0\)",
+        ),
+        ("one", ("--device", "gpu"), "--device gpu: 'gpu' is not a torch device"),
+        ("none", ("--device", "mps"), "--device mps: torch (.*) sees no mps device here"),
+    ],
+    indirect=["one_cuda_device_at_most"],
+)
+def test_check_and_merge_refuse_a_device_option_this_machine_cannot_honour(
+    family, tmp_path, one_cuda_device_at_most, option, expected
+):
+    """`check CONFIG OUT --cuda` on a torch without CUDA (or --device naming a GPU that is not there) fails with
+    one problem line naming the option, where it used to say ready and the merge then failed on torch's
+    assertion; run_merge of an ota config refuses the same options with the same line, before OUT is created."""
+    import re
+
+    from mergekit.options import MergeOptions
+
+    from mergekit_ota.errors import PreflightError
+
+    config = _write_config(tmp_path, _ota(family), "line.yml")
+    out = tmp_path / "merged"
+    result = _invoke("check", config, str(out), *option, "--json")
+    report = json.loads(result.stdout)
+    assert result.exit_code == 1 and len(report["problems"]) == 1, result.output
+    assert re.fullmatch(expected + ".*", report["problems"][0]), report["problems"]
+    flags = {"--cuda": {"cuda": True}, "--gpu-rich": {"gpu_rich": True}, "--multi-gpu": {"multi_gpu": True}}
+    options = flags.get(option[0]) or {"device": option[1]}
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+
+    with pytest.raises(PreflightError) as caught:
+        run_merge(MergeConfiguration.model_validate(_ota(family)), str(out), MergeOptions(quiet=True, **options))
+    assert caught.value.problems == report["problems"]
+    assert not out.exists()
+
+
 def test_check_takes_a_mergekit_yaml_command_line(family, tmp_path):
     """`check` in front of a mergekit-yaml line: OUT_PATH and every mergekit-yaml option are accepted; the
     runtime options are named as ignored, the planning ones used; OUT_PATH is refused exactly where the merge
@@ -578,10 +634,12 @@ def test_check_takes_a_mergekit_yaml_command_line(family, tmp_path):
     not know is a usage error, as mergekit-yaml's own."""
     config = _write_config(tmp_path, _ota(family), "line.yml")
     out = tmp_path / "merged"
-    result = _invoke("check", config, str(out), "--cuda", "--out-shard-size", "1B", "-j", "2", "--allow-crimes")
+    result = _invoke(
+        "check", config, str(out), "--low-cpu-memory", "--out-shard-size", "1B", "-j", "2", "--allow-crimes"
+    )
     assert result.exit_code == 0, result.output
     note = next(line for line in result.stdout.splitlines() if "ignored" in line)
-    assert "--cuda" in note and "--out-shard-size" in note and "--num-threads" in note
+    assert "--low-cpu-memory" in note and "--out-shard-size" in note and "--num-threads" in note
     assert "--allow-crimes" not in note and not out.exists()
     assert "ignored" not in _invoke("check", config).stdout  # mergekit-yaml's own defaults are not "given"
     options_first = _invoke("check", config, "--out-shard-size", "1B", str(out))
