@@ -566,8 +566,61 @@ def test_check_usage_and_config_errors(family, tmp_path):
     cfg = _ota(family)
     cfg["models"][1]["model"] = str(tmp_path / "no" / "such_expert")
     code, report = _check(tmp_path, cfg)
+    assert code == 1 and report["problems"] == [f"model {tmp_path / 'no' / 'such_expert'}: no such directory"]
+
+
+@pytest.fixture
+def hub_offline(monkeypatch, tmp_path):
+    """HF_HUB_OFFLINE=1 (environment and huggingface_hub.constants), an empty default hub cache."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+
+
+@pytest.mark.parametrize("path", ["./experts/math", "experts/math/v2", "{local}/math", "experts/math"])
+def test_check_names_a_model_path_that_is_no_directory_here_at_once(family, tmp_path, monkeypatch, hub_offline, path):
+    """A relative model path that does not exist from the working directory is one problem line, `no such
+    directory (relative to CWD)`, in well under the ~30 s mergekit spends retrying the Hub: at once where the
+    path is local by its form (./, two or more /, an existing first folder), and offline where it may be a Hub
+    repo id (org/name), which mergekit 0.1.5 cannot load offline."""
+    import time
+
+    (tmp_path / "local").mkdir()
+    monkeypatch.chdir(tmp_path)
+    path = path.format(local="local")
+    cfg = _ota(family)
+    cfg["models"][1]["model"] = path
+    started = time.perf_counter()
+    code, report = _check(tmp_path, cfg)
+    assert time.perf_counter() - started < 10.0
+    expected = f"model {path}: no such directory (relative to {tmp_path})"
+    assert code == 1 and len(report["problems"]) == 1 and report["problems"][0].startswith(expected), report
+    if path == "experts/math":
+        assert "as a Hub repo id: HF_HUB_OFFLINE is set" in report["problems"][0]
+
+
+def test_check_says_a_possible_repo_id_that_failed_online_is_no_directory_here(family, tmp_path, monkeypatch):
+    """Online, a model path org/name that is no local directory is left to mergekit's Hub lookup; when that
+    fails, the problem list also says the path is no directory relative to the working directory."""
+    import huggingface_hub.constants
+    import mergekit.architecture
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+
+    def no_network(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    monkeypatch.setattr(mergekit.architecture, "get_architecture_info", no_network)
+    monkeypatch.chdir(tmp_path)
+    cfg = _ota(family)
+    cfg["models"][1]["model"] = "experts/math"
+    code, report = _check(tmp_path, cfg)
     assert code == 1 and report["problems"] == [
-        f"model {tmp_path / 'no' / 'such_expert'}: no such directory (relative to {os.getcwd()})"
+        "mergekit cannot plan this merge: OSError: We couldn't connect to 'https://huggingface.co' to load the files",
+        f"model experts/math: no such directory (relative to {tmp_path}), so mergekit looked it up on the Hugging "
+        "Face Hub as a repo id",
     ]
 
 
