@@ -18,7 +18,8 @@
                                        left to mergekit
 =====================================  =============================================
 
-Every patch acts only when the configured method is ours, is idempotent, and is
+Every patch acts only when the configured method is ours (``mergekit-yaml``'s: only on our
+errors, which only our methods and refusals raise), is idempotent, and is
 applied by :func:`on_module` either from the start-up hook (``mergekit_ota_autoload``)
 right after the module executes, or by :func:`install` for modules already loaded.
 """
@@ -32,7 +33,7 @@ import warnings
 from types import ModuleType
 from typing import Callable, Dict, Tuple
 
-from mergekit_ota.errors import ConfigError, OTAError, OutputError
+from mergekit_ota.errors import ConfigError, OTAError, OutputError, PreflightError
 from mergekit_ota.io.output import OutputDirectory, ReplacePolicy
 from mergekit_ota_autoload import env_flag
 
@@ -106,7 +107,6 @@ def _require_devices(options: object) -> None:
     """Refuse, before anything is claimed or loaded, options naming a device that is not here (``--cuda``
     without CUDA: :func:`~mergekit_ota.devices.merge_option_problems`, which ``check`` reports too)."""
     from mergekit_ota.devices import merge_option_problems
-    from mergekit_ota.errors import PreflightError
 
     problems = merge_option_problems(options) if options is not None else []
     if problems:
