@@ -20,8 +20,16 @@ WATCHED = frozenset(
         "mergekit.plan",
         "mergekit.merge",
         "mergekit.scripts.merge_raw_pytorch",
+        "mergekit.scripts.run_yaml",
     }
 )
+
+
+def env_flag(name):
+    """Whether environment variable ``name`` is switched on (``1``, ``true``, ``yes`` or ``on``, any case).
+
+    The one reading of mergekit-ota's on/off environment variables."""
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def initializing(name):
@@ -85,7 +93,7 @@ def install_finder():
 
 
 def _autoload():
-    if os.environ.get(DISABLE_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
+    if env_flag(DISABLE_ENV):
         return
     try:
         install_finder()

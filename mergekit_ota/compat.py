@@ -20,6 +20,10 @@ changes one of them fails with one clear message naming it, not an
                                                   writes (``out/README.md``) gets the
                                                   curvature section (:mod:`.graph.provenance`)
 ``merge_raw_pytorch.plan_flat_merge``             wrapped: refuse ota/ffg
+``mergekit.scripts.run_yaml.main.callback``       wrapped: our errors end ``mergekit-yaml``
+                                                  as a message, not a traceback (a
+                                                  ``main`` that is no click command is
+                                                  left alone)
 ================================================  ======================================
 """
 
@@ -184,3 +188,12 @@ def model_out_config(config: Any, arch_info: Any, trust_remote_code: bool) -> An
     from mergekit.merge import _model_out_config
 
     return _model_out_config(config, arch_info, trust_remote_code=trust_remote_code)
+
+
+def mergekit_yaml_command(run_yaml: Any) -> Optional[Any]:
+    """``mergekit.scripts.run_yaml.main``, the ``click.Command`` behind ``mergekit-yaml`` (its ``callback`` runs the
+    merge), or ``None`` where it is not one."""
+    import click
+
+    command = getattr(run_yaml, "main", None)
+    return command if isinstance(command, click.Command) and callable(command.callback) else None

@@ -10,9 +10,16 @@
                                        curvature each expert used
                                        (:mod:`mergekit_ota.graph.provenance`)
 ``mergekit.scripts.merge_raw_pytorch`` refuse ``ota``/``ffg`` (no planner, no curvature)
+``mergekit.scripts.run_yaml``          ``mergekit-yaml``: one of our errors
+                                       (:class:`~mergekit_ota.errors.OTAError`) ends
+                                       the run as its message and exit status 1, not
+                                       a traceback (``MERGEKIT_OTA_TRACEBACK=1``
+                                       keeps the traceback); any other exception is
+                                       left to mergekit
 =====================================  =============================================
 
-Every patch acts only when the configured method is ours, is idempotent, and is
+Every patch acts only when the configured method is ours (``mergekit-yaml``'s: only on our
+errors, which only our methods and refusals raise), is idempotent, and is
 applied by :func:`on_module` either from the start-up hook (``mergekit_ota_autoload``)
 right after the module executes, or by :func:`install` for modules already loaded.
 """
@@ -26,10 +33,12 @@ import warnings
 from types import ModuleType
 from typing import Callable, Dict, Tuple
 
-from mergekit_ota.errors import ConfigError, OutputError
+from mergekit_ota.errors import ConfigError, OTAError, OutputError, PreflightError
 from mergekit_ota.io.output import OutputDirectory, ReplacePolicy
+from mergekit_ota_autoload import env_flag
 
 OVERWRITE_ENV = "MERGEKIT_OTA_ALLOW_OVERWRITE"
+TRACEBACK_ENV = "MERGEKIT_OTA_TRACEBACK"  # set: mergekit-yaml shows our errors with their traceback
 PATCH_MARK = "_mergekit_ota_patched"
 
 
@@ -55,8 +64,7 @@ MERGE_OUTPUT = ReplacePolicy(
 def merge_output(out_path: str) -> OutputDirectory:
     """The output directory of an ota/ffg merge into ``out_path``: :data:`MERGE_OUTPUT`'s policy, written in
     place when ``MERGEKIT_OTA_ALLOW_OVERWRITE=1`` (``check OUT`` asks the same object, without claiming it)."""
-    in_place = os.environ.get(OVERWRITE_ENV, "").strip().lower() in ("1", "true", "yes")
-    return OutputDirectory(out_path, MERGE_OUTPUT, in_place=in_place)
+    return OutputDirectory(out_path, MERGE_OUTPUT, in_place=env_flag(OVERWRITE_ENV))
 
 
 PROVENANCE_STEP = "writing the curvature provenance (mergekit_ota_curvature.json, the card's Curvature section)"
@@ -95,6 +103,16 @@ def _mark_as_merge(build: str, merge_config: object, args: tuple, kwargs: dict) 
         pass  # the weights are what matters; the error raised next says what failed
 
 
+def _require_devices(options: object) -> None:
+    """Refuse, before anything is claimed or loaded, options naming a device that is not here (``--cuda``
+    without CUDA: :func:`~mergekit_ota.devices.merge_option_problems`, which ``check`` reports too)."""
+    from mergekit_ota.devices import merge_option_problems
+
+    problems = merge_option_problems(options) if options is not None else []
+    if problems:
+        raise PreflightError(problems)
+
+
 def _guard_run_merge(run_merge: Callable) -> Callable:
     """``run_merge`` for ota/ffg: claim the output (:class:`~mergekit_ota.io.output.OutputDirectory`), merge into
     its build directory, add the curvature provenance (:func:`~mergekit_ota.graph.provenance.write_provenance`:
@@ -108,6 +126,7 @@ def _guard_run_merge(run_merge: Callable) -> Callable:
         from mergekit_ota.compat import require_supported_mergekit
 
         require_supported_mergekit()  # before the output is claimed or mergekit runs any of its steps
+        _require_devices(kwargs.get("options", args[0] if args else None))
         from mergekit_ota.graph.provenance import card_state, write_provenance
         from mergekit_ota.graph.provenance import take as take_provenance
 
@@ -158,10 +177,29 @@ def _refuse_raw_pytorch(plan_flat_merge: Callable) -> Callable:
     return refusing
 
 
-def _patch_attribute(module: ModuleType, name: str, wrap: Callable[[Callable], Callable]) -> None:
-    current = getattr(module, name)
+def _errors_as_messages(callback: Callable) -> Callable:
+    """A click command's callback that ends on one of our errors as its message (click prints ``Error: ...``
+    on stderr and exits 1) instead of a traceback; with ``MERGEKIT_OTA_TRACEBACK=1`` the error propagates as
+    raised. Any other exception propagates unchanged."""
+    import click
+
+    @functools.wraps(callback)
+    def reporting(*args, **kwargs):
+        try:
+            return callback(*args, **kwargs)
+        except OTAError as error:
+            if env_flag(TRACEBACK_ENV):
+                raise
+            raise click.ClickException(str(error)) from error
+
+    setattr(reporting, PATCH_MARK, True)
+    return reporting
+
+
+def _patch_attribute(owner: object, name: str, wrap: Callable[[Callable], Callable]) -> None:
+    current = getattr(owner, name)
     if not getattr(current, PATCH_MARK, False):
-        setattr(module, name, wrap(current))
+        setattr(owner, name, wrap(current))
 
 
 def _on_merge_methods(module: ModuleType) -> None:
@@ -194,11 +232,20 @@ def _on_raw_pytorch(module: ModuleType) -> None:
     _patch_attribute(module, "plan_flat_merge", _refuse_raw_pytorch)
 
 
+def _on_run_yaml(module: ModuleType) -> None:
+    from mergekit_ota.compat import mergekit_yaml_command
+
+    command = mergekit_yaml_command(module)
+    if command is not None:  # a mergekit whose mergekit-yaml is no click command keeps its own error output
+        _patch_attribute(command, "callback", _errors_as_messages)
+
+
 HANDLERS: Dict[str, Callable[[ModuleType], None]] = {
     "mergekit.merge_methods": _on_merge_methods,
     "mergekit.plan": _on_plan,
     "mergekit.merge": _on_merge,
     "mergekit.scripts.merge_raw_pytorch": _on_raw_pytorch,
+    "mergekit.scripts.run_yaml": _on_run_yaml,
 }
 
 

@@ -566,9 +566,118 @@ def test_check_usage_and_config_errors(family, tmp_path):
     cfg = _ota(family)
     cfg["models"][1]["model"] = str(tmp_path / "no" / "such_expert")
     code, report = _check(tmp_path, cfg)
+    assert code == 1 and report["problems"] == [f"model {tmp_path / 'no' / 'such_expert'}: no such directory"]
+
+
+@pytest.fixture
+def hub_offline(monkeypatch, tmp_path):
+    """HF_HUB_OFFLINE=1 (environment and huggingface_hub.constants), an empty default hub cache."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+
+
+@pytest.mark.parametrize("path", ["./experts/math", "experts/math/v2", "{local}/math", "experts/math"])
+def test_check_names_a_model_path_that_is_no_directory_here_at_once(family, tmp_path, monkeypatch, hub_offline, path):
+    """A relative model path that does not exist from the working directory is one problem line, `no such
+    directory (relative to CWD)`, in well under the ~30 s mergekit spends retrying the Hub: at once where the
+    path is local by its form (./, two or more /, an existing first folder), and offline where it may be a Hub
+    repo id (org/name), which mergekit 0.1.5 cannot load offline."""
+    import time
+
+    (tmp_path / "local").mkdir()
+    monkeypatch.chdir(tmp_path)
+    path = path.format(local="local")
+    cfg = _ota(family)
+    cfg["models"][1]["model"] = path
+    started = time.perf_counter()
+    code, report = _check(tmp_path, cfg)
+    assert time.perf_counter() - started < 10.0
+    expected = f"model {path}: no such directory (relative to {tmp_path})"
+    assert code == 1 and len(report["problems"]) == 1 and report["problems"][0].startswith(expected), report
+    if path == "experts/math":
+        assert "as a Hub repo id: HF_HUB_OFFLINE is set" in report["problems"][0]
+
+
+def test_check_says_a_possible_repo_id_that_failed_online_is_no_directory_here(family, tmp_path, monkeypatch):
+    """Online, a model path org/name that is no local directory is left to mergekit's Hub lookup; when that
+    fails, the problem list also says the path is no directory relative to the working directory."""
+    import huggingface_hub.constants
+    import mergekit.architecture
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+
+    def no_network(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    monkeypatch.setattr(mergekit.architecture, "get_architecture_info", no_network)
+    monkeypatch.chdir(tmp_path)
+    cfg = _ota(family)
+    cfg["models"][1]["model"] = "experts/math"
+    code, report = _check(tmp_path, cfg)
     assert code == 1 and report["problems"] == [
-        f"model {tmp_path / 'no' / 'such_expert'}: no such directory (relative to {os.getcwd()})"
+        "mergekit cannot plan this merge: OSError: We couldn't connect to 'https://huggingface.co' to load the files",
+        f"model experts/math: no such directory (relative to {tmp_path}), so mergekit looked it up on the Hugging "
+        "Face Hub as a repo id",
     ]
+
+
+@pytest.fixture
+def one_cuda_device_at_most(monkeypatch, request):
+    """torch as built without CUDA (``"none"``) or with one CUDA device (``"one"``), whatever the machine has."""
+    built = request.param == "one"
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: built)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: built)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: int(built))
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: built)
+    return request.param
+
+
+@pytest.mark.parametrize(
+    "one_cuda_device_at_most, option, expected",
+    [
+        ("none", ("--cuda",), "--cuda: this torch (.*) is built without CUDA"),
+        ("none", ("--gpu-rich",), "--gpu-rich: this torch (.*) is built without CUDA"),
+        ("none", ("--multi-gpu",), "--multi-gpu: torch sees no accelerator"),
+        (
+            "one",
+            ("--device", "cuda:1"),
+            r"--device cuda:1: there is no cuda device 1: torch sees 1 \(cuda:0 to cuda:0\)",
+        ),
+        ("one", ("--device", "gpu"), "--device gpu: 'gpu' is not a torch device"),
+        ("none", ("--device", "mps"), "--device mps: torch (.*) sees no mps device here"),
+    ],
+    indirect=["one_cuda_device_at_most"],
+)
+def test_check_and_merge_refuse_a_device_option_this_machine_cannot_honour(
+    family, tmp_path, one_cuda_device_at_most, option, expected
+):
+    """`check CONFIG OUT --cuda` on a torch without CUDA (or --device naming a GPU that is not there) fails with
+    one problem line naming the option, where it used to say ready and the merge then failed on torch's
+    assertion; run_merge of an ota config refuses the same options with the same line, before OUT is created."""
+    import re
+
+    from mergekit.options import MergeOptions
+
+    from mergekit_ota.errors import PreflightError
+
+    config = _write_config(tmp_path, _ota(family), "line.yml")
+    out = tmp_path / "merged"
+    result = _invoke("check", config, str(out), *option, "--json")
+    report = json.loads(result.stdout)
+    assert result.exit_code == 1 and len(report["problems"]) == 1, result.output
+    assert re.fullmatch(expected + ".*", report["problems"][0]), report["problems"]
+    flags = {"--cuda": {"cuda": True}, "--gpu-rich": {"gpu_rich": True}, "--multi-gpu": {"multi_gpu": True}}
+    options = flags.get(option[0]) or {"device": option[1]}
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+
+    with pytest.raises(PreflightError) as caught:
+        run_merge(MergeConfiguration.model_validate(_ota(family)), str(out), MergeOptions(quiet=True, **options))
+    assert caught.value.problems == report["problems"]
+    assert not out.exists()
 
 
 def test_check_takes_a_mergekit_yaml_command_line(family, tmp_path):
@@ -578,10 +687,12 @@ def test_check_takes_a_mergekit_yaml_command_line(family, tmp_path):
     not know is a usage error, as mergekit-yaml's own."""
     config = _write_config(tmp_path, _ota(family), "line.yml")
     out = tmp_path / "merged"
-    result = _invoke("check", config, str(out), "--cuda", "--out-shard-size", "1B", "-j", "2", "--allow-crimes")
+    result = _invoke(
+        "check", config, str(out), "--low-cpu-memory", "--out-shard-size", "1B", "-j", "2", "--allow-crimes"
+    )
     assert result.exit_code == 0, result.output
     note = next(line for line in result.stdout.splitlines() if "ignored" in line)
-    assert "--cuda" in note and "--out-shard-size" in note and "--num-threads" in note
+    assert "--low-cpu-memory" in note and "--out-shard-size" in note and "--num-threads" in note
     assert "--allow-crimes" not in note and not out.exists()
     assert "ignored" not in _invoke("check", config).stdout  # mergekit-yaml's own defaults are not "given"
     options_first = _invoke("check", config, "--out-shard-size", "1B", str(out))

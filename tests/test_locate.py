@@ -210,8 +210,23 @@ def test_a_local_looking_path_that_does_not_exist_is_never_sent_to_the_hub(tmp_p
     monkeypatch.chdir(tmp_path)
     path = path.format(local="local")
     message = _error(None, path)
-    assert "does not exist" in message and online.calls == []
+    relative = "" if os.path.isabs(path) else f" (relative to {tmp_path})"
+    assert f"{path}: no such directory{relative} (a local path by its form" in message and online.calls == []
     assert len(_tried(message)) == len(SEARCHED)
+
+
+def test_a_possible_repo_id_with_no_such_local_directory_fails_fast_offline(tmp_path, monkeypatch, offline):
+    """A relative model path org/name whose org is no local folder may be a Hub repo id: it reaches the Hub
+    lookup, which offline reads only the cache and fails at once (well under a second, no download), saying it is
+    no directory relative to the working directory."""
+    import time
+
+    monkeypatch.chdir(tmp_path)
+    started = time.perf_counter()
+    message = _error(None, "experts/math")
+    assert time.perf_counter() - started < 2.0
+    assert f"experts/math: no such directory (relative to {tmp_path}), so its Hub repo was searched" in message
+    assert _tried(message)[0] == f"experts/math: no such directory (relative to {tmp_path})"
 
 
 # ----------------------------------------------------------------------------- Hub repos, offline
@@ -289,7 +304,7 @@ def test_nothing_found_on_the_hub_lists_every_place_and_the_offline_limitation(t
     snapshot = _cache_repo(offline, REPO, {"config.json": b"{}"})
     message = _error(None, REPO, cache_dir=str(offline))
     assert "set 'parameters: {curvature: PATH}' for it, or put exp_avg_sq.safetensors" in message
-    assert _tried(message) == [f"{REPO}: not a local directory"] + [
+    assert _tried(message) == [f"{REPO}: no such directory (relative to {os.getcwd()})"] + [
         f"{REPO}@main:{name}: not in the local cache ({offline}); not downloaded: offline (HF_HUB_OFFLINE=1)"
         for name in SEARCHED
     ]

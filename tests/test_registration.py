@@ -152,3 +152,88 @@ def test_unmodified_mergekit_yaml_entry_point_merges(tmp_path):
         cwd="/",
     )
     assert (out / "model.safetensors").is_file()
+
+
+MERGEKIT_YAML = Path(sys.executable).parent / "mergekit-yaml"  # mergekit's console script, as pip installed it
+
+
+def _mergekit_yaml(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if k != "MERGEKIT_OTA_TRACEBACK"}
+    return subprocess.run(
+        [str(MERGEKIT_YAML), *args], capture_output=True, text=True, cwd=cwd, env=dict(environ, **env), timeout=300
+    )
+
+
+def _bad_parameter_config(tmp_path: Path, family) -> Path:
+    """An ota config whose experts carry a misspelled parameter (a PreflightError while planning)."""
+    import yaml
+
+    config = tmp_path / "bad.yml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "ota",
+                "base_model": family.base,
+                "models": [{"model": e, "parameters": {"densty": 0.5}} for e in family.experts],
+                "dtype": "float32",
+            }
+        )
+    )
+    return config
+
+
+def test_mergekit_yaml_ends_on_our_error_with_its_message_not_a_traceback(tmp_path, family):
+    """Under the real `mergekit-yaml` script, a PreflightError (problems found while planning) and an OutputError
+    (a foreign non-empty OUT) each end the run with exit status 1 and our message on stderr, no traceback."""
+    assert MERGEKIT_YAML.is_file()
+    config = _bad_parameter_config(tmp_path, family)
+    result = _mergekit_yaml(str(config), str(tmp_path / "out"), "--no-copy-tokenizer", "--quiet", cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "Error: mergekit-ota found 2 problem(s) before merging" in result.stderr, result.stderr
+    assert "'densty'" in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()
+
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "precious.txt").write_text("keep me")
+    config = tmp_path / "ok.yml"
+    config.write_text(f"merge_method: ota\nbase_model: {family.base}\nmodels:\n  - model: {family.experts[0]}\n")
+    result = _mergekit_yaml(str(config), str(foreign), cwd=tmp_path)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"Error: {foreign} already exists and is not empty"), result.stderr
+
+
+def test_mergekit_yaml_shows_the_traceback_on_request_and_for_other_errors(tmp_path, family):
+    """MERGEKIT_OTA_TRACEBACK=1 shows our error with its traceback; an exception that is not ours (mergekit's
+    own config validation) keeps mergekit's traceback. Both exit 1."""
+    config = _bad_parameter_config(tmp_path, family)
+    result = _mergekit_yaml(str(config), str(tmp_path / "out"), cwd=tmp_path, MERGEKIT_OTA_TRACEBACK="1")
+    assert result.returncode == 1, result.stderr
+    assert "Traceback (most recent call last)" in result.stderr
+    assert "mergekit_ota.errors.PreflightError: mergekit-ota found 2 problem(s)" in result.stderr, result.stderr
+
+    config = tmp_path / "invalid.yml"
+    config.write_text("merge_method: ota\nmodels: 3\n")
+    result = _mergekit_yaml(str(config), str(tmp_path / "out"), cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback (most recent call last)" in result.stderr, result.stderr
+    assert "ValidationError" in result.stderr
+
+
+def test_mergekit_yaml_hook_wraps_once_and_installs_no_global_hook():
+    """The hook wraps mergekit-yaml's callback once however often it is applied, leaves sys.excepthook alone, and
+    calling the callback's merge code directly (run_merge) still raises our error as itself."""
+    import inspect
+
+    import mergekit.scripts.run_yaml as run_yaml
+
+    from mergekit_ota import integration
+
+    wrapped = run_yaml.main.callback
+    integration.install()
+    integration.on_module("mergekit.scripts.run_yaml", run_yaml)
+    assert run_yaml.main.callback is wrapped and getattr(wrapped, integration.PATCH_MARK, False)
+    assert not getattr(wrapped.__wrapped__, integration.PATCH_MARK, False)
+    assert inspect.unwrap(wrapped).__module__ == "mergekit.scripts.run_yaml"
+    assert sys.excepthook is sys.__excepthook__

@@ -105,6 +105,71 @@ def test_a_claim_left_by_a_dead_run_is_named_and_not_overwritten(family, tmp_pat
     assert (out / "model-00001-of-00002.safetensors").read_bytes() == b"partial"
 
 
+def _dead_pid() -> int:
+    """The pid of a process that has exited and been reaped."""
+    probe = subprocess.Popen(["true"])
+    probe.wait()
+    return probe.pid
+
+
+def _claimed_dir(tmp_path, pid, host=None, extra=None):
+    import socket
+
+    from mergekit_ota.io.output import CLAIM_FILE
+
+    out = tmp_path / "out"
+    out.mkdir()
+    claim = {"pid": pid, "host": host or socket.gethostname(), "started": "2026-01-01 00:00:00"}
+    (out / CLAIM_FILE).write_text(json.dumps(claim))
+    if extra:
+        (out / extra).write_bytes(b"partial")
+    return out
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["dead pid, alone: taken over", "other host", "another file present", "live pid"],
+)
+def test_a_dead_runs_claim_alone_in_its_directory_is_taken_over_and_any_other_claim_refused(tmp_path, capfd, case):
+    """A claim whose run is dead on this host, in a directory holding nothing else, is taken over with one line on
+    stderr, and the directory is then written and released as an empty one. The same claim naming another host,
+    beside another file, or naming a live pid is refused (the claim and the file untouched)."""
+    import socket
+
+    from mergekit_ota.io.output import CLAIM_FILE, OutputDirectory, ReplacePolicy
+
+    policy = ReplacePolicy(what="nothing", recognises=lambda path: False)
+    if case == "dead pid, alone: taken over":
+        out = _claimed_dir(tmp_path, _dead_pid())
+        OutputDirectory(str(out), policy).check()  # check OUT says it may be written
+        with OutputDirectory(str(out), policy) as target:
+            owner = json.loads((out / CLAIM_FILE).read_text())
+            assert (owner["pid"], owner["host"]) == (os.getpid(), socket.gethostname())
+            (out / "new.txt").write_text("written")
+            target.commit()
+        assert sorted(os.listdir(out)) == ["new.txt"]
+        lines = capfd.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and "taking over the claim of a run that is no longer running" in lines[0], lines
+        return
+    if case == "other host":
+        out = _claimed_dir(tmp_path, _dead_pid(), host="another-host.invalid")
+        expected = r"another mergekit-ota run \(pid \d+ on another-host\.invalid"
+    elif case == "another file present":
+        out = _claimed_dir(tmp_path, _dead_pid(), extra="model-00001-of-00002.safetensors")
+        expected = r"no longer running .*delete .*mergekit-ota-claim"
+    else:
+        out = _claimed_dir(tmp_path, os.getpid())
+        expected = rf"another mergekit-ota run \(pid {os.getpid()} on "
+    before = _snapshot(out)
+    with pytest.raises(OutputError, match=expected):
+        OutputDirectory(str(out), policy).check()
+    with pytest.raises(OutputError, match=expected):
+        with OutputDirectory(str(out), policy):
+            pass
+    assert _snapshot(out) == before
+    assert "taking over" not in capfd.readouterr().err
+
+
 # -- case 3 and the overwrite policy: finished work is never deleted -----------------------------------------
 
 

@@ -25,15 +25,20 @@ PLANNING_OPTIONS = (
 _NO_OUT = "\x00no-output-path"  # stands in for a missing OUT_PATH while mergekit-yaml's parser runs
 
 
-def mergekit_yaml_arguments(config_file: str, rest: Sequence[str]) -> Tuple[Any, Optional[str], List[str]]:
-    """``(MergeOptions, OUT_PATH or None, ignored options)`` of ``mergekit-yaml CONFIG_FILE [OUT_PATH] REST...``,
-    parsed by mergekit-yaml's own command line (so check accepts exactly what it accepts).
+def mergekit_yaml_arguments(config_file: str, rest: Sequence[str]) -> Tuple[Any, Optional[str], List[str], List[str]]:
+    """``(MergeOptions, OUT_PATH or None, ignored options, run-time problems)`` of
+    ``mergekit-yaml CONFIG_FILE [OUT_PATH] REST...``, parsed by mergekit-yaml's own command line (so check
+    accepts exactly what it accepts).
 
     The MergeOptions keep the :data:`PLANNING_OPTIONS` given (``quiet`` set); every other option given is
-    named in the ignored list (as ``--flag``). Raises :class:`click.UsageError` where mergekit-yaml would.
+    named in the ignored list (as ``--flag``); the problems are those of every option given whose run-time
+    precondition fails here (:func:`mergekit_ota.devices.merge_option_problems`: ``--cuda`` without CUDA).
+    Raises :class:`click.UsageError` where mergekit-yaml would.
     """
     from mergekit.options import MergeOptions
     from mergekit.scripts.run_yaml import main as mergekit_yaml
+
+    from mergekit_ota.devices import merge_option_problems
 
     def parse(argv: List[str]) -> dict:
         with mergekit_yaml.make_context("mergekit-yaml", argv) as ctx:
@@ -53,7 +58,7 @@ def mergekit_yaml_arguments(config_file: str, rest: Sequence[str]) -> Tuple[Any,
     given = {k: v for k, v in params.items() if k in MergeOptions.model_fields and v != defaults.get(k)}
     ignored = [f"--{k.replace('_', '-')}" for k in given if k not in PLANNING_OPTIONS and k != "quiet"]
     options = MergeOptions(**{k: v for k, v in given.items() if k in PLANNING_OPTIONS}, quiet=True)
-    return options, out_path, ignored
+    return options, out_path, ignored, merge_option_problems(MergeOptions(**given))
 
 
 def render_report(report: "CheckReport", quiet: bool = False) -> str:
@@ -158,7 +163,7 @@ def check_command(
     from mergekit_ota.graph.preflight import CheckReport, NotACurvatureMerge, check_config, read_config
     from mergekit_ota.integration import merge_output
 
-    options, out_path, ignored = mergekit_yaml_arguments(config_file, mergekit_yaml_args)
+    options, out_path, ignored, run_problems = mergekit_yaml_arguments(config_file, mergekit_yaml_args)
     sample = sample or DEFAULT_SAMPLE
     try:
         report = check_config(read_config(config_file), options, source=config_file, full_scan=full_scan, sample=sample)
@@ -168,7 +173,7 @@ def check_command(
         raise click.UsageError(str(error)) from None
     except ConfigError as error:
         report = CheckReport(config=config_file, method="?", problems=(str(error),), full_scan=full_scan, sample=sample)
-    extra_problems, extra_notes = [], []
+    extra_problems, extra_notes = list(run_problems), []
     if out_path is not None:
         try:
             merge_output(out_path).check()

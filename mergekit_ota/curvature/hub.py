@@ -50,9 +50,11 @@ class RepoSearch:
 def looks_like_repo_id(path: str, bare: bool = False) -> bool:
     """Whether ``path`` can be a Hub model repo id ``org/name`` rather than a local path.
 
-    Not one: an absolute path, one starting with ``.`` or ``~``, one with other than
-    exactly one ``/``, one whose first part is an existing local directory (a local
-    path with a typo, as ``mergekit-ota check`` reads it), and one huggingface_hub's
+    The one rule for "looks local" (a missing local-looking path is reported as
+    :func:`no_such_directory` before any Hub lookup, by ``check`` and the curvature lookup).
+    Not a repo id: an absolute path, one starting with ``.`` or ``~``, one with other than
+    exactly one ``/`` (so any ``\\``, ``./``, ``../`` or a trailing ``/``), one whose first part
+    is an existing local directory (a local path with a typo), and one huggingface_hub's
     ``validate_repo_id`` refuses. A bare ``name`` (legacy canonical repos such as
     ``gpt2``) counts only with ``bare=True`` (as when deciding whether a missing model is a
     missing local path: the curvature lookup never sends a bare name to the Hub).
@@ -70,6 +72,13 @@ def looks_like_repo_id(path: str, bare: bool = False) -> bool:
     except HFValidationError:
         return False
     return True
+
+
+def no_such_directory(path: str) -> str:
+    """How a model path that is no directory here is reported: ``no such directory (relative to CWD)`` (the
+    parenthesis only for a relative ``path``; the caller names the path)."""
+    relative = not os.path.isabs(os.path.expanduser(path))
+    return "no such directory" + (f" (relative to {os.getcwd()})" if relative else "")
 
 
 # huggingface_hub's cache layout: HUB_CACHE/models--ORG--NAME/snapshots/COMMIT/FILE

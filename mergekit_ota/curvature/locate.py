@@ -100,17 +100,18 @@ def _default_store(model_path: str, label: str, revision: Optional[str], cache_d
     from mergekit_ota.curvature import hub
 
     repo_id, revision = _split_revision(model_path, revision)
+    missing = hub.no_such_directory(model_path)
     if not (repo_id and hub.looks_like_repo_id(repo_id)):
         raise CurvatureError(
-            f"{advice} {model_path} or its {EXPORT_SUBDIR}/ subdirectory; that directory does not exist "
-            f"(and is not a Hub repo id org/name)" + _local_tried(model_path)
+            f"{advice} {model_path} or its {EXPORT_SUBDIR}/ subdirectory; {model_path}: {missing} "
+            f"(a local path by its form, so not looked up on the Hub as a repo id org/name)" + _local_tried(model_path)
         )
     search = hub.find_in_repo(repo_id, SEARCHED, revision=revision, cache_dir=cache_dir)
     if search.path is not None:
         return search.path
-    tried = [(model_path, "not a local directory")] + [(a.place, a.outcome) for a in search.attempts]
+    tried = [(model_path, missing)] + [(a.place, a.outcome) for a in search.attempts]
     message = (
-        f"{advice} or its {EXPORT_SUBDIR}/ subdirectory; {repo_id} is not a local directory, so its Hub repo "
+        f"{advice} or its {EXPORT_SUBDIR}/ subdirectory; {repo_id}: {missing}, so its Hub repo "
         f"was searched ({hub.cache_root(cache_dir)} first)" + _listing(tried)
     )
     from huggingface_hub import constants

@@ -26,6 +26,7 @@ from mergekit_ota.curvature.store import CurvatureStore
 from mergekit_ota.errors import ConfigError, OTAError, PreflightError
 
 NEVER_WRITTEN = "<mergekit-ota check: no output>"  # the planned writer's path; no task ever runs
+MERGEKIT_REFUSED = "mergekit cannot plan this merge"  # heads a problem that is mergekit's own exception
 
 
 class NotACurvatureMerge(ConfigError):
@@ -142,21 +143,56 @@ def _looks_local(path: str) -> bool:
     return not looks_like_repo_id(path, bare=True)
 
 
-def missing_local_models(config: Any) -> List[str]:
-    """Models named by a local-looking path that does not exist.
-
-    mergekit would send such a path to the Hugging Face Hub as a repo id (retrying
-    for ~20 s before failing); check names it at once instead.
-    """
-    problems = []
+def _absent_models(config: Any) -> List[Tuple[str, str, Optional[str]]]:
+    """``(kind, path, revision)`` of each model and LoRA of ``config`` whose path is no file or directory here."""
+    absent = []
     for reference in config.referenced_models():
         for kind, part in (("model", reference.model), ("LoRA", reference.lora)):
-            if part is None:
-                continue
-            path = str(part.path)
-            if _looks_local(path) and not os.path.exists(os.path.expanduser(path)):
-                problems.append(f"{kind} {path}: no such directory (relative to {os.getcwd()})")
+            if part is not None and not os.path.exists(os.path.expanduser(str(part.path))):
+                absent.append((kind, str(part.path), getattr(part, "revision", None)))
+    return absent
+
+
+def missing_local_models(config: Any, cache_dir: Optional[str] = None) -> List[str]:
+    """Models that are no directory here and that mergekit would look up on the Hugging Face Hub in vain.
+
+    * A local-looking path (:func:`_looks_local`: the rule of
+      :func:`~mergekit_ota.curvature.hub.looks_like_repo_id`) that does not exist: mergekit would send it
+      to the Hub as a repo id (retrying for ~30 s without a network before failing).
+    * While ``HF_HUB_OFFLINE`` is set, a possible repo id (``org/name``, ``name``) that is no local
+      directory: mergekit 0.1.5 cannot load a Hub id offline, even cached (its cached snapshot, in
+      ``cache_dir`` or huggingface_hub's default cache, is named where there is one).
+
+    Each is one line naming the path, ``no such directory (relative to CWD)``; nothing asks the Hub.
+    """
+    from huggingface_hub import constants
+
+    from mergekit_ota.curvature.hub import cached_snapshot, no_such_directory
+    from mergekit_ota.curvature.locate import MERGEKIT_OFFLINE_NOTE
+
+    problems = []
+    for kind, path, revision in _absent_models(config):
+        if _looks_local(path):
+            problems.append(f"{kind} {path}: {no_such_directory(path)}")
+        elif constants.HF_HUB_OFFLINE:
+            snapshot = cached_snapshot(path, revision, cache_dir)
+            problems.append(
+                f"{kind} {path}: {no_such_directory(path)}, and as a Hub repo id: {MERGEKIT_OFFLINE_NOTE}"
+                + (f" ({snapshot})" if snapshot else "")
+            )
     return problems
+
+
+def hub_lookup_notes(config: Any) -> List[str]:
+    """For a merge mergekit could not plan: each possible repo id that is no local directory, said to have been
+    looked up on the Hub (the path may be a local one, mistyped or relative to another directory)."""
+    from mergekit_ota.curvature.hub import no_such_directory
+
+    return [
+        f"{kind} {path}: {no_such_directory(path)}, so mergekit looked it up on the Hugging Face Hub as a repo id"
+        for kind, path, _ in _absent_models(config)
+        if not _looks_local(path)
+    ]
 
 
 def asked_of_the_hub(path: str) -> bool:
@@ -222,7 +258,7 @@ def plan_merge(config: Any, options: Any) -> Tuple[Optional[Any], List[str]]:
             found = plan.listed()
         if isinstance(error, OTAError):
             return planner, found + [str(error)]
-        return planner, found + [f"mergekit cannot plan this merge: {type(error).__name__}: {error}"]
+        return planner, found + [f"{MERGEKIT_REFUSED}: {type(error).__name__}: {error}"]
     return planner, []
 
 
@@ -320,10 +356,12 @@ def check_config(
             report,
         )
     base = dict(config=source, method=method, full_scan=full_scan, sample=sample)
-    missing = missing_local_models(config)
+    missing = missing_local_models(config, getattr(options, "transformers_cache", None))
     if missing:
         return CheckReport(problems=tuple(missing), seconds=time.perf_counter() - started, **base)
     planner, header_problems = plan_merge(config, options)
+    if any(p.startswith(MERGEKIT_REFUSED) for p in header_problems):
+        header_problems += hub_lookup_notes(config)
     if planner is None:
         return CheckReport(problems=tuple(header_problems), seconds=time.perf_counter() - started, **base)
     loads = planned_loads(planner)

@@ -6,7 +6,10 @@ directory, ``analyze --out``, ``demo --out``) uses :class:`OutputDirectory`:
 1. **Claim.** A missing directory is created with ``mkdir`` (atomic), then a claim file
    :data:`CLAIM_FILE` is created inside it with ``O_EXCL``. Only one run can hold a
    claim, so two runs into the same directory never both proceed: the second is
-   refused, naming the first (pid, host, start time).
+   refused, naming the first (pid, host, start time). A claim left by a run that died is
+   taken over (one line on stderr says so) only where it cannot hide anything: the
+   directory holds nothing but the claim, the claim names this host, and no process
+   with its pid is running (:func:`_take_over`); otherwise it is refused, naming it.
 2. **Policy.** A directory that is missing or empty is written in place. An existing
    non-empty one is replaced only if the command recognises it as its own earlier
    output (``policy.recognises``: a merge's ``mergekit_config.yml``, a report's marker,
@@ -30,10 +33,11 @@ import json
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Callable, FrozenSet, Optional
+from typing import Callable, FrozenSet, NamedTuple, Optional
 
 from mergekit_ota.errors import OutputError
 
@@ -65,31 +69,105 @@ def _claim_text() -> str:
     return json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")})
 
 
+class ClaimOwner(NamedTuple):
+    """The run a claim file names."""
+
+    pid: int
+    host: str
+    started: str
+
+    @classmethod
+    def parse(cls, text: str) -> Optional["ClaimOwner"]:
+        """The owner :func:`_claim_text` wrote, or ``None`` for anything else."""
+        try:
+            owner = json.loads(text)
+            return cls(int(owner["pid"]), str(owner["host"]), str(owner["started"]))
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    @property
+    def dead(self) -> bool:
+        """Whether the claim names this host and no process with its pid runs here (a run that was killed)."""
+        if self.host != socket.gethostname() or self.pid <= 0:
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:  # PermissionError: a process of another user has that pid
+            return False
+        return False
+
+
+def _read_claim(path: str) -> Optional[ClaimOwner]:
+    try:
+        with open(os.path.join(path, CLAIM_FILE), "r", encoding="utf-8") as fp:
+            return ClaimOwner.parse(fp.read())
+    except OSError:
+        return None
+
+
 def _describe_claim(path: str) -> str:
     claim = os.path.join(path, CLAIM_FILE)
-    try:
-        with open(claim, "r", encoding="utf-8") as fp:
-            owner = json.load(fp)
-        pid, host, started = int(owner["pid"]), str(owner["host"]), str(owner["started"])
-    except (OSError, ValueError, KeyError, TypeError):
+    owner = _read_claim(path)
+    if owner is None:
         return f"another mergekit-ota run is writing {path} (it holds {claim})"
-    alive = True
-    if host == socket.gethostname():
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            alive = False
-        except PermissionError:
-            pass
-    if not alive:
+    if owner.dead:
         return (
-            f"{path} holds the claim of a mergekit-ota run that is no longer running (pid {pid}, started {started}); "
-            f"its output may be incomplete: delete {claim} (or the directory) to write there"
+            f"{path} holds the claim of a mergekit-ota run that is no longer running (pid {owner.pid}, started "
+            f"{owner.started}) and files it may have left incomplete: delete {claim} (or the directory) to write there"
         )
     return (
-        f"another mergekit-ota run (pid {pid} on {host}, started {started}) is writing {path}; "
+        f"another mergekit-ota run (pid {owner.pid} on {owner.host}, started {owner.started}) is writing {path}; "
         "wait for it or choose another directory"
     )
+
+
+def _take_over(path: str) -> Optional[ClaimOwner]:
+    """Make the claim in ``path`` ours if it is a dead run's and the directory holds nothing else; return its
+    former owner, or ``None`` (nothing changed) if it may not be taken.
+
+    The claim file is rewritten in place under an exclusive ``flock``, after reading it again under the lock
+    and checking that it is still the file at that path, so two runs taking over at once cannot both win: the
+    second then reads the first's live claim. Without ``fcntl`` (not POSIX) nothing is taken over.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    claim = os.path.join(path, CLAIM_FILE)
+    try:
+        fd = os.open(claim, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        held, there = os.fstat(fd), os.stat(claim, follow_symlinks=False)
+        if (held.st_dev, held.st_ino) != (there.st_dev, there.st_ino):
+            return None  # released (and maybe claimed anew) while we waited for the lock
+        owner = ClaimOwner.parse(os.pread(fd, 1 << 16, 0).decode("utf-8", "replace"))
+        if owner is None or not owner.dead or _entries(path):
+            return None
+        text = _claim_text().encode("utf-8")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, text, 0)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)  # releases the lock
+    print(
+        f"mergekit-ota: {path}: taking over the claim of a run that is no longer running (pid {owner.pid} on "
+        f"{owner.host}, started {owner.started}); the directory held nothing else",
+        file=sys.stderr,
+    )
+    return owner
+
+
+def _stale_and_alone(path: str) -> bool:
+    """Whether the claim in ``path`` is a dead run's and the directory holds nothing else (:func:`_take_over`
+    would take it)."""
+    owner = _read_claim(path)
+    return owner is not None and owner.dead and not _entries(path)
 
 
 def _exchange(a: str, b: str) -> bool:
@@ -170,7 +248,7 @@ class OutputDirectory:
         """The mode for ``self.path`` as it is now; raises if it may not be written."""
         if not os.path.isdir(self.path) or os.path.islink(self.path):
             raise OutputError(f"{self.path} exists and is not a directory; choose a new directory")
-        if os.path.lexists(os.path.join(self.path, CLAIM_FILE)):
+        if os.path.lexists(os.path.join(self.path, CLAIM_FILE)) and not _stale_and_alone(self.path):
             raise OutputError(_describe_claim(self.path))
         return self._mode_for_contents()
 
@@ -194,7 +272,10 @@ class OutputDirectory:
         try:
             fd = os.open(claim, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
-            raise OutputError(_describe_claim(self.path)) from None
+            if _take_over(self.path) is None:
+                raise OutputError(_describe_claim(self.path)) from None
+            self._claimed = True
+            return
         except OSError as error:
             raise OutputError(f"{self.path}: cannot claim the directory for writing ({error.strerror})") from error
         with os.fdopen(fd, "w", encoding="utf-8") as fp:
