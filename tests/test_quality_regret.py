@@ -80,3 +80,14 @@ def test_scale_rule_takes_mean_only_where_the_experts_scales_differ_by_more_than
     values = regret.scale_values(tier, "ota", None)
     assert values[0][regret.rule_name(10)] == 0.5 and values[1][regret.rule_name(10)] == 0.7
     assert values[1][regret.rule_name(100)] == 0.7
+
+
+def test_by_tier_folds_a_tiers_families_into_their_largest_regret():
+    table = regret.Table("t")
+    table.add("quick ota", {0: {"a": 1.0, "b": 0.9}})
+    table.add("quick ota+FFG", {0: {"a": 0.7, "b": 0.9}})
+    table.add("sft ota", {0: {"a": 1.0, "b": 0.95}, 1: {"a": 1.0, "b": 1.0}})
+    folded = table.by_tier(["quick", "sft"])
+    assert folded.columns == ["quick", "sft"]
+    assert folded.cells["a"] == {"quick": 0.2, "sft": 0.0}
+    assert folded.cells["b"]["quick"] == 0.1 and abs(folded.cells["b"]["sft"] - 0.025) < 1e-12

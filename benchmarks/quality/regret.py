@@ -269,6 +269,21 @@ class Table:
         complete = self.complete()
         return min(complete, key=lambda c: self.worst(c)[0]) if complete else None
 
+    def by_tier(self, tiers: Sequence[str]) -> "Table":
+        """The same regrets with each tier's columns (``"<tier> <family>"``) folded into their largest."""
+        folded = Table(f"{self.title}, worst over families per tier")
+        for tier in tiers:
+            columns = [c for c in self.columns if c.rsplit(" ", 1)[0] == tier]
+            if not columns:
+                continue
+            folded.columns.append(tier)
+            folded.seeds[tier] = min(self.seeds[c] for c in columns)
+            for candidate, row in self.cells.items():
+                present = [row[c] for c in columns if c in row]
+                if present:
+                    folded.cells.setdefault(candidate, {})[tier] = max(present)
+        return folded
+
     def lines(self) -> List[str]:
         if not self.columns:
             return []
@@ -332,7 +347,9 @@ def write(
         spread = f"; experts' bias-corrected mean v, max/min: {ratios}" if ratios else ""
         lines.append(f"- **{tier.name}**: seeds {sorted(tier.grids)} from {tier.source}{spread}")
     lines += ["", "Families: `ota` (p x λ grid), `ota+FFG` (model-wide density x λ), `auto` (`density: auto`, q x λ)."]
-    lines += ["", "## Regret tables", ""]
+    lines += ["", "## Summary: `curvature_scale` per tier (tuned; the largest regret over the families)", ""]
+    lines += tables["scale tuned"].by_tier([t.name for t in tiers]).lines()
+    lines += ["## Regret tables", ""]
     for table in tables.values():
         lines += table.lines()
     if sft_mass:
