@@ -15,9 +15,11 @@ Per expert (``parameters:`` of a model in the YAML):
 =================  =========  ====================================================
 
 Shared (top-level ``parameters:``): ``lambda`` (1.0), ``density_scope``
-(``tensor`` | ``model``), ``bias_correction`` (``auto`` | true | false, see
+(``tensor`` | ``model``; unset: ``tensor``, and ``model`` for an expert with ``density: auto``),
+``bias_correction`` (``auto`` | true | false, see
 :mod:`mergekit_ota.methods.bias`), ``sign_consensus`` (``none`` | ``sum`` | ``count``: TIES's sign
-election over the FFG-masked task vectors, see :mod:`mergekit_ota.math.consensus`); ``ota`` adds ``power``
+election over the FFG-masked task vectors, see :mod:`mergekit_ota.math.consensus`; YAML true / false mean
+``sum`` / ``none``); ``ota`` adds ``power``
 (0.5), ``eps`` (1e-12) and ``curvature_scale`` (``mean``, default | ``median`` | ``none``: ``v_i / m_i``
 with ``m_i`` expert i's model-wide mean or median, see :mod:`mergekit_ota.methods.scale`);
 ``ffg`` adds ``normalize`` (false).
@@ -28,10 +30,15 @@ all tensors; ``mergekit-ota check`` runs it) and the methods themselves
 (:mod:`mergekit_ota.methods.base`, for the in-memory ``merge_tensors`` /
 ``merge_state_dicts``, which raise :class:`~mergekit_ota.errors.ConfigError`):
 
-* values (:class:`ExpertSettings`, :class:`SharedSettings`): every float finite,
-  ranges of ``density``, ``threshold``, ``beta2``, ``optimizer_step``, ``power``, ``eps``;
+* values, each on its own (:func:`check_value`, with :class:`ExpertSettings` / :class:`SharedSettings`; what
+  each must be is :data:`mergekit_ota.catalog.Parameter.expects`): types (a boolean is no number), every float
+  finite, ranges of ``density``, ``threshold``, ``beta2``, ``optimizer_step``, ``power``, ``eps``,
+  ``saliency_mass``. A bad value reads as its default and the rules involving it are skipped, so it changes
+  nothing else; mergekit's resolver reads values through :func:`check_value` too (:func:`_as_read`), and the
+  planner reports each bad value of a config once, where it is written (:func:`value_problems`);
 * one expert in context (:func:`expert_check`): ``ota`` needs ``weight_i >= 0``; an
-  FFG ``density``/``threshold`` needs a base; ``ffg`` needs one of them;
+  FFG ``density``/``threshold`` needs a base; ``ffg`` needs one of them (not both); ``density: auto``
+  refuses an explicit ``density_scope: tensor``;
   ``bias_correction`` needs ``optimizer_step`` and ``beta2``;
 * all experts of one tensor (:func:`tensor_problems`): ``ota`` needs some
   ``weight_i > 0``; ``ffg`` with ``normalize`` needs ``sum_i weight_i != 0``, and with
