@@ -245,3 +245,43 @@ def test_the_merge_prints_one_summary_line_per_expert_without_verbose(family, tm
     record = json.loads((tmp_path / "auto" / "mergekit_ota_curvature.json").read_text())
     statistic = record["experts"][0]["curvature_scale_statistic"]
     assert f"its mean {statistic:.4g} " in lines[0]
+
+
+def test_values_mergekits_parser_refuses_are_one_line_each_and_the_rest_is_checked(family, tmp_path):
+    """null, a mapping and a list of lists (which mergekit's config parser refuses, stopping check with a pydantic
+    error per branch of its union) are one line each, from the raw YAML; the unknown key and the missing store next to
+    them are still reported, and no rule is broken by the unreadable values (ffg's density: null adds no 'ffg needs a
+    density')."""
+    missing = str(tmp_path / "absent.safetensors")
+    cfg = _config(
+        family,
+        method="ffg",
+        expert_parameters=(
+            {"density": None, "weight": {"a": 1}},
+            {"density": 0.5, "threshold": [[1, 2]], "curvature": missing, "wieght": {"x": 2}},
+        ),
+    )
+    code, report = _check(tmp_path, cfg)
+    e0, e1 = family.experts
+    assert code == 1 and report["problems"][:5] == [
+        f"model {e0}: density must be a number in (0, 1] or 'auto'; got null",
+        f"model {e0}: weight must be a finite number; got {{'a': 1}}",
+        f"model {e1}: threshold must be a finite number >= 0; got [[1, 2]]",
+        f"model {e1}: unknown parameter 'wieght' for ffg; did you mean 'weight'?",
+        f"Curvature store {missing} for expert {e1} does not exist",
+    ], report["problems"]
+    assert len(report["problems"]) == 5
+
+
+def test_a_bad_value_from_store_metadata_is_reported_once_naming_the_store(family, tmp_path):
+    """A value the config does not set but the store's metadata gives (beta2 = 1.5) is not the config's: it is
+    reported once for the expert, saying where it came from (it was one line per tensor)."""
+    from safetensors.torch import load_file, save_file
+
+    path = str(tmp_path / "meta.safetensors")
+    save_file(load_file(family.stores[0]), path, metadata={"step": "20", "beta2": "1.5"})
+    cfg = _config(family, expert_parameters=({"curvature": path}, None), curvature_scale="none")
+    code, report = _check(tmp_path, cfg)
+    assert code == 1 and report["problems"] == [
+        f"expert {family.experts[0]}: beta2 must be a number in (0, 1); got 1.5 (from the metadata of {path})"
+    ], report["problems"]

@@ -274,6 +274,8 @@ def check_value(name: str, value: Any) -> Tuple[Any, Optional[BadValue]]:
     if parameter is None or not parameter.expects:
         return value, None
     model = ExpertSettings if parameter.per_expert else SharedSettings
+    if value is UNREADABLE or value == UNREADABLE:  # reported where it was written (unreadable_values)
+        return value, BadValue(name, value, parameter.expects)
     try:
         validated = model.model_validate({name: value})
     except ValidationError:
@@ -550,23 +552,38 @@ def parameter_levels(config: Any) -> Iterator[Tuple[str, bool, Mapping[str, Any]
     the same under ``modules:`` (also after mergekit's planner has normalised ``models:`` into
     ``modules: ... slices:``); ``where`` names the place (``parameters``, ``model X``, ``slices[j]``, ...),
     ``per_input`` is true for a model's or a slice source's own parameters.
+
+    The same walk reads the raw YAML (plain dicts and lists, :func:`unreadable_values`).
     """
 
-    def inputs(prefix: str, models: Optional[Sequence[Any]], slices: Optional[Sequence[Any]]) -> Iterator[Any]:
-        for model in models or ():
-            yield f"{prefix}model {model.model}", True, model.parameters or {}
-        for j, output_slice in enumerate(slices or ()):
-            yield f"{prefix}slices[{j}]", False, output_slice.parameters or {}
-            at = f"{prefix}slices[{j}] " if len(slices) > 1 else prefix  # one slice: the model names the place
-            for source in output_slice.sources:
-                yield f"{at}model {source.model}", True, source.parameters or {}
+    def get(item: Any, name: str) -> Any:
+        return item.get(name) if isinstance(item, Mapping) else getattr(item, name, None)
 
-    yield "parameters", False, config.parameters or {}
-    yield from inputs("", config.models, config.slices)
-    modules = config.modules or {}
+    def listed(item: Any, name: str) -> List[Any]:
+        value = get(item, name)
+        return list(value) if isinstance(value, (list, tuple)) else []
+
+    def parameters(item: Any) -> Mapping[str, Any]:
+        value = get(item, "parameters")
+        return value if isinstance(value, Mapping) else {}
+
+    def inputs(prefix: str, item: Any) -> Iterator[Tuple[str, bool, Mapping[str, Any]]]:
+        for model in listed(item, "models"):
+            yield f"{prefix}model {get(model, 'model')}", True, parameters(model)
+        slices = listed(item, "slices")
+        for j, output_slice in enumerate(slices):
+            yield f"{prefix}slices[{j}]", False, parameters(output_slice)
+            at = f"{prefix}slices[{j}] " if len(slices) > 1 else prefix  # one slice: the model names the place
+            for source in listed(output_slice, "sources"):
+                yield f"{at}model {get(source, 'model')}", True, parameters(source)
+
+    yield "parameters", False, parameters(config)
+    yield from inputs("", config)
+    modules = get(config, "modules")
+    modules = modules if isinstance(modules, Mapping) else {}
     for name, module in modules.items():
-        yield f"modules.{name}", False, module.parameters or {}
-        yield from inputs(f"modules.{name} " if len(modules) > 1 else "", module.models, module.slices)
+        yield f"modules.{name}", False, parameters(module)
+        yield from inputs(f"modules.{name} " if len(modules) > 1 else "", module)
 
 
 def unknown_parameters(config: Any, spec: MergeMethodSpec) -> List[UnknownParameter]:
@@ -592,6 +609,45 @@ def _leaves(setting: Any) -> Iterator[Any]:
         yield setting
 
 
+UNREADABLE = "<mergekit-ota: unreadable value, reported>"
+"""What :func:`unreadable_values` puts in place of a value mergekit's config parser refuses: a string it takes, which
+every reader here treats as a bad value already reported."""
+
+
+def unreadable_values(data: Any) -> List[str]:
+    """In a raw YAML config of ``ota``/``ffg`` (plain data, before mergekit's parser sees it): one line per parameter
+    value mergekit's parser refuses (``null``, a mapping that is no ``{filter, value}``, a list of lists), in the form
+    of :func:`value_problems`; each such value is replaced by :data:`UNREADABLE` in place (a ``curvature`` removed,
+    so its default is looked up), so the config parses and every other problem is still found.
+
+    mergekit's parser would otherwise refuse the whole config with a pydantic error per branch of its union type.
+    """
+    from mergekit.config import ParameterSetting
+    from pydantic import TypeAdapter
+
+    if not isinstance(data, dict) or data.get("merge_method") not in (OTA, FFG):
+        return []
+    readable = TypeAdapter(ParameterSetting)
+    found: Dict[str, None] = {}
+    for where, _, parameters in list(parameter_levels(data)):
+        for key, value in list(parameters.items()):
+            try:
+                readable.validate_python(value)
+                continue
+            except ValidationError:
+                pass
+            parameter = catalog.BY_NAME.get(key)
+            if parameter is not None:
+                expects = parameter.expects or "a store path"
+                found.setdefault(f"{where}: {BadValue(key, value, expects).message()}", None)
+            if isinstance(parameters, dict):
+                if key == "curvature":
+                    del parameters[key]
+                else:
+                    parameters[key] = UNREADABLE
+    return list(found)
+
+
 def value_problems(config: Any, spec: MergeMethodSpec) -> List[str]:
     """One line per value of the config that its parameter does not take, judged on its own
     (:func:`check_value`), where it is written: ``model X: weight must be a finite number; got 'abc'``.
@@ -608,7 +664,7 @@ def value_problems(config: Any, spec: MergeMethodSpec) -> List[str]:
                 continue
             for value in _leaves(setting):
                 _, bad = check_value(key, value)
-                if bad is not None:
+                if bad is not None and value != UNREADABLE:
                     found.setdefault(f"{where}: {bad.message()}", None)
     return list(found)
 
