@@ -24,13 +24,19 @@ BiasMode = Union[Literal["auto"], bool]
 
 
 class Parameter(NamedTuple):
-    """One method parameter: ``per_expert`` ones go under each model's ``parameters``, the others at the top."""
+    """One method parameter: ``per_expert`` ones go under each model's ``parameters``, the others at the top.
+
+    ``expects`` says what a value must be (``NAME must be EXPECTS; got VALUE``, the one message for a bad value,
+    :class:`mergekit_ota.methods.settings.BadValue`); ``choices`` are the words it takes, for a did-you-mean.
+    """
 
     name: str
     value_type: Any
     per_expert: bool
     default: Any
     description: str
+    expects: str = ""
+    choices: Tuple[str, ...] = ()
 
 
 class MethodCard(NamedTuple):
@@ -43,35 +49,52 @@ class MethodCard(NamedTuple):
 
 
 EXPERT: Tuple[Parameter, ...] = (
-    Parameter("weight", float, True, 1.0, "relative weight of the expert (ota: >= 0; ffg: any sign)"),
+    Parameter(
+        "weight", float, True, 1.0, "relative weight of the expert (ota: >= 0; ffg: any sign)", "a finite number"
+    ),
     Parameter(
         "density",
         Any,
         True,
         None,
         "FFG: fraction of entries kept, or 'auto' (model-wide, from the expert's saliency mass)",
+        "a number in (0, 1] or 'auto'",
+        ("auto",),
     ),
-    Parameter("threshold", Optional[float], True, None, "FFG: absolute saliency threshold"),
+    Parameter("threshold", Optional[float], True, None, "FFG: absolute saliency threshold", "a finite number >= 0"),
     Parameter("curvature", Any, True, None, "exp_avg_sq store path, or a tensor in memory"),
-    Parameter("optimizer_step", Optional[int], True, None, "Adam step count, for bias_correction"),
-    Parameter("beta2", Optional[float], True, None, "Adam beta2, for bias_correction"),
+    Parameter(
+        "optimizer_step", Optional[int], True, None, "Adam step count, for bias_correction", "a whole number >= 1"
+    ),
+    Parameter("beta2", Optional[float], True, None, "Adam beta2, for bias_correction", "a number in (0, 1)"),
     Parameter(
         "bias_corrected",
         Optional[bool],
         True,
         None,
         "the curvature is already bias-corrected (default: its store's metadata)",
+        "true or false",
     ),
 )
 COMMON_SHARED: Tuple[Parameter, ...] = (
-    Parameter("lambda", float, False, 1.0, "scale of the merged task vector"),
-    Parameter("density_scope", str, False, "tensor", "'tensor' or 'model': where density applies"),
+    Parameter("lambda", float, False, 1.0, "scale of the merged task vector", "a finite number"),
+    Parameter(
+        "density_scope",
+        Optional[str],
+        False,
+        None,
+        "'tensor' or 'model': where density applies (unset: tensor, and model for an expert with density: auto)",
+        "'tensor' or 'model'",
+        ("tensor", "model"),
+    ),
     Parameter(
         "bias_correction",
         BiasMode,
         False,
         "auto",
         "auto | true | false: divide v by (1 - beta2**step) where step and beta2 are known",
+        "'auto', true or false",
+        ("auto", "true", "false"),
     ),
     Parameter(
         "saliency_mass",
@@ -79,29 +102,40 @@ COMMON_SHARED: Tuple[Parameter, ...] = (
         False,
         DEFAULT_SALIENCY_MASS,
         "density: auto keeps the fewest entries holding this share of each expert's saliency",
+        "a number in (0, 1]",
     ),
     Parameter(
         "sign_consensus",
         str,
         False,
         "none",
-        "none | sum | count: elect a sign per coordinate (TIES) and keep only the FFG-kept entries that agree",
+        "none | sum | count: elect a sign per coordinate (TIES) and keep only the FFG-kept entries that agree "
+        "(true = sum, false = none)",
+        "'none', 'sum' or 'count' (or true for sum, false for none)",
+        ("none", "sum", "count"),
     ),
 )
 OTA_ONLY: Tuple[Parameter, ...] = (
-    Parameter("power", float, False, 0.5, "exponent p in w = weight * v**p + eps"),
-    Parameter("eps", float, False, 1e-12, "eps in w = weight * v**p + eps"),
+    Parameter("power", float, False, 0.5, "exponent p in w = weight * v**p + eps", "a finite number >= 0"),
+    Parameter("eps", float, False, 1e-12, "eps in w = weight * v**p + eps", "a finite number > 0"),
     Parameter(
         "curvature_scale",
         str,
         False,
         DEFAULT_CURVATURE_SCALE,
         "none | mean | median: divide each expert's v by its model-wide mean or median",
+        "'none', 'mean' or 'median'",
+        ("none", "mean", "median"),
     ),
 )
 FFG_ONLY: Tuple[Parameter, ...] = (
-    Parameter("normalize", bool, False, False, "divide the sum by sum_i weight_i (which must not be 0)"),
+    Parameter(
+        "normalize", bool, False, False, "divide the sum by sum_i weight_i (which must not be 0)", "true or false"
+    ),
 )
+
+BY_NAME = {p.name: p for card in (EXPERT, COMMON_SHARED, OTA_ONLY, FFG_ONLY) for p in card}
+"""Every parameter of both methods by name (a name means the same in each)."""
 
 PAPER = "https://arxiv.org/abs/2509.11167"
 OTA = MethodCard("ota", "OTA (Optimization Trajectory Aware)", PAPER, EXPERT + COMMON_SHARED + OTA_ONLY)

@@ -525,7 +525,7 @@ def test_cli_from_a_density_auto_config_keeps_what_the_merge_keeps_and_draws_the
     """`analyze config.yml` with `density: auto` (model-wide, saliency_mass 0.9): each expert's FFG mask keeps the
     density the merge records in its provenance for the same config, at least 0.9 of its saliency mass (to one
     histogram bin), and the report's mass-vs-density table shows that density at 90% mass; the figure is drawn.
-    With density_scope tensor the config is refused with the merge's message, and nothing is written."""
+    With density_scope: tensor written the config is refused with the merge's message, and nothing is written."""
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
@@ -566,7 +566,7 @@ def test_cli_from_a_density_auto_config_keeps_what_the_merge_keeps_and_draws_the
     config["parameters"]["density_scope"] = "tensor"
     path.write_text(yaml.safe_dump(config))
     refused = CliRunner().invoke(main, ["analyze", str(path), "--out", str(tmp_path / "never")])
-    assert refused.exit_code != 0 and "needs density_scope: model" in refused.output, refused.output
+    assert refused.exit_code != 0 and "got density_scope: tensor" in refused.output, refused.output
     assert "Traceback" not in refused.output and not (tmp_path / "never").exists()
 
 

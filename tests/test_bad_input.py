@@ -120,7 +120,7 @@ def test_truncated_store_is_reported_before_merging(family, tmp_path):
 def test_density_outside_unit_interval_from_yaml(family, tmp_path, density):
     cfg = _config(family, expert_parameters=({"density": density}, {"density": 0.5}))
     _fails_before_writing(
-        family, tmp_path, cfg, PreflightError, rf"density must be in \(0, 1\] or 'auto'; got {density}"
+        family, tmp_path, cfg, PreflightError, rf"density must be a number in \(0, 1\] or 'auto'; got {density}"
     )
 
 

@@ -147,8 +147,50 @@ def test_auto_density_equals_the_explicit_threshold_it_chose_and_logs_it(method,
         assert torch.equal(auto[n], explicit[n]), n
 
 
-def test_auto_density_per_tensor_is_refused_with_the_reason():
-    """density: auto is model-wide by definition: with density_scope: tensor it is an error saying so."""
+@pytest.mark.parametrize("method", ["ota", "ffg"])
+def test_auto_density_implies_model_scope_where_density_scope_is_left_out(method):
+    """density: auto is model-wide by definition, so it needs no density_scope: the merge without one equals the
+    merge with density_scope: model (it used to be refused, naming a density_scope: tensor never written); and an
+    expert with a numeric density next to it keeps its per-tensor density."""
+    from mergekit.merge_methods import PerGroupValues, merge_state_dicts
+
+    from mergekit_ota.methods import register_methods
+
+    register_methods()
+    base, experts, curvatures = _problem()
+    models = {"base": base, "e0": experts[0], "e1": experts[1]}
+    curvature = PerGroupValues([{"e0": curvatures[0][n], "e1": curvatures[1][n]} for n in SHAPES])
+    density = {"e0": "auto", "e1": 0.3}
+
+    def merged(**scope):
+        return merge_state_dicts(
+            models, method, base="base", parameters={"curvature": curvature, "density": density, **scope}
+        )
+
+    left_out = merged()
+    per_expert = merge_state_dicts(  # auto model-wide for e0 and 0.3 per tensor for e1, spelled out
+        models,
+        method,
+        base="base",
+        parameters={
+            "curvature": curvature,
+            "density": {"e0": None, "e1": 0.3},
+            "threshold": PerGroupValues([{"e0": _auto_threshold(base, experts[0], curvatures[0]), "e1": None}] * 3),
+        },
+    )
+    for n in SHAPES:
+        assert torch.equal(left_out[n], per_expert[n]), n
+
+
+def _auto_threshold(base, expert, curvature, mass: float = 0.95) -> float:
+    h = SaliencyHistogram()
+    for n in SHAPES:
+        h.add((expert[n] - base[n]).square() * curvature[n], with_mass=True)
+    return h.threshold_for_mass(mass)
+
+
+def test_auto_density_with_an_explicit_tensor_scope_is_refused_with_the_reason():
+    """density: auto with density_scope: tensor written out is an error naming the expert and the reason."""
     from mergekit.merge_methods import PerGroupValues, merge_state_dicts
 
     from mergekit_ota.errors import ConfigError
@@ -156,12 +198,18 @@ def test_auto_density_per_tensor_is_refused_with_the_reason():
 
     register_methods()
     base, experts, curvatures = _problem()
-    with pytest.raises(ConfigError, match="needs density_scope: model"):
+    with pytest.raises(
+        ConfigError, match="expert e0: density: auto .* cannot apply per tensor; got density_scope: tensor"
+    ):
         merge_state_dicts(
             {"base": base, "e0": experts[0]},
             "ffg",
             base="base",
-            parameters={"curvature": PerGroupValues([[curvatures[0][n]] for n in SHAPES]), "density": "auto"},
+            parameters={
+                "curvature": PerGroupValues([[curvatures[0][n]] for n in SHAPES]),
+                "density": "auto",
+                "density_scope": "tensor",
+            },
         )
     with pytest.raises(ConfigError, match="'auto'"):
         merge_state_dicts(

@@ -448,11 +448,13 @@ def test_check_tied_embeddings_read_from_embed_tokens_but_untied_lm_head_is_requ
 def test_check_density_outside_unit_interval(family, tmp_path, density):
     code, report = _check(tmp_path, _ota(family, expert_parameters=({"density": density}, None)))
     assert code == 1 and report["problems"]
-    assert all(f"density must be in (0, 1] or 'auto'; got {density}" in p for p in report["problems"])
+    assert report["problems"] == [
+        f"model {family.experts[0]}: density must be a number in (0, 1] or 'auto'; got {density}"
+    ]
     text = _invoke(
         "check", _write_config(tmp_path, _ota(family, expert_parameters=({"density": density}, None)), "t.yml")
     )
-    assert text.exit_code == 1 and "tensors:" in text.stdout  # one line per expert, listing the tensors
+    assert text.exit_code == 1 and "1 problem(s)" in text.stdout  # one line, where the value is written
 
 
 @pytest.mark.parametrize(

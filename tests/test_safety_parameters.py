@@ -110,9 +110,9 @@ def _tensors(shape=(6, 5), n_experts=2, seed=0):
     [
         (({"weight": float("nan")}, None), {}, r"weight must be a finite number; got nan"),
         ((None, None), {"lambda": float("inf")}, r"lambda must be a finite number; got inf"),
-        ((None, None), {"eps": float("inf")}, r"eps must be a finite number; got inf"),
-        ((None, None), {"power": float("nan")}, r"power must be a finite number; got nan"),
-        (({"threshold": float("inf")}, None), {}, r"threshold must be a finite number; got inf"),
+        ((None, None), {"eps": float("inf")}, r"eps must be a finite number > 0; got inf"),
+        ((None, None), {"power": float("nan")}, r"power must be a finite number >= 0; got nan"),
+        (({"threshold": float("inf")}, None), {}, r"threshold must be a finite number >= 0; got inf"),
     ],
     ids=["weight-nan", "lambda-inf", "eps-inf", "power-nan", "threshold-inf"],
 )
@@ -487,10 +487,10 @@ def test_in_memory_negative_weight_rules_match_the_planner():
 
 
 def test_merge_error_groups_a_problem_repeated_per_tensor(family, tmp_path):
-    """A bad per-expert parameter is found on every tensor: the merge's error shows one line with the count and
-    the first tensors, as check does, not one line per tensor."""
-    cfg = _config(family, expert_parameters=({"density": 1.5}, None))
-    error = _refused(cfg, tmp_path, r"density must be in \(0, 1\]")
+    """A per-expert rule broken on every tensor (ota's weight >= 0): the merge's error shows one line with the
+    count and the first tensors, as check does, not one line per tensor."""
+    cfg = _config(family, expert_parameters=({"weight": -1.0}, None))
+    error = _refused(cfg, tmp_path, r"ota needs weight >= 0")
     n = len(error.problems)
     assert n > 5
     lines = [line for line in str(error).splitlines() if line.startswith("  - ")]
@@ -505,9 +505,9 @@ def test_config_level_problems_come_first_and_hide_nothing(family, tmp_path):
         expert_parameters=(None, {"curvature": str(tmp_path / "absent.safetensors"), "wieght": 1.0}),
         power=-1.0,
     )
-    error = _refused(cfg, tmp_path, r"power must be >= 0")
+    error = _refused(cfg, tmp_path, r"power must be a finite number >= 0")
     problems = error.problems
-    assert "power must be >= 0" in problems[0] or "power must be >= 0" in problems[1]
+    assert "parameters: power must be a finite number >= 0; got -1.0" in problems[:2]
     assert any("unknown parameter 'wieght'" in p for p in problems[:2])
     assert any("absent.safetensors" in p for p in problems[2:])
     code, report, _ = _check(tmp_path, cfg)

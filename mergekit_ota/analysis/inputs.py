@@ -52,7 +52,13 @@ class ExpertSource(BaseModel):
 
 
 def expert_source(
-    label: str, model: str, store: str, density: Any, threshold: Any, where: str, density_scope: str = "model"
+    label: str,
+    model: str,
+    store: str,
+    density: Any,
+    threshold: Any,
+    where: str,
+    density_scope: Optional[str] = None,
 ) -> ExpertSource:
     """An :class:`ExpertSource` whose ``density`` / ``threshold`` passed the merge's own checks
     (:func:`mergekit_ota.methods.settings.expert_settings`: range, not both, ``auto`` only model-wide)."""
@@ -206,7 +212,7 @@ def request_from_config(
         if ref.lora is not None:
             raise ConfigError(f"{path}: model {ref} has a LoRA; analyze reads full checkpoints only")
     labels = unique_labels([ref.model.path for ref, _ in entries])
-    scope = density_scope or _scalar(shared.get("density_scope"), "density_scope", path, notes) or "tensor"
+    written = density_scope or _scalar(shared.get("density_scope"), "density_scope", path, notes)  # None: unset
     mass = _scalar(shared.get("saliency_mass"), "saliency_mass", path, notes)
     sources, config_densities = [], set()
     for label, (ref, params) in zip(labels, entries):
@@ -221,10 +227,12 @@ def request_from_config(
             own_density = DEFAULT_DENSITY
         model_dir = _directory(ref.model.path, f"Expert {label} ({path})")
         store = locate_store(None if curvature is None else str(curvature), model_dir, label)
-        source = expert_source(label, model_dir, store, own_density, threshold, where, scope)
+        source = expert_source(label, model_dir, store, own_density, threshold, where, written)
         sources.append(source)
         if isinstance(source.density, float):
             config_densities.add(source.density)
+    auto = any(source.density == "auto" for source in sources)
+    scope = written or ("model" if auto else "tensor")  # density: auto implies model scope, as in the merge
     top = (
         density if density is not None else (config_densities.pop() if len(config_densities) == 1 else DEFAULT_DENSITY)
     )

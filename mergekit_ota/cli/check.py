@@ -165,15 +165,20 @@ def check_command(
 
     options, out_path, ignored, run_problems = mergekit_yaml_arguments(config_file, mergekit_yaml_args)
     sample = sample or DEFAULT_SAMPLE
+    unreadable: List[str] = []  # parameter values mergekit's parser refuses, one line each (the rest is checked)
     try:
-        report = check_config(read_config(config_file), options, source=config_file, full_scan=full_scan, sample=sample)
+        config = read_config(config_file, unreadable)
+        report = check_config(config, options, source=config_file, full_scan=full_scan, sample=sample)
     except NotACurvatureMerge as error:  # exit 2, after showing what the parameter names gave
         if as_json or error.report.warnings:
             click.echo(json.dumps(error.report.to_json(), indent=2) if as_json else render_report(error.report))
         raise click.UsageError(str(error)) from None
     except ConfigError as error:
         report = CheckReport(config=config_file, method="?", problems=(str(error),), full_scan=full_scan, sample=sample)
-    extra_problems, extra_notes = list(run_problems), []
+    if unreadable:  # config-level: first (the planner reads such a value as reported, and does not repeat it)
+        report = dataclasses.replace(report, problems=tuple(unreadable) + report.problems)
+    extra_problems: List[str] = list(run_problems)
+    extra_notes: List[str] = []
     if out_path is not None:
         try:
             merge_output(out_path).check()

@@ -44,9 +44,11 @@ from mergekit_ota.methods.settings import (
     ExpertSettings,
     SharedSettings,
     expert_check,
+    model_wide_density,
     shared_check,
     tensor_problems,
     unknown_parameters,
+    value_problems,
 )
 
 PATCH_MARK = "_mergekit_ota_patched"
@@ -132,7 +134,9 @@ class CurvaturePlan:
         return list(self.config_problems) + [p for p in self.problems if p not in self.config_problems]
 
     def check_names(self) -> None:
-        """Once per plan: parameter keys the method does not take (:func:`unknown_parameters`)."""
+        """Once per plan, before mergekit resolves any value: parameter keys the method does not take
+        (:func:`unknown_parameters`) and every value its parameter does not take (:func:`value_problems`, each
+        where it is written; the tensors' checks then read such a value as its default and do not repeat it)."""
         if self.names_checked:
             return
         self.names_checked = True
@@ -141,6 +145,8 @@ class CurvaturePlan:
         spec = planner_method(self.planner).spec
         for unknown in unknown_parameters(self.planner.config, spec):
             self.problem(unknown.message(spec.name), config_level=True)
+        for problem in value_problems(self.planner.config, spec):
+            self.problem(problem, config_level=True)
 
     def store_path(self, model: ModelReference, curvature: Any) -> Optional[str]:
         from mergekit_ota.compat import planner_cache_dir
@@ -202,6 +208,7 @@ class CurvaturePlan:
         """Expert ``model``'s parameters for ``task`` (bias-correction inputs filled from its store's
         metadata) and its settings, or ``None`` where a rule (:func:`expert_check`) is broken."""
         values = dict(task.input_parameters[model].items())
+        from_config = {name for name, value in values.items() if value is not None}
         source = self.fill_bias_inputs(model, values) if shared.bias_correction is not False else ""
         check = expert_check(
             {k: v for k, v in values.items() if k != "curvature"},
@@ -216,14 +223,16 @@ class CurvaturePlan:
             self.problem(problem, config_level=True)
         for problem in check.problems:
             self.problem(problem)
+        for bad in check.bad_values:  # a value from the config was reported where it is written (check_names)
+            if bad.name not in from_config:
+                self.problem(f"expert {model}: {bad.message()} ({source or 'from its store metadata'})")
         settings = check.settings
-        if settings is not None and shared.density_scope == "model" and settings.density is not None:
+        if shared.model_wide(settings):
             self.model_densities.setdefault(model, {}).setdefault(settings.density, task.output_weight.name)
-        ok = not (check.problems or check.config_problems)
-        if ok and settings is not None and task.method_name == "ota" and model not in self.bias:
+        if check.ok and task.method_name == "ota" and model not in self.bias:
             self.bias[model] = settings.bias(shared.bias_correction, model, source)  # what the merge will do
             self.power = shared.power
-        return values, settings if ok else None
+        return values, settings if check.ok else None
 
     def fill_bias_inputs(self, model: ModelReference, values: Dict[str, Any]) -> str:
         """Fill ``optimizer_step``, ``beta2`` and ``bias_corrected`` the config leaves unset from the expert's
@@ -251,19 +260,18 @@ class CurvaturePlan:
     ) -> ExecuteMergeMethodTask:
         """Return ``task`` as a :class:`CurvatureMergeTask`, collecting every problem on the way.
 
-        No problem hides another: with a bad shared value the experts are still checked
-        (against the defaults), with a bad expert value its curvature is still looked up;
+        No problem hides another: each value is read on its own (a bad one as its default, without changing
+        how the others are read), with a bad expert value its curvature is still looked up;
         the rules over all experts of the tensor run when every expert passed its own.
         """
         self.check_names()
-        shared, problems = shared_check(
+        shared, problems, _ = shared_check(  # its bad values come from the config: check_names reported them
             dict(task.parameters.items()), method=task.method_name, has_base=task.base_model is not None
         )
         for problem in problems:
             self.problem(problem, config_level=True)
-        if shared is not None and task.method_name == "ota":
+        if task.method_name == "ota":
             self.scale_modes.setdefault(shared.curvature_scale, task.output_weight.name)
-        shared = shared or SharedSettings()
         inputs = dict(zip(models, weights_in))
         loads: Dict[ModelReference, LoadCurvature] = {}
         parameters: Dict[ModelReference, Any] = {}
@@ -380,8 +388,10 @@ class CurvaturePlan:
         density = {
             index
             for index, task in ours
-            if task.parameters["density_scope"] == "model"
-            and any(dict(values.items()).get("density") is not None for values in task.input_parameters.values())
+            if any(
+                model_wide_density(task.parameters["density_scope"], dict(values.items()).get("density"))
+                for values in task.input_parameters.values()
+            )
         }
         mode = self.curvature_scale
         scaled = {index for index, task in ours if task.method_name == "ota"} if mode != "none" else set()

@@ -113,11 +113,16 @@ def parameter_warnings(config: Any) -> List[str]:
     return [unknown.message(spec.name) for unknown in unknown_parameters(config, spec)]
 
 
-def read_config(path: str) -> Any:
-    """Parse a mergekit YAML config as ``mergekit-yaml`` does; :class:`ConfigError` naming the file."""
+def read_config(path: str, value_problems: Optional[List[str]] = None) -> Any:
+    """Parse a mergekit YAML config as ``mergekit-yaml`` does; :class:`ConfigError` naming the file.
+
+    With a ``value_problems`` list, an ``ota``/``ffg`` parameter value mergekit's parser would refuse is added to it
+    as one line and the rest of the config is parsed (:func:`mergekit_ota.methods.settings.unreadable_values`)."""
     import yaml
     from mergekit.config import MergeConfiguration
     from pydantic import ValidationError
+
+    from mergekit_ota.methods.settings import unreadable_values
 
     try:
         with open(path, "r", encoding="utf-8") as fp:
@@ -126,6 +131,8 @@ def read_config(path: str) -> Any:
         raise ConfigError(f"{path}: cannot read ({error})") from error
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML ({error})") from error
+    if value_problems is not None:
+        value_problems.extend(unreadable_values(data))
     try:
         return MergeConfiguration.model_validate(data)
     except ValidationError as error:

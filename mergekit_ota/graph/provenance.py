@@ -161,6 +161,37 @@ def take(build: str) -> Optional[Dict[str, Any]]:
     return record
 
 
+def summary_lines(record: Optional[Dict[str, Any]]) -> List[str]:
+    """One line per expert of a finished merge's record, what a user needs to see without ``-v`` (the merge prints
+    them to stderr once): whether its curvature was bias-corrected (ota), its ``curvature_scale`` statistic ``m_i``,
+    and what ``density: auto`` kept. An ``ffg`` expert without ``density: auto`` has no line."""
+    if record is None:
+        return []
+    mode = record.get("curvature_scale")
+    lines = []
+    for expert in record["experts"]:
+        parts = []
+        bias = expert.get("bias_correction") or {}
+        statistic = expert.get("curvature_scale_statistic")
+        if mode not in (None, "none"):
+            value = "not computed" if statistic is None else f"{statistic:.4g}"
+            parts.append(f"curvature divided by its {mode} {value} (curvature_scale: {mode}; replaces bias correction)")
+        elif record["merge_method"] == "ota" and bias:
+            if bias.get("applied"):
+                parts.append(f"bias-corrected x{bias['factor']:.4g} (step {bias['step']}, beta2 {bias['beta2']})")
+            else:
+                parts.append(str(bias.get("reason") or "not bias-corrected"))
+        auto = expert.get("density_auto")
+        if auto:
+            parts.append(
+                f"density: auto keeps {100 * auto['density']:.2f}% of its {auto['entries']:,} entries "
+                f"({100 * auto['mass_kept']:.2f}% of its saliency mass, target {auto['saliency_mass']:g})"
+            )
+        if parts:
+            lines.append(f"mergekit-ota: expert {expert['model']}: " + "; ".join(parts))
+    return lines
+
+
 def card_state(build: str) -> Optional[Tuple[int, int, int]]:
     """What identifies the card in ``build`` now (inode, size, mtime), to tell later whether this run wrote it."""
     try:

@@ -40,6 +40,7 @@ from mergekit_ota.methods.settings import (
     ExpertSettings,
     SharedSettings,
     expert_settings,
+    model_wide_density,
     require_known,
     require_tensor_rules,
     shared_settings,
@@ -290,7 +291,8 @@ class CurvatureMergeMethod(GroupMergeMethod):
         if not groups:
             return parameters
         shared = self.shared(parameters[0], has_base=groups[0].base is not None)
-        if shared.density_scope == "model":
+        densities = [d for params in parameters for _, d in params.get("density", {}).items()]
+        if any(model_wide_density(shared.density_scope, d) for d in densities):  # density_scope: model, or auto
             parameters = self._model_wide_thresholds(groups, parameters, input_dtypes)
         if shared.curvature_scale != "none" and STATISTICS_KEY not in parameters[0]:  # the graph gives it
             parameters = self._model_wide_statistics(groups, parameters, shared)
@@ -352,7 +354,7 @@ class CurvatureMergeMethod(GroupMergeMethod):
         scores: Optional[torch.Tensor] = None  # one buffer for every expert's tau, then saliency
         shared = self.shared(parameters, has_base=True)
         for expert in self.experts(group, parameters, shared):
-            if expert.settings.density is None:
+            if not shared.model_wide(expert.settings):  # no density, or one per tensor
                 continue
             auto = expert.settings.auto_density
             histogram = SaliencyHistogram()
