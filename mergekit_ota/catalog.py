@@ -9,10 +9,22 @@ from __future__ import annotations
 from typing import Any, Literal, NamedTuple, Optional, Tuple, Union
 
 DEFAULT_SALIENCY_MASS = 0.95
-"""``density: auto``'s target: keep the fewest entries whose saliency ``v * tau**2`` sums to this share of the
-expert's total. Chosen on validation (benchmarks/results/quality-sft.md, "density: auto"): grafting each sft expert
-alone at masses 0.5-0.99, 0.95 is the smallest at which every expert kept >= 0.95 of its validation score in
-every seed (0.9 kept 0.69-0.77 of the ISO-date expert)."""
+"""``ffg``'s ``saliency_mass`` (grafting: ``density: auto`` keeps the fewest entries whose saliency ``v * tau**2`` sums
+to this share of the expert's total). Chosen on validation (benchmarks/results/quality-sft.md, "density: auto"):
+grafting each sft expert alone at masses 0.5-0.99, 0.95 is the smallest at which every expert kept >= 0.95 of its
+validation score in every seed (0.9 kept 0.69-0.77 of the ISO-date expert)."""
+
+DEFAULT_OTA_SALIENCY_MASS = 0.99
+"""``ota``'s ``saliency_mass`` (merging with ``density: auto``): the mass with the smallest worst-case regret over
+the tiers and variants of benchmarks/results/quality-defaults.md (``python -m benchmarks.quality.regret``): 0.99
+was never beaten by more than 0.005 in validation G (0.95: up to 0.31, on the quick tier's constant-learning-rate
+variant), keeping about 5x more entries than grafting's 0.95 (a merge needs each expert's smaller edits too)."""
+
+
+def saliency_mass_default(method: str) -> float:
+    """The default ``saliency_mass`` of ``method`` (``ota`` merges: 0.99; ``ffg``, the grafting method: 0.95)."""
+    return DEFAULT_OTA_SALIENCY_MASS if method == "ota" else DEFAULT_SALIENCY_MASS
+
 
 DEFAULT_CURVATURE_SCALE = "mean"
 """``curvature_scale``'s default: each expert's ``v`` divided by its model-wide mean. Chosen on validation over the
@@ -97,14 +109,6 @@ COMMON_SHARED: Tuple[Parameter, ...] = (
         ("auto", "true", "false"),
     ),
     Parameter(
-        "saliency_mass",
-        float,
-        False,
-        DEFAULT_SALIENCY_MASS,
-        "density: auto keeps the fewest entries holding this share of each expert's saliency",
-        "a number in (0, 1]",
-    ),
-    Parameter(
         "sign_consensus",
         str,
         False,
@@ -115,7 +119,21 @@ COMMON_SHARED: Tuple[Parameter, ...] = (
         ("none", "sum", "count"),
     ),
 )
+
+
+def _saliency_mass(default: float, why: str) -> Parameter:
+    return Parameter(
+        "saliency_mass",
+        float,
+        False,
+        default,
+        f"density: auto keeps the fewest entries holding this share of each expert's saliency ({why})",
+        "a number in (0, 1]",
+    )
+
+
 OTA_ONLY: Tuple[Parameter, ...] = (
+    _saliency_mass(DEFAULT_OTA_SALIENCY_MASS, "merging: the smallest worst-case regret in the defaults study"),
     Parameter("power", float, False, 0.5, "exponent p in w = weight * v**p + eps", "a finite number >= 0"),
     Parameter("eps", float, False, 1e-12, "eps in w = weight * v**p + eps", "a finite number > 0"),
     Parameter(
@@ -129,13 +147,15 @@ OTA_ONLY: Tuple[Parameter, ...] = (
     ),
 )
 FFG_ONLY: Tuple[Parameter, ...] = (
+    _saliency_mass(DEFAULT_SALIENCY_MASS, "grafting: the smallest mass that held every sft expert"),
     Parameter(
         "normalize", bool, False, False, "divide the sum by sum_i weight_i (which must not be 0)", "true or false"
     ),
 )
 
 BY_NAME = {p.name: p for card in (EXPERT, COMMON_SHARED, OTA_ONLY, FFG_ONLY) for p in card}
-"""Every parameter of both methods by name (a name means the same in each)."""
+"""Every parameter of both methods by name (a name means the same in each; ``saliency_mass``'s default differs:
+:func:`saliency_mass_default`)."""
 
 PAPER = "https://arxiv.org/abs/2509.11167"
 OTA = MethodCard("ota", "OTA (Optimization Trajectory Aware)", PAPER, EXPERT + COMMON_SHARED + OTA_ONLY)

@@ -12,6 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mergekit_ota.catalog import saliency_mass_default
 from mergekit_ota.math.histogram import SaliencyHistogram
 
 SHAPES = {"a": (40, 30), "b": (300,), "c": (25, 25)}
@@ -175,7 +176,10 @@ def test_auto_density_implies_model_scope_where_density_scope_is_left_out(method
         parameters={
             "curvature": curvature,
             "density": {"e0": None, "e1": 0.3},
-            "threshold": PerGroupValues([{"e0": _auto_threshold(base, experts[0], curvatures[0]), "e1": None}] * 3),
+            "threshold": PerGroupValues(
+                [{"e0": _auto_threshold(base, experts[0], curvatures[0], saliency_mass_default(method)), "e1": None}]
+                * 3
+            ),
         },
     )
     for n in SHAPES:
@@ -289,3 +293,15 @@ def test_check_reports_what_auto_keeps_and_the_mass_curve(tmp_path):
         "(target 0.8;" in n and "density kept at saliency mass 50% ->" in n for n in lines
     ), report.notes
     assert any("check ran the model-wide saliency pass" in n for n in report.notes)
+
+
+@pytest.mark.parametrize("method, mass", [("ota", 0.99), ("ffg", 0.95)])
+def test_density_auto_defaults_to_the_methods_own_saliency_mass(method, mass):
+    """ota merges default to the mass with the smallest worst-case regret (0.99), ffg grafts to 0.95; an
+    unset saliency_mass in memory reads as the method's default, the same as mergekit's parameter spec."""
+    from mergekit_ota.methods.settings import FFG_PARAMETERS, OTA_PARAMETERS, shared_settings
+
+    assert saliency_mass_default(method) == mass
+    assert shared_settings({}, method=method).saliency_mass == mass
+    specs = OTA_PARAMETERS if method == "ota" else FFG_PARAMETERS
+    assert [p.default for p in specs if p.name == "saliency_mass"] == [mass]

@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from mergekit_ota.catalog import DEFAULT_SALIENCY_MASS
+from mergekit_ota.catalog import DEFAULT_SALIENCY_MASS, saliency_mass_default
 from mergekit_ota.curvature.locate import locate_store
 from mergekit_ota.curvature.store import CurvatureStore
 from mergekit_ota.errors import ConfigError, CurvatureError, OTAError, PreflightError
@@ -214,6 +214,8 @@ def request_from_config(
     labels = unique_labels([ref.model.path for ref, _ in entries])
     written = density_scope or _scalar(shared.get("density_scope"), "density_scope", path, notes)  # None: unset
     mass = _scalar(shared.get("saliency_mass"), "saliency_mass", path, notes)
+    if mass is None:  # the merge's own default for its method
+        mass = saliency_mass_default(config.merge_method)
     sources, config_densities = [], set()
     for label, (ref, params) in zip(labels, entries):
         merged = {**shared, **params}

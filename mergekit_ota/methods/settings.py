@@ -468,6 +468,7 @@ def shared_check(values: Mapping[str, Any], *, method: str, has_base: Optional[b
     values = dict(values)
     if method != OTA:  # curvature_scale is ota's (ffg has no such parameter): none, whatever ota's default is
         values["curvature_scale"] = "none"
+    values.setdefault("saliency_mass", catalog.saliency_mass_default(method))  # in memory; mergekit passes it
     good, bad = _read(values)
     shared = SharedSettings.model_validate(good)
     problems = []
