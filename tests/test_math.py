@@ -12,6 +12,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import lams, seeds, shapes, weight_values
 
 from mergekit_ota.math import (
     KeepRule,
@@ -31,10 +32,6 @@ from mergekit_ota.math.reference import reference_mask, reference_ota
 FAST = settings(max_examples=40, deadline=None)
 FEW = settings(max_examples=25, deadline=None)
 
-seeds = st.integers(min_value=0, max_value=2**31 - 1)
-shapes = st.lists(st.integers(min_value=1, max_value=7), min_size=1, max_size=3).map(tuple)
-weight_values = st.floats(min_value=0.1, max_value=3.0, allow_nan=False)
-lams = st.floats(min_value=0.1, max_value=2.0, allow_nan=False)
 mask_shapes = st.lists(st.integers(1, 12), min_size=1, max_size=3).map(tuple)
 mask_densities = st.floats(min_value=1e-4, max_value=1.0)
 score_kinds = st.sampled_from(["continuous", "integers", "zeros", "constant"])  # see scores_for

@@ -17,10 +17,15 @@ from mergekit_ota.math.rank1 import Curvature, dense
 
 
 def saliency(tau: torch.Tensor, v: Curvature, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Return ``s = v * tau**2`` in float32 (a new tensor, or written into ``out``; inputs untouched)."""
+    """Return ``s = v * tau**2`` in float32 (a new tensor, or written into ``out``, which may be ``tau`` itself).
+
+    Formed as ``(v * tau) * tau``: where ``tau**2`` alone would overflow (``|tau| > 1.8e19``) and ``v = 0``, ``s``
+    is 0, not ``0 * inf = NaN`` (a saliency beyond float32's range is ``inf``, which ranks highest). The same two
+    passes as ``tau**2 * v``."""
     t = tau.to(torch.float32)
-    s = t.square() if out is None else torch.mul(t, t, out=out)
-    return s.mul_(dense(v).to(torch.float32))
+    if out is not None and out.data_ptr() == t.data_ptr():  # tau is needed twice: not overwritten in between
+        return out.copy_(saliency(t, v))
+    return torch.mul(t, dense(v).to(torch.float32), out=out).mul_(t)
 
 
 def f32_operand(t: torch.Tensor) -> torch.Tensor:

@@ -40,9 +40,18 @@ _OVERFLOW = BINS  # NaN lands here and, like negative values, counts as zero (ne
 SPARSE_BELOW = BINS // 8  # a tensor with fewer entries updates only the bins it touches (SaliencyHistogram._add_sparse)
 
 
+F32_MAX = struct.unpack("<f", struct.pack("<I", 0x7F7FFFFF))[0]
+
+
 def bin_edge(index: int) -> float:
     """Smallest float32 value in bin ``index`` (exactly representable)."""
     return struct.unpack("<f", struct.pack("<I", index << SHIFT))[0]
+
+
+def threshold_edge(index: int) -> float:
+    """:func:`bin_edge`, but float32's largest finite value for the last bin (which holds ``+inf`` only, a saliency
+    ``v * tau**2`` that overflowed float32): a finite threshold that still keeps it (``inf >= max``)."""
+    return min(bin_edge(index), F32_MAX)
 
 
 @dataclass
@@ -138,7 +147,7 @@ class SaliencyHistogram:
         reached = torch.nonzero(from_top >= k, as_tuple=True)[0]
         if reached.numel() == 0:
             return 0.0  # k exceeds the positive entries: keep everything
-        return bin_edge(BINS - 1 - int(reached[0]))
+        return threshold_edge(BINS - 1 - int(reached[0]))
 
     def threshold_for_mass(self, fraction: float) -> float:
         """Largest bin edge ``T`` with ``sum(s >= T) >= fraction * sum(s)``; 0.0 keeps everything.
@@ -156,7 +165,7 @@ class SaliencyHistogram:
         reached = torch.nonzero(from_top >= fraction * total, as_tuple=True)[0]
         if reached.numel() == 0:
             return 0.0
-        return bin_edge(BINS - 1 - int(reached[0]))
+        return threshold_edge(BINS - 1 - int(reached[0]))
 
     def mass_curve(self) -> "tuple[list[float], list[float]]":
         """The mass-vs-density curve: ``(entries, masses)``, one point per non-empty positive bin from the top, where

@@ -17,10 +17,11 @@ so dividing every ``w_i`` of a tensor by one ``s > 0`` leaves it unchanged; in
 particular scaling every ``v_i`` by ``c`` and ``eps`` by ``c**p`` multiplies every
 ``w_i`` by ``c**p``. The merge computes ``w_i / s`` instead of ``w_i``, with ``s``
 chosen per tensor (:func:`weight_scale`) in float64 log space so that float32 holds
-it: with ``c = max_i max v_i`` (for rank-1 curvature ``max(row) * max(col)``, no
-m x n pass) and ``W = max_i |weight_i|``,
+it: with ``c_i = max v_i`` (for rank-1 curvature ``max(row) * max(col)``, no
+m x n pass) and ``c = max_i c_i``,
 
-* ``hi = log2(W * c**p + eps)``, the largest ``w_i`` anywhere, and ``lo = log2(eps)``;
+* ``hi = log2(max_i |weight_i| c_i**p + eps)`` with ``c_i = max v_i``, the largest ``w_i`` anywhere, and
+  ``lo = log2(eps)``;
 * ``s = 2**e`` (a power of two: scaling by it is exact), with ``e = 0`` when
   ``hi <= H`` and ``lo >= L`` (every ordinary merge: bit for bit the unscaled
   formula, no extra pass); otherwise the ``e`` closest to 0 with ``hi - e <= H``
@@ -31,13 +32,17 @@ m x n pass) and ``W = max_i |weight_i|``,
 
 The scalars fold into the multiply that ``w_i`` needs anyway:
 ``w_i / s = v_i**p * (weight_i / s) + eps / s``. Only when ``v_i**p`` itself would leave
-float32 (``|p * log2 c| > 120``, e.g. ``v ~ 1e38`` with ``p = 2``) is ``v_i`` first divided
-by ``2**k``, ``k = floor(log2 c)``: ``w_i / s = (v_i / 2**k)**p * (weight_i * 2**(k p) / s) + eps / s``.
+float32 (``|p * log2 c| > 120``, e.g. ``v ~ 1e38`` with ``p = 1``), or ``weight_i / s`` would, is ``w_i``
+computed in float64 from ``v_i`` divided by ``2**k``, ``k = floor(log2 c)``:
+``w_i / s = (v_i / 2**k)**p * (weight_i * 2**(k p) / s) + eps / s``. float32 would flush every ``v_i`` below
+``2**(k - 149)`` to 0 there (with ``c ~ 3e38``, every ``v_i < 4``), although its term can still be far above
+``eps / s``; float64 holds the whole range, and only the result, within float32's range by the choice of ``s``,
+is rounded to float32 (one float64 copy of the tensor, only for such extreme curvature).
 A rank-1 ``v_hat = outer(row, col)`` is scaled through its factors
 (``(row / max row)**p * (weight_i (max row * max col)**p / s)`` outer ``(col / max col)**p``),
-still one m x n pass.
+still one m x n pass (in float64 where ``s != 1`` or a factor would leave float32, for the same reason).
 
-Where ``W c**p / eps`` exceeds float32's range (``hi - lo > H - L``), ``eps / s``
+Where ``max_i |weight_i| c_i**p / eps`` exceeds float32's range (``hi - lo > H - L``), ``eps / s``
 underflows to 0 and a coordinate whose ``v_i**p`` are all tiny next to ``c**p`` can get
 ``w_i / s = 0`` in every unmasked expert: ``sum_i w_i m_i = 0`` although some expert is
 unmasked there. That raises :class:`~mergekit_ota.errors.MergeError`; only coordinates
@@ -123,15 +128,15 @@ def weight_scale(curvatures: Sequence[Curvature], weights: Sequence[float], powe
     One reduction per full curvature tensor (its max), O(m + n) for rank-1 ones.
     A non-finite ``c`` or weight gives ``s = 1``: the merge's finite check reports it.
     """
-    c = max((curvature_max(v) for v in curvatures), default=0.0)
+    tops = [curvature_max(v) for v in curvatures]
+    c = max(tops, default=0.0)
     top_weight = max((abs(float(w)) for w in weights), default=0.0)
     if not (math.isfinite(c) and math.isfinite(top_weight) and math.isfinite(power) and math.isfinite(eps)):
         return WeightScale()
     log2_c = math.log2(c) if c > 0.0 else -math.inf
-    if top_weight == 0.0 or (power != 0.0 and c == 0.0):
-        top = -math.inf  # every curvature term weight_i * v_i**p is 0
-    else:
-        top = math.log2(top_weight) + (power * log2_c if power != 0.0 else 0.0)  # v**0 == 1
+    # log2 of the largest curvature term, max_i |weight_i| c_i**p (c_i = max v_i: under curvature_scale a large
+    # weight_i = weight / m_i**p goes with a small c_i, so W * c**p would overstate it by far); -inf where all are 0
+    top = max((_log2_term(float(w), v, power) for w, v in zip(weights, tops)), default=-math.inf)
     low = math.log2(eps) if eps > 0.0 else -math.inf
     high = _log2_add(top, low)
     if high == -math.inf:
@@ -145,6 +150,13 @@ def weight_scale(curvatures: Sequence[Curvature], weights: Sequence[float], powe
     else:  # eps too small: scale up as far as the headroom allows
         exponent = max(down, up)  # type: ignore[type-var]  (down is not None here)
     return WeightScale(int(exponent), log2_c)
+
+
+def _log2_term(weight: float, top: float, power: float) -> float:
+    """``log2(|weight| * top**power)`` (``top**0 == 1``); ``-inf`` where the term is 0."""
+    if weight == 0.0 or (power != 0.0 and top == 0.0):
+        return -math.inf
+    return math.log2(abs(weight)) + (power * math.log2(top) if power != 0.0 else 0.0)
 
 
 def _prescale(scale: Optional[WeightScale], weight: float, power: float) -> Optional[int]:
@@ -181,14 +193,12 @@ def curvature_weights(
     shift = scaled_scalar(float(eps), -exponent)
     v32 = v.to(torch.float32)
     k = _prescale(scale, float(weight), power)
-    if k is not None:  # (v / 2**k)**p * (weight * 2**(k p) / s)
-        w = torch.mul(v32, math.ldexp(1.0, -k), out=out)
-        if power == 0.5:
-            w.sqrt_()
-        elif power != 1.0:
-            w.pow_(power)
-        factor = scaled_scalar(float(weight), k * power - exponent)
-    elif power == 0.5:
+    if k is not None:  # (v / 2**k)**p * (weight * 2**(k p) / s), in float64 (see the module docstring)
+        u = v.to(torch.float64).mul_(math.ldexp(1.0, -k))
+        u = u.sqrt_() if power == 0.5 else u if power == 1.0 else u.pow_(power)
+        u.mul_(scaled_scalar(float(weight), k * power - exponent)).add_(shift)
+        return u.to(torch.float32) if out is None else out.copy_(u)
+    if power == 0.5:
         w = torch.sqrt(v32, out=out)
     elif power == 1.0:
         if factor != 1.0:

@@ -46,9 +46,10 @@ class Rank1Curvature:
     @classmethod
     def from_sums(cls, r: torch.Tensor, c: torch.Tensor) -> "Rank1Curvature":
         """Factors of ``outer(r, c) / sum(r)`` (all zeros when ``sum(r) <= 0``)."""
-        r32 = r.to(torch.float32)
-        total = float(r32.double().sum())
-        row = r32 / total if total > 0.0 else torch.zeros_like(r32)
+        r64 = r.to(torch.float64)
+        total = float(r64.sum())
+        # in float64: a float32 division would round a total beyond float32's range (rows near its max) to inf
+        row = (r64 / total).to(torch.float32) if total > 0.0 else torch.zeros(r.shape, dtype=torch.float32)
         return cls(row=row, col=c.to(torch.float32))
 
     @property
@@ -92,30 +93,42 @@ class Rank1Curvature:
         ``s = scale.divisor`` (1 without ``scale``). When ``s != 1``, or a factor's power would
         leave float32, the factors are normalised first (O(m + n)):
         ``(row / R)**p * (weight * (R C)**p / s)`` outer ``(col / C)**p`` with ``R = max(row)``,
-        ``C = max(col)``; see :mod:`mergekit_ota.math.ota`.
+        ``C = max(col)``, in float64 (``col / C`` can fall below float32's range where its term still
+        counts), rounded to float32 once; see :mod:`mergekit_ota.math.ota`. Where ``R`` or ``C`` is 0 (an all-zero
+        factor: a frozen layer, or a store with only one of its factors zero) ``v_hat`` is 0 and, for
+        ``power > 0``, every weight is ``eps / s`` (one fill: no factor is divided by its zero maximum).
         """
         from mergekit_ota.math.ota import SAFE_LOG2, scaled_scalar
 
         exponent = scale.exponent if scale is not None else 0
+        shift = scaled_scalar(float(eps), -exponent)
+        top_row, top_col = _tops(self.row, self.col) if power != 0.0 else (1.0, 1.0)
+        if top_row == 0.0 or top_col == 0.0:  # v_hat == 0 (factors >= 0): weight * v_hat**p == 0
+            if out is None:
+                return torch.full(self.shape, shift, dtype=torch.float32, device=self.device)
+            return out.fill_(shift)
         if scale is not None and power != 0.0 and scale.log2_c > -math.inf:
-            top_row, top_col = float(self.row.max()), float(self.col.max())
             log2_rc = power * (math.log2(top_row) + math.log2(top_col))
             log2_weight = math.log2(abs(weight)) if weight != 0.0 else 0.0
             safe = all(
                 abs(x) <= SAFE_LOG2
                 for x in (power * math.log2(top_row), power * math.log2(top_col), log2_weight - exponent)
             )
-            if exponent != 0 or not safe:
+            if exponent != 0 or not safe:  # in float64: a ratio below 2**-149 would flush to 0 in float32
                 factor = scaled_scalar(float(weight), log2_rc - exponent)
-                row = _power(self.row / top_row, power) * factor
-                return torch.outer(row, _power(self.col / top_col, power), out=out).add_(
-                    scaled_scalar(float(eps), -exponent)
-                )
+                row = _power(self.row.double() / top_row, power).mul_(factor)
+                w = torch.outer(row, _power(self.col.double() / top_col, power)).add_(shift)
+                return w.to(torch.float32) if out is None else out.copy_(w)
         row = _power(self.row, power)
         factor = scaled_scalar(float(weight), -exponent)
         if factor != 1.0:
             row = row * factor
-        return torch.outer(row, _power(self.col, power), out=out).add_(scaled_scalar(float(eps), -exponent))
+        return torch.outer(row, _power(self.col, power), out=out).add_(shift)
+
+
+def _tops(row: torch.Tensor, col: torch.Tensor) -> Tuple[float, float]:
+    """``(max(row), max(col))``; 0 for an empty factor (``outer(row, col)`` is then empty)."""
+    return tuple(float(x.max()) if x.numel() else 0.0 for x in (row, col))  # type: ignore[return-value]
 
 
 Curvature = Union[torch.Tensor, Rank1Curvature]

@@ -50,8 +50,9 @@ LOG = logging.getLogger("mergekit_ota")
 
 # What can make each method's result non-finite (named by require_finite's error).
 NON_FINITE_CAUSES = {
-    "ota": "NaN/Inf in an input weight (or, in memory, where it is not scanned, in the curvature), a large "
-    "lambda, or a result beyond the output dtype's range",
+    "ota": "NaN/Inf in an input weight (or, in memory, where it is not scanned, in the curvature), task vectors "
+    "so large (|tau_i| beyond about 1e19) that sum_i w_i tau_i overflows float32, a large lambda, or a result "
+    "beyond the output dtype's range",
     "ffg": "b + lambda * sum_i weight_i m_i tau_i overflowing (lambda, weight, normalize with a near-zero "
     "sum_i weight_i), NaN/Inf in an input weight (or, in memory, in the curvature), or a result beyond the "
     "output dtype's range",
@@ -351,15 +352,17 @@ class CurvatureMergeMethod(GroupMergeMethod):
         if group.base is None or not group.non_base:
             return result
         base = group.base.tensor.to(torch.float32)
-        scores: Optional[torch.Tensor] = None  # one buffer for every expert's tau, then saliency
+        taus: Optional[torch.Tensor] = None  # one buffer for every expert's tau, one for its saliency
+        scores: Optional[torch.Tensor] = None
         shared = self.shared(parameters, has_base=True)
         for expert in self.experts(group, parameters, shared):
             if not shared.model_wide(expert.settings):  # no density, or one per tensor
                 continue
             auto = expert.settings.auto_density
             histogram = SaliencyHistogram()
-            scores = torch.sub(f32_operand(expert.tensor), base, out=scores)
-            histogram.add(saliency(scores, expert.curvature, out=scores), overwrite=True, with_mass=auto)
+            taus = torch.sub(f32_operand(expert.tensor), base, out=taus)
+            scores = saliency(taus, expert.curvature, out=scores)
+            histogram.add(scores, overwrite=True, with_mass=auto)
             result[expert.id] = (histogram, AutoDensity(shared.saliency_mass) if auto else expert.settings.density)
         return result
 
