@@ -50,6 +50,7 @@ from mergekit_ota.methods.settings import (
 )
 
 PATCH_MARK = "_mergekit_ota_patched"
+FROM_THE_BASE = "every model of a merge must be fine-tuned from the same base (same architecture and sizes)"
 LOG = logging.getLogger("mergekit_ota")
 
 
@@ -196,6 +197,49 @@ class CurvaturePlan:
             return None
         return LoadCurvature(store=path, tensor=key, label=found)
 
+    def check_input_shapes(self, task: ExecuteMergeMethodTask, inputs: Dict[ModelReference, WeightInfo]) -> None:
+        """Every input weight of ``task`` must have the base's shape (from the safetensors headers; no weights read).
+
+        Each model is compared with the base (without one, with the first model), dimension by dimension, so an
+        expert fine-tuned from another base is named with the tensor, dimension and both sizes while planning.
+        Only the vocabulary axis may differ, and only where mergekit aligns it (tokenizer merging, which permutes
+        rows, or ``--unsafe-truncate-embeddings``).
+        """
+        reference = task.base_model if task.base_model in inputs else task.model_order[0]
+        aligned = isinstance(task.gather_tensors, (PermutedVocabulary, TruncatedVocabulary))
+        axis = task.output_weight.vocabulary_axis
+        what = "base" if reference == task.base_model else "first model"
+
+        def shape_of(model: ModelReference) -> Optional[Tuple[Optional[str], Tuple[int, ...]]]:
+            found = _found_name(model, inputs[model])
+            shape = _weight_shape(model, found) if found is not None else None
+            return None if shape is None else (found, tuple(shape))
+
+        expected = shape_of(reference)
+        if expected is None:
+            return
+        for model in task.model_order:
+            got = shape_of(model) if model != reference else None
+            if got is None or got[1] == expected[1]:
+                continue
+            (name, shape), want = got, expected[1]
+            stem = f"expert {model}: weight '{name}' has shape {shape}, the {what} {reference}'s {want}"
+            if len(shape) != len(want):
+                self.problem(f"{stem}: {len(shape)} dimensions, not {len(want)}; {FROM_THE_BASE}")
+                continue
+            differ = [d for d in range(len(want)) if shape[d] != want[d]]
+            if differ == [axis] and aligned:
+                continue
+            d = differ[0]
+            if d == axis and differ == [axis]:
+                self.problem(
+                    f"{stem}: dimension {d} (the vocabulary axis) is {shape[d]}, not {want[d]}; align the "
+                    f"vocabularies with a tokenizer configuration (tokenizer: {{source: base}} or tokenizer_source: "
+                    f"union) or pass --unsafe-truncate-embeddings if the shared token ids mean the same"
+                )
+            else:
+                self.problem(f"{stem}: dimension {d} is {shape[d]}, not {want[d]}; {FROM_THE_BASE}")
+
     def expert_parameters(
         self, task: ExecuteMergeMethodTask, model: ModelReference, shared: SharedSettings
     ) -> Tuple[Dict[str, Any], Optional[ExpertSettings]]:
@@ -278,6 +322,7 @@ class CurvaturePlan:
             load = self.curvature_load(model, inputs[model], values.get("curvature"))
             if load is not None:
                 loads[model] = load
+        self.check_input_shapes(task, inputs)
         if all(settings is not None for _, settings in experts):
             valid = [(model, settings) for model, settings in experts if settings is not None]
             for problem in tensor_problems(
