@@ -28,7 +28,7 @@ from mergekit.tokenizer.truncate import TruncatedVocabulary
 
 from mergekit_ota.curvature.locate import locate_store
 from mergekit_ota.curvature.store import METADATA_KEYS, CurvatureStore, metadata_inputs, read_header
-from mergekit_ota.errors import OTAError, PreflightError
+from mergekit_ota.errors import OTAError, PreflightError, Problem, problem_of
 from mergekit_ota.graph.tasks import (
     CurvatureInput,
     CurvatureMergeTask,
@@ -167,7 +167,13 @@ class CurvaturePlan:
         found = _found_name(model, weight)
         if found is None:
             if not weight.optional:
-                self.problem(f"expert {model}: weight {weight.name} not found, so its curvature cannot be matched")
+                self.problem(
+                    Problem(
+                        f"expert {model}: weight {weight.name} not found, so its curvature cannot be matched",
+                        kind=f"expert {model}: weights not found, so their curvature cannot be matched",
+                        example=weight.name,
+                    )
+                )
             return None
         path = self.store_path(model, curvature)
         if path is None:
@@ -180,20 +186,28 @@ class CurvaturePlan:
             if found in _without_state(store):
                 frozen = "; the export found no optimizer state for this parameter (frozen in training?)"
             self.problem(
-                f"{path}: no curvature tensor '{found}' for expert {model}, weight {weight.name}{read_as}{frozen}"
+                Problem(
+                    f"{path}: no curvature tensor '{found}' for expert {model}, weight {weight.name}{read_as}{frozen}",
+                    kind=f"{path}: no curvature tensors for expert {model}{frozen.replace('this parameter', 'these')}",
+                    example=f"'{found}'{read_as}",
+                )
             )
             return None
         expected = _weight_shape(model, found)
         if expected is not None and tuple(store.shape(key)) != tuple(expected):
             self.problem(
-                f"{path}: curvature tensor '{key}' has shape {tuple(store.shape(key))}; "
-                f"expert {model}'s weight '{found}' has shape {tuple(expected)}"
+                Problem(
+                    f"{path}: curvature tensor '{key}' has shape {tuple(store.shape(key))}; "
+                    f"expert {model}'s weight '{found}' has shape {tuple(expected)}",
+                    kind=f"{path}: curvature shapes (store vs weight) differ from expert {model}'s weights",
+                    example=f"'{key}' {tuple(store.shape(key))} vs {tuple(expected)}",
+                )
             )
             return None
         try:
             store.check_dtype(key)
         except OTAError as error:
-            self.problem(str(error))
+            self.problem(problem_of(error))
             return None
         return LoadCurvature(store=path, tensor=key, label=found)
 
@@ -224,21 +238,27 @@ class CurvaturePlan:
                 continue
             (name, shape), want = got, expected[1]
             stem = f"expert {model}: weight '{name}' has shape {shape}, the {what} {reference}'s {want}"
+            kind = f"expert {model}: weights' shapes differ from the {what} {reference}'s, and {FROM_THE_BASE}"
+            example = f"'{name}' {shape} vs {want}"
             if len(shape) != len(want):
-                self.problem(f"{stem}: {len(shape)} dimensions, not {len(want)}; {FROM_THE_BASE}")
+                message = f"{stem}: {len(shape)} dimensions, not {len(want)}; {FROM_THE_BASE}"
+                self.problem(Problem(message, kind=kind, example=example))
                 continue
             differ = [d for d in range(len(want)) if shape[d] != want[d]]
             if differ == [axis] and aligned:
                 continue
             d = differ[0]
-            if d == axis and differ == [axis]:
-                self.problem(
-                    f"{stem}: dimension {d} (the vocabulary axis) is {shape[d]}, not {want[d]}; align the "
-                    f"vocabularies with a tokenizer configuration (tokenizer: {{source: base}} or tokenizer_source: "
-                    f"union) or pass --unsafe-truncate-embeddings if the shared token ids mean the same"
+            if differ == [axis]:
+                fix = (
+                    "align the vocabularies with a tokenizer configuration (tokenizer: {source: base} or "
+                    "tokenizer_source: union) or pass --unsafe-truncate-embeddings if the shared token ids mean "
+                    "the same"
                 )
+                message = f"{stem}: dimension {d} (the vocabulary axis) is {shape[d]}, not {want[d]}; {fix}"
+                kind = f"expert {model}: vocabulary sizes differ from the {what} {reference}'s; {fix}"
             else:
-                self.problem(f"{stem}: dimension {d} is {shape[d]}, not {want[d]}; {FROM_THE_BASE}")
+                message = f"{stem}: dimension {d} is {shape[d]}, not {want[d]}; {FROM_THE_BASE}"
+            self.problem(Problem(message, kind=kind, example=f"{example} (dimension {d})"))
 
     def expert_parameters(
         self, task: ExecuteMergeMethodTask, model: ModelReference, shared: SharedSettings

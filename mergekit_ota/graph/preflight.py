@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from mergekit_ota.compat import planner_tensors
 from mergekit_ota.curvature.scan import DEFAULT_SAMPLE, scan_entry
 from mergekit_ota.curvature.store import CurvatureStore
-from mergekit_ota.errors import ConfigError, OTAError, PreflightError
+from mergekit_ota.errors import ConfigError, OTAError, PreflightError, problem_of
 
 NEVER_WRITTEN = "<mergekit-ota check: no output>"  # the planned writer's path; no task ever runs
 
@@ -335,7 +335,7 @@ def check_config(
             try:
                 result = scan_entry(store, entry, None if full_scan else sample)
             except OTAError as error:
-                value_problems.append(str(error))
+                value_problems.append(problem_of(error))
                 continue
             value_problems += result.problems
             done, total = scanned.get((path, key), (0, 0))
