@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from mergekit_ota.curvature.fingerprint import FINGERPRINT_KEY, entries_fingerprint, weight_entries
 from mergekit_ota.curvature.store import CurvatureStore
 from mergekit_ota.export.options import ExportOptions
 from mergekit_ota.export.pipeline import export_curvature
@@ -77,8 +78,9 @@ def _train(out: Path, seed: int = 0, compress: str = "rank1", save_only_model: b
 @pytest.mark.parametrize("compress", ["rank1", "none"])
 def test_trainer_callback_writes_at_every_save_and_at_the_end_what_export_writes(compress, tmp_path):
     """Single process: checkpoint-2/, checkpoint-4/ and output_dir each get a store; each checkpoint's equals
-    `mergekit-ota export` of that checkpoint (same compression) bit for bit, with step and beta2 recorded;
-    the final one equals the last checkpoint's (the run ends at its last save)."""
+    `mergekit-ota export` of that checkpoint (same compression) bit for bit, with step and beta2 recorded, and
+    the same weights fingerprint (taken from the live parameters by the callback, from the checkpoint's
+    model.safetensors by export); the final one equals the last checkpoint's (the run ends at its last save)."""
     callback = _train(tmp_path / "run", compress=compress)
     name = "exp_avg_sq.safetensors" + ("" if compress == "rank1" else ".index.json")
     assert [Path(p).relative_to(tmp_path / "run").as_posix() for p in callback.written] == [
@@ -95,6 +97,9 @@ def test_trainer_callback_writes_at_every_save_and_at_the_end_what_export_writes
         metadata = CurvatureStore(str(checkpoint / name)).metadata
         assert metadata["step"] == str(step) and float(metadata["beta2"]) == 0.98
         assert metadata["source_kind"] == "training" and metadata["mapping_basis"] == "param_objects"
+        # the store knows its expert: the live weights' fingerprint is export's of the weights saved beside
+        saved = entries_fingerprint(weight_entries(str(checkpoint)), list(CurvatureStore(str(exported)).records))
+        assert metadata[FINGERPRINT_KEY] == CurvatureStore(str(exported)).metadata[FINGERPRINT_KEY] == saved
     final, last = _store(tmp_path / "run" / name), _store(tmp_path / "run" / "checkpoint-4" / name)
     assert all(torch.equal(final[k], last[k]) for k in last)
 

@@ -26,6 +26,7 @@ from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
 from mergekit.tokenizer import PermutedVocabulary
 from mergekit.tokenizer.truncate import TruncatedVocabulary
 
+from mergekit_ota.curvature.fingerprint import check_ownership
 from mergekit_ota.curvature.locate import locate_store
 from mergekit_ota.curvature.store import METADATA_KEYS, CurvatureStore, metadata_inputs, read_header
 from mergekit_ota.errors import OTAError, PreflightError, Problem, problem_of
@@ -38,6 +39,7 @@ from mergekit_ota.graph.tasks import (
     ModelWidePass,
     PermutedCurvature,
 )
+from mergekit_ota.io.safetensors import HeaderEntry
 from mergekit_ota.methods import is_ours
 from mergekit_ota.methods.bias import BiasDecision, mismatch_warning
 from mergekit_ota.methods.settings import (
@@ -55,9 +57,13 @@ LOG = logging.getLogger("mergekit_ota")
 
 
 @lru_cache(maxsize=None)
-def _header_shapes(path: str) -> Dict[str, Tuple[int, ...]]:
+def _header_entries(path: str) -> Dict[str, HeaderEntry]:
     entries, _ = read_header(path)
-    return {key: entry.shape for key, entry in entries.items()}
+    return entries
+
+
+def _header_shapes(path: str) -> Dict[str, Tuple[int, ...]]:
+    return {key: entry.shape for key, entry in _header_entries(path).items()}
 
 
 def _weight_shape(model: ModelReference, name: str) -> Optional[Tuple[int, ...]]:
@@ -67,6 +73,18 @@ def _weight_shape(model: ModelReference, name: str) -> Optional[Tuple[int, ...]]
     if shard is None or not shard.endswith(".safetensors"):
         return None
     return _header_shapes(os.path.join(index.base_path, shard)).get(name)
+
+
+def _weight_entries(model: ModelReference) -> Dict[str, HeaderEntry]:
+    """Header entries of ``model``'s safetensors weights by tensor name (those in other formats are left out)."""
+    index = LoaderCache().get(model).index
+    entries: Dict[str, HeaderEntry] = {}
+    for name, shard in index.tensor_paths.items():
+        if shard.endswith(".safetensors"):
+            found = _header_entries(os.path.join(index.base_path, shard)).get(name)
+            if found is not None:
+                entries[name] = found
+    return entries
 
 
 def _without_state(store: CurvatureStore) -> List[str]:
@@ -116,6 +134,7 @@ class CurvaturePlan:
         # ota: each curvature_scale seen -> first tensor it was seen on; where its statistic is computed
         self.scale_modes: Dict[str, str] = {}
         self.scale_pass = ""
+        self.store_notes: List[str] = []  # stores that record no weights fingerprint (:meth:`check_store_owners`)
 
     @classmethod
     def of(cls, planner: Any) -> "CurvaturePlan":
@@ -420,15 +439,35 @@ class CurvaturePlan:
             )
         return notes
 
+    def check_store_owners(self) -> None:
+        """Each store must be its expert's (:func:`~mergekit_ota.curvature.fingerprint.check_ownership`): one store
+        given to two experts is a problem; a weights fingerprint other than the expert's weights' a warning naming
+        both; a store without one a note (logged by the merge, listed by check)."""
+        uses = []
+        for (model, _), path in self.stores.items():
+            if path is not None:
+                store = CurvatureStore.open(path)
+                uses.append((str(model), path, store.metadata, list(store.records)))
+        models = {str(model): model for model, _ in self.stores}
+        found = check_ownership(uses, lambda expert: _weight_entries(models[expert]))
+        for problem in found.problems:
+            self.problem(problem, config_level=True)
+        for warning in found.warnings:
+            if warning not in self.warnings:
+                self.warnings.append(warning)
+                LOG.warning("mergekit-ota: %s", warning)
+        self.store_notes = found.notes
+
     def finish(self) -> None:
         """Raise every problem found; add the model-wide pass if asked for (density_scope: model,
         curvature_scale); log the bias-correction and scale decisions and warn about mismatched scales."""
         self.check_model_densities()
         self.check_scale_modes()
+        self.check_store_owners()
         if self.problems or self.config_problems:
             raise PreflightError(self.listed())
         self.add_model_wide_pass()
-        for note in self.bias_notes():
+        for note in self.bias_notes() + self.store_notes:
             LOG.info(note)
         warning = mismatch_warning(list(self.bias.values()), self.power) if self.curvature_scale == "none" else None
         if warning is not None and warning not in self.warnings:

@@ -346,7 +346,7 @@ def check_config(
     return CheckReport(
         problems=tuple(header_problems + value_problems),
         warnings=tuple(plan.warnings + hub_lookup_warnings(config)),
-        notes=tuple(plan.bias_notes() + auto_notes),
+        notes=tuple(plan.bias_notes() + plan.store_notes + auto_notes),
         experts=tuple(sorted({str(model) for model, _ in CurvaturePlan.of(planner).stores})),
         stores=_store_uses(planner, loads, scanned),
         output_tensors=len(planner_tensors(planner)),

@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 
 import torch
 
+from mergekit_ota.curvature.fingerprint import tensors_fingerprint
 from mergekit_ota.errors import CurvatureError
 from mergekit_ota.export.model_params import clean_name
 from mergekit_ota.export.source import Curvature, Full
@@ -68,6 +69,7 @@ class LiveState:
     facts: OptimizerFacts
     parameters: List[LiveParameter]
     without_state: List[str]
+    fingerprint: Optional[str] = None  # of the weights, where every rank holds them whole (single process, DDP)
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -213,7 +215,10 @@ def live_state(model: torch.nn.Module, optimizer: Any) -> LiveState:
             )
         )
     without = frozen + [n for n, _ in trainable if n not in kinds]
-    return LiveState(strategy, optimizer_facts(kinds, torch_optimizer.param_groups), params, without)
+    facts = optimizer_facts(kinds, torch_optimizer.param_groups)
+    # FSDP2 shards the weights (a fingerprint would gather them): its store records none, as DeepSpeed's live one
+    fingerprint = None if fsdp2 else tensors_fingerprint({n: p for n, p in trainable if n in kinds})
+    return LiveState(strategy, facts, params, without, fingerprint)
 
 
 def drain(parameters: Iterator[LiveParameter]) -> None:

@@ -73,6 +73,7 @@ def source_of(state: LiveState, origin: str, parameters: Optional[List[LiveParam
         metadata=dict(state.facts.metadata),
         notes=list(state.facts.notes),
         evidence=NameEvidence(BASIS_PARAM_OBJECTS),
+        fingerprint=state.fingerprint,  # of the live weights, equal to export's of the weights saved beside
     )
 
 
