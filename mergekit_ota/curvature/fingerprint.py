@@ -96,12 +96,13 @@ def weight_entries(directory: str) -> Dict[str, HeaderEntry]:
     return {}
 
 
-def weights_beside(source: str) -> Optional[str]:
+def weights_beside(source: str, in_parent: bool = False) -> Optional[str]:
     """The directory of the weights an optimizer state at ``source`` belongs to: the file's own directory (a
-    Trainer ``checkpoint-N/optimizer.pt``), or for a state directory (DCP, DeepSpeed) that directory or the
-    checkpoint directory holding it; ``None`` where none holds ``model.safetensors[.index.json]``."""
+    Trainer ``checkpoint-N/optimizer.pt``) or the directory ``source`` itself (a model directory), and with
+    ``in_parent`` (a state folder: DCP, DeepSpeed) also the checkpoint directory holding it; ``None`` where none
+    holds ``model.safetensors[.index.json]``."""
     if os.path.isdir(source):
-        candidates = [source, os.path.dirname(os.path.abspath(source))]
+        candidates = [source] + ([os.path.dirname(os.path.abspath(source))] if in_parent else [])
     elif os.path.isfile(source):
         candidates = [os.path.dirname(os.path.abspath(source))]
     else:
@@ -112,10 +113,10 @@ def weights_beside(source: str) -> Optional[str]:
     return None
 
 
-def fingerprint_beside(source: str, names: Sequence[str]) -> Optional[str]:
+def fingerprint_beside(source: str, names: Sequence[str], in_parent: bool = False) -> Optional[str]:
     """The fingerprint of the weights beside optimizer state ``source`` (:func:`weights_beside`) over ``names``;
     ``None`` where there are none, or they lack one of ``names`` (then they are not the weights of this state)."""
-    directory = weights_beside(source)
+    directory = weights_beside(source, in_parent)
     if directory is None:
         return None
     entries = weight_entries(directory)

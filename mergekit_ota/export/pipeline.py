@@ -197,7 +197,9 @@ def write_store(
     layout = store_layout(out)
     check_given_values(source, options)
     if source.fingerprint is None and source.kind not in ("training", "store"):  # a live one is taken live
-        source = replace(source, fingerprint=fingerprint_beside(source.path, [item.name for item in source.items]))
+        names = [item.name for item in source.items]
+        in_parent = source.kind in ("dcp", "deepspeed", "deepspeed-universal")  # a state folder in the checkpoint
+        source = replace(source, fingerprint=fingerprint_beside(source.path, names, in_parent))
     scales = bias_scales(source, options) if options.bias_correct else {}
     specs = _specs(source, options)
     metadata = export_metadata(source, options, specs)
