@@ -1,7 +1,7 @@
 """Exceptions raised for bad user input (each message names the file/tensor at fault)."""
 
 import re
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 
 class OTAError(ValueError):
@@ -19,25 +19,66 @@ class ConfigError(OTAError):
 _TENSOR_CONTEXT = re.compile(r" \(tensor ([^()]+)\)")
 
 
-def group_problems(problems: Sequence[str], shown: int = 3) -> List[str]:
-    """Merge messages that differ only in their ``(tensor NAME)`` part into one line naming the tensors.
+class Problem(str):
+    """A problem message of a kind that repeats per tensor of one file (or expert), as a ``str`` that knows its kind.
 
-    A bad per-expert parameter is reported by the planner once per tensor; for reading
-    they become ``... (21 tensors: a, b, c and 18 more) ...``. Used by
-    :class:`PreflightError` and by ``mergekit-ota check``.
+    ``kind``: the line standing for every problem of its kind (file or expert, and what is wrong, naming no
+    tensor); ``example``: what this one adds to it (its tensor and values). :func:`group_problems` prints the
+    problems of one kind as ``KIND (N tensors: EXAMPLE, EXAMPLE, EXAMPLE and M more)``; a lone one as its message.
+    Anywhere else it is its message (compared, hashed, written as JSON like any ``str``).
     """
-    groups: Dict[str, List[str]] = {}
+
+    kind: str
+    example: str
+
+    def __new__(cls, message: str, kind: str = "", example: str = "") -> "Problem":
+        problem = super().__new__(cls, message)
+        problem.kind = kind
+        problem.example = example
+        return problem
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]  # copies and pickles keep the kind
+        return (Problem, (str(self), self.kind, self.example))
+
+
+def problem_of(error: BaseException) -> str:
+    """``error``'s message: the :class:`Problem` it was raised with, where it was, so its kind is kept."""
+    first = error.args[0] if len(error.args) == 1 else None
+    return first if isinstance(first, Problem) else str(error)
+
+
+def group_problems(problems: Sequence[str], shown: int = 3) -> List[str]:
+    """The problems as lines to print, each problem repeated per tensor as one line, in order of first appearance.
+
+    A :class:`Problem` with a ``kind`` groups with the others of that kind (one file's or expert's, one kind of
+    fault: ``KIND (21 tensors: EXAMPLE, EXAMPLE, EXAMPLE and 18 more)``). Other messages that differ only in their
+    ``(tensor NAME)`` part (a bad per-expert parameter, which the planner reports once per tensor) become one
+    line naming the tensors: ``... (21 tensors: a, b, c and 18 more) ...``. This is the one place problems are
+    grouped: :class:`PreflightError` and ``mergekit-ota check`` print through it.
+    """
+    groups: Dict[Tuple[str, str], List[str]] = {}
     for problem in problems:
+        kind = getattr(problem, "kind", "")
+        if kind:
+            groups.setdefault(("kind", kind), []).append(problem)
+            continue
         match = _TENSOR_CONTEXT.search(problem)
         key = _TENSOR_CONTEXT.sub(" (tensor {})", problem, count=1) if match else problem
-        groups.setdefault(key, []).append(match.group(1) if match else "")
+        groups.setdefault(("tensor", key), []).append(match.group(1) if match else "")
     lines = []
-    for key, tensors in groups.items():
-        if len(tensors) == 1:
-            lines.append(key.replace("{}", tensors[0]) if tensors[0] else key)
-            continue
-        listed = ", ".join(tensors[:shown]) + (f" and {len(tensors) - shown} more" if len(tensors) > shown else "")
-        lines.append(key.replace(" (tensor {})", f" ({len(tensors)} tensors: {listed})"))
+    for (how, key), items in groups.items():
+        if how == "kind":
+            if len(items) == 1:
+                lines.append(str(items[0]))
+                continue
+            examples = [getattr(item, "example", "") or str(item) for item in items]
+            more = f" and {len(items) - shown} more" if len(items) > shown else ""
+            lines.append(f"{key} ({len(items)} tensors: {', '.join(examples[:shown])}{more})")
+        elif len(items) == 1:
+            lines.append(key.replace("{}", items[0]) if items[0] else key)
+        else:
+            listed = ", ".join(items[:shown]) + (f" and {len(items) - shown} more" if len(items) > shown else "")
+            lines.append(key.replace(" (tensor {})", f" ({len(items)} tensors: {listed})"))
     return lines
 
 

@@ -16,6 +16,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
+from mergekit_ota.curvature.fingerprint import FINGERPRINT_KEY, entries_fingerprint, weight_entries
 from mergekit_ota.curvature.locate import DEFAULT_STORE_NAME, INDEX_SUFFIX
 from mergekit_ota.curvature.writer import save_store
 
@@ -128,7 +129,8 @@ def make_family(
     dtype: torch.dtype = torch.float32,
     compress: bool = False,
 ) -> Family:
-    """Write ``root/base`` and ``root/expert_i`` (with ``exp_avg_sq.safetensors`` inside)."""
+    """Write ``root/base`` and ``root/expert_i`` (with ``exp_avg_sq.safetensors`` inside, recording the expert's
+    weights fingerprint as a store written from its optimizer does)."""
     config = config or tiny_llama_config()
     base = random_state_dict(config, seed)
     if config.tie_word_embeddings:
@@ -140,7 +142,8 @@ def make_family(
         weights, curvature = make_expert(base, seed=seed * 1000 + i + 1)
         save_model(path, config, weights, dtype)
         store = os.path.join(path, DEFAULT_STORE_NAME)
-        save_store(curvature, store, compress=compress, metadata={"source": "synthetic"})
+        owner = entries_fingerprint(weight_entries(path), list(curvature))
+        save_store(curvature, store, compress=compress, metadata={"source": "synthetic", FINGERPRINT_KEY: owner})
         family.experts.append(path)
         family.stores.append(store)
     return family

@@ -710,3 +710,112 @@ def test_check_takes_a_mergekit_yaml_command_line(family, tmp_path):
     assert sorted(os.listdir(foreign)) == ["holiday.jpg"]
     unknown = _invoke("check", config, str(out), "--no-such-flag")
     assert unknown.exit_code == 2 and "as mergekit-yaml would" in unknown.output and "--no-such-flag" in unknown.output
+
+
+# ----------------------------------------------------------------------------- experts of another base
+
+
+@pytest.fixture(scope="module")
+def wider_family(tmp_path_factory):
+    """One expert of another base (hidden size 96 against the family's 64), with a store matching its own weights."""
+    from mergekit_ota.testing import make_family, tiny_llama_config
+
+    return make_family(str(tmp_path_factory.mktemp("wide")), n_experts=1, config=tiny_llama_config(hidden_size=96))
+
+
+@pytest.fixture(scope="module")
+def longer_vocabulary(tmp_path_factory):
+    """One expert whose vocabulary has 2 more rows (130 against 128), every other size the family's."""
+    from mergekit_ota.testing import make_family, tiny_llama_config
+
+    return make_family(str(tmp_path_factory.mktemp("vocab")), n_experts=1, config=tiny_llama_config(vocab_size=130))
+
+
+def test_check_refuses_an_expert_of_another_base_naming_tensor_and_dimension(family, wider_family, tmp_path):
+    """An expert whose weights have other sizes than the base's (its store matches its own weights) is a problem
+    check finds from the headers, naming the expert, the tensor, the dimension and both sizes; the merge refuses it
+    with the same problems before writing anything (mergekit would fail mid-merge pointing at vocabularies)."""
+    from mergekit_ota.errors import PreflightError
+
+    cfg = _ota(family)
+    cfg["models"][1]["model"] = wider_family.experts[0]
+    code, report = _check(tmp_path, cfg)
+    assert code == 1
+    wide = wider_family.experts[0]
+    problems = [p for p in report["problems"] if wide in p]
+    assert problems and len(problems) == len(report["problems"])
+    head = next(p for p in problems if "'lm_head.weight'" in p)
+    assert "(128, 96)" in head and "(128, 64)" in head and "dimension 1 is 96, not 64" in head
+    assert family.base in head
+    assert not any("vocabular" in p for p in problems)  # the sizes that differ are not the vocabulary's
+    text = _invoke("check", _write_config(tmp_path, cfg, "wide.yml"))
+    assert text.exit_code == 1 and not text.stdout.startswith("OK")
+    out = tmp_path / "out"
+    with pytest.raises(PreflightError) as caught:
+        _merge(cfg, out)
+    assert caught.value.problems == report["problems"]
+    assert not out.exists()
+
+
+def test_check_vocabulary_sizes_differ_only_with_a_tokenizer_or_truncation(family, longer_vocabulary, tmp_path):
+    """An expert with 2 more vocabulary rows: without a tokenizer configuration the embedding and head are named
+    with the vocabulary axis and the fix; with --unsafe-truncate-embeddings (vocabularies aligned by mergekit) the
+    config passes."""
+    cfg = _ota(family)
+    cfg["models"][1]["model"] = longer_vocabulary.experts[0]
+    code, report = _check(tmp_path, cfg)
+    assert code == 1 and len(report["problems"]) == 2
+    assert all("dimension 0 (the vocabulary axis) is 130, not 128" in p for p in report["problems"])
+    assert all("tokenizer" in p for p in report["problems"])
+    code, report = _check(tmp_path, cfg, "--unsafe-truncate-embeddings")
+    assert code == 0, report["problems"]
+
+
+def _problem_lines(output: str) -> list:
+    return [line for line in output.splitlines() if line.startswith("  - ")]
+
+
+def test_check_groups_a_problem_repeated_per_tensor_into_one_line_per_file(family, wider_family, tmp_path):
+    """A store of another model given to each expert (every tensor's shape wrong): the JSON lists every tensor,
+    the text and the merge's error one line per store with the count and the first tensors; an expert of another
+    base is one line too."""
+    from mergekit_ota.errors import PreflightError
+
+    wrong = wider_family.stores[0]
+    copy = str(tmp_path / "copy.safetensors")
+    shutil.copy(wrong, copy)
+    cfg = _ota(family, expert_parameters=({"curvature": wrong}, {"curvature": copy}))
+    code, report = _check(tmp_path, cfg)
+    tensors = len(load_file(family.stores[0]))
+    assert code == 1 and len(report["problems"]) == 2 * tensors
+    text = _invoke("check", _write_config(tmp_path, cfg, "grouped.yml"))
+    lines = _problem_lines(text.stdout)
+    assert text.exit_code == 1 and len(lines) == 2, text.stdout
+    assert "FAILED" in text.stdout and "2 problem(s)" in text.stdout
+    for line, path in zip(lines, (wrong, copy)):
+        assert line.startswith(f"  - {path}: ") and f"{tensors} tensors" in line and f"{tensors - 3} more" in line
+        assert "'model.embed_tokens.weight' (128, 96) vs (128, 64)" in line
+    with pytest.raises(PreflightError) as caught:
+        _merge(cfg, tmp_path / "out")
+    assert str(caught.value).count("\n  - ") == 2
+    other_base = _ota(family)
+    other_base["models"][1]["model"] = wider_family.experts[0]
+    text = _invoke("check", _write_config(tmp_path, other_base, "other.yml"))
+    lines = _problem_lines(text.stdout)
+    assert len(lines) == 1 and f"{tensors} tensors" in lines[0] and wider_family.experts[0] in lines[0]
+
+
+def test_group_problems_keeps_single_problems_and_separates_kinds():
+    """One problem of a kind is printed as it is; kinds and files are never merged; order is first appearance."""
+    from mergekit_ota.errors import Problem, group_problems
+
+    a = [Problem(f"f: tensor '{n}' is bad", kind="f: bad tensors", example=f"'{n}'") for n in "abcde"]
+    b = Problem("g: tensor 'x' is bad", kind="g: bad tensors", example="'x'")
+    assert group_problems([b]) == ["g: tensor 'x' is bad"]
+    assert group_problems([a[0], "plain", b, *a[1:]]) == [
+        "f: bad tensors (5 tensors: 'a', 'b', 'c' and 2 more)",
+        "plain",
+        "g: tensor 'x' is bad",
+    ]
+    assert group_problems(a[:2]) == ["f: bad tensors (2 tensors: 'a', 'b')"]
+    assert a[0] == "f: tensor 'a' is bad" and json.loads(json.dumps(a[0])) == a[0]

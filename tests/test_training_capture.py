@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from mergekit_ota.curvature.fingerprint import FINGERPRINT_KEY, entries_fingerprint, weight_entries
 from mergekit_ota.curvature.store import CurvatureStore
 from mergekit_ota.export.options import ExportOptions
 from mergekit_ota.export.pipeline import export_curvature
@@ -77,8 +78,9 @@ def _train(out: Path, seed: int = 0, compress: str = "rank1", save_only_model: b
 @pytest.mark.parametrize("compress", ["rank1", "none"])
 def test_trainer_callback_writes_at_every_save_and_at_the_end_what_export_writes(compress, tmp_path):
     """Single process: checkpoint-2/, checkpoint-4/ and output_dir each get a store; each checkpoint's equals
-    `mergekit-ota export` of that checkpoint (same compression) bit for bit, with step and beta2 recorded;
-    the final one equals the last checkpoint's (the run ends at its last save)."""
+    `mergekit-ota export` of that checkpoint (same compression) bit for bit, with step and beta2 recorded, and
+    the same weights fingerprint (taken from the live parameters by the callback, from the checkpoint's
+    model.safetensors by export); the final one equals the last checkpoint's (the run ends at its last save)."""
     callback = _train(tmp_path / "run", compress=compress)
     name = "exp_avg_sq.safetensors" + ("" if compress == "rank1" else ".index.json")
     assert [Path(p).relative_to(tmp_path / "run").as_posix() for p in callback.written] == [
@@ -95,6 +97,9 @@ def test_trainer_callback_writes_at_every_save_and_at_the_end_what_export_writes
         metadata = CurvatureStore(str(checkpoint / name)).metadata
         assert metadata["step"] == str(step) and float(metadata["beta2"]) == 0.98
         assert metadata["source_kind"] == "training" and metadata["mapping_basis"] == "param_objects"
+        # the store knows its expert: the live weights' fingerprint is export's of the weights saved beside
+        saved = entries_fingerprint(weight_entries(str(checkpoint)), list(CurvatureStore(str(exported)).records))
+        assert metadata[FINGERPRINT_KEY] == CurvatureStore(str(exported)).metadata[FINGERPRINT_KEY] == saved
     final, last = _store(tmp_path / "run" / name), _store(tmp_path / "run" / "checkpoint-4" / name)
     assert all(torch.equal(final[k], last[k]) for k in last)
 
@@ -265,3 +270,62 @@ def test_save_curvature_under_zero2_stops_alike_on_both_ranks_where_deepspeed_ca
     errors = [json.loads((run / f"result-rank{r}.json").read_text()).get("error") for r in (0, 1)]
     assert errors[0] == errors[1] and errors[0].startswith("LiveGatherError") and "second param group" in errors[0]
     assert not (run / "live.safetensors").exists()
+
+
+# metadata fields that say how a store was read (live objects vs a saved file), not what it holds
+HOW_READ = {"source_kind", "source_path", "mapping", "mapping_basis", "mapping_by_order", "mapping_verified_by_shape"}
+
+
+def _adafactor(kind: str, parameters):
+    if kind == "torch":
+        return torch.optim.Adafactor(parameters, lr=1e-2)
+    from transformers.optimization import Adafactor
+
+    return Adafactor(parameters, lr=1e-2, relative_step=False, scale_parameter=False, warmup_init=False)
+
+
+@pytest.mark.parametrize("kind", ["torch", "transformers"])
+def test_adafactor_run_save_curvature_writes_what_export_writes(kind, tmp_path):
+    """An Adafactor run (torch.optim.Adafactor, transformers' Adafactor), 3 steps: save_curvature of the live
+    optimizer and `export` of the saved optimizer state dict hold the same tensors and the same metadata but for
+    how each was read (optimizer Adafactor, bias_corrected true, no beta2: its decay schedule needs no bias
+    correction, so the merge must not treat the two stores differently); each matrix's rank-1 reconstruction is
+    Adafactor's own estimate outer(row, col) / mean(row)."""
+    from transformers import LlamaForCausalLM
+
+    from mergekit_ota.testing import tiny_llama_config
+    from mergekit_ota.training import save_curvature
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(vocab_size=VOCAB, hidden_size=HIDDEN))
+    optimizer = _adafactor(kind, model.parameters())
+    g = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        ids = torch.randint(0, VOCAB, (2, 8), generator=g)
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    live = tmp_path / "live.safetensors"
+    save_curvature(model, optimizer, str(live))
+    checkpoint = tmp_path / "checkpoint-3"
+    model.save_pretrained(str(checkpoint))
+    torch.save(optimizer.state_dict(), str(checkpoint / "optimizer.pt"))
+    exported = tmp_path / "export.safetensors"
+    export_curvature(str(checkpoint), str(exported), ExportOptions.parse(compress="rank1"))
+    ours, theirs = load_file(str(live)), load_file(str(exported))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    a, b = CurvatureStore(str(live)).metadata, CurvatureStore(str(exported)).metadata
+    assert {k: v for k, v in a.items() if k not in HOW_READ} == {k: v for k, v in b.items() if k not in HOW_READ}
+    assert a["optimizer"] == "Adafactor" and a["bias_corrected"] == "true" and a["step"] == "3" and "beta2" not in a
+    store = CurvatureStore(str(live))
+    row_key, col_key = ("row_var", "col_var") if kind == "torch" else ("exp_avg_sq_row", "exp_avg_sq_col")
+    matrices = 0
+    for name, p in model.named_parameters():
+        state = optimizer.state[p]
+        if row_key in state:
+            matrices += 1
+            row, col = state[row_key].reshape(-1), state[col_key].reshape(-1)
+            torch.testing.assert_close(store.load(name), torch.outer(row, col) / row.mean(), rtol=2e-5, atol=0)
+        else:
+            assert torch.equal(store.load(name), state["variance" if kind == "torch" else "exp_avg_sq"])
+    assert matrices > 0

@@ -26,7 +26,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 
-from mergekit_ota.errors import CurvatureError
+from mergekit_ota.errors import CurvatureError, Problem
 from mergekit_ota.io.handles import read_tensor
 from mergekit_ota.io.safetensors import FLOAT_DTYPES, HeaderEntry, read_header, read_sharded
 from mergekit_ota.math.rank1 import Curvature, Rank1Curvature
@@ -131,8 +131,12 @@ class CurvatureStore:
         for entry in (record.full, record.row, record.col):
             if entry is not None and entry.dtype not in FLOAT_DTYPES:
                 raise CurvatureError(
-                    f"{entry.file}: tensor '{entry.key}' has dtype {entry.dtype}; "
-                    f"curvature must be floating point (F32, BF16, F16 or F64)"
+                    Problem(
+                        f"{entry.file}: tensor '{entry.key}' has dtype {entry.dtype}; "
+                        f"curvature must be floating point (F32, BF16, F16 or F64)",
+                        kind=f"{entry.file}: curvature tensors not floating point (F32, BF16, F16 or F64)",
+                        example=f"'{entry.key}' {entry.dtype}",
+                    )
                 )
 
     def read_entry(self, entry: HeaderEntry, start: Optional[int] = None, stop: Optional[int] = None) -> torch.Tensor:
@@ -204,15 +208,25 @@ def value_problems(
 
     ``scope`` (e.g. " (in 65536 sampled of 1048576 values)") says which values were counted.
     """
-    problems = []
+    problems: List[str] = []
     if nan or inf:
         problems.append(
-            f"{entry.file}: tensor '{entry.key}' has {nan} NaN and {inf} Inf values{scope}; exp_avg_sq must be finite"
+            Problem(
+                f"{entry.file}: tensor '{entry.key}' has {nan} NaN and {inf} Inf values{scope}; "
+                f"exp_avg_sq must be finite",
+                kind=f"{entry.file}: tensors with NaN or Inf values; exp_avg_sq must be finite",
+                example=f"'{entry.key}' {nan} NaN, {inf} Inf{scope}",
+            )
         )
     if negative:
         low = f" (min {minimum:.3g})" if minimum is not None else ""
         problems.append(
-            f"{entry.file}: tensor '{entry.key}' has {negative} negative values{scope}{low}; exp_avg_sq must be >= 0"
+            Problem(
+                f"{entry.file}: tensor '{entry.key}' has {negative} negative values{scope}{low}; "
+                f"exp_avg_sq must be >= 0",
+                kind=f"{entry.file}: tensors with negative values; exp_avg_sq must be >= 0",
+                example=f"'{entry.key}' {negative}{scope}{low}",
+            )
         )
     return problems
 

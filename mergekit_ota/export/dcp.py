@@ -32,12 +32,13 @@ from mergekit_ota.export.model_params import (
 )
 from mergekit_ota.export.source import SourceState, StateItem
 from mergekit_ota.export.states import (
-    adafactor_notes,
+    FACTORED_KINDS,
+    KIND_KEYS,
     check_second_moments,
     group_beta2,
     load_moment,
     moment_shape,
-    optimizer_name,
+    optimizer_facts,
     refuse_adapters,
     scalar,
 )
@@ -242,7 +243,7 @@ def open_dcp(path: str, model_path: Optional[str], frozen: Sequence[str] = ()) -
 
     def load(name: str) -> Any:
         keys = states[fqn_of[name]]
-        wanted = ["exp_avg_sq"] if kinds[name] == "full" else ["exp_avg_sq_row", "exp_avg_sq_col"]
+        wanted = KIND_KEYS[kinds[name]]
         tensors = checkpoint.load_tensors([keys[k] for k in wanted])
         return load_moment(kinds[name], lambda k: tensors[keys[k]])
 
@@ -252,29 +253,30 @@ def open_dcp(path: str, model_path: Optional[str], frozen: Sequence[str] = ()) -
             shape=shapes[name],
             load=(lambda n=name: load(n)),
             origin=f"{directory} '{_state_key(states[fqn_of[name]])}'",
-            rank1=kinds[name] == "factored" and len(shapes[name]) == 2,
+            rank1=kinds[name] in FACTORED_KINDS and len(shapes[name]) == 2,
             step=steps.get(name),
             beta2=beta2_of.get(name),
         )
         for name in model_order(list(kinds), params)
     ]
-    name_ = optimizer_name(set(kinds.values()), groups)
-    notes = adafactor_notes(kinds) if name_ == "Adafactor" else []
-    if groups and not any(beta2_of.values()) and name_ != "Adafactor":
+    facts = optimizer_facts(kinds, groups)
+    notes = list(facts.notes)
+    if groups and not any(beta2_of.values()) and not facts.bias_corrected:
         notes.append("the param groups' betas could not be read; beta2 is not recorded")
     return SourceState(
         kind="dcp",
         path=directory,
-        optimizer=name_,
+        optimizer=facts.name,
         items=items,
         mapping=mapping,
         without_state=without,
-        bias_corrected=name_ == "Adafactor",
+        bias_corrected=facts.bias_corrected,
+        metadata=facts.metadata,
         notes=notes,
         evidence=NameEvidence(BASIS_DCP_FQNS),
     )
 
 
 def _state_key(state: Dict[str, Any]) -> Any:
-    """The DCP key of a parameter's second moment: ``exp_avg_sq``, or Adafactor's row factor."""
-    return state.get("exp_avg_sq", state.get("exp_avg_sq_row"))
+    """The DCP key of a parameter's second moment: its first state key (``exp_avg_sq``, a row factor, ...)."""
+    return next((state[k] for keys in KIND_KEYS.values() for k in keys if k in state), None)

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import torch
 
+from mergekit_ota.curvature.fingerprint import FINGERPRINT_KEY, fingerprint_beside
 from mergekit_ota.curvature.store import COL_SUFFIX, ROW_SUFFIX, HeaderEntry, check_values
 from mergekit_ota.curvature.writer import (
     StoreWriter,
@@ -137,6 +138,8 @@ def export_metadata(source: SourceState, options: ExportOptions, specs: List[Ten
     if len(betas) == 1 and None not in betas:
         fields["beta2"] = repr(float(betas.pop()))
     fields.update(source.metadata)
+    if source.fingerprint is not None:
+        fields[FINGERPRINT_KEY] = source.fingerprint
     fields.update(
         source_path=source.path,
         mapping=source.mapping,
@@ -193,6 +196,10 @@ def write_store(
     """Write ``source`` to ``out`` (a ``.safetensors`` file, a ``.safetensors.index.json``, or a new directory)."""
     layout = store_layout(out)
     check_given_values(source, options)
+    if source.fingerprint is None and source.kind not in ("training", "store"):  # a live one is taken live
+        names = [item.name for item in source.items]
+        in_parent = source.kind in ("dcp", "deepspeed", "deepspeed-universal")  # a state folder in the checkpoint
+        source = replace(source, fingerprint=fingerprint_beside(source.path, names, in_parent))
     scales = bias_scales(source, options) if options.bias_correct else {}
     specs = _specs(source, options)
     metadata = export_metadata(source, options, specs)

@@ -67,7 +67,8 @@ class SourceState:
     ``metadata``: extra header fields carried over; ``notes``: what a user should know;
     ``evidence``: what establishes each name (names saved with the states, or which names the
     shapes verify and which rest on an order rule); ``None`` for a store, whose carried-over
-    metadata keeps the original export's ``mapping_*`` fields.
+    metadata keeps the original export's ``mapping_*`` fields; ``fingerprint``: the fingerprint of the
+    weights these states belong to (:mod:`mergekit_ota.curvature.fingerprint`), where known.
     """
 
     kind: str
@@ -80,3 +81,4 @@ class SourceState:
     metadata: Dict[str, str] = field(default_factory=dict)
     notes: List[str] = field(default_factory=list)
     evidence: Optional[NameEvidence] = None
+    fingerprint: Optional[str] = None

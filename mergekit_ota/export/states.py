@@ -10,6 +10,11 @@ Recognised per-parameter states (key names as the optimizers save them):
   (the row and column sums of that estimate) our ``outer(r, c) / sum(r)`` is the same
   matrix, so 2-D states become :class:`~mergekit_ota.export.source.Rank1` exactly;
   tensors with more dims are rebuilt whole.  1-D tensors keep ``exp_avg_sq``.
+* Adafactor (``torch.optim.Adafactor``): the same factors as ``row_var`` (shape ``(..., m, 1)``) and
+  ``col_var`` (``(..., 1, n)``), estimate ``row_var @ col_var / mean(row_var)``: read as above
+  (kind ``factored_var``); 1-D tensors keep ``variance`` (kind ``variance``), Adafactor's ``v`` itself.
+  Both Adafactors decay with ``beta2_t = 1 - t**decay``, so ``beta2_1 = 0`` and no bias correction is
+  due (:func:`optimizer_facts`).
 
 * bitsandbytes 8-bit Adam/AdamW (``adamw_bnb_8bit``, ``paged_adamw_8bit``; bitsandbytes >= 0.45
   wraps the quantisation tensors under ``__bnb_optimizer_quant_state__``, older releases keep them
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from typing import Any, Callable, Collection, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -40,10 +46,23 @@ from mergekit_ota.export.source import Curvature, Full, Rank1
 
 FULL = "exp_avg_sq"
 ROW, COL = "exp_avg_sq_row", "exp_avg_sq_col"
-MOMENT_KEYS = (FULL, ROW, COL)
+ROW_VAR, COL_VAR, VARIANCE = "row_var", "col_var", "variance"  # torch.optim.Adafactor
+MOMENT_KEYS = (FULL, ROW, COL, ROW_VAR, COL_VAR, VARIANCE)
 BNB_WRAPPER = "__bnb_optimizer_quant_state__"
 BNB_CODES, BNB_CODEBOOK, BNB_SCALES = "state2", "qmap2", "absmax2"
 BNB_MOMENT_KEYS = (BNB_CODES, BNB_SCALES)
+#: per state kind, the keys holding its second moment (what a reader must load)
+KIND_KEYS: Dict[str, Tuple[str, ...]] = {
+    "full": (FULL,),
+    "factored": (ROW, COL),
+    "factored_var": (ROW_VAR, COL_VAR),
+    "variance": (VARIANCE,),
+    "blockwise8": (BNB_CODES, BNB_SCALES, BNB_CODEBOOK),
+    "bnb32": (BNB_CODES,),
+}
+FACTORED_KINDS = ("factored", "factored_var")
+SECOND_MOMENT_KINDS = ("full", "factored", "factored_var", "variance", "blockwise8", "bnb32")
+ADAFACTOR_KINDS = ("factored", "factored_var", "variance")
 NON_BLOCKWISE_KEYS = ("max1", "max2", "new_max1", "new_max2")
 BLOCK_SIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 _WITHOUT_SECOND_MOMENT = {
@@ -68,13 +87,18 @@ def flatten_bnb(entry: Mapping[str, Any]) -> Dict[str, Any]:
 
 
 def state_kind(keys: Collection[str]) -> str:
-    """``full`` (``exp_avg_sq``), ``factored`` (Adafactor row/col), ``blockwise8`` (bitsandbytes 8-bit
+    """``full`` (``exp_avg_sq``), ``factored`` (Adafactor row/col), ``factored_var`` / ``variance``
+    (``torch.optim.Adafactor``'s ``row_var``/``col_var`` and ``variance``), ``blockwise8`` (bitsandbytes 8-bit
     ``state2``/``qmap2``/``absmax2``), ``bnb32`` (bitsandbytes ``state1``/``state2`` kept in 32 bits),
     ``8bit`` (non-blockwise 8-bit: refused), ``empty`` or ``none``."""
     if ROW in keys and COL in keys:
         return "factored"
+    if ROW_VAR in keys and COL_VAR in keys:
+        return "factored_var"
     if FULL in keys:
         return "full"
+    if VARIANCE in keys and set(keys) <= {VARIANCE, "step"}:  # torch.optim.Adafactor's 1-D state, nothing else
+        return "variance"
     if any(k in keys for k in NON_BLOCKWISE_KEYS):
         return "8bit"
     if BNB_CODES in keys and BNB_CODEBOOK in keys and BNB_SCALES in keys:
@@ -123,21 +147,26 @@ def moment_shape(kind: str, shapes: Mapping[str, Tuple[int, ...]]) -> Tuple[int,
     """The parameter's shape from the shapes of its state tensors."""
     if kind == "factored":
         return tuple(shapes[ROW]) + tuple(shapes[COL][-1:])
+    if kind == "factored_var":
+        return tuple(shapes[ROW_VAR][:-1]) + tuple(shapes[COL_VAR][-1:])
     if kind in ("blockwise8", "bnb32"):
         return tuple(shapes[BNB_CODES])
-    return tuple(shapes[FULL])
+    return tuple(shapes[VARIANCE if kind == "variance" else FULL])
 
 
 def load_moment(kind: str, get: Callable[[str], torch.Tensor], where: str = "optimizer state") -> Curvature:
-    """Read the second moment of a ``full``, ``factored``, ``blockwise8`` or ``bnb32`` state; ``get(key)`` returns a
-    state tensor."""
-    if kind == "full":
-        return Full(get(FULL))
+    """Read the second moment of a ``full``, ``factored``, ``factored_var``, ``variance``, ``blockwise8`` or ``bnb32``
+    state; ``get(key)`` returns a state tensor."""
+    if kind in ("full", "variance"):
+        return Full(get(KIND_KEYS[kind][0]))
     if kind == "blockwise8":
         return Full(dequantize_blockwise(get(BNB_CODES), get(BNB_SCALES), get(BNB_CODEBOOK), where))
     if kind == "bnb32":
         return Full(get(BNB_CODES).to(torch.float32))
-    row, col = get(ROW), get(COL)
+    if kind == "factored_var":  # torch.optim.Adafactor: (..., m, 1) and (..., 1, n)
+        row, col = get(ROW_VAR).squeeze(-1), get(COL_VAR).squeeze(-2)
+    else:
+        row, col = get(ROW), get(COL)
     m, n = row.shape[-1], col.shape[-1]
     if row.dim() == 1:
         return Rank1(row.to(torch.float32) * n, col.to(torch.float32) * m)
@@ -173,14 +202,14 @@ def check_second_moments(states: Mapping[str, Collection[str]], source: str) -> 
         guess = next(
             (why for key, why in _WITHOUT_SECOND_MOMENT.items() if key in keys), "an optimizer without a second moment"
         )
-        have = sum(kind in ("full", "factored", "blockwise8", "bnb32") for kind in kinds.values())
+        have = sum(kind in SECOND_MOMENT_KINDS for kind in kinds.values())
         raise CurvatureError(
             f"{source}: no second moment for {len(lacking)} of {len(kinds)} parameter(s) (e.g. {_examples(lacking)}, "
             f"state keys {keys}): this looks like {guess}. OTA and FFG need Adam's exp_avg_sq "
-            f"(or Adafactor's exp_avg_sq_row/exp_avg_sq_col) for every merged weight"
-            + (f"; {have} other parameter(s) do have one" if have else "")
+            f"(or Adafactor's exp_avg_sq_row/exp_avg_sq_col, torch.optim.Adafactor's row_var/col_var/variance) for "
+            f"every merged weight" + (f"; {have} other parameter(s) do have one" if have else "")
         )
-    found = {label: kind for label, kind in kinds.items() if kind in ("full", "factored", "blockwise8", "bnb32")}
+    found = {label: kind for label, kind in kinds.items() if kind in SECOND_MOMENT_KINDS}
     if not found:
         raise CurvatureError(f"{source}: the optimizer state is empty (did the optimizer ever step?)")
     return found
@@ -220,7 +249,9 @@ def group_beta2(group: Mapping[str, Any]) -> Optional[float]:
 
 def optimizer_name(kinds: Collection[str], groups: Sequence[Mapping[str, Any]]) -> str:
     """A name for the optimizer from its state kinds and param-group settings."""
-    if "factored" in kinds or any("decay_rate" in g and "clip_threshold" in g for g in groups):
+    if any(k in ADAFACTOR_KINDS for k in kinds) or any(
+        ("decay_rate" in g and "clip_threshold" in g) or "beta2_decay" in g for g in groups
+    ):
         return "Adafactor"
     if "blockwise8" in kinds or "bnb32" in kinds:
         return "AdamW 8-bit (bitsandbytes)"
@@ -236,12 +267,39 @@ def optimizer_name(kinds: Collection[str], groups: Sequence[Mapping[str, Any]]) 
 
 def adafactor_notes(kind_of: Mapping[str, str]) -> List[str]:
     """What a user should know about an Adafactor export."""
-    factored = sum(k == "factored" for k in kind_of.values())
+    factored = sum(k in FACTORED_KINDS for k in kind_of.values())
     return [
-        f"Adafactor: {factored} factored state(s) stored as r = n*exp_avg_sq_row, c = m*exp_avg_sq_col, "
-        f"so outer(r, c)/sum(r) = outer(row, col)/mean(row), Adafactor's own estimate; "
-        f"its decay schedule (beta2_t = 1 - t**decay_rate, beta2_1 = 0) needs no bias correction"
+        f"Adafactor: {factored} factored state(s) stored as r = n*row, c = m*col (exp_avg_sq_row/col, or "
+        f"torch.optim.Adafactor's row_var/col_var), so outer(r, c)/sum(r) = outer(row, col)/mean(row), Adafactor's "
+        f"own estimate; its decay schedule (beta2_t = 1 - t**decay, beta2_1 = 0) needs no bias correction"
     ]
+
+
+@dataclass(frozen=True)
+class OptimizerFacts:
+    """What a store records about the optimizer that kept its states: one definition for every reader of saved
+    states (``export``) and for the live optimizer (``save_curvature``, ``CurvatureCallback``), so the same run's
+    curvature is described, and merged, alike whichever way it was written.
+
+    ``name``: the store's ``optimizer`` field; ``bias_corrected``: its values are already unbiased estimates
+    (Adafactor: ``beta2_1 = 0``, so ``v_t`` is a weighted mean of the ``g**2`` seen, with no ``1 - beta2**t``
+    factor), written as ``bias_corrected: true`` so the merge never corrects them; ``metadata``: further header
+    fields (bitsandbytes' dequantisation); ``notes``: what a user should know.
+    """
+
+    name: str
+    bias_corrected: bool
+    metadata: Dict[str, str]
+    notes: List[str]
+
+
+def optimizer_facts(kind_of: Mapping[str, str], groups: Sequence[Mapping[str, Any]]) -> OptimizerFacts:
+    """The :class:`OptimizerFacts` of states of kinds ``kind_of`` (``{label: kind}``) under param ``groups``."""
+    name = optimizer_name(set(kind_of.values()), groups)
+    metadata, notes = bnb_metadata(kind_of)
+    if name == "Adafactor":
+        return OptimizerFacts(name, bias_corrected=True, metadata=metadata, notes=adafactor_notes(kind_of))
+    return OptimizerFacts(name, bias_corrected=False, metadata=metadata, notes=notes)
 
 
 def bnb_metadata(kind_of: Mapping[str, str]) -> Tuple[Dict[str, str], List[str]]:

@@ -45,15 +45,14 @@ from mergekit_ota.export.pages import release_mapped
 from mergekit_ota.export.source import SourceState, StateItem
 from mergekit_ota.export.states import (
     BNB_MOMENT_KEYS,
+    FACTORED_KINDS,
     MOMENT_KEYS,
-    adafactor_notes,
-    bnb_metadata,
     check_second_moments,
     flatten_bnb,
     group_beta2,
     load_moment,
     moment_shape,
-    optimizer_name,
+    optimizer_facts,
     refuse_adapters,
     scalar,
 )
@@ -226,7 +225,7 @@ def open_torch_state(
                 shape=shapes[key],
                 load=(lambda k=kind_, e=entry, w=f"{path} state[{key!r}]": load_moment(k, e.__getitem__, w)),
                 origin=f"{path} state[{key!r}]",
-                rank1=kind_ == "factored" and len(shapes[key]) == 2,
+                rank1=kind_ in FACTORED_KINDS and len(shapes[key]) == 2,
                 step=scalar(entry.get("step")),
                 beta2=group_beta2(groups[group_of[key]]),
                 done=(lambda e=entry: release_mapped(v for k, v in e.items() if k in MOMENT_KEYS + BNB_MOMENT_KEYS))
@@ -234,19 +233,17 @@ def open_torch_state(
                 else None,
             )
         )
-    name_ = optimizer_name(set(kinds.values()), groups)
-    adafactor = name_ == "Adafactor"
-    metadata, notes = bnb_metadata(kinds)
+    facts = optimizer_facts(kinds, groups)
     return SourceState(
         kind=kind,
         path=path,
-        optimizer=name_,
+        optimizer=facts.name,
         items=items,
         mapping=mapping,
         without_state=without,
-        bias_corrected=adafactor,
-        metadata=metadata,
-        notes=adafactor_notes(kinds) if adafactor else notes,
+        bias_corrected=facts.bias_corrected,
+        metadata=facts.metadata,
+        notes=facts.notes,
         evidence=evidence,
     )
 

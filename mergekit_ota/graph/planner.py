@@ -26,9 +26,10 @@ from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
 from mergekit.tokenizer import PermutedVocabulary
 from mergekit.tokenizer.truncate import TruncatedVocabulary
 
+from mergekit_ota.curvature.fingerprint import check_ownership
 from mergekit_ota.curvature.locate import locate_store
 from mergekit_ota.curvature.store import METADATA_KEYS, CurvatureStore, metadata_inputs, read_header
-from mergekit_ota.errors import OTAError, PreflightError
+from mergekit_ota.errors import OTAError, PreflightError, Problem, problem_of
 from mergekit_ota.graph.tasks import (
     CurvatureInput,
     CurvatureMergeTask,
@@ -38,6 +39,7 @@ from mergekit_ota.graph.tasks import (
     ModelWidePass,
     PermutedCurvature,
 )
+from mergekit_ota.io.safetensors import HeaderEntry
 from mergekit_ota.methods import is_ours
 from mergekit_ota.methods.bias import BiasDecision, mismatch_warning
 from mergekit_ota.methods.settings import (
@@ -52,13 +54,18 @@ from mergekit_ota.methods.settings import (
 )
 
 PATCH_MARK = "_mergekit_ota_patched"
+FROM_THE_BASE = "every model of a merge must be fine-tuned from the same base (same architecture and sizes)"
 LOG = logging.getLogger("mergekit_ota")
 
 
 @lru_cache(maxsize=None)
-def _header_shapes(path: str) -> Dict[str, Tuple[int, ...]]:
+def _header_entries(path: str) -> Dict[str, HeaderEntry]:
     entries, _ = read_header(path)
-    return {key: entry.shape for key, entry in entries.items()}
+    return entries
+
+
+def _header_shapes(path: str) -> Dict[str, Tuple[int, ...]]:
+    return {key: entry.shape for key, entry in _header_entries(path).items()}
 
 
 def _weight_shape(model: ModelReference, name: str) -> Optional[Tuple[int, ...]]:
@@ -68,6 +75,18 @@ def _weight_shape(model: ModelReference, name: str) -> Optional[Tuple[int, ...]]
     if shard is None or not shard.endswith(".safetensors"):
         return None
     return _header_shapes(os.path.join(index.base_path, shard)).get(name)
+
+
+def _weight_entries(model: ModelReference) -> Dict[str, HeaderEntry]:
+    """Header entries of ``model``'s safetensors weights by tensor name (those in other formats are left out)."""
+    index = LoaderCache().get(model).index
+    entries: Dict[str, HeaderEntry] = {}
+    for name, shard in index.tensor_paths.items():
+        if shard.endswith(".safetensors"):
+            found = _header_entries(os.path.join(index.base_path, shard)).get(name)
+            if found is not None:
+                entries[name] = found
+    return entries
 
 
 def _without_state(store: CurvatureStore) -> List[str]:
@@ -117,6 +136,7 @@ class CurvaturePlan:
         # ota: each curvature_scale seen -> first tensor it was seen on; where its statistic is computed
         self.scale_modes: Dict[str, str] = {}
         self.scale_pass = ""
+        self.store_notes: List[str] = []  # stores that record no weights fingerprint (:meth:`check_store_owners`)
 
     @classmethod
     def of(cls, planner: Any) -> "CurvaturePlan":
@@ -172,7 +192,13 @@ class CurvaturePlan:
         found = _found_name(model, weight)
         if found is None:
             if not weight.optional:
-                self.problem(f"expert {model}: weight {weight.name} not found, so its curvature cannot be matched")
+                self.problem(
+                    Problem(
+                        f"expert {model}: weight {weight.name} not found, so its curvature cannot be matched",
+                        kind=f"expert {model}: weights not found, so their curvature cannot be matched",
+                        example=weight.name,
+                    )
+                )
             return None
         path = self.store_path(model, curvature)
         if path is None:
@@ -185,22 +211,79 @@ class CurvaturePlan:
             if found in _without_state(store):
                 frozen = "; the export found no optimizer state for this parameter (frozen in training?)"
             self.problem(
-                f"{path}: no curvature tensor '{found}' for expert {model}, weight {weight.name}{read_as}{frozen}"
+                Problem(
+                    f"{path}: no curvature tensor '{found}' for expert {model}, weight {weight.name}{read_as}{frozen}",
+                    kind=f"{path}: no curvature tensors for expert {model}{frozen.replace('this parameter', 'these')}",
+                    example=f"'{found}'{read_as}",
+                )
             )
             return None
         expected = _weight_shape(model, found)
         if expected is not None and tuple(store.shape(key)) != tuple(expected):
             self.problem(
-                f"{path}: curvature tensor '{key}' has shape {tuple(store.shape(key))}; "
-                f"expert {model}'s weight '{found}' has shape {tuple(expected)}"
+                Problem(
+                    f"{path}: curvature tensor '{key}' has shape {tuple(store.shape(key))}; "
+                    f"expert {model}'s weight '{found}' has shape {tuple(expected)}",
+                    kind=f"{path}: curvature shapes (store vs weight) differ from expert {model}'s weights",
+                    example=f"'{key}' {tuple(store.shape(key))} vs {tuple(expected)}",
+                )
             )
             return None
         try:
             store.check_dtype(key)
         except OTAError as error:
-            self.problem(str(error))
+            self.problem(problem_of(error))
             return None
         return LoadCurvature(store=path, tensor=key, label=found)
+
+    def check_input_shapes(self, task: ExecuteMergeMethodTask, inputs: Dict[ModelReference, WeightInfo]) -> None:
+        """Every input weight of ``task`` must have the base's shape (from the safetensors headers; no weights read).
+
+        Each model is compared with the base (without one, with the first model), dimension by dimension, so an
+        expert fine-tuned from another base is named with the tensor, dimension and both sizes while planning.
+        Only the vocabulary axis may differ, and only where mergekit aligns it (tokenizer merging, which permutes
+        rows, or ``--unsafe-truncate-embeddings``).
+        """
+        reference = task.base_model if task.base_model in inputs else task.model_order[0]
+        aligned = isinstance(task.gather_tensors, (PermutedVocabulary, TruncatedVocabulary))
+        axis = task.output_weight.vocabulary_axis
+        what = "base" if reference == task.base_model else "first model"
+
+        def shape_of(model: ModelReference) -> Optional[Tuple[Optional[str], Tuple[int, ...]]]:
+            found = _found_name(model, inputs[model])
+            shape = _weight_shape(model, found) if found is not None else None
+            return None if shape is None else (found, tuple(shape))
+
+        expected = shape_of(reference)
+        if expected is None:
+            return
+        for model in task.model_order:
+            got = shape_of(model) if model != reference else None
+            if got is None or got[1] == expected[1]:
+                continue
+            (name, shape), want = got, expected[1]
+            stem = f"expert {model}: weight '{name}' has shape {shape}, the {what} {reference}'s {want}"
+            kind = f"expert {model}: weights' shapes differ from the {what} {reference}'s, and {FROM_THE_BASE}"
+            example = f"'{name}' {shape} vs {want}"
+            if len(shape) != len(want):
+                message = f"{stem}: {len(shape)} dimensions, not {len(want)}; {FROM_THE_BASE}"
+                self.problem(Problem(message, kind=kind, example=example))
+                continue
+            differ = [d for d in range(len(want)) if shape[d] != want[d]]
+            if differ == [axis] and aligned:
+                continue
+            d = differ[0]
+            if differ == [axis]:
+                fix = (
+                    "align the vocabularies with a tokenizer configuration (tokenizer: {source: base} or "
+                    "tokenizer_source: union) or pass --unsafe-truncate-embeddings if the shared token ids mean "
+                    "the same"
+                )
+                message = f"{stem}: dimension {d} (the vocabulary axis) is {shape[d]}, not {want[d]}; {fix}"
+                kind = f"expert {model}: vocabulary sizes differ from the {what} {reference}'s; {fix}"
+            else:
+                message = f"{stem}: dimension {d} is {shape[d]}, not {want[d]}; {FROM_THE_BASE}"
+            self.problem(Problem(message, kind=kind, example=f"{example} (dimension {d})"))
 
     def expert_parameters(
         self, task: ExecuteMergeMethodTask, model: ModelReference, shared: SharedSettings
@@ -286,6 +369,7 @@ class CurvaturePlan:
             load = self.curvature_load(model, inputs[model], values.get("curvature"))
             if load is not None:
                 loads[model] = load
+        self.check_input_shapes(task, inputs)
         if all(settings is not None for _, settings in experts):
             valid = [(model, settings) for model, settings in experts if settings is not None]
             for problem in tensor_problems(
@@ -363,15 +447,35 @@ class CurvaturePlan:
             )
         return notes
 
+    def check_store_owners(self) -> None:
+        """Each store must be its expert's (:func:`~mergekit_ota.curvature.fingerprint.check_ownership`): one store
+        given to two experts is a problem; a weights fingerprint other than the expert's weights' a warning naming
+        both; a store without one a note (logged by the merge, listed by check)."""
+        uses = []
+        for (model, _), path in self.stores.items():
+            if path is not None:
+                store = CurvatureStore.open(path)
+                uses.append((str(model), path, store.metadata, list(store.records)))
+        models = {str(model): model for model, _ in self.stores}
+        found = check_ownership(uses, lambda expert: _weight_entries(models[expert]))
+        for problem in found.problems:
+            self.problem(problem, config_level=True)
+        for warning in found.warnings:
+            if warning not in self.warnings:
+                self.warnings.append(warning)
+                LOG.warning("mergekit-ota: %s", warning)
+        self.store_notes = found.notes
+
     def finish(self) -> None:
         """Raise every problem found; add the model-wide pass if asked for (density_scope: model,
         curvature_scale); log the bias-correction and scale decisions and warn about mismatched scales."""
         self.check_model_densities()
         self.check_scale_modes()
+        self.check_store_owners()
         if self.problems or self.config_problems:
             raise PreflightError(self.listed())
         self.add_model_wide_pass()
-        for note in self.bias_notes():
+        for note in self.bias_notes() + self.store_notes:
             LOG.info(note)
         warning = mismatch_warning(list(self.bias.values()), self.power) if self.curvature_scale == "none" else None
         if warning is not None and warning not in self.warnings:

@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from mergekit_ota.compat import planner_tensors
 from mergekit_ota.curvature.scan import DEFAULT_SAMPLE, scan_entry
 from mergekit_ota.curvature.store import CurvatureStore
-from mergekit_ota.errors import ConfigError, OTAError, PreflightError
+from mergekit_ota.errors import ConfigError, OTAError, PreflightError, problem_of
 
 NEVER_WRITTEN = "<mergekit-ota check: no output>"  # the planned writer's path; no task ever runs
 MERGEKIT_REFUSED = "mergekit cannot plan this merge"  # heads a problem that is mergekit's own exception
@@ -380,7 +380,7 @@ def check_config(
             try:
                 result = scan_entry(store, entry, None if full_scan else sample)
             except OTAError as error:
-                value_problems.append(str(error))
+                value_problems.append(problem_of(error))
                 continue
             value_problems += result.problems
             done, total = scanned.get((path, key), (0, 0))
@@ -391,7 +391,7 @@ def check_config(
     return CheckReport(
         problems=tuple(header_problems + value_problems),
         warnings=tuple(plan.warnings + hub_lookup_warnings(config)),
-        notes=tuple(plan.bias_notes() + auto_notes),
+        notes=tuple(plan.bias_notes() + plan.store_notes + auto_notes),
         experts=tuple(sorted({str(model) for model, _ in CurvaturePlan.of(planner).stores})),
         stores=_store_uses(planner, loads, scanned),
         output_tensors=len(planner_tensors(planner)),

@@ -22,21 +22,24 @@ factors, bitsandbytes 8-bit), through the same functions.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from mergekit_ota.curvature.fingerprint import tensors_fingerprint
 from mergekit_ota.errors import CurvatureError
 from mergekit_ota.export.model_params import clean_name
 from mergekit_ota.export.source import Curvature, Full
 from mergekit_ota.export.states import (
+    FACTORED_KINDS,
+    OptimizerFacts,
     check_second_moments,
     flatten_bnb,
     group_beta2,
     load_moment,
     moment_shape,
-    optimizer_name,
+    optimizer_facts,
     scalar,
 )
 
@@ -59,12 +62,14 @@ class LiveParameter:
 
 @dataclass
 class LiveState:
-    """What :func:`live_state` found: the parameters with state, in ``named_parameters()`` order."""
+    """What :func:`live_state` found: the parameters with state, in ``named_parameters()`` order, and what the
+    store records about the optimizer (``facts``: the definition export uses for the same states)."""
 
     strategy: str
-    optimizer: str
+    facts: OptimizerFacts
     parameters: List[LiveParameter]
     without_state: List[str]
+    fingerprint: Optional[str] = None  # of the weights, where every rank holds them whole (single process, DDP)
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -181,8 +186,8 @@ def live_state(model: torch.nn.Module, optimizer: Any) -> LiveState:
     if _deepspeed_parameters([p for _, p in trainable]):
         step, beta2 = _deepspeed_step_beta2(optimizer)
         params = [_deepspeed_parameter(n, p, step, beta2) for n, p in trainable]
-        label = optimizer_name({"full"}, getattr(unwrap_optimizer(optimizer), "param_groups", []))
-        return LiveState("deepspeed", f"{label} (DeepSpeed, live)", params, frozen)
+        facts = optimizer_facts({"": "full"}, getattr(unwrap_optimizer(optimizer), "param_groups", []))
+        return LiveState("deepspeed", replace(facts, name=f"{facts.name} (DeepSpeed, live)"), params, frozen)
 
     torch_optimizer = unwrap_optimizer(optimizer)
     if not isinstance(torch_optimizer, torch.optim.Optimizer):
@@ -198,7 +203,7 @@ def live_state(model: torch.nn.Module, optimizer: Any) -> LiveState:
             continue
         state, kind = states[name], kinds[name]
         shapes = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
-        shape = tuple(p.shape) if kind in ("full", "blockwise8", "bnb32") else moment_shape(kind, shapes)
+        shape = moment_shape(kind, shapes) if kind in FACTORED_KINDS else tuple(p.shape)
         params.append(
             LiveParameter(
                 name=name,
@@ -206,11 +211,14 @@ def live_state(model: torch.nn.Module, optimizer: Any) -> LiveState:
                 load=(lambda k=kind, s=state, n=name: load_moment(k, lambda key: _full(s[key]), n)),
                 step=scalar(state.get("step")),
                 beta2=group_beta2(groups.get(id(p), {})),
-                rank1=kind == "factored" and len(shape) == 2,
+                rank1=kind in FACTORED_KINDS and len(shape) == 2,
             )
         )
     without = frozen + [n for n, _ in trainable if n not in kinds]
-    return LiveState(strategy, optimizer_name(set(kinds.values()), torch_optimizer.param_groups), params, without)
+    facts = optimizer_facts(kinds, torch_optimizer.param_groups)
+    # FSDP2 shards the weights (a fingerprint would gather them): its store records none, as DeepSpeed's live one
+    fingerprint = None if fsdp2 else tensors_fingerprint({n: p for n, p in trainable if n in kinds})
+    return LiveState(strategy, facts, params, without, fingerprint)
 
 
 def drain(parameters: Iterator[LiveParameter]) -> None:

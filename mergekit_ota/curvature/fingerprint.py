@@ -1,0 +1,211 @@
+"""Which weights a curvature store belongs to: a fingerprint of those weights, recorded in the store's header.
+
+A store holds one expert's second moments; given to another expert (or two experts' stores swapped) it merges
+silently with the wrong curvature.  So every store written from an optimizer records ``weights_fingerprint``
+(:data:`FINGERPRINT_KEY`), and ``check`` and the merge compare it with the expert's weights
+(:func:`check_ownership`).
+
+**What is hashed** (:func:`fingerprint`): SHA-256, written ``sha256:<64 hex digits>``, over
+
+* the domain line ``mergekit-ota weights fingerprint 1\\n``, then for every name the store holds (the parameters
+  with optimizer state, under their ``named_parameters()`` names), in sorted (Unicode code point) order:
+* the name in UTF-8 and ``\\n``; the shape as decimal numbers joined by ``,`` (empty for a 0-d tensor) and ``\\n``;
+* for each of the rows ``0``, ``n // 2`` and ``n - 1`` of dim 0 (``n = shape[0]``; each distinct row once, in
+  increasing order; a 0-d tensor is one row, its value; an empty tensor has none), the first
+  :data:`VALUES_PER_ROW` (64) values of that row in row-major order, each converted to float32 and written as
+  4 little-endian bytes.
+
+That is at most 3 * 64 values per tensor: kilobytes for any model, read by slicing (only those rows' bytes).
+Converting to float32 is exact from float32, bfloat16 and float16, so the fingerprint is **identical whether
+computed from the live parameters** (``save_curvature``, ``CurvatureCallback``: float32, or whatever dtype they
+train in) **or from the saved safetensors** holding them (``model.safetensors`` beside the optimizer state, read by
+``export``; an expert's weights, read by ``check`` and the merge), as long as the file holds them in the dtype they
+had (the Trainer saves them so). Weights saved in another dtype than they trained in (float32 saved as bfloat16)
+are other values and give another fingerprint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+from mergekit_ota.errors import OTAError
+from mergekit_ota.io.handles import read_tensor
+from mergekit_ota.io.safetensors import INDEX_SUFFIX, HeaderEntry, read_sharded
+
+FINGERPRINT_KEY = "weights_fingerprint"
+VALUES_PER_ROW = 64
+WEIGHT_FILES = ("model.safetensors" + INDEX_SUFFIX, "model.safetensors")
+_DOMAIN = b"mergekit-ota weights fingerprint 1\n"
+
+RowReader = Callable[[str, int], torch.Tensor]  # (name, row of dim 0) -> that row, any float dtype
+
+
+def fingerprint_rows(shape: Sequence[int]) -> List[int]:
+    """The rows of dim 0 that :func:`fingerprint` reads: ``0``, ``n // 2``, ``n - 1`` (distinct, increasing)."""
+    if not shape:
+        return [0]
+    n = int(shape[0])
+    return sorted({0, n // 2, n - 1}) if n else []
+
+
+def fingerprint(shapes: Mapping[str, Sequence[int]], row: RowReader) -> str:
+    """The fingerprint (module docstring) of the tensors named in ``shapes``; ``row(name, i)`` gives row ``i``."""
+    digest = hashlib.sha256(_DOMAIN)
+    for name in sorted(shapes):
+        shape = [int(d) for d in shapes[name]]
+        digest.update(f"{name}\n{','.join(map(str, shape))}\n".encode("utf-8"))
+        for index in fingerprint_rows(shape):
+            values = row(name, index).detach().reshape(-1)[:VALUES_PER_ROW].to("cpu", torch.float32)
+            digest.update(values.contiguous().numpy().astype("<f4").tobytes())
+    return "sha256:" + digest.hexdigest()
+
+
+def tensors_fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:
+    """The fingerprint of in-memory tensors (a live model's parameters, by name)."""
+
+    def row(name: str, index: int) -> torch.Tensor:
+        tensor = tensors[name].detach()
+        return tensor if tensor.dim() == 0 else tensor[index]
+
+    with torch.no_grad():
+        return fingerprint({name: tuple(t.shape) for name, t in tensors.items()}, row)
+
+
+def entries_fingerprint(entries: Mapping[str, HeaderEntry], names: Iterable[str]) -> str:
+    """The fingerprint of tensors ``names`` of safetensors files (their header ``entries``); reads only the rows
+    hashed. Raises ``KeyError`` for a name the entries lack."""
+
+    def row(name: str, index: int) -> torch.Tensor:
+        entry = entries[name]
+        return read_tensor(entry) if not entry.shape else read_tensor(entry, index, index + 1)
+
+    return fingerprint({name: entries[name].shape for name in names}, row)
+
+
+def weight_entries(directory: str) -> Dict[str, HeaderEntry]:
+    """The tensors of the model weights in ``directory`` (``model.safetensors[.index.json]``); ``{}`` if none."""
+    for name in WEIGHT_FILES:
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            return read_sharded(path)[1]
+    return {}
+
+
+def weights_beside(source: str, in_parent: bool = False) -> Optional[str]:
+    """The directory of the weights an optimizer state at ``source`` belongs to: the file's own directory (a
+    Trainer ``checkpoint-N/optimizer.pt``) or the directory ``source`` itself (a model directory), and with
+    ``in_parent`` (a state folder: DCP, DeepSpeed) also the checkpoint directory holding it; ``None`` where none
+    holds ``model.safetensors[.index.json]``."""
+    if os.path.isdir(source):
+        candidates = [source] + ([os.path.dirname(os.path.abspath(source))] if in_parent else [])
+    elif os.path.isfile(source):
+        candidates = [os.path.dirname(os.path.abspath(source))]
+    else:
+        return None
+    for directory in candidates:
+        if any(os.path.isfile(os.path.join(directory, name)) for name in WEIGHT_FILES):
+            return directory
+    return None
+
+
+def fingerprint_beside(source: str, names: Sequence[str], in_parent: bool = False) -> Optional[str]:
+    """The fingerprint of the weights beside optimizer state ``source`` (:func:`weights_beside`) over ``names``;
+    ``None`` where there are none, or they lack one of ``names`` (then they are not the weights of this state)."""
+    directory = weights_beside(source, in_parent)
+    if directory is None:
+        return None
+    entries = weight_entries(directory)
+    if any(name not in entries for name in names):
+        return None
+    return entries_fingerprint(entries, names)
+
+
+# ----------------------------------------------------------------------------- checking a merge's stores
+
+
+@dataclass
+class Ownership:
+    """What :func:`check_ownership` found: ``problems`` (refused), ``warnings`` and ``notes``."""
+
+    problems: List[str] = field(default_factory=list)
+    warnings: List[str] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
+
+
+WeightsOf = Callable[[str], Mapping[str, HeaderEntry]]  # expert -> its weights' header entries by name
+
+
+def check_ownership(
+    uses: Sequence[Tuple[str, str, Mapping[str, str], Sequence[str]]], weights_of: WeightsOf
+) -> Ownership:
+    """Whether each store belongs to the expert it is given to.
+
+    ``uses``: per expert, ``(expert, store path, store metadata, store tensor names)``; ``weights_of(expert)``:
+    that expert's weight entries. One store file given to two experts is a problem (each expert's curvature is its
+    own optimizer's); a recorded fingerprint that differs from the expert's weights' is a warning naming both
+    (and, where it is another expert's, that one: swapped stores); a store recording none is accepted with a note.
+    """
+    found = Ownership()
+    holders: Dict[str, List[Tuple[str, str]]] = {}
+    for expert, path, _, _ in uses:
+        holders.setdefault(os.path.realpath(path), []).append((expert, path))
+    for owners in holders.values():
+        experts = list(dict.fromkeys(expert for expert, _ in owners))
+        if len(experts) > 1:
+            found.problems.append(
+                f"{owners[0][1]}: one curvature store is given to {len(experts)} experts ({', '.join(experts)}); "
+                f"each expert needs its own (its own optimizer's second moments): give each its store"
+            )
+    cache: Dict[Tuple[str, Tuple[str, ...]], Optional[str]] = {}
+
+    def actual(expert: str, names: Tuple[str, ...]) -> Optional[str]:
+        if (expert, names) not in cache:
+            entries = weights_of(expert)
+            cache[(expert, names)] = (
+                entries_fingerprint(entries, names) if entries and all(n in entries for n in names) else None
+            )
+        return cache[(expert, names)]
+
+    experts = list(dict.fromkeys(expert for expert, _, _, _ in uses))
+    for expert, path, metadata, store_names in uses:
+        recorded = metadata.get(FINGERPRINT_KEY)
+        if not recorded:
+            found.notes.append(
+                f"store {path} (expert {expert}) records no {FINGERPRINT_KEY} (written by hand or by an older "
+                f"mergekit-ota): that it holds {expert}'s curvature is not checked"
+            )
+            continue
+        names = tuple(sorted(store_names))
+        try:
+            own = actual(expert, names)
+        except OTAError as error:
+            found.warnings.append(f"store {path}: expert {expert}'s weights could not be fingerprinted ({error})")
+            continue
+        if own == recorded:
+            continue
+        origin = metadata.get("source_path")
+        written = f" (written from {origin})" if origin else ""
+        if own is None:
+            found.warnings.append(
+                f"store {path}{written} was recorded for other weights than expert {expert}'s: {expert}'s "
+                f"safetensors weights lack some of its {len(names)} tensors; is it this expert's store?"
+            )
+            continue
+        others = [other for other in experts if other != expert and actual(other, names) == recorded]
+        if others:
+            found.warnings.append(
+                f"store {path}{written} is given to expert {expert} but holds the curvature of expert {others[0]}'s "
+                f"weights (its {FINGERPRINT_KEY} is theirs): were the two experts' stores swapped?"
+            )
+        else:
+            found.warnings.append(
+                f"store {path}{written} was recorded for other weights than expert {expert}'s ({FINGERPRINT_KEY} "
+                f"{recorded[:19]}..., {expert}'s weights {own[:19]}...): is it this expert's store, from the "
+                f"checkpoint these weights were saved from?"
+            )
+    return found
