@@ -24,6 +24,7 @@ import yaml
 from click.testing import CliRunner
 from merging import merge as _merge
 
+from mergekit_ota.catalog import saliency_mass_default
 from mergekit_ota.errors import ConfigError, PreflightError
 
 
@@ -240,7 +241,8 @@ def test_the_merge_prints_one_summary_line_per_expert_without_verbose(family, tm
     lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("mergekit-ota: expert")]
     assert len(lines) == 2, lines
     assert lines[0].startswith(f"mergekit-ota: expert {family.experts[0]}: curvature divided by its mean ")
-    assert "; density: auto keeps " in lines[0] and "of its saliency mass, target 0.95)" in lines[0]
+    target = f"of its saliency mass, target {saliency_mass_default('ota'):g})"  # ota merges default to 0.99
+    assert "; density: auto keeps " in lines[0] and target in lines[0]
     assert "curvature divided by its mean " in lines[1] and "density: auto" not in lines[1]
     record = json.loads((tmp_path / "auto" / "mergekit_ota_curvature.json").read_text())
     statistic = record["experts"][0]["curvature_scale_statistic"]
