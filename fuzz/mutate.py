@@ -330,18 +330,28 @@ def mutate_json(path: str, rng: random.Random) -> str:
     return what
 
 
-def mutate_dcp_metadata(path: str, rng: random.Random, canary: str) -> str:
+def load_dcp_metadata(path: str) -> Any:
+    """A DCP ``.metadata`` read as export reads it (the allow-list), paths as strings so it pickles again."""
+    from pathlib import PurePath
+
     from mergekit_ota.io.unpickle import DCP_METADATA_GLOBALS, DCP_METADATA_SUBSTITUTES, restricted_load
 
+    with open(path, "rb") as fp:
+        metadata = restricted_load(fp, DCP_METADATA_GLOBALS, path, "DCP metadata", DCP_METADATA_SUBSTITUTES)
+    storage = getattr(metadata, "storage_meta", None)
+    if isinstance(getattr(storage, "checkpoint_id", None), PurePath):
+        storage.checkpoint_id = str(storage.checkpoint_id)
+    return metadata
+
+
+def mutate_dcp_metadata(path: str, rng: random.Random, canary: str) -> str:
     if rng.random() < 0.25:
         with open(path, "rb") as fp:
             new, what = mutate_bytes(fp.read(), rng)
         with open(path, "wb") as fp:
             fp.write(new)
         return what
-    with open(path, "rb") as fp:
-        metadata = restricted_load(fp, DCP_METADATA_GLOBALS, path, "DCP metadata", DCP_METADATA_SUBSTITUTES)
-    metadata, what = mutate_tree(metadata, rng, canary)
+    metadata, what = mutate_tree(load_dcp_metadata(path), rng, canary)
     try:
         payload = pickle.dumps(metadata)
     except (RecursionError, pickle.PicklingError, TypeError, AttributeError) as error:

@@ -51,7 +51,8 @@ def _snapshot(paths: List[Tuple[str, bool]]) -> Dict[str, Tuple[int, float]]:
                     info = os.lstat(path)
                 except OSError:
                     continue
-                found[path] = (info.st_size if not stat.S_ISDIR(info.st_mode) else 0, info.st_mtime)
+                is_dir = stat.S_ISDIR(info.st_mode)  # a directory counts by its entries (listed themselves)
+                found[path] = (0, 0.0) if is_dir else (info.st_size, info.st_mtime)
     return found
 
 

@@ -76,7 +76,7 @@ def _number(value: Any, where: str, what: str) -> float:
     try:
         number = float(value)
     except OverflowError as error:  # an int beyond float's range
-        raise CurvatureError(f"{where}: expected {what}, found {value:.3e}") from error
+        raise CurvatureError(f"{where}: expected {what}, found an int of {len(str(abs(value)))} digits") from error
     if not math.isfinite(number):
         raise CurvatureError(f"{where}: expected {what}, found {number}")
     return number

@@ -15,9 +15,9 @@ from __future__ import annotations
 import fnmatch
 import os
 import stat
-from typing import Optional
+from typing import Optional, Type
 
-from mergekit_ota.errors import CurvatureError
+from mergekit_ota.errors import CurvatureError, OTAError
 
 # File names model loaders read as weights (mergekit's ShardedTensorIndex.from_disk, transformers'
 # from_pretrained, PEFT's adapters): a store must never be written under one of them.
@@ -53,19 +53,19 @@ def _encodable(name: str) -> bool:
     return "\0" not in name
 
 
-def regular_file(path: str, what: str) -> str:
-    """``path`` if it is a regular file (links followed), else :class:`CurvatureError` naming it.
+def regular_file(path: str, what: str, error: Type[OTAError] = CurvatureError) -> str:
+    """``path`` if it is a regular file (links followed), else ``error`` naming it.
 
     Reading a FIFO, a device or a socket named as a ``what`` (e.g. "torch.save file") would block
     or never end; a directory is not a file either.
     """
     try:
         mode = os.stat(path).st_mode
-    except (OSError, ValueError) as error:
-        raise CurvatureError(f"{path}: cannot read the {what} ({error})") from error
+    except (OSError, ValueError) as cause:
+        raise error(f"{path}: cannot read the {what} ({cause})") from cause
     if not stat.S_ISREG(mode):
         kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
-        raise CurvatureError(f"{path}: {kind}; expected a {what} (a regular file)")
+        raise error(f"{path}: {kind}; expected a {what} (a regular file)")
     return path
 
 

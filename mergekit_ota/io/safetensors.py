@@ -249,7 +249,7 @@ def read_sharded(path: str) -> Tuple[List[str], Dict[str, HeaderEntry], Dict[str
         entries, metadata = read_header(path)
         return [path], entries, metadata
     index = read_index(path)
-    missing = [f for f in index.shards if not os.path.isfile(f)]
+    missing = [f for f in index.shards if not os.path.lexists(f)]  # a FIFO or directory: refused by read_header
     if missing:
         raise CurvatureError(f"{path}: shard(s) listed in the index are missing: {missing}")
     headers = [(shard, *read_header(shard)) for shard in index.shards]
