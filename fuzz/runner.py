@@ -164,7 +164,8 @@ class CaseRunner:
         try:
             info = self.prepare(index)
         except Exception as error:  # noqa: BLE001 - a mutation the engine itself could not make
-            return {"index": index, "outcome": "fuzzer-error", "detail": f"{type(error).__name__}: {error}"}
+            detail = "".join(traceback.format_exception(error))[-3000:]
+            return {"index": index, "outcome": "fuzzer-error", "detail": detail, "case": self.case_dir(index)}
         with open(os.path.join(info["case"], "case.json"), "w") as fp:  # read by the parent if this case hangs
             json.dump({k: info[k] for k in ("seed", "command", "args", "mutations")}, fp, default=str)
         started = time.monotonic()
