@@ -162,8 +162,9 @@ def test_universal_checkpoint_with_a_none_dimension_is_refused_naming_the_file(t
     _refused(_cli("export", tmp_path / "u", tmp_path / "out.safetensors"), str(states), "param_shapes")
 
 
-def test_dcp_planner_data_of_the_wrong_type_is_refused_naming_the_file(tmp_path):
-    """DCP metadata whose planner_data maps a key to a number instead of its path is refused naming .metadata."""
+def test_dcp_planner_data_or_storage_meta_of_the_wrong_type_is_refused_naming_the_file(tmp_path):
+    """DCP metadata whose planner_data maps a key to a number instead of its path, or whose storage_meta is a list,
+    is refused naming .metadata."""
     import pickle
 
     from fuzz.mutate import load_dcp_metadata
@@ -171,13 +172,17 @@ def test_dcp_planner_data_of_the_wrong_type_is_refused_naming_the_file(tmp_path)
     directory = tmp_path / "dcp"
     seeds._dcp(str(directory))
     path = directory / ".metadata"
-    metadata = load_dcp_metadata(str(path))
-    path.write_bytes(pickle.dumps(metadata))
+    original = load_dcp_metadata(str(path))
+    path.write_bytes(pickle.dumps(original))
     assert _cli("export", directory, tmp_path / "unchanged.safetensors").exit_code == 0  # re-pickled: accepted
+    metadata = load_dcp_metadata(str(path))
     key = next(iter(metadata.planner_data))
     metadata.planner_data[key] = 7
     path.write_bytes(pickle.dumps(metadata))
     _refused(_cli("export", directory, tmp_path / "out.safetensors"), str(path), "planner_data")
+    original.storage_meta = []  # found by the fuzz target (seed 3, case 922): AttributeError before
+    path.write_bytes(pickle.dumps(original))
+    _refused(_cli("export", directory, tmp_path / "out.safetensors"), str(path), "storage_meta")
 
 
 # ----------------------------------------------------------------------------- B: torch's CheckpointException

@@ -92,8 +92,13 @@ def _reader(directory: str) -> Any:
                         f"expected torch.distributed.checkpoint's Metadata)"
                     )
                 _check_data_files(metadata, path)
-                if getattr(metadata, "storage_meta", None) is None:
+                storage_meta = getattr(metadata, "storage_meta", None)
+                if storage_meta is None:
                     metadata.storage_meta = StorageMeta()
+                elif not isinstance(storage_meta, StorageMeta):
+                    raise CurvatureError(
+                        f"{path}: storage_meta is a {type(storage_meta).__name__}; expected DCP's StorageMeta"
+                    )
                 metadata.storage_meta.load_id = self.load_id
                 self._metadata = metadata
             return self._metadata
