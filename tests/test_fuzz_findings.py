@@ -397,3 +397,16 @@ def test_check_refuses_a_merge_config_it_cannot_read(tmp_path, kind):
         result = _cli("check", config)
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
     assert result.exit_code == 1 and str(config) in result.output and "Traceback" not in result.output, result.output
+
+
+def test_config_architectures_of_the_wrong_type_do_not_crash_export(tmp_path):
+    """config.json 'architectures': [0] (found by the fuzz target, seed 3 case 3746: TypeError in getattr) builds the
+    model by its model_type instead; the export ends accepted or refused, never a traceback."""
+    checkpoint = tmp_path / "checkpoint-2"
+    seeds._trainer_checkpoint(str(checkpoint))
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["architectures"] = [0]
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    result = _cli("export", checkpoint, tmp_path / "out.safetensors")
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert "Traceback" not in result.output

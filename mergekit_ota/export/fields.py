@@ -28,7 +28,10 @@ FLOATING = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
 def _found(value: Any) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except Exception:  # noqa: BLE001 - an object whose repr fails (an enum stand-in holding a dict)
+        text = "?"
     return f"{type(value).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
 
 

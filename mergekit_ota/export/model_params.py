@@ -96,7 +96,8 @@ def load_model_parameters(path: str, frozen: Sequence[str] = ()) -> ModelParamet
         raise CurvatureError(f"{directory}/config.json: cannot load the model config ({error})") from error
     _check_repeats(config.to_dict(), f"{directory}/config.json")
     architectures = getattr(config, "architectures", None) or []
-    cls = getattr(transformers, architectures[0], None) if architectures else None
+    first = architectures[0] if isinstance(architectures, (list, tuple)) and architectures else None
+    cls = getattr(transformers, first, None) if isinstance(first, str) else None  # else: by model_type
     try:
         with torch.device("meta"):
             if cls is not None:
