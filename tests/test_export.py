@@ -587,11 +587,11 @@ def test_damaged_store_is_a_clear_error(plain, tmp_path, damage):
 
 def test_nan_in_state_fails_without_leaving_output(tmp_path):
     """A NaN in exp_avg_sq is an error naming the parameter; neither OUT nor a temporary file remains."""
-    from mergekit_ota.curvature.writer import save_store
+    from safetensors.torch import save_file
 
     v = torch.rand(6, 5)
     v[2, 3] = float("nan")
-    save_store({"a.weight": torch.rand(3), "b.weight": v}, str(tmp_path / "src.safetensors"))
+    save_file({"a.weight": torch.rand(3), "b.weight": v}, str(tmp_path / "src.safetensors"))  # our writer refuses NaN
     failed = _export(tmp_path / "src.safetensors", tmp_path / "out", ok=False)
     assert "NaN" in failed.output and "b.weight" in failed.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src.safetensors"]

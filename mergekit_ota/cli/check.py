@@ -162,7 +162,12 @@ def check_command(
     from mergekit_ota.errors import ConfigError, OutputError
     from mergekit_ota.graph.preflight import CheckReport, NotACurvatureMerge, check_config, read_config
     from mergekit_ota.integration import merge_output
+    from mergekit_ota.io.paths import regular_file
 
+    try:
+        regular_file(config_file, "merge config", ConfigError)  # mergekit-yaml's parser opens it: a FIFO blocks
+    except ConfigError as error:
+        raise click.ClickException(str(error)) from None
     options, out_path, ignored, run_problems = mergekit_yaml_arguments(config_file, mergekit_yaml_args)
     sample = sample or DEFAULT_SAMPLE
     unreadable: List[str] = []  # parameter values mergekit's parser refuses, one line each (the rest is checked)

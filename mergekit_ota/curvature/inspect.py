@@ -51,7 +51,8 @@ HEADER_FIELDS: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
 class TensorReport:
     """One logical curvature tensor: how it is stored and what its values look like.
 
-    ``stats_of`` is ``"values"`` (a full tensor), ``"rank1"`` (the reconstruction
+    ``stats_of`` is ``"none"`` (a dtype that is not floating point: nothing read), ``"values"`` (a full tensor),
+    ``"rank1"`` (the reconstruction
     ``outer(r, c) / sum(r)``, exact from the factors) or ``"factors"`` (invalid
     rank-1 factors, described as stored).
     """
@@ -282,10 +283,16 @@ def tensor_report(
     problems: List[str] = []
     try:
         store.check_dtype(record.name)
-    except CurvatureError as error:
+    except CurvatureError as error:  # its values are not read: a complex or integer entry has no curvature
         problems.append(str(error))
     mine = CurvatureScale(median=True) if scale is not None else None
-    if record.full is not None:
+    if problems:
+        stats, stats_of, parts = (
+            TensorStats(math.prod(record.shape), None, None, None, 0, 0, 0, 0, False, 0),
+            "none",
+            [],
+        )
+    elif record.full is not None:
         stats = entry_stats(store, record.full, sink=mine.add_values if mine is not None else None, **limits)
         stats_of = "values"
         parts = [(record.full, stats)]

@@ -93,6 +93,18 @@ def _records(entries: Mapping[str, HeaderEntry], source: str) -> Dict[str, Curva
     return records
 
 
+def _check_float(entry: HeaderEntry) -> None:
+    if entry.dtype not in FLOAT_DTYPES:
+        raise CurvatureError(
+            Problem(
+                f"{entry.file}: tensor '{entry.key}' has dtype {entry.dtype}; "
+                f"curvature must be floating point (F32, BF16, F16 or F64)",
+                kind=f"{entry.file}: curvature tensors not floating point (F32, BF16, F16 or F64)",
+                example=f"'{entry.key}' {entry.dtype}",
+            )
+        )
+
+
 class CurvatureStore:
     """A read-only curvature store (single file or sharded), opened from headers."""
 
@@ -129,19 +141,14 @@ class CurvatureStore:
         """Raise unless the record for ``name`` holds floating-point data."""
         record = self.records[name]
         for entry in (record.full, record.row, record.col):
-            if entry is not None and entry.dtype not in FLOAT_DTYPES:
-                raise CurvatureError(
-                    Problem(
-                        f"{entry.file}: tensor '{entry.key}' has dtype {entry.dtype}; "
-                        f"curvature must be floating point (F32, BF16, F16 or F64)",
-                        kind=f"{entry.file}: curvature tensors not floating point (F32, BF16, F16 or F64)",
-                        example=f"'{entry.key}' {entry.dtype}",
-                    )
-                )
+            if entry is not None:
+                _check_float(entry)
 
     def read_entry(self, entry: HeaderEntry, start: Optional[int] = None, stop: Optional[int] = None) -> torch.Tensor:
         """Stored tensor ``entry`` as float32 (the dtype every curvature computation uses); rows ``start:stop``
-        of dim 0 if given (only those bytes are read). No value checks: see :func:`check_values`."""
+        of dim 0 if given (only those bytes are read). Only floating-point entries are read (a complex or
+        integer one is refused, never cast); no value checks: see :func:`check_values`."""
+        _check_float(entry)
         return read_tensor(entry, start, stop).to(torch.float32)
 
     def iter_rows(self, entry: HeaderEntry, max_elements: int = 1 << 22) -> Iterator[torch.Tensor]:

@@ -266,7 +266,8 @@ class StoreWriter:
     """Stream tensors into a store laid out as ``layout``, in the order of ``specs``.
 
     ``write(key, tensor)`` must be called once per spec, in order, with a tensor of
-    the spec's shape (it is converted to the spec's dtype); ``commit()`` renames the
+    the spec's shape (it is converted to the spec's dtype and must be finite there: a NaN or
+    Inf, given or made by the conversion, is refused naming the tensor); ``commit()`` renames the
     finished files into place. Leaving the ``with`` block without ``commit()`` (or on
     an exception, including a full disk) removes everything written: files go through
     :class:`~mergekit_ota.io.atomic.StagedFiles`, a directory through
@@ -377,6 +378,19 @@ class StoreWriter:
         if shard != self._shard:
             self._open_shard(shard)
         data = tensor.detach().to(device="cpu", dtype=spec.dtype).contiguous().reshape(-1)
+        finite = torch.isfinite(data)
+        if not bool(finite.all()):  # NaN/Inf given, or made by the cast (float32 near its max -> bfloat16 Inf)
+            bad = int(data.numel() - finite.sum())
+            given = torch.isfinite(tensor.detach()).all()
+            why = (
+                f"finite {tensor.dtype} values beyond {spec.dtype}'s range"
+                if given
+                else "NaN/Inf computed from the source, e.g. rank-1 sums or a bias correction overflowing"
+            )
+            raise CurvatureError(
+                f"{self.layout.path}: tensor '{key}' would hold {bad} NaN/Inf value(s) as {spec.dtype} ({why}); "
+                f"a store must be finite, so nothing was written"
+            )
         if data.numel():
             self._files.write(memoryview(data.view(torch.uint8).numpy()))
         self._position += 1

@@ -24,6 +24,7 @@ from collections import defaultdict
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from mergekit_ota.errors import CurvatureError
+from mergekit_ota.export import fields
 from mergekit_ota.export.mapping import BASIS_DCP_FQNS, NameEvidence
 from mergekit_ota.export.model_params import (
     check_against_model,
@@ -34,6 +35,7 @@ from mergekit_ota.export.source import SourceState, StateItem
 from mergekit_ota.export.states import (
     FACTORED_KINDS,
     KIND_KEYS,
+    MOMENT_KEYS,
     check_second_moments,
     group_beta2,
     load_moment,
@@ -42,7 +44,7 @@ from mergekit_ota.export.states import (
     refuse_adapters,
     scalar,
 )
-from mergekit_ota.io.paths import contained
+from mergekit_ota.io.paths import contained, regular_file
 from mergekit_ota.io.unpickle import DCP_METADATA_GLOBALS, DCP_METADATA_SUBSTITUTES, restricted_load
 
 METADATA_FILE = ".metadata"
@@ -77,6 +79,7 @@ def _reader(directory: str) -> Any:
         def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
             if self._metadata is None:
                 path = os.path.join(directory, METADATA_FILE)
+                regular_file(path, "DCP metadata file")
                 try:
                     with open(path, "rb") as fp:
                         metadata = restricted_load(
@@ -90,8 +93,13 @@ def _reader(directory: str) -> Any:
                         f"expected torch.distributed.checkpoint's Metadata)"
                     )
                 _check_data_files(metadata, path)
-                if getattr(metadata, "storage_meta", None) is None:
+                storage_meta = getattr(metadata, "storage_meta", None)
+                if storage_meta is None:
                     metadata.storage_meta = StorageMeta()
+                elif not isinstance(storage_meta, StorageMeta):
+                    raise CurvatureError(
+                        f"{path}: storage_meta is a {type(storage_meta).__name__}; expected DCP's StorageMeta"
+                    )
                 metadata.storage_meta.load_id = self.load_id
                 self._metadata = metadata
             return self._metadata
@@ -132,33 +140,53 @@ class DcpCheckpoint:
         self.directory = directory
         self.reader = _reader(directory)
         self.metadata = self.reader.read_metadata()
-        planner = getattr(self.metadata, "planner_data", None) or {}
+        planner = fields.mapping(getattr(self.metadata, "planner_data", None) or {}, f"{self.source} planner_data")
         self.paths: Dict[str, Tuple[Any, ...]] = {
-            key: tuple(planner[key]) if key in planner else _path_of(key) for key in self.metadata.state_dict_metadata
+            key: _planned_path(planner[key], f"{self.source} planner_data[{key!r}]")
+            if key in planner
+            else _path_of(key)
+            for key in self.metadata.state_dict_metadata
         }
 
+    @property
+    def source(self) -> str:
+        return os.path.join(self.directory, METADATA_FILE)
+
     def tensor_shape(self, key: str) -> Optional[Tuple[int, ...]]:
+        """The shape of tensor item ``key``; ``None`` for a bytes item."""
         entry = self.metadata.state_dict_metadata[key]
         size = getattr(entry, "size", None)
-        return tuple(size) if size is not None else None
+        return fields.shape(size, f"{self.source} '{key}' size") if size is not None else None
+
+    def tensor_dtype(self, key: str) -> Any:
+        """The dtype of tensor item ``key``: a real (floating or integer) ``torch.dtype``."""
+        import torch
+
+        dtype = getattr(getattr(self.metadata.state_dict_metadata[key], "properties", None), "dtype", None)
+        if not isinstance(dtype, torch.dtype) or dtype.is_complex or dtype == torch.bool or dtype.itemsize == 0:
+            raise CurvatureError(
+                f"{self.source}: '{key}' has dtype {dtype!r}; expected a real floating or integer dtype"
+            )
+        return dtype
 
     def load_tensors(self, keys: Sequence[str]) -> Dict[str, Any]:
         """Read tensors ``keys`` (and nothing else) into new CPU tensors."""
         import torch
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
 
         state = {}
         for key in keys:
-            entry = self.metadata.state_dict_metadata[key]
-            state[key] = torch.empty(tuple(entry.size), dtype=entry.properties.dtype)
+            shape = self.tensor_shape(key)
+            if shape is None:
+                raise CurvatureError(f"{self.source}: '{key}' is a bytes item, expected a tensor")
+            state[key] = torch.empty(shape, dtype=self.tensor_dtype(key))
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
             try:
                 dcp.load(state, storage_reader=self.reader, no_dist=True)
-            except Exception as error:
-                raise CurvatureError(
-                    f"{self.directory}: cannot read {list(keys)} ({type(error).__name__}: {error})"
-                ) from error
+            except (Exception, CheckpointException) as error:  # CheckpointException is a BaseException
+                raise CurvatureError(f"{self.directory}: cannot read {list(keys)} ({_reason(error)})") from error
         return state
 
     def load_object(self, key: str) -> Any:
@@ -176,6 +204,27 @@ class DcpCheckpoint:
             return torch.load(io.BytesIO(raw), weights_only=True)
         except Exception:  # noqa: BLE001 - a group setting we cannot read safely is reported as unknown
             return None
+
+
+def _reason(error: BaseException) -> str:
+    """One line for a failed read: a ``CheckpointException`` (whose text is its ranks' tracebacks) by the
+    exception that failed the read, anything else as ``Type: message``."""
+    failures = getattr(error, "failures", None)
+    if isinstance(failures, dict) and failures:
+        first = next(iter(failures.values()))
+        error = first[0] if isinstance(first, tuple) and first and isinstance(first[0], BaseException) else error
+        if getattr(error, "failures", None) is not None:
+            return "torch.distributed.checkpoint failed to read it"
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:300] if text else ''}"
+
+
+def _planned_path(value: Any, where: str) -> Tuple[Any, ...]:
+    """A key's path from ``planner_data``: a list or tuple of str and int components."""
+    path = tuple(fields.sequence(value, where))
+    if not all(isinstance(p, (str, int)) and not isinstance(p, bool) for p in path):
+        raise CurvatureError(f"{where}: expected a path of str and int components, found {path!r}")
+    return path
 
 
 def _split(
@@ -202,6 +251,8 @@ def _split(
         if path[n] == "state" and len(path) == n + 3:
             states[str(path[n + 1])][str(path[n + 2])] = key
         elif path[n] == "param_groups":
+            if not str(path[n + 1]).isdigit():
+                raise CurvatureError(f"{source}: '{key}' names param group {path[n + 1]!r}; expected an index")
             groups[int(path[n + 1])][str(path[n + 2])] = key
     return dict(states), dict(groups)
 
@@ -220,21 +271,29 @@ def open_dcp(path: str, model_path: Optional[str], frozen: Sequence[str] = ()) -
     shapes = {}
     for name in kinds:
         keys = states[fqn_of[name]]
-        tensor_shapes = {k: checkpoint.tensor_shape(flat) for k, flat in keys.items()}
-        shapes[name] = moment_shape(kinds[name], {k: s for k, s in tensor_shapes.items() if s is not None})
+        moments = {k: flat for k, flat in keys.items() if k in MOMENT_KEYS}
+        for flat in moments.values():
+            if checkpoint.tensor_shape(flat) is None or checkpoint.tensor_dtype(flat) not in fields.FLOATING:
+                raise CurvatureError(
+                    f"{checkpoint.source}: '{flat}' is not a floating-point tensor ({checkpoint.tensor_dtype(flat)})"
+                    if checkpoint.tensor_shape(flat) is not None
+                    else f"{checkpoint.source}: '{flat}' is a bytes item, expected a tensor"
+                )
+        shapes[name] = moment_shape(kinds[name], {k: checkpoint.tensor_shape(flat) for k, flat in moments.items()})
 
     groups: List[Dict[str, Any]] = []
     for g in sorted(group_keys):
         groups.append({field: checkpoint.load_object(flat) for field, flat in group_keys[g].items()})
     beta2_of: Dict[str, Optional[float]] = {}
-    for group in groups:
-        for fqn in group.get("params") or []:
-            beta2_of[clean_name(str(fqn))] = group_beta2(group)
+    for g, group in enumerate(groups):
+        for fqn in fields.sequence(group.get("params") or [], f"{directory} param_groups[{g}]['params']"):
+            beta2_of[clean_name(str(fqn))] = group_beta2(group, f"{directory} param_groups[{g}]")
     step_keys = {name: states[fqn_of[name]]["step"] for name in kinds if "step" in states[fqn_of[name]]}
     tensor_steps = [k for k in step_keys.values() if checkpoint.tensor_shape(k) is not None]
     loaded = checkpoint.load_tensors(tensor_steps) if tensor_steps else {}
     steps = {
-        name: scalar(loaded[k]) if k in loaded else scalar(checkpoint.load_object(k)) for name, k in step_keys.items()
+        name: scalar(loaded[k] if k in loaded else checkpoint.load_object(k), f"{directory} '{k}'")
+        for name, k in step_keys.items()
     }
 
     params, without, mapping = check_against_model(

@@ -26,6 +26,7 @@ from mergekit_ota.export.store_source import open_store
 from mergekit_ota.export.torch_state import ADAPTER_FILES, OPTIMIZER_FILES, open_torch_state, open_trainer_checkpoint
 from mergekit_ota.export.universal import find_zero_dir, open_universal
 from mergekit_ota.export.zero import find_step_dir, open_zero
+from mergekit_ota.io.paths import regular_file
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -34,6 +35,8 @@ def detect_kind(path: str) -> str:
     """The source kind of ``path`` (see the module docstring); raises naming what was found."""
     if not os.path.exists(path):
         raise CurvatureError(f"{path}: no such file or directory")
+    if not os.path.isdir(path):
+        regular_file(path, "checkpoint file or directory")  # a FIFO or device would block its reader
     if os.path.isfile(path):
         name = os.path.basename(path)
         if name.endswith(".safetensors") or name.endswith(".safetensors" + INDEX_SUFFIX):

@@ -58,6 +58,28 @@ def _config_dir(path: str) -> str:
     )
 
 
+#: the most layers (or experts) a config may ask for: the model is built module by module, even on ``meta``
+#: (about 5 ms a layer), so a config asking for 10**9 would never finish; real models have under 200
+MAX_REPEATS = 1024
+_REPEATED = re.compile(r"(layers?|experts?)$")
+
+
+def _check_repeats(config: Mapping[str, object], where: str) -> None:
+    """Refuse an int config field counting layers or experts (``num_hidden_layers``, ``n_layer``,
+    ``num_local_experts``, ...; nested configs too) above :data:`MAX_REPEATS`."""
+    stack = [config]
+    while stack:
+        for key, value in stack.pop().items():
+            if isinstance(value, Mapping):
+                stack.append(value)
+            elif isinstance(value, int) and not isinstance(value, bool) and _REPEATED.search(str(key)):
+                if value > MAX_REPEATS:
+                    raise CurvatureError(
+                        f"{where}: {key} = {value:,}, more than the {MAX_REPEATS} layers or experts a model is built "
+                        f"with here; is this the model's config?"
+                    )
+
+
 def load_model_parameters(path: str, frozen: Sequence[str] = ()) -> ModelParameters:
     """Instantiate the model of ``path`` (a directory with config.json) on ``meta``; list its parameters.
 
@@ -72,8 +94,10 @@ def load_model_parameters(path: str, frozen: Sequence[str] = ()) -> ModelParamet
         config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
     except Exception as error:  # transformers raises ValueError/OSError/KeyError for bad configs
         raise CurvatureError(f"{directory}/config.json: cannot load the model config ({error})") from error
+    _check_repeats(config.to_dict(), f"{directory}/config.json")
     architectures = getattr(config, "architectures", None) or []
-    cls = getattr(transformers, architectures[0], None) if architectures else None
+    first = architectures[0] if isinstance(architectures, (list, tuple)) and architectures else None
+    cls = getattr(transformers, first, None) if isinstance(first, str) else None  # else: by model_type
     try:
         with torch.device("meta"):
             if cls is not None:

@@ -55,6 +55,15 @@ class StateItem:
     beta2: Optional[float] = None
     done: Optional[Callable[[], None]] = None  # called once the item is written (e.g. to unmap its pages)
 
+    def __post_init__(self) -> None:
+        """Every reader's ``step`` and ``beta2`` pass the same checks (:mod:`mergekit_ota.export.fields`): a
+        non-finite step or a beta2 outside ``[0, 1)`` is refused naming :attr:`origin`."""
+        from mergekit_ota.export import fields
+
+        fields.step(self.step, f"{self.origin} step")
+        if self.beta2 is not None:
+            fields.beta2_value(self.beta2, f"{self.origin} beta2")
+
 
 @dataclass
 class SourceState:

@@ -34,7 +34,6 @@ adapter-only (LoRA) states.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Collection, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -42,6 +41,7 @@ from typing import Any, Callable, Collection, Dict, List, Mapping, Optional, Seq
 import torch
 
 from mergekit_ota.errors import CurvatureError
+from mergekit_ota.export import fields
 from mergekit_ota.export.source import Curvature, Full, Rank1
 
 FULL = "exp_avg_sq"
@@ -83,6 +83,28 @@ def flatten_bnb(entry: Mapping[str, Any]) -> Dict[str, Any]:
         return dict(entry)
     flat = {k: v for k, v in entry.items() if k != BNB_WRAPPER}
     flat.update(wrapped)
+    return flat
+
+
+#: the dtypes each state tensor may have (bitsandbytes keeps ``state2`` as uint8 codes, or float32 when small)
+STATE_TENSOR_DTYPES: Dict[str, Tuple[torch.dtype, ...]] = {
+    **{key: fields.FLOATING for key in (FULL, ROW, COL, BNB_CODEBOOK, BNB_SCALES)},
+    BNB_CODES: fields.FLOATING + (torch.uint8,),
+}
+
+
+def checked_entry(entry: Any, where: str) -> Dict[str, Any]:
+    """One parameter's state read from a file (``where`` names file and key): a dict with string keys
+    whose second-moment tensors (:data:`STATE_TENSOR_DTYPES`) are dense CPU tensors of their dtypes,
+    with bitsandbytes' wrapper flattened (:func:`flatten_bnb`)."""
+    flat = flatten_bnb(fields.mapping(entry, where))
+    for key, value in flat.items():
+        if not isinstance(key, str):
+            raise CurvatureError(f"{where}: state key {key!r} is not a string")
+        if key in STATE_TENSOR_DTYPES:
+            tensor = fields.tensor(value, f"{where}[{key!r}]", STATE_TENSOR_DTYPES[key])
+            if key in (ROW, COL) and tensor.dim() == 0:
+                raise CurvatureError(f"{where}[{key!r}]: Adafactor's factor is a 0-d tensor; expected >= 1 dims")
     return flat
 
 
@@ -227,24 +249,17 @@ def refuse_adapters(names: Sequence[str], source: str, reason: Optional[str] = N
         )
 
 
-def scalar(value: Any) -> Optional[float]:
-    """A state's ``step`` (a tensor, int or float) as a float, or ``None``."""
-    if value is None:
-        return None
-    if isinstance(value, torch.Tensor):
-        return float(value.reshape(-1)[0]) if value.numel() == 1 else None
-    if isinstance(value, (int, float)) and math.isfinite(value):
-        return float(value)
-    return None
+def scalar(value: Any, where: str = "optimizer state 'step'") -> Optional[float]:
+    """A state's ``step`` (a tensor, int or float) as a float, or ``None``; a step that is not a finite number
+    ``>= 0`` is refused naming ``where`` (:func:`mergekit_ota.export.fields.step`)."""
+    return fields.step(value, where)
 
 
-def group_beta2(group: Mapping[str, Any]) -> Optional[float]:
-    """``beta2`` of an Adam param group (``betas[1]``), ``None`` elsewhere (Adafactor has a schedule)."""
-    betas = group.get("betas")
-    try:
-        return float(betas[1]) if betas is not None else None
-    except (TypeError, IndexError, ValueError):
-        return None
+def group_beta2(group: Mapping[str, Any], where: str = "param group") -> Optional[float]:
+    """``beta2`` of an Adam param group (``betas[1]``), ``None`` where it has no ``betas`` (Adafactor has a
+    schedule); ``betas`` that are not ``(beta1, beta2)`` with a finite ``0 <= beta2 < 1`` are refused naming
+    ``where`` (:func:`mergekit_ota.export.fields.beta2`)."""
+    return fields.beta2(fields.mapping(group, where).get("betas"), f"{where} 'betas'")
 
 
 def optimizer_name(kinds: Collection[str], groups: Sequence[Mapping[str, Any]]) -> str:

@@ -24,7 +24,10 @@ import re
 from collections import Counter
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+import torch
+
 from mergekit_ota.errors import CurvatureError
+from mergekit_ota.export import fields
 from mergekit_ota.export.mapping import (
     BASIS_PARAM_NAMES,
     BASIS_STATE_KEYS,
@@ -48,7 +51,7 @@ from mergekit_ota.export.states import (
     FACTORED_KINDS,
     MOMENT_KEYS,
     check_second_moments,
-    flatten_bnb,
+    checked_entry,
     group_beta2,
     load_moment,
     moment_shape,
@@ -56,6 +59,7 @@ from mergekit_ota.export.states import (
     refuse_adapters,
     scalar,
 )
+from mergekit_ota.io.paths import regular_file
 
 OPTIMIZER_FILES = ("optimizer.pt", "optimizer.bin")
 _NESTED_KEYS = ("optimizer", "optimizer_state_dict", "optim", "opt")
@@ -78,8 +82,7 @@ def load_torch_file(path: str, deepspeed: bool = False) -> Tuple[Any, bool]:
 
 
 def _load(path: str, deepspeed: bool) -> Tuple[Any, bool]:
-    import torch
-
+    regular_file(path, "torch.save file")  # a FIFO given as SOURCE would block torch.load forever
     try:
         try:
             return torch.load(path, map_location="cpu", mmap=True, weights_only=True), True
@@ -127,7 +130,13 @@ def find_optimizer_dict(obj: Any, path: str) -> Mapping[str, Any]:
 
 
 def _shapes_of(state: Mapping[str, Any]) -> Dict[str, Shape]:
-    return {k: tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")}
+    return {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def _key(value: Any, where: str) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise CurvatureError(f"{where}: a parameter key must be an int index or a str name, found {value!r}")
+    return value
 
 
 def _names_from_groups(groups: Sequence[Mapping[str, Any]], path: str) -> Optional[Dict[Any, str]]:
@@ -148,6 +157,33 @@ def _names_from_groups(groups: Sequence[Mapping[str, Any]], path: str) -> Option
     return names
 
 
+def read_optimizer(
+    optimizer: Mapping[str, Any], path: str
+) -> Tuple[List[Mapping[str, Any]], Dict[Any, Dict[str, Any]]]:
+    """``(param_groups, state)`` of a torch optimizer state dict, every type checked where it is read.
+
+    ``param_groups``: a list of dicts, each with ``params`` (a list of int or str keys) and, if
+    saved, ``param_names`` (a list of str); ``state``: ``{int or str key: one parameter's state}``
+    (:func:`~mergekit_ota.export.states.checked_entry`).  Anything else is refused naming the file and key.
+    """
+    groups: List[Mapping[str, Any]] = []
+    for g, group in enumerate(fields.sequence(optimizer["param_groups"], f"{path} 'param_groups'")):
+        where = f"{path} param_groups[{g}]"
+        group = fields.mapping(group, where)
+        for i, key in enumerate(fields.sequence(group.get("params"), f"{where}['params']")):
+            _key(key, f"{where}['params'][{i}]")
+        if "param_names" in group:
+            for i, name in enumerate(fields.sequence(group["param_names"], f"{where}['param_names']")):
+                if not isinstance(name, str):
+                    raise CurvatureError(f"{where}['param_names'][{i}]: expected a str name, found {name!r}")
+        groups.append(group)
+    state = {
+        _key(key, f"{path} 'state'"): checked_entry(entry, f"{path} state[{key!r}]")
+        for key, entry in fields.mapping(optimizer["state"], f"{path} 'state'").items()
+    }
+    return groups, state
+
+
 def open_torch_state(
     path: str,
     *,
@@ -159,10 +195,7 @@ def open_torch_state(
     """Check and map the optimizer state in ``path``; ``model_path``: a directory with the model's config.json."""
     loaded, mapped = load_torch_file(path)
     optimizer = find_optimizer_dict(loaded, path)
-    groups: List[Mapping[str, Any]] = list(optimizer["param_groups"])
-    state: Mapping[Any, Mapping[str, Any]] = {
-        k: flatten_bnb(v) if isinstance(v, Mapping) else v for k, v in optimizer["state"].items()
-    }
+    groups, state = read_optimizer(optimizer, path)
     group_of = {key: g for g, group in enumerate(groups) for key in group["params"]}
     stray = [k for k in state if k not in group_of]
     if stray:
@@ -226,8 +259,8 @@ def open_torch_state(
                 load=(lambda k=kind_, e=entry, w=f"{path} state[{key!r}]": load_moment(k, e.__getitem__, w)),
                 origin=f"{path} state[{key!r}]",
                 rank1=kind_ in FACTORED_KINDS and len(shapes[key]) == 2,
-                step=scalar(entry.get("step")),
-                beta2=group_beta2(groups[group_of[key]]),
+                step=scalar(entry.get("step"), f"{path} state[{key!r}]['step']"),
+                beta2=group_beta2(groups[group_of[key]], f"{path} param_groups[{group_of[key]}]"),
                 done=(lambda e=entry: release_mapped(v for k, v in e.items() if k in MOMENT_KEYS + BNB_MOMENT_KEYS))
                 if mapped
                 else None,

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from mergekit_ota.errors import CurvatureError
+from mergekit_ota.export import fields
 from mergekit_ota.export.mapping import BASIS_DIRECTORY_NAMES, NameEvidence
 from mergekit_ota.export.model_params import check_against_model, clean_name, load_model_parameters, model_order
 from mergekit_ota.export.source import Full, SourceState, StateItem
@@ -46,13 +47,14 @@ def find_zero_dir(path: str) -> Optional[str]:
 
 
 def _tensor(value: Any, path: str) -> Any:
-    import torch
-
-    if isinstance(value, dict) and isinstance(value.get("param"), torch.Tensor):
-        return value["param"]
-    if isinstance(value, torch.Tensor):
-        return value
-    raise CurvatureError(f"{path}: expected a tensor or a dict with a 'param' tensor (ds_to_universal's layout)")
+    """The saved tensor: a bare tensor, or the ``param`` of ds_to_universal's dict (:func:`fields.tensor`)."""
+    if isinstance(value, Mapping):
+        if "param" not in value:
+            raise CurvatureError(
+                f"{path}: expected a tensor or a dict with a 'param' tensor (ds_to_universal's layout)"
+            )
+        return fields.tensor(value["param"], f"{path} 'param'")
+    return fields.tensor(value, path)
 
 
 def _optimizer_state(zero: str, notes: List[str]) -> Tuple[Optional[float], Optional[float]]:
@@ -64,15 +66,20 @@ def _optimizer_state(zero: str, notes: List[str]) -> Tuple[Optional[float], Opti
         return None, None
     try:
         saved = load_torch_file(path, deepspeed=True)[0]
-        groups = saved.get("param_groups") or []
-    except (CurvatureError, AttributeError) as error:
+    except CurvatureError as error:
         notes.append(f"beta2 not recorded: {error}")
         return None, None
+    saved = fields.mapping(saved, path)
+    groups = fields.sequence(saved.get("param_groups") or [], f"{path} 'param_groups'")
     inner = saved.get("optimizer_state_dict")
-    state = inner.get("state") if isinstance(inner, dict) else None
-    steps = {scalar(s.get("step")) for s in state.values() if isinstance(s, dict)} if isinstance(state, dict) else set()
+    state = inner.get("state") if isinstance(inner, Mapping) else None
+    steps = (
+        {scalar(s.get("step"), f"{path} state[{k!r}]['step']") for k, s in state.items() if isinstance(s, Mapping)}
+        if isinstance(state, Mapping)
+        else set()
+    )
     step = steps.pop() if len(steps) == 1 else None
-    values = {group_beta2(g) for g in groups} - {None}
+    values = {group_beta2(g, f"{path} param_groups[{i}]") for i, g in enumerate(groups)} - {None}
     if len(values) != 1:
         notes.append(f"{path}: param groups have betas {sorted(values)}; beta2 is not recorded")
         return None, step
@@ -89,7 +96,12 @@ def _known_shapes(zero: str, model_path: Optional[str], frozen: Sequence[str]) -
         except CurvatureError:
             groups = None
         if isinstance(groups, (list, tuple)):
-            return {clean_name(str(n)): tuple(int(d) for d in s) for g in groups for n, s in g.items()}
+            where = f"{os.path.join(top, file)} param_shapes"
+            return {
+                clean_name(str(n)): fields.shape(s, f"{where}[{i}][{n!r}]")
+                for i, g in enumerate(groups)
+                for n, s in fields.mapping(g, f"{where}[{i}]").items()
+            }
     if model_path is not None:
         return dict(load_model_parameters(model_path, frozen).parameters)
     return {}
@@ -121,7 +133,9 @@ def open_universal(path: str, model_path: Optional[str], frozen: Sequence[str] =
         # ZeRO-3 conversions keep each state flat; the saved param_shapes (or the model) give its shape
         shapes[name] = shape if shape is not None and len(saved) == 1 and math.prod(shape) == saved[0] else saved
         step_file = os.path.join(zero, dir_of[name], "step.pt")
-        steps[name] = scalar(load_torch_file(step_file, deepspeed=True)[0]) if os.path.isfile(step_file) else None
+        steps[name] = (
+            scalar(load_torch_file(step_file, deepspeed=True)[0], step_file) if os.path.isfile(step_file) else None
+        )
     notes: List[str] = []
     beta2, common_step = _optimizer_state(zero, notes)
     steps = {name: common_step if step is None else step for name, step in steps.items()}

@@ -51,6 +51,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from mergekit_ota.errors import CurvatureError
+from mergekit_ota.export import fields
 from mergekit_ota.export.mapping import BASIS_PARAM_SHAPES, NameEvidence
 from mergekit_ota.export.model_params import check_against_model, clean_name, model_order
 from mergekit_ota.export.pages import release_mapped
@@ -184,25 +185,16 @@ def _shapes(model: Mapping[str, Any], file: str) -> List[Dict[str, Tuple[int, ..
         raise CurvatureError(f"{file}: no 'param_shapes' list of {{name: shape}} dicts; not DeepSpeed model states")
     out = []
     for g, group in enumerate(groups):
-        shapes: Dict[str, Tuple[int, ...]] = {}
-        for name, shape in group.items():
-            try:
-                dims = tuple(int(d) for d in shape)
-            except (TypeError, ValueError):
-                dims = (-1,)
-            if any(d < 0 for d in dims):
-                raise CurvatureError(
-                    f"{file}: param_shapes[{g}]['{name}'] is {shape!r}; expected a shape of non-negative ints"
-                )
-            shapes[str(name)] = dims
-        out.append(shapes)
+        out.append(
+            {str(name): fields.shape(shape, f"{file} param_shapes[{g}][{name!r}]") for name, shape in group.items()}
+        )
     return out
 
 
 def _stage(osd: Mapping[str, Any], file: str) -> Tuple[int, bool]:
     """(stage, BF16_Optimizer?) of one rank's ``optimizer_state_dict``."""
     if "zero_stage" in osd:
-        stage = int(osd["zero_stage"])
+        stage = fields.integer(osd["zero_stage"], f"{file} 'zero_stage'")
         if stage not in (1, 2, 3):
             raise CurvatureError(f"{file}: zero_stage {stage}; expected 1, 2 or 3")
         return stage, False
@@ -216,7 +208,7 @@ def _stage(osd: Mapping[str, Any], file: str) -> Tuple[int, bool]:
 def _world(osd: Mapping[str, Any], file: str) -> int:
     count = osd.get("partition_count")
     counts = list(count) if isinstance(count, (list, tuple)) else [count]
-    if not counts or not all(isinstance(c, int) and c > 0 for c in counts):
+    if not counts or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in counts):
         raise CurvatureError(f"{file}: partition_count {count!r}; expected a positive int or a list of them")
     return max(counts)
 
@@ -225,25 +217,47 @@ def _moment(state: Mapping[str, Any], file: str, where: str) -> Tuple[torch.Tens
     kinds = check_second_moments({where: [str(k) for k in state]}, file)
     if kinds.get(where) != "full":
         raise CurvatureError(f"{file}: {where} holds {sorted(map(str, state))}; expected Adam's exp_avg_sq")
-    value = state[FULL]
-    if not isinstance(value, torch.Tensor) or value.dim() != 1:
+    value = fields.tensor(state[FULL], f"{file} {where} 'exp_avg_sq'")
+    if value.dim() != 1:
         raise CurvatureError(f"{file}: {where} exp_avg_sq is not a flat tensor")
-    return value, scalar(state.get("step"))
+    return value, scalar(state.get("step"), f"{file} {where} 'step'")
+
+
+def _slice_mappings(osd: Mapping[str, Any], file: str) -> Optional[List[Mapping[Any, Any]]]:
+    """``param_slice_mappings``: per flat group a dict ``{name: fragment_address}`` (``None`` when not saved)."""
+    mappings = osd.get("param_slice_mappings")
+    if mappings is None:
+        return None
+    where = f"{file} 'param_slice_mappings'"
+    return [fields.mapping(m, f"{where}[{g}]") for g, m in enumerate(fields.sequence(mappings, where))]
+
+
+def _paddings(osd: Mapping[str, Any], file: str) -> Optional[List[Sequence[Any]]]:
+    """``param_alignment_paddings``: per flat group a list of ints (``None`` when not saved)."""
+    paddings = osd.get("param_alignment_paddings")
+    if paddings is None:
+        return None
+    where = f"{file} 'param_alignment_paddings'"
+    return [fields.sequence(p, f"{where}[{g}]") for g, p in enumerate(fields.sequence(paddings, where))]
 
 
 def _flat_groups(osd: Mapping[str, Any], file: str) -> Tuple[List[Mapping[str, Any]], List[Mapping[str, Any]]]:
     """Stage 1/2 and bf16: ``(per-group Adam states, param groups)`` from ``base_optimizer_state``."""
     base = osd.get("base_optimizer_state")
     if isinstance(base, Mapping) and "state" in base and "param_groups" in base:  # rigid: a torch state dict
-        groups = list(base["param_groups"])
+        groups = [
+            fields.mapping(group, f"{file} param_groups[{g}]")
+            for g, group in enumerate(fields.sequence(base["param_groups"], f"{file} 'param_groups'"))
+        ]
+        state = fields.mapping(base["state"], f"{file} base_optimizer_state['state']")
         states = []
         for g, group in enumerate(groups):
-            keys = list(group.get("params", []))
-            if len(keys) != 1 or keys[0] not in base["state"]:
+            keys = list(fields.sequence(group.get("params", []), f"{file} param_groups[{g}]['params']"))
+            if len(keys) != 1 or not isinstance(keys[0], (int, str)) or keys[0] not in state:
                 raise CurvatureError(
                     f"{file}: param group {g} lists {keys}; a ZeRO group has one flat tensor with state"
                 )
-            states.append(_dict(base["state"][keys[0]], file, f"the state of group {g}"))
+            states.append(_dict(state[keys[0]], file, f"the state of group {g}"))
         return states, groups
     if isinstance(base, (list, tuple)):  # elastic_checkpoint: one dict per group, tail padding removed
         step = osd.get("base_optimizer_state_step")
@@ -259,11 +273,20 @@ def _stage3_groups(
 ) -> Tuple[List[Mapping[str, Any]], List[Mapping[str, Any]], List[int]]:
     """Stage 3: ``(per-sub-group Adam states, param groups, param group of each sub-group)``."""
     inner = _dict(osd.get("optimizer_state_dict"), file, "optimizer_state_dict['optimizer_state_dict']")
-    state, groups = inner.get("state"), list(inner.get("param_groups") or [])
+    state = inner.get("state")
+    groups = [
+        fields.mapping(group, f"{file} param_groups[{g}]")
+        for g, group in enumerate(fields.sequence(inner.get("param_groups") or [], f"{file} 'param_groups'"))
+    ]
     if not isinstance(state, Mapping):
         raise CurvatureError(f"{file}: the stage-3 optimizer state has no 'state' dict")
-    group_of: Dict[Any, int] = {k: g for g, group in enumerate(groups) for k in group.get("params", [])}
-    keys = sorted(state, key=lambda k: (not isinstance(k, int), k))
+    group_of: Dict[Any, int] = {
+        k: g
+        for g, group in enumerate(groups)
+        for k in fields.sequence(group.get("params", []), f"{file} param_groups[{g}]['params']")
+        if isinstance(k, (int, str))
+    }
+    keys = sorted(state, key=lambda k: (not isinstance(k, int), str(k)))
     if keys != list(range(len(keys))) or set(group_of) != set(keys):
         raise CurvatureError(f"{file}: stage-3 sub-group states {keys[:8]} do not match the param groups' params")
     return [_dict(state[k], file, f"sub-group {k}") for k in keys], groups, [group_of[k] for k in keys]
@@ -286,7 +309,7 @@ def _walk_flat(
         n = math.prod(shape)
         parts, at, end = [], offset, offset + n
         while at < end:
-            rank = at // width
+            rank = at // width if width else len(sizes)
             if rank >= len(sizes) or at - rank * width >= sizes[rank]:
                 raise CurvatureError(
                     f"{file}: group {g}: '{name}' runs past the ranks' partitions ({sum(sizes)} elements)"
@@ -295,7 +318,9 @@ def _walk_flat(
             parts.append((rank, at - rank * width, take))
             at += take
         pieces[name] = parts
-        offset = end + (int(paddings[k]) if paddings is not None else 0)
+        offset = end + (
+            fields.integer(paddings[k], f"{file} param_alignment_paddings[{g}][{k}]") if paddings is not None else 0
+        )
     # what is left is the group's tail padding: under 2 * w, plus up to 16 bytes of parameter alignment
     if not 0 <= sum(sizes) - offset < 2 * len(sizes) + 16:
         raise CurvatureError(
@@ -314,7 +339,9 @@ def _mapped_flat(ranks: Sequence[_Rank], g: int, shapes: Mapping[str, Tuple[int,
                 raise CurvatureError(
                     f"{rank.file}: param_slice_mappings[{g}] names '{name}', which param_shapes[{g}] does not list"
                 )
-            start, numel = int(address.start), int(address.numel)
+            where = f"{rank.file} param_slice_mappings[{g}][{name!r}]"
+            start = fields.integer(getattr(address, "start", None), f"{where}.start")
+            numel = fields.integer(getattr(address, "numel", None), f"{where}.numel")
             if start < 0 or numel < 0 or start + numel > rank.moments[g].numel():
                 raise CurvatureError(
                     f"{rank.file}: '{name}' at [{start}, {start + numel}) lies outside the rank's "
@@ -332,7 +359,7 @@ def _walk_stage3(
     pieces: Dict[str, List[Piece]] = {}
     offset = 0
     for name, shape in shapes.items():
-        part = math.ceil(math.prod(shape) / world)
+        part = -(-math.prod(shape) // world)
         pieces[name] = [(r, offset, part) for r in range(world)]
         offset += part
     if any(size != offset for size in sizes):
@@ -364,21 +391,26 @@ def _same_across_ranks(ranks: Sequence[_Rank], what: str, get: Callable[[_Rank],
             )
 
 
-def _config_beta2(model: Mapping[str, Any]) -> Optional[float]:
+def _config_beta2(model: Mapping[str, Any], file: str) -> Optional[float]:
     config = model.get("ds_config")
     try:
-        return float(config["optimizer"]["params"]["betas"][1])  # type: ignore[index]
-    except (KeyError, TypeError, IndexError, ValueError):
+        betas = config["optimizer"]["params"]["betas"]  # type: ignore[index]
+    except (KeyError, TypeError, IndexError):
         return None
+    return fields.beta2(betas, f"{file} ds_config optimizer.params.betas")
 
 
-def _frozen(model: Mapping[str, Any], trainable: Mapping[str, Any]) -> List[str]:
+def _frozen(model: Mapping[str, Any], trainable: Mapping[str, Any], file: str) -> List[str]:
     """Parameters without optimizer state: ``frozen_param_shapes`` when saved, else the saved module's
     entries that are neither trainable, buffers nor aliases of tied weights (``shared_params``)."""
     if model.get("frozen_param_shapes"):
-        return [clean_name(str(n)) for n in model["frozen_param_shapes"]]
+        return [
+            clean_name(str(n)) for n in fields.mapping(model["frozen_param_shapes"], f"{file} 'frozen_param_shapes'")
+        ]
     module = model.get("module")
-    skip = set(map(str, model.get("buffer_names") or ())) | set(map(str, (model.get("shared_params") or {}).keys()))
+    buffers = fields.sequence(model.get("buffer_names") or (), f"{file} 'buffer_names'")
+    shared = fields.mapping(model.get("shared_params") or {}, f"{file} 'shared_params'")
+    skip = set(map(str, buffers)) | set(map(str, shared))
     names = [str(n) for n in module] if isinstance(module, Mapping) else []
     return [clean_name(n) for n in names if n not in skip and clean_name(n) not in trainable]
 
@@ -423,20 +455,27 @@ def open_zero(path: str, model_path: Optional[str], frozen: Sequence[str] = ()) 
         moments, steps = (
             zip(*(_moment(s, file, f"flat group {i}") for i, s in enumerate(states))) if states else ((), ())
         )
-        mappings = osd.get("param_slice_mappings") if stage != 3 else None
+        mappings = _slice_mappings(osd, file) if stage != 3 else None
         ranks.append(
             _Rank(
                 file=file,
                 moments=list(moments),
                 steps=list(steps),
-                mappings=list(mappings) if mappings is not None else None,
+                mappings=mappings,
             )
         )
     flats = len(ranks[0].moments)
     _same_across_ranks(ranks, "the number of flat groups", lambda r: len(r.moments))
     _same_across_ranks(ranks, "the steps", lambda r: r.steps)
+    _same_across_ranks(ranks, "whether param_slice_mappings are saved", lambda r: r.mappings is None)
     if len(shapes) != flats:
         raise CurvatureError(f"{model_file}: param_shapes has {len(shapes)} groups, the optimizer files {flats}")
+    paddings = _paddings(loaded[0], optim_files[0]) if stage != 3 else None
+    per_group = [(optim_files[0], "param_alignment_paddings", paddings)]
+    per_group += [(rank.file, "param_slice_mappings", rank.mappings) for rank in ranks]
+    for file, what, listed in per_group:
+        if listed is not None and len(listed) != flats:
+            raise CurvatureError(f"{file}: '{what}' lists {len(listed)} groups, the optimizer state {flats}")
 
     pieces: Dict[str, Tuple[int, List[Piece]]] = {}
     for g, group_shapes in enumerate(shapes):
@@ -444,7 +483,6 @@ def open_zero(path: str, model_path: Optional[str], frozen: Sequence[str] = ()) 
         if stage == 3:
             found = _walk_stage3(group_shapes, world, sizes, optim_files[0], g)
         else:
-            paddings = loaded[0].get("param_alignment_paddings")
             walked = _walk_flat(group_shapes, paddings[g] if paddings is not None else None, sizes, optim_files[0], g)
             if ranks[0].mappings is not None:
                 found = _mapped_flat(ranks, g, group_shapes)
@@ -477,10 +515,10 @@ def open_zero(path: str, model_path: Optional[str], frozen: Sequence[str] = ()) 
         raw, model_path, frozen, directory, "param_shapes saved in the model states"
     )
     if params is None:
-        without = _frozen(model, raw)
+        without = _frozen(model, raw, model_file)
 
-    beta_of_group = [group_beta2(group) for group in groups] if groups else []
-    config_beta2 = _config_beta2(model)
+    beta_of_group = [group_beta2(group, f"{optim_files[0]} param_groups[{g}]") for g, group in enumerate(groups)]
+    config_beta2 = _config_beta2(model, model_file)
     if not beta_of_group:
         beta_of_group = [config_beta2] * (max(group_of_flat) + 1 if group_of_flat else 0)
         notes.append(

@@ -24,6 +24,7 @@ from mergekit_ota.compat import planner_tensors
 from mergekit_ota.curvature.scan import DEFAULT_SAMPLE, scan_entry
 from mergekit_ota.curvature.store import CurvatureStore
 from mergekit_ota.errors import ConfigError, OTAError, PreflightError, problem_of
+from mergekit_ota.io.paths import regular_file
 
 NEVER_WRITTEN = "<mergekit-ota check: no output>"  # the planned writer's path; no task ever runs
 MERGEKIT_REFUSED = "mergekit cannot plan this merge"  # heads a problem that is mergekit's own exception
@@ -124,13 +125,14 @@ def read_config(path: str, value_problems: Optional[List[str]] = None) -> Any:
 
     from mergekit_ota.methods.settings import unreadable_values
 
+    regular_file(path, "merge config", ConfigError)  # a FIFO would block the read
     try:
         with open(path, "r", encoding="utf-8") as fp:
             data = yaml.safe_load(fp)
     except OSError as error:
         raise ConfigError(f"{path}: cannot read ({error})") from error
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML ({error})") from error
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as error:
+        raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0][:200]})") from error
     if value_problems is not None:
         value_problems.extend(unreadable_values(data))
     try:

@@ -4,6 +4,7 @@
   its own directory, and refuses one that is absolute, contains ``..``, or resolves
   (through links) outside that directory: such an entry could make a reader open, or
   a ``--force`` clean-up delete, a file anywhere on the machine.
+* :func:`regular_file` refuses a FIFO, device or socket given where a file is read (a read would block).
 * :func:`loader_reads` says whether a file name is one that model loaders (mergekit,
   transformers, PEFT) read as weights. A curvature store under such a name sitting
   in a model directory would be loaded *as that model's weights*.
@@ -13,9 +14,10 @@ from __future__ import annotations
 
 import fnmatch
 import os
-from typing import Optional
+import stat
+from typing import Optional, Type
 
-from mergekit_ota.errors import CurvatureError
+from mergekit_ota.errors import CurvatureError, OTAError
 
 # File names model loaders read as weights (mergekit's ShardedTensorIndex.from_disk, transformers'
 # from_pretrained, PEFT's adapters): a store must never be written under one of them.
@@ -42,6 +44,31 @@ def _hub_blob(root: str, real: str) -> bool:
     return False
 
 
+def _encodable(name: str) -> bool:
+    """Whether ``name`` can name a file here: no NUL, and encodable in the file system's encoding."""
+    try:
+        os.fsencode(name)
+    except UnicodeError:
+        return False
+    return "\0" not in name
+
+
+def regular_file(path: str, what: str, error: Type[OTAError] = CurvatureError) -> str:
+    """``path`` if it is a regular file (links followed), else ``error`` naming it.
+
+    Reading a FIFO, a device or a socket named as a ``what`` (e.g. "torch.save file") would block
+    or never end; a directory is not a file either.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError) as cause:
+        raise error(f"{path}: cannot read the {what} ({cause})") from cause
+    if not stat.S_ISREG(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+        raise error(f"{path}: {kind}; expected a {what} (a regular file)")
+    return path
+
+
 def contained(directory: str, name: object, source: str) -> str:
     """``directory/name`` as an absolute path, provided ``name`` stays inside ``directory``.
 
@@ -53,6 +80,10 @@ def contained(directory: str, name: object, source: str) -> str:
     """
     if not isinstance(name, str) or not name:
         raise CurvatureError(f"{source}: file name {name!r} is not a non-empty string")
+    if not _encodable(name):
+        raise CurvatureError(
+            f"{source}: file name {name!r} holds a NUL byte or a character no file name can hold (a lone surrogate)"
+        )
     parts = name.replace("\\", "/").split("/")
     if os.path.isabs(name) or name.startswith(("/", "\\")) or ".." in parts or (len(name) > 1 and name[1] == ":"):
         raise CurvatureError(

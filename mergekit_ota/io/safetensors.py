@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Tuple
 
 from mergekit_ota.errors import CurvatureError
-from mergekit_ota.io.paths import contained
+from mergekit_ota.io.paths import contained, regular_file
 
 INDEX_SUFFIX = ".index.json"
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
@@ -86,6 +86,44 @@ def _no_duplicate_keys(path: str):  # type: ignore[no-untyped-def]
     return hook
 
 
+MAX_JSON_DEPTH = 32  # a header or an index is three levels deep
+
+
+def parse_json(raw: bytes, path: str, what: str) -> Any:
+    """JSON text ``raw`` of ``path`` (a ``what``: "safetensors header", "safetensors index", ...), strictly.
+
+    Refused naming the file: text that is not UTF-8 JSON, a key given twice in one object, nesting
+    nesting deeper than :data:`MAX_JSON_DEPTH` (Python's parser, ``repr`` and ``==`` recurse per level:
+    RecursionError).
+    """
+    try:
+        value = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys(path))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CurvatureError(f"{path}: corrupted {what} (not JSON: {error})") from error
+    except RecursionError as error:
+        raise CurvatureError(f"{path}: corrupted {what} (JSON nested too deeply to parse)") from error
+    stack = [(value, 1)]
+    while stack:  # what parsed may still be too deep to print or compare (repr and == recurse as well)
+        item, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise CurvatureError(f"{path}: corrupted {what} (JSON nested deeper than {MAX_JSON_DEPTH} levels)")
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return value
+
+
+def metadata_names(metadata: Dict[str, str], key: str, path: str) -> List[str]:
+    """Metadata field ``key`` of ``path`` holding a JSON list of names (``parameters_without_state``,
+    ``mapping_by_order``); ``[]`` when absent; anything else is refused naming the file and key."""
+    text = metadata.get(key)
+    if text in (None, ""):
+        return []
+    value = parse_json(str(text).encode("utf-8", "surrogatepass"), f"{path} metadata '{key}'", "JSON list")
+    if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
+        raise CurvatureError(f"{path}: metadata '{key}' must be a JSON list of names; found {str(text)[:80]!r}")
+    return value
+
+
 def _metadata(raw: Any, path: str) -> Dict[str, str]:
     if raw is None:
         return {}
@@ -125,6 +163,7 @@ def read_header(path: str) -> Tuple[Dict[str, HeaderEntry], Dict[str, str]]:
     Raises :class:`~mergekit_ota.errors.CurvatureError` naming ``path`` (and the
     tensor, where one is at fault) unless the file is complete and well formed.
     """
+    regular_file(path, "safetensors file")
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as fp:
@@ -140,10 +179,7 @@ def read_header(path: str) -> Tuple[Dict[str, HeaderEntry], Dict[str, str]]:
             raw = fp.read(header_len)
     except OSError as error:
         raise CurvatureError(f"{path}: cannot read file ({error})") from error
-    try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys(path))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CurvatureError(f"{path}: corrupted safetensors header ({error})") from error
+    header = parse_json(raw, path, "safetensors header")
     if not isinstance(header, dict):
         raise CurvatureError(f"{path}: corrupted safetensors header (not a JSON object)")
     metadata = _metadata(header.pop("__metadata__", None), path)
@@ -183,13 +219,13 @@ class SafetensorsIndex:
 
 def read_index(path: str) -> SafetensorsIndex:
     """Parse index ``path``; every shard it names must lie in its directory (existence is not checked here)."""
+    regular_file(path, "safetensors index")
     try:
-        with open(path, "r", encoding="utf-8") as fp:
-            data = json.load(fp, object_pairs_hook=_no_duplicate_keys(path))
+        with open(path, "rb") as fp:
+            raw = fp.read()
     except OSError as error:
         raise CurvatureError(f"{path}: cannot read the index ({error})") from error
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CurvatureError(f"{path}: not a valid safetensors index (not JSON: {error})") from error
+    data = parse_json(raw, path, "safetensors index")
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(k, str) for k in weight_map):
         raise CurvatureError(
@@ -213,7 +249,7 @@ def read_sharded(path: str) -> Tuple[List[str], Dict[str, HeaderEntry], Dict[str
         entries, metadata = read_header(path)
         return [path], entries, metadata
     index = read_index(path)
-    missing = [f for f in index.shards if not os.path.isfile(f)]
+    missing = [f for f in index.shards if not os.path.lexists(f)]  # a FIFO or directory: refused by read_header
     if missing:
         raise CurvatureError(f"{path}: shard(s) listed in the index are missing: {missing}")
     headers = [(shard, *read_header(shard)) for shard in index.shards]

@@ -1,0 +1,412 @@
+"""The crash classes an external mutation fuzzer found, each refused at its root: a bad input ends in one of our
+errors naming the file (and key), never a traceback, a hang, or a store holding NaN/Inf.
+
+Sources are the fuzz target's own seeds (:mod:`fuzz.seeds`: the project's writers, and the real DeepSpeed
+fixtures), each changed the way the fuzzer changed it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import struct
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+REPO = str(Path(__file__).resolve().parents[1])
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+from fuzz import seeds  # noqa: E402
+from fuzz.mutate import load_pickle_tree, save_pickle_tree  # noqa: E402
+from mergekit_ota.cli.main import main  # noqa: E402
+
+ZERO = Path(seeds.FIXTURES) / "deepspeed"
+
+
+@contextmanager
+def deadline(seconds: int) -> Iterator[None]:
+    """Fail (instead of hanging the suite) when the block takes longer than ``seconds``."""
+
+    def expired(*_: Any) -> None:
+        raise TimeoutError(f"still running after {seconds} s: a hang")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _cli(*args: Any) -> Any:
+    with deadline(120):
+        return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
+
+
+def _refused(result: Any, *named: str) -> str:
+    """The command failed with one of our errors (exit 1, ``Error: ...``) whose text holds every string of ``named``."""
+    error = result.exception
+    assert error is None or isinstance(error, SystemExit), f"{type(error).__name__}: {error}\n{result.output}"
+    assert result.exit_code == 1 and "Error:" in result.output and "Traceback" not in result.output, result.output
+    for text in named:
+        assert text in result.output, (text, result.output)
+    return result.output
+
+
+def _edit(path: Path, change: Callable[[Any], None]) -> None:
+    """Load the pickle at ``path`` (DeepSpeed stand-ins included), apply ``change`` to it, save it back."""
+    tree = load_pickle_tree(str(path))
+    change(tree)
+    save_pickle_tree(tree, str(path))
+
+
+def _named(tmp_path: Path, change: Callable[[dict], None]) -> Path:
+    path = tmp_path / "optimizer_state.pt"
+    seeds._named_state(str(path))
+    _edit(path, change)
+    return path
+
+
+def _zero(tmp_path: Path, name: str = "z2-fp32-w2") -> Path:
+    checkpoint = tmp_path / name
+    shutil.copytree(ZERO / name / "checkpoint", checkpoint)
+    return checkpoint
+
+
+def _first(checkpoint: Path, pattern: str) -> Path:
+    return sorted(checkpoint.glob(f"global_step*/{pattern}"))[0]
+
+
+def _set_path(keys: tuple, value: Any) -> Callable[[Any], None]:
+    def change(tree: Any) -> None:
+        node = tree
+        for key in keys[:-1]:
+            node = node[key]
+        node[keys[-1]] = value
+
+    return change
+
+
+# ----------------------------------------------------------------------------- A: contents of the wrong type
+
+
+@pytest.mark.parametrize(
+    "keys, value, named",
+    [
+        (("state",), "x", "'state'"),
+        (("state", 0), "x", "state[0]"),
+        (("param_groups",), "x", "'param_groups'"),
+        (("param_groups", 0), None, "param_groups[0]"),
+        (("param_groups", 0, "params"), None, "['params']"),
+        (("param_groups", 0, "betas"), {}, "'betas'"),
+        (("param_groups", 0, "param_names"), 5, "['param_names']"),
+        (("state", 0, "exp_avg_sq"), [1.0, 2.0], "['exp_avg_sq']"),
+        (("state", 0, "step"), "x", "['step']"),
+    ],
+    ids=lambda v: str(v)[:24],
+)
+def test_torch_state_of_the_wrong_type_is_refused_naming_file_and_key(tmp_path, keys, value, named):
+    """A string where a state dict belongs, betas={}, params=None, ...: refused naming the file and the key."""
+    path = _named(tmp_path, _set_path(keys, value))
+    _refused(_cli("export", path, tmp_path / "out.safetensors"), str(path), named)
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "pattern, keys, value, named",
+    [
+        ("zero_pp_rank_0_mp_rank_00_optim_states.pt", ("optimizer_state_dict", "zero_stage"), "x", "'zero_stage'"),
+        (
+            "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+            ("optimizer_state_dict", "param_slice_mappings", 0),
+            None,
+            "param_slice_mappings",
+        ),
+        (
+            "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+            ("optimizer_state_dict", "param_alignment_paddings"),
+            [["x"]],
+            "param_alignment_paddings",
+        ),
+        ("mp_rank_00_model_states.pt", ("param_shapes", 0, "fc1.weight"), [None, 6], "param_shapes"),
+        ("mp_rank_00_model_states.pt", ("buffer_names",), 5, "'buffer_names'"),
+    ],
+    ids=["zero_stage", "slice_mappings", "paddings", "shape-None", "buffer_names"],
+)
+def test_deepspeed_contents_of_the_wrong_type_are_refused_naming_file_and_key(tmp_path, pattern, keys, value, named):
+    """zero_stage='x', param_slice_mappings[0]=None, a None dimension, ...: refused naming the file and the key."""
+    checkpoint = _zero(tmp_path)
+    file = _first(checkpoint, pattern)
+    _edit(file, _set_path(keys, value))
+    if keys == ("buffer_names",):  # read only when neither frozen_param_shapes nor a model names the frozen ones
+        _edit(file, lambda tree: tree.pop("frozen_param_shapes", None))
+    _refused(_cli("export", checkpoint, tmp_path / "out.safetensors"), file.name, named)
+
+
+def test_universal_checkpoint_with_a_none_dimension_is_refused_naming_the_file(tmp_path):
+    """A None dimension in the param_shapes beside a universal checkpoint's zero/ is refused naming that file."""
+    seeds._universal(str(tmp_path / "u"))
+    states = tmp_path / "u" / "mp_rank_00_model_states.pt"
+    torch.save({"param_shapes": [{"model.a.weight": [4, None], "model.b.bias": [3]}]}, states)
+    _refused(_cli("export", tmp_path / "u", tmp_path / "out.safetensors"), str(states), "param_shapes")
+
+
+def test_dcp_planner_data_or_storage_meta_of_the_wrong_type_is_refused_naming_the_file(tmp_path):
+    """DCP metadata whose planner_data maps a key to a number instead of its path, or whose storage_meta is a list,
+    is refused naming .metadata."""
+    import pickle
+
+    from fuzz.mutate import load_dcp_metadata
+
+    directory = tmp_path / "dcp"
+    seeds._dcp(str(directory))
+    path = directory / ".metadata"
+    original = load_dcp_metadata(str(path))
+    path.write_bytes(pickle.dumps(original))
+    assert _cli("export", directory, tmp_path / "unchanged.safetensors").exit_code == 0  # re-pickled: accepted
+    metadata = load_dcp_metadata(str(path))
+    key = next(iter(metadata.planner_data))
+    metadata.planner_data[key] = 7
+    path.write_bytes(pickle.dumps(metadata))
+    _refused(_cli("export", directory, tmp_path / "out.safetensors"), str(path), "planner_data")
+    original.storage_meta = []  # found by the fuzz target (seed 3, case 922): AttributeError before
+    path.write_bytes(pickle.dumps(original))
+    _refused(_cli("export", directory, tmp_path / "out.safetensors"), str(path), "storage_meta")
+
+
+# ----------------------------------------------------------------------------- B: torch's CheckpointException
+
+
+def test_dcp_with_a_deleted_data_file_is_refused_not_a_checkpoint_exception(tmp_path):
+    """torch's CheckpointException is a BaseException: a deleted .distcp shard still ends in our error, one line."""
+    directory = tmp_path / "dcp"
+    seeds._dcp(str(directory))
+    for shard in directory.glob("*.distcp"):
+        shard.unlink()
+    output = _refused(_cli("export", directory, tmp_path / "out.safetensors"), str(directory))
+    assert "CheckpointException ranks" not in output and not (tmp_path / "out.safetensors").exists()
+
+
+# ----------------------------------------------------------------------------- C: step and beta2
+
+
+@pytest.mark.parametrize(
+    "keys, value, named",
+    [
+        (("state", 0, "step"), torch.tensor(float("inf")), "['step']"),
+        (("state", 0, "step"), torch.tensor(float("nan")), "['step']"),
+        (("state", 0, "step"), -1.0, "['step']"),
+        (("param_groups", 0, "betas"), (0.9, float("nan")), "'betas'"),
+        (("param_groups", 0, "betas"), (0.9, 1.0), "'betas'"),
+        (("param_groups", 0, "betas"), (0.9, 10**400), "'betas'"),
+    ],
+    ids=["step-inf", "step-nan", "step-negative", "beta2-nan", "beta2-1", "beta2-huge-int"],
+)
+def test_non_finite_step_or_beta2_outside_0_1_is_refused_naming_the_file(tmp_path, keys, value, named):
+    """Bias correction 1 / (1 - beta2**step) needs a finite step >= 0 and 0 <= beta2 < 1: anything else is refused
+    naming the file and key, with or without --bias-correct."""
+    path = _named(tmp_path, _set_path(keys, value))
+    for extra in ([], ["--bias-correct"]):
+        _refused(_cli("export", path, tmp_path / "out.safetensors", *extra), str(path), named)
+
+
+def test_store_with_a_nan_beta2_in_its_metadata_is_refused_as_a_source(tmp_path):
+    """A store's metadata beta2 'nan' (re-export with --bias-correct) is refused naming the store."""
+    from mergekit_ota.curvature.writer import save_store
+
+    store = tmp_path / "s.safetensors"
+    save_store({"w": torch.rand(3, 2)}, str(store), metadata={"beta2": "nan", "step": "3"})
+    _refused(_cli("export", store, tmp_path / "out.safetensors", "--bias-correct"), str(store), "beta2")
+
+
+# ----------------------------------------------------------------------------- D: unusual tensor types
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.ones(4, 3, dtype=torch.complex64),
+        lambda: torch.empty(4, 3, device="meta"),
+        lambda: torch.ones(4, 3).to_sparse(),
+        lambda: torch.ones(4, 3, dtype=torch.int64),
+    ],
+    ids=["complex", "meta", "sparse", "int64"],
+)
+def test_complex_meta_sparse_or_integer_second_moments_are_refused(tmp_path, make):
+    """exp_avg_sq must be a dense CPU tensor of a real floating dtype; others are refused naming file and key."""
+    path = _named(tmp_path, _set_path(("state", 0, "exp_avg_sq"), make()))
+    _refused(_cli("export", path, tmp_path / "out.safetensors"), str(path), "['exp_avg_sq']")
+
+
+def test_inspect_never_reads_a_complex_store_tensor_as_real(tmp_path):
+    """A C64 tensor in a store is reported as a dtype problem; its values are not cast (which drops the imaginary
+    part) into statistics, and the store reader refuses it."""
+    from mergekit_ota.curvature.inspect import tensor_report
+    from mergekit_ota.curvature.store import CurvatureStore
+    from mergekit_ota.errors import CurvatureError
+
+    path = tmp_path / "c.safetensors"
+    save_file({"w": torch.full((3, 2), 1 + 5j, dtype=torch.complex64)}, str(path))
+    store = CurvatureStore(str(path))
+    report = tensor_report(store, store.records["w"])
+    assert report.stats.max is None and any("C64" in p for p in report.problems)
+    with pytest.raises(CurvatureError, match="C64"):
+        store.read_entry(store.records["w"].full)
+
+
+# ----------------------------------------------------------------------------- E: names read from files
+
+
+def test_zero_latest_holding_a_nul_is_refused_naming_it(tmp_path):
+    """A ZeRO 'latest' naming 'global_step3\\0' is refused naming the file (os.path raised ValueError)."""
+    checkpoint = _zero(tmp_path)
+    (checkpoint / "latest").write_text("global_step3\x00x")
+    _refused(_cli("export", checkpoint, tmp_path / "out.safetensors"), str(checkpoint / "latest"), "NUL")
+
+
+def test_index_entry_no_file_name_can_hold_is_refused_naming_the_index(tmp_path):
+    """An index entry with a lone high surrogate (no file system encoding holds it) is refused naming the index."""
+    index = tmp_path / "exp_avg_sq.safetensors.index.json"
+    save_file({"w": torch.rand(2)}, str(tmp_path / "a.safetensors"))
+    index.write_text(json.dumps({"weight_map": {"w": "a\ud800.safetensors"}}))
+    _refused(_cli("inspect", index), str(index), "surrogate")
+
+
+# ----------------------------------------------------------------------------- F: deeply nested JSON
+
+
+def test_deeply_nested_header_or_index_is_refused_in_every_command(tmp_path):
+    """JSON nested 100000 deep as a safetensors header or index is refused naming the file (not RecursionError)."""
+    deep = b"[" * 100000 + b"]" * 100000
+    header = tmp_path / "deep.safetensors"
+    raw = b'{"a":' + deep + b"}"
+    header.write_bytes(struct.pack("<Q", len(raw)) + raw)
+    index = tmp_path / "deep.safetensors.index.json"
+    index.write_bytes(b'{"weight_map":' + deep + b"}")
+    for path in (header, index):
+        _refused(_cli("inspect", path), str(path), "nested")
+        _refused(_cli("export", path, tmp_path / "out.safetensors"), str(path), "nested")
+    moderate = tmp_path / "moderate.safetensors"  # parses, but too deep to print or compare
+    raw = b'{"__metadata__":' + b"[" * 500 + b"]" * 500 + b"}"
+    moderate.write_bytes(struct.pack("<Q", len(raw)) + raw)
+    _refused(_cli("inspect", moderate), str(moderate), "nested")
+
+
+# ----------------------------------------------------------------------------- H: no non-finite store
+
+
+@pytest.mark.parametrize(
+    "value, extra",
+    [
+        (torch.full((4, 3), 3.4e38), ["--dtype", "bfloat16"]),
+        (torch.full((4, 3), 3e38), ["--compress", "rank1"]),
+        (torch.full((4, 3), 1e300, dtype=torch.float64), []),
+        (torch.full((4, 3), 1e38), ["--bias-correct"]),
+    ],
+    ids=["bf16-cast", "rank1-sums", "f64-beyond-f32", "bias-correct-overflow"],
+)
+def test_export_never_writes_nan_or_inf(tmp_path, value, extra):
+    """Finite values that become Inf as stored (bfloat16 cast, rank-1 sums, float64 beyond float32, a bias correction
+    1 / (1 - beta2**step) that overflows) are refused naming the tensor; no store is written."""
+
+    def change(tree: dict) -> None:
+        tree["state"][0]["exp_avg_sq"] = value
+        tree["state"][0]["step"] = torch.tensor(1.0)
+        tree["param_groups"][0]["betas"] = (0.9, 0.9999)
+
+    path = _named(tmp_path, change)
+    _refused(_cli("export", path, tmp_path / "out.safetensors", *extra), "model.a.weight", "NaN/Inf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["optimizer_state.pt"]
+
+
+def test_store_writer_refuses_a_non_finite_value_before_committing(tmp_path):
+    """StoreWriter.write raises naming the tensor for NaN/Inf (given, or made by the dtype cast); nothing remains."""
+    from mergekit_ota.curvature.writer import save_store
+    from mergekit_ota.errors import CurvatureError
+
+    for value, dtype in ((torch.tensor([1.0, float("nan")]), torch.float32), (torch.tensor([3.4e38]), torch.bfloat16)):
+        with pytest.raises(CurvatureError, match="tensor 'w'"):
+            save_store({"ok": torch.ones(2), "w": value}, str(tmp_path / "s.safetensors"), dtype=dtype)
+        assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- I: hangs
+
+
+def test_config_with_an_absurd_layer_count_is_refused_at_once(tmp_path):
+    """A Trainer checkpoint whose config.json asks for 10**9 layers is refused (building it would never end)."""
+    checkpoint = tmp_path / "checkpoint-2"
+    seeds._trainer_checkpoint(str(checkpoint))
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["num_hidden_layers"] = 10**9
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    with deadline(60):
+        _refused(_cli("export", checkpoint, tmp_path / "out.safetensors"), "config.json", "num_hidden_layers")
+
+
+def test_fifo_as_source_is_refused_not_read(tmp_path):
+    """A FIFO given as SOURCE (--source-kind torch, or detected) or named by a store's index is refused as not a
+    regular file; reading it would block forever."""
+    fifo = tmp_path / "optimizer.pt"
+    os.mkfifo(fifo)
+    with deadline(60):
+        for extra in (["--source-kind", "torch"], []):
+            _refused(_cli("export", fifo, tmp_path / "out.safetensors", *extra), str(fifo), "FIFO")
+        os.mkfifo(tmp_path / "a.safetensors")
+        index = tmp_path / "s.safetensors.index.json"
+        index.write_text(json.dumps({"weight_map": {"w": "a.safetensors"}}))
+        _refused(_cli("inspect", index), "a.safetensors", "FIFO")
+
+
+# ----------------------------------------------------------------------------- J: a failure after the commit
+
+
+@pytest.mark.parametrize("field", ["mapping_by_order", "parameters_without_state"])
+def test_store_metadata_of_the_wrong_type_is_refused_before_the_new_store_is_written(tmp_path, field):
+    """Re-exporting a store whose JSON-list metadata field holds something else is refused naming the store and the
+    field, before anything is written (the summary printed after the commit used to crash on it)."""
+    from mergekit_ota.curvature.writer import save_store
+
+    store = tmp_path / "s.safetensors"
+    save_store({"w": torch.rand(3, 2)}, str(store), metadata={field: "5", "mapping_basis": "param_names"})
+    _refused(_cli("export", store, tmp_path / "out.safetensors"), str(store), field)
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "binary", "deep"])
+def test_check_refuses_a_merge_config_it_cannot_read(tmp_path, kind):
+    """`check` given a FIFO (would block), non-UTF-8 bytes or YAML nested 50000 deep as its config: our error
+    naming the file."""
+    config = tmp_path / "merge.yml"
+    if kind == "fifo":
+        os.mkfifo(config)
+    else:
+        config.write_bytes(b"models: \x80\xff" if kind == "binary" else b"models: " + b"[" * 50000 + b"]" * 50000)
+    with deadline(60):
+        result = _cli("check", config)
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert result.exit_code == 1 and str(config) in result.output and "Traceback" not in result.output, result.output
+
+
+def test_config_architectures_of_the_wrong_type_do_not_crash_export(tmp_path):
+    """config.json 'architectures': [0] (found by the fuzz target, seed 3 case 3746: TypeError in getattr) builds the
+    model by its model_type instead; the export ends accepted or refused, never a traceback."""
+    checkpoint = tmp_path / "checkpoint-2"
+    seeds._trainer_checkpoint(str(checkpoint))
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["architectures"] = [0]
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    result = _cli("export", checkpoint, tmp_path / "out.safetensors")
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert "Traceback" not in result.output
