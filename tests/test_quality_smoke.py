@@ -209,7 +209,7 @@ def test_every_method_gets_at_most_four_settings_and_valid_mergekit_configs():
     )
     points = merges.settings(experts)
     counts = Counter(p.method for p in points)
-    assert set(counts) == {m.name for m in merges.methods()}
+    assert set(counts) == {m.name for m in merges.methods()} - merges.STUDY_ONLY  # the study's only when named
     assert max(counts.values()) <= 4
     assert len({p.slug for p in points}) == len(points)
     for point in points:
@@ -527,3 +527,22 @@ def test_full_tier_code_rows_are_full_length_and_every_token_scored():
         assert len(split_rows) == 3
         assert all(len(ids) == 64 and labels == ids for ids, labels in split_rows)
     assert rows["val"][0][0] != rows["test"][0][0] != rows["train"][0][0]
+
+
+def test_the_defaults_study_merges_every_scale_variant_of_density_auto_at_each_mass():
+    """run.py --study defaults: each curvature_scale variant of the q-grid method keeps density: auto for every
+    expert (a variant once lost it and ran as plain ota) and its own scale, over q x lambda."""
+    from mergekit.config import MergeConfiguration
+
+    experts = merges.Experts("base", {"a": "ea", "b": "eb"}, {"a": "va.safetensors", "b": "vb.safetensors"})
+    points = merges.settings(experts, only=merges.DEFAULTS_STUDY)
+    assert {p.method for p in points} == set(merges.DEFAULTS_STUDY)
+    study = [p for p in points if p.method in merges.STUDY_ONLY]
+    assert len(study) == len(merges.STUDY_ONLY) * len(merges.AUTO_MASSES) * len(merges.MEAN_LAMBDAS)
+    scales = set()
+    for point in study:
+        MergeConfiguration.model_validate(point.config)
+        assert [m["parameters"]["density"] for m in point.config["models"]] == ["auto", "auto"], point.method
+        assert point.config["parameters"]["saliency_mass"] in merges.AUTO_MASSES
+        scales.add((point.config["parameters"]["curvature_scale"], point.config["parameters"].get("bias_correction")))
+    assert scales == {("none", None), ("none", False), ("mean", None), ("median", None)}
