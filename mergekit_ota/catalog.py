@@ -16,10 +16,10 @@ validation score in every seed (0.9 kept 0.69-0.77 of the ISO-date expert)."""
 
 DEFAULT_OTA_SALIENCY_MASS = 0.99
 """``ota``'s ``saliency_mass`` (merging with ``density: auto``): the mass with the smallest worst-case regret over
-the tiers and variants of benchmarks/results/quality-defaults.md (``python -m benchmarks.quality.regret``): 0.99
-was never beaten by more than 0.005 in validation G (0.95: up to 0.31, on the quick tier's constant-learning-rate
-variant). It keeps 2-4x more entries than grafting's 0.95 (7-34% against 2-14% on the quick tiers): a merge needs
-each expert's smaller edits too."""
+the tiers and variants of benchmarks/results/quality-defaults.md (``python -m benchmarks.quality.regret``). Under the
+default ``curvature_scale`` it was never beaten on any tier that ran the mass grid (0.95, grafting's value, by up to
+0.313 in validation G, on the quick tier's constant-learning-rate variant). It keeps 2-4x more entries than 0.95
+(7-34% against 2-14% on the quick tiers): a merge needs each expert's smaller edits too."""
 
 
 def saliency_mass_default(method: str) -> float:
@@ -28,10 +28,10 @@ def saliency_mass_default(method: str) -> float:
 
 
 DEFAULT_CURVATURE_SCALE = "mean"
-"""``curvature_scale``'s default: each expert's ``v`` divided by its model-wide mean. Chosen on validation over the
-three quality tiers (README, "Curvature on one scale"): validation picked ``mean`` on quick, ``median`` on sft
-(``mean`` second, well above ``none``) and ``none`` on full (``mean`` within its interval); ``mean`` is the one
-setting that lost on no tier's test set."""
+"""``curvature_scale``'s default: each expert's ``v`` divided by its model-wide mean. The setting with the smallest
+worst-case regret over six kinds of experts (benchmarks/results/quality-defaults.md, ``python -m
+benchmarks.quality.regret``): 0.085 in validation G (on constant-learning-rate SmolLM2 chat experts, where ``none``
+is best), against 0.500 for ``none`` (bias-corrected), 0.676 without bias correction and 0.346 for ``median``."""
 
 BiasMode = Union[Literal["auto"], bool]
 

@@ -9,7 +9,7 @@ merges, ``lambda``) and each candidate value ``c``:
 * ``V(t, s, f, c)``: the validation gain kept ``G`` (``paired.py``) of method family ``f`` under ``c`` on
   tier or variant ``t``, training seed ``s``; **tuned** = at the grid point best on validation (what a user who
   tunes the other knobs gets), **at defaults** = at the grid point of the other knobs' defaults (``ota``:
-  ``power 0.5, lambda 1``; ``density: auto``: ``saliency_mass 0.95, lambda 1``);
+  ``power 0.5, lambda 1``; ``density: auto``: ota's default ``saliency_mass``, ``lambda 1``);
 * **regret** ``R(t, f, c) = mean_s [max_c' V(t, s, f, c') - V(t, s, f, c)]``: what choosing ``c`` costs against
   the best candidate in hindsight, in ``G`` (1 = every expert's own gain);
 * the default is the candidate with the smallest **worst-case regret** ``max_{t, f} R(t, f, c)`` over the tiers
@@ -37,6 +37,7 @@ import numpy as np
 from benchmarks.quality import merges
 from benchmarks.quality.compare import fmt
 from benchmarks.quality.run import REPO
+from mergekit_ota.catalog import DEFAULT_OTA_SALIENCY_MASS
 
 Grid = Dict[Tuple[str, str], float]  # (method, setting label) -> validation G
 
@@ -57,7 +58,7 @@ SCALES: Dict[str, Optional[str]] = {
     "median": "scale: median",
 }
 RULE_FACTORS = (10.0, 100.0)  # "mean where the corrected scales differ by more than K, else none"
-DEFAULT_POINTS = {"ota": "p=0.5, λ=1", "auto": "q=0.95, λ=1"}
+DEFAULT_POINTS = {"ota": "p=0.5, λ=1", "auto": f"q={DEFAULT_OTA_SALIENCY_MASS:g}, λ=1"}  # the package's defaults
 
 
 @dataclass
@@ -228,7 +229,9 @@ def lambda_values(tier: Tier, family: str, scale: str) -> Values:
             suffix = f"λ={lam:g}"
 
             def where(label: str, suffix: str = suffix) -> bool:
-                return label.endswith(suffix) and (family != "auto" or label.startswith("q=0.95,"))
+                return label.endswith(suffix) and (
+                    family != "auto" or label == f"q={DEFAULT_OTA_SALIENCY_MASS:g}, {suffix}"
+                )
 
             per[f"{lam:g}"] = value(grid, method, where=where)
         if not any(np.isnan(v) for v in per.values()):
@@ -321,7 +324,7 @@ def build(cache: str, results: str) -> Tuple[List[Tier], Dict[str, Table], Dict[
         for tier in tiers:
             table.add(tier.name, mass_values(tier, scale))
         tables[f"mass {scale}"] = table
-    table = Table(f"`lambda` (other knobs tuned; auto at q = 0.95), `curvature_scale: {chosen}`")
+    table = Table(f"`lambda` (other knobs tuned; auto at the default q), `curvature_scale: {chosen}`")
     for family in FAMILIES:
         for tier in tiers:
             table.add(f"{tier.name} {family}", lambda_values(tier, family, chosen))
