@@ -410,3 +410,22 @@ def test_config_architectures_of_the_wrong_type_do_not_crash_export(tmp_path):
     result = _cli("export", checkpoint, tmp_path / "out.safetensors")
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
     assert "Traceback" not in result.output
+
+
+def test_a_name_utf8_cannot_encode_is_refused_before_a_store_is_written(tmp_path):
+    """A lone surrogate in a tensor name or metadata value (the fuzz run's 'hangs', cases 2476/4459/6883/8540 of
+    seed 3: export wrote a header safetensors could not parse back) is our error, and no file is written."""
+    import torch
+
+    from mergekit_ota.curvature.writer import save_store
+    from mergekit_ota.errors import CurvatureError
+
+    out = tmp_path / "store.safetensors"
+    with pytest.raises(CurvatureError, match="lone surrogate"):
+        save_store({"model.layers.0\ud800.weight": torch.ones(2, 2)}, str(out))
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    save_store({"model.layers.0\u00e9.weight": torch.ones(2, 2)}, str(out))  # valid Unicode beyond ASCII is fine
+    from safetensors import safe_open
+
+    with safe_open(str(out), "pt") as f:
+        assert list(f.keys()) == ["model.layers.0\u00e9.weight"]

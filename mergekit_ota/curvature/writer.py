@@ -122,15 +122,29 @@ def plan_shards(specs: Sequence[TensorSpec], max_bytes: Optional[int]) -> List[L
     return shards
 
 
+def _utf8(text: str) -> str:
+    """``text``, refused when UTF-8 cannot encode it (a lone surrogate, e.g. from a name in a mutated pickle): the
+    header would carry its ``\\udXXX`` escape, which safetensors' own parser refuses, so the store could not be read."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise CurvatureError(
+            f"name {text!r} is not valid Unicode (a lone surrogate at position {error.start}); a safetensors header "
+            "is UTF-8 JSON, so no store can hold it: nothing was written"
+        ) from error
+    return text
+
+
 def safetensors_header(specs: Sequence[TensorSpec], metadata: Mapping[str, str]) -> bytes:
     """The 8-byte length and JSON header of a safetensors file holding ``specs`` in this order.
 
     Data offsets are consecutive from 0; the JSON is padded with spaces to a multiple
     of 8 bytes (as safetensors does) so the data starts aligned.
     """
-    header: Dict[str, Any] = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}}
+    header: Dict[str, Any] = {"__metadata__": {_utf8(str(k)): _utf8(str(v)) for k, v in metadata.items()}}
     offset = 0
     for spec in specs:
+        _utf8(spec.key)
         if spec.dtype not in SAFETENSORS_DTYPES:
             raise ValueError(f"cannot store dtype {spec.dtype} (tensor '{spec.key}')")
         header[spec.key] = {
