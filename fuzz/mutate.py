@@ -344,13 +344,18 @@ def load_dcp_metadata(path: str) -> Any:
     return metadata
 
 
+def mutate_bytes_in_place(path: str, rng: random.Random) -> str:
+    """:func:`mutate_bytes` applied to file ``path``, rewritten in place; returns what was done."""
+    with open(path, "rb") as fp:
+        new, what = mutate_bytes(fp.read(), rng)
+    with open(path, "wb") as fp:
+        fp.write(new)
+    return what
+
+
 def mutate_dcp_metadata(path: str, rng: random.Random, canary: str) -> str:
     if rng.random() < 0.25:
-        with open(path, "rb") as fp:
-            new, what = mutate_bytes(fp.read(), rng)
-        with open(path, "wb") as fp:
-            fp.write(new)
-        return what
+        return mutate_bytes_in_place(path, rng)
     metadata, what = mutate_tree(load_dcp_metadata(path), rng, canary)
     try:
         payload = pickle.dumps(metadata)
@@ -419,11 +424,7 @@ def mutate_file(path: str, rng: random.Random, canary: str) -> str:
     try:
         if name.endswith((".pt", ".bin", ".pth")):
             if rng.random() < 0.2:
-                with open(path, "rb") as fp:
-                    new, what = mutate_bytes(fp.read(), rng)
-                with open(path, "wb") as fp:
-                    fp.write(new)
-                return what
+                return mutate_bytes_in_place(path, rng)
             return mutate_torch_file(path, rng, canary)
         if name.endswith(".safetensors"):
             return mutate_safetensors(path, rng)
