@@ -421,8 +421,9 @@ def test_a_name_utf8_cannot_encode_is_refused_before_a_store_is_written(tmp_path
     from mergekit_ota.errors import CurvatureError
 
     out = tmp_path / "store.safetensors"
-    with pytest.raises(CurvatureError, match="lone surrogate"):
+    with pytest.raises(CurvatureError, match="lone surrogate") as error:
         save_store({"model.layers.0\ud800.weight": torch.ones(2, 2)}, str(out))
+    assert str(out) in str(error.value)  # names the store it would have written
     assert not out.exists() and list(tmp_path.iterdir()) == []
     save_store({"model.layers.0\u00e9.weight": torch.ones(2, 2)}, str(out))  # valid Unicode beyond ASCII is fine
     from safetensors import safe_open

@@ -316,7 +316,10 @@ class StoreWriter:
             for taken in (f for f in self._names if os.path.lexists(f)):
                 check_output(OutputLayout("file", taken), force, replace_any)
         self._stale = _stale_shards(layout.path, self._names) if layout.kind == "index" else []
-        self.needed = total + sum(len(safetensors_header(shard, self.metadata)) for shard in self.shards)
+        try:  # every header is built (and its names checked) before anything is written
+            self.needed = total + sum(len(safetensors_header(shard, self.metadata)) for shard in self.shards)
+        except CurvatureError as error:
+            raise CurvatureError(f"{layout.path}: {error}") from error
         ensure_space(layout.path, self.needed)
         self._queue = [(i, spec) for i, shard in enumerate(self.shards) for spec in shard]
         self._position = 0
