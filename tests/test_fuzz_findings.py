@@ -430,3 +430,57 @@ def test_a_name_utf8_cannot_encode_is_refused_before_a_store_is_written(tmp_path
 
     with safe_open(str(out), "pt") as f:
         assert list(f.keys()) == ["model.layers.0\u00e9.weight"]
+
+
+# ----------------------------------------------------------------------------- found by the 10,000-case run, seed 5
+
+
+def test_check_refuses_a_model_file_that_is_a_fifo_instead_of_hanging_in_mergekits_loader(tmp_path, monkeypatch):
+    """An expert's model.safetensors replaced by a FIFO (seed 5, cases 3215/5943): mergekit's tensor loader would
+    block opening it; check names the file instead."""
+    seeds._merge_config(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    weights = next(tmp_path.glob("expert*/model.safetensors"))
+    weights.unlink()
+    os.mkfifo(weights)
+    with deadline(60):
+        result = _cli("check", "merge.yml")
+    assert result.exit_code != 0 and "a FIFO" in result.output and "model.safetensors" in result.output
+
+
+def test_check_refuses_a_config_that_mergekit_refuses_with_a_runtime_error(tmp_path, monkeypatch):
+    """A config with no 'models' (seed 5, case 1322): mergekit's validator raises RuntimeError, now our error."""
+    import yaml
+
+    seeds._merge_config(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    config = yaml.safe_load((tmp_path / "merge.yml").read_text())
+    del config["models"]
+    (tmp_path / "merge.yml").write_text(yaml.safe_dump(config))
+    result = _cli("check", "merge.yml")
+    assert result.exit_code == 1 and "merge.yml: not a valid mergekit config" in result.output, result.output
+    assert "'models'" in result.output and "Traceback" not in result.output
+
+
+def test_dcp_data_file_that_is_a_fifo_or_metadata_without_its_fields_is_refused(tmp_path):
+    """A .distcp shard replaced by a FIFO (seed 5, case 4402) would block the read; metadata missing
+    state_dict_metadata (case 5441) was an AttributeError. Both are refused naming the file."""
+    from fuzz.mutate import load_dcp_metadata
+
+    directory = tmp_path / "dcp"
+    seeds._dcp(str(directory))
+    shard = next(directory.glob("*.distcp"))
+    data = shard.read_bytes()
+    shard.unlink()
+    os.mkfifo(shard)
+    with deadline(60):
+        _refused(_cli("export", directory, tmp_path / "out.safetensors"), str(shard), "FIFO")
+    shard.unlink()
+    shard.write_bytes(data)
+    path = directory / ".metadata"
+    metadata = load_dcp_metadata(str(path))
+    del metadata.state_dict_metadata
+    import pickle
+
+    path.write_bytes(pickle.dumps(metadata))
+    _refused(_cli("export", directory, tmp_path / "out.safetensors"), str(path))

@@ -59,13 +59,13 @@ def _check_data_files(metadata: Any, path: str) -> None:
     bare names such as ``__0_0.distcp``).
     """
     storage = getattr(metadata, "storage_data", None) or {}
-    if not isinstance(metadata.state_dict_metadata, dict) or not isinstance(storage, dict):
+    if not isinstance(getattr(metadata, "state_dict_metadata", None), dict) or not isinstance(storage, dict):
         raise CurvatureError(
             f"{path}: not a DCP metadata file (its state_dict_metadata and storage_data are not dicts)"
         )
     directory = os.path.dirname(os.path.abspath(path))
     for info in storage.values():
-        contained(directory, getattr(info, "relative_path", None), path)
+        regular_file(contained(directory, getattr(info, "relative_path", None), path), "DCP data file")
 
 
 def _reader(directory: str) -> Any:

@@ -137,6 +137,8 @@ def read_config(path: str, value_problems: Optional[List[str]] = None) -> Any:
         value_problems.extend(unreadable_values(data))
     try:
         return MergeConfiguration.model_validate(data)
+    except RuntimeError as error:  # mergekit's own validator raises it (e.g. no 'models', 'slices' or 'modules')
+        raise ConfigError(f"{path}: not a valid mergekit config ({error})") from error
     except ValidationError as error:
         details = "; ".join(
             f"{'.'.join(str(x) for x in item['loc']) or 'config'}: {item['msg']}" for item in error.errors()
@@ -230,6 +232,19 @@ def hub_lookup_warnings(config: Any) -> List[str]:
     return [f"model path(s) {', '.join(asked)}: " + HUB_HINT.format(path=asked[0])]
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json")
+
+
+def _weight_files_are_regular(directory: str) -> None:
+    """Refuse a local model directory holding a weights or index file that is no regular file (a FIFO, a device):
+    mergekit's tensor loader opens every such file and would block on it. Hub ids (no such directory) pass."""
+    if not os.path.isdir(directory):
+        return
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(WEIGHT_SUFFIXES):
+            regular_file(os.path.join(directory, name), "model file", ConfigError)
+
+
 def plan_merge(config: Any, options: Any) -> Tuple[Optional[Any], List[str]]:
     """Plan ``config`` as ``run_merge`` does, executing and writing nothing.
 
@@ -254,6 +269,7 @@ def plan_merge(config: Any, options: Any) -> Tuple[Optional[Any], List[str]]:
         loader_cache.setup(options=options)
         out_config = model_out_config(config, arch_info, trust_remote_code=options.trust_remote_code)
         for model in config.referenced_models():
+            _weight_files_are_regular(model.model.path)  # mergekit's loader would block on a FIFO
             loader_cache.get(model)
         planner = MergePlanner(config, arch_info, options=options, out_model_config=out_config)
         planner.plan_to_disk(out_path=NEVER_WRITTEN)  # builds tasks only; nothing executes
