@@ -148,7 +148,7 @@ def scale_variants(method: Method) -> List[Method]:
     for label, shared in SCALE_VARIANTS:
         out.append(
             Method(
-                _variant_name(method.name, label),
+                variant_name(method.name, label),
                 method.merge_method,
                 method.grid,
                 curvature=method.curvature,
@@ -162,7 +162,8 @@ def scale_variants(method: Method) -> List[Method]:
     return out
 
 
-def _variant_name(name: str, label: str) -> str:
+def variant_name(name: str, label: str) -> str:
+    """``name`` under the curvature-scale variant ``label``, e.g. ``ota (scale: mean)``."""
     return f"{name[:-1]}, {label})" if name.endswith(")") else f"{name} ({label})"
 
 
@@ -191,7 +192,7 @@ SCALED = ("ota", "ota+ffg (model-wide)", AUTO_MASS_METHOD.name)  # the methods r
 
 DEFAULTS_STUDY: Tuple[str, ...] = (
     "ties",
-    *(name for base in SCALED for name in (base, *(_variant_name(base, label) for label, _ in SCALE_VARIANTS))),
+    *(name for base in SCALED for name in (base, *(variant_name(base, label) for label, _ in SCALE_VARIANTS))),
 )
 """The methods ``run.py --study defaults`` merges: what ``regret.py`` chooses the defaults of ``curvature_scale``,
 ``saliency_mass`` (in merges) and ``lambda`` from, and TIES as the reference."""

@@ -75,7 +75,7 @@ def method_name(family: str, scale: str) -> str:
     """The benchmark's method name of ``family`` under ``curvature_scale`` candidate ``scale``."""
     label = SCALES[scale]
     base = FAMILIES[family]
-    return base if label is None else merges._variant_name(base, label)
+    return base if label is None else merges.variant_name(base, label)
 
 
 # --- inputs -----------------------------------------------------------------------------------------
