@@ -283,6 +283,28 @@ def test_index_entry_no_file_name_can_hold_is_refused_naming_the_index(tmp_path)
     _refused(_cli("inspect", index), str(index), "surrogate")
 
 
+@pytest.mark.parametrize("where", ["dtype", "key", "metadata"])
+def test_header_string_escaping_a_lone_surrogate_is_refused_naming_the_file(tmp_path, where):
+    """A header string holding the JSON escape of an unpaired surrogate (no Unicode text; it cannot be printed or
+    written back) is refused naming the file by every reader: inspect printed it and crashed with UnicodeEncodeError
+    (fuzz seed 6, case 3851), export and check read the same header."""
+    store = tmp_path / "exp_avg_sq.safetensors"
+    save_file({"w": torch.rand(2)}, str(store), metadata={"format": "pt"})
+    data = store.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = data[8 : 8 + n].decode("utf-8")
+    old, new = {"dtype": ('"F32"', '"F\\udc80"'), "key": ('"w"', '"w\\udc80"'), "metadata": ('"pt"', '"p\\udc80"')}[
+        where
+    ]
+    assert old in header
+    raw = header.replace(old, new, 1).encode("utf-8")
+    store.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
+    _refused(_cli("inspect", store), str(store), "surrogate")
+    _refused(_cli("inspect", store, "--json"), str(store), "surrogate")
+    _refused(_cli("export", store, tmp_path / "out.safetensors"), str(store), "surrogate")
+    assert not (tmp_path / "out.safetensors").exists()
+
+
 # ----------------------------------------------------------------------------- F: deeply nested JSON
 
 
