@@ -506,3 +506,21 @@ def test_dcp_data_file_that_is_a_fifo_or_metadata_without_its_fields_is_refused(
 
     path.write_bytes(pickle.dumps(metadata))
     _refused(_cli("export", directory, tmp_path / "out.safetensors"), str(path))
+
+
+def test_dcp_metadata_with_a_key_that_is_no_string_is_refused_naming_the_file(tmp_path):
+    """A state_dict_metadata key that is a number (fuzz seed 6, cases 5564 and 8828) was an AttributeError while
+    splitting it into its path; it is refused naming .metadata and the key."""
+    import pickle
+
+    from fuzz.mutate import load_dcp_metadata
+
+    directory = tmp_path / "dcp"
+    seeds._dcp(str(directory))
+    path = directory / ".metadata"
+    metadata = load_dcp_metadata(str(path))
+    first = next(iter(metadata.state_dict_metadata))
+    metadata.state_dict_metadata[7] = metadata.state_dict_metadata[first]
+    path.write_bytes(pickle.dumps(metadata))
+    _refused(_cli("export", directory, tmp_path / "out.safetensors"), str(path), "state_dict_metadata key 7")
+    assert not (tmp_path / "out.safetensors").exists()
