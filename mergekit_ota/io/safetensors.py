@@ -112,18 +112,6 @@ def parse_json(raw: bytes, path: str, what: str) -> Any:
     return value
 
 
-def metadata_names(metadata: Dict[str, str], key: str, path: str) -> List[str]:
-    """Metadata field ``key`` of ``path`` holding a JSON list of names (``parameters_without_state``,
-    ``mapping_by_order``); ``[]`` when absent; anything else is refused naming the file and key."""
-    text = metadata.get(key)
-    if text in (None, ""):
-        return []
-    value = parse_json(str(text).encode("utf-8", "surrogatepass"), f"{path} metadata '{key}'", "JSON list")
-    if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
-        raise CurvatureError(f"{path}: metadata '{key}' must be a JSON list of names; found {str(text)[:80]!r}")
-    return value
-
-
 def _metadata(raw: Any, path: str) -> Dict[str, str]:
     if raw is None:
         return {}
