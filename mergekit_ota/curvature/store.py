@@ -32,6 +32,8 @@ from mergekit_ota.io.safetensors import FLOAT_DTYPES, HeaderEntry, read_header, 
 from mergekit_ota.math.rank1 import Curvature, Rank1Curvature
 from mergekit_ota.store_format import COL_SUFFIX, METADATA_KEYS, ROW_SUFFIX, metadata_inputs
 
+# COL_SUFFIX, ROW_SUFFIX, METADATA_KEYS and metadata_inputs live in mergekit_ota.store_format (what curvature/ and
+# export/ share); they stay importable from here for the graph's modules.
 __all__ = [
     "COL_SUFFIX",
     "METADATA_KEYS",
