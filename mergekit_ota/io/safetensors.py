@@ -131,18 +131,6 @@ def _is_unicode(text: str) -> bool:
     return True
 
 
-def metadata_names(metadata: Dict[str, str], key: str, path: str) -> List[str]:
-    """Metadata field ``key`` of ``path`` holding a JSON list of names (``parameters_without_state``,
-    ``mapping_by_order``); ``[]`` when absent; anything else is refused naming the file and key."""
-    text = metadata.get(key)
-    if text in (None, ""):
-        return []
-    value = parse_json(str(text).encode("utf-8", "surrogatepass"), f"{path} metadata '{key}'", "JSON list")
-    if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
-        raise CurvatureError(f"{path}: metadata '{key}' must be a JSON list of names; found {str(text)[:80]!r}")
-    return value
-
-
 def _metadata(raw: Any, path: str) -> Dict[str, str]:
     if raw is None:
         return {}
