@@ -128,8 +128,9 @@ def test_readme_config_checks_and_merges(tmp_path, monkeypatch):
 DEMO_TORCH = "2.13.0+cpu"  # the build README's demo table was made with (another may differ in the last digit)
 
 
+@pytest.mark.slow  # the whole demo: about a minute on 2 idle cores, with subprocesses (export, mergekit-yaml)
 def test_readme_demo_table_is_what_make_demo_prints(tmp_path):
-    """The accuracy columns of README's demo table are those of a fresh `make demo` (about a minute on 2 cores)."""
+    """The accuracy columns of README's demo table are those of a fresh `make demo`."""
     import torch
 
     if torch.__version__ != DEMO_TORCH:
