@@ -1,0 +1,10 @@
+"""``mergekit-ota compare``: which merge method, at which setting, is best for the user's own experts.
+
+:mod:`.grid` (the compared methods and their default grids, ``--methods``/``--grid``), :mod:`.configs` (CONFIG's
+base and experts, each grid point's mergekit config, cache keys), :mod:`.dataset` (DATA as token rows by
+capability, split in a selection and a report half), :mod:`.preflight` (every point checked by ``check``'s code
+before any merge), :mod:`.score` (per-row loss, token accuracy and exact match), :mod:`.run` (merging, scoring
+and caching each point in OUT), :mod:`.stats` (the paired bootstrap and gain kept: the one home of these
+statistics), :mod:`.select` (choices on the selection half), :mod:`.summary` (the verdicts, from
+``results.json`` alone) and :mod:`.report` (``report.md``, ``best.yml``, the figure). See docs/compare.md.
+"""

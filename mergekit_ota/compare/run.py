@@ -1,0 +1,328 @@
+"""``mergekit-ota compare``: check everything, then merge and score each grid point, caching each in OUT.
+
+Order of work (nothing is merged, and nothing written, before step 4):
+
+1. OUT is checked against the output rules (:class:`~mergekit_ota.io.output.OutputDirectory`, policy
+   :data:`COMPARE_OUTPUT`); CONFIG's base and experts are read; the methods and grids resolved.
+2. DATA is read and tokenized with the base's tokenizer, grouped by capability and split in halves.
+3. Every grid point's config is checked by ``check``'s code (:mod:`.preflight`).
+4. OUT is claimed; the base and the experts are scored, then each grid point is merged with
+   ``mergekit.merge.run_merge`` (what ``mergekit-yaml`` calls) into ``OUT/merges/<point>``, loaded, scored on
+   every row, and its scores written to ``OUT/cache/<key>.json`` before its merge is deleted (kept with
+   ``keep_merges``): disk holds one merged model at a time. A point whose key (:func:`.configs.cache_key`: its
+   config, the merge and scoring options, the data rows, the input files' sizes and times) is cached is not
+   merged again: an interrupted run is resumed by running it again.
+5. ``results.json`` (every model's per-row scores), then ``report.md``, the figure and ``best.yml`` from it.
+
+An existing OUT that an earlier compare made is resumed in place; ``--force`` starts it afresh (built beside
+it, swapped in when done). Any other non-empty OUT is refused. A run that stops after step 4 began (an error
+or Ctrl-C) keeps OUT with the points it finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+
+from mergekit_ota.compare import configs, grid
+from mergekit_ota.compare.dataset import Dataset, is_chat, read_dataset
+from mergekit_ota.compare.score import RowScores, score_rows
+from mergekit_ota.errors import ConfigError
+from mergekit_ota.io.output import OutputDirectory, ReplacePolicy
+
+MARKER = ".mergekit-ota-compare"
+FORMAT = "mergekit-ota compare results 1"
+CACHE_DIR, MERGES_DIR = "cache", "merges"
+COMPARE_OUTPUT = ReplacePolicy(
+    what=f"the output of an earlier mergekit-ota compare (a directory holding {MARKER})",
+    recognises=lambda path: os.path.isfile(os.path.join(path, MARKER)),
+    flag="--force",
+)
+
+
+@dataclass(frozen=True)
+class CompareOptions:
+    """What ``mergekit-ota compare`` takes besides CONFIG, DATA, OUT and mergekit-yaml's options."""
+
+    methods: Optional[Tuple[str, ...]] = None
+    grids: Tuple[str, ...] = ()
+    split: float = 0.5
+    seed: int = 0
+    max_length: int = 512
+    batch_size: int = 8
+    device: str = "cpu"
+    dtype: str = "float32"
+    replicates: int = 4000
+    keep_merges: bool = False
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class Point:
+    """One grid point: its method, setting label, knobs, mergekit config and cache key."""
+
+    method: str
+    label: str
+    knobs: Dict[str, Any]
+    config: Dict[str, Any]
+    key: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.method} ({self.label})"
+
+
+def output(out: str, force: bool) -> OutputDirectory:
+    """OUT under the output rules: an earlier compare's OUT is written in place (resumed), or replaced with
+    ``force``; a missing or empty one is created; anything else is refused."""
+    recognised = os.path.isdir(out) and COMPARE_OUTPUT.recognises(out)
+    return OutputDirectory(out, COMPARE_OUTPUT, force=force, in_place=recognised and not force)
+
+
+def _tokenizer(base: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(base, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{base}: the base's tokenizer does not load (DATA is tokenized with it): {err}") from err
+
+
+def _option_fingerprint(merge_options: Any) -> Dict[str, Any]:
+    fields = ("random_seed", "device", "cuda", "allow_crimes", "unsafe_truncate_embeddings", "lora_merge_dtype")
+    return {name: getattr(merge_options, name, None) for name in fields}
+
+
+def plan_points(
+    inputs: configs.Inputs, methods: List[grid.MethodSpec], fingerprints: Mapping[str, str], merge_options: Any
+) -> List[Point]:
+    """Every grid point of every method, with its config and cache key."""
+    points = []
+    for method in methods:
+        for knobs in method.grid:
+            config = configs.point_config(inputs, method.merge_method, method.shared, knobs)
+            key = configs.cache_key(
+                "point",
+                config,
+                {
+                    **fingerprints,
+                    "merge": json.dumps(_option_fingerprint(merge_options), default=str),
+                    "inputs": configs.inputs_fingerprint(configs.config_paths(config)),
+                },
+            )
+            points.append(Point(method.name, method.label(knobs), dict(knobs), config, key))
+    return points
+
+
+class Cache:
+    """Finished models' scores in ``OUT/cache/<key>.json`` (each written whole or not at all)."""
+
+    def __init__(self, root: str):
+        self.root = os.path.join(root, CACHE_DIR)
+
+    def path(self, key: str) -> str:
+        return os.path.join(self.root, f"{key}.json")
+
+    def get(self, key: str) -> Optional[Dict[str, Any]]:
+        try:
+            with open(self.path(key), encoding="utf-8") as fp:
+                entry = json.load(fp)
+        except (OSError, ValueError):
+            return None
+        return entry if entry.get("key") == key else None
+
+    def put(self, key: str, entry: Dict[str, Any]) -> None:
+        from mergekit_ota.io.atomic import write_text
+
+        os.makedirs(self.root, exist_ok=True)
+        write_text(self.path(key), json.dumps({**entry, "key": key}))
+
+
+def run_compare(
+    config_path: str,
+    data_path: str,
+    out: str,
+    options: CompareOptions,
+    merge_options: Any,
+    log: Callable[[str], None] = print,
+    progress: Optional[Callable[[int], Any]] = None,
+) -> Dict[str, Any]:
+    """Compare the methods (see the module docstring); return the results (what ``results.json`` holds).
+
+    ``merge_options``: mergekit's ``MergeOptions`` for every merge; ``log`` gets one line per finished point;
+    ``progress(total)`` returns a bar (``update``/``close``) over the grid points.
+    """
+    from mergekit_ota.compare.preflight import check_points
+    from mergekit_ota.devices import device_problem
+
+    output(out, options.force).check()
+    problem = device_problem(options.device)
+    if problem:
+        raise ConfigError(f"--device {options.device}: {problem}")
+    inputs = configs.read_inputs(config_path)
+    methods = grid.resolve(options.methods, options.grids)
+    dataset = read_dataset(
+        data_path, _tokenizer(inputs.base), options.max_length, inputs.expert_paths, options.split, options.seed
+    )
+    scoring = {"data": dataset.fingerprint(), "scoring": f"{options.dtype}/{options.device}"}
+    points = plan_points(inputs, methods, scoring, merge_options)
+    check_points([(p.name, p.config) for p in points], merge_options)
+
+    with output(out, options.force) as directory:
+        root = directory.build
+        open(os.path.join(root, MARKER), "w").close()
+        try:
+            models = _score_all(inputs, dataset, points, scoring, options, merge_options, root, log, progress)
+        except BaseException:
+            shutil.rmtree(os.path.join(root, MERGES_DIR, ".partial"), ignore_errors=True)
+            directory.commit()  # keep the finished points: a rerun resumes from them
+            raise
+        results = _results(config_path, data_path, inputs, methods, dataset, models, options, merge_options)
+        from mergekit_ota.compare.report import write_outputs
+
+        write_outputs(root, results, log)
+        directory.commit()
+    return results
+
+
+def _score_all(
+    inputs: configs.Inputs,
+    dataset: Dataset,
+    points: List[Point],
+    scoring: Mapping[str, str],
+    options: CompareOptions,
+    merge_options: Any,
+    root: str,
+    log: Callable[[str], None],
+    progress: Optional[Callable[[int], Any]],
+) -> List[Dict[str, Any]]:
+    from mergekit_ota.fisher import _load
+
+    cache = Cache(root)
+    models: List[Dict[str, Any]] = []
+    pad: Optional[int] = None
+
+    def score(path: str) -> Tuple[RowScores, float]:
+        nonlocal pad
+        started = time.perf_counter()
+        model, tokenizer = _load(path, options.dtype, options.device)
+        if pad is None:
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        scores = score_rows(model, dataset.rows, pad, options.batch_size, options.device)
+        del model
+        return scores, time.perf_counter() - started
+
+    for kind, path in [("base", inputs.base)] + [("expert", p) for p in inputs.expert_paths]:
+        key = configs.cache_key(
+            "model", os.path.abspath(path), {**scoring, "inputs": configs.inputs_fingerprint([path])}
+        )
+        entry = cache.get(key)
+        if entry is None:
+            scores, seconds = score(path)
+            entry = {"name": f"{kind} {path}", "kind": kind, "path": path, "scores": scores.to_json()}
+            entry["score_seconds"] = seconds
+            cache.put(key, entry)
+        models.append({**entry, "key": key})
+
+    bar = progress(len(points)) if progress else None
+    try:
+        for number, point in enumerate(points, 1):
+            entry = cache.get(point.key)
+            cached = entry is not None
+            if entry is None:
+                entry = _merge_and_score(point, root, merge_options, options.keep_merges, score)
+                cache.put(point.key, entry)
+            models.append({**entry, "key": point.key, "cached": cached})
+            log(
+                f"[{number}/{len(points)}] {point.name}: loss {_loss(entry['scores']):.4f}"
+                + (
+                    " (cached)"
+                    if cached
+                    else f"  merge {entry['merge_seconds']:.1f}s  score {entry['score_seconds']:.1f}s"
+                )
+            )
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return models
+
+
+def _loss(scores: Mapping[str, List[float]]) -> float:
+    return sum(scores["nats"]) / max(1, sum(scores["tokens"]))
+
+
+def merge_dir(root: str, point: Point, keep: bool) -> str:
+    """Where a point is merged: ``OUT/merges/<method>_<key>`` when kept, else ``OUT/merges/.partial``."""
+    name = "".join(c if c.isalnum() else "_" for c in point.method) + "_" + point.key[:12] if keep else ".partial"
+    return os.path.join(root, MERGES_DIR, name)
+
+
+def _merge_and_score(
+    point: Point, root: str, merge_options: Any, keep: bool, score: Callable[[str], Tuple[RowScores, float]]
+) -> Dict[str, Any]:
+    """Merge ``point`` as ``mergekit-yaml`` would (its config through ``MergeConfiguration.model_validate``, then
+    ``mergekit.merge.run_merge`` with ``merge_options``), score it, delete the merge unless ``keep``."""
+    import yaml
+    from mergekit import merge as mergekit_merge
+    from mergekit.config import MergeConfiguration
+
+    target = merge_dir(root, point, keep)
+    shutil.rmtree(target, ignore_errors=True)  # a merge an interrupted run left
+    source = yaml.safe_dump(point.config, sort_keys=False)
+    started = time.perf_counter()
+    mergekit_merge.run_merge(MergeConfiguration.model_validate(yaml.safe_load(source)), target, merge_options, source)
+    merge_seconds = time.perf_counter() - started
+    try:
+        scores, score_seconds = score(target)
+    finally:
+        if not keep:
+            shutil.rmtree(target, ignore_errors=True)
+    return {
+        "name": point.name,
+        "kind": "point",
+        "method": point.method,
+        "setting": point.label,
+        "knobs": point.knobs,
+        "config": point.config,
+        "merge_seconds": merge_seconds,
+        "score_seconds": score_seconds,
+        "merged_to": os.path.relpath(target, root) if keep else None,
+        "scores": scores.to_json(),
+    }
+
+
+def _results(
+    config_path: str,
+    data_path: str,
+    inputs: configs.Inputs,
+    methods: List[grid.MethodSpec],
+    dataset: Dataset,
+    models: List[Dict[str, Any]],
+    options: CompareOptions,
+    merge_options: Any,
+) -> Dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "config": os.path.abspath(config_path),
+        "data": os.path.abspath(data_path),
+        "base": inputs.base,
+        "experts": {c: p for c, p in dataset.experts.items()},
+        "capabilities": list(dataset.capabilities),
+        "options": asdict(options),
+        "merge_options": {k: v for k, v in merge_options.model_dump().items() if v is not None},
+        "methods": [
+            {"name": m.name, "merge_method": m.merge_method, "baseline": m.baseline, "title": m.title or m.name}
+            for m in methods
+        ],
+        "rows": [
+            {"origin": s.origin, "capability": c, "half": h, "chat": is_chat(s)}
+            for s, c, h in zip(dataset.samples, dataset.capability, dataset.halves)
+        ],
+        "models": models,
+    }
