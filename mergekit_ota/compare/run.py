@@ -21,22 +21,26 @@ or Ctrl-C) keeps OUT with the points it finished.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from mergekit_ota.compare import configs, grid
 from mergekit_ota.compare.dataset import Dataset, is_chat, read_dataset
+from mergekit_ota.compare.report import write_outputs
 from mergekit_ota.compare.score import RowScores, score_rows
 from mergekit_ota.errors import ConfigError
 from mergekit_ota.io.output import OutputDirectory, ReplacePolicy
 
 MARKER = ".mergekit-ota-compare"
 FORMAT = "mergekit-ota compare results 1"
-CACHE_DIR, MERGES_DIR = "cache", "merges"
+CACHE_DIR, MERGES_DIR, PARTIAL = "cache", "merges", ".partial"
 COMPARE_OUTPUT = ReplacePolicy(
     what=f"the output of an earlier mergekit-ota compare (a directory holding {MARKER})",
     recognises=lambda path: os.path.isfile(os.path.join(path, MARKER)),
@@ -177,16 +181,19 @@ def run_compare(
         open(os.path.join(root, MARKER), "w").close()
         try:
             models = _score_all(inputs, dataset, points, scoring, options, merge_options, root, log, progress)
-        except BaseException:
-            shutil.rmtree(os.path.join(root, MERGES_DIR, ".partial"), ignore_errors=True)
-            directory.commit()  # keep the finished points: a rerun resumes from them
-            raise
-        results = _results(config_path, data_path, inputs, methods, dataset, models, options, merge_options)
-        from mergekit_ota.compare.report import write_outputs
-
-        write_outputs(root, results, log)
-        directory.commit()
+            results = _results(config_path, data_path, inputs, methods, dataset, models, options, merge_options)
+            write_outputs(root, results, log)
+        finally:  # on success, and on an error or Ctrl-C: the finished points stay for a rerun to resume from
+            _tidy(os.path.join(root, MERGES_DIR))
+            directory.commit()
     return results
+
+
+def _tidy(merges: str) -> None:
+    """Remove a merge left unfinished, and the merges directory where nothing is kept in it."""
+    shutil.rmtree(os.path.join(merges, PARTIAL), ignore_errors=True)
+    with contextlib.suppress(OSError):
+        os.rmdir(merges)  # only if empty
 
 
 def _score_all(
@@ -229,6 +236,7 @@ def _score_all(
         models.append({**entry, "key": key})
 
     bar = progress(len(points)) if progress else None
+    shown: set = set()
     try:
         for number, point in enumerate(points, 1):
             entry = cache.get(point.key)
@@ -237,6 +245,10 @@ def _score_all(
                 entry = _merge_and_score(point, root, merge_options, options.keep_merges, score)
                 cache.put(point.key, entry)
             models.append({**entry, "key": point.key, "cached": cached})
+            for note in entry.get("notes", []):
+                if note not in shown:
+                    shown.add(note)
+                    log(note)
             log(
                 f"[{number}/{len(points)}] {point.name}: loss {_loss(entry['scores']):.4f}"
                 + (
@@ -259,7 +271,7 @@ def _loss(scores: Mapping[str, List[float]]) -> float:
 
 def merge_dir(root: str, point: Point, keep: bool) -> str:
     """Where a point is merged: ``OUT/merges/<method>_<key>`` when kept, else ``OUT/merges/.partial``."""
-    name = "".join(c if c.isalnum() else "_" for c in point.method) + "_" + point.key[:12] if keep else ".partial"
+    name = "".join(c if c.isalnum() else "_" for c in point.method) + "_" + point.key[:12] if keep else PARTIAL
     return os.path.join(root, MERGES_DIR, name)
 
 
@@ -276,7 +288,15 @@ def _merge_and_score(
     shutil.rmtree(target, ignore_errors=True)  # a merge an interrupted run left
     source = yaml.safe_dump(point.config, sort_keys=False)
     started = time.perf_counter()
-    mergekit_merge.run_merge(MergeConfiguration.model_validate(yaml.safe_load(source)), target, merge_options, source)
+    notes = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(notes):  # the merge's notes (curvature provenance), shown once by the caller
+            mergekit_merge.run_merge(
+                MergeConfiguration.model_validate(yaml.safe_load(source)), target, merge_options, source
+            )
+    except BaseException:
+        sys.stderr.write(notes.getvalue())
+        raise
     merge_seconds = time.perf_counter() - started
     try:
         scores, score_seconds = score(target)
@@ -293,6 +313,7 @@ def _merge_and_score(
         "merge_seconds": merge_seconds,
         "score_seconds": score_seconds,
         "merged_to": os.path.relpath(target, root) if keep else None,
+        "notes": [line for line in notes.getvalue().splitlines() if line.strip()],
         "scores": scores.to_json(),
     }
 
