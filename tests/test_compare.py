@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -173,7 +174,7 @@ def test_statistics_match_a_direct_computation(demo, tmp_path):
         assert low <= method.value.value <= high
 
 
-def test_chat_rows_report_exact_match(demo, tmp_path):
+def test_chat_rows_report_exact_match(demo, tmp_path, monkeypatch):
     """Chat rows: the loss on the assistant turn only, and greedy exact match of it reported."""
     from mergekit_ota import demo as demo_module
 
@@ -197,6 +198,17 @@ def test_chat_rows_report_exact_match(demo, tmp_path):
     assert {tuple(m["scores"]["tokens"]) for m in results["models"]} == {(4,) * 8}  # the 4 answer tokens only
     report = (out / "report.md").read_text()
     assert "Statistic: **mean held-out loss**" in report and "exact match (chat rows)" in report
+
+    # without matplotlib (an optional extra): no figure, one line saying so, the rest written
+    from mergekit_ota.compare.report import write_outputs
+
+    for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
+        monkeypatch.setitem(sys.modules, name, None)
+    lines, again = [], tmp_path / "again"
+    again.mkdir()
+    write_outputs(str(again), results, lines.append)
+    assert sorted(os.listdir(again)) == ["best.yml", "report.md", "results.json"]
+    assert lines == ["no figure: matplotlib is not installed (pip install 'mergekit-ota[analyze]')"]
 
 
 def _tree(root):

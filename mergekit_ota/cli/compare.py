@@ -13,8 +13,9 @@ def merge_options(config_file: str, rest: Sequence[str], device: str) -> Any:
     """``MergeOptions`` of ``mergekit-yaml CONFIG_FILE OUT_PATH REST...``, parsed by mergekit-yaml's own command
     line (so compare takes what it takes), for every grid point's merge: computed on ``device`` (compare's
     ``--device``) unless ``--cuda``/``--gpu-rich`` is given, ``random_seed`` 0 unless given (dare_ties draws at
-    random), quiet (compare shows its own progress) and without a model card (it changes no weight; mergekit's
-    card step would ask the Hub about relative model paths)."""
+    random), quiet (compare shows its own progress), with the tokenizer copied (the merge is loaded to be scored)
+    and without a model card (neither changes a weight; mergekit's card step would ask the Hub about relative
+    model paths)."""
     from mergekit.options import MergeOptions
     from mergekit.scripts.run_yaml import main as mergekit_yaml
 
@@ -28,7 +29,7 @@ def merge_options(config_file: str, rest: Sequence[str], device: str) -> Any:
         given["device"] = device
     if given.get("random_seed") is None:
         given["random_seed"] = 0
-    return MergeOptions(**{**given, "quiet": True, "write_model_card": False})
+    return MergeOptions(**{**given, "quiet": True, "copy_tokenizer": True, "write_model_card": False})
 
 
 def default_device() -> str:

@@ -122,7 +122,7 @@ class GridAxis(BaseModel):
     def _values(cls, values: Tuple[GridValue, ...]) -> Tuple[GridValue, ...]:
         if not values:
             raise ValueError("no value given")
-        if len(set(map(repr, values))) != len(values):
+        if len({(isinstance(v, bool), v) for v in values}) != len(values):  # 1 and 1.0 are one value; true is not 1
             raise ValueError(f"a value is repeated: {', '.join(map(_text, values))}")
         return values
 
@@ -135,14 +135,21 @@ class GridAxis(BaseModel):
         key, equals, listed = rest.partition("=")
         if not (colon and equals and method.strip()):
             raise ConfigError(f"--grid {text!r}: expected METHOD:KEY=V1,V2,... (e.g. ota:density=0.05,0.1,0.2)")
+        words = [v.strip() for v in listed.split(",")]
+        if not all(words):
+            raise ConfigError(f"--grid {text!r}: an empty value (values are separated by single commas)")
         try:
-            values = tuple(yaml.safe_load(v) if v.strip() else None for v in listed.split(","))
+            values = tuple(yaml.safe_load(v) for v in words)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--grid {text!r}: a value is not a YAML scalar") from err
+        odd = [w for w, v in zip(words, values) if not isinstance(v, (bool, int, float, str))]
+        if odd:
+            raise ConfigError(f"--grid {text!r}: {odd[0]!r} is not a number, true/false or a word")
+        try:
             return cls(method=method.strip(), key=key.strip(), values=values)
         except ValidationError as err:
             reasons = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in err.errors())
             raise ConfigError(f"--grid {text!r}: {reasons}") from err
-        except yaml.YAMLError as err:
-            raise ConfigError(f"--grid {text!r}: a value is not a YAML scalar") from err
 
 
 def _registered() -> List[str]:

@@ -111,8 +111,8 @@ def write_best(path: str, results: Mapping[str, Any], summary: Summary) -> None:
 
     winner = next(r for r in summary.methods if r.method == summary.winner)
     header = (
-        f"# mergekit-ota compare: the winner, {winner.method} ({winner.model['setting']}), chosen on the selection "
-        f"half of {results['data']}\n# merge it with: {mergekit_yaml_line(results)}\n"
+        f"# mergekit-ota compare: {winner.method}, best on the report half of {results['data']}, at its setting "
+        f"chosen on the selection half ({winner.model['setting']})\n# merge it with: {mergekit_yaml_line(results)}\n"
     )
     write_text(path, header + yaml.safe_dump(winner.model["config"], sort_keys=False))
 

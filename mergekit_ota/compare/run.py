@@ -169,9 +169,9 @@ def run_compare(
         raise ConfigError(f"--device {options.device}: {problem}")
     inputs = configs.read_inputs(config_path)
     methods = grid.resolve(options.methods, options.grids)
-    dataset = read_dataset(
-        data_path, _tokenizer(inputs.base), options.max_length, inputs.expert_paths, options.split, options.seed
-    )
+    tokenizer = _tokenizer(inputs.base)
+    dataset = read_dataset(data_path, tokenizer, options.max_length, inputs.expert_paths, options.split, options.seed)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     scoring = {"data": dataset.fingerprint(), "scoring": f"{options.dtype}/{options.device}"}
     points = plan_points(inputs, methods, scoring, merge_options)
     check_points([(p.name, p.config) for p in points], merge_options)
@@ -180,7 +180,7 @@ def run_compare(
         root = directory.build
         open(os.path.join(root, MARKER), "w").close()
         try:
-            models = _score_all(inputs, dataset, points, scoring, options, merge_options, root, log, progress)
+            models = _score_all(inputs, dataset, pad, points, scoring, options, merge_options, root, log, progress)
             results = _results(config_path, data_path, inputs, methods, dataset, models, options, merge_options)
             write_outputs(root, results, log)
         finally:  # on success, and on an error or Ctrl-C: the finished points stay for a rerun to resume from
@@ -199,6 +199,7 @@ def _tidy(merges: str) -> None:
 def _score_all(
     inputs: configs.Inputs,
     dataset: Dataset,
+    pad: int,
     points: List[Point],
     scoring: Mapping[str, str],
     options: CompareOptions,
@@ -211,14 +212,10 @@ def _score_all(
 
     cache = Cache(root)
     models: List[Dict[str, Any]] = []
-    pad: Optional[int] = None
 
     def score(path: str) -> Tuple[RowScores, float]:
-        nonlocal pad
         started = time.perf_counter()
-        model, tokenizer = _load(path, options.dtype, options.device)
-        if pad is None:
-            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        model, _ = _load(path, options.dtype, options.device)  # padding is on the right, masked: pad changes nothing
         scores = score_rows(model, dataset.rows, pad, options.batch_size, options.device)
         del model
         return scores, time.perf_counter() - started
