@@ -80,7 +80,7 @@ def _compare(demo, out, *extra):
 
 
 class Counter:
-    """``mergekit.merge.run_merge`` counting its calls (and raising KeyboardInterrupt on call ``stop``); it keeps
+    """``mergekit.merge.run_merge`` counting its calls (and raising KeyboardInterrupt after call ``stop``); it keeps
     run_merge's signature, which mergekit-ota's compatibility check reads."""
 
     def __init__(self, monkeypatch, stop=None):
@@ -91,9 +91,10 @@ class Counter:
         @functools.wraps(real)
         def counting(merge_config, out_path, options, config_source=None):
             self.calls.append(merge_config.merge_method)
+            result = real(merge_config, out_path, options, config_source)
             if self.stop is not None and len(self.calls) == self.stop:
-                raise KeyboardInterrupt
-            return real(merge_config, out_path, options, config_source)
+                raise KeyboardInterrupt  # Ctrl-C once this merge is written, before it is scored
+            return result
 
         monkeypatch.setattr(merge, "run_merge", counting)
 
@@ -102,7 +103,7 @@ def test_end_to_end_with_resume(demo, tmp_path, monkeypatch):
     out = tmp_path / "out"
     interrupted = Counter(monkeypatch, stop=2)
     result = _compare(demo, out)
-    assert result.exit_code != 0 and len(interrupted.calls) == 2  # Ctrl-C during the second merge
+    assert result.exit_code == 1 and "Aborted" in result.output and len(interrupted.calls) == 2
     cached = os.listdir(out / "cache")
     assert len(cached) == 1 + 2 + 1  # base, 2 experts, the first point
     assert not (out / "report.md").exists()

@@ -9,6 +9,7 @@ from typing import Any, Callable, List, Mapping
 import numpy as np
 
 from mergekit_ota.compare import stats
+from mergekit_ota.compare.select import MIN_GAIN
 from mergekit_ota.compare.summary import Summary, summarize
 
 RESULTS_JSON, REPORT_MD, BEST_YML, FIGURE_PNG = "results.json", "report.md", "best.yml", "compare.png"
@@ -37,6 +38,7 @@ def render(results: Mapping[str, Any], summary: Summary) -> str:
     name = "G" if gain else "loss"
     caps = list(results["capabilities"])
     reference = summary.reference or "(none)"
+    baseline = any(r.baseline for r in summary.methods)
     lines = [
         "# mergekit-ota compare",
         "",
@@ -55,18 +57,25 @@ def render(results: Mapping[str, Any], summary: Summary) -> str:
     ]
     if summary.skipped:
         lines.append(
-            f"G is n/a on {', '.join(summary.skipped)}: its expert does not beat the base by 0.05 nats on the "
-            "selection half (their loss is shown instead, and left out of the mean)."
+            f"G is n/a on {', '.join(summary.skipped)}: the expert does not beat the base there by "
+            f"{MIN_GAIN:g} nats per token on the selection half (the loss is shown instead"
+            + (", left out of the mean)." if gain else ").")
         )
     lines += [
-        f"Each method's setting was chosen on the selection half; the reference, the best baseline there too: "
-        f"**{reference}**. On the report half, `vs {reference}` is the paired difference (positive: better than "
+        "Each method's setting was chosen on the selection half; the reference, "
+        + (
+            "the best baseline (mergekit's own methods) there too"
+            if baseline
+            else "with no baseline compared, the best method there"
+        )
+        + f": **{reference}**. On the report half, `vs {reference}` is the paired difference (positive: better than "
         f"the reference) with its 95% paired bootstrap interval over rows ({results['options']['replicates']} "
         "replicates); the verdict says **win** or **loss** only when the interval excludes 0.",
         "",
     ]
     exact = any(r.exact is not None for r in summary.methods)
-    header = ["method", "chosen setting", *[f"{name} {c}" for c in caps], f"{name} mean", f"vs {reference} (95%)"]
+    per_cap = [f"G {c}" if gain and c in summary.capabilities else f"loss {c}" for c in caps]
+    header = ["method", "chosen setting", *per_cap, f"{name} mean", f"vs {reference} (95%)"]
     header += ["verdict"] + (["exact match (chat rows)"] if exact else []) + ["merge s", "score s"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for result in summary.methods:

@@ -2,7 +2,8 @@
 
 * the **statistic**: ``G`` (gain kept, averaged over the gain capabilities) when every capability's rows name
   their expert and at least one expert beats the base on the selection half by :data:`.select.MIN_GAIN`;
-  otherwise the mean held-out loss over the capabilities;
+  otherwise the mean held-out loss over the capabilities. Per capability the report shows ``G_c`` where ``G``
+  averages it, else the capability's loss;
 * per method, its grid point chosen on the selection half, and the reference (best baseline) chosen there
   too (:mod:`.select`);
 * on the report half: each method's statistic, per capability ``G_c`` (or the loss) with a 95% row-bootstrap
@@ -41,7 +42,7 @@ class MethodResult:
 class Summary:
     statistic: str
     capabilities: List[str]  # what the statistic averages over
-    skipped: List[str]  # capabilities with an expert that does not beat the base (G_c n/a)
+    skipped: List[str]  # capabilities whose expert does not beat the base on the selection half (G_c n/a)
     reference: Optional[str]
     methods: List[MethodResult]
     winner: Optional[str]
@@ -87,11 +88,11 @@ def summarize(results: Mapping[str, Any]) -> Summary:
     points = [m for m in results["models"] if m["kind"] == "point"]
     selection = _seed(results, SELECTION, points)
     report = _seed(results, REPORT, points)
-    all_named = all(c in results["experts"] for c in capabilities)
-    gains = select.gain_capabilities(selection, capabilities) if all_named else []
-    statistic = stats.GAIN if gains else stats.LOSS
-    used = gains if gains else capabilities
-    skipped = [c for c in capabilities if all_named and c not in gains]
+    named = [c for c in capabilities if c in results["experts"]]
+    gains = select.gain_capabilities(selection, named)
+    statistic = stats.GAIN if gains and len(named) == len(capabilities) else stats.LOSS
+    used = gains if statistic == stats.GAIN else capabilities
+    skipped = [c for c in named if c not in gains]
     chosen = select.choose(selection, [(m["method"], m["name"]) for m in points], used, statistic)
     info = {m["name"]: m for m in results["methods"]}
     baselines = [m["name"] for m in results["methods"] if m["baseline"]]
@@ -103,7 +104,7 @@ def summarize(results: Mapping[str, Any]) -> Summary:
         whole = stats.gain_estimate([report], [key], used, replicates, seed_value, statistic).per_seed[0]
         per_capability = {}
         for capability in capabilities:
-            kind = stats.GAIN if capability in results["experts"] and capability not in skipped else stats.LOSS
+            kind = stats.GAIN if statistic == stats.GAIN and capability in used else stats.LOSS
             estimate = stats.gain_estimate([report], [key], [capability], replicates, seed_value, kind)
             per_capability[capability] = estimate.per_seed[0]
         versus = None
