@@ -72,7 +72,7 @@ def demo(tmp_path_factory):
 
 
 SMALL = ["--methods", "ties,ota", "--grid", "ties:density=0.3,0.6", "--grid", "ota:power=0.5,1.0"]
-FAST = ["--replicates", "400", "--device", "cpu", "-q"]
+FAST = ["--replicates", "400", "--device", "cpu"]
 
 
 def _compare(demo, out, *extra):
@@ -118,6 +118,8 @@ def test_end_to_end_with_resume(demo, tmp_path, monkeypatch):
     results = json.loads((out / "results.json").read_text())
     points = [m for m in results["models"] if m["kind"] == "point"]
     assert [p["cached"] for p in points] == [True, False, False, False]
+    assert "[1/4] ties (density=0.3): loss " in result.output and "(cached)" in result.output  # one line a point
+    assert "[4/4] ota (power=1): loss " in result.output
     assert [p["setting"] for p in points] == ["density=0.3", "density=0.6", "power=0.5", "power=1"]
     assert {r["half"] for r in results["rows"]} == {"selection", "report"}
     assert results["experts"] == {"up": demo["experts"][0], "down": demo["experts"][1]}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Optional, Sequence, Tuple
 
 import click
@@ -129,10 +130,8 @@ def compare_command(
     """
     from mergekit_ota.compare.run import CompareOptions, run_compare
     from mergekit_ota.errors import OTAError
-    from mergekit_ota.integration import install
     from mergekit_ota.progress import bar
 
-    install()  # ota and ffg registered with mergekit in this process
     chosen = None if methods is None else tuple(m.strip() for m in methods.split(",") if m.strip())
     device = device or default_device()
     options = CompareOptions(
@@ -154,7 +153,9 @@ def compare_command(
 
     def log(line: str) -> None:
         if not quiet:
-            click.echo(line, err=True)
+            from tqdm import tqdm
+
+            tqdm.write(line, file=sys.stderr)  # above the progress bar, where one is shown
 
     try:
         run_compare(

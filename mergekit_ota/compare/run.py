@@ -161,12 +161,15 @@ def run_compare(
     ``progress(total)`` returns a bar (``update``/``close``) over the grid points.
     """
     from mergekit_ota.compare.preflight import check_points
-    from mergekit_ota.devices import device_problem
+    from mergekit_ota.devices import device_problem, merge_option_problems
+    from mergekit_ota.integration import install
 
+    install()  # ota and ffg registered with mergekit, its planner and run_merge patched, in this process
     output(out, options.force).check()
-    problem = device_problem(options.device)
-    if problem:
-        raise ConfigError(f"--device {options.device}: {problem}")
+    problems = [f"--device {options.device}: {p}" for p in [device_problem(options.device)] if p]
+    problems += merge_option_problems(merge_options)
+    if problems:
+        raise ConfigError("\n".join(dict.fromkeys(problems)))
     inputs = configs.read_inputs(config_path)
     methods = grid.resolve(options.methods, options.grids)
     tokenizer = _tokenizer(inputs.base)
@@ -176,6 +179,7 @@ def run_compare(
     points = plan_points(inputs, methods, scoring, merge_options)
     check_points([(p.name, p.config) for p in points], merge_options)
 
+    merge_options.apply_global_options()  # as mergekit-yaml does first: logging, --random-seed, --num-threads
     with output(out, options.force) as directory:
         root = directory.build
         open(os.path.join(root, MARKER), "w").close()
