@@ -144,9 +144,17 @@ def test_end_to_end_with_resume(demo, tmp_path, monkeypatch):
     # the same command again: every point from the cache, the same report
     again = Counter(monkeypatch)
     result = _compare(demo, out)
-    assert result.exit_code == 0, result.output and again.calls == []
+    assert result.exit_code == 0, result.output
     assert again.calls == []
     assert (out / "report.md").read_text().split("## Costs")[0] == report.split("## Costs")[0]
+
+    # --force starts afresh: every point merged again, the old cache gone
+    fresh = Counter(monkeypatch)
+    result = _compare(demo, out, "--force")
+    assert result.exit_code == 0, result.output
+    assert fresh.calls == ["ties", "ties", "ota", "ota"]
+    assert len(os.listdir(out / "cache")) == 3 + 4 and not (out / "merges").exists()
+    assert sorted(os.listdir(tmp_path)) == ["out", "via_mergekit_yaml"]  # the replacement was swapped in
 
 
 def test_statistics_match_a_direct_computation(demo, tmp_path):

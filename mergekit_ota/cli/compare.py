@@ -42,7 +42,7 @@ def default_device() -> str:
 
 @click.command(
     "compare",
-    short_help="Which merge method is best for these experts: each method's grid on held-out data, with intervals.",
+    short_help="Which merge method is best for these experts, on held-out data, with intervals.",
     context_settings={"ignore_unknown_options": True},
 )
 @click.argument("config_file", metavar="CONFIG", type=click.Path(exists=True, dir_okay=False))
