@@ -22,17 +22,17 @@ or Ctrl-C) keeps OUT with the points it finished.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from mergekit_ota.compare import configs, grid
+from mergekit_ota.compare.cache import Cache
 from mergekit_ota.compare.dataset import Dataset, is_chat, read_dataset
+from mergekit_ota.compare.merge import MERGES_DIR, PARTIAL, merge_and_score
 from mergekit_ota.compare.report import write_outputs
 from mergekit_ota.compare.score import RowScores, score_rows
 from mergekit_ota.errors import ConfigError
@@ -40,7 +40,6 @@ from mergekit_ota.io.output import OutputDirectory, ReplacePolicy
 
 MARKER = ".mergekit-ota-compare"
 FORMAT = "mergekit-ota compare results 1"
-CACHE_DIR, MERGES_DIR, PARTIAL = "cache", "merges", ".partial"
 COMPARE_OUTPUT = ReplacePolicy(
     what=f"the output of an earlier mergekit-ota compare (a directory holding {MARKER})",
     recognises=lambda path: os.path.isfile(os.path.join(path, MARKER)),
@@ -120,30 +119,6 @@ def plan_points(
             )
             points.append(Point(method.name, method.label(knobs), dict(knobs), config, key))
     return points
-
-
-class Cache:
-    """Finished models' scores in ``OUT/cache/<key>.json`` (each written whole or not at all)."""
-
-    def __init__(self, root: str):
-        self.root = os.path.join(root, CACHE_DIR)
-
-    def path(self, key: str) -> str:
-        return os.path.join(self.root, f"{key}.json")
-
-    def get(self, key: str) -> Optional[Dict[str, Any]]:
-        try:
-            with open(self.path(key), encoding="utf-8") as fp:
-                entry = json.load(fp)
-        except (OSError, ValueError):
-            return None
-        return entry if entry.get("key") == key else None
-
-    def put(self, key: str, entry: Dict[str, Any]) -> None:
-        from mergekit_ota.io.atomic import write_text
-
-        os.makedirs(self.root, exist_ok=True)
-        write_text(self.path(key), json.dumps({**entry, "key": key}))
 
 
 def run_compare(
@@ -243,7 +218,7 @@ def _score_all(
             entry = cache.get(point.key)
             cached = entry is not None
             if entry is None:
-                entry = _merge_and_score(point, root, merge_options, options.keep_merges, score)
+                entry = merge_and_score(point, root, merge_options, options.keep_merges, score)
                 cache.put(point.key, entry)
             models.append({**entry, "key": point.key, "cached": cached})
             for note in entry.get("notes", []):
@@ -268,55 +243,6 @@ def _score_all(
 
 def _loss(scores: Mapping[str, List[float]]) -> float:
     return sum(scores["nats"]) / max(1, sum(scores["tokens"]))
-
-
-def merge_dir(root: str, point: Point, keep: bool) -> str:
-    """Where a point is merged: ``OUT/merges/<method>_<key>`` when kept, else ``OUT/merges/.partial``."""
-    name = "".join(c if c.isalnum() else "_" for c in point.method) + "_" + point.key[:12] if keep else PARTIAL
-    return os.path.join(root, MERGES_DIR, name)
-
-
-def _merge_and_score(
-    point: Point, root: str, merge_options: Any, keep: bool, score: Callable[[str], Tuple[RowScores, float]]
-) -> Dict[str, Any]:
-    """Merge ``point`` as ``mergekit-yaml`` would (its config through ``MergeConfiguration.model_validate``, then
-    ``mergekit.merge.run_merge`` with ``merge_options``), score it, delete the merge unless ``keep``."""
-    import yaml
-    from mergekit import merge as mergekit_merge
-    from mergekit.config import MergeConfiguration
-
-    target = merge_dir(root, point, keep)
-    shutil.rmtree(target, ignore_errors=True)  # a merge an interrupted run left
-    source = yaml.safe_dump(point.config, sort_keys=False)
-    started = time.perf_counter()
-    notes = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(notes):  # the merge's notes (curvature provenance), shown once by the caller
-            mergekit_merge.run_merge(
-                MergeConfiguration.model_validate(yaml.safe_load(source)), target, merge_options, source
-            )
-    except BaseException:
-        sys.stderr.write(notes.getvalue())
-        raise
-    merge_seconds = time.perf_counter() - started
-    try:
-        scores, score_seconds = score(target)
-    finally:
-        if not keep:
-            shutil.rmtree(target, ignore_errors=True)
-    return {
-        "name": point.name,
-        "kind": "point",
-        "method": point.method,
-        "setting": point.label,
-        "knobs": point.knobs,
-        "config": point.config,
-        "merge_seconds": merge_seconds,
-        "score_seconds": score_seconds,
-        "merged_to": os.path.relpath(target, root) if keep else None,
-        "notes": [line for line in notes.getvalue().splitlines() if line.strip()],
-        "scores": scores.to_json(),
-    }
 
 
 def _results(
