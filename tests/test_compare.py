@@ -222,6 +222,32 @@ def test_chat_rows_report_exact_match(demo, tmp_path, monkeypatch):
     assert lines == ["no figure: matplotlib is not installed (pip install 'mergekit-ota[analyze]')"]
 
 
+def test_row_scores_are_transformers_own_loss(demo):
+    """Per-row nats summed over a row's labelled tokens, over its token count, is transformers' mean token loss of
+    that row (labels=...); batching with padding changes nothing."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mergekit_ota.compare.score import score_rows
+    from mergekit_ota.fisher import data as fisher_data
+
+    model = AutoModelForCausalLM.from_pretrained(demo["experts"][0], dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(demo["base"])
+    samples = fisher_data.read_samples(demo["data"], 100)
+    rows = [
+        (ids[: 4 + i % 6], labels[: 4 + i % 6])
+        for i, (ids, labels) in enumerate(fisher_data.rows(tokenizer, samples, 64))
+    ]
+    scores = score_rows(model, rows, pad_id=0, batch_size=5)
+    for i, (ids, labels) in enumerate(rows):
+        with torch.no_grad():
+            loss = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss
+        assert scores.tokens[i] == len(ids) - 1
+        assert scores.nats[i] / scores.tokens[i] == pytest.approx(float(loss), rel=1e-5)
+        predicted = model(input_ids=torch.tensor([ids])).logits[0, :-1].argmax(-1)
+        assert scores.correct[i] == int((predicted == torch.tensor(ids[1:])).sum())
+        assert scores.exact[i] == (scores.correct[i] == scores.tokens[i])
+
+
 def _tree(root):
     return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
 

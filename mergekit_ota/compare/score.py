@@ -67,13 +67,15 @@ def score_rows(
             ).logits[:, :-1]
             target = batch["labels"][:, 1:].to(device)
             scored = target != IGNORE
-            losses = torch.nn.functional.cross_entropy(
-                logits.float().transpose(1, 2), target.clamp(min=0), reduction="none"
-            ).double()
-            hits = (logits.argmax(-1) == target) & scored
-            row_nats = (losses * scored).sum(-1).tolist()
-            row_tokens = scored.sum(-1).tolist()
-            row_correct = hits.sum(-1).tolist()
+            flat = logits[scored].float()  # the scored positions only: (labelled tokens, vocabulary)
+            token_nats = torch.nn.functional.cross_entropy(flat, target[scored], reduction="none").double()
+            hit = (flat.argmax(-1) == target[scored]).long()
+            owner = scored.nonzero()[:, 0]  # the batch row of each scored position, in the order of ``flat``
+            row_nats = torch.zeros(len(chosen), dtype=torch.float64, device=flat.device).index_add_(
+                0, owner, token_nats
+            )
+            row_correct = torch.zeros(len(chosen), dtype=torch.long, device=hit.device).index_add_(0, owner, hit)
+            row_nats, row_correct, row_tokens = row_nats.tolist(), row_correct.tolist(), scored.sum(-1).tolist()
             for position, index in enumerate(chosen):
                 nats[index] = float(row_nats[position])
                 tokens[index] = int(row_tokens[position])
