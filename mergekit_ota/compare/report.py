@@ -167,7 +167,9 @@ def write_outputs(root: str, results: Mapping[str, Any], log: Callable[[str], No
     text = render(results, summary)
     notes: List[str] = []
     if not write_figure(os.path.join(root, FIGURE_PNG), results, summary):
-        notes.append("no figure: matplotlib is not installed (pip install 'mergekit-ota[analyze]')")
+        notes.append(
+            "no figure: matplotlib is not installed (pip install matplotlib); the report and results are written"
+        )
         log(notes[-1])
     else:
         text += f"\n![per-capability {summary.statistic} by method]({FIGURE_PNG})\n"
