@@ -66,5 +66,9 @@ from mergekit_ota.cli.fisher import fisher_command  # noqa: E402
 main.add_command(analyze_command)
 main.add_command(fisher_command)
 
+from mergekit_ota.cli.compare import compare_command  # noqa: E402
+
+main.add_command(compare_command)
+
 if __name__ == "__main__":
     main()

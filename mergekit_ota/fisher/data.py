@@ -10,6 +10,10 @@ the id the loss is taken on or :data:`IGNORE`:
   generation prompt) and up to its end: the template must render a prefix of a conversation as a
   prefix of its tokens, which is checked.
 
+A JSONL row may also name what it tests, for ``mergekit-ota compare`` (fisher ignores both): ``"task"``, the
+capability (a string), and ``"expert"``, the expert model it belongs to (a string: the model's path as the merge
+config writes it, or its directory name).
+
 The first ``samples`` samples are used, in file order (a directory's files in name order), so a
 store is reproducible; :func:`data_hash` is the SHA-256 of the samples used, recorded in the store.
 """
@@ -31,11 +35,14 @@ TEXT_SUFFIXES = (".txt", ".md", ".text")
 
 @dataclass(frozen=True)
 class Sample:
-    """One calibration sample as read: a text, or a chat's messages; ``origin`` names file and line."""
+    """One calibration sample as read: a text, or a chat's messages; ``origin`` names file and line; ``task`` and
+    ``expert`` as the row names them (``""`` where it does not)."""
 
     origin: str
     text: str = ""
     messages: Tuple[Tuple[str, str], ...] = ()
+    task: str = ""
+    expert: str = ""
 
     def canonical(self) -> str:
         """A stable JSON form (what :func:`data_hash` hashes)."""
@@ -59,9 +66,20 @@ def _jsonl(path: str) -> Iterator[Sample]:
             yield _sample(item, where)
 
 
+ROW_FIELDS = ("task", "expert")  # optional string fields of a JSONL row (see the module docstring)
+
+
+def _labels(item: Any, where: str) -> Dict[str, str]:
+    found = {name: item[name] for name in ROW_FIELDS if isinstance(item, dict) and name in item}
+    for name, value in found.items():
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(f"{where}: {name!r} must be a non-empty string; got {value!r}")
+    return {name: value.strip() for name, value in found.items()}
+
+
 def _sample(item: Any, where: str) -> Sample:
     if isinstance(item, dict) and isinstance(item.get("text"), str):
-        return Sample(where, text=item["text"])
+        return Sample(where, text=item["text"], **_labels(item, where))
     if isinstance(item, dict) and isinstance(item.get("messages"), list):
         messages = []
         for message in item["messages"]:
@@ -76,7 +94,7 @@ def _sample(item: Any, where: str) -> Sample:
             raise ConfigError(
                 f"{where}: a chat sample needs an assistant turn (the loss is taken on assistant tokens only)"
             )
-        return Sample(where, messages=tuple(messages))
+        return Sample(where, messages=tuple(messages), **_labels(item, where))
     raise ConfigError(f'{where}: expected {{"text": "..."}} or {{"messages": [...]}}; got {str(item)[:80]!r}')
 
 
