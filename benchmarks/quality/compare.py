@@ -16,8 +16,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from benchmarks.quality import merges, stats
+from benchmarks.quality import merges
 from benchmarks.quality.paired import best_baseline, finite
+from mergekit_ota.compare import stats
 
 REPLICATES = 4000
 # (ours, theirs): the same way of combining, with FFG/curvature instead of magnitude/uniform

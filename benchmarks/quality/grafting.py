@@ -28,6 +28,8 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Tuple
 
+from mergekit_ota.compare.select import MIN_GAIN  # below this expert - base gap the gain ratio is noise: n/a
+
 DENSITIES: Tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.2, 0.4)
 AUTO_MASSES: Tuple[float, ...] = (0.5, 0.8, 0.9, 0.95, 0.99)  # density: auto's saliency masses grafted (sft tier)
 AUTO = "FFG (auto)"
@@ -69,9 +71,6 @@ def graft_config(
         config["parameters"] = shared
     config["dtype"] = dtype
     return config
-
-
-MIN_GAIN = 0.05  # below this expert - base gap the gain ratio is noise: reported as n/a
 
 
 def kept(score: float, expert: float, base: float) -> Dict[str, float]:

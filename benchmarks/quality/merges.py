@@ -45,7 +45,6 @@ that replaces bias correction).  Each variant keeps its method's grid.
 
 from __future__ import annotations
 
-import itertools
 import os
 import re
 import time
@@ -55,11 +54,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import yaml
 
 from mergekit_ota.catalog import DEFAULT_SALIENCY_MASS
+from mergekit_ota.compare.grid import DENSITIES, MEAN_LAMBDAS, POWERS, SUM_LAMBDAS, TASK_ARITHMETIC_LAMBDAS, product
 
-DENSITIES = (0.1, 0.3)
 AUTO_METHOD = "ota+ffg (model-wide, density: auto)"
-SUM_LAMBDAS = (0.5, 1.0)
-MEAN_LAMBDAS = (1.0, 1.5)
 
 
 @dataclass(frozen=True)
@@ -129,11 +126,6 @@ def _knob(key: str) -> str:
     return {"lambda": "λ", "power": "p", "density": "d", "saliency_mass": "q"}.get(key, key)
 
 
-def _grid(**axes: Sequence[Any]) -> List[Dict[str, Any]]:
-    keys = list(axes)
-    return [dict(zip(keys, values)) for values in itertools.product(*axes.values())]
-
-
 SCALE_VARIANTS = (
     ("no bias correction", {"bias_correction": False}),
     ("scale: mean", {"curvature_scale": "mean"}),
@@ -182,7 +174,7 @@ AUTO_MASSES = (0.9, DEFAULT_SALIENCY_MASS, 0.99)
 AUTO_MASS_METHOD = Method(
     "ota+ffg (model-wide, density: auto, q grid)",
     "ota",
-    _grid(saliency_mass=AUTO_MASSES, **{"lambda": MEAN_LAMBDAS}),
+    product(saliency_mass=AUTO_MASSES, **{"lambda": MEAN_LAMBDAS}),
     curvature="full",
     shared={"density_scope": "model"},
     per_expert={"density": "auto"},
@@ -213,7 +205,7 @@ def _core_methods() -> List[Method]:
         Method(
             fisher_method(n, scale),
             "ota",
-            _grid(power=(0.5, 1.0), **{"lambda": MEAN_LAMBDAS}),
+            product(power=POWERS, **{"lambda": MEAN_LAMBDAS}),
             curvature=f"fisher{n}",
             shared={"curvature_scale": scale},
             note=f"curvature: each expert's diagonal Fisher on {n} of its own training rows; curvature_scale: {scale}",
@@ -228,7 +220,7 @@ def _core_methods() -> List[Method]:
             Method(
                 "ota+ffg (model-wide, sign consensus)",
                 "ota",
-                _grid(density=DENSITIES, **{"lambda": MEAN_LAMBDAS}),
+                product(density=DENSITIES, **{"lambda": MEAN_LAMBDAS}),
                 curvature="full",
                 shared={"density_scope": "model", "sign_consensus": "sum"},
                 note="sign_consensus: sum",
@@ -236,7 +228,7 @@ def _core_methods() -> List[Method]:
             Method(
                 "ffg (sign consensus)",
                 "ffg",
-                _grid(density=DENSITIES, **{"lambda": MEAN_LAMBDAS}),
+                product(density=DENSITIES, **{"lambda": MEAN_LAMBDAS}),
                 curvature="full",
                 shared={"normalize": True, "sign_consensus": "sum"},
                 note="TIES with FFG saliency: normalize, sign_consensus: sum (disjoint mean)",
@@ -244,7 +236,7 @@ def _core_methods() -> List[Method]:
             Method(
                 AUTO_METHOD,
                 "ota",
-                _grid(saliency_mass=(DEFAULT_SALIENCY_MASS,), **{"lambda": MEAN_LAMBDAS}),
+                product(saliency_mass=(DEFAULT_SALIENCY_MASS,), **{"lambda": MEAN_LAMBDAS}),
                 curvature="full",
                 shared={"density_scope": "model"},
                 per_expert={"density": "auto"},
@@ -256,20 +248,20 @@ def _core_methods() -> List[Method]:
 
 def _base_methods() -> List[Method]:
     return [
-        Method("ota", "ota", _grid(power=(0.5, 1.0), **{"lambda": MEAN_LAMBDAS}), curvature="full"),
-        Method("ota (rank-1 curvature)", "ota", _grid(power=(0.5, 1.0), **{"lambda": MEAN_LAMBDAS}), curvature="rank1"),
-        Method("ota+ffg (per tensor)", "ota", _grid(density=DENSITIES, **{"lambda": MEAN_LAMBDAS}), curvature="full"),
+        Method("ota", "ota", product(power=POWERS, **{"lambda": MEAN_LAMBDAS}), curvature="full"),
+        Method("ota (rank-1 curvature)", "ota", product(power=POWERS, **{"lambda": MEAN_LAMBDAS}), curvature="rank1"),
+        Method("ota+ffg (per tensor)", "ota", product(density=DENSITIES, **{"lambda": MEAN_LAMBDAS}), curvature="full"),
         Method(
             "ota+ffg (model-wide)",
             "ota",
-            _grid(density=DENSITIES, **{"lambda": MEAN_LAMBDAS}),
+            product(density=DENSITIES, **{"lambda": MEAN_LAMBDAS}),
             curvature="full",
             shared={"density_scope": "model"},
         ),
         Method(
             "ota (no base)",
             "ota",
-            _grid(power=(0.5, 1.0)),
+            product(power=POWERS),
             curvature="full",
             base=False,
             note="theta = sum_i w_i t_i / sum_i w_i: curvature-weighted averaging, no base",
@@ -277,19 +269,19 @@ def _base_methods() -> List[Method]:
         Method(
             "ffg",
             "ffg",
-            _grid(density=DENSITIES, **{"lambda": SUM_LAMBDAS}),
+            product(density=DENSITIES, **{"lambda": SUM_LAMBDAS}),
             curvature="full",
             note="task arithmetic over FFG-grafted task vectors",
         ),
-        Method("ties", "ties", _grid(density=DENSITIES, **{"lambda": MEAN_LAMBDAS})),
-        Method("dare_ties", "dare_ties", _grid(density=DENSITIES, **{"lambda": SUM_LAMBDAS})),
+        Method("ties", "ties", product(density=DENSITIES, **{"lambda": MEAN_LAMBDAS})),
+        Method("dare_ties", "dare_ties", product(density=DENSITIES, **{"lambda": SUM_LAMBDAS})),
         Method(
             "breadcrumbs_ties",
             "breadcrumbs_ties",
-            _grid(density=DENSITIES, **{"lambda": SUM_LAMBDAS}),
+            product(density=DENSITIES, **{"lambda": SUM_LAMBDAS}),
             note="gamma 0.01 (mergekit default)",
         ),
-        Method("task_arithmetic", "task_arithmetic", _grid(**{"lambda": (0.25, 0.5, 0.75, 1.0)})),
+        Method("task_arithmetic", "task_arithmetic", product(**{"lambda": TASK_ARITHMETIC_LAMBDAS})),
         Method("linear", "linear", [{}], note="equal weights, normalised"),
     ]
 

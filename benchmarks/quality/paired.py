@@ -21,8 +21,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from benchmarks.quality import grafting, stats
+from benchmarks.quality import grafting
 from benchmarks.quality.tiers import Suite
+from mergekit_ota.compare import stats
 
 BASELINES: Tuple[str, ...] = ("ties", "dare_ties", "task_arithmetic", "linear", "breadcrumbs_ties")
 LOWER_IS_BETTER = frozenset({"loss"})

@@ -83,8 +83,9 @@ def method_name(family: str, scale: str) -> str:
 
 def cached_tier(name: str, tier_name: str, variant: Optional[str], cache: str) -> Tier:
     """A tier (``variant``) from its cached seeds' ``results.json`` and curvature stores."""
-    from benchmarks.quality import paired, stats
+    from benchmarks.quality import paired
     from benchmarks.quality.run import Pipeline, locate, make_parser
+    from mergekit_ota.compare import stats
 
     command = f"run.py --tier {tier_name}{f' --variant {variant}' if variant else ''} --study defaults"
     tier = Tier(name, f"`{command}`")

@@ -17,10 +17,11 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
-from benchmarks.quality import grafting, merges, paired, stats
+from benchmarks.quality import grafting, merges, paired
 from benchmarks.quality.compare import Comparisons, est
 from benchmarks.quality.compare import fmt as _fmt
 from benchmarks.quality.tiers import Suite
+from mergekit_ota.compare import stats
 
 
 def _score(record: Dict[str, Any], split: str, cap: str, metric: str) -> float:

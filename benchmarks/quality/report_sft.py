@@ -22,13 +22,14 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from benchmarks.quality import compare, grafting, merges, report, stats
+from benchmarks.quality import compare, grafting, merges, report
 from benchmarks.quality.compare import est as _est
 from benchmarks.quality.compare import fmt as _fmt
 from benchmarks.quality.paired import choose, gain_skills, seed_items
 from benchmarks.quality.paired import finite as _finite
 from benchmarks.quality.tiers import Suite
 from mergekit_ota.catalog import DEFAULT_SALIENCY_MASS
+from mergekit_ota.compare import stats
 
 INTERFERENCE_LIMIT = 0.85
 BASE_MAX, EXPERT_MIN = 0.2, 0.7  # the tier's criteria on held-out test items

@@ -19,7 +19,8 @@ import os
 import statistics
 from typing import Any, Dict, List, Optional, Sequence
 
-from benchmarks.quality import compare, paired, report, run, stats
+from benchmarks.quality import compare, paired, report, run
+from mergekit_ota.compare import stats
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 

@@ -15,8 +15,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from benchmarks.quality import evaluate, skills, stats
+from benchmarks.quality import evaluate, skills
 from benchmarks.quality.train import IGNORE, answer_only_loss, collate
+from mergekit_ota.compare import stats
 
 SKILL_NAMES = [s.name for s in skills.SKILLS]
 

@@ -316,7 +316,8 @@ def test_seed_report_lists_every_seed_and_its_mean_and_names_a_missing_run(tmp_p
     """Two --smoke seeds: the seeds report has, per method, each seed's test G at its validation-chosen point
     (over the skills that are gain skills in both seeds), their mean, one rank per seed, and pooled paired
     intervals; a seed never run is an error naming the command."""
-    from benchmarks.quality import compare, paired, run, seeds, stats
+    from benchmarks.quality import compare, paired, run, seeds
+    from mergekit_ota.compare import stats
 
     threads = torch.get_num_threads()
     common = [
@@ -444,8 +445,9 @@ def test_loss_gain_is_the_share_of_the_experts_loss_drop_and_resamples_rows_as_r
     """For a loss headline, G = (loss_base - loss) / (loss_base - loss_expert), each capability's loss the
     ratio nats / tokens summed over its rows (a row of 10 tokens weighs 10x a row of 1), and a skill counts as a
     gain skill when its expert's loss is lower by MIN_GAIN."""
-    from benchmarks.quality import paired, stats
+    from benchmarks.quality import paired
     from benchmarks.quality.tiers import FullSettings, full_suite
+    from mergekit_ota.compare import stats
 
     suite = full_suite(FullSettings(domains=("code", "prose")))
 
