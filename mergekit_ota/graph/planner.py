@@ -147,6 +147,9 @@ class CurvaturePlan:
         return plan
 
     def problem(self, message: str, config_level: bool = False) -> None:
+        """Collect a problem; one of the config as a whole (``config_level``, or a :class:`Problem` of that
+        ``level``) is listed first."""
+        config_level = config_level or getattr(message, "level", None) == "config"
         (self.config_problems if config_level else self.problems).setdefault(message, None)
 
     def listed(self) -> List[str]:
@@ -196,7 +199,8 @@ class CurvaturePlan:
                     Problem(
                         f"expert {model}: weight {weight.name} not found, so its curvature cannot be matched",
                         kind=f"expert {model}: weights not found, so their curvature cannot be matched",
-                        example=weight.name,
+                        tensor=weight.name,
+                        expert=model,
                     )
                 )
             return None
@@ -215,6 +219,8 @@ class CurvaturePlan:
                     f"{path}: no curvature tensor '{found}' for expert {model}, weight {weight.name}{read_as}{frozen}",
                     kind=f"{path}: no curvature tensors for expert {model}{frozen.replace('this parameter', 'these')}",
                     example=f"'{found}'{read_as}",
+                    tensor=weight.name,
+                    expert=model,
                 )
             )
             return None
@@ -226,6 +232,8 @@ class CurvaturePlan:
                     f"expert {model}'s weight '{found}' has shape {tuple(expected)}",
                     kind=f"{path}: curvature shapes (store vs weight) differ from expert {model}'s weights",
                     example=f"'{key}' {tuple(store.shape(key))} vs {tuple(expected)}",
+                    tensor=weight.name,
+                    expert=model,
                 )
             )
             return None
@@ -267,7 +275,7 @@ class CurvaturePlan:
             example = f"'{name}' {shape} vs {want}"
             if len(shape) != len(want):
                 message = f"{stem}: {len(shape)} dimensions, not {len(want)}; {FROM_THE_BASE}"
-                self.problem(Problem(message, kind=kind, example=example))
+                self.problem(Problem(message, kind, example, tensor=task.output_weight.name, expert=model))
                 continue
             differ = [d for d in range(len(want)) if shape[d] != want[d]]
             if differ == [axis] and aligned:
@@ -283,7 +291,8 @@ class CurvaturePlan:
                 kind = f"expert {model}: vocabulary sizes differ from the {what} {reference}'s; {fix}"
             else:
                 message = f"{stem}: dimension {d} is {shape[d]}, not {want[d]}; {FROM_THE_BASE}"
-            self.problem(Problem(message, kind=kind, example=f"{example} (dimension {d})"))
+            example = f"{example} (dimension {d})"
+            self.problem(Problem(message, kind, example, tensor=task.output_weight.name, expert=model))
 
     def expert_parameters(
         self, task: ExecuteMergeMethodTask, model: ModelReference, shared: SharedSettings
@@ -302,13 +311,12 @@ class CurvaturePlan:
             bias_correction=shared.bias_correction,
             density_scope=shared.density_scope,
         )
-        for problem in check.config_problems:
-            self.problem(problem, config_level=True)
-        for problem in check.problems:
+        for problem in check.problems:  # each at its level
             self.problem(problem)
         for bad in check.bad_values:  # a value from the config was reported where it is written (check_names)
             if bad.name not in from_config:
-                self.problem(f"expert {model}: {bad.message()} ({source or 'from its store metadata'})")
+                message = f"expert {model}: {bad.message()} ({source or 'from its store metadata'})"
+                self.problem(Problem(message, expert=model, parameter=bad.name))
         settings = check.settings
         if shared.model_wide(settings):
             self.model_densities.setdefault(model, {}).setdefault(settings.density, task.output_weight.name)
@@ -326,7 +334,8 @@ class CurvaturePlan:
         found, bad = metadata_inputs(metadata)
         for key, name, _ in METADATA_KEYS:
             if key in bad and values.get(name) is None:  # only where the config does not set it
-                self.problem(f"{path}: metadata {key}={metadata[key]!r} is not a number", config_level=True)
+                message = f"{path}: metadata {key}={metadata[key]!r} is not a number"
+                self.problem(Problem(message, expert=model, parameter=name, level="config"))
         filled = []
         for name in ("optimizer_step", "beta2"):
             if values.get(name) is None and name in found:
@@ -401,8 +410,12 @@ class CurvaturePlan:
             if len(densities) > 1:
                 (first, where), (other, there) = list(densities.items())[:2]
                 self.problem(
-                    f"density_scope: model needs one density per expert; expert {model} has "
-                    f"{first} (tensor {where}) and {other} (tensor {there})"
+                    Problem(
+                        f"density_scope: model needs one density per expert; expert {model} has "
+                        f"{first} (tensor {where}) and {other} (tensor {there})",
+                        expert=model,
+                        parameter="density",
+                    )
                 )
 
     @property
@@ -415,8 +428,11 @@ class CurvaturePlan:
         if len(self.scale_modes) > 1:
             (first, where), (other, there) = list(self.scale_modes.items())[:2]
             self.problem(
-                f"curvature_scale must be one value for the whole merge; got {first} (tensor {where}) and "
-                f"{other} (tensor {there})"
+                Problem(
+                    f"curvature_scale must be one value for the whole merge; got {first} (tensor {where}) and "
+                    f"{other} (tensor {there})",
+                    parameter="curvature_scale",
+                )
             )
 
     def bias_reason(self, d: BiasDecision) -> str:
