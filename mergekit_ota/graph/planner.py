@@ -30,6 +30,7 @@ from mergekit_ota.curvature.fingerprint import check_ownership
 from mergekit_ota.curvature.locate import locate_store
 from mergekit_ota.curvature.store import METADATA_KEYS, CurvatureStore, metadata_inputs, read_header
 from mergekit_ota.errors import OTAError, PreflightError, Problem, problem_of
+from mergekit_ota.graph.provenance import MergeRecord
 from mergekit_ota.graph.tasks import (
     CurvatureInput,
     CurvatureMergeTask,
@@ -137,6 +138,7 @@ class CurvaturePlan:
         self.scale_modes: Dict[str, str] = {}
         self.scale_pass = ""
         self.store_notes: List[str] = []  # stores that record no weights fingerprint (:meth:`check_store_owners`)
+        self.provenance = MergeRecord()  # this merge's record (:mod:`.provenance`; its model-wide pass notes in it)
 
     @classmethod
     def of(cls, planner: Any) -> "CurvaturePlan":
@@ -538,6 +540,7 @@ class CurvaturePlan:
             scale=mode,
             device=str(options.device) if options.device else None,
             quiet=bool(options.quiet),
+            record=self.provenance,
         )
         for index in sorted(density | scaled):
             weight, task = tensors[index]
