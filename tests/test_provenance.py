@@ -419,3 +419,24 @@ def test_two_merges_in_one_process_each_record_their_own(family, tmp_path, monke
     _merge(_config(family, [None, None]), tmp_path / "plain")
     plain = _provenance(tmp_path / "plain")
     assert all("density_auto" not in e and "curvature_scale_statistic" not in e for e in plain["experts"])
+
+
+def test_a_model_rewritten_between_two_plans_in_one_process_is_read_again(tmp_path):
+    """The weights' headers a plan reads are that plan's own (issue 27, point 3): an expert rewritten in place with
+    another base's sizes after one check is read again by the next check in the same process, which refuses it for
+    its new sizes (a cache of the process once kept the old ones and blamed the expert's matching store)."""
+    from mergekit.options import MergeOptions
+
+    from mergekit_ota.graph.preflight import check_config
+    from mergekit_ota.testing import make_family, tiny_llama_config
+
+    family = make_family(str(tmp_path / "family"))
+    cfg = MergeConfiguration.model_validate(_config(family, [None, None]))
+    assert check_config(cfg, MergeOptions(quiet=True)).ok
+    wider = make_family(str(tmp_path / "wide"), n_experts=1, config=tiny_llama_config(hidden_size=96))
+    for name in os.listdir(wider.experts[0]):  # expert 1 rewritten in place, its store with it
+        shutil.copy(os.path.join(wider.experts[0], name), os.path.join(family.experts[1], name))
+    report = check_config(cfg, MergeOptions(quiet=True))
+    stem = f"expert {family.experts[1]}: weight 'model.embed_tokens.weight' has shape (128, 96), the base"
+    assert any(p.startswith(stem) for p in report.problems), report.problems  # its new size, not the one read first
+    assert not any("curvature tensor" in p for p in report.problems), report.problems  # its store matches it

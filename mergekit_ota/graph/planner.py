@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from functools import lru_cache
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from mergekit.architecture import WeightInfo
@@ -59,32 +58,34 @@ FROM_THE_BASE = "every model of a merge must be fine-tuned from the same base (s
 LOG = logging.getLogger("mergekit_ota")
 
 
-@lru_cache(maxsize=None)
-def _header_entries(path: str) -> Dict[str, HeaderEntry]:
-    entries, _ = read_header(path)
-    return entries
+Headers = Dict[str, Dict[str, HeaderEntry]]  # weights file -> its header entries, read once per plan
 
 
-def _header_shapes(path: str) -> Dict[str, Tuple[int, ...]]:
-    return {key: entry.shape for key, entry in _header_entries(path).items()}
+def _header_entries(path: str, headers: Headers) -> Dict[str, HeaderEntry]:
+    """The header entries of weights file ``path``, read once per plan (``headers``: the plan's own, so a file
+    rewritten between two merges of one process is read again)."""
+    if path not in headers:
+        headers[path], _ = read_header(path)
+    return headers[path]
 
 
-def _weight_shape(model: ModelReference, name: str) -> Optional[Tuple[int, ...]]:
+def _weight_shape(model: ModelReference, name: str, headers: Headers) -> Optional[Tuple[int, ...]]:
     """Shape of weight ``name`` of ``model`` from its safetensors header (None if unknown)."""
     index = LoaderCache().get(model).index
     shard = index.tensor_paths.get(name)
     if shard is None or not shard.endswith(".safetensors"):
         return None
-    return _header_shapes(os.path.join(index.base_path, shard)).get(name)
+    found = _header_entries(os.path.join(index.base_path, shard), headers).get(name)
+    return None if found is None else found.shape
 
 
-def _weight_entries(model: ModelReference) -> Dict[str, HeaderEntry]:
+def _weight_entries(model: ModelReference, headers: Headers) -> Dict[str, HeaderEntry]:
     """Header entries of ``model``'s safetensors weights by tensor name (those in other formats are left out)."""
     index = LoaderCache().get(model).index
     entries: Dict[str, HeaderEntry] = {}
     for name, shard in index.tensor_paths.items():
         if shard.endswith(".safetensors"):
-            found = _header_entries(os.path.join(index.base_path, shard)).get(name)
+            found = _header_entries(os.path.join(index.base_path, shard), headers).get(name)
             if found is not None:
                 entries[name] = found
     return entries
@@ -138,6 +139,7 @@ class CurvaturePlan:
         self.scale_modes: Dict[str, str] = {}
         self.scale_pass = ""
         self.store_notes: List[str] = []  # stores that record no weights fingerprint (:meth:`check_store_owners`)
+        self.headers: Headers = {}  # the weights' safetensors headers this plan read
         self.provenance = MergeRecord()  # this merge's record (:mod:`.provenance`; its model-wide pass notes in it)
 
     @classmethod
@@ -226,7 +228,7 @@ class CurvaturePlan:
                 )
             )
             return None
-        expected = _weight_shape(model, found)
+        expected = _weight_shape(model, found, self.headers)
         if expected is not None and tuple(store.shape(key)) != tuple(expected):
             self.problem(
                 Problem(
@@ -261,7 +263,7 @@ class CurvaturePlan:
 
         def shape_of(model: ModelReference) -> Optional[Tuple[Optional[str], Tuple[int, ...]]]:
             found = _found_name(model, inputs[model])
-            shape = _weight_shape(model, found) if found is not None else None
+            shape = _weight_shape(model, found, self.headers) if found is not None else None
             return None if shape is None else (found, tuple(shape))
 
         expected = shape_of(reference)
@@ -475,7 +477,7 @@ class CurvaturePlan:
                 store = CurvatureStore.open(path)
                 uses.append((str(model), path, store.metadata, list(store.records)))
         models = {str(model): model for model, _ in self.stores}
-        found = check_ownership(uses, lambda expert: _weight_entries(models[expert]))
+        found = check_ownership(uses, lambda expert: _weight_entries(models[expert], self.headers))
         for problem in found.problems:
             self.problem(problem, config_level=True)
         for warning in found.warnings:
