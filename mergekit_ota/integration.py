@@ -127,17 +127,18 @@ def _guard_run_merge(run_merge: Callable) -> Callable:
 
         require_supported_mergekit()  # before the output is claimed or mergekit runs any of its steps
         _require_devices(kwargs.get("options", args[0] if args else None))
-        from mergekit_ota.graph.provenance import card_state, summary_lines, write_provenance
-        from mergekit_ota.graph.provenance import take as take_provenance
+        from mergekit_ota.graph.provenance import Recording, card_state, summary_lines, write_provenance
 
         with merge_output(out_path) as out:
             card_before = card_state(out.build)  # a card already there (in place) is not this run's
             record = None
             try:
+                recording = Recording(out.build)  # this merge's record, handed over by the planner (plan_to_disk)
                 try:
-                    result = run_merge(merge_config, out.build, *args, **kwargs)
+                    with recording:
+                        result = run_merge(merge_config, out.build, *args, **kwargs)
                 finally:
-                    record = take_provenance(out.build)  # recorded by the planner patch (plan_to_disk)
+                    record = recording.record()
                 for line in summary_lines(record):  # once per merge, shown without -v
                     print(line, file=sys.stderr)
                 write_provenance(out.build, record, card_before)  # before the output is swapped in

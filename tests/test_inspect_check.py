@@ -819,3 +819,23 @@ def test_group_problems_keeps_single_problems_and_separates_kinds():
     ]
     assert group_problems(a[:2]) == ["f: bad tensors (2 tensors: 'a', 'b')"]
     assert a[0] == "f: tensor 'a' is bad" and json.loads(json.dumps(a[0])) == a[0]
+
+
+def test_problems_are_grouped_by_their_fields_not_read_back_from_their_text():
+    """Issue 27, point 4: a problem carries its tensor, expert, parameter and level, and is grouped by them: a
+    tensor name with parentheses (which no pattern over the message could read back) is listed as it is, a lone one
+    is its message, and a copy or pickle keeps every field."""
+    import copy
+    import pickle
+
+    from mergekit_ota.errors import Problem, group_problems
+
+    before, after = "ota needs at least one expert with weight > 0", "; weights a: 0.0"
+    odd = [Problem.on_tensor(before, f"w({i}).weight", after, parameter="weight") for i in range(5)]
+    assert group_problems(odd) == [f"{before} (5 tensors: w(0).weight, w(1).weight, w(2).weight and 2 more){after}"]
+    assert group_problems(odd[:1]) == [f"{before} (tensor w(0).weight){after}"] == odd[:1]
+    assert (odd[0].tensor, odd[0].parameter, odd[0].level, odd[0].expert) == ("w(0).weight", "weight", "tensor", None)
+    config = Problem("model m: weight must be a finite number; got nan", parameter="weight", level="config")
+    assert group_problems([config, config, odd[0]]) == [config, odd[0]]  # an exact repeat is printed once
+    for kept in (pickle.loads(pickle.dumps(odd[1])), copy.deepcopy(odd[1])):
+        assert kept == odd[1] and isinstance(kept, Problem) and kept.fields() == odd[1].fields()

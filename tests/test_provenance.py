@@ -369,3 +369,74 @@ def test_density_auto_choice_and_scale_statistics_are_recorded_per_expert(family
     assert _section(tmp_path / "out").count("`density: auto` chose") == 1
     _merge(_config(family, [None, None]), tmp_path / "plain")
     assert all("density_auto" not in e for e in _provenance(tmp_path / "plain")["experts"])
+
+
+def test_two_merges_in_one_process_each_record_their_own(family, tmp_path, monkeypatch, capsys):
+    """State belongs to one merge (issue 27, point 3): while an ota merge's model-wide pass runs (density: auto at
+    saliency_mass 0.6, curvature_scale: median), a whole ffg merge (density: auto at 0.9) and a check of a third
+    config (density: auto at 0.5, which runs its own pass) run in the same process. Each output's JSON, card and
+    summary hold its own method and settings and nothing of the others; a plain merge after them records no
+    density: auto (nothing is left for the next merge)."""
+    from mergekit.options import MergeOptions
+
+    from mergekit_ota.graph.preflight import check_config
+    from mergekit_ota.graph.provenance import FFG_BIAS_REASON
+    from mergekit_ota.graph.tasks import ModelWidePass
+
+    auto = ({"density": "auto"}, {"density": "auto"})
+    outer = _config(family, [None, None], expert_parameters=auto, saliency_mass=0.6, curvature_scale="median")
+    inner = _config(family, [None, None], method="ffg", expert_parameters=auto, saliency_mass=0.9)
+    checked = _config(family, [None, None], expert_parameters=auto, saliency_mass=0.5)
+    execute = ModelWidePass.execute
+    nested = []
+
+    def interleaved(self):
+        result = execute(self)
+        if not nested:  # the outer merge's pass has noted its choices: run the others before its merge ends
+            nested.append(True)
+            _merge(inner, tmp_path / "ffg")
+            assert check_config(MergeConfiguration.model_validate(checked), MergeOptions(quiet=True)).ok
+        return result
+
+    monkeypatch.setattr(ModelWidePass, "execute", interleaved)
+    _merge(outer, tmp_path / "ota")
+    monkeypatch.setattr(ModelWidePass, "execute", execute)
+    assert nested
+    summary = capsys.readouterr().err
+    ota, ffg = _provenance(tmp_path / "ota"), _provenance(tmp_path / "ffg")
+    assert (ota["merge_method"], ota["curvature_scale"]) == ("ota", "median")
+    assert (ffg["merge_method"], ffg["curvature_scale"]) == ("ffg", None)
+    for record, mass in ((ota, 0.6), (ffg, 0.9)):
+        assert [e["model"] for e in record["experts"]] == family.experts
+        assert {e["density_auto"]["saliency_mass"] for e in record["experts"]} == {mass}
+    assert all(e["curvature_scale_statistic"] > 0 for e in ota["experts"])
+    assert all("curvature_scale_statistic" not in e for e in ffg["experts"])
+    assert {e["bias_correction"]["reason"] for e in ffg["experts"]} == {FFG_BIAS_REASON}
+    assert "(target 0.6)" in _section(tmp_path / "ota") and "(target 0.9)" not in _section(tmp_path / "ota")
+    assert "(target 0.9)" in _section(tmp_path / "ffg") and "(target 0.6)" not in _section(tmp_path / "ffg")
+    assert summary.count("target 0.6)") == summary.count("target 0.9)") == len(family.experts)
+    assert "target 0.5)" not in summary
+    _merge(_config(family, [None, None]), tmp_path / "plain")
+    plain = _provenance(tmp_path / "plain")
+    assert all("density_auto" not in e and "curvature_scale_statistic" not in e for e in plain["experts"])
+
+
+def test_a_model_rewritten_between_two_plans_in_one_process_is_read_again(tmp_path):
+    """The weights' headers a plan reads are that plan's own (issue 27, point 3): an expert rewritten in place with
+    another base's sizes after one check is read again by the next check in the same process, which refuses it for
+    its new sizes (a cache of the process once kept the old ones and blamed the expert's matching store)."""
+    from mergekit.options import MergeOptions
+
+    from mergekit_ota.graph.preflight import check_config
+    from mergekit_ota.testing import make_family, tiny_llama_config
+
+    family = make_family(str(tmp_path / "family"))
+    cfg = MergeConfiguration.model_validate(_config(family, [None, None]))
+    assert check_config(cfg, MergeOptions(quiet=True)).ok
+    wider = make_family(str(tmp_path / "wide"), n_experts=1, config=tiny_llama_config(hidden_size=96))
+    for name in os.listdir(wider.experts[0]):  # expert 1 rewritten in place, its store with it
+        shutil.copy(os.path.join(wider.experts[0], name), os.path.join(family.experts[1], name))
+    report = check_config(cfg, MergeOptions(quiet=True))
+    stem = f"expert {family.experts[1]}: weight 'model.embed_tokens.weight' has shape (128, 96), the base"
+    assert any(p.startswith(stem) for p in report.problems), report.problems  # its new size, not the one read first
+    assert not any("curvature tensor" in p for p in report.problems), report.problems  # its store matches it

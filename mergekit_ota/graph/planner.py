@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-from functools import lru_cache
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from mergekit.architecture import WeightInfo
@@ -29,6 +28,7 @@ from mergekit_ota.curvature.fingerprint import check_ownership
 from mergekit_ota.curvature.locate import locate_store
 from mergekit_ota.curvature.store import METADATA_KEYS, CurvatureStore, metadata_inputs, read_header
 from mergekit_ota.errors import CurvatureError, OTAError, PreflightError, Problem, problem_of
+from mergekit_ota.graph.provenance import MergeRecord
 from mergekit_ota.graph.tasks import (
     CurvatureInput,
     CurvatureMergeTask,
@@ -58,32 +58,34 @@ FROM_THE_BASE = "every model of a merge must be fine-tuned from the same base (s
 LOG = logging.getLogger("mergekit_ota")
 
 
-@lru_cache(maxsize=None)
-def _header_entries(path: str) -> Dict[str, HeaderEntry]:
-    entries, _ = read_header(path)
-    return entries
+Headers = Dict[str, Dict[str, HeaderEntry]]  # weights file -> its header entries, read once per plan
 
 
-def _header_shapes(path: str) -> Dict[str, Tuple[int, ...]]:
-    return {key: entry.shape for key, entry in _header_entries(path).items()}
+def _header_entries(path: str, headers: Headers) -> Dict[str, HeaderEntry]:
+    """The header entries of weights file ``path``, read once per plan (``headers``: the plan's own, so a file
+    rewritten between two merges of one process is read again)."""
+    if path not in headers:
+        headers[path], _ = read_header(path)
+    return headers[path]
 
 
-def _weight_shape(model: ModelReference, name: str) -> Optional[Tuple[int, ...]]:
+def _weight_shape(model: ModelReference, name: str, headers: Headers) -> Optional[Tuple[int, ...]]:
     """Shape of weight ``name`` of ``model`` from its safetensors header (None if unknown)."""
     index = LoaderCache().get(model).index
     shard = index.tensor_paths.get(name)
     if shard is None or not shard.endswith(".safetensors"):
         return None
-    return _header_shapes(os.path.join(index.base_path, shard)).get(name)
+    found = _header_entries(os.path.join(index.base_path, shard), headers).get(name)
+    return None if found is None else found.shape
 
 
-def _weight_entries(model: ModelReference) -> Dict[str, HeaderEntry]:
+def _weight_entries(model: ModelReference, headers: Headers) -> Dict[str, HeaderEntry]:
     """Header entries of ``model``'s safetensors weights by tensor name (those in other formats are left out)."""
     index = LoaderCache().get(model).index
     entries: Dict[str, HeaderEntry] = {}
     for name, shard in index.tensor_paths.items():
         if shard.endswith(".safetensors"):
-            found = _header_entries(os.path.join(index.base_path, shard)).get(name)
+            found = _header_entries(os.path.join(index.base_path, shard), headers).get(name)
             if found is not None:
                 entries[name] = found
     return entries
@@ -137,6 +139,8 @@ class CurvaturePlan:
         self.scale_modes: Dict[str, str] = {}
         self.scale_pass = ""
         self.store_notes: List[str] = []  # stores that record no weights fingerprint (:meth:`check_store_owners`)
+        self.headers: Headers = {}  # the weights' safetensors headers this plan read
+        self.provenance = MergeRecord()  # this merge's record (:mod:`.provenance`; its model-wide pass notes in it)
 
     @classmethod
     def of(cls, planner: Any) -> "CurvaturePlan":
@@ -147,6 +151,9 @@ class CurvaturePlan:
         return plan
 
     def problem(self, message: str, config_level: bool = False) -> None:
+        """Collect a problem; one of the config as a whole (``config_level``, or a :class:`Problem` of that
+        ``level``) is listed first."""
+        config_level = config_level or getattr(message, "level", None) == "config"
         (self.config_problems if config_level else self.problems).setdefault(message, None)
 
     def listed(self) -> List[str]:
@@ -198,7 +205,8 @@ class CurvaturePlan:
                     Problem(
                         f"expert {model}: weight {weight.name} not found, so its curvature cannot be matched",
                         kind=f"expert {model}: weights not found, so their curvature cannot be matched",
-                        example=weight.name,
+                        tensor=weight.name,
+                        expert=model,
                     )
                 )
             return None
@@ -217,10 +225,12 @@ class CurvaturePlan:
                     f"{path}: no curvature tensor '{found}' for expert {model}, weight {weight.name}{read_as}{frozen}",
                     kind=f"{path}: no curvature tensors for expert {model}{frozen.replace('this parameter', 'these')}",
                     example=f"'{found}'{read_as}",
+                    tensor=weight.name,
+                    expert=model,
                 )
             )
             return None
-        expected = _weight_shape(model, found)
+        expected = _weight_shape(model, found, self.headers)
         if expected is not None and tuple(store.shape(key)) != tuple(expected):
             self.problem(
                 Problem(
@@ -228,6 +238,8 @@ class CurvaturePlan:
                     f"expert {model}'s weight '{found}' has shape {tuple(expected)}",
                     kind=f"{path}: curvature shapes (store vs weight) differ from expert {model}'s weights",
                     example=f"'{key}' {tuple(store.shape(key))} vs {tuple(expected)}",
+                    tensor=weight.name,
+                    expert=model,
                 )
             )
             return None
@@ -253,7 +265,7 @@ class CurvaturePlan:
 
         def shape_of(model: ModelReference) -> Optional[Tuple[Optional[str], Tuple[int, ...]]]:
             found = _found_name(model, inputs[model])
-            shape = _weight_shape(model, found) if found is not None else None
+            shape = _weight_shape(model, found, self.headers) if found is not None else None
             return None if shape is None else (found, tuple(shape))
 
         expected = shape_of(reference)
@@ -269,7 +281,7 @@ class CurvaturePlan:
             example = f"'{name}' {shape} vs {want}"
             if len(shape) != len(want):
                 message = f"{stem}: {len(shape)} dimensions, not {len(want)}; {FROM_THE_BASE}"
-                self.problem(Problem(message, kind=kind, example=example))
+                self.problem(Problem(message, kind, example, tensor=task.output_weight.name, expert=model))
                 continue
             differ = [d for d in range(len(want)) if shape[d] != want[d]]
             if differ == [axis] and aligned:
@@ -285,7 +297,8 @@ class CurvaturePlan:
                 kind = f"expert {model}: vocabulary sizes differ from the {what} {reference}'s; {fix}"
             else:
                 message = f"{stem}: dimension {d} is {shape[d]}, not {want[d]}; {FROM_THE_BASE}"
-            self.problem(Problem(message, kind=kind, example=f"{example} (dimension {d})"))
+            example = f"{example} (dimension {d})"
+            self.problem(Problem(message, kind, example, tensor=task.output_weight.name, expert=model))
 
     def expert_parameters(
         self, task: ExecuteMergeMethodTask, model: ModelReference, shared: SharedSettings
@@ -304,13 +317,12 @@ class CurvaturePlan:
             bias_correction=shared.bias_correction,
             density_scope=shared.density_scope,
         )
-        for problem in check.config_problems:
-            self.problem(problem, config_level=True)
-        for problem in check.problems:
+        for problem in check.problems:  # each at its level
             self.problem(problem)
         for bad in check.bad_values:  # a value from the config was reported where it is written (check_names)
             if bad.name not in from_config:
-                self.problem(f"expert {model}: {bad.message()} ({source or 'from its store metadata'})")
+                message = f"expert {model}: {bad.message()} ({source or 'from its store metadata'})"
+                self.problem(Problem(message, expert=model, parameter=bad.name))
         settings = check.settings
         if shared.model_wide(settings):
             self.model_densities.setdefault(model, {}).setdefault(settings.density, task.output_weight.name)
@@ -328,7 +340,8 @@ class CurvaturePlan:
         found, bad = metadata_inputs(metadata)
         for key, name, _ in METADATA_KEYS:
             if key in bad and values.get(name) is None:  # only where the config does not set it
-                self.problem(f"{path}: metadata {key}={metadata[key]!r} is not a number", config_level=True)
+                message = f"{path}: metadata {key}={metadata[key]!r} is not a number"
+                self.problem(Problem(message, expert=model, parameter=name, level="config"))
         filled = []
         for name in ("optimizer_step", "beta2"):
             if values.get(name) is None and name in found:
@@ -403,8 +416,12 @@ class CurvaturePlan:
             if len(densities) > 1:
                 (first, where), (other, there) = list(densities.items())[:2]
                 self.problem(
-                    f"density_scope: model needs one density per expert; expert {model} has "
-                    f"{first} (tensor {where}) and {other} (tensor {there})"
+                    Problem(
+                        f"density_scope: model needs one density per expert; expert {model} has "
+                        f"{first} (tensor {where}) and {other} (tensor {there})",
+                        expert=model,
+                        parameter="density",
+                    )
                 )
 
     @property
@@ -417,8 +434,11 @@ class CurvaturePlan:
         if len(self.scale_modes) > 1:
             (first, where), (other, there) = list(self.scale_modes.items())[:2]
             self.problem(
-                f"curvature_scale must be one value for the whole merge; got {first} (tensor {where}) and "
-                f"{other} (tensor {there})"
+                Problem(
+                    f"curvature_scale must be one value for the whole merge; got {first} (tensor {where}) and "
+                    f"{other} (tensor {there})",
+                    parameter="curvature_scale",
+                )
             )
 
     def bias_reason(self, d: BiasDecision) -> str:
@@ -459,7 +479,7 @@ class CurvaturePlan:
                 store = CurvatureStore.open(path)
                 uses.append((str(model), path, store.metadata, list(store.records)))
         models = {str(model): model for model, _ in self.stores}
-        found = check_ownership(uses, lambda expert: _weight_entries(models[expert]))
+        found = check_ownership(uses, lambda expert: _weight_entries(models[expert], self.headers))
         for problem in found.problems:
             self.problem(problem, config_level=True)
         for warning in found.warnings:
@@ -524,6 +544,7 @@ class CurvaturePlan:
             scale=mode,
             device=str(options.device) if options.device else None,
             quiet=bool(options.quiet),
+            record=self.provenance,
         )
         for index in sorted(density | scaled):
             weight, task = tensors[index]

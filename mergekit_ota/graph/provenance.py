@@ -1,16 +1,25 @@
 """Which curvature made a merge: a ``## Curvature`` section in its model card and ``mergekit_ota_curvature.json``.
 
-For ``ota``/``ffg`` merges, the planner patch records what it resolved (:func:`remember`, from
-``plan_to_disk``): per expert, the store(s) it read (path as resolved, and the repo, commit and
-file of a store in huggingface_hub's cache; its metadata: ``step``,
-``beta2``, ``compression``, ``dtype``, ``bias_corrected``) and what bias correction did to it in
-this merge (the :class:`~mergekit_ota.methods.bias.BiasDecision`), plus ``curvature_scale``.
-The model-wide pass, when the merge makes one, adds what it decided (:func:`note_model_wide`): per
-``density: auto`` expert the density it chose (fraction of entries, saliency mass kept, threshold,
-the mass-vs-density curve), and per expert its ``curvature_scale`` statistic ``m_i``.
-Once mergekit's ``run_merge`` has written the weights, ``config.json``, its model card
-(``README.md``) and ``mergekit_config.yml`` into the build directory, the ``run_merge`` guard
-(:mod:`mergekit_ota.integration`) calls :func:`write_provenance`:
+The record belongs to one merge, never to the process: each plan of an ``ota``/``ffg`` merge
+(:class:`~mergekit_ota.graph.planner.CurvaturePlan`) owns a :class:`MergeRecord`, and its
+:class:`~mergekit_ota.graph.tasks.ModelWidePass` holds that record. The planner patch records
+what it resolved (:func:`remember`, from ``plan_to_disk``): per expert, the store(s) it read
+(path as resolved, and the repo, commit and file of a store in huggingface_hub's cache; its
+metadata: ``step``, ``beta2``, ``compression``, ``dtype``, ``bias_corrected``) and what bias
+correction did to it in this merge (the :class:`~mergekit_ota.methods.bias.BiasDecision`), plus
+``curvature_scale``. The model-wide pass, when the merge makes one, adds what it decided
+(:meth:`MergeRecord.note_model_wide`): per ``density: auto`` expert the density it chose
+(fraction of entries, saliency mass kept, threshold, the mass-vs-density curve), and per expert
+its ``curvature_scale`` statistic ``m_i``.
+
+The ``run_merge`` guard (:mod:`mergekit_ota.integration`) waits for the record of the merge it
+writes into its build directory in a :class:`Recording` (a context variable: it sees only the
+planner that its own ``run_merge`` call runs, in its thread); :func:`remember` hands the plan's
+record over where the output path is that build directory. A plan no guard waits for (``check``'s,
+a ``MergePlanner`` used directly) keeps its record to itself, and nothing is left behind for the
+next merge. Once mergekit's ``run_merge`` has written the weights, ``config.json``, its model card
+(``README.md``) and ``mergekit_config.yml`` into the build directory, the guard calls
+:func:`write_provenance`:
 
 * :data:`PROVENANCE_FILE` holds the facts as JSON (always written: it is the machine-readable record);
 * the card mergekit wrote *in this run* gets a ``## Curvature`` section appended (a card left
@@ -27,7 +36,9 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, List, Optional, Tuple
+from contextvars import ContextVar, Token
+from types import TracebackType
+from typing import Any, Dict, List, Optional, Tuple, Type
 
 from mergekit_ota.curvature.hub import hub_origin
 from mergekit_ota.curvature.store import CurvatureStore, metadata_inputs
@@ -40,8 +51,6 @@ SECTION_MARKER = "<!-- mergekit-ota: curvature provenance -->"
 FORMAT_VERSION = 1
 HEADER_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 FFG_BIAS_REASON = "not corrected: ffg uses the curvature as stored (bias correction changes only ota's weights)"
-
-_recorded: Dict[str, Dict[str, Any]] = {}  # build directory -> its merge's record, until the guard takes it
 
 
 def _header_compression(store: CurvatureStore) -> str:
@@ -117,26 +126,29 @@ def plan_record(plan: Any) -> Dict[str, Any]:
     }
 
 
-def remember(out_path: str, plan: Any) -> None:
-    """Record ``plan``'s provenance for the merge being written to ``out_path`` (``plan_to_disk``)."""
-    _model_wide.clear()  # a pass noted before this plan (check's) is not this merge's
-    _recorded[os.path.abspath(out_path)] = plan_record(plan)
+class MergeRecord:
+    """The provenance of one merge as it is gathered: its plan's record (:func:`plan_record`, made when the plan is
+    written to disk) and what its model-wide pass decided. Each plan owns one; no two merges share one."""
 
+    def __init__(self) -> None:
+        self.plan: Optional[Dict[str, Any]] = None
+        self.auto: Dict[Any, Any] = {}  # expert -> its density: auto AutoChoice
+        self.statistics: Dict[Any, float] = {}  # expert -> its curvature_scale statistic m_i
 
-# what this process's model-wide passes decided since the last plan: (density: auto choices, scale statistics)
-_model_wide: List[Tuple[Dict[Any, Any], Dict[Any, float]]] = []
+    def note_model_wide(self, auto: Optional[Dict[Any, Any]], statistics: Optional[Dict[Any, float]]) -> None:
+        """Called by this merge's model-wide pass: each ``density: auto`` expert's
+        :class:`~mergekit_ota.methods.base.AutoChoice` and each expert's ``curvature_scale`` statistic, by expert."""
+        self.auto = dict(auto or {})
+        self.statistics = dict(statistics or {})
 
-
-def note_model_wide(auto: Optional[Dict[Any, Any]], statistics: Optional[Dict[Any, float]]) -> None:
-    """Called by the model-wide pass: each ``density: auto`` expert's :class:`~mergekit_ota.methods.base.AutoChoice`
-    and each expert's ``curvature_scale`` statistic, keyed by expert (added to the record by :func:`take`)."""
-    _model_wide.append((dict(auto or {}), dict(statistics or {})))
-
-
-def _add_model_wide(record: Dict[str, Any]) -> None:
-    by_model = {entry["model"]: entry for entry in record["experts"]}
-    for auto, statistics in _model_wide:
-        for model, choice in auto.items():
+    def result(self) -> Optional[Dict[str, Any]]:
+        """The record of the plan with what the model-wide pass decided, per expert (``None`` before the plan was
+        written to disk)."""
+        if self.plan is None:
+            return None
+        record = {**self.plan, "experts": [dict(entry) for entry in self.plan["experts"]]}
+        by_model = {entry["model"]: entry for entry in record["experts"]}
+        for model, choice in self.auto.items():
             if str(model) in by_model:
                 by_model[str(model)]["density_auto"] = {
                     "saliency_mass": choice.target,
@@ -146,19 +158,49 @@ def _add_model_wide(record: Dict[str, Any]) -> None:
                     "entries": choice.entries,
                     "density_at_mass": {f"{q:g}": d for q, d in choice.curve},
                 }
-        for model, value in statistics.items():
+        for model, value in self.statistics.items():
             if str(model) in by_model:
                 by_model[str(model)]["curvature_scale_statistic"] = value
-    _model_wide.clear()
+        return record
 
 
-def take(build: str) -> Optional[Dict[str, Any]]:
-    """The record :func:`remember` made for ``build``, with what the model-wide pass decided (both forgotten
-    here), or ``None``."""
-    record = _recorded.pop(os.path.abspath(build), None)
-    if record is not None:
-        _add_model_wide(record)
-    return record
+class Recording:
+    """The ``run_merge`` guard's wait for the record of the merge written into ``build``, while its ``with``
+    block runs: :func:`remember` hands over the record of the plan written to ``build`` (in this context only)."""
+
+    def __init__(self, build: str) -> None:
+        self.build = os.path.abspath(build)
+        self.merge: Optional[MergeRecord] = None
+        self._token: Optional[Token] = None
+
+    def __enter__(self) -> "Recording":
+        self._token = _RECORDING.set(self)
+        return self
+
+    def __exit__(
+        self, kind: Optional[Type[BaseException]], error: Optional[BaseException], trace: Optional[TracebackType]
+    ) -> None:
+        if self._token is not None:
+            _RECORDING.reset(self._token)
+            self._token = None
+
+    def record(self) -> Optional[Dict[str, Any]]:
+        """The merge's record (:meth:`MergeRecord.result`), or ``None`` when no plan of ours was written to
+        ``build`` (another method, or a failure before planning ended)."""
+        return self.merge.result() if self.merge is not None else None
+
+
+_RECORDING: ContextVar[Optional[Recording]] = ContextVar("mergekit_ota_provenance_recording", default=None)
+
+
+def remember(out_path: str, plan: Any) -> None:
+    """Record ``plan``'s provenance (``plan_to_disk``) in its :class:`MergeRecord` (``plan.provenance``), and hand
+    that to the :class:`Recording` waiting for the merge into ``out_path``, if one is."""
+    recording = _RECORDING.get()
+    if recording is None or recording.build != os.path.abspath(out_path):
+        return  # no guard waits for this merge's record (check's plan, a planner used directly)
+    plan.provenance.plan = plan_record(plan)
+    recording.merge = plan.provenance
 
 
 def summary_lines(record: Optional[Dict[str, Any]]) -> List[str]:

@@ -29,9 +29,10 @@ from mergekit.merge_methods.base import PerInputValues, TensorEntry, TensorGroup
 from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
 from mergekit.tokenizer.build import BuildTokenizer, TokenizerInfo
 from mergekit.tokenizer.config import TokenEmbeddingConfig
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from mergekit_ota.curvature.store import CurvatureStore
+from mergekit_ota.graph.provenance import MergeRecord
 from mergekit_ota.math.histogram import SaliencyHistogram
 from mergekit_ota.math.rank1 import Curvature, Rank1Curvature
 from mergekit_ota.math.scale import CurvatureScale
@@ -197,13 +198,17 @@ class ModelWidePass(Task[ModelWideResult]):
     Runs its own executor over :class:`ModelWidePart` s (one extra read of what they need,
     one tensor at a time), so it has no graph arguments and the main graph never holds more
     than one tensor's inputs for it. ``scale`` is ``curvature_scale`` (``none``: thresholds only).
+    ``record``: its merge's provenance, which notes what the pass decided (``None``: noted nowhere).
     """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
 
     parts: Tuple[ModelWidePart, ...]
     scale: ScaleMode = "none"
     device: Optional[str] = None
     quiet: bool = False
     key: str = Field(default_factory=lambda: uuid.uuid4().hex)
+    record: Optional[MergeRecord] = Field(default=None, exclude=True, repr=False)
 
     def __hash__(self) -> int:  # the parts are many: identify the task by its key
         return hash(self.key)
@@ -252,9 +257,8 @@ class ModelWidePass(Task[ModelWideResult]):
         from mergekit_ota.methods.base import auto_choices
 
         auto = auto_choices(totals)  # once: thresholds_for_density reads the auto thresholds from it
-        from mergekit_ota.graph.provenance import note_model_wide
-
-        note_model_wide(auto, found)  # the merge's provenance records what was chosen
+        if self.record is not None:
+            self.record.note_model_wide(auto, found)  # this merge's provenance records what was chosen
         return ModelWideResult(thresholds_for_density(totals, auto), found, auto or None)
 
 

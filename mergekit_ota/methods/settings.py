@@ -75,7 +75,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from mergekit_ota import catalog
 from mergekit_ota.catalog import DEFAULT_CURVATURE_SCALE, DEFAULT_SALIENCY_MASS
-from mergekit_ota.errors import ConfigError
+from mergekit_ota.errors import ConfigError, Problem
 from mergekit_ota.methods.bias import BiasDecision, BiasMode, decide
 from mergekit_ota.methods.scale import ScaleMode
 
@@ -297,10 +297,6 @@ def _read(values: Mapping[str, Any]) -> Tuple[Dict[str, Any], List[BadValue]]:
     return good, bad
 
 
-def _at(tensor: Optional[str]) -> str:
-    return f" (tensor {tensor})" if tensor else ""
-
-
 # ----------------------------------------------------------------------------- one expert
 
 
@@ -309,18 +305,18 @@ class ExpertCheck(NamedTuple):
 
     ``bad_values``: values that are not what their parameter takes, each judged on its own (:func:`check_value`);
     ``settings`` reads them as their defaults and the rules that involve them are not applied (one bad value adds
-    no second problem). ``config_problems`` do not depend on the tensor (an FFG rule without a base);
-    ``problems`` may (filters can set values per tensor).
+    no second problem). ``problems``: the rules broken, each a :class:`~mergekit_ota.errors.Problem` naming the
+    expert, parameter and tensor; those of ``level`` ``config`` do not depend on the tensor (an FFG rule without a
+    base), the others may (filters can set values per tensor).
     """
 
     settings: ExpertSettings
-    problems: List[str]
-    config_problems: List[str]
+    problems: List[Problem]
     bad_values: List[BadValue] = []
 
     @property
     def ok(self) -> bool:
-        return not (self.problems or self.config_problems or self.bad_values)
+        return not (self.problems or self.bad_values)
 
 
 def expert_check(
@@ -345,39 +341,47 @@ def expert_check(
     * ``bias_correction: true`` needs ``optimizer_step`` and ``beta2`` (for ``1 - beta2**step``)
       unless the expert's curvature is ``bias_corrected`` already.
     """
-    where = _at(tensor)
     good, bad = _read(values)
     settings = ExpertSettings.model_validate(good)
     unread = {b.name for b in bad}
-    problems: List[str] = []
-    config_problems: List[str] = []
+    problems: List[Problem] = []
+
+    def broken(before: str, after: str = "", parameter: Optional[str] = None) -> None:
+        problems.append(Problem.on_tensor(before, tensor, after, expert=expert, parameter=parameter))
+
+    def broken_in_config(message: str, parameter: str) -> None:
+        problems.append(Problem(message, expert=expert, parameter=parameter, level="config"))
+
     if settings.density is not None and settings.threshold is not None:
-        problems.append(f"Invalid parameters for expert {expert}{where}: give density or threshold, not both")
+        broken(f"Invalid parameters for expert {expert}", ": give density or threshold, not both", "density")
     if method == OTA and settings.weight < 0:
-        problems.append(
-            f"Invalid parameters for expert {expert}{where}: weight: ota needs weight >= 0 (OTA is a weighted "
-            f"average, a negative weight extrapolates; ffg takes negative weights, for task negation); "
-            f"got {settings.weight}"
+        broken(
+            f"Invalid parameters for expert {expert}",
+            f": weight: ota needs weight >= 0 (OTA is a weighted average, a negative weight extrapolates; ffg takes "
+            f"negative weights, for task negation); got {settings.weight}",
+            "weight",
         )
     if has_base is False and settings.masked:
-        config_problems.append(
+        broken_in_config(
             f"expert {expert} sets density/threshold (FFG), which needs a base_model: FFG keeps entries of the "
-            f"task vector tau = expert - base"
+            f"task vector tau = expert - base",
+            "density",
         )
     if method == FFG and not settings.masked and not unread & {"density", "threshold"}:
-        problems.append(f"ffg needs a density or a threshold for every expert; missing for expert {expert}{where}")
+        broken(f"ffg needs a density or a threshold for every expert; missing for expert {expert}", "", "density")
     if settings.auto_density and density_scope == "tensor":
-        config_problems.append(
+        broken_in_config(
             f"expert {expert}: density: auto picks one keep fraction over the expert's whole model (the fewest entries "
             "holding saliency_mass of its saliency), so it cannot apply per tensor; got density_scope: tensor "
-            "(leave density_scope out, or set it to model)"
+            "(leave density_scope out, or set it to model)",
+            "density_scope",
         )
     if not unread & {"optimizer_step", "beta2", "bias_corrected"}:
         try:
             settings.bias(bias_correction, expert)
         except ValueError as error:
-            problems.append(f"expert {expert}{where}: {error}")
-    return ExpertCheck(settings, problems, config_problems, bad)
+            broken(f"expert {expert}", f": {error}", "bias_correction")
+    return ExpertCheck(settings, problems, bad)
 
 
 def expert_settings(
@@ -400,12 +404,13 @@ def expert_settings(
         bias_correction=bias_correction,
         density_scope=density_scope,
     )
-    where = _at(tensor)
-    problems = (
-        [f"Invalid parameters for expert {expert}{where}: {bad.message()}" for bad in check.bad_values]
-        + check.config_problems
-        + check.problems
-    )
+    problems = [
+        Problem.on_tensor(
+            f"Invalid parameters for expert {expert}", tensor, f": {bad.message()}", expert=expert, parameter=bad.name
+        )
+        for bad in check.bad_values
+    ]
+    problems += sorted(check.problems, key=lambda problem: problem.level != "config")  # config-level first
     if problems:
         raise ConfigError("; ".join(problems))
     return check.settings
@@ -416,7 +421,7 @@ def expert_settings(
 
 def tensor_problems(
     experts: Sequence[Tuple[Hashable, ExpertSettings]], *, method: str, shared: SharedSettings, tensor: Optional[str]
-) -> List[str]:
+) -> List[Problem]:
     """Rules over all experts of one tensor.
 
     * ``ota``: some ``weight_i > 0`` (with every ``weight_i = 0``, ``w_i = eps`` and theta
@@ -429,15 +434,20 @@ def tensor_problems(
         return []
     weights = [settings.weight for _, settings in experts]
     listed = ", ".join(f"{expert}: {weight}" for (expert, _), weight in zip(experts, weights))
+    weighted = f"; weights {listed}"
     if method == OTA and not any(weight > 0 for weight in weights):
-        return [f"ota needs at least one expert with weight > 0{_at(tensor)}; weights {listed}"]
-    if method == FFG and shared.normalize and sum(weights) == 0:
-        return [f"ffg: normalize: true divides by sum_i weight_i, which is 0{_at(tensor)}; weights {listed}"]
-    if method == FFG and shared.normalize and shared.consensus and not all(weight > 0 for weight in weights):
         return [
-            f"ffg: normalize: true with sign_consensus divides each coordinate by the summed weights of the experts "
-            f"that agree there, so every weight must be > 0{_at(tensor)}; weights {listed}"
+            Problem.on_tensor("ota needs at least one expert with weight > 0", tensor, weighted, parameter="weight")
         ]
+    if method == FFG and shared.normalize and sum(weights) == 0:
+        before = "ffg: normalize: true divides by sum_i weight_i, which is 0"
+        return [Problem.on_tensor(before, tensor, weighted, parameter="normalize")]
+    if method == FFG and shared.normalize and shared.consensus and not all(weight > 0 for weight in weights):
+        before = (
+            "ffg: normalize: true with sign_consensus divides each coordinate by the summed weights of the experts "
+            "that agree there, so every weight must be > 0"
+        )
+        return [Problem.on_tensor(before, tensor, weighted, parameter="sign_consensus")]
     return []
 
 
@@ -615,7 +625,7 @@ UNREADABLE = "<mergekit-ota: unreadable value, reported>"
 every reader here treats as a bad value already reported."""
 
 
-def unreadable_values(data: Any) -> List[str]:
+def unreadable_values(data: Any) -> List[Problem]:
     """In a raw YAML config of ``ota``/``ffg`` (plain data, before mergekit's parser sees it): one line per parameter
     value mergekit's parser refuses (``null``, a mapping that is no ``{filter, value}``, a list of lists), in the form
     of :func:`value_problems`; each such value is replaced by :data:`UNREADABLE` in place (a ``curvature`` removed,
@@ -629,7 +639,7 @@ def unreadable_values(data: Any) -> List[str]:
     if not isinstance(data, dict) or data.get("merge_method") not in (OTA, FFG):
         return []
     readable = TypeAdapter(ParameterSetting)
-    found: Dict[str, None] = {}
+    found: Dict[Problem, None] = {}
     for where, _, parameters in list(parameter_levels(data)):
         for key, value in list(parameters.items()):
             try:
@@ -640,7 +650,8 @@ def unreadable_values(data: Any) -> List[str]:
             parameter = catalog.BY_NAME.get(key)
             if parameter is not None:
                 expects = parameter.expects or "a store path"
-                found.setdefault(f"{where}: {BadValue(key, value, expects).message()}", None)
+                message = f"{where}: {BadValue(key, value, expects).message()}"
+                found.setdefault(Problem(message, parameter=key, level="config"), None)
             if isinstance(parameters, dict):
                 if key == "curvature":
                     del parameters[key]
@@ -649,7 +660,7 @@ def unreadable_values(data: Any) -> List[str]:
     return list(found)
 
 
-def value_problems(config: Any, spec: MergeMethodSpec) -> List[str]:
+def value_problems(config: Any, spec: MergeMethodSpec) -> List[Problem]:
     """One line per value of the config that its parameter does not take, judged on its own
     (:func:`check_value`), where it is written: ``model X: weight must be a finite number; got 'abc'``.
 
@@ -657,7 +668,7 @@ def value_problems(config: Any, spec: MergeMethodSpec) -> List[str]:
     (:func:`parameter_levels`); keys the method does not take there are :func:`unknown_parameters`' to report.
     """
     names = {p.name: p for p in spec.parameters}
-    found: Dict[str, None] = {}
+    found: Dict[Problem, None] = {}
     for where, per_input, parameters in parameter_levels(config):
         for key, setting in parameters.items():
             parameter = names.get(key)
@@ -666,7 +677,7 @@ def value_problems(config: Any, spec: MergeMethodSpec) -> List[str]:
             for value in _leaves(setting):
                 _, bad = check_value(key, value)
                 if bad is not None and value != UNREADABLE:
-                    found.setdefault(f"{where}: {bad.message()}", None)
+                    found.setdefault(Problem(f"{where}: {bad.message()}", parameter=key, level="config"), None)
     return list(found)
 
 
