@@ -50,6 +50,21 @@ class Inputs:
         return [e.path for e in self.experts]
 
 
+@dataclass(frozen=True)
+class Point:
+    """One grid point: its method, setting label, knobs, mergekit config and cache key."""
+
+    method: str
+    label: str
+    knobs: Dict[str, Any]
+    config: Dict[str, Any]
+    key: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.method} ({self.label})"
+
+
 def _model_path(entry: Any, where: str) -> str:
     model = entry.get("model") if isinstance(entry, dict) else None
     if not isinstance(model, str):

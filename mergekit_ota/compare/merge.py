@@ -14,24 +14,22 @@ import os
 import shutil
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Tuple
 
+from mergekit_ota.compare.configs import Point
 from mergekit_ota.compare.score import RowScores
-
-if TYPE_CHECKING:
-    from mergekit_ota.compare.run import Point
 
 MERGES_DIR, PARTIAL = "merges", ".partial"
 
 
-def merge_dir(root: str, point: "Point", keep: bool) -> str:
+def merge_dir(root: str, point: Point, keep: bool) -> str:
     """Where a point is merged: ``OUT/merges/<method>_<key>`` when kept, else ``OUT/merges/.partial``."""
     name = "".join(c if c.isalnum() else "_" for c in point.method) + "_" + point.key[:12] if keep else PARTIAL
     return os.path.join(root, MERGES_DIR, name)
 
 
 def merge_and_score(
-    point: "Point", root: str, merge_options: Any, keep: bool, score: Callable[[str], Tuple[RowScores, float]]
+    point: Point, root: str, merge_options: Any, keep: bool, score: Callable[[str], Tuple[RowScores, float]]
 ) -> Dict[str, Any]:
     """Merge ``point`` as ``mergekit-yaml`` would (its config through ``MergeConfiguration.model_validate``, then
     ``mergekit.merge.run_merge`` with ``merge_options``), score it, delete the merge unless ``keep``."""

@@ -31,6 +31,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from mergekit_ota.compare import configs, grid
 from mergekit_ota.compare.cache import Cache
+from mergekit_ota.compare.configs import Point
 from mergekit_ota.compare.dataset import Dataset, is_chat, read_dataset
 from mergekit_ota.compare.merge import MERGES_DIR, PARTIAL, merge_and_score
 from mergekit_ota.compare.report import write_outputs
@@ -62,21 +63,6 @@ class CompareOptions:
     replicates: int = 4000
     keep_merges: bool = False
     force: bool = False
-
-
-@dataclass(frozen=True)
-class Point:
-    """One grid point: its method, setting label, knobs, mergekit config and cache key."""
-
-    method: str
-    label: str
-    knobs: Dict[str, Any]
-    config: Dict[str, Any]
-    key: str
-
-    @property
-    def name(self) -> str:
-        return f"{self.method} ({self.label})"
 
 
 def output(out: str, force: bool) -> OutputDirectory:
