@@ -1,7 +1,8 @@
 # The two commands of the README: `make demo` and `make test` (the product's tests, tests/).
 # `make test-bench` runs the benchmarks' own tests (benchmarks/tests); CI runs it after `make test`.
-# Each creates ./.venv on first use, installs torch 2.13.0 first (the CPU wheel;
-# a bare `torch` requirement would pull the CUDA build), then this project.
+# Each creates ./.venv on first use, installs torch==2.13.0 first (from the index pip is configured with: on Linux
+# PyPI's wheel is the CUDA build; create .venv with the CPU wheel first to keep it CPU-only, see README), then this
+# project with its test extras.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
