@@ -62,7 +62,7 @@ from mergekit_ota.errors import MergeError
 from mergekit_ota.math.ffg import KeepRule
 from mergekit_ota.math.floats import SAFE_LOG2, exp2, f32_operand, lift_zeros, scaled_scalar
 from mergekit_ota.math.rank1 import Curvature, Rank1Curvature
-from mergekit_ota.math.reduce import add_to_base, buffer_like, reducer
+from mergekit_ota.math.reduce import Reducer, add_to_base, buffer_like, reducer
 
 HEADROOM_LOG2 = 64  # H: every w_i / s <= 2**H
 EPS_FLOOR_LOG2 = -100  # L: eps / s >= 2**L where H allows it
@@ -308,12 +308,10 @@ def ota_merge(
     assert isinstance(denominator, torch.Tensor)
     if counted is not None:
         counted.check(denominator, name=name, power=power, eps=eps, scale=scale, weights=weights)
-    out_dtype = (base if base is not None else experts[0]).dtype
-    if b is None:
-        return numerator.div_(denominator).to(out_dtype)
-    if consensus is not None or counted is not None or any(r is not None for r in keep):
-        lift_zeros(denominator, scratch=sums.scratch(denominator))  # D = 0 where no expert counts: theta = b
-    return _add_ratio(b, numerator, denominator, lambda_).to(out_dtype)
+    # D can be 0 (no expert counts there: theta = b) only with masks, consensus, or weights that may vanish
+    may_be_zero = consensus is not None or counted is not None or any(r is not None for r in keep)
+    theta = _finish(b, numerator, denominator, lambda_, sums if may_be_zero else None)
+    return theta.to((base if base is not None else experts[0]).dtype)
 
 
 def _checked_rules(
@@ -353,8 +351,19 @@ def _task_vector(expert: torch.Tensor, b: Optional[torch.Tensor], out: Optional[
     return torch.sub(f32_operand(expert), b, out=out)
 
 
-def _add_ratio(b: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, lambda_: float) -> torch.Tensor:
-    """``theta = b + lambda * N / D`` written over ``N`` (one ``addcdiv`` pass at ``lambda = 1``)."""
+def _finish(
+    b: Optional[torch.Tensor],
+    numerator: torch.Tensor,
+    denominator: torch.Tensor,
+    lambda_: float,
+    lift: Optional[Reducer],
+) -> torch.Tensor:
+    """``theta = b + lambda * N / D`` written over ``N`` (one ``addcdiv`` pass at ``lambda = 1``); without a base
+    ``N / D``. With ``lift`` every ``D = 0`` becomes 1 first (through its scratch), so ``theta = b`` there."""
+    if b is None:
+        return numerator.div_(denominator)
+    if lift is not None:
+        lift_zeros(denominator, scratch=lift.scratch(denominator))
     if lambda_ == 1.0:
         return torch.addcdiv(b, numerator, denominator, out=numerator)
     return add_to_base(b, numerator.div_(denominator), lambda_)
