@@ -286,7 +286,7 @@ def ota_merge(
         return base
     keep = _checked_rules(base, len(experts), curvatures, weights, rules, consensus)
     scale = weight_scale(curvatures, weights, power, eps)
-    sums = reducer(consensus)
+    sums = reducer(consensus, in_place=base is not None)  # without a base tau_i is the caller's t_i
     counted = _Counted(consensus is not None) if _may_vanish(scale, weights, eps) else None
     b = base.to(torch.float32) if base is not None else None
     scores: Optional[torch.Tensor] = None  # saliency buffer shared by all masks
@@ -345,7 +345,7 @@ def _may_vanish(scale: WeightScale, weights: Sequence[float], eps: float) -> boo
 
 def _task_vector(expert: torch.Tensor, b: Optional[torch.Tensor], out: Optional[torch.Tensor]) -> torch.Tensor:
     """``tau = t - b`` in float32 (into ``out``); without a base ``t`` itself as float32, which may be the caller's
-    tensor (the plain reducer only reads it)."""
+    tensor (the reducer is made not to write it)."""
     if b is None:
         return expert.to(torch.float32)
     return torch.sub(f32_operand(expert), b, out=out)

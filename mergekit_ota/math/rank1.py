@@ -29,7 +29,8 @@ def rank1_factors(v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
 @dataclass(frozen=True)
 class Rank1Curvature:
-    """``v_hat = outer(row, col)`` (float32 factors, ``row = r / sum(r)``), never materialised unless asked."""
+    """``v_hat = outer(row, col)`` (float32 factors unless :meth:`to` converts them, ``row = r / sum(r)``), never
+    materialised unless asked."""
 
     row: torch.Tensor
     col: torch.Tensor

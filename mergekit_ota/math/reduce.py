@@ -50,13 +50,14 @@ class Reducer(Protocol):
 class WeightedSum:
     """Plain accumulation: ``N = sum_i a_i m_i tau_i`` and ``D = sum_i a_i`` (a float when every ``a_i`` is).
 
-    The first expert's terms become the sums: ``N = a_1 m_1 tau_1`` in a new tensor and ``D = a_1`` itself
-    (a tensor ``a_1`` is kept: :meth:`spare` says so). From the second expert on one fused pass each,
-    ``N += a_i tau_i`` (``addcmul``) or ``N += a_i (tau_i m_i)``, and ``D += a_i``. ``tau`` and ``mask`` are
-    read, never written (``tau`` may be the caller's tensor).
+    The first expert's terms become the sums (no zero fill): ``N = a_1 m_1 tau_1`` formed in ``tau_1`` itself
+    (``in_place``, the caller's scratch) or in a new tensor (``tau`` may be the caller's data: only read), and
+    ``D = a_1`` itself; :meth:`spare` says which tensors it keeps. From the second expert on one fused pass each,
+    ``N += a_i tau_i`` (``addcmul``) or ``N += a_i (tau_i m_i)``, and ``D += a_i``; ``tau`` and ``mask`` are read.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, in_place: bool = True) -> None:
+        self.in_place = in_place  # the first tau becomes N
         self.total: Optional[torch.Tensor] = None  # N
         self.weight: Optional[Coefficient] = None  # D
         self.side: Optional[torch.Tensor] = None  # scratch lent to the caller
@@ -70,14 +71,14 @@ class WeightedSum:
     def add(self, tau: torch.Tensor, a: Coefficient, mask: Optional[torch.Tensor] = None) -> None:
         """Add ``a_i m_i tau_i`` to ``N`` and ``a_i`` to ``D``."""
         if self.total is None:
-            self.total, self.weight = _first_term(tau, a, mask), a
+            self.total, self.weight = _first_term(tau, a, mask, self.in_place), a
         else:
             _add_term(self.total, tau, a, mask)
             self.weight = self.weight.add_(a) if isinstance(self.weight, torch.Tensor) else self.weight + a
 
     def spare(self, t: torch.Tensor) -> Optional[torch.Tensor]:
-        """``t`` unless it is ``D`` (a tensor ``a_1``)."""
-        return None if t is self.weight else t
+        """``t`` unless it is ``N`` or ``D`` (the first expert's ``tau`` or tensor ``a``)."""
+        return None if t is self.total or t is self.weight else t
 
     def result(self) -> Tuple[torch.Tensor, Coefficient]:
         """``(N, D)``."""
@@ -86,12 +87,15 @@ class WeightedSum:
         return self.total, self.weight
 
 
-def _first_term(tau: torch.Tensor, a: Coefficient, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """``a m tau`` in a new tensor: ``tau a`` without a mask, else ``(tau m) a`` (the product skipped at a = 1)."""
-    if mask is None:
-        return torch.mul(tau, a)
-    term = torch.mul(tau, mask)
-    return term.mul_(a) if isinstance(a, torch.Tensor) or a != 1.0 else term
+def _first_term(tau: torch.Tensor, a: Coefficient, mask: Optional[torch.Tensor], in_place: bool) -> torch.Tensor:
+    """``a m tau``, as ``(tau m) a``, in ``tau`` itself when ``in_place`` else in a new tensor; a product by
+    no mask or by ``a = 1`` is skipped."""
+    term = tau if in_place else None
+    if mask is not None:
+        term = torch.mul(tau, mask) if term is None else term.mul_(mask)
+    if isinstance(a, torch.Tensor) or a != 1.0:
+        term = torch.mul(tau, a) if term is None else term.mul_(a)
+    return tau.clone() if term is None else term
 
 
 def _add_term(total: torch.Tensor, tau: torch.Tensor, a: Coefficient, mask: Optional[torch.Tensor]) -> None:
@@ -104,9 +108,10 @@ def _add_term(total: torch.Tensor, tau: torch.Tensor, a: Coefficient, mask: Opti
         total.addcmul_(tau, mask, value=a)
 
 
-def reducer(consensus: Optional[str]) -> Reducer:
-    """:class:`WeightedSum` without sign consensus, else :class:`SignConsensus` with the rule ``consensus``."""
-    return WeightedSum() if consensus is None else SignConsensus(consensus)
+def reducer(consensus: Optional[str], in_place: bool = True) -> Reducer:
+    """:class:`WeightedSum` without sign consensus (``in_place``: whether the first ``tau`` may become ``N``), else
+    :class:`SignConsensus` with the rule ``consensus`` (which always writes ``c_i`` into ``tau``)."""
+    return WeightedSum(in_place) if consensus is None else SignConsensus(consensus)
 
 
 def buffer_like(buffer: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
