@@ -74,30 +74,35 @@ class SignConsensus:
     def add(self, tau: torch.Tensor, a: Union[torch.Tensor, float], mask: Optional[torch.Tensor] = None) -> None:
         """Add one expert: ``c_i = a_i m_i tau_i`` formed in ``tau`` (``mask`` may be :meth:`scratch`), then by sign."""
         c = _contribution(tau, a, mask)
-        side = torch.gt(c, 0.0, out=self.scratch(c))
-        first = self.pos is None
+        side = self.scratch(c)
         for sign in (1, -1):
-            if sign < 0:
-                torch.lt(c, 0.0, out=side)
-            if first:
-                total, weight = torch.mul(c, side), torch.mul(side, a)
-                if sign > 0:
-                    self.pos, self.pos_weight = total, weight
-                else:
-                    self.neg, self.neg_weight = total, weight
-            else:
-                total, weight = (self.pos, self.pos_weight) if sign > 0 else (self.neg, self.neg_weight)
-                assert total is not None and weight is not None
-                total.addcmul_(c, side)
-                if isinstance(a, torch.Tensor):
-                    weight.addcmul_(a, side)
-                else:
-                    weight.add_(side, alpha=float(a))
+            (torch.gt if sign > 0 else torch.lt)(c, 0.0, out=side)  # [c > 0], then [c < 0]
+            self._add_side(sign, c, side, a)
             if self.rule == "count":
-                if self.votes is None:
-                    self.votes = side.clone()
-                else:
-                    self.votes.add_(side, alpha=float(sign))
+                self._vote(sign, side)
+
+    def _add_side(self, sign: int, c: torch.Tensor, side: torch.Tensor, a: Union[torch.Tensor, float]) -> None:
+        """``P += c [c > 0]``, ``D+ += a [c > 0]`` (``sign`` 1) or ``Q``, ``D-`` with ``[c < 0]`` (``sign`` -1)."""
+        total, weight = (self.pos, self.pos_weight) if sign > 0 else (self.neg, self.neg_weight)
+        if total is None or weight is None:  # the first expert's products start the sums
+            total, weight = torch.mul(c, side), torch.mul(side, a)
+            if sign > 0:
+                self.pos, self.pos_weight = total, weight
+            else:
+                self.neg, self.neg_weight = total, weight
+            return
+        total.addcmul_(c, side)
+        if isinstance(a, torch.Tensor):
+            weight.addcmul_(a, side)
+        else:
+            weight.add_(side, alpha=float(a))
+
+    def _vote(self, sign: int, side: torch.Tensor) -> None:
+        """``V += sign * side``: the ``count`` rule's tally of ``sign(c_i)``."""
+        if self.votes is None:
+            self.votes = side.clone()
+        else:
+            self.votes.add_(side, alpha=float(sign))
 
     def spare(self, t: torch.Tensor) -> Optional[torch.Tensor]:
         """``t``: this reducer keeps no tensor it was given, so the caller may write every one again."""
