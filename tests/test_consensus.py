@@ -1,7 +1,7 @@
 """Sign consensus (``sign_consensus``): TIES's sign election over FFG-masked task vectors, in ota and ffg.
 
-Properties of the pure math (hypothesis), against a direct reference implementation of the formula in
-:mod:`mergekit_ota.math.consensus`, and the parameter's rules through the methods (YAML and in memory).
+Properties of the pure math (hypothesis), against the float64 formula of :mod:`mergekit_ota.math.reference`
+(the kernel is :mod:`mergekit_ota.math.consensus`), and the parameter's rules through the methods (YAML and in memory).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from mergekit_ota.math.ffg import KeepRule, ffg_merge
 from mergekit_ota.math.ota import ota_merge
 from mergekit_ota.math.rank1 import Rank1Curvature
 from mergekit_ota.math.rank1 import dense as dense_of
+from mergekit_ota.math.reference import reference_ffg, reference_ota
 
 SHAPES = st.sampled_from([(7,), (3, 5), (4, 6)])
 
@@ -32,27 +33,16 @@ def _family(seed: int, shape, n: int):
 def _reference(
     base, experts, curvatures, weights, rules, rule, *, ota: bool, power=0.5, eps=1e-12, normalize=True, lambda_=1.0
 ):
-    """theta = b + lambda * N / D (ota; ffg normalised) or b + lambda * N (ffg), computed directly over stacked c_i."""
-    taus = torch.stack([e - base for e in experts])
-    masks = torch.stack(
-        [r.mask(t, v).float() if r is not None else torch.ones_like(t) for r, t, v in zip(rules, taus, curvatures)]
-    )
+    """theta = b + lambda * N / D (ota; ffg normalised) or b + lambda * N (ffg) by the float64 formula of
+    :mod:`mergekit_ota.math.reference`, with the masks the kernel computes (float32 task vectors)."""
+    masks = [
+        r.mask(e - base, v) if r is not None else torch.ones_like(base) for r, e, v in zip(rules, experts, curvatures)
+    ]
     if ota:
-        a = torch.stack([weight * v**power + eps for weight, v in zip(weights, curvatures)])
+        want = reference_ota(base, experts, curvatures, weights, masks, power, eps, lambda_, consensus=rule)
     else:
-        a = torch.stack([torch.full_like(taus[0], float(w)) for w in weights])
-    c = a * masks * taus
-    if rule == "sum":
-        elected = torch.where(c.sum(0) >= 0, 1.0, -1.0)
-    else:
-        elected = torch.where(torch.sign(c).sum(0) >= 0, 1.0, -1.0)
-    agree = (torch.sign(c) == elected).float()
-    n, d = (agree * c).sum(0), (agree * a).sum(0)
-    if ota or normalize:
-        merged = torch.where(d == 0, torch.zeros_like(n), n / torch.where(d == 0, torch.ones_like(d), d))
-    else:
-        merged = n
-    return base + lambda_ * merged
+        want = reference_ffg(base, experts, weights, masks, lambda_, normalize, consensus=rule)
+    return want.float()
 
 
 @settings(max_examples=60, deadline=None)

@@ -16,6 +16,7 @@ from strategies import lams, seeds, shapes, weight_values
 
 from mergekit_ota.math import (
     KeepRule,
+    Rank1Curvature,
     SaliencyHistogram,
     curvature_weights,
     density_mask,
@@ -675,3 +676,17 @@ def test_rank1_factors_reject_non_matrices(shape):
     """rank1_factors needs a 2-D tensor."""
     with pytest.raises(ValueError, match="2-D"):
         rank1_factors(torch.rand(shape))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_rank1_curvature_to_honours_dtype_as_tensor_to_does(dtype):
+    """Rank1Curvature.to(dtype=...) and .to(dtype) convert both factors (it used to ignore dtype), and .to() without
+    a dtype keeps float32, so dense() equals the dense tensor's own .to(dtype) up to that dtype's rounding."""
+    v = Rank1Curvature.from_sums(torch.rand(3) + 0.1, torch.rand(4) + 0.1)
+    for moved in (v.to(dtype=dtype), v.to(dtype), v.to("cpu", dtype)):
+        assert moved.row.dtype == moved.col.dtype == dtype
+        assert moved.shape == v.shape
+        torch.testing.assert_close(moved.dense().double(), v.dense().double(), rtol=2e-3, atol=0.0)
+    kept = v.to(device="cpu")
+    assert kept.row.dtype == kept.col.dtype == torch.float32
+    assert torch.equal(kept.dense(), v.dense())

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from mergekit_ota.math import KeepRule, SaliencyHistogram, density_mask, ffg_merge, kept_count, ota_merge
 from mergekit_ota.math import ffg as ffg_module
 from mergekit_ota.math import histogram as histogram_module
-from mergekit_ota.math.ffg import f32_operand, kth_largest
+from mergekit_ota.math.ffg import kth_largest
+from mergekit_ota.math.floats import f32_operand
 from mergekit_ota.math.reference import reference_mask
 
 FEW = settings(max_examples=30, deadline=None)

@@ -18,7 +18,8 @@ give the merges: OTA ``theta = b + lambda * N / D`` (TIES's disjoint mean under 
 ``ffg`` ``theta = b + lambda * N`` or, normalised, ``b + lambda * N / D``. Where no expert agrees (``D = 0``:
 every expert masked or zero there) ``theta = b``.
 
-Streaming, one expert at a time (:class:`SignConsensus`): ``c_i`` goes to a positive or a negative
+Streaming, one expert at a time (:class:`SignConsensus`, a reducer with the interface of
+:class:`~mergekit_ota.math.reduce.WeightedSum`): ``c_i`` goes to a positive or a negative
 numerator and ``a_i`` to the matching denominator, so after the last expert ``e`` is known and
 ``N, D`` are the sums on its side: four running buffers (five with ``count``'s vote tally) and one
 scratch, two comparisons and four fused multiply-adds per expert, no second pass over the experts,
@@ -35,15 +36,17 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from mergekit_ota.math.floats import lift_zeros
+
 RULES = ("sum", "count")
 
 
 class SignConsensus:
     """Running sums by sign of the kept contributions ``c_i = a_i m_i tau_i``; :meth:`result` gives ``(N, D)``.
 
-    ``add(c, a)``: ``c`` float32, the contribution already formed (read, never kept); ``a`` the coefficient,
-    a float32 tensor of ``c``'s shape (OTA's masked weights ``w_i m_i``) or a float (``ffg``'s ``weight_i``;
-    masked entries have ``c = 0`` and so add to neither side).
+    ``add(tau, a, mask)``: ``tau`` float32, overwritten with ``c_i = a_i m_i tau_i`` (never kept); ``a`` the
+    coefficient, a float32 tensor of ``tau``'s shape (OTA's masked weights ``w_i m_i``, no ``mask`` then) or a float
+    (``ffg``'s ``weight_i`` with its ``mask``; masked entries have ``c = 0`` and so add to neither side).
 
     Per expert, with ``[.]`` a 1.0/0.0 indicator in one reused float buffer: ``P += c [c > 0]``,
     ``D+ += a [c > 0]``, then ``Q += c [c < 0]``, ``D- += a [c < 0]`` (``count``: ``V += [c > 0] - [c < 0]``).
@@ -68,32 +71,42 @@ class SignConsensus:
             self.side = torch.empty_like(like, dtype=torch.float32, memory_format=torch.contiguous_format)
         return self.side
 
-    def add(self, c: torch.Tensor, a: Union[torch.Tensor, float]) -> None:
-        """Add one expert's kept contribution ``c_i`` with its coefficient ``a_i``."""
-        side = torch.gt(c, 0.0, out=self.scratch(c))
-        first = self.pos is None
+    def add(self, tau: torch.Tensor, a: Union[torch.Tensor, float], mask: Optional[torch.Tensor] = None) -> None:
+        """Add one expert: ``c_i = a_i m_i tau_i`` formed in ``tau`` (``mask`` may be :meth:`scratch`), then by sign."""
+        c = _contribution(tau, a, mask)
+        side = self.scratch(c)
         for sign in (1, -1):
-            if sign < 0:
-                torch.lt(c, 0.0, out=side)
-            if first:
-                total, weight = torch.mul(c, side), torch.mul(side, a)
-                if sign > 0:
-                    self.pos, self.pos_weight = total, weight
-                else:
-                    self.neg, self.neg_weight = total, weight
-            else:
-                total, weight = (self.pos, self.pos_weight) if sign > 0 else (self.neg, self.neg_weight)
-                assert total is not None and weight is not None
-                total.addcmul_(c, side)
-                if isinstance(a, torch.Tensor):
-                    weight.addcmul_(a, side)
-                else:
-                    weight.add_(side, alpha=float(a))
+            (torch.gt if sign > 0 else torch.lt)(c, 0.0, out=side)  # [c > 0], then [c < 0]
+            self._add_side(sign, c, side, a)
             if self.rule == "count":
-                if self.votes is None:
-                    self.votes = side.clone()
-                else:
-                    self.votes.add_(side, alpha=float(sign))
+                self._vote(sign, side)
+
+    def _add_side(self, sign: int, c: torch.Tensor, side: torch.Tensor, a: Union[torch.Tensor, float]) -> None:
+        """``P += c [c > 0]``, ``D+ += a [c > 0]`` (``sign`` 1) or ``Q``, ``D-`` with ``[c < 0]`` (``sign`` -1)."""
+        total, weight = (self.pos, self.pos_weight) if sign > 0 else (self.neg, self.neg_weight)
+        if total is None or weight is None:  # the first expert's products start the sums
+            total, weight = torch.mul(c, side), torch.mul(side, a)
+            if sign > 0:
+                self.pos, self.pos_weight = total, weight
+            else:
+                self.neg, self.neg_weight = total, weight
+            return
+        total.addcmul_(c, side)
+        if isinstance(a, torch.Tensor):
+            weight.addcmul_(a, side)
+        else:
+            weight.add_(side, alpha=float(a))
+
+    def _vote(self, sign: int, side: torch.Tensor) -> None:
+        """``V += sign * side``: the ``count`` rule's tally of ``sign(c_i)``."""
+        if self.votes is None:
+            self.votes = side.clone()
+        else:
+            self.votes.add_(side, alpha=float(sign))
+
+    def spare(self, t: torch.Tensor) -> Optional[torch.Tensor]:
+        """``t``: this reducer keeps no tensor it was given, so the caller may write every one again."""
+        return t
 
     def result(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(N, D)``: the agreeing experts' summed contributions and coefficients (``D = 0`` where none agrees).
@@ -116,17 +129,22 @@ class SignConsensus:
         return numerator, denominator
 
 
+def _contribution(tau: torch.Tensor, a: Union[torch.Tensor, float], mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """``c = a m tau`` written over ``tau``: ``m tau`` first, as ``ffg`` grafts before it weighs."""
+    if mask is not None:
+        tau.mul_(mask)
+    return tau.mul_(a if isinstance(a, torch.Tensor) else float(a))
+
+
 def disjoint_mean(
     numerator: torch.Tensor, denominator: torch.Tensor, scratch: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
     """``N / D`` where ``D != 0``, else 0 (so ``b + lambda * result`` keeps the base there), written over ``N``.
 
     ``N`` is set to 0 where ``D`` is (with weights of one sign it already is: no expert agrees there), then
-    divided by ``D`` with every zero lifted to 1 (:func:`~mergekit_ota.math.ffg.lift_zeros`); both through
+    divided by ``D`` with every zero lifted to 1 (:func:`~mergekit_ota.math.floats.lift_zeros`); both through
     ``scratch`` (float32, ``N``'s shape), and ``D`` is changed too.
     """
-    from mergekit_ota.math.ffg import lift_zeros
-
     scratch = torch.empty_like(denominator) if scratch is None else scratch
     numerator.mul_(torch.ne(denominator, 0.0, out=scratch))
     return numerator.div_(lift_zeros(denominator, scratch=scratch))

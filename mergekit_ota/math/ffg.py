@@ -13,7 +13,9 @@ from typing import Optional, Sequence
 
 import torch
 
+from mergekit_ota.math.floats import f32_operand
 from mergekit_ota.math.rank1 import Curvature, dense
+from mergekit_ota.math.reduce import add_to_base, buffer_like, ratio, reducer
 
 
 def saliency(tau: torch.Tensor, v: Curvature, out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -26,24 +28,6 @@ def saliency(tau: torch.Tensor, v: Curvature, out: Optional[torch.Tensor] = None
     if out is not None and out.data_ptr() == t.data_ptr():  # tau is needed twice: not overwritten in between
         return out.copy_(saliency(t, v))
     return torch.mul(t, dense(v).to(torch.float32), out=out).mul_(t)
-
-
-def f32_operand(t: torch.Tensor) -> torch.Tensor:
-    """``t`` itself when an op with a float32 tensor computes in float32 (bf16/f16/f32), else ``t`` as float32.
-
-    Saves converting a half-precision input to a float32 copy before subtracting it.
-    """
-    return t if torch.promote_types(t.dtype, torch.float32) == torch.float32 else t.to(torch.float32)
-
-
-def lift_zeros(t: torch.Tensor, scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``t`` with every exact 0 replaced by 1, in place: ``t + [t == 0]`` (a divisor under which a zero
-    numerator stays 0, so ``b + N / D`` keeps the base there).
-
-    Two float passes through ``scratch`` (float32, ``t``'s shape; allocated if ``None``); equal to
-    ``t.masked_fill_(t == 0, 1.0)``, which takes a boolean path about 8x slower on CPU.
-    """
-    return t.add_(torch.eq(t, 0.0, out=torch.empty_like(t) if scratch is None else scratch))
 
 
 def kept_count(numel: int, density: float) -> int:
@@ -206,68 +190,20 @@ def ffg_merge(
     """
     if not (len(experts) == len(curvatures) == len(rules) == len(weights)):
         raise ValueError("experts, curvatures, rules and weights must have the same length")
-    if consensus is not None:
-        return _ffg_consensus(base, experts, curvatures, rules, weights, lambda_, normalize, consensus)
+    if not experts:
+        return base
     b = base.to(torch.float32)
-    total: Optional[torch.Tensor] = None
-    spare: Optional[torch.Tensor] = None  # tau of the 2nd expert on, one buffer reused
+    sums = reducer(consensus)  # a_i = weight_i: N = sum_i (g_i) weight_i m_i tau_i, D = sum_i (g_i) weight_i
     scores: Optional[torch.Tensor] = None  # saliency buffer shared by all masks
-    kept: Optional[torch.Tensor] = None  # the mask, as 1.0/0.0, one buffer shared by all masks
+    spare: Optional[torch.Tensor] = None  # tau_i: one buffer reused from expert to expert
     for expert, v, rule, weight in zip(experts, curvatures, rules, weights):
         tau = torch.sub(f32_operand(expert), b, out=spare)
         mask = None
         if rule is not None:
-            scores = torch.empty_like(tau) if scores is None else scores
-            kept = torch.empty_like(tau) if kept is None else kept
-            mask = rule.mask(tau, v, scratch=scores, out=kept)
-        if total is None:  # the first grafted task vector becomes the running sum
-            total = tau if mask is None else tau.mul_(mask)
-            if float(weight) != 1.0:
-                total.mul_(float(weight))
-        else:
-            if mask is None:
-                total.add_(tau, alpha=float(weight))
-            else:  # total + weight * (tau * mask), in one pass
-                total.addcmul_(tau, mask, value=float(weight))
-            spare = tau
-        del tau, mask
-    if total is None:
-        return base
-    if normalize:
-        total.div_(float(sum(weights)))
-    if lambda_ != 1.0:
-        total.mul_(float(lambda_))
-    return total.add_(b).to(base.dtype)
-
-
-def _ffg_consensus(
-    base: torch.Tensor,
-    experts: Sequence[torch.Tensor],
-    curvatures: Sequence[Optional[Curvature]],
-    rules: Sequence[Optional[KeepRule]],
-    weights: Sequence[float],
-    lambda_: float,
-    normalize: bool,
-    rule: str,
-) -> torch.Tensor:
-    """:func:`ffg_merge` with sign consensus (its docstring): ``b + lambda * N`` or ``b + lambda * N / D``."""
-    from mergekit_ota.math.consensus import SignConsensus, disjoint_mean
-
-    if not experts:
-        return base
-    b = base.to(torch.float32)
-    votes = SignConsensus(rule)
-    scores: Optional[torch.Tensor] = None  # saliency buffer shared by all masks
-    spare: Optional[torch.Tensor] = None  # tau_i: one buffer reused for every expert
-    for expert, v, keep, weight in zip(experts, curvatures, rules, weights):
-        tau = torch.sub(f32_operand(expert), b, out=spare)
-        if keep is not None:
-            scores = torch.empty_like(tau) if scores is None else scores
-            tau.mul_(keep.mask(tau, v, scratch=scores, out=votes.scratch(tau)))
-        votes.add(tau.mul_(float(weight)), float(weight))  # c_i = weight_i m_i tau_i
-        spare = tau
-    numerator, denominator = votes.result()
-    merged = disjoint_mean(numerator, denominator, scratch=votes.scratch(numerator)) if normalize else numerator
-    if lambda_ != 1.0:
-        merged.mul_(float(lambda_))
-    return merged.add_(b).to(base.dtype)
+            scores = buffer_like(scores, tau)
+            mask = rule.mask(tau, v, scratch=scores, out=sums.scratch(tau))
+        sums.add(tau, float(weight), mask)
+        spare = sums.spare(tau)
+    numerator, denominator = sums.result()
+    merged = ratio(numerator, denominator, sums) if normalize else numerator
+    return add_to_base(b, merged, lambda_).to(base.dtype)

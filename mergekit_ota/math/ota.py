@@ -54,17 +54,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 
 from mergekit_ota.errors import MergeError
-from mergekit_ota.math.ffg import KeepRule, f32_operand, lift_zeros
+from mergekit_ota.math.ffg import KeepRule
+from mergekit_ota.math.floats import SAFE_LOG2, exp2, f32_operand, lift_zeros, scaled_scalar
 from mergekit_ota.math.rank1 import Curvature, Rank1Curvature
+from mergekit_ota.math.reduce import Reducer, add_to_base, buffer_like, reducer
 
 HEADROOM_LOG2 = 64  # H: every w_i / s <= 2**H
 EPS_FLOOR_LOG2 = -100  # L: eps / s >= 2**L where H allows it
-SAFE_LOG2 = 120  # float32 factors (v**p, weight_i / s) kept within 2**-120 .. 2**120
 
 
 @dataclass(frozen=True)
@@ -78,16 +79,7 @@ class WeightScale:
     @property
     def divisor(self) -> float:
         """``s`` as a float (0 or inf only for absurd exponents)."""
-        return _exp2(float(self.exponent))
-
-
-def _exp2(x: float) -> float:
-    """``2**x`` in float64, 0 or inf instead of an OverflowError."""
-    if x > 1023.0:
-        return math.inf
-    if x < -1074.0:
-        return 0.0
-    return 2.0**x
+        return exp2(float(self.exponent))
 
 
 def _log2_add(a: float, b: float) -> float:
@@ -96,18 +88,6 @@ def _log2_add(a: float, b: float) -> float:
     if high == -math.inf:
         return -math.inf
     return high + math.log2(1.0 + 2.0 ** (low - high))
-
-
-def scaled_scalar(x: float, log2_factor: float) -> float:
-    """``x * 2**log2_factor`` in float64 (exact for an integer power), inf or 0 instead of an OverflowError."""
-    if x == 0.0:
-        return 0.0
-    if float(log2_factor).is_integer():
-        try:
-            return math.ldexp(x, int(log2_factor))
-        except OverflowError:
-            return math.copysign(math.inf, x)
-    return math.copysign(_exp2(math.log2(abs(x)) + log2_factor), x)
 
 
 def curvature_max(v: Curvature) -> float:
@@ -187,7 +167,7 @@ def curvature_weights(
     (:class:`~mergekit_ota.math.rank1.Rank1Curvature`) is never materialised.
     """
     if isinstance(v, Rank1Curvature):
-        return v.weights(weight, power, eps, out=out, scale=scale)
+        return rank1_weights(v, weight, power, eps, out=out, scale=scale)
     exponent = scale.exponent if scale is not None else 0
     factor = scaled_scalar(float(weight), -exponent)
     shift = scaled_scalar(float(eps), -exponent)
@@ -211,6 +191,69 @@ def curvature_weights(
     return w.add_(shift)
 
 
+def rank1_weights(
+    v: Rank1Curvature,
+    weight: float,
+    power: float,
+    eps: float,
+    out: Optional[torch.Tensor] = None,
+    scale: Optional[WeightScale] = None,
+) -> torch.Tensor:
+    """``(weight * v_hat**power + eps) / s`` from the factors of ``v_hat = outer(row, col)``: one m x n pass plus
+    the ``eps`` add.
+
+    ``s = scale.divisor`` (1 without ``scale``). When ``s != 1``, or a factor's power would
+    leave float32, the factors are normalised first (O(m + n)):
+    ``(row / R)**p * (weight * (R C)**p / s)`` outer ``(col / C)**p`` with ``R = max(row)``,
+    ``C = max(col)``, in float64 (``col / C`` can fall below float32's range where its term still
+    counts), rounded to float32 once (module docstring, *Scaling*). Where ``R`` or ``C`` is 0 (an all-zero
+    factor: a frozen layer, or a store with only one of its factors zero) ``v_hat`` is 0 and, for
+    ``power > 0``, every weight is ``eps / s`` (one fill: no factor is divided by its zero maximum).
+    """
+    exponent = scale.exponent if scale is not None else 0
+    shift = scaled_scalar(float(eps), -exponent)
+    top_row, top_col = _tops(v) if power != 0.0 else (1.0, 1.0)
+    if top_row == 0.0 or top_col == 0.0:  # v_hat == 0 (factors >= 0): weight * v_hat**p == 0
+        if out is None:
+            return torch.full(v.shape, shift, dtype=torch.float32, device=v.device)
+        return out.fill_(shift)
+    if _rank1_in_float64(scale, float(weight), power, top_row, top_col):
+        # (row / R)**p * (weight (R C)**p / s) outer (col / C)**p: a ratio below 2**-149 would flush to 0 in float32
+        factor = scaled_scalar(float(weight), power * (math.log2(top_row) + math.log2(top_col)) - exponent)
+        row = _power(v.row.double() / top_row, power).mul_(factor)
+        w = torch.outer(row, _power(v.col.double() / top_col, power)).add_(shift)
+        return w.to(torch.float32) if out is None else out.copy_(w)
+    row = _power(v.row, power)
+    factor = scaled_scalar(float(weight), -exponent)
+    if factor != 1.0:
+        row = row * factor
+    return torch.outer(row, _power(v.col, power), out=out).add_(shift)
+
+
+def _rank1_in_float64(
+    scale: Optional[WeightScale], weight: float, power: float, top_row: float, top_col: float
+) -> bool:
+    """Whether :func:`rank1_weights` normalises the factors in float64: ``s != 1``, or ``R**p``, ``C**p`` or
+    ``weight / s`` outside ``2**-SAFE_LOG2 .. 2**SAFE_LOG2``."""
+    if scale is None or power == 0.0 or scale.log2_c == -math.inf:
+        return False
+    log2_weight = math.log2(abs(weight)) if weight != 0.0 else 0.0
+    logs = (power * math.log2(top_row), power * math.log2(top_col), log2_weight - scale.exponent)
+    return scale.exponent != 0 or not all(abs(x) <= SAFE_LOG2 for x in logs)
+
+
+def _power(x: torch.Tensor, power: float) -> torch.Tensor:
+    """``x**power`` (``x`` itself for 1, ``sqrt`` for 0.5): a new tensor unless ``power == 1``."""
+    if power == 1.0:
+        return x
+    return x.sqrt() if power == 0.5 else x.pow(power)
+
+
+def _tops(v: Rank1Curvature) -> Tuple[float, float]:
+    """``(max(row), max(col))``; 0 for an empty factor (``outer(row, col)`` is then empty)."""
+    return tuple(float(x.max()) if x.numel() else 0.0 for x in (v.row, v.col))  # type: ignore[return-value]
+
+
 def ota_merge(
     base: Optional[torch.Tensor],
     experts: Sequence[torch.Tensor],
@@ -226,156 +269,153 @@ def ota_merge(
 ) -> torch.Tensor:
     """Merge experts by their curvature (see the module docstring for the formula and the scaling).
 
-    ``consensus`` (``"sum"`` or ``"count"``, a base needed): elect a sign per coordinate and sum
-    only the agreeing experts' ``w_i m_i tau_i`` and ``w_i`` (:func:`_consensus_merge`).
+    One loop feeds a reducer (:mod:`mergekit_ota.math.reduce`) each expert's ``tau_i`` with ``a_i = w_i m_i / s``:
+    plain accumulation gives ``N = sum_i w_i m_i tau_i`` and ``D = sum_i w_i m_i``; ``consensus`` (``"sum"`` or
+    ``"count"``, a base needed) sums only the experts whose ``w_i m_i tau_i`` has the elected sign
+    (:class:`~mergekit_ota.math.consensus.SignConsensus`). Then ``theta = b + lambda * N / D``.
 
     ``rules`` (with a base only) give each expert's FFG mask ``m_i``; ``None`` keeps all.
-    Accumulates ``w_i / s`` in float32, one expert at a time: the first expert's
-    ``w_1 tau_1`` and ``w_1`` become the running sums (two buffers in all, no stacking,
-    no zero fill). Where ``sum_i w_i m_i == 0`` because every expert is masked, the
-    divisor is 1, so theta = b; where it is 0 although some expert is unmasked (weights
-    underflowed), :class:`~mergekit_ota.errors.MergeError` is raised naming ``name``.
-    The result has the dtype of ``base`` (or of the first expert without a base).
+    Accumulates ``w_i / s`` in float32, one expert at a time (no stacking, no zero fill). Where ``D == 0``
+    because no expert counts there (all masked; with consensus also all zero), the divisor is 1, so theta = b;
+    where it is 0 although some expert counts (weights underflowed), :class:`~mergekit_ota.errors.MergeError`
+    is raised naming ``name``. The result has the dtype of ``base`` (or of the first expert without a base).
     """
     if not experts:
         if base is None:
             raise ValueError("ota_merge needs at least one expert")
         return base
-    if not (len(experts) == len(curvatures) == len(weights)):
+    keep = _checked_rules(base, len(experts), curvatures, weights, rules, consensus)
+    scale = weight_scale(curvatures, weights, power, eps)
+    sums = reducer(consensus, in_place=base is not None)  # without a base tau_i is the caller's t_i
+    counted = _Counted(consensus is not None) if _may_vanish(scale, weights, eps) else None
+    b = base.to(torch.float32) if base is not None else None
+    scores: Optional[torch.Tensor] = None  # saliency buffer shared by all masks
+    spare_w: Optional[torch.Tensor] = None  # w_i and tau_i: buffers reused once the reducer leaves them
+    spare_tau: Optional[torch.Tensor] = None
+    for expert, v, weight, rule in zip(experts, curvatures, weights, keep):
+        w = curvature_weights(v, weight, power, eps, out=spare_w, scale=scale)
+        tau = _task_vector(expert, b, out=spare_tau)
+        mask = None
+        if rule is not None:
+            scores = buffer_like(scores, tau)
+            mask = rule.mask(tau, v, scratch=scores, out=sums.scratch(tau))
+            w.mul_(mask)  # a_i = w_i m_i
+        if counted is not None:
+            counted.add(tau, mask)
+        sums.add(tau, w)
+        spare_w, spare_tau = sums.spare(w), sums.spare(tau)
+    numerator, denominator = sums.result()
+    assert isinstance(denominator, torch.Tensor)
+    if counted is not None:
+        counted.check(denominator, name=name, power=power, eps=eps, scale=scale, weights=weights)
+    # D can be 0 (no expert counts there: theta = b) only with masks, consensus, or weights that may vanish
+    may_be_zero = consensus is not None or counted is not None or any(r is not None for r in keep)
+    theta = _finish(b, numerator, denominator, lambda_, sums if may_be_zero else None)
+    return theta.to((base if base is not None else experts[0]).dtype)
+
+
+def _checked_rules(
+    base: Optional[torch.Tensor],
+    count: int,
+    curvatures: Sequence[Curvature],
+    weights: Sequence[float],
+    rules: Optional[Sequence[Optional[KeepRule]]],
+    consensus: Optional[str],
+) -> Sequence[Optional[KeepRule]]:
+    """``rules`` (``None`` for every expert when not given) after checking the inputs fit together."""
+    if not (count == len(curvatures) == len(weights)):
         raise ValueError("experts, curvatures and weights must have the same length")
     if rules is None:
-        rules = [None] * len(experts)
-    elif len(rules) != len(experts):
+        rules = [None] * count
+    elif len(rules) != count:
         raise ValueError("rules must have one entry per expert")
     if base is None and any(r is not None for r in rules):
         raise ValueError("FFG masks need a base model (tau_i = t_i - b)")
+    if base is None and consensus is not None:
+        raise ValueError("sign consensus needs a base model (tau_i = t_i - b)")
+    return rules
 
-    if consensus is not None:
-        if base is None:
-            raise ValueError("sign consensus needs a base model (tau_i = t_i - b)")
-        return _consensus_merge(base, experts, curvatures, weights, rules, power, eps, lambda_, name, consensus)
-    scale = weight_scale(curvatures, weights, power, eps)
-    # w_i / s >= eps / s > 0 for every unmasked expert, unless eps / s underflows in float32
-    # (or a negative weight cancels): only then can a zero sum hide an unmasked expert.
+
+def _may_vanish(scale: WeightScale, weights: Sequence[float], eps: float) -> bool:
+    """Whether ``D`` can be 0 where some expert counts: every counted ``w_i / s >= eps / s > 0`` unless ``eps / s``
+    underflows in float32, or a negative weight (the in-memory API allows one) cancels."""
     shift = float(torch.tensor(scaled_scalar(float(eps), -scale.exponent), dtype=torch.float32))
-    may_vanish = not shift > 0.0 or any(float(w) < 0.0 for w in weights)
-    kept: Optional[torch.Tensor] = None  # where some expert is unmasked (tracked only if may_vanish)
-    all_kept = False
+    return not shift > 0.0 or any(float(w) < 0.0 for w in weights)
 
-    out_dtype = (base if base is not None else experts[0]).dtype
-    b = base.to(torch.float32) if base is not None else None
-    numerator: Optional[torch.Tensor] = None
-    denominator: Optional[torch.Tensor] = None
-    spare_w: Optional[torch.Tensor] = None  # w_i, tau_i of the 2nd expert on: buffers reused
-    spare_x: Optional[torch.Tensor] = None
-    scores: Optional[torch.Tensor] = None  # saliency buffer shared by all masks
-    ones: Optional[torch.Tensor] = None  # the mask as 1.0/0.0 (fast to multiply by), one buffer for all
-    for expert, v, weight, rule in zip(experts, curvatures, weights, rules):
-        w = curvature_weights(v, weight, power, eps, out=spare_w, scale=scale)
-        if b is not None:
-            x = torch.sub(f32_operand(expert), b, out=spare_x)  # tau_i: ours to change
-            if rule is not None:
-                scores = torch.empty_like(x) if scores is None else scores
-                ones = torch.empty_like(x) if ones is None else ones
-                mask = rule.mask(x, v, scratch=scores, out=ones)
-                w.mul_(mask)
-                if may_vanish and not all_kept:
-                    kept = mask.clone() if kept is None else kept.logical_or_(mask)
-                del mask
-            else:
-                all_kept = True
-        else:
-            x = expert.to(torch.float32)  # may be the caller's tensor: never written
-            all_kept = True
-        if numerator is None:  # the first expert's terms become the running sums
-            numerator = x.mul_(w) if b is not None else torch.mul(w, x)
-            denominator = w
-        else:
-            numerator.addcmul_(w, x)
-            denominator.add_(w)
-            spare_w, spare_x = w, (x if b is not None else None)
-        del w, x
-    assert numerator is not None and denominator is not None
 
-    masked = any(r is not None for r in rules)
-    if may_vanish:
-        vanished = denominator == 0
-        if not all_kept and kept is not None:
-            vanished.logical_and_(kept)
-        count = int(torch.count_nonzero(vanished))
-        if count:
-            where = f"tensor {name}: " if name else ""
-            raise MergeError(
-                f"ota: {where}at {count} of {denominator.numel()} coordinates every unmasked expert's weight "
-                f"w_i = weight_i * v_i**power + eps underflowed to 0 (power {power}, eps {eps}, largest curvature "
-                f"{_exp2(scale.log2_c):.3g}): the weights span more than float32's range; lower power, raise eps, "
-                f"or leave out the expert with extreme curvature"
-                + (
-                    "; negative weights can also cancel (ota needs weight >= 0)"
-                    if any(float(x) < 0 for x in weights)
-                    else ""
-                )
-            )
+def _task_vector(expert: torch.Tensor, b: Optional[torch.Tensor], out: Optional[torch.Tensor]) -> torch.Tensor:
+    """``tau = t - b`` in float32 (into ``out``); without a base ``t`` itself as float32, which may be the caller's
+    tensor (the reducer is made not to write it)."""
     if b is None:
-        return numerator.div_(denominator).to(out_dtype)
-    if masked or may_vanish:  # coordinates masked in every expert: divisor 1, so theta = b
-        lift_zeros(denominator, scratch=scores)
-    if lambda_ == 1.0:  # b + numerator / denominator in one pass
-        return torch.addcdiv(b, numerator, denominator, out=numerator).to(out_dtype)
-    return numerator.div_(denominator).mul_(float(lambda_)).add_(b).to(out_dtype)
+        return expert.to(torch.float32)
+    return torch.sub(f32_operand(expert), b, out=out)
 
 
-def _consensus_merge(
-    base: torch.Tensor,
-    experts: Sequence[torch.Tensor],
-    curvatures: Sequence[Curvature],
-    weights: Sequence[float],
-    rules: Sequence[Optional[KeepRule]],
-    power: float,
-    eps: float,
+def _finish(
+    b: Optional[torch.Tensor],
+    numerator: torch.Tensor,
+    denominator: torch.Tensor,
     lambda_: float,
-    name: Optional[str],
-    rule: str,
+    lift: Optional[Reducer],
 ) -> torch.Tensor:
-    """``theta = b + lambda * N / D`` with ``N = sum_i g_i w_i m_i tau_i``, ``D = sum_i g_i w_i``, ``g_i`` whether
-    expert i's kept contribution has the elected sign (:class:`~mergekit_ota.math.consensus.SignConsensus`);
-    ``D = 0`` (no expert agrees: all masked or zero there) keeps ``b``. The weights are scaled as in
-    :func:`ota_merge`; a coordinate where some expert kept a nonzero ``tau_i`` but every weight underflowed
-    raises :class:`~mergekit_ota.errors.MergeError`."""
-    from mergekit_ota.math.consensus import SignConsensus
+    """``theta = b + lambda * N / D`` written over ``N`` (one ``addcdiv`` pass at ``lambda = 1``); without a base
+    ``N / D``. With ``lift`` every ``D = 0`` becomes 1 first (through its scratch), so ``theta = b`` there."""
+    if b is None:
+        return numerator.div_(denominator)
+    if lift is not None:
+        lift_zeros(denominator, scratch=lift.scratch(denominator))
+    if lambda_ == 1.0:
+        return torch.addcdiv(b, numerator, denominator, out=numerator)
+    return add_to_base(b, numerator.div_(denominator), lambda_)
 
-    scale = weight_scale(curvatures, weights, power, eps)
-    shift = float(torch.tensor(scaled_scalar(float(eps), -scale.exponent), dtype=torch.float32))
-    # else every kept w_i >= eps / s > 0; a negative weight (the in-memory API allows one) can cancel D to 0
-    may_vanish = not shift > 0.0 or any(float(w) < 0.0 for w in weights)
-    b = base.to(torch.float32)
-    votes = SignConsensus(rule)
-    kept: Optional[torch.Tensor] = None  # where some expert kept a nonzero tau_i (tracked only if may_vanish)
-    scores: Optional[torch.Tensor] = None  # saliency buffer shared by all masks
-    spare_w: Optional[torch.Tensor] = None  # w_i and tau_i: two buffers reused for every expert
-    spare_x: Optional[torch.Tensor] = None
-    for expert, v, weight, keep in zip(experts, curvatures, weights, rules):
-        w = curvature_weights(v, weight, power, eps, out=spare_w, scale=scale)
-        tau = torch.sub(f32_operand(expert), b, out=spare_x)
-        if keep is not None:
-            scores = torch.empty_like(tau) if scores is None else scores
-            w.mul_(keep.mask(tau, v, scratch=scores, out=votes.scratch(tau)))  # w_i m_i
-        if may_vanish:
-            live = tau != 0 if keep is None else (tau != 0).logical_and_(votes.scratch(tau) != 0)
-            kept = live if kept is None else kept.logical_or_(live)
-        votes.add(tau.mul_(w), w)  # c_i = w_i m_i tau_i
-        spare_w, spare_x = w, tau
-    numerator, denominator = votes.result()
-    if kept is not None:
-        vanished = int(torch.count_nonzero((denominator == 0).logical_and_(kept)))
-        if vanished:
-            where = f"tensor {name}: " if name else ""
-            raise MergeError(
-                f"ota: {where}at {vanished} of {denominator.numel()} coordinates every kept expert's weight "
-                f"w_i = weight_i * v_i**power + eps underflowed to 0 (power {power}, eps {eps}): lower power or raise "
-                "eps"
-            )
-    lift_zeros(denominator, scratch=votes.scratch(denominator))  # D = 0: no expert agrees, N = 0 there: theta = b
-    if lambda_ == 1.0:  # b + N / D in one pass
-        return torch.addcdiv(b, numerator, denominator, out=numerator).to(base.dtype)
-    return numerator.div_(denominator).mul_(float(lambda_)).add_(b).to(base.dtype)
+
+class _Counted:
+    """``K = OR_i k_i``, where some expert counts towards ``D`` unless its weight underflowed: ``k_i = [m_i != 0]``
+    (everywhere without a mask), under sign consensus also ``[tau_i != 0]`` (a zero ``c_i`` agrees with no sign).
+
+    Tracked only where :func:`_may_vanish`; :meth:`check` raises where ``D = 0`` inside ``K``.
+    """
+
+    def __init__(self, nonzero: bool) -> None:
+        self.nonzero = nonzero  # k_i also needs tau_i != 0 (sign consensus)
+        self.where: Optional[torch.Tensor] = None  # K so far (boolean); None with everywhere
+        self.everywhere = False
+
+    def add(self, tau: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
+        """Add expert i's ``k_i`` (before the reducer overwrites ``tau`` or ``mask``)."""
+        if self.everywhere:
+            return
+        if mask is None and not self.nonzero:
+            self.everywhere, self.where = True, None
+            return
+        live = tau != 0 if self.nonzero else mask != 0
+        if self.nonzero and mask is not None:
+            live.logical_and_(mask != 0)
+        self.where = live if self.where is None else self.where.logical_or_(live)
+
+    def check(
+        self,
+        denominator: torch.Tensor,
+        *,
+        name: Optional[str],
+        power: float,
+        eps: float,
+        scale: WeightScale,
+        weights: Sequence[float],
+    ) -> None:
+        """Raise :class:`~mergekit_ota.errors.MergeError` if ``D == 0`` anywhere in ``K``."""
+        vanished = denominator == 0
+        if self.where is not None:
+            vanished.logical_and_(self.where)
+        count = int(torch.count_nonzero(vanished))
+        if not count:
+            return
+        where = f"tensor {name}: " if name else ""
+        negative = any(float(x) < 0 for x in weights)
+        raise MergeError(
+            f"ota: {where}at {count} of {denominator.numel()} coordinates every weight "
+            f"w_i = weight_i * v_i**power + eps of the experts kept there underflowed to 0 (power {power}, eps {eps}, "
+            f"largest curvature {exp2(scale.log2_c):.3g}): the weights span more than float32's range; lower power, "
+            f"raise eps, or leave out the expert with extreme curvature"
+            + ("; negative weights can also cancel (ota needs weight >= 0)" if negative else "")
+        )

@@ -6,20 +6,17 @@
 :class:`Rank1Curvature` keeps ``v_hat`` factored as ``outer(row, col)`` with
 ``row = r / sum(r)`` and ``col = c``, so OTA weights need no m x n ``v_hat``:
 ``weight * v_hat**p + eps = outer(weight * row**p, col**p) + eps`` (the same number
-up to float32 rounding, a few ulp).  Where every entry of ``v_hat`` is needed (FFG
-saliency) :func:`dense` materialises it exactly as :func:`rank1_reconstruct` does.
+up to float32 rounding, a few ulp; :func:`~mergekit_ota.math.ota.rank1_weights`).  Where every
+entry of ``v_hat`` is needed (FFG saliency) :func:`dense` materialises it exactly as
+:func:`rank1_reconstruct` does.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
-
-if TYPE_CHECKING:
-    from mergekit_ota.math.ota import WeightScale
 
 
 def rank1_factors(v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -30,15 +27,10 @@ def rank1_factors(v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return v32.sum(dim=1), v32.sum(dim=0)
 
 
-def _power(x: torch.Tensor, power: float) -> torch.Tensor:
-    if power == 1.0:
-        return x
-    return x.sqrt() if power == 0.5 else x.pow(power)
-
-
 @dataclass(frozen=True)
 class Rank1Curvature:
-    """``v_hat = outer(row, col)`` (float32 factors, ``row = r / sum(r)``), never materialised unless asked."""
+    """``v_hat = outer(row, col)`` (float32 factors unless :meth:`to` converts them, ``row = r / sum(r)``), never
+    materialised unless asked."""
 
     row: torch.Tensor
     col: torch.Tensor
@@ -65,10 +57,14 @@ class Rank1Curvature:
         return torch.outer(self.row, self.col)
 
     def to(
-        self, device: Optional[Union[str, torch.device]] = None, dtype: Optional[torch.dtype] = None
+        self,
+        device: Optional[Union[str, torch.device, torch.dtype]] = None,
+        dtype: Optional[torch.dtype] = None,
     ) -> "Rank1Curvature":
-        """The factors on ``device`` (curvature stays float32 whatever ``dtype`` says)."""
-        return Rank1Curvature(self.row.to(device=device), self.col.to(device=device))
+        """The factors on ``device`` and in ``dtype``, as ``Tensor.to`` does (a dtype alone may come first)."""
+        if isinstance(device, torch.dtype):  # v.to(torch.float32)
+            device, dtype = None, device if dtype is None else dtype
+        return Rank1Curvature(self.row.to(device=device, dtype=dtype), self.col.to(device=device, dtype=dtype))
 
     def __mul__(self, factor: float) -> "Rank1Curvature":
         """``v_hat * factor`` (scales the row factor), e.g. Adam's bias correction."""
@@ -79,56 +75,6 @@ class Rank1Curvature:
         if dim == 0:
             return Rank1Curvature(self.row.narrow(0, start, length), self.col)
         return Rank1Curvature(self.row, self.col.narrow(0, start, length))
-
-    def weights(
-        self,
-        weight: float,
-        power: float,
-        eps: float,
-        out: Optional[torch.Tensor] = None,
-        scale: Optional["WeightScale"] = None,
-    ) -> torch.Tensor:
-        """``(weight * v_hat**power + eps) / s`` from the factors: one m x n pass plus the ``eps`` add.
-
-        ``s = scale.divisor`` (1 without ``scale``). When ``s != 1``, or a factor's power would
-        leave float32, the factors are normalised first (O(m + n)):
-        ``(row / R)**p * (weight * (R C)**p / s)`` outer ``(col / C)**p`` with ``R = max(row)``,
-        ``C = max(col)``, in float64 (``col / C`` can fall below float32's range where its term still
-        counts), rounded to float32 once; see :mod:`mergekit_ota.math.ota`. Where ``R`` or ``C`` is 0 (an all-zero
-        factor: a frozen layer, or a store with only one of its factors zero) ``v_hat`` is 0 and, for
-        ``power > 0``, every weight is ``eps / s`` (one fill: no factor is divided by its zero maximum).
-        """
-        from mergekit_ota.math.ota import SAFE_LOG2, scaled_scalar
-
-        exponent = scale.exponent if scale is not None else 0
-        shift = scaled_scalar(float(eps), -exponent)
-        top_row, top_col = _tops(self.row, self.col) if power != 0.0 else (1.0, 1.0)
-        if top_row == 0.0 or top_col == 0.0:  # v_hat == 0 (factors >= 0): weight * v_hat**p == 0
-            if out is None:
-                return torch.full(self.shape, shift, dtype=torch.float32, device=self.device)
-            return out.fill_(shift)
-        if scale is not None and power != 0.0 and scale.log2_c > -math.inf:
-            log2_rc = power * (math.log2(top_row) + math.log2(top_col))
-            log2_weight = math.log2(abs(weight)) if weight != 0.0 else 0.0
-            safe = all(
-                abs(x) <= SAFE_LOG2
-                for x in (power * math.log2(top_row), power * math.log2(top_col), log2_weight - exponent)
-            )
-            if exponent != 0 or not safe:  # in float64: a ratio below 2**-149 would flush to 0 in float32
-                factor = scaled_scalar(float(weight), log2_rc - exponent)
-                row = _power(self.row.double() / top_row, power).mul_(factor)
-                w = torch.outer(row, _power(self.col.double() / top_col, power)).add_(shift)
-                return w.to(torch.float32) if out is None else out.copy_(w)
-        row = _power(self.row, power)
-        factor = scaled_scalar(float(weight), -exponent)
-        if factor != 1.0:
-            row = row * factor
-        return torch.outer(row, _power(self.col, power), out=out).add_(shift)
-
-
-def _tops(row: torch.Tensor, col: torch.Tensor) -> Tuple[float, float]:
-    """``(max(row), max(col))``; 0 for an empty factor (``outer(row, col)`` is then empty)."""
-    return tuple(float(x.max()) if x.numel() else 0.0 for x in (row, col))  # type: ignore[return-value]
 
 
 Curvature = Union[torch.Tensor, Rank1Curvature]

@@ -4,7 +4,8 @@
 :func:`~mergekit_ota.math.ffg.density_mask` reuse buffers, pre-scale weights that would leave float32's range,
 stream sign consensus and select the k-th saliency from a sample; these functions do none of that. They stack
 the experts and evaluate the formula directly, so a reader can check the math in a few lines, and the property
-tests (``tests/test_math.py``, ``tests/test_degenerate.py``) compare the kernels against them.
+tests (``tests/test_math.py``, ``tests/test_degenerate.py``, ``tests/test_consensus.py``) compare the kernels
+against them.
 
 * OTA: ``theta = b + lambda * sum_i w_i m_i tau_i / sum_i w_i m_i`` with ``w_i = weight_i * v_i**p + eps`` and
   ``tau_i = t_i - b``; a coordinate where every ``w_i m_i`` is 0 keeps ``b``. Without a base:

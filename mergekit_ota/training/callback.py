@@ -40,7 +40,7 @@ from mergekit_ota.export.pipeline import write_store
 from mergekit_ota.export.zero import find_step_dir, open_zero
 from mergekit_ota.store_format import DEFAULT_STORE_NAME, INDEX_SUFFIX
 from mergekit_ota.training.gather import is_deepspeed, rank
-from mergekit_ota.training.save import _agree, save_curvature
+from mergekit_ota.training.save import agree, save_curvature
 
 LOG = logging.getLogger("mergekit_ota")
 
@@ -94,7 +94,7 @@ class CurvatureCallback(TrainerCallback):
         deepspeed = is_deepspeed(model)
         # Only rank 0 writes the checkpoint (other ranks may look before it exists): rank 0 decides, every rank follows,
         # or a rank skipping the gathers would leave the others waiting in them.
-        if not _agree(os.path.isdir(checkpoint) if rank() == 0 else True):
+        if not agree(os.path.isdir(checkpoint) if rank() == 0 else True):
             return  # a save that wrote no checkpoint directory (e.g. another run dir under hyperparameter search)
         source = None
         if deepspeed:  # rank 0 alone reads the saved checkpoint: no collective, so the others are done
@@ -120,7 +120,7 @@ class CurvatureCallback(TrainerCallback):
         source = find_step_dir(final) if rank() == 0 and os.path.isdir(final) else None
         # from the final checkpoint when one holds the last step (rank 0 decides for all: the live path gathers),
         # else live (which ZeRO-1/2 may refuse: logged)
-        if _agree(source is None if rank() == 0 else True):
+        if agree(source is None if rank() == 0 else True):
             self._write(model, optimizer, args.output_dir, f"{args.output_dir} (end of training)", None)
         elif rank() == 0:
             self._write(model, optimizer, args.output_dir, f"{args.output_dir} (end of training)", source)

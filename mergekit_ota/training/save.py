@@ -38,7 +38,7 @@ from mergekit_ota.training.gather import (
 )
 
 
-def _agree(ok: bool) -> bool:
+def agree(ok: bool) -> bool:
     """Whether every rank is ``ok`` (an all-reduce MIN; ``ok`` itself without torch.distributed)."""
     if not _distributed():
         return ok
@@ -105,7 +105,7 @@ def save_curvature(
             check_output(store_layout(path), options.force)
         except CurvatureError as error:
             refusal = error
-    if not _agree(refusal is None):
+    if not agree(refusal is None):
         if refusal is not None:
             raise refusal
         raise CurvatureError(f"{path}: rank 0 refused to write the curvature store (see its error)")
@@ -125,7 +125,7 @@ def save_curvature(
             drain(remaining.rest())  # the other ranks are waiting in these gathers
     else:
         drain(iter(state.parameters))
-    if not _agree(failure is None):  # every rank raises, or none does
+    if not agree(failure is None):  # every rank raises, or none does
         if failure is not None:
             raise failure
         raise CurvatureError(f"{path}: rank 0 could not write the curvature store (see its error)")
