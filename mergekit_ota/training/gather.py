@@ -110,13 +110,14 @@ def _refuse_fsdp1(model: torch.nn.Module) -> None:
         )
 
 
-def _distributed() -> bool:
+def is_distributed() -> bool:
+    """Whether this process is one rank of an initialised ``torch.distributed`` group."""
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def rank() -> int:
     """This process's global rank (0 without torch.distributed)."""
-    return torch.distributed.get_rank() if _distributed() else 0
+    return torch.distributed.get_rank() if is_distributed() else 0
 
 
 def _full(tensor: Any) -> torch.Tensor:
@@ -144,7 +145,7 @@ def _deepspeed_parameter(
             mapping = getattr(p, "_hp_mapping", None)
             can = mapping is None or "exp_avg_sq" in (getattr(mapping, "optim_fragment", None) or {})
         flag = torch.tensor([1 if can else 0])
-        if _distributed():
+        if is_distributed():
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
         if not flag.item():
             raise LiveGatherError(
@@ -196,7 +197,7 @@ def live_state(model: torch.nn.Module, optimizer: Any) -> LiveState:
     states = {n: flatten_bnb(torch_optimizer.state[p]) for n, p in trainable if torch_optimizer.state.get(p)}
     kinds = check_second_moments({n: list(s) for n, s in states.items()}, type(torch_optimizer).__name__)
     fsdp2 = any(type(p).__name__ == "DTensor" for _, p in trainable)
-    strategy = "fsdp2" if fsdp2 else "ddp" if _distributed() else "single"
+    strategy = "fsdp2" if fsdp2 else "ddp" if is_distributed() else "single"
     params = []
     for name, p in trainable:
         if name not in kinds:

@@ -31,8 +31,8 @@ from mergekit_ota.training.gather import (
     LiveGatherError,
     LiveParameter,
     LiveState,
-    _distributed,
     drain,
+    is_distributed,
     live_state,
     rank,
 )
@@ -40,7 +40,7 @@ from mergekit_ota.training.gather import (
 
 def agree(ok: bool) -> bool:
     """Whether every rank is ``ok`` (an all-reduce MIN; ``ok`` itself without torch.distributed)."""
-    if not _distributed():
+    if not is_distributed():
         return ok
     flag = torch.tensor([1 if ok else 0])
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
