@@ -82,8 +82,9 @@ def merge_output(out_path: str) -> OutputDirectory:
 
 PROVENANCE_STEP = "writing the curvature provenance (mergekit_ota_curvature.json, the card's Curvature section)"
 LATER_STEP = "a step after the weights were written"
-# The step of run_merge after the weights that is running now: each step says so when it starts (the wrappers
-# of :func:`_announcing_step` around mergekit's step functions, and _guard_run_merge around ours).
+# The step of an ota/ffg run_merge after the weights that is running now (None: no ota/ffg merge is running): each
+# step says so when it starts (the wrappers of :func:`_announcing_step` around mergekit's step functions, and
+# _guard_run_merge around ours).
 _STEP: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("mergekit_ota_late_step", default=None)
 RUN_MERGE_STEPS: Dict[str, str] = {  # compat.RUN_MERGE_STEPS' roles -> what the error says failed
     "card": "writing the model card (README.md)",
@@ -93,14 +94,15 @@ RUN_MERGE_STEPS: Dict[str, str] = {  # compat.RUN_MERGE_STEPS' roles -> what the
 
 
 def _announcing_step(role: str) -> Callable[[Callable], Callable]:
-    """A wrapper for ``run_merge``'s step function ``role``: it says, when it starts, which step is running (the
-    step lasts until the next one starts: mergekit writes README.md after ``generate_card`` returns, and saves the
-    tokenizer after ``_set_chat_template``)."""
+    """A wrapper for ``run_merge``'s step function ``role``: within an ota/ffg merge it says, when it starts, which
+    step is running (the step lasts until the next one starts: mergekit writes README.md after ``generate_card``
+    returns, and saves the tokenizer after ``_set_chat_template``). Otherwise it only calls the step."""
 
     def wrap(step: Callable) -> Callable:
         @functools.wraps(step)
         def announcing(*args, **kwargs):
-            _STEP.set(RUN_MERGE_STEPS[role])
+            if _STEP.get() is not None:
+                _STEP.set(RUN_MERGE_STEPS[role])
             return step(*args, **kwargs)
 
         return mark_patched(announcing, step)
@@ -165,7 +167,7 @@ def _guard_run_merge(run_merge: Callable) -> Callable:
         with merge_output(out_path) as out:
             card_before = card_state(out.build)  # a card already there (in place) is not this run's
             record = None
-            steps = _STEP.set(None)  # this merge's steps after the weights say when they start
+            steps = _STEP.set(LATER_STEP)  # this merge's steps after the weights say when they start
             try:
                 try:
                     result = run_merge(merge_config, out.build, *args, **kwargs)

@@ -104,7 +104,7 @@ def parameter_warnings(config: Any) -> List[str]:
     import mergekit_ota
     from mergekit_ota.methods.settings import unknown_parameters
 
-    mergekit_ota.install()  # register ota/ffg and patch mergekit (whether or not the start-up hook is on)
+    mergekit_ota.install()  # ota/ffg registered (whether or not the start-up hook is on), for the did-you-mean below
 
     try:
         spec = merge_methods.get(config.merge_method).spec
