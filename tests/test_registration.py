@@ -287,3 +287,33 @@ def test_importing_changes_nothing_and_install_registers_and_patches_once():
     assert after_install["methods"] == after_import["methods"] + 2
     assert not any(after_install["twice"])
     assert again == after_install
+
+
+def test_late_steps_of_run_merge_say_which_step_runs():
+    """run_merge's steps after the weights (mergekit's card, tokenizer and tagalong functions) are wrapped to say
+    when they start, within an ota/ffg merge only: the error of a kept merge names the step from that, not from
+    traceback file names."""
+    import mergekit.merge
+
+    import mergekit_ota
+    from mergekit_ota import compat, integration
+
+    mergekit_ota.install()
+    for role in compat.RUN_MERGE_STEPS:
+        assert compat.is_patched(compat.run_merge_step(mergekit.merge, role))
+
+    def failing(*args, **kwargs):
+        raise OSError("no space left on device")
+
+    step = integration._announcing_step("tokenizer")(failing)
+    with pytest.raises(OSError):
+        step()
+    assert integration._STEP.get() is None  # outside an ota/ffg merge a step announces nothing
+    token = integration._STEP.set(integration.LATER_STEP)  # as _guard_run_merge does
+    try:
+        assert integration._late_step(None) == (integration.LATER_STEP, "")
+        with pytest.raises(OSError):
+            step()
+        assert integration._late_step(None) == ("saving the tokenizer", "")
+    finally:
+        integration._STEP.reset(token)
