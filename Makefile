@@ -1,4 +1,5 @@
-# The two commands of the README: `make demo` and `make test`.
+# The two commands of the README: `make demo` and `make test` (the product's tests, tests/).
+# `make test-bench` runs the benchmarks' own tests (benchmarks/tests); CI runs it after `make test`.
 # Each creates ./.venv on first use, installs torch 2.13.0 first (the CPU wheel;
 # a bare `torch` requirement would pull the CUDA build), then this project.
 PYTHON ?= python3
@@ -7,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mergekit-ota-installed
 QUALITY_STAMP := $(VENV)/.mergekit-ota-quality
 
-.PHONY: install demo test lint bench-quality bench-quality-full bench-quality-sft bench-perf bench-export-memory fixtures clean
+.PHONY: install demo test test-bench lint bench-quality bench-quality-full bench-quality-sft bench-perf bench-export-memory fixtures clean
 
 $(STAMP): pyproject.toml mergekit_ota_autoload.py mergekit_ota.pth
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +24,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=15
+
+test-bench: $(STAMP)
+	$(PY) -m pytest -q --durations=10 benchmarks/tests
 
 # ruff (pyproject's [tool.ruff]): the formatter's layout and the linter's rules, checked, never rewritten
 lint: $(STAMP)

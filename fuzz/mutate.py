@@ -436,7 +436,16 @@ def mutate_file(path: str, rng: random.Random, canary: str) -> str:
             return mutate_yaml(path, rng, canary)
         if name == "latest":
             return mutate_text(path, rng)
-    except (ValueError, KeyError, EOFError, RuntimeError, pickle.UnpicklingError, struct.error) as error:
+    except (
+        ValueError,
+        KeyError,
+        EOFError,
+        OSError,
+        RuntimeError,
+        TypeError,
+        pickle.UnpicklingError,
+        struct.error,
+    ) as error:
         return f"(seed file not parseable after an earlier mutation: {type(error).__name__})"
     with open(path, "rb") as fp:
         new, what = mutate_bytes(fp.read(), rng)

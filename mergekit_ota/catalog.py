@@ -162,3 +162,58 @@ PAPER = "https://arxiv.org/abs/2509.11167"
 OTA = MethodCard("ota", "OTA (Optimization Trajectory Aware)", PAPER, EXPERT + COMMON_SHARED + OTA_ONLY)
 FFG = MethodCard("ffg", "FFG (Fast Fisher Grafting)", PAPER, EXPERT + COMMON_SHARED + FFG_ONLY)
 CARDS: Tuple[MethodCard, ...] = (OTA, FFG)
+
+
+def _markdown_value(value: Any) -> str:
+    """A default as YAML spells it, in backticks; ``None`` (no default: the parameter is unset) as ``unset``."""
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return "`true`" if value else "`false`"
+    return f"`{value}`"
+
+
+def _markdown_cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def markdown_table() -> str:
+    """The parameter table of docs/parameters.md: one row per parameter of either method, from :data:`CARDS`.
+
+    ``python -m mergekit_ota.catalog --markdown`` prints it; a test compares it with the docs page. A method's
+    column holds its default, or ``-`` where it does not take the parameter; a parameter described differently
+    per method (``saliency_mass``) gets each method's description.
+    """
+    rows: dict = {}  # name -> {method: Parameter}, in the cards' order
+    for card in CARDS:
+        for parameter in card.parameters:
+            rows.setdefault(parameter.name, {})[card.name] = parameter
+    header = ["parameter", "where"] + [f"`{card.name}` default" for card in CARDS] + ["takes", "meaning"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, per_method in rows.items():
+        first = next(iter(per_method.values()))
+        cells = [f"`{name}`", "per expert" if first.per_expert else "shared"]
+        cells += [_markdown_value(per_method[c.name].default) if c.name in per_method else "-" for c in CARDS]
+        meanings = {p.description for p in per_method.values()}
+        meaning = (
+            first.description
+            if len(meanings) == 1
+            else "; ".join(f"{m}: {p.description}" for m, p in per_method.items())
+        )
+        cells += [first.expects, meaning]
+        lines.append("| " + " | ".join(_markdown_cell(cell) for cell in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    import argparse
+
+    arguments = argparse.ArgumentParser(
+        prog="python -m mergekit_ota.catalog", description="Print the parameter table of both merge methods."
+    )
+    arguments.add_argument("--markdown", action="store_true", help="as the Markdown table of docs/parameters.md")
+    if arguments.parse_args().markdown:
+        print(markdown_table(), end="")
+    else:
+        for card in CARDS:
+            print(f"{card.name}: " + ", ".join(p.name for p in card.parameters))

@@ -17,8 +17,8 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 
 from mergekit_ota.curvature.fingerprint import FINGERPRINT_KEY, entries_fingerprint, weight_entries
-from mergekit_ota.curvature.locate import DEFAULT_STORE_NAME, INDEX_SUFFIX
 from mergekit_ota.curvature.writer import save_store
+from mergekit_ota.store_format import DEFAULT_STORE_NAME, INDEX_SUFFIX
 
 RANK1_STORE_NAME = "exp_avg_sq_rank1.safetensors"
 

@@ -589,3 +589,42 @@ def test_the_html_report_shows_labels_and_captions_as_text():
         "own": [None, 0.5],
         "nested": {"x": None},
     }
+
+
+@pytest.mark.parametrize(
+    "hidden, html, named",
+    [(("matplotlib",), False, "matplotlib"), (("markdown",), True, "markdown"), (("matplotlib", "markdown"), True, "")],
+)
+def test_analyze_without_its_extra_says_in_one_line_which_extra_to_install(tmp_path, monkeypatch, hidden, html, named):
+    """matplotlib and markdown are the `analyze` extra, not core dependencies: without them (imports made to fail
+    in-process) `analyze` exits 1 with one `Error:` line naming the missing package and the pip command, before
+    it reads an input or creates OUT; markdown is needed only for --html."""
+    import sys
+
+    for name in hidden:
+        for loaded in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
+            monkeypatch.delitem(sys.modules, loaded)
+        monkeypatch.setitem(sys.modules, name, None)  # `import name` raises ImportError
+    out = tmp_path / "report"
+    args = ["analyze", "--base", str(tmp_path / "no-base"), str(tmp_path / "no-expert"), "--out", str(out)]
+    result = CliRunner().invoke(main, args + (["--html"] if html else []))
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    assert lines[0].endswith("pip install 'mergekit-ota[analyze]'") and named in lines[0]
+    if hidden == ("matplotlib", "markdown"):
+        assert "matplotlib and markdown" in lines[0]
+    assert not out.exists()
+
+
+def test_analyze_without_html_does_not_need_markdown(monkeypatch):
+    """markdown only renders report.html: a report without --html goes ahead when only markdown is missing."""
+    import sys
+
+    from mergekit_ota.analysis.report import require_report_packages
+    from mergekit_ota.errors import OTAError
+
+    monkeypatch.setitem(sys.modules, "markdown", None)
+    require_report_packages(with_html=False)
+    with pytest.raises(OTAError, match=r"needs markdown .*pip install 'mergekit-ota\[analyze\]'"):
+        require_report_packages(with_html=True)

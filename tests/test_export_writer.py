@@ -17,12 +17,12 @@ from mergekit_ota.curvature.store import COL_SUFFIX, ROW_SUFFIX, CurvatureStore
 from mergekit_ota.curvature.writer import (
     OutputLayout,
     StoreWriter,
-    parse_size,
     save_store,
     store_specs,
     stored_tensors,
 )
 from mergekit_ota.errors import ConfigError
+from mergekit_ota.store_format import parse_size
 
 _shapes = st.lists(st.integers(0, 5), min_size=0, max_size=3).map(tuple)
 

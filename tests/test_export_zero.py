@@ -308,9 +308,10 @@ def test_curvature_naming_a_checkpoint_says_which_export_to_run(given):
     """`curvature:` pointing at a checkpoint, its global_stepN/ or an optimizer.pt: the error says to run
     `mergekit-ota export` first, with SOURCE and an OUT beside the model filled in."""
     from mergekit_ota.curvature.locate import locate_store
+    from mergekit_ota.export.detect import export_hint
 
     with pytest.raises(CurvatureError) as raised:
-        locate_store(str(given), str(TRAINER / "expert-a" / "checkpoint-3"), "expert-a")
+        locate_store(str(given), str(TRAINER / "expert-a" / "checkpoint-3"), "expert-a", advice=export_hint)
     message = str(raised.value)
     assert f"`mergekit-ota export {given} " in message and "exp_avg_sq.safetensors` first" in message
     assert "global_step3/exp_avg_sq" not in message  # the store goes beside the model, not into the tag
@@ -319,11 +320,29 @@ def test_curvature_naming_a_checkpoint_says_which_export_to_run(given):
 def test_an_expert_without_a_store_whose_directory_is_a_checkpoint_gets_the_export_command():
     """No `curvature:` and the expert's model directory is a ZeRO Trainer checkpoint without a store."""
     from mergekit_ota.curvature.locate import locate_store
+    from mergekit_ota.export.detect import export_hint
 
     checkpoint = TRAINER / "expert-a" / "checkpoint-3"
     with pytest.raises(CurvatureError, match="run `mergekit-ota export") as raised:
-        locate_store(None, str(checkpoint), "expert-a")
+        locate_store(None, str(checkpoint), "expert-a", advice=export_hint)
     assert "DeepSpeed ZeRO" in str(raised.value)
+
+
+def test_a_merge_whose_curvature_names_a_checkpoint_gets_the_export_command(tmp_path):
+    """The planner passes the exporter's advice to locate_store (curvature/ does not import export/): a merge whose
+    `curvature:` is a ZeRO Trainer checkpoint fails at planning with the export command, writing nothing."""
+    from mergekit_ota.errors import PreflightError
+
+    checkpoint = TRAINER / "expert-a" / "checkpoint-3"
+    config = {
+        "merge_method": "ota",
+        "base_model": str(TRAINER / "base"),
+        "models": [{"model": str(checkpoint), "parameters": {"curvature": str(checkpoint)}}],
+        "dtype": "float32",
+    }
+    with pytest.raises(PreflightError, match=f"run `mergekit-ota export {checkpoint} "):
+        _merge(config, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_without_param_slice_mappings_the_walk_of_param_shapes_places_the_same_pieces(tmp_path):

@@ -1,5 +1,5 @@
 """The committed fuzz target (``python -m fuzz``) on a bounded budget: mutated inputs of every kind end accepted
-with a finite result or refused with one of our errors naming the file; nothing else (see README, Safety)."""
+with a finite result or refused with one of our errors naming the file; nothing else (see docs/safety.md)."""
 
 from __future__ import annotations
 

@@ -283,6 +283,28 @@ def test_index_entry_no_file_name_can_hold_is_refused_naming_the_index(tmp_path)
     _refused(_cli("inspect", index), str(index), "surrogate")
 
 
+@pytest.mark.parametrize("where", ["dtype", "key", "metadata"])
+def test_header_string_escaping_a_lone_surrogate_is_refused_naming_the_file(tmp_path, where):
+    """A header string holding the JSON escape of an unpaired surrogate (no Unicode text; it cannot be printed or
+    written back) is refused naming the file by every reader: inspect printed it and crashed with UnicodeEncodeError
+    (fuzz seed 6, case 3851), export and check read the same header."""
+    store = tmp_path / "exp_avg_sq.safetensors"
+    save_file({"w": torch.rand(2)}, str(store), metadata={"format": "pt"})
+    data = store.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = data[8 : 8 + n].decode("utf-8")
+    old, new = {"dtype": ('"F32"', '"F\\udc80"'), "key": ('"w"', '"w\\udc80"'), "metadata": ('"pt"', '"p\\udc80"')}[
+        where
+    ]
+    assert old in header
+    raw = header.replace(old, new, 1).encode("utf-8")
+    store.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
+    _refused(_cli("inspect", store), str(store), "surrogate")
+    _refused(_cli("inspect", store, "--json"), str(store), "surrogate")
+    _refused(_cli("export", store, tmp_path / "out.safetensors"), str(store), "surrogate")
+    assert not (tmp_path / "out.safetensors").exists()
+
+
 # ----------------------------------------------------------------------------- F: deeply nested JSON
 
 
@@ -484,3 +506,21 @@ def test_dcp_data_file_that_is_a_fifo_or_metadata_without_its_fields_is_refused(
 
     path.write_bytes(pickle.dumps(metadata))
     _refused(_cli("export", directory, tmp_path / "out.safetensors"), str(path))
+
+
+def test_dcp_metadata_with_a_key_that_is_no_string_is_refused_naming_the_file(tmp_path):
+    """A state_dict_metadata key that is a number (fuzz seed 6, cases 5564 and 8828) was an AttributeError while
+    splitting it into its path; it is refused naming .metadata and the key."""
+    import pickle
+
+    from fuzz.mutate import load_dcp_metadata
+
+    directory = tmp_path / "dcp"
+    seeds._dcp(str(directory))
+    path = directory / ".metadata"
+    metadata = load_dcp_metadata(str(path))
+    first = next(iter(metadata.state_dict_metadata))
+    metadata.state_dict_metadata[7] = metadata.state_dict_metadata[first]
+    path.write_bytes(pickle.dumps(metadata))
+    _refused(_cli("export", directory, tmp_path / "out.safetensors"), str(path), "state_dict_metadata key 7")
+    assert not (tmp_path / "out.safetensors").exists()

@@ -29,12 +29,10 @@ import sys
 import time
 from typing import Any, Dict, List, Optional
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+from benchmarks.quality import evaluate, merges, skills, smollm
+from benchmarks.quality.train import TrainSettings, train
 
-from benchmarks.quality import evaluate, merges, skills, smollm  # noqa: E402
-from benchmarks.quality.train import TrainSettings, train  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 
 def _timed(fn, repeats: int) -> List[float]:

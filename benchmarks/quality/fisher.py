@@ -13,31 +13,26 @@ from __future__ import annotations
 import os
 import statistics
 import time
+import zlib
 from typing import Any, Dict, Sequence
 
 import torch
+
+from mergekit_ota.analysis import metrics
 
 BATCH = 8  # rows per mini-batch (the sft evidence script's too): N = 128 gives 16 squared gradients
 SAMPLE = 1_000_000  # Spearman on a seeded sample of this many entries for larger tensors
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor, name: str) -> float:
-    """Spearman rank correlation of two same-shape tensors (a seeded sample of SAMPLE entries when larger)."""
-    x, y = a.reshape(-1).double(), b.reshape(-1).double()
-    if x.numel() > SAMPLE:
-        g = torch.Generator().manual_seed(abs(hash(name)) % 2**31)
-        index = torch.randint(0, x.numel(), (SAMPLE,), generator=g)
+    """Spearman rank correlation of two same-shape tensors, as ``mergekit-ota analyze`` measures it: the product's
+    :func:`~mergekit_ota.analysis.metrics.spearman` (average ranks for ties) on its deterministic sample of at most
+    ``SAMPLE`` entries (:func:`~mergekit_ota.analysis.metrics.sample_indices`, seeded by the tensor's name)."""
+    x, y = a.reshape(-1), b.reshape(-1)
+    index = metrics.sample_indices(x.numel(), SAMPLE, zlib.crc32(name.encode()))
+    if index is not None:
         x, y = x[index], y[index]
-
-    def ranks(t: torch.Tensor) -> torch.Tensor:
-        out = torch.empty_like(t)
-        out[t.argsort()] = torch.arange(t.numel(), dtype=t.dtype)
-        return out
-
-    rx, ry = ranks(x), ranks(y)
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    denominator = float(rx.norm() * ry.norm())
-    return float((rx * ry).sum()) / denominator if denominator else float("nan")
+    return metrics.spearman(x, y)
 
 
 def fisher_store(checkpoint: str, rows: Sequence[Any], out: str, pad_id: int, device: str = "cpu") -> float:

@@ -17,17 +17,14 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from typing import Any, Dict, List, Optional
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+import torch
 
-import torch  # noqa: E402
+from benchmarks.quality.fisher import SAMPLE, spearman
 
-from benchmarks.quality.fisher import SAMPLE, spearman  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 
 def main(argv: Optional[List[str]] = None) -> str:

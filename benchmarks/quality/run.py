@@ -32,14 +32,12 @@ import time
 from contextlib import contextmanager
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if REPO not in sys.path:  # `python benchmarks/quality/run.py` as well as `python -m benchmarks.quality.run`
-    sys.path.insert(0, REPO)
+from benchmarks.quality import grafting, merges
+from benchmarks.quality.evaluate import greedy_answers, load_model, score_items
+from benchmarks.quality.tiers import QUICK_VARIANTS, SFT_VARIANTS, Suite
+from benchmarks.quality.train import checkpoint_of, export_curvature, train
 
-from benchmarks.quality import grafting, merges  # noqa: E402
-from benchmarks.quality.evaluate import greedy_answers, load_model, score_items  # noqa: E402
-from benchmarks.quality.tiers import QUICK_VARIANTS, SFT_VARIANTS, Suite  # noqa: E402
-from benchmarks.quality.train import checkpoint_of, export_curvature, train  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 SPLITS = ("val", "test")
 SFT_SEEDS = (0, 1, 2)  # the sft tier's default training seeds (pooled in quality-sft.md)

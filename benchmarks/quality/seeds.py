@@ -17,14 +17,11 @@ import argparse
 import json
 import os
 import statistics
-import sys
 from typing import Any, Dict, List, Optional, Sequence
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+from benchmarks.quality import compare, paired, report, run, stats
 
-from benchmarks.quality import compare, paired, report, run, stats  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 
 def load_seed(tier: str, seed: int, cache: str, smoke: bool = False) -> Dict[str, Any]:

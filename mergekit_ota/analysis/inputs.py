@@ -22,13 +22,12 @@ from mergekit_ota.catalog import DEFAULT_SALIENCY_MASS, saliency_mass_default
 from mergekit_ota.curvature.locate import locate_store
 from mergekit_ota.curvature.store import CurvatureStore
 from mergekit_ota.errors import ConfigError, CurvatureError, OTAError, PreflightError
+from mergekit_ota.export.detect import export_hint
 from mergekit_ota.io.handles import read_tensor
-from mergekit_ota.io.safetensors import HeaderEntry, read_sharded
+from mergekit_ota.io.safetensors import FLOAT_DTYPES, INDEX_SUFFIX, HeaderEntry, read_sharded
 
 DEFAULT_DENSITY = 0.05
-FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 _MODEL_FILE = "model.safetensors"
-_INDEX_SUFFIX = ".index.json"
 _MAX_LISTED_PROBLEMS = 25
 
 
@@ -157,7 +156,9 @@ def request_from_arguments(
     sources = []
     for label, (model, store) in zip(labels, split):
         model_dir = _directory(model, f"Expert {label}")
-        sources.append(expert_source(label, model_dir, locate_store(store, model_dir, label), d, None, label))
+        sources.append(
+            expert_source(label, model_dir, locate_store(store, model_dir, label, advice=export_hint), d, None, label)
+        )
     data = {"base": _directory(base, "Base model"), "experts": sources, "top_density": d, **options}
     if density_scope is not None:
         data["density_scope"] = density_scope
@@ -228,7 +229,7 @@ def request_from_config(
         elif own_density is None and threshold is None:
             own_density = DEFAULT_DENSITY
         model_dir = _directory(ref.model.path, f"Expert {label} ({path})")
-        store = locate_store(None if curvature is None else str(curvature), model_dir, label)
+        store = locate_store(None if curvature is None else str(curvature), model_dir, label, advice=export_hint)
         source = expert_source(label, model_dir, store, own_density, threshold, where, written)
         sources.append(source)
         if isinstance(source.density, float):
@@ -287,13 +288,13 @@ class ModelFiles:
     def __init__(self, directory: str, label: str):
         self.directory = directory
         self.label = label
-        if not any(os.path.isfile(os.path.join(directory, _MODEL_FILE + suffix)) for suffix in ("", _INDEX_SUFFIX)):
+        if not any(os.path.isfile(os.path.join(directory, _MODEL_FILE + suffix)) for suffix in ("", INDEX_SUFFIX)):
             found = "PyTorch .bin weights" if any(n.endswith(".bin") for n in os.listdir(directory)) else "no weights"
             raise ConfigError(
                 f"{label} ({directory}) has {found}; analyze reads {_MODEL_FILE} or "
-                f"{_MODEL_FILE}{_INDEX_SUFFIX} (re-save with save_pretrained(..., safe_serialization=True))"
+                f"{_MODEL_FILE}{INDEX_SUFFIX} (re-save with save_pretrained(..., safe_serialization=True))"
             )
-        index = os.path.join(directory, _MODEL_FILE + _INDEX_SUFFIX)
+        index = os.path.join(directory, _MODEL_FILE + INDEX_SUFFIX)
         try:
             _, self.entries, _ = read_sharded(index if os.path.isfile(index) else os.path.join(directory, _MODEL_FILE))
         except CurvatureError as error:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import html
+import importlib
 import json
 import math
 import os
@@ -18,10 +19,29 @@ from mergekit_ota.analysis.collect import Analysis
 from mergekit_ota.analysis.findings import headline, masks_vary, num, pct, rule_text
 from mergekit_ota.analysis.metrics import random_jaccard
 from mergekit_ota.curvature.inspect import SCALE_NOTE, scale_json, scale_table
+from mergekit_ota.errors import OTAError
 
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
 METRICS_JSON = "metrics.json"
+#: how to install what the report needs (matplotlib, markdown): the ``analyze`` extra, not a core dependency
+ANALYZE_EXTRA = "pip install 'mergekit-ota[analyze]'"
+
+
+def require_report_packages(with_html: bool = False) -> None:
+    """Raise a one-line :class:`~mergekit_ota.errors.OTAError` naming the ``analyze`` extra when a package the
+    report needs cannot be imported: matplotlib (the figures) and, ``with_html``, markdown (``report.html``)."""
+    missing = []
+    for name in ["matplotlib"] + (["markdown"] if with_html else []):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise OTAError(
+            f"mergekit-ota analyze needs {' and '.join(missing)} (the analyze extra, not installed with the merge "
+            f"methods): {ANALYZE_EXTRA}"
+        )
 
 
 # ----------------------------------------------------------------------------- document model
@@ -603,6 +623,7 @@ def metrics_json(analysis: Analysis) -> Dict[str, Any]:
 def write_report(analysis: Analysis, directory: str, command: str, with_html: bool = False) -> List[str]:
     """Write figures, ``report.md`` (and ``report.html``) and ``metrics.json`` into ``directory``;
     return the files written."""
+    require_report_packages(with_html)
     figures = _figures(analysis, directory)
     document = build_document(analysis, figures, command)
     written = [name for section in figures.values() for name, _ in section]

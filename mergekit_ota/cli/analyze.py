@@ -83,7 +83,7 @@ def analyze_command(
     from mergekit_ota.analysis.findings import headline
     from mergekit_ota.analysis.inputs import open_inputs, request_from_arguments, request_from_config
     from mergekit_ota.analysis.output import StagedDirectory, check_out_dir
-    from mergekit_ota.analysis.report import REPORT_MD, write_report
+    from mergekit_ota.analysis.report import REPORT_MD, require_report_packages, write_report
     from mergekit_ota.errors import OTAError
 
     options = [f"--rank-top={rank_top}", f"--spearman-sample={spearman_sample}"]
@@ -95,6 +95,7 @@ def analyze_command(
         options.append("--html")
     settings = {"rank_top": rank_top, "spearman_sample": spearman_sample}
     try:
+        require_report_packages(with_html)  # before reading anything: without them no report can be written
         check_out_dir(out_dir, force)
         if base is None:
             if len(inputs) != 1 or not os.path.isfile(inputs[0]):

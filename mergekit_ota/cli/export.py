@@ -25,7 +25,7 @@ _SHAPES_SHOWN = 4
 def _names_lines(result: "ExportResult") -> List[str]:
     """How the names were found: exact (saved with each state), or which the shapes verify and which rest on order."""
     from mergekit_ota.export.mapping import describe_names
-    from mergekit_ota.io.safetensors import metadata_names
+    from mergekit_ota.store_format import MAPPING_BY_ORDER, metadata_names
 
     source, meta = result.source, result.metadata
     evidence, count = source.evidence, len(source.items)
@@ -33,7 +33,7 @@ def _names_lines(result: "ExportResult") -> List[str]:
         line = f"names: {source.mapping}"
         if meta.get("mapping_basis"):
             line += f"; first found by {meta['mapping_basis']}"
-        by_order = len(metadata_names(meta, "mapping_by_order", source.path))  # checked when the store was opened
+        by_order = len(metadata_names(meta, MAPPING_BY_ORDER, source.path))  # checked when the store was opened
         if by_order:
             line += f", {by_order} of them by the parameter order alone (metadata 'mapping_by_order')"
         return [line]

@@ -145,6 +145,7 @@ def inspect_command(
     from mergekit_ota.curvature.locate import locate_store
     from mergekit_ota.curvature.store import CurvatureStore
     from mergekit_ota.errors import CurvatureError
+    from mergekit_ota.export.detect import export_hint
     from mergekit_ota.math import stats
     from mergekit_ota.progress import bar
 
@@ -152,7 +153,7 @@ def inspect_command(
     reports = []
     try:
         for store in stores:
-            opened = CurvatureStore(locate_store(store, "", None))
+            opened = CurvatureStore(locate_store(store, "", None, advice=export_hint))
             report = inspect_store(
                 opened,
                 exact_median_limit=exact_median_limit or stats.EXACT_MEDIAN_LIMIT,

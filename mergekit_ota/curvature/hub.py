@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from mergekit_ota.curvature.locate import INDEX_SUFFIX
+from mergekit_ota.store_format import INDEX_SUFFIX
 
 OFFLINE = "offline (HF_HUB_OFFLINE=1)"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

@@ -26,11 +26,12 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 import torch
 
 from mergekit_ota.curvature.scan import entry_stats
-from mergekit_ota.curvature.store import CurvatureRecord, CurvatureStore, metadata_inputs, value_problems
+from mergekit_ota.curvature.store import CurvatureRecord, CurvatureStore, value_problems
 from mergekit_ota.errors import CurvatureError
 from mergekit_ota.math.rank1 import Rank1Curvature
 from mergekit_ota.math.scale import CurvatureScale, bias_factor
 from mergekit_ota.math.stats import EXACT_MEDIAN_LIMIT, SAMPLE_SIZE, TensorStats, rank1_stats, tensor_stats
+from mergekit_ota.store_format import metadata_inputs
 
 FP32_BYTES = 4
 

@@ -25,16 +25,16 @@ place tried, in order, with why each did not serve.
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from mergekit_ota.errors import CurvatureError
+from mergekit_ota.store_format import DEFAULT_STORE_NAME, EXPORT_SUBDIR, INDEX_SUFFIX, SEARCHED
 
-DEFAULT_STORE_NAME = "exp_avg_sq.safetensors"
-INDEX_SUFFIX = ".index.json"
-EXPORT_SUBDIR = "export"
-_NAMES = (DEFAULT_STORE_NAME + INDEX_SUFFIX, DEFAULT_STORE_NAME)
-# store files looked for in a directory or repo, relative to it (``/``-separated), in order
-SEARCHED: Tuple[str, ...] = _NAMES + tuple(f"{EXPORT_SUBDIR}/{name}" for name in _NAMES)
+__all__ = ["DEFAULT_STORE_NAME", "INDEX_SUFFIX", "SEARCHED", "Advice", "locate_store"]
+
+#: the caller's advice for a path given or searched as a store that holds none: a sentence to add to the error
+#: (``mergekit_ota.export.detect.export_hint``: the ``mergekit-ota export`` command to run for a checkpoint), or None
+Advice = Callable[[str], Optional[str]]
 
 MERGEKIT_OFFLINE_NOTE = (
     "HF_HUB_OFFLINE is set, and mergekit 0.1.5 cannot load a model given as a Hub id offline even when it is "
@@ -53,12 +53,12 @@ def _in_directory(directory: str) -> Optional[str]:
     return next((candidate for candidate in _candidates(directory) if os.path.isfile(candidate)), None)
 
 
-def _hint(path: str) -> str:
-    """`` (...: run mergekit-ota export ... first)`` when ``path`` is a checkpoint export reads, else ``""``."""
-    from mergekit_ota.export.detect import export_hint  # lazily: export imports this module
-
+def _hint(advice: Optional[Advice], path: str) -> str:
+    """``; ADVICE`` when the caller's ``advice`` has a sentence for ``path``, else ``""``."""
+    if advice is None:
+        return ""
     try:
-        hint = export_hint(path)
+        hint = advice(path)
     except Exception:  # noqa: BLE001 - a hint must never hide the error it decorates
         return ""
     return f"; {hint}" if hint else ""
@@ -84,9 +84,11 @@ def _split_revision(model_path: str, revision: Optional[str]) -> Tuple[str, Opti
     return model_path, revision
 
 
-def _default_store(model_path: str, label: str, revision: Optional[str], cache_dir: Optional[str]) -> str:
+def _default_store(
+    model_path: str, label: str, revision: Optional[str], cache_dir: Optional[str], advice: Optional[Advice]
+) -> str:
     """The store in expert ``label``'s model directory or Hub repo ``model_path`` (see the module docstring)."""
-    advice = (
+    missing_store = (
         f"No curvature for expert {label}: set 'parameters: {{curvature: PATH}}' for it, or put "
         f"{DEFAULT_STORE_NAME} (or {DEFAULT_STORE_NAME}{INDEX_SUFFIX}) in its model directory"
     )
@@ -95,15 +97,16 @@ def _default_store(model_path: str, label: str, revision: Optional[str], cache_d
         if found is not None:
             return os.path.abspath(found)
         raise CurvatureError(
-            f"{advice} {model_path} or its {EXPORT_SUBDIR}/ subdirectory{_hint(model_path)}" + _local_tried(model_path)
+            f"{missing_store} {model_path} or its {EXPORT_SUBDIR}/ subdirectory{_hint(advice, model_path)}"
+            + _local_tried(model_path)
         )
-    from mergekit_ota.curvature import hub
+    import mergekit_ota.curvature.hub as hub
 
     repo_id, revision = _split_revision(model_path, revision)
     missing = hub.no_such_directory(model_path)
     if not (repo_id and hub.looks_like_repo_id(repo_id)):
         raise CurvatureError(
-            f"{advice} {model_path} or its {EXPORT_SUBDIR}/ subdirectory; {model_path}: {missing} "
+            f"{missing_store} {model_path} or its {EXPORT_SUBDIR}/ subdirectory; {model_path}: {missing} "
             f"(a local path by its form, so not looked up on the Hub as a repo id org/name)" + _local_tried(model_path)
         )
     search = hub.find_in_repo(repo_id, SEARCHED, revision=revision, cache_dir=cache_dir)
@@ -111,7 +114,7 @@ def _default_store(model_path: str, label: str, revision: Optional[str], cache_d
         return search.path
     tried = [(model_path, missing)] + [(a.place, a.outcome) for a in search.attempts]
     message = (
-        f"{advice} or its {EXPORT_SUBDIR}/ subdirectory; {repo_id}: {missing}, so its Hub repo "
+        f"{missing_store} or its {EXPORT_SUBDIR}/ subdirectory; {repo_id}: {missing}, so its Hub repo "
         f"was searched ({hub.cache_root(cache_dir)} first)" + _listing(tried)
     )
     from huggingface_hub import constants
@@ -129,6 +132,7 @@ def locate_store(
     *,
     revision: Optional[str] = None,
     cache_dir: Optional[str] = None,
+    advice: Optional[Advice] = None,
 ) -> str:
     """Return the absolute path of the store file (or index) for one expert.
 
@@ -137,11 +141,13 @@ def locate_store(
     ``org/name@revision``); ``model_label`` names the expert in error messages (``None``
     where a store is named on its own, as by ``inspect``). ``revision`` and ``cache_dir``
     (a Hugging Face hub cache, as mergekit's ``--transformers-cache``) apply only when the
-    model is looked up on the Hub. The search order is the module docstring's.
+    model is looked up on the Hub. The search order is the module docstring's. ``advice`` adds the caller's
+    sentence about a path that holds no store to the error (the planner, ``inspect`` and ``analyze`` pass
+    :func:`mergekit_ota.export.detect.export_hint`: this module does not import the exporter).
     """
     whose = f" for expert {model_label}" if model_label else ""
     if curvature is None or curvature == "":
-        return _default_store(model_path, model_label or model_path, revision, cache_dir)
+        return _default_store(model_path, model_label or model_path, revision, cache_dir, advice)
 
     path = os.path.abspath(os.path.expanduser(str(curvature)))
     if os.path.isdir(path):
@@ -150,7 +156,7 @@ def locate_store(
             raise CurvatureError(
                 f"Curvature directory {path}{whose} holds neither {DEFAULT_STORE_NAME} nor "
                 f"{DEFAULT_STORE_NAME}{INDEX_SUFFIX}, and nor does its {EXPORT_SUBDIR}/ subdirectory"
-                + _hint(path)
+                + _hint(advice, path)
                 + _local_tried(path)
             )
         return found
@@ -159,6 +165,6 @@ def locate_store(
     if not (path.endswith(".safetensors") or path.endswith(INDEX_SUFFIX)):
         raise CurvatureError(
             f"Curvature store {path}{whose} must be a .safetensors "
-            f"file, a .safetensors.index.json, or a directory; got another file type" + _hint(path)
+            f"file, a .safetensors.index.json, or a directory; got another file type" + _hint(advice, path)
         )
     return path

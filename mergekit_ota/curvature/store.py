@@ -22,7 +22,7 @@ import math
 import os
 import threading
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -30,7 +30,10 @@ from mergekit_ota.errors import CurvatureError, Problem
 from mergekit_ota.io.handles import read_tensor
 from mergekit_ota.io.safetensors import FLOAT_DTYPES, HeaderEntry, read_header, read_sharded
 from mergekit_ota.math.rank1 import Curvature, Rank1Curvature
+from mergekit_ota.store_format import COL_SUFFIX, METADATA_KEYS, ROW_SUFFIX, metadata_inputs
 
+# COL_SUFFIX, ROW_SUFFIX, METADATA_KEYS and metadata_inputs live in mergekit_ota.store_format (what curvature/ and
+# export/ share); they stay importable from here for the graph's modules.
 __all__ = [
     "COL_SUFFIX",
     "METADATA_KEYS",
@@ -42,9 +45,6 @@ __all__ = [
     "metadata_inputs",
     "read_header",
 ]
-
-ROW_SUFFIX = ":rank1_row"
-COL_SUFFIX = ":rank1_col"
 
 
 @dataclass(frozen=True)
@@ -185,27 +185,6 @@ class CurvatureStore:
             factors = Rank1Curvature.from_sums(parts[0][1], parts[1][1])
             return factors if factored else factors.dense()
         return value
-
-
-TRUE_WORDS = {"1", "true", "yes"}
-# metadata key -> (merge parameter, type), as ``export`` and the training callback write them
-METADATA_KEYS = (("step", "optimizer_step", int), ("beta2", "beta2", float))
-
-
-def metadata_inputs(metadata: Mapping[str, str]) -> Tuple[Dict[str, Any], List[str]]:
-    """``optimizer_step``, ``beta2`` and ``bias_corrected`` as a store's metadata records them
-    (keys ``step``, ``beta2``, ``bias_corrected``), and the keys whose value is not a number."""
-    found: Dict[str, Any] = {}
-    bad: List[str] = []
-    for key, name, kind in METADATA_KEYS:
-        if metadata.get(key) not in (None, ""):
-            try:
-                found[name] = kind(metadata[key])
-            except ValueError:
-                bad.append(key)
-    if metadata.get("bias_corrected") not in (None, ""):
-        found["bias_corrected"] = str(metadata["bias_corrected"]).lower() in TRUE_WORDS
-    return found, bad
 
 
 def value_problems(

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import struct
 import sys
 from dataclasses import dataclass
@@ -28,17 +27,21 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from mergekit_ota.curvature.locate import DEFAULT_STORE_NAME, INDEX_SUFFIX
-from mergekit_ota.curvature.store import COL_SUFFIX, ROW_SUFFIX
 from mergekit_ota.errors import ConfigError, CurvatureError, OutputError
 from mergekit_ota.io.atomic import StagedFiles, ensure_space
 from mergekit_ota.io.output import CLAIM_FILE, OutputDirectory, ReplacePolicy
 from mergekit_ota.io.paths import loader_reads
 from mergekit_ota.io.safetensors import read_header, read_index, read_sharded
 from mergekit_ota.math.rank1 import rank1_factors
-
-FORMAT_VERSION = "1"
-DEFAULT_SHARD_BYTES = 5_000_000_000  # a directory or index output's default shard size ("5GB")
+from mergekit_ota.store_format import (
+    COL_SUFFIX,
+    DEFAULT_SHARD_BYTES,
+    DEFAULT_STORE_NAME,
+    FORMAT_VERSION,
+    INDEX_SUFFIX,
+    ROW_SUFFIX,
+    STORE_STEM,
+)
 
 SAFETENSORS_DTYPES: Dict[torch.dtype, str] = {
     torch.float64: "F64",
@@ -46,31 +49,6 @@ SAFETENSORS_DTYPES: Dict[torch.dtype, str] = {
     torch.float16: "F16",
     torch.bfloat16: "BF16",
 }
-_STORE_STEM = DEFAULT_STORE_NAME.removesuffix(".safetensors")
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
-
-
-def parse_size(value: str) -> int:
-    """Bytes in ``"2GB"``, ``"500MB"``, ``"1.5GiB"``, ``"4096"`` (K/M/G/T decimal, KiB/MiB/GiB/TiB binary)."""
-    match = _SIZE.match(str(value))
-    if not match:
-        bare = re.match(
-            r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)\s*$", str(value).lower().removesuffix("b").strip(), re.IGNORECASE
-        )
-        if bare and str(value).strip()[-1:] in "bB" and not bare.group(2):
-            raise ConfigError(
-                f"size {value!r} is ambiguous: {bare.group(1)} bytes or {bare.group(1)} billion (as mergekit's "
-                f"--out-shard-size counts parameters)? A store's shards are files: write bytes with a unit, "
-                f"e.g. {bare.group(1)}GB"
-            )
-        raise ConfigError(f"cannot read size {value!r}: write a number of bytes with a unit, e.g. 2GB, 500MB, 1.5GiB")
-    number, unit = float(match.group(1)), (match.group(2) or "").lower()
-    scale = _UNITS[unit[:1]] if "i" not in unit else 1024 ** " kmgt".index(unit[0])
-    size = int(number * scale)
-    if size <= 0:
-        raise ConfigError(f"size {value!r} must be positive")
-    return size
 
 
 @dataclass(frozen=True)
@@ -213,7 +191,7 @@ def _foreign_entries(directory: str) -> List[str]:
     for entry in sorted(os.listdir(directory)):
         is_store = (
             os.path.isfile(os.path.join(directory, entry))
-            and entry.startswith(_STORE_STEM)
+            and entry.startswith(STORE_STEM)
             and (entry.endswith(".safetensors") or entry.endswith(".safetensors" + INDEX_SUFFIX))
         )
         if not is_store and entry != CLAIM_FILE:
@@ -340,7 +318,7 @@ class StoreWriter:
             return [os.path.join(directory, _shard_name(stem, i, count)) for i in range(count)]
         if count == 1:
             return [DEFAULT_STORE_NAME]
-        return [_shard_name(_STORE_STEM, i, count) for i in range(count)]
+        return [_shard_name(STORE_STEM, i, count) for i in range(count)]
 
     def _root(self) -> str:
         """Where files are written now: the directory's build for a directory, else their own place."""

@@ -63,6 +63,11 @@ def _check_data_files(metadata: Any, path: str) -> None:
         raise CurvatureError(
             f"{path}: not a DCP metadata file (its state_dict_metadata and storage_data are not dicts)"
         )
+    for key in metadata.state_dict_metadata:
+        if not isinstance(key, str):
+            raise CurvatureError(
+                f"{path}: state_dict_metadata key {key!r} is a {type(key).__name__}; DCP's flattened keys are strings"
+            )
     directory = os.path.dirname(os.path.abspath(path))
     for info in storage.values():
         regular_file(contained(directory, getattr(info, "relative_path", None), path), "DCP data file")

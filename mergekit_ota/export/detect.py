@@ -2,12 +2,17 @@
 
 Auto-detection, first match wins:
 
-* a ``.safetensors`` / ``.safetensors.index.json`` file: ``store``; a DCP ``.metadata`` file: ``dcp``;
-  any other file: ``torch`` (a ``torch.save`` of an optimizer state dict);
+* a ``.safetensors`` / ``.safetensors.index.json`` file: ``store``; one rank file of a DeepSpeed ZeRO
+  checkpoint (``*_optim_states.pt``, ``*_model_states.pt``): refused, naming its directory; a DCP ``.metadata``
+  file: ``dcp``; any other file: ``torch`` (a ``torch.save`` of an optimizer state dict);
 * a directory with ``.metadata``: ``dcp``; with ``zero/<param>/exp_avg_sq.pt``: ``deepspeed-universal``;
   with ``optimizer.pt`` / ``optimizer.bin``: ``trainer``; with an ``optimizer*/.metadata``
   subdirectory: ``dcp``; with ``exp_avg_sq.safetensors[.index.json]``: ``store``;
-  with ``global_step*/``: refused (raw DeepSpeed ZeRO, convert it first).
+  with ``global_step*/`` tag directories (the one ``latest`` names, or the only one), or being one:
+  ``deepspeed``, the native ZeRO checkpoint, read as it is with all its ranks (:mod:`mergekit_ota.export.zero`;
+  nothing to convert first);
+* a training run's output directory with ``checkpoint-N/`` subdirectories: refused, naming the newest with the
+  command to run; a Trainer checkpoint saved without its optimizer: refused, saying so.
 """
 
 from __future__ import annotations
@@ -17,7 +22,6 @@ import re
 import shlex
 from typing import Optional
 
-from mergekit_ota.curvature.locate import DEFAULT_STORE_NAME, INDEX_SUFFIX
 from mergekit_ota.errors import CurvatureError
 from mergekit_ota.export.dcp import METADATA_FILE, find_dcp_dir, open_dcp
 from mergekit_ota.export.options import ExportOptions
@@ -27,6 +31,7 @@ from mergekit_ota.export.torch_state import ADAPTER_FILES, OPTIMIZER_FILES, open
 from mergekit_ota.export.universal import find_zero_dir, open_universal
 from mergekit_ota.export.zero import find_step_dir, open_zero
 from mergekit_ota.io.paths import regular_file
+from mergekit_ota.store_format import DEFAULT_STORE_NAME, INDEX_SUFFIX
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 

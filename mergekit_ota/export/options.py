@@ -6,9 +6,9 @@ from typing import Literal, Optional, Tuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from mergekit_ota.curvature.writer import parse_size
 from mergekit_ota.errors import ConfigError
 from mergekit_ota.export import SOURCE_KINDS
+from mergekit_ota.store_format import parse_size
 
 SourceKind = Literal[SOURCE_KINDS]  # type: ignore[valid-type]
 

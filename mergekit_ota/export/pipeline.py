@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional
 import torch
 
 from mergekit_ota.curvature.fingerprint import FINGERPRINT_KEY, fingerprint_beside
-from mergekit_ota.curvature.store import COL_SUFFIX, ROW_SUFFIX, HeaderEntry, check_values
+from mergekit_ota.curvature.store import HeaderEntry, check_values
 from mergekit_ota.curvature.writer import (
     StoreWriter,
     TensorSpec,
@@ -33,6 +33,7 @@ from mergekit_ota.errors import ConfigError, CurvatureError
 from mergekit_ota.export.detect import open_source
 from mergekit_ota.export.options import ExportOptions
 from mergekit_ota.export.source import Full, Rank1, SourceState, StateItem
+from mergekit_ota.store_format import COL_SUFFIX, MAPPING_BY_ORDER, ROW_SUFFIX, WITHOUT_STATE
 
 BF16_WARNING = (
     "warning: storing exp_avg_sq as bfloat16 keeps float32's range (values near 1e-19 survive) but only 8 bits "
@@ -144,14 +145,14 @@ def export_metadata(source: SourceState, options: ExportOptions, specs: List[Ten
         source_path=source.path,
         mapping=source.mapping,
         parameters=len(source.items),
-        parameters_without_state=json.dumps(source.without_state),
+        **{WITHOUT_STATE: json.dumps(source.without_state)},  # read back by store_format.metadata_names
         bias_corrected="true" if (options.bias_correct or source.bias_corrected) else "false",
         exporter=f"mergekit-ota {_version()}",
     )
     evidence = source.evidence
     if evidence is not None:
         fields["mapping_basis"] = evidence.basis
-        fields["mapping_by_order"] = json.dumps(list(evidence.by_order))
+        fields[MAPPING_BY_ORDER] = json.dumps(list(evidence.by_order))
         if not evidence.exact:
             fields["mapping_verified_by_shape"] = len(evidence.by_shape)
     return store_metadata(compression, options.torch_dtype, fields)

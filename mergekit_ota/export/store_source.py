@@ -13,11 +13,11 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 from mergekit_ota.curvature.locate import locate_store
-from mergekit_ota.curvature.store import CurvatureRecord, CurvatureStore, metadata_inputs
+from mergekit_ota.curvature.store import CurvatureRecord, CurvatureStore
 from mergekit_ota.errors import CurvatureError
 from mergekit_ota.export.model_params import check_against_model, model_order
 from mergekit_ota.export.source import Curvature, Full, Rank1, SourceState, StateItem
-from mergekit_ota.io.safetensors import metadata_names
+from mergekit_ota.store_format import MAPPING_BY_ORDER, WITHOUT_STATE, metadata_inputs, metadata_names
 
 # header fields the new store sets itself
 _OWN_FIELDS = {
@@ -41,8 +41,8 @@ def open_store(path: str, model_path: Optional[str], frozen: Sequence[str] = ())
     metadata = dict(store.metadata)
     found, _ = metadata_inputs(metadata)  # a value that is not a number counts as not recorded
     step, beta2 = found.get("optimizer_step"), found.get("beta2")
-    without = metadata_names(metadata, "parameters_without_state", resolved)
-    metadata_names(metadata, "mapping_by_order", resolved)  # carried over into the new store and its summary
+    without = metadata_names(metadata, WITHOUT_STATE, resolved)
+    metadata_names(metadata, MAPPING_BY_ORDER, resolved)  # carried over into the new store and its summary
     shapes = {n: r.shape for n, r in store.records.items()}
     params, checked, mapping = check_against_model(
         shapes, model_path, frozen, resolved, f"names of the store {resolved}"
@@ -77,5 +77,5 @@ def open_store(path: str, model_path: Optional[str], frozen: Sequence[str] = ())
         mapping=mapping,
         without_state=without,
         bias_corrected=bool(found.get("bias_corrected", False)),
-        metadata={k: v for k, v in metadata.items() if k not in _OWN_FIELDS and k != "parameters_without_state"},
+        metadata={k: v for k, v in metadata.items() if k not in _OWN_FIELDS and k != WITHOUT_STATE},
     )

@@ -15,7 +15,6 @@ together (:class:`~mergekit_ota.errors.PreflightError`) before anything is writt
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from functools import lru_cache
@@ -43,7 +42,7 @@ from mergekit_ota.compat import (
 from mergekit_ota.curvature.fingerprint import check_ownership
 from mergekit_ota.curvature.locate import locate_store
 from mergekit_ota.curvature.store import METADATA_KEYS, CurvatureStore, metadata_inputs, read_header
-from mergekit_ota.errors import OTAError, PreflightError, Problem, problem_of
+from mergekit_ota.errors import CurvatureError, OTAError, PreflightError, Problem, problem_of
 from mergekit_ota.graph.tasks import (
     CurvatureInput,
     CurvatureMergeTask,
@@ -66,6 +65,7 @@ from mergekit_ota.methods.settings import (
     unknown_parameters,
     value_problems,
 )
+from mergekit_ota.store_format import WITHOUT_STATE, metadata_names
 
 FROM_THE_BASE = "every model of a merge must be fine-tuned from the same base (same architecture and sizes)"
 LOG = logging.getLogger("mergekit_ota")
@@ -103,12 +103,12 @@ def _weight_entries(model: ModelReference) -> Dict[str, HeaderEntry]:
 
 
 def _without_state(store: CurvatureStore) -> List[str]:
-    """Parameters an export recorded as having no optimizer state (``parameters_without_state``)."""
+    """Parameters an export recorded as having no optimizer state (metadata ``parameters_without_state``, read
+    by the exporter's own parser); ``[]`` where it is malformed, since it only adds a hint to another problem."""
     try:
-        names = json.loads(store.metadata.get("parameters_without_state", "[]"))
-    except ValueError:
+        return metadata_names(store.metadata, WITHOUT_STATE, store.path)
+    except CurvatureError:
         return []
-    return [str(n) for n in names] if isinstance(names, list) else []
 
 
 def _found_name(model: ModelReference, weight: WeightInfo) -> Optional[str]:
@@ -181,6 +181,8 @@ class CurvaturePlan:
             self.problem(problem, config_level=True)
 
     def store_path(self, model: ModelReference, curvature: Any) -> Optional[str]:
+        from mergekit_ota.export.detect import export_hint  # the export command for a checkpoint given as a store
+
         key = (model, None if curvature is None else str(curvature))
         if key not in self.stores:
             try:
@@ -190,6 +192,7 @@ class CurvaturePlan:
                     str(model),
                     revision=model.model.revision,
                     cache_dir=planner_cache_dir(self.planner),
+                    advice=export_hint,
                 )
                 CurvatureStore.open(path)
                 self.stores[key] = path

@@ -93,8 +93,9 @@ def parse_json(raw: bytes, path: str, what: str) -> Any:
     """JSON text ``raw`` of ``path`` (a ``what``: "safetensors header", "safetensors index", ...), strictly.
 
     Refused naming the file: text that is not UTF-8 JSON, a key given twice in one object, nesting
-    nesting deeper than :data:`MAX_JSON_DEPTH` (Python's parser, ``repr`` and ``==`` recurse per level:
-    RecursionError).
+    deeper than :data:`MAX_JSON_DEPTH` (Python's parser, ``repr`` and ``==`` recurse per level:
+    RecursionError), a string escaping an unpaired UTF-16 surrogate (``"\\udc80"``: not Unicode text, so it
+    could be neither printed nor written back; safetensors' own parser refuses it too).
     """
     try:
         value = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys(path))
@@ -108,20 +109,26 @@ def parse_json(raw: bytes, path: str, what: str) -> Any:
         if depth > MAX_JSON_DEPTH:
             raise CurvatureError(f"{path}: corrupted {what} (JSON nested deeper than {MAX_JSON_DEPTH} levels)")
         children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        strings = [*item.keys(), *children] if isinstance(item, dict) else children
+        for text in strings:
+            if isinstance(text, str) and not _is_unicode(text):
+                raise CurvatureError(
+                    f"{path}: corrupted {what} (the string {text[:80]!r} holds an unpaired UTF-16 surrogate escape, "
+                    "which is not Unicode text)"
+                )
         stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    if isinstance(value, str) and not _is_unicode(value):
+        raise CurvatureError(f"{path}: corrupted {what} (a string holding an unpaired UTF-16 surrogate escape)")
     return value
 
 
-def metadata_names(metadata: Dict[str, str], key: str, path: str) -> List[str]:
-    """Metadata field ``key`` of ``path`` holding a JSON list of names (``parameters_without_state``,
-    ``mapping_by_order``); ``[]`` when absent; anything else is refused naming the file and key."""
-    text = metadata.get(key)
-    if text in (None, ""):
-        return []
-    value = parse_json(str(text).encode("utf-8", "surrogatepass"), f"{path} metadata '{key}'", "JSON list")
-    if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
-        raise CurvatureError(f"{path}: metadata '{key}' must be a JSON list of names; found {str(text)[:80]!r}")
-    return value
+def _is_unicode(text: str) -> bool:
+    """Whether ``text`` is Unicode text: UTF-8 can encode it (no unpaired surrogate that a JSON escape made)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _metadata(raw: Any, path: str) -> Dict[str, str]:

@@ -34,11 +34,11 @@ from typing import Any, List, Optional
 
 from transformers import TrainerCallback
 
-from mergekit_ota.curvature.locate import DEFAULT_STORE_NAME, INDEX_SUFFIX
 from mergekit_ota.errors import OTAError
 from mergekit_ota.export.options import ExportOptions
 from mergekit_ota.export.pipeline import write_store
 from mergekit_ota.export.zero import find_step_dir, open_zero
+from mergekit_ota.store_format import DEFAULT_STORE_NAME, INDEX_SUFFIX
 from mergekit_ota.training.gather import is_deepspeed, rank
 from mergekit_ota.training.save import _agree, save_curvature
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import sys
 import time
 from collections import Counter
 
@@ -16,12 +15,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
-
-from benchmarks.quality import evaluate, skills, stats  # noqa: E402
-from benchmarks.quality.train import IGNORE, answer_only_loss, collate  # noqa: E402
+from benchmarks.quality import evaluate, skills, stats
+from benchmarks.quality.train import IGNORE, answer_only_loss, collate
 
 SKILL_NAMES = [s.name for s in skills.SKILLS]
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 from collections import Counter
 
 import pytest
@@ -12,13 +11,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
-
-from benchmarks.quality import grafting, merges, tasks  # noqa: E402
-from benchmarks.quality.evaluate import score_rows  # noqa: E402
-from benchmarks.quality.train import IGNORE  # noqa: E402
+from benchmarks.quality import grafting, merges, tasks
+from benchmarks.quality.evaluate import score_rows
+from benchmarks.quality.train import IGNORE
 
 PAD_ID = tasks.TOKEN_ID[tasks.PAD]
 CAP_NAMES = [c.name for c in tasks.CAPABILITIES]
