@@ -1,13 +1,16 @@
 """Start-up hook of mergekit-ota, imported by ``mergekit_ota.pth`` in every interpreter.
 
 It only installs a ``sys.meta_path`` finder (standard library only, no torch, no
-mergekit).  When one of the watched mergekit modules is imported, the finder lets
-the normal loader execute it and then calls ``mergekit_ota.integration.on_module``,
-which registers ``ota``/``ffg`` or patches the planner.  So unmodified
-``mergekit-yaml`` and ``mergekit.merge.run_merge`` know the methods.
+mergekit).  When one of the watched modules is imported, the finder lets the normal
+loader execute it and, once it has finished executing, calls
+``mergekit_ota.integration.on_module``, which registers ``ota``/``ffg`` or patches
+mergekit.  So unmodified ``mergekit-yaml`` and ``mergekit.merge.run_merge`` know the
+methods.  This finder is the one place that decides when mergekit is patched:
+importing ``mergekit_ota`` or any of its modules changes nothing by itself
+(``mergekit_ota.install()`` does the same explicitly, for already-loaded modules too).
 
 It never raises (problems become warnings) and is idempotent.  Set
-``MERGEKIT_OTA_DISABLE=1`` to switch it off (``import mergekit_ota`` still registers).
+``MERGEKIT_OTA_DISABLE=1`` to switch it off.
 """
 
 import os
@@ -21,6 +24,7 @@ WATCHED = frozenset(
         "mergekit.merge",
         "mergekit.scripts.merge_raw_pytorch",
         "mergekit.scripts.run_yaml",
+        "mergekit_ota.methods",  # ours: registration waits until both it and mergekit.merge_methods have executed
     }
 )
 
@@ -30,15 +34,6 @@ def env_flag(name):
 
     The one reading of mergekit-ota's on/off environment variables."""
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def initializing(name):
-    """True while module ``name`` is being executed: imported, but its code has not finished running.
-
-    The one place that reads the import machinery's ``__spec__._initializing`` flag.
-    """
-    module = sys.modules.get(name)
-    return module is not None and bool(getattr(getattr(module, "__spec__", None), "_initializing", False))
 
 
 def _warn(message):

@@ -1,8 +1,10 @@
 """mergekit-ota: curvature-aware merge methods ``ota`` and ``ffg`` for mergekit.
 
-``import mergekit_ota`` registers both methods with mergekit and patches its
-planner (idempotent); after ``pip install`` this also happens automatically in
-every interpreter through the ``mergekit_ota.pth`` start-up hook.
+Importing this package (or any module of it) changes nothing in mergekit. After
+``pip install`` the ``mergekit_ota.pth`` start-up hook (:mod:`mergekit_ota_autoload`)
+registers both methods and patches mergekit in every interpreter, as each mergekit
+module finishes loading. Where the hook is off (``MERGEKIT_OTA_DISABLE=1``) or for an
+explicit set-up, call :func:`install` (idempotent).
 
 Layout: :mod:`mergekit_ota.math` (pure tensor math), :mod:`mergekit_ota.methods`
 (the mergekit methods), :mod:`mergekit_ota.curvature` (curvature stores),
@@ -13,16 +15,12 @@ Layout: :mod:`mergekit_ota.math` (pure tensor math), :mod:`mergekit_ota.methods`
 __version__ = "0.1.0"
 
 
-def _install() -> None:
-    import mergekit_ota_autoload as hook
+def install() -> None:
+    """Register ``ota``/``ffg`` with mergekit and patch it (idempotent): now for the mergekit modules already
+    loaded, and through the start-up hook's finder for those imported later (:func:`.integration.install`)."""
+    from mergekit_ota.integration import install as install_integration
 
-    # Imported from inside the start-up hook (a mergekit module is mid-import):
-    # the hook itself applies the patches as each module finishes loading.
-    if any(hook.initializing(name) for name in hook.WATCHED):
-        return
-    from mergekit_ota.integration import install
-
-    install()
+    install_integration()
 
 
-_install()
+__all__ = ["__version__", "install"]

@@ -211,8 +211,10 @@ def _run_demo(out_dir: str, steps: int, seed: int, quiet: bool = False) -> List[
     from transformers import LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
-    import mergekit_ota  # noqa: F401  (registers and patches mergekit)
+    import mergekit_ota
     from mergekit_ota.testing import random_state_dict, save_model, tiny_llama_config
+
+    mergekit_ota.install()  # register ota/ffg and patch mergekit (whether or not the start-up hook is on)
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()

@@ -16,30 +16,43 @@
                                        a traceback (``MERGEKIT_OTA_TRACEBACK=1``
                                        keeps the traceback); any other exception is
                                        left to mergekit
+``mergekit_ota.methods``               (ours) register ``ota`` and ``ffg`` if
+                                       ``mergekit.merge_methods`` has loaded
 =====================================  =============================================
 
 Every patch acts only when the configured method is ours (``mergekit-yaml``'s: only on our
 errors, which only our methods and refusals raise), is idempotent, and is
 applied by :func:`on_module` either from the start-up hook (``mergekit_ota_autoload``)
-right after the module executes, or by :func:`install` for modules already loaded.
+right after the module finished executing, or by :func:`install` for modules already loaded.
+
+Registration needs two modules that have both finished executing: mergekit's
+``mergekit.merge_methods`` (the registry) and our ``mergekit_ota.methods`` (the method
+objects, whose classes import mergekit's). Whichever finishes second registers
+(:func:`_register_when_loaded`), so importing either first works, and nothing reads
+the import system's private state: :data:`_LOADED` is what this module has seen finish.
 """
 
 from __future__ import annotations
 
+import contextvars
 import functools
+import importlib
 import os
 import sys
 import warnings
 from types import ModuleType
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Set, Tuple
 
+from mergekit_ota.compat import PATCH_MARK, mark_patched, replace_run_merge_step, run_merge_step
 from mergekit_ota.errors import ConfigError, OTAError, OutputError, PreflightError
 from mergekit_ota.io.output import OutputDirectory, ReplacePolicy
 from mergekit_ota_autoload import env_flag
 
 OVERWRITE_ENV = "MERGEKIT_OTA_ALLOW_OVERWRITE"
 TRACEBACK_ENV = "MERGEKIT_OTA_TRACEBACK"  # set: mergekit-yaml shows our errors with their traceback
-PATCH_MARK = "_mergekit_ota_patched"
+METHODS_MODULE = "mergekit_ota.methods"
+REGISTRY_MODULE = "mergekit.merge_methods"
+_LOADED: Set[str] = set()  # the watched modules on_module has seen finish executing (or install() found loaded)
 
 
 def _method_names() -> frozenset:
@@ -68,26 +81,47 @@ def merge_output(out_path: str) -> OutputDirectory:
 
 
 PROVENANCE_STEP = "writing the curvature provenance (mergekit_ota_curvature.json, the card's Curvature section)"
+LATER_STEP = "a step after the weights were written"
+# The step of an ota/ffg run_merge after the weights that is running now (None: no ota/ffg merge is running): each
+# step says so when it starts (the wrappers of :func:`_announcing_step` around mergekit's step functions, and
+# _guard_run_merge around ours).
+_STEP: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("mergekit_ota_late_step", default=None)
+RUN_MERGE_STEPS: Dict[str, str] = {  # compat.RUN_MERGE_STEPS' roles -> what the error says failed
+    "card": "writing the model card (README.md)",
+    "tokenizer": "saving the tokenizer",
+    "tagalong": LATER_STEP,
+}
 
 
-def _late_step(error: BaseException, merge_config: object) -> Tuple[str, str]:
-    """Which step of ``run_merge`` after the weights raised ``error`` (from its traceback), with a way out."""
-    trace = error.__traceback__
-    while trace is not None:
-        filename = trace.tb_frame.f_code.co_filename.replace(os.sep, "/")
-        if "/mergekit/card.py" in filename:
-            from mergekit_ota.graph.preflight import HUB_HINT, asked_of_the_hub
+def _announcing_step(role: str) -> Callable[[Callable], Callable]:
+    """A wrapper for ``run_merge``'s step function ``role``: within an ota/ffg merge it says, when it starts, which
+    step is running (the step lasts until the next one starts: mergekit writes README.md after ``generate_card``
+    returns, and saves the tokenizer after ``_set_chat_template``). Otherwise it only calls the step."""
 
-            paths = [str(r.model.path) for r in merge_config.referenced_models()]  # type: ignore[attr-defined]
-            asked = [p for p in paths if asked_of_the_hub(p)]
-            hint = f". Model path(s) {', '.join(asked)}: " + HUB_HINT.format(path=asked[0]) if asked else ""
-            return "writing the model card (README.md)", hint
-        if "/mergekit/tokenizer" in filename or "tokenization" in filename:
-            return "saving the tokenizer", ""
-        if filename.endswith("/mergekit_ota/graph/provenance.py"):
-            return PROVENANCE_STEP, ""
-        trace = trace.tb_next
-    return "a step after the weights were written", ""
+    def wrap(step: Callable) -> Callable:
+        @functools.wraps(step)
+        def announcing(*args, **kwargs):
+            if _STEP.get() is not None:
+                _STEP.set(RUN_MERGE_STEPS[role])
+            return step(*args, **kwargs)
+
+        return mark_patched(announcing, step)
+
+    return wrap
+
+
+def _late_step(merge_config: object) -> Tuple[str, str]:
+    """Which step of ``run_merge`` after the weights was running when it failed (as the step said), with a way
+    out."""
+    step = _STEP.get() or LATER_STEP
+    if step == RUN_MERGE_STEPS["card"]:
+        from mergekit_ota.graph.preflight import HUB_HINT, asked_of_the_hub
+
+        paths = [str(r.model.path) for r in merge_config.referenced_models()]  # type: ignore[attr-defined]
+        asked = [p for p in paths if asked_of_the_hub(p)]
+        hint = f". Model path(s) {', '.join(asked)}: " + HUB_HINT.format(path=asked[0]) if asked else ""
+        return step, hint
+    return step, ""
 
 
 def _mark_as_merge(build: str, merge_config: object, args: tuple, kwargs: dict) -> None:
@@ -132,6 +166,7 @@ def _guard_run_merge(run_merge: Callable) -> Callable:
         with merge_output(out_path) as out:
             card_before = card_state(out.build)  # a card already there (in place) is not this run's
             record = None
+            steps = _STEP.set(LATER_STEP)  # this merge's steps after the weights say when they start
             try:
                 recording = Recording(out.build)  # this merge's record, handed over by the planner (plan_to_disk)
                 try:
@@ -139,14 +174,16 @@ def _guard_run_merge(run_merge: Callable) -> Callable:
                         result = run_merge(merge_config, out.build, *args, **kwargs)
                 finally:
                     record = recording.record()
+                _STEP.set(LATER_STEP)
                 for line in summary_lines(record):  # once per merge, shown without -v
                     print(line, file=sys.stderr)
+                _STEP.set(PROVENANCE_STEP)
                 write_provenance(out.build, record, card_before)  # before the output is swapped in
             except BaseException as error:
                 if not out.complete:
                     raise  # the OutputDirectory removes what this run created
                 _mark_as_merge(out.build, merge_config, args, kwargs)
-                step, hint = _late_step(error, merge_config)
+                step, hint = _late_step(merge_config)
                 if step != PROVENANCE_STEP:
                     try:
                         write_provenance(out.build, record, card_before)
@@ -157,6 +194,8 @@ def _guard_run_merge(run_merge: Callable) -> Callable:
                     f"{out.path}: the merge is complete and kept (every tensor and the weight index were written), "
                     f"but {step} failed: {type(error).__name__}: {error}{hint}"
                 ) from error
+            finally:
+                _STEP.reset(steps)
             out.commit()
             return result
 
@@ -205,20 +244,26 @@ def _patch_attribute(owner: object, name: str, wrap: Callable[[Callable], Callab
         setattr(owner, name, wrap(current))
 
 
-def _on_merge_methods(module: ModuleType) -> None:
-    from mergekit_ota_autoload import initializing
+def _register_when_loaded(module: ModuleType) -> None:
+    """Register ``ota``/``ffg`` once both :data:`REGISTRY_MODULE` and :data:`METHODS_MODULE` have finished executing.
 
-    if initializing("mergekit_ota.methods"):
-        return  # mergekit was imported by our own methods package, which registers when it finishes
-    from mergekit_ota.methods import register_methods
-
-    register_methods()
+    Called as each of them finishes. Our methods package imports mergekit's, so when mergekit's finishes first our
+    package may be executing (the user imported ours first): it is in ``sys.modules`` but not yet in
+    :data:`_LOADED`, and registers when it finishes. When it is not imported at all, it is imported here; its own
+    finish (through the finder) or this call then registers.
+    """
+    if REGISTRY_MODULE not in _LOADED:
+        return
+    if METHODS_MODULE in sys.modules and METHODS_MODULE not in _LOADED:
+        return  # still executing: registers when it finishes
+    methods = importlib.import_module(METHODS_MODULE)
+    methods.register_methods()
 
 
 def _on_plan(module: ModuleType) -> None:
-    from mergekit_ota.compat import incompatibility
+    from mergekit_ota.compat import planner_incompatibility
 
-    problem = incompatibility()
+    problem = planner_incompatibility()  # mergekit.merge may still be executing: the rest is checked at merge time
     if problem:
         warnings.warn(f"mergekit-ota: {problem}; ota and ffg will refuse to run", stacklevel=2)
         return
@@ -229,6 +274,10 @@ def _on_plan(module: ModuleType) -> None:
 
 def _on_merge(module: ModuleType) -> None:
     _patch_attribute(module, "run_merge", _guard_run_merge)
+    for role in RUN_MERGE_STEPS:
+        step = run_merge_step(module, role)
+        if step is not None and not getattr(step, PATCH_MARK, False):
+            replace_run_merge_step(module, role, _announcing_step(role)(step))
 
 
 def _on_raw_pytorch(module: ModuleType) -> None:
@@ -244,7 +293,8 @@ def _on_run_yaml(module: ModuleType) -> None:
 
 
 HANDLERS: Dict[str, Callable[[ModuleType], None]] = {
-    "mergekit.merge_methods": _on_merge_methods,
+    REGISTRY_MODULE: _register_when_loaded,
+    METHODS_MODULE: _register_when_loaded,
     "mergekit.plan": _on_plan,
     "mergekit.merge": _on_merge,
     "mergekit.scripts.merge_raw_pytorch": _on_raw_pytorch,
@@ -253,22 +303,24 @@ HANDLERS: Dict[str, Callable[[ModuleType], None]] = {
 
 
 def on_module(name: str, module: ModuleType) -> None:
-    """Apply the patch for mergekit module ``name`` (just executed)."""
+    """Apply the patch for watched module ``name``, which has just finished executing."""
     handler = HANDLERS.get(name)
     if handler is not None:
+        _LOADED.add(name)
         handler(module)
 
 
 def install() -> None:
-    """Register the methods and patch mergekit: now for modules already loaded, on import for the rest.
+    """Register the methods and patch mergekit (idempotent): now for modules already loaded, on import for the rest.
 
-    mergekit itself is not imported here (it takes seconds): the finder applies each patch the
-    moment its module loads, so ``import mergekit_ota`` stays cheap and the effect is the same.
+    mergekit itself is not imported here (it takes seconds): the start-up hook's finder, installed here if
+    the hook is off, applies each patch the moment its module finishes loading. Called outside any import of
+    this package (``mergekit_ota.install()``), so every watched module in ``sys.modules`` has finished executing.
     """
     import mergekit_ota_autoload
 
     mergekit_ota_autoload.install_finder()
-    for name in HANDLERS:
-        module = sys.modules.get(name)
-        if module is not None and not mergekit_ota_autoload.initializing(name):
-            on_module(name, module)
+    loaded = {name: sys.modules[name] for name in HANDLERS if name in sys.modules}
+    _LOADED.update(loaded)
+    for name, module in loaded.items():
+        on_module(name, module)

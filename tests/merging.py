@@ -24,7 +24,9 @@ def run_config(cfg: Dict[str, Any], out: Any, **options: Any) -> Any:
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
-    import mergekit_ota  # noqa: F401  (registers ota/ffg, patches the planner)
+    import mergekit_ota
+
+    mergekit_ota.install()  # register ota/ffg and patch mergekit (whether or not the start-up hook is on)
 
     config = MergeConfiguration.model_validate(cfg)
     run_merge(config, str(out), MergeOptions(**{"quiet": True, "copy_tokenizer": False, **options}))

@@ -185,7 +185,9 @@ def test_mergekit_pytorch_refuses_ota(family, tmp_path):
     from mergekit.options import MergeOptions
     from mergekit.scripts import merge_raw_pytorch as raw
 
-    import mergekit_ota  # noqa: F401
+    import mergekit_ota
+
+    mergekit_ota.install()  # register ota/ffg and patch mergekit (whether or not the start-up hook is on)
 
     config = raw.RawPyTorchMergeConfig.model_validate(
         {"merge_method": "ota", "base_model": family.base, "models": [{"model": e} for e in family.experts]}

@@ -248,9 +248,11 @@ def test_auto_density_from_yaml_merges_and_check_passes(tmp_path):
     from mergekit.options import MergeOptions
     from safetensors.torch import load_file
 
-    import mergekit_ota  # noqa: F401
+    import mergekit_ota
     from mergekit_ota.graph.preflight import check_config
     from mergekit_ota.testing import make_family
+
+    mergekit_ota.install()  # register ota/ffg and patch mergekit (whether or not the start-up hook is on)
 
     family = make_family(str(tmp_path / "fam"), n_experts=2)
     config = {
@@ -275,9 +277,11 @@ def test_check_reports_what_auto_keeps_and_the_mass_curve(tmp_path):
     from mergekit.config import MergeConfiguration
     from mergekit.options import MergeOptions
 
-    import mergekit_ota  # noqa: F401
+    import mergekit_ota
     from mergekit_ota.graph.preflight import check_config
     from mergekit_ota.testing import make_family
+
+    mergekit_ota.install()  # register ota/ffg and patch mergekit (whether or not the start-up hook is on)
 
     family = make_family(str(tmp_path / "fam"), n_experts=2)
     config = {

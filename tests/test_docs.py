@@ -107,9 +107,11 @@ def test_readme_config_checks_and_merges(tmp_path, monkeypatch):
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
-    import mergekit_ota  # noqa: F401
+    import mergekit_ota
     from mergekit_ota.cli.main import main
     from mergekit_ota.testing import make_family
+
+    mergekit_ota.install()  # register ota/ffg and patch mergekit (whether or not the start-up hook is on)
 
     text = _readme_yaml()
     config = yaml.safe_load(text)

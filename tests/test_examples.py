@@ -38,7 +38,9 @@ def test_example_config_merges(path, demo_like_models, tmp_path):
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
-    import mergekit_ota  # noqa: F401
+    import mergekit_ota
+
+    mergekit_ota.install()  # register ota/ffg and patch mergekit (whether or not the start-up hook is on)
 
     text = path.read_text().replace("demo_out", str(demo_like_models))
     config = MergeConfiguration.model_validate(yaml.safe_load(text))

@@ -626,8 +626,10 @@ def test_merge_with_store_lacking_a_frozen_parameter_says_it_was_frozen(untied_f
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
-    import mergekit_ota  # noqa: F401
+    import mergekit_ota
     from mergekit_ota.errors import PreflightError
+
+    mergekit_ota.install()  # register ota/ffg and patch mergekit (whether or not the start-up hook is on)
 
     store = tmp_path / "store.safetensors"
     _export(untied_frozen.checkpoint, store)

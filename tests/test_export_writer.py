@@ -148,9 +148,11 @@ def test_merge_with_compressed_stores_equals_merge_with_rank1_estimate(tmp_path)
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
-    import mergekit_ota  # noqa: F401
+    import mergekit_ota
     from mergekit_ota.cli.export import export_command
     from mergekit_ota.testing import make_family, tiny_llama_config
+
+    mergekit_ota.install()  # register ota/ffg and patch mergekit (whether or not the start-up hook is on)
 
     family = make_family(str(tmp_path / "fam"), n_experts=2, config=tiny_llama_config(hidden_size=32))
     compressed, reference = [], []

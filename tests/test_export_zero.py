@@ -171,7 +171,9 @@ def _merge(config: dict, out: Path) -> Dict[str, torch.Tensor]:
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
-    import mergekit_ota  # noqa: F401 - registers the methods and patches run_merge
+    import mergekit_ota
+
+    mergekit_ota.install()  # register ota/ffg and patch mergekit (whether or not the start-up hook is on)
 
     run_merge(MergeConfiguration.model_validate(config), str(out), MergeOptions(quiet=True, copy_tokenizer=False))
     tensors: Dict[str, torch.Tensor] = {}

@@ -37,7 +37,9 @@ def _run(cfg, out, **options):
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
-    import mergekit_ota  # noqa: F401
+    import mergekit_ota
+
+    mergekit_ota.install()  # register ota/ffg and patch mergekit (whether or not the start-up hook is on)
 
     run_merge(MergeConfiguration.model_validate(cfg), str(out), MergeOptions(quiet=True, **options))
     return load_file(os.path.join(out, "model.safetensors"))

@@ -293,7 +293,9 @@ def test_graph_merge_with_rank1_store_equals_merge_with_its_reconstruction(rank1
     from mergekit.options import MergeOptions
     from safetensors.torch import load_file
 
-    import mergekit_ota  # noqa: F401
+    import mergekit_ota
+
+    mergekit_ota.install()  # register ota/ffg and patch mergekit (whether or not the start-up hook is on)
 
     family, dense_stores = rank1_family
     outputs = []

@@ -25,11 +25,13 @@ def _python(python: str, code: str, env: dict | None = None, cwd: str | None = N
 
 
 def test_import_registers_idempotently():
-    """`import mergekit_ota` registers both methods; repeating registration changes nothing."""
+    """`mergekit_ota.install()` registers both methods; repeating registration changes nothing."""
     from mergekit.merge_methods import registry
 
-    import mergekit_ota  # noqa: F401
+    import mergekit_ota
     from mergekit_ota.methods import register_methods
+
+    mergekit_ota.install()  # register ota/ffg and patch mergekit (whether or not the start-up hook is on)
 
     before = registry.registered_methods()
     register_methods()
@@ -101,7 +103,7 @@ def test_fresh_process_after_install_sees_methods(tmp_path, editable):
     assert _python(python, "import sys; print('torch' in sys.modules, 'mergekit' in sys.modules)") == "False False"
     env = dict(os.environ, MERGEKIT_OTA_DISABLE="1")
     assert _python(python, REGISTERED, env=env) == "[]"
-    assert _python(python, "import mergekit_ota;" + REGISTERED, env=env) == "['ffg', 'ota']"
+    assert _python(python, "import mergekit_ota; mergekit_ota.install();" + REGISTERED, env=env) == "['ffg', 'ota']"
 
 
 def test_startup_hook_never_raises(tmp_path):
@@ -237,3 +239,81 @@ def test_mergekit_yaml_hook_wraps_once_and_installs_no_global_hook():
     assert not getattr(wrapped.__wrapped__, integration.PATCH_MARK, False)
     assert inspect.unwrap(wrapped).__module__ == "mergekit.scripts.run_yaml"
     assert sys.excepthook is sys.__excepthook__
+
+
+IMPORT_CHANGES_NOTHING = textwrap.dedent(
+    """
+    import inspect, json, sys
+    import mergekit_ota, mergekit_ota.methods
+    from mergekit.merge_methods import registry
+    import mergekit.merge, mergekit.plan
+    import mergekit.scripts.merge_raw_pytorch as raw
+    import mergekit.scripts.run_yaml as run_yaml
+
+    def state():
+        planner = mergekit.plan.MergePlanner
+        wrapped = [
+            planner.plan_tensor, planner.__dict__["_plan"], planner.plan_to_disk, mergekit.merge.run_merge,
+            mergekit.merge.generate_card, raw.plan_flat_merge, run_yaml.main.callback,
+        ]
+        return {
+            "registered": sorted(m.spec.name for m in registry.registered_methods() if m.spec.name in ("ota", "ffg")),
+            "methods": len(registry.registered_methods()),
+            "patched": [getattr(f, "_mergekit_ota_patched", False) for f in wrapped],
+            "twice": [getattr(inspect.unwrap(f, stop=lambda g: g is not f), "_mergekit_ota_patched", False)
+                      for f in wrapped if f is not inspect.unwrap(f)],
+            "finder": any(type(f).__name__ == "MergekitOTAFinder" for f in sys.meta_path),
+        }
+
+    after_import = state()
+    mergekit_ota.install()
+    after_install = state()
+    mergekit_ota.install()
+    print(json.dumps([after_import, after_install, state()]))
+    """
+)
+
+
+def test_importing_changes_nothing_and_install_registers_and_patches_once():
+    """With the start-up hook off, importing mergekit_ota and mergekit_ota.methods (which imports mergekit) registers
+    nothing and patches nothing; mergekit_ota.install() then registers both methods and patches every mergekit
+    internal, and a second install() changes nothing (no method registered or function wrapped twice)."""
+    import json
+
+    env = dict(os.environ, MERGEKIT_OTA_DISABLE="1")
+    after_import, after_install, again = json.loads(_python(sys.executable, IMPORT_CHANGES_NOTHING, env=env))
+    assert after_import["registered"] == [] and not any(after_import["patched"]) and not after_import["finder"]
+    assert after_install["registered"] == ["ffg", "ota"] and all(after_install["patched"]) and after_install["finder"]
+    assert after_install["methods"] == after_import["methods"] + 2
+    assert not any(after_install["twice"])
+    assert again == after_install
+
+
+def test_late_steps_of_run_merge_say_which_step_runs():
+    """run_merge's steps after the weights (mergekit's card, tokenizer and tagalong functions) are wrapped to say
+    when they start, within an ota/ffg merge only: the error of a kept merge names the step from that, not from
+    traceback file names."""
+    import mergekit.merge
+
+    import mergekit_ota
+    from mergekit_ota import compat, integration
+
+    mergekit_ota.install()
+    for role in compat.RUN_MERGE_STEPS:
+        assert compat.is_patched(compat.run_merge_step(mergekit.merge, role))
+
+    def failing(*args, **kwargs):
+        raise OSError("no space left on device")
+
+    step = integration._announcing_step("tokenizer")(failing)
+    with pytest.raises(OSError):
+        step()
+    assert integration._STEP.get() is None  # outside an ota/ffg merge a step announces nothing
+    token = integration._STEP.set(integration.LATER_STEP)  # as _guard_run_merge does
+    try:
+        assert integration._late_step(None) == (integration.LATER_STEP, "")
+        with pytest.raises(OSError):
+            step()
+        assert integration._late_step(None) == ("saving the tokenizer", "")
+    finally:
+        integration._STEP.reset(token)

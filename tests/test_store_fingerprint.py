@@ -110,7 +110,9 @@ def _merge(config: str, out):
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
-    import mergekit_ota  # noqa: F401
+    import mergekit_ota
+
+    mergekit_ota.install()  # register ota/ffg and patch mergekit (whether or not the start-up hook is on)
 
     with open(config) as fp:
         cfg = MergeConfiguration.model_validate(yaml.safe_load(fp))

@@ -127,7 +127,9 @@ def test_a_merge_finds_the_stores_with_no_curvature_line(tmp_path):
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
-    import mergekit_ota  # noqa: F401 - registers the methods
+    import mergekit_ota
+
+    mergekit_ota.install()  # register ota/ffg and patch mergekit (whether or not the start-up hook is on)
 
     config = {
         "merge_method": "ota",

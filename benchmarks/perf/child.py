@@ -85,7 +85,9 @@ def measure(job: Dict) -> Dict:
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
-    import mergekit_ota  # noqa: F401  (registers ota/ffg, patches the planner)
+    import mergekit_ota
+
+    mergekit_ota.install()  # register ota/ffg and patch mergekit (whether or not the start-up hook is on)
 
     import_s = time.perf_counter() - started
     config = MergeConfiguration.model_validate(job["config"])

@@ -352,7 +352,9 @@ def run_config(config: Mapping[str, Any], out_dir: str, seed: int = 0, device: s
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
-    import mergekit_ota  # noqa: F401  (registers ota/ffg, patches the planner)
+    import mergekit_ota
+
+    mergekit_ota.install()  # register ota/ffg and patch mergekit (whether or not the start-up hook is on)
 
     options = MergeOptions(quiet=True, random_seed=seed, device=device)
     started = time.perf_counter()

@@ -192,7 +192,9 @@ def test_every_method_gets_at_most_four_settings_and_valid_mergekit_configs():
     """The tuning budget is at most 4 grid points per method and each config validates as a MergeConfiguration."""
     from mergekit.config import MergeConfiguration
 
-    import mergekit_ota  # noqa: F401
+    import mergekit_ota
+
+    mergekit_ota.install()  # register ota/ffg and patch mergekit (whether or not the start-up hook is on)
 
     fisher = {n: {"a": f"fa{n}.safetensors", "b": f"fb{n}.safetensors"} for n in merges.FISHER_NS}
     experts = merges.Experts(

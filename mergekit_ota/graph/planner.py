@@ -1,7 +1,9 @@
-"""The one patch to mergekit's planner: attach curvature to every ``ota``/``ffg`` tensor task.
+"""The planner patch: attach curvature to every ``ota``/``ffg`` tensor task.
 
-``MergePlanner.plan_tensor`` appends ``(output weight, ExecuteMergeMethodTask)``;
-for our methods the patched version replaces that task by a
+:func:`patch_planner` wraps three ``MergePlanner`` methods (``plan_tensor``, ``_plan``,
+``plan_to_disk``), each acting only when the planner's method is ours; the private
+ones are reached through :mod:`mergekit_ota.compat`. ``MergePlanner.plan_tensor``
+appends ``(output weight, ExecuteMergeMethodTask)``; for our methods the patched version replaces that task by a
 :class:`~mergekit_ota.graph.tasks.CurvatureMergeTask` whose curvature pipeline is
 rebuilt from the weights' pipeline: per expert, its *input* weight (layer offsets,
 aliases and tied names resolved as for the weight, under the name the weight was
@@ -24,6 +26,18 @@ from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
 from mergekit.tokenizer import PermutedVocabulary
 from mergekit.tokenizer.truncate import TruncatedVocabulary
 
+from mergekit_ota.compat import (
+    is_patched,
+    mark_patched,
+    merge_task_fields,
+    planner_cache_dir,
+    planner_config,
+    planner_method,
+    planner_options,
+    planner_plan_step,
+    planner_tensors,
+    replace_planner_plan_step,
+)
 from mergekit_ota.curvature.fingerprint import check_ownership
 from mergekit_ota.curvature.locate import locate_store
 from mergekit_ota.curvature.store import METADATA_KEYS, CurvatureStore, metadata_inputs, read_header
@@ -53,7 +67,6 @@ from mergekit_ota.methods.settings import (
 )
 from mergekit_ota.store_format import WITHOUT_STATE, metadata_names
 
-PATCH_MARK = "_mergekit_ota_patched"
 FROM_THE_BASE = "every model of a merge must be fine-tuned from the same base (same architecture and sizes)"
 LOG = logging.getLogger("mergekit_ota")
 
@@ -167,16 +180,14 @@ class CurvaturePlan:
         if self.names_checked:
             return
         self.names_checked = True
-        from mergekit_ota.compat import planner_method
-
         spec = planner_method(self.planner).spec
-        for unknown in unknown_parameters(self.planner.config, spec):
+        config = planner_config(self.planner)
+        for unknown in unknown_parameters(config, spec):
             self.problem(unknown.message(spec.name), config_level=True)
-        for problem in value_problems(self.planner.config, spec):
+        for problem in value_problems(config, spec):
             self.problem(problem, config_level=True)
 
     def store_path(self, model: ModelReference, curvature: Any) -> Optional[str]:
-        from mergekit_ota.compat import planner_cache_dir
         from mergekit_ota.export.detect import export_hint  # the export command for a checkpoint given as a store
 
         key = (model, None if curvature is None else str(curvature))
@@ -401,13 +412,13 @@ class CurvaturePlan:
                 pad_to_multiple_of=source.pad_to_multiple_of,
                 vocabulary_axis=source.vocabulary_axis,
             )
-        fields = {name: getattr(task, name) for name in ExecuteMergeMethodTask.model_fields}
+        fields = merge_task_fields(task)
         fields["input_parameters"] = ImmutableMap(data=parameters)
         return CurvatureMergeTask(
             **fields,
             curvature=curvature,
             truncate_vocabulary=isinstance(source, TruncatedVocabulary),
-            save_dtype=task.output_weight.force_dtype or self.planner.config.out_dtype,  # as SaveTensor casts
+            save_dtype=task.output_weight.force_dtype or planner_config(self.planner).out_dtype,  # as SaveTensor casts
         )
 
     def check_model_densities(self) -> None:
@@ -507,8 +518,6 @@ class CurvaturePlan:
     def add_model_wide_pass(self) -> None:
         """One :class:`ModelWidePass` for every tensor that needs it: saliency where ``density_scope: model``
         meets a ``density``, the curvature alone for the others that ``curvature_scale`` covers."""
-        from mergekit_ota.compat import planner_tensors
-
         tensors = planner_tensors(self.planner)
         ours = [(index, task) for index, (_, task) in enumerate(tensors) if isinstance(task, CurvatureMergeTask)]
         density = {
@@ -534,7 +543,7 @@ class CurvaturePlan:
                 self.scale_pass = "in the model-wide density pass (no read beyond it)"
         if not density and not scaled:
             return
-        options = self.planner.options
+        options = planner_options(self.planner)
         model_wide = ModelWidePass(
             parts=tuple(
                 ModelWidePart(merge_task=task, saliency=index in density, scale=mode if index in scaled else "none")
@@ -558,14 +567,13 @@ def patch_planner(planner_class: type) -> None:
     the end, ``plan_to_disk`` records when the weights are complete (:mod:`.finalize`) and
     which curvature each expert used (:mod:`.provenance`, for the model card).
     """
-    from mergekit_ota.compat import planner_method, planner_tensors
     from mergekit_ota.graph.finalize import record_finalize
     from mergekit_ota.graph.provenance import remember as remember_provenance
 
-    if getattr(planner_class.plan_tensor, PATCH_MARK, False):
+    if is_patched(planner_class.plan_tensor):
         return
     plan_tensor = planner_class.plan_tensor
-    plan = planner_class._plan
+    plan = planner_plan_step(planner_class)
     plan_to_disk = planner_class.plan_to_disk
 
     def patched_plan_tensor(self, weight, weights_in, models, cfg_reader):
@@ -597,9 +605,7 @@ def patch_planner(planner_class: type) -> None:
 
     wrappers = ((patched_plan_tensor, plan_tensor), (patched_plan, plan), (patched_plan_to_disk, plan_to_disk))
     for wrapper, original in wrappers:
-        wrapper.__wrapped__ = original
-        wrapper.__doc__ = original.__doc__
-        setattr(wrapper, PATCH_MARK, True)
+        mark_patched(wrapper, original)
     planner_class.plan_tensor = patched_plan_tensor
-    planner_class._plan = patched_plan
+    replace_planner_plan_step(planner_class, patched_plan)
     planner_class.plan_to_disk = patched_plan_to_disk

@@ -101,8 +101,10 @@ def parameter_warnings(config: Any) -> List[str]:
     """
     from mergekit import merge_methods
 
-    import mergekit_ota  # noqa: F401  (registers ota/ffg, for the did-you-mean below)
+    import mergekit_ota
     from mergekit_ota.methods.settings import unknown_parameters
+
+    mergekit_ota.install()  # ota/ffg registered (whether or not the start-up hook is on), for the did-you-mean below
 
     try:
         spec = merge_methods.get(config.merge_method).spec
@@ -255,9 +257,11 @@ def plan_merge(config: Any, options: Any) -> Tuple[Optional[Any], List[str]]:
     from mergekit.io.tasks import LoaderCache
     from mergekit.plan import MergePlanner
 
-    import mergekit_ota  # noqa: F401  (registers the methods, patches the planner)
+    import mergekit_ota
     from mergekit_ota.compat import incompatibility, model_out_config
     from mergekit_ota.graph.planner import CurvaturePlan
+
+    mergekit_ota.install()  # register ota/ffg and patch mergekit (whether or not the start-up hook is on)
 
     problem = incompatibility()
     if problem:

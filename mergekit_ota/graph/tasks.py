@@ -24,13 +24,14 @@ from typing import Any, Dict, Hashable, Optional, Tuple, Union
 
 import torch
 from mergekit.common import ImmutableMap, ModelReference
-from mergekit.graph import Executor, Task
+from mergekit.graph import Task
 from mergekit.merge_methods.base import PerInputValues, TensorEntry, TensorGroup, TensorMetadata
 from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
 from mergekit.tokenizer.build import BuildTokenizer, TokenizerInfo
 from mergekit.tokenizer.config import TokenEmbeddingConfig
 from pydantic import ConfigDict, Field
 
+from mergekit_ota.compat import run_tasks
 from mergekit_ota.curvature.store import CurvatureStore
 from mergekit_ota.graph.provenance import MergeRecord
 from mergekit_ota.math.histogram import SaliencyHistogram
@@ -237,12 +238,14 @@ class ModelWidePass(Task[ModelWideResult]):
 
         totals: Dict[Hashable, Tuple[SaliencyHistogram, float]] = {}
         scales: Dict[ModelReference, CurvatureScale] = {}
-        executor = Executor(
-            targets=list(self.parts),
+        parts = run_tasks(
+            self.parts,
             math_device=torch.device(self.device or "cpu"),
             storage_device=torch.device("cpu"),
+            quiet=self.quiet,
+            desc=self.description(),
         )
-        for task, part in executor.run(quiet=self.quiet, desc=self.description()):
+        for task, part in parts:
             merge_histograms(totals, part.histograms, task.merge_task.output_weight.name)
             for model, scale in part.scales.items():
                 if model in scales:

@@ -1,8 +1,11 @@
-"""The ``ota`` and ``ffg`` mergekit methods and their registration."""
+"""The ``ota`` and ``ffg`` mergekit methods and their registration.
+
+Importing this package registers nothing: :func:`register_methods` is called by
+:mod:`mergekit_ota.integration` (the start-up hook, or :func:`mergekit_ota.install`).
+"""
 
 from __future__ import annotations
 
-import sys
 import warnings
 
 from mergekit_ota.methods.ffg import FFGMerge
@@ -35,10 +38,5 @@ def register_methods() -> None:
                 stacklevel=2,
             )
 
-
-# Importing this package imports mergekit.merge_methods (through methods/base.py); the start-up
-# hook defers registration to here when that happens mid-import (integration._on_merge_methods).
-if "mergekit.merge_methods" in sys.modules:
-    register_methods()
 
 __all__ = ["FFG", "METHODS", "METHOD_NAMES", "OTA", "is_ours", "register_methods"]

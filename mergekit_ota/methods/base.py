@@ -21,14 +21,13 @@ from typing import Any, Dict, Hashable, Iterator, List, Mapping, Optional, Seque
 import torch
 from mergekit.merge_methods.base import (
     BasePolicy,
-    BatchOptions,
     GroupMergeMethod,
     MergeMethodSpec,
     PerInputValues,
     TensorGroup,
 )
 
-from mergekit_ota.compat import require_supported_mergekit
+from mergekit_ota.compat import MethodHooks, align_dtype, require_supported_mergekit
 from mergekit_ota.errors import ConfigError, CurvatureError, MergeError
 from mergekit_ota.math.ffg import KeepRule, f32_operand, saliency
 from mergekit_ota.math.histogram import SaliencyHistogram
@@ -62,7 +61,7 @@ _DEFERRED = contextvars.ContextVar("mergekit_ota_finite_check_deferred", default
 
 @contextlib.contextmanager
 def finite_check_deferred() -> Iterator[None]:
-    """Within this block :meth:`CurvatureMergeMethod._execute` leaves the finite check to the caller
+    """Within this block :meth:`CurvatureMergeMethod.check_results` leaves the finite check to the caller
     (the graph task checks the result once, cast to the dtype it will be saved in)."""
     token = _DEFERRED.set(True)
     try:
@@ -79,7 +78,7 @@ def require_finite(
     One read pass (``aminmax`` propagates NaN and keeps Inf), counting only on failure.
     ``uncast`` is the value before the cast to ``tensor``'s dtype: when it was finite the
     error says the cast overflowed. The one finite check of every merged tensor: the
-    in-memory API (``_execute``) and the graph task (before ``SaveTensor`` writes it).
+    in-memory API (:meth:`CurvatureMergeMethod.check_results`) and the graph task (before ``SaveTensor`` writes it).
     """
     if tensor is None or not tensor.is_floating_point() or tensor.numel() == 0:
         return
@@ -171,8 +170,12 @@ def _curvature_tensor(value: Any, expert: Hashable, tensor_name: Optional[str], 
     return value
 
 
-class CurvatureMergeMethod(GroupMergeMethod):
-    """A mergekit method whose experts carry Adam second moments (``curvature``)."""
+class CurvatureMergeMethod(MethodHooks, GroupMergeMethod):
+    """A mergekit method whose experts carry Adam second moments (``curvature``).
+
+    mergekit's private hooks reach it through :class:`~mergekit_ota.compat.MethodHooks`
+    (:meth:`check_parameters`, :meth:`prepare_groups`, :meth:`check_results`).
+    """
 
     spec: MergeMethodSpec
 
@@ -185,10 +188,9 @@ class CurvatureMergeMethod(GroupMergeMethod):
             )
         super().validate_inputs(input_ids, base_id, group_name=group_name)
 
-    def _bind_parameters(self, groups: Sequence[TensorGroup], parameters: Mapping[str, Any]) -> List[Dict[str, Any]]:
-        """mergekit's binding, after refusing names the method does not take (with a did-you-mean)."""
+    def check_parameters(self, parameters: Mapping[str, Any]) -> None:
+        """Before mergekit binds them: refuse names the method does not take (with a did-you-mean)."""
         require_known(parameters, self.spec)
-        return super()._bind_parameters(groups, parameters)
 
     def shared(self, parameters: Dict[str, Any], has_base: Optional[bool] = None) -> SharedSettings:
         """Validated shared settings (:func:`~mergekit_ota.methods.settings.shared_check`'s rules)."""
@@ -260,21 +262,21 @@ class CurvatureMergeMethod(GroupMergeMethod):
 
     # -- model-wide density for in-memory calls -------------------------------------
 
-    def _execute(
+    def prepare_groups(
         self,
         groups: Sequence[TensorGroup],
         parameters: List[Dict[str, Any]],
-        options: BatchOptions,
-        *,
         input_dtypes: Sequence[Optional[torch.dtype]],
-        out_dtype: Optional[torch.dtype] = None,
-    ) -> Tuple[torch.Tensor, ...]:
-        parameters = self._model_wide(groups, parameters, input_dtypes)
-        results = super()._execute(groups, parameters, options, input_dtypes=input_dtypes, out_dtype=out_dtype)
-        if not _DEFERRED.get():  # results are already cast to out_dtype
+    ) -> List[Dict[str, Any]]:
+        """The bound parameters with what needs every tensor of the call (:meth:`_model_wide`)."""
+        return self._model_wide(groups, parameters, input_dtypes)
+
+    def check_results(self, groups: Sequence[TensorGroup], results: Tuple[torch.Tensor, ...]) -> None:
+        """The finite check of each result (already cast to ``out_dtype``), unless the caller does it
+        (:func:`finite_check_deferred`)."""
+        if not _DEFERRED.get():
             for group, result in zip(groups, results):
                 require_finite(result, name=group.metadata.name, method=self.spec.name)
-        return results
 
     def _model_wide(
         self,
@@ -309,8 +311,6 @@ class CurvatureMergeMethod(GroupMergeMethod):
 
         Saliency is computed on each group cast to its execution dtype, as the masks will be.
         """
-        from mergekit.merge_methods.dtype import align_dtype
-
         totals: Dict[Hashable, Tuple[SaliencyHistogram, float]] = {}
         for group, params, dtype in zip(groups, parameters, input_dtypes):
             cast = align_dtype(group, dtype)
