@@ -516,7 +516,7 @@ def test_inspect_several_stores_shows_their_scales_side_by_side_from_one_read_ea
 def test_analyze_report_shows_the_same_scale_table_as_inspect(family, tmp_path):
     """analyze's report.md has the side-by-side scale table of its experts, built by the same function as
     inspect's (same cells for the same stores), from its metrics pass; metrics.json has the numbers."""
-    from mergekit_ota.curvature.inspect import inspect_store, scale_table
+    from mergekit_ota.curvature.contents import inspect_store, scale_table
 
     fam = family["full"]
     out = tmp_path / "report"

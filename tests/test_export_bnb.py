@@ -20,9 +20,9 @@ from safetensors.torch import load_file
 
 from mergekit_ota.curvature.store import CurvatureStore
 from mergekit_ota.errors import CurvatureError
+from mergekit_ota.export.optimizer_states import BLOCK_SIZES, BNB_WRAPPER, block_size, dequantize_blockwise
 from mergekit_ota.export.options import ExportOptions
 from mergekit_ota.export.pipeline import export_curvature
-from mergekit_ota.export.states import BLOCK_SIZES, BNB_WRAPPER, block_size, dequantize_blockwise
 
 FIXTURE = Path(__file__).parent / "fixtures" / "bitsandbytes" / "adamw8bit"
 

@@ -270,7 +270,7 @@ def test_a_pickle_naming_another_class_is_refused(tmp_path):
 
     checkpoint = _copy("z1-fp32-w1", tmp_path)
     file = _step_dir(checkpoint) / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
-    from mergekit_ota.export.torch_state import load_torch_file
+    from mergekit_ota.export.torch_optim import load_torch_file
     from mergekit_ota.io.unpickle import deepspeed_globals
 
     value, _ = load_torch_file(str(file), deepspeed=True)
@@ -350,7 +350,7 @@ def test_without_param_slice_mappings_the_walk_of_param_shapes_places_the_same_p
     paddings alone, and still equal DeepSpeed's values.  (Derived from a real checkpoint by deleting the
     mappings; its DeepSpeed objects are saved back as plain values, since the stand-ins pickle under their
     own names, which no allow-list accepts.)"""
-    from mergekit_ota.export.torch_state import load_torch_file
+    from mergekit_ota.export.torch_optim import load_torch_file
 
     run = "z2-fp32-w3"
     checkpoint = _copy(run, tmp_path)
@@ -380,7 +380,7 @@ def test_a_trainer_checkpoint_saved_without_its_optimizer_says_so(tmp_path):
 
 def test_malformed_param_shapes_are_refused_naming_the_file(tmp_path):
     """A model-states file whose param_shapes hold something other than shapes is refused, not traced back."""
-    from mergekit_ota.export.torch_state import load_torch_file
+    from mergekit_ota.export.torch_optim import load_torch_file
 
     checkpoint = _copy("z3-fp32-w2", tmp_path)
     file = _step_dir(checkpoint) / "zero_pp_rank_0_mp_rank_00_model_states.pt"

@@ -252,7 +252,7 @@ def test_complex_meta_sparse_or_integer_second_moments_are_refused(tmp_path, mak
 def test_inspect_never_reads_a_complex_store_tensor_as_real(tmp_path):
     """A C64 tensor in a store is reported as a dtype problem; its values are not cast (which drops the imaginary
     part) into statistics, and the store reader refuses it."""
-    from mergekit_ota.curvature.inspect import tensor_report
+    from mergekit_ota.curvature.contents import tensor_report
     from mergekit_ota.curvature.store import CurvatureStore
     from mergekit_ota.errors import CurvatureError
 

@@ -429,7 +429,7 @@ def test_f64_curvature_beyond_float32_range_is_refused_by_check_inspect_and_merg
     from mergekit.config import MergeConfiguration
     from mergekit.options import MergeOptions
 
-    from mergekit_ota.curvature.inspect import inspect_store
+    from mergekit_ota.curvature.contents import inspect_store
     from mergekit_ota.curvature.store import CurvatureStore
     from mergekit_ota.graph.preflight import check_config
 

@@ -322,7 +322,7 @@ def test_rank1_and_full_curvature_get_the_same_weight_scale(seed, log_top, power
     """A Rank1Curvature and its dense v_hat give the same common scale s (c = max(row) * max(col) is exactly
     max(v_hat) in float32) and the same scaled weights w / s up to float32 rounding."""
     from mergekit_ota.math import Rank1Curvature, curvature_weights
-    from mergekit_ota.math.ota import weight_scale
+    from mergekit_ota.math.ota import weight_divisor
 
     g = torch.Generator().manual_seed(seed)
     top = min(10.0**log_top, 3e38)
@@ -330,8 +330,8 @@ def test_rank1_and_full_curvature_get_the_same_weight_scale(seed, log_top, power
     col = (torch.rand(5, generator=g, dtype=torch.float64) * top).float()
     factored = Rank1Curvature(row=(r / r.sum()).float(), col=col)
     full = factored.dense()
-    scale_r = weight_scale([factored], [weight], power, eps)
-    scale_f = weight_scale([full], [weight], power, eps)
+    scale_r = weight_divisor([factored], [weight], power, eps)
+    scale_f = weight_divisor([full], [weight], power, eps)
     assert scale_r == scale_f
     w_r = curvature_weights(factored, weight, power, eps, scale=scale_r)
     w_f = curvature_weights(full, weight, power, eps, scale=scale_f)
@@ -342,11 +342,11 @@ def test_rank1_and_full_curvature_get_the_same_weight_scale(seed, log_top, power
 def test_weight_scale_is_one_for_ordinary_inputs():
     """Adam-sized curvature, default power and eps: no rescaling (s = 1), so the usual merge is unchanged
     bit for bit and pays no extra pass."""
-    from mergekit_ota.math.ota import weight_scale
+    from mergekit_ota.math.ota import weight_divisor
 
     v = torch.rand(10, 10) * 1e-4
-    assert weight_scale([v, v * 3], [1.0, 2.0], 0.5, 1e-12).exponent == 0
-    assert weight_scale([v], [1.0], 2.0, 1e-12).exponent == 0
+    assert weight_divisor([v, v * 3], [1.0, 2.0], 0.5, 1e-12).exponent == 0
+    assert weight_divisor([v], [1.0], 2.0, 1e-12).exponent == 0
 
 
 # ============================================================================= case 8: unknown keys

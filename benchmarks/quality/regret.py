@@ -111,7 +111,7 @@ def cached_tier(name: str, tier_name: str, variant: Optional[str], cache: str) -
 
 def _scale_ratio(stores: Sequence[str]) -> float:
     """Max over min of the experts' bias-corrected mean ``v`` (``mean / (1 - beta2**step)``)."""
-    from mergekit_ota.curvature.inspect import inspect_store
+    from mergekit_ota.curvature.contents import inspect_store
     from mergekit_ota.curvature.store import CurvatureStore
 
     means = []

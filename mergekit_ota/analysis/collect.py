@@ -17,7 +17,7 @@ count or a float64 sum, so cells of many tensors aggregate exactly.  Memory: the
 current expert's ``tau``, ``v`` and ``s``, and per expert ``sqrt(v)`` and three byte masks, for
 one tensor.
 
-The same reads give each expert's curvature scale (:class:`~mergekit_ota.curvature.inspect.StoreScale`:
+The same reads give each expert's curvature scale (:class:`~mergekit_ota.curvature.contents.StoreScale`:
 mean and median of ``v_i`` over all analysed tensors, with the step and bias factor its store's
 metadata records), the table ``inspect`` prints for several stores.
 """
@@ -48,7 +48,7 @@ from mergekit_ota.analysis.metrics import (
     sign_conflicts,
 )
 from mergekit_ota.analysis.names import parse_name
-from mergekit_ota.curvature.inspect import StoreScale, store_scale
+from mergekit_ota.curvature.contents import StoreScale, store_scale
 from mergekit_ota.math.ffg import density_mask, saliency, threshold_mask
 from mergekit_ota.math.histogram import SaliencyHistogram
 from mergekit_ota.math.scale import CurvatureScale

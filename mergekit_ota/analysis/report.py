@@ -18,7 +18,7 @@ from mergekit_ota.analysis import figures as fig
 from mergekit_ota.analysis.collect import Analysis
 from mergekit_ota.analysis.findings import headline, masks_vary, num, pct, rule_text
 from mergekit_ota.analysis.metrics import random_jaccard
-from mergekit_ota.curvature.inspect import SCALE_NOTE, scale_json, scale_table
+from mergekit_ota.curvature.contents import SCALE_NOTE, scale_json, scale_table
 from mergekit_ota.errors import OTAError
 
 REPORT_MD = "report.md"

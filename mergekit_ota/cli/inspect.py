@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, List, Optional, Sequence
 import click
 
 if TYPE_CHECKING:  # heavy imports stay inside the command
-    from mergekit_ota.curvature.inspect import StoreReport
+    from mergekit_ota.curvature.contents import StoreReport
 
 SORT_KEYS = ("store", "name", "size", "max", "problems")  # StoreReport.sorted
 
@@ -48,8 +48,8 @@ def aligned(columns: Sequence[str], rows: Sequence[Sequence[str]], first_numeric
 
 
 def render_scales(reports: Sequence["StoreReport"]) -> str:
-    """The side-by-side curvature scale of several stores (:func:`~mergekit_ota.curvature.inspect.scale_table`)."""
-    from mergekit_ota.curvature.inspect import SCALE_NOTE, scale_table
+    """The side-by-side curvature scale of several stores (:func:`~mergekit_ota.curvature.contents.scale_table`)."""
+    from mergekit_ota.curvature.contents import SCALE_NOTE, scale_table
 
     columns, rows = scale_table([r.scale for r in reports if r.scale is not None])
     return "\n".join(["curvature scale, side by side", "", *aligned(columns, rows, first_numeric=1), "", SCALE_NOTE])
@@ -141,7 +141,7 @@ def inspect_command(
     1 - beta2**step from the metadata, and each mean over the smallest. Each store is
     still read once.
     """
-    from mergekit_ota.curvature.inspect import inspect_store, scale_json
+    from mergekit_ota.curvature.contents import inspect_store, scale_json
     from mergekit_ota.curvature.locate import locate_store
     from mergekit_ota.curvature.store import CurvatureStore
     from mergekit_ota.errors import CurvatureError

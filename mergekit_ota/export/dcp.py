@@ -31,8 +31,8 @@ from mergekit_ota.export.model_params import (
     clean_name,
     model_order,
 )
-from mergekit_ota.export.source import SourceState, StateItem
-from mergekit_ota.export.states import (
+from mergekit_ota.export.moments import SourceState, StateItem
+from mergekit_ota.export.optimizer_states import (
     FACTORED_KINDS,
     KIND_KEYS,
     MOMENT_KEYS,

@@ -24,10 +24,10 @@ from typing import Optional
 
 from mergekit_ota.errors import CurvatureError
 from mergekit_ota.export.dcp import METADATA_FILE, find_dcp_dir, open_dcp
+from mergekit_ota.export.from_store import open_store
+from mergekit_ota.export.moments import SourceState
 from mergekit_ota.export.options import ExportOptions
-from mergekit_ota.export.source import SourceState
-from mergekit_ota.export.store_source import open_store
-from mergekit_ota.export.torch_state import ADAPTER_FILES, OPTIMIZER_FILES, open_torch_state, open_trainer_checkpoint
+from mergekit_ota.export.torch_optim import ADAPTER_FILES, OPTIMIZER_FILES, open_torch_state, open_trainer_checkpoint
 from mergekit_ota.export.universal import find_zero_dir, open_universal
 from mergekit_ota.export.zero import find_step_dir, open_zero
 from mergekit_ota.io.paths import regular_file

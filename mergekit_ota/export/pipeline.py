@@ -31,8 +31,8 @@ from mergekit_ota.curvature.writer import (
 )
 from mergekit_ota.errors import ConfigError, CurvatureError
 from mergekit_ota.export.detect import open_source
+from mergekit_ota.export.moments import Full, Rank1, SourceState, StateItem
 from mergekit_ota.export.options import ExportOptions
-from mergekit_ota.export.source import Full, Rank1, SourceState, StateItem
 from mergekit_ota.store_format import COL_SUFFIX, MAPPING_BY_ORDER, ROW_SUFFIX, WITHOUT_STATE
 
 BF16_WARNING = (
@@ -84,7 +84,7 @@ def check_given_values(source: SourceState, options: ExportOptions) -> None:
             raise ConfigError(f"--beta2 {options.beta2} contradicts the source's beta2 {item.beta2} for '{item.name}'")
 
 
-def bias_scales(source: SourceState, options: ExportOptions) -> Dict[str, float]:
+def bias_multipliers(source: SourceState, options: ExportOptions) -> Dict[str, float]:
     """``{name: 1 / (1 - beta2**step)}`` per parameter; raises before writing if any value is unknown."""
     if source.bias_corrected:
         raise ConfigError(
@@ -201,7 +201,7 @@ def write_store(
         names = [item.name for item in source.items]
         in_parent = source.kind in ("dcp", "deepspeed", "deepspeed-universal")  # a state folder in the checkpoint
         source = replace(source, fingerprint=fingerprint_beside(source.path, names, in_parent))
-    scales = bias_scales(source, options) if options.bias_correct else {}
+    scales = bias_multipliers(source, options) if options.bias_correct else {}
     specs = _specs(source, options)
     metadata = export_metadata(source, options, specs)
     compress = options.compress == "rank1"

@@ -21,9 +21,9 @@ from mergekit_ota.errors import CurvatureError
 from mergekit_ota.export import fields
 from mergekit_ota.export.mapping import BASIS_DIRECTORY_NAMES, NameEvidence
 from mergekit_ota.export.model_params import check_against_model, clean_name, load_model_parameters, model_order
-from mergekit_ota.export.source import Full, SourceState, StateItem
-from mergekit_ota.export.states import check_second_moments, group_beta2, refuse_adapters, scalar
-from mergekit_ota.export.torch_state import load_torch_file
+from mergekit_ota.export.moments import Full, SourceState, StateItem
+from mergekit_ota.export.optimizer_states import check_second_moments, group_beta2, refuse_adapters, scalar
+from mergekit_ota.export.torch_optim import load_torch_file
 
 ZERO_DIR = "zero"
 MOMENT_FILE = "exp_avg_sq.pt"

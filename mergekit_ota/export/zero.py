@@ -54,10 +54,17 @@ from mergekit_ota.errors import CurvatureError
 from mergekit_ota.export import fields
 from mergekit_ota.export.mapping import BASIS_PARAM_SHAPES, NameEvidence
 from mergekit_ota.export.model_params import check_against_model, clean_name, model_order
+from mergekit_ota.export.moments import Full, SourceState, StateItem
+from mergekit_ota.export.optimizer_states import (
+    FULL,
+    check_second_moments,
+    group_beta2,
+    optimizer_name,
+    refuse_adapters,
+    scalar,
+)
 from mergekit_ota.export.pages import release_mapped
-from mergekit_ota.export.source import Full, SourceState, StateItem
-from mergekit_ota.export.states import FULL, check_second_moments, group_beta2, optimizer_name, refuse_adapters, scalar
-from mergekit_ota.export.torch_state import load_torch_file
+from mergekit_ota.export.torch_optim import load_torch_file
 from mergekit_ota.io.paths import contained
 
 LATEST_FILE = "latest"

@@ -62,9 +62,9 @@ def fisher_store(
     """
     from mergekit_ota.curvature.writer import check_output, store_layout
     from mergekit_ota.export.mapping import BASIS_PARAM_NAMES, NameEvidence
+    from mergekit_ota.export.moments import Full, SourceState, StateItem
     from mergekit_ota.export.options import ExportOptions
     from mergekit_ota.export.pipeline import write_store
-    from mergekit_ota.export.source import Full, SourceState, StateItem
     from mergekit_ota.fisher import data as calibration
     from mergekit_ota.fisher.estimator import diagonal_fisher
 

@@ -13,7 +13,7 @@ from mergekit_ota.math.ffg import (
     threshold_mask,
 )
 from mergekit_ota.math.histogram import SaliencyHistogram
-from mergekit_ota.math.ota import WeightScale, curvature_weights, ota_merge, weight_scale
+from mergekit_ota.math.ota import WeightDivisor, curvature_weights, ota_merge, weight_divisor
 from mergekit_ota.math.rank1 import Rank1Curvature, rank1_factors, rank1_reconstruct
 from mergekit_ota.math.scale import CurvatureScale
 
@@ -22,7 +22,7 @@ __all__ = [
     "KeepRule",
     "Rank1Curvature",
     "SaliencyHistogram",
-    "WeightScale",
+    "WeightDivisor",
     "curvature_weights",
     "density_mask",
     "ffg_merge",
@@ -32,5 +32,5 @@ __all__ = [
     "rank1_reconstruct",
     "saliency",
     "threshold_mask",
-    "weight_scale",
+    "weight_divisor",
 ]

@@ -16,7 +16,7 @@ Coordinates masked in every expert keep ``b``.
 so dividing every ``w_i`` of a tensor by one ``s > 0`` leaves it unchanged; in
 particular scaling every ``v_i`` by ``c`` and ``eps`` by ``c**p`` multiplies every
 ``w_i`` by ``c**p``. The merge computes ``w_i / s`` instead of ``w_i``, with ``s``
-chosen per tensor (:func:`weight_scale`) in float64 log space so that float32 holds
+chosen per tensor (:func:`weight_divisor`) in float64 log space so that float32 holds
 it: with ``c_i = max v_i`` (for rank-1 curvature ``max(row) * max(col)``, no
 m x n pass) and ``c = max_i c_i``,
 
@@ -69,7 +69,7 @@ EPS_FLOOR_LOG2 = -100  # L: eps / s >= 2**L where H allows it
 
 
 @dataclass(frozen=True)
-class WeightScale:
+class WeightDivisor:
     """``s = 2**exponent``, the common divisor of every ``w_i`` of one tensor, and ``log2 c``
     (``c = max_i max v_i``; ``-inf`` when ``c == 0``) that it was chosen from."""
 
@@ -102,7 +102,9 @@ def curvature_max(v: Curvature) -> float:
     return float(v.max())
 
 
-def weight_scale(curvatures: Sequence[Curvature], weights: Sequence[float], power: float, eps: float) -> WeightScale:
+def weight_divisor(
+    curvatures: Sequence[Curvature], weights: Sequence[float], power: float, eps: float
+) -> WeightDivisor:
     """The divisor ``s = 2**e`` of one tensor's weights (module docstring, *Scaling*).
 
     One reduction per full curvature tensor (its max), O(m + n) for rank-1 ones.
@@ -112,7 +114,7 @@ def weight_scale(curvatures: Sequence[Curvature], weights: Sequence[float], powe
     c = max(tops, default=0.0)
     top_weight = max((abs(float(w)) for w in weights), default=0.0)
     if not (math.isfinite(c) and math.isfinite(top_weight) and math.isfinite(power) and math.isfinite(eps)):
-        return WeightScale()
+        return WeightDivisor()
     log2_c = math.log2(c) if c > 0.0 else -math.inf
     # log2 of the largest curvature term, max_i |weight_i| c_i**p (c_i = max v_i: under curvature_scale a large
     # weight_i = weight / m_i**p goes with a small c_i, so W * c**p would overstate it by far); -inf where all are 0
@@ -120,7 +122,7 @@ def weight_scale(curvatures: Sequence[Curvature], weights: Sequence[float], powe
     low = math.log2(eps) if eps > 0.0 else -math.inf
     high = _log2_add(top, low)
     if high == -math.inf:
-        return WeightScale(0, log2_c)
+        return WeightDivisor(0, log2_c)
     up = math.ceil(high - HEADROOM_LOG2)  # smallest e with hi - e <= H
     down = math.floor(low - EPS_FLOOR_LOG2) if low > -math.inf else None  # largest e with lo - e >= L
     if up <= 0 and (down is None or down >= 0):
@@ -129,7 +131,7 @@ def weight_scale(curvatures: Sequence[Curvature], weights: Sequence[float], powe
         exponent = up
     else:  # eps too small: scale up as far as the headroom allows
         exponent = max(down, up)  # type: ignore[type-var]  (down is not None here)
-    return WeightScale(int(exponent), log2_c)
+    return WeightDivisor(int(exponent), log2_c)
 
 
 def _log2_term(weight: float, top: float, power: float) -> float:
@@ -139,7 +141,7 @@ def _log2_term(weight: float, top: float, power: float) -> float:
     return math.log2(abs(weight)) + (power * math.log2(top) if power != 0.0 else 0.0)
 
 
-def _prescale(scale: Optional[WeightScale], weight: float, power: float) -> Optional[int]:
+def _prescale(scale: Optional[WeightDivisor], weight: float, power: float) -> Optional[int]:
     """``k`` when ``v**p`` or ``weight / s`` would leave float32's safe range (else ``None``)."""
     if scale is None or power == 0.0 or scale.log2_c == -math.inf:
         return None
@@ -157,7 +159,7 @@ def curvature_weights(
     eps: float = 1e-12,
     out: Optional[torch.Tensor] = None,
     *,
-    scale: Optional[WeightScale] = None,
+    scale: Optional[WeightDivisor] = None,
 ) -> torch.Tensor:
     """Return ``(weight * v**power + eps) / s`` in float32: a new tensor, or ``out`` (``v`` untouched).
 
@@ -197,7 +199,7 @@ def rank1_weights(
     power: float,
     eps: float,
     out: Optional[torch.Tensor] = None,
-    scale: Optional[WeightScale] = None,
+    scale: Optional[WeightDivisor] = None,
 ) -> torch.Tensor:
     """``(weight * v_hat**power + eps) / s`` from the factors of ``v_hat = outer(row, col)``: one m x n pass plus
     the ``eps`` add.
@@ -231,7 +233,7 @@ def rank1_weights(
 
 
 def _rank1_in_float64(
-    scale: Optional[WeightScale], weight: float, power: float, top_row: float, top_col: float
+    scale: Optional[WeightDivisor], weight: float, power: float, top_row: float, top_col: float
 ) -> bool:
     """Whether :func:`rank1_weights` normalises the factors in float64: ``s != 1``, or ``R**p``, ``C**p`` or
     ``weight / s`` outside ``2**-SAFE_LOG2 .. 2**SAFE_LOG2``."""
@@ -285,7 +287,7 @@ def ota_merge(
             raise ValueError("ota_merge needs at least one expert")
         return base
     keep = _checked_rules(base, len(experts), curvatures, weights, rules, consensus)
-    scale = weight_scale(curvatures, weights, power, eps)
+    scale = weight_divisor(curvatures, weights, power, eps)
     sums = reducer(consensus, in_place=base is not None)  # without a base tau_i is the caller's t_i
     counted = _Counted(consensus is not None) if _may_vanish(scale, weights, eps) else None
     b = base.to(torch.float32) if base is not None else None
@@ -336,7 +338,7 @@ def _checked_rules(
     return rules
 
 
-def _may_vanish(scale: WeightScale, weights: Sequence[float], eps: float) -> bool:
+def _may_vanish(scale: WeightDivisor, weights: Sequence[float], eps: float) -> bool:
     """Whether ``D`` can be 0 where some expert counts: every counted ``w_i / s >= eps / s > 0`` unless ``eps / s``
     underflows in float32, or a negative weight (the in-memory API allows one) cancels."""
     shift = float(torch.tensor(scaled_scalar(float(eps), -scale.exponent), dtype=torch.float32))
@@ -400,7 +402,7 @@ class _Counted:
         name: Optional[str],
         power: float,
         eps: float,
-        scale: WeightScale,
+        scale: WeightDivisor,
         weights: Sequence[float],
     ) -> None:
         """Raise :class:`~mergekit_ota.errors.MergeError` if ``D == 0`` anywhere in ``K``."""

@@ -110,7 +110,7 @@ def require_finite(
 class ExpertInput:
     """One expert's tensor, curvature and settings for one output tensor.
 
-    ``bias_scale`` is ``s_i = 1 / (1 - beta2**step)`` where bias correction applies (else 1);
+    ``bias_multiplier`` is ``s_i = 1 / (1 - beta2**step)`` where bias correction applies (else 1);
     ``statistic`` is ``m_i`` under ``curvature_scale`` (else ``None``), which replaces
     ``s_i`` (:mod:`mergekit_ota.methods.scale`). OTA uses ``s_i v_i`` or ``v_i / m_i``
     through its weight (:meth:`ota_weight`); FFG saliency stays raw.
@@ -120,7 +120,7 @@ class ExpertInput:
     tensor: torch.Tensor
     curvature: Curvature  # a tensor, or rank-1 factors read from a compressed store
     settings: ExpertSettings
-    bias_scale: float = 1.0
+    bias_multiplier: float = 1.0
     statistic: Optional[float] = None
 
     def ota_weight(self, power: float) -> float:
@@ -132,8 +132,8 @@ class ExpertInput:
                 weight = scaled_scalar(weight, -power * math.log2(self.statistic))
             what, check = f"curvature_scale's 1 / {self.statistic:.4g}", "the expert's curvature"
         else:
-            weight = self.settings.weight * self.bias_scale**power
-            what, check = f"bias correction {self.bias_scale:.4g}", "optimizer_step/beta2"
+            weight = self.settings.weight * self.bias_multiplier**power
+            what, check = f"bias correction {self.bias_multiplier:.4g}", "optimizer_step/beta2"
         if not math.isfinite(weight):
             raise ConfigError(
                 f"expert {self.id}: weight {self.settings.weight} x {what}**{power} "
@@ -237,7 +237,7 @@ class CurvatureMergeMethod(MethodHooks, GroupMergeMethod):
                 if entry.id not in found:
                     raise ConfigError(f"curvature_scale: no {shared.curvature_scale} of expert {entry.id}'s curvature")
                 statistic = float(found[entry.id])
-            result.append(ExpertInput(entry.id, entry.tensor, v, values, bias_scale=scale, statistic=statistic))
+            result.append(ExpertInput(entry.id, entry.tensor, v, values, bias_multiplier=scale, statistic=statistic))
         return result
 
     def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:

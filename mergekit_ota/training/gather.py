@@ -16,7 +16,7 @@ Strategies (detected from the parameters and the optimizer, never configured):
 * FSDP1 (``FullyShardedDataParallel`` flat parameters) is refused: its optimizer state is keyed by flat
   parameters; export its saved checkpoint (``mergekit-ota export``), or use FSDP2.
 
-The state forms are those :mod:`mergekit_ota.export.states` reads (Adam's ``exp_avg_sq``, Adafactor's
+The state forms are those :mod:`mergekit_ota.export.optimizer_states` reads (Adam's ``exp_avg_sq``, Adafactor's
 factors, bitsandbytes 8-bit), through the same functions.
 """
 
@@ -30,8 +30,8 @@ import torch
 from mergekit_ota.curvature.fingerprint import tensors_fingerprint
 from mergekit_ota.errors import CurvatureError
 from mergekit_ota.export.model_params import clean_name
-from mergekit_ota.export.source import Curvature, Full
-from mergekit_ota.export.states import (
+from mergekit_ota.export.moments import Curvature, Full
+from mergekit_ota.export.optimizer_states import (
     FACTORED_KINDS,
     OptimizerFacts,
     check_second_moments,

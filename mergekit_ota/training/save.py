@@ -24,9 +24,9 @@ import torch
 from mergekit_ota.curvature.writer import check_output, store_layout
 from mergekit_ota.errors import CurvatureError
 from mergekit_ota.export.mapping import BASIS_PARAM_OBJECTS, NameEvidence
+from mergekit_ota.export.moments import SourceState, StateItem
 from mergekit_ota.export.options import ExportOptions
 from mergekit_ota.export.pipeline import ExportResult, write_store
-from mergekit_ota.export.source import SourceState, StateItem
 from mergekit_ota.training.gather import (
     LiveGatherError,
     LiveParameter,

@@ -8,7 +8,7 @@ Recognised per-parameter states (key names as the optimizers save them):
   second-to-last, ``(..., n)``); its own estimate is
   ``v_hat = outer(row, col) / mean(row)``.  With ``r = n * row`` and ``c = m * col``
   (the row and column sums of that estimate) our ``outer(r, c) / sum(r)`` is the same
-  matrix, so 2-D states become :class:`~mergekit_ota.export.source.Rank1` exactly;
+  matrix, so 2-D states become :class:`~mergekit_ota.export.moments.Rank1` exactly;
   tensors with more dims are rebuilt whole.  1-D tensors keep ``exp_avg_sq``.
 * Adafactor (``torch.optim.Adafactor``): the same factors as ``row_var`` (shape ``(..., m, 1)``) and
   ``col_var`` (``(..., 1, n)``), estimate ``row_var @ col_var / mean(row_var)``: read as above
@@ -42,7 +42,7 @@ import torch
 
 from mergekit_ota.errors import CurvatureError
 from mergekit_ota.export import fields
-from mergekit_ota.export.source import Curvature, Full, Rank1
+from mergekit_ota.export.moments import Curvature, Full, Rank1
 
 FULL = "exp_avg_sq"
 ROW, COL = "exp_avg_sq_row", "exp_avg_sq_col"

@@ -16,7 +16,7 @@ from mergekit_ota.curvature.locate import locate_store
 from mergekit_ota.curvature.store import CurvatureRecord, CurvatureStore
 from mergekit_ota.errors import CurvatureError
 from mergekit_ota.export.model_params import check_against_model, model_order
-from mergekit_ota.export.source import Curvature, Full, Rank1, SourceState, StateItem
+from mergekit_ota.export.moments import Curvature, Full, Rank1, SourceState, StateItem
 from mergekit_ota.store_format import MAPPING_BY_ORDER, WITHOUT_STATE, metadata_inputs, metadata_names
 
 # header fields the new store sets itself

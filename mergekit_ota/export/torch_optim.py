@@ -44,9 +44,8 @@ from mergekit_ota.export.model_params import (
     load_model_parameters,
     model_order,
 )
-from mergekit_ota.export.pages import release_mapped
-from mergekit_ota.export.source import SourceState, StateItem
-from mergekit_ota.export.states import (
+from mergekit_ota.export.moments import SourceState, StateItem
+from mergekit_ota.export.optimizer_states import (
     BNB_MOMENT_KEYS,
     FACTORED_KINDS,
     MOMENT_KEYS,
@@ -59,6 +58,7 @@ from mergekit_ota.export.states import (
     refuse_adapters,
     scalar,
 )
+from mergekit_ota.export.pages import release_mapped
 from mergekit_ota.io.paths import regular_file
 
 OPTIMIZER_FILES = ("optimizer.pt", "optimizer.bin")
@@ -164,7 +164,7 @@ def read_optimizer(
 
     ``param_groups``: a list of dicts, each with ``params`` (a list of int or str keys) and, if
     saved, ``param_names`` (a list of str); ``state``: ``{int or str key: one parameter's state}``
-    (:func:`~mergekit_ota.export.states.checked_entry`).  Anything else is refused naming the file and key.
+    (:func:`~mergekit_ota.export.optimizer_states.checked_entry`).  Anything else is refused naming the file and key.
     """
     groups: List[Mapping[str, Any]] = []
     for g, group in enumerate(fields.sequence(optimizer["param_groups"], f"{path} 'param_groups'")):
