@@ -460,8 +460,8 @@ class CurvaturePlan:
             return d.reason
         if d.corrected:
             return (
-                f"replaced by curvature_scale: {mode} (v / {mode}(v) keeps no per-expert factor: its x{d.scale:.4g} "
-                f"from step {d.step}, beta2 {d.beta2} would cancel)"
+                f"replaced by curvature_scale: {mode} (v / {mode}(v) keeps no per-expert factor: "
+                f"its x{d.multiplier:.4g} from step {d.step}, beta2 {d.beta2} would cancel)"
             )
         return f"{d.reason}; curvature_scale: {mode} removes any per-expert factor anyway"
 

@@ -100,7 +100,7 @@ def plan_record(plan: Any) -> Dict[str, Any]:
             applied = decision.corrected and mode == "none"
             entry["bias_correction"] = {
                 "applied": applied,
-                "factor": decision.scale if applied else 1.0,
+                "factor": decision.multiplier if applied else 1.0,
                 "step": decision.step,
                 "beta2": decision.beta2,
                 "reason": plan.bias_reason(decision),

@@ -231,13 +231,17 @@ class CurvatureMergeMethod(MethodHooks, GroupMergeMethod):
         for entry, values in settings:
             v = _curvature_tensor(parameters["curvature"][entry.id], entry.id, tensor, entry.tensor.shape)
             v = v.to(device=entry.tensor.device, dtype=torch.float32)
-            scale = values.bias(shared.bias_correction, entry.id).scale  # expert_settings checked it is decidable
+            multiplier = values.bias(
+                shared.bias_correction, entry.id
+            ).multiplier  # expert_settings checked it is decidable
             statistic = None
             if found is not None:
                 if entry.id not in found:
                     raise ConfigError(f"curvature_scale: no {shared.curvature_scale} of expert {entry.id}'s curvature")
                 statistic = float(found[entry.id])
-            result.append(ExpertInput(entry.id, entry.tensor, v, values, bias_multiplier=scale, statistic=statistic))
+            result.append(
+                ExpertInput(entry.id, entry.tensor, v, values, bias_multiplier=multiplier, statistic=statistic)
+            )
         return result
 
     def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:

@@ -41,10 +41,10 @@ ASSUMED_BETA2 = 0.999  # for the size of a mismatch when an expert's beta2 is un
 
 @dataclass(frozen=True)
 class BiasDecision:
-    """What bias correction does to one expert: ``scale`` multiplies its ``v`` (1.0: as stored)."""
+    """What bias correction does to one expert: ``multiplier`` multiplies its ``v`` (1.0: as stored)."""
 
     expert: str
-    scale: float
+    multiplier: float
     corrected: bool
     step: Optional[int]
     beta2: Optional[float]
