@@ -15,7 +15,7 @@ changes one of them fails with one clear message naming it, not an
 ``MergePlanner.config`` / ``.options``            read: the merge's config and options
 ``MergePlanner.options.transformers_cache``       read: the hub cache the curvature lookup uses
 ``ExecuteMergeMethodTask`` fields                 copied into :class:`CurvatureMergeTask`
-``mergekit.io.tasks.FinalizeModel`` fields        subclassed (:mod:`.graph.finalize`)
+``mergekit.io.tasks.FinalizeModel`` fields        subclassed (:mod:`.graph.tasks`)
 ``MergeMethod._bind_parameters``                  overridden (:class:`MethodHooks`): refuse
                                                   unknown parameter names first
 ``GroupMergeMethod._execute``                     overridden (:class:`MethodHooks`): the

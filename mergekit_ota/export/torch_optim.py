@@ -17,12 +17,14 @@ no code is unpickled and tensor data stays on disk until a tensor is read.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import pickle
 import re
+import sys
 from collections import Counter
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -58,7 +60,6 @@ from mergekit_ota.export.optimizer_states import (
     refuse_adapters,
     scalar,
 )
-from mergekit_ota.export.pages import release_mapped
 from mergekit_ota.io.paths import regular_file
 
 OPTIMIZER_FILES = ("optimizer.pt", "optimizer.bin")
@@ -301,3 +302,32 @@ def open_trainer_checkpoint(directory: str, model_path: Optional[str], frozen: S
     return open_torch_state(
         optimizer_file, kind="trainer", model_path=model_path, frozen=frozen, adapter_reason=adapter_reason
     )
+
+
+_MADV_DONTNEED = 4
+_libc: Optional[ctypes.CDLL] = None
+
+
+def release_mapped(tensors: Iterable[torch.Tensor]) -> None:
+    """Drop the resident pages of ``tensors``, which must be views of a read-only file mapping.
+
+    ``torch.load(..., mmap=True)`` maps a whole checkpoint file; every page a tensor's
+    data touched stays resident (counted in the process's RSS, though the kernel may
+    reclaim it) for as long as any tensor of the file is alive, which for an optimizer
+    state dict is the whole export.  After a tensor is written, ``madvise(MADV_DONTNEED)``
+    on its pages drops them: they are clean copies of the file (never written to), so a
+    later read would simply fault them in again.  Linux only; elsewhere a no-op.
+    """
+    global _libc
+    if not sys.platform.startswith("linux"):
+        return
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    page = os.sysconf("SC_PAGE_SIZE")
+    for tensor in tensors:
+        start = tensor.data_ptr()
+        size = tensor.numel() * tensor.element_size()
+        if not size:
+            continue
+        aligned = start - start % page
+        _libc.madvise(ctypes.c_void_p(aligned), ctypes.c_size_t(start + size - aligned), _MADV_DONTNEED)

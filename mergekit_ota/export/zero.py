@@ -63,8 +63,7 @@ from mergekit_ota.export.optimizer_states import (
     refuse_adapters,
     scalar,
 )
-from mergekit_ota.export.pages import release_mapped
-from mergekit_ota.export.torch_optim import load_torch_file
+from mergekit_ota.export.torch_optim import load_torch_file, release_mapped
 from mergekit_ota.io.paths import contained
 
 LATEST_FILE = "latest"

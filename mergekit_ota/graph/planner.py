@@ -564,11 +564,12 @@ def patch_planner(planner_class: type) -> None:
     """Wrap ``MergePlanner.plan_tensor``, ``._plan`` and ``.plan_to_disk`` (idempotent; ours only).
 
     ``plan_tensor`` attaches curvature to each task, ``_plan`` raises every problem at
-    the end, ``plan_to_disk`` records when the weights are complete (:mod:`.finalize`) and
-    which curvature each expert used (:mod:`.provenance`, for the model card).
+    the end, ``plan_to_disk`` records when the weights are complete
+    (:class:`~mergekit_ota.graph.tasks.RecordedFinalize`) and which curvature each expert used
+    (:mod:`.provenance`, for the model card).
     """
-    from mergekit_ota.graph.finalize import record_finalize
     from mergekit_ota.graph.provenance import remember as remember_provenance
+    from mergekit_ota.graph.tasks import record_finalize
 
     if is_patched(planner_class.plan_tensor):
         return

@@ -13,6 +13,12 @@ tensor once through a :class:`ModelWidePart` in a sub-executor and returns, per 
 one absolute saliency threshold and one curvature statistic ``m_i``. A part reads the
 weights only where it needs saliency (or a vocabulary truncation's size); for the
 statistic alone it reads only the curvature.
+
+The end of a merge's weights: ``MergePlanner.plan_to_disk`` ends its task list with mergekit's
+``FinalizeModel`` (it writes the weight index once every ``SaveTensor`` has run). For ``ota``/``ffg``
+the planner patch swaps in :class:`RecordedFinalize`, which then marks the output's build directory
+complete (:func:`mergekit_ota.io.output.mark_complete`): a failure in a later step of ``run_merge``
+(model card, tokenizer, tag-along files) keeps the finished weights.
 """
 
 from __future__ import annotations
@@ -20,11 +26,12 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass
-from typing import Any, Dict, Hashable, Optional, Tuple, Union
+from typing import Any, Dict, Hashable, List, Optional, Tuple, Union
 
 import torch
 from mergekit.common import ImmutableMap, ModelReference
 from mergekit.graph import Task
+from mergekit.io.tasks import FinalizeModel
 from mergekit.merge_methods.base import PerInputValues, TensorEntry, TensorGroup, TensorMetadata
 from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
 from mergekit.tokenizer.build import BuildTokenizer, TokenizerInfo
@@ -34,6 +41,7 @@ from pydantic import ConfigDict, Field
 from mergekit_ota.compat import run_tasks
 from mergekit_ota.curvature.store import CurvatureStore
 from mergekit_ota.graph.provenance import MergeRecord
+from mergekit_ota.io.output import mark_complete
 from mergekit_ota.math.histogram import SaliencyHistogram
 from mergekit_ota.math.rank1 import Curvature, Rank1Curvature
 from mergekit_ota.math.scale import CurvatureScale
@@ -374,3 +382,23 @@ class CurvatureMergeTask(ExecuteMergeMethodTask):
 
 
 ModelWidePart.model_rebuild()
+
+
+class RecordedFinalize(FinalizeModel):
+    """``FinalizeModel`` that marks ``out_path`` complete after the index is written."""
+
+    out_path: str
+
+    def execute(self, writer: Any, **kwargs: Any) -> None:
+        super().execute(writer, **kwargs)
+        mark_complete(self.out_path)
+
+
+def record_finalize(tasks: List[Task], out_path: str) -> List[Task]:
+    """``tasks`` (from ``plan_to_disk``) with each ``FinalizeModel`` replaced by a :class:`RecordedFinalize`."""
+    return [
+        RecordedFinalize(tensor_save_tasks=t.tensor_save_tasks, writer_task=t.writer_task, out_path=out_path)
+        if type(t) is FinalizeModel
+        else t
+        for t in tasks
+    ]
