@@ -601,3 +601,24 @@ def test_an_index_in_a_hub_cache_snapshot_may_name_its_repos_blobs_but_nothing_e
     for name in ("foreign.safetensors", "outside.safetensors"):
         with pytest.raises(CurvatureError, match="outside the directory"):
             contained(str(snapshot), name, "index")
+
+
+def test_a_store_rewritten_between_two_opens_in_one_process_is_read_again(tmp_path):
+    """The process's store cache never hands back a store whose files changed: a shard rewritten with other tensors
+    (its index and the index's modification time untouched) is read afresh, not through the first open's headers."""
+    from mergekit_ota.curvature.store import CurvatureStore
+
+    directory = tmp_path / "store"
+    directory.mkdir()
+    shard = directory / "exp_avg_sq-00001-of-00001.safetensors"
+    save_file({"w": torch.ones(2, 3)}, str(shard), metadata={"format": "pt"})
+    index = directory / "exp_avg_sq.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": {"w": shard.name}}))
+    first = CurvatureStore.open(str(index))
+    assert first.shape("w") == (2, 3)
+    stat = index.stat()
+    save_file({"w": torch.ones(4, 5)}, str(shard), metadata={"format": "pt"})
+    os.utime(index, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    again = CurvatureStore.open(str(index))
+    assert again is not first and again.shape("w") == (4, 5)
+    assert CurvatureStore.open(str(index)) is again  # unchanged files: the cached store

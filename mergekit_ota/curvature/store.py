@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Mapping, Optional, Tuple
 
@@ -105,28 +106,52 @@ def _check_float(entry: HeaderEntry) -> None:
         )
 
 
-class CurvatureStore:
-    """A read-only curvature store (single file or sharded), opened from headers."""
+def _signature(files: List[str]) -> Tuple[Tuple[str, int, int], ...]:
+    """``(file, mtime_ns, size)`` of each file (``-1``s for a missing one): what a cached store was read from."""
+    found = []
+    for file in files:
+        try:
+            stat = os.stat(file)
+            found.append((file, stat.st_mtime_ns, stat.st_size))
+        except OSError:
+            found.append((file, -1, -1))
+    return tuple(found)
 
-    _cache: Dict[str, "CurvatureStore"] = {}
+
+class CurvatureStore:
+    """A read-only curvature store (single file or sharded), opened from headers.
+
+    :meth:`open` keeps the last :data:`MAX_CACHED` stores opened in this process, each reused only while every
+    file it was read from (the index and each shard) has the same modification time and size: a store rewritten
+    between two merges in one process is read again, like the open file handles (:mod:`mergekit_ota.io.handles`).
+    """
+
+    MAX_CACHED = 64
+    _cache: "OrderedDict[str, CurvatureStore]" = OrderedDict()
     _cache_lock = threading.Lock()
 
     def __init__(self, path: str):
         self.path = path
+        before = _signature([path])
         self.files, entries, self.metadata = read_sharded(path)
         self.records = _records(entries, path)
+        self.signature = before + _signature([f for f in self.files if f != path])
 
     @classmethod
     def open(cls, path: str) -> "CurvatureStore":
-        """Return the (process-wide cached) store for ``path`` (an absolute path)."""
-        mtime = os.path.getmtime(path) if os.path.exists(path) else None
-        key = f"{path}@{mtime}"
+        """The store at ``path`` (an absolute path), reused from this process's cache while its files are unchanged."""
         with cls._cache_lock:
-            store = cls._cache.get(key)
-            if store is None:
-                store = cls(path)
-                cls._cache[key] = store
-            return store
+            store = cls._cache.get(path)
+            if store is not None and _signature([path] + [f for f in store.files if f != path]) == store.signature:
+                cls._cache.move_to_end(path)
+                return store
+        store = cls(path)
+        with cls._cache_lock:
+            cls._cache[path] = store
+            cls._cache.move_to_end(path)
+            while len(cls._cache) > cls.MAX_CACHED:
+                cls._cache.popitem(last=False)
+        return store
 
     def __contains__(self, name: str) -> bool:
         return name in self.records
