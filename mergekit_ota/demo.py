@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
@@ -203,6 +204,20 @@ def run_demo(out_dir: str, steps: int = 150, seed: int = 0, force: bool = False,
     return rows
 
 
+HELDOUT = "heldout.jsonl"  # the held-out sequences as `mergekit-ota compare` reads them (README, docs/compare.md)
+CAPABILITIES = ("up", "down")  # each skill's `task` name in it
+
+
+def write_heldout(path: str, pairs: List[Tuple[int, int]]) -> None:
+    """The held-out sequences of every skill as JSONL text rows, ``{"task", "expert", "text"}``: the capability a
+    row tests, the expert trained on it (its directory's name) and the sequence as the demo's tokenizer's words."""
+    with open(path, "w", encoding="utf-8") as fp:
+        for i, (skill, task) in enumerate(zip(SKILLS, CAPABILITIES)):
+            for start, step in pairs:
+                text = " ".join(f"t{t}" for t in skill.sequence(start, step))
+                fp.write(json.dumps({"task": task, "expert": f"expert_{'ab'[i]}", "text": text}) + "\n")
+
+
 def _run_demo(out_dir: str, steps: int, seed: int, quiet: bool = False) -> List[dict]:
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
@@ -247,6 +262,7 @@ def _run_demo(out_dir: str, steps: int, seed: int, quiet: bool = False) -> List[
     for i, path in enumerate(experts):
         evaluate(f"expert {'AB'[i]}", path, None)
 
+    write_heldout(os.path.join(out_dir, HELDOUT), test)
     configs = merge_configs(base, experts, rank1_stores)
     config_dir = os.path.join(out_dir, "configs")
     os.makedirs(config_dir, exist_ok=True)
@@ -294,6 +310,8 @@ def _run_demo(out_dir: str, steps: int, seed: int, quiet: bool = False) -> List[
         f"Normalised avg: mean over skills of accuracy / the skill's expert accuracy.\n"
         f"mergekit-yaml {os.path.join(config_dir, 'ota.yml')} -> {cli_seconds:.1f}s including imports; "
         f"output identical to the in-process run: {same}\n"
+        f"Which method suits these experts best, on their held-out data? "
+        f"mergekit-ota compare {os.path.join(config_dir, 'ota.yml')} {os.path.join(out_dir, HELDOUT)} OUT\n"
     )
     print("\n" + table + footer)
     with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as fp:

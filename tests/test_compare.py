@@ -63,11 +63,7 @@ def demo(tmp_path_factory):
         )
     )
     data = root / "heldout.jsonl"
-    with open(data, "w", encoding="utf-8") as fp:
-        for skill, task, expert in zip(demo_module.SKILLS, ("up", "down"), ("expert_a", "expert_b")):
-            for start, step in test[:ROWS]:
-                text = " ".join(f"t{t}" for t in skill.sequence(start, step))
-                fp.write(json.dumps({"task": task, "expert": expert, "text": text}) + "\n")
+    demo_module.write_heldout(str(data), test[:ROWS])  # what `make demo` writes as demo_out/heldout.jsonl
     return {"root": root, "config": str(cfg), "data": str(data), "base": base, "experts": experts}
 
 
