@@ -130,19 +130,50 @@ def test_readme_config_checks_and_merges(tmp_path, monkeypatch):
 DEMO_TORCH = "2.13.0+cpu"  # the build README's demo table was made with (another may differ in the last digit)
 
 
-@pytest.mark.slow  # the whole demo: about a minute on 2 idle cores, with subprocesses (export, mergekit-yaml)
-def test_readme_demo_table_is_what_make_demo_prints(tmp_path):
-    """The accuracy columns of README's demo table are those of a fresh `make demo`."""
+@pytest.fixture(scope="module")
+def fresh_demo(tmp_path_factory):
+    """A fresh `make demo` (its directory and its table's rows), made once for the tests that check README's tables."""
     import torch
 
     if torch.__version__ != DEMO_TORCH:
-        pytest.skip(f"README's demo table was made with torch {DEMO_TORCH}; this is {torch.__version__}")
+        pytest.skip(f"README's demo tables were made with torch {DEMO_TORCH}; this is {torch.__version__}")
     from mergekit_ota.demo import run_demo
 
+    out = tmp_path_factory.mktemp("readme") / "demo"
+    return out, run_demo(str(out), quiet=True)
+
+
+@pytest.mark.slow  # the whole demo: about a minute on 2 idle cores, with subprocesses (export, mergekit-yaml)
+def test_readme_demo_table_is_what_make_demo_prints(fresh_demo):
+    """The accuracy columns of README's demo table are those of a fresh `make demo`."""
     table = README.read_text(encoding="utf-8").split("| model | A: count up", 1)[1].split("\n\n", 1)[0]
     readme = [line.split(" | ")[:4] for line in table.split("\n")[2:]]
-    rows = run_demo(str(tmp_path / "demo"), quiet=True)
+    rows = fresh_demo[1]
     made = [[f"| {row['model']}", *(f"{a:.3f}" for a in row["acc"]), f"{row['normalised']:.3f}"] for row in rows]
     assert [line[:4] for line in made] == readme, (
         "README's demo table differs from a fresh `make demo`: run it and paste its table into README.md"
+    )
+
+
+@pytest.mark.slow  # the demo, then 25 merges of its tiny experts (about 15 s more)
+def test_readme_compare_table_is_what_compare_prints_on_the_demo(fresh_demo, tmp_path):
+    """README's compare table is what `mergekit-ota compare demo_out/configs/ota.yml demo_out/heldout.jsonl OUT`
+    writes into OUT/report.md on a fresh demo (every column but the costs)."""
+    from click.testing import CliRunner
+
+    from mergekit_ota.cli.main import main
+
+    demo, _ = fresh_demo
+    command = ["compare", str(demo / "configs" / "ota.yml"), str(demo / "heldout.jsonl"), str(tmp_path / "cmp")]
+    result = CliRunner().invoke(main, command)
+    assert result.exit_code == 0, result.output
+
+    def table(text: str) -> list:
+        block = text.split("| method | chosen setting", 1)[1].split("\n\n", 1)[0].split("\n")[2:]
+        return ["|".join(line.split("|")[:8]) for line in block]
+
+    made = table((tmp_path / "cmp" / "report.md").read_text(encoding="utf-8"))
+    assert table(README.read_text(encoding="utf-8")) == made, (
+        "README's compare table differs from a fresh run: run `make demo`, then the compare command README shows, "
+        "and paste the table of its report.md (without the cost columns)"
     )
