@@ -201,3 +201,22 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(model_dir, tmp_path):
         result = _fisher(model, data, out, "--max-length", 16)
         assert result.exit_code == 1 and message in result.output, (message, result.output)
         assert not out.exists() and not [n for n in os.listdir(tmp_path) if n.startswith(f"out{index}")]
+
+
+def test_a_device_torch_cannot_use_is_refused_before_the_model_loads(model_dir, tmp_path, monkeypatch):
+    """`--device cuda` on a torch without CUDA (or an index past the last device) is one line naming the option,
+    exit 1, no store, and nothing loaded: before, torch's AssertionError came out as a traceback."""
+    import mergekit_ota.fisher as fisher_module
+
+    def never(*_args, **_kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(fisher_module, "_load", never)
+    data = _texts(tmp_path / "good.jsonl", 2)
+    devices = ["cuda:99", "npu", "xpu:7"] if torch.cuda.is_available() else ["cuda", "cuda:1", "npu"]
+    for device in devices:
+        out = tmp_path / "out.safetensors"
+        result = CliRunner().invoke(main, ["fisher", model_dir, str(data), str(out), "--device", device])
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        assert f"--device {device}:" in result.output, result.output
+        assert not out.exists()

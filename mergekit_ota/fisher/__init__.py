@@ -75,6 +75,11 @@ def fisher_store(
         raise ConfigError(
             f"--micro-batch-size must be in [1, --batch-size {options.batch_size}]; got {options.micro_batch_size}"
         )
+    from mergekit_ota.devices import device_problem
+
+    problem = device_problem(options.device)
+    if problem:
+        raise ConfigError(f"--device {options.device}: {problem}")
     export = ExportOptions.parse(compress=options.compress, shard_size=options.shard_size, force=options.force)
     check_output(store_layout(out), export.force)  # before anything is computed
     samples = calibration.read_samples(data, options.samples)
