@@ -215,9 +215,15 @@ def test_chat_rows_report_exact_match(demo, tmp_path, monkeypatch):
     again.mkdir()
     write_outputs(str(again), results, lines.append)
     assert sorted(os.listdir(again)) == ["best.yml", "report.md", "results.json"]
-    assert lines == [
-        "no figure: matplotlib is not installed (pip install matplotlib); the report and results are written"
-    ]
+    assert lines[0] == (
+        "no figure: matplotlib is not installed (pip install 'mergekit-ota[analyze]'); the report and results are "
+        "written"
+    )
+    # 2 report-half rows per capability (4 rows each): the intervals are reported, but no verdict is drawn from them
+    assert lines[1:] == ["no verdicts: report-half rows: up 2, down 2 (a verdict needs at least 10 per capability)"]
+    assert "**No verdicts (n/a):** report-half rows: up 2, down 2" in report
+    table = report.split("| method |", 1)[1].split("\n\n", 1)[0]
+    assert "| n/a |" in table and "| win |" not in table and "| loss |" not in table
 
 
 def test_row_scores_are_transformers_own_loss(demo):

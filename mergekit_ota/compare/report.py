@@ -10,7 +10,7 @@ import numpy as np
 
 from mergekit_ota.compare import stats
 from mergekit_ota.compare.select import MIN_GAIN
-from mergekit_ota.compare.summary import Summary, summarize
+from mergekit_ota.compare.summary import MIN_VERDICT_ROWS, Summary, summarize
 
 RESULTS_JSON, REPORT_MD, BEST_YML, FIGURE_PNG = "results.json", "report.md", "best.yml", "compare.png"
 
@@ -73,6 +73,12 @@ def render(results: Mapping[str, Any], summary: Summary) -> str:
         "replicates); the verdict says **win** or **loss** only when the interval excludes 0.",
         "",
     ]
+    if summary.thin:
+        lines += [
+            f"**No verdicts (n/a):** {_thin(summary)}; a verdict needs at least {MIN_VERDICT_ROWS} report-half rows "
+            "per capability (a bootstrap over fewer rows gives intervals that are too narrow). Give DATA more rows.",
+            "",
+        ]
     exact = any(r.exact is not None for r in summary.methods)
     per_cap = [f"G {c}" if gain and c in summary.capabilities else f"loss {c}" for c in caps]
     header = ["method", "chosen setting", *per_cap, f"{name} mean", f"vs {reference} (95%)"]
@@ -86,7 +92,7 @@ def render(results: Mapping[str, Any], summary: Summary) -> str:
             *[_estimate(result.per_capability[c]) for c in caps],
             _estimate(result.value),
             "reference" if result.versus is None else _estimate(result.versus, signed=True),
-            "" if result.versus is None else result.versus.verdict,
+            summary.verdict(result),
         ]
         if exact:
             cells.append("" if result.exact is None else f"{result.exact:.3f}")
@@ -167,13 +173,20 @@ def write_outputs(root: str, results: Mapping[str, Any], log: Callable[[str], No
     text = render(results, summary)
     notes: List[str] = []
     if not write_figure(os.path.join(root, FIGURE_PNG), results, summary):
-        notes.append(
-            "no figure: matplotlib is not installed (pip install matplotlib); the report and results are written"
-        )
+        from mergekit_ota.analysis.report import ANALYZE_EXTRA
+
+        notes.append(f"no figure: matplotlib is not installed ({ANALYZE_EXTRA}); the report and results are written")
         log(notes[-1])
     else:
         text += f"\n![per-capability {summary.statistic} by method]({FIGURE_PNG})\n"
     write_text(os.path.join(root, REPORT_MD), text)
+    if summary.thin:
+        log(f"no verdicts: {_thin(summary)} (a verdict needs at least {MIN_VERDICT_ROWS} per capability)")
     if summary.winner is not None:
         write_best(os.path.join(root, BEST_YML), results, summary)
     return summary
+
+
+def _thin(summary: Summary) -> str:
+    """Which capabilities have too few report-half rows, e.g. ``"report-half rows: up 4, down 3"``."""
+    return "report-half rows: " + ", ".join(f"{c} {n}" for c, n in summary.thin.items())

@@ -10,6 +10,10 @@
   interval, and the paired difference with the reference (95% paired row bootstrap, the verdict from its
   interval only);
 * the **winner**: the method whose chosen point has the best report-half statistic (``best.yml``).
+
+A verdict needs at least :data:`MIN_VERDICT_ROWS` report-half rows of every capability the statistic averages:
+a bootstrap over fewer rows gives intervals that are too narrow (over one row, of width zero), so with fewer
+the verdicts are ``n/a`` (:attr:`Summary.thin` names the capabilities), whatever the intervals say.
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ import numpy as np
 
 from mergekit_ota.compare import select, stats
 from mergekit_ota.compare.dataset import REPORT, SELECTION
+
+MIN_VERDICT_ROWS = 10  # report-half rows per capability below which no win/loss is declared
+NO_VERDICT = "n/a"
 
 
 @dataclass(frozen=True)
@@ -48,6 +55,14 @@ class Summary:
     winner: Optional[str]
     losses: Dict[str, Dict[str, float]]  # model name -> capability -> report-half loss (every model)
     rows: Dict[str, Dict[str, int]]  # capability -> half -> rows
+    thin: Dict[str, int]  # capabilities with fewer than MIN_VERDICT_ROWS report-half rows -> their rows
+
+    def verdict(self, result: MethodResult) -> str:
+        """``result``'s verdict against the reference: ``win``/``tie``/``loss`` from its interval, ``n/a`` when a
+        capability has too few report-half rows (:data:`MIN_VERDICT_ROWS`), ``""`` for the reference itself."""
+        if result.versus is None:
+            return ""
+        return NO_VERDICT if self.thin else result.versus.verdict
 
 
 def _seed(results: Mapping[str, Any], half: str, chosen: Sequence[Mapping[str, Any]]) -> stats.Seed:
@@ -134,4 +149,5 @@ def summarize(results: Mapping[str, Any]) -> Summary:
         c: {h: sum(1 for r in results["rows"] if r["capability"] == c and r["half"] == h) for h in (SELECTION, REPORT)}
         for c in capabilities
     }
-    return Summary(statistic, used, skipped, reference, out, winner, losses, rows)
+    thin = {c: rows[c][REPORT] for c in used if rows[c][REPORT] < MIN_VERDICT_ROWS}
+    return Summary(statistic, used, skipped, reference, out, winner, losses, rows, thin)
