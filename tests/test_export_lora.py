@@ -279,3 +279,45 @@ def test_an_optimizer_that_is_not_this_adapters_is_refused(tmp_path):
     failed = _export(checkpoint, tmp_path / "store.safetensors", "--model", BASE, ok=False)
     assert "optimizer.pt" in failed.output and "cannot map the optimizer's parameter indices" in failed.output
     assert "[5, 5]" in failed.output
+
+
+def test_peft_names_and_the_optimizer_order():
+    """PEFT's live names map to the file's; each adapted weight's lora_A then lora_B take its place in the base
+    order and a modules_to_save weight keeps its own; with fan_in_fan_out (GPT-2's Conv1D) the base weight is
+    stored transposed, n x m."""
+    from mergekit_ota.errors import CurvatureError
+    from mergekit_ota.export.peft_names import adapter_layout, file_key
+
+    prefix = "base_model.model."
+    assert file_key(f"{prefix}h.0.attn.c_attn.lora_A.default.weight") == f"{prefix}h.0.attn.c_attn.lora_A.weight"
+    assert file_key(f"module.{prefix}lm_head.modules_to_save.other.weight") == f"module.{prefix}lm_head.weight"
+    base = [("wte.weight", (10, 4)), ("h.0.attn.c_attn.weight", (4, 12)), ("h.0.ln.weight", (4,)), ("head", (3, 4))]
+    shapes = {
+        f"{prefix}h.0.attn.c_attn.lora_B.weight": (12, 2),
+        f"{prefix}h.0.attn.c_attn.lora_A.weight": (2, 4),
+        f"{prefix}head": (3, 4),
+    }
+    layout = adapter_layout(shapes, base, True, "adapter_model.safetensors", "do X")
+    assert [w.base for w in layout.adapted] == ["h.0.attn.c_attn.weight"] and layout.adapted[0].shape == (12, 4)
+    assert [k for k, _ in layout.order] == [
+        f"{prefix}h.0.attn.c_attn.lora_A.weight",
+        f"{prefix}h.0.attn.c_attn.lora_B.weight",
+        f"{prefix}head",
+    ]
+    assert layout.saved == {"head": f"{prefix}head"} and layout.untouched == ("wte.weight", "h.0.ln.weight")
+    with pytest.raises(CurvatureError, match=r"is 12 x 4, but 'h.0.attn.c_attn.weight' has shape \[4, 12\]"):
+        adapter_layout(shapes, base, False, "adapter_model.safetensors", "do X")
+    with pytest.raises(CurvatureError, match="does not start with 'base_model.model.'"):
+        adapter_layout({"h.0.attn.c_attn.lora_A.weight": (2, 4)}, base, True, "adapter_model.safetensors", "do X")
+
+
+def test_alpha_pattern_matches_as_peft_does(tmp_path):
+    """alpha_pattern keys match a module name's tail as PEFT's get_pattern_key does; others keep lora_alpha."""
+    from mergekit_ota.export.peft_config import read_adapter_config
+
+    checkpoint = _copy(tmp_path)
+    _edit_config(checkpoint, alpha_pattern={"mlp\\.down_proj": 16})
+    config = read_adapter_config(str(checkpoint / "adapter_config.json"))
+    assert config.scaling("model.layers.1.mlp.down_proj", 4) == 4.0
+    assert config.scaling("model.layers.1.mlp.up_proj", 4) == 2.0
+    assert config.scaling("model.layers.1.mlp.xdown_proj", 4) == 2.0

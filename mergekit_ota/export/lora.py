@@ -103,6 +103,8 @@ def _name_states(
     wanted = dict(layout.order)
     if recorded:
         names = {k: file_key(clean_name(str(n))) for g in groups for k, n in zip(g["params"], g["param_names"])}
+        if len(set(names.values())) != len(names):
+            raise CurvatureError(f"{path}: param_names name a parameter twice; each must be named once")
         unknown = sorted(n for n in names.values() if n not in wanted)
         if unknown:
             raise CurvatureError(
