@@ -28,7 +28,7 @@ Derivation. With ``a_j = sum_q A[q, j]**2`` (the squared column norms of ``A``) 
 so ``R`` is proportional to ``rho`` and ``C`` to ``gamma``, and ``E[G**2] = kappa * outer(rho, gamma)`` for one
 unknown number ``kappa``. Putting ``R = x rho`` and ``C = y gamma`` (``kappa = x y``) back into the two equations
 fixes it twice: the ``v_B`` equation gives ``kappa = 1 / (s**2 P)`` with ``P = <gamma, a>``, the ``v_A`` equation
-``kappa = 1 / (s**2 Q)`` with ``Q = <rho, b>``. Under assumptions 1-2 both are ``s**4 <R, b> <C, a>``, so ``P = Q``;
+``kappa = 1 / (s**2 Q)`` with ``Q = <rho, b>``. Under assumptions 1-2 both are ``s**2 <R, b> <C, a>``, so ``P = Q``;
 measured, they differ, and :attr:`LoraCurvature.agreement` ``= min(P, Q) / max(P, Q)`` (1: they agree; the
 smaller, the less the states fit the model) is the number a caller prints. The estimate takes their geometric
 mean, ``kappa = 1 / (s**2 sqrt(P) sqrt(Q))``:
@@ -44,11 +44,11 @@ Adam's states then scale as ``v_B -> alpha**2 v_B``, ``v_A -> v_A / alpha**2``) 
 Degenerate inputs. Where ``P`` or ``Q`` is 0 (``B = 0``, as LoRA initialises it; ``A = 0``; a zero ``v_A`` or
 ``v_B``), one side of ``G`` is invisible to the adapter: the result is all zeros (the matrix gets no curvature,
 and with ``B = 0`` or ``A = 0`` its task vector ``s B A`` is 0 too), :attr:`LoraCurvature.agreement` is 0 and
-:attr:`LoraCurvature.degenerate` says why. Everything is computed in float64 (``sqrt(P) sqrt(Q)``, never ``P Q``,
-so float32's whole range in and out stays finite); the float32 sums returned clamp a value beyond float32's
-range to its largest finite value (inputs are read within float64's range: float32 or bfloat16 states and
-weights always are). Non-finite or negative second moments, non-finite weights and a scale ``s``
-that is not a finite positive number are a ``ValueError``.
+:attr:`LoraCurvature.degenerate` says why. Everything is computed in float64, the scale ``kappa`` and the
+sums' factors in logarithms (never the product ``P Q``), so float32's whole range in and out stays finite; the
+float32 sums returned clamp a value beyond float32's range to its largest finite value (inputs are read within
+float64's range: float32 or bfloat16 states and weights always are). Non-finite or negative second moments,
+non-finite weights and a scale ``s`` that is not a finite positive number are a ``ValueError``.
 """
 
 from __future__ import annotations
