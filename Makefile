@@ -54,8 +54,8 @@ bench-quality-sft: $(QUALITY_STAMP)
 bench-perf: $(STAMP)
 	$(PY) -m benchmarks.perf
 
-# Real tools' outputs for the tests (DeepSpeed ZeRO checkpoints, a bitsandbytes 8-bit Trainer checkpoint),
-# made in their own environment: `make test` needs neither DeepSpeed nor bitsandbytes.
+# Real tools' outputs for the tests (DeepSpeed ZeRO checkpoints, a bitsandbytes 8-bit Trainer checkpoint, PEFT LoRA
+# Trainer checkpoints), made in their own environments: `make test` needs neither DeepSpeed, bitsandbytes nor peft.
 FIXTURES_VENV ?= .venv-fixtures
 FIXTURES_STAMP := $(FIXTURES_VENV)/.installed
 $(FIXTURES_STAMP):
@@ -65,9 +65,20 @@ $(FIXTURES_STAMP):
 	DS_BUILD_OPS=0 $(FIXTURES_VENV)/bin/python -m pip install -q deepspeed==0.19.8 transformers bitsandbytes==0.50.2 accelerate safetensors
 	touch $@
 
-fixtures: $(FIXTURES_STAMP)
+# PEFT's LoRA runs (tests/fixtures/peft) in an environment of their own: peft pins its own transformers range.
+FIXTURES_PEFT_VENV ?= .venv-fixtures-peft
+FIXTURES_PEFT_STAMP := $(FIXTURES_PEFT_VENV)/.installed
+$(FIXTURES_PEFT_STAMP):
+	$(PYTHON) -m venv $(FIXTURES_PEFT_VENV)
+	$(FIXTURES_PEFT_VENV)/bin/python -m pip install -q --upgrade pip
+	$(FIXTURES_PEFT_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(FIXTURES_PEFT_VENV)/bin/python -m pip install -q 'peft==0.21.*' transformers accelerate safetensors
+	touch $@
+
+fixtures: $(FIXTURES_STAMP) $(FIXTURES_PEFT_STAMP)
 	DS_ACCELERATOR=cpu $(FIXTURES_VENV)/bin/python tests/fixtures/deepspeed/generate.py
 	$(FIXTURES_VENV)/bin/python tests/fixtures/bitsandbytes/generate.py
+	$(FIXTURES_PEFT_VENV)/bin/python tests/fixtures/peft/generate.py
 
 # Peak memory of exporting native ZeRO-2/3 checkpoints (trains a 25M-parameter module under DeepSpeed).
 bench-export-memory: $(STAMP) $(FIXTURES_STAMP)

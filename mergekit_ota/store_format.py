@@ -10,6 +10,11 @@ import these names from here, so neither side imports the other for them. Nothin
 * metadata (safetensors ``__metadata__``, strings only): ``step``, ``beta2`` and ``bias_corrected`` read by
   :func:`metadata_inputs`; the JSON lists of names ``parameters_without_state`` and ``mapping_by_order`` read by
   :func:`metadata_names` (the one parser of both);
+* LoRA adapters (``export`` of a PEFT checkpoint, ``docs/lora.md``): :data:`ADAPTER` (``"lora"``) says the store
+  came from an adapter's optimizer state, :data:`ADAPTER_CONFIG` holds the adapter's settings (JSON object),
+  :data:`ADAPTER_UNTOUCHED` the JSON list of base weights the adapter does not change (their task vector is 0)
+  and :data:`ADAPTER_AGREEMENT` the JSON object ``{weight: agreement}`` of each adapted matrix's two scale
+  estimates (:mod:`mergekit_ota.math.lora`); :func:`metadata_names` reads the list like the other two;
 * sizes: :func:`parse_size` reads a shard size such as ``"2GB"``.
 """
 
@@ -22,6 +27,10 @@ from mergekit_ota.errors import ConfigError, CurvatureError
 from mergekit_ota.io.safetensors import INDEX_SUFFIX, parse_json
 
 __all__ = [
+    "ADAPTER",
+    "ADAPTER_AGREEMENT",
+    "ADAPTER_CONFIG",
+    "ADAPTER_UNTOUCHED",
     "COL_SUFFIX",
     "DEFAULT_SHARD_BYTES",
     "DEFAULT_STORE_NAME",
@@ -55,6 +64,10 @@ DEFAULT_SHARD_BYTES = 5_000_000_000  # a directory or index output's default sha
 
 WITHOUT_STATE = "parameters_without_state"  # JSON list: model parameters the source had no optimizer state for
 MAPPING_BY_ORDER = "mapping_by_order"  # JSON list: exported names matched by the parameter order alone
+ADAPTER = "adapter"  # "lora": curvature derived from a LoRA adapter's optimizer state (math/lora.py)
+ADAPTER_CONFIG = "adapter_config"  # JSON object: peft_type, r, lora_alpha, use_rslora, modules_to_save, ...
+ADAPTER_UNTOUCHED = "adapter_untouched"  # JSON list: base weights the adapter leaves as they are (tau = 0)
+ADAPTER_AGREEMENT = "adapter_scale_agreement"  # JSON object: {weight: min(P, Q) / max(P, Q)} per adapted matrix
 TRUE_WORDS = {"1", "true", "yes"}
 #: metadata key -> (merge parameter, type), as ``export`` and the training callback write them
 METADATA_KEYS = (("step", "optimizer_step", int), ("beta2", "beta2", float))
@@ -78,8 +91,8 @@ def metadata_inputs(metadata: Mapping[str, str]) -> Tuple[Dict[str, Any], List[s
 
 def metadata_names(metadata: Mapping[str, str], key: str, path: str) -> List[str]:
     """Metadata field ``key`` of ``path`` holding a JSON list of names (:data:`WITHOUT_STATE`,
-    :data:`MAPPING_BY_ORDER`); ``[]`` when absent; anything else (a JSON string, a number, a list of non-strings,
-    text that is not JSON) is a :class:`CurvatureError` naming the file and key."""
+    :data:`MAPPING_BY_ORDER`, :data:`ADAPTER_UNTOUCHED`); ``[]`` when absent; anything else (a JSON string, a
+    number, a list of non-strings, text that is not JSON) is a :class:`CurvatureError` naming the file and key."""
     text = metadata.get(key)
     if text in (None, ""):
         return []

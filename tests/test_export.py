@@ -522,8 +522,10 @@ def test_refuses_non_blockwise_8bit_states(tmp_path):
 
 
 def test_refuses_lora_states_by_name_and_by_adapter_config(plain, tmp_path):
-    """A LoRA run is refused: by its lora_A/lora_B parameter names, and in a Trainer checkpoint holding
-    adapter_config.json even when the state is index-keyed."""
+    """A bare LoRA optimizer state is refused by its lora_A/lora_B parameter names (pointing to the PEFT checkpoint
+    directory, which export reads: tests/test_export_lora.py); a Trainer checkpoint holding adapter_config.json is
+    read as a PEFT run, so an adapter_config.json that is not PEFT's LoRA config is refused naming it, also when
+    the optimizer.pt beside it is given itself."""
     named = [
         ("base_model.model.layers.0.q_proj.lora_A.default.weight", torch.nn.Parameter(torch.randn(4, 32))),
         ("base_model.model.layers.0.q_proj.lora_B.default.weight", torch.nn.Parameter(torch.zeros(32, 4))),
@@ -533,17 +535,17 @@ def test_refuses_lora_states_by_name_and_by_adapter_config(plain, tmp_path):
     optimizer.step()
     torch.save(optimizer.state_dict(), tmp_path / "lora.pt")
     failed = _export(tmp_path / "lora.pt", tmp_path / "x.safetensors", ok=False)
-    assert "LoRA" in failed.output and "lora_A" in failed.output
+    assert "LoRA" in failed.output and "lora_A" in failed.output and "adapter_config.json" in failed.output
 
     checkpoint = tmp_path / "checkpoint-5"
     checkpoint.mkdir()
     torch.save(torch.load(plain.checkpoint, weights_only=True), checkpoint / "optimizer.pt")
     (checkpoint / "adapter_config.json").write_text("{}")
     failed = _export(checkpoint, tmp_path / "y.safetensors", "--model", plain.model_dir, ok=False)
-    assert "LoRA" in failed.output and "adapter_config.json" in failed.output
+    assert "LoRA" in failed.output and "adapter_config.json: no 'peft_type'" in failed.output
     # the optimizer.pt file itself, given as SOURCE: the adapter_config.json beside it still decides
     failed = _export(checkpoint / "optimizer.pt", tmp_path / "z.safetensors", "--model", plain.model_dir, ok=False)
-    assert "LoRA" in failed.output and "adapter_config.json beside optimizer.pt" in failed.output
+    assert "LoRA" in failed.output and "adapter_config.json: no 'peft_type'" in failed.output
 
 
 def test_refuses_broken_deepspeed_and_unknown_directories(tmp_path):

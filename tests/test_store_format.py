@@ -17,7 +17,7 @@ from mergekit_ota.curvature.locate import locate_store
 from mergekit_ota.curvature.store import CurvatureStore
 from mergekit_ota.curvature.writer import save_store
 from mergekit_ota.errors import CurvatureError
-from mergekit_ota.store_format import MAPPING_BY_ORDER, WITHOUT_STATE, metadata_names
+from mergekit_ota.store_format import ADAPTER_UNTOUCHED, MAPPING_BY_ORDER, WITHOUT_STATE, metadata_names
 
 # parameter names as a store may record them: any text UTF-8 encodes (no lone surrogates)
 _names = st.lists(st.text(st.characters(blacklist_categories=("Cs",)), max_size=12), max_size=6)
@@ -27,7 +27,7 @@ _names = st.lists(st.text(st.characters(blacklist_categories=("Cs",)), max_size=
 @given(names=_names)
 def test_a_json_list_of_names_round_trips(names):
     """What export writes (``json.dumps`` of the list) is what the one parser reads back, for either field."""
-    for key in (WITHOUT_STATE, MAPPING_BY_ORDER):
+    for key in (WITHOUT_STATE, MAPPING_BY_ORDER, ADAPTER_UNTOUCHED):
         assert metadata_names({key: json.dumps(names)}, key, "s.safetensors") == names
 
 

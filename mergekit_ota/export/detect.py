@@ -6,8 +6,9 @@ Auto-detection, first match wins:
   checkpoint (``*_optim_states.pt``, ``*_model_states.pt``): refused, naming its directory; a DCP ``.metadata``
   file: ``dcp``; any other file: ``torch`` (a ``torch.save`` of an optimizer state dict);
 * a directory with ``.metadata``: ``dcp``; with ``zero/<param>/exp_avg_sq.pt``: ``deepspeed-universal``;
-  with ``optimizer.pt`` / ``optimizer.bin``: ``trainer``; with an ``optimizer*/.metadata``
-  subdirectory: ``dcp``; with ``exp_avg_sq.safetensors[.index.json]``: ``store``;
+  with ``optimizer.pt`` / ``optimizer.bin``: ``trainer`` (read as a LoRA run, :mod:`mergekit_ota.export.lora`,
+  where ``adapter_config.json`` is beside it, also when that ``optimizer.pt`` is given itself); with an
+  ``optimizer*/.metadata`` subdirectory: ``dcp``; with ``exp_avg_sq.safetensors[.index.json]``: ``store``;
   with ``global_step*/`` tag directories (the one ``latest`` names, or the only one), or being one:
   ``deepspeed``, the native ZeRO checkpoint, read as it is with all its ranks (:mod:`mergekit_ota.export.zero`;
   nothing to convert first);
@@ -25,6 +26,7 @@ from typing import Optional
 from mergekit_ota.errors import CurvatureError
 from mergekit_ota.export.dcp import METADATA_FILE, find_dcp_dir, open_dcp
 from mergekit_ota.export.from_store import open_store
+from mergekit_ota.export.lora import is_lora_checkpoint, open_lora_checkpoint
 from mergekit_ota.export.moments import SourceState
 from mergekit_ota.export.options import ExportOptions
 from mergekit_ota.export.torch_optim import ADAPTER_FILES, OPTIMIZER_FILES, open_torch_state, open_trainer_checkpoint
@@ -113,10 +115,14 @@ def open_source(path: str, options: ExportOptions) -> SourceState:
             model = path  # a Trainer checkpoint-N/ holds the model's config beside global_stepN/
         return open_zero(path, model, frozen)
     if kind == "trainer" and os.path.isdir(path):
+        if is_lora_checkpoint(path):
+            return open_lora_checkpoint(path, model, frozen)
         return open_trainer_checkpoint(path, model, frozen)
     if os.path.isdir(path):
         raise CurvatureError(f"{path}: --source-kind torch needs a file (a torch.save of an optimizer state dict)")
     beside = os.path.dirname(path)
+    if os.path.basename(path) in OPTIMIZER_FILES and is_lora_checkpoint(beside):
+        return open_lora_checkpoint(beside, model, frozen)  # a PEFT checkpoint's optimizer.pt: read with its adapter
     if kind == "trainer" and model is None and os.path.isfile(os.path.join(beside, "config.json")):
         model = beside  # checkpoint-N/optimizer.pt given directly
     adapters = [f for f in ADAPTER_FILES if os.path.isfile(os.path.join(beside, f))]

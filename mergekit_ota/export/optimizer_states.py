@@ -29,7 +29,7 @@ Recognised per-parameter states (key names as the optimizers save them):
 Refused, with the keys found: non-blockwise 8-bit states (``max1``/``max2``/``new_max*``), and
 optimizers without a second moment (SGD and Muon: ``momentum_buffer``; Lion: ``exp_avg`` only,
 or bitsandbytes' ``state1`` only; RMSprop ``square_avg``; Adagrad ``sum``; Adamax ``exp_inf``);
-adapter-only (LoRA) states.
+adapter-only (LoRA) states outside a PEFT checkpoint directory (which :mod:`mergekit_ota.export.lora` reads).
 """
 
 from __future__ import annotations
@@ -243,9 +243,10 @@ def refuse_adapters(names: Sequence[str], source: str, reason: Optional[str] = N
     if adapters or reason:
         what = f"adapter parameters such as {_examples(adapters)}" if adapters else reason
         raise CurvatureError(
-            f"{source}: a LoRA/adapter run ({what}): its optimizer state covers only the adapter weights, "
-            f"not the model's, so there is no curvature for the merged weights. Export from a full fine-tune, "
-            f"or merge the adapter into the model and merge without curvature (e.g. task_arithmetic)"
+            f"{source}: a LoRA/adapter run ({what}): its optimizer state covers only the adapter weights. Export "
+            f"reads a PEFT LoRA run from its Trainer checkpoint directory, with adapter_config.json and "
+            f"adapter_model.safetensors beside optimizer.pt (docs/lora.md); other adapter states have no curvature "
+            f"for the merged weights"
         )
 
 

@@ -19,11 +19,14 @@ against them.
 * FFG mask at density ``d``: the ``k = max(1, int(d * numel))`` largest saliencies ``s = v * tau**2``, ties
   broken by the lowest flat index (a stable sort on ``-s``).
 * Rank-1 curvature: ``v_hat = outer(r, c) / sum(r)`` (0 where ``sum(r) == 0``).
+* LoRA curvature (:mod:`~mergekit_ota.math.lora`): ``v_hat = outer(rho, gamma) / (s**2 sqrt(P Q))`` with
+  ``rho = v_B.sum(1)``, ``gamma = v_A.sum(0)``, ``P = <gamma, (A**2).sum(0)>``, ``Q = <rho, (B**2).sum(1)>``
+  (0 where ``P`` or ``Q`` is 0), and the agreement ``min(P, Q) / max(P, Q)``.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -112,3 +115,15 @@ def reference_mask(scores: torch.Tensor, density: float) -> torch.Tensor:
     mask = torch.zeros(flat.numel(), dtype=torch.bool)
     mask[keep] = True
     return mask.reshape(scores.shape)
+
+
+def reference_lora(
+    v_a: torch.Tensor, v_b: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float
+) -> Tuple[torch.Tensor, float]:
+    """LoRA's ``(v_hat, agreement)`` by the formula (module docstring): ``v_hat`` dense m x n float64."""
+    rho, gamma = v_b.double().sum(1), v_a.double().sum(0)
+    p = float(gamma @ (a.double() ** 2).sum(0))
+    q = float(rho @ (b.double() ** 2).sum(1))
+    if p <= 0.0 or q <= 0.0:
+        return torch.zeros(rho.numel(), gamma.numel(), dtype=torch.float64), 0.0
+    return torch.outer(rho, gamma) / (scaling**2 * (p * q) ** 0.5), min(p, q) / max(p, q)

@@ -1,0 +1,290 @@
+"""A PEFT LoRA Trainer checkpoint (``adapter_config.json``, ``adapter_model.safetensors``, ``optimizer.pt``) as a
+source: per adapted base weight, the rank-1 curvature :mod:`mergekit_ota.math.lora` derives from the adapter's
+Adam states; per ``modules_to_save`` weight, its own Adam ``v``; all under the **base model's** names.
+
+Steps: the adapter config is read and anything but plain LoRA refused (:mod:`~mergekit_ota.export.peft_config`);
+the adapter's tensors are laid over the base model's parameter list (``--model``, else the config's
+``base_model_name_or_path`` where that is a local directory; :mod:`~mergekit_ota.export.peft_names`); the
+optimizer's states are named either by the ``param_names`` torch recorded or, index-keyed as the Trainer saves
+them, by :func:`~mergekit_ota.export.mapping.map_indices` over the PEFT model's trainable parameters in their
+order (one group, or the Trainer's decay / no-decay split under each of its rules), every state's shape checked
+against the adapter file's; then every ``lora_A``/``lora_B`` pair gives its base weight's curvature
+(``s`` per module as PEFT computes it), computed here, while opening (the adapter is small: ``m + n`` numbers per
+weight), so that the store's metadata can carry each weight's scale agreement.
+
+Plain AdamW states (``exp_avg_sq``) only, for now: bitsandbytes 8-bit, Adafactor and DeepSpeed ZeRO states of a
+LoRA run are refused saying so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from mergekit_ota.errors import ConfigError, CurvatureError
+from mergekit_ota.export.mapping import BASIS_PARAM_NAMES, Candidate, NameEvidence, map_indices, order_evidence
+from mergekit_ota.export.model_params import ModelParameters, clean_name, decay_rules, load_model_parameters
+from mergekit_ota.export.moments import Full, Rank1, SourceState, StateItem
+from mergekit_ota.export.optimizer_states import FULL, check_second_moments, group_beta2, optimizer_facts, scalar
+from mergekit_ota.export.peft_config import (
+    CONFIG_FILE,
+    INSTEAD,
+    PICKLED_WEIGHTS_FILE,
+    WEIGHTS_FILE,
+    AdapterConfig,
+    base_model_dir,
+    read_adapter_config,
+)
+from mergekit_ota.export.peft_names import AdaptedWeight, AdapterLayout, adapter_layout, file_key
+from mergekit_ota.export.torch_optim import find_optimizer_dict, load_torch_file, read_optimizer, trainer_files
+from mergekit_ota.io.handles import read_tensor
+from mergekit_ota.io.safetensors import HeaderEntry, read_header
+from mergekit_ota.math.lora import lora_curvature
+from mergekit_ota.store_format import ADAPTER, ADAPTER_AGREEMENT, ADAPTER_CONFIG, ADAPTER_UNTOUCHED
+
+
+def is_lora_checkpoint(directory: str) -> bool:
+    """Whether ``directory`` holds PEFT's adapter_config.json (export then reads it as an adapter run)."""
+    return os.path.isfile(os.path.join(directory, CONFIG_FILE))
+
+
+def _weights_file(directory: str) -> str:
+    path = os.path.join(directory, WEIGHTS_FILE)
+    if os.path.isfile(path):
+        return path
+    if os.path.isfile(os.path.join(directory, PICKLED_WEIGHTS_FILE)):
+        raise CurvatureError(
+            f"{directory}: the adapter's weights are in {PICKLED_WEIGHTS_FILE} (a pickle), which export does not "
+            f"unpickle; save the adapter with safetensors ({WEIGHTS_FILE}, PEFT's default)"
+        )
+    raise CurvatureError(f"{directory}: {CONFIG_FILE} but no {WEIGHTS_FILE}; export needs the adapter's weights")
+
+
+def _candidates(layout: AdapterLayout, params: ModelParameters, groups: int) -> List[Candidate]:
+    """The orders the Trainer may have built its optimizer in: one group of the PEFT model's trainable
+    parameters, or (two groups) its decay / no-decay split, LoRA weights decayed (they are ``nn.Linear`` weights
+    with no norm or bias in their names) and ``modules_to_save`` weights as their base weight is, under each rule."""
+    order = layout.order
+    candidates = [Candidate("one group in the PEFT model's named_parameters() order", (order,))]
+    if groups != 2:
+        return candidates
+    saved = {key: base for base, key in layout.saved.items()}
+    for description, decay in decay_rules(params.model).items():
+        decayed = tuple(p for p in order if p[0] not in saved or saved[p[0]] in decay)
+        rest = tuple(p for p in order if p[0] in saved and saved[p[0]] not in decay)
+        candidates.append(Candidate(f"{description} over the PEFT model", (decayed, rest)))
+    return candidates
+
+
+def _evidence(found: NameEvidence, layout: AdapterLayout) -> NameEvidence:
+    """``found`` (over the adapter's file keys) for the exported base names: a base weight rests on the order rule
+    when either of its ``lora_A``/``lora_B`` does."""
+    by_order = {layout.base_of(k) for k in found.by_order}
+    names = [w.base for w in layout.adapted] + list(layout.saved)
+    return NameEvidence(
+        basis=found.basis,
+        by_shape=tuple(n for n in names if n not in by_order),
+        by_order=tuple(n for n in names if n in by_order),
+        same_shape=found.same_shape,
+    )
+
+
+def _name_states(
+    groups: Sequence[Mapping[str, Any]],
+    shapes: Dict[Any, Tuple[int, ...]],
+    layout: AdapterLayout,
+    params: ModelParameters,
+    path: str,
+) -> Tuple[Dict[Any, str], str, NameEvidence]:
+    """``({state key: adapter file key}, mapping in words, evidence)``."""
+    recorded = bool(groups) and all("param_names" in g for g in groups)
+    wanted = dict(layout.order)
+    if recorded:
+        names = {k: file_key(clean_name(str(n))) for g in groups for k, n in zip(g["params"], g["param_names"])}
+        if len(set(names.values())) != len(names):
+            raise CurvatureError(f"{path}: param_names name a parameter twice; each must be named once")
+        unknown = sorted(n for n in names.values() if n not in wanted)
+        if unknown:
+            raise CurvatureError(
+                f"{path}: param_names '{unknown[0]}' ({len(unknown)} in all) is no trainable weight of the adapter "
+                f"(expected lora_A/lora_B or modules_to_save weights, as in {WEIGHTS_FILE})"
+            )
+        for key, shape in shapes.items():
+            if tuple(shape) != tuple(wanted[names[key]]):
+                raise CurvatureError(
+                    f"{path}: state of '{names[key]}' has shape {list(shape)}, the adapter's weight "
+                    f"{list(wanted[names[key]])}"
+                )
+        evidence = NameEvidence(BASIS_PARAM_NAMES)
+        return names, "param_names saved in the optimizer", _evidence(evidence, layout)
+    group_of = [list(g["params"]) for g in groups]
+    found = map_indices(
+        group_of, {k: shapes.get(k) for g in group_of for k in g}, _candidates(layout, params, len(groups)), path
+    )
+    also = f" (the same under: {'; '.join(found.rules[1:])})" if len(found.rules) > 1 else ""
+    mapping = (
+        f"index order of {found.rules[0]}{also}; its {len(shapes)} state shapes fit the adapter's "
+        f"{WEIGHTS_FILE} laid over {params.path}"
+    )
+    evidence = order_evidence([found.names[k] for k in shapes], list(layout.order))
+    return found.names, mapping, _evidence(evidence, layout)
+
+
+def _curvature(
+    weight: AdaptedWeight,
+    states: Mapping[str, Mapping[str, Any]],
+    tensors: Mapping[str, HeaderEntry],
+    config: AdapterConfig,
+    where: str,
+) -> Tuple[Rank1, float, Optional[str]]:
+    """``(r, c)`` of ``weight`` (swapped under ``fan_in_fan_out``: PEFT stores such a weight transposed), its
+    agreement and why it is degenerate, if it is."""
+    v_a, v_b = states[weight.a_key][FULL], states[weight.b_key][FULL]
+    a, b = read_tensor(tensors[weight.a_key]), read_tensor(tensors[weight.b_key])
+    try:
+        found = lora_curvature(v_a, v_b, a, b, config.scaling(weight.module, weight.rank))
+    except ValueError as error:
+        raise CurvatureError(f"{where}: '{weight.module}': {error}") from error
+    rank1 = Rank1(found.c, found.r) if config.fan_in_fan_out else Rank1(found.r, found.c)
+    return rank1, found.agreement, found.degenerate
+
+
+def open_lora_checkpoint(directory: str, model_path: Optional[str], frozen: Sequence[str] = ()) -> SourceState:
+    """A PEFT LoRA Trainer checkpoint ``directory`` (module docstring); ``model_path``: the base model's directory."""
+    if frozen:
+        raise ConfigError(
+            f"{directory}: --frozen does not apply to a LoRA checkpoint (its optimizer holds only the adapter's "
+            "weights, named by the adapter file)"
+        )
+    config = read_adapter_config(os.path.join(directory, CONFIG_FILE))
+    weights_path = _weights_file(directory)
+    optimizer_path, _ = trainer_files(directory)
+    params = load_model_parameters(base_model_dir(config, model_path))
+    tensors, _ = read_header(weights_path)
+    layout = adapter_layout(
+        {k: e.shape for k, e in tensors.items()}, params.parameters, config.fan_in_fan_out, weights_path, INSTEAD
+    )
+    if not layout.order:
+        raise CurvatureError(f"{weights_path}: no lora_A/lora_B or modules_to_save weights in it")
+
+    loaded, _ = load_torch_file(optimizer_path)
+    groups, state = read_optimizer(find_optimizer_dict(loaded, optimizer_path), optimizer_path)
+    group_of = {key: g for g, group in enumerate(groups) for key in group["params"]}
+    stray = [k for k in state if k not in group_of]
+    if stray:
+        raise CurvatureError(f"{optimizer_path}: state for parameter(s) {stray[:5]} that no param group lists")
+    kinds = check_second_moments({f"state[{k!r}]": list(v.keys()) for k, v in state.items()}, optimizer_path)
+    other = {label: kind for label, kind in kinds.items() if kind != "full"}
+    if other:
+        label, kind = next(iter(other.items()))
+        raise CurvatureError(
+            f"{optimizer_path}: {label} holds a '{kind}' second moment; a LoRA run's curvature is derived from plain "
+            f"AdamW states (exp_avg_sq) only, for now (8-bit, Adafactor and ZeRO adapter states are not read yet). "
+            f"Instead: {INSTEAD}"
+        )
+    shapes = {k: tuple(v[FULL].shape) for k, v in state.items()}
+    names, mapping, evidence = _name_states(groups, shapes, layout, params, optimizer_path)
+    by_name = {names[k]: k for k in shapes}
+    missing = [key for key, _ in layout.order if key not in by_name]
+    if missing:
+        raise CurvatureError(
+            f"{optimizer_path}: no optimizer state for the adapter's '{missing[0]}' ({len(missing)} weight(s) of "
+            f"{WEIGHTS_FILE} in all); did the optimizer step?"
+        )
+
+    def entry(key: str) -> Mapping[str, Any]:
+        return state[by_name[key]]
+
+    def origin(key: str) -> str:
+        return f"{optimizer_path} state[{by_name[key]!r}]"
+
+    def beta2(key: str) -> Optional[float]:
+        g = group_of[by_name[key]]
+        return group_beta2(groups[g], f"{optimizer_path} param_groups[{g}]")
+
+    items: List[StateItem] = []
+    agreement: Dict[str, float] = {}
+    degenerate: List[str] = []
+    saved_of = {base: key for base, key in layout.saved.items()}
+    adapted_of = {w.base: w for w in layout.adapted}
+    states = {key: entry(key) for key, _ in layout.order}
+    for base, _ in params.parameters:
+        if base in adapted_of:
+            weight = adapted_of[base]
+            where = f"{origin(weight.a_key)}, state[{by_name[weight.b_key]!r}] and {weights_path}"
+            rank1, agreement[base], why = _curvature(weight, states, tensors, config, where)
+            if why is not None:
+                degenerate.append(base)
+            steps = [scalar(entry(k).get("step"), f"{origin(k)}['step']") for k in (weight.a_key, weight.b_key)]
+            items.append(
+                StateItem(
+                    name=base,
+                    shape=weight.shape if not config.fan_in_fan_out else weight.shape[::-1],
+                    load=lambda value=rank1: value,
+                    origin=where,
+                    rank1=True,
+                    step=max((s for s in steps if s is not None), default=None),
+                    beta2=beta2(weight.a_key),
+                )
+            )
+        elif base in saved_of:
+            key = saved_of[base]
+            items.append(
+                StateItem(
+                    name=base,
+                    shape=tuple(entry(key)[FULL].shape),
+                    load=lambda k=key: Full(entry(k)[FULL]),
+                    origin=origin(key),
+                    step=scalar(entry(key).get("step"), f"{origin(key)}['step']"),
+                    beta2=beta2(key),
+                )
+            )
+    facts = optimizer_facts({f"state[{k!r}]": "full" for k in state}, groups)
+    metadata = dict(facts.metadata)
+    metadata.update(
+        {
+            ADAPTER: "lora",
+            ADAPTER_CONFIG: json.dumps(config.summary(), sort_keys=True),
+            ADAPTER_UNTOUCHED: json.dumps(list(layout.untouched)),
+            ADAPTER_AGREEMENT: json.dumps({k: round(v, 6) for k, v in agreement.items()}),
+        }
+    )
+    return SourceState(
+        kind="trainer",
+        path=optimizer_path,
+        optimizer=facts.name,
+        items=items,
+        mapping=mapping,
+        without_state=list(layout.untouched),
+        bias_corrected=facts.bias_corrected,
+        metadata=metadata,
+        notes=facts.notes + _notes(layout, agreement, degenerate),
+        evidence=evidence,
+    )
+
+
+def _notes(layout: AdapterLayout, agreement: Mapping[str, float], degenerate: Sequence[str]) -> List[str]:
+    """What the summary tells a user about an adapter export."""
+    notes = []
+    if agreement:
+        values = sorted(agreement.values())
+        notes.append(
+            f"LoRA adapter: {len(layout.adapted)} adapted weight(s) stored as rank-1 curvature derived from their "
+            f"lora_A/lora_B Adam states (docs/lora.md); agreement of the two scale estimates min(P, Q)/max(P, Q): "
+            f"min {values[0]:.3g}, median {statistics.median(values):.3g} (1 = they agree; per weight in the "
+            f"store's metadata '{ADAPTER_AGREEMENT}')"
+        )
+    if layout.saved:
+        notes.append(f"modules_to_save: {len(layout.saved)} weight(s) trained fully, their Adam v stored whole")
+    if degenerate:
+        notes.append(
+            f"{len(degenerate)} adapted weight(s) got zero curvature (lora_A or lora_B zero, or no second moment), "
+            f"e.g. {degenerate[0]}"
+        )
+    notes.append(
+        f"{len(layout.untouched)} base weight(s) the adapter does not change (task vector 0) are listed in the "
+        f"store's metadata '{ADAPTER_UNTOUCHED}'"
+    )
+    return notes
