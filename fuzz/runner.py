@@ -141,6 +141,8 @@ class CaseRunner:
         source = os.path.join(root, seed.source)
         if command == "export":
             args = _export_args(rng, source, case)
+            if seed.model is not None:
+                args += ["--model", os.path.join(root, seed.model)]
         elif command == "inspect":
             args = ["inspect", source] + (["--json"] if rng.random() < 0.3 else [])
         elif command == "check":

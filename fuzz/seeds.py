@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -33,6 +33,7 @@ class Seed:
     root: str
     source: str
     commands: Tuple[str, ...]
+    model: Optional[str] = None  # a model directory under ``root`` that export is given with --model
 
 
 def _tiny_config():  # type: ignore[no-untyped-def]
@@ -181,6 +182,13 @@ def build(corpus: str) -> List[Seed]:
     bnb = os.path.join(FIXTURES, "bitsandbytes", "adamw8bit", "checkpoint-3")
     shutil.copytree(bnb, os.path.join(corpus, "bnb8bit", "checkpoint-3"))
     add("bnb8bit", "checkpoint-3", ex)
+    for variant in ("lora", "modules_to_save"):  # real PEFT Trainer checkpoints (tests/fixtures/peft)
+        shutil.copytree(
+            os.path.join(FIXTURES, "peft", variant, "checkpoint-3"),
+            os.path.join(corpus, f"peft-{variant}", "checkpoint-3"),
+        )
+        shutil.copytree(os.path.join(FIXTURES, "peft", "base"), os.path.join(corpus, f"peft-{variant}", "base"))
+        seeds.append(Seed(f"peft-{variant}", f"peft-{variant}", "checkpoint-3", ex, model="base"))
     _merge_config(os.path.join(corpus, "merge"))
     add("merge", "merge.yml", ("check",))
     return seeds
