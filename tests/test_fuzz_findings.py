@@ -524,3 +524,53 @@ def test_dcp_metadata_with_a_key_that_is_no_string_is_refused_naming_the_file(tm
     path.write_bytes(pickle.dumps(metadata))
     _refused(_cli("export", directory, tmp_path / "out.safetensors"), str(path), "state_dict_metadata key 7")
     assert not (tmp_path / "out.safetensors").exists()
+
+
+# ----------------------------------------------------------------------------- J: every JSON a command reads
+
+
+def test_json_nested_too_deeply_is_refused_or_ignored_wherever_it_is_read(tmp_path):
+    """JSON nested 100000 deep (fuzz seed 9: ten RecursionErrors in adapter_config.json) is read by the one strict
+    parser everywhere: a PEFT adapter config and a calibration data line are refused naming the file (and line); a
+    compare cache entry and an output claim that are not ours are ignored, as any unreadable one is."""
+    deep = "[" * 100000 + "]" * 100000
+    checkpoint = tmp_path / "checkpoint-3"
+    shutil.copytree(Path(seeds.FIXTURES) / "peft" / "lora" / "checkpoint-3", checkpoint)
+    (checkpoint / "adapter_config.json").write_text('{"a": ' + deep + "}")
+    base = Path(seeds.FIXTURES) / "peft" / "base"
+    _refused(_cli("export", checkpoint, tmp_path / "out.safetensors", "--model", base), "adapter_config.json", "nested")
+
+    from mergekit_ota.errors import ConfigError
+    from mergekit_ota.fisher.data import read_samples
+
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "t1 t2"}\n{"text": ' + deep + "}\n")
+    with pytest.raises(ConfigError, match=r"data\.jsonl:2: not valid JSON \(.*nested"):
+        read_samples(str(data), 10)
+
+    from mergekit_ota.compare.cache import Cache
+    from mergekit_ota.io.output import ClaimOwner
+
+    cache = Cache(str(tmp_path / "cache"))
+    cache.put("k", {"scores": 1})
+    assert cache.get("k") == {"scores": 1, "key": "k"}
+    Path(cache.path("k")).write_text(deep)
+    assert cache.get("k") is None
+    assert ClaimOwner.parse('{"pid": ' + deep + "}") is None
+
+
+def test_every_json_the_package_reads_goes_through_the_one_strict_parser():
+    """No module but io/safetensors.py calls json.load/json.loads: a new reader of JSON cannot skip the limits
+    (depth, duplicate keys, unpaired surrogates) that parse_json enforces."""
+    import ast
+
+    package = Path(REPO) / "mergekit_ota"
+    found = []
+    for path in package.rglob("*.py"):
+        if path == package / "io" / "safetensors.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Attribute) and node.attr in ("load", "loads"):
+                if isinstance(node.value, ast.Name) and node.value.id == "json":
+                    found.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert not found, f"use mergekit_ota.io.safetensors.parse_json instead of json.load(s): {found}"

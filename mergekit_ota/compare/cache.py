@@ -24,12 +24,15 @@ class Cache:
         return os.path.join(self.root, f"{key}.json")
 
     def get(self, key: str) -> Optional[Dict[str, Any]]:
+        from mergekit_ota.errors import CurvatureError
+        from mergekit_ota.io.safetensors import parse_json
+
         try:
-            with open(self.path(key), encoding="utf-8") as fp:
-                entry = json.load(fp)
-        except (OSError, ValueError):
-            return None
-        return entry if entry.get("key") == key else None
+            with open(self.path(key), "rb") as fp:
+                entry = parse_json(fp.read(), self.path(key), "compare cache entry")
+        except (OSError, CurvatureError):
+            return None  # unreadable or not ours: the point is merged and scored again
+        return entry if isinstance(entry, dict) and entry.get("key") == key else None
 
     def put(self, key: str, entry: Dict[str, Any]) -> None:
         from mergekit_ota.io.atomic import write_text

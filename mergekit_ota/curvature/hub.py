@@ -17,7 +17,6 @@ plus a record of every place tried. It searches in two passes:
 
 from __future__ import annotations
 
-import json
 import os
 import posixpath
 import re
@@ -126,10 +125,13 @@ def _shards(index_path: str, filename: str) -> Optional[List[str]]:
     An unreadable or malformed index is returned as found: the store reader then
     reports what is wrong with it, naming the file.
     """
+    from mergekit_ota.errors import CurvatureError
+    from mergekit_ota.io.safetensors import parse_json
+
     try:
-        with open(index_path, "r", encoding="utf-8") as fp:
-            weight_map = json.load(fp).get("weight_map")
-    except (OSError, ValueError, AttributeError):
+        with open(index_path, "rb") as fp:
+            weight_map = parse_json(fp.read(), index_path, "safetensors index").get("weight_map")
+    except (OSError, CurvatureError, AttributeError):
         return None
     if not isinstance(weight_map, dict) or not all(isinstance(s, str) and s for s in weight_map.values()):
         return None

@@ -16,7 +16,6 @@ it (``re.match(rf"(.*\\.)?({pattern})$", module)``, the first pattern in the fil
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 from mergekit_ota.errors import CurvatureError
 from mergekit_ota.export import fields
+from mergekit_ota.io.safetensors import parse_json
 from mergekit_ota.math.lora import lora_scaling
 
 CONFIG_FILE = "adapter_config.json"
@@ -106,9 +106,9 @@ def _read_json(path: str) -> Mapping[str, Any]:
     try:
         with open(path, "rb") as fp:
             raw = fp.read()
-        value = json.loads(raw)
-    except (OSError, ValueError) as error:
-        raise CurvatureError(f"{path}: cannot read it as JSON ({error})") from error
+    except OSError as error:
+        raise CurvatureError(f"{path}: cannot read it ({error})") from error
+    value = parse_json(raw, path, "adapter config")  # strictly: duplicate keys, depth, surrogates (one parser)
     if not isinstance(value, dict):
         raise CurvatureError(f"{path}: expected a JSON object (PEFT's adapter config); found {type(value).__name__}")
     return value

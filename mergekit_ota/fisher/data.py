@@ -26,7 +26,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Sequence, Tuple
 
-from mergekit_ota.errors import ConfigError
+from mergekit_ota.errors import ConfigError, CurvatureError
+from mergekit_ota.io.safetensors import parse_json
 
 IGNORE = -100
 Row = Tuple[List[int], List[int]]
@@ -58,10 +59,11 @@ def _jsonl(path: str) -> Iterator[Sample]:
                 continue
             where = f"{path}:{number}"
             try:
-                item = json.loads(line)
-            except json.JSONDecodeError as err:
+                item = parse_json(line.encode("utf-8"), where, "JSON line")
+            except CurvatureError as err:  # the one strict JSON parser: syntax, duplicate keys, depth, surrogates
+                detail = str(err).removeprefix(f"{where}: corrupted JSON line ").strip("()")
                 raise ConfigError(
-                    f'{where}: not valid JSON ({err.msg}); expected {{"text": ...}} or {{"messages": [...]}}'
+                    f'{where}: not valid JSON ({detail}); expected {{"text": ...}} or {{"messages": [...]}}'
                 ) from err
             yield _sample(item, where)
 

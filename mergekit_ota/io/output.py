@@ -39,7 +39,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, FrozenSet, NamedTuple, Optional
 
-from mergekit_ota.errors import OutputError
+from mergekit_ota.errors import OTAError, OutputError
 
 CLAIM_FILE = ".mergekit-ota-claim"
 
@@ -79,10 +79,12 @@ class ClaimOwner(NamedTuple):
     @classmethod
     def parse(cls, text: str) -> Optional["ClaimOwner"]:
         """The owner :func:`_claim_text` wrote, or ``None`` for anything else."""
+        from mergekit_ota.io.safetensors import parse_json
+
         try:
-            owner = json.loads(text)
+            owner = parse_json(text.encode("utf-8", "surrogatepass"), "claim", "claim file")
             return cls(int(owner["pid"]), str(owner["host"]), str(owner["started"]))
-        except (ValueError, KeyError, TypeError):
+        except (OTAError, ValueError, KeyError, TypeError):
             return None
 
     @property
