@@ -357,3 +357,71 @@ def test_an_untouched_weight_that_differs_from_the_base_is_refused(experts, tmp_
     assert f"expert {experts.expert('lora')}" in message and "model.norm.weight" in message
     assert f"differs from base_model {other}'s in 32 value(s)" in message and "--lora-merge-dtype" in message
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+@pytest.fixture(scope="module")
+def with_tokenizer(experts, tmp_path_factory) -> Dict[str, Path]:
+    """The base and the hand-folded modules_to_save expert with a word-level tokenizer (t0 ... t61), and six
+    calibration texts: what ``mergekit-ota fisher`` needs."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+    from transformers import PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("fisher_lora")
+    words = [f"t{i}" for i in range(62)] + ["<pad>", "<unk>"]
+    tok = Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>")
+    paths = {"base": root / "base", "folded": root / "folded"}
+    shutil.copytree(experts.base, paths["base"])
+    shutil.copytree(experts.folded["modules_to_save"], paths["folded"])
+    for path in paths.values():
+        tokenizer.save_pretrained(path)
+    g = torch.Generator().manual_seed(3)
+    lines = [" ".join(f"t{int(i)}" for i in torch.randint(0, 62, (7,), generator=g)) for _ in range(6)]
+    paths["data"] = root / "data.jsonl"
+    paths["data"].write_text("".join(json.dumps({"text": line}) + "\n" for line in lines))
+    return paths
+
+
+def test_fisher_of_base_plus_adapter_is_the_folded_models_on_the_weights_it_changes(experts, with_tokenizer, tmp_path):
+    """``mergekit-ota fisher BASE+ADAPTER``: the Fisher of the adapter folded into the base (peft), equal to the
+    Fisher of the model folded by hand on every weight the adapter changes; the weights it leaves as the base's
+    are not in the store but listed in ``adapter_untouched`` (the same list export writes), with the adapter's
+    fingerprint. Put in the adapter's directory, the merge planner finds it and check passes, no warning."""
+    adapter = _copy_adapter(experts.adapters["modules_to_save"], tmp_path / "adapter")
+    exported = CurvatureStore(str(adapter / STORE)).metadata
+    (adapter / STORE).unlink()
+    model = f"{with_tokenizer['base']}+{adapter}"
+    common = [with_tokenizer["data"], "--batch-size", "2", "--quiet"]
+    result = _invoke("fisher", model, *common[:1], adapter / STORE, *common[1:])
+    assert result.exit_code == 0, result.output
+    result = _invoke("fisher", with_tokenizer["folded"], *common[:1], tmp_path / "hand.safetensors", *common[1:])
+    assert result.exit_code == 0, result.output
+
+    store, hand = load_file(str(adapter / STORE)), load_file(str(tmp_path / "hand.safetensors"))
+    untouched = json.loads(exported[ADAPTER_UNTOUCHED])
+    assert sorted(store) == sorted(set(hand) - set(untouched)) and len(store) == 15
+    for name, value in store.items():
+        torch.testing.assert_close(value, hand[name], rtol=1e-5, atol=1e-12, msg=name)
+    metadata = CurvatureStore(str(adapter / STORE)).metadata
+    assert json.loads(metadata[ADAPTER_UNTOUCHED]) == untouched and metadata["adapter"] == "lora"
+    assert metadata[ADAPTER_FINGERPRINT] == exported[ADAPTER_FINGERPRINT]
+
+    code, report = _check(experts, tmp_path, _config(experts, [model], base=with_tokenizer["base"]))
+    assert code == 0 and report["warnings"] == []
+    (use,) = report["stores"]
+    assert (use["path"], use["tensors"], use["untouched"]) == (str(adapter / STORE), 15, 6)
+
+
+def test_fisher_refuses_a_model_that_is_neither_a_directory_nor_base_plus_adapter(experts, tmp_path):
+    """MODEL names what is wrong: a missing directory, an adapter without adapter_config.json."""
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"text": "t1 t2 t3"}) + "\n")
+    result = _invoke("fisher", tmp_path / "nothing", data, tmp_path / "out.safetensors")
+    assert result.exit_code == 2 and "does not exist" in result.output
+    result = _invoke("fisher", f"{experts.base}+{experts.base}", data, tmp_path / "out.safetensors")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"the adapter {experts.base} holds no adapter_config.json" in result.output
+    assert not (tmp_path / "out.safetensors").exists()

@@ -123,10 +123,10 @@ def _without_state(store: CurvatureStore) -> List[str]:
 
 
 def _untouched(store: CurvatureStore) -> List[str]:
-    """The base weights a LoRA store's adapter leaves as they are (metadata ``adapter_untouched`` of a store whose
-    ``adapter`` is ``lora``); ``[]`` for any other store, or where the list is malformed (then the weight is
-    reported as missing, with the store named)."""
-    if store.metadata.get(ADAPTER) != "lora":
+    """The base weights an adapter's store says the adapter leaves as they are (metadata ``adapter_untouched`` of a
+    store that names its ``adapter``: ``export`` of a LoRA run, ``fisher BASE+ADAPTER``); ``[]`` for any other
+    store, or where the list is malformed (then the weight is reported as missing, with the store named)."""
+    if not store.metadata.get(ADAPTER):
         return []
     try:
         return metadata_names(store.metadata, ADAPTER_UNTOUCHED, store.path)
