@@ -234,6 +234,7 @@ def test_check_lists_each_adapters_store_with_the_weights_it_leaves_alone(expert
         assert (use["tensors"], use["untouched"]) == ((15, 6) if v == "modules_to_save" else (14, 7))
     assert report["warnings"] == []
     assert not any("fingerprint" in note for note in report["notes"])
+    assert f"mergekit folded 3 LoRA adapter(s) into --lora-merge-cache {experts.cache}" in report["notes"][-1]
     text = _invoke("check", tmp_path / "merge.yml", "--lora-merge-cache", experts.cache).output
     assert f"store {experts.store('lora')}  [{experts.expert('lora')}]" in text
     assert "7 weight(s) its LoRA adapter leaves as the base's get curvature 0" in text
@@ -425,3 +426,16 @@ def test_fisher_refuses_a_model_that_is_neither_a_directory_nor_base_plus_adapte
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert f"the adapter {experts.base} holds no adapter_config.json" in result.output
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_model_wide_density_is_a_fraction_of_the_entries_the_adapter_changed(experts, tmp_path):
+    """``density_scope: model`` over one LoRA expert keeps half of the entries of the weights its adapter changes
+    (to the histogram's precision): the weights it leaves alone count in no fraction, and stay the base's."""
+    cfg = _config(experts, [experts.expert("lora")], "ffg", density=0.5, density_scope="model")
+    merged = _merge(experts, cfg, tmp_path / "out")
+    base = load_file(str(experts.base / "model.safetensors"))
+    adapted = _dense_curvature(experts.store("lora"))
+    kept = sum(int((merged[name] != base[name]).sum()) for name in adapted)
+    total = sum(base[name].numel() for name in adapted)
+    assert kept / total == pytest.approx(0.5, abs=0.01)
+    assert all(torch.equal(merged[name], base[name]) for name in base if name not in adapted)

@@ -165,6 +165,18 @@ def lora_without_cache(config: Any, options: Any) -> List[str]:
     ]
 
 
+def lora_fold_notes(config: Any, options: Any) -> List[str]:
+    """Planning a ``BASE+ADAPTER`` merge folds each adapter (mergekit does, to read the folded weights' headers):
+    say where, since check otherwise writes nothing."""
+    loras = {str(reference) for reference in config.referenced_models() if reference.lora is not None}
+    if not loras or not getattr(options, "lora_merge_cache", None):
+        return []
+    return [
+        f"mergekit folded {len(loras)} LoRA adapter(s) into --lora-merge-cache {options.lora_merge_cache} to plan "
+        f"the merge (where it is not there yet); the merge reuses them"
+    ]
+
+
 def _looks_local(path: str) -> bool:
     """False only where ``path`` may be a Hub repo id: ``name``, or ``org/name`` with no local folder ``org``
     (the rule of :func:`mergekit_ota.curvature.hub.looks_like_repo_id`)."""
@@ -432,7 +444,7 @@ def check_config(
     return CheckReport(
         problems=tuple(header_problems + value_problems),
         warnings=tuple(plan.warnings + hub_lookup_warnings(config)),
-        notes=tuple(plan.bias_notes() + plan.store_notes + auto_notes),
+        notes=tuple(plan.bias_notes() + plan.store_notes + auto_notes + lora_fold_notes(config, options)),
         experts=tuple(sorted({str(model) for model, _ in CurvaturePlan.of(planner).stores})),
         stores=_store_uses(planner, loads, scanned),
         output_tensors=len(planner_tensors(planner)),
