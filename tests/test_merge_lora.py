@@ -439,3 +439,19 @@ def test_model_wide_density_is_a_fraction_of_the_entries_the_adapter_changed(exp
     total = sum(base[name].numel() for name in adapted)
     assert kept / total == pytest.approx(0.5, abs=0.01)
     assert all(torch.equal(merged[name], base[name]) for name in base if name not in adapted)
+
+
+def test_fisher_is_the_route_for_an_adapter_export_refuses(experts, with_tokenizer, tmp_path):
+    """DoRA (export refuses it, naming this route): ``fisher BASE+ADAPTER`` folds it with peft and stores the
+    Fisher of the weights it changes, with the adapter's metadata; ``check`` of ``BASE+ADAPTER`` takes the store."""
+    adapter = _copy_adapter(FIXTURES / "dora" / "checkpoint-3", tmp_path / "dora")
+    refused = _invoke("export", adapter, tmp_path / "refused.safetensors", "--model", experts.base)
+    assert refused.exit_code != 0 and "mergekit-ota fisher BASE+ADAPTER" in refused.output
+    model = f"{with_tokenizer['base']}+{adapter}"
+    result = _invoke("fisher", model, with_tokenizer["data"], adapter / STORE, "--batch-size", "2", "--quiet")
+    assert result.exit_code == 0, result.output
+    metadata = CurvatureStore(str(adapter / STORE)).metadata
+    untouched = json.loads(metadata[ADAPTER_UNTOUCHED])
+    assert len(load_file(str(adapter / STORE))) == 14 and len(untouched) == 7 and metadata["adapter"] == "lora"
+    code, report = _check(experts, tmp_path, _config(experts, [model], base=with_tokenizer["base"]))
+    assert code == 0 and report["warnings"] == [] and report["stores"][0]["untouched"] == 7
