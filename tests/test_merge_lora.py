@@ -172,13 +172,17 @@ def _dense_curvature(store: Path) -> Dict[str, torch.Tensor]:
 def ota_merges(experts, tmp_path_factory):
     """The default ``ota`` merge of the three experts, as ``BASE+ADAPTER`` and folded by hand."""
     out = tmp_path_factory.mktemp("ota_merges")
-    return _merge(experts, _lora_config(experts), out / "lora"), _merge(experts, _folded_config(experts), out / "hand")
+    lora, hand = (
+        _merge(experts, _lora_config(experts), out / "lora"),
+        _merge(experts, _folded_config(experts), out / "hand"),
+    )
+    return lora, hand, out / "lora"
 
 
 def test_ota_of_base_plus_adapter_equals_ota_of_the_adapters_folded_by_hand(experts, ota_merges):
     """mergekit's fold (peft's merge_and_unload) and the formula's give the same merge, with the same stores (found
     in each adapter's directory on one side, given by ``curvature:`` on the other)."""
-    lora, hand = ota_merges
+    lora, hand, _ = ota_merges
     assert sorted(lora) == sorted(hand) == sorted(load_file(str(experts.base / "model.safetensors")))
     for name in hand:
         torch.testing.assert_close(lora[name], hand[name], rtol=1e-6, atol=1e-7, msg=name)
@@ -189,7 +193,7 @@ def test_ota_is_the_formula_with_curvature_zero_where_an_adapter_leaves_the_base
     an expert whose store lists the weight in ``adapter_untouched`` has curvature 0 there and each expert's mean is
     over the weights its adapter changed only: norms and embeddings (no adapter changes them) stay the base's
     exactly, and lm_head (only the modules_to_save adapter trains it) is that expert's to within eps."""
-    lora, _ = ota_merges
+    lora, _, out = ota_merges
     base = load_file(str(experts.base / "model.safetensors"))
     curvatures = {v: _dense_curvature(experts.store(v)) for v in VARIANTS}
     for v in VARIANTS:
@@ -203,6 +207,10 @@ def test_ota_is_the_formula_with_curvature_zero_where_an_adapter_leaves_the_base
         torch.testing.assert_close(lora[name].double(), expected, rtol=1e-5, atol=1e-8, msg=name)
         if not any(name in curvatures[v] for v in VARIANTS):
             assert torch.equal(lora[name], b), name
+    record = json.loads((out / "mergekit_ota_curvature.json").read_text())  # the provenance says which got 0
+    zero = {e["model"]: e["stores"][0]["curvature_zero"] for e in record["experts"]}
+    assert zero == {experts.expert(v): sorted(set(base) - set(curvatures[v])) for v in VARIANTS}
+    assert f"- `{experts.expert('lora')}`: 7 weight(s)" in (out / "README.md").read_text()
     trained = folded["modules_to_save"]["lm_head.weight"]
     assert not torch.equal(trained, base["lm_head.weight"])
     torch.testing.assert_close(lora["lm_head.weight"], trained, rtol=1e-6, atol=1e-9)
