@@ -155,8 +155,8 @@ def untouched_curvature(weight: torch.Tensor) -> Curvature:
     what Adam's ``v`` is for a parameter that gets no gradient.
     """
     if weight.dim() == 2:
-        zeros = torch.zeros((), dtype=torch.float32, device=weight.device)
-        return Rank1Curvature(zeros.expand(weight.shape[0]).clone(), zeros.expand(weight.shape[1]).clone())
+        rows, cols = (torch.zeros(n, dtype=torch.float32, device=weight.device) for n in weight.shape)
+        return Rank1Curvature(rows, cols)
     return torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
 
 
