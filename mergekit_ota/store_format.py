@@ -15,6 +15,9 @@ import these names from here, so neither side imports the other for them. Nothin
   :data:`ADAPTER_UNTOUCHED` the JSON list of base weights the adapter does not change (their task vector is 0)
   and :data:`ADAPTER_AGREEMENT` the JSON object ``{weight: agreement}`` of each adapted matrix's two scale
   estimates (:mod:`mergekit_ota.math.lora`); :func:`metadata_names` reads the list like the other two;
+  :data:`ADAPTER_FINGERPRINT` is the weights fingerprint (:mod:`mergekit_ota.curvature.fingerprint`) of every
+  tensor of the adapter's ``adapter_model.safetensors``, which a merge of ``BASE+ADAPTER`` compares with its
+  adapter's (a LoRA store has no ``weights_fingerprint``: its optimizer never saw the folded weights);
 * sizes: :func:`parse_size` reads a shard size such as ``"2GB"``.
 """
 
@@ -30,6 +33,7 @@ __all__ = [
     "ADAPTER",
     "ADAPTER_AGREEMENT",
     "ADAPTER_CONFIG",
+    "ADAPTER_FINGERPRINT",
     "ADAPTER_UNTOUCHED",
     "COL_SUFFIX",
     "DEFAULT_SHARD_BYTES",
@@ -68,6 +72,7 @@ ADAPTER = "adapter"  # "lora": curvature derived from a LoRA adapter's optimizer
 ADAPTER_CONFIG = "adapter_config"  # JSON object: peft_type, r, lora_alpha, use_rslora, modules_to_save, ...
 ADAPTER_UNTOUCHED = "adapter_untouched"  # JSON list: base weights the adapter leaves as they are (tau = 0)
 ADAPTER_AGREEMENT = "adapter_scale_agreement"  # JSON object: {weight: min(P, Q) / max(P, Q)} per adapted matrix
+ADAPTER_FINGERPRINT = "adapter_fingerprint"  # sha256:... of every tensor of adapter_model.safetensors (fingerprint.py)
 TRUE_WORDS = {"1", "true", "yes"}
 #: metadata key -> (merge parameter, type), as ``export`` and the training callback write them
 METADATA_KEYS = (("step", "optimizer_step", int), ("beta2", "beta2", float))

@@ -23,12 +23,14 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from mergekit_ota.cli.export import export_command
+from mergekit_ota.curvature.fingerprint import FINGERPRINT_KEY, tensors_fingerprint
 from mergekit_ota.curvature.store import CurvatureStore
 from mergekit_ota.math.reference import reference_lora
 from mergekit_ota.store_format import (
     ADAPTER,
     ADAPTER_AGREEMENT,
     ADAPTER_CONFIG,
+    ADAPTER_FINGERPRINT,
     ADAPTER_UNTOUCHED,
     COL_SUFFIX,
     ROW_SUFFIX,
@@ -133,6 +135,10 @@ def test_export_is_the_math_under_the_base_models_names(variant, tmp_path):
     for name, value in agreement.items():
         assert recorded[name] == pytest.approx(value, abs=1e-6) and 0.0 < value <= 1.0
     assert metadata["step"] == "3" and float(metadata["beta2"]) == _truth(variant)["adam_beta2"]
+    # which adapter: the fingerprint of every tensor of its file (from the loaded tensors), no weights fingerprint
+    adapter = load_file(str(_checkpoint(variant) / "adapter_model.safetensors"))
+    assert metadata[ADAPTER_FINGERPRINT] == tensors_fingerprint(adapter)
+    assert FINGERPRINT_KEY not in metadata
 
 
 def test_rslora_scaling_is_peft_own():

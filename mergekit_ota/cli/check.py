@@ -101,9 +101,15 @@ def render_report(report: "CheckReport", quiet: bool = False) -> str:
     )
     lines += [f"  {note}" for note in report.notes]
     for use in report.stores:
+        untouched = (
+            f"; {use.untouched} weight(s) its LoRA adapter leaves as the base's get curvature 0 (task vector 0)"
+            if use.untouched
+            else ""
+        )
         lines.append(
             f"  store {use.path}  [{', '.join(use.experts)}]: {use.tensors} tensors read "
             f"({use.full} full, {use.rank1} rank-1), {use.scanned:,} of {use.values:,} stored values scanned"
+            + untouched
         )
     lines.append(
         f"  values scanned for NaN/Inf/negative: {scan}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import click
@@ -10,7 +11,7 @@ from mergekit_ota.cli.store_options import compress_option, force_option, shard_
 
 
 @click.command("fisher", short_help="Diagonal Fisher of a model on calibration data, as a curvature store.")
-@click.argument("model", type=click.Path(exists=True, file_okay=False))
+@click.argument("model")
 @click.argument("data", type=click.Path(exists=True))
 @click.argument("out", type=click.Path())
 @click.option(
@@ -69,6 +70,10 @@ def fisher_command(
     """Compute MODEL's empirical diagonal Fisher on DATA and write it to OUT as a curvature store, for an
     expert whose optimizer state is gone (or to check the Adam proxy).
 
+    MODEL: a local model directory, or BASE+ADAPTER (mergekit's LoRA syntax): the PEFT adapter folded into
+    the base as mergekit folds it, the Fisher taken of the weights it changes only (the others are listed
+    in the store as untouched: curvature 0 in the merge); put OUT in the adapter's directory.
+
     F = (1/B) sum_b (grad L_b)**2 over B mini-batches of --batch-size rows, L_b the mini-batch's mean
     token loss: on the scale of Adam's bias-corrected exp_avg_sq. DATA: JSONL of {"text": ...} or of
     chats {"messages": [...]} (rendered with MODEL's chat template, loss on assistant tokens only), a
@@ -80,6 +85,8 @@ def fisher_command(
     from mergekit_ota.fisher import FisherOptions, fisher_store
     from mergekit_ota.progress import bar
 
+    if "+" not in model and not os.path.isdir(model):
+        raise click.BadParameter(f"Directory '{model}' does not exist.", param_hint="'MODEL'")
     given = click.get_current_context().get_parameter_source("batch_size") == click.core.ParameterSource.COMMANDLINE
     if per_example and given and batch_size != 1:
         raise click.UsageError(f"--per-example is --batch-size 1; it contradicts --batch-size {batch_size}")

@@ -22,6 +22,16 @@ train in) **or from the saved safetensors** holding them (``model.safetensors`` 
 ``export``; an expert's weights, read by ``check`` and the merge), as long as the file holds them in the dtype they
 had (the Trainer saves them so). Weights saved in another dtype than they trained in (float32 saved as bfloat16)
 are other values and give another fingerprint.
+
+**LoRA adapters.** A store exported from a PEFT LoRA run holds curvature of the *folded* weights ``W0 + s B A``,
+which its optimizer never saw (it trained ``A`` and ``B``), so it records no ``weights_fingerprint``: export would
+have to fold the adapter itself, and a fold is arithmetic whose last bits depend on the kernel and on
+``--lora-merge-dtype``, so an honest store would sometimes be called another's. It records instead
+:data:`ADAPTER_FINGERPRINT_KEY`, the same fingerprint over **every tensor of the adapter's**
+``adapter_model.safetensors`` (``lora_A``/``lora_B`` and ``modules_to_save`` weights: exact values, no
+arithmetic). A merge of ``BASE+ADAPTER`` compares it with its adapter's file (:func:`adapter_fingerprint`); an
+expert given as a model directory (an adapter folded by hand) has no adapter file to compare: the store is
+accepted with a note, as a store without any fingerprint is.
 """
 
 from __future__ import annotations
@@ -36,8 +46,11 @@ import torch
 from mergekit_ota.errors import OTAError
 from mergekit_ota.io.handles import read_tensor
 from mergekit_ota.io.safetensors import INDEX_SUFFIX, HeaderEntry, read_sharded
+from mergekit_ota.store_format import ADAPTER_FINGERPRINT
 
 FINGERPRINT_KEY = "weights_fingerprint"
+ADAPTER_FINGERPRINT_KEY = ADAPTER_FINGERPRINT  # the LoRA store's key (store_format, with the other adapter keys)
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"  # PEFT's adapter weights (export.peft_config.WEIGHTS_FILE)
 VALUES_PER_ROW = 64
 WEIGHT_FILES = ("model.safetensors" + INDEX_SUFFIX, "model.safetensors")
 _DOMAIN = b"mergekit-ota weights fingerprint 1\n"
@@ -96,6 +109,17 @@ def weight_entries(directory: str) -> Dict[str, HeaderEntry]:
     return {}
 
 
+def adapter_fingerprint(path: str) -> Optional[str]:
+    """The fingerprint of every tensor of a PEFT adapter's weights: ``path`` is ``adapter_model.safetensors`` or
+    the directory holding it; ``None`` where there is no such file."""
+    if os.path.isdir(path):
+        path = os.path.join(path, ADAPTER_WEIGHTS_FILE)
+    if not os.path.isfile(path):
+        return None
+    entries = read_sharded(path)[1]
+    return entries_fingerprint(entries, list(entries))
+
+
 def weights_beside(source: str, in_parent: bool = False) -> Optional[str]:
     """The directory of the weights an optimizer state at ``source`` belongs to: the file's own directory (a
     Trainer ``checkpoint-N/optimizer.pt``) or the directory ``source`` itself (a model directory), and with
@@ -138,17 +162,27 @@ class Ownership:
 
 
 WeightsOf = Callable[[str], Mapping[str, HeaderEntry]]  # expert -> its weights' header entries by name
+AdapterOf = Callable[[str], Optional[str]]  # expert -> its adapter's fingerprint (None: not BASE+ADAPTER, or no file)
+
+
+def _no_adapter(expert: str) -> Optional[str]:
+    return None
 
 
 def check_ownership(
-    uses: Sequence[Tuple[str, str, Mapping[str, str], Sequence[str]]], weights_of: WeightsOf
+    uses: Sequence[Tuple[str, str, Mapping[str, str], Sequence[str]]],
+    weights_of: WeightsOf,
+    adapter_of: AdapterOf = _no_adapter,
 ) -> Ownership:
     """Whether each store belongs to the expert it is given to.
 
     ``uses``: per expert, ``(expert, store path, store metadata, store tensor names)``; ``weights_of(expert)``:
-    that expert's weight entries. One store file given to two experts is a problem (each expert's curvature is its
-    own optimizer's); a recorded fingerprint that differs from the expert's weights' is a warning naming both
-    (and, where it is another expert's, that one: swapped stores); a store recording none is accepted with a note.
+    that expert's weight entries; ``adapter_of(expert)``: the fingerprint of its adapter's file where the expert
+    is ``BASE+ADAPTER`` with a local adapter (:func:`adapter_fingerprint`), else ``None``. One store file given to
+    two experts is a problem (each expert's curvature is its own optimizer's); a recorded fingerprint that differs
+    from the expert's weights' (a LoRA store's: from its adapter's) is a warning naming both (and, where it is
+    another expert's, that one: swapped stores); a store recording none, or a LoRA store given to an expert
+    without its adapter to compare, is accepted with a note.
     """
     found = Ownership()
     holders: Dict[str, List[Tuple[str, str]]] = {}
@@ -171,8 +205,20 @@ def check_ownership(
             )
         return cache[(expert, names)]
 
+    adapters: Dict[str, Optional[str]] = {}
+
+    def adapter(expert: str) -> Optional[str]:
+        if expert not in adapters:
+            adapters[expert] = adapter_of(expert)
+        return adapters[expert]
+
     experts = list(dict.fromkeys(expert for expert, _, _, _ in uses))
     for expert, path, metadata, store_names in uses:
+        origin = metadata.get("source_path")
+        written = f" (written from {origin})" if origin else ""
+        if metadata.get(ADAPTER_FINGERPRINT_KEY):
+            _check_adapter(found, expert, path, written, metadata[ADAPTER_FINGERPRINT_KEY], experts, adapter)
+            continue
         recorded = metadata.get(FINGERPRINT_KEY)
         if not recorded:
             found.notes.append(
@@ -188,8 +234,6 @@ def check_ownership(
             continue
         if own == recorded:
             continue
-        origin = metadata.get("source_path")
-        written = f" (written from {origin})" if origin else ""
         if own is None:
             found.warnings.append(
                 f"store {path}{written} was recorded for other weights than expert {expert}'s: {expert}'s "
@@ -209,3 +253,41 @@ def check_ownership(
                 f"checkpoint these weights were saved from?"
             )
     return found
+
+
+def _check_adapter(
+    found: Ownership,
+    expert: str,
+    path: str,
+    written: str,
+    recorded: str,
+    experts: Sequence[str],
+    adapter: AdapterOf,
+) -> None:
+    """:func:`check_ownership` for a LoRA store (it records :data:`ADAPTER_FINGERPRINT_KEY`)."""
+    try:
+        own = adapter(expert)
+    except OTAError as error:
+        found.warnings.append(f"store {path}: expert {expert}'s adapter could not be fingerprinted ({error})")
+        return
+    if own is None:
+        found.notes.append(
+            f"store {path} (expert {expert}) holds a LoRA adapter's curvature and expert {expert} is not given as "
+            f"BASE+ADAPTER with a local adapter directory ({ADAPTER_WEIGHTS_FILE}): that it holds {expert}'s "
+            f"curvature is not checked (give the expert as 'model: BASE+ADAPTER' to check it against the adapter)"
+        )
+        return
+    if own == recorded:
+        return
+    others = [other for other in experts if other != expert and adapter(other) == recorded]
+    if others:
+        found.warnings.append(
+            f"store {path}{written} is given to expert {expert} but holds the curvature of expert {others[0]}'s "
+            f"adapter (its {ADAPTER_FINGERPRINT_KEY} is theirs): were the two experts' stores swapped?"
+        )
+    else:
+        found.warnings.append(
+            f"store {path}{written} was recorded for another adapter than expert {expert}'s "
+            f"({ADAPTER_FINGERPRINT_KEY} {recorded[:19]}..., {expert}'s {ADAPTER_WEIGHTS_FILE} {own[:19]}...): is "
+            f"it this adapter's store, from the checkpoint this adapter was saved from?"
+        )

@@ -8,7 +8,10 @@ A store is named by the per-expert parameter ``curvature`` as one of:
   ``D/exp_avg_sq.safetensors``, ``D/export/exp_avg_sq.safetensors.index.json``,
   ``D/export/exp_avg_sq.safetensors`` (:data:`SEARCHED`, in that order).
 
-Without the parameter the store is looked up in the expert's model ``M``:
+Without the parameter the store is looked up in the expert's model ``M`` (for a ``BASE+ADAPTER`` expert,
+mergekit's LoRA syntax, ``M`` is the adapter: its optimizer trained the adapter, and ``export`` of a PEFT
+checkpoint writes the store there; the caller passes it, see
+:func:`mergekit_ota.graph.planner.store_home`):
 
 * ``M`` an existing local directory: the same four names under ``M``, in the same order
   (``export/`` is the layout the paper's released experts use);
@@ -85,12 +88,18 @@ def _split_revision(model_path: str, revision: Optional[str]) -> Tuple[str, Opti
 
 
 def _default_store(
-    model_path: str, label: str, revision: Optional[str], cache_dir: Optional[str], advice: Optional[Advice]
+    model_path: str,
+    label: str,
+    revision: Optional[str],
+    cache_dir: Optional[str],
+    advice: Optional[Advice],
+    what: str = "model",
 ) -> str:
-    """The store in expert ``label``'s model directory or Hub repo ``model_path`` (see the module docstring)."""
+    """The store in expert ``label``'s model (or, ``what="adapter"``, adapter) directory or Hub repo ``model_path``
+    (see the module docstring)."""
     missing_store = (
         f"No curvature for expert {label}: set 'parameters: {{curvature: PATH}}' for it, or put "
-        f"{DEFAULT_STORE_NAME} (or {DEFAULT_STORE_NAME}{INDEX_SUFFIX}) in its model directory"
+        f"{DEFAULT_STORE_NAME} (or {DEFAULT_STORE_NAME}{INDEX_SUFFIX}) in its {what} directory"
     )
     if os.path.isdir(model_path):
         found = _in_directory(model_path)
@@ -133,6 +142,7 @@ def locate_store(
     revision: Optional[str] = None,
     cache_dir: Optional[str] = None,
     advice: Optional[Advice] = None,
+    what: str = "model",
 ) -> str:
     """Return the absolute path of the store file (or index) for one expert.
 
@@ -143,11 +153,13 @@ def locate_store(
     (a Hugging Face hub cache, as mergekit's ``--transformers-cache``) apply only when the
     model is looked up on the Hub. The search order is the module docstring's. ``advice`` adds the caller's
     sentence about a path that holds no store to the error (the planner, ``inspect`` and ``analyze`` pass
-    :func:`mergekit_ota.export.detect.export_hint`: this module does not import the exporter).
+    :func:`mergekit_ota.export.detect.export_hint`: this module does not import the exporter). ``what`` names
+    ``model_path`` in the error where nothing is found there: ``"model"``, or ``"adapter"`` for the adapter of a
+    ``BASE+ADAPTER`` expert.
     """
     whose = f" for expert {model_label}" if model_label else ""
     if curvature is None or curvature == "":
-        return _default_store(model_path, model_label or model_path, revision, cache_dir, advice)
+        return _default_store(model_path, model_label or model_path, revision, cache_dir, advice, what)
 
     path = os.path.abspath(os.path.expanduser(str(curvature)))
     if os.path.isdir(path):

@@ -139,12 +139,13 @@ _KIND_NAMES = {
 }
 
 
-def export_hint(path: str) -> Optional[str]:
+def export_hint(path: str, base: Optional[str] = None) -> Optional[str]:
     """What to run when ``path`` was given as a curvature store but is a checkpoint export reads.
 
     ``None`` when ``path`` is a store or not a checkpoint at all; else a sentence with the command
     filled in (``mergekit-ota export SOURCE SOURCE/exp_avg_sq.safetensors``), or, for a training run's
-    output directory, the advice naming its newest checkpoint.
+    output directory, the advice naming its newest checkpoint. ``base``: the base model of a ``BASE+ADAPTER``
+    expert, added as ``--model BASE`` where ``path`` is a PEFT LoRA checkpoint (export lays the adapter over it).
     """
     if os.path.isfile(path) and not os.path.basename(path).endswith((".pt", ".bin", ".pth", ".metadata")):
         return None
@@ -158,7 +159,8 @@ def export_hint(path: str) -> Optional[str]:
     if os.path.basename(os.path.normpath(directory)).startswith("global_step"):
         directory = os.path.dirname(os.path.normpath(directory))  # the store goes beside the model, not in the tag
     out = os.path.join(directory, DEFAULT_STORE_NAME)
+    model = f" --model {shlex.quote(base)}" if base and is_lora_checkpoint(directory) else ""
     return (
         f"{path} is an optimizer checkpoint ({_KIND_NAMES.get(kind, kind)}), not a curvature store: run "
-        f"`mergekit-ota export {shlex.quote(path)} {shlex.quote(out)}` first"
+        f"`mergekit-ota export {shlex.quote(path)} {shlex.quote(out)}{model}` first"
     )

@@ -10,7 +10,9 @@ them, by :func:`~mergekit_ota.export.mapping.map_indices` over the PEFT model's 
 order (one group, or the Trainer's decay / no-decay split under each of its rules), every state's shape checked
 against the adapter file's; then every ``lora_A``/``lora_B`` pair gives its base weight's curvature
 (``s`` per module as PEFT computes it), computed here, while opening (the adapter is small: ``m + n`` numbers per
-weight), so that the store's metadata can carry each weight's scale agreement.
+weight), so that the store's metadata can carry each weight's scale agreement. The metadata also records the
+adapter file's fingerprint (:data:`~mergekit_ota.store_format.ADAPTER_FINGERPRINT`), which a merge of
+``BASE+ADAPTER`` checks the store against (:mod:`mergekit_ota.curvature.fingerprint`).
 
 Plain AdamW states (``exp_avg_sq``) only, for now: bitsandbytes 8-bit, Adafactor and DeepSpeed ZeRO states of a
 LoRA run are refused saying so.
@@ -23,6 +25,7 @@ import os
 import statistics
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from mergekit_ota.curvature.fingerprint import entries_fingerprint
 from mergekit_ota.errors import ConfigError, CurvatureError
 from mergekit_ota.export.mapping import BASIS_PARAM_NAMES, Candidate, NameEvidence, map_indices, order_evidence
 from mergekit_ota.export.model_params import ModelParameters, clean_name, decay_rules, load_model_parameters
@@ -42,7 +45,13 @@ from mergekit_ota.export.torch_optim import find_optimizer_dict, load_torch_file
 from mergekit_ota.io.handles import read_tensor
 from mergekit_ota.io.safetensors import HeaderEntry, read_header
 from mergekit_ota.math.lora import lora_curvature
-from mergekit_ota.store_format import ADAPTER, ADAPTER_AGREEMENT, ADAPTER_CONFIG, ADAPTER_UNTOUCHED
+from mergekit_ota.store_format import (
+    ADAPTER,
+    ADAPTER_AGREEMENT,
+    ADAPTER_CONFIG,
+    ADAPTER_FINGERPRINT,
+    ADAPTER_UNTOUCHED,
+)
 
 
 def is_lora_checkpoint(directory: str) -> bool:
@@ -249,6 +258,8 @@ def open_lora_checkpoint(directory: str, model_path: Optional[str], frozen: Sequ
             ADAPTER_CONFIG: json.dumps(config.summary(), sort_keys=True),
             ADAPTER_UNTOUCHED: json.dumps(list(layout.untouched)),
             ADAPTER_AGREEMENT: json.dumps({k: round(v, 6) for k, v in agreement.items()}),
+            # which adapter this is: a merge of BASE+ADAPTER compares it with its adapter's file (fingerprint.py)
+            ADAPTER_FINGERPRINT: entries_fingerprint(tensors, list(tensors)),
         }
     )
     return SourceState(

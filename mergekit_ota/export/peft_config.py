@@ -30,8 +30,8 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLED_WEIGHTS_FILE = "adapter_model.bin"
 INSTEAD = (
-    "fold the adapter into its base model (peft: PeftModel.from_pretrained(base, ADAPTER).merge_and_unload(), "
-    "then save_pretrained(FOLDED)) and estimate curvature from data: mergekit-ota fisher FOLDED DATA OUT"
+    "estimate curvature from data on the adapter folded into its base (peft's merge_and_unload, as mergekit folds "
+    "it): mergekit-ota fisher BASE+ADAPTER DATA ADAPTER/exp_avg_sq.safetensors, then merge it as model: BASE+ADAPTER"
 )
 #: PEFT's peft_type values, as people write them
 ADAPTER_TYPES = {

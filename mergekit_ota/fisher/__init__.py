@@ -3,13 +3,22 @@
 :mod:`.data` reads the calibration samples into token rows, :mod:`.estimator` computes the
 empirical diagonal Fisher, and :func:`fisher_store` writes it through export's store writer, so the
 store has the layout, metadata, compression and checks of any exported store.
+
+``MODEL`` may be ``BASE+ADAPTER`` (mergekit's LoRA syntax): the adapter is folded into the base as mergekit folds
+it (``peft``'s ``merge_and_unload``), and the Fisher is of the folded weights (:func:`split_model`,
+:func:`_load`). Only the weights the adapter changes get one: a weight whose folded value is exactly the base's
+(task vector 0) is left frozen, no gradient or accumulator is kept for it, and the store lists it in
+``adapter_untouched``, where the merge gives it curvature 0 as it does for an exported adapter's store
+(:class:`~mergekit_ota.graph.tasks.CurvatureMergeTask`). The store records the adapter file's fingerprint, so a
+merge of ``BASE+ADAPTER`` checks it belongs to that adapter. Any PEFT adapter type ``peft`` can fold (DoRA,
+AdaLoRA, LoHa, ...) is accepted here: this is the route ``export`` names for the adapters it refuses.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from mergekit_ota.errors import ConfigError, CurvatureError
 
@@ -29,7 +38,45 @@ class FisherOptions:
     force: bool = False
 
 
-def _load(model_dir: str, dtype: str, device: str) -> Any:
+ADAPTER_CONFIG_FILE = "adapter_config.json"  # PEFT's (export.peft_config.CONFIG_FILE)
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
+
+
+def split_model(model: str) -> Tuple[str, Optional[str]]:
+    """``(base, adapter)`` of ``BASE+ADAPTER`` (split at ``+`` as mergekit's ``ModelReference`` does), or
+    ``(model, None)``; a directory whose own name holds ``+`` is a model. Each must be a local directory, the
+    adapter one holding PEFT's ``adapter_config.json``: :class:`ConfigError` naming the path otherwise."""
+    if "+" not in model or os.path.isdir(model):
+        return model, None
+    parts = model.split("+")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"{model}: MODEL is a model directory or BASE+ADAPTER (one '+'), as mergekit writes a LoRA")
+    base, adapter = parts
+    for what, path in (("base model", base), ("adapter", adapter)):
+        if not os.path.isdir(path):
+            raise ConfigError(f"{model}: the {what} {path} is no local directory; fisher reads local models")
+    if not os.path.isfile(os.path.join(adapter, ADAPTER_CONFIG_FILE)):
+        raise ConfigError(
+            f"{model}: the adapter {adapter} holds no {ADAPTER_CONFIG_FILE}; BASE+ADAPTER needs a PEFT adapter "
+            f"directory"
+        )
+    return base, adapter
+
+
+def _fold(model: Any, adapter: str) -> Any:
+    """``model`` with the PEFT adapter in ``adapter`` folded in, as mergekit folds ``BASE+ADAPTER``."""
+    import peft
+
+    try:
+        folded = peft.PeftModel.from_pretrained(model, adapter, is_trainable=False)
+        return folded.merge_and_unload()
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise ConfigError(f"{adapter}: the adapter does not load onto its base or does not fold: {err}") from err
+
+
+def _load(model_dir: str, dtype: str, device: str, adapter: Optional[str] = None) -> Any:
+    """``(model, tokenizer)`` of ``model_dir`` (with ``adapter`` folded in: its tokenizer where it saved one, else
+    the base's)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -38,12 +85,63 @@ def _load(model_dir: str, dtype: str, device: str) -> Any:
 
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise ConfigError(f"{model_dir}: not a model directory (no config.json); fisher reads a local model")
+    has_tokenizer = adapter is not None and any(os.path.isfile(os.path.join(adapter, f)) for f in TOKENIZER_FILES)
+    tokenizer_dir = adapter if adapter is not None and has_tokenizer else model_dir
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype), local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
     except (OSError, ValueError) as err:
         raise ConfigError(f"{model_dir}: the model or its tokenizer does not load: {err}") from err
+    if adapter is not None:
+        model = _fold(model, adapter)
     return model.to(device), tokenizer
+
+
+def _freeze_untouched(model: Any, base_dir: str) -> List[str]:
+    """Freeze every parameter of the folded ``model`` equal to the base's (``base_dir``'s safetensors weights, read
+    one tensor at a time, in the parameter's dtype) and make every other trainable; return the frozen names.
+
+    Equality, not the adapter's structure, decides, so it holds for any adapter type: the task vector there is 0,
+    which is what the merge's curvature 0 assumes and checks."""
+    import torch
+
+    from mergekit_ota.curvature.fingerprint import weight_entries
+    from mergekit_ota.io.handles import read_tensor
+
+    entries = weight_entries(base_dir)
+    frozen = []
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            entry = entries.get(name)
+            same = entry is not None and tuple(entry.shape) == tuple(parameter.shape)
+            if same:
+                base = read_tensor(entry).to(device=parameter.device, dtype=parameter.dtype)
+                same = torch.equal(base, parameter)
+            parameter.requires_grad_(not same)
+            if same:
+                frozen.append(name)
+    return frozen
+
+
+def _adapter_metadata(adapter: str, untouched: List[str]) -> Dict[str, str]:
+    """The adapter keys of a Fisher store of ``BASE+ADAPTER`` (:mod:`mergekit_ota.store_format`)."""
+    import json
+
+    from mergekit_ota.curvature.fingerprint import adapter_fingerprint
+    from mergekit_ota.store_format import ADAPTER, ADAPTER_FINGERPRINT, ADAPTER_UNTOUCHED
+
+    path = os.path.join(adapter, ADAPTER_CONFIG_FILE)
+    try:
+        with open(path, encoding="utf-8") as fp:
+            config = json.load(fp)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{path}: cannot read the adapter's config ({err})") from err
+    kind = str(config.get("peft_type") or "lora").lower() if isinstance(config, dict) else "lora"
+    metadata = {ADAPTER: kind, ADAPTER_UNTOUCHED: json.dumps(untouched), "fisher_adapter": os.path.abspath(adapter)}
+    found = adapter_fingerprint(adapter)
+    if found is not None:
+        metadata[ADAPTER_FINGERPRINT] = found
+    return metadata
 
 
 def fisher_store(
@@ -82,8 +180,10 @@ def fisher_store(
         raise ConfigError(f"--device {options.device}: {problem}")
     export = ExportOptions.parse(compress=options.compress, shard_size=options.shard_size, force=options.force)
     check_output(store_layout(out), export.force)  # before anything is computed
+    base_dir, adapter = split_model(model_dir)
     samples = calibration.read_samples(data, options.samples)
-    model, tokenizer = _load(model_dir, options.dtype, options.device)
+    model, tokenizer = _load(base_dir, options.dtype, options.device, adapter)
+    untouched = _freeze_untouched(model, base_dir) if adapter is not None else []
     rows = calibration.rows(tokenizer, samples, options.max_length)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     result = diagonal_fisher(
@@ -102,10 +202,16 @@ def fisher_store(
         for name, v in result.fisher.items()
     ]
     if not items:
-        raise CurvatureError(f"{model_dir}: the model has no trainable parameter")
+        what = (
+            "the adapter changes no weight of its base"
+            if adapter is not None
+            else "the model has no trainable parameter"
+        )
+        raise CurvatureError(f"{model_dir}: {what}")
+    extra = _adapter_metadata(adapter, untouched) if adapter is not None else {}
     source = SourceState(
         kind="fisher",
-        path=os.path.abspath(model_dir),
+        path=os.path.abspath(adapter if adapter is not None else model_dir),  # an adapter's: no weights beside it
         optimizer="none (empirical diagonal Fisher)",
         items=items,
         mapping="parameter names of the model (named_parameters)",
@@ -122,7 +228,9 @@ def fisher_store(
             "fisher_data": os.path.abspath(data),
             "fisher_data_sha256": calibration.data_hash(samples),
             "fisher_model_dtype": options.dtype,
+            **extra,
         },
+        without_state=untouched,
         evidence=NameEvidence(BASIS_PARAM_NAMES),
     )
     return write_store(source, out, export)

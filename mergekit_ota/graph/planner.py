@@ -11,13 +11,20 @@ actually found), and the same tokenizer task for vocabulary permutation.
 
 Everything checkable from headers is checked here, for all tensors, and reported
 together (:class:`~mergekit_ota.errors.PreflightError`) before anything is written.
+
+**LoRA experts** (``model: BASE+ADAPTER``, which mergekit folds into the base before merging): the store is
+looked up in the *adapter's* directory (:func:`store_home`; ``curvature:`` still wins), and a weight the adapter
+leaves as the base's, which its store lists in ``adapter_untouched`` instead of holding a record for, gets
+curvature 0 (:class:`~mergekit_ota.graph.tasks.CurvatureMergeTask`'s ``untouched``, where the choice is
+explained). Both rules read the store, not the ``+``: an adapter folded by hand with its store beside it merges
+the same.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from mergekit.architecture import WeightInfo
 from mergekit.common import ImmutableMap, ModelReference
@@ -38,7 +45,7 @@ from mergekit_ota.compat import (
     planner_tensors,
     replace_planner_plan_step,
 )
-from mergekit_ota.curvature.fingerprint import check_ownership
+from mergekit_ota.curvature.fingerprint import adapter_fingerprint, check_ownership
 from mergekit_ota.curvature.locate import locate_store
 from mergekit_ota.curvature.store import METADATA_KEYS, CurvatureStore, metadata_inputs, read_header
 from mergekit_ota.errors import CurvatureError, OTAError, PreflightError, Problem, problem_of
@@ -65,9 +72,11 @@ from mergekit_ota.methods.settings import (
     unknown_parameters,
     value_problems,
 )
-from mergekit_ota.store_format import WITHOUT_STATE, metadata_names
+from mergekit_ota.store_format import ADAPTER, ADAPTER_UNTOUCHED, WITHOUT_STATE, metadata_names
 
 FROM_THE_BASE = "every model of a merge must be fine-tuned from the same base (same architecture and sizes)"
+#: :meth:`CurvaturePlan.curvature_load`'s answer for a weight the expert's LoRA adapter leaves as the base's
+UNTOUCHED = "untouched by the adapter"
 LOG = logging.getLogger("mergekit_ota")
 
 
@@ -113,6 +122,38 @@ def _without_state(store: CurvatureStore) -> List[str]:
         return []
 
 
+def _untouched(store: CurvatureStore) -> List[str]:
+    """The base weights an adapter's store says the adapter leaves as they are (metadata ``adapter_untouched`` of a
+    store that names its ``adapter``: ``export`` of a LoRA run, ``fisher BASE+ADAPTER``); ``[]`` for any other
+    store, or where the list is malformed (then the weight is reported as missing, with the store named)."""
+    if not store.metadata.get(ADAPTER):
+        return []
+    try:
+        return metadata_names(store.metadata, ADAPTER_UNTOUCHED, store.path)
+    except CurvatureError:
+        return []
+
+
+def store_home(model: ModelReference) -> Tuple[str, Optional[str], str]:
+    """Where expert ``model``'s store is looked up without a ``curvature`` parameter: ``(path, revision, what)``.
+
+    A ``BASE+ADAPTER`` expert's is its adapter (``what`` ``"adapter"``): the curvature is of the adapter's training
+    (``mergekit-ota export`` of its PEFT checkpoint writes it there), and the base directory holds no store of the
+    expert's. Any other expert's is its model (``"model"``). The search inside either is
+    :mod:`~mergekit_ota.curvature.locate`'s.
+    """
+    if model.lora is not None:
+        return str(model.lora.path), model.lora.revision, "adapter"
+    return str(model.model.path), model.model.revision, "model"
+
+
+def _adapter_fingerprint(model: ModelReference) -> Optional[str]:
+    """The fingerprint of ``model``'s adapter file where it is ``BASE+ADAPTER`` with a local adapter directory."""
+    if model.lora is None or not os.path.isdir(str(model.lora.path)):
+        return None
+    return adapter_fingerprint(str(model.lora.path))
+
+
 def _found_name(model: ModelReference, weight: WeightInfo) -> Optional[str]:
     """The name under which mergekit's ``LoadTensor`` finds ``weight`` in ``model``."""
     tensor_paths = LoaderCache().get(model).index.tensor_paths
@@ -154,6 +195,8 @@ class CurvaturePlan:
         self.store_notes: List[str] = []  # stores that record no weights fingerprint (:meth:`check_store_owners`)
         self.headers: Headers = {}  # the weights' safetensors headers this plan read
         self.provenance = MergeRecord()  # this merge's record (:mod:`.provenance`; its model-wide pass notes in it)
+        # store -> the weights it gave curvature 0 because its adapter leaves them as the base's (check lists them)
+        self.untouched: Dict[str, Dict[str, None]] = {}
 
     @classmethod
     def of(cls, planner: Any) -> "CurvaturePlan":
@@ -192,14 +235,17 @@ class CurvaturePlan:
 
         key = (model, None if curvature is None else str(curvature))
         if key not in self.stores:
+            home, revision, what = store_home(model)
+            base = str(model.model.path) if model.lora is not None else None
             try:
                 path = locate_store(
                     key[1],
-                    str(model.model.path),
+                    home,
                     str(model),
-                    revision=model.model.revision,
+                    revision=revision,
                     cache_dir=planner_cache_dir(self.planner),
-                    advice=export_hint,
+                    advice=lambda where: export_hint(where, base),
+                    what=what,
                 )
                 CurvatureStore.open(path)
                 self.stores[key] = path
@@ -208,7 +254,12 @@ class CurvaturePlan:
                 self.stores[key] = None
         return self.stores[key]
 
-    def curvature_load(self, model: ModelReference, weight: WeightInfo, curvature: Any) -> Optional[LoadCurvature]:
+    def curvature_load(
+        self, model: ModelReference, weight: WeightInfo, curvature: Any
+    ) -> Union[LoadCurvature, str, None]:
+        """Expert ``model``'s curvature of ``weight``: its load; :data:`UNTOUCHED` where its store is a LoRA
+        adapter's that lists the weight as one the adapter leaves as the base's (curvature 0, see
+        :class:`~mergekit_ota.graph.tasks.CurvatureMergeTask`); ``None`` with a problem collected."""
         found = _found_name(model, weight)
         if found is None:
             if not weight.optional:
@@ -225,7 +276,11 @@ class CurvaturePlan:
         if path is None:
             return None
         store = CurvatureStore.open(path)
-        key = next((name for name in _curvature_names(weight, found) if name in store), None)
+        names = _curvature_names(weight, found)
+        key = next((name for name in names if name in store), None)
+        if key is None and any(name in _untouched(store) for name in names):
+            self.untouched.setdefault(path, {})[found] = None
+            return UNTOUCHED
         if key is None:
             read_as = f" (read as '{found}')" if found != weight.name else ""
             frozen = ""
@@ -383,6 +438,7 @@ class CurvaturePlan:
             self.scale_modes.setdefault(shared.curvature_scale, task.output_weight.name)
         inputs = dict(zip(models, weights_in))
         loads: Dict[ModelReference, LoadCurvature] = {}
+        untouched: List[ModelReference] = []
         parameters: Dict[ModelReference, Any] = {}
         experts: List[Tuple[ModelReference, Optional[ExpertSettings]]] = []
         for model in task.model_order:
@@ -393,7 +449,9 @@ class CurvaturePlan:
             experts.append((model, settings))
             parameters[model] = ImmutableMap(data=values)
             load = self.curvature_load(model, inputs[model], values.get("curvature"))
-            if load is not None:
+            if load is UNTOUCHED:
+                untouched.append(model)
+            elif isinstance(load, LoadCurvature):
                 loads[model] = load
         self.check_input_shapes(task, inputs)
         if all(settings is not None for _, settings in experts):
@@ -418,6 +476,7 @@ class CurvaturePlan:
             **fields,
             curvature=curvature,
             truncate_vocabulary=isinstance(source, TruncatedVocabulary),
+            untouched=tuple(untouched),
             save_dtype=task.output_weight.force_dtype or planner_config(self.planner).out_dtype,  # as SaveTensor casts
         )
 
@@ -490,7 +549,11 @@ class CurvaturePlan:
                 store = CurvatureStore.open(path)
                 uses.append((str(model), path, store.metadata, list(store.records)))
         models = {str(model): model for model, _ in self.stores}
-        found = check_ownership(uses, lambda expert: _weight_entries(models[expert], self.headers))
+        found = check_ownership(
+            uses,
+            lambda expert: _weight_entries(models[expert], self.headers),
+            lambda expert: _adapter_fingerprint(models[expert]),
+        )
         for problem in found.problems:
             self.problem(problem, config_level=True)
         for warning in found.warnings:

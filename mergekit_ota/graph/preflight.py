@@ -43,7 +43,8 @@ class NotACurvatureMerge(ConfigError):
 
 @dataclass(frozen=True)
 class StoreUse:
-    """One curvature store as the planned merge uses it."""
+    """One curvature store as the planned merge uses it; ``untouched``: the weights a LoRA store gives curvature 0
+    because its adapter leaves them as the base's (metadata ``adapter_untouched``; no tensor read)."""
 
     path: str
     experts: Tuple[str, ...]
@@ -52,6 +53,7 @@ class StoreUse:
     rank1: int
     values: int
     scanned: int
+    untouched: int = 0
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,33 @@ def read_config(path: str, value_problems: Optional[List[str]] = None) -> Any:
             f"{'.'.join(str(x) for x in item['loc']) or 'config'}: {item['msg']}" for item in error.errors()
         )
         raise ConfigError(f"{path}: not a valid mergekit config ({details})") from error
+
+
+def lora_without_cache(config: Any, options: Any) -> List[str]:
+    """A ``BASE+ADAPTER`` model with no ``--lora-merge-cache``: mergekit folds each adapter into its base there,
+    and without one refuses the merge (``RuntimeError: Need to specify cache dir to merge adapters``)."""
+    if getattr(options, "lora_merge_cache", None):
+        return []
+    loras = sorted(str(reference) for reference in config.referenced_models() if reference.lora is not None)
+    if not loras:
+        return []
+    return [
+        f"model {loras[0]}{f' (and {len(loras) - 1} more)' if len(loras) > 1 else ''} is a LoRA adapter on a base "
+        f"(BASE+ADAPTER): mergekit folds it into the base in a directory it needs to be given; pass "
+        f"--lora-merge-cache DIR (to mergekit-yaml, and to check)"
+    ]
+
+
+def lora_fold_notes(config: Any, options: Any) -> List[str]:
+    """Planning a ``BASE+ADAPTER`` merge folds each adapter (mergekit does, to read the folded weights' headers):
+    say where, since check otherwise writes nothing."""
+    loras = {str(reference) for reference in config.referenced_models() if reference.lora is not None}
+    if not loras or not getattr(options, "lora_merge_cache", None):
+        return []
+    return [
+        f"mergekit folded {len(loras)} LoRA adapter(s) into --lora-merge-cache {options.lora_merge_cache} to plan "
+        f"the merge (where it is not there yet); the merge reuses them"
+    ]
 
 
 def _looks_local(path: str) -> bool:
@@ -328,6 +357,7 @@ def _store_uses(
                 rank1=rank1,
                 values=sum(scanned.get((path, key), (0, 0))[1] for key in keys),
                 scanned=sum(scanned.get((path, key), (0, 0))[0] for key in keys),
+                untouched=len(CurvaturePlan.of(planner).untouched.get(path, {})),
             )
         )
     return tuple(uses)
@@ -386,6 +416,7 @@ def check_config(
         )
     base = dict(config=source, method=method, full_scan=full_scan, sample=sample)
     missing = missing_local_models(config, getattr(options, "transformers_cache", None))
+    missing += lora_without_cache(config, options)
     if missing:
         return CheckReport(problems=tuple(missing), seconds=time.perf_counter() - started, **base)
     planner, header_problems = plan_merge(config, options)
@@ -413,7 +444,7 @@ def check_config(
     return CheckReport(
         problems=tuple(header_problems + value_problems),
         warnings=tuple(plan.warnings + hub_lookup_warnings(config)),
-        notes=tuple(plan.bias_notes() + plan.store_notes + auto_notes),
+        notes=tuple(plan.bias_notes() + plan.store_notes + auto_notes + lora_fold_notes(config, options)),
         experts=tuple(sorted({str(model) for model, _ in CurvaturePlan.of(planner).stores})),
         stores=_store_uses(planner, loads, scanned),
         output_tensors=len(planner_tensors(planner)),

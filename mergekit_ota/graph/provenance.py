@@ -94,7 +94,10 @@ def plan_record(plan: Any) -> Dict[str, Any]:
         label = str(model)
         entry = experts.setdefault(label, {"model": label, "stores": [], "bias_correction": None})
         if all(s["path"] != path for s in entry["stores"]):
-            entry["stores"].append(store_facts(path))
+            facts = store_facts(path)
+            if plan.untouched.get(path):  # weights its adapter leaves as the base's: curvature 0 (planner, tasks)
+                facts["curvature_zero"] = sorted(plan.untouched[path])
+            entry["stores"].append(facts)
         decision = plan.bias.get(model)
         if decision is not None and entry["bias_correction"] is None:
             applied = decision.corrected and mode == "none"
@@ -292,6 +295,19 @@ def card_section(record: Dict[str, Any]) -> str:
                 _cell(_short_reason(bias.get("reason"), store["path"])),
             ]
             lines.append("| " + " | ".join(cells) + " |")
+    zero = [
+        (e["model"], len(s["curvature_zero"]))
+        for e in record["experts"]
+        for s in e["stores"]
+        if s.get("curvature_zero")
+    ]
+    if zero:
+        lines += [
+            "",
+            "Weights a LoRA expert's adapter leaves as the base's (task vector 0) had curvature 0 for it:",
+            "",
+        ]
+        lines += [f"- `{model}`: {count} weight(s)" for model, count in zero]
     autos = [(e["model"], e["density_auto"]) for e in record["experts"] if e.get("density_auto")]
     if autos:
         lines += ["", "`density: auto` chose, per expert, from its own saliency `v * tau**2`:", ""]

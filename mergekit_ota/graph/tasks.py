@@ -14,6 +14,10 @@ one absolute saliency threshold and one curvature statistic ``m_i``. A part read
 weights only where it needs saliency (or a vocabulary truncation's size); for the
 statistic alone it reads only the curvature.
 
+A weight that an expert's LoRA adapter leaves as the base's (its store lists it in ``adapter_untouched``, and its
+task vector is 0) has no curvature record: the planner names such experts in
+:attr:`CurvatureMergeTask.untouched` and the task gives them curvature 0 (:func:`untouched_curvature`).
+
 The end of a merge's weights: ``MergePlanner.plan_to_disk`` ends its task list with mergekit's
 ``FinalizeModel`` (it writes the weight index once every ``SaveTensor`` has run). For ``ota``/``ffg``
 the planner patch swaps in :class:`RecordedFinalize`, which then marks the output's build directory
@@ -40,6 +44,7 @@ from pydantic import ConfigDict, Field
 
 from mergekit_ota.compat import run_tasks
 from mergekit_ota.curvature.store import CurvatureStore
+from mergekit_ota.errors import MergeError
 from mergekit_ota.graph.provenance import MergeRecord
 from mergekit_ota.io.output import mark_complete
 from mergekit_ota.math.histogram import SaliencyHistogram
@@ -139,6 +144,20 @@ class PermutedCurvature(Task[Dict[ModelReference, Curvature]]):
 
 
 CurvatureInput = Union[GatherCurvature, PermutedCurvature]
+
+
+def untouched_curvature(weight: torch.Tensor) -> Curvature:
+    """Curvature 0 of ``weight``'s shape, on its device: a 2-D weight's as rank-1 factors (no m x n tensor).
+
+    What an expert gets for a weight its LoRA adapter does not change (store metadata ``adapter_untouched``; see
+    :class:`CurvatureMergeTask`). Its task vector there is 0, and curvature 0 is what the rest of the package
+    already gives where an expert has no information (:class:`PermutedCurvature`'s rows an expert never had) and
+    what Adam's ``v`` is for a parameter that gets no gradient.
+    """
+    if weight.dim() == 2:
+        rows, cols = (torch.zeros(n, dtype=torch.float32, device=weight.device) for n in weight.shape)
+        return Rank1Curvature(rows, cols)
+    return torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
 
 
 Histograms = Dict[ModelReference, Tuple[SaliencyHistogram, float]]
@@ -280,12 +299,35 @@ class CurvatureMergeTask(ExecuteMergeMethodTask):
     (``weight.force_dtype or config.out_dtype``; ``None``: as computed): the result is
     cast to it here and checked finite (:func:`~mergekit_ota.methods.base.require_finite`)
     before it is handed on, so a float32 result that overflows float16 is never written.
+
+    ``untouched``: the experts whose LoRA adapter leaves this weight as the base's (the planner read it from their
+    store's ``adapter_untouched``). Their task vector is 0 and they get **curvature 0**
+    (:func:`untouched_curvature`), which
+
+    * in ``ota`` makes their weight ``w_i = eps``: the expert abstains (to within ``eps`` against the others'
+      ``weight_j (v_j / m_j)**p``), so the weight is the curvature-weighted merge of the experts that did train it,
+      and the base where none did (all ``w_i = eps``: the plain mean of task vectors 0). A finite non-zero
+      curvature would instead pull the merge towards the base by an amount that curvature, which nobody measured,
+      would decide: ``ota`` divides by ``sum_i w_i``, so an expert with ``tau_i = 0`` is *not* neutral whatever its
+      curvature;
+    * in ``ffg`` changes nothing any curvature would not: ``weight_i m_i tau_i = 0`` whatever the mask, and
+      ``normalize: true`` divides by ``sum_i weight_i``, which no curvature enters (as for the weights folded by
+      hand with any curvature).
+
+    They are left out of what is taken over an expert's whole model, since those zeros are no measurement: the
+    ``curvature_scale`` statistic ``m_i`` (:meth:`curvatures_used`: an adapter that changes 10% of the weights
+    would otherwise get a mean ten times smaller, and a median of 0) and ``density_scope: model``'s saliency
+    histograms (:meth:`saliency_histograms`: ``density`` is then a fraction of the entries the adapter changed).
+    Their task vector is checked to be 0 (:meth:`check_untouched`): a base other than the adapter's, or an
+    adapter folded in another dtype than the base's (``--lora-merge-dtype``), is refused rather than merged with
+    curvature 0.
     """
 
     curvature: CurvatureInput
     model_wide: Optional[ModelWidePass] = None
     truncate_vocabulary: bool = False
     save_dtype: Optional[str] = None
+    untouched: Tuple[ModelReference, ...] = ()
 
     def arguments(self) -> Dict[str, Task]:
         arguments = super().arguments()
@@ -305,8 +347,10 @@ class CurvatureMergeTask(ExecuteMergeMethodTask):
         for model, values in self.input_parameters.items():
             values = dict(values.items())
             v = curvature.get(model)
-            if v is not None:
-                weight = tensors.get(model)
+            weight = tensors.get(model)
+            if v is None and model in self.untouched and weight is not None:
+                values["curvature"] = untouched_curvature(weight)  # the weight as loaded: its vocabulary aligned
+            elif v is not None:
                 if self.truncate_vocabulary and weight is not None and axis is not None:
                     v = v.narrow(axis, 0, min(v.shape[axis], weight.shape[axis]))
                 values["curvature"] = v
@@ -327,6 +371,7 @@ class CurvatureMergeTask(ExecuteMergeMethodTask):
 
         from mergekit_ota.methods.base import finite_check_deferred, require_finite
 
+        self.check_untouched(tensors)
         parameters = self._with_curvature(tensors, curvature, model_wide.thresholds if model_wide else None)
         update: Dict[str, Any] = {
             "input_parameters": ImmutableMap(
@@ -334,7 +379,9 @@ class CurvatureMergeTask(ExecuteMergeMethodTask):
             )
         }
         if model_wide is not None and model_wide.statistics is not None:  # m_i per expert, for merge_group
-            shared = {**dict(self.parameters.items()), STATISTICS_KEY: dict(model_wide.statistics)}
+            # an expert untouched on every tensor the pass read has no m_i: any does (its w_i is eps here)
+            found = {**{model: 1.0 for model in self.untouched}, **dict(model_wide.statistics)}
+            shared = {**dict(self.parameters.items()), STATISTICS_KEY: found}
             update["parameters"] = ImmutableMap(data=shared)
         bound = self.model_copy(update=update)
         with finite_check_deferred():  # checked once below, in the dtype it is saved in
@@ -347,11 +394,31 @@ class CurvatureMergeTask(ExecuteMergeMethodTask):
         require_finite(result, name=self.output_weight.name, method=self.method_name, uncast=uncast)
         return result
 
+    def check_untouched(self, tensors: Dict[ModelReference, torch.Tensor]) -> None:
+        """Each :attr:`untouched` expert's weight must equal the base's (task vector 0, which its curvature 0 assumes);
+        :class:`MergeError` naming the expert, the weight and what to check otherwise. Without a base, nothing to
+        compare."""
+        base = tensors.get(self.base_model) if self.base_model is not None else None
+        if base is None:
+            return
+        for model in self.untouched:
+            weight = tensors.get(model)
+            if weight is None or torch.equal(weight, base):
+                continue
+            differ = "a shape" if weight.shape != base.shape else f"{int((weight != base).sum())} value(s)"
+            raise MergeError(
+                f"{self.method_name}: expert {model}'s curvature store says its LoRA adapter leaves "
+                f"{self.output_weight.name} as the base's (metadata 'adapter_untouched': curvature 0, task vector 0), "
+                f"but it differs from base_model {self.base_model}'s in {differ}; is base_model the model the "
+                f"adapter was trained on, and was the adapter folded in the base's dtype (--lora-merge-dtype)?"
+            )
+
     def curvatures_used(
         self, tensors: Optional[Dict[ModelReference, torch.Tensor]], curvature: Dict[ModelReference, Curvature]
     ) -> Dict[ModelReference, Curvature]:
         """Each expert's curvature as :meth:`execute` hands it to the method (vocabulary truncated);
-        the experts whose weight was loaded (``tensors``), or all that have curvature without ``tensors``."""
+        the experts whose weight was loaded (``tensors``), or all that have curvature without ``tensors``.
+        :attr:`untouched` experts are not in ``curvature``, so their zeros count in no statistic."""
         parameters = self._with_curvature(tensors or {}, curvature)
         return {
             model: parameters[model]["curvature"]
@@ -367,10 +434,10 @@ class CurvatureMergeTask(ExecuteMergeMethodTask):
 
         method = merge_methods.get(self.method_name)
         parameters = self._with_curvature(tensors, curvature)
-        entries = tuple(
+        entries = tuple(  # untouched experts left out: their saliency 0 is no entry of what they changed
             TensorEntry(id=model, tensor=tensors[model], is_base=model == self.base_model)
             for model in self.model_order
-            if tensors.get(model) is not None
+            if tensors.get(model) is not None and model not in self.untouched
         )
         group = TensorGroup(entries=entries, metadata=TensorMetadata.from_weight_info(self.output_weight))
         if not group.entries or not group.tensors[0].is_floating_point():
