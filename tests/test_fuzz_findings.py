@@ -574,3 +574,18 @@ def test_every_json_the_package_reads_goes_through_the_one_strict_parser():
                 if isinstance(node.value, ast.Name) and node.value.id == "json":
                     found.append(f"{path.relative_to(REPO)}:{node.lineno}")
     assert not found, f"use mergekit_ota.io.safetensors.parse_json instead of json.load(s): {found}"
+
+
+def test_lora_checkpoint_with_a_parameter_state_that_is_empty_is_refused_naming_the_weight(tmp_path):
+    """An adapter weight whose optimizer state is empty (fuzz seed 10, case 335: KeyError 'exp_avg_sq') is a weight
+    that never stepped: refused naming the optimizer file and the weight, not a KeyError."""
+    checkpoint = tmp_path / "checkpoint-3"
+    shutil.copytree(Path(seeds.FIXTURES) / "peft" / "lora" / "checkpoint-3", checkpoint)
+    optimizer = load_pickle_tree(str(checkpoint / "optimizer.pt"))
+    key = next(iter(optimizer["state"]))
+    optimizer["state"][key] = {}
+    save_pickle_tree(optimizer, str(checkpoint / "optimizer.pt"))
+    base = Path(seeds.FIXTURES) / "peft" / "base"
+    out = tmp_path / "out.safetensors"
+    _refused(_cli("export", checkpoint, out, "--model", base), "optimizer.pt", "no optimizer state for the adapter's")
+    assert not out.exists()

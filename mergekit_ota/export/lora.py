@@ -193,7 +193,8 @@ def open_lora_checkpoint(directory: str, model_path: Optional[str], frozen: Sequ
             f"AdamW states (exp_avg_sq) only, for now (8-bit, Adafactor and ZeRO adapter states are not read yet). "
             f"Instead: {INSTEAD}"
         )
-    shapes = {k: tuple(v[FULL].shape) for k, v in state.items()}
+    # a state without a second moment (empty, or only 'step': the parameter never stepped) has no shape to map
+    shapes = {k: tuple(v[FULL].shape) for k, v in state.items() if kinds.get(f"state[{k!r}]") == "full"}
     names, mapping, evidence = _name_states(groups, shapes, layout, params, optimizer_path)
     by_name = {names[k]: k for k in shapes}
     missing = [key for key, _ in layout.order if key not in by_name]
