@@ -128,14 +128,16 @@ def _adapter_metadata(adapter: str, untouched: List[str]) -> Dict[str, str]:
     import json
 
     from mergekit_ota.curvature.fingerprint import adapter_fingerprint
+    from mergekit_ota.io.safetensors import parse_json
     from mergekit_ota.store_format import ADAPTER, ADAPTER_FINGERPRINT, ADAPTER_UNTOUCHED
 
     path = os.path.join(adapter, ADAPTER_CONFIG_FILE)
     try:
-        with open(path, encoding="utf-8") as fp:
-            config = json.load(fp)
-    except (OSError, ValueError) as err:
+        with open(path, "rb") as fp:
+            raw = fp.read()
+    except OSError as err:
         raise ConfigError(f"{path}: cannot read the adapter's config ({err})") from err
+    config = parse_json(raw, path, "adapter config")  # the one strict JSON parser
     kind = str(config.get("peft_type") or "lora").lower() if isinstance(config, dict) else "lora"
     metadata = {ADAPTER: kind, ADAPTER_UNTOUCHED: json.dumps(untouched), "fisher_adapter": os.path.abspath(adapter)}
     found = adapter_fingerprint(adapter)
