@@ -364,3 +364,31 @@ def test_paired_bootstrap_verdicts():
     assert same.verdict == "tie" and same.low == same.high == 0
     by_loss = stats.compare([seed], "good", "poor", ["c"], replicates=500, statistic=stats.LOSS).per_seed[0]
     assert by_loss.verdict == "win" and by_loss.value == pytest.approx(0.4, abs=0.02)
+
+
+def test_chat_turns_are_scored_through_their_end_of_turn_token_only(tmp_path):
+    """compare labels an assistant turn as generation writes it: up to and including the first end-of-turn (EOS)
+    token, not the template's text after it (ChatML's newline after ``<|im_end|>``), which a model fine-tuned on
+    answers only need not predict (the sft tier's experts: exact match 0 and loss x200 on their own skill when it
+    was labelled); fisher's rows keep the whole rendered turn."""
+    from mergekit_ota import demo as demo_module
+    from mergekit_ota.compare.dataset import read_dataset
+    from mergekit_ota.fisher import data as fisher_data
+
+    tokenizer = demo_module._tokenizer()
+    tokenizer.eos_token = "t63"
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} t63 t62 {% endfor %}"
+    messages = [{"role": "user", "content": "t1 t2"}, {"role": "assistant", "content": "t3 t4"}]
+    data = _jsonl(tmp_path / "chat.jsonl", [{"messages": messages}, {"messages": messages + messages}])
+
+    def labelled(rows):
+        return [[t for t in labels if t != fisher_data.IGNORE] for _, labels in rows]
+
+    t = tokenizer.convert_tokens_to_ids
+    ours = labelled(read_dataset(data, tokenizer, 64, [], 0.5, 0).rows)
+    assert ours == [[t("t3"), t("t4"), t("t63")], [t("t3"), t("t4"), t("t63")] * 2]
+    samples = fisher_data.read_samples(data, 10)
+    assert labelled(fisher_data.rows(tokenizer, samples, 64)) == [
+        [t("t3"), t("t4"), t("t63"), t("t62")],
+        [t("t3"), t("t4"), t("t63"), t("t62")] * 2,
+    ]

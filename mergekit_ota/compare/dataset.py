@@ -121,7 +121,8 @@ def read_dataset(
         raise ConfigError(f"--split must be in (0, 1): the selection half's share of each capability; got {share}")
     samples = fisher_data.read_samples(path, sys.maxsize)
     capability, owner = _capabilities(samples, experts)
-    rows = fisher_data.rows(tokenizer, samples, max_length)
+    # chat turns labelled as generated: through the end-of-turn token, not the template's text after it
+    rows = fisher_data.rows(tokenizer, samples, max_length, as_generated=True)
     halves = split(capability, share, seed)
     return Dataset(
         tuple(samples), tuple(rows), tuple(capability), tuple(halves), tuple(dict.fromkeys(capability)), owner

@@ -141,8 +141,14 @@ def _chat_ids(tokenizer: Any, messages: Sequence[Dict[str, str]], **kwargs: Any)
     return list(ids)
 
 
-def to_row(tokenizer: Any, sample: Sample, max_length: int) -> Row:
-    """``(ids, labels)`` of one sample, truncated to ``max_length`` tokens (see the module docstring)."""
+def to_row(tokenizer: Any, sample: Sample, max_length: int, as_generated: bool = False) -> Row:
+    """``(ids, labels)`` of one sample, truncated to ``max_length`` tokens (see the module docstring).
+
+    ``as_generated`` (``mergekit-ota compare``'s scoring): each assistant turn is labelled only up to and including
+    the first end-of-turn token in it (the tokenizer's EOS token, e.g. ``<|im_end|>``), which is where generation
+    stops: what a template writes after it (ChatML's newline) is never generated, and a model fine-tuned with the
+    loss on answers only need not predict it. A turn without the EOS token is labelled whole, as without it.
+    """
     if not sample.messages:
         ids = list(tokenizer(sample.text, add_special_tokens=True)["input_ids"])[:max_length]
         return ids, [IGNORE] + ids[1:]
@@ -161,15 +167,19 @@ def to_row(tokenizer: Any, sample: Sample, max_length: int) -> Row:
                 f"{sample.origin}: the chat template does not render turn {index} as a prefix of the "
                 "conversation, so its assistant tokens cannot be found"
             )
-        labels[len(start) : len(end)] = ids[len(start) : len(end)]
+        stop = len(end)
+        if as_generated and tokenizer.eos_token_id in ids[len(start) : len(end)]:
+            stop = ids.index(tokenizer.eos_token_id, len(start), len(end)) + 1
+        labels[len(start) : stop] = ids[len(start) : stop]
     return ids[:max_length], labels[:max_length]
 
 
-def rows(tokenizer: Any, samples: Sequence[Sample], max_length: int) -> List[Row]:
-    """Every sample as a row; a sample left with no labelled token (truncated away) is an error naming it."""
+def rows(tokenizer: Any, samples: Sequence[Sample], max_length: int, as_generated: bool = False) -> List[Row]:
+    """Every sample as a row (``as_generated``: see :func:`to_row`); a sample left with no labelled token
+    (truncated away) is an error naming it."""
     out = []
     for sample in samples:
-        ids, labels = to_row(tokenizer, sample, max_length)
+        ids, labels = to_row(tokenizer, sample, max_length, as_generated)
         if all(label == IGNORE for label in labels[1:]):
             raise ConfigError(
                 f"{sample.origin}: no token to take the loss on within --max-length {max_length} "
