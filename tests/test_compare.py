@@ -392,3 +392,28 @@ def test_chat_turns_are_scored_through_their_end_of_turn_token_only(tmp_path):
         [t("t3"), t("t4"), t("t63"), t("t62")],
         [t("t3"), t("t4"), t("t63"), t("t62")] * 2,
     ]
+
+
+def test_a_run_killed_outright_is_resumed_not_refused(demo, tmp_path, monkeypatch, capsys):
+    """A compare killed without a chance to clean up (SIGTERM, kill -9) leaves its claim and a half-written merge
+    in OUT; rerunning takes the dead run's claim over and resumes from its cached points (a merge of another
+    command's output with a dead claim is still refused: tests/test_safe_io.py)."""
+    import socket
+    import subprocess
+
+    from mergekit_ota.io.output import CLAIM_FILE
+
+    out = tmp_path / "out"
+    interrupted = Counter(monkeypatch, stop=2)
+    assert _compare(demo, out).exit_code == 1 and len(interrupted.calls) == 2
+    probe = subprocess.Popen(["true"])
+    probe.wait()  # a pid that no process has now: the killed run's
+    (out / CLAIM_FILE).write_text(json.dumps({"pid": probe.pid, "host": socket.gethostname(), "started": "then"}))
+    (out / "merges" / ".partial").mkdir(parents=True)
+    (out / "merges" / ".partial" / "model.safetensors").write_bytes(b"half")
+    rerun = Counter(monkeypatch)
+    result = _compare(demo, out)
+    assert result.exit_code == 0, result.output
+    assert len(rerun.calls) == 3  # the 4 points less the one the killed run finished
+    assert "taking over the claim of a run that is no longer running" in result.output + capsys.readouterr().err
+    assert not (out / CLAIM_FILE).exists() and not (out / "merges" / ".partial").exists()

@@ -45,6 +45,7 @@ COMPARE_OUTPUT = ReplacePolicy(
     what=f"the output of an earlier mergekit-ota compare (a directory holding {MARKER})",
     recognises=lambda path: os.path.isfile(os.path.join(path, MARKER)),
     flag="--force",
+    resumable=True,  # each finished point is cached whole: a killed run's OUT is resumed, not refused
 )
 
 

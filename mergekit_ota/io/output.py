@@ -52,13 +52,16 @@ class ReplacePolicy:
     (``what`` describes it in messages); ``flag`` is what the user passes to allow a
     replacement (``None``: a recognised directory is replaced without asking, as
     mergekit re-runs into its own output); ``in_place_hint`` names the way (if any) to
-    write into a directory that is not recognised.
+    write into a directory that is not recognised. ``resumable``: the command writes every file of a recognised
+    directory whole and a rerun resumes from them, so the claim of a run that is no longer running (killed) is
+    taken over even when the directory holds files (otherwise only when it holds nothing else).
     """
 
     what: str
     recognises: Callable[[str], bool]
     flag: Optional[str] = None
     in_place_hint: Optional[str] = None
+    resumable: bool = False
 
 
 def _entries(path: str) -> FrozenSet[str]:
@@ -125,9 +128,10 @@ def _describe_claim(path: str) -> str:
     )
 
 
-def _take_over(path: str) -> Optional[ClaimOwner]:
-    """Make the claim in ``path`` ours if it is a dead run's and the directory holds nothing else; return its
-    former owner, or ``None`` (nothing changed) if it may not be taken.
+def _take_over(path: str, resumable: bool = False) -> Optional[ClaimOwner]:
+    """Make the claim in ``path`` ours if it is a dead run's and the directory holds nothing else (or
+    ``resumable``: :attr:`ReplacePolicy.resumable`); return its former owner, or ``None`` (nothing changed) if it
+    may not be taken.
 
     The claim file is rewritten in place under an exclusive ``flock``, after reading it again under the lock
     and checking that it is still the file at that path, so two runs taking over at once cannot both win: the
@@ -148,7 +152,7 @@ def _take_over(path: str) -> Optional[ClaimOwner]:
         if (held.st_dev, held.st_ino) != (there.st_dev, there.st_ino):
             return None  # released (and maybe claimed anew) while we waited for the lock
         owner = ClaimOwner.parse(os.pread(fd, 1 << 16, 0).decode("utf-8", "replace"))
-        if owner is None or not owner.dead or _entries(path):
+        if owner is None or not owner.dead or (_entries(path) and not resumable):
             return None
         text = _claim_text().encode("utf-8")
         os.ftruncate(fd, 0)
@@ -159,17 +163,18 @@ def _take_over(path: str) -> Optional[ClaimOwner]:
         os.close(fd)  # releases the lock
     print(
         f"mergekit-ota: {path}: taking over the claim of a run that is no longer running (pid {owner.pid} on "
-        f"{owner.host}, started {owner.started}); the directory held nothing else",
+        f"{owner.host}, started {owner.started}); "
+        + ("resuming from what it finished" if _entries(path) else "the directory held nothing else"),
         file=sys.stderr,
     )
     return owner
 
 
-def _stale_and_alone(path: str) -> bool:
-    """Whether the claim in ``path`` is a dead run's and the directory holds nothing else (:func:`_take_over`
-    would take it)."""
+def _stale_and_alone(path: str, resumable: bool = False) -> bool:
+    """Whether the claim in ``path`` is a dead run's and the directory holds nothing else, or ``resumable``
+    (:func:`_take_over` would take it)."""
     owner = _read_claim(path)
-    return owner is not None and owner.dead and not _entries(path)
+    return owner is not None and owner.dead and (resumable or not _entries(path))
 
 
 def _exchange(a: str, b: str) -> bool:
@@ -250,9 +255,14 @@ class OutputDirectory:
         """The mode for ``self.path`` as it is now; raises if it may not be written."""
         if not os.path.isdir(self.path) or os.path.islink(self.path):
             raise OutputError(f"{self.path} exists and is not a directory; choose a new directory")
-        if os.path.lexists(os.path.join(self.path, CLAIM_FILE)) and not _stale_and_alone(self.path):
+        if os.path.lexists(os.path.join(self.path, CLAIM_FILE)) and not _stale_and_alone(self.path, self._resumable):
             raise OutputError(_describe_claim(self.path))
         return self._mode_for_contents()
+
+    @property
+    def _resumable(self) -> bool:
+        """Whether a dead run's claim here may be taken over although the directory holds files."""
+        return self.policy.resumable and os.path.isdir(self.path) and self.policy.recognises(self.path)
 
     def _mode_for_contents(self) -> str:
         """``empty``, ``in_place`` or ``replace`` for what the directory holds (besides a claim); else refuse."""
@@ -274,7 +284,7 @@ class OutputDirectory:
         try:
             fd = os.open(claim, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
-            if _take_over(self.path) is None:
+            if _take_over(self.path, self._resumable) is None:
                 raise OutputError(_describe_claim(self.path)) from None
             self._claimed = True
             return
