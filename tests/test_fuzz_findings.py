@@ -589,3 +589,18 @@ def test_lora_checkpoint_with_a_parameter_state_that_is_empty_is_refused_naming_
     out = tmp_path / "out.safetensors"
     _refused(_cli("export", checkpoint, out, "--model", base), "optimizer.pt", "no optimizer state for the adapter's")
     assert not out.exists()
+
+
+def test_zero_checkpoint_whose_optimizer_files_are_no_regular_files_is_refused_naming_them(tmp_path):
+    """A ZeRO step directory whose only *_optim_states.pt entry is a directory (fuzz seed 13, case 351: the other
+    rank's file deleted) was an IndexError; it is refused naming the entry."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(ZERO / "z2-fp32-w2" / "checkpoint", ckpt)
+    step = next(p for p in ckpt.iterdir() if p.name.startswith("global_step"))
+    files = sorted(step.glob("*_optim_states.pt"))
+    files[1].unlink()
+    files[0].unlink()
+    files[0].mkdir()
+    out = tmp_path / "out.safetensors"
+    _refused(_cli("export", ckpt, out), files[0].name, "not a regular file")
+    assert not out.exists()

@@ -162,6 +162,12 @@ def _optim_files(directory: str, files: Sequence[str]) -> List[str]:
     if len(prefixes) > 1:
         raise CurvatureError(f"{directory}: holds both bf16_zero_pp_rank_* and zero_pp_rank_* files; two saves mixed")
     ranks = sorted(found)
+    if not ranks:  # the directory was taken for ZeRO by a name: every *_optim_states.pt entry is no regular file
+        odd = sorted(f for f in os.listdir(directory) if _OPTIM.match(f))
+        raise CurvatureError(
+            f"{directory}: no optimizer state file to read: {', '.join(odd[:3]) or 'none'} "
+            f"{'is' if len(odd) == 1 else 'are'} not a regular file (expected *_optim_states.pt files, one per rank)"
+        )
     if ranks != list(range(len(ranks))):
         raise CurvatureError(
             f"{directory}: optimizer files of ranks {ranks}: expected ranks 0..{len(ranks) - 1}, none missing"
