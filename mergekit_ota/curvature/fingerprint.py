@@ -185,16 +185,7 @@ def check_ownership(
     without its adapter to compare, is accepted with a note.
     """
     found = Ownership()
-    holders: Dict[str, List[Tuple[str, str]]] = {}
-    for expert, path, _, _ in uses:
-        holders.setdefault(os.path.realpath(path), []).append((expert, path))
-    for owners in holders.values():
-        experts = list(dict.fromkeys(expert for expert, _ in owners))
-        if len(experts) > 1:
-            found.problems.append(
-                f"{owners[0][1]}: one curvature store is given to {len(experts)} experts ({', '.join(experts)}); "
-                f"each expert needs its own (its own optimizer's second moments): give each its store"
-            )
+    _check_shared(found, uses)
     cache: Dict[Tuple[str, Tuple[str, ...]], Optional[str]] = {}
 
     def actual(expert: str, names: Tuple[str, ...]) -> Optional[str]:
@@ -218,41 +209,68 @@ def check_ownership(
         written = f" (written from {origin})" if origin else ""
         if metadata.get(ADAPTER_FINGERPRINT_KEY):
             _check_adapter(found, expert, path, written, metadata[ADAPTER_FINGERPRINT_KEY], experts, adapter)
-            continue
-        recorded = metadata.get(FINGERPRINT_KEY)
-        if not recorded:
+        elif not metadata.get(FINGERPRINT_KEY):
             found.notes.append(
                 f"store {path} (expert {expert}) records no {FINGERPRINT_KEY} (written by hand or by an older "
                 f"mergekit-ota): that it holds {expert}'s curvature is not checked"
             )
-            continue
-        names = tuple(sorted(store_names))
-        try:
-            own = actual(expert, names)
-        except OTAError as error:
-            found.warnings.append(f"store {path}: expert {expert}'s weights could not be fingerprinted ({error})")
-            continue
-        if own == recorded:
-            continue
-        if own is None:
-            found.warnings.append(
-                f"store {path}{written} was recorded for other weights than expert {expert}'s: {expert}'s "
-                f"safetensors weights lack some of its {len(names)} tensors; is it this expert's store?"
-            )
-            continue
-        others = [other for other in experts if other != expert and actual(other, names) == recorded]
-        if others:
-            found.warnings.append(
-                f"store {path}{written} is given to expert {expert} but holds the curvature of expert {others[0]}'s "
-                f"weights (its {FINGERPRINT_KEY} is theirs): were the two experts' stores swapped?"
-            )
         else:
-            found.warnings.append(
-                f"store {path}{written} was recorded for other weights than expert {expert}'s ({FINGERPRINT_KEY} "
-                f"{recorded[:19]}..., {expert}'s weights {own[:19]}...): is it this expert's store, from the "
-                f"checkpoint these weights were saved from?"
-            )
+            names = tuple(sorted(store_names))
+            _check_weights(found, expert, path, written, metadata[FINGERPRINT_KEY], names, experts, actual)
     return found
+
+
+def _check_shared(found: Ownership, uses: Sequence[Tuple[str, str, Mapping[str, str], Sequence[str]]]) -> None:
+    """:func:`check_ownership`'s problem: one store file (by real path) given to two experts."""
+    holders: Dict[str, List[Tuple[str, str]]] = {}
+    for expert, path, _, _ in uses:
+        holders.setdefault(os.path.realpath(path), []).append((expert, path))
+    for owners in holders.values():
+        experts = list(dict.fromkeys(expert for expert, _ in owners))
+        if len(experts) > 1:
+            found.problems.append(
+                f"{owners[0][1]}: one curvature store is given to {len(experts)} experts ({', '.join(experts)}); "
+                f"each expert needs its own (its own optimizer's second moments): give each its store"
+            )
+
+
+def _check_weights(
+    found: Ownership,
+    expert: str,
+    path: str,
+    written: str,
+    recorded: str,
+    names: Tuple[str, ...],
+    experts: Sequence[str],
+    actual: Callable[[str, Tuple[str, ...]], Optional[str]],
+) -> None:
+    """:func:`check_ownership` for a store recording :data:`FINGERPRINT_KEY`: ``actual(expert, names)`` is the
+    fingerprint of that expert's weights ``names`` (``None``: it lacks some)."""
+    try:
+        own = actual(expert, names)
+    except OTAError as error:
+        found.warnings.append(f"store {path}: expert {expert}'s weights could not be fingerprinted ({error})")
+        return
+    if own == recorded:
+        return
+    if own is None:
+        found.warnings.append(
+            f"store {path}{written} was recorded for other weights than expert {expert}'s: {expert}'s "
+            f"safetensors weights lack some of its {len(names)} tensors; is it this expert's store?"
+        )
+        return
+    others = [other for other in experts if other != expert and actual(other, names) == recorded]
+    if others:
+        found.warnings.append(
+            f"store {path}{written} is given to expert {expert} but holds the curvature of expert {others[0]}'s "
+            f"weights (its {FINGERPRINT_KEY} is theirs): were the two experts' stores swapped?"
+        )
+    else:
+        found.warnings.append(
+            f"store {path}{written} was recorded for other weights than expert {expert}'s ({FINGERPRINT_KEY} "
+            f"{recorded[:19]}..., {expert}'s weights {own[:19]}...): is it this expert's store, from the "
+            f"checkpoint these weights were saved from?"
+        )
 
 
 def _check_adapter(
