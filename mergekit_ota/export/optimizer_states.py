@@ -27,8 +27,11 @@ Recognised per-parameter states (key names as the optimizers save them):
   Trainer) hold ``state2`` as float32: that is ``exp_avg_sq`` itself.
 
 Refused, with the keys found: non-blockwise 8-bit states (``max1``/``max2``/``new_max*``), and
-optimizers without a second moment (SGD and Muon: ``momentum_buffer``; Lion: ``exp_avg`` only,
-or bitsandbytes' ``state1`` only; RMSprop ``square_avg``; Adagrad ``sum``; Adamax ``exp_inf``);
+optimizers without a second moment, by family (:func:`momentum_family`, keys as torch 2.13 saves them):
+``torch.optim.Muon`` (``momentum_buffer``, groups with ``ns_coefficients``/``ns_steps``; its AdamW companion's
+parameters do have ``exp_avg_sq`` and are counted), ``torch.optim.SGD`` with momentum (``momentum_buffer``, groups
+with ``dampening``), Lion (``exp_avg`` only, as lion-pytorch saves it); also bitsandbytes' ``state1`` only,
+RMSprop ``square_avg``, Adagrad ``sum``, Adamax ``exp_inf``.  The refusal names ``mergekit-ota fisher`` for them;
 adapter-only (LoRA) states outside a PEFT checkpoint directory (which :mod:`mergekit_ota.export.lora` reads).
 """
 
@@ -66,11 +69,9 @@ ADAFACTOR_KINDS = ("factored", "factored_var", "variance")
 NON_BLOCKWISE_KEYS = ("max1", "max2", "new_max1", "new_max2")
 BLOCK_SIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 _WITHOUT_SECOND_MOMENT = {
-    "momentum_buffer": "SGD with momentum, or Muon (its matrices keep only a momentum buffer)",
     "square_avg": "RMSprop (its square_avg uses another update rule than Adam's exp_avg_sq)",
     "sum": "Adagrad (a sum of squared gradients, not an average)",
     "exp_inf": "Adamax (an infinity norm, not a second moment)",
-    "exp_avg": "Lion, or another optimizer with only a first moment",
     "state1": "a bitsandbytes optimizer with one state (Lion, SGD momentum or RMSprop, 8- or 32-bit)",
 }
 ADAPTER_NAME = re.compile(r"(^|\.)(lora_[AB]|lora_embedding_[AB]|lora_magnitude_vector|ia3_l|vera_lambda_[bd])(\.|$)")
@@ -202,12 +203,97 @@ def _examples(names: Sequence[str], limit: int = 3) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def check_second_moments(states: Mapping[str, Collection[str]], source: str) -> Dict[str, str]:
+#: what fills the gap where an optimizer kept no second moment (``fisher`` cannot yet complete a store)
+FISHER_COMMAND = "mergekit-ota fisher MODEL DATA OUT"
+MUON_GROUP_KEYS = ("ns_coefficients", "ns_steps")  # torch.optim.Muon's param groups (torch 2.13)
+SGD_GROUP_KEYS = ("dampening",)  # torch.optim.SGD's param groups
+
+
+@dataclass(frozen=True)
+class MomentumFamily:
+    """A momentum-only optimizer recognised from one parameter's state keys and its param group.
+
+    ``family``: its name in messages; ``looks_like``: the class it looks like; ``relies_on``: the keys read.
+    """
+
+    family: str
+    looks_like: str
+    relies_on: str
+
+
+def momentum_family(keys: Collection[str], group: Optional[Mapping[str, Any]] = None) -> Optional[MomentumFamily]:
+    """The momentum-only family of a state without a second moment, or ``None``.
+
+    Keys as saved by torch 2.13 and lion-pytorch: ``torch.optim.Muon`` keeps ``momentum_buffer`` (no ``step``)
+    in groups with ``ns_coefficients``/``ns_steps``; ``torch.optim.SGD(momentum>0)`` keeps ``momentum_buffer`` in
+    groups with ``dampening``; ``lion_pytorch.Lion`` keeps ``exp_avg`` alone.  Without the group (a source that
+    saves no param groups) ``momentum_buffer`` names both candidates.
+    """
+    own = set(keys) - {"step"}
+    group_keys = set(group) if group is not None else set()
+    if "momentum_buffer" in own:
+        state = "state 'momentum_buffer'"
+        if group_keys & set(MUON_GROUP_KEYS):
+            return MomentumFamily("Muon", "torch.optim.Muon", f"{state}, param group 'ns_coefficients'/'ns_steps'")
+        if group_keys & set(SGD_GROUP_KEYS):
+            return MomentumFamily("SGD with momentum", "torch.optim.SGD", f"{state}, param group 'dampening'")
+        return MomentumFamily("SGD with momentum or Muon", "torch.optim.SGD or torch.optim.Muon", state)
+    if own == {"exp_avg"}:
+        return MomentumFamily(
+            "Lion", "lion_pytorch.Lion (or another first-moment-only optimizer)", "state 'exp_avg' without exp_avg_sq"
+        )
+    return None
+
+
+def _lacking_message(
+    lacking: Sequence[str], kinds: Mapping[str, str], states: Mapping[str, Collection[str]], groups: Mapping[str, Any]
+) -> str:
+    """What the refusal says about the parameters without a second moment: their family, the keys relied on,
+    counts, examples, and what to run instead."""
+    have = [label for label, kind in kinds.items() if kind in SECOND_MOMENT_KINDS]
+    families: Dict[Optional[MomentumFamily], List[str]] = {}
+    for label in lacking:
+        families.setdefault(momentum_family(states[label], groups.get(label)), []).append(label)
+    parts = []
+    for family, labels in families.items():
+        keys = sorted(set(states[labels[0]]) - {"step"})
+        if family is None:
+            guess = next(
+                (why for key, why in _WITHOUT_SECOND_MOMENT.items() if key in keys),
+                "an optimizer without a second moment",
+            )
+            parts.append(f"{len(labels)} look like {guess} (e.g. {_examples(labels)}, state keys {keys})")
+        else:
+            parts.append(
+                f"{len(labels)} look like {family.family} ({family.looks_like}; read from {family.relies_on}): "
+                f"momentum only, e.g. {_examples(labels)}"
+            )
+    muon = any(family is not None and family.family == "Muon" for family in families)
+    companion = (
+        f"{len(have)} parameter(s) do have a second moment (e.g. {_examples(have)}"
+        + ("; Muon's AdamW companion, for embeddings, norms and the head)" if muon else ")")
+        if have
+        else "No parameter has a second moment"
+    )
+    return (
+        f"no second moment for {len(lacking)} of {len(kinds)} parameter(s): " + "; ".join(parts) + f". {companion}. "
+        f"OTA and FFG need Adam's exp_avg_sq (or Adafactor's exp_avg_sq_row/exp_avg_sq_col, torch.optim.Adafactor's "
+        f"row_var/col_var/variance) for every merged weight. What fills the gap today: `{FISHER_COMMAND}` (the "
+        f"data Fisher of the expert, for all its tensors; completing only the missing ones is not built yet)"
+    )
+
+
+def check_second_moments(
+    states: Mapping[str, Collection[str]], source: str, groups: Optional[Mapping[str, Mapping[str, Any]]] = None
+) -> Dict[str, str]:
     """Classify every parameter's state (``{label: state keys}``); refuse what cannot be exported.
 
-    Returns ``{label: kind}`` for the parameters with a second moment (``full`` or
-    ``factored``).  Raises :class:`CurvatureError` naming the keys found when any
-    parameter's state is 8-bit or lacks a second moment, or when no state has one.
+    ``groups``: ``{label: its param group}`` where the source saves them (they tell Muon from SGD).
+    Returns ``{label: kind}`` for the parameters with a second moment (``full``,
+    ``factored``, ...).  Raises :class:`CurvatureError` naming the keys found when any
+    parameter's state is 8-bit or lacks a second moment (naming the momentum-only family,
+    the keys relied on, how many parameters have a second moment and how many have none,
+    and the ``fisher`` command), or when no state has one.
     """
     kinds = {label: state_kind(keys) for label, keys in states.items()}
     eight = [label for label, kind in kinds.items() if kind == "8bit"]
@@ -220,17 +306,7 @@ def check_second_moments(states: Mapping[str, Collection[str]], source: str) -> 
         )
     lacking = [label for label, kind in kinds.items() if kind == "none"]
     if lacking:
-        keys = sorted(set(states[lacking[0]]) - {"step"})
-        guess = next(
-            (why for key, why in _WITHOUT_SECOND_MOMENT.items() if key in keys), "an optimizer without a second moment"
-        )
-        have = sum(kind in SECOND_MOMENT_KINDS for kind in kinds.values())
-        raise CurvatureError(
-            f"{source}: no second moment for {len(lacking)} of {len(kinds)} parameter(s) (e.g. {_examples(lacking)}, "
-            f"state keys {keys}): this looks like {guess}. OTA and FFG need Adam's exp_avg_sq "
-            f"(or Adafactor's exp_avg_sq_row/exp_avg_sq_col, torch.optim.Adafactor's row_var/col_var/variance) for "
-            f"every merged weight" + (f"; {have} other parameter(s) do have one" if have else "")
-        )
+        raise CurvatureError(f"{source}: " + _lacking_message(lacking, kinds, states, groups or {}))
     found = {label: kind for label, kind in kinds.items() if kind in SECOND_MOMENT_KINDS}
     if not found:
         raise CurvatureError(f"{source}: the optimizer state is empty (did the optimizer ever step?)")

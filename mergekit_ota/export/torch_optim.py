@@ -206,7 +206,9 @@ def open_torch_state(
     if names is None and state and all(isinstance(k, str) for k in state):
         names = {key: clean_name(key) for key in group_of}
     label = (lambda key: names[key]) if names is not None else (lambda key: f"state[{key}]")
-    kinds = check_second_moments({label(k): list(v.keys()) for k, v in state.items()}, path)
+    kinds = check_second_moments(
+        {label(k): list(v.keys()) for k, v in state.items()}, path, {label(k): groups[group_of[k]] for k in state}
+    )
     if names is not None:
         refuse_adapters(list(names.values()), path, adapter_reason)
     elif adapter_reason:

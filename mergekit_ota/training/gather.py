@@ -195,7 +195,11 @@ def live_state(model: torch.nn.Module, optimizer: Any) -> LiveState:
         raise CurvatureError(f"not a torch optimizer: {type(optimizer).__name__}")
     groups = _group_of(torch_optimizer)
     states = {n: flatten_bnb(torch_optimizer.state[p]) for n, p in trainable if torch_optimizer.state.get(p)}
-    kinds = check_second_moments({n: list(s) for n, s in states.items()}, type(torch_optimizer).__name__)
+    kinds = check_second_moments(
+        {n: list(s) for n, s in states.items()},
+        type(torch_optimizer).__name__,
+        {n: groups[id(p)] for n, p in trainable if n in states and id(p) in groups},
+    )
     fsdp2 = any(type(p).__name__ == "DTensor" for _, p in trainable)
     strategy = "fsdp2" if fsdp2 else "ddp" if is_distributed() else "single"
     params = []

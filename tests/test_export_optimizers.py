@@ -1,0 +1,109 @@
+"""`mergekit-ota export` of momentum-only optimizers: real ``torch.optim`` state dicts (tests/fixtures/optimizers,
+written by its ``generate.py`` with torch 2.13) are refused naming the family, the keys relied on, the counts and
+``mergekit-ota fisher``; a state where every parameter has ``exp_avg_sq`` exports as before."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from mergekit_ota.cli.export import export_command
+from mergekit_ota.errors import CurvatureError
+from mergekit_ota.export.optimizer_states import FISHER_COMMAND, check_second_moments, momentum_family
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "optimizers")
+MUON_MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _fixture(name: str) -> str:
+    return os.path.join(FIXTURES, name)
+
+
+def _refused(name: str, tmp_path) -> str:
+    """Export fixture ``name``: exit 1, no traceback, nothing written; the message on one line."""
+    out = tmp_path / "out.safetensors"
+    result = CliRunner().invoke(export_command, [_fixture(name), str(out), "--quiet"])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    assert not out.exists() and os.listdir(tmp_path) == []
+    return " ".join(result.output.split())
+
+
+def test_muon_with_adamw_companion_is_refused_naming_muon_counts_and_fisher(tmp_path):
+    """torch.optim.Muon (hidden matrices) + its AdamW companion (embeddings, norms, head) in one state dict:
+    7 of 12 parameters have momentum only; the 5 with exp_avg_sq are counted; the fisher command is named."""
+    message = _refused("muon_adamw.pt", tmp_path)
+    assert "no second moment for 7 of 12 parameter(s)" in message
+    assert "7 look like Muon (torch.optim.Muon; read from state 'momentum_buffer', param group" in message
+    assert "'ns_coefficients'/'ns_steps'" in message
+    assert "'model.layers.0.self_attn.q_proj.weight'" in message and "and 4 more" in message
+    assert "5 parameter(s) do have a second moment (e.g. 'model.embed_tokens.weight'" in message
+    assert "Muon's AdamW companion" in message
+    assert f"`{FISHER_COMMAND}`" in message and "not built yet" in message
+    assert "SGD" not in message
+
+
+def test_sgd_momentum_is_refused_naming_sgd_and_fisher(tmp_path):
+    """torch.optim.SGD(momentum=0.9), index-keyed: all 12 parameters momentum only, none with a second moment."""
+    message = _refused("sgd_momentum.pt", tmp_path)
+    assert "no second moment for 12 of 12 parameter(s)" in message
+    assert "12 look like SGD with momentum (torch.optim.SGD; read from state 'momentum_buffer', param group" in message
+    assert "'dampening'" in message and "'state[0]'" in message and "and 9 more" in message
+    assert "No parameter has a second moment" in message and "Muon" not in message
+    assert f"`{FISHER_COMMAND}`" in message
+
+
+def test_adamw_companion_alone_exports_its_exp_avg_sq(tmp_path):
+    """The companion's own state dict (every parameter has exp_avg_sq) exports as before, value for value."""
+    saved = torch.load(_fixture("adamw_companion.pt"), weights_only=True)
+    (group,) = saved["param_groups"]
+    expected = {name: saved["state"][k]["exp_avg_sq"] for k, name in zip(group["params"], group["param_names"])}
+    out = tmp_path / "store.safetensors"
+    result = CliRunner().invoke(export_command, [_fixture("adamw_companion.pt"), str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    stored = load_file(str(out))
+    assert set(stored) == set(expected) and len(expected) == 5
+    for name, v in expected.items():
+        assert torch.equal(stored[name], v), name
+
+
+def test_fixture_states_have_the_keys_the_rules_rely_on():
+    """The fixtures hold what torch 2.13 saves: Muon ``momentum_buffer`` alone (no ``step``) on the 2-D hidden
+    matrices in groups with ``ns_coefficients``/``ns_steps``; SGD ``momentum_buffer`` in groups with ``dampening``."""
+    muon = torch.load(_fixture("muon_adamw.pt"), weights_only=True)
+    muon_group = muon["param_groups"][0]
+    assert {"ns_coefficients", "ns_steps"} <= set(muon_group)
+    for k, name in zip(muon_group["params"], muon_group["param_names"]):
+        assert set(muon["state"][k]) == {"momentum_buffer"} and any(m in name for m in MUON_MATRICES)
+    sgd = torch.load(_fixture("sgd_momentum.pt"), weights_only=True)
+    assert "dampening" in sgd["param_groups"][0]
+    assert all(set(entry) == {"momentum_buffer"} for entry in sgd["state"].values())
+
+
+@pytest.mark.parametrize(
+    "keys, group, family",
+    [
+        (["momentum_buffer"], {"ns_steps": 5}, "Muon"),
+        (["momentum_buffer"], {"dampening": 0}, "SGD with momentum"),
+        (["momentum_buffer"], None, "SGD with momentum or Muon"),
+        (["exp_avg"], {"betas": (0.9, 0.99)}, "Lion"),
+        (["exp_avg", "exp_avg_sq", "step"], {}, None),
+    ],
+)
+def test_momentum_family_from_keys_and_group(keys, group, family):
+    """One rule names the family: group keys tell Muon from SGD; without a group both are named."""
+    found = momentum_family(keys, group)
+    assert (found.family if found else None) == family
+
+
+def test_refusal_without_groups_names_both_candidates():
+    """Sources that save no param groups (ZeRO, DCP and universal checkpoints) still get
+    the family and the fisher command."""
+    with pytest.raises(CurvatureError, match=re.escape("SGD with momentum or Muon")) as info:
+        check_second_moments({"w": ["momentum_buffer"], "b": ["exp_avg", "exp_avg_sq"]}, "src")
+    assert "1 parameter(s) do have a second moment (e.g. 'b')" in str(info.value) and FISHER_COMMAND in str(info.value)
