@@ -435,3 +435,19 @@ def test_planned_merge_of_a_rank1_store_with_a_zero_factor_equals_the_in_memory_
         torch.testing.assert_close(tensor, memory[name], rtol=1e-5, atol=1e-7)
     if method == "ota" and not per_expert and options.get("curvature_scale", "mean") != "none":  # w_1 = O(1)
         torch.testing.assert_close(planned[ZEROED], states["e1"][ZEROED], rtol=1e-6, atol=1e-7)
+
+
+def test_all_zero_curvature_with_a_weight_beyond_float32_gives_eps_weights_not_nan():
+    """Every entry of every expert's curvature 0 and a weight beyond float32 (curvature_scale's weight / m**p with a
+    tiny statistic m: hypothesis found m = 7e-46) gave 0 * inf = NaN weights and a NaN merge; the weights are
+    eps / s (every w_i v_i**p is 0) and OTA gives the plain average of the task vectors at equal weights."""
+    from mergekit_ota.math.ota import curvature_weights, ota_merge, weight_divisor
+
+    zeros = torch.zeros(3)
+    for power in (0.5, 1.0, 2.0):
+        divisor = weight_divisor([zeros], [1.4e45], power, 1e-12)
+        weights = curvature_weights(zeros, 1.4e45, power, 1e-12, scale=divisor)
+        assert torch.isfinite(weights).all() and torch.equal(weights, torch.full((3,), 1e-12 / divisor.divisor))
+        base, taus = torch.zeros(3), [torch.tensor([1.0, -2.0, 0.5]), torch.tensor([3.0, 0.0, -0.5])]
+        merged = ota_merge(base, [base + t for t in taus], [zeros, zeros], weights=[1.4e45, 1.4e45], power=power)
+        assert torch.allclose(merged, (taus[0] + taus[1]) / 2)

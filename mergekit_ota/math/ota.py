@@ -143,10 +143,14 @@ def _log2_term(weight: float, top: float, power: float) -> float:
 
 def _prescale(scale: Optional[WeightDivisor], weight: float, power: float) -> Optional[int]:
     """``k`` when ``v**p`` or ``weight / s`` would leave float32's safe range (else ``None``)."""
-    if scale is None or power == 0.0 or scale.log2_c == -math.inf:
+    if scale is None or power == 0.0:
         return None
-    intermediate = power * scale.log2_c
     factor = math.log2(abs(weight)) - scale.exponent if weight != 0.0 else 0.0
+    if scale.log2_c == -math.inf:
+        # every v is 0, so v**p * factor is 0; but a factor beyond float32 (curvature_scale's weight / m**p with a
+        # tiny m) would make it 0 * inf = NaN in float32: k = 0 takes the float64 path, where it stays 0
+        return 0 if abs(factor) > SAFE_LOG2 else None
+    intermediate = power * scale.log2_c
     if abs(intermediate) <= SAFE_LOG2 and abs(factor) <= SAFE_LOG2:
         return None
     return min(127, max(-126, math.floor(scale.log2_c)))
