@@ -26,8 +26,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Sequence, Tuple
 
-from mergekit_ota.errors import ConfigError, CurvatureError
-from mergekit_ota.io.safetensors import parse_json
+from mergekit_ota.errors import ConfigError
+from mergekit_ota.io.safetensors import JsonError, parse_json
 
 IGNORE = -100
 Row = Tuple[List[int], List[int]]
@@ -60,10 +60,9 @@ def _jsonl(path: str) -> Iterator[Sample]:
             where = f"{path}:{number}"
             try:
                 item = parse_json(line.encode("utf-8"), where, "JSON line")
-            except CurvatureError as err:  # the one strict JSON parser: syntax, duplicate keys, depth, surrogates
-                detail = str(err).removeprefix(f"{where}: corrupted JSON line ").strip("()")
+            except JsonError as err:  # the one strict JSON parser: syntax, duplicate keys, depth, surrogates
                 raise ConfigError(
-                    f'{where}: not valid JSON ({detail}); expected {{"text": ...}} or {{"messages": [...]}}'
+                    f'{where}: not valid JSON ({err.reason}); expected {{"text": ...}} or {{"messages": [...]}}'
                 ) from err
             yield _sample(item, where)
 

@@ -74,12 +74,20 @@ class HeaderEntry:
         return self.numel * DTYPE_SIZES.get(self.dtype, 0)
 
 
-def _no_duplicate_keys(path: str):  # type: ignore[no-untyped-def]
+class JsonError(CurvatureError):
+    """JSON :func:`parse_json` refuses; ``reason`` says why, without the file (for a caller's own message)."""
+
+    def __init__(self, path: str, what: str, reason: str):
+        super().__init__(f"{path}: corrupted {what} ({reason})")
+        self.reason = reason
+
+
+def _no_duplicate_keys(path: str, what: str):  # type: ignore[no-untyped-def]
     def hook(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
         result: Dict[str, Any] = {}
         for key, value in pairs:
             if key in result:
-                raise CurvatureError(f"{path}: the header names '{key}' twice; which one is meant is ambiguous")
+                raise JsonError(path, what, f"it names '{key}' twice; which one is meant is ambiguous")
             result[key] = value
         return result
 
@@ -92,33 +100,32 @@ MAX_JSON_DEPTH = 32  # a header or an index is three levels deep
 def parse_json(raw: bytes, path: str, what: str) -> Any:
     """JSON text ``raw`` of ``path`` (a ``what``: "safetensors header", "safetensors index", ...), strictly.
 
-    Refused naming the file: text that is not UTF-8 JSON, a key given twice in one object, nesting
-    deeper than :data:`MAX_JSON_DEPTH` (Python's parser, ``repr`` and ``==`` recurse per level:
+    Refused naming the file, with a :class:`JsonError`: text that is not UTF-8 JSON, a key given twice in one
+    object, nesting deeper than :data:`MAX_JSON_DEPTH` (Python's parser, ``repr`` and ``==`` recurse per level:
     RecursionError), a string escaping an unpaired UTF-16 surrogate (``"\\udc80"``: not Unicode text, so it
     could be neither printed nor written back; safetensors' own parser refuses it too).
     """
     try:
-        value = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys(path))
+        value = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys(path, what))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CurvatureError(f"{path}: corrupted {what} (not JSON: {error})") from error
+        raise JsonError(path, what, f"not JSON: {error}") from error
     except RecursionError as error:
-        raise CurvatureError(f"{path}: corrupted {what} (JSON nested too deeply to parse)") from error
+        raise JsonError(path, what, "JSON nested too deeply to parse") from error
     stack = [(value, 1)]
     while stack:  # what parsed may still be too deep to print or compare (repr and == recurse as well)
         item, depth = stack.pop()
         if depth > MAX_JSON_DEPTH:
-            raise CurvatureError(f"{path}: corrupted {what} (JSON nested deeper than {MAX_JSON_DEPTH} levels)")
+            raise JsonError(path, what, f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
         children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
         strings = [*item.keys(), *children] if isinstance(item, dict) else children
         for text in strings:
             if isinstance(text, str) and not _is_unicode(text):
-                raise CurvatureError(
-                    f"{path}: corrupted {what} (the string {text[:80]!r} holds an unpaired UTF-16 surrogate escape, "
-                    "which is not Unicode text)"
+                raise JsonError(
+                    path, what, f"the string {text[:80]!r} holds an unpaired UTF-16 surrogate escape, not Unicode text"
                 )
         stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
     if isinstance(value, str) and not _is_unicode(value):
-        raise CurvatureError(f"{path}: corrupted {what} (a string holding an unpaired UTF-16 surrogate escape)")
+        raise JsonError(path, what, "a string holding an unpaired UTF-16 surrogate escape")
     return value
 
 
