@@ -28,7 +28,7 @@ from typing import Dict, Iterator, List, Mapping, Optional, Tuple
 import torch
 
 from mergekit_ota.errors import CurvatureError, Problem
-from mergekit_ota.io.handles import read_tensor
+from mergekit_ota.io.handles import file_identity, read_tensor
 from mergekit_ota.io.safetensors import FLOAT_DTYPES, HeaderEntry, read_header, read_sharded
 from mergekit_ota.math.rank1 import Curvature, Rank1Curvature
 from mergekit_ota.store_format import COL_SUFFIX, METADATA_KEYS, ROW_SUFFIX, metadata_inputs
@@ -107,14 +107,14 @@ def _check_float(entry: HeaderEntry) -> None:
 
 
 def _signature(files: List[str]) -> Tuple[Tuple[str, int, int], ...]:
-    """``(file, mtime_ns, size)`` of each file (``-1``s for a missing one): what a cached store was read from."""
+    """:func:`~mergekit_ota.io.handles.file_identity` of each file (``-1``s for one that cannot be stat'ed): what
+    a cached store was read from."""
     found = []
     for file in files:
         try:
-            stat = os.stat(file)
-            found.append((file, stat.st_mtime_ns, stat.st_size))
-        except OSError:
-            found.append((file, -1, -1))
+            found.append(file_identity(file))
+        except CurvatureError:
+            found.append((os.path.abspath(file), -1, -1))
     return tuple(found)
 
 

@@ -24,7 +24,9 @@ _handles: "OrderedDict[Tuple[str, int, int], Any]" = OrderedDict()
 _lock = threading.Lock()
 
 
-def _key(file: str) -> Tuple[str, int, int]:
+def file_identity(file: str) -> Tuple[str, int, int]:
+    """``(absolute path, mtime in ns, size)``: what a cache of a file's contents is keyed and checked by (a file
+    replaced on disk gets a new identity). Raises :class:`CurvatureError` when ``file`` cannot be stat'ed."""
     try:
         stat = os.stat(file)
     except OSError as error:
@@ -36,7 +38,7 @@ def handle(file: str) -> Any:
     """The open ``safe_open(file, framework="pt", device="cpu")`` handle of ``file``."""
     from safetensors import safe_open
 
-    key = _key(file)
+    key = file_identity(file)
     with _lock:
         found = _handles.get(key)
         if found is not None:
