@@ -18,6 +18,13 @@ import these names from here, so neither side imports the other for them. Nothin
   :data:`ADAPTER_FINGERPRINT` is the weights fingerprint (:mod:`mergekit_ota.curvature.fingerprint`) of every
   tensor of the adapter's ``adapter_model.safetensors``, which a merge of ``BASE+ADAPTER`` compares with its
   adapter's (a LoRA store has no ``weights_fingerprint``: its optimizer never saw the folded weights);
+* partial stores (``export`` of an optimizer that keeps momentum only for some tensors, e.g. Muon's matrices):
+  :data:`MISSING` is the JSON object ``{tensor: reason}`` of the parameters the store has no curvature for; the
+  merge refuses them naming :func:`complete_command`, the ``fisher --only-missing`` run that writes the complete
+  store. A store whose tensors came from more than one estimator records :data:`ESTIMATORS`, the JSON object
+  ``{estimator: [tensor, ...]}``, and :data:`CALIBRATION`, the JSON object saying how the added estimator was
+  put on the scale of the store's own (:mod:`mergekit_ota.fisher.complete`); :func:`metadata_object` reads
+  both objects;
 * sizes: :func:`parse_size` reads a shard size such as ``"2GB"``.
 """
 
@@ -48,8 +55,14 @@ __all__ = [
     "STORE_STEM",
     "TRUE_WORDS",
     "WITHOUT_STATE",
+    "CALIBRATION",
+    "ESTIMATORS",
+    "MISSING",
+    "complete_command",
     "metadata_inputs",
     "metadata_names",
+    "metadata_object",
+    "missing_tensors",
     "parse_size",
 ]
 
@@ -73,6 +86,9 @@ ADAPTER_CONFIG = "adapter_config"  # JSON object: peft_type, r, lora_alpha, use_
 ADAPTER_UNTOUCHED = "adapter_untouched"  # JSON list: base weights the adapter leaves as they are (tau = 0)
 ADAPTER_AGREEMENT = "adapter_scale_agreement"  # JSON object: {weight: min(P, Q) / max(P, Q)} per adapted matrix
 ADAPTER_FINGERPRINT = "adapter_fingerprint"  # sha256:... of every tensor of adapter_model.safetensors (fingerprint.py)
+MISSING = "missing_curvature"  # JSON object {tensor: reason}: no curvature in this store (momentum-only optimizer)
+ESTIMATORS = "curvature_estimators"  # JSON object {estimator: [tensor, ...]}: where each tensor's curvature came from
+CALIBRATION = "curvature_calibration"  # JSON object: how a completed store's added tensors were put on its scale
 TRUE_WORDS = {"1", "true", "yes"}
 #: metadata key -> (merge parameter, type), as ``export`` and the training callback write them
 METADATA_KEYS = (("step", "optimizer_step", int), ("beta2", "beta2", float))
@@ -105,6 +121,32 @@ def metadata_names(metadata: Mapping[str, str], key: str, path: str) -> List[str
     if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
         raise CurvatureError(f"{path}: metadata '{key}' must be a JSON list of names; found {str(text)[:80]!r}")
     return value
+
+
+def metadata_object(metadata: Mapping[str, str], key: str, path: str) -> Dict[str, Any]:
+    """Metadata field ``key`` of ``path`` holding a JSON object (:data:`MISSING`, :data:`ESTIMATORS`,
+    :data:`CALIBRATION`); ``{}`` when absent; text that is not a JSON object is a :class:`CurvatureError` naming the
+    file and key."""
+    text = metadata.get(key)
+    if text in (None, ""):
+        return {}
+    value = parse_json(str(text).encode("utf-8", "surrogatepass"), f"{path} metadata '{key}'", "JSON object")
+    if not isinstance(value, dict):
+        raise CurvatureError(f"{path}: metadata '{key}' must be a JSON object; found {str(text)[:80]!r}")
+    return value
+
+
+def missing_tensors(metadata: Mapping[str, str], path: str) -> Dict[str, str]:
+    """:data:`MISSING` of the store ``path``: ``{tensor: reason}`` (reasons as strings), ``{}`` when absent."""
+    value = metadata_object(metadata, MISSING, path)
+    if not all(isinstance(reason, str) for reason in value.values()):
+        raise CurvatureError(f"{path}: metadata '{MISSING}' must map tensor names to reasons (strings)")
+    return value
+
+
+def complete_command(store: str, model: str = "MODEL", data: str = "DATA") -> str:
+    """The command that completes the partial store ``store`` (:data:`MISSING`) into a new one."""
+    return f"mergekit-ota fisher {model} {data} OUT --only-missing {store}"
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?)?\s*$", re.IGNORECASE)

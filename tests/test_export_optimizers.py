@@ -1,20 +1,25 @@
 """`mergekit-ota export` of momentum-only optimizers: real ``torch.optim`` state dicts (tests/fixtures/optimizers,
-written by its ``generate.py`` with torch 2.13) are refused naming the family, the keys relied on, the counts and
-``mergekit-ota fisher``; a state where every parameter has ``exp_avg_sq`` exports as before."""
+written by its ``generate.py`` with torch 2.13). Muon with its AdamW companion exports a partial store (the
+companion's exp_avg_sq, the Muon matrices listed as missing; tests/test_partial_store.py completes and merges one);
+a state without any second moment is refused naming the family, the keys relied on, the counts and ``mergekit-ota
+fisher``; a state where every parameter has ``exp_avg_sq`` exports as before."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from mergekit_ota.cli.export import export_command
 from mergekit_ota.errors import CurvatureError
 from mergekit_ota.export.optimizer_states import FISHER_COMMAND, check_second_moments, momentum_family
+from mergekit_ota.store_format import MISSING
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "optimizers")
 MUON_MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -34,18 +39,46 @@ def _refused(name: str, tmp_path) -> str:
     return " ".join(result.output.split())
 
 
-def test_muon_with_adamw_companion_is_refused_naming_muon_counts_and_fisher(tmp_path):
-    """torch.optim.Muon (hidden matrices) + its AdamW companion (embeddings, norms, head) in one state dict:
-    7 of 12 parameters have momentum only; the 5 with exp_avg_sq are counted; the fisher command is named."""
-    message = _refused("muon_adamw.pt", tmp_path)
+def test_muon_with_adamw_companion_exports_a_partial_store_listing_the_muon_matrices(tmp_path):
+    """torch.optim.Muon (hidden matrices) + its AdamW companion (embeddings, norms, head) in one state dict: the 5
+    companion parameters are written, value for value; the 7 Muon matrices are listed in 'missing_curvature' with
+    the family and the keys relied on; the summary names the --only-missing command with the store's path."""
+    out = tmp_path / "out.safetensors"
+    result = CliRunner().invoke(export_command, [_fixture("muon_adamw.pt"), str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "PARTIAL STORE: 7 parameter(s) have no curvature" in text
+    assert f"--only-missing {out}" in text and "Muon (momentum only, 7 tensor(s)) with AdamW" in text
+    saved = torch.load(_fixture("adamw_companion.pt"), weights_only=True)
+    (group,) = saved["param_groups"]
+    expected = {name: saved["state"][k]["exp_avg_sq"] for k, name in zip(group["params"], group["param_names"])}
+    stored = load_file(str(out))
+    assert set(stored) == set(expected) and all(torch.equal(stored[n], v) for n, v in expected.items())
+    with safe_open(str(out), "pt") as fp:
+        missing = json.loads(fp.metadata()[MISSING])
+    assert sorted(missing) == sorted(n for n in missing if any(m in n for m in MUON_MATRICES)) and len(missing) == 7
+    assert set(missing.values()) == {
+        "torch.optim.Muon keeps momentum only (state 'momentum_buffer', param group 'ns_coefficients'/'ns_steps')"
+    }
+
+
+def test_a_reader_that_writes_complete_stores_only_refuses_muon_naming_counts_and_fisher():
+    """check_second_moments (ZeRO, DCP and universal readers) still refuses a Muon state, naming the family, the
+    counts, the companion and the fisher command for the whole model."""
+    muon = torch.load(_fixture("muon_adamw.pt"), weights_only=True)
+    names = {k: n for g in muon["param_groups"] for k, n in zip(g["params"], g["param_names"])}
+    group_of = {k: g for g in muon["param_groups"] for k in g["params"]}
+    with pytest.raises(CurvatureError) as info:
+        check_second_moments(
+            {names[k]: list(v) for k, v in muon["state"].items()}, "src", {names[k]: group_of[k] for k in names}
+        )
+    message = " ".join(str(info.value).split())
     assert "no second moment for 7 of 12 parameter(s)" in message
     assert "7 look like Muon (torch.optim.Muon; read from state 'momentum_buffer', param group" in message
-    assert "'ns_coefficients'/'ns_steps'" in message
-    assert "'model.layers.0.self_attn.q_proj.weight'" in message and "and 4 more" in message
     assert "5 parameter(s) do have a second moment (e.g. 'model.embed_tokens.weight'" in message
-    assert "Muon's AdamW companion" in message
-    assert f"`{FISHER_COMMAND}`" in message and "not built yet" in message
-    assert "SGD" not in message
+    assert (
+        "Muon's AdamW companion" in message and f"`{FISHER_COMMAND}`" in message and "not exported in part" in message
+    )
 
 
 def test_sgd_momentum_is_refused_naming_sgd_and_fisher(tmp_path):

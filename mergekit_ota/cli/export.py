@@ -79,6 +79,16 @@ def render_summary(result: "ExportResult") -> str:
             f"{len(source.without_state)} model parameter(s) have no optimizer state (frozen or never updated; "
             f"recorded in the store's metadata 'parameters_without_state'): {shown}"
         )
+    if source.missing:
+        from mergekit_ota.store_format import MISSING, complete_command
+
+        lines.append(
+            f"PARTIAL STORE: {len(source.missing)} parameter(s) have no curvature ("
+            + "; ".join(sorted(set(source.missing.values())))
+            + f"), e.g. {', '.join(list(source.missing)[:3])}; recorded in the store's metadata '{MISSING}'. A merge "
+            f"refuses this store until it is completed with the data Fisher of exactly those tensors: "
+            f"`{complete_command(result.store)}` (MODEL: the expert's weights; DATA: text like its training data)"
+        )
     lines += [f"note: {n}" for n in result.notes]
     return "\n".join(lines)
 

@@ -47,6 +47,15 @@ from mergekit_ota.cli.store_options import compress_option, force_option, shard_
     show_default=True,
     help="The model's dtype while computing (the accumulators are float32).",
 )
+@click.option(
+    "--only-missing",
+    "only_missing",
+    metavar="STORE",
+    type=click.Path(exists=True),
+    default=None,
+    help="Complete the partial store STORE (export of a Muon-like run, whose matrices kept momentum only): the "
+    "Fisher of exactly its missing tensors, put on its scale, and its own tensors as they are, as one new store.",
+)
 @compress_option
 @shard_size_option
 @force_option
@@ -63,6 +72,7 @@ def fisher_command(
     device: str,
     dtype: str,
     compress: str,
+    only_missing: Optional[str],
     shard_size: Optional[str],
     force: bool,
     quiet: bool,
@@ -79,6 +89,10 @@ def fisher_command(
     chats {"messages": [...]} (rendered with MODEL's chat template, loss on assistant tokens only), a
     text file, or a directory of text files. OUT: as for export (a .safetensors file, an index, or a
     new directory); use it as `curvature: OUT`.
+
+    With --only-missing STORE: MODEL is the expert a partial STORE was exported from; OUT gets STORE's tensors
+    and the Fisher of the tensors STORE lists as missing, times c = the median over STORE's tensors of
+    mean(v) / mean(F), so that the store has one scale (docs/export.md, "By optimizer").
     """
     from mergekit_ota.cli.export import render_summary
     from mergekit_ota.errors import OTAError
@@ -100,6 +114,7 @@ def fisher_command(
         compress=compress,
         shard_size=shard_size,
         force=force,
+        only_missing=only_missing,
     )
     progress_bar = None
 

@@ -62,7 +62,10 @@ def render_table(report: "StoreReport") -> str:
     other = report.other_metadata()
     if other:
         lines.append("other   " + "  ".join(f"{k}: {_short(v)}" for k, v in other.items()))
+    lines += report.provenance_lines()
+    estimators = report.estimator_of()
     columns = ("tensor", "shape", "dtype", "storage", "min", "median", "max", "zeros", "NaN", "Inf", "neg")
+    columns += ("source",) if estimators else ()
     rows = []
     for t in report.tensors:
         storage = t.compression if t.stats_of != "factors" else "rank1*"
@@ -80,6 +83,7 @@ def render_table(report: "StoreReport") -> str:
                 str(t.stats.inf),
                 str(t.stats.negative),
             )
+            + ((estimators.get(t.name, "?"),) if estimators else ())
         )
     lines += ["", *aligned(columns, rows, first_numeric=4), ""]
     ratio = report.compression_ratio

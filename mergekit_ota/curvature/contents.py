@@ -31,7 +31,15 @@ from mergekit_ota.errors import CurvatureError
 from mergekit_ota.math.rank1 import Rank1Curvature
 from mergekit_ota.math.scale import CurvatureScale, bias_factor
 from mergekit_ota.math.stats import EXACT_MEDIAN_LIMIT, SAMPLE_SIZE, TensorStats, rank1_stats, tensor_stats
-from mergekit_ota.store_format import metadata_inputs
+from mergekit_ota.store_format import (
+    CALIBRATION,
+    ESTIMATORS,
+    MISSING,
+    complete_command,
+    metadata_inputs,
+    metadata_object,
+    missing_tensors,
+)
 
 FP32_BYTES = 4
 
@@ -236,11 +244,56 @@ class StoreReport:
         shown = set(self._header_keys().values())
         return {k: v for k, v in sorted(self.metadata.items()) if k not in shown}
 
+    def estimator_of(self) -> Dict[str, str]:
+        """``{tensor: estimator}`` of a store whose tensors came from more than one (metadata
+        ``curvature_estimators``, written by ``fisher --only-missing``); ``{}`` otherwise or where it is malformed."""
+        try:
+            found = metadata_object(self.metadata, ESTIMATORS, self.path)
+        except CurvatureError:
+            return {}
+        return {
+            str(name): str(estimator) for estimator, names in found.items() if isinstance(names, list) for name in names
+        }
+
+    def provenance_lines(self) -> List[str]:
+        """What a user must know about where the tensors came from: the tensors a partial store lacks (and the
+        command that completes it), and the estimators of a completed store with their calibration."""
+        lines = []
+        try:
+            missing = missing_tensors(self.metadata, self.path)
+        except CurvatureError as error:
+            missing, lines = {}, [f"partial  metadata '{MISSING}' is malformed: {error}"]
+        if missing:
+            reasons, examples = "; ".join(sorted(set(missing.values()))), ", ".join(list(missing)[:3])
+            lines.append(
+                f"partial  {len(missing)} tensor(s) have no curvature ({reasons}), e.g. {examples}; "
+                f"a merge refuses this store until `{complete_command(self.path)}` completes it"
+            )
+        counts: Dict[str, int] = {}
+        for estimator in self.estimator_of().values():
+            counts[estimator] = counts.get(estimator, 0) + 1
+        if counts:
+            try:
+                calibration = metadata_object(self.metadata, CALIBRATION, self.path)
+            except CurvatureError:
+                calibration = {}
+            factor = calibration.get("factor")
+            scaled = (
+                f"; {calibration.get('estimator')} x {factor:.4g} (median of mean(v)/mean(F) over "
+                f"{calibration.get('tensors')} tensors, ratios {calibration.get('ratio_min'):.3g} to "
+                f"{calibration.get('ratio_max'):.3g})"
+                if isinstance(factor, (int, float)) and isinstance(calibration.get("ratio_min"), (int, float))
+                else ""
+            )
+            lines.append("sources  " + ", ".join(f"{e}: {n} tensor(s)" for e, n in counts.items()) + scaled)
+        return lines
+
     def to_json(self) -> Dict[str, Any]:
         scale = {"scale": scale_json([self.scale])[0]} if self.scale is not None else {}
         return {**self._json(), **scale}
 
     def _json(self) -> Dict[str, Any]:
+        estimators = self.estimator_of()
         return {
             "path": self.path,
             "files": list(self.files),
@@ -263,7 +316,12 @@ class StoreReport:
                 "rank1": "exact from the factors",
             },
             "tensors": [
-                {**{k: v for k, v in asdict(t).items() if k != "stats"}, **asdict(t.stats)} for t in self.tensors
+                {
+                    **{k: v for k, v in asdict(t).items() if k != "stats"},
+                    **asdict(t.stats),
+                    **({"estimator": estimators.get(t.name)} if estimators else {}),
+                }
+                for t in self.tensors
             ],
             "problems": self.problems,
         }

@@ -5,7 +5,7 @@ and checked first, so a truncated or corrupted file is an error naming it before
 anything is written).  Rank-1 pairs stay pairs (the full tensors cannot be
 recovered); full tensors are copied or compressed.  The store's metadata
 (source kind, optimizer, ``step``, ``beta2``, ``bias_corrected``, parameters
-without state) is carried over.
+without state, the tensors a partial store lacks) is carried over.
 """
 
 from __future__ import annotations
@@ -17,7 +17,14 @@ from mergekit_ota.curvature.store import CurvatureRecord, CurvatureStore
 from mergekit_ota.errors import CurvatureError
 from mergekit_ota.export.model_params import check_against_model, model_order
 from mergekit_ota.export.moments import Curvature, Full, Rank1, SourceState, StateItem
-from mergekit_ota.store_format import MAPPING_BY_ORDER, WITHOUT_STATE, metadata_inputs, metadata_names
+from mergekit_ota.store_format import (
+    MAPPING_BY_ORDER,
+    MISSING,
+    WITHOUT_STATE,
+    metadata_inputs,
+    metadata_names,
+    missing_tensors,
+)
 
 # header fields the new store sets itself
 _OWN_FIELDS = {
@@ -77,5 +84,6 @@ def open_store(path: str, model_path: Optional[str], frozen: Sequence[str] = ())
         mapping=mapping,
         without_state=without,
         bias_corrected=bool(found.get("bias_corrected", False)),
-        metadata={k: v for k, v in metadata.items() if k not in _OWN_FIELDS and k != WITHOUT_STATE},
+        metadata={k: v for k, v in metadata.items() if k not in _OWN_FIELDS and k not in (WITHOUT_STATE, MISSING)},
+        missing=missing_tensors(metadata, resolved),  # a partial store stays one
     )

@@ -77,7 +77,9 @@ class SourceState:
     ``evidence``: what establishes each name (names saved with the states, or which names the
     shapes verify and which rest on an order rule); ``None`` for a store, whose carried-over
     metadata keeps the original export's ``mapping_*`` fields; ``fingerprint``: the fingerprint of the
-    weights these states belong to (:mod:`mergekit_ota.curvature.fingerprint`), where known.
+    weights these states belong to (:mod:`mergekit_ota.curvature.fingerprint`), where known; ``missing``:
+    ``{parameter: reason}`` of the parameters the source has no curvature for because their optimizer kept
+    momentum only (a partial store, :data:`~mergekit_ota.store_format.MISSING`).
     """
 
     kind: str
@@ -91,3 +93,4 @@ class SourceState:
     notes: List[str] = field(default_factory=list)
     evidence: Optional[NameEvidence] = None
     fingerprint: Optional[str] = None
+    missing: Dict[str, str] = field(default_factory=dict)

@@ -51,6 +51,7 @@ FULL = "exp_avg_sq"
 ROW, COL = "exp_avg_sq_row", "exp_avg_sq_col"
 ROW_VAR, COL_VAR, VARIANCE = "row_var", "col_var", "variance"  # torch.optim.Adafactor
 MOMENT_KEYS = (FULL, ROW, COL, ROW_VAR, COL_VAR, VARIANCE)
+MOMENTUM_KEYS = ("momentum_buffer", "exp_avg")  # a momentum-only state's buffer: the parameter's shape
 BNB_WRAPPER = "__bnb_optimizer_quant_state__"
 BNB_CODES, BNB_CODEBOOK, BNB_SCALES = "state2", "qmap2", "absmax2"
 BNB_MOMENT_KEYS = (BNB_CODES, BNB_SCALES)
@@ -89,7 +90,7 @@ def flatten_bnb(entry: Mapping[str, Any]) -> Dict[str, Any]:
 
 #: the dtypes each state tensor may have (bitsandbytes keeps ``state2`` as uint8 codes, or float32 when small)
 STATE_TENSOR_DTYPES: Dict[str, Tuple[torch.dtype, ...]] = {
-    **{key: fields.FLOATING for key in (FULL, ROW, COL, BNB_CODEBOOK, BNB_SCALES)},
+    **{key: fields.FLOATING for key in (FULL, ROW, COL, BNB_CODEBOOK, BNB_SCALES, *MOMENTUM_KEYS)},
     BNB_CODES: fields.FLOATING + (torch.uint8,),
 }
 
@@ -167,7 +168,9 @@ def dequantize_blockwise(codes: torch.Tensor, scales: torch.Tensor, codebook: to
 
 
 def moment_shape(kind: str, shapes: Mapping[str, Tuple[int, ...]]) -> Tuple[int, ...]:
-    """The parameter's shape from the shapes of its state tensors."""
+    """The parameter's shape from the shapes of its state tensors (``missing``: a momentum-only state's buffer)."""
+    if kind == "missing":
+        return tuple(next(shapes[key] for key in MOMENTUM_KEYS if key in shapes))
     if kind == "factored":
         return tuple(shapes[ROW]) + tuple(shapes[COL][-1:])
     if kind == "factored_var":
@@ -203,7 +206,7 @@ def _examples(names: Sequence[str], limit: int = 3) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-#: what fills the gap where an optimizer kept no second moment (``fisher`` cannot yet complete a store)
+#: what fills the gap where no parameter has a second moment (a partial store names store_format.complete_command)
 FISHER_COMMAND = "mergekit-ota fisher MODEL DATA OUT"
 MUON_GROUP_KEYS = ("ns_coefficients", "ns_steps")  # torch.optim.Muon's param groups (torch 2.13)
 SGD_GROUP_KEYS = ("dampening",)  # torch.optim.SGD's param groups
@@ -246,10 +249,14 @@ def momentum_family(keys: Collection[str], group: Optional[Mapping[str, Any]] = 
 
 
 def _lacking_message(
-    lacking: Sequence[str], kinds: Mapping[str, str], states: Mapping[str, Collection[str]], groups: Mapping[str, Any]
+    lacking: Sequence[str],
+    kinds: Mapping[str, str],
+    states: Mapping[str, Collection[str]],
+    groups: Mapping[str, Any],
+    remedy: str,
 ) -> str:
-    """What the refusal says about the parameters without a second moment: their family, the keys relied on,
-    counts, examples, and what to run instead."""
+    """What a refusal says about the parameters without a second moment: their family, the keys relied on,
+    counts, examples, and ``remedy`` (what to run instead)."""
     have = [label for label, kind in kinds.items() if kind in SECOND_MOMENT_KINDS]
     families: Dict[Optional[MomentumFamily], List[str]] = {}
     for label in lacking:
@@ -278,22 +285,34 @@ def _lacking_message(
     return (
         f"no second moment for {len(lacking)} of {len(kinds)} parameter(s): " + "; ".join(parts) + f". {companion}. "
         f"OTA and FFG need Adam's exp_avg_sq (or Adafactor's exp_avg_sq_row/exp_avg_sq_col, torch.optim.Adafactor's "
-        f"row_var/col_var/variance) for every merged weight. What fills the gap today: `{FISHER_COMMAND}` (the "
-        f"data Fisher of the expert, for all its tensors; completing only the missing ones is not built yet)"
+        f"row_var/col_var/variance) for every merged weight. {remedy}"
     )
 
 
-def check_second_moments(
-    states: Mapping[str, Collection[str]], source: str, groups: Optional[Mapping[str, Mapping[str, Any]]] = None
-) -> Dict[str, str]:
-    """Classify every parameter's state (``{label: state keys}``); refuse what cannot be exported.
+def missing_reason(family: MomentumFamily) -> str:
+    """What a partial store records for a tensor its optimizer kept momentum only for (``missing_curvature``)."""
+    return f"{family.looks_like} keeps momentum only ({family.relies_on})"
 
-    ``groups``: ``{label: its param group}`` where the source saves them (they tell Muon from SGD).
-    Returns ``{label: kind}`` for the parameters with a second moment (``full``,
-    ``factored``, ...).  Raises :class:`CurvatureError` naming the keys found when any
-    parameter's state is 8-bit or lacks a second moment (naming the momentum-only family,
-    the keys relied on, how many parameters have a second moment and how many have none,
-    and the ``fisher`` command), or when no state has one.
+
+@dataclass(frozen=True)
+class SecondMoments:
+    """Every parameter's state, classified: ``kinds`` ``{label: kind}`` of those with a second moment (``full``,
+    ``factored``, ...); ``missing`` ``{label: reason}`` of those a recognised momentum-only optimizer kept
+    (:func:`momentum_family`), which a partial store lists as missing (:data:`~mergekit_ota.store_format.MISSING`)."""
+
+    kinds: Dict[str, str]
+    missing: Dict[str, str]
+
+
+def classify_second_moments(
+    states: Mapping[str, Collection[str]], source: str, groups: Optional[Mapping[str, Mapping[str, Any]]] = None
+) -> SecondMoments:
+    """Classify every parameter's state (``{label: state keys}``); refuse what cannot be exported, even in part.
+
+    ``groups``: ``{label: its param group}`` where the source saves them (they tell Muon from SGD).  Raises
+    :class:`CurvatureError` naming the keys found when any parameter's state is 8-bit, lacks a second moment and
+    is of no recognised momentum-only family, or when no parameter has a second moment (naming the family, the
+    keys relied on, the counts and the ``fisher`` command for the whole model).
     """
     kinds = {label: state_kind(keys) for label, keys in states.items()}
     eight = [label for label, kind in kinds.items() if kind == "8bit"]
@@ -305,12 +324,32 @@ def check_second_moments(
             f"Train (or continue for a few hundred steps) with blockwise 8-bit or 32-bit AdamW to get exp_avg_sq"
         )
     lacking = [label for label, kind in kinds.items() if kind == "none"]
-    if lacking:
-        raise CurvatureError(f"{source}: " + _lacking_message(lacking, kinds, states, groups or {}))
     found = {label: kind for label, kind in kinds.items() if kind in SECOND_MOMENT_KINDS}
+    families = {label: momentum_family(states[label], (groups or {}).get(label)) for label in lacking}
+    if any(family is None for family in families.values()) or (lacking and not found):
+        remedy = f"What fills the gap: `{FISHER_COMMAND}` (the data Fisher of the expert, for all its tensors)"
+        raise CurvatureError(f"{source}: " + _lacking_message(lacking, kinds, states, groups or {}, remedy))
     if not found:
         raise CurvatureError(f"{source}: the optimizer state is empty (did the optimizer ever step?)")
-    return found
+    return SecondMoments(found, {label: missing_reason(family) for label, family in families.items() if family})
+
+
+def check_second_moments(
+    states: Mapping[str, Collection[str]], source: str, groups: Optional[Mapping[str, Mapping[str, Any]]] = None
+) -> Dict[str, str]:
+    """:func:`classify_second_moments` for a reader that writes complete stores only: ``{label: kind}``, and a
+    :class:`CurvatureError` for any parameter without a second moment, naming ``fisher`` for the whole model
+    (only a torch or Trainer checkpoint is exported in part, :mod:`mergekit_ota.export.torch_optim`)."""
+    result = classify_second_moments(states, source, groups)
+    if result.missing:
+        lacking = list(result.missing)
+        remedy = (
+            f"This checkpoint format is not exported in part (a torch or Trainer optimizer.pt is); what fills the "
+            f"gap: `{FISHER_COMMAND}` (the data Fisher of the expert, for all its tensors)"
+        )
+        kinds = {label: state_kind(keys) for label, keys in states.items()}
+        raise CurvatureError(f"{source}: " + _lacking_message(lacking, kinds, states, groups or {}, remedy))
+    return result.kinds
 
 
 def refuse_adapters(names: Sequence[str], source: str, reason: Optional[str] = None) -> None:
@@ -385,9 +424,15 @@ class OptimizerFacts:
     notes: List[str]
 
 
-def optimizer_facts(kind_of: Mapping[str, str], groups: Sequence[Mapping[str, Any]]) -> OptimizerFacts:
-    """The :class:`OptimizerFacts` of states of kinds ``kind_of`` (``{label: kind}``) under param ``groups``."""
+def optimizer_facts(
+    kind_of: Mapping[str, str], groups: Sequence[Mapping[str, Any]], missing: Mapping[str, str] = {}
+) -> OptimizerFacts:
+    """The :class:`OptimizerFacts` of states of kinds ``kind_of`` (``{label: kind}``) under param ``groups``;
+    ``missing``: ``{label: reason}`` of momentum-only states beside them (:class:`SecondMoments`), named too."""
     name = optimizer_name(set(kind_of.values()), groups)
+    if missing:
+        others = sorted({reason.split(" keeps ")[0] for reason in missing.values()})
+        name = f"{' and '.join(others)} (momentum only, {len(missing)} tensor(s)) with {name} for the rest"
     metadata, notes = bnb_metadata(kind_of)
     if name == "Adafactor":
         return OptimizerFacts(name, bias_corrected=True, metadata=metadata, notes=adafactor_notes(kind_of))

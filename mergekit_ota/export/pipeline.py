@@ -33,7 +33,7 @@ from mergekit_ota.errors import ConfigError, CurvatureError
 from mergekit_ota.export.detect import open_source
 from mergekit_ota.export.moments import Full, Rank1, SourceState, StateItem
 from mergekit_ota.export.options import ExportOptions
-from mergekit_ota.store_format import COL_SUFFIX, MAPPING_BY_ORDER, ROW_SUFFIX, WITHOUT_STATE
+from mergekit_ota.store_format import COL_SUFFIX, MAPPING_BY_ORDER, MISSING, ROW_SUFFIX, WITHOUT_STATE
 
 BF16_WARNING = (
     "warning: storing exp_avg_sq as bfloat16 keeps float32's range (values near 1e-19 survive) but only 8 bits "
@@ -141,6 +141,9 @@ def export_metadata(source: SourceState, options: ExportOptions, specs: List[Ten
     fields.update(source.metadata)
     if source.fingerprint is not None:
         fields[FINGERPRINT_KEY] = source.fingerprint
+    fields.pop(MISSING, None)
+    if source.missing:  # read back by store_format.missing_tensors
+        fields[MISSING] = json.dumps(source.missing, sort_keys=True)
     fields.update(
         source_path=source.path,
         mapping=source.mapping,

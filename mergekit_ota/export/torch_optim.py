@@ -51,8 +51,8 @@ from mergekit_ota.export.optimizer_states import (
     BNB_MOMENT_KEYS,
     FACTORED_KINDS,
     MOMENT_KEYS,
-    check_second_moments,
     checked_entry,
+    classify_second_moments,
     group_beta2,
     load_moment,
     moment_shape,
@@ -206,14 +206,18 @@ def open_torch_state(
     if names is None and state and all(isinstance(k, str) for k in state):
         names = {key: clean_name(key) for key in group_of}
     label = (lambda key: names[key]) if names is not None else (lambda key: f"state[{key}]")
-    kinds = check_second_moments(
+    moments = classify_second_moments(
         {label(k): list(v.keys()) for k, v in state.items()}, path, {label(k): groups[group_of[k]] for k in state}
     )
+    kinds = moments.kinds
     if names is not None:
         refuse_adapters(list(names.values()), path, adapter_reason)
     elif adapter_reason:
         refuse_adapters([], path, adapter_reason)
     shapes = {key: moment_shape(kinds[label(key)], _shapes_of(state[key])) for key in state if label(key) in kinds}
+    missing_shapes = {  # momentum only: named like the others (their shapes take part in an index mapping)
+        key: moment_shape("missing", _shapes_of(state[key])) for key in state if label(key) in moments.missing
+    }
 
     params: Optional[ModelParameters] = None
     if names is None:
@@ -225,7 +229,7 @@ def open_torch_state(
         params = load_model_parameters(model_path, frozen)
         found = map_indices(
             [list(g["params"]) for g in groups],
-            {k: shapes.get(k) for k in group_of},
+            {k: shapes.get(k, missing_shapes.get(k)) for k in group_of},
             index_candidates(params, len(groups)),
             path,
         )
@@ -241,14 +245,15 @@ def open_torch_state(
         recorded = "param_names" in groups[0]
         mapping = "param_names saved in the optimizer" if recorded else "parameter names in the state dict"
         evidence = NameEvidence(BASIS_PARAM_NAMES if recorded else BASIS_STATE_KEYS)
-        named = {names[k]: s for k, s in shapes.items()}
+        named = {names[k]: s for k, s in {**shapes, **missing_shapes}.items()}
         params, _, mapping = check_against_model(named, model_path, frozen, path, mapping)
 
-    with_state = {names[k] for k in shapes}
+    missing = {names[k]: moments.missing[label(k)] for k in missing_shapes}
+    with_state = {names[k] for k in shapes} | set(missing)
     if params is not None:
         without = [n for n, _ in params.parameters if n not in with_state]
     else:
-        without = [names[k] for k in group_of if k not in shapes]
+        without = [names[k] for k in group_of if k not in shapes and k not in missing_shapes]
     key_of = {names[k]: k for k in shapes}
     items = []
     for name in model_order(list(key_of), params):
@@ -269,7 +274,7 @@ def open_torch_state(
                 else None,
             )
         )
-    facts = optimizer_facts(kinds, groups)
+    facts = optimizer_facts(kinds, groups, moments.missing)
     return SourceState(
         kind=kind,
         path=path,
@@ -281,6 +286,7 @@ def open_torch_state(
         metadata=facts.metadata,
         notes=facts.notes,
         evidence=evidence,
+        missing=missing,
     )
 
 

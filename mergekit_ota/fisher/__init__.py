@@ -36,6 +36,7 @@ class FisherOptions:
     compress: str = "none"
     shard_size: Optional[str] = None
     force: bool = False
+    only_missing: Optional[str] = None  # a partial store to complete (:mod:`.complete`)
 
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"  # PEFT's (export.peft_config.CONFIG_FILE)
@@ -165,6 +166,7 @@ def fisher_store(
     from mergekit_ota.export.moments import Full, SourceState, StateItem
     from mergekit_ota.export.options import ExportOptions
     from mergekit_ota.export.pipeline import write_store
+    from mergekit_ota.fisher import complete
     from mergekit_ota.fisher import data as calibration
     from mergekit_ota.fisher.estimator import diagonal_fisher
 
@@ -181,11 +183,21 @@ def fisher_store(
     if problem:
         raise ConfigError(f"--device {options.device}: {problem}")
     export = ExportOptions.parse(compress=options.compress, shard_size=options.shard_size, force=options.force)
-    check_output(store_layout(out), export.force)  # before anything is computed
+    layout = store_layout(out)
+    check_output(layout, export.force)  # before anything is computed
     base_dir, adapter = split_model(model_dir)
+    partial = None
+    if options.only_missing is not None:
+        if adapter is not None:
+            raise ConfigError(f"--only-missing completes a full model's store; {model_dir} is BASE+ADAPTER")
+        partial = complete.open_partial(options.only_missing, base_dir)
+        complete.refuse_same_output(partial, layout.path)
     samples = calibration.read_samples(data, options.samples)
     model, tokenizer = _load(base_dir, options.dtype, options.device, adapter)
     untouched = _freeze_untouched(model, base_dir) if adapter is not None else []
+    if partial is not None:
+        complete.restrict(model, partial)
+    order = [name for name, _ in model.named_parameters()]
     rows = calibration.rows(tokenizer, samples, options.max_length)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     result = diagonal_fisher(
@@ -211,6 +223,22 @@ def fisher_store(
         )
         raise CurvatureError(f"{model_dir}: {what}")
     extra = _adapter_metadata(adapter, untouched) if adapter is not None else {}
+    fisher_fields = {
+        "fisher_estimator": f"{estimator}: mean over mini-batches of the squared gradient of the mini-batch "
+        "mean token loss",
+        "fisher_reduction": "mean",  # the authors' baseline sums: multiply by fisher_batches for theirs
+        "fisher_samples": str(result.rows),
+        "fisher_batches": str(result.batches),
+        "fisher_batch_size": str(options.batch_size),
+        "fisher_tokens": str(result.tokens),
+        "fisher_max_length": str(options.max_length),
+        "fisher_data": os.path.abspath(data),
+        "fisher_data_sha256": calibration.data_hash(samples),
+        "fisher_model_dtype": options.dtype,
+    }
+    if partial is not None:
+        completed = complete.completed_source(partial, result.fisher, fisher_fields, model_dir, order)
+        return write_store(completed, out, export)
     source = SourceState(
         kind="fisher",
         path=os.path.abspath(adapter if adapter is not None else model_dir),  # an adapter's: no weights beside it
@@ -218,20 +246,7 @@ def fisher_store(
         items=items,
         mapping="parameter names of the model (named_parameters)",
         bias_corrected=True,
-        metadata={
-            "fisher_estimator": f"{estimator}: mean over mini-batches of the squared gradient of the mini-batch "
-            "mean token loss",
-            "fisher_reduction": "mean",  # the authors' baseline sums: multiply by fisher_batches for theirs
-            "fisher_samples": str(result.rows),
-            "fisher_batches": str(result.batches),
-            "fisher_batch_size": str(options.batch_size),
-            "fisher_tokens": str(result.tokens),
-            "fisher_max_length": str(options.max_length),
-            "fisher_data": os.path.abspath(data),
-            "fisher_data_sha256": calibration.data_hash(samples),
-            "fisher_model_dtype": options.dtype,
-            **extra,
-        },
+        metadata={**fisher_fields, **extra},
         without_state=untouched,
         evidence=NameEvidence(BASIS_PARAM_NAMES),
     )

@@ -72,7 +72,14 @@ from mergekit_ota.methods.settings import (
     unknown_parameters,
     value_problems,
 )
-from mergekit_ota.store_format import ADAPTER, ADAPTER_UNTOUCHED, WITHOUT_STATE, metadata_names
+from mergekit_ota.store_format import (
+    ADAPTER,
+    ADAPTER_UNTOUCHED,
+    WITHOUT_STATE,
+    complete_command,
+    metadata_names,
+    missing_tensors,
+)
 
 FROM_THE_BASE = "every model of a merge must be fine-tuned from the same base (same architecture and sizes)"
 #: :meth:`CurvaturePlan.curvature_load`'s answer for a weight the expert's LoRA adapter leaves as the base's
@@ -120,6 +127,15 @@ def _without_state(store: CurvatureStore) -> List[str]:
         return metadata_names(store.metadata, WITHOUT_STATE, store.path)
     except CurvatureError:
         return []
+
+
+def _missing(store: CurvatureStore) -> Dict[str, str]:
+    """``{tensor: reason}`` a partial store lists as having no curvature (metadata ``missing_curvature``); ``{}``
+    where it is malformed (the tensor is then reported as missing from the store, with the store named)."""
+    try:
+        return missing_tensors(store.metadata, store.path)
+    except CurvatureError:
+        return {}
 
 
 def _untouched(store: CurvatureStore) -> List[str]:
@@ -281,6 +297,21 @@ class CurvaturePlan:
         if key is None and any(name in _untouched(store) for name in names):
             self.untouched.setdefault(path, {})[found] = None
             return UNTOUCHED
+        if key is None and found in _missing(store):
+            command = complete_command(path, model=str(model))
+            self.problem(
+                Problem(
+                    f"{path}: a partial store: no curvature for '{found}' of expert {model}, weight {weight.name} "
+                    f"({_missing(store)[found]}); complete it first: `{command}`",
+                    kind=f"{path}: a partial store: no curvature for expert {model}'s tensors its optimizer kept "
+                    f"momentum only for",
+                    kind_end=f"; complete it first, `{command}`, and merge with the new store",
+                    example=f"'{found}'",
+                    tensor=weight.name,
+                    expert=model,
+                )
+            )
+            return None
         if key is None:
             read_as = f" (read as '{found}')" if found != weight.name else ""
             frozen = ""
