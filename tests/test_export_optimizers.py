@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from typing import Dict, Tuple
 
 import pytest
 import torch
@@ -140,3 +141,88 @@ def test_refusal_without_groups_names_both_candidates():
     with pytest.raises(CurvatureError, match=re.escape("SGD with momentum or Muon")) as info:
         check_second_moments({"w": ["momentum_buffer"], "b": ["exp_avg", "exp_avg_sq"]}, "src")
     assert "1 parameter(s) do have a second moment (e.g. 'b')" in str(info.value) and FISHER_COMMAND in str(info.value)
+
+
+# ----------------------------------------------------------------------------- Adam-like and block optimizers
+# Fixtures written by each library in its own environment (tests/fixtures/optimizers/<name>/generate.py, the
+# versions in its truth.json); truth.safetensors holds each parameter's second moment as the live optimizer held
+# it (Adam-mini: its block value broadcast as its own step() broadcasts it).
+
+
+def _export_fixture(relative: str, tmp_path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str], str]:
+    """Export fixture ``relative``; every tensor read back as dense float32, the header metadata, the summary."""
+    from mergekit_ota.curvature.store import CurvatureStore
+
+    out = tmp_path / "store.safetensors"
+    result = CliRunner().invoke(export_command, [_fixture(relative), str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    store = CurvatureStore.open(str(out))
+    tensors = {name: store.load(name) for name in store.names()}
+    return tensors, dict(store.metadata), " ".join(result.output.split())
+
+
+@pytest.mark.parametrize(
+    "relative, optimizer",
+    [
+        ("schedulefree/optimizer.pt", "AdamW schedule-free (schedulefree)"),
+        ("schedulefree/optimizer_eval.pt", "AdamW schedule-free (schedulefree)"),
+        ("ademamix/optimizer.pt", "AdEMAMix"),
+    ],
+)
+def test_adam_like_optimizers_export_exp_avg_sq_with_the_step_their_groups_keep(relative, optimizer, tmp_path):
+    """schedulefree's AdamWScheduleFree (train or eval mode) and pytorch_optimizer's AdEMAMix keep Adam's raw
+    exp_avg_sq (decayed with betas[1], bias-corrected by 1 - beta2**t in their step()) and the step count in the
+    param group ('k', 'step'): the store holds exp_avg_sq as saved, step 3, beta2 0.95, bias_corrected false."""
+    tensors, metadata, _ = _export_fixture(relative, tmp_path)
+    truth = load_file(_fixture(os.path.join(os.path.dirname(relative), "truth.safetensors")))
+    assert set(tensors) == set(truth) and len(truth) == 12
+    for name, v in truth.items():
+        assert torch.equal(tensors[name], v), name
+    assert (metadata["optimizer"], metadata["step"], metadata["beta2"]) == (optimizer, "3", "0.95")
+    assert metadata["bias_corrected"] == "false"
+
+
+def test_adam_mini_exports_each_block_value_over_its_block_with_row_blocks_as_exact_rank1(tmp_path):
+    """adam-mini 1.1.1: per-row (embeddings, head, v/o, MLP) and per-head (q/k) matrices are constant per row and
+    stored as exact rank-1 pairs; norms (one value) and biases (per coordinate v) as full tensors; every tensor
+    read back equals what Adam-mini's own update divides by (truth.safetensors), names from its param groups."""
+    tensors, metadata, summary = _export_fixture("adam_mini/optimizer.pt", tmp_path)
+    truth = load_file(_fixture("adam_mini/truth.safetensors"))
+    assert set(tensors) == set(truth)
+    for name, v in truth.items():
+        torch.testing.assert_close(tensors[name], v, rtol=1e-6, atol=0, msg=name)
+    assert metadata["optimizer"] == "Adam-mini (adam_mini.Adam_mini)" and metadata["step"] == "3"
+    assert metadata["beta2"] == "0.95" and metadata["bias_corrected"] == "false"
+    matrices = sum(v.dim() == 2 for v in truth.values())
+    assert f"exported {len(truth)} tensors ({matrices} rank-1, {len(truth) - matrices} full)" in summary
+    assert "Adam-mini's param group names" in summary
+
+
+def test_adam_mini_q_k_shape_is_checked_against_the_model_when_given(tmp_path):
+    """The q/k parameters' shape is inferred from the hidden size the per-row matrices share; a --model whose
+    shapes differ is refused naming the tensor (the inference never stands unverified when a model is given)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = tmp_path / "model"
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, attention_bias=True, tie_word_embeddings=False,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(model)
+    out = tmp_path / "ok.safetensors"
+    args = [_fixture("adam_mini/optimizer.pt"), str(out), "--model", str(model), "--quiet"]
+    result = CliRunner().invoke(export_command, args)
+    assert result.exit_code == 0 and "verified against" in result.output, result.output
+    LlamaForCausalLM(config.__class__(**{**config.to_dict(), "num_key_value_heads": 4})).save_pretrained(
+        tmp_path / "other"
+    )
+    args = [_fixture("adam_mini/optimizer.pt"), str(tmp_path / "no.safetensors"), "--model", str(tmp_path / "other")]
+    result = CliRunner().invoke(export_command, [*args, "--quiet"])
+    assert result.exit_code == 1 and "k_proj" in result.output and "Traceback" not in result.output
+
+
+def test_lion_pytorch_is_refused_as_lion_from_its_real_state(tmp_path):
+    """lion-pytorch 0.2.5 keeps exp_avg only (no step, groups without eps): refused naming Lion and fisher."""
+    message = _refused("lion/optimizer.pt", tmp_path)
+    assert "no second moment for 12 of 12 parameter(s): 12 look like Lion (lion_pytorch.Lion" in message
+    assert "read from state 'exp_avg' without exp_avg_sq" in message and f"`{FISHER_COMMAND}`" in message

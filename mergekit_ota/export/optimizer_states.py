@@ -45,6 +45,7 @@ import torch
 
 from mergekit_ota.errors import CurvatureError
 from mergekit_ota.export import fields
+from mergekit_ota.export.adam_mini import MINI_KEYS, MINI_KINDS, load_mini, mini_kind, mini_shape, per_row
 from mergekit_ota.export.moments import Curvature, Full, Rank1
 
 FULL = "exp_avg_sq"
@@ -63,9 +64,10 @@ KIND_KEYS: Dict[str, Tuple[str, ...]] = {
     "variance": (VARIANCE,),
     "blockwise8": (BNB_CODES, BNB_SCALES, BNB_CODEBOOK),
     "bnb32": (BNB_CODES,),
+    **MINI_KEYS,
 }
 FACTORED_KINDS = ("factored", "factored_var")
-SECOND_MOMENT_KINDS = ("full", "factored", "factored_var", "variance", "blockwise8", "bnb32")
+SECOND_MOMENT_KINDS = ("full", "factored", "factored_var", "variance", "blockwise8", "bnb32", *MINI_KINDS)
 ADAFACTOR_KINDS = ("factored", "factored_var", "variance")
 NON_BLOCKWISE_KEYS = ("max1", "max2", "new_max1", "new_max2")
 BLOCK_SIZES = (64, 128, 256, 512, 1024, 2048, 4096)
@@ -90,7 +92,7 @@ def flatten_bnb(entry: Mapping[str, Any]) -> Dict[str, Any]:
 
 #: the dtypes each state tensor may have (bitsandbytes keeps ``state2`` as uint8 codes, or float32 when small)
 STATE_TENSOR_DTYPES: Dict[str, Tuple[torch.dtype, ...]] = {
-    **{key: fields.FLOATING for key in (FULL, ROW, COL, BNB_CODEBOOK, BNB_SCALES, *MOMENTUM_KEYS)},
+    **{key: fields.FLOATING for key in (FULL, ROW, COL, BNB_CODEBOOK, BNB_SCALES, *MOMENTUM_KEYS, "v", "vmean")},
     BNB_CODES: fields.FLOATING + (torch.uint8,),
 }
 
@@ -114,7 +116,8 @@ def state_kind(keys: Collection[str]) -> str:
     """``full`` (``exp_avg_sq``), ``factored`` (Adafactor row/col), ``factored_var`` / ``variance``
     (``torch.optim.Adafactor``'s ``row_var``/``col_var`` and ``variance``), ``blockwise8`` (bitsandbytes 8-bit
     ``state2``/``qmap2``/``absmax2``), ``bnb32`` (bitsandbytes ``state1``/``state2`` kept in 32 bits),
-    ``8bit`` (non-blockwise 8-bit: refused), ``empty`` or ``none``."""
+    ``mini_*`` (Adam-mini's block values, :mod:`mergekit_ota.export.adam_mini`), ``8bit`` (non-blockwise 8-bit:
+    refused), ``empty`` or ``none``."""
     if ROW in keys and COL in keys:
         return "factored"
     if ROW_VAR in keys and COL_VAR in keys:
@@ -123,6 +126,9 @@ def state_kind(keys: Collection[str]) -> str:
         return "full"
     if VARIANCE in keys and set(keys) <= {VARIANCE, "step"}:  # torch.optim.Adafactor's 1-D state, nothing else
         return "variance"
+    mini = mini_kind(keys)
+    if mini is not None:
+        return mini
     if any(k in keys for k in NON_BLOCKWISE_KEYS):
         return "8bit"
     if BNB_CODES in keys and BNB_CODEBOOK in keys and BNB_SCALES in keys:
@@ -171,6 +177,8 @@ def moment_shape(kind: str, shapes: Mapping[str, Tuple[int, ...]]) -> Tuple[int,
     """The parameter's shape from the shapes of its state tensors (``missing``: a momentum-only state's buffer)."""
     if kind == "missing":
         return tuple(next(shapes[key] for key in MOMENTUM_KEYS if key in shapes))
+    if kind in MINI_KINDS:
+        return mini_shape(kind, shapes)
     if kind == "factored":
         return tuple(shapes[ROW]) + tuple(shapes[COL][-1:])
     if kind == "factored_var":
@@ -180,9 +188,28 @@ def moment_shape(kind: str, shapes: Mapping[str, Tuple[int, ...]]) -> Tuple[int,
     return tuple(shapes[VARIANCE if kind == "variance" else FULL])
 
 
-def load_moment(kind: str, get: Callable[[str], torch.Tensor], where: str = "optimizer state") -> Curvature:
-    """Read the second moment of a ``full``, ``factored``, ``factored_var``, ``variance``, ``blockwise8`` or ``bnb32``
-    state; ``get(key)`` returns a state tensor."""
+def rank1_state(kind: str, shape: Tuple[int, ...], state_shapes: Mapping[str, Tuple[int, ...]]) -> bool:
+    """Whether :func:`load_moment` reads a ``kind`` state of a parameter of ``shape`` as a rank-1 pair: Adafactor's
+    factored matrices, and Adam-mini matrices constant per row (:func:`~mergekit_ota.export.adam_mini.per_row`)."""
+    if kind in FACTORED_KINDS:
+        return len(shape) == 2
+    if kind in MINI_KINDS and "vmean" in state_shapes:
+        return per_row(kind, shape, int(torch.Size(state_shapes["vmean"]).numel()))
+    return False
+
+
+def load_moment(
+    kind: str,
+    get: Callable[[str], torch.Tensor],
+    where: str = "optimizer state",
+    shape: Optional[Tuple[int, ...]] = None,
+) -> Curvature:
+    """Read the second moment of a ``full``, ``factored``, ``factored_var``, ``variance``, ``blockwise8``, ``bnb32``
+    or ``mini_*`` state (the last expanded to the parameter's ``shape``); ``get(key)`` returns a state tensor."""
+    if kind in MINI_KINDS:
+        if shape is None:
+            raise CurvatureError(f"{where}: an Adam-mini state needs its parameter's shape to be expanded")
+        return load_mini(kind, get, shape, where)
     if kind in ("full", "variance"):
         return Full(get(KIND_KEYS[kind][0]))
     if kind == "blockwise8":
@@ -371,11 +398,37 @@ def scalar(value: Any, where: str = "optimizer state 'step'") -> Optional[float]
     return fields.step(value, where)
 
 
+ADEMAMIX_GROUP_KEYS = ("t_alpha_beta3", "t_alpha")  # AdEMAMix's alpha/beta3 warm-up (pytorch_optimizer, bitsandbytes)
+SCHEDULE_FREE_GROUP_KEYS = ("weight_sum", "train_mode")  # schedulefree.AdamWScheduleFree's param groups
+
+
 def group_beta2(group: Mapping[str, Any], where: str = "param group") -> Optional[float]:
     """``beta2`` of an Adam param group (``betas[1]``), ``None`` where it has no ``betas`` (Adafactor has a
     schedule); ``betas`` that are not ``(beta1, beta2)`` with a finite ``0 <= beta2 < 1`` are refused naming
-    ``where`` (:func:`mergekit_ota.export.fields.beta2`)."""
-    return fields.beta2(fields.mapping(group, where).get("betas"), f"{where} 'betas'")
+    ``where`` (:func:`mergekit_ota.export.fields.beta2`). AdEMAMix's ``(beta1, beta2, beta3)`` (groups with
+    ``alpha`` and :data:`ADEMAMIX_GROUP_KEYS`: its ``exp_avg_sq`` decays with ``betas[1]``, pytorch_optimizer 4.1
+    ``ademamix.py``) gives ``betas[1]``; other three-value ``betas`` (Adan's ``exp_avg_sq`` decays with the third)
+    are refused. Adam-mini's groups keep ``beta2`` as a key of its own (adam-mini 1.1)."""
+    group = fields.mapping(group, where)
+    betas = group.get("betas")
+    if betas is None and "beta2" in group:
+        return fields.beta2_value(group["beta2"], f"{where} 'beta2'")
+    if isinstance(betas, (list, tuple)) and len(betas) == 3 and "alpha" in group:
+        if any(key in group for key in ADEMAMIX_GROUP_KEYS):
+            return fields.beta2_value(betas[1], f"{where} 'betas'[1]")
+    return fields.beta2(betas, f"{where} 'betas'")
+
+
+def group_step(group: Mapping[str, Any], where: str = "param group") -> Optional[float]:
+    """The step count of optimizers that keep it per param group rather than per parameter: ``step``
+    (pytorch_optimizer's AdEMAMix, SophiaH), ``k`` of schedule-free AdamW (:data:`SCHEDULE_FREE_GROUP_KEYS`; ``k``
+    counts the steps taken, and its bias correction is ``1 - beta2**k``, schedulefree 1.4
+    ``adamw_schedulefree.py``); ``None`` otherwise."""
+    if "step" in group:
+        return fields.step(group["step"], f"{where} 'step'")
+    if "k" in group and all(key in group for key in SCHEDULE_FREE_GROUP_KEYS):
+        return fields.step(group["k"], f"{where} 'k'")
+    return None
 
 
 def optimizer_name(kinds: Collection[str], groups: Sequence[Mapping[str, Any]]) -> str:
@@ -386,9 +439,15 @@ def optimizer_name(kinds: Collection[str], groups: Sequence[Mapping[str, Any]]) 
         return "Adafactor"
     if "blockwise8" in kinds or "bnb32" in kinds:
         return "AdamW 8-bit (bitsandbytes)"
+    if any(k in MINI_KINDS for k in kinds):
+        return "Adam-mini (adam_mini.Adam_mini)"
     keys = set().union(*(g.keys() for g in groups)) if groups else set()
     if "momentum_decay" in keys:
         return "NAdam"
+    if set(SCHEDULE_FREE_GROUP_KEYS) <= keys:
+        return "AdamW schedule-free (schedulefree)"
+    if "alpha" in keys and keys & set(ADEMAMIX_GROUP_KEYS):
+        return "AdEMAMix"
     if any(g.get("decoupled_weight_decay") for g in groups):
         return "AdamW"
     if "amsgrad" in keys:

@@ -30,6 +30,7 @@ import torch
 
 from mergekit_ota.errors import CurvatureError
 from mergekit_ota.export import fields
+from mergekit_ota.export.adam_mini import head_shapes
 from mergekit_ota.export.mapping import (
     BASIS_PARAM_NAMES,
     BASIS_STATE_KEYS,
@@ -49,14 +50,15 @@ from mergekit_ota.export.model_params import (
 from mergekit_ota.export.moments import SourceState, StateItem
 from mergekit_ota.export.optimizer_states import (
     BNB_MOMENT_KEYS,
-    FACTORED_KINDS,
     MOMENT_KEYS,
     checked_entry,
     classify_second_moments,
     group_beta2,
+    group_step,
     load_moment,
     moment_shape,
     optimizer_facts,
+    rank1_state,
     refuse_adapters,
     scalar,
 )
@@ -141,7 +143,10 @@ def _key(value: Any, where: str) -> Any:
 
 
 def _names_from_groups(groups: Sequence[Mapping[str, Any]], path: str) -> Optional[Dict[Any, str]]:
-    """``{key: name}`` from ``param_names`` (all groups must have them), else ``None``."""
+    """``{key: name}`` from ``param_names`` (all groups must have them), or from Adam-mini's one-parameter groups
+    that each keep the parameter's (lower-cased) name under ``name``; else ``None``."""
+    if groups and all(isinstance(g.get("name"), str) and len(g["params"]) == 1 for g in groups):
+        groups = [{**g, "param_names": [g["name"]]} for g in groups]  # adam-mini 1.1's param groups
     if not groups or not all("param_names" in g for g in groups):
         return None
     names: Dict[Any, str] = {}
@@ -215,6 +220,7 @@ def open_torch_state(
     elif adapter_reason:
         refuse_adapters([], path, adapter_reason)
     shapes = {key: moment_shape(kinds[label(key)], _shapes_of(state[key])) for key in state if label(key) in kinds}
+    head_shapes({key: kinds[label(key)] for key in shapes}, shapes, path)  # Adam-mini's q/k: rows from the others
     missing_shapes = {  # momentum only: named like the others (their shapes take part in an index mapping)
         key: moment_shape("missing", _shapes_of(state[key])) for key in state if label(key) in moments.missing
     }
@@ -242,8 +248,12 @@ def open_torch_state(
         )
         evidence = order_evidence([names[k] for k in shapes], params.parameters)
     else:
-        recorded = "param_names" in groups[0]
-        mapping = "param_names saved in the optimizer" if recorded else "parameter names in the state dict"
+        recorded = "param_names" in groups[0] or "name" in groups[0]
+        mapping = (
+            ("param_names saved in the optimizer" if "param_names" in groups[0] else "Adam-mini's param group names")
+            if recorded
+            else "parameter names in the state dict"
+        )
         evidence = NameEvidence(BASIS_PARAM_NAMES if recorded else BASIS_STATE_KEYS)
         named = {names[k]: s for k, s in {**shapes, **missing_shapes}.items()}
         params, _, mapping = check_against_model(named, model_path, frozen, path, mapping)
@@ -264,10 +274,16 @@ def open_torch_state(
             StateItem(
                 name=name,
                 shape=shapes[key],
-                load=(lambda k=kind_, e=entry, w=f"{path} state[{key!r}]": load_moment(k, e.__getitem__, w)),
+                load=(
+                    lambda k=kind_, e=entry, w=f"{path} state[{key!r}]", s=shapes[key]: load_moment(
+                        k, e.__getitem__, w, s
+                    )
+                ),
                 origin=f"{path} state[{key!r}]",
-                rank1=kind_ in FACTORED_KINDS and len(shapes[key]) == 2,
-                step=scalar(entry.get("step"), f"{path} state[{key!r}]['step']"),
+                rank1=rank1_state(kind_, shapes[key], _shapes_of(entry)),
+                step=scalar(entry["step"], f"{path} state[{key!r}]['step']")
+                if "step" in entry
+                else group_step(groups[group_of[key]], f"{path} param_groups[{group_of[key]}]"),
                 beta2=group_beta2(groups[group_of[key]], f"{path} param_groups[{group_of[key]}]"),
                 done=(lambda e=entry: release_mapped(v for k, v in e.items() if k in MOMENT_KEYS + BNB_MOMENT_KEYS))
                 if mapped
