@@ -56,6 +56,7 @@ __all__ = [
     "TRUE_WORDS",
     "WITHOUT_STATE",
     "CALIBRATION",
+    "ESTIMATOR",
     "ESTIMATORS",
     "MISSING",
     "complete_command",
@@ -87,6 +88,7 @@ ADAPTER_UNTOUCHED = "adapter_untouched"  # JSON list: base weights the adapter l
 ADAPTER_AGREEMENT = "adapter_scale_agreement"  # JSON object: {weight: min(P, Q) / max(P, Q)} per adapted matrix
 ADAPTER_FINGERPRINT = "adapter_fingerprint"  # sha256:... of every tensor of adapter_model.safetensors (fingerprint.py)
 MISSING = "missing_curvature"  # JSON object {tensor: reason}: no curvature in this store (momentum-only optimizer)
+ESTIMATOR = "curvature_estimator"  # text: the estimator of every tensor where it is not Adam's v (e.g. Sophia's)
 ESTIMATORS = "curvature_estimators"  # JSON object {estimator: [tensor, ...]}: where each tensor's curvature came from
 CALIBRATION = "curvature_calibration"  # JSON object: how a completed store's added tensors were put on its scale
 TRUE_WORDS = {"1", "true", "yes"}

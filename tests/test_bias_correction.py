@@ -147,3 +147,28 @@ def test_true_with_an_unknown_step_is_refused_naming_the_expert(family, tmp_path
     ):
         _merge(_config(family, stores, bias_correction=True), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+SOPHIA = {"curvature_estimator": "sophia_hessian: EMA (beta2) of the Gauss-Newton-Bartlett estimate"}
+
+
+@pytest.mark.parametrize(
+    "first, second, scale, warned",
+    [
+        (SOPHIA, META_20, "none", True),  # Sophia's Hessian estimate beside Adam's v, compared as stored
+        (SOPHIA, META_20, "mean", False),  # each on its own model-wide scale: nothing to warn about
+        (SOPHIA, SOPHIA, "none", False),  # one estimator throughout
+        (META_20, META_20, "none", False),
+    ],
+)
+def test_another_estimator_beside_adam_v_is_warned_about_only_when_compared_as_stored(
+    family, tmp_path, first, second, scale, warned
+):
+    """A store recording curvature_estimator (export of a Sophia run) beside an Adam store: check warns under
+    curvature_scale none, naming the expert, the estimator and the fix; mean, or one estimator for all, is silent."""
+    cfg = _config(family, [_store(family, 0, tmp_path, first), _store(family, 1, tmp_path, second)])
+    cfg["parameters"]["curvature_scale"] = scale
+    warnings = [w for w in _check(cfg).warnings if "another estimator" in w]
+    assert bool(warnings) == warned, warnings
+    if warned:
+        assert "sophia_hessian" in warnings[0] and "use curvature_scale: mean" in warnings[0]

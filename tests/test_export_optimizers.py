@@ -226,3 +226,30 @@ def test_lion_pytorch_is_refused_as_lion_from_its_real_state(tmp_path):
     message = _refused("lion/optimizer.pt", tmp_path)
     assert "no second moment for 12 of 12 parameter(s): 12 look like Lion (lion_pytorch.Lion" in message
     assert "read from state 'exp_avg' without exp_avg_sq" in message and f"`{FISHER_COMMAND}`" in message
+
+
+@pytest.mark.parametrize(
+    "variant, optimizer, estimator",
+    [
+        ("sophiag", "SophiaG (sophia_opt)", "Gauss-Newton-Bartlett"),
+        ("sophiah", "SophiaH (pytorch_optimizer)", "Hutchinson"),
+    ],
+)
+def test_sophia_exports_its_hessian_estimate_as_its_update_uses_it_without_step_or_beta2(
+    variant, optimizer, estimator, tmp_path
+):
+    """sophia_opt 0.2.2's SophiaG keeps 'hessian' (EMA of squared sampled-label gradients, >= 0): exported as is.
+    pytorch_optimizer 4.1.0's SophiaH keeps 'hessian_moment' (EMA of signed Hutchinson estimates; its update divides
+    by max(h, eps)): exported with negative entries as 0. Both record curvature_estimator and no step or beta2
+    (Sophia updates its estimate every k steps, k not saved), so the merge leaves their scale to curvature_scale."""
+    tensors, metadata, summary = _export_fixture(f"sophia/{variant}/optimizer.pt", tmp_path)
+    truth = load_file(_fixture(f"sophia/{variant}/truth.safetensors"))
+    assert set(tensors) == set(truth) and len(truth) == 12
+    negative = 0
+    for name, h in truth.items():
+        negative += int((h < 0).sum())
+        assert torch.equal(tensors[name], h.clamp(min=0.0)), name
+    assert (negative > 0) == (variant == "sophiah")  # the fixture exercises the clamp
+    assert metadata["optimizer"] == optimizer and estimator in metadata["curvature_estimator"]
+    assert "step" not in metadata and "beta2" not in metadata and metadata["bias_corrected"] == "false"
+    assert "curvature_scale mean or median" in summary

@@ -47,12 +47,15 @@ from mergekit_ota.errors import CurvatureError
 from mergekit_ota.export import fields
 from mergekit_ota.export.adam_mini import MINI_KEYS, MINI_KINDS, load_mini, mini_kind, mini_shape, per_row
 from mergekit_ota.export.moments import Curvature, Full, Rank1
+from mergekit_ota.store_format import ESTIMATOR
 
 FULL = "exp_avg_sq"
 ROW, COL = "exp_avg_sq_row", "exp_avg_sq_col"
 ROW_VAR, COL_VAR, VARIANCE = "row_var", "col_var", "variance"  # torch.optim.Adafactor
 MOMENT_KEYS = (FULL, ROW, COL, ROW_VAR, COL_VAR, VARIANCE)
 MOMENTUM_KEYS = ("momentum_buffer", "exp_avg")  # a momentum-only state's buffer: the parameter's shape
+SOPHIA_G = "hessian"  # sophia_opt.SophiaG (the paper's code): EMA of the Gauss-Newton-Bartlett estimate
+SOPHIA_H = "hessian_moment"  # pytorch_optimizer.SophiaH: EMA of Hutchinson estimates (signed)
 BNB_WRAPPER = "__bnb_optimizer_quant_state__"
 BNB_CODES, BNB_CODEBOOK, BNB_SCALES = "state2", "qmap2", "absmax2"
 BNB_MOMENT_KEYS = (BNB_CODES, BNB_SCALES)
@@ -65,9 +68,14 @@ KIND_KEYS: Dict[str, Tuple[str, ...]] = {
     "blockwise8": (BNB_CODES, BNB_SCALES, BNB_CODEBOOK),
     "bnb32": (BNB_CODES,),
     **MINI_KEYS,
+    "sophia_g": (SOPHIA_G,),
+    "sophia_h": (SOPHIA_H,),
 }
+SOPHIA_KINDS = ("sophia_g", "sophia_h")
 FACTORED_KINDS = ("factored", "factored_var")
-SECOND_MOMENT_KINDS = ("full", "factored", "factored_var", "variance", "blockwise8", "bnb32", *MINI_KINDS)
+SECOND_MOMENT_KINDS = (
+    "full", "factored", "factored_var", "variance", "blockwise8", "bnb32", *MINI_KINDS, "sophia_g", "sophia_h"
+)  # fmt: skip
 ADAFACTOR_KINDS = ("factored", "factored_var", "variance")
 NON_BLOCKWISE_KEYS = ("max1", "max2", "new_max1", "new_max2")
 BLOCK_SIZES = (64, 128, 256, 512, 1024, 2048, 4096)
@@ -92,7 +100,10 @@ def flatten_bnb(entry: Mapping[str, Any]) -> Dict[str, Any]:
 
 #: the dtypes each state tensor may have (bitsandbytes keeps ``state2`` as uint8 codes, or float32 when small)
 STATE_TENSOR_DTYPES: Dict[str, Tuple[torch.dtype, ...]] = {
-    **{key: fields.FLOATING for key in (FULL, ROW, COL, BNB_CODEBOOK, BNB_SCALES, *MOMENTUM_KEYS, "v", "vmean")},
+    **{
+        key: fields.FLOATING
+        for key in (FULL, ROW, COL, BNB_CODEBOOK, BNB_SCALES, *MOMENTUM_KEYS, "v", "vmean", SOPHIA_G, SOPHIA_H)
+    },
     BNB_CODES: fields.FLOATING + (torch.uint8,),
 }
 
@@ -129,6 +140,10 @@ def state_kind(keys: Collection[str]) -> str:
     mini = mini_kind(keys)
     if mini is not None:
         return mini
+    if SOPHIA_H in keys:
+        return "sophia_h"
+    if set(keys) - {"step"} == {"exp_avg", SOPHIA_G}:
+        return "sophia_g"
     if any(k in keys for k in NON_BLOCKWISE_KEYS):
         return "8bit"
     if BNB_CODES in keys and BNB_CODEBOOK in keys and BNB_SCALES in keys:
@@ -185,7 +200,7 @@ def moment_shape(kind: str, shapes: Mapping[str, Tuple[int, ...]]) -> Tuple[int,
         return tuple(shapes[ROW_VAR][:-1]) + tuple(shapes[COL_VAR][-1:])
     if kind in ("blockwise8", "bnb32"):
         return tuple(shapes[BNB_CODES])
-    return tuple(shapes[VARIANCE if kind == "variance" else FULL])
+    return tuple(shapes[KIND_KEYS[kind][0]])  # full, variance, sophia_g, sophia_h: the parameter's shape
 
 
 def rank1_state(kind: str, shape: Tuple[int, ...], state_shapes: Mapping[str, Tuple[int, ...]]) -> bool:
@@ -210,8 +225,10 @@ def load_moment(
         if shape is None:
             raise CurvatureError(f"{where}: an Adam-mini state needs its parameter's shape to be expanded")
         return load_mini(kind, get, shape, where)
-    if kind in ("full", "variance"):
+    if kind in ("full", "variance", "sophia_g"):
         return Full(get(KIND_KEYS[kind][0]))
+    if kind == "sophia_h":  # its update divides by max(hessian_moment, eps): a negative entry is curvature 0
+        return Full(get(SOPHIA_H).to(torch.float32).clamp(min=0.0))
     if kind == "blockwise8":
         return Full(dequantize_blockwise(get(BNB_CODES), get(BNB_SCALES), get(BNB_CODEBOOK), where))
     if kind == "bnb32":
@@ -441,6 +458,10 @@ def optimizer_name(kinds: Collection[str], groups: Sequence[Mapping[str, Any]]) 
         return "AdamW 8-bit (bitsandbytes)"
     if any(k in MINI_KINDS for k in kinds):
         return "Adam-mini (adam_mini.Adam_mini)"
+    if "sophia_g" in kinds:
+        return "SophiaG (sophia_opt)"
+    if "sophia_h" in kinds:
+        return "SophiaH (pytorch_optimizer)"
     keys = set().union(*(g.keys() for g in groups)) if groups else set()
     if "momentum_decay" in keys:
         return "NAdam"
@@ -489,6 +510,8 @@ def optimizer_facts(
     """The :class:`OptimizerFacts` of states of kinds ``kind_of`` (``{label: kind}``) under param ``groups``;
     ``missing``: ``{label: reason}`` of momentum-only states beside them (:class:`SecondMoments`), named too."""
     name = optimizer_name(set(kind_of.values()), groups)
+    if any(kind in SOPHIA_KINDS for kind in kind_of.values()):
+        return sophia_facts(name, kind_of)
     if missing:
         others = sorted({reason.split(" keeps ")[0] for reason in missing.values()})
         name = f"{' and '.join(others)} (momentum only, {len(missing)} tensor(s)) with {name} for the rest"
@@ -496,6 +519,30 @@ def optimizer_facts(
     if name == "Adafactor":
         return OptimizerFacts(name, bias_corrected=True, metadata=metadata, notes=adafactor_notes(kind_of))
     return OptimizerFacts(name, bias_corrected=False, metadata=metadata, notes=notes)
+
+
+def sophia_facts(name: str, kind_of: Mapping[str, str]) -> OptimizerFacts:
+    """Sophia keeps a diagonal Hessian estimate, not Adam's ``v``: exported as it is, with ``curvature_estimator``
+    saying which, and no ``step``/``beta2`` (its estimate is updated every k steps, k not saved, and never
+    bias-corrected by Sophia itself), so the merge leaves its scale to ``curvature_scale`` (default ``mean``)."""
+    if set(kind_of.values()) - set(SOPHIA_KINDS):
+        raise CurvatureError(
+            f"{name}: a state dict mixing Sophia's hessian with other optimizers' states "
+            f"({sorted(set(kind_of.values()))}); export each optimizer's state on its own"
+        )
+    sophia_h = "sophia_h" in kind_of.values()
+    estimator = (
+        "sophia_hessian: EMA (beta2) of Hutchinson estimates z*(Hz), negative entries exported as 0"
+        if sophia_h
+        else "sophia_hessian: EMA (beta2) of the Gauss-Newton-Bartlett estimate (squared gradient of the mean "
+        "sampled-label loss), without SophiaG's factor bs (tokens per step, not saved)"
+    )
+    notes = [
+        f"{name}: curvature is Sophia's diagonal Hessian estimate ({estimator.split(': ', 1)[1]}), on another scale "
+        f"than Adam's v; merge it with curvature_scale mean or median (mean is the default), which puts each "
+        f"expert on its own model-wide scale"
+    ]
+    return OptimizerFacts(name, bias_corrected=False, metadata={ESTIMATOR: estimator}, notes=notes)
 
 
 def bnb_metadata(kind_of: Mapping[str, str]) -> Tuple[Dict[str, str], List[str]]:

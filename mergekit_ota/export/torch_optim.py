@@ -51,6 +51,7 @@ from mergekit_ota.export.moments import SourceState, StateItem
 from mergekit_ota.export.optimizer_states import (
     BNB_MOMENT_KEYS,
     MOMENT_KEYS,
+    SOPHIA_KINDS,
     checked_entry,
     classify_second_moments,
     group_beta2,
@@ -281,10 +282,14 @@ def open_torch_state(
                 ),
                 origin=f"{path} state[{key!r}]",
                 rank1=rank1_state(kind_, shapes[key], _shapes_of(entry)),
-                step=scalar(entry["step"], f"{path} state[{key!r}]['step']")
+                step=None
+                if kind_ in SOPHIA_KINDS  # its estimate's updates are not its steps (sophia_facts)
+                else scalar(entry["step"], f"{path} state[{key!r}]['step']")
                 if "step" in entry
                 else group_step(groups[group_of[key]], f"{path} param_groups[{group_of[key]}]"),
-                beta2=group_beta2(groups[group_of[key]], f"{path} param_groups[{group_of[key]}]"),
+                beta2=None
+                if kind_ in SOPHIA_KINDS
+                else group_beta2(groups[group_of[key]], f"{path} param_groups[{group_of[key]}]"),
                 done=(lambda e=entry: release_mapped(v for k, v in e.items() if k in MOMENT_KEYS + BNB_MOMENT_KEYS))
                 if mapped
                 else None,

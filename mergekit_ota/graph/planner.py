@@ -75,6 +75,7 @@ from mergekit_ota.methods.settings import (
 from mergekit_ota.store_format import (
     ADAPTER,
     ADAPTER_UNTOUCHED,
+    ESTIMATOR,
     WITHOUT_STATE,
     complete_command,
     metadata_names,
@@ -604,10 +605,32 @@ class CurvaturePlan:
         self.add_model_wide_pass()
         for note in self.bias_notes() + self.store_notes:
             LOG.info(note)
-        warning = mismatch_warning(list(self.bias.values()), self.power) if self.curvature_scale == "none" else None
-        if warning is not None and warning not in self.warnings:
-            self.warnings.append(warning)
-            LOG.warning("mergekit-ota: %s", warning)
+        warnings = [
+            mismatch_warning(list(self.bias.values()), self.power),
+            self.estimator_warning(),
+        ] if self.curvature_scale == "none" else []  # fmt: skip
+        for warning in warnings:
+            if warning is not None and warning not in self.warnings:
+                self.warnings.append(warning)
+                LOG.warning("mergekit-ota: %s", warning)
+
+    def estimator_warning(self) -> Optional[str]:
+        """Under ``curvature_scale: none``, a warning when some experts' stores hold another estimator than Adam's
+        ``v`` (metadata ``curvature_estimator``: Sophia's Hessian estimate) beside experts whose stores do not:
+        their scales are not comparable, and ``mean`` (the default) or ``median`` puts each on its own."""
+        estimator: Dict[str, str] = {}
+        for (model, _), path in self.stores.items():
+            if path is not None:
+                estimator[str(model)] = CurvatureStore.open(path).metadata.get(ESTIMATOR, "")
+        other = sorted(m for m, e in estimator.items() if e)
+        if not other or len(other) == len(estimator) and len({estimator[m] for m in other}) == 1:
+            return None
+        named = "; ".join(f"{m}: {estimator[m].split(':')[0]}" for m in other)
+        return (
+            f"curvature_scale: none compares the experts' curvature as stored, but {named} is another estimator than "
+            f"the Adam second moment of {', '.join(sorted(set(estimator) - set(other))) or 'the others'}, on "
+            f"another scale: use curvature_scale: mean (the default) or median"
+        )
 
     def add_model_wide_pass(self) -> None:
         """One :class:`ModelWidePass` for every tensor that needs it: saliency where ``density_scope: model``
