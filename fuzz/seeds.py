@@ -1,7 +1,8 @@
 """The seed corpus: real inputs of every kind the commands read, written once per run into a directory.
 
 Real outputs are copied from ``tests/fixtures`` (DeepSpeed ZeRO stages 1-3 and ``BF16_Optimizer``
-checkpoints, a bitsandbytes 8-bit AdamW Trainer checkpoint); the rest is made with the project's own
+checkpoints, a bitsandbytes 8-bit AdamW Trainer checkpoint, PEFT LoRA Trainer checkpoints, the state dicts of
+Muon, Adam-mini, schedule-free AdamW, AdEMAMix, SophiaG/H and Lion); the rest is made with the project's own
 writers and testing helpers: torch optimizer state dicts (named, index-keyed with a model config,
 Adafactor-factored), a Trainer-style ``checkpoint-N/``, a ``torch.distributed.checkpoint`` directory, a
 DeepSpeed universal checkpoint, curvature stores (one file, rank-1, sharded with an index) and a merge
@@ -152,6 +153,19 @@ def _merge_config(directory: str) -> None:
         yaml.safe_dump(config, fp)
 
 
+#: (seed name, fixture) of the optimizers other than Adam's: a partial store (Muon), block values (Adam-mini), the
+#: step in the group (schedule-free, AdEMAMix), Sophia's Hessian estimates, and one refused (Lion)
+OPTIMIZER_FIXTURES = (
+    ("muon", "muon_adamw.pt"),
+    ("adam-mini", "adam_mini/optimizer.pt"),
+    ("schedulefree", "schedulefree/optimizer.pt"),
+    ("ademamix", "ademamix/optimizer.pt"),
+    ("sophiag", "sophia/sophiag/optimizer.pt"),
+    ("sophiah", "sophia/sophiah/optimizer.pt"),
+    ("lion", "lion/optimizer.pt"),
+)
+
+
 def build(corpus: str) -> List[Seed]:
     """Write every seed under ``corpus`` (an empty or missing directory); return the seeds."""
     os.makedirs(corpus, exist_ok=True)
@@ -189,6 +203,10 @@ def build(corpus: str) -> List[Seed]:
         )
         shutil.copytree(os.path.join(FIXTURES, "peft", "base"), os.path.join(corpus, f"peft-{variant}", "base"))
         seeds.append(Seed(f"peft-{variant}", f"peft-{variant}", "checkpoint-3", ex, model="base"))
+    for name, relative in OPTIMIZER_FIXTURES:  # real state dicts of other optimizers (tests/fixtures/optimizers)
+        os.makedirs(os.path.join(corpus, name))
+        shutil.copy(os.path.join(FIXTURES, "optimizers", relative), os.path.join(corpus, name, "optimizer.pt"))
+        add(name, "optimizer.pt", ex)
     _merge_config(os.path.join(corpus, "merge"))
     add("merge", "merge.yml", ("check",))
     return seeds
