@@ -2,8 +2,8 @@
 
 Real outputs are copied from ``tests/fixtures`` (DeepSpeed ZeRO stages 1-3 and ``BF16_Optimizer``
 checkpoints, a bitsandbytes 8-bit AdamW Trainer checkpoint, PEFT LoRA Trainer checkpoints, the state dicts of
-Muon, Adam-mini, schedule-free AdamW, AdEMAMix, SophiaG/H and Lion); the rest is made with the project's own
-writers and testing helpers: torch optimizer state dicts (named, index-keyed with a model config,
+Muon, Adam-mini, schedule-free AdamW, AdEMAMix, SophiaG/H, Lion and torchao's low-bit AdamW); the rest is made
+with the project's own writers and testing helpers: torch optimizer state dicts (named, index-keyed with a model config,
 Adafactor-factored), a Trainer-style ``checkpoint-N/``, a ``torch.distributed.checkpoint`` directory, a
 DeepSpeed universal checkpoint, curvature stores (one file, rank-1, sharded with an index) and a merge
 config with its models and stores (for ``check``).
@@ -163,6 +163,8 @@ OPTIMIZER_FIXTURES = (
     ("sophiag", "sophia/sophiag/optimizer.pt"),
     ("sophiah", "sophia/sophiah/optimizer.pt"),
     ("lion", "lion/optimizer.pt"),
+    ("torchao-4bit", "torchao/adamw4bit/optimizer.pt"),
+    ("torchao-fp8", "torchao/adamwfp8/optimizer.pt"),
 )
 
 

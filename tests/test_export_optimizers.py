@@ -253,3 +253,20 @@ def test_sophia_exports_its_hessian_estimate_as_its_update_uses_it_without_step_
     assert metadata["optimizer"] == optimizer and estimator in metadata["curvature_estimator"]
     assert "step" not in metadata and "beta2" not in metadata and metadata["bias_corrected"] == "false"
     assert "curvature_scale mean or median" in summary
+
+
+@pytest.mark.parametrize("variant, optimizer", [("adamw8bit", "8-bit"), ("adamw4bit", "4-bit"), ("adamwfp8", "FP8")])
+def test_torchao_low_bit_adamw_dequantises_bit_for_bit_as_torchao_without_importing_it(variant, optimizer, tmp_path):
+    """torchao 0.18.0's AdamW8bit/4bit/Fp8 save exp_avg_sq as tensor subclasses (states of >= 4096 entries) beside
+    plain float32 ones: loaded through inert stand-ins (torchao is not installed here), every tensor equals
+    torchao's own dequantize() bit for bit (truth.safetensors, written by torchao in its own environment)."""
+    import importlib.util
+
+    assert importlib.util.find_spec("torchao") is None  # the test environment reads it without torchao
+    tensors, metadata, _ = _export_fixture(f"torchao/{variant}/optimizer.pt", tmp_path)
+    truth = load_file(_fixture(f"torchao/{variant}/truth.safetensors"))
+    assert set(tensors) == set(truth) and len(truth) == 12
+    for name, v in truth.items():
+        assert torch.equal(tensors[name].view(torch.int32), v.view(torch.int32)), name
+    assert metadata["optimizer"] == f"AdamW {optimizer} (torchao)" and metadata["step"] == "3"
+    assert metadata["beta2"] == "0.95" and metadata["bias_corrected"] == "false"

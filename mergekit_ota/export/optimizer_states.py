@@ -47,6 +47,9 @@ from mergekit_ota.errors import CurvatureError
 from mergekit_ota.export import fields
 from mergekit_ota.export.adam_mini import MINI_KEYS, MINI_KINDS, load_mini, mini_kind, mini_shape, per_row
 from mergekit_ota.export.moments import Curvature, Full, Rank1
+from mergekit_ota.export.torchao import NAMES as TORCHAO_NAMES
+from mergekit_ota.export.torchao import TORCHAO_DTYPES, TORCHAO_KEYS, TORCHAO_KINDS, dequantize, flatten_subclasses
+from mergekit_ota.export.torchao import kind as torchao_kind
 from mergekit_ota.store_format import ESTIMATOR
 
 FULL = "exp_avg_sq"
@@ -68,13 +71,15 @@ KIND_KEYS: Dict[str, Tuple[str, ...]] = {
     "blockwise8": (BNB_CODES, BNB_SCALES, BNB_CODEBOOK),
     "bnb32": (BNB_CODES,),
     **MINI_KEYS,
+    **TORCHAO_KEYS,
     "sophia_g": (SOPHIA_G,),
     "sophia_h": (SOPHIA_H,),
 }
 SOPHIA_KINDS = ("sophia_g", "sophia_h")
 FACTORED_KINDS = ("factored", "factored_var")
 SECOND_MOMENT_KINDS = (
-    "full", "factored", "factored_var", "variance", "blockwise8", "bnb32", *MINI_KINDS, "sophia_g", "sophia_h"
+    "full", "factored", "factored_var", "variance", "blockwise8", "bnb32", *MINI_KINDS, "sophia_g", "sophia_h",
+    *TORCHAO_KINDS,
 )  # fmt: skip
 ADAFACTOR_KINDS = ("factored", "factored_var", "variance")
 NON_BLOCKWISE_KEYS = ("max1", "max2", "new_max1", "new_max2")
@@ -105,6 +110,7 @@ STATE_TENSOR_DTYPES: Dict[str, Tuple[torch.dtype, ...]] = {
         for key in (FULL, ROW, COL, BNB_CODEBOOK, BNB_SCALES, *MOMENTUM_KEYS, "v", "vmean", SOPHIA_G, SOPHIA_H)
     },
     BNB_CODES: fields.FLOATING + (torch.uint8,),
+    **TORCHAO_DTYPES,
 }
 
 
@@ -112,7 +118,7 @@ def checked_entry(entry: Any, where: str) -> Dict[str, Any]:
     """One parameter's state read from a file (``where`` names file and key): a dict with string keys
     whose second-moment tensors (:data:`STATE_TENSOR_DTYPES`) are dense CPU tensors of their dtypes,
     with bitsandbytes' wrapper flattened (:func:`flatten_bnb`)."""
-    flat = flatten_bnb(fields.mapping(entry, where))
+    flat = flatten_subclasses(flatten_bnb(fields.mapping(entry, where)), where)
     for key, value in flat.items():
         if not isinstance(key, str):
             raise CurvatureError(f"{where}: state key {key!r} is not a string")
@@ -133,6 +139,9 @@ def state_kind(keys: Collection[str]) -> str:
         return "factored"
     if ROW_VAR in keys and COL_VAR in keys:
         return "factored_var"
+    low_bit = torchao_kind(keys)
+    if low_bit is not None:
+        return low_bit
     if FULL in keys:
         return "full"
     if VARIANCE in keys and set(keys) <= {VARIANCE, "step"}:  # torch.optim.Adafactor's 1-D state, nothing else
@@ -194,6 +203,8 @@ def moment_shape(kind: str, shapes: Mapping[str, Tuple[int, ...]]) -> Tuple[int,
         return tuple(next(shapes[key] for key in MOMENTUM_KEYS if key in shapes))
     if kind in MINI_KINDS:
         return mini_shape(kind, shapes)
+    if kind in TORCHAO_KINDS:
+        return tuple(shapes[FULL + ":shape"])
     if kind == "factored":
         return tuple(shapes[ROW]) + tuple(shapes[COL][-1:])
     if kind == "factored_var":
@@ -229,6 +240,8 @@ def load_moment(
         return Full(get(KIND_KEYS[kind][0]))
     if kind == "sophia_h":  # its update divides by max(hessian_moment, eps): a negative entry is curvature 0
         return Full(get(SOPHIA_H).to(torch.float32).clamp(min=0.0))
+    if kind in TORCHAO_KINDS:
+        return dequantize(kind, get, where)
     if kind == "blockwise8":
         return Full(dequantize_blockwise(get(BNB_CODES), get(BNB_SCALES), get(BNB_CODEBOOK), where))
     if kind == "bnb32":
@@ -456,6 +469,9 @@ def optimizer_name(kinds: Collection[str], groups: Sequence[Mapping[str, Any]]) 
         return "Adafactor"
     if "blockwise8" in kinds or "bnb32" in kinds:
         return "AdamW 8-bit (bitsandbytes)"
+    low_bit = [TORCHAO_NAMES[k] for k in TORCHAO_KINDS if k in kinds]
+    if low_bit:
+        return low_bit[0]
     if any(k in MINI_KINDS for k in kinds):
         return "Adam-mini (adam_mini.Adam_mini)"
     if "sophia_g" in kinds:

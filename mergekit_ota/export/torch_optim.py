@@ -74,14 +74,16 @@ def load_torch_file(path: str, deepspeed: bool = False) -> Tuple[Any, bool]:
     """``torch.load`` with ``mmap=True, weights_only=True`` (no mmap for pre-1.6 non-zip files).
 
     ``deepspeed``: also accept the stand-ins of DeepSpeed's classes
-    (:func:`mergekit_ota.io.unpickle.deepspeed_globals`).  Returns the object and whether its
+    (:func:`mergekit_ota.io.unpickle.deepspeed_globals`); torchao's low-bit optimizer states are always accepted as
+    inert stand-ins (:func:`mergekit_ota.export.torchao.torchao_globals`).  Returns the object and whether its
     tensors are views of the file mapping.
     """
     import contextlib
 
+    from mergekit_ota.export.torchao import torchao_globals
     from mergekit_ota.io.unpickle import deepspeed_globals
 
-    with deepspeed_globals() if deepspeed else contextlib.nullcontext():
+    with deepspeed_globals() if deepspeed else contextlib.nullcontext(), torchao_globals():
         return _load(path, deepspeed)
 
 

@@ -60,7 +60,7 @@ import enum
 import importlib
 import inspect
 import pickle
-from typing import IO, Any, Dict, FrozenSet, Iterator, Mapping, Optional, Tuple
+from typing import IO, Any, Dict, FrozenSet, Iterator, Mapping, Optional, Sequence, Tuple
 
 from mergekit_ota.errors import CurvatureError
 
@@ -289,6 +289,31 @@ size ``generate.py`` writes, and ``ds_to_universal``'s ``optimizer_state.pt``): 
 lists every global those pickles name and checks that each is torch's own or one of these."""
 
 
+TORCHAO_CLASSES: Dict[str, str] = {
+    "ao8": "torchao.optim.subclass_8bit.OptimState8bit",
+    "ao4": "torchao.optim.subclass_4bit.OptimState4bit",
+    "aofp8": "torchao.optim.subclass_fp8.OptimStateFp8",
+}
+"""The globals a torchao 0.18 low-bit AdamW state dict names beyond torch's own allow-list (read from the pickles
+of ``tests/fixtures/optimizers/torchao``), by format; :mod:`mergekit_ota.export.torchao` maps each to an inert
+``torch.Tensor`` stand-in that only holds the inner tensors the pickle sets. Nothing of torchao is imported."""
+
+
+@contextlib.contextmanager
+def allow_stand_ins(pairs: Sequence[Tuple[Any, str]]) -> Iterator[None]:
+    """Within the block, ``torch.load(weights_only=True)`` also resolves each exact ``"module.qualname"`` of
+    ``pairs`` to the stand-in object given with it; only the names of :data:`DEEPSPEED_STAND_INS` and
+    :data:`TORCHAO_CLASSES` are accepted (one audited allow-list)."""
+    import torch
+
+    allowed = {name for _, name in DEEPSPEED_STAND_INS} | set(TORCHAO_CLASSES.values())
+    unknown = [name for _, name in pairs if name not in allowed]
+    if unknown:
+        raise ValueError(f"not an allow-listed stand-in name: {unknown}")
+    with torch.serialization.safe_globals(list(pairs)):
+        yield
+
+
 @contextlib.contextmanager
 def deepspeed_globals() -> Iterator[None]:
     """Within the block, ``torch.load(weights_only=True)`` also accepts :data:`DEEPSPEED_STAND_INS`.
@@ -296,7 +321,5 @@ def deepspeed_globals() -> Iterator[None]:
     Each entry maps one exact ``"module.qualname"`` string (compared whole, so no attribute
     chain can be named) to a class of this module; nothing of DeepSpeed is imported.
     """
-    import torch
-
-    with torch.serialization.safe_globals(list(DEEPSPEED_STAND_INS)):
+    with allow_stand_ins(DEEPSPEED_STAND_INS):
         yield
