@@ -380,7 +380,11 @@ def mutate_yaml(path: str, rng: random.Random, canary: str) -> str:
     elif roll < 0.3:
         new, what = b"models: " + b"[" * 50000 + b"]" * 50000, "50000-deep YAML nesting"
     else:
-        tree, what = mutate_tree(yaml.safe_load(data), rng)
+        try:
+            parsed = yaml.safe_load(data)
+        except yaml.YAMLError as error:  # an earlier mutation left bytes that are not YAML (or not UTF-8)
+            return f"(seed file not parseable after an earlier mutation: {type(error).__name__})"
+        tree, what = mutate_tree(parsed, rng)
         try:
             new = yaml.safe_dump(tree, allow_unicode=False).encode()
         except (yaml.YAMLError, RecursionError, UnicodeEncodeError):

@@ -604,3 +604,16 @@ def test_zero_checkpoint_whose_optimizer_files_are_no_regular_files_is_refused_n
     out = tmp_path / "out.safetensors"
     _refused(_cli("export", ckpt, out), files[0].name, "not a regular file")
     assert not out.exists()
+
+
+def test_an_adam_mini_state_tensor_the_reader_relies_on_that_is_no_tensor_is_refused_naming_it(tmp_path):
+    """Adam-mini's 'm' (which gives its q/k and row blocks' shape) replaced by a float (fuzz seed 16, cases 314,
+    1564, 1679, 7850: KeyError 'm'): refused naming the file, the state and the key, with nothing written."""
+    source = tmp_path / "optimizer.pt"
+    optimizer = load_pickle_tree(str(Path(seeds.FIXTURES) / "optimizers" / "adam_mini" / "optimizer.pt"))
+    key = next(iter(optimizer["state"]))
+    optimizer["state"][key]["m"] = float("nan")
+    save_pickle_tree(optimizer, str(source))
+    out = tmp_path / "out.safetensors"
+    _refused(_cli("export", source, out), "optimizer.pt", f"state[{key!r}]['m']", "expected a tensor")
+    assert not out.exists()

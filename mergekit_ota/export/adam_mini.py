@@ -36,6 +36,7 @@ from mergekit_ota.export.moments import Curvature, Full, Rank1
 
 Shape = Tuple[int, ...]
 MINI_KINDS = ("mini_v", "mini_heads", "mini_rows", "mini_tensor")
+MINI_TENSOR_KEYS = ("m", "v", "vmean")  # the state tensors a reader relies on (shapes, values): checked as tensors
 #: per kind, the state key holding its second moment
 MINI_KEYS: Dict[str, Tuple[str, ...]] = {
     "mini_v": ("v",),

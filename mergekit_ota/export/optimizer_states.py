@@ -45,7 +45,15 @@ import torch
 
 from mergekit_ota.errors import CurvatureError
 from mergekit_ota.export import fields
-from mergekit_ota.export.adam_mini import MINI_KEYS, MINI_KINDS, load_mini, mini_kind, mini_shape, per_row
+from mergekit_ota.export.adam_mini import (
+    MINI_KEYS,
+    MINI_KINDS,
+    MINI_TENSOR_KEYS,
+    load_mini,
+    mini_kind,
+    mini_shape,
+    per_row,
+)
 from mergekit_ota.export.moments import Curvature, Full, Rank1
 from mergekit_ota.export.torchao import NAMES as TORCHAO_NAMES
 from mergekit_ota.export.torchao import TORCHAO_DTYPES, TORCHAO_KEYS, TORCHAO_KINDS, dequantize, flatten_subclasses
@@ -107,7 +115,7 @@ def flatten_bnb(entry: Mapping[str, Any]) -> Dict[str, Any]:
 STATE_TENSOR_DTYPES: Dict[str, Tuple[torch.dtype, ...]] = {
     **{
         key: fields.FLOATING
-        for key in (FULL, ROW, COL, BNB_CODEBOOK, BNB_SCALES, *MOMENTUM_KEYS, "v", "vmean", SOPHIA_G, SOPHIA_H)
+        for key in (FULL, ROW, COL, BNB_CODEBOOK, BNB_SCALES, *MOMENTUM_KEYS, *MINI_TENSOR_KEYS, SOPHIA_G, SOPHIA_H)
     },
     BNB_CODES: fields.FLOATING + (torch.uint8,),
     **TORCHAO_DTYPES,
