@@ -75,10 +75,28 @@ $(FIXTURES_PEFT_STAMP):
 	$(FIXTURES_PEFT_VENV)/bin/python -m pip install -q 'peft==0.21.*' transformers accelerate safetensors
 	touch $@
 
-fixtures: $(FIXTURES_STAMP) $(FIXTURES_PEFT_STAMP)
+# Other optimizers' state dicts (tests/fixtures/optimizers/<name>), each library in an environment of its own.
+OPTIM_VENVS := schedulefree adam_mini torchao sophia
+OPTIM_REQS_schedulefree := schedulefree==1.4.1 pytorch-optimizer==4.1.0 lion-pytorch==0.2.5
+OPTIM_REQS_adam_mini := adam-mini==1.1.1
+OPTIM_REQS_torchao := torchao==0.18.0
+OPTIM_REQS_sophia := pytorch-optimizer==4.1.0 sophia-opt==0.2.2
+.venv-fixtures-%/.installed:
+	$(PYTHON) -m venv .venv-fixtures-$*
+	.venv-fixtures-$*/bin/python -m pip install -q --upgrade pip
+	.venv-fixtures-$*/bin/python -m pip install -q torch==2.13.0
+	.venv-fixtures-$*/bin/python -m pip install -q $(OPTIM_REQS_$*) transformers==5.25.0 safetensors==0.8.0 numpy
+	touch $@
+
+fixtures: $(FIXTURES_STAMP) $(FIXTURES_PEFT_STAMP) $(foreach v,$(OPTIM_VENVS),.venv-fixtures-$(v)/.installed)
 	DS_ACCELERATOR=cpu $(FIXTURES_VENV)/bin/python tests/fixtures/deepspeed/generate.py
 	$(FIXTURES_VENV)/bin/python tests/fixtures/bitsandbytes/generate.py
 	$(FIXTURES_PEFT_VENV)/bin/python tests/fixtures/peft/generate.py
+	$(PY) tests/fixtures/optimizers/generate.py
+	for f in schedulefree ademamix lion; do PYTHONPATH=. .venv-fixtures-schedulefree/bin/python tests/fixtures/optimizers/$$f/generate.py; done
+	PYTHONPATH=. .venv-fixtures-adam_mini/bin/python tests/fixtures/optimizers/adam_mini/generate.py
+	PYTHONPATH=. .venv-fixtures-torchao/bin/python tests/fixtures/optimizers/torchao/generate.py
+	PYTHONPATH=. .venv-fixtures-sophia/bin/python tests/fixtures/optimizers/sophia/generate.py
 
 # Peak memory of exporting native ZeRO-2/3 checkpoints (trains a 25M-parameter module under DeepSpeed).
 bench-export-memory: $(STAMP) $(FIXTURES_STAMP)
