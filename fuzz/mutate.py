@@ -449,6 +449,7 @@ def mutate_file(path: str, rng: random.Random, canary: str) -> str:
         TypeError,
         pickle.UnpicklingError,
         struct.error,
+        IndexError,  # torch's weights-only unpickler on a pickle an earlier mutation broke (fuzz seed 17)
     ) as error:
         return f"(seed file not parseable after an earlier mutation: {type(error).__name__})"
     with open(path, "rb") as fp:
