@@ -617,3 +617,18 @@ def test_an_adam_mini_state_tensor_the_reader_relies_on_that_is_no_tensor_is_ref
     out = tmp_path / "out.safetensors"
     _refused(_cli("export", source, out), "optimizer.pt", f"state[{key!r}]['m']", "expected a tensor")
     assert not out.exists()
+
+
+def test_adam_mini_block_values_whose_sums_pass_float32_are_refused_naming_the_tensor(tmp_path):
+    """Adam-mini row blocks at float32's largest value (fuzz seed 17, case 6539: RuntimeError 'value cannot be
+    converted to type float without overflow'): their rank-1 column sums are infinite in float32, and the writer's
+    value check refuses them naming the tensor, with nothing written."""
+    source = tmp_path / "optimizer.pt"
+    optimizer = load_pickle_tree(str(Path(seeds.FIXTURES) / "optimizers" / "adam_mini" / "optimizer.pt"))
+    key = next(k for k, entry in optimizer["state"].items() if "neuron_per_gpu" in entry)
+    vmean = optimizer["state"][key]["vmean"]
+    optimizer["state"][key]["vmean"] = torch.full_like(vmean, torch.finfo(torch.float32).max)
+    save_pickle_tree(optimizer, str(source))
+    out = tmp_path / "out.safetensors"
+    _refused(_cli("export", source, out), "Inf")
+    assert not out.exists()

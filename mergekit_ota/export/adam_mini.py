@@ -100,9 +100,9 @@ def head_shapes(kinds: Mapping[str, str], shapes: Dict[str, Shape], where: str) 
 
 def _per_row(values: torch.Tensor, shape: Shape) -> Curvature:
     """``v[i, j] = values[i]`` over a 2-D ``shape``: exactly the rank-1 pair ``r = n * values``, ``c = sum(values)``."""
-    rows = values.to(torch.float32).reshape(-1)
-    n = shape[1]
-    return Rank1(rows * n, torch.full((n,), float(rows.double().sum()), dtype=torch.float32))
+    rows = values.to(torch.float64).reshape(-1)
+    n = shape[1]  # in float64, then float32: a sum beyond float32 becomes inf, which the writer refuses by name
+    return Rank1((rows * n).to(torch.float32), torch.full((n,), float(rows.sum()), dtype=torch.float64).float())
 
 
 def per_row(kind: str, shape: Shape, blocks: int) -> bool:
