@@ -632,3 +632,23 @@ def test_adam_mini_block_values_whose_sums_pass_float32_are_refused_naming_the_t
     out = tmp_path / "out.safetensors"
     _refused(_cli("export", source, out), "Inf")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("relative", ["muon_adamw.pt", "adam_mini/optimizer.pt"])
+def test_a_parameter_name_that_is_not_unicode_text_is_refused_before_anything_is_written(tmp_path, relative):
+    """A param name holding a lone surrogate (fuzz seed 18, case 7986: the Muon seed's param_names[2] became
+    '\\udc80', and the partial store's summary died in UnicodeEncodeError after writing): refused where the names
+    are read (param_names, or Adam-mini's group 'name'), naming the place, with nothing written."""
+    source = tmp_path / "optimizer.pt"
+    optimizer = load_pickle_tree(str(Path(seeds.FIXTURES) / "optimizers" / relative))
+    group = optimizer["param_groups"][0]
+    if "param_names" in group:
+        group["param_names"][0] = "\udc80"
+        where = "['param_names'][0]"
+    else:
+        group["name"] = "\udc80"
+        where = "param_groups[0]['name']"
+    save_pickle_tree(optimizer, str(source))
+    out = tmp_path / "out"
+    _refused(_cli("export", source, out), where, "not Unicode text")
+    assert not out.exists()

@@ -64,6 +64,7 @@ from mergekit_ota.export.optimizer_states import (
     scalar,
 )
 from mergekit_ota.io.paths import regular_file
+from mergekit_ota.io.safetensors import is_unicode
 
 OPTIMIZER_FILES = ("optimizer.pt", "optimizer.bin")
 _NESTED_KEYS = ("optimizer", "optimizer_state_dict", "optim", "opt")
@@ -142,13 +143,23 @@ def _shapes_of(state: Mapping[str, Any]) -> Dict[str, Shape]:
 def _key(value: Any, where: str) -> Any:
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise CurvatureError(f"{where}: a parameter key must be an int index or a str name, found {value!r}")
+    if isinstance(value, str):
+        _text_name(value, where)
     return value
+
+
+def _text_name(name: str, where: str) -> None:
+    """A parameter name must be Unicode text (no lone surrogate): it becomes a store key or a metadata entry."""
+    if not is_unicode(name):
+        raise CurvatureError(f"{where}: the parameter name {name!r} is not Unicode text (a lone surrogate)")
 
 
 def _names_from_groups(groups: Sequence[Mapping[str, Any]], path: str) -> Optional[Dict[Any, str]]:
     """``{key: name}`` from ``param_names`` (all groups must have them), or from Adam-mini's one-parameter groups
     that each keep the parameter's (lower-cased) name under ``name``; else ``None``."""
     if groups and all(isinstance(g.get("name"), str) and len(g["params"]) == 1 for g in groups):
+        for g, group in enumerate(groups):
+            _text_name(group["name"], f"{path} param_groups[{g}]['name']")
         groups = [{**g, "param_names": [g["name"]]} for g in groups]  # adam-mini 1.1's param groups
     if not groups or not all("param_names" in g for g in groups):
         return None
@@ -185,6 +196,7 @@ def read_optimizer(
             for i, name in enumerate(fields.sequence(group["param_names"], f"{where}['param_names']")):
                 if not isinstance(name, str):
                     raise CurvatureError(f"{where}['param_names'][{i}]: expected a str name, found {name!r}")
+                _text_name(name, f"{where}['param_names'][{i}]")
         groups.append(group)
     state = {
         _key(key, f"{path} 'state'"): checked_entry(entry, f"{path} state[{key!r}]")

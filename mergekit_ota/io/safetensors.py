@@ -119,17 +119,17 @@ def parse_json(raw: bytes, path: str, what: str) -> Any:
         children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
         strings = [*item.keys(), *children] if isinstance(item, dict) else children
         for text in strings:
-            if isinstance(text, str) and not _is_unicode(text):
+            if isinstance(text, str) and not is_unicode(text):
                 raise JsonError(
                     path, what, f"the string {text[:80]!r} holds an unpaired UTF-16 surrogate escape, not Unicode text"
                 )
         stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
-    if isinstance(value, str) and not _is_unicode(value):
+    if isinstance(value, str) and not is_unicode(value):
         raise JsonError(path, what, "a string holding an unpaired UTF-16 surrogate escape")
     return value
 
 
-def _is_unicode(text: str) -> bool:
+def is_unicode(text: str) -> bool:
     """Whether ``text`` is Unicode text: UTF-8 can encode it (no unpaired surrogate that a JSON escape made)."""
     try:
         text.encode("utf-8")
