@@ -450,6 +450,7 @@ def mutate_file(path: str, rng: random.Random, canary: str) -> str:
         pickle.UnpicklingError,
         struct.error,
         IndexError,  # torch's weights-only unpickler on a pickle an earlier mutation broke (fuzz seed 17)
+        AttributeError,  # the same, in its persistent_load (fuzz seed 18)
     ) as error:
         return f"(seed file not parseable after an earlier mutation: {type(error).__name__})"
     with open(path, "rb") as fp:
