@@ -260,10 +260,10 @@ def test_torchao_low_bit_adamw_dequantises_bit_for_bit_as_torchao_without_import
     """torchao 0.18.0's AdamW8bit/4bit/Fp8 save exp_avg_sq as tensor subclasses (states of >= 4096 entries) beside
     plain float32 ones: loaded through inert stand-ins (torchao is not installed here), every tensor equals
     torchao's own dequantize() bit for bit (truth.safetensors, written by torchao in its own environment)."""
-    import importlib.util
+    import sys
 
-    assert importlib.util.find_spec("torchao") is None  # the test environment reads it without torchao
     tensors, metadata, _ = _export_fixture(f"torchao/{variant}/optimizer.pt", tmp_path)
+    assert "torchao" not in sys.modules  # read through the stand-ins, never by importing torchao
     truth = load_file(_fixture(f"torchao/{variant}/truth.safetensors"))
     assert set(tensors) == set(truth) and len(truth) == 12
     for name, v in truth.items():
