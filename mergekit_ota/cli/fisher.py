@@ -92,7 +92,7 @@ def fisher_command(
 
     With --only-missing STORE: MODEL is the expert a partial STORE was exported from; OUT gets STORE's tensors
     and the Fisher of the tensors STORE lists as missing, times c = the median over STORE's tensors of
-    mean(v) / mean(F), so that the store has one scale (docs/export.md, "By optimizer").
+    mean(v) / mean(F), so that the store has one scale (docs/export.md, "Completing a partial store").
     """
     from mergekit_ota.cli.export import render_summary
     from mergekit_ota.errors import OTAError
