@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Callable, Collection, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -362,11 +363,17 @@ def missing_reason(family: MomentumFamily) -> str:
 @dataclass(frozen=True)
 class SecondMoments:
     """Every parameter's state, classified: ``kinds`` ``{label: kind}`` of those with a second moment (``full``,
-    ``factored``, ...); ``missing`` ``{label: reason}`` of those a recognised momentum-only optimizer kept
-    (:func:`momentum_family`), which a partial store lists as missing (:data:`~mergekit_ota.store_format.MISSING`)."""
+    ``factored``, ...); ``families`` ``{label: family}`` of those a recognised momentum-only optimizer kept
+    (:func:`momentum_family`), which a partial store lists as missing (:data:`~mergekit_ota.store_format.MISSING`)
+    with the reason :attr:`missing` gives."""
 
     kinds: Dict[str, str]
-    missing: Dict[str, str]
+    families: Dict[str, MomentumFamily]
+
+    @property
+    def missing(self) -> Dict[str, str]:
+        """``{label: reason}`` of the momentum-only parameters (:func:`missing_reason`)."""
+        return {label: missing_reason(family) for label, family in self.families.items()}
 
 
 def classify_second_moments(
@@ -396,7 +403,7 @@ def classify_second_moments(
         raise CurvatureError(f"{source}: " + _lacking_message(lacking, kinds, states, groups or {}, remedy))
     if not found:
         raise CurvatureError(f"{source}: the optimizer state is empty (did the optimizer ever step?)")
-    return SecondMoments(found, {label: missing_reason(family) for label, family in families.items() if family})
+    return SecondMoments(found, {label: family for label, family in families.items() if family})
 
 
 def check_second_moments(
@@ -406,8 +413,8 @@ def check_second_moments(
     :class:`CurvatureError` for any parameter without a second moment, naming ``fisher`` for the whole model
     (only a torch or Trainer checkpoint is exported in part, :mod:`mergekit_ota.export.torch_optim`)."""
     result = classify_second_moments(states, source, groups)
-    if result.missing:
-        lacking = list(result.missing)
+    if result.families:
+        lacking = list(result.families)
         remedy = (
             f"This checkpoint format is not exported in part (a torch or Trainer optimizer.pt is); what fills the "
             f"gap: `{FISHER_COMMAND}` (the data Fisher of the expert, for all its tensors)"
@@ -455,6 +462,18 @@ def group_beta2(group: Mapping[str, Any], where: str = "param group") -> Optiona
         if any(key in group for key in ADEMAMIX_GROUP_KEYS):
             return fields.beta2_value(betas[1], f"{where} 'betas'[1]")
     return fields.beta2(betas, f"{where} 'betas'")
+
+
+def step_and_beta2(
+    kind: str, entry: Mapping[str, Any], group: Mapping[str, Any], where: str, group_where: str
+) -> Tuple[Optional[float], Optional[float]]:
+    """``(step, beta2)`` of one parameter's state of ``kind`` in param ``group`` (``where``/``group_where`` name them):
+    the state's ``step`` (else the group's, :func:`group_step`) and the group's ``beta2`` (:func:`group_beta2`);
+    neither for Sophia, whose estimate's updates are not its steps (:func:`sophia_facts`)."""
+    if kind in SOPHIA_KINDS:
+        return None, None
+    step = scalar(entry["step"], f"{where}['step']") if "step" in entry else group_step(group, group_where)
+    return step, group_beta2(group, group_where)
 
 
 def group_step(group: Mapping[str, Any], where: str = "param group") -> Optional[float]:
@@ -529,16 +548,18 @@ class OptimizerFacts:
 
 
 def optimizer_facts(
-    kind_of: Mapping[str, str], groups: Sequence[Mapping[str, Any]], missing: Mapping[str, str] = {}
+    kind_of: Mapping[str, str],
+    groups: Sequence[Mapping[str, Any]],
+    momentum_only: Mapping[str, MomentumFamily] = MappingProxyType({}),
 ) -> OptimizerFacts:
     """The :class:`OptimizerFacts` of states of kinds ``kind_of`` (``{label: kind}``) under param ``groups``;
-    ``missing``: ``{label: reason}`` of momentum-only states beside them (:class:`SecondMoments`), named too."""
+    ``momentum_only``: ``{label: family}`` of momentum-only states beside them (:class:`SecondMoments`), named too."""
     name = optimizer_name(set(kind_of.values()), groups)
     if any(kind in SOPHIA_KINDS for kind in kind_of.values()):
         return sophia_facts(name, kind_of)
-    if missing:
-        others = sorted({reason.split(" keeps ")[0] for reason in missing.values()})
-        name = f"{' and '.join(others)} (momentum only, {len(missing)} tensor(s)) with {name} for the rest"
+    if momentum_only:
+        others = sorted({family.looks_like for family in momentum_only.values()})
+        name = f"{' and '.join(others)} (momentum only, {len(momentum_only)} tensor(s)) with {name} for the rest"
     metadata, notes = bnb_metadata(kind_of)
     if name == "Adafactor":
         return OptimizerFacts(name, bias_corrected=True, metadata=metadata, notes=adafactor_notes(kind_of))

@@ -49,19 +49,15 @@ from mergekit_ota.export.model_params import (
 )
 from mergekit_ota.export.moments import SourceState, StateItem
 from mergekit_ota.export.optimizer_states import (
-    BNB_MOMENT_KEYS,
-    MOMENT_KEYS,
-    SOPHIA_KINDS,
+    KIND_KEYS,
     checked_entry,
     classify_second_moments,
-    group_beta2,
-    group_step,
     load_moment,
     moment_shape,
     optimizer_facts,
     rank1_state,
     refuse_adapters,
-    scalar,
+    step_and_beta2,
 )
 from mergekit_ota.io.paths import regular_file
 from mergekit_ota.io.safetensors import is_unicode
@@ -237,7 +233,7 @@ def open_torch_state(
     shapes = {key: moment_shape(kinds[label(key)], _shapes_of(state[key])) for key in state if label(key) in kinds}
     head_shapes({key: kinds[label(key)] for key in shapes}, shapes, path)  # Adam-mini's q/k: rows from the others
     missing_shapes = {  # momentum only: named like the others (their shapes take part in an index mapping)
-        key: moment_shape("missing", _shapes_of(state[key])) for key in state if label(key) in moments.missing
+        key: moment_shape("missing", _shapes_of(state[key])) for key in state if label(key) in moments.families
     }
 
     params: Optional[ModelParameters] = None
@@ -273,7 +269,8 @@ def open_torch_state(
         named = {names[k]: s for k, s in {**shapes, **missing_shapes}.items()}
         params, _, mapping = check_against_model(named, model_path, frozen, path, mapping)
 
-    missing = {names[k]: moments.missing[label(k)] for k in missing_shapes}
+    reasons = moments.missing
+    missing = {names[k]: reasons[label(k)] for k in missing_shapes}
     with_state = {names[k] for k in shapes} | set(missing)
     if params is not None:
         without = [n for n, _ in params.parameters if n not in with_state]
@@ -285,6 +282,8 @@ def open_torch_state(
         key = key_of[name]
         kind_ = kinds[label(key)]
         entry = state[key]
+        where, group_where = f"{path} state[{key!r}]", f"{path} param_groups[{group_of[key]}]"
+        step, beta2 = step_and_beta2(kind_, entry, groups[group_of[key]], where, group_where)
         items.append(
             StateItem(
                 name=name,
@@ -296,20 +295,14 @@ def open_torch_state(
                 ),
                 origin=f"{path} state[{key!r}]",
                 rank1=rank1_state(kind_, shapes[key], _shapes_of(entry)),
-                step=None
-                if kind_ in SOPHIA_KINDS  # its estimate's updates are not its steps (sophia_facts)
-                else scalar(entry["step"], f"{path} state[{key!r}]['step']")
-                if "step" in entry
-                else group_step(groups[group_of[key]], f"{path} param_groups[{group_of[key]}]"),
-                beta2=None
-                if kind_ in SOPHIA_KINDS
-                else group_beta2(groups[group_of[key]], f"{path} param_groups[{group_of[key]}]"),
-                done=(lambda e=entry: release_mapped(v for k, v in e.items() if k in MOMENT_KEYS + BNB_MOMENT_KEYS))
+                step=step,
+                beta2=beta2,
+                done=(lambda e=entry, k=kind_: release_mapped(e[n] for n in KIND_KEYS[k] if n in e))
                 if mapped
                 else None,
             )
         )
-    facts = optimizer_facts(kinds, groups, moments.missing)
+    facts = optimizer_facts(kinds, groups, moments.families)
     return SourceState(
         kind=kind,
         path=path,
@@ -368,6 +361,8 @@ def release_mapped(tensors: Iterable[torch.Tensor]) -> None:
         _libc = ctypes.CDLL(None, use_errno=True)
     page = os.sysconf("SC_PAGE_SIZE")
     for tensor in tensors:
+        if tensor.is_meta:  # no data (torchao's flattened shape): nothing mapped
+            continue
         start = tensor.data_ptr()
         size = tensor.numel() * tensor.element_size()
         if not size:

@@ -24,8 +24,10 @@ is on the bias-corrected Adam scale already (:mod:`mergekit_ota.fisher.estimator
 from __future__ import annotations
 
 import json
+import math
+import os
 import statistics
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Mapping, Sequence
 
 import torch
@@ -38,15 +40,22 @@ OPTIMIZER_ESTIMATOR = "optimizer second moment"  # the partial store's own tenso
 FISHER_ESTIMATOR = "data Fisher"  # the tensors this command adds
 
 
-@dataclass
+@dataclass(frozen=True)
 class PartialStore:
-    """A partial store, checked against MODEL: ``source`` (its tensors, as :func:`open_store` reads them),
-    ``missing`` ``{tensor: reason}``, and ``shapes`` of the missing tensors in MODEL."""
+    """A partial store, checked against MODEL: ``source`` (its tensors, as :func:`open_store` reads them, with
+    ``missing`` ``{tensor: reason}``) and ``entries``, MODEL's weights' header entries by name (its names, shapes and
+    fingerprint)."""
 
-    path: str
     source: SourceState
-    missing: Dict[str, str]
-    shapes: Dict[str, tuple] = field(default_factory=dict)
+    entries: Mapping[str, Any]
+
+    @property
+    def path(self) -> str:
+        return self.source.path
+
+    @property
+    def missing(self) -> Dict[str, str]:
+        return self.source.missing
 
     @property
     def needed(self) -> List[str]:
@@ -92,14 +101,11 @@ def open_partial(store: str, model_dir: str) -> PartialStore:
                 f"({FINGERPRINT_KEY} {recorded[:19]}..., MODEL's {own[:19]}...): give the expert whose optimizer "
                 f"state it holds"
             )
-    shapes = {name: tuple(entries[name].shape) for name in missing}
-    return PartialStore(source.path, source, missing, shapes)
+    return PartialStore(source, entries)
 
 
 def refuse_same_output(partial: PartialStore, out: str) -> None:
     """The completed store is a new one: OUT may not be the partial store it reads (nor its directory)."""
-    import os
-
     store, target = os.path.realpath(partial.path), os.path.realpath(out)
     if target == store or store.startswith(target.rstrip(os.sep) + os.sep):
         raise ConfigError(
@@ -154,7 +160,7 @@ def calibrate(own: Mapping[str, float], fisher_means: Mapping[str, float]) -> Ca
     ratios = {
         name: own[name] / fisher_means[name]
         for name in own
-        if own[name] > 0.0 and fisher_means.get(name, 0.0) > 0.0 and torch.isfinite(torch.tensor(own[name]))
+        if own[name] > 0.0 and fisher_means.get(name, 0.0) > 0.0 and math.isfinite(own[name])
     }
     if not ratios:
         return Calibration(1.0, [], float("nan"), float("nan"))
@@ -173,7 +179,7 @@ def completed_source(
     (:func:`calibrate`), the metadata of both (``missing_curvature`` dropped, ``curvature_estimators`` and
     ``curvature_calibration`` added, the weights fingerprint taken over every tensor), in ``order`` (the model's
     ``named_parameters()``)."""
-    from mergekit_ota.curvature.fingerprint import FINGERPRINT_KEY, entries_fingerprint, weight_entries
+    from mergekit_ota.curvature.fingerprint import FINGERPRINT_KEY, entries_fingerprint
 
     own = {item.name: _mean(item.load()) for item in partial.source.items}
     calibration = calibrate(own, {name: float(fisher[name].double().mean()) for name in own if name in fisher})
@@ -191,7 +197,6 @@ def completed_source(
     ]
     items = {item.name: item for item in [*partial.source.items, *added]}
     position = {name: i for i, name in enumerate(order)}
-    entries = weight_entries(model_dir)
     carried = {k: v for k, v in partial.source.metadata.items() if k != FINGERPRINT_KEY}
     estimators = {
         OPTIMIZER_ESTIMATOR: [item.name for item in partial.source.items],
@@ -209,7 +214,7 @@ def completed_source(
             CALIBRATION: json.dumps(calibration.record()),
             "completed_from": partial.path,
         },
-        fingerprint=entries_fingerprint(entries, sorted(items)),
+        fingerprint=entries_fingerprint(partial.entries, sorted(items)),
         notes=[
             *partial.source.notes,
             f"completed: {len(added)} tensor(s) from the data Fisher, x c = {calibration.factor:.4g} "
