@@ -201,10 +201,10 @@ def test_chat_rows_report_exact_match(demo, tmp_path, monkeypatch):
     )
     assert result.exit_code == 0, result.output
     results = json.loads((out / "results.json").read_text())
-    assert all(r["chat"] for r in results["rows"]) and results["experts"] == {}
+    assert all(r["answer"] for r in results["rows"]) and results["experts"] == {}
     assert {tuple(m["scores"]["tokens"]) for m in results["models"]} == {(4,) * 8}  # the 4 answer tokens only
     report = (out / "report.md").read_text()
-    assert "Statistic: **mean held-out loss**" in report and "exact match (chat rows)" in report
+    assert "Statistic: **mean held-out loss**" in report and "exact match (answer rows)" in report
 
     # without matplotlib (an optional extra): no figure, one line saying so, the rest written
     from mergekit_ota.compare.report import write_outputs
@@ -224,6 +224,45 @@ def test_chat_rows_report_exact_match(demo, tmp_path, monkeypatch):
     assert "**No verdicts (n/a):** report-half rows: up 2, down 2" in report
     table = report.split("| method |", 1)[1].split("\n\n", 1)[0]
     assert "| n/a |" in table and "| win |" not in table and "| loss |" not in table
+
+
+def test_rows_naming_their_half_keep_it_and_completions_report_exact_match(demo, tmp_path, monkeypatch):
+    """Rows that name their half (a user's own validation/test split) are in that half, whatever --split says;
+    prompt-completion rows are scored on the completion only, with exact match reported as for chats."""
+    from mergekit_ota import demo as demo_module
+
+    rows = []
+    for skill, task in zip(demo_module.SKILLS, ("up", "down")):
+        for index, (start, step) in enumerate(demo_module._split(0)[1][:6]):
+            words = [f"t{t}" for t in skill.sequence(start, step)]
+            half = "selection" if index < 2 else "report"  # 2 and 4: not what --split 0.5 would give
+            rows.append({"task": task, "half": half, "prompt": " ".join(words[:6]), "completion": " " + words[6]})
+    data = _jsonl(tmp_path / "pinned.jsonl", rows)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        main, ["compare", demo["config"], data, str(out), "--methods", "linear", "--split", "0.9", *FAST]
+    )
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    assert [r["half"] for r in results["rows"]] == [r["half"] for r in rows]
+    assert all(r["answer"] for r in results["rows"])
+    assert {tuple(m["scores"]["tokens"]) for m in results["models"]} == {(1,) * 12}  # the completion's one token
+    assert "exact match (answer rows)" in (out / "report.md").read_text()
+
+
+def test_a_half_named_on_some_rows_of_a_capability_or_misspelt_is_refused(demo, tmp_path, monkeypatch):
+    rows = [{"task": "up", "half": "selection", "text": "t1 t2 t3"}, {"task": "up", "half": "report", "text": "t2 t3"}]
+    mixed = _jsonl(tmp_path / "mixed.jsonl", rows + [{"task": "up", "text": "t3 t4 t5"}])
+    output = _bad(demo, tmp_path, monkeypatch, *SMALL, data=mixed)
+    assert "mixed.jsonl:3: names no 'half', but" in output and "mixed.jsonl:1" in output
+    typo = _jsonl(tmp_path / "typo.jsonl", rows + [{"task": "up", "half": "test", "text": "t3 t4 t5"}])
+    assert "typo.jsonl:3: 'half' must be 'selection' or 'report'; got 'test'" in _bad(
+        demo, tmp_path, monkeypatch, *SMALL, data=typo
+    )
+    one_sided = _jsonl(tmp_path / "one.jsonl", [{"task": "up", "half": "selection", "text": "t1 t2 t3"}] * 3)
+    assert "its report half would have none as its rows name them" in _bad(
+        demo, tmp_path, monkeypatch, *SMALL, data=one_sided
+    )
 
 
 def test_row_scores_are_transformers_own_loss(demo):

@@ -1,12 +1,14 @@
 """``mergekit-ota export`` of a PEFT LoRA Trainer checkpoint: rank-1 curvature under the base model's names.
 
 Fixtures (``tests/fixtures/peft/generate.py``, real): a tiny Llama saved as ``base/`` and four PEFT 0.21 LoRA runs
-of it (r=4 on every linear layer, 3 steps of ``transformers.Trainer`` with AdamW), each kept as the Trainer wrote
-``checkpoint-3/``: plain LoRA, rsLoRA, ``modules_to_save=["lm_head"]`` and DoRA (refused). Each ``truth.json``
-holds the optimizer's parameters in index order, read from the live optimizer by object identity, and PEFT's own
-``scaling`` per module: the tests compute every expected record from the raw files with them (``torch.load`` of
-``optimizer.pt``, ``adapter_model.safetensors``) and the float64 reference, never through the exporter's mapping.
-No peft is needed here.
+of it (3 steps of ``transformers.Trainer``), each kept as the Trainer wrote ``checkpoint-3/``: with AdamW, plain
+LoRA, rsLoRA, ``modules_to_save=["lm_head"]`` and DoRA (refused); with bitsandbytes, 8-bit AdamW (r=128: states
+kept blockwise in 8 bits, and two in 32 bits) and QLoRA's paged 8-bit AdamW (r=4: states kept in 32 bits). Each
+``truth.json`` holds the optimizer's parameters in index order, read from the live optimizer by object identity,
+and PEFT's own ``scaling`` per module; the bitsandbytes runs' ``truth.safetensors`` hold each second moment as
+bitsandbytes itself reads it. The tests compute every expected record from the raw files with them (``torch.load``
+of ``optimizer.pt`` or ``truth.safetensors``, ``adapter_model.safetensors``) and the float64 reference, never
+through the exporter's mapping. No peft or bitsandbytes is needed here.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from mergekit_ota.store_format import (
 
 FIXTURES = Path(__file__).parent / "fixtures" / "peft"
 BASE = FIXTURES / "base"
-VARIANTS = ("lora", "rslora", "modules_to_save")
+VARIANTS = ("lora", "rslora", "modules_to_save", "adamw8bit", "paged_adamw_8bit")
 _LIVE_LORA = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<side>[AB])\.default\.weight$")
 _LIVE_SAVED = re.compile(r"^base_model\.model\.(?P<module>.+)\.modules_to_save\.default\.(?P<leaf>.+)$")
 
@@ -70,7 +72,10 @@ def _expected(variant: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, float]]:
     states = torch.load(checkpoint / "optimizer.pt", weights_only=True)["state"]
     weights = load_file(str(checkpoint / "adapter_model.safetensors"))
     order = [name for group in truth["optimizer_order"] for name in group]
-    v = {name: states[index]["exp_avg_sq"] for index, name in enumerate(order)}
+    if (FIXTURES / variant / "truth.safetensors").exists():  # bitsandbytes' own reading of its 8- or 32-bit states
+        v = load_file(str(FIXTURES / variant / "truth.safetensors"))
+    else:
+        v = {name: states[index]["exp_avg_sq"] for index, name in enumerate(order)}
     expected: Dict[str, torch.Tensor] = {}
     agreement: Dict[str, float] = {}
     for name in order:

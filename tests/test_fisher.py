@@ -164,6 +164,24 @@ def test_chat_samples_take_the_loss_on_assistant_tokens_only(model_dir):
     assert words[:5] == ["user", ":", "t1", "t2", ";"]
 
 
+def test_prompt_completion_samples_take_the_loss_on_the_completion_only(model_dir):
+    """A prompt-completion row is the prompt's tokens then the completion's, tokenized apart (as TRL does), and only
+    the completion's tokens are labelled."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    sample = calibration.Sample("x:1", prompt="t1 t2 t3", completion=" t4 t5")
+    ids, labels = calibration.to_row(tokenizer, sample, 512)
+    prompt = tokenizer("t1 t2 t3", add_special_tokens=True)["input_ids"]
+    completion = tokenizer(" t4 t5", add_special_tokens=False)["input_ids"]
+    assert ids == prompt + completion
+    assert labels == [calibration.IGNORE] * len(prompt) + completion
+    assert sample.has_answer and not calibration.Sample("x:2", text="t1 t2").has_answer
+    # cut at max_length like every row; the hash tells a completion from a text of the same words
+    assert calibration.to_row(tokenizer, sample, len(prompt) + 1) == (ids[: len(prompt) + 1], labels[: len(prompt) + 1])
+    assert calibration.data_hash([sample]) != calibration.data_hash([calibration.Sample("x", text="t1 t2 t3 t4 t5")])
+
+
 def test_bad_input_is_a_clear_error_and_writes_nothing(model_dir, tmp_path):
     """Empty data, data not JSON, a chat with no assistant turn, samples truncated before any labelled token,
     a NaN weight (non-finite gradients) and a directory that is not a model: each one line naming the problem
@@ -187,8 +205,14 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(model_dir, tmp_path):
         if os.path.exists(os.path.join(model_dir, name)):
             with open(os.path.join(model_dir, name), "rb") as src, open(broken / name, "wb") as dst:
                 dst.write(src.read())
+    (tmp_path / "nocompletion.jsonl").write_text(json.dumps({"prompt": "t1 t2", "completion": ""}) + "\n")
+    (tmp_path / "listprompt.jsonl").write_text(
+        json.dumps({"prompt": [{"role": "user", "content": "t1"}], "completion": "t2"}) + "\n"
+    )
     good = _texts(tmp_path / "good.jsonl", 4)
     cases = [
+        (model_dir, tmp_path / "nocompletion.jsonl", "nocompletion.jsonl:1: a prompt-completion sample needs"),
+        (model_dir, tmp_path / "listprompt.jsonl", "listprompt.jsonl:1: a prompt-completion sample needs"),
         (model_dir, tmp_path / "empty.jsonl", "holds no calibration sample"),
         (model_dir, tmp_path / "bad.jsonl", "bad.jsonl:2: not valid JSON"),
         (model_dir, tmp_path / "noassistant.jsonl", "noassistant.jsonl:1: a chat sample needs an assistant turn"),

@@ -1,16 +1,24 @@
-"""Run ``mergekit-ota compare`` on a cached ``sft`` tier's experts (issue 28's evidence).
+"""Run ``mergekit-ota compare`` on a cached ``sft`` or ``full`` tier's experts (issue 28's evidence).
 
     python -m benchmarks.quality.via_compare --variant constant --cache /work/bench-cache/quality \\
         --out /work/bench-cache/compare-sft-constant -- --device cpu
+    python -m benchmarks.quality.via_compare --tier full --variant "" --seed 1 \\
+        --out /work/bench-cache/compare-full-seed1 -- --device cpu
 
 From the tier's cached stages (nothing is trained: a missing expert checkpoint or curvature store is an error
 naming it) this writes compare's two inputs into ``OUT-inputs/`` beside OUT:
 
 * ``merge.yml``: a mergekit config naming the tier's base and its experts, each with the full curvature store
-  the tier exported next to its training run (``curvature-full.safetensors``), as the tier's own merges use them;
-* ``heldout.jsonl``: the tier's held-out *test* items of every skill as chat rows
-  (``{"task": skill, "expert": <the expert's directory name>, "messages": [user, assistant]}``), the same
-  (message, answer) pairs the tier scores (``skills.Skill.items(test_items, "test", seed)``);
+  the tier exported next to its training run, as the tier's own merges use them;
+* ``heldout.jsonl``: the tier's held-out items of every capability.
+
+  - ``sft``: its *test* items as chat rows (``{"task": skill, "expert": <the expert's directory name>,
+    "messages": [user, assistant]}``), the same (message, answer) pairs the tier scores
+    (``skills.Skill.items(test_items, "test", seed)``); compare splits them in two halves itself;
+  - ``full``: its *validation* rows as compare's selection half and its *test* rows as the report half
+    (``"half"``), so that both choose on the same rows and judge on the same rows: code and prose as
+    ``{"text": ...}`` (the tier's 128-token rows decoded; every row is checked to tokenize back to the same ids),
+    arithmetic as ``{"prompt": "a + b =", "completion": " c"}`` (the loss on the answer only, as in the tier);
 
 then runs ``mergekit-ota compare merge.yml heldout.jsonl OUT`` with the options after ``--`` (the default method
 set unless they say otherwise). OUT is compare's own: running this again resumes it.
@@ -34,12 +42,14 @@ from benchmarks.quality.run import Pipeline, locate, make_parser
 from benchmarks.quality.train import checkpoint_of
 
 
-def tier_inputs(variant: Optional[str], seed: int, cache: str) -> Tuple[str, Dict[str, Tuple[str, str]], Any]:
-    """``(base dir, {skill: (expert checkpoint dir, full curvature store)}, suite)`` of the cached sft tier.
+def tier_inputs(
+    tier: str, variant: Optional[str], seed: int, cache: str
+) -> Tuple[str, Dict[str, Tuple[str, str]], Any]:
+    """``(base dir, {capability: (expert checkpoint dir, full curvature store)}, suite)`` of the cached tier.
 
     Raises :class:`SystemExit` naming what is missing when a stage is not cached (this never trains).
     """
-    argv = ["--tier", "sft", "--cache", cache, "--seed", str(seed)]
+    argv = ["--tier", tier, "--cache", cache, "--seed", str(seed)]
     if variant:
         argv += ["--variant", variant]
     suite, _, work, base_dir = locate(make_parser().parse_args(argv))
@@ -73,7 +83,39 @@ def merge_config(base: str, experts: Dict[str, Tuple[str, str]]) -> Dict[str, An
 
 
 def heldout_rows(suite: Any, experts: Dict[str, Tuple[str, str]], count: Optional[int]) -> List[Dict[str, Any]]:
-    """The tier's test items of every skill (the first ``count``, default all it scores) as compare's chat rows."""
+    """The tier's held-out rows of every capability as compare's rows (see the module docstring)."""
+    return sft_rows(suite, experts, count) if suite.tier == "sft" else full_rows(suite, experts)
+
+
+def full_rows(suite: Any, experts: Dict[str, Tuple[str, str]]) -> List[Dict[str, Any]]:
+    """The full tier's validation (selection half) and test (report half) rows, as text or prompt-completion
+    rows; :class:`SystemExit` if a text row would not tokenize back to the tier's ids."""
+    from benchmarks.quality.train import IGNORE
+
+    tokenizer = suite.tokenizer
+    rows: List[Dict[str, Any]] = []
+    for domain in suite.capabilities:
+        expert = experts[domain][0]  # the path: every expert's directory is checkpoint-<steps>
+        for split, half in (("val", "selection"), ("test", "report")):
+            for ids, labels in suite.eval_rows(domain, split):
+                row: Dict[str, Any] = {"task": domain, "expert": expert, "half": half}
+                if IGNORE in labels:  # arithmetic: the prompt unlabelled, the answer labelled
+                    start = next(i for i, label in enumerate(labels) if label != IGNORE)
+                    row["prompt"] = tokenizer.decode(ids[:start])
+                    row["completion"] = tokenizer.decode(ids[start:])
+                    again = list(tokenizer(row["prompt"], add_special_tokens=True)["input_ids"])
+                    again += tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
+                else:
+                    row["text"] = tokenizer.decode(ids)
+                    again = list(tokenizer(row["text"], add_special_tokens=True)["input_ids"])
+                if again != list(ids):
+                    raise SystemExit(f"{domain} {split}: a row does not tokenize back to the tier's ids: {row}")
+                rows.append(row)
+    return rows
+
+
+def sft_rows(suite: Any, experts: Dict[str, Tuple[str, str]], count: Optional[int]) -> List[Dict[str, Any]]:
+    """The sft tier's test items of every skill (the first ``count``, default all it scores) as chat rows."""
     settings = suite.settings
     rows = []
     for skill in suite.capabilities:
@@ -103,38 +145,48 @@ def write_inputs(directory: str, config: Dict[str, Any], rows: List[Dict[str, An
     return config_path, data_path
 
 
-# the tier's method (its report's name) that each compare method is the same merge as (curvature_scale: mean is
-# the package's default, which compare's ota/ota+ffg use; the tier's plain "ota" rows are curvature_scale: none)
+# per tier, the tier's method (its report's name) that each compare method is the same merge as, over the same
+# grid (curvature_scale: mean is the package's default, which compare's ota/ota+ffg use; the tiers' plain "ota"
+# rows are curvature_scale: none, and the full tier ran no "ota (scale: mean)")
 SAME_AS_TIER = {
-    "ties": "ties",
-    "ota": "ota (scale: mean)",
-    "ota+ffg": "ota+ffg (model-wide, scale: mean)",
+    "sft": {"ties": "ties", "ota": "ota (scale: mean)", "ota+ffg": "ota+ffg (model-wide, scale: mean)"},
+    "full": {
+        "linear": "linear",
+        "task_arithmetic": "task_arithmetic",
+        "ties": "ties",
+        "dare_ties": "dare_ties",
+        "ota+ffg": "ota+ffg (model-wide, scale: mean)",
+        "ffg+consensus": "ffg (sign consensus)",
+    },
 }
 
 
-def tier_verdicts(suite: Any, data: Dict[str, Any], metric: str) -> Dict[str, Dict[str, Any]]:
+def tier_verdicts(
+    suite: Any, data: Dict[str, Any], metric: str, reference: Optional[str] = None
+) -> Dict[str, Dict[str, Any]]:
     """The tier's own verdicts from its ``results.json`` (``data``): per method, its point chosen on validation by
-    exact-match G (the tier's choice), its test G under ``metric`` (``exact_match``, the tier's headline, or
-    ``loss``) and the paired bootstrap difference from the best baseline (the tier's ``paired``/``compare``)."""
+    the tier's headline (its choice), its test G under ``metric`` (``exact_match`` or ``loss``) and the paired
+    bootstrap difference from ``reference`` (default: the tier's best baseline; the tier's ``paired``/``compare``)."""
     import dataclasses
 
     from benchmarks.quality import paired
     from benchmarks.quality.compare import Comparisons
 
-    choices = paired.choose(suite, data)  # on validation, by the tier's headline (exact match)
+    choices = paired.choose(suite, data)  # on validation, by the tier's headline
     scored = (
         suite
-        if metric == "exact_match"
+        if all(suite.headline.get(c) == metric for c in suite.capabilities)
         else dataclasses.replace(suite, headline=dict.fromkeys(suite.capabilities, metric))
     )
     skills = paired.gain_skills(scored, data)
     table = Comparisons([paired.seed_items(scored, data, "test")], [choices], [0], skills)
+    ref = reference or table.reference
     out: Dict[str, Dict[str, Any]] = {}
     for method in table.methods:
-        entry: Dict[str, Any] = {"label": choices[method]["label"], "skills": skills, "reference": table.reference}
+        entry: Dict[str, Any] = {"label": choices[method]["label"], "skills": skills, "reference": ref}
         entry["G"] = table.gain(table.keys_of(method)).pooled
-        if method != table.reference:
-            entry["versus"] = table.diff(table.keys_of(method), table.keys_of(table.reference)).pooled
+        if method != ref:
+            entry["versus"] = table.diff(table.keys_of(method), table.keys_of(ref)).pooled
         out[method] = entry
     return out
 
@@ -226,23 +278,32 @@ def timings(out: str) -> str:
     return "\n".join(lines)
 
 
-def agreement(cache: str, variant: Optional[str], seed: int, out: str) -> str:
-    """Markdown: compare's verdicts (loss G and exact-match G; against its reference and against ties) beside the
-    tier's own (exact-match G, its headline, and loss G at the same points), per method both have."""
-    argv = ["--tier", "sft", "--cache", cache, "--seed", str(seed)] + (["--variant", variant] if variant else [])
+# per tier, the statistics compared: (compare's name, the tier's name); the full tier's headline is loss, and its
+# exact match exists for arithmetic only
+STATISTICS = {"sft": (("loss", "loss"), ("exact", "exact_match")), "full": (("loss", "loss"),)}
+
+
+def agreement(tier: str, cache: str, variant: Optional[str], seed: int, out: str) -> str:
+    """Markdown: per method both have, compare's verdicts (against its own reference and against ties) beside the
+    tier's (against its own reference and against ties), for each statistic of :data:`STATISTICS`."""
+    argv = ["--tier", tier, "--cache", cache, "--seed", str(seed)] + (["--variant", variant] if variant else [])
     suite, _, work, base_dir = locate(make_parser().parse_args(argv))
     suite.build_base(base_dir, "cpu")
     with open(os.path.join(work, "results.json"), encoding="utf-8") as fp:
-        tier = json.load(fp)
+        tier_results = json.load(fp)
     with open(os.path.join(out, "results.json"), encoding="utf-8") as fp:
         results = json.load(fp)
-    tiers = {m: tier_verdicts(suite, tier, m) for m in ("exact_match", "loss")}
-    ours = {
-        ("loss", None): compare_verdicts(results, "loss"),
-        ("exact", None): compare_verdicts(results, "exact"),
-        ("loss", "ties"): compare_verdicts(results, "loss", "ties"),
-        ("exact", "ties"): compare_verdicts(results, "exact", "ties"),
-    }
+    columns: List[Tuple[str, Dict[str, Any], bool]] = []  # (header, verdicts by method, is the tier's)
+    for ours, theirs in STATISTICS[tier]:
+        own = compare_verdicts(results, ours)
+        tier_own = tier_verdicts(suite, tier_results, theirs)
+        reference, tier_reference = next(iter(own.values()))["reference"], next(iter(tier_own.values()))["reference"]
+        columns += [
+            (f"compare, {ours} G vs its reference ({reference})", own, False),
+            (f"compare, {ours} G vs ties", compare_verdicts(results, ours, "ties"), False),
+            (f"tier, {ours} G vs its reference ({tier_reference})", tier_own, True),
+            (f"tier, {ours} G vs ties", tier_verdicts(suite, tier_results, theirs, "ties"), True),
+        ]
 
     def cell(entry: Optional[Dict[str, Any]]) -> str:
         if entry is None:
@@ -251,45 +312,37 @@ def agreement(cache: str, variant: Optional[str], seed: int, out: str) -> str:
         text = f"{entry['label']}: G {entry['G'].value:.3f}"
         return text + (f"; {versus.text()} **{versus.verdict}**" if versus else " (reference)")
 
-    lines = [
-        "| method | compare, loss G vs its reference | compare, loss G vs ties | compare, exact-match G vs ties | "
-        "tier, exact-match G vs ties (its report) | tier, loss G vs ties (same points) |",
-        "|---|---|---|---|---|---|",
-    ]
-    for method in ours[("loss", None)]:
-        same = SAME_AS_TIER.get(method)
-        lines.append(
-            f"| {method} | {cell(ours[('loss', None)].get(method))} | {cell(ours[('loss', 'ties')].get(method))} | "
-            f"{cell(ours[('exact', 'ties')].get(method))} | "
-            f"{cell(tiers['exact_match'].get(same)) if same else 'not run'} | "
-            f"{cell(tiers['loss'].get(same)) if same else 'not run'} |"
-        )
-    first = {name: next(iter(table.values())) for name, table in (*ours.items(), *tiers.items())}
-    notes = [
+    lines = ["| method | " + " | ".join(h for h, _, _ in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for method in columns[0][1]:
+        same = SAME_AS_TIER[tier].get(method)
+        cells = [
+            cell(table.get(same) if same else None) if is_tier else cell(table.get(method))
+            for _, table, is_tier in columns
+        ]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines += ["", "Gain capabilities: " + "; ".join(f"{h}: {next(iter(t.values()))['skills']}" for h, t, _ in columns)]
+    ours, theirs = STATISTICS[tier][0]
+    lines += [
         "",
-        f"compare's reference (selection half): by loss G {first[('loss', None)]['reference']}, by exact-match G "
-        f"{first[('exact', None)]['reference']}. Gain skills: compare loss {first[('loss', None)]['skills']}, "
-        f"compare exact {first[('exact', None)]['skills']}, tier exact {first['exact_match']['skills']}, "
-        f"tier loss {first['loss']['skills']}.",
+        f"The tier's methods (its own verdicts, {theirs} G, test half, against its reference):",
         "",
-        "The tier's other methods (its own verdicts against ties, exact-match G, test half):",
-        "",
-        "| tier method | chosen on validation | test G (exact) [95%] | minus ties [95%] | verdict |",
+        "| tier method | chosen on validation | test G [95%] | minus its reference [95%] | verdict |",
         "|---|---|---|---|---|",
     ]
-    for method, entry in tiers["exact_match"].items():
+    for method, entry in tier_verdicts(suite, tier_results, theirs).items():
         versus = entry.get("versus")
-        notes.append(
+        lines.append(
             f"| {method} | {entry['label']} | {entry['G'].text(signed=False)} | "
             f"{versus.text() if versus else 'reference'} | {versus.verdict if versus else ''} |"
         )
-    return "\n".join(lines + notes)
+    return "\n".join(lines)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Write compare's inputs from the cached tier and run compare; its exit status."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variant", default="constant", help="the sft tier's variant (tiers.SFT_VARIANTS)")
+    parser.add_argument("--tier", default="sft", choices=("sft", "full"), help="the cached tier")
+    parser.add_argument("--variant", default="constant", help="the sft tier's variant (tiers.SFT_VARIANTS; '' none)")
     parser.add_argument("--seed", type=int, default=0, help="the tier's training seed")
     parser.add_argument("--cache", default="/work/bench-cache/quality", help="the tier's cache root")
     parser.add_argument("--out", default="/work/bench-cache/compare-sft-constant", help="compare's OUT")
@@ -303,9 +356,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     if args.agreement:
         print(timings(args.out) + "\n")
-        print(agreement(args.cache, args.variant or None, args.seed, args.out))
+        print(agreement(args.tier, args.cache, args.variant or None, args.seed, args.out))
         return 0
-    base, experts, suite = tier_inputs(args.variant or None, args.seed, args.cache)
+    base, experts, suite = tier_inputs(args.tier, args.variant or None, args.seed, args.cache)
     config_path, data_path = write_inputs(
         os.path.normpath(args.out) + "-inputs", merge_config(base, experts), heldout_rows(suite, experts, args.rows)
     )

@@ -117,11 +117,12 @@ def compare_command(
       mergekit-ota compare merge.yml heldout.jsonl OUT --methods ties,ota+ffg --grid ties:density=0.3,0.5
 
     CONFIG: any mergekit YAML naming base_model and the experts (models:). DATA: held-out rows as for
-    `mergekit-ota fisher` (JSONL {"text": ...} or {"messages": [...]}, a text file, a directory); a JSONL row
-    may name its capability ("task") and the expert it belongs to ("expert": its path as in CONFIG, or its
-    directory name): G, the gain kept, is then reported against that expert. DATA is split per capability
-    into a selection half (each method's setting and the reference baseline are chosen there) and a report
-    half (paired bootstrap verdicts: win / tie / loss).
+    `mergekit-ota fisher` (JSONL {"text": ...}, {"prompt": ..., "completion": ...} or {"messages": [...]}, a
+    text file, a directory); a JSONL row may name its capability ("task") and the expert it belongs to
+    ("expert": its path as in CONFIG, or its directory name): G, the gain kept, is then reported against that
+    expert. DATA is split per capability into a selection half (each method's setting and the reference
+    baseline are chosen there) and a report half (paired bootstrap verdicts: win / tie / loss); rows that
+    name their half ("half": "selection" or "report") keep it.
 
     OUT gets report.md, results.json (per-row scores), compare.png and best.yml (the winner's config, for
     mergekit-yaml). Each grid point is a real merge by mergekit-yaml's run_merge, deleted once scored;

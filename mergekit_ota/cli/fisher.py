@@ -85,9 +85,10 @@ def fisher_command(
     in the store as untouched: curvature 0 in the merge); put OUT in the adapter's directory.
 
     F = (1/B) sum_b (grad L_b)**2 over B mini-batches of --batch-size rows, L_b the mini-batch's mean
-    token loss: on the scale of Adam's bias-corrected exp_avg_sq. DATA: JSONL of {"text": ...} or of
-    chats {"messages": [...]} (rendered with MODEL's chat template, loss on assistant tokens only), a
-    text file, or a directory of text files. OUT: as for export (a .safetensors file, an index, or a
+    token loss: on the scale of Adam's bias-corrected exp_avg_sq. DATA: JSONL of {"text": ...}, of
+    {"prompt": ..., "completion": ...} (loss on the completion only) or of chats {"messages": [...]}
+    (rendered with MODEL's chat template, loss on assistant tokens only), a text file, or a directory of
+    text files. OUT: as for export (a .safetensors file, an index, or a
     new directory); use it as `curvature: OUT`.
 
     With --only-missing STORE: MODEL is the expert a partial STORE was exported from; OUT gets STORE's tensors

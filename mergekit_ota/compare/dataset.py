@@ -8,7 +8,9 @@ Every row of one capability must name the same expert (or none).
 
 **Split**: within each capability, the rows are shuffled with a generator seeded by ``(seed, capability)`` and
 the first ``round(share * n)`` go to the *selection* half, the rest to the *report* half; so the split is the
-same on every run, and does not change when rows of another capability are added.
+same on every run, and does not change when rows of another capability are added. A capability whose rows name
+their half (``"half": "selection"`` or ``"report"``, a user's own validation/test split) keeps it instead; its
+rows must then all name one.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ SELECTION, REPORT = "selection", "report"
 
 @dataclass(frozen=True)
 class Dataset:
-    """Rows of DATA with, per row, its capability, whether it is a chat, and its half.
+    """Rows of DATA with, per row, its capability, and its half.
 
     ``experts``: ``{capability: expert path as CONFIG writes it}`` for the capabilities whose rows name one.
     """
@@ -93,21 +95,49 @@ def _capabilities(samples: Sequence[fisher_data.Sample], experts: Sequence[str])
     return capability, owner
 
 
-def split(capability: Sequence[str], share: float, seed: int) -> List[str]:
-    """Each row's half (see the module docstring); :class:`ConfigError` if a capability leaves a half empty."""
+HALVES = (SELECTION, REPORT)
+
+
+def _pinned(samples: Sequence[fisher_data.Sample], capability: Sequence[str], name: str) -> List[str]:
+    """The halves the rows of capability ``name`` name (all ``""`` when none does); :class:`ConfigError` naming
+    the row for a value other than :data:`HALVES`, or for a capability where some rows name one and some not."""
+    members = [s for s, c in zip(samples, capability) if c == name]
+    for sample in members:
+        if sample.half and sample.half not in HALVES:
+            raise ConfigError(f"{sample.origin}: 'half' must be {SELECTION!r} or {REPORT!r}; got {sample.half!r}")
+    named = [s for s in members if s.half]
+    if named and len(named) != len(members):
+        missing = next(s for s in members if not s.half)
+        raise ConfigError(
+            f"{missing.origin}: names no 'half', but {named[0].origin} of the same capability {name!r} does: "
+            "name the half of every row of a capability, or of none (compare then splits it with --split)"
+        )
+    return [s.half for s in members]
+
+
+def split(capability: Sequence[str], share: float, seed: int, samples: Sequence[fisher_data.Sample] = ()) -> List[str]:
+    """Each row's half (see the module docstring; ``samples``, one per row, carry the halves rows name);
+    :class:`ConfigError` if a capability leaves a half empty."""
     halves = [""] * len(capability)
     for name in dict.fromkeys(capability):
         members = [i for i, c in enumerate(capability) if c == name]
-        random.Random(f"{seed}/{name}").shuffle(members)
-        cut = round(share * len(members))
-        if cut == 0 or cut == len(members):
-            empty = SELECTION if cut == 0 else REPORT
-            raise ConfigError(
-                f"capability {name!r} has {len(members)} row(s): its {empty} half would have none at --split {share:g}"
-                " (each capability needs rows in both halves)"
-            )
-        for position, index in enumerate(members):
-            halves[index] = SELECTION if position < cut else REPORT
+        pinned = _pinned(samples, capability, name) if samples else [""] * len(members)
+        if pinned[0]:
+            chosen = dict(zip(members, pinned))
+            how = "as its rows name them"
+        else:
+            random.Random(f"{seed}/{name}").shuffle(members)
+            cut = round(share * len(members))
+            chosen = {index: SELECTION if position < cut else REPORT for position, index in enumerate(members)}
+            how = f"at --split {share:g}"
+        for half in HALVES:
+            if half not in chosen.values():
+                raise ConfigError(
+                    f"capability {name!r} has {len(members)} row(s): its {half} half would have none {how}"
+                    " (each capability needs rows in both halves)"
+                )
+        for index, half in chosen.items():
+            halves[index] = half
     return halves
 
 
@@ -123,12 +153,7 @@ def read_dataset(
     capability, owner = _capabilities(samples, experts)
     # chat turns labelled as generated: through the end-of-turn token, not the template's text after it
     rows = fisher_data.rows(tokenizer, samples, max_length, as_generated=True)
-    halves = split(capability, share, seed)
+    halves = split(capability, share, seed, samples)
     return Dataset(
         tuple(samples), tuple(rows), tuple(capability), tuple(halves), tuple(dict.fromkeys(capability)), owner
     )
-
-
-def is_chat(sample: fisher_data.Sample) -> bool:
-    """Whether ``sample`` is a chat (its labelled tokens are the assistant turns: exact match is reported)."""
-    return bool(sample.messages)

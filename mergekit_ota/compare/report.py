@@ -82,7 +82,7 @@ def render(results: Mapping[str, Any], summary: Summary) -> str:
     exact = any(r.exact is not None for r in summary.methods)
     per_cap = [f"G {c}" if gain and c in summary.capabilities else f"loss {c}" for c in caps]
     header = ["method", "chosen setting", *per_cap, f"{name} mean", f"vs {reference} (95%)"]
-    header += ["verdict"] + (["exact match (chat rows)"] if exact else []) + ["merge s", "score s"]
+    header += ["verdict"] + (["exact match (answer rows)"] if exact else []) + ["merge s", "score s"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for result in summary.methods:
         model = result.model

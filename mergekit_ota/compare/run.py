@@ -32,7 +32,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 from mergekit_ota.compare import configs, grid
 from mergekit_ota.compare.cache import Cache
 from mergekit_ota.compare.configs import Point
-from mergekit_ota.compare.dataset import Dataset, is_chat, read_dataset
+from mergekit_ota.compare.dataset import Dataset, read_dataset
 from mergekit_ota.compare.merge import MERGES_DIR, PARTIAL, merge_and_score
 from mergekit_ota.compare.report import write_outputs
 from mergekit_ota.compare.score import RowScores, score_rows
@@ -256,7 +256,7 @@ def _results(
             for m in methods
         ],
         "rows": [
-            {"origin": s.origin, "capability": c, "half": h, "chat": is_chat(s)}
+            {"origin": s.origin, "capability": c, "half": h, "answer": s.has_answer}
             for s, c, h in zip(dataset.samples, dataset.capability, dataset.halves)
         ],
         "models": models,

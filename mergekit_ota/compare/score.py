@@ -7,8 +7,9 @@ A row is ``(ids, labels)`` (:mod:`mergekit_ota.fisher.data`): token ``t`` is sco
   of rows is ``sum(nats) / sum(tokens)``);
 * ``correct``: labelled tokens that are the argmax;
 * ``exact``: every labelled token is the argmax. When the labelled tokens are one answer at the end of the row
-  (a chat whose last turn is the assistant's), this is greedy decoding's exact match: while every earlier
-  prediction is right, greedy decoding's prefix is the teacher-forced one, so its next token is the same argmax.
+  (a chat whose last turn is the assistant's, a prompt's completion), this is greedy decoding's exact match:
+  while every earlier prediction is right, greedy decoding's prefix is the teacher-forced one, so its next token
+  is the same argmax.
 """
 
 from __future__ import annotations

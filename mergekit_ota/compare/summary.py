@@ -42,7 +42,7 @@ class MethodResult:
     value: stats.Estimate
     per_capability: Dict[str, stats.Estimate]
     versus: Optional[stats.Estimate]  # against the reference (None for the reference itself)
-    exact: Optional[float]  # exact match over the report half's chat rows (None without chat rows)
+    exact: Optional[float]  # exact match over the report half's answer rows (chats, completions; None without)
 
 
 @dataclass(frozen=True)
@@ -89,10 +89,10 @@ def _seed(results: Mapping[str, Any], half: str, chosen: Sequence[Mapping[str, A
 
 
 def _exact(results: Mapping[str, Any], model: Mapping[str, Any]) -> Optional[float]:
-    chat = [i for i, r in enumerate(results["rows"]) if r["chat"] and r["half"] == REPORT]
-    if not chat:
+    answered = [i for i, r in enumerate(results["rows"]) if r["answer"] and r["half"] == REPORT]
+    if not answered:
         return None
-    return float(np.mean([model["scores"]["exact"][i] for i in chat]))
+    return float(np.mean([model["scores"]["exact"][i] for i in answered]))
 
 
 def summarize(results: Mapping[str, Any]) -> Summary:

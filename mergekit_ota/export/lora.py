@@ -14,8 +14,11 @@ weight), so that the store's metadata can carry each weight's scale agreement. T
 adapter file's fingerprint (:data:`~mergekit_ota.store_format.ADAPTER_FINGERPRINT`), which a merge of
 ``BASE+ADAPTER`` checks the store against (:mod:`mergekit_ota.curvature.fingerprint`).
 
-Plain AdamW states (``exp_avg_sq``) only, for now: bitsandbytes 8-bit, Adafactor and DeepSpeed ZeRO states of a
-LoRA run are refused saying so.
+The adapter's second moments may be AdamW's ``exp_avg_sq`` as torch keeps it, or as bitsandbytes keeps it (8-bit
+blockwise or 32-bit, e.g. QLoRA's ``paged_adamw_8bit``/``adamw_bnb_8bit``) or torchao's low-bit AdamW
+(:data:`~mergekit_ota.export.optimizer_states.ELEMENTWISE_ADAM_KINDS`), dequantised by the readers every export
+uses. Adafactor's factored states, other optimizers' states and DeepSpeed ZeRO checkpoints of a LoRA run are
+refused saying so.
 """
 
 from __future__ import annotations
@@ -23,14 +26,24 @@ from __future__ import annotations
 import json
 import os
 import statistics
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
 
 from mergekit_ota.curvature.fingerprint import entries_fingerprint
 from mergekit_ota.errors import ConfigError, CurvatureError
 from mergekit_ota.export.mapping import BASIS_PARAM_NAMES, Candidate, NameEvidence, map_indices, order_evidence
 from mergekit_ota.export.model_params import ModelParameters, clean_name, decay_rules, load_model_parameters
 from mergekit_ota.export.moments import Full, Rank1, SourceState, StateItem
-from mergekit_ota.export.optimizer_states import FULL, check_second_moments, group_beta2, optimizer_facts, scalar
+from mergekit_ota.export.optimizer_states import (
+    ELEMENTWISE_ADAM_KINDS,
+    check_second_moments,
+    group_beta2,
+    load_moment,
+    moment_shape,
+    optimizer_facts,
+    scalar,
+)
 from mergekit_ota.export.peft_config import (
     CONFIG_FILE,
     INSTEAD,
@@ -143,14 +156,14 @@ def _name_states(
 
 def _curvature(
     weight: AdaptedWeight,
-    states: Mapping[str, Mapping[str, Any]],
+    second_moment: Callable[[str], torch.Tensor],
     tensors: Mapping[str, HeaderEntry],
     config: AdapterConfig,
     where: str,
 ) -> Tuple[Rank1, float, Optional[str]]:
     """``(r, c)`` of ``weight`` (swapped under ``fan_in_fan_out``: PEFT stores such a weight transposed), its
-    agreement and why it is degenerate, if it is."""
-    v_a, v_b = states[weight.a_key][FULL], states[weight.b_key][FULL]
+    agreement and why it is degenerate, if it is; ``second_moment(key)``: the adapter weight's Adam ``v``."""
+    v_a, v_b = second_moment(weight.a_key), second_moment(weight.b_key)
     a, b = read_tensor(tensors[weight.a_key]), read_tensor(tensors[weight.b_key])
     try:
         found = lora_curvature(v_a, v_b, a, b, config.scaling(weight.module, weight.rank))
@@ -185,16 +198,21 @@ def open_lora_checkpoint(directory: str, model_path: Optional[str], frozen: Sequ
     if stray:
         raise CurvatureError(f"{optimizer_path}: state for parameter(s) {stray[:5]} that no param group lists")
     kinds = check_second_moments({f"state[{k!r}]": list(v.keys()) for k, v in state.items()}, optimizer_path)
-    other = {label: kind for label, kind in kinds.items() if kind != "full"}
+    other = {label: kind for label, kind in kinds.items() if kind not in ELEMENTWISE_ADAM_KINDS}
     if other:
         label, kind = next(iter(other.items()))
         raise CurvatureError(
-            f"{optimizer_path}: {label} holds a '{kind}' second moment; a LoRA run's curvature is derived from plain "
-            f"AdamW states (exp_avg_sq) only, for now (8-bit, Adafactor and ZeRO adapter states are not read yet). "
-            f"Instead: {INSTEAD}"
+            f"{optimizer_path}: {label} holds a '{kind}' second moment; a LoRA run's curvature is derived from AdamW's "
+            f"exp_avg_sq element by element (torch's, bitsandbytes' 8- or 32-bit, torchao's low-bit), not from "
+            f"Adafactor's factors or another optimizer's state. Instead: {INSTEAD}"
         )
+    kind_of = {k: kinds[f"state[{k!r}]"] for k in state if f"state[{k!r}]" in kinds}
     # a state without a second moment (empty, or only 'step': the parameter never stepped) has no shape to map
-    shapes = {k: tuple(v[FULL].shape) for k, v in state.items() if kinds.get(f"state[{k!r}]") == "full"}
+    shapes = {
+        k: moment_shape(kind_of[k], {key: tuple(t.shape) for key, t in v.items() if isinstance(t, torch.Tensor)})
+        for k, v in state.items()
+        if k in kind_of
+    }
     names, mapping, evidence = _name_states(groups, shapes, layout, params, optimizer_path)
     by_name = {names[k]: k for k in shapes}
     missing = [key for key, _ in layout.order if key not in by_name]
@@ -210,6 +228,13 @@ def open_lora_checkpoint(directory: str, model_path: Optional[str], frozen: Sequ
     def origin(key: str) -> str:
         return f"{optimizer_path} state[{by_name[key]!r}]"
 
+    def second_moment(key: str) -> torch.Tensor:
+        """The adapter file key's Adam ``v`` (dequantised where the optimizer kept it in fewer bits)."""
+        found = load_moment(kind_of[by_name[key]], entry(key).__getitem__, origin(key))
+        if not isinstance(found, Full):  # every element-wise kind loads whole; a guard, should one change
+            raise CurvatureError(f"{origin(key)}: expected an element-wise second moment, found rank-1 factors")
+        return found.v
+
     def beta2(key: str) -> Optional[float]:
         g = group_of[by_name[key]]
         return group_beta2(groups[g], f"{optimizer_path} param_groups[{g}]")
@@ -219,12 +244,11 @@ def open_lora_checkpoint(directory: str, model_path: Optional[str], frozen: Sequ
     degenerate: List[str] = []
     saved_of = {base: key for base, key in layout.saved.items()}
     adapted_of = {w.base: w for w in layout.adapted}
-    states = {key: entry(key) for key, _ in layout.order}
     for base, _ in params.parameters:
         if base in adapted_of:
             weight = adapted_of[base]
             where = f"{origin(weight.a_key)}, state[{by_name[weight.b_key]!r}] and {weights_path}"
-            rank1, agreement[base], why = _curvature(weight, states, tensors, config, where)
+            rank1, agreement[base], why = _curvature(weight, second_moment, tensors, config, where)
             if why is not None:
                 degenerate.append(base)
             steps = [scalar(entry(k).get("step"), f"{origin(k)}['step']") for k in (weight.a_key, weight.b_key)]
@@ -244,14 +268,14 @@ def open_lora_checkpoint(directory: str, model_path: Optional[str], frozen: Sequ
             items.append(
                 StateItem(
                     name=base,
-                    shape=tuple(entry(key)[FULL].shape),
-                    load=lambda k=key: Full(entry(k)[FULL]),
+                    shape=tuple(shapes[by_name[key]]),
+                    load=lambda k=key: Full(second_moment(k)),
                     origin=origin(key),
                     step=scalar(entry(key).get("step"), f"{origin(key)}['step']"),
                     beta2=beta2(key),
                 )
             )
-    facts = optimizer_facts({f"state[{k!r}]": "full" for k in state}, groups)
+    facts = optimizer_facts({f"state[{k!r}]": kind for k, kind in kind_of.items()}, groups)
     metadata = dict(facts.metadata)
     metadata.update(
         {

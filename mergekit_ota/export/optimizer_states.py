@@ -91,6 +91,9 @@ SECOND_MOMENT_KINDS = (
     *TORCHAO_KINDS,
 )  # fmt: skip
 ADAFACTOR_KINDS = ("factored", "factored_var", "variance")
+#: Adam's ``exp_avg_sq`` element by element, as kept in 32 bits, by bitsandbytes in 8 bits (blockwise) or 32 bits,
+#: or by torchao in 8, 4 or FP8 bits: what a LoRA adapter's curvature is derived from (:mod:`~.lora`)
+ELEMENTWISE_ADAM_KINDS = ("full", "blockwise8", "bnb32", *TORCHAO_KINDS)
 NON_BLOCKWISE_KEYS = ("max1", "max2", "new_max1", "new_max2")
 BLOCK_SIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 _WITHOUT_SECOND_MOMENT = {

@@ -4,15 +4,20 @@ A row is ``(ids, labels)``: the token ids of one sample (at most ``max_length``)
 the id the loss is taken on or :data:`IGNORE`:
 
 * ``{"text": ...}`` (JSONL) or one text file: every token after the first is labelled (causal LM loss);
+* ``{"prompt": ..., "completion": ...}`` (JSONL, TRL's prompt-completion form with strings): the prompt
+  tokenized as a text (with the tokenizer's special tokens, as ``text``) followed by the completion tokenized on
+  its own (no special tokens); only the completion's tokens are labelled. Append the EOS token to the completion
+  text yourself where the model was trained to emit it;
 * ``{"messages": [{"role": ..., "content": ...}, ...]}`` (JSONL): the conversation rendered with the
   model's own chat template (``tokenizer.apply_chat_template``); only the assistant turns' tokens are
   labelled. Each assistant turn's span is found by rendering the conversation up to it (with the
   generation prompt) and up to its end: the template must render a prefix of a conversation as a
   prefix of its tokens, which is checked.
 
-A JSONL row may also name what it tests, for ``mergekit-ota compare`` (fisher ignores both): ``"task"``, the
-capability (a string), and ``"expert"``, the expert model it belongs to (a string: the model's path as the merge
-config writes it, or its directory name).
+A JSONL row may also name what it tests, for ``mergekit-ota compare`` (fisher ignores them): ``"task"``, the
+capability (a string), ``"expert"``, the expert model it belongs to (a string: the model's path as the merge
+config writes it, or its directory name), and ``"half"``, the half of compare's split it belongs to
+(``"selection"`` or ``"report"``: a user's own validation/test split).
 
 The first ``samples`` samples are used, in file order (a directory's files in name order), so a
 store is reproducible; :func:`data_hash` is the SHA-256 of the samples used, recorded in the store.
@@ -36,19 +41,30 @@ TEXT_SUFFIXES = (".txt", ".md", ".text")
 
 @dataclass(frozen=True)
 class Sample:
-    """One calibration sample as read: a text, or a chat's messages; ``origin`` names file and line; ``task`` and
-    ``expert`` as the row names them (``""`` where it does not)."""
+    """One calibration sample as read: a text, a prompt and its completion, or a chat's messages; ``origin`` names
+    file and line; ``task``, ``expert`` and ``half`` as the row names them (``""`` where it does not)."""
 
     origin: str
     text: str = ""
     messages: Tuple[Tuple[str, str], ...] = ()
     task: str = ""
     expert: str = ""
+    half: str = ""
+    prompt: str = ""
+    completion: str = ""
+
+    @property
+    def has_answer(self) -> bool:
+        """Whether the labelled tokens are an answer to the tokens before them (a chat's assistant turns, a
+        completion), so that greedy exact match of them is meaningful."""
+        return bool(self.messages) or bool(self.completion)
 
     def canonical(self) -> str:
         """A stable JSON form (what :func:`data_hash` hashes)."""
         if self.messages:
             return json.dumps({"messages": [list(m) for m in self.messages]}, sort_keys=True, ensure_ascii=False)
+        if self.completion:
+            return json.dumps({"completion": self.completion, "prompt": self.prompt}, ensure_ascii=False)
         return json.dumps({"text": self.text}, ensure_ascii=False)
 
 
@@ -61,13 +77,11 @@ def _jsonl(path: str) -> Iterator[Sample]:
             try:
                 item = parse_json(line.encode("utf-8"), where, "JSON line")
             except JsonError as err:  # the one strict JSON parser: syntax, duplicate keys, depth, surrogates
-                raise ConfigError(
-                    f'{where}: not valid JSON ({err.reason}); expected {{"text": ...}} or {{"messages": [...]}}'
-                ) from err
+                raise ConfigError(f"{where}: not valid JSON ({err.reason}); expected {FORMS}") from err
             yield _sample(item, where)
 
 
-ROW_FIELDS = ("task", "expert")  # optional string fields of a JSONL row (see the module docstring)
+ROW_FIELDS = ("task", "expert", "half")  # optional string fields of a JSONL row (see the module docstring)
 
 
 def _labels(item: Any, where: str) -> Dict[str, str]:
@@ -78,9 +92,21 @@ def _labels(item: Any, where: str) -> Dict[str, str]:
     return {name: value.strip() for name, value in found.items()}
 
 
+FORMS = '{"text": ...}, {"prompt": ..., "completion": ...} or {"messages": [...]}'
+
+
 def _sample(item: Any, where: str) -> Sample:
     if isinstance(item, dict) and isinstance(item.get("text"), str):
         return Sample(where, text=item["text"], **_labels(item, where))
+    if isinstance(item, dict) and ("prompt" in item or "completion" in item):
+        prompt, completion = item.get("prompt"), item.get("completion")
+        if not isinstance(prompt, str) or not isinstance(completion, str) or not completion:
+            raise ConfigError(
+                f"{where}: a prompt-completion sample needs a string 'prompt' and a non-empty string 'completion' "
+                f"(a conversational prompt or completion, a list of messages, goes in 'messages' instead); got "
+                f"prompt {str(prompt)[:40]!r}, completion {str(completion)[:40]!r}"
+            )
+        return Sample(where, prompt=prompt, completion=completion, **_labels(item, where))
     if isinstance(item, dict) and isinstance(item.get("messages"), list):
         messages = []
         for message in item["messages"]:
@@ -96,7 +122,7 @@ def _sample(item: Any, where: str) -> Sample:
                 f"{where}: a chat sample needs an assistant turn (the loss is taken on assistant tokens only)"
             )
         return Sample(where, messages=tuple(messages), **_labels(item, where))
-    raise ConfigError(f'{where}: expected {{"text": "..."}} or {{"messages": [...]}}; got {str(item)[:80]!r}')
+    raise ConfigError(f"{where}: expected {FORMS}; got {str(item)[:80]!r}")
 
 
 def read_samples(path: str, samples: int) -> List[Sample]:
@@ -148,6 +174,10 @@ def to_row(tokenizer: Any, sample: Sample, max_length: int, as_generated: bool =
     stops: what a template writes after it (ChatML's newline) is never generated, and a model fine-tuned with the
     loss on answers only need not predict it. A turn without the EOS token is labelled whole, as without it.
     """
+    if sample.completion:
+        prompt = list(tokenizer(sample.prompt, add_special_tokens=True)["input_ids"])
+        answer = list(tokenizer(sample.completion, add_special_tokens=False)["input_ids"])
+        return (prompt + answer)[:max_length], ([IGNORE] * len(prompt) + answer)[:max_length]
     if not sample.messages:
         ids = list(tokenizer(sample.text, add_special_tokens=True)["input_ids"])[:max_length]
         return ids, [IGNORE] + ids[1:]
@@ -182,7 +212,7 @@ def rows(tokenizer: Any, samples: Sequence[Sample], max_length: int, as_generate
         if all(label == IGNORE for label in labels[1:]):
             raise ConfigError(
                 f"{sample.origin}: no token to take the loss on within --max-length {max_length} "
-                "(empty, or its assistant turn starts after the cut)"
+                "(empty, or its labelled part, an assistant turn or a completion, starts after the cut)"
             )
         out.append((ids, labels))
     return out
