@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -37,6 +38,7 @@ from mergekit_ota.export.model_params import ModelParameters, clean_name, decay_
 from mergekit_ota.export.moments import Full, Rank1, SourceState, StateItem
 from mergekit_ota.export.optimizer_states import (
     ELEMENTWISE_ADAM_KINDS,
+    OptimizerFacts,
     check_second_moments,
     group_beta2,
     load_moment,
@@ -56,7 +58,7 @@ from mergekit_ota.export.peft_config import (
 from mergekit_ota.export.peft_names import AdaptedWeight, AdapterLayout, adapter_layout, file_key
 from mergekit_ota.export.torch_optim import find_optimizer_dict, load_torch_file, read_optimizer, trainer_files
 from mergekit_ota.io.handles import read_tensor
-from mergekit_ota.io.safetensors import HeaderEntry, read_header
+from mergekit_ota.io.safetensors import read_header
 from mergekit_ota.math.lora import lora_curvature
 from mergekit_ota.store_format import (
     ADAPTER,
@@ -155,20 +157,20 @@ def _name_states(
 
 
 def _curvature(
-    weight: AdaptedWeight,
-    second_moment: Callable[[str], torch.Tensor],
-    tensors: Mapping[str, HeaderEntry],
+    adapted: AdaptedWeight,
+    states: Mapping[str, AdapterState],
+    weight: Callable[[str], torch.Tensor],
     config: AdapterConfig,
     where: str,
 ) -> Tuple[Rank1, float, Optional[str]]:
-    """``(r, c)`` of ``weight`` (swapped under ``fan_in_fan_out``: PEFT stores such a weight transposed), its
-    agreement and why it is degenerate, if it is; ``second_moment(key)``: the adapter weight's Adam ``v``."""
-    v_a, v_b = second_moment(weight.a_key), second_moment(weight.b_key)
-    a, b = read_tensor(tensors[weight.a_key]), read_tensor(tensors[weight.b_key])
+    """``(r, c)`` of ``adapted`` (swapped under ``fan_in_fan_out``: PEFT stores such a weight transposed), its
+    agreement and why it is degenerate, if it is."""
+    v_a, v_b = states[adapted.a_key].second_moment(), states[adapted.b_key].second_moment()
+    a, b = weight(adapted.a_key), weight(adapted.b_key)
     try:
-        found = lora_curvature(v_a, v_b, a, b, config.scaling(weight.module, weight.rank))
+        found = lora_curvature(v_a, v_b, a, b, config.scaling(adapted.module, adapted.rank))
     except ValueError as error:
-        raise CurvatureError(f"{where}: '{weight.module}': {error}") from error
+        raise CurvatureError(f"{where}: '{adapted.module}': {error}") from error
     rank1 = Rank1(found.c, found.r) if config.fan_in_fan_out else Rank1(found.r, found.c)
     return rank1, found.agreement, found.degenerate
 
@@ -198,21 +200,10 @@ def open_lora_checkpoint(directory: str, model_path: Optional[str], frozen: Sequ
     if stray:
         raise CurvatureError(f"{optimizer_path}: state for parameter(s) {stray[:5]} that no param group lists")
     kinds = check_second_moments({f"state[{k!r}]": list(v.keys()) for k, v in state.items()}, optimizer_path)
-    other = {label: kind for label, kind in kinds.items() if kind not in ELEMENTWISE_ADAM_KINDS}
-    if other:
-        label, kind = next(iter(other.items()))
-        raise CurvatureError(
-            f"{optimizer_path}: {label} holds a '{kind}' second moment; a LoRA run's curvature is derived from AdamW's "
-            f"exp_avg_sq element by element (torch's, bitsandbytes' 8- or 32-bit, torchao's low-bit), not from "
-            f"Adafactor's factors or another optimizer's state. Instead: {INSTEAD}"
-        )
+    refuse_other_moments(kinds, optimizer_path)
     kind_of = {k: kinds[f"state[{k!r}]"] for k in state if f"state[{k!r}]" in kinds}
     # a state without a second moment (empty, or only 'step': the parameter never stepped) has no shape to map
-    shapes = {
-        k: moment_shape(kind_of[k], {key: tuple(t.shape) for key, t in v.items() if isinstance(t, torch.Tensor)})
-        for k, v in state.items()
-        if k in kind_of
-    }
+    shapes = {k: state_shape(kind_of[k], v) for k, v in state.items() if k in kind_of}
     names, mapping, evidence = _name_states(groups, shapes, layout, params, optimizer_path)
     by_name = {names[k]: k for k in shapes}
     missing = [key for key, _ in layout.order if key not in by_name]
@@ -222,60 +213,130 @@ def open_lora_checkpoint(directory: str, model_path: Optional[str], frozen: Sequ
             f"{WEIGHTS_FILE} in all); did the optimizer step?"
         )
 
-    def entry(key: str) -> Mapping[str, Any]:
-        return state[by_name[key]]
+    states = {
+        key: AdapterState(
+            kind=kind_of[by_name[key]],
+            entry=state[by_name[key]],
+            origin=f"{optimizer_path} state[{by_name[key]!r}]",
+            beta2=group_beta2(
+                groups[group_of[by_name[key]]], f"{optimizer_path} param_groups[{group_of[by_name[key]]}]"
+            ),
+        )
+        for key, _ in layout.order
+    }
+    return lora_source(
+        config=config,
+        layout=layout,
+        parameters=params.parameters,
+        states=states,
+        weight=lambda key: read_tensor(tensors[key]),
+        adapter_fingerprint=entries_fingerprint(tensors, list(tensors)),
+        facts=optimizer_facts({f"state[{k!r}]": kind for k, kind in kind_of.items()}, groups),
+        kind="trainer",
+        path=optimizer_path,
+        weights_origin=weights_path,
+        mapping=mapping,
+        evidence=evidence,
+    )
 
-    def origin(key: str) -> str:
-        return f"{optimizer_path} state[{by_name[key]!r}]"
 
-    def second_moment(key: str) -> torch.Tensor:
-        """The adapter file key's Adam ``v`` (dequantised where the optimizer kept it in fewer bits)."""
-        found = load_moment(kind_of[by_name[key]], entry(key).__getitem__, origin(key))
+def refuse_other_moments(kinds: Mapping[str, str], source: str) -> None:
+    """Refuse states (``{label: kind}``) that are not Adam's ``v`` element by element: the estimate needs
+    ``v_A`` and ``v_B`` entry by entry."""
+    other = {label: kind for label, kind in kinds.items() if kind not in ELEMENTWISE_ADAM_KINDS}
+    if other:
+        label, kind = next(iter(other.items()))
+        raise CurvatureError(
+            f"{source}: {label} holds a '{kind}' second moment; a LoRA run's curvature is derived from AdamW's "
+            f"exp_avg_sq element by element (torch's, bitsandbytes' 8- or 32-bit, torchao's low-bit), not from "
+            f"Adafactor's factors or another optimizer's state. Instead: {INSTEAD}"
+        )
+
+
+def state_shape(kind: str, entry: Mapping[str, Any]) -> Tuple[int, ...]:
+    """The parameter's shape from one state of ``kind`` (its tensors' shapes)."""
+    return moment_shape(kind, {key: tuple(t.shape) for key, t in entry.items() if isinstance(t, torch.Tensor)})
+
+
+@dataclass(frozen=True)
+class AdapterState:
+    """The optimizer state of one adapter weight: its kind (one of
+    :data:`~mergekit_ota.export.optimizer_states.ELEMENTWISE_ADAM_KINDS`), the state itself (``get(key)`` gives a
+    state tensor whole, on CPU), where it came from, and its param group's beta2."""
+
+    kind: str
+    entry: Mapping[str, Any]
+    origin: str
+    beta2: Optional[float]
+
+    def second_moment(self) -> torch.Tensor:
+        """Adam's ``v`` of the weight (dequantised where the optimizer kept it in fewer bits)."""
+        found = load_moment(self.kind, self.entry.__getitem__, self.origin)
         if not isinstance(found, Full):  # every element-wise kind loads whole; a guard, should one change
-            raise CurvatureError(f"{origin(key)}: expected an element-wise second moment, found rank-1 factors")
+            raise CurvatureError(f"{self.origin}: expected an element-wise second moment, found rank-1 factors")
         return found.v
 
-    def beta2(key: str) -> Optional[float]:
-        g = group_of[by_name[key]]
-        return group_beta2(groups[g], f"{optimizer_path} param_groups[{g}]")
+    def step(self) -> Optional[float]:
+        return scalar(self.entry.get("step"), f"{self.origin}['step']")
 
+
+def lora_source(
+    *,
+    config: AdapterConfig,
+    layout: AdapterLayout,
+    parameters: Sequence[Tuple[str, Tuple[int, ...]]],
+    states: Mapping[str, AdapterState],
+    weight: Callable[[str], torch.Tensor],
+    adapter_fingerprint: str,
+    facts: OptimizerFacts,
+    kind: str,
+    path: str,
+    weights_origin: str,
+    mapping: str,
+    evidence: NameEvidence,
+) -> SourceState:
+    """The export source of a LoRA adapter, from a saved checkpoint or a live PEFT model alike: per adapted base
+    weight its rank-1 curvature (:func:`~mergekit_ota.math.lora.lora_curvature` of its ``lora_A``/``lora_B``
+    states and weights, ``s`` per module as PEFT computes it), per ``modules_to_save`` weight its Adam ``v``, in
+    the base model's ``parameters`` order and under its names. ``states`` and ``weight(key)`` are keyed by the
+    adapter file's keys (``layout``); ``adapter_fingerprint`` identifies the adapter's weights (metadata
+    :data:`~mergekit_ota.store_format.ADAPTER_FINGERPRINT`, which a merge of ``BASE+ADAPTER`` checks)."""
     items: List[StateItem] = []
     agreement: Dict[str, float] = {}
     degenerate: List[str] = []
-    saved_of = {base: key for base, key in layout.saved.items()}
     adapted_of = {w.base: w for w in layout.adapted}
-    for base, _ in params.parameters:
+    for base, _ in parameters:
         if base in adapted_of:
-            weight = adapted_of[base]
-            where = f"{origin(weight.a_key)}, state[{by_name[weight.b_key]!r}] and {weights_path}"
-            rank1, agreement[base], why = _curvature(weight, second_moment, tensors, config, where)
+            adapted = adapted_of[base]
+            a_state, b_state = states[adapted.a_key], states[adapted.b_key]
+            where = f"{a_state.origin}, {b_state.origin} and {weights_origin}"
+            rank1, agreement[base], why = _curvature(adapted, states, weight, config, where)
             if why is not None:
                 degenerate.append(base)
-            steps = [scalar(entry(k).get("step"), f"{origin(k)}['step']") for k in (weight.a_key, weight.b_key)]
+            steps = [a_state.step(), b_state.step()]
             items.append(
                 StateItem(
                     name=base,
-                    shape=weight.shape if not config.fan_in_fan_out else weight.shape[::-1],
+                    shape=adapted.shape if not config.fan_in_fan_out else adapted.shape[::-1],
                     load=lambda value=rank1: value,
                     origin=where,
                     rank1=True,
                     step=max((s for s in steps if s is not None), default=None),
-                    beta2=beta2(weight.a_key),
+                    beta2=a_state.beta2,
                 )
             )
-        elif base in saved_of:
-            key = saved_of[base]
+        elif base in layout.saved:
+            saved = states[layout.saved[base]]
             items.append(
                 StateItem(
                     name=base,
-                    shape=tuple(shapes[by_name[key]]),
-                    load=lambda k=key: Full(second_moment(k)),
-                    origin=origin(key),
-                    step=scalar(entry(key).get("step"), f"{origin(key)}['step']"),
-                    beta2=beta2(key),
+                    shape=state_shape(saved.kind, saved.entry),
+                    load=lambda state=saved: Full(state.second_moment()),
+                    origin=saved.origin,
+                    step=saved.step(),
+                    beta2=saved.beta2,
                 )
             )
-    facts = optimizer_facts({f"state[{k!r}]": kind for k, kind in kind_of.items()}, groups)
     metadata = dict(facts.metadata)
     metadata.update(
         {
@@ -283,13 +344,12 @@ def open_lora_checkpoint(directory: str, model_path: Optional[str], frozen: Sequ
             ADAPTER_CONFIG: json.dumps(config.summary(), sort_keys=True),
             ADAPTER_UNTOUCHED: json.dumps(list(layout.untouched)),
             ADAPTER_AGREEMENT: json.dumps({k: round(v, 6) for k, v in agreement.items()}),
-            # which adapter this is: a merge of BASE+ADAPTER compares it with its adapter's file (fingerprint.py)
-            ADAPTER_FINGERPRINT: entries_fingerprint(tensors, list(tensors)),
+            ADAPTER_FINGERPRINT: adapter_fingerprint,
         }
     )
     return SourceState(
-        kind="trainer",
-        path=optimizer_path,
+        kind=kind,
+        path=path,
         optimizer=facts.name,
         items=items,
         mapping=mapping,

@@ -14,7 +14,7 @@ import fnmatch
 import os
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 from mergekit_ota.errors import CurvatureError
 from mergekit_ota.export.mapping import Candidate, Shape
@@ -86,7 +86,6 @@ def load_model_parameters(path: str, frozen: Sequence[str] = ()) -> ModelParamet
     ``frozen``: glob patterns of parameters frozen during training (they are
     left out of the index candidates); a pattern matching nothing is an error.
     """
-    import torch
     import transformers
 
     directory = _config_dir(path)
@@ -94,6 +93,15 @@ def load_model_parameters(path: str, frozen: Sequence[str] = ()) -> ModelParamet
         config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
     except Exception as error:  # transformers raises ValueError/OSError/KeyError for bad configs
         raise CurvatureError(f"{directory}/config.json: cannot load the model config ({error})") from error
+    return model_parameters(config, directory, frozen)
+
+
+def model_parameters(config: Any, directory: str, frozen: Sequence[str] = ()) -> ModelParameters:
+    """The parameters of the model ``config`` (a ``transformers`` config) describes, instantiated on ``meta``;
+    ``directory`` names where the config came from (in errors and in :attr:`ModelParameters.path`)."""
+    import torch
+    import transformers
+
     _check_repeats(config.to_dict(), f"{directory}/config.json")
     architectures = getattr(config, "architectures", None) or []
     first = architectures[0] if isinstance(architectures, (list, tuple)) and architectures else None

@@ -122,7 +122,12 @@ def _number(value: Any, where: str) -> float:
 
 def read_adapter_config(path: str) -> AdapterConfig:
     """Read ``path`` (an adapter_config.json); refuse what is not a plain LoRA (module docstring)."""
-    config = _read_json(path)
+    return adapter_config(_read_json(path), path)
+
+
+def adapter_config(config: Mapping[str, Any], path: str) -> AdapterConfig:
+    """The :class:`AdapterConfig` of PEFT's config as a mapping (adapter_config.json's object, or a live
+    ``LoraConfig.to_dict()``; ``path`` names where it came from); refuse what is not a plain LoRA."""
     kind = config.get("peft_type")
     if kind != "LORA":
         if kind is None:

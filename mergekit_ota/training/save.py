@@ -36,6 +36,7 @@ from mergekit_ota.training.gather import (
     live_state,
     rank,
 )
+from mergekit_ota.training.peft_live import live_lora_source, peft_model
 
 
 def agree(ok: bool) -> bool:
@@ -109,6 +110,8 @@ def save_curvature(
         if refusal is not None:
             raise refusal
         raise CurvatureError(f"{path}: rank 0 refused to write the curvature store (see its error)")
+    if peft_model(model) is not None:  # a LoRA adapter: the store export writes from its checkpoint
+        return _save_adapter(model, optimizer, path, options, accelerator)
     state = live_state(model, optimizer)
     if not state.parameters:
         raise CurvatureError("the optimizer holds no second moment yet (save after the first optimizer step)")
@@ -129,6 +132,26 @@ def save_curvature(
         if failure is not None:
             raise failure
         raise CurvatureError(f"{path}: rank 0 could not write the curvature store (see its error)")
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    return result
+
+
+def _save_adapter(
+    model: torch.nn.Module, optimizer: Any, path: str, options: ExportOptions, accelerator: Any
+) -> Optional[ExportResult]:
+    """A PEFT LoRA model (:mod:`.peft_live`): rank 0 builds the source and writes it; no collective but the
+    agreement that it did, so every rank raises or none does."""
+    result, failure = None, None
+    if rank() == 0:
+        try:
+            result = write_store(live_lora_source(model, optimizer, "live PEFT model"), path, options)
+        except Exception as error:  # noqa: BLE001 - re-raised below, on every rank alike
+            failure = error
+    if not agree(failure is None):
+        if failure is not None:
+            raise failure
+        raise CurvatureError(f"{path}: rank 0 could not write the adapter's curvature store (see its error)")
     if accelerator is not None:
         accelerator.wait_for_everyone()
     return result
