@@ -463,3 +463,43 @@ def test_fisher_is_the_route_for_an_adapter_export_refuses(experts, with_tokeniz
     assert len(load_file(str(adapter / STORE))) == 14 and len(untouched) == 7 and metadata["adapter"] == "lora"
     code, report = _check(experts, tmp_path, _config(experts, [model], base=with_tokenizer["base"]))
     assert code == 0 and report["warnings"] == [] and report["stores"][0]["untouched"] == 7
+
+
+def test_compare_scores_a_base_plus_adapter_expert_folded_and_merges_it(experts, with_tokenizer, tmp_path):
+    """``mergekit-ota compare`` with experts named ``BASE+ADAPTER``: each is scored as its adapter folded into the
+    base (the modules_to_save expert's scores equal those of the same adapter folded by hand), and its grid
+    points are real merges of the adapters, ota with each adapter's own store."""
+    base = with_tokenizer["base"]
+    models = [f"{base}+{experts.adapters[v]}" for v in VARIANTS]
+    cfg = tmp_path / "merge.yml"
+    cfg.write_text(yaml.safe_dump(_config(experts, models, "linear", base=base)))
+    rows = [
+        {**json.loads(line), "task": "saved", "expert": "modules_to_save", "half": ("report", "selection")[i % 2]}
+        for i, line in enumerate(with_tokenizer["data"].read_text().splitlines() * 2)
+    ]
+    data = tmp_path / "heldout.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    grid = ["--methods", "task_arithmetic,ota", "--grid", "task_arithmetic:lambda=1", "--grid", "ota:power=0.5"]
+    result = _invoke(
+        "compare", cfg, data, out, *grid, "--replicates", "200", "--device", "cpu", "--lora-merge-cache", experts.cache
+    )
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    by_path = {m["path"]: m for m in results["models"] if m["kind"] == "expert"}
+    saved = by_path[f"{base}+{experts.adapters['modules_to_save']}"]["scores"]
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mergekit_ota.compare.score import score_rows
+    from mergekit_ota.fisher import data as fisher_data
+
+    tokenizer = AutoTokenizer.from_pretrained(with_tokenizer["folded"])
+    folded = AutoModelForCausalLM.from_pretrained(with_tokenizer["folded"], dtype=torch.float32)
+    samples = fisher_data.read_samples(str(data), 100)
+    by_hand = score_rows(folded, fisher_data.rows(tokenizer, samples, 512, as_generated=True), tokenizer.pad_token_id)
+    assert saved["tokens"] == by_hand.tokens
+    assert saved["nats"] == pytest.approx(by_hand.nats, rel=1e-5)
+    points = [m for m in results["models"] if m["kind"] == "point"]
+    assert [p["method"] for p in points] == ["task_arithmetic", "ota"]
+    assert (out / "best.yml").is_file()

@@ -133,11 +133,15 @@ def _files(path: str) -> Iterator[Tuple[str, int, int]]:
 
 
 def inputs_fingerprint(paths: Sequence[str]) -> str:
-    """SHA-256 of the name, size and modification time of every file of ``paths`` (model directories, stores):
-    a cached score is not reused once a model it was computed from is rewritten."""
+    """SHA-256 of the name, size and modification time of every file of ``paths`` (model directories, stores;
+    ``BASE+ADAPTER``: both directories): a cached score is not reused once a model it was computed from is
+    rewritten."""
+    from mergekit_ota.fisher import split_model
+
     digest = hashlib.sha256()
     for path in paths:
-        for entry in _files(path):
+        base, adapter = split_model(path) if not os.path.exists(path) and "+" in path else (path, None)
+        for entry in [*_files(base), *(_files(adapter) if adapter else ())]:
             digest.update(json.dumps(entry).encode("utf-8") + b"\n")
     return digest.hexdigest()
 

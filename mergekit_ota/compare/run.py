@@ -174,14 +174,15 @@ def _score_all(
     log: Callable[[str], None],
     progress: Optional[Callable[[int], Any]],
 ) -> List[Dict[str, Any]]:
-    from mergekit_ota.fisher import _load
+    from mergekit_ota.fisher import _load, split_model
 
     cache = Cache(root)
     models: List[Dict[str, Any]] = []
 
     def score(path: str) -> Tuple[RowScores, float]:
         started = time.perf_counter()
-        model, _ = _load(path, options.dtype, options.device)  # padding is on the right, masked: pad changes nothing
+        base, adapter = split_model(path)  # an expert named BASE+ADAPTER is scored folded, as mergekit merges it
+        model, _ = _load(base, options.dtype, options.device, adapter)  # right padding, masked: pad changes nothing
         scores = score_rows(model, dataset.rows, pad, options.batch_size, options.device)
         del model
         return scores, time.perf_counter() - started
