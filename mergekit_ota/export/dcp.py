@@ -324,18 +324,16 @@ def open_dcp(path: str, model_path: Optional[str], frozen: Sequence[str] = ()) -
         for name in model_order(list(kinds), params)
     ]
     facts = optimizer_facts(kinds, groups)
-    notes = list(facts.notes)
+    notes = []
     if groups and not any(beta2_of.values()) and not facts.bias_corrected:
         notes.append("the param groups' betas could not be read; beta2 is not recorded")
-    return SourceState(
+    return SourceState.from_facts(
+        facts,
         kind="dcp",
         path=directory,
-        optimizer=facts.name,
         items=items,
         mapping=mapping,
         without_state=without,
-        bias_corrected=facts.bias_corrected,
-        metadata=facts.metadata,
         notes=notes,
         evidence=NameEvidence(BASIS_DCP_FQNS),
     )

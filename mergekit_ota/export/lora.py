@@ -337,26 +337,22 @@ def lora_source(
                     beta2=saved.beta2,
                 )
             )
-    metadata = dict(facts.metadata)
-    metadata.update(
-        {
-            ADAPTER: "lora",
-            ADAPTER_CONFIG: json.dumps(config.summary(), sort_keys=True),
-            ADAPTER_UNTOUCHED: json.dumps(list(layout.untouched)),
-            ADAPTER_AGREEMENT: json.dumps({k: round(v, 6) for k, v in agreement.items()}),
-            ADAPTER_FINGERPRINT: adapter_fingerprint,
-        }
-    )
-    return SourceState(
+    metadata = {
+        ADAPTER: "lora",
+        ADAPTER_CONFIG: json.dumps(config.summary(), sort_keys=True),
+        ADAPTER_UNTOUCHED: json.dumps(list(layout.untouched)),
+        ADAPTER_AGREEMENT: json.dumps({k: round(v, 6) for k, v in agreement.items()}),
+        ADAPTER_FINGERPRINT: adapter_fingerprint,
+    }
+    return SourceState.from_facts(
+        facts,
         kind=kind,
         path=path,
-        optimizer=facts.name,
         items=items,
         mapping=mapping,
-        without_state=list(layout.untouched),
-        bias_corrected=facts.bias_corrected,
+        without_state=layout.untouched,
         metadata=metadata,
-        notes=facts.notes + _notes(layout, agreement, degenerate),
+        notes=_notes(layout, agreement, degenerate),
         evidence=evidence,
     )
 

@@ -11,11 +11,14 @@ read back as ``v_hat = outer(r, c) / sum(r)``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
 from mergekit_ota.export.mapping import NameEvidence
+
+if TYPE_CHECKING:  # optimizer_states imports this module
+    from mergekit_ota.export.optimizer_states import OptimizerFacts
 
 
 @dataclass(frozen=True)
@@ -94,3 +97,36 @@ class SourceState:
     evidence: Optional[NameEvidence] = None
     fingerprint: Optional[str] = None
     missing: Dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_facts(
+        cls,
+        facts: "OptimizerFacts",
+        *,
+        kind: str,
+        path: str,
+        items: Sequence[StateItem],
+        mapping: str,
+        without_state: Iterable[str] = (),
+        evidence: Optional[NameEvidence] = None,
+        metadata: Optional[Mapping[str, str]] = None,
+        notes: Iterable[str] = (),
+        fingerprint: Optional[str] = None,
+        missing: Optional[Mapping[str, str]] = None,
+    ) -> "SourceState":
+        """A source whose optimizer name, bias correction, metadata and notes are what ``facts`` (the one
+        definition export uses for those states) says, with ``metadata`` and ``notes`` added to them."""
+        return cls(
+            kind=kind,
+            path=path,
+            optimizer=facts.name,
+            items=list(items),
+            mapping=mapping,
+            without_state=list(without_state),
+            bias_corrected=facts.bias_corrected,
+            metadata={**facts.metadata, **(metadata or {})},
+            notes=list(facts.notes) + list(notes),
+            evidence=evidence,
+            fingerprint=fingerprint,
+            missing=dict(missing or {}),
+        )

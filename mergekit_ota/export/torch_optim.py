@@ -303,16 +303,13 @@ def open_torch_state(
             )
         )
     facts = optimizer_facts(kinds, groups, moments.families)
-    return SourceState(
+    return SourceState.from_facts(
+        facts,
         kind=kind,
         path=path,
-        optimizer=facts.name,
         items=items,
         mapping=mapping,
         without_state=without,
-        bias_corrected=facts.bias_corrected,
-        metadata=facts.metadata,
-        notes=facts.notes,
         evidence=evidence,
         missing=missing,
     )

@@ -63,16 +63,13 @@ def source_of(state: LiveState, origin: str, parameters: Optional[List[LiveParam
         )
         for p in (state.parameters if parameters is None else parameters)
     ]
-    return SourceState(
+    return SourceState.from_facts(
+        state.facts,  # as export decides for the same states
         kind="training",
         path=origin,
-        optimizer=state.facts.name,
         items=items,
         mapping="names from the live model's named_parameters(), states read by parameter identity",
-        without_state=list(state.without_state),
-        bias_corrected=state.facts.bias_corrected,  # as export decides for the same states (OptimizerFacts)
-        metadata=dict(state.facts.metadata),
-        notes=list(state.facts.notes),
+        without_state=state.without_state,
         evidence=NameEvidence(BASIS_PARAM_OBJECTS),
         fingerprint=state.fingerprint,  # of the live weights, equal to export's of the weights saved beside
     )
