@@ -95,6 +95,62 @@ def config(base: str, found: Dict[str, Tuple[str, str, str]], which: int) -> Dic
     }
 
 
+def combined(prefix: str) -> Dict[str, object]:
+    """The two runs' results as one (the same rows and halves: checked), the Fisher run's ota points renamed
+    ``<method> (data Fisher)`` beside the estimate run's, so that every method is compared on the same rows."""
+    with open(f"{prefix}-estimate/results.json", encoding="utf-8") as fp:
+        estimate = json.load(fp)
+    with open(f"{prefix}-fisher/results.json", encoding="utf-8") as fp:
+        fisher = json.load(fp)
+    if estimate["rows"] != fisher["rows"]:
+        raise SystemExit("the two compare runs scored different rows or halves")
+    out = dict(estimate)
+    extra = []
+    for model in fisher["models"]:
+        if model["kind"] == "point" and model["method"] in ("ota", "ota+ffg"):
+            method = f"{model['method']} (data Fisher)"
+            extra.append({**model, "method": method, "name": f"{method}: {model['setting']}"})
+    out["models"] = estimate["models"] + extra
+    names = list(dict.fromkeys(m["method"] for m in extra))
+    out["methods"] = estimate["methods"] + [{"name": n, "baseline": False} for n in names]
+    return out
+
+
+def summary(prefix: str) -> str:
+    """Markdown: every method's chosen point, loss-based and exact-match G on the report half, and the paired
+    differences with the best baseline (chosen on the selection half) and with ties."""
+    from benchmarks.quality.via_compare import compare_verdicts
+
+    results = combined(prefix)
+    tables = {
+        (statistic, reference): compare_verdicts(results, statistic, reference)
+        for statistic in ("loss", "exact")
+        for reference in (None, "ties")
+    }
+    first = next(iter(tables[("loss", None)].values()))
+    lines = [
+        f"Reference (best baseline on the selection half, by loss G): **{first['reference']}**; by exact-match G: "
+        f"**{next(iter(tables[('exact', None)].values()))['reference']}**.",
+        "",
+        "| method | chosen (loss G) | loss G | minus reference [95%] | minus ties [95%] | exact-match G | "
+        "minus reference (exact) | minus ties (exact) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def cell(entry: Dict[str, object]) -> str:
+        versus = entry.get("versus")
+        return f"{versus.text()} **{versus.verdict}**" if versus else "(reference)"
+
+    for method, entry in tables[("loss", None)].items():
+        exact = tables[("exact", None)][method]
+        lines.append(
+            f"| {method} | {entry['label']} | {entry['G'].value:.3f} | {cell(entry)} | "
+            f"{cell(tables[('loss', 'ties')][method])} | {exact['G'].value:.3f} | {cell(exact)} | "
+            f"{cell(tables[('exact', 'ties')][method])} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=0)
@@ -105,8 +161,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--out", default="/work/bench-cache/lora-estimate", help="training runs and their stores")
     parser.add_argument("--compare-out", default="/work/bench-cache/compare-lora-sft", help="compare's OUT prefix")
     parser.add_argument("--stage", choices=("train", "compare"), default="compare", help="stop after this stage")
+    parser.add_argument("--summary", action="store_true", help="print the verdicts of both runs (after they ran)")
     parser.add_argument("compare_args", nargs="*", help="after --: options for mergekit-ota compare")
     args = parser.parse_args(argv)
+    if args.summary:
+        print(summary(f"{args.compare_out}{f'-seed{args.seed}' if args.seed else ''}"))
+        return 0
     torch.set_num_threads(1)
     base, found, suite = experts(args)
     if args.stage == "train":
