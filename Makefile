@@ -72,7 +72,7 @@ $(FIXTURES_PEFT_STAMP):
 	$(PYTHON) -m venv $(FIXTURES_PEFT_VENV)
 	$(FIXTURES_PEFT_VENV)/bin/python -m pip install -q --upgrade pip
 	$(FIXTURES_PEFT_VENV)/bin/python -m pip install -q torch==2.13.0
-	$(FIXTURES_PEFT_VENV)/bin/python -m pip install -q 'peft==0.21.*' transformers accelerate safetensors bitsandbytes==0.50.2
+	DS_BUILD_OPS=0 $(FIXTURES_PEFT_VENV)/bin/python -m pip install -q 'peft==0.21.*' transformers accelerate safetensors bitsandbytes==0.50.2 deepspeed==0.19.8
 	touch $@
 
 # Other optimizers' state dicts (tests/fixtures/optimizers/<name>), each library in an environment of its own.

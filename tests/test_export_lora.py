@@ -1,14 +1,16 @@
 """``mergekit-ota export`` of a PEFT LoRA Trainer checkpoint: rank-1 curvature under the base model's names.
 
-Fixtures (``tests/fixtures/peft/generate.py``, real): a tiny Llama saved as ``base/`` and four PEFT 0.21 LoRA runs
-of it (3 steps of ``transformers.Trainer``), each kept as the Trainer wrote ``checkpoint-3/``: with AdamW, plain
-LoRA, rsLoRA, ``modules_to_save=["lm_head"]`` and DoRA (refused); with bitsandbytes, 8-bit AdamW (r=128: states
-kept blockwise in 8 bits, and two in 32 bits) and QLoRA's paged 8-bit AdamW (r=4: states kept in 32 bits). Each
-``truth.json`` holds the optimizer's parameters in index order, read from the live optimizer by object identity,
-and PEFT's own ``scaling`` per module; the bitsandbytes runs' ``truth.safetensors`` hold each second moment as
-bitsandbytes itself reads it. The tests compute every expected record from the raw files with them (``torch.load``
-of ``optimizer.pt`` or ``truth.safetensors``, ``adapter_model.safetensors``) and the float64 reference, never
-through the exporter's mapping. No peft or bitsandbytes is needed here.
+Fixtures (``tests/fixtures/peft/generate.py``, real): a tiny Llama saved as ``base/`` and PEFT 0.21 LoRA runs of it
+(3 steps of ``transformers.Trainer``), each kept as the Trainer wrote ``checkpoint-3/``: with AdamW, plain LoRA,
+rsLoRA, ``modules_to_save=["lm_head"]`` and DoRA (refused); with bitsandbytes, 8-bit AdamW (r=128: states kept
+blockwise in 8 bits, and two in 32 bits) and QLoRA's paged 8-bit AdamW (r=4: states kept in 32 bits); under
+DeepSpeed ZeRO-2 and ZeRO-3 (the adapter's files beside ``global_step3/``). Each ``truth.json`` holds the
+optimizer's parameters in index order, read from the live optimizer by object identity, and PEFT's own
+``scaling`` per module; ``truth.safetensors`` holds each second moment as bitsandbytes itself reads it (its runs)
+or as DeepSpeed's ``safe_get_full_optimizer_state`` gives it (the ZeRO runs). The tests compute every expected
+record from the raw files with them (``torch.load`` of ``optimizer.pt`` or ``truth.safetensors``,
+``adapter_model.safetensors``) and the float64 reference, never through the exporter's mapping. No peft,
+bitsandbytes or DeepSpeed is needed here.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from mergekit_ota.store_format import (
 
 FIXTURES = Path(__file__).parent / "fixtures" / "peft"
 BASE = FIXTURES / "base"
-VARIANTS = ("lora", "rslora", "modules_to_save", "adamw8bit", "paged_adamw_8bit")
+VARIANTS = ("lora", "rslora", "modules_to_save", "adamw8bit", "paged_adamw_8bit", "zero2", "zero3")
 _LIVE_LORA = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<side>[AB])\.default\.weight$")
 _LIVE_SAVED = re.compile(r"^base_model\.model\.(?P<module>.+)\.modules_to_save\.default\.(?P<leaf>.+)$")
 
@@ -69,12 +71,12 @@ def _expected(variant: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, float]]:
     """The store a correct export writes, from the raw files: ``{key: tensor}`` and ``{weight: agreement}``."""
     truth = _truth(variant)
     checkpoint = _checkpoint(variant)
-    states = torch.load(checkpoint / "optimizer.pt", weights_only=True)["state"]
     weights = load_file(str(checkpoint / "adapter_model.safetensors"))
     order = [name for group in truth["optimizer_order"] for name in group]
-    if (FIXTURES / variant / "truth.safetensors").exists():  # bitsandbytes' own reading of its 8- or 32-bit states
+    if (FIXTURES / variant / "truth.safetensors").exists():  # bitsandbytes' or DeepSpeed's own reading of the states
         v = load_file(str(FIXTURES / variant / "truth.safetensors"))
     else:
+        states = torch.load(checkpoint / "optimizer.pt", weights_only=True)["state"]
         v = {name: states[index]["exp_avg_sq"] for index, name in enumerate(order)}
     expected: Dict[str, torch.Tensor] = {}
     agreement: Dict[str, float] = {}
@@ -144,6 +146,36 @@ def test_export_is_the_math_under_the_base_models_names(variant, tmp_path):
     adapter = load_file(str(_checkpoint(variant) / "adapter_model.safetensors"))
     assert metadata[ADAPTER_FINGERPRINT] == tensors_fingerprint(adapter)
     assert FINGERPRINT_KEY not in metadata
+
+
+def test_a_zero_run_exports_alike_from_its_checkpoint_or_its_global_step_directory(tmp_path):
+    """Under DeepSpeed the Trainer's checkpoint-N/ holds the adapter beside global_stepN/: given either, export
+    writes the same store; without the adapter's files beside it, the run is refused naming what export reads."""
+    for variant in ("zero2", "zero3"):
+        whole, step = tmp_path / f"{variant}.safetensors", tmp_path / f"{variant}-step.safetensors"
+        _export(_checkpoint(variant), whole, "--model", BASE)
+        _export(_checkpoint(variant) / "global_step3", step, "--model", BASE)
+        a, b = load_file(str(whole)), load_file(str(step))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    bare = tmp_path / "bare"
+    shutil.copytree(_checkpoint("zero2") / "global_step3", bare / "global_step3")
+    (bare / "latest").write_text("global_step3")
+    result = _export(bare, tmp_path / "bare.safetensors", "--model", BASE, ok=False)
+    assert "a LoRA/adapter run" in result.output and "global_stepN/" in result.output
+
+
+@pytest.mark.parametrize("variant", ["zero2", "zero3"])
+def test_the_callback_under_deepspeed_left_the_store_export_writes(variant, tmp_path):
+    """CurvatureCallback ran in the ZeRO fixtures' training (a PEFT model under DeepSpeed, on one CPU rank): the store
+    it left in checkpoint-3/ is export's of that checkpoint, tensor for tensor, with the same adapter metadata."""
+    out = tmp_path / "store.safetensors"
+    _export(_checkpoint(variant), out, "--model", BASE, "--compress", "rank1")
+    captured = _checkpoint(variant) / "exp_avg_sq.safetensors"
+    ours, theirs = load_file(str(captured)), load_file(str(out))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    mine, export = CurvatureStore(str(captured)).metadata, CurvatureStore(str(out)).metadata
+    for key in (ADAPTER, ADAPTER_AGREEMENT, ADAPTER_FINGERPRINT, ADAPTER_UNTOUCHED, "step", "beta2"):
+        assert mine[key] == export[key], key
 
 
 def test_rslora_scaling_is_peft_own():

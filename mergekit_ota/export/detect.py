@@ -26,7 +26,7 @@ from typing import Optional
 from mergekit_ota.errors import CurvatureError
 from mergekit_ota.export.dcp import METADATA_FILE, find_dcp_dir, open_dcp
 from mergekit_ota.export.from_store import open_store
-from mergekit_ota.export.lora import is_lora_checkpoint, open_lora_checkpoint
+from mergekit_ota.export.lora import is_lora_checkpoint, open_lora_checkpoint, open_lora_zero
 from mergekit_ota.export.moments import SourceState
 from mergekit_ota.export.options import ExportOptions
 from mergekit_ota.export.torch_optim import ADAPTER_FILES, OPTIMIZER_FILES, open_torch_state, open_trainer_checkpoint
@@ -111,6 +111,8 @@ def open_source(path: str, options: ExportOptions) -> SourceState:
     if kind == "deepspeed-universal":
         return open_universal(path, model, frozen)
     if kind == "deepspeed":
+        if is_lora_checkpoint(path) or is_lora_checkpoint(os.path.dirname(path)):
+            return open_lora_zero(path, model, frozen)  # a PEFT run under ZeRO: the adapter's files beside
         if model is None and os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
             model = path  # a Trainer checkpoint-N/ holds the model's config beside global_stepN/
         return open_zero(path, model, frozen)

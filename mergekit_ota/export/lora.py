@@ -17,8 +17,8 @@ adapter file's fingerprint (:data:`~mergekit_ota.store_format.ADAPTER_FINGERPRIN
 The adapter's second moments may be AdamW's ``exp_avg_sq`` as torch keeps it, or as bitsandbytes keeps it (8-bit
 blockwise or 32-bit, e.g. QLoRA's ``paged_adamw_8bit``/``adamw_bnb_8bit``) or torchao's low-bit AdamW
 (:data:`~mergekit_ota.export.optimizer_states.ELEMENTWISE_ADAM_KINDS`), dequantised by the readers every export
-uses. Adafactor's factored states, other optimizers' states and DeepSpeed ZeRO checkpoints of a LoRA run are
-refused saying so.
+uses. A run saved by DeepSpeed ZeRO (the adapter's files beside ``global_stepN/``) is read by the ZeRO reader
+(:func:`open_lora_zero`). Adafactor's factored states and other optimizers' states are refused saying so.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from mergekit_ota.export.model_params import ModelParameters, clean_name, decay_
 from mergekit_ota.export.moments import Full, Rank1, SourceState, StateItem
 from mergekit_ota.export.optimizer_states import (
     ELEMENTWISE_ADAM_KINDS,
+    FULL,
     OptimizerFacts,
     check_second_moments,
     group_beta2,
@@ -58,7 +59,7 @@ from mergekit_ota.export.peft_config import (
 from mergekit_ota.export.peft_names import AdaptedWeight, AdapterLayout, adapter_layout, file_key
 from mergekit_ota.export.torch_optim import find_optimizer_dict, load_torch_file, read_optimizer, trainer_files
 from mergekit_ota.io.handles import read_tensor
-from mergekit_ota.io.safetensors import read_header
+from mergekit_ota.io.safetensors import HeaderEntry, read_header
 from mergekit_ota.math.lora import lora_curvature
 from mergekit_ota.store_format import (
     ADAPTER,
@@ -182,17 +183,9 @@ def open_lora_checkpoint(directory: str, model_path: Optional[str], frozen: Sequ
             f"{directory}: --frozen does not apply to a LoRA checkpoint (its optimizer holds only the adapter's "
             "weights, named by the adapter file)"
         )
-    config = read_adapter_config(os.path.join(directory, CONFIG_FILE))
-    weights_path = _weights_file(directory)
+    adapter = _adapter(directory, model_path)
+    config, weights_path, params, tensors, layout = adapter
     optimizer_path, _ = trainer_files(directory)
-    params = load_model_parameters(base_model_dir(config, model_path))
-    tensors, _ = read_header(weights_path)
-    layout = adapter_layout(
-        {k: e.shape for k, e in tensors.items()}, params.parameters, config.fan_in_fan_out, weights_path, INSTEAD
-    )
-    if not layout.order:
-        raise CurvatureError(f"{weights_path}: no lora_A/lora_B or modules_to_save weights in it")
-
     loaded, _ = load_torch_file(optimizer_path)
     groups, state = read_optimizer(find_optimizer_dict(loaded, optimizer_path), optimizer_path)
     group_of = {key: g for g, group in enumerate(groups) for key in group["params"]}
@@ -224,20 +217,131 @@ def open_lora_checkpoint(directory: str, model_path: Optional[str], frozen: Sequ
         )
         for key, _ in layout.order
     }
+    facts = optimizer_facts({f"state[{k!r}]": kind for k, kind in kind_of.items()}, groups)
+    return _from_files(adapter, states, facts, "trainer", optimizer_path, mapping, evidence)
+
+
+@dataclass(frozen=True)
+class _Adapter:
+    """A checkpoint's adapter as read from its files, with the base model's parameters it is laid over."""
+
+    config: AdapterConfig
+    weights_path: str
+    params: ModelParameters
+    tensors: Mapping[str, HeaderEntry]
+    layout: AdapterLayout
+
+    def __iter__(self):  # unpacking, in field order
+        return iter((self.config, self.weights_path, self.params, self.tensors, self.layout))
+
+
+def _adapter(directory: str, model_path: Optional[str], params: Optional[ModelParameters] = None) -> _Adapter:
+    """The adapter of the PEFT checkpoint ``directory``: its config (plain LoRA, else refused), its weights file's
+    tensors laid over the base model's parameter list (``params``, else read from ``model_path``, else from the
+    config's local base)."""
+    config = read_adapter_config(os.path.join(directory, CONFIG_FILE))
+    weights_path = _weights_file(directory)
+    params = params or load_model_parameters(base_model_dir(config, model_path))
+    tensors, _ = read_header(weights_path)
+    layout = adapter_layout(
+        {k: e.shape for k, e in tensors.items()}, params.parameters, config.fan_in_fan_out, weights_path, INSTEAD
+    )
+    if not layout.order:
+        raise CurvatureError(f"{weights_path}: no lora_A/lora_B or modules_to_save weights in it")
+    return _Adapter(config, weights_path, params, tensors, layout)
+
+
+def _from_files(
+    adapter: _Adapter,
+    states: Mapping[str, "AdapterState"],
+    facts: OptimizerFacts,
+    kind: str,
+    path: str,
+    mapping: str,
+    evidence: Optional[NameEvidence],
+) -> SourceState:
+    """:func:`lora_source` of a saved checkpoint's adapter (weights read from its file)."""
     return lora_source(
-        config=config,
-        layout=layout,
-        parameters=params.parameters,
+        config=adapter.config,
+        layout=adapter.layout,
+        parameters=adapter.params.parameters,
         states=states,
-        weight=lambda key: read_tensor(tensors[key]),
-        adapter_fingerprint=entries_fingerprint(tensors, list(tensors)),
-        facts=optimizer_facts({f"state[{k!r}]": kind for k, kind in kind_of.items()}, groups),
-        kind="trainer",
-        path=optimizer_path,
-        weights_origin=weights_path,
+        weight=lambda key: read_tensor(adapter.tensors[key]),
+        adapter_fingerprint=entries_fingerprint(adapter.tensors, list(adapter.tensors)),
+        facts=facts,
+        kind=kind,
+        path=path,
+        weights_origin=adapter.weights_path,
         mapping=mapping,
         evidence=evidence,
     )
+
+
+class _Loaded(Mapping[str, Any]):
+    """A ZeRO item's second moment as a state entry (``exp_avg_sq``, gathered on first use) with its ``step``."""
+
+    def __init__(self, item: StateItem):
+        self._item, self._value = item, None
+
+    def __getitem__(self, key: str) -> Any:
+        if key == "step":
+            return self._item.step
+        if key != FULL:
+            raise KeyError(key)
+        if self._value is None:
+            loaded = self._item.load()
+            if not isinstance(loaded, Full):
+                raise CurvatureError(f"{self._item.origin}: expected an element-wise second moment")
+            self._value = loaded.v
+        return self._value
+
+    def __iter__(self):
+        return iter((FULL, "step"))
+
+    def __len__(self) -> int:
+        return 2
+
+
+def open_lora_zero(
+    path: str, model_path: Optional[str], frozen: Sequence[str] = (), params: Optional[ModelParameters] = None
+) -> SourceState:
+    """A PEFT LoRA run saved by DeepSpeed ZeRO (the Trainer's ``checkpoint-N/`` with the adapter's files beside
+    ``global_stepN/``, or that ``global_stepN/``): the ZeRO reader's states (:func:`~.zero.open_zero`, every rank,
+    named as the live PEFT model named them) laid over the adapter's file keys, shape-checked, then
+    :func:`lora_source` as for an ``optimizer.pt``. ``params``: the base model's parameters where the caller
+    has them (the training callback, from the live model), else read from ``model_path``."""
+    from mergekit_ota.export.zero import open_zero
+
+    directory = path if is_lora_checkpoint(path) else os.path.dirname(os.path.normpath(path))
+    if frozen:
+        raise ConfigError(
+            f"{directory}: --frozen does not apply to a LoRA checkpoint (its optimizer holds the adapter)"
+        )
+    adapter = _adapter(directory, model_path, params)
+    zero = open_zero(path, None, adapter=True)
+    wanted = dict(adapter.layout.order)
+    states: Dict[str, AdapterState] = {}
+    for item in zero.items:
+        key = file_key(item.name)
+        if key not in wanted:
+            raise CurvatureError(
+                f"{zero.path}: '{item.name}' has optimizer state but is no trainable weight of the adapter "
+                f"(expected lora_A/lora_B or modules_to_save weights, as in {WEIGHTS_FILE})"
+            )
+        if tuple(item.shape) != tuple(wanted[key]):
+            raise CurvatureError(
+                f"{zero.path}: state of '{item.name}' has shape {list(item.shape)}, the adapter's weight "
+                f"{list(wanted[key])}"
+            )
+        states[key] = AdapterState(kind="full", entry=_Loaded(item), origin=item.origin, beta2=item.beta2)
+    missing = [key for key in wanted if key not in states]
+    if missing:
+        raise CurvatureError(
+            f"{zero.path}: no optimizer state for the adapter's '{missing[0]}' ({len(missing)} weight(s) of "
+            f"{WEIGHTS_FILE} in all)"
+        )
+    facts = OptimizerFacts(zero.optimizer, bias_corrected=False, metadata={}, notes=list(zero.notes))
+    return _from_files(adapter, states, facts, "deepspeed", zero.path, zero.mapping, zero.evidence)
 
 
 def refuse_other_moments(kinds: Mapping[str, str], source: str) -> None:

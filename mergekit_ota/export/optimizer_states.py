@@ -435,8 +435,8 @@ def refuse_adapters(names: Sequence[str], source: str, reason: Optional[str] = N
         raise CurvatureError(
             f"{source}: a LoRA/adapter run ({what}): its optimizer state covers only the adapter weights. Export "
             f"reads a PEFT LoRA run from its Trainer checkpoint directory, with adapter_config.json and "
-            f"adapter_model.safetensors beside optimizer.pt (docs/lora.md); other adapter states have no curvature "
-            f"for the merged weights"
+            f"adapter_model.safetensors beside optimizer.pt or DeepSpeed's global_stepN/ (docs/lora.md); other "
+            f"adapter states have no curvature for the merged weights"
         )
 
 

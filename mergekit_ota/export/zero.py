@@ -427,8 +427,11 @@ def _frozen(model: Mapping[str, Any], trainable: Mapping[str, Any], file: str) -
     return [clean_name(n) for n in names if n not in skip and clean_name(n) not in trainable]
 
 
-def open_zero(path: str, model_path: Optional[str], frozen: Sequence[str] = ()) -> SourceState:
-    """Check a native ZeRO checkpoint (see the module docstring) and return its parameters' second moments."""
+def open_zero(path: str, model_path: Optional[str], frozen: Sequence[str] = (), adapter: bool = False) -> SourceState:
+    """Check a native ZeRO checkpoint (see the module docstring) and return its parameters' second moments.
+
+    ``adapter``: the checkpoint of a PEFT adapter's run, read for :func:`~mergekit_ota.export.lora.open_lora_zero`
+    (its items named as the live PEFT model named them; without it such names are refused)."""
     directory = find_step_dir(path)
     if directory is None:
         raise CurvatureError(
@@ -522,7 +525,8 @@ def open_zero(path: str, model_path: Optional[str], frozen: Sequence[str] = ()) 
             pieces[clean_name(name)] = (g, parts)
 
     raw = {clean_name(n): s for group_shapes in shapes for n, s in group_shapes.items()}
-    refuse_adapters(list(raw), directory)
+    if not adapter:
+        refuse_adapters(list(raw), directory)
     params, without, mapping = check_against_model(
         raw, model_path, frozen, directory, "param_shapes saved in the model states"
     )

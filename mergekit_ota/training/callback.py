@@ -35,11 +35,14 @@ from typing import Any, List, Optional
 from transformers import TrainerCallback
 
 from mergekit_ota.errors import OTAError
+from mergekit_ota.export.lora import open_lora_zero
+from mergekit_ota.export.model_params import model_parameters
 from mergekit_ota.export.options import ExportOptions
 from mergekit_ota.export.pipeline import write_store
 from mergekit_ota.export.zero import find_step_dir, open_zero
 from mergekit_ota.store_format import DEFAULT_STORE_NAME, INDEX_SUFFIX
 from mergekit_ota.training.gather import is_deepspeed, rank
+from mergekit_ota.training.peft_live import peft_model
 from mergekit_ota.training.save import agree, save_curvature
 
 LOG = logging.getLogger("mergekit_ota")
@@ -63,19 +66,26 @@ class CurvatureCallback(TrainerCallback):
         name = DEFAULT_STORE_NAME if self.compress == "rank1" else DEFAULT_STORE_NAME + INDEX_SUFFIX
         return os.path.join(directory, name)
 
-    def _from_checkpoint(self, checkpoint: str, out: str) -> None:
-        """DeepSpeed: export the ZeRO checkpoint just saved (rank 0 only)."""
+    def _from_checkpoint(self, checkpoint: str, out: str, model: Any) -> None:
+        """DeepSpeed: export the ZeRO checkpoint just saved (rank 0 only); a PEFT adapter's with its base model's
+        parameters taken from the live model's config (export's ``--model``)."""
         if rank() != 0:
             return
         options = ExportOptions.parse(compress=self.compress, dtype=self.dtype, force=True)
-        write_store(open_zero(checkpoint, None), out, options)
+        adapter = peft_model(model)
+        if adapter is None:
+            source = open_zero(checkpoint, None)
+        else:
+            base = model_parameters(adapter.get_base_model().config, "the live model's base config")
+            source = open_lora_zero(checkpoint, None, params=base)
+        write_store(source, out, options)
 
     def _write(self, model: Any, optimizer: Any, directory: str, what: str, checkpoint: Optional[str]) -> None:
         out = self._out(directory)
         started = time.perf_counter()
         try:
             if checkpoint is not None:
-                self._from_checkpoint(checkpoint, out)
+                self._from_checkpoint(checkpoint, out, model)
             else:
                 save_curvature(model, optimizer, out, compress=self.compress, dtype=self.dtype, force=True)
         except (OTAError, OSError) as error:

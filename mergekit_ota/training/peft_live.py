@@ -49,13 +49,17 @@ def live_lora_source(model: torch.nn.Module, optimizer: Any, origin: str) -> Sou
     """The export source of the live PEFT LoRA ``model`` trained by ``optimizer`` (module docstring)."""
     from peft import get_peft_model_state_dict
 
-    from mergekit_ota.training.gather import unwrap_optimizer
+    from mergekit_ota.training.gather import is_deepspeed, unwrap_optimizer
 
     module = peft_model(model)
     if module is None:
         raise CurvatureError(f"{origin}: not a PEFT model")
-    if any(type(p).__name__ == "DTensor" or hasattr(p, "ds_id") for p in module.parameters()):
-        raise CurvatureError(f"{origin}: a LoRA adapter sharded by FSDP or DeepSpeed ZeRO is not read live; {INSTEAD}")
+    if is_deepspeed(module) or any(type(p).__name__ == "DTensor" for p in module.parameters()):
+        raise CurvatureError(
+            f"{origin}: a LoRA adapter sharded by FSDP or DeepSpeed ZeRO is not read live: under DeepSpeed, "
+            "CurvatureCallback reads the checkpoint DeepSpeed saves (in a custom loop, save one and run "
+            f"`mergekit-ota export CHECKPOINT OUT --model BASE`); under FSDP, {INSTEAD}"
+        )
     if len(module.peft_config) != 1:
         raise CurvatureError(
             f"{origin}: the PEFT model holds {len(module.peft_config)} adapters ({', '.join(module.peft_config)}); "
