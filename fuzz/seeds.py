@@ -198,7 +198,8 @@ def build(corpus: str) -> List[Seed]:
     bnb = os.path.join(FIXTURES, "bitsandbytes", "adamw8bit", "checkpoint-3")
     shutil.copytree(bnb, os.path.join(corpus, "bnb8bit", "checkpoint-3"))
     add("bnb8bit", "checkpoint-3", ex)
-    for variant in ("lora", "modules_to_save", "adamw8bit", "zero2"):  # real PEFT Trainer checkpoints (tests/fixtures/peft)
+    # real PEFT Trainer checkpoints (tests/fixtures/peft)
+    for variant in ("lora", "modules_to_save", "adamw8bit", "zero2"):
         shutil.copytree(
             os.path.join(FIXTURES, "peft", variant, "checkpoint-3"),
             os.path.join(corpus, f"peft-{variant}", "checkpoint-3"),
