@@ -8,6 +8,8 @@ import os
 import pytest
 import torch
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -244,3 +246,51 @@ def test_a_device_torch_cannot_use_is_refused_before_the_model_loads(model_dir, 
         assert result.exit_code == 1 and "Traceback" not in result.output, result.output
         assert f"--device {device}:" in result.output, result.output
         assert not out.exists()
+
+
+_SCALARS = st.one_of(
+    st.none(), st.booleans(), st.integers(-3, 3), st.floats(allow_nan=False), st.text(max_size=6), st.just("")
+)
+_VALUES = st.recursive(
+    _SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
+)
+_KEYS = ("text", "prompt", "completion", "messages", "task", "expert", "half", "role", "content")
+_MESSAGE = st.fixed_dictionaries(
+    {}, optional={"role": _VALUES | st.sampled_from(["user", "assistant"]), "content": _VALUES}
+)
+_ROW = st.fixed_dictionaries(
+    {},
+    optional={
+        **{key: _VALUES for key in _KEYS},
+        "messages": st.lists(_MESSAGE, max_size=3) | _VALUES,
+        "half": st.sampled_from(["selection", "report", "test", ""]) | _VALUES,
+    },
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(rows=st.lists(_ROW | _VALUES, min_size=1, max_size=4))
+def test_any_json_row_is_a_sample_or_a_refusal_naming_its_line(rows, tmp_path_factory):
+    """Whatever JSON a data row holds (texts, prompts and completions, chats, task/expert/half fields of any type),
+    reading it gives samples or a ConfigError that names the file and line; compare's split of what was read gives
+    halves or a ConfigError: never another exception."""
+    from mergekit_ota.compare import dataset
+    from mergekit_ota.errors import ConfigError
+
+    path = tmp_path_factory.mktemp("rows") / "data.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    try:
+        samples = calibration.read_samples(str(path), 100)
+    except ConfigError as error:
+        assert str(path) in str(error)
+        return
+    assert len(samples) == len(rows)
+    for sample, row in zip(samples, rows):
+        assert not (sample.messages and sample.completion)  # one form per sample: the first that fits
+        assert sample.messages or sample.completion or row["text"] == sample.text
+        json.loads(sample.canonical())
+    try:
+        halves = dataset.split([s.task or dataset.ALL for s in samples], 0.5, 0, samples)
+    except ConfigError:
+        return
+    assert set(halves) <= {dataset.SELECTION, dataset.REPORT}
