@@ -503,3 +503,20 @@ def test_compare_scores_a_base_plus_adapter_expert_folded_and_merges_it(experts,
     points = [m for m in results["models"] if m["kind"] == "point"]
     assert [p["method"] for p in points] == ["task_arithmetic", "ota"]
     assert (out / "best.yml").is_file()
+
+
+def test_compare_of_base_plus_adapter_experts_without_a_lora_merge_cache_says_what_to_pass(
+    experts, with_tokenizer, tmp_path
+):
+    """Without --lora-merge-cache every grid point, mergekit's methods' too, is refused by check's own rule before
+    any merge, naming the option (not mergekit's bare RuntimeError), and OUT is not written."""
+    base = with_tokenizer["base"]
+    cfg = tmp_path / "merge.yml"
+    models = [f"{base}+{experts.adapters[v]}" for v in VARIANTS]
+    cfg.write_text(yaml.safe_dump(_config(experts, models, "linear", base=base)))
+    out = tmp_path / "out"
+    grid = ["--methods", "task_arithmetic,ota", "--grid", "task_arithmetic:lambda=1", "--grid", "ota:power=0.5"]
+    result = _invoke("compare", cfg, with_tokenizer["data"], out, *grid, "--device", "cpu")
+    assert result.exit_code == 1, result.output
+    assert "every grid point: model" in result.output and "pass --lora-merge-cache DIR" in result.output
+    assert "Need to specify cache dir" not in result.output and not out.exists()

@@ -34,7 +34,7 @@ def point_problems(config: Mapping[str, Any], options: Any) -> List[str]:
     missing = preflight.missing_local_models(parsed, getattr(options, "transformers_cache", None))
     if missing:
         return missing
-    unknown = preflight.parameter_warnings(parsed)
+    unknown = preflight.parameter_warnings(parsed) + preflight.lora_without_cache(parsed, options)
     if unknown:
         return unknown
     return preflight.plan_merge(parsed, options)[1]
