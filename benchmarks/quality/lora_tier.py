@@ -102,7 +102,11 @@ def combined(prefix: str) -> Dict[str, object]:
         estimate = json.load(fp)
     with open(f"{prefix}-fisher/results.json", encoding="utf-8") as fp:
         fisher = json.load(fp)
-    if estimate["rows"] != fisher["rows"]:
+
+    def rows(results: Dict[str, object]) -> List[Tuple[str, str]]:  # origin names each run's own copy of DATA
+        return [(r["capability"], r["half"], r["origin"].rsplit(":", 1)[-1]) for r in results["rows"]]
+
+    if rows(estimate) != rows(fisher):
         raise SystemExit("the two compare runs scored different rows or halves")
     out = dict(estimate)
     extra = []
