@@ -184,7 +184,7 @@ def open_lora_checkpoint(directory: str, model_path: Optional[str], frozen: Sequ
             "weights, named by the adapter file)"
         )
     adapter = _adapter(directory, model_path)
-    config, weights_path, params, tensors, layout = adapter
+    layout = adapter.layout
     optimizer_path, _ = trainer_files(directory)
     loaded, _ = load_torch_file(optimizer_path)
     groups, state = read_optimizer(find_optimizer_dict(loaded, optimizer_path), optimizer_path)
@@ -197,7 +197,7 @@ def open_lora_checkpoint(directory: str, model_path: Optional[str], frozen: Sequ
     kind_of = {k: kinds[f"state[{k!r}]"] for k in state if f"state[{k!r}]" in kinds}
     # a state without a second moment (empty, or only 'step': the parameter never stepped) has no shape to map
     shapes = {k: state_shape(kind_of[k], v) for k, v in state.items() if k in kind_of}
-    names, mapping, evidence = _name_states(groups, shapes, layout, params, optimizer_path)
+    names, mapping, evidence = _name_states(groups, shapes, layout, adapter.params, optimizer_path)
     by_name = {names[k]: k for k in shapes}
     missing = [key for key, _ in layout.order if key not in by_name]
     if missing:
@@ -230,9 +230,6 @@ class _Adapter:
     params: ModelParameters
     tensors: Mapping[str, HeaderEntry]
     layout: AdapterLayout
-
-    def __iter__(self):  # unpacking, in field order
-        return iter((self.config, self.weights_path, self.params, self.tensors, self.layout))
 
 
 def _adapter(directory: str, model_path: Optional[str], params: Optional[ModelParameters] = None) -> _Adapter:
@@ -277,29 +274,13 @@ def _from_files(
     )
 
 
-class _Loaded(Mapping[str, Any]):
-    """A ZeRO item's second moment as a state entry (``exp_avg_sq``, gathered on first use) with its ``step``."""
-
-    def __init__(self, item: StateItem):
-        self._item, self._value = item, None
-
-    def __getitem__(self, key: str) -> Any:
-        if key == "step":
-            return self._item.step
-        if key != FULL:
-            raise KeyError(key)
-        if self._value is None:
-            loaded = self._item.load()
-            if not isinstance(loaded, Full):
-                raise CurvatureError(f"{self._item.origin}: expected an element-wise second moment")
-            self._value = loaded.v
-        return self._value
-
-    def __iter__(self):
-        return iter((FULL, "step"))
-
-    def __len__(self) -> int:
-        return 2
+def _zero_entry(item: StateItem) -> Dict[str, Any]:
+    """A ZeRO item's second moment as a state entry (``exp_avg_sq``, assembled from the ranks, and ``step``), as
+    an ``optimizer.pt`` holds one: the adapter's states are read whole, as from that file."""
+    loaded = item.load()
+    if not isinstance(loaded, Full):
+        raise CurvatureError(f"{item.origin}: expected an element-wise second moment")
+    return {FULL: loaded.v, "step": item.step}
 
 
 def open_lora_zero(
@@ -333,7 +314,7 @@ def open_lora_zero(
                 f"{zero.path}: state of '{item.name}' has shape {list(item.shape)}, the adapter's weight "
                 f"{list(wanted[key])}"
             )
-        states[key] = AdapterState(kind="full", entry=_Loaded(item), origin=item.origin, beta2=item.beta2)
+        states[key] = AdapterState(kind="full", entry=_zero_entry(item), origin=item.origin, beta2=item.beta2)
     missing = [key for key in wanted if key not in states]
     if missing:
         raise CurvatureError(
