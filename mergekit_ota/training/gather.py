@@ -127,7 +127,8 @@ def _full(tensor: Any) -> torch.Tensor:
     return tensor.detach().to("cpu", copy=True)
 
 
-def _group_of(optimizer: Any) -> Dict[int, Mapping[str, Any]]:
+def group_of(optimizer: Any) -> Dict[int, Mapping[str, Any]]:
+    """``{id(parameter): its param group}`` of a torch optimizer."""
     return {id(p): group for group in getattr(optimizer, "param_groups", []) for p in group["params"]}
 
 
@@ -193,7 +194,7 @@ def live_state(model: torch.nn.Module, optimizer: Any) -> LiveState:
     torch_optimizer = unwrap_optimizer(optimizer)
     if not isinstance(torch_optimizer, torch.optim.Optimizer):
         raise CurvatureError(f"not a torch optimizer: {type(optimizer).__name__}")
-    groups = _group_of(torch_optimizer)
+    groups = group_of(torch_optimizer)
     states = {n: flatten_bnb(torch_optimizer.state[p]) for n, p in trainable if torch_optimizer.state.get(p)}
     kinds = check_second_moments(
         {n: list(s) for n, s in states.items()},

@@ -18,7 +18,7 @@ data Fisher route instead.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -49,7 +49,7 @@ def live_lora_source(model: torch.nn.Module, optimizer: Any, origin: str) -> Sou
     """The export source of the live PEFT LoRA ``model`` trained by ``optimizer`` (module docstring)."""
     from peft import get_peft_model_state_dict
 
-    from mergekit_ota.training.gather import is_deepspeed, unwrap_optimizer
+    from mergekit_ota.training.gather import group_of, is_deepspeed, unwrap_optimizer
 
     module = peft_model(model)
     if module is None:
@@ -76,10 +76,10 @@ def live_lora_source(model: torch.nn.Module, optimizer: Any, origin: str) -> Sou
     torch_optimizer = unwrap_optimizer(optimizer)
     if not isinstance(torch_optimizer, torch.optim.Optimizer):
         raise CurvatureError(f"{origin}: not a torch optimizer: {type(optimizer).__name__}")
-    groups = {id(p): g for g in torch_optimizer.param_groups for p in g["params"]}
+    groups = group_of(torch_optimizer)
     wanted = dict(layout.order)
     entries: Dict[str, Dict[str, Any]] = {}
-    live_names: Dict[str, str] = {}
+    live_of: Dict[str, Tuple[str, torch.nn.Parameter]] = {}
     for live, p in module.named_parameters():
         if not p.requires_grad:
             continue
@@ -90,7 +90,7 @@ def live_lora_source(model: torch.nn.Module, optimizer: Any, origin: str) -> Sou
                 "PEFT does not save it with the adapter and a merge of BASE+ADAPTER would not see its change; "
                 "freeze it, or list its module in modules_to_save"
             )
-        live_names[key] = live
+        live_of[key] = (live, p)
         state = torch_optimizer.state.get(p)
         if state:
             entries[key] = _on_cpu(flatten_bnb(state))
@@ -102,13 +102,12 @@ def live_lora_source(model: torch.nn.Module, optimizer: Any, origin: str) -> Sou
         )
     kinds = check_second_moments({key: list(entry) for key, entry in entries.items()}, origin)
     refuse_other_moments(kinds, origin)
-    params_of = {file_key(clean_name(n)): p for n, p in module.named_parameters() if p.requires_grad}
     states = {
         key: AdapterState(
             kind=kinds[key],
             entry=entries[key],
-            origin=f"{origin} state of '{live_names[key]}'",
-            beta2=group_beta2(groups.get(id(params_of[key]), {})),
+            origin=f"{origin} state of '{live_of[key][0]}'",
+            beta2=group_beta2(groups.get(id(live_of[key][1]), {})),
         )
         for key in wanted
     }
