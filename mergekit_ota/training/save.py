@@ -103,10 +103,7 @@ def save_curvature(
             check_output(store_layout(path), options.force)
         except CurvatureError as error:
             refusal = error
-    if not agree(refusal is None):
-        if refusal is not None:
-            raise refusal
-        raise CurvatureError(f"{path}: rank 0 refused to write the curvature store (see its error)")
+    _settle(None, refusal, f"{path}: rank 0 refused to write the curvature store", None)
     if peft_model(model) is not None:  # a LoRA adapter: the store export writes from its checkpoint
         return _save_adapter(model, optimizer, path, options, accelerator)
     state = live_state(model, optimizer)
@@ -125,10 +122,18 @@ def save_curvature(
             drain(remaining.rest())  # the other ranks are waiting in these gathers
     else:
         drain(iter(state.parameters))
-    if not agree(failure is None):  # every rank raises, or none does
+    return _settle(result, failure, f"{path}: rank 0 could not write the curvature store", accelerator)
+
+
+def _settle(
+    result: Optional[ExportResult], failure: Optional[BaseException], what: str, accelerator: Any
+) -> Optional[ExportResult]:
+    """Every rank raises (rank 0 its own ``failure``, the others ``what``), or none does and ``result`` is returned
+    once every process is done (``accelerator``)."""
+    if not agree(failure is None):
         if failure is not None:
             raise failure
-        raise CurvatureError(f"{path}: rank 0 could not write the curvature store (see its error)")
+        raise CurvatureError(f"{what} (see its error)")
     if accelerator is not None:
         accelerator.wait_for_everyone()
     return result
@@ -145,13 +150,7 @@ def _save_adapter(
             result = write_store(live_lora_source(model, optimizer, "live PEFT model"), path, options)
         except Exception as error:  # noqa: BLE001 - re-raised below, on every rank alike
             failure = error
-    if not agree(failure is None):
-        if failure is not None:
-            raise failure
-        raise CurvatureError(f"{path}: rank 0 could not write the adapter's curvature store (see its error)")
-    if accelerator is not None:
-        accelerator.wait_for_everyone()
-    return result
+    return _settle(result, failure, f"{path}: rank 0 could not write the adapter's curvature store", accelerator)
 
 
 class _Tracked:
