@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from trainer_runs import train_with_callback
 
 from mergekit_ota.curvature.store import CurvatureStore
 from mergekit_ota.errors import CurvatureError
@@ -42,33 +43,11 @@ def _peft(base: Path, **lora):
     return get_peft_model(LlamaForCausalLM.from_pretrained(str(base)), LoraConfig(**settings))
 
 
-def _train(model, out: Path, optim: str = "adamw_torch"):
-    from transformers import Trainer, TrainingArguments
-
+def _train(model, out: Path):
     from mergekit_ota.training import CurvatureCallback
 
-    g = torch.Generator().manual_seed(10)
-    rows = [torch.randint(0, VOCAB, (8,), generator=g) for _ in range(16)]
     callback = CurvatureCallback()
-    args = TrainingArguments(
-        output_dir=str(out),
-        max_steps=4,
-        save_steps=2,
-        per_device_train_batch_size=2,
-        report_to=[],
-        use_cpu=True,
-        seed=0,
-        adam_beta2=0.98,
-        learning_rate=1e-2,
-        optim=optim,
-    )
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=[{"input_ids": r, "labels": r.clone()} for r in rows],
-        callbacks=[callback],
-    )
-    trainer.train()
+    trainer = train_with_callback(model, out, VOCAB, callback, data_seed=10, seed=0, learning_rate=1e-2)
     return callback, trainer
 
 

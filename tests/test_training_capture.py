@@ -18,6 +18,7 @@ from typing import Dict
 import pytest
 import torch
 from safetensors.torch import load_file
+from trainer_runs import train_with_callback
 
 from mergekit_ota.curvature.fingerprint import FINGERPRINT_KEY, entries_fingerprint, weight_entries
 from mergekit_ota.curvature.store import CurvatureStore
@@ -37,7 +38,7 @@ def _store(path: Path) -> Dict[str, torch.Tensor]:
 
 
 def _train(out: Path, seed: int = 0, compress: str = "rank1", save_only_model: bool = False, base: Path = None):
-    from transformers import LlamaForCausalLM, Trainer, TrainingArguments
+    from transformers import LlamaForCausalLM
 
     from mergekit_ota.testing import tiny_llama_config
     from mergekit_ota.training import CurvatureCallback
@@ -48,29 +49,18 @@ def _train(out: Path, seed: int = 0, compress: str = "rank1", save_only_model: b
         if base
         else LlamaForCausalLM(tiny_llama_config(vocab_size=VOCAB, hidden_size=HIDDEN))
     )
-    g = torch.Generator().manual_seed(10 + seed)
-    rows = [torch.randint(0, VOCAB, (8,), generator=g) for _ in range(16)]
     callback = CurvatureCallback(compress=compress)
-    args = TrainingArguments(
-        output_dir=str(out),
-        max_steps=4,
-        save_steps=2,
-        per_device_train_batch_size=2,
-        report_to=[],
-        use_cpu=True,
+    trainer = train_with_callback(
+        model,
+        out,
+        VOCAB,
+        callback,
+        data_seed=10 + seed,
         logging_steps=1,
         seed=seed,
         save_only_model=save_only_model,
-        adam_beta2=0.98,
         learning_rate=1e-3,
     )
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=[{"input_ids": r, "labels": r.clone()} for r in rows],
-        callbacks=[callback],
-    )
-    trainer.train()
     trainer.save_model(str(out))
     return callback
 
