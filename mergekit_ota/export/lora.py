@@ -27,7 +27,7 @@ import json
 import os
 import statistics
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Collection, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -199,12 +199,7 @@ def open_lora_checkpoint(directory: str, model_path: Optional[str], frozen: Sequ
     shapes = {k: state_shape(kind_of[k], v) for k, v in state.items() if k in kind_of}
     names, mapping, evidence = _name_states(groups, shapes, layout, adapter.params, optimizer_path)
     by_name = {names[k]: k for k in shapes}
-    missing = [key for key, _ in layout.order if key not in by_name]
-    if missing:
-        raise CurvatureError(
-            f"{optimizer_path}: no optimizer state for the adapter's '{missing[0]}' ({len(missing)} weight(s) of "
-            f"{WEIGHTS_FILE} in all); did the optimizer step?"
-        )
+    require_states(layout, by_name, optimizer_path, f"weight(s) of {WEIGHTS_FILE} in all); did the optimizer step?")
 
     states = {
         key: AdapterState(
@@ -315,14 +310,17 @@ def open_lora_zero(
                 f"{list(wanted[key])}"
             )
         states[key] = AdapterState(kind="full", entry=_zero_entry(item), origin=item.origin, beta2=item.beta2)
-    missing = [key for key in wanted if key not in states]
-    if missing:
-        raise CurvatureError(
-            f"{zero.path}: no optimizer state for the adapter's '{missing[0]}' ({len(missing)} weight(s) of "
-            f"{WEIGHTS_FILE} in all)"
-        )
+    require_states(adapter.layout, states, zero.path, f"weight(s) of {WEIGHTS_FILE} in all)")
     facts = OptimizerFacts(zero.optimizer, bias_corrected=False, metadata={}, notes=list(zero.notes))
     return _from_files(adapter, states, facts, "deepspeed", zero.path, zero.mapping, zero.evidence)
+
+
+def require_states(layout: AdapterLayout, found: Collection[str], source: str, rest: str) -> None:
+    """Refuse an adapter whose trainable weights (``layout``'s file keys) lack a state in ``found`` (file keys),
+    naming the first and how many: ``'<first>' (<n> <rest>``."""
+    missing = [key for key, _ in layout.order if key not in found]
+    if missing:
+        raise CurvatureError(f"{source}: no optimizer state for the adapter's '{missing[0]}' ({len(missing)} {rest}")
 
 
 def refuse_other_moments(kinds: Mapping[str, str], source: str) -> None:

@@ -24,7 +24,7 @@ import torch
 
 from mergekit_ota.curvature.fingerprint import tensors_fingerprint
 from mergekit_ota.errors import CurvatureError
-from mergekit_ota.export.lora import AdapterState, lora_source, refuse_other_moments
+from mergekit_ota.export.lora import AdapterState, lora_source, refuse_other_moments, require_states
 from mergekit_ota.export.mapping import BASIS_PARAM_OBJECTS, NameEvidence
 from mergekit_ota.export.model_params import clean_name, model_parameters
 from mergekit_ota.export.moments import SourceState
@@ -94,12 +94,7 @@ def live_lora_source(model: torch.nn.Module, optimizer: Any, origin: str) -> Sou
         state = torch_optimizer.state.get(p)
         if state:
             entries[key] = _on_cpu(flatten_bnb(state))
-    missing = [key for key in wanted if key not in entries]
-    if missing:
-        raise CurvatureError(
-            f"{origin}: no optimizer state for the adapter's '{missing[0]}' ({len(missing)} weight(s) in all); "
-            "save after the first optimizer step"
-        )
+    require_states(layout, entries, origin, "weight(s) in all); save after the first optimizer step")
     kinds = check_second_moments({key: list(entry) for key, entry in entries.items()}, origin)
     refuse_other_moments(kinds, origin)
     states = {
